@@ -1,0 +1,1 @@
+"""comfyserve api_edition."""

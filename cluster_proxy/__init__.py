@@ -1,0 +1,1 @@
+"""comfyserve cluster_proxy."""

@@ -1,0 +1,1 @@
+"""comfyserve queue_service."""

@@ -1,0 +1,53 @@
+"""The ``comfyserve`` console script: it only parses and dispatches.
+
+Each role lives in its own package as a module with ``add_arguments(parser)``
+and ``run(args) -> int``; this file just maps subcommands onto them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+ROLES: dict[str, tuple[str, str]] = {
+    "standard": ("standard.command", "one ComfyUI-protocol instance on a data dir"),
+    "init": ("standard.init_command", "create a data dir's layout from the template"),
+    "queue": ("queue_service.command", "the queue service (wire-compatible with the platform's)"),
+    "api": ("api_edition.command", "API edition: /api_prompt front, queue, instances, workers"),
+    "worker": ("api_edition.worker_command", "one API-edition worker: input queue -> instance -> sink"),
+    "cluster": ("cluster_proxy.command", "cluster edition: multi-user web UI proxy over a pool"),
+    "users": ("cluster_proxy.users_command", "manage cluster-edition accounts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfyserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
+    for role, (module_name, help_text) in ROLES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that role is not built yet
+            raise
+        role_parser = sub.add_parser(role, help=help_text, description=help_text)
+        module.add_arguments(role_parser)
+        role_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The project's error tree.
+
+    ComfyServeError
+     ├── PathOutsideRoot      a request path escaped its root (also ValueError)
+     ├── ConfigError          bad flags / environment
+     └── InstanceError        talking to an instance failed (see standard.client)
+          ├── InstanceUnavailable
+          └── PromptRejected  the instance answered 400 to /prompt
+
+Errors of libraries underneath are translated at the boundary with
+``raise OurError(...) from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ComfyServeError(Exception):
+    """Root of every error comfyserve raises on purpose."""
+
+
+class PathOutsideRoot(ComfyServeError, ValueError):
+    """A filename, subfolder or userdata path would leave its root."""
+
+
+class ConfigError(ComfyServeError):
+    """The command line or environment asks for something impossible."""
+
+
+class InstanceError(ComfyServeError):
+    """Talking to a ComfyUI-protocol instance failed."""
+
+
+class InstanceUnavailable(InstanceError):
+    """The instance could not be reached (connection refused, timeout, 5xx)."""
+
+
+class PromptRejected(InstanceError):
+    """The instance refused a prompt (HTTP 400); ``body`` is ComfyUI's error JSON."""
+
+    def __init__(self, message: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.body = body or {}
