@@ -1,0 +1,1 @@
+"""The ComfyUI-protocol HTTP/WS server of one instance (embedded engine mode)."""

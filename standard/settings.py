@@ -1,0 +1,61 @@
+"""Settings of one standard-edition instance, built from flags and environment in one place."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 8000
+DEFAULT_MAX_UPLOAD_SIZE_MB = 100.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True)
+class StandardSettings:
+    """Everything an instance needs to start; frozen so it can be shared freely."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    no_auth: bool = False
+    max_upload_size_mb: float = DEFAULT_MAX_UPLOAD_SIZE_MB
+    # Real-ComfyUI runtime: a checkout to launch as a child, or a URL to front.
+    comfyui_dir: Path | None = None
+    comfyui_python: str = field(default=sys.executable)
+    comfyui_args: tuple[str, ...] = ()
+    backend_url: str | None = None
+    history_max_items: int = 10000
+
+    @property
+    def max_upload_size_bytes(self) -> int:
+        return int(self.max_upload_size_mb * 1024 * 1024)
+
+    @property
+    def auth_required(self) -> bool:
+        return self.token is not None
+
+    def check(self) -> None:
+        """Refuse combinations that must not start (e.g. no token on a public address)."""
+        if self.comfyui_dir is not None and self.backend_url is not None:
+            raise ConfigError("--comfyui-dir and --backend-url exclude each other")
+        if self.token is None and not self.no_auth and not is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to listen on {self.host} without a token: pass --token T "
+                "(or COMFYSERVE_TOKEN), or --no-auth to serve unauthenticated on purpose"
+            )
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("--token must not be empty")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
