@@ -1,0 +1,125 @@
+"""``comfyserve standard`` / ``python -m standard``: one ComfyUI-protocol instance.
+
+Flags follow ComfyUI's where they overlap (``--listen`` with no value means
+every IPv4 address, ``--port``, ``--max-upload-size`` in MB); each flag also
+reads ``COMFYSERVE_<FLAG>`` from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .datadir import init_data_dir
+from .errors import ConfigError
+from .options import add_option
+from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
+
+log = logging.getLogger("comfyserve.standard")
+SHUTDOWN_TIMEOUT_S = 15.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--data-dir", default=None, help="the data dir (models, custom_nodes, input, output, ...)")
+    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
+               help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
+    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    add_option(parser, "--token", default=None,
+               help="require 'Authorization: <token>' or 'Bearer <token>' on every route but /healthz")
+    add_option(parser, "--no-auth", action="store_true",
+               help="serve without a token on a non-loopback address (on purpose)")
+    add_option(parser, "--max-upload-size", type=float, default=DEFAULT_MAX_UPLOAD_SIZE_MB,
+               help="largest request body in MB (bigger ones get 413)")
+    add_option(parser, "--history-max-items", type=int, default=10000,
+               help="finished prompts kept in /history (oldest dropped first)")
+    add_option(parser, "--comfyui-dir", default=None,
+               help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
+    add_option(parser, "--comfyui-python", default=sys.executable,
+               help="python interpreter for --comfyui-dir")
+    add_option(parser, "--comfyui-args", default="",
+               help="extra arguments for ComfyUI's main.py (one shell-quoted string)")
+    add_option(parser, "--backend-url", default=None,
+               help="front a ComfyUI (or comfyserve) instance running at this URL instead of the embedded engine")
+
+
+def settings_from_args(args: argparse.Namespace) -> StandardSettings:
+    """Build the frozen settings; raises ConfigError for impossible values."""
+    if not args.data_dir:
+        raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    if args.max_upload_size <= 0:
+        raise ConfigError("--max-upload-size must be positive (MB)")
+    if args.history_max_items < 1:
+        raise ConfigError("--history-max-items must be at least 1")
+    settings = StandardSettings(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        host=args.listen,
+        port=args.port,
+        token=args.token,
+        no_auth=bool(args.no_auth),
+        max_upload_size_mb=args.max_upload_size,
+        comfyui_dir=Path(args.comfyui_dir).expanduser().resolve() if args.comfyui_dir else None,
+        comfyui_python=args.comfyui_python,
+        comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
+        backend_url=args.backend_url,
+        history_max_items=args.history_max_items,
+    )
+    settings.check()
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        init_data_dir(settings.data_dir)
+    except ConfigError as exc:
+        print(f"comfyserve standard: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"comfyserve standard: cannot use the data dir: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"comfyserve standard: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(settings: StandardSettings) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    from .app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(f"comfyserve standard: cannot listen on {settings.host}:{settings.port}: {exc}",
+                  file=sys.stderr, flush=True)
+            return 2
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        auth = "token auth" if settings.token else "no auth"
+        print(f"comfyserve standard listening on http://{shown}:{settings.port} ({auth}, "
+              f"data dir {settings.data_dir})", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    return 0

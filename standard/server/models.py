@@ -1,0 +1,77 @@
+"""Listing model folders of the data dir the way ComfyUI's ``folder_paths`` does.
+
+Read from disk on every call (cheap, and a /restart or a file dropped into a
+mounted bucket shows up at once). Call it in a thread: it walks directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..datadir import MODEL_FOLDERS, DataDir
+
+SUPPORTED_PT_EXTENSIONS: frozenset[str] = frozenset(
+    {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+)
+FOLDER_EXTENSIONS: dict[str, frozenset[str]] = {
+    "configs": frozenset({".yaml"}),
+    "custom_nodes": frozenset(),  # empty = every file
+}
+# Old names ComfyUI still answers to.
+LEGACY_FOLDERS: dict[str, str] = {"clip": "text_encoders", "unet": "diffusion_models"}
+EXCLUDED_DIR_NAMES = frozenset({".git"})
+
+
+def folder_names() -> list[str]:
+    """The keys of ComfyUI's ``folder_names_and_paths`` (GET /models)."""
+    names = list(MODEL_FOLDERS)
+    names.insert(names.index("upscale_models") + 1, "custom_nodes")
+    return names
+
+
+def folder_path(data_dir: DataDir, folder: str) -> Path | None:
+    """The directory of a model folder name, or None when ComfyUI would answer 404."""
+    folder = LEGACY_FOLDERS.get(folder, folder)
+    if folder == "custom_nodes":
+        return data_dir.custom_nodes
+    if folder not in MODEL_FOLDERS:
+        return None
+    return data_dir.models / folder
+
+
+def list_folder(data_dir: DataDir, folder: str) -> list[str] | None:
+    """Sorted relative paths ('/'-separated) of the model files in ``folder``."""
+    root = folder_path(data_dir, folder)
+    if root is None:
+        return None
+    folder = LEGACY_FOLDERS.get(folder, folder)
+    if folder == "diffusers":
+        return _diffusers(root)
+    extensions = FOLDER_EXTENSIONS.get(folder, SUPPORTED_PT_EXTENSIONS)
+    found: list[str] = []
+    if not root.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIR_NAMES]
+        for name in filenames:
+            if name.startswith(".") or (extensions and os.path.splitext(name)[1].lower() not in extensions):
+                continue
+            found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _diffusers(root: Path) -> list[str]:
+    """Diffusers models are folders holding a ``model_index.json``."""
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=True):
+        if "model_index.json" in filenames:
+            found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def list_embeddings(data_dir: DataDir) -> list[str]:
+    """GET /embeddings: embedding names without their extension."""
+    return [os.path.splitext(name)[0] for name in list_folder(data_dir, "embeddings") or []]

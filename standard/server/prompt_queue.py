@@ -1,0 +1,164 @@
+"""The prompt queue and history of one instance, with ComfyUI's ordering and shapes.
+
+Pending prompts are ordered by ``number`` (``front`` submissions get a negative
+number, so they run first), ties in submission order. Queue entries are shown
+as ComfyUI's tuple ``[number, prompt_id, prompt, extra_data,
+outputs_to_execute]``; sensitive extra_data keys are kept apart and never
+shown. All methods run on the event loop thread; the worker awaits
+:meth:`PromptQueue.get`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# ComfyUI keeps these out of /queue and /history (execution.SENSITIVE_EXTRA_DATA_KEYS).
+SENSITIVE_EXTRA_DATA_KEYS: tuple[str, ...] = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+@dataclass
+class QueueItem:
+    """One accepted prompt."""
+
+    number: float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs_to_execute: list[str]
+    sensitive: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> list[Any]:
+        """ComfyUI's 5-tuple, as /queue and /history show it."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
+
+    def execution_extra_data(self) -> dict[str, Any]:
+        """extra_data with the sensitive keys put back, for the executor only."""
+        return {**self.extra_data, **self.sensitive}
+
+
+@dataclass(frozen=True)
+class ExecutionStatus:
+    """ComfyUI's history ``status``."""
+
+    status_str: str
+    completed: bool
+    messages: list[Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status_str": self.status_str, "completed": self.completed, "messages": self.messages}
+
+
+class PromptQueue:
+    """Pending heap, the running item and a bounded, insertion-ordered history."""
+
+    def __init__(self, *, history_max_items: int, on_change: Callable[[], None] = lambda: None) -> None:
+        self._heap: list[tuple[float, int, QueueItem]] = []
+        self._seq = itertools.count()
+        self._running: dict[int, QueueItem] = {}
+        self._task_ids = itertools.count()
+        self._history: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._history_max_items = max(1, history_max_items)
+        self._on_change = on_change
+        self._available = asyncio.Event()
+        self.flags: dict[str, Any] = {}
+
+    # -- queue -----------------------------------------------------------------
+
+    def put(self, item: QueueItem) -> None:
+        heapq.heappush(self._heap, (item.number, next(self._seq), item))
+        self._available.set()
+        self._on_change()
+
+    async def get(self) -> tuple[int, QueueItem]:
+        """Wait for the first pending item and mark it running."""
+        while not self._heap:
+            self._available.clear()
+            await self._available.wait()
+        _, _, item = heapq.heappop(self._heap)
+        task_id = next(self._task_ids)
+        self._running[task_id] = item
+        return task_id, item
+
+    def wake(self) -> None:
+        """Let a waiting :meth:`get` re-check (e.g. a flag was set while idle)."""
+        self._available.set()
+
+    def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus) -> None:
+        item = self._running.pop(task_id)
+        while len(self._history) >= self._history_max_items:
+            self._history.popitem(last=False)
+        self._history.pop(item.prompt_id, None)
+        entry: dict[str, Any] = {"prompt": item.public(), "outputs": {}, "status": status.as_dict()}
+        entry.update(history_result)
+        self._history[item.prompt_id] = entry
+        self._on_change()
+
+    def running(self) -> list[QueueItem]:
+        return list(self._running.values())
+
+    def pending(self) -> list[QueueItem]:
+        """Pending items in the order they will run."""
+        return [entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1]))]
+
+    def current_queue(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """(queue_running, queue_pending) as ComfyUI's /queue shows them."""
+        return (
+            [copy.deepcopy(item.public()) for item in self._running.values()],
+            [copy.deepcopy(item.public()) for item in self.pending()],
+        )
+
+    def tasks_remaining(self) -> int:
+        return len(self._heap) + len(self._running)
+
+    def contains(self, prompt_id: str) -> bool:
+        """True when ``prompt_id`` is pending or running."""
+        return any(e[2].prompt_id == prompt_id for e in self._heap) or any(
+            item.prompt_id == prompt_id for item in self._running.values()
+        )
+
+    def wipe_queue(self) -> None:
+        self._heap.clear()
+        self._on_change()
+
+    def delete_queue_item(self, prompt_id: str) -> bool:
+        """Drop one pending item (never the running one); True if found."""
+        for index, entry in enumerate(self._heap):
+            if entry[2].prompt_id == prompt_id:
+                self._heap.pop(index)
+                heapq.heapify(self._heap)
+                self._on_change()
+                return True
+        return False
+
+    # -- history ---------------------------------------------------------------
+
+    def get_history(
+        self, prompt_id: str | None = None, *, max_items: int | None = None, offset: int = -1
+    ) -> dict[str, Any]:
+        """ComfyUI's paging: without an offset, ``max_items`` means the newest ones."""
+        if prompt_id is not None:
+            entry = self._history.get(prompt_id)
+            return {} if entry is None else {prompt_id: copy.deepcopy(entry)}
+        if offset < 0 and max_items is not None:
+            offset = len(self._history) - max_items
+        offset = max(offset, 0)
+        keys = list(self._history)[offset:]
+        if max_items is not None:
+            keys = keys[:max_items]
+        return {key: copy.deepcopy(self._history[key]) for key in keys}
+
+    def history_size(self) -> int:
+        return len(self._history)
+
+    def wipe_history(self) -> None:
+        self._history.clear()
+
+    def delete_history_item(self, prompt_id: str) -> None:
+        self._history.pop(prompt_id, None)

@@ -1,0 +1,316 @@
+"""PromptServer: the engine, the queue worker and the WebSocket fan-out of one instance.
+
+The embedded engine's ``PromptExecutor.execute`` blocks, so one worker task runs
+it in a thread (``asyncio.to_thread``) and the loop keeps serving HTTP and WS.
+The executor reports events through :meth:`PromptServer.send_sync` from that
+thread; they are handed to the loop with ``call_soon_threadsafe`` and sent in
+order by one publisher task, as ComfyUI's ``publish_loop`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import io
+import logging
+import struct
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ..datadir import DataDir, WorkDirs
+from ..settings import StandardSettings
+from .metrics import ExecutionMetrics
+from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
+
+log = logging.getLogger("comfyserve.server")
+
+PREVIEW_IMAGE = 1  # binary event: >I event type, >I format, image bytes
+UNENCODED_PREVIEW_IMAGE = 2  # (format, PIL image, max_size) from plugins; encoded here
+SHUTDOWN_WAIT_S = 10.0
+ENGINE_API = ("NodeRegistry", "PromptExecutor", "validate_prompt")
+
+
+class EngineUnavailable(RuntimeError):
+    """The embedded engine could not be imported or loaded."""
+
+
+def _load_engine_module() -> Any:
+    import standard.engine as engine  # the engine package (standard/engine/)
+
+    missing = [name for name in ENGINE_API if not hasattr(engine, name)]
+    if missing:
+        raise ImportError(f"standard.engine lacks {', '.join(missing)}")
+    return engine
+
+
+class RestartRefused(RuntimeError):
+    """/restart while a prompt runs: the caller gets a 409."""
+
+
+class PromptServer:
+    """State shared by the routes: registry, executor, queue, sockets, metrics."""
+
+    def __init__(self, settings: StandardSettings, data_dir: DataDir, workdirs: WorkDirs) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.workdirs = workdirs
+        self.registry: Any = None
+        self.executor: Any = None
+        self.engine_error: str | None = None
+        self.ready = False
+        self.queue = PromptQueue(history_max_items=settings.history_max_items, on_change=self.queue_updated)
+        self.metrics = ExecutionMetrics()
+        self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.socket_flags: dict[str, dict[str, Any]] = {}
+        self.number = 0
+        # The client and node currently executing (ComfyUI re-sends it on reconnect).
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.running_prompt_id: str | None = None
+        self._run_lock = asyncio.Lock()
+        self.upload_lock = asyncio.Lock()  # name choice + write of uploads is one step
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._messages: asyncio.Queue[tuple[Any, Any, str | None]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._final_executing_sent = False
+        self._validate: Any = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the engine (off the loop), then start the publisher and the worker."""
+        self._loop = asyncio.get_running_loop()
+        await self._load_engine()
+        self._tasks = [
+            asyncio.create_task(self._publish_loop(), name="comfyserve-publish"),
+            asyncio.create_task(self._worker_loop(), name="comfyserve-worker"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop taking prompts, interrupt the running one, wait with a limit, cancel."""
+        worker_busy = self.running_prompt_id is not None
+        if worker_busy and self.executor is not None:
+            self.executor.interrupt()
+        if worker_busy:
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_WAIT_S):
+                    async with self._run_lock:
+                        pass
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for ws in list(self.sockets.values()):
+            with contextlib.suppress(Exception):
+                await ws.close(code=1001, message=b"server shutdown")
+
+    async def _load_engine(self) -> None:
+        try:
+            engine = _load_engine_module()
+        except ImportError as exc:
+            self.engine_error = f"embedded engine not available: {exc}"
+            log.error("%s", self.engine_error)
+            return
+        registry = engine.NodeRegistry(self.data_dir, self.workdirs)
+        try:
+            await asyncio.to_thread(registry.load)
+        except Exception as exc:  # a broken engine must not stop /healthz from answering
+            self.engine_error = f"engine failed to load: {exc!r}"
+            log.exception("engine failed to load")
+            return
+        self.registry = registry
+        self.executor = engine.PromptExecutor(registry, self.send_sync)
+        self._validate = engine.validate_prompt
+        self.engine_error = None
+        self.ready = True
+        for name, error in registry.plugin_errors.items():
+            log.error("plugin %s failed to import: %s", name, error)
+        log.info("embedded engine ready: %d node classes", len(registry.node_classes))
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-scan models and re-import plugins without stopping the process (/restart).
+
+        Refused while a prompt runs (the caller answers 409); prompts queued
+        meanwhile wait for the reload and then run on the new node set.
+        """
+        if self.running_prompt_id is not None or self._run_lock.locked():
+            raise RestartRefused("a prompt is running; interrupt it or wait for it to finish")
+        async with self._run_lock:
+            self.ready = False
+            try:
+                await self._load_engine()
+            finally:
+                self.ready = self.registry is not None and self.engine_error is None
+        return self.engine_status()
+
+    def engine_status(self) -> dict[str, Any]:
+        registry = self.registry
+        return {
+            "ready": self.ready,
+            "runtime": "embedded",
+            "error": self.engine_error,
+            "nodes": len(registry.node_classes) if registry is not None else 0,
+            "plugin_errors": dict(registry.plugin_errors) if registry is not None else {},
+        }
+
+    # -- prompts ---------------------------------------------------------------
+
+    async def validate(
+        self, prompt_id: str, prompt: dict[str, Any], partial_execution_targets: list[str] | None
+    ) -> tuple[bool, dict[str, Any] | None, list[str], dict[str, Any]]:
+        result = self._validate(self.registry, prompt_id, prompt, partial_execution_targets)
+        if inspect.isawaitable(result):
+            result = await result
+        valid, error, outputs, node_errors = result
+        return bool(valid), error, list(outputs), node_errors
+
+    def next_number(self, front: bool) -> int:
+        number = self.number
+        self.number += 1
+        return -number if front else number
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Interrupt the running prompt (only if it is ``prompt_id`` when given)."""
+        if self.running_prompt_id is None or self.executor is None:
+            return False
+        if prompt_id and prompt_id != self.running_prompt_id:
+            return False
+        self.executor.interrupt()
+        return True
+
+    def request_free(self, *, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's /free: flags the worker applies between prompts."""
+        if unload_models:
+            self.queue.flags["unload_models"] = True
+        if free_memory:
+            self.queue.flags["free_memory"] = True
+        self.queue.wake()
+
+    async def _apply_flags(self) -> None:
+        flags, self.queue.flags = self.queue.flags, {}
+        if (flags.get("unload_models") or flags.get("free_memory")) and self.executor is not None:
+            await asyncio.to_thread(self.executor.reset)
+
+    async def _worker_loop(self) -> None:
+        while True:
+            if self.queue.flags:
+                async with self._run_lock:
+                    await self._apply_flags()
+            task_id, item = await self.queue.get()
+            async with self._run_lock:
+                await self._run_one(task_id, item)
+                if self.queue.flags:
+                    await self._apply_flags()
+
+    async def _run_one(self, task_id: int, item: QueueItem) -> None:
+        self.running_prompt_id = item.prompt_id
+        self.client_id = item.extra_data.get("client_id")
+        self.last_node_id = None
+        self._final_executing_sent = False
+        started = time.perf_counter()
+        executor = self.executor
+        try:
+            if executor is None:
+                raise EngineUnavailable(self.engine_error or "engine not loaded")
+            await asyncio.to_thread(
+                executor.execute, item.prompt, item.prompt_id, item.execution_extra_data(),
+                item.outputs_to_execute,
+            )
+            success = bool(executor.success)
+            messages = list(executor.status_messages)
+            history_result = dict(executor.history_result or {})
+        except Exception as exc:  # the executor reports node errors itself; this is a crash
+            log.exception("prompt %s crashed the executor", item.prompt_id)
+            success = False
+            messages = [["execution_error", {"prompt_id": item.prompt_id, "exception_message": str(exc)}]]
+            history_result = {"outputs": {}, "meta": {}}
+        elapsed_s = time.perf_counter() - started
+        interrupted = any(m and m[0] == "execution_interrupted" for m in messages)
+        self.metrics.observe(elapsed_s, success=success, interrupted=interrupted)
+        status = ExecutionStatus("success" if success else "error", success, messages)
+        self.queue.task_done(task_id, history_result, status)
+        if self.client_id is not None and not self._final_executing_sent:
+            self.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, self.client_id)
+        self.running_prompt_id = None
+        self.client_id = None
+        self.last_node_id = None
+        log.info("prompt %s executed in %.2f seconds", item.prompt_id, elapsed_s)
+
+    # -- events ----------------------------------------------------------------
+
+    def queue_info(self) -> dict[str, Any]:
+        return {"exec_info": {"queue_remaining": self.queue.tasks_remaining()}}
+
+    def queue_updated(self) -> None:
+        self.send_sync("status", {"status": self.queue_info()}, None)
+
+    def send_sync(self, event: str | int, data: Any, sid: str | None = None) -> None:
+        """Thread-safe: queue an event for the publisher (``sid=None`` broadcasts)."""
+        if event == "executing" and isinstance(data, dict):
+            self.last_node_id = data.get("node")
+            self._final_executing_sent = data.get("node") is None
+        if event == UNENCODED_PREVIEW_IMAGE:
+            event, data = PREVIEW_IMAGE, _encode_preview(data)
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._messages.put_nowait((event, data, sid))
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._messages.put_nowait, (event, data, sid))
+
+    async def _publish_loop(self) -> None:
+        while True:
+            event, data, sid = await self._messages.get()
+            try:
+                if isinstance(data, (bytes, bytearray)):
+                    await self.send_bytes(int(event), bytes(data), sid)
+                else:
+                    await self.send_json(event, data, sid)
+            except Exception:
+                log.exception("failed to deliver %r", event)
+
+    def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
+        if sid is None:
+            return list(self.sockets.values())
+        ws = self.sockets.get(sid)
+        return [ws] if ws is not None else []
+
+    async def send_json(self, event: str | int, data: Any, sid: str | None = None) -> None:
+        message = {"type": event, "data": data}
+        for ws in self._targets(sid):
+            await _send_quietly(ws.send_json(message))
+
+    async def send_bytes(self, event: int, data: bytes, sid: str | None = None) -> None:
+        message = struct.pack(">I", event) + data
+        for ws in self._targets(sid):
+            await _send_quietly(ws.send_bytes(message))
+
+
+async def _send_quietly(coro: Any) -> None:
+    """A client that went away must not break delivery to the others."""
+    try:
+        await coro
+    except (ConnectionError, RuntimeError, OSError) as exc:
+        log.debug("ws send failed: %s", exc)
+
+
+def _encode_preview(data: Any) -> bytes:
+    """(format, PIL image, max_size) -> >I format + encoded bytes, like ComfyUI's send_image."""
+    from PIL import Image, ImageOps
+
+    image_format, image, max_size = data
+    if max_size is not None:
+        image = ImageOps.contain(image, (max_size, max_size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    buffer.write(struct.pack(">I", 2 if image_format == "PNG" else 1))
+    image.save(buffer, format=image_format, quality=95, compress_level=1)
+    return buffer.getvalue()

@@ -1,0 +1,127 @@
+"""/object_info, /embeddings, /models, /system_stats and /features (read-only facts)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from . import keys, models
+
+routes = web.RouteTableDef()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def server_features(app: web.Application) -> dict[str, Any]:
+    """ComfyUI's server feature flags (GET /features and the WS ``feature_flags`` reply)."""
+    return {
+        "supports_preview_metadata": False,
+        "max_upload_size": app[keys.SETTINGS].max_upload_size_bytes,
+        "extension": {"manager": {"supports_v4": False}},
+    }
+
+
+def _registry(request: web.Request) -> Any:
+    registry = request.app[keys.PROMPT_SERVER].registry
+    if registry is None:
+        raise web.HTTPServiceUnavailable(
+            text='{"error": {"type": "runtime_not_ready", "message": "The embedded engine is not ready"}}',
+            content_type="application/json",
+        )
+    return registry
+
+
+@routes.get("/object_info")
+async def get_object_info(request: web.Request) -> web.Response:
+    return web.json_response(_registry(request).object_info())
+
+
+@routes.get("/object_info/{node_class}")
+async def get_object_info_node(request: web.Request) -> web.Response:
+    node_class = request.match_info["node_class"]
+    info = _registry(request).object_info_for(node_class)
+    return web.json_response({} if info is None else {node_class: info})
+
+
+@routes.get("/embeddings")
+async def get_embeddings(request: web.Request) -> web.Response:
+    data_dir = request.app[keys.DATA_DIR]
+    return web.json_response(await asyncio.to_thread(models.list_embeddings, data_dir))
+
+
+@routes.get("/models")
+async def list_model_types(request: web.Request) -> web.Response:
+    return web.json_response(models.folder_names())
+
+
+@routes.get("/models/{folder}")
+async def get_models(request: web.Request) -> web.Response:
+    files = await asyncio.to_thread(models.list_folder, request.app[keys.DATA_DIR], request.match_info["folder"])
+    if files is None:
+        return web.Response(status=404)
+    return web.json_response(files)
+
+
+def _memory_bytes() -> tuple[int, int]:
+    """(total, available) RAM from sysconf; 0 when the platform hides it."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
+        return int(total), int(free)
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+@routes.get("/system_stats")
+async def system_stats(request: web.Request) -> web.Response:
+    ram_total, ram_free = _memory_bytes()
+    frontend_version = _version("comfyui-frontend-package")
+    stats = {
+        "system": {
+            "os": sys.platform,
+            "ram_total": ram_total,
+            "ram_free": ram_free,
+            "comfyui_version": f"comfyserve-{__version__}",
+            "required_frontend_version": frontend_version,
+            "installed_templates_version": None,
+            "required_templates_version": None,
+            "python_version": sys.version,
+            "pytorch_version": "none (embedded numpy engine)",
+            "embedded_python": os.path.split(os.path.split(sys.executable)[0])[1] == "python_embeded",
+            "argv": sys.argv,
+            "runtime": "embedded",
+            "comfyserve_version": __version__,
+            "numpy_version": _version("numpy"),
+            "pillow_version": _version("pillow"),
+            "frontend_version": frontend_version,
+        },
+        "devices": [
+            {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": ram_total,
+                "vram_free": ram_free,
+                "torch_vram_total": 0,
+                "torch_vram_free": 0,
+            }
+        ],
+    }
+    return web.json_response(stats)
+
+
+@routes.get("/features")
+async def get_features(request: web.Request) -> web.Response:
+    return web.json_response(server_features(request.app))

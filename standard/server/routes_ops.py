@@ -1,0 +1,51 @@
+"""Operations routes: /healthz, /readyz, /metrics and /restart.
+
+``POST /restart`` reloads in place (re-scans models, re-imports plugins) and is
+refused with 409 while a prompt runs: waiting could block the caller for the
+length of a whole workflow, and a 409 tells an operator exactly what to do
+(interrupt, or retry later). Queued prompts wait for the reload and then run.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import keys
+from .http_util import json_http_error
+from .prompt_server import RestartRefused
+
+routes = web.RouteTableDef()
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    detail = request.app[keys.PROMPT_SERVER].engine_status()
+    return web.json_response(detail, status=200 if detail["ready"] else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    server = request.app[keys.PROMPT_SERVER]
+    text = server.metrics.render(
+        pending=len(server.queue.pending()),
+        running=len(server.queue.running()),
+        ready=server.ready,
+        history_items=server.queue.history_size(),
+    )
+    return web.Response(text=text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+@routes.post("/restart")
+async def restart(request: web.Request) -> web.Response:
+    server = request.app[keys.PROMPT_SERVER]
+    try:
+        status = await server.reload()
+    except RestartRefused as exc:
+        raise json_http_error(409, "prompt_running", "cannot restart while a prompt runs", str(exc)) from None
+    return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)

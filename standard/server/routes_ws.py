@@ -1,0 +1,54 @@
+"""``/ws?clientId=``: ComfyUI's event socket.
+
+On connect the client gets ``status`` with its ``sid``; a client reconnecting
+with the id of the prompt that is executing also gets the current ``executing``
+node. A first text message ``{"type": "feature_flags"}`` is answered with the
+server's feature flags, as ComfyUI does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+from aiohttp import WSMsgType, web
+
+from . import keys
+from .routes_info import server_features
+
+log = logging.getLogger("comfyserve.server")
+routes = web.RouteTableDef()
+MAX_CLIENT_ID_CHARS = 256
+
+
+@routes.get("/ws")
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    server = request.app[keys.PROMPT_SERVER]
+    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or uuid.uuid4().hex
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    server.sockets[sid] = ws  # a reconnect with the same id replaces the old socket
+    server.socket_flags[sid] = {}
+    try:
+        await server.send_json("status", {"status": server.queue_info(), "sid": sid}, sid)
+        if server.client_id == sid and server.last_node_id is not None:
+            await server.send_json("executing", {"node": server.last_node_id}, sid)
+        first_message = True
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT and first_message:
+                try:
+                    data = json.loads(msg.data)
+                except json.JSONDecodeError:
+                    data = None
+                if isinstance(data, dict) and data.get("type") == "feature_flags":
+                    server.socket_flags[sid] = data.get("data") or {}
+                    await server.send_json("feature_flags", server_features(request.app), sid)
+                first_message = False
+            elif msg.type == WSMsgType.ERROR:
+                log.warning("ws connection closed with exception %s", ws.exception())
+    finally:
+        if server.sockets.get(sid) is ws:
+            server.sockets.pop(sid, None)
+            server.socket_flags.pop(sid, None)
+    return ws
