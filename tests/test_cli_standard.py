@@ -1,0 +1,121 @@
+"""``comfyserve standard`` and ``python -m standard`` as real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from conftest import VENV_BIN, free_port, wait_for_port
+
+START_TIMEOUT_S = 20.0
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, str, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    return proc.returncode, out, err
+
+
+def test_comfyserve_standard_serves_and_stops_on_sigterm(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(data), "--port", str(port)], cli_env)
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/api/queue").json() == {"queue_running": [], "queue_pending": []}
+        assert httpx.get(f"{base}/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+        # the data dir was created from the template
+        for folder in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints"):
+            assert (data / folder).is_dir(), folder
+    finally:
+        code, out, err = _stop(proc)
+    assert code == 0, err
+    assert "listening on http://127.0.0.1" in out
+
+
+def test_python_m_standard_listen_with_token(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    proc = _start([sys.executable, "-m", "standard", "--listen", "--port", str(port),
+                   "--data-dir", str(tmp_path / "d"), "--token", "T0k"], cli_env)
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/queue").status_code == 401
+        assert httpx.get(f"{base}/queue", headers={"Authorization": "T0k"}).status_code == 200
+        assert httpx.get(f"{base}/queue", headers={"Authorization": "Bearer T0k"}).status_code == 200
+    finally:
+        code, out, err = _stop(proc)
+    assert code == 0, err
+    assert "listening on http://0.0.0.0" in out
+
+
+def test_token_from_environment(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    env = {**cli_env, "COMFYSERVE_TOKEN": "envtok", "COMFYSERVE_PORT": str(port),
+           "COMFYSERVE_DATA_DIR": str(tmp_path / "d")}
+    proc = _start([str(VENV_BIN / "comfyserve"), "standard"], env)
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/queue").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/queue", headers={"Authorization": "envtok"}).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def test_non_loopback_without_token_is_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "comfyserve"), "standard", "--listen", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "d")],
+        env=cli_env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+
+
+def test_no_auth_opts_out_on_purpose(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--listen", "0.0.0.0", "--no-auth",
+                   "--port", str(port), "--data-dir", str(tmp_path / "d")], cli_env)
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/queue").status_code == 200
+    finally:
+        code, _, err = _stop(proc)
+    assert code == 0, err
+
+
+def test_bad_flags_exit_2_with_a_message(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    cases = [
+        ([], "--data-dir is required"),
+        (["--data-dir", str(tmp_path / "d"), "--max-upload-size", "0"], "--max-upload-size"),
+        (["--data-dir", str(tmp_path / "d"), "--token", " "], "--token must not be empty"),
+        (["--data-dir", str(tmp_path / "d"), "--comfyui-dir", str(tmp_path), "--backend-url", "http://x"],
+         "exclude each other"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([str(VENV_BIN / "comfyserve"), "standard", *args],
+                                env=cli_env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
+def test_help_names_every_flag_and_its_environment_variable(cli_env: dict[str, str]) -> None:
+    result = subprocess.run([str(VENV_BIN / "comfyserve"), "standard", "--help"],
+                            env=cli_env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for flag in ("--data-dir", "--listen", "--port", "--token", "--no-auth", "--max-upload-size",
+                 "--comfyui-dir", "--comfyui-python", "--backend-url"):
+        assert flag in result.stdout
+        assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in result.stdout
