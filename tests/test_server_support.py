@@ -102,3 +102,51 @@ def _engine_landed() -> bool:
 
 # Temporary while standard/engine is being written in parallel; removed once it lands.
 requires_engine = pytest.mark.skipif(not _engine_landed(), reason="standard.engine has not landed yet")
+
+
+GATE_PLUGIN = '''
+"""Test plugin (ComfyUI convention): a node that holds its prompt until a file appears."""
+import time
+from pathlib import Path
+
+INPUT_DIR = Path(__file__).resolve().parent.parent / "input"
+
+
+class TestGate:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "wait"
+    CATEGORY = "testing"
+
+    def wait(self, image, gate):
+        deadline = time.monotonic() + 30
+        while not (INPUT_DIR / gate).exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("gate " + gate + " never opened")
+            time.sleep(0.005)
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS = {"TestGate": TestGate}
+NODE_DISPLAY_NAME_MAPPINGS = {"TestGate": "Test Gate"}
+'''
+
+
+def install_gate_plugin(data_dir: Path) -> None:
+    (data_dir / "custom_nodes" / "test_gate.py").write_text(GATE_PLUGIN)
+
+
+def gated_graph(gate: str, prefix: str) -> dict[str, Any]:
+    """EmptyImage -> TestGate(gate) -> SaveImage: runs until ``input/<gate>`` exists."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "TestGate", "inputs": {"image": ["1", 0], "gate": gate}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def open_gate(data_dir: Path, gate: str) -> None:
+    (data_dir / "input" / gate).write_text("open")

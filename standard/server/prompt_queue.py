@@ -76,11 +76,14 @@ class PromptQueue:
         self._available.set()
         self._on_change()
 
-    async def get(self) -> tuple[int, QueueItem]:
-        """Wait for the first pending item and mark it running."""
-        while not self._heap:
+    async def get(self) -> tuple[int, QueueItem] | None:
+        """Wait for the first pending item and mark it running; None after a bare :meth:`wake`."""
+        if not self._heap:
             self._available.clear()
             await self._available.wait()
+            self._available.clear()
+            if not self._heap:
+                return None
         _, _, item = heapq.heappop(self._heap)
         task_id = next(self._task_ids)
         self._running[task_id] = item

@@ -200,7 +200,10 @@ class PromptServer:
             if self.queue.flags:
                 async with self._run_lock:
                     await self._apply_flags()
-            task_id, item = await self.queue.get()
+            got = await self.queue.get()
+            if got is None:
+                continue  # woken for flags only
+            task_id, item = got
             async with self._run_lock:
                 await self._run_one(task_id, item)
                 if self.queue.flags:

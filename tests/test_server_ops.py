@@ -1,0 +1,124 @@
+"""Info and operations routes: object_info, models, system_stats, features, health, metrics, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_server_support import (  # noqa: F401
+    events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
+    requires_engine, tiny_graph,
+)
+
+
+async def test_models_and_embeddings_list_the_data_dir(instance, data_dir: Path) -> None:
+    models = data_dir / "models"
+    (models / "checkpoints" / "sd15").mkdir()
+    (models / "checkpoints" / "b.safetensors").write_bytes(b"x")
+    (models / "checkpoints" / "sd15" / "a.ckpt").write_bytes(b"x")
+    (models / "checkpoints" / "notes.txt").write_text("not a model")
+    (models / "embeddings" / "easyneg.pt").write_bytes(b"x")
+    (models / "text_encoders" / "t5.safetensors").write_bytes(b"x")
+    (models / "configs" / "v1.yaml").write_text("a: 1")
+    client = await instance()
+    folders = await (await client.get("/models")).json()
+    assert {"checkpoints", "loras", "vae", "embeddings", "configs", "custom_nodes"} <= set(folders)
+    assert await (await client.get("/api/models/checkpoints")).json() == ["b.safetensors", "sd15/a.ckpt"]
+    assert await (await client.get("/models/configs")).json() == ["v1.yaml"]
+    assert await (await client.get("/models/clip")).json() == ["t5.safetensors"]  # ComfyUI's legacy name
+    assert (await client.get("/models/nope")).status == 404
+    assert (await client.get("/models/..")).status == 404
+    assert await (await client.get("/embeddings")).json() == ["easyneg"]
+
+
+async def test_system_stats_and_features_shapes(instance) -> None:
+    client = await instance()
+    stats = await (await client.get("/system_stats")).json()
+    system = stats["system"]
+    for key in ("os", "ram_total", "ram_free", "comfyui_version", "python_version", "pytorch_version",
+                "embedded_python", "argv"):
+        assert key in system, key
+    assert system["ram_total"] > 0
+    device = stats["devices"][0]
+    assert device["type"] == "cpu" and device["name"] == "cpu"
+    assert set(device) == {"name", "type", "index", "vram_total", "vram_free", "torch_vram_total", "torch_vram_free"}
+    features = await (await client.get("/api/features")).json()
+    assert features["max_upload_size"] == 100 * 1024 * 1024
+
+
+async def test_healthz_and_metrics_text(instance) -> None:
+    client = await instance()
+    assert await (await client.get("/healthz")).json() == {"status": "ok"}
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    for line in ("comfyserve_queue_pending 0", "comfyserve_queue_running 0",
+                 "comfyserve_prompts_completed_total 0", "comfyserve_prompts_failed_total 0",
+                 'comfyserve_execution_seconds_bucket{le="+Inf"} 0', "comfyserve_execution_seconds_count 0"):
+        assert line in text, line
+
+
+async def test_unknown_method_gets_json_405(instance) -> None:
+    client = await instance()
+    resp = await client.delete("/prompt")
+    assert resp.status == 405
+    assert (await resp.json())["error"]["type"] == "method_not_allowed"
+
+
+@requires_engine
+async def test_object_info_shapes(instance) -> None:
+    client = await instance()
+    info = await (await client.get("/object_info")).json()
+    for name in ("EmptyImage", "LoadImage", "SaveImage", "PreviewImage", "ImageScale", "ImageInvert"):
+        assert name in info, name
+    save = info["SaveImage"]
+    assert save["output_node"] is True and save["name"] == "SaveImage"
+    for key in ("input", "input_order", "output", "output_is_list", "output_name", "display_name",
+                "description", "category", "python_module"):
+        assert key in save, key
+    single = await (await client.get("/api/object_info/EmptyImage")).json()
+    assert list(single) == ["EmptyImage"] and single["EmptyImage"] == info["EmptyImage"]
+    assert await (await client.get("/object_info/KSampler")).json() == {}
+
+
+@requires_engine
+async def test_readyz_reports_plugin_errors_and_the_server_keeps_working(instance, data_dir: Path) -> None:
+    (data_dir / "custom_nodes" / "broken_plugin.py").write_text("raise RuntimeError('boom at import')\n")
+    client = await instance()
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    detail = await resp.json()
+    assert detail["ready"] is True and detail["nodes"] > 0
+    assert "broken_plugin" in detail["plugin_errors"]
+    assert "boom at import" in detail["plugin_errors"]["broken_plugin"]
+    ws = await client.ws_connect("/ws?clientId=r")
+    await next_json(ws)
+    body = await (await client.post("/prompt", json={"prompt": tiny_graph("ok"), "client_id": "r"})).json()
+    await events_until(ws, is_done(body["prompt_id"]))
+    metrics = await (await client.get("/metrics")).text()
+    assert "comfyserve_prompts_completed_total 1" in metrics
+    assert "comfyserve_execution_seconds_count 1" in metrics
+    await ws.close()
+
+
+@requires_engine
+async def test_restart_reimports_plugins_and_is_refused_while_running(instance, data_dir: Path) -> None:
+    client = await instance()
+    assert "TestGate" not in await (await client.get("/object_info")).json()
+    install_gate_plugin(data_dir)
+    resp = await client.post("/restart")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["restarted"] is True and body["ready"] is True
+    assert "TestGate" in await (await client.get("/object_info")).json()
+
+    ws = await client.ws_connect("/ws?clientId=rs")
+    await next_json(ws)
+    run = await (await client.post("/prompt", json={"prompt": gated_graph("g-rs", "rs"), "client_id": "rs"})).json()
+    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    refused = await client.post("/api/restart")
+    assert refused.status == 409
+    assert (await refused.json())["error"]["type"] == "prompt_running"
+    open_gate(data_dir, "g-rs")
+    await events_until(ws, is_done(run["prompt_id"]))
+    assert (await client.post("/restart")).status == 200
+    await ws.close()
