@@ -2,6 +2,7 @@
 
 Route modules by URL:
     /prompt /queue /interrupt /free /history      routes_prompt.py
+    /jobs (the frontend's queue/history panels)   routes_jobs.py
     /ws                                           routes_ws.py
     /object_info /embeddings /models /system_stats /features   routes_info.py
     /view /upload/image /upload/mask              routes_files.py
@@ -23,7 +24,7 @@ from aiohttp import web
 from ..auth import token_auth_middleware, token_login_routes
 from ..datadir import init_data_dir
 from ..settings import StandardSettings
-from . import keys, routes_files, routes_info, routes_ops, routes_prompt, routes_ws
+from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
 from .middlewares import json_errors_middleware, origin_only_middleware
 from .prompt_server import PromptServer
 from .routing import add_routes_with_api_prefix
@@ -59,7 +60,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
 
         setup_templates(app)
         app.router.add_routes(token_login_routes(settings.token))
-    for module in (routes_prompt, routes_ws, routes_info, routes_files, routes_ops):
+    for module in (routes_prompt, routes_jobs, routes_ws, routes_info, routes_files, routes_ops):
         add_routes_with_api_prefix(app, module.routes)
     for module_name, function_name in FRONTEND_SETUPS:
         setup = _optional_setup(module_name, function_name)

@@ -14,6 +14,7 @@ import asyncio
 import copy
 import heapq
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class PromptQueue:
         self._history_max_items = max(1, history_max_items)
         self._on_change = on_change
         self._available = asyncio.Event()
+        self._started_ms: dict[int, int] = {}
+        self._times_ms: dict[str, tuple[int, int]] = {}  # prompt_id -> (start, end), for /jobs
         self.flags: dict[str, Any] = {}
 
     # -- queue -----------------------------------------------------------------
@@ -87,6 +90,7 @@ class PromptQueue:
         _, _, item = heapq.heappop(self._heap)
         task_id = next(self._task_ids)
         self._running[task_id] = item
+        self._started_ms[task_id] = int(time.time() * 1000)
         return task_id, item
 
     def wake(self) -> None:
@@ -95,9 +99,13 @@ class PromptQueue:
 
     def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus) -> None:
         item = self._running.pop(task_id)
+        started_ms = self._started_ms.pop(task_id, None)
         while len(self._history) >= self._history_max_items:
-            self._history.popitem(last=False)
+            dropped, _ = self._history.popitem(last=False)
+            self._times_ms.pop(dropped, None)
         self._history.pop(item.prompt_id, None)
+        now_ms = int(time.time() * 1000)
+        self._times_ms[item.prompt_id] = (started_ms or now_ms, now_ms)
         entry: dict[str, Any] = {"prompt": item.public(), "outputs": {}, "status": status.as_dict()}
         entry.update(history_result)
         self._history[item.prompt_id] = entry
@@ -160,8 +168,18 @@ class PromptQueue:
     def history_size(self) -> int:
         return len(self._history)
 
+    def history_entries(self) -> dict[str, dict[str, Any]]:
+        """The live history (read-only use: /jobs reshapes it without copying)."""
+        return self._history
+
+    def times_ms(self, prompt_id: str) -> tuple[int, int] | None:
+        """(execution start, end) in ms since the epoch of a finished prompt."""
+        return self._times_ms.get(prompt_id)
+
     def wipe_history(self) -> None:
         self._history.clear()
+        self._times_ms.clear()
 
     def delete_history_item(self, prompt_id: str) -> None:
         self._history.pop(prompt_id, None)
+        self._times_ms.pop(prompt_id, None)
