@@ -122,3 +122,20 @@ async def test_restart_reimports_plugins_and_is_refused_while_running(instance, 
     await events_until(ws, is_done(run["prompt_id"]))
     assert (await client.post("/restart")).status == 200
     await ws.close()
+
+
+async def test_view_metadata_of_a_safetensors_model(instance, data_dir: Path) -> None:
+    import json
+    import struct
+
+    header = json.dumps({"__metadata__": {"ss_network_dim": "16"}, "w": {"dtype": "F32", "shape": [1],
+                                                                        "data_offsets": [0, 4]}}).encode()
+    (data_dir / "models" / "loras" / "tiny.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    client = await instance()
+    resp = await client.get("/view_metadata/loras", params={"filename": "tiny.safetensors"})
+    assert resp.status == 200 and await resp.json() == {"ss_network_dim": "16"}
+    assert (await client.get("/view_metadata/loras", params={"filename": "none.safetensors"})).status == 404
+    assert (await client.get("/view_metadata/loras", params={"filename": "tiny.ckpt"})).status == 404
+    assert (await client.get("/view_metadata/nope", params={"filename": "tiny.safetensors"})).status == 404
+    traversal = await client.get("/view_metadata/loras", params={"filename": "../loras/../../x.safetensors"})
+    assert traversal.status == 403

@@ -6,10 +6,14 @@ mounted bucket shows up at once). Call it in a thread: it walks directories.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
+from typing import Any
 
 from ..datadir import MODEL_FOLDERS, DataDir
+from ..paths import resolve_inside
 
 SUPPORTED_PT_EXTENSIONS: frozenset[str] = frozenset(
     {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -75,3 +79,32 @@ def _diffusers(root: Path) -> list[str]:
 def list_embeddings(data_dir: DataDir) -> list[str]:
     """GET /embeddings: embedding names without their extension."""
     return [os.path.splitext(name)[0] for name in list_folder(data_dir, "embeddings") or []]
+
+
+MAX_SAFETENSORS_HEADER_BYTES = 1024 * 1024
+
+
+def safetensors_metadata(data_dir: DataDir, folder: str, filename: str) -> dict[str, Any] | None:
+    """The ``__metadata__`` of a .safetensors model (GET /view_metadata), None when absent.
+
+    Raises PathOutsideRoot when ``filename`` leaves the folder.
+    """
+    root = folder_path(data_dir, folder)
+    if root is None or not filename.endswith(".safetensors"):
+        return None
+    path = resolve_inside(root, filename)
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return None
+        length = struct.unpack("<Q", prefix)[0]
+        if length > MAX_SAFETENSORS_HEADER_BYTES:
+            return None
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None

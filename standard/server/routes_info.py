@@ -11,7 +11,9 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..errors import PathOutsideRoot
 from . import keys, models
+from .http_util import json_error
 
 routes = web.RouteTableDef()
 
@@ -71,6 +73,22 @@ async def get_models(request: web.Request) -> web.Response:
     if files is None:
         return web.Response(status=404)
     return web.json_response(files)
+
+
+@routes.get("/view_metadata/{folder_name}")
+async def view_metadata(request: web.Request) -> web.Response:
+    filename = request.query.get("filename")
+    if not filename:
+        return web.Response(status=404)
+    try:
+        metadata = await asyncio.to_thread(
+            models.safetensors_metadata, request.app[keys.DATA_DIR], request.match_info["folder_name"], filename
+        )
+    except PathOutsideRoot:
+        return json_error(403, "forbidden", "filename leaves the model folder")
+    if metadata is None:
+        return web.Response(status=404)
+    return web.json_response(metadata)
 
 
 def _memory_bytes() -> tuple[int, int]:
