@@ -139,3 +139,18 @@ async def test_view_metadata_of_a_safetensors_model(instance, data_dir: Path) ->
     assert (await client.get("/view_metadata/nope", params={"filename": "tiny.safetensors"})).status == 404
     traversal = await client.get("/view_metadata/loras", params={"filename": "../loras/../../x.safetensors"})
     assert traversal.status == 403
+
+
+async def test_post_routes_validate_their_json(instance) -> None:
+    client = await instance()
+    headers = {"Content-Type": "application/json"}
+    for path in ("/queue", "/history", "/interrupt", "/free", "/api/queue"):
+        resp = await client.post(path, data=b"{broken", headers=headers)
+        assert resp.status == 400, path
+        assert (await resp.json())["error"]["type"] == "invalid_request", path
+    assert (await client.post("/queue", json={"delete": "abc"})).status == 400
+    assert (await client.post("/queue", json=["clear"])).status == 400
+    assert (await client.post("/interrupt", json={"prompt_id": 5})).status == 400
+    # an empty body is fine where ComfyUI's frontend sends none
+    assert (await client.post("/interrupt")).status == 200
+    assert (await client.post("/free")).status == 200

@@ -34,21 +34,22 @@ def json_http_error(status: int, kind: str, message: str, details: str = "",
     return cls(text=json.dumps(body), content_type="application/json")
 
 
-async def read_json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 with ComfyUI's ``invalid_prompt`` shape."""
+async def read_json_object(request: web.Request, *, allow_empty: bool = False,
+                           kind: str = "invalid_request") -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 JSON error of ``kind`` (+ empty node_errors)."""
     raw = await request.read()
     if not raw.strip():
         if allow_empty:
             return {}
-        raise json_http_error(400, "invalid_prompt", "Request body is empty", "expected a JSON object",
+        raise json_http_error(400, kind, "Request body is empty", "expected a JSON object",
                             {"node_errors": {}})
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise json_http_error(400, "invalid_prompt", "Request body is not valid JSON", str(exc),
+        raise json_http_error(400, kind, "Request body is not valid JSON", str(exc),
                             {"node_errors": {}}) from exc
     if not isinstance(data, dict):
-        raise json_http_error(400, "invalid_prompt", "Request body must be a JSON object",
+        raise json_http_error(400, kind, "Request body must be a JSON object",
                             f"got {type(data).__name__}", {"node_errors": {}})
     return data
 

@@ -54,7 +54,7 @@ def _number(json_data: dict[str, Any], server: PromptServer) -> float | int:
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
     server = _server(request)
-    json_data = await read_json_object(request)
+    json_data = await read_json_object(request, kind="invalid_prompt")
     if "prompt" not in json_data:
         server.metrics.rejected_total += 1
         return web.json_response(
