@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="largest request body in MB (bigger ones get 413)")
     add_option(parser, "--history-max-items", type=int, default=10000,
                help="finished prompts kept in /history (oldest dropped first)")
+    add_option(parser, "--shutdown-timeout", type=float, default=10.0,
+               help="seconds a running prompt gets to stop after SIGTERM interrupts it")
     add_option(parser, "--comfyui-dir", default=None,
                help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
     add_option(parser, "--comfyui-python", default=sys.executable,
@@ -71,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
+        shutdown_timeout_s=max(args.shutdown_timeout, 0.0),
     )
     settings.check()
     return settings

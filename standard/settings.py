@@ -30,6 +30,8 @@ class StandardSettings:
     comfyui_args: tuple[str, ...] = ()
     backend_url: str | None = None
     history_max_items: int = 10000
+    # On SIGTERM: how long a running prompt may take to stop after its interrupt.
+    shutdown_timeout_s: float = 10.0
 
     @property
     def max_upload_size_bytes(self) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from conftest import VENV_BIN, free_port, wait_for_port
+from test_server_support import gated_graph, install_gate_plugin, requires_engine
 
 START_TIMEOUT_S = 20.0
 
@@ -119,3 +120,37 @@ def test_help_names_every_flag_and_its_environment_variable(cli_env: dict[str, s
                  "--comfyui-dir", "--comfyui-python", "--backend-url"):
         assert flag in result.stdout
         assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in result.stdout
+
+
+@requires_engine
+async def test_sigterm_during_a_prompt_interrupts_and_exits_within_the_limit(tmp_path: Path, cli_env) -> None:
+    import asyncio
+    import json
+    import time
+
+    import websockets
+
+    from standard.datadir import init_data_dir
+
+    data = init_data_dir(tmp_path / "d").root
+    install_gate_plugin(data)
+    port = free_port()
+    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(data),
+                   "--shutdown-timeout", "1"], cli_env)
+    try:
+        await asyncio.to_thread(wait_for_port, port, START_TIMEOUT_S, proc)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws?clientId=t") as ws, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            resp = await http.post("/prompt", json={"prompt": gated_graph("never", "x"), "client_id": "t"})
+            assert resp.status_code == 200
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if event["type"] == "executing" and event["data"].get("node") == "2":
+                    break
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 20)
+            assert code == 0
+            assert time.monotonic() - started < 8
+    finally:
+        _stop(proc)

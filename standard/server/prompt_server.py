@@ -1,7 +1,7 @@
 """PromptServer: the engine, the queue worker and the WebSocket fan-out of one instance.
 
 The embedded engine's ``PromptExecutor.execute`` blocks, so one worker task runs
-it in a thread (``asyncio.to_thread``) and the loop keeps serving HTTP and WS.
+it in a (daemon) thread and the loop keeps serving HTTP and WS.
 The executor reports events through :meth:`PromptServer.send_sync` from that
 thread; they are handed to the loop with ``call_soon_threadsafe`` and sent in
 order by one publisher task, as ComfyUI's ``publish_loop`` does.
@@ -15,7 +15,9 @@ import inspect
 import io
 import logging
 import struct
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,7 +31,6 @@ log = logging.getLogger("comfyserve.server")
 
 PREVIEW_IMAGE = 1  # binary event: >I event type, >I format, image bytes
 UNENCODED_PREVIEW_IMAGE = 2  # (format, PIL image, max_size) from plugins; encoded here
-SHUTDOWN_WAIT_S = 10.0
 ENGINE_API = ("NodeRegistry", "PromptExecutor", "validate_prompt")
 
 
@@ -96,7 +97,7 @@ class PromptServer:
             self.executor.interrupt()
         if worker_busy:
             with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(SHUTDOWN_WAIT_S):
+                async with asyncio.timeout(self.settings.shutdown_timeout_s):
                     async with self._run_lock:
                         pass
         for task in self._tasks:
@@ -219,7 +220,7 @@ class PromptServer:
         try:
             if executor is None:
                 raise EngineUnavailable(self.engine_error or "engine not loaded")
-            await asyncio.to_thread(
+            await run_in_daemon_thread(
                 executor.execute, item.prompt, item.prompt_id, item.execution_extra_data(),
                 item.outputs_to_execute,
             )
@@ -296,6 +297,32 @@ class PromptServer:
         message = struct.pack(">I", event) + data
         for ws in self._targets(sid):
             await _send_quietly(ws.send_bytes(message))
+
+
+async def run_in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``asyncio.to_thread`` on a daemon thread of its own.
+
+    A node stuck in its function must not keep the process alive after a
+    SIGTERM has waited its limit (pool threads are joined at exit; daemons are not).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def target() -> None:
+        try:
+            setter, value = future.set_result, function(*args)
+        except BaseException as exc:  # handed over to the awaiting task
+            setter, value = future.set_exception, exc
+
+        def settle() -> None:
+            if not future.done():
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=target, name="comfyserve-execute", daemon=True).start()
+    return await future
 
 
 async def _send_quietly(coro: Any) -> None:
