@@ -1,0 +1,169 @@
+"""``create_backend_app(settings)``: the instance app in front of real ComfyUI.
+
+Local routes: ``/healthz`` (this process), ``/readyz`` (the backend answers),
+``/metrics``, ``/restart`` (a ``--comfyui-dir`` child is replaced; a
+``--backend-url`` backend gets the request itself), ``/login`` ``/logout``
+with a token. Everything else — every HTTP route and the ``/ws`` socket —
+is forwarded to ComfyUI, behind the same token auth as the embedded app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from ..auth import token_auth_middleware, token_login_routes
+from ..datadir import init_data_dir
+from ..errors import ConfigError
+from ..server.app import PUBLIC_PATHS
+from ..server.http_util import json_error
+from ..server.middlewares import json_errors_middleware, origin_only_middleware
+from ..settings import StandardSettings
+from .proxy import backend_unavailable, forward_http, forward_websocket
+from .runtime import Backend, RemoteBackend
+from .supervisor import ComfyUIChild
+
+log = logging.getLogger("comfyserve.backend")
+
+BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
+SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
+SETTINGS = web.AppKey("backend_settings", StandardSettings)
+STATS = web.AppKey("backend_stats", dict)
+CONNECT_TIMEOUT_S = 10.0
+RESTART_WAIT_S = 120.0
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def make_backend(settings: StandardSettings) -> Backend:
+    if settings.backend_url:
+        url = settings.backend_url
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--backend-url must be an http:// or https:// URL, got {url!r}")
+        return RemoteBackend(url)
+    if settings.comfyui_dir is None:
+        raise ConfigError("the real-ComfyUI runtime needs --comfyui-dir or --backend-url")
+    return ComfyUIChild(
+        settings.comfyui_dir, init_data_dir(settings.data_dir), python=settings.comfyui_python,
+        extra_args=settings.comfyui_args, max_upload_size_mb=settings.max_upload_size_mb,
+    )
+
+
+def create_backend_app(settings: StandardSettings, backend: Backend | None = None) -> web.Application:
+    """The proxy app; ``backend`` defaults to the one the settings name."""
+    backend = backend or make_backend(settings)
+    middlewares = [json_errors_middleware]
+    if settings.token is not None:
+        middlewares.append(token_auth_middleware(settings.token, public_paths=PUBLIC_PATHS))
+    else:
+        middlewares.append(origin_only_middleware)
+    # Bodies are streamed to the backend; the size limit is checked while streaming.
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_upload_size_bytes)
+    app[SETTINGS] = settings
+    app[BACKEND] = backend
+    app[STATS] = {"proxied_requests_total": 0, "proxied_websockets_total": 0, "backend_errors_total": 0}
+    app.cleanup_ctx.append(_backend_ctx)
+    if settings.token is not None:
+        from web import setup_templates
+
+        setup_templates(app)
+        app.router.add_routes(token_login_routes(settings.token))
+    for prefix in ("", "/api"):
+        app.router.add_get(prefix + "/healthz", healthz)
+        app.router.add_get(prefix + "/readyz", readyz)
+        app.router.add_get(prefix + "/metrics", metrics)
+        app.router.add_post(prefix + "/restart", restart)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True),
+        timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S),
+        cookie_jar=aiohttp.DummyCookieJar(),  # the browser keeps cookies, not the proxy
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        trust_env=False,
+    )
+    app[SESSION] = session
+    backend = app[BACKEND]
+    await backend.start(session)
+    log.info("real-ComfyUI runtime: %s", backend.kind)
+    yield
+    try:
+        await backend.stop()
+    finally:
+        await session.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    status = await request.app[BACKEND].status()
+    return web.json_response(status, status=200 if status["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    status = await request.app[BACKEND].status()
+    stats = request.app[STATS]
+    lines = [
+        "# HELP comfyserve_ready 1 when the ComfyUI backend answers.",
+        "# TYPE comfyserve_ready gauge",
+        f"comfyserve_ready {1 if status['ready'] else 0}",
+    ]
+    for name, value in stats.items():
+        lines += [f"# TYPE comfyserve_{name} counter", f"comfyserve_{name} {value}"]
+    if "crashes" in status:
+        lines += ["# TYPE comfyserve_backend_crashes_total counter",
+                  f"comfyserve_backend_crashes_total {status['crashes']}"]
+    return web.Response(text="\n".join(lines) + "\n", headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+async def restart(request: web.Request) -> web.StreamResponse:
+    """Replace a supervised child (409 while it runs a prompt); otherwise ask the backend."""
+    backend = request.app[BACKEND]
+    if not isinstance(backend, ComfyUIChild):
+        return await proxy(request)
+    if await _prompt_running(request):
+        return json_error(409, "prompt_running", "cannot restart while a prompt runs",
+                          "interrupt it or wait for it to finish")
+    status = await backend.restart(wait_s=RESTART_WAIT_S)
+    return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
+
+
+async def _prompt_running(request: web.Request) -> bool:
+    base_url = request.app[BACKEND].base_url
+    if base_url is None:
+        return False
+    try:
+        async with request.app[SESSION].get(base_url + "/queue",
+                                            timeout=aiohttp.ClientTimeout(total=5.0)) as response:
+            queue = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return False
+    return bool(isinstance(queue, dict) and queue.get("queue_running"))
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    base_url = app[BACKEND].base_url
+    if base_url is None:
+        return backend_unavailable("ComfyUI is starting", 503)
+    settings = app[SETTINGS]
+    strip_auth = settings.token is not None
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        app[STATS]["proxied_websockets_total"] += 1
+        return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
+                                       max_msg_bytes=settings.max_upload_size_bytes)
+    app[STATS]["proxied_requests_total"] += 1
+    response = await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
+                                  max_body_bytes=settings.max_upload_size_bytes)
+    if response.status in (502, 504) and response.headers.get("Content-Type", "").startswith("application/json"):
+        app[STATS]["backend_errors_total"] += 1
+    return response

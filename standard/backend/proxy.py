@@ -1,0 +1,211 @@
+"""Forwarding HTTP requests and WebSockets to the backend ComfyUI, byte for byte.
+
+The path goes through undecoded (``request.raw_path``), so ``%2F`` inside a
+userdata path stays one path segment, as ComfyUI expects. Bodies stream both
+ways (small ones are read whole: fewer writes, lower latency). Hop-by-hop
+headers are dropped; our own credentials (the Authorization header, the
+session cookie, a ``token`` query parameter) never reach the backend. The
+original ``Host`` is kept so ComfyUI's own origin check sees what the browser
+sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..auth import SESSION_COOKIE
+from ..server.http_util import json_error
+
+log = logging.getLogger("comfyserve.backend")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade",
+})
+WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                          "sec-websocket-accept", "sec-websocket-protocol"})
+SMALL_BODY_BYTES = 256 * 1024
+CHUNK_BYTES = 64 * 1024
+
+
+def _dropped(headers: CIMultiDict[str] | web.BaseRequest) -> set[str]:
+    names = set(HOP_BY_HOP)
+    source = headers.headers if isinstance(headers, web.BaseRequest) else headers
+    for value in source.getall("Connection", []):
+        names.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return names
+
+
+def _without_session_cookie(value: str) -> str:
+    parts = [p for p in value.split(";") if p.strip() and p.strip().split("=", 1)[0] != SESSION_COOKIE]
+    return ";".join(parts).strip()
+
+
+def upstream_headers(request: web.Request, *, strip_auth: bool, websocket: bool = False) -> CIMultiDict[str]:
+    drop = _dropped(request)
+    if websocket:
+        drop |= WS_HANDSHAKE
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in drop or lower == "content-length" and websocket:
+            continue
+        if strip_auth and lower == "authorization":
+            continue
+        if lower == "cookie":
+            value = _without_session_cookie(value) if strip_auth else value
+            if not value:
+                continue
+        headers.add(name, value)
+    if request.remote:
+        previous = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {request.remote}" if previous else request.remote
+    headers["X-Forwarded-Proto"] = request.scheme
+    return headers
+
+
+def upstream_url(base_url: str, request: web.Request, *, strip_token: bool) -> URL:
+    """``base_url`` + the request's raw path and query, still percent-encoded."""
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raw = "/" + raw
+    if strip_token and "?" in raw:
+        path, _, query = raw.partition("?")
+        kept = [part for part in query.split("&") if part.split("=", 1)[0] != "token"]
+        raw = path + ("?" + "&".join(kept) if kept else "")
+    return URL(base_url + raw, encoded=True)
+
+
+def downstream_headers(response: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
+    drop = _dropped(response.headers)  # type: ignore[arg-type]
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in response.headers.items():
+        lower = name.lower()
+        if lower in drop or (lower == "content-length" and not keep_length):
+            continue
+        headers.add(name, value)
+    return headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _limited(content: aiohttp.StreamReader, limit_bytes: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in content.iter_chunked(CHUNK_BYTES):
+        seen += len(chunk)
+        if seen > limit_bytes:
+            raise BodyTooLarge()
+        yield chunk
+
+
+def backend_unavailable(detail: str, status: int = 502) -> web.Response:
+    response = json_error(status, "backend_unavailable", "The ComfyUI backend is not reachable", detail)
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+async def forward_http(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
+                       strip_auth: bool, max_body_bytes: int) -> web.StreamResponse:
+    """One request to the backend and its response back, streamed."""
+    length = request.content_length
+    if length is not None and length > max_body_bytes:
+        return json_error(413, "request_too_large", "Request body too large",
+                          f"{length} bytes > {max_body_bytes}")
+    data: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        if length is not None and length <= SMALL_BODY_BYTES:
+            data = await request.read()
+        else:
+            data = _limited(request.content, max_body_bytes)
+    url = upstream_url(base_url, request, strip_token=strip_auth)
+    headers = upstream_headers(request, strip_auth=strip_auth)
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(request.method, url, headers=headers, data=data,
+                                   allow_redirects=False) as upstream:
+            body_length = upstream.content_length
+            if request.method == "HEAD" or (body_length is not None and body_length <= SMALL_BODY_BYTES):
+                body = await upstream.read()
+                out_headers = downstream_headers(upstream, keep_length=request.method == "HEAD")
+                if request.method == "HEAD":
+                    head = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out_headers)
+                    await head.prepare(request)
+                    return head
+                return web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                                    headers=out_headers)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                          headers=downstream_headers(upstream, keep_length=True))
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except BodyTooLarge:
+        return json_error(413, "request_too_large", "Request body too large", f"more than {max_body_bytes} bytes")
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+        if response is not None and response.prepared:
+            raise  # headers already sent: all we can do is drop the connection
+        log.warning("%s %s: backend %s: %r", request.method, request.path, base_url, exc)
+        return backend_unavailable(repr(exc), 504 if isinstance(exc, asyncio.TimeoutError) else 502)
+
+
+async def forward_websocket(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
+                            strip_auth: bool, max_msg_bytes: int) -> web.StreamResponse:
+    """Open the backend socket first (a dead backend gets a 502, not a socket), then relay both ways."""
+    url = upstream_url(base_url, request, strip_token=strip_auth)
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    try:
+        upstream = await session.ws_connect(
+            url, headers=upstream_headers(request, strip_auth=strip_auth, websocket=True),
+            protocols=protocols, autoping=True, max_msg_size=0, compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        return json_error(exc.status if 400 <= exc.status < 600 else 502, "backend_refused",
+                          "The ComfyUI backend refused the WebSocket", exc.message)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return backend_unavailable(repr(exc))
+    downstream = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
+                                       max_msg_size=max_msg_bytes, autoping=True, heartbeat=30.0)
+    try:
+        await downstream.prepare(request)
+        relays = [
+            asyncio.create_task(_relay(upstream, downstream), name="ws-backend-to-client"),
+            asyncio.create_task(_relay(downstream, upstream), name="ws-client-to-backend"),
+        ]
+        done, pending = await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        for task in relays:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    finally:
+        code = upstream.close_code if upstream.closed and upstream.close_code else 1001
+        if not downstream.closed and downstream.prepared:
+            await downstream.close(code=code, message=b"backend closed")
+        await upstream.close()
+    return downstream
+
+
+async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                 target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    async for msg in source:
+        if target.closed:
+            return
+        if msg.type == WSMsgType.TEXT:
+            await target.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await target.send_bytes(msg.data)
+        elif msg.type == WSMsgType.ERROR:
+            return

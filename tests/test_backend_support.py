@@ -1,0 +1,112 @@
+"""Fixtures for the real-ComfyUI runtime tests (no tests here).
+
+The backend is a second comfyserve instance (same protocol as ComfyUI) on its
+own loopback port; the front is ``create_backend_app`` pointed at it.
+``Backend.seen`` records what the backend received, so tests can check that
+our token never reaches it and that paths arrive still encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from standard.backend.app import create_backend_app
+from standard.datadir import init_data_dir
+from standard.server.app import create_embedded_app
+from standard.settings import StandardSettings
+
+TOKEN = "front-token"
+
+
+@dataclass
+class Seen:
+    """What one backend request looked like on arrival."""
+
+    method: str
+    raw_path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Backend:
+    server: TestServer
+    data_dir: Path
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+
+def recording_middleware(seen: list[Seen]) -> Any:
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(Seen(request.method, request.raw_path, dict(request.headers)))
+        return await handler(request)
+
+    return record
+
+
+async def start_backend(data_dir: Path, port: int | None = None) -> Backend:
+    """A comfyserve embedded instance on a loopback port, recording its requests."""
+    seen: list[Seen] = []
+    app = create_embedded_app(StandardSettings(data_dir=data_dir))
+    app.middlewares.insert(0, recording_middleware(seen))
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server()
+    return Backend(server, data_dir, seen)
+
+
+async def start_front(backend_url: str, data_dir: Path, port: int | None = None, **settings: Any) -> TestServer:
+    app = create_backend_app(StandardSettings(data_dir=data_dir, backend_url=backend_url, **settings))
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> Any:
+    started = await start_backend(init_data_dir(tmp_path / "backend").root)
+    yield started
+    await started.server.close()
+
+
+FrontFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def front(tmp_path: Path, backend: Backend) -> Any:
+    """``server = await front(token=TOKEN)``: a proxy in front of ``backend``."""
+    servers: list[TestServer] = []
+
+    async def factory(backend_url: str | None = None, port: int | None = None, **settings: Any) -> TestServer:
+        server = await start_front(backend_url or backend.url, init_data_dir(tmp_path / "front").root,
+                                   port=port, **settings)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        await server.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, every_s: float = 0.05) -> None:
+    """Wait until ``check()`` holds (for state that changes in another process)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met after {timeout_s}s")
+        await asyncio.sleep(every_s)
