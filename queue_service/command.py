@@ -1,0 +1,116 @@
+"""``comfyserve queue`` / ``python -m queue_service``: the queue service.
+
+The store is SQLite under ``--data-dir`` (``DIR/queue/queue.sqlite3``) or at
+``--store sqlite:PATH``, or Redis with ``--redis-url`` (several processes may
+share one Redis). Every flag also reads ``COMFYSERVE_<FLAG>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from standard.errors import ConfigError
+from standard.options import add_option
+
+from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
+                       QueueSettings)
+
+log = logging.getLogger("comfyserve.queue")
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--data-dir", default=None, help="data dir; the SQLite store is DIR/queue/queue.sqlite3")
+    add_option(parser, "--store", default=None, metavar="sqlite:PATH", help="SQLite store file (instead of --data-dir)")
+    add_option(parser, "--redis-url", default=None, help="use Redis (redis://host:port/db) as the store")
+    add_option(parser, "--host", default="127.0.0.1", help="address to listen on")
+    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    add_option(parser, "--token", default=None, help="require 'Authorization: <token>' on every call")
+    add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+               help="items a queue may hold; a put to a full queue gets 429 (0 = unbounded)")
+    add_option(parser, "--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_BYTES,
+               help="largest item body in bytes (bigger ones get 413)")
+    add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
+               help="seconds an item stays with a watcher that vanished before others get it")
+
+
+def settings_from_args(args: argparse.Namespace) -> QueueSettings:
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    if args.max_length < 0:
+        raise ConfigError("--max-length must be >= 0 (0 = unbounded)")
+    if args.max_payload <= 0:
+        raise ConfigError("--max-payload must be positive (bytes)")
+    if args.pending_timeout <= 0:
+        raise ConfigError("--pending-timeout must be positive (seconds)")
+    sqlite_path: Path | None = None
+    if args.store:
+        kind, _, path = str(args.store).partition(":")
+        if kind != "sqlite" or not path:
+            raise ConfigError(f"--store must look like sqlite:PATH, got {args.store!r}")
+        sqlite_path = Path(path).expanduser().resolve()
+    elif args.data_dir:
+        sqlite_path = Path(args.data_dir).expanduser().resolve() / "queue" / "queue.sqlite3"
+    if sqlite_path is None and not args.redis_url:
+        raise ConfigError("give a store: --data-dir DIR, --store sqlite:PATH or --redis-url URL")
+    if args.redis_url and not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {args.redis_url!r}")
+    return QueueSettings(
+        host=args.host, port=args.port, token=args.token or None,
+        sqlite_path=None if args.redis_url else sqlite_path, redis_url=args.redis_url or None,
+        max_length=args.max_length, max_payload_bytes=args.max_payload,
+        pending_timeout_s=args.pending_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"comfyserve queue: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(settings: QueueSettings) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    from .server import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+    try:
+        await runner.setup()
+    except Exception as exc:  # the store could not be opened
+        print(f"comfyserve queue: cannot open the store: {exc}", file=sys.stderr, flush=True)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(f"comfyserve queue: cannot listen on {settings.host}:{settings.port}: {exc}",
+                  file=sys.stderr, flush=True)
+            return 2
+        store = settings.redis_url or settings.sqlite_path
+        auth = "token auth" if settings.token else "no auth"
+        print(f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})",
+              flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    return 0

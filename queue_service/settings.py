@@ -1,0 +1,38 @@
+"""Settings of one queue-service process (built from flags and environment in command.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 9000
+DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_LENGTH = 100_000
+DEFAULT_PENDING_TIMEOUT_S = 30.0
+MAX_GET_LENGTH = 1000
+MAX_WINDOW = 1000
+MAX_GET_TIMEOUT_S = 60.0
+
+USER_HEADER = "X-EAS-QueueService-Redis-Uid"
+GROUP_HEADER = "X-EAS-QueueService-Redis-Gid"
+PRIORITY_HEADER = "X-EAS-QueueService-Priority"
+REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """``sqlite_path`` or ``redis_url`` picks the store (Redis wins when both are set)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    sqlite_path: Path | None = None
+    redis_url: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S
+
+    @property
+    def poll_interval_s(self) -> float:
+        """How often a watcher renews its lease and looks for items whose consumer vanished."""
+        return max(0.05, min(self.pending_timeout_s / 3, 1.0))

@@ -1,0 +1,289 @@
+"""The embedded store: one SQLite file, one writer thread.
+
+Every call runs on a single dedicated thread that owns the connection, so
+calls are serialised (no locking needed, claim is atomic) and the event loop
+never blocks. Each write is its own transaction in WAL mode with
+``synchronous=NORMAL``: an accepted put survives a kill -9 of the process.
+Consumer sessions live in memory (one process per SQLite file); pending
+items and their owners are on disk, so a consumer that reconnects after a
+restart gets its pending items again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from .store import Item, Notifier, Position, QueueFull, QueueStats, Superseded
+
+T = TypeVar("T")
+_CHUNK = 500
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY,
+    last_index INTEGER NOT NULL DEFAULT 0,
+    length INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS items (
+    queue TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    owner TEXT,
+    deadline REAL,
+    PRIMARY KEY (queue, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_ready ON items (queue, priority DESC, idx) WHERE owner IS NULL;
+CREATE INDEX IF NOT EXISTS items_owner ON items (queue, owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS items_deadline ON items (queue, deadline) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS items_rid ON items (queue, request_id);
+"""
+
+
+class SQLiteStore:
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._sessions: dict[tuple[str, str], str] = {}
+        self._notifier = Notifier()
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._executor is not None, "store is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    def _tx(self) -> sqlite3.Connection:
+        assert self._db is not None
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-sqlite")
+        await self._run(self._connect)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        if self._db is not None:
+            await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def changes(self, queue: str) -> asyncio.Event:
+        return self._notifier.event(queue)
+
+    # -- producers ------------------------------------------------------------
+
+    def _put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        db = self._tx()
+        try:
+            row = db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO queues (name) VALUES (?)", (queue,))
+                row = (0, 0)
+            last, length = row
+            if max_length and length >= max_length:
+                raise QueueFull(f"queue {queue!r} is full ({length} of {max_length} items)")
+            index = last + 1
+            db.execute("INSERT INTO items (queue, idx, priority, request_id, body) VALUES (?, ?, ?, ?, ?)",
+                       (queue, index, priority, request_id, body))
+            db.execute("UPDATE queues SET last_index = ?, length = length + 1 WHERE name = ?", (index, queue))
+            db.execute("COMMIT")
+            return index
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        index = await self._run(self._put, queue, body, request_id, priority, max_length)
+        self._notifier.notify(queue)
+        return index
+
+    # -- readers --------------------------------------------------------------
+
+    def _get(self, queue: str, start: int, length: int, request_id: str | None) -> list[Item]:
+        assert self._db is not None
+        if request_id is not None:
+            rows = self._db.execute(
+                "SELECT idx, body FROM items WHERE queue = ? AND request_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                (queue, request_id, start, length)).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT idx, body FROM items WHERE queue = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                (queue, start, length)).fetchall()
+        return [Item(idx, body) for idx, body in rows]
+
+    async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
+        return await self._run(self._get, queue, start_index, length, request_id)
+
+    def _stats(self, queue: str) -> QueueStats:
+        assert self._db is not None
+        row = self._db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
+        last, length = row or (0, 0)
+        first = self._db.execute("SELECT MIN(idx) FROM items WHERE queue = ?", (queue,)).fetchone()[0]
+        consumers = sum(1 for (q, _) in self._sessions if q == queue)
+        return QueueStats(length=length, first_index=first or 0, last_index=last, consumers=consumers)
+
+    async def stats(self, queue: str) -> QueueStats:
+        return await self._run(self._stats, queue)
+
+    def _position(self, queue: str, index: int) -> Position | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT owner, deadline, priority FROM items WHERE queue = ? AND idx = ?",
+                               (queue, index)).fetchone()
+        if row is None:
+            return None
+        owner, deadline, priority = row
+        if owner is not None and deadline >= time.time():
+            return Position(pending=True, waiting=0)
+        ahead = self._db.execute(
+            "SELECT COUNT(*) FROM items WHERE queue = ? AND owner IS NULL AND "
+            "(priority > ? OR (priority = ? AND idx < ?))", (queue, priority, priority, index)).fetchone()[0]
+        return Position(pending=False, waiting=ahead)
+
+    async def position(self, queue: str, index: int) -> Position | None:
+        return await self._run(self._position, queue, index)
+
+    def _exists(self, queue: str) -> bool:
+        assert self._db is not None
+        return self._db.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchone() is not None
+
+    async def exists(self, queue: str) -> bool:
+        return await self._run(self._exists, queue)
+
+    # -- removal --------------------------------------------------------------
+
+    def _delete_where(self, db: sqlite3.Connection, queue: str, indexes: list[int]) -> int:
+        removed = 0
+        for start in range(0, len(indexes), _CHUNK):
+            chunk = indexes[start:start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            removed += db.execute(f"DELETE FROM items WHERE queue = ? AND idx IN ({marks})",
+                                  (queue, *chunk)).rowcount
+        if removed:
+            db.execute("UPDATE queues SET length = length - ? WHERE name = ?", (removed, queue))
+        return removed
+
+    def _remove(self, queue: str, indexes: list[int]) -> int:
+        db = self._tx()
+        try:
+            removed = self._delete_where(db, queue, indexes)
+            db.execute("COMMIT")
+            return removed
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def remove(self, queue: str, indexes: list[int]) -> int:
+        removed = await self._run(self._remove, queue, indexes)
+        self._notifier.notify(queue)
+        return removed
+
+    def _truncate(self, queue: str, below: int) -> int:
+        db = self._tx()
+        try:
+            removed = db.execute("DELETE FROM items WHERE queue = ? AND idx < ?", (queue, below)).rowcount
+            if removed:
+                db.execute("UPDATE queues SET length = length - ? WHERE name = ?", (removed, queue))
+            db.execute("COMMIT")
+            return removed
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def truncate(self, queue: str, below_index: int) -> int:
+        removed = await self._run(self._truncate, queue, below_index)
+        self._notifier.notify(queue)
+        return removed
+
+    # -- consumers ------------------------------------------------------------
+
+    def _check(self, queue: str, consumer: str, session: str) -> None:
+        if self._sessions.get((queue, consumer)) != session:
+            raise Superseded(f"consumer {consumer!r} reconnected")
+
+    def _open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
+        assert self._db is not None
+        self._sessions[(queue, consumer)] = session
+        self._db.execute("UPDATE items SET deadline = ? WHERE queue = ? AND owner = ?",
+                         (time.time() + lease_s, queue, consumer))
+        rows = self._db.execute("SELECT idx, body FROM items WHERE queue = ? AND owner = ? ORDER BY idx",
+                                (queue, consumer)).fetchall()
+        return [Item(idx, body) for idx, body in rows]
+
+    async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
+        return await self._run(self._open_session, queue, consumer, session, lease_s)
+
+    def _claim(self, queue: str, consumer: str, session: str, window: int, min_index: int,
+               auto_commit: bool, lease_s: float) -> list[Item]:
+        self._check(queue, consumer, session)
+        now = time.time()
+        db = self._tx()
+        try:
+            db.execute("UPDATE items SET owner = NULL, deadline = NULL "
+                       "WHERE queue = ? AND owner IS NOT NULL AND deadline < ?", (queue, now))
+            need = window
+            if not auto_commit:
+                need -= db.execute("SELECT COUNT(*) FROM items WHERE queue = ? AND owner = ?",
+                                   (queue, consumer)).fetchone()[0]
+            items: list[Item] = []
+            if need > 0:
+                rows = db.execute(
+                    "SELECT idx, body FROM items WHERE queue = ? AND owner IS NULL AND idx >= ? "
+                    "ORDER BY priority DESC, idx LIMIT ?", (queue, min_index, need)).fetchall()
+                items = [Item(idx, body) for idx, body in rows]
+                if items and auto_commit:
+                    self._delete_where(db, queue, [item.index for item in items])
+                elif items:
+                    marks = ",".join("?" * len(items))
+                    db.execute(f"UPDATE items SET owner = ?, deadline = ? WHERE queue = ? AND idx IN ({marks})",
+                               (consumer, now + lease_s, queue, *(item.index for item in items)))
+            db.execute("COMMIT")
+            return items
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
+                    auto_commit: bool, lease_s: float) -> list[Item]:
+        return await self._run(self._claim, queue, consumer, session, window, min_index, auto_commit, lease_s)
+
+    def _renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
+        assert self._db is not None
+        self._check(queue, consumer, session)
+        self._db.execute("UPDATE items SET deadline = ? WHERE queue = ? AND owner = ?",
+                         (time.time() + lease_s, queue, consumer))
+
+    async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
+        await self._run(self._renew, queue, consumer, session, lease_s)
+
+    def _release(self, queue: str, consumer: str, session: str) -> bool:
+        assert self._db is not None
+        if self._sessions.get((queue, consumer)) != session:
+            return False
+        del self._sessions[(queue, consumer)]
+        return self._db.execute("UPDATE items SET owner = NULL, deadline = NULL WHERE queue = ? AND owner = ?",
+                                (queue, consumer)).rowcount > 0
+
+    async def release(self, queue: str, consumer: str, session: str) -> None:
+        if await self._run(self._release, queue, consumer, session):
+            self._notifier.notify(queue)

@@ -1,0 +1,149 @@
+"""The queue store interface and what both stores share.
+
+A queue holds items under a monotonic index (1, 2, ...). An item is *ready*
+until a watcher claims it; then it is *pending* on that consumer with a
+deadline the consumer's live connection keeps pushing forward. A pending item
+whose deadline passed is ready again (its consumer vanished). Commit, delete
+and truncate remove items for good; an index is never reused.
+
+A consumer (``gid/uid``) has one live *session* at a time: a reconnecting
+watcher opens a new session, which takes over the old one's pending items
+(they are sent again) and makes the old connection's next claim fail with
+``Superseded`` — also across service processes on one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from .protocol import decode_frame, encode_frame
+
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+REQUEST_ID_TAG = "requestId"
+
+
+class QueueError(Exception):
+    """Root of the queue service's own errors."""
+
+
+class QueueFull(QueueError):
+    """A put was refused: the queue holds ``max_length`` items."""
+
+
+class Superseded(QueueError):
+    """The consumer opened a newer session (it reconnected); this one must stop."""
+
+
+class StoreUnavailable(QueueError):
+    """The backing store cannot be reached right now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored item; ``body`` is its ``DataFrameProto`` without the index field."""
+
+    index: int
+    body: bytes
+
+    def frame(self) -> bytes:
+        return encode_frame(self.index, self.body)
+
+    def decoded(self) -> tuple[dict[str, str], bytes, str]:
+        _, tags, data, message = decode_frame(self.body)
+        return tags, data, message
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    length: int
+    first_index: int  # 0 when empty
+    last_index: int  # the last index handed out (0 for a queue never written)
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an item stands: ``pending`` = being processed; ``waiting`` = ready items ahead of it."""
+
+    pending: bool
+    waiting: int
+
+
+class QueueStore(Protocol):
+    """What the server needs from a store. All methods are coroutines and never block the loop."""
+
+    backend: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        """Append an item and return its index; raises ``QueueFull`` (max_length 0 = unbounded)."""
+
+    async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
+        """Up to ``length`` items with index >= start_index, in index order (claimed or not)."""
+
+    async def remove(self, queue: str, indexes: list[int]) -> int:
+        """Commit/delete: drop these items for good; returns how many existed."""
+
+    async def truncate(self, queue: str, below_index: int) -> int:
+        """Drop every item with index < below_index."""
+
+    async def stats(self, queue: str) -> QueueStats: ...
+
+    async def position(self, queue: str, index: int) -> Position | None: ...
+
+    async def exists(self, queue: str) -> bool: ...
+
+    async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
+        """Make ``session`` the consumer's live one; returns its pending items (to send again)."""
+
+    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
+                    auto_commit: bool, lease_s: float) -> list[Item]:
+        """Hand the consumer up to ``window`` minus its pending count ready items (priority first).
+
+        With ``auto_commit`` the items are removed instead of becoming pending.
+        Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
+        """
+
+    async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
+        """Push the deadlines of the consumer's pending items; raises ``Superseded``."""
+
+    async def release(self, queue: str, consumer: str, session: str) -> None:
+        """The watcher left on purpose: its pending items are ready again now."""
+
+    def changes(self, queue: str) -> asyncio.Event:
+        """An event set at the queue's next change (put, removal, release). Take it *before* looking."""
+
+
+class Notifier:
+    """Per-queue wake-ups for waiting watchers and long-poll gets in this process."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def notify(self, queue: str) -> None:
+        event = self._events.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    def event(self, queue: str) -> asyncio.Event:
+        event = self._events.get(queue)
+        if event is None:
+            event = self._events[queue] = asyncio.Event()
+        return event
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """True if ``event`` was set within ``timeout_s``."""
+    if event.is_set():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+        return True
+    except TimeoutError:
+        return False

@@ -1,0 +1,103 @@
+"""The WebSocket watch: one binary ``DataFrameProto`` frame per item.
+
+The SDK reconnects at once after any error without closing the old socket,
+so progress lives in the store, not in the connection: a new connection
+opens a new session for its consumer (``gid/uid``), gets that consumer's
+pending items sent again, and the old connection's next store call fails
+with ``Superseded`` and it closes. A watcher that disappears keeps its
+pending items for ``pending_timeout_s``; then they go to other consumers.
+A watcher that closes the socket properly gives its pending items back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from aiohttp import WSMsgType, web
+
+from . import params
+from .protocol import encode_body, encode_frame
+from .settings import MAX_WINDOW, QueueSettings
+from .store import Item, QueueStore, StoreUnavailable, Superseded
+
+log = logging.getLogger("comfyserve.queue.watch")
+CLOSE_SUPERSEDED = 4001  # the consumer connected again; this socket is stale
+
+
+def _frame(item: Item, index_only: bool) -> bytes:
+    if not index_only:
+        return item.frame()
+    tags, _, message = item.decoded()
+    return encode_frame(item.index, encode_body(tags, b"", message))
+
+
+async def _read_until_closed(ws: web.WebSocketResponse, queue: str) -> bool:
+    """Drain client messages (pings are answered by aiohttp). True if the client closed cleanly."""
+    async for msg in ws:
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            log.debug("ignoring a %s message from a watcher of %s", msg.type.name, queue)
+        elif msg.type == WSMsgType.ERROR:
+            return False
+    return ws.close_code in (1000, 1001)
+
+
+async def watch(request: web.Request, queue: str, store: QueueStore, settings: QueueSettings) -> web.StreamResponse:
+    query = request.query
+    min_index = params.integer(query, "_index_", 0, low=0, high=2**63 - 1)
+    window = params.integer(query, "_window_", 1, low=1, high=MAX_WINDOW)
+    index_only = params.flag(query, "_index_only_")
+    auto_commit = params.flag(query, "_auto_commit_")
+    consumer = params.consumer_of(request) or f"anonymous/{uuid.uuid4()}"
+    session = uuid.uuid4().hex
+    lease_s, poll_s = settings.pending_timeout_s, settings.poll_interval_s
+
+    ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    reader = asyncio.create_task(_read_until_closed(ws, queue))
+    clean_close = False
+    try:
+        backlog = await store.open_session(queue, consumer, session, lease_s)
+        for item in backlog:
+            await ws.send_bytes(_frame(item, index_only))
+        renewed_at = time.monotonic()
+        while not ws.closed and not reader.done():
+            changed = store.changes(queue)
+            try:
+                items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
+                                          auto_commit=auto_commit, lease_s=lease_s)
+                if not items and time.monotonic() - renewed_at >= poll_s:
+                    await store.renew(queue, consumer, session, lease_s)
+                    renewed_at = time.monotonic()
+            except StoreUnavailable as exc:
+                log.warning("watch %s: store unavailable (%s); retrying", queue, exc)
+                items = []
+            for item in items:
+                await ws.send_bytes(_frame(item, index_only))
+            if items:
+                continue
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({waiter, reader}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        clean_close = reader.done() and not reader.cancelled() and reader.result()
+    except Superseded:
+        log.debug("watch %s: consumer %s reconnected; closing the old socket", queue, consumer)
+        await ws.close(code=CLOSE_SUPERSEDED, message=b"superseded by a newer connection")
+    except (ConnectionResetError, asyncio.CancelledError, StoreUnavailable) as exc:
+        log.debug("watch %s: %s gone (%r)", queue, consumer, exc)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    finally:
+        reader.cancel()
+        if clean_close:
+            try:
+                await store.release(queue, consumer, session)
+            except StoreUnavailable:
+                pass
+        if not ws.closed:
+            await ws.close()
+    return ws
