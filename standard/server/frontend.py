@@ -1,0 +1,163 @@
+"""The ComfyUI web UI at ``/``: the pinned ``comfyui-frontend-package`` plus our extension.
+
+    /                          index.html (never cached: it names the hashed bundles)
+    /assets/*-<hash>.js ...    cached for a year (the name changes with the content)
+    /user.css                  an empty sheet unless the frontend ships one (index.html links it)
+    /extensions/comfyserve/*   our extension (web_extension/: the restart button)
+    /extensions/<plugin>/*     a plugin's WEB_DIRECTORY, when the engine reports one
+    /templates/*               workflow templates: the comfyui-workflow-templates package
+                               when installed, else ours (web_templates/)
+    /docs/*                    comfyui-embedded-docs, when installed
+    /*                         any other file of the frontend package
+
+Registered last, so every API route wins over a file of the same name. With
+token auth on, the auth middleware sends a browser to /login first; the
+session cookie then covers the page, its assets and its API calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import re
+from pathlib import Path
+
+from aiohttp import web
+
+from ..errors import PathOutsideRoot
+from ..paths import resolve_inside
+from .internal import OWN_EXTENSION_DIR, OWN_EXTENSION_NAME, plugin_web_dirs
+
+OWN_TEMPLATES_DIR = Path(__file__).resolve().parent / "web_templates"
+IMMUTABLE = "public, max-age=31536000, immutable"
+NO_CACHE = "no-cache"
+# Vite's content hash in asset names: index-B2rHQ9Sn.js, api-BA-sjSl5.js.
+HASHED_NAME = re.compile(r"-[A-Za-z0-9_-]{8}\.[a-z0-9]+$")
+CONTENT_TYPES = {
+    ".js": "application/javascript; charset=utf-8",
+    ".mjs": "application/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".wasm": "application/wasm",
+    ".svg": "image/svg+xml",
+    ".webp": "image/webp",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".ttf": "font/ttf",
+    ".ico": "image/x-icon",
+    ".html": "text/html; charset=utf-8",
+}
+
+
+def _package_dir(module: str, *parts: str) -> Path | None:
+    """A folder inside an installed package, located without importing the package."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location, *parts)
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+@functools.cache
+def frontend_root() -> Path | None:
+    """The static folder of the pinned comfyui-frontend-package, or None when it is missing."""
+    return _package_dir("comfyui_frontend_package", "static")
+
+
+@functools.cache
+def templates_root() -> Path:
+    return _package_dir("comfyui_workflow_templates", "templates") or OWN_TEMPLATES_DIR
+
+
+@functools.cache
+def docs_root() -> Path | None:
+    return _package_dir("comfyui_embedded_docs", "docs")
+
+
+def cache_control(relative: str) -> str:
+    """Hashed bundles never change under their name; everything else is revalidated."""
+    if relative.startswith("assets/") and HASHED_NAME.search(relative):
+        return IMMUTABLE
+    return NO_CACHE
+
+
+async def _file_response(root: Path | None, relative: str, *, cache: str | None = None) -> web.StreamResponse:
+    """``root/relative`` if it is a file inside ``root``, else 404."""
+    if root is None or not relative:
+        raise web.HTTPNotFound()
+    try:
+        path = resolve_inside(root, relative)
+    except PathOutsideRoot:
+        raise web.HTTPNotFound() from None
+    if not await asyncio.to_thread(path.is_file):
+        raise web.HTTPNotFound()
+    headers = {"Cache-Control": cache or cache_control(relative)}
+    content_type = CONTENT_TYPES.get(path.suffix.lower())
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return web.FileResponse(path, headers=headers)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    root = frontend_root()
+    if root is None:
+        return web.json_response(
+            {"error": {"type": "frontend_missing", "message": "comfyui-frontend-package is not installed",
+                       "details": "pip install comfyui-frontend-package==1.58.1", "extra_info": {}}},
+            status=404,
+        )
+    response = await _file_response(root, "index.html")
+    response.headers.update({"Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "0"})
+    return response
+
+
+async def user_css(request: web.Request) -> web.StreamResponse:
+    root = frontend_root()
+    if root is not None and (root / "user.css").is_file():
+        return await _file_response(root, "user.css")
+    return web.Response(body=b"", content_type="text/css", headers={"Cache-Control": NO_CACHE})
+
+
+async def extension_file(request: web.Request) -> web.StreamResponse:
+    name, relative = request.match_info["name"], request.match_info["path"]
+    if name == OWN_EXTENSION_NAME:
+        return await _file_response(OWN_EXTENSION_DIR, relative, cache=NO_CACHE)
+    directory = plugin_web_dirs(request.app).get(name)
+    if directory is None:
+        # The frontend's own extensions/core/*.js live in its static folder.
+        return await _file_response(frontend_root(), f"extensions/{name}/{relative}", cache=NO_CACHE)
+    return await _file_response(directory, relative, cache=NO_CACHE)
+
+
+async def template_file(request: web.Request) -> web.StreamResponse:
+    return await _file_response(templates_root(), request.match_info["path"], cache=NO_CACHE)
+
+
+async def docs_file(request: web.Request) -> web.StreamResponse:
+    relative = request.match_info["path"] or "index.html"
+    return await _file_response(docs_root(), relative, cache=NO_CACHE)
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    return await _file_response(frontend_root(), request.match_info["path"])
+
+
+def setup_frontend(app: web.Application) -> None:
+    """Serve the web UI; call after every API route so those win."""
+    app.router.add_routes([
+        web.get("/", index),
+        web.get("/index.html", index),
+        web.get("/user.css", user_css),
+        web.get("/extensions/{name}/{path:.+}", extension_file),
+        web.get("/templates/{path:.+}", template_file),
+        web.get("/docs/{path:.*}", docs_file),
+        web.get("/{path:.+}", static_file),
+    ])
