@@ -26,7 +26,7 @@ async def test_models_and_embeddings_list_the_data_dir(instance, data_dir: Path)
     assert await (await client.get("/models/configs")).json() == ["v1.yaml"]
     assert await (await client.get("/models/clip")).json() == ["t5.safetensors"]  # ComfyUI's legacy name
     assert (await client.get("/models/nope")).status == 404
-    assert (await client.get("/models/..")).status == 404
+    assert (await client.get("/models/.git")).status == 404
     assert await (await client.get("/embeddings")).json() == ["easyneg"]
 
 

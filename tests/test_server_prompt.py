@@ -102,8 +102,9 @@ async def test_unknown_node_missing_input_and_cycle_are_refused(instance) -> Non
     resp = await client.post("/prompt", json={"prompt": unknown})
     assert resp.status == 400
     body = await resp.json()
-    assert body["error"]["type"] == "invalid_prompt"
-    assert "KSampler" in body["error"]["message"]
+    assert body["error"]["type"] == "missing_node_type"  # ComfyUI's type for a node it does not have
+    assert "KSampler" in body["error"]["message"] and "--comfyui-dir" in body["error"]["message"]
+    assert body["error"]["extra_info"]["class_type"] == "KSampler"
 
     missing = tiny_graph()
     del missing["1"]["inputs"]["width"]
@@ -136,7 +137,8 @@ async def test_queue_order_front_number_delete_and_clear(instance, data_dir: Pat
     client = await instance()
     ws = await _connect(client, "q")
     first = await _submit(client, gated_graph("g-a", "a"), client_id="q")
-    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    early = await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    assert [ev["data"]["prompt_id"] for ev in early if ev["type"] == "execution_start"] == [first["prompt_id"]]
     b = await _submit(client, tiny_graph("b"), client_id="q")
     c = await _submit(client, tiny_graph("c"), client_id="q", front=True)
     d = await _submit(client, tiny_graph("d"), client_id="q", number=1.5)
@@ -157,7 +159,7 @@ async def test_queue_order_front_number_delete_and_clear(instance, data_dir: Pat
     await client.post("/queue", json={"delete": [first["prompt_id"]]})
 
     open_gate(data_dir, "g-a")
-    started = []
+    started = [first["prompt_id"]]
     for expected in (first, c, d, e):
         events = await events_until(ws, is_done(expected["prompt_id"]))
         started += [ev["data"]["prompt_id"] for ev in events if ev["type"] == "execution_start"]

@@ -39,16 +39,17 @@ def _prompt_id(json_data: dict[str, Any]) -> str:
     return prompt_id
 
 
-def _number(json_data: dict[str, Any], server: PromptServer) -> float | int:
-    if "number" in json_data:
-        raw = json_data["number"]
-        if isinstance(raw, bool):
-            raise _invalid("number must be a number", repr(raw))
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise _invalid("number must be a number", repr(raw)[:80]) from None
-    return server.next_number(bool(json_data.get("front")))
+def _explicit_number(json_data: dict[str, Any]) -> float | None:
+    """The request's own ``number`` (checked before validation), or None."""
+    if "number" not in json_data:
+        return None
+    raw = json_data["number"]
+    if isinstance(raw, bool):
+        raise _invalid("number must be a number", repr(raw))
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise _invalid("number must be a number", repr(raw)[:80]) from None
 
 
 @routes.post("/prompt")
@@ -76,6 +77,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
         raise _invalid("partial_execution_targets must be a list of node ids")
     prompt_id = _prompt_id(json_data)
+    explicit_number = _explicit_number(json_data)
     if server.queue.contains(prompt_id):
         raise _invalid(f"prompt_id {prompt_id} is already queued or running")
     if not server.ready:
@@ -89,7 +91,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         server.metrics.rejected_total += 1
         log.warning("invalid prompt: %s", error)
         return web.json_response({"error": error, "node_errors": node_errors}, status=400)
-    number = _number(json_data, server)
+    number = explicit_number if explicit_number is not None else server.next_number(bool(json_data.get("front")))
     extra_data = dict(extra_data)
     if client_id is not None:
         extra_data["client_id"] = client_id
