@@ -131,6 +131,11 @@ class Notifier:
         if event is not None:
             event.set()
 
+    def notify_all(self) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
+
     def event(self, queue: str) -> asyncio.Event:
         event = self._events.get(queue)
         if event is None:

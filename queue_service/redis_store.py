@@ -1,0 +1,345 @@
+"""The Redis store: every state change is one Lua script, so several service processes stay consistent.
+
+Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
+
+    seq              last index handed out (INCR)
+    body   HASH      index -> the item's DataFrameProto without its index
+    all    ZSET      index (score index): every live item, for get/truncate/first entry
+    ready  ZSET      index, score index (priority items: index - 2^50, so they sort first)
+    prio   SET       indexes of priority items
+    pend   ZSET      index, score = lease deadline (ms)
+    owner  HASH      index -> consumer
+    pc:<consumer> ZSET  that consumer's pending indexes
+    sess   HASH      consumer -> live session id
+    rid    HASH      index -> requestId;  byrid HASH requestId -> index
+
+Changes are PUBLISHed on ``cqs:changes`` (payload: the queue name) so watchers
+in every process wake up; pending items whose deadline passed are made ready
+again inside the claim script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from .store import Item, Notifier, Position, QueueFull, QueueStats, StoreUnavailable, Superseded
+
+log = logging.getLogger("comfyserve.queue.redis")
+T = TypeVar("T")
+CHANNEL = "cqs:changes"
+_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError,
+                OSError)
+
+_LIB = """
+local BIG = 1125899906842624
+local function int(x) return string.format('%d', x) end
+local function score_of(P, i)
+  if redis.call('SISMEMBER', P..'prio', i) == 1 then return tonumber(i) - BIG end
+  return tonumber(i)
+end
+local function unown(P, i)
+  local o = redis.call('HGET', P..'owner', i)
+  if o then
+    redis.call('HDEL', P..'owner', i)
+    redis.call('ZREM', P..'pc:'..o, i)
+  end
+  redis.call('ZREM', P..'pend', i)
+end
+local function requeue(P, i)
+  unown(P, i)
+  redis.call('ZADD', P..'ready', score_of(P, i), i)
+end
+local function drop(P, i)
+  if redis.call('HDEL', P..'body', i) == 0 then return 0 end
+  local rid = redis.call('HGET', P..'rid', i)
+  if rid then
+    redis.call('HDEL', P..'rid', i)
+    if redis.call('HGET', P..'byrid', rid) == i then redis.call('HDEL', P..'byrid', rid) end
+  end
+  redis.call('ZREM', P..'all', i)
+  redis.call('ZREM', P..'ready', i)
+  redis.call('SREM', P..'prio', i)
+  unown(P, i)
+  return 1
+end
+"""
+
+PUT = _LIB + """
+local P = ARGV[1]
+local maxlen = tonumber(ARGV[2])
+if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
+local idx = redis.call('INCR', P..'seq')
+local i = tostring(idx)
+redis.call('HSET', P..'body', i, ARGV[5])
+redis.call('HSET', P..'rid', i, ARGV[4])
+redis.call('HSET', P..'byrid', ARGV[4], i)
+redis.call('ZADD', P..'all', idx, i)
+if ARGV[3] == '1' then redis.call('SADD', P..'prio', i) end
+redis.call('ZADD', P..'ready', score_of(P, i), i)
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return idx
+"""
+
+REMOVE = _LIB + """
+local P = ARGV[1]
+local n = 0
+for k = 4, #ARGV do n = n + drop(P, ARGV[k]) end
+if n > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return n
+"""
+
+TRUNCATE = _LIB + """
+local P = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', P..'all', '-inf', '(' .. ARGV[4])
+for _, i in ipairs(ids) do drop(P, i) end
+if #ids > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return #ids
+"""
+
+POSITION = _LIB + """
+local P = ARGV[1]
+local i = ARGV[2]
+if redis.call('HEXISTS', P..'body', i) == 0 then return -1 end
+local deadline = redis.call('ZSCORE', P..'pend', i)
+if deadline and tonumber(deadline) >= tonumber(ARGV[3]) then return -2 end
+return redis.call('ZCOUNT', P..'ready', '-inf', '(' .. int(score_of(P, i)))
+"""
+
+OPEN_SESSION = _LIB + """
+local P, c = ARGV[1], ARGV[2]
+redis.call('HSET', P..'sess', c, ARGV[3])
+local ids = redis.call('ZRANGE', P..'pc:'..c, 0, -1)
+local out = {}
+for _, i in ipairs(ids) do
+  redis.call('ZADD', P..'pend', 'XX', ARGV[4], i)
+  out[#out + 1] = i
+  out[#out + 1] = redis.call('HGET', P..'body', i)
+end
+return out
+"""
+
+CLAIM = _LIB + """
+local P, c = ARGV[1], ARGV[2]
+if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return {-1} end
+local window, min_index, auto, now, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
+for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'pend', '-inf', '(' .. int(now), 'LIMIT', 0, 1000)) do
+  requeue(P, i)
+end
+local need = window
+if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
+if need <= 0 then return {0} end
+local ids = redis.call('ZRANGEBYSCORE', P..'ready', min_index - BIG, '(0', 'LIMIT', 0, need)
+if #ids < need then
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'ready', min_index, '+inf', 'LIMIT', 0, need - #ids)) do
+    ids[#ids + 1] = i
+  end
+end
+local out = {1}
+for _, i in ipairs(ids) do
+  out[#out + 1] = i
+  out[#out + 1] = redis.call('HGET', P..'body', i)
+  if auto then
+    drop(P, i)
+  else
+    redis.call('ZREM', P..'ready', i)
+    redis.call('ZADD', P..'pend', now + lease, i)
+    redis.call('HSET', P..'owner', i, c)
+    redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
+  end
+end
+return out
+"""
+
+RENEW = _LIB + """
+local P, c = ARGV[1], ARGV[2]
+if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return -1 end
+for _, i in ipairs(redis.call('ZRANGE', P..'pc:'..c, 0, -1)) do
+  redis.call('ZADD', P..'pend', 'XX', ARGV[4], i)
+end
+return 0
+"""
+
+RELEASE = _LIB + """
+local P, c = ARGV[1], ARGV[2]
+if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return 0 end
+redis.call('HDEL', P..'sess', c)
+local ids = redis.call('ZRANGE', P..'pc:'..c, 0, -1)
+for _, i in ipairs(ids) do requeue(P, i) end
+if #ids > 0 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return #ids
+"""
+
+
+def _prefix(queue: str) -> str:
+    return f"cqs:{{{queue}}}:"
+
+
+def _items(flat: list[Any]) -> list[Item]:
+    return [Item(int(flat[k]), flat[k + 1] or b"") for k in range(0, len(flat), 2)]
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._redis: aioredis.Redis | None = None
+        self._notifier = Notifier()
+        self._listener: asyncio.Task[None] | None = None
+        self._scripts: dict[str, Any] = {}
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def _script(self, name: str) -> Any:
+        return self._scripts[name]
+
+    async def open(self) -> None:
+        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=10)
+        for name, source in (("put", PUT), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
+                             ("open_session", OPEN_SESSION), ("claim", CLAIM), ("renew", RENEW),
+                             ("release", RELEASE)):
+            self._scripts[name] = self._redis.register_script(source)
+        await self._call(self._redis.ping)
+        self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except asyncio.CancelledError:
+                pass
+            self._listener = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _listen(self) -> None:
+        """Relay change notices from every process to this process's waiters; survive restarts."""
+        assert self._redis is not None
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self._notifier.notify_all()  # we may have missed notices while disconnected
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._notifier.notify(message["data"].decode())
+            except _UNAVAILABLE as exc:
+                log.warning("redis pub/sub lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.2)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # noqa: BLE001 - the connection is gone anyway
+                    pass
+
+    def changes(self, queue: str) -> asyncio.Event:
+        return self._notifier.event(queue)
+
+    # -- producers and readers -------------------------------------------------
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        index = await self._call(lambda: self._script("put")(
+            args=[_prefix(queue), max_length, "1" if priority else "0", request_id, body, CHANNEL, queue]))
+        if index < 0:
+            raise QueueFull(f"queue {queue!r} is full ({max_length} items)")
+        self._notifier.notify(queue)
+        return int(index)
+
+    async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
+        assert self._redis is not None
+        r, p = self._redis, _prefix(queue)
+
+        async def run() -> list[Item]:
+            if request_id is not None:
+                found = await r.hget(p + "byrid", request_id)
+                ids = [found] if found is not None and int(found) >= start_index else []
+            else:
+                ids = await r.zrangebyscore(p + "all", start_index, "+inf", start=0, num=length)
+            if not ids:
+                return []
+            bodies = await r.hmget(p + "body", ids)
+            return [Item(int(i), b) for i, b in zip(ids, bodies) if b is not None]
+
+        return await self._call(run)
+
+    async def stats(self, queue: str) -> QueueStats:
+        assert self._redis is not None
+        p = self._redis.pipeline(transaction=True)
+        p.hlen(_prefix(queue) + "body").get(_prefix(queue) + "seq")
+        p.zrange(_prefix(queue) + "all", 0, 0).hlen(_prefix(queue) + "sess")
+        length, last, first, consumers = await self._call(p.execute)
+        return QueueStats(length=int(length), first_index=int(first[0]) if first else 0,
+                          last_index=int(last or 0), consumers=int(consumers))
+
+    async def position(self, queue: str, index: int) -> Position | None:
+        result = await self._call(lambda: self._script("position")(
+            args=[_prefix(queue), index, int(time.time() * 1000)]))
+        if result == -1:
+            return None
+        if result == -2:
+            return Position(pending=True, waiting=0)
+        return Position(pending=False, waiting=int(result))
+
+    async def exists(self, queue: str) -> bool:
+        assert self._redis is not None
+        return bool(await self._call(lambda: self._redis.exists(_prefix(queue) + "seq")))  # type: ignore[union-attr]
+
+    # -- removal ------------------------------------------------------------------
+
+    async def remove(self, queue: str, indexes: list[int]) -> int:
+        removed = await self._call(lambda: self._script("remove")(
+            args=[_prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
+        self._notifier.notify(queue)
+        return int(removed)
+
+    async def truncate(self, queue: str, below_index: int) -> int:
+        removed = await self._call(lambda: self._script("truncate")(
+            args=[_prefix(queue), CHANNEL, queue, below_index]))
+        self._notifier.notify(queue)
+        return int(removed)
+
+    # -- consumers ------------------------------------------------------------------
+
+    async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
+        deadline = int((time.time() + lease_s) * 1000)
+        flat = await self._call(lambda: self._script("open_session")(
+            args=[_prefix(queue), consumer, session, deadline]))
+        return _items(flat)
+
+    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
+                    auto_commit: bool, lease_s: float) -> list[Item]:
+        flat = await self._call(lambda: self._script("claim")(args=[
+            _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
+            int(time.time() * 1000), int(lease_s * 1000)]))
+        if flat[0] == -1:
+            raise Superseded(f"consumer {consumer!r} reconnected")
+        items = _items(flat[1:])
+        if items and auto_commit:
+            self._notifier.notify(queue)
+        return items
+
+    async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
+        deadline = int((time.time() + lease_s) * 1000)
+        result = await self._call(lambda: self._script("renew")(
+            args=[_prefix(queue), consumer, session, deadline]))
+        if result == -1:
+            raise Superseded(f"consumer {consumer!r} reconnected")
+
+    async def release(self, queue: str, consumer: str, session: str) -> None:
+        released = await self._call(lambda: self._script("release")(
+            args=[_prefix(queue), consumer, session, CHANNEL, queue]))
+        if released:
+            self._notifier.notify(queue)
