@@ -1,0 +1,196 @@
+"""The real ComfyUI frontend in a real browser against a real instance (Chromium via Playwright).
+
+Each test starts ``comfyserve standard --token T`` on a fresh data dir, logs in
+through /login like a person would, and fails on any 4xx/5xx the page gets.
+Requests to anything but the instance are cut off, so the test is offline.
+Skipped only when /usr/bin/chromium is missing (scripts/setup.sh --test installs it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from PIL import Image
+from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "browser-test-token"
+LOAD_TIMEOUT_MS = 30_000
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
+    requires_engine,
+]
+
+
+@dataclass
+class Instance:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        """A call to the instance from the test itself (not the page), with the token."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Authorization": f"Bearer {TOKEN}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.fixture
+def instance(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Instance]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "custom_nodes").mkdir()
+    install_gate_plugin(data_dir)
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN],
+        env=cli_env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc)
+    try:
+        wait_for_port(port, timeout_s=20, proc=proc)
+        deadline = time.monotonic() + 20
+        while server.api("GET", "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "instance never became ready"
+            time.sleep(0.05)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@dataclass
+class Session:
+    page: object
+    bad: list[tuple[int, str, str]] = field(default_factory=list)
+    allowed: set[tuple[int, str, str]] = field(default_factory=set)
+
+    def unexpected(self) -> list[tuple[int, str, str]]:
+        return [entry for entry in self.bad if (entry[0], entry[1], entry[2].split("?")[0]) not in self.allowed]
+
+
+@pytest.fixture
+def browser_session(instance: Instance) -> Iterator[Session]:
+    """A page logged in with the token that has loaded the web UI completely."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            context.route(lambda url: not url.startswith(instance.url + "/"), lambda route: route.abort())
+            page = context.new_page()
+            session = Session(page)
+            page.on("response", lambda r: r.status >= 400 and session.bad.append(
+                (r.status, r.request.method, r.url)))
+            page.goto(instance.url + "/")
+            assert "/login" in page.url, "the web UI must ask for the token first"
+            page.fill("input[name=token]", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_function(
+                "() => !!(window.app && window.app.graph && window.LiteGraph"
+                " && window.LiteGraph.registered_node_types['EmptyImage'])",
+                timeout=LOAD_TIMEOUT_MS,
+            )
+            yield session
+            assert session.unexpected() == [], f"the page got error responses: {session.unexpected()}"
+        finally:
+            browser.close()
+
+
+def test_web_ui_lists_the_engine_nodes_and_runs_a_workflow(instance: Instance, browser_session: Session) -> None:
+    page = browser_session.page
+    status, object_info = instance.api("GET", "/object_info")
+    assert status == 200
+    registered = set(page.evaluate("Object.keys(LiteGraph.registered_node_types)"))
+    assert set(object_info) <= registered
+    assert "KSampler" not in registered
+    assert page.evaluate("!!document.querySelector('button[aria-label=\"Restart server\"]')")
+
+    # A fresh data dir opens the template browser; ours runs without model weights.
+    page.get_by_text("Empty image").first.click(timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_function("() => app.graph.nodes.length === 2")
+    assert sorted(page.evaluate("app.graph.nodes.map(n => n.type)")) == ["EmptyImage", "SaveImage"]
+
+    page.click("[data-testid=queue-button]")
+    deadline = time.monotonic() + 20
+    output = instance.data_dir / "output" / "ComfyUI_00001_.png"
+    while not output.exists():
+        assert time.monotonic() < deadline, "the queued workflow never wrote its image"
+        time.sleep(0.05)
+
+    page.click("[data-testid=queue-overlay-toggle]")
+    image = page.locator("img[src*='/view?filename=ComfyUI_00001_.png']").first
+    image.wait_for(state="visible", timeout=LOAD_TIMEOUT_MS)
+    src = image.get_attribute("src")
+    fetched = page.request.get(src if src.startswith("http") else instance.url + src)
+    assert fetched.status == 200
+    with Image.open(io.BytesIO(fetched.body())) as png:
+        assert png.size == (512, 512)
+    assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 0
+
+    # The node search offers the engine's nodes: add one by typing its name.
+    page.keyboard.press("Escape")
+    page.mouse.dblclick(300, 650)
+    page.keyboard.type("ImageInvert")
+    page.get_by_text("Invert Image").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'ImageInvert')")
+
+
+def test_restart_button_reloads_and_reports(instance: Instance, browser_session: Session) -> None:
+    page = browser_session.page
+    # Close the template browser a fresh data dir opens with.
+    page.get_by_text("Empty image").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.keyboard.press("Escape")
+    page.locator("[data-testid=dialog-overlay]").wait_for(state="detached", timeout=LOAD_TIMEOUT_MS)
+    button = page.locator("button[aria-label='Restart server']")
+    button.click()
+    page.get_by_text("Server restarted").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    result = page.evaluate("window.comfyserveLastRestart")
+    assert result["ok"] and result["status"] == 200
+    assert result["body"]["restarted"] is True and result["body"]["ready"] is True
+    assert result["body"]["nodes"] == len(instance.api("GET", "/object_info")[1])
+
+    # While a prompt runs the server refuses (409) and the button says so.
+    status, queued = instance.api("POST", "/prompt", {"prompt": gated_graph("gate-1", "gated")})
+    assert status == 200, queued
+    deadline = time.monotonic() + 20
+    while not instance.api("GET", "/queue")[1]["queue_running"]:
+        assert time.monotonic() < deadline, "the gated prompt never started"
+        time.sleep(0.02)
+    browser_session.allowed.add((409, "POST", instance.url + "/api/restart"))
+    page.evaluate("window.comfyserveLastRestart = null")
+    button.click()
+    page.get_by_text("Restart refused").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    assert page.evaluate("window.comfyserveLastRestart.status") == 409
+    open_gate(instance.data_dir, "gate-1")
+    deadline = time.monotonic() + 20
+    while queued["prompt_id"] not in instance.api("GET", f"/history/{queued['prompt_id']}")[1]:
+        assert time.monotonic() < deadline, "the gated prompt never finished"
+        time.sleep(0.05)
