@@ -40,13 +40,15 @@ class Instance:
     url: str
     data_dir: Path
     proc: subprocess.Popen
+    token: str | None
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
         """A call to the instance from the test itself (not the page), with the token."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Authorization": f"Bearer {TOKEN}",
-                                                  "Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  **({"Authorization": f"Bearer {self.token}"}
+                                                     if self.token else {})})
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
@@ -55,18 +57,23 @@ class Instance:
 
 
 @pytest.fixture
-def instance(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Instance]:
+def token() -> str | None:
+    """Token auth on, unless a test overrides this fixture."""
+    return TOKEN
+
+
+@pytest.fixture
+def instance(tmp_path: Path, cli_env: dict[str, str], token: str | None) -> Iterator[Instance]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "custom_nodes").mkdir()
     install_gate_plugin(data_dir)
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN],
-        env=cli_env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc)
+    command = ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port)]
+    proc = subprocess.Popen(command + (["--token", token] if token else []),
+                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
     try:
         wait_for_port(port, timeout_s=20, proc=proc)
         deadline = time.monotonic() + 20
@@ -96,7 +103,7 @@ class Session:
 
 @pytest.fixture
 def browser_session(instance: Instance) -> Iterator[Session]:
-    """A page logged in with the token that has loaded the web UI completely."""
+    """A page (logged in with the token, if any) that has loaded the web UI completely."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -109,9 +116,10 @@ def browser_session(instance: Instance) -> Iterator[Session]:
             page.on("response", lambda r: r.status >= 400 and session.bad.append(
                 (r.status, r.request.method, r.url)))
             page.goto(instance.url + "/")
-            assert "/login" in page.url, "the web UI must ask for the token first"
-            page.fill("input[name=token]", TOKEN)
-            page.click("button[type=submit]")
+            if instance.token is not None:
+                assert "/login" in page.url, "the web UI must ask for the token first"
+                page.fill("input[name=token]", instance.token)
+                page.click("button[type=submit]")
             page.wait_for_function(
                 "() => !!(window.app && window.app.graph && window.LiteGraph"
                 " && window.LiteGraph.registered_node_types['EmptyImage'])",
@@ -172,6 +180,7 @@ def test_restart_button_reloads_and_reports(instance: Instance, browser_session:
     button = page.locator("button[aria-label='Restart server']")
     button.click()
     page.get_by_text("Server restarted").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_function("() => !!window.comfyserveLastRestart")
     result = page.evaluate("window.comfyserveLastRestart")
     assert result["ok"] and result["status"] == 200
     assert result["body"]["restarted"] is True and result["body"]["ready"] is True
@@ -194,3 +203,20 @@ def test_restart_button_reloads_and_reports(instance: Instance, browser_session:
     while queued["prompt_id"] not in instance.api("GET", f"/history/{queued['prompt_id']}")[1]:
         assert time.monotonic() < deadline, "the gated prompt never finished"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("token", [None])
+def test_web_ui_without_token_on_loopback(instance: Instance, browser_session: Session) -> None:
+    """No token: loopback only, no login page; the app's own JS API queues a workflow."""
+    page = browser_session.page
+    assert "/login" not in page.url
+    page.evaluate("""async () => {
+        const response = await fetch('/templates/comfyserve_empty_image.json');
+        await app.loadGraphData(await response.json());
+        app.graph.nodes.find(n => n.type === 'SaveImage').widgets[0].value = 'nologin';
+        await app.queuePrompt(0, 1);
+    }""")
+    page.wait_for_function("() => !!(app.nodeOutputs && Object.values(app.nodeOutputs).some("
+                           "o => (o.images || []).some(i => i.filename === 'nologin_00001_.png')))",
+                           timeout=LOAD_TIMEOUT_MS)
+    assert (instance.data_dir / "output" / "nologin_00001_.png").is_file()

@@ -198,3 +198,19 @@ async def test_frontend_needs_login_with_token(instance) -> None:
     assert resp.status == 200 and "vue-app" in await resp.text()
     assert (await client.get("/extensions/comfyserve/restart.js")).status == 200
     assert (await client.get("/api/extensions")).status == 200
+
+
+async def test_plugin_web_directory_is_listed_and_served(instance, data_dir: Path) -> None:
+    plugin = data_dir / "custom_nodes" / "web pack"
+    (plugin / "js" / "sub").mkdir(parents=True)
+    (plugin / "__init__.py").write_text('NODE_CLASS_MAPPINGS = {}\nWEB_DIRECTORY = "./js"\n')
+    (plugin / "js" / "sub" / "widget.js").write_text("export const x = 1;\n")
+    (plugin / "secret.py").write_text("TOKEN = 1\n")
+    client = await instance()
+    urls = await (await client.get("/api/extensions")).json()
+    assert "/extensions/web%20pack/sub/widget.js" in urls
+    resp = await client.get("/extensions/web%20pack/sub/widget.js")
+    assert resp.status == 200 and await resp.text() == "export const x = 1;\n"
+    assert resp.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert (await client.get("/extensions/web%20pack/..%2Fsecret.py")).status == 404
+    assert (await client.get("/extensions/web%20pack/..%2F__init__.py")).status == 404

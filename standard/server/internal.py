@@ -23,6 +23,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -332,7 +333,7 @@ def extension_urls(web_root: Path | None, plugin_web_dirs: dict[str, Path]) -> l
     dirs = {OWN_EXTENSION_NAME: OWN_EXTENSION_DIR, **plugin_web_dirs}
     for name, directory in dirs.items():
         if directory.is_dir():
-            urls += sorted(f"/extensions/{name}/" + p.relative_to(directory).as_posix()
+            urls += sorted(f"/extensions/{quote(name)}/" + p.relative_to(directory).as_posix()
                            for p in directory.rglob("*.js"))
     return urls
 
@@ -340,8 +341,8 @@ def extension_urls(web_root: Path | None, plugin_web_dirs: dict[str, Path]) -> l
 def plugin_web_dirs(app: web.Application) -> dict[str, Path]:
     """Plugins' ``WEB_DIRECTORY`` folders, when the engine reports them."""
     registry = app[keys.PROMPT_SERVER].registry
-    dirs = getattr(registry, "extension_web_dirs", None) or {}
-    return {str(name): Path(path) for name, path in dict(dirs).items()}
+    dirs = getattr(registry, "web_directories", None) or {}
+    return {str(name): Path(path) for name, path in dict(dirs).items() if name != OWN_EXTENSION_NAME}
 
 
 @routes.get("/extensions")

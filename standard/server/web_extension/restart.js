@@ -26,25 +26,29 @@ async function describeFailure(response) {
   }
 }
 
-export async function restartServer() {
-  let result;
+async function requestRestart() {
   try {
     const response = await api.fetchApi("/restart", { method: "POST" });
     if (response.ok) {
-      const body = await response.json();
-      result = { ok: true, status: response.status, body };
-      report("success", "Server restarted", "Models and plugins were reloaded.");
-      await app.extensionManager?.command?.execute?.("Comfy.RefreshNodeDefinitions");
-    } else {
-      const message = await describeFailure(response);
-      result = { ok: false, status: response.status, message };
-      report(response.status === 409 ? "warn" : "error", "Restart refused", message);
+      return { ok: true, status: response.status, body: await response.json() };
     }
+    return { ok: false, status: response.status, message: await describeFailure(response) };
   } catch (error) {
-    result = { ok: false, status: 0, message: String(error) };
-    report("error", "Restart failed", String(error));
+    return { ok: false, status: 0, message: String(error) };
   }
+}
+
+export async function restartServer() {
+  const result = await requestRestart();
   window.comfyserveLastRestart = result;
+  if (result.ok) {
+    report("success", "Server restarted", "Models and plugins were reloaded.");
+    await app.extensionManager?.command?.execute?.("Comfy.RefreshNodeDefinitions");
+  } else if (result.status === 409) {
+    report("warn", "Restart refused", result.message);
+  } else {
+    report("error", "Restart failed", result.message);
+  }
   return result;
 }
 
