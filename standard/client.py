@@ -32,11 +32,11 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from .errors import InstanceError, InstanceUnavailable, PromptRejected
+from .errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 __all__ = [
     "BinaryFrame", "ClientTimeouts", "Connected", "Disconnected", "InstanceClient", "RunResult",
-    "InstanceError", "InstanceUnavailable", "PromptRejected",
+    "InstanceError", "InstanceUnavailable", "PromptLost", "PromptRejected",
 ]
 
 log = logging.getLogger("comfyserve.client")
@@ -310,7 +310,7 @@ class InstanceClient:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            if status in (401, 403, 404):
+            if status in (401, 403):
                 raise InstanceError(f"/ws refused: HTTP {status}") from exc
             raise InstanceUnavailable(f"/ws: HTTP {status}") from exc
         except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
@@ -333,11 +333,14 @@ class InstanceClient:
         while True:
             try:
                 ws = await self._open_ws(client_id)
-            except InstanceUnavailable:
+            except InstanceUnavailable as exc:
                 if not reconnect:
                     raise
                 now = loop.time()
-                down_since = down_since if down_since is not None else now
+                if down_since is None:
+                    down_since = now
+                    if markers and attempt == 0:
+                        yield Disconnected(f"cannot connect: {exc}")
                 limit = self.timeouts.disconnected_s
                 if limit is not None and now - down_since >= limit:
                     raise
@@ -427,7 +430,7 @@ class InstanceClient:
             if item is None or isinstance(item, Connected):
                 if isinstance(item, Connected):
                     socket_up, reconnects = True, reconnects + 1
-                entry = await self._history_or_none(prompt_id)
+                entry = await self._check_progress(prompt_id)
                 if entry is not None:
                     status, error = _status_from_history(entry)
                 continue
@@ -472,6 +475,8 @@ class InstanceClient:
                     item = await items.get()
                     if isinstance(item, Connected):
                         return True
+                    if isinstance(item, Disconnected):
+                        return False  # submit anyway; the pump keeps trying meanwhile
                     if isinstance(item, BaseException):
                         if isinstance(item, InstanceError) and not isinstance(item, InstanceUnavailable):
                             raise item
@@ -485,6 +490,23 @@ class InstanceClient:
         except InstanceUnavailable:
             return None
 
+    async def _check_progress(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry once finished; ``PromptLost`` if the instance forgot the prompt."""
+        try:
+            entry = await self.history_entry(prompt_id)
+            if entry is not None:
+                return entry
+            queue = await self.queue()
+            if any(_queued_id(item) == prompt_id
+                   for item in [*queue.get("queue_running", []), *queue.get("queue_pending", [])]):
+                return None
+            entry = await self.history_entry(prompt_id)  # it may have finished in between
+        except InstanceUnavailable:
+            return None
+        if entry is None:
+            raise PromptLost(f"prompt {prompt_id} is no longer known to {self.base_url} (restarted?)")
+        return entry
+
     async def _wait_history(self, prompt_id: str) -> dict[str, Any]:
         """ComfyUI records history right after ``execution_success``: wait for it briefly."""
         while True:
@@ -492,6 +514,11 @@ class InstanceClient:
             if entry is not None:
                 return entry
             await asyncio.sleep(self.timeouts.history_poll_s / 5)
+
+
+def _queued_id(item: Any) -> str | None:
+    """ComfyUI's queue items are ``[number, prompt_id, prompt, extra_data, outputs]``."""
+    return item[1] if isinstance(item, list) and len(item) > 1 else None
 
 
 def _status_from_history(entry: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:

@@ -98,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
+def runtime_name(settings: StandardSettings) -> str:
+    if settings.backend_url:
+        return f"real ComfyUI at {settings.backend_url}"
+    if settings.comfyui_dir:
+        return f"real ComfyUI from {settings.comfyui_dir}"
+    return "embedded engine"
+
+
 async def serve(settings: StandardSettings) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
     from .app import create_app
@@ -120,7 +128,7 @@ async def serve(settings: StandardSettings) -> int:
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
         auth = "token auth" if settings.token else "no auth"
         print(f"comfyserve standard listening on http://{shown}:{settings.port} ({auth}, "
-              f"data dir {settings.data_dir})", flush=True)
+              f"data dir {settings.data_dir}, {runtime_name(settings)})", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:

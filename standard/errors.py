@@ -5,7 +5,8 @@
      ├── ConfigError          bad flags / environment
      └── InstanceError        talking to an instance failed (see standard.client)
           ├── InstanceUnavailable
-          └── PromptRejected  the instance answered 400 to /prompt
+          ├── PromptRejected  the instance answered 400 to /prompt
+          └── PromptLost      a queued prompt vanished (the instance restarted)
 
 Errors of libraries underneath are translated at the boundary with
 ``raise OurError(...) from exc``.
@@ -42,3 +43,7 @@ class PromptRejected(InstanceError):
     def __init__(self, message: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.body = body or {}
+
+
+class PromptLost(InstanceError):
+    """A submitted prompt is neither queued, running nor in history: the instance lost it."""

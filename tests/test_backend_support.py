@@ -59,10 +59,10 @@ def recording_middleware(seen: list[Seen]) -> Any:
     return record
 
 
-async def start_backend(data_dir: Path, port: int | None = None) -> Backend:
+async def start_backend(data_dir: Path, port: int | None = None, **settings: Any) -> Backend:
     """A comfyserve embedded instance on a loopback port, recording its requests."""
     seen: list[Seen] = []
-    app = create_embedded_app(StandardSettings(data_dir=data_dir))
+    app = create_embedded_app(StandardSettings(data_dir=data_dir, **settings))
     app.middlewares.insert(0, recording_middleware(seen))
     server = TestServer(app, host="127.0.0.1", port=port)
     await server.start_server()

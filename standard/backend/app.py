@@ -33,6 +33,7 @@ BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
 SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
 SETTINGS = web.AppKey("backend_settings", StandardSettings)
 STATS = web.AppKey("backend_stats", dict)
+SOCKETS = web.AppKey("backend_sockets", set)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -65,7 +66,9 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app[SETTINGS] = settings
     app[BACKEND] = backend
     app[STATS] = {"proxied_requests_total": 0, "proxied_websockets_total": 0, "backend_errors_total": 0}
+    app[SOCKETS] = set()
     app.cleanup_ctx.append(_backend_ctx)
+    app.on_shutdown.append(_close_sockets)
     if settings.token is not None:
         from web import setup_templates
 
@@ -98,6 +101,12 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
         await backend.stop()
     finally:
         await session.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """Open WebSockets would hold a graceful shutdown until its timeout."""
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=1001, message=b"server shutdown")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -160,7 +169,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         app[STATS]["proxied_websockets_total"] += 1
         return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
-                                       max_msg_bytes=settings.max_upload_size_bytes)
+                                       max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS])
     app[STATS]["proxied_requests_total"] += 1
     response = await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
                                   max_body_bytes=settings.max_upload_size_bytes)

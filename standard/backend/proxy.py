@@ -161,7 +161,8 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
 
 
 async def forward_websocket(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
-                            strip_auth: bool, max_msg_bytes: int) -> web.StreamResponse:
+                            strip_auth: bool, max_msg_bytes: int,
+                            sockets: set[web.WebSocketResponse] | None = None) -> web.StreamResponse:
     """Open the backend socket first (a dead backend gets a 502, not a socket), then relay both ways."""
     url = upstream_url(base_url, request, strip_token=strip_auth)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -178,6 +179,8 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
         return backend_unavailable(repr(exc))
     downstream = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                        max_msg_size=max_msg_bytes, autoping=True, heartbeat=30.0)
+    if sockets is not None:
+        sockets.add(downstream)  # closed on shutdown, so a graceful stop does not wait for clients
     try:
         await downstream.prepare(request)
         relays = [
@@ -191,6 +194,8 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
     finally:
+        if sockets is not None:
+            sockets.discard(downstream)
         code = upstream.close_code if upstream.closed and upstream.close_code else 1001
         if not downstream.closed and downstream.prepared:
             await downstream.close(code=code, message=b"backend closed")
