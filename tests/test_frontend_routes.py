@@ -214,3 +214,24 @@ async def test_plugin_web_directory_is_listed_and_served(instance, data_dir: Pat
     assert resp.headers["Content-Type"] == "application/javascript; charset=utf-8"
     assert (await client.get("/extensions/web%20pack/..%2Fsecret.py")).status == 404
     assert (await client.get("/extensions/web%20pack/..%2F__init__.py")).status == 404
+
+
+async def test_localized_template_index_falls_back_to_english(instance) -> None:
+    client = await instance()
+    english = await (await client.get("/templates/index.json")).json()
+    assert await (await client.get("/templates/index.zh.json")).json() == english
+    assert await (await client.get("/templates/index.pt-BR.json")).json() == english
+
+
+async def test_own_extension_routes_for_a_proxying_front(aiohttp_client) -> None:
+    from aiohttp import web
+
+    from standard.server.frontend import own_extension_routes
+    from standard.server.internal import own_extension_urls
+
+    assert own_extension_urls() == ["/extensions/comfyserve/restart.js"]
+    app = web.Application()
+    app.router.add_routes(own_extension_routes())
+    client = await aiohttp_client(app)
+    assert (await client.get("/extensions/comfyserve/restart.js")).status == 200
+    assert (await client.get("/extensions/comfyserve/..%2Finternal.py")).status == 404

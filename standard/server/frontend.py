@@ -137,8 +137,14 @@ async def extension_file(request: web.Request) -> web.StreamResponse:
     return await _file_response(directory, relative, cache=NO_CACHE)
 
 
+LOCALIZED_INDEX = re.compile(r"^index\.[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)?\.json$")
+
+
 async def template_file(request: web.Request) -> web.StreamResponse:
-    return await _file_response(templates_root(), request.match_info["path"], cache=NO_CACHE)
+    root, relative = templates_root(), request.match_info["path"]
+    if root == OWN_TEMPLATES_DIR and LOCALIZED_INDEX.match(relative):
+        relative = "index.json"  # our few templates are described in English only
+    return await _file_response(root, relative, cache=NO_CACHE)
 
 
 async def docs_file(request: web.Request) -> web.StreamResponse:
@@ -148,6 +154,19 @@ async def docs_file(request: web.Request) -> web.StreamResponse:
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     return await _file_response(frontend_root(), request.match_info["path"])
+
+
+async def own_extension_file(request: web.Request) -> web.StreamResponse:
+    return await _file_response(OWN_EXTENSION_DIR, request.match_info["path"], cache=NO_CACHE)
+
+
+def own_extension_routes() -> list[web.RouteDef]:
+    """Just our extension's files, for a front that proxies another server's web UI.
+
+    Such a front also appends :func:`standard.server.internal.own_extension_urls`
+    to the backend's ``/extensions`` answer so the page loads them.
+    """
+    return [web.get(f"/extensions/{OWN_EXTENSION_NAME}/{{path:.+}}", own_extension_file)]
 
 
 def setup_frontend(app: web.Application) -> None:

@@ -338,6 +338,11 @@ def extension_urls(web_root: Path | None, plugin_web_dirs: dict[str, Path]) -> l
     return urls
 
 
+def own_extension_urls() -> list[str]:
+    """The URLs of our own extension's scripts (the restart button)."""
+    return extension_urls(None, {})
+
+
 def plugin_web_dirs(app: web.Application) -> dict[str, Path]:
     """Plugins' ``WEB_DIRECTORY`` folders, when the engine reports them."""
     registry = app[keys.PROMPT_SERVER].registry

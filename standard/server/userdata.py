@@ -217,7 +217,7 @@ async def list_userdata(request: web.Request) -> web.Response:
     if not directory:
         return web.Response(status=400, text="Directory not provided")
     try:
-        path = resolve_inside(user_root(request.app), directory)
+        path = resolve_inside(user_root(request.app), _decoded(directory))
     except PathOutsideRoot:
         return web.Response(status=403, text="Invalid directory")
     if not await asyncio.to_thread(path.is_dir):
