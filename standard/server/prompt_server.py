@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import io
 import logging
+import queue
 import struct
 import threading
 import time
@@ -78,6 +79,7 @@ class PromptServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._final_executing_sent = False
         self._validate: Any = None
+        self._execution_thread = ExecutionThread()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class PromptServer:
                 async with asyncio.timeout(self.settings.shutdown_timeout_s):
                     async with self._run_lock:
                         pass
+        self._execution_thread.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -220,7 +223,7 @@ class PromptServer:
         try:
             if executor is None:
                 raise EngineUnavailable(self.engine_error or "engine not loaded")
-            await run_in_daemon_thread(
+            await self._execution_thread.run(
                 executor.execute, item.prompt, item.prompt_id, item.execution_extra_data(),
                 item.outputs_to_execute,
             )
@@ -299,30 +302,51 @@ class PromptServer:
             await _send_quietly(ws.send_bytes(message))
 
 
-async def run_in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
-    """``asyncio.to_thread`` on a daemon thread of its own.
+class ExecutionThread:
+    """One long-lived daemon thread that runs the blocking executor calls, one at a time.
 
-    A node stuck in its function must not keep the process alive after a
-    SIGTERM has waited its limit (pool threads are joined at exit; daemons are not).
+    A daemon, so a node stuck in its function cannot keep the process alive after
+    a SIGTERM has waited its limit (pool threads are joined at exit; daemons are
+    not). Long-lived, because starting a thread per prompt costs milliseconds on
+    a busy machine, which is most of a tiny prompt's time.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
 
-    def target() -> None:
-        try:
-            setter, value = future.set_result, function(*args)
-        except BaseException as exc:  # handed over to the awaiting task
-            setter, value = future.set_exception, exc
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[bool, Any], None]] | None] = (
+            queue.SimpleQueue())
+        self._thread: threading.Thread | None = None
 
-        def settle() -> None:
-            if not future.done():
-                setter(value)
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            function, settle = job
+            try:
+                ok, value = True, function()
+            except BaseException as exc:  # handed over to the awaiting task
+                ok, value = False, exc
+            settle(ok, value)
 
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle)
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
 
-    threading.Thread(target=target, name="comfyserve-execute", daemon=True).start()
-    return await future
+        def settle(ok: bool, value: Any) -> None:
+            def set_result() -> None:
+                if not future.done():
+                    future.set_result(value) if ok else future.set_exception(value)
+
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(set_result)
+
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="comfyserve-execute", daemon=True)
+            self._thread.start()
+        self._jobs.put((lambda: function(*args), settle))
+        return await future
+
+    def stop(self) -> None:
+        """Let the thread end once its current job (if any) returns."""
+        self._jobs.put(None)
+        self._thread = None
 
 
 async def _send_quietly(coro: Any) -> None:
