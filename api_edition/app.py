@@ -1,0 +1,149 @@
+"""The API edition's apps and its pool of instances + workers.
+
+All-in-one: the queue service's own app (``queue_service.server.create_app``:
+``/api/predict/{queue}``, its store, auth and watch sockets) with the front's
+routes added, so one port serves ``/api_prompt``, ``/api/predict/{service}/
+api_prompt``, ``/api/predict/{service}`` and ``/api/predict/{service}/sink``.
+Stateless front (``queue_url``): only the front, putting over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from queue_service.server import STORE_KEY, create_app as create_queue_app
+from queue_service.settings import QueueSettings
+from standard.auth import token_auth_middleware
+
+from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
+from .inbox import RemoteInbox, StoreInbox
+from .instances import LocalInstance
+from .metrics import ApiMetrics
+from .settings import ApiSettings, WorkerSettings
+from .webhook import WebhookSender
+from .worker import Worker
+
+log = logging.getLogger("comfyserve.api")
+WORKER_STOP_TIMEOUT_S = 10.0
+
+
+def queue_settings(settings: ApiSettings) -> QueueSettings:
+    return QueueSettings(
+        host=settings.host, port=settings.port, token=settings.token, sqlite_path=settings.sqlite_path,
+        redis_url=settings.redis_url, max_length=settings.max_length,
+        max_payload_bytes=settings.max_payload_bytes, pending_timeout_s=settings.pending_timeout_s,
+    )
+
+
+def create_api_app(settings: ApiSettings) -> web.Application:
+    """The all-in-one app (queue + front), or the stateless front when ``settings.queue_url`` is set."""
+    if settings.queue_url is not None:
+        middlewares = []
+        if settings.token:
+            middlewares.append(token_auth_middleware(settings.token, public_paths={"/healthz"}, login_path=None))
+        app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload_bytes + 65536)
+        inbox = RemoteInbox(settings.queue_url, settings.service, settings.token)
+
+        async def healthz(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"status": "ok", "queue": settings.queue_url})
+
+        async def close_inbox(app: web.Application) -> None:
+            await inbox.aclose()
+
+        app.router.add_get("/healthz", healthz)
+        app.on_cleanup.append(close_inbox)
+        app[INBOX_KEY] = inbox
+    else:
+        app = create_queue_app(queue_settings(settings))
+        app[INBOX_KEY] = StoreInbox(app[STORE_KEY], settings.service, settings.max_length)
+    app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = ApiMetrics()
+    add_front_routes(app, settings)
+    return app
+
+
+class Pool:
+    """The local instances and one worker per instance (spawned or listed)."""
+
+    def __init__(self, settings: ApiSettings, queue_url: str, metrics: ApiMetrics) -> None:
+        self.settings = settings
+        self.queue_url = queue_url
+        self.metrics = metrics
+        self.instances: list[LocalInstance] = []
+        self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
+        self.webhooks = WebhookSender(settings.webhook_secret or settings.token, on_give_up=self._webhook_failed)
+
+    def _webhook_failed(self) -> None:
+        self.metrics.webhook_failures_total += 1
+
+    async def start(self) -> None:
+        urls = list(self.settings.instance_urls)
+        instance_token = self.settings.instance_token
+        if not urls and self.settings.instances > 0:
+            if self.settings.data_dir is None:
+                raise ValueError("local instances need a data dir")
+            for _ in range(self.settings.instances):
+                instance = LocalInstance(self.settings.data_dir, token=self.settings.token,
+                                         extra_args=self.settings.instance_args)
+                await instance.start()
+                self.instances.append(instance)
+            urls = [instance.url for instance in self.instances]
+            instance_token = self.settings.token
+        for url in urls:
+            worker = Worker(WorkerSettings(
+                queue_url=self.queue_url, service=self.settings.service, instance_url=url,
+                token=self.settings.token,
+                instance_token=instance_token if instance_token is not None else self.settings.token,
+                instance_down_s=self.settings.instance_down_s,
+            ), metrics=self.metrics, webhooks=self.webhooks)
+            self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(worker.shutdown(task, WORKER_STOP_TIMEOUT_S) for worker, task in self.workers),
+                             return_exceptions=True)
+        await asyncio.gather(*(instance.stop() for instance in self.instances), return_exceptions=True)
+        await self.webhooks.aclose()
+
+
+def local_queue_url(settings: ApiSettings, port: int) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass
+class Running:
+    app: web.Application
+    pool: Pool | None
+
+    @property
+    def metrics(self) -> ApiMetrics:
+        return self.app[METRICS_KEY]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: ApiSettings) -> AsyncIterator[Running]:
+    """Serve the app on ``settings.host:port`` and run the pool, for the CLI, tests and the bench."""
+    app = create_api_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=5.0, access_log=None)
+    await runner.setup()
+    pool: Pool | None = None
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        if settings.queue_url is None:
+            pool = Pool(settings, local_queue_url(settings, settings.port), app[METRICS_KEY])
+            await pool.start()
+        yield Running(app, pool)
+    finally:
+        if pool is not None:
+            await pool.stop()
+        await runner.cleanup()
+

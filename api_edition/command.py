@@ -1,0 +1,133 @@
+"""``comfyserve api`` / ``python -m api_edition``: the API edition.
+
+All-in-one (default): the queue service (SQLite under ``--data-dir``, or
+``--redis-url``), the ``/api_prompt`` front, ``--instances N`` local
+instances each with its worker — or one worker per ``--instance-url``.
+With ``--queue-url`` it is only a stateless front for a queue service that
+runs elsewhere (run several behind a load balancer). Every flag also reads
+``COMFYSERVE_<FLAG>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
+from standard.datadir import init_data_dir
+from standard.errors import ConfigError
+from standard.options import add_option
+from standard.settings import is_loopback
+
+from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
+
+log = logging.getLogger("comfyserve.api")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--data-dir", default=None,
+               help="data dir of the local instances; the SQLite queue is DIR/queue/queue.sqlite3")
+    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
+               help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
+    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port of the front and the queue routes")
+    add_option(parser, "--token", default=None,
+               help="service token: 'Authorization: <token>' or 'Bearer <token>' on every call but /healthz")
+    add_option(parser, "--no-auth", action="store_true", help="serve without a token on a non-loopback address")
+    add_option(parser, "--service", default=DEFAULT_SERVICE,
+               help="service name: input queue NAME, results on NAME/sink")
+    add_option(parser, "--instances", type=int, default=1,
+               help="local instances (embedded engine) to spawn, each with its worker (0: none)")
+    add_option(parser, "--instance-url", action="append", default=[],
+               help="run workers for this instance instead of spawning (repeatable)")
+    add_option(parser, "--instance-token", default=None, help="token of the --instance-url instances")
+    add_option(parser, "--redis-url", default=None, help="keep the queues in Redis (redis://host:port/db)")
+    add_option(parser, "--queue-url", default=None,
+               help="be a stateless front for the queue service at this URL (no queue, no workers here)")
+    add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+               help="items a queue may hold; /api_prompt answers 429 when the input queue is full")
+    add_option(parser, "--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_BYTES,
+               help="largest workflow / result in bytes (bigger workflows get 413)")
+    add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
+               help="seconds a task stays with a worker that vanished before another worker gets it")
+    add_option(parser, "--instance-down-timeout", type=float, default=DEFAULT_INSTANCE_DOWN_S,
+               help="seconds an instance may be unreachable mid-task before its worker gives the task back")
+    add_option(parser, "--webhook-secret", default=None,
+               help="HMAC-SHA256 key for webhook signatures (default: the token)")
+
+
+def settings_from_args(args: argparse.Namespace) -> ApiSettings:
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    if args.instances < 0:
+        raise ConfigError("--instances must be >= 0")
+    if args.max_length < 0 or args.max_payload <= 0 or args.pending_timeout <= 0:
+        raise ConfigError("--max-length must be >= 0; --max-payload and --pending-timeout positive")
+    if args.token is not None and not args.token.strip():
+        raise ConfigError("--token must not be empty")
+    if not args.token and not args.no_auth and not is_loopback(args.listen):
+        raise ConfigError(f"refusing to listen on {args.listen} without a token: pass --token T or --no-auth")
+    data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
+    sqlite_path = None
+    if args.queue_url is None:
+        if data_dir is None:
+            raise ConfigError("--data-dir is required (or --queue-url for a stateless front)")
+        if not args.redis_url:
+            sqlite_path = data_dir / "queue" / "queue.sqlite3"
+    if args.redis_url and not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {args.redis_url!r}")
+    return ApiSettings(
+        host=args.listen, port=args.port, token=args.token or None, service=args.service,
+        data_dir=data_dir, queue_url=args.queue_url, redis_url=args.redis_url or None, sqlite_path=sqlite_path,
+        instances=args.instances, instance_urls=tuple(args.instance_url or ()),
+        instance_token=args.instance_token, max_length=args.max_length, max_payload_bytes=args.max_payload,
+        pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
+        instance_down_s=args.instance_down_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per queue call is noise
+    try:
+        settings = settings_from_args(args)
+        if settings.data_dir is not None:
+            init_data_dir(settings.data_dir)
+    except ConfigError as exc:
+        print(f"comfyserve api: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"comfyserve api: cannot use the data dir: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(settings: ApiSettings) -> int:
+    from .app import running
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running(settings) as live:
+            auth = "token auth" if settings.token else "no auth"
+            if settings.queue_url:
+                role = f"stateless front for {settings.queue_url}"
+            else:
+                store = settings.redis_url or settings.sqlite_path
+                workers = len(live.pool.workers) if live.pool else 0
+                role = f"queue store {store}, {workers} worker(s)"
+            print(f"comfyserve api listening on http://{settings.host}:{settings.port} ({auth}, service "
+                  f"{settings.service!r}, {role})", flush=True)
+            await stop.wait()
+            log.info("shutting down")
+    except OSError as exc:
+        print(f"comfyserve api: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,122 @@
+"""``POST /api_prompt?task_id=T`` (also ``/api/predict/{service}/api_prompt``): check, then queue.
+
+The reply is what the queue's put answers — the index as the body and the
+``X-Eas-Queueservice-Request-Id`` header — plus ``X-Task-Id`` (generated when
+the client sent none). ``Accept: application/json`` gets the three as JSON.
+Refusals are final-looking JSON errors: 400 bad graph, 413 too big, 429 with
+``Retry-After`` when the input queue is full, 503 when the store is down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from queue_service import params
+from queue_service.params import BadParam
+from queue_service.settings import REQUEST_ID_HEADER
+from queue_service.store import REQUEST_ID_TAG, QueueFull
+
+from .graph import GraphError, parse_graph
+from .inbox import Inbox, InboxUnavailable
+from .metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
+from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
+
+log = logging.getLogger("comfyserve.api.front")
+
+SETTINGS_KEY = web.AppKey("api_settings", ApiSettings)
+INBOX_KEY = web.AppKey("api_inbox", Inbox)
+METRICS_KEY = web.AppKey("api_metrics", ApiMetrics)
+RETRY_AFTER_S = 1
+MAX_TAG_CHARS = 1024
+# Query parameters that are not tags: the auth fallback must not travel with the task.
+NOT_TAGS = frozenset({"token"})
+
+
+def _error(request: web.Request, status: int, kind: str, message: str,
+           headers: dict[str, str] | None = None) -> web.Response:
+    request.app[METRICS_KEY].refused[kind] += 1
+    return web.json_response({"error": {"type": kind, "message": message}}, status=status, headers=headers)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None when longer than ``limit`` (refused before reading when the length is known)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _tags(request: web.Request) -> dict[str, str]:
+    tags = {k: v for k, v in params.tags_of(request.query).items() if k not in NOT_TAGS}
+    for key, value in tags.items():
+        if len(key) + len(value) > MAX_TAG_CHARS:
+            raise BadParam(f"query parameter {key!r} is too long (tags are at most {MAX_TAG_CHARS} chars)")
+    webhook = tags.get(WEBHOOK_TAG)
+    if webhook is not None:
+        parts = urlsplit(webhook)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise BadParam(f"webhook must be an http(s) URL, got {webhook!r}")
+    return tags
+
+
+async def api_prompt(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS_KEY]
+    service = request.match_info.get("service")
+    if service is not None and service != settings.service:
+        return _error(request, 404, "not_found", f"this front serves service {settings.service!r}, not {service!r}")
+    try:
+        tags = _tags(request)
+        priority = params.integer(request.query, "_priority_", 0, low=0, high=2**31)
+    except BadParam as exc:
+        return _error(request, 400, "bad_request", str(exc))
+    body = await _read_body(request, settings.max_payload_bytes)
+    if body is None:
+        return _error(request, 413, "payload_too_large",
+                      f"the workflow exceeds {settings.max_payload_bytes} bytes")
+    try:
+        graph = parse_graph(body)
+    except GraphError as exc:
+        return _error(request, 400, exc.kind, exc.message)
+    data = json.dumps(graph, separators=(",", ":")).encode()
+    if len(data) > settings.max_payload_bytes:
+        return _error(request, 413, "payload_too_large",
+                      f"the workflow exceeds {settings.max_payload_bytes} bytes")
+    tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or f"task-{uuid.uuid4().hex}"
+    tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
+    try:
+        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority)
+    except QueueFull as exc:
+        return _error(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})
+    except InboxUnavailable as exc:
+        return _error(request, 503, "queue_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
+    request.app[METRICS_KEY].accepted_total += 1
+    headers = {REQUEST_ID_HEADER: request_id, "X-Task-Id": tags[TASK_ID_TAG]}
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response({"index": index, "request_id": request_id, "task_id": tags[TASK_ID_TAG]},
+                                 headers=headers)
+    return web.Response(text=str(index), headers=headers)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    depths = await request.app[INBOX_KEY].depths()
+    text = request.app[METRICS_KEY].render(depths)
+    return web.Response(text=text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
+    """Register the front's routes; the service's own path is a plain route so it wins over the queue's."""
+    app.router.add_post("/api_prompt", api_prompt)
+    app.router.add_post(f"/api/predict/{settings.service}/api_prompt", api_prompt)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,87 @@
+"""Local instances for ``comfyserve api --instances N``: supervised child processes on loopback.
+
+Each child is ``python -m standard --port P --data-dir DIR`` (the embedded
+engine), so a crash or a kill -9 of one instance leaves the front, the queue
+and the other instances running; the supervisor starts a dead child again and
+its worker resumes once it answers ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger("comfyserve.api.instances")
+
+RESTART_DELAY_S = 1.0
+STOP_TIMEOUT_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LocalInstance:
+    """One supervised child; ``url`` is stable across restarts (same port)."""
+
+    def __init__(self, data_dir: Path, *, token: str | None, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.data_dir = data_dir
+        self.token = token
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "standard", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), *self.extra_args]
+        if self.token:
+            cmd += ["--token", self.token]
+        return cmd
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+        log.info("instance on port %d started (pid %d)", self.port, self.proc.pid)
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"instance-{self.port}")
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.warning("instance on port %d exited with %s; restarting in %.0fs", self.port, code, RESTART_DELAY_S)
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:
+                return
+            self.proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

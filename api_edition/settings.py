@@ -1,0 +1,62 @@
+"""Settings of the API edition's front and workers (built from flags and environment in the commands)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
+
+DEFAULT_PORT = 8000
+DEFAULT_SERVICE = "comfyui"
+DEFAULT_INSTANCE_DOWN_S = 5.0
+SINK_SUFFIX = "/sink"
+TASK_ID_TAG = "task_id"
+WEBHOOK_TAG = "webhook"
+
+
+def sink_of(service: str) -> str:
+    """The platform's convention: the output queue of service ``svc`` is ``svc/sink``."""
+    return service + SINK_SUFFIX
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker: input queue of ``service`` -> the instance at ``instance_url`` -> the sink queue."""
+
+    queue_url: str
+    service: str
+    instance_url: str
+    token: str | None = None  # the queue service's token
+    instance_token: str | None = None
+    worker_id: str | None = None  # the consumer uid; stable ids let a restarted worker resume its item
+    webhook_secret: str | None = None
+    instance_down_s: float = DEFAULT_INSTANCE_DOWN_S  # a run is given back after this long unreachable
+    run_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """``comfyserve api``: all-in-one (queue + front + instances + workers) or, with ``queue_url``, a front."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    service: str = DEFAULT_SERVICE
+    data_dir: Path | None = None
+    queue_url: str | None = None  # a stateless front for a queue service running elsewhere
+    redis_url: str | None = None
+    sqlite_path: Path | None = None
+    instances: int = 1
+    instance_urls: tuple[str, ...] = ()
+    instance_token: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S
+    webhook_secret: str | None = None
+    instance_down_s: float = DEFAULT_INSTANCE_DOWN_S
+    instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
+
+    @property
+    def stateless(self) -> bool:
+        return self.queue_url is not None

@@ -1,0 +1,271 @@
+"""A worker: input queue -> its instance -> sink queue, one task at a time.
+
+It watches the input queue with window 1 under a stable consumer id, runs each
+graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), puts
+the result on the sink with the input's tags, and only then commits the
+input. So a worker that dies before its commit loses nothing: the queue hands
+the item to another worker once the dead one's lease runs out.
+
+Exactly one result per task: the sink put carries the input's ``requestId``;
+before running, a worker looks that id up on the sink (and in its own memory
+of recent tasks) and, when a result is already there, just commits the input.
+
+Backpressure: a full sink makes the put wait (with backoff) while the worker
+holds its one uncommitted item, so it takes no more input. An instance that
+stops answering for ``instance_down_s`` makes the worker give its item back
+(closing its watch cleanly releases it at once) and wait until the instance
+is ready again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from queue_service.client import DataFrame, QueueClient, QueueClientError, QueueFullError
+from standard.client import ClientTimeouts, InstanceClient
+from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+
+from . import results
+from .metrics import ApiMetrics
+from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
+from .webhook import WebhookSender
+
+log = logging.getLogger("comfyserve.api.worker")
+
+REMEMBERED_TASKS = 10_000
+HEALTH_TIMEOUTS = ClientTimeouts(connect_s=1.0, request_s=2.0, get_retries=0)
+RUN_TIMEOUTS = ClientTimeouts(disconnected_s=None)
+PROBE_INTERVAL_S = 0.25
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 2.0
+
+
+def default_worker_id(instance_url: str) -> str:
+    """Stable per instance, so a restarted worker takes over the item its predecessor held."""
+    return "worker-" + hashlib.sha256(instance_url.encode()).hexdigest()[:12]
+
+
+class GiveBack(Exception):
+    """The instance went away mid-task: release the item for another worker."""
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
+                 webhooks: WebhookSender | None = None) -> None:
+        self.settings = settings
+        self.name = settings.worker_id or default_worker_id(settings.instance_url)
+        self.metrics = metrics or ApiMetrics()
+        self.stats = self.metrics.worker(self.name)
+        token = settings.token
+        self.input = QueueClient(settings.queue_url, settings.service, token=token, uid=self.name)
+        self.sink = QueueClient(settings.queue_url, sink_of(settings.service), token=token, uid=self.name)
+        instance_token = settings.instance_token if settings.instance_token is not None else token
+        self.instance = InstanceClient(settings.instance_url, instance_token, timeouts=RUN_TIMEOUTS)
+        self.probe = InstanceClient(settings.instance_url, instance_token, timeouts=HEALTH_TIMEOUTS)
+        self._own_webhooks = webhooks is None
+        self.webhooks = webhooks or WebhookSender(settings.webhook_secret or token, on_give_up=self._webhook_failed)
+        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work until cancelled (or ``shutdown``)."""
+        try:
+            while not self._stopping:
+                await self._wait_instance()
+                try:
+                    await self._consume()
+                except QueueClientError as exc:
+                    log.warning("%s: queue refused the watch (%s); retrying", self.name, exc)
+                    await asyncio.sleep(RETRY_MAX_S)
+        finally:
+            await self.aclose()
+
+    async def shutdown(self, task: asyncio.Task[None], timeout_s: float) -> None:
+        """Stop taking input; let the running task finish within ``timeout_s``; then cancel."""
+        self._stopping = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def aclose(self) -> None:
+        for client in (self.input, self.sink):
+            await client.aclose()
+        await self.instance.aclose()
+        await self.probe.aclose()
+        if self._own_webhooks:
+            await self.webhooks.aclose()
+
+    async def _wait_instance(self) -> None:
+        logged = False
+        while not await self.probe.ready():
+            self.stats.instance_up = False
+            if not logged:
+                log.warning("%s: instance %s is not ready; waiting", self.name, self.settings.instance_url)
+                logged = True
+            await asyncio.sleep(PROBE_INTERVAL_S)
+        if logged:
+            log.info("%s: instance %s is back", self.name, self.settings.instance_url)
+        self.stats.instance_up = True
+
+    async def _consume(self) -> None:
+        """One watch session; returns when the item must go back (instance down) or on stop."""
+        async with self.input.watch(window=1) as frames:
+            async for frame in frames:
+                self._idle.clear()
+                try:
+                    await self.handle(frame)
+                except GiveBack as exc:
+                    log.warning("%s: giving task %s back: %s", self.name, frame.tags.get(TASK_ID_TAG), exc)
+                    return  # leaving the watch cleanly releases the item to the other workers
+                finally:
+                    self._idle.set()
+                if self._stopping:
+                    return
+
+    # -- one task ---------------------------------------------------------------------
+
+    async def handle(self, frame: DataFrame) -> None:
+        request_id = frame.request_id or f"index-{frame.index}"
+        if request_id in self._reported or await self._in_sink(request_id):
+            self.stats.redeliveries += 1
+            log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
+            self._remember(request_id)
+            await self._commit(frame.index)
+            return
+        started = time.monotonic()
+        prompt_id: str | None = None
+        try:
+            graph = json.loads(frame.data)
+            if not isinstance(graph, dict):
+                raise ValueError("the task data is not a JSON object")
+        except ValueError as exc:
+            status, events = results.from_failure("invalid_prompt", f"the task is not a graph: {exc}")
+        else:
+            self.stats.in_flight = 1
+            try:
+                status, events, prompt_id = await self._run(graph)
+            finally:
+                self.stats.in_flight = 0
+        tags = {**frame.tags, results.STATUS_TAG: status}
+        tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
+        tags["requestId"] = request_id
+        if prompt_id:
+            tags[results.PROMPT_ID_TAG] = prompt_id
+        tags.pop(WEBHOOK_TAG, None)
+        sink_index = await self._put_result(results.encode(events), tags)
+        self._remember(request_id)
+        await self._commit(frame.index)
+        self.stats.task_seconds_sum += time.monotonic() - started
+        if status == "success":
+            self.stats.succeeded += 1
+        else:
+            self.stats.failed += 1
+        webhook = frame.tags.get(WEBHOOK_TAG)
+        if webhook:
+            self.webhooks.send(webhook, {"task_id": tags[TASK_ID_TAG], "request_id": request_id,
+                                         "status": status, "index": sink_index, "result": events})
+
+    async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
+        """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not."""
+        run = asyncio.create_task(self.instance.run(graph, timeout_s=self.settings.run_timeout_s))
+        watchdog = asyncio.create_task(self._instance_down())
+        try:
+            await asyncio.wait({run, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watchdog.cancel()
+            if not run.done():
+                run.cancel()
+        if not run.done() or run.cancelled():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run
+            raise GiveBack(f"instance {self.settings.instance_url} unreachable for {self.settings.instance_down_s}s")
+        try:
+            result = run.result()
+        except PromptRejected as exc:
+            return (*results.from_rejection(exc), None)
+        except (InstanceUnavailable, PromptLost) as exc:
+            raise GiveBack(str(exc)) from exc
+        except InstanceError as exc:
+            return (*results.from_failure("instance_error", str(exc)), None)
+        return (*results.from_run(result), result.prompt_id)
+
+    async def _instance_down(self) -> None:
+        """Returns once the instance has failed its health check for ``instance_down_s``."""
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            if await self.probe.health():
+                down_since = None
+                continue
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since >= self.settings.instance_down_s:
+                self.stats.instance_up = False
+                return
+
+    # -- queue calls ------------------------------------------------------------------
+
+    async def _in_sink(self, request_id: str) -> bool:
+        try:
+            return bool(await self.sink.get(0, 1, request_id=request_id))
+        except QueueClientError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def _put_result(self, data: bytes, tags: dict[str, str]) -> int:
+        """Put until it succeeds: a full sink blocks here, so no further input is taken."""
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                index, _ = await self.sink.put(data, tags)
+                return index
+            except QueueFullError:
+                log.info("%s: sink queue full; holding the result", self.name)
+            except QueueClientError as exc:
+                if exc.status == 413:
+                    message = f"the result ({len(data)} bytes) exceeds the sink's payload limit"
+                    data = results.encode(results.from_failure("result_too_large", message)[1])
+                    tags = {**tags, results.STATUS_TAG: "error"}
+                    continue
+                if exc.status and exc.status < 500:
+                    raise
+                log.warning("%s: sink put failed (%s); retrying", self.name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _commit(self, index: int) -> None:
+        delay = RETRY_MIN_S
+        for _ in range(5):
+            try:
+                await self.input.commit(index)
+                return
+            except QueueClientError as exc:
+                if exc.status == 404:
+                    return  # already gone
+                log.warning("%s: commit %d failed (%s); retrying", self.name, index, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+        # Left uncommitted: it comes back, and the sink lookup commits it then.
+
+    def _remember(self, request_id: str) -> None:
+        self._reported[request_id] = None
+        self._reported.move_to_end(request_id)
+        while len(self._reported) > REMEMBERED_TASKS:
+            self._reported.popitem(last=False)
+
+    def _webhook_failed(self) -> None:
+        self.metrics.webhook_failures_total += 1

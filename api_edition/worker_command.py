@@ -1,0 +1,89 @@
+"""``comfyserve worker``: one worker for the split deployment (queue on one host, instances on others).
+
+    comfyserve worker --queue-url http://queue:9000 --service svc --instance-url http://127.0.0.1:8000 --token T
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from standard.errors import ConfigError
+from standard.options import add_option
+
+from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
+
+log = logging.getLogger("comfyserve.api.worker")
+STOP_TIMEOUT_S = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--queue-url", default=None, help="the queue service (http://host:port)")
+    add_option(parser, "--service", default=DEFAULT_SERVICE, help="service name: input queue NAME, results NAME/sink")
+    add_option(parser, "--instance-url", default=None, help="the instance this worker feeds (one task at a time)")
+    add_option(parser, "--token", default=None, help="the queue service's token")
+    add_option(parser, "--instance-token", default=None, help="the instance's token (default: --token)")
+    add_option(parser, "--worker-id", default=None,
+               help="consumer id on the queue (default: derived from --instance-url, stable across restarts)")
+    add_option(parser, "--instance-down-timeout", type=float, default=DEFAULT_INSTANCE_DOWN_S,
+               help="seconds the instance may be unreachable mid-task before the task is given back")
+    add_option(parser, "--run-timeout", type=float, default=None,
+               help="seconds one task may run before it is reported as failed (default: no limit)")
+    add_option(parser, "--webhook-secret", default=None,
+               help="HMAC-SHA256 key for webhook signatures (default: --token)")
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    if not args.queue_url:
+        raise ConfigError("--queue-url is required")
+    if not args.instance_url:
+        raise ConfigError("--instance-url is required")
+    if args.instance_down_timeout <= 0:
+        raise ConfigError("--instance-down-timeout must be positive")
+    return WorkerSettings(
+        queue_url=args.queue_url, service=args.service, instance_url=args.instance_url,
+        token=args.token or None, instance_token=args.instance_token, worker_id=args.worker_id,
+        webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
+        run_timeout_s=args.run_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per queue call is noise
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"comfyserve worker: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(settings: WorkerSettings) -> int:
+    from .worker import Worker
+
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run(), name=worker.name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"comfyserve worker {worker.name}: {settings.queue_url} service {settings.service!r} -> "
+          f"{settings.instance_url}", flush=True)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        stopper.cancel()
+        exc = task.exception()
+        if exc is not None:
+            print(f"comfyserve worker: {exc!r}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    log.info("stopping: finishing the running task (up to %.0fs)", STOP_TIMEOUT_S)
+    await worker.shutdown(task, STOP_TIMEOUT_S)
+    return 0

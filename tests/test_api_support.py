@@ -1,0 +1,131 @@
+"""Shared pieces of the API-edition tests (no tests here): a live all-in-one, instances, the SDK.
+
+    live = await api(instances=[url])   # front + queue on one port, one worker per instance URL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api_edition.app import Running, running
+from api_edition.settings import ApiSettings
+from conftest import free_port
+from queue_service.client import DataFrame, QueueClient
+from standard.server.app import create_embedded_app
+from standard.settings import StandardSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
+SDK_SCRIPT = Path(__file__).resolve().parent / "sdk_api_watch.py"
+TOKEN = "api-test-token"
+SERVICE = "svc"
+
+requires_sdk = pytest.mark.skipif(not SDK_PYTHON.exists(),
+                                  reason="the SDK env .venv-sdk is missing (scripts/setup-sdk-env.sh)")
+
+
+@dataclass
+class LiveApi:
+    live: Running
+    port: int
+    settings: ApiSettings
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def sink(self, **kwargs: Any) -> QueueClient:
+        return QueueClient(self.endpoint, f"{SERVICE}/sink", token=TOKEN, **kwargs)
+
+    def input(self, **kwargs: Any) -> QueueClient:
+        return QueueClient(self.endpoint, SERVICE, token=TOKEN, **kwargs)
+
+    async def submit(self, graph: Any, *, token: str = TOKEN, path: str = "/api_prompt",
+                     **params: str) -> httpx.Response:
+        body = graph if isinstance(graph, bytes) else json.dumps(graph).encode()
+        async with httpx.AsyncClient(base_url=self.url, trust_env=False) as http:
+            return await http.post(path, params=params, content=body, headers={"Authorization": token})
+
+
+ApiFactory = Callable[..., Awaitable[LiveApi]]
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[ApiFactory]:
+    """Start the all-in-one in this loop: ``await api(instance_urls=(url,), max_length=5)``."""
+    stack = contextlib.AsyncExitStack()
+
+    async def factory(**overrides: Any) -> LiveApi:
+        port = free_port()
+        base: dict[str, Any] = dict(port=port, token=TOKEN, service=SERVICE, instances=0,
+                                    sqlite_path=tmp_path / f"queue-{port}.sqlite3", pending_timeout_s=1.0,
+                                    instance_down_s=1.0, max_payload_bytes=64 * 1024)
+        if overrides.get("redis_url"):
+            base["sqlite_path"] = None
+        base.update(overrides)
+        settings = ApiSettings(**base)
+        live = await stack.enter_async_context(running(settings))
+        return LiveApi(live, port, settings)
+
+    async with stack:
+        yield factory
+
+
+@pytest.fixture
+async def instance_url(aiohttp_server: Any, data_dir: Path) -> Callable[..., Awaitable[str]]:
+    """A real embedded instance on a loopback port (same token): ``url = await instance_url()``."""
+
+    async def factory(**settings: Any) -> str:
+        settings.setdefault("token", TOKEN)
+        server = await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, **settings)))
+        return f"http://127.0.0.1:{server.port}"
+
+    return factory
+
+
+async def read_results(sink: QueueClient, count: int, timeout_s: float = 30.0) -> list[DataFrame]:
+    """``count`` sink frames via watch, committing each."""
+    got: list[DataFrame] = []
+    async with asyncio.timeout(timeout_s):
+        async with sink.watch(window=5) as frames:
+            async for frame in frames:
+                got.append(frame)
+                await sink.commit(frame.index)
+                if len(got) == count:
+                    break
+    return got
+
+
+async def no_more(sink: QueueClient, wait_s: float = 0.5) -> list[DataFrame]:
+    """Whatever else lands on the sink within ``wait_s`` (expected: nothing)."""
+    return await sink.get(0, 10, timeout_s=wait_s)
+
+
+async def run_sdk(endpoint: str, args: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    proc = await asyncio.create_subprocess_exec(
+        str(SDK_PYTHON), str(SDK_SCRIPT), endpoint, f"{SERVICE}/sink", TOKEN, json.dumps(args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        raise AssertionError(f"SDK timed out; stdout={out.decode()!r} stderr={err.decode()[-2000:]}") from None
+    assert proc.returncode == 0, f"SDK failed: {err.decode()[-3000:]}"
+    return json.loads(out.decode().strip().splitlines()[-1])
