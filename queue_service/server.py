@@ -23,12 +23,13 @@ from .protocol import encode_body, encode_frame_list
 from .settings import (GROUP_HEADER, MAX_GET_LENGTH, MAX_GET_TIMEOUT_S, PRIORITY_HEADER, REQUEST_ID_HEADER,
                        USER_HEADER, QueueSettings)
 from .store import QUEUE_NAME_RE, REQUEST_ID_TAG, Item, QueueFull, QueueStore, StoreUnavailable, wait_event
-from .watch import watch
+from .watch import WatchRegistry, watch
 
 log = logging.getLogger("comfyserve.queue")
 
 SETTINGS_KEY = web.AppKey("queue_settings", QueueSettings)
 STORE_KEY = web.AppKey("queue_store", QueueStore)
+WATCHERS_KEY = web.AppKey("queue_watchers", WatchRegistry)
 PROTOBUF = "application/vnd.google.protobuf"
 _GET_SCAN_BATCH = 256
 _GET_SCAN_LIMIT = 20_000
@@ -209,7 +210,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return await put(request, queue)
         if request.method == "GET":
             if params.flag(query, "_watch_"):
-                return await watch(request, queue, request.app[STORE_KEY], request.app[SETTINGS_KEY])
+                return await watch(request, queue, request.app[STORE_KEY], request.app[SETTINGS_KEY],
+                                   request.app[WATCHERS_KEY])
             if params.flag(query, "_attrs_"):
                 return await attributes(request, queue)
             if params.flag(query, "_search_"):
@@ -258,10 +260,16 @@ def create_app(settings: QueueSettings, store: QueueStore | None = None) -> web.
         yield
         await app[STORE_KEY].close()
 
+    async def on_shutdown(app: web.Application) -> None:
+        # Pending items go back at once so watchers on other processes can take them.
+        await app[WATCHERS_KEY].close_all(code=1001, message=b"server shutting down", release=True)
+
+    app[WATCHERS_KEY] = WatchRegistry()
     app.cleanup_ctx.append(store_ctx)
+    app.on_shutdown.append(on_shutdown)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", r"/api/predict/{name:[^/]+(?:/[^/]+)?}", handle)
     return app
 
 
-__all__ = ["create_app", "make_store", "SETTINGS_KEY", "STORE_KEY"]
+__all__ = ["create_app", "make_store", "SETTINGS_KEY", "STORE_KEY", "WATCHERS_KEY"]

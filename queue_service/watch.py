@@ -35,16 +35,34 @@ def _frame(item: Item, index_only: bool) -> bytes:
 
 
 async def _read_until_closed(ws: web.WebSocketResponse, queue: str) -> bool:
-    """Drain client messages (pings are answered by aiohttp). True if the client closed cleanly."""
-    async for msg in ws:
+    """Drain client messages (pings are answered by aiohttp). True if the client said goodbye."""
+    while True:
+        msg = await ws.receive()
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             log.debug("ignoring a %s message from a watcher of %s", msg.type.name, queue)
-        elif msg.type == WSMsgType.ERROR:
+        elif msg.type == WSMsgType.CLOSE:
+            return msg.data in (1000, 1001)
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             return False
-    return ws.close_code in (1000, 1001)
 
 
-async def watch(request: web.Request, queue: str, store: QueueStore, settings: QueueSettings) -> web.StreamResponse:
+class WatchRegistry:
+    """The open watch sockets of this process, so shutdown (and tests) can close them."""
+
+    def __init__(self) -> None:
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.released: set[web.WebSocketResponse] = set()
+
+    async def close_all(self, *, code: int, message: bytes, release: bool) -> None:
+        """Close every watch; with ``release`` their pending items are ready for others at once."""
+        sockets = list(self.sockets)
+        if release:
+            self.released.update(sockets)
+        await asyncio.gather(*(ws.close(code=code, message=message) for ws in sockets), return_exceptions=True)
+
+
+async def watch(request: web.Request, queue: str, store: QueueStore, settings: QueueSettings,
+                registry: WatchRegistry) -> web.StreamResponse:
     query = request.query
     min_index = params.integer(query, "_index_", 0, low=0, high=2**63 - 1)
     window = params.integer(query, "_window_", 1, low=1, high=MAX_WINDOW)
@@ -56,8 +74,8 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
 
     ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024)
     await ws.prepare(request)
+    registry.sockets.add(ws)
     reader = asyncio.create_task(_read_until_closed(ws, queue))
-    clean_close = False
     try:
         backlog = await store.open_session(queue, consumer, session, lease_s)
         for item in backlog:
@@ -83,7 +101,6 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
                 await asyncio.wait({waiter, reader}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
-        clean_close = reader.done() and not reader.cancelled() and reader.result()
     except Superseded:
         log.debug("watch %s: consumer %s reconnected; closing the old socket", queue, consumer)
         await ws.close(code=CLOSE_SUPERSEDED, message=b"superseded by a newer connection")
@@ -92,11 +109,17 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
         if isinstance(exc, asyncio.CancelledError):
             raise
     finally:
+        registry.sockets.discard(ws)
+        clean_close = reader.done() and not reader.cancelled() and reader.exception() is None and reader.result()
+        if ws in registry.released:
+            registry.released.discard(ws)
+            clean_close = True
         reader.cancel()
         if clean_close:
+            # aiohttp may cancel this handler once the peer has gone; the release must still happen.
             try:
-                await store.release(queue, consumer, session)
-            except StoreUnavailable:
+                await asyncio.shield(store.release(queue, consumer, session))
+            except (StoreUnavailable, asyncio.CancelledError):
                 pass
         if not ws.closed:
             await ws.close()

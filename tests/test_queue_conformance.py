@@ -1,0 +1,292 @@
+"""Queue-service conformance: the same stories on the SQLite and the Redis store,
+through our async client and through the official SDK (a separate process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
+                                requires_sdk, start_sdk, store_kind)
+
+from queue_service.client import DataFrame, QueueFullError
+from queue_service.server import WATCHERS_KEY
+
+
+async def next_frames(frames, count: int, timeout_s: float = 5.0) -> list[DataFrame]:
+    out = []
+    iterator = frames.__aiter__() if not hasattr(frames, "__anext__") else frames
+    for _ in range(count):
+        out.append(await asyncio.wait_for(iterator.__anext__(), timeout_s))
+    return out
+
+
+async def drop_watchers(live: LiveQueue) -> None:
+    """The service loses every watch connection (as on a network fault): no goodbye, no release."""
+    await live.app[WATCHERS_KEY].close_all(code=1011, message=b"test drop", release=False)
+
+
+async def nothing_within(iterator, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(iterator.__anext__(), seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+# -- the SDK, unmodified ------------------------------------------------------------------
+
+
+@requires_sdk
+async def test_sdk_put_get_search_commit_truncate(live_queue: LiveQueue) -> None:
+    out = await live_queue.sdk("basic")
+    assert out["attrs_before"]["stream.length"] == "0"
+    index, rid = out["put"]
+    assert index == "1" and rid
+    assert out["by_rid"] == [{"index": 1, "tags": {"task_id": "t1", "requestId": rid}, "data": "abc"}]
+    assert out["by_index"] == out["by_rid"]
+    assert out["search"] == {"IsPending": False, "WaitCount": 0}
+    assert out["commit"] == "OK"
+    assert out["after_commit"] == []
+    assert out["binary"] == ["00ff62696e617279"]
+    assert out["after_auto_delete"] == "0"
+    assert out["truncate"] == "OK"
+    attrs = out["attrs_after"]
+    assert attrs["stream.length"] == "0" and attrs["stream.lastEntry"] == "5"
+    assert attrs["meta.name"] == "svc/sink" and attrs["meta.backend"] == live_queue.backend
+    for key in ("stream.firstEntry", "stream.approxMaxLength", "meta.state", "meta.maxPayloadBytes",
+                "meta.header.user", "meta.header.group", "meta.header.priority"):
+        assert isinstance(attrs[key], str)
+
+
+@requires_sdk
+async def test_sdk_watch_manual_and_auto_commit(live_queue: LiveQueue) -> None:
+    await live_queue.sdk("put", args={"items": [str(n) for n in range(10)]})
+    out = await live_queue.sdk("watch", args={"count": 10, "window": 5})
+    assert [f["data"] for f in out["frames"]] == [str(n) for n in range(10)]
+    assert out["attrs"]["stream.length"] == "0"
+
+    await live_queue.sdk("put", args={"items": [str(n) for n in range(10)]})
+    out = await live_queue.sdk("watch", args={"count": 10, "window": 5, "auto_commit": True})
+    assert [f["data"] for f in out["frames"]] == [str(n) for n in range(10)]
+    assert out["attrs"]["stream.length"] == "0"
+
+
+@requires_sdk
+async def test_sdk_concurrent_put_and_watch_loses_nothing(live_queue: LiveQueue) -> None:
+    out = await live_queue.sdk("produce_consume", args={"count": 150})
+    assert out == {"sent": 150, "same": True}
+
+
+@requires_sdk
+async def test_sdk_watcher_reconnects_and_gets_uncommitted_items_again(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(6):
+        await queue.put(str(n))
+    # The SDK watcher commits nothing and reports after 3 frames; then the service drops it.
+    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch",
+                           {"count": 6, "window": 3, "no_commit": True, "signal_after": 3, "uid": "sdk-1"})
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError((await proc.communicate())) from None
+    assert line.strip() == b"SIGNAL"
+    await drop_watchers(live_queue)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    frames = json.loads(out.decode().strip().splitlines()[-1])["frames"]
+    # The same three uncommitted items again after the reconnect, and nothing else (window 3).
+    assert [f["data"] for f in frames] == ["0", "1", "2"] * 2
+
+
+@requires_sdk
+async def test_sdk_put_to_full_queue_is_refused_quickly(make_live_queue) -> None:
+    live_queue = await make_live_queue(max_length=5)
+    queue = live_queue.client()
+    attrs = await queue.attributes()
+    limit = int(attrs["stream.approxMaxLength"])
+    for _ in range(limit):
+        await queue.put(b"x")
+    out = await live_queue.sdk("put_error")
+    assert out["code"] == 429 and "full" in out["message"]
+    with pytest.raises(QueueFullError):
+        await queue.put(b"one more")
+
+
+# -- our client ------------------------------------------------------------------------------
+
+
+async def test_indexes_are_monotonic_per_queue_and_names_may_have_one_slash(live_queue: LiveQueue) -> None:
+    a, b = live_queue.client("svc"), live_queue.client("svc/sink")
+    assert [(await a.put(b"x"))[0] for _ in range(3)] == [1, 2, 3]
+    assert (await b.put(b"y"))[0] == 1
+    await a.commit([1, 2, 3])
+    assert (await a.put(b"z"))[0] == 4  # never reused
+    index, rid = await b.put(b"tagged", tags={"requestId": "mine", "task_id": "t9"})
+    assert rid == "mine"
+    [frame] = await b.get(request_id="mine")
+    assert frame.tags == {"requestId": "mine", "task_id": "t9"} and frame.index == index
+    [frame] = await b.get(tags={"task_id": "t9"})
+    assert frame.data == b"tagged"
+
+
+async def test_get_long_polls_and_auto_deletes(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    assert await queue.get(timeout_s=0) == []
+    waiting = asyncio.create_task(queue.get(index=1, timeout_s=5, auto_delete=True))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await queue.put(b"late")
+    [frame] = await asyncio.wait_for(waiting, 3)
+    assert frame.data == b"late"
+    assert (await queue.attributes())["stream.length"] == "0"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await queue.get(index=99, timeout_s=1.0) == []
+    assert 0.7 < loop.time() - started < 1.0  # answers a little before the client's timeout
+
+
+async def test_window_bounds_uncommitted_items_and_commit_opens_it(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(5):
+        await queue.put(str(n))
+    async with queue.watch(window=2) as watcher:
+        frames = watcher.__aiter__()
+        got = await next_frames(frames, 2)
+        assert [f.data for f in got] == [b"0", b"1"]
+        assert await nothing_within(frames, 0.3)
+        await queue.commit(got[0].index)
+        [third] = await next_frames(frames, 1)
+        assert third.data == b"2"
+        assert (await queue.search(got[1].index)) == {"IsPending": True, "WaitCount": 0}
+        assert (await queue.search(5)) == {"IsPending": False, "WaitCount": 1}
+        assert await queue.search(got[0].index) is None  # committed: gone for good
+
+
+async def test_auto_commit_removes_items_as_they_are_sent(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(4):
+        await queue.put(str(n))
+    async with queue.watch(window=2, auto_commit=True) as watcher:
+        got = await next_frames(watcher, 4)
+    assert [f.data for f in got] == [b"0", b"1", b"2", b"3"]
+    assert (await queue.attributes())["stream.length"] == "0"
+
+
+async def test_priority_items_come_first(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(3):
+        await queue.put(f"normal{n}")
+    await queue.put("urgent", priority=1)
+    _, rid = await queue.put("urgent2", tags={"_priority_": "1"})
+    async with queue.watch(window=5, auto_commit=True) as watcher:
+        got = await next_frames(watcher, 5)
+    assert [f.data for f in got] == [b"urgent", b"urgent2", b"normal0", b"normal1", b"normal2"]
+    assert "_priority_" not in got[1].tags and got[1].tags["requestId"] == rid
+
+
+async def test_watch_from_index_skips_older_items(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(4):
+        await queue.put(str(n))
+    async with queue.watch(index=3, window=5, index_only=True) as watcher:
+        got = await next_frames(watcher, 2)
+    assert [(f.index, f.data) for f in got] == [(3, b""), (4, b"")]
+    assert "requestId" in got[0].tags
+
+
+async def test_consumers_share_a_queue_each_item_goes_to_one(live_queue: LiveQueue) -> None:
+    producer = live_queue.client()
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def consume(name: str) -> None:
+        queue = live_queue.client()
+        async with queue.watch(window=3) as watcher:
+            async for frame in watcher:
+                seen[name].append(frame.index)
+                await queue.commit(frame.index)
+                if sum(map(len, seen.values())) >= 60:
+                    return
+
+    consumers = [asyncio.create_task(consume("a")), asyncio.create_task(consume("b"))]
+    await asyncio.sleep(0.1)
+    for n in range(60):
+        await producer.put(str(n))
+    await asyncio.wait_for(asyncio.wait(consumers, return_when=asyncio.FIRST_COMPLETED), 10)
+    for task in consumers:
+        task.cancel()
+    everything = seen["a"] + seen["b"]
+    assert sorted(everything) == list(range(1, 61))  # each exactly once
+    assert seen["a"] and seen["b"]
+
+
+async def test_items_of_a_vanished_consumer_reach_another_and_committed_never_return(
+        live_queue: LiveQueue) -> None:
+    producer = live_queue.client()
+    for n in range(3):
+        await producer.put(str(n))
+    first = live_queue.client()
+    watcher = first.watch(window=3)
+    got = await next_frames(watcher, 3)
+    await first.commit(got[0].index)
+    # Vanish without a goodbye: the service only sees the socket drop.
+    await drop_watchers(live_queue)
+    watcher._closed = True  # stop this client from reconnecting
+    second = live_queue.client()
+    async with second.watch(window=5) as other:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        again = await next_frames(other, 2, timeout_s=PENDING_TIMEOUT_S * 5)
+        assert loop.time() - started >= PENDING_TIMEOUT_S * 0.5
+        assert [f.data for f in again] == [b"1", b"2"]
+        assert await nothing_within(other, PENDING_TIMEOUT_S * 2)
+
+
+async def test_reconnecting_consumer_resumes_with_its_pending_items(live_queue: LiveQueue) -> None:
+    queue = live_queue.client(uid="worker-1")
+    for n in range(4):
+        await queue.put(str(n))
+    async with queue.watch(window=2) as watcher:
+        got = await next_frames(watcher, 2)
+        await queue.commit(got[0].index)
+        await drop_watchers(live_queue)  # the client reconnects itself
+        resumed = await next_frames(watcher, 2)
+        assert watcher.reconnects == 1
+    assert [f.data for f in got + resumed] == [b"0", b"1", b"1", b"2"]
+
+
+async def test_a_clean_close_gives_pending_items_back_at_once(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(2):
+        await queue.put(str(n))
+    async with queue.watch(window=2) as watcher:
+        await next_frames(watcher, 2)
+    other = live_queue.client()
+    async with other.watch(window=2) as watcher:
+        got = await next_frames(watcher, 2, timeout_s=PENDING_TIMEOUT_S / 2)
+    assert [f.data for f in got] == [b"0", b"1"]
+
+
+async def test_delete_and_truncate(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(6):
+        await queue.put(str(n))
+    await queue.delete([2, 4])
+    await queue.truncate(4)
+    frames = await queue.get(length=10)
+    assert [f.index for f in frames] == [5, 6]
+    attrs = await queue.attributes()
+    assert (attrs["stream.length"], attrs["stream.firstEntry"], attrs["stream.lastEntry"]) == ("2", "5", "6")
+
+
+async def test_health_needs_no_token(live_queue: LiveQueue) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://{live_queue.endpoint}/healthz")
+        assert response.status_code == 200
+        refused = await http.get(f"http://{live_queue.endpoint}/api/predict/svc", params={"_attrs_": "true"})
+        assert refused.status_code == 401
+        assert TOKEN not in refused.text
