@@ -115,6 +115,10 @@ def browser_session(instance: Instance) -> Iterator[Session]:
             session = Session(page)
             page.on("response", lambda r: r.status >= 400 and session.bad.append(
                 (r.status, r.request.method, r.url)))
+            # Transport failures count too; ERR_ABORTED is the page cancelling a fetch
+            # itself (fetchApi aborts its timeout controller on bodies it never reads).
+            page.on("requestfailed", lambda r: r.url.startswith(instance.url) and r.failure != "net::ERR_ABORTED"
+                    and session.bad.append((0, r.method, f"{r.url} ({r.failure})")))
             page.goto(instance.url + "/")
             if instance.token is not None:
                 assert "/login" in page.url, "the web UI must ask for the token first"
