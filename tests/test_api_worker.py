@@ -1,0 +1,176 @@
+"""Workers end to end in one process: /api_prompt -> input queue -> worker -> instance -> sink queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from conftest import free_port
+from standard.server.app import create_embedded_app
+from standard.settings import StandardSettings
+from test_api_support import TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
+from test_server_support import tiny_graph
+
+BOOM_PLUGIN = '''
+class TestBoom:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "boom"
+    CATEGORY = "testing"
+    def boom(self, image):
+        raise RuntimeError("boom on purpose")
+
+NODE_CLASS_MAPPINGS = {"TestBoom": TestBoom}
+'''
+
+
+async def test_results_carry_task_id_request_id_and_outputs(api: ApiFactory, instance_url: Any,
+                                                            data_dir: Path) -> None:
+    live = await api(instance_urls=(await instance_url(),))
+    ids = {}
+    for i in range(3):
+        resp = await live.submit(tiny_graph(f"txt2img_{i}"), task_id=f"txt2img_{i}", user="u1")
+        assert resp.status_code == 200
+        ids[f"txt2img_{i}"] = resp.headers["X-Eas-Queueservice-Request-Id"]
+    async with live.sink() as sink:
+        frames = await read_results(sink, 3)
+        assert await no_more(sink) == []
+    assert sorted(f.tags["task_id"] for f in frames) == sorted(ids)
+    for frame in frames:
+        task_id = frame.tags["task_id"]
+        assert frame.tags["requestId"] == ids[task_id]
+        assert frame.tags["status"] == "success" and frame.tags["user"] == "u1"
+        *executed, outputs = json.loads(frame.data)
+        assert {e["type"] for e in executed} == {"executed"}
+        assert {e["data"]["prompt_id"] for e in executed} == {frame.tags["prompt_id"]}
+        # As ComfyUI does, a cached node may report ``output: None``; the output nodes carry the images.
+        assert {e["data"]["node"]: e["data"]["output"] for e in executed if e["data"]["output"]} == outputs
+        [image] = outputs["2"]["images"]
+        assert image["filename"] == f"{task_id}_00001_.png"
+        assert (data_dir / "output" / image["filename"]).is_file()
+    async with live.input() as queue:
+        assert (await queue.attributes())["stream.length"] == "0"  # every input committed
+
+
+async def test_unknown_node_and_failing_node_give_error_results(api: ApiFactory, instance_url: Any,
+                                                                data_dir: Path) -> None:
+    (data_dir / "custom_nodes" / "test_boom.py").write_text(BOOM_PLUGIN)
+    live = await api(instance_urls=(await instance_url(),))
+    unknown = {"1": {"class_type": "KSampler", "inputs": {"seed": 1}},
+               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    failing = tiny_graph("f")
+    failing["3"] = {"class_type": "TestBoom", "inputs": {"image": ["1", 0]}}
+    failing["2"]["inputs"]["images"] = ["3", 0]
+    await live.submit(unknown, task_id="unknown")
+    await live.submit(failing, task_id="failing")
+    async with live.sink() as sink:
+        frames = {f.tags["task_id"]: f for f in await read_results(sink, 2)}
+    for task_id in ("unknown", "failing"):
+        frame = frames[task_id]
+        assert frame.tags["status"] == "error"
+        [event] = json.loads(frame.data)
+        assert event["type"] == "execution_error"
+    unknown_error = json.loads(frames["unknown"].data)[0]["data"]
+    assert "KSampler" in json.dumps(unknown_error)
+    failing_error = json.loads(frames["failing"].data)[0]["data"]
+    assert failing_error["exception_message"].startswith("boom on purpose")
+    assert failing_error["node_type"] == "TestBoom"
+
+
+async def test_redelivered_task_is_committed_not_run_again(api: ApiFactory, instance_url: Any) -> None:
+    live = await api(instance_urls=(await instance_url(),))
+    async with live.sink() as sink, live.input() as queue:
+        # A task whose result is already on the sink (its worker died between put and commit).
+        await sink.put(b"[]", {"task_id": "done", "requestId": "rid-1"})
+        await queue.put(json.dumps(tiny_graph()), {"task_id": "done", "requestId": "rid-1"})
+        await live.submit(tiny_graph("next"), task_id="next")
+        frames = await read_results(sink, 2)
+        assert await no_more(sink) == []
+        assert sorted(f.tags["task_id"] for f in frames) == ["done", "next"]
+        assert (await queue.attributes())["stream.length"] == "0"
+    [stats] = live.live.metrics.workers.values()
+    assert stats.redeliveries == 1 and stats.succeeded == 1
+
+
+async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any) -> None:
+    live = await api(instance_urls=(await instance_url(),), max_length=2)
+    for i in range(2):
+        await live.submit(tiny_graph(f"s{i}"), task_id=f"s{i}")
+    async with live.sink() as sink, live.input() as queue:
+        for _ in range(100):
+            if (await sink.attributes())["stream.length"] == "2":
+                break
+            await asyncio.sleep(0.05)
+        await live.submit(tiny_graph("s2"), task_id="s2")  # runs, then its put waits for room
+        await live.submit(tiny_graph("s3"), task_id="s3")  # not taken while s2 is held
+        await asyncio.sleep(0.6)
+        attrs = await queue.attributes()
+        assert attrs["stream.length"] == "2"
+        first = int(attrs["stream.firstEntry"])
+        assert (await queue.search(first))["IsPending"] is True
+        assert (await queue.search(first + 1))["IsPending"] is False
+        frames = await read_results(sink, 4)
+        assert sorted(f.tags["task_id"] for f in frames) == ["s0", "s1", "s2", "s3"]
+
+
+async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: Any, data_dir: Path) -> None:
+    port = free_port()
+    live = await api(instance_urls=(f"http://127.0.0.1:{port}",))
+    await live.submit(tiny_graph("late"), task_id="late")
+    await asyncio.sleep(0.5)
+    async with live.input() as queue:
+        assert (await queue.search(1))["IsPending"] is False  # nobody took it while the instance is down
+    [stats] = live.live.metrics.workers.values()
+    assert stats.instance_up is False
+    await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
+    async with live.sink() as sink:
+        [frame] = await read_results(sink, 1)
+    assert frame.tags["task_id"] == "late" and frame.tags["status"] == "success"
+
+
+async def test_redis_store(api: ApiFactory, instance_url: Any, redis_url: str) -> None:
+    url = await instance_url()
+    live = await api(instance_urls=(url, url), redis_url=redis_url)
+    for i in range(4):
+        assert (await live.submit(tiny_graph(f"r{i}"), task_id=f"r{i}")).status_code == 200
+    async with live.sink() as sink:
+        frames = await read_results(sink, 4)
+        assert await no_more(sink) == []
+    assert sorted(f.tags["task_id"] for f in frames) == [f"r{i}" for i in range(4)]
+    assert all(f.tags["status"] == "success" for f in frames)
+
+
+async def test_webhook_is_signed_and_retried(api: ApiFactory, instance_url: Any, aiohttp_server: Any) -> None:
+    calls: list[tuple[int, dict[str, str], bytes]] = []
+    delivered = asyncio.Event()
+
+    async def receiver(request: web.Request) -> web.Response:
+        calls.append((len(calls), dict(request.headers), await request.read()))
+        if len(calls) == 1:
+            return web.Response(status=503)
+        delivered.set()
+        return web.Response(text="ok")
+
+    hook_app = web.Application()
+    hook_app.router.add_post("/hook", receiver)
+    hook = await aiohttp_server(hook_app)
+    live = await api(instance_urls=(await instance_url(),), webhook_secret="s3cret")
+    await live.submit(tiny_graph("w"), task_id="hooked", webhook=f"http://127.0.0.1:{hook.port}/hook")
+    async with live.sink() as sink:
+        [frame] = await read_results(sink, 1)
+    assert "webhook" not in frame.tags
+    await asyncio.wait_for(delivered.wait(), 10)
+    assert len(calls) == 2
+    _, headers, body = calls[1]
+    assert verify("s3cret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    assert not verify("other", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    payload = json.loads(body)
+    assert payload["task_id"] == "hooked" and payload["status"] == "success"
+    assert payload["result"] == json.loads(frame.data)
