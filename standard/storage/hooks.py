@@ -1,0 +1,36 @@
+"""Where the engine's ``folder_paths`` and the model listing find the storage of a data dir.
+
+Kept free of oss2 imports: it is imported by every instance, bucket or not.
+Several instances may live in one process (tests), so storages are keyed by the
+data dir's local root.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..datadir import DataDir
+    from .storage import ObjectStorage
+
+_lock = threading.Lock()
+_storages: dict[Path, ObjectStorage] = {}
+
+
+def register(root: Path, storage: ObjectStorage) -> None:
+    with _lock:
+        _storages[Path(root)] = storage
+
+
+def unregister(root: Path, storage: ObjectStorage | None = None) -> None:
+    with _lock:
+        if storage is None or _storages.get(Path(root)) is storage:
+            _storages.pop(Path(root), None)
+
+
+def remote_models(data_dir: DataDir) -> ObjectStorage | None:
+    """The storage whose bucket holds this data dir's models (``--data-dir oss://``), else None."""
+    storage = _storages.get(data_dir.root)
+    return storage if storage is not None and storage.remote_models else None

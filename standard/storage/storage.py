@@ -1,0 +1,204 @@
+"""``ObjectStorage``: everything an instance does with its bucket, behind one object.
+
+- oss:// data dir: ``prepare()`` syncs ``custom_nodes/`` down and lists
+  ``models/``; ``model_path()`` fetches a model into the cache on first use (or
+  ``prefetch()`` does all of them); outputs and uploads go up to the bucket.
+- mounted data dir with ``--oss-bucket``: nothing to sync or upload (the mount
+  does it); outputs get signed URLs of their keys.
+- ``--output-url-base``: outputs get ``base/<path in the data dir>`` URLs.
+
+Blocking methods (all but the small getters) run in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from ..paths import resolve_inside
+from .cache import ModelCache
+from .client import ObjectInfo, OssClient
+from .errors import ObjectNotFound, StorageError
+from .settings import StorageSettings
+from .sync import sync_down
+
+log = logging.getLogger("comfyserve.storage")
+OUTPUT_LIST_KEYS_SKIP = frozenset({"text", "animated"})
+
+
+class ObjectStorage:
+    def __init__(self, settings: StorageSettings, local_root: Path) -> None:
+        self.settings = settings
+        self.local_root = Path(local_root)
+        self.location = settings.bucket_location
+        self.client: OssClient | None = None
+        if self.location is not None:
+            self.client = OssClient(settings, self.location, pool_size=settings.download_workers * 2 + 4)
+        self.remote_models = settings.location is not None
+        self.uploads_outputs = settings.location is not None
+        self.cache: ModelCache | None = None
+        if self.remote_models:
+            assert self.client is not None and self.location is not None
+            self.cache = ModelCache(
+                self.client, self.location.key("models") + "/", self.local_root / "models",
+                max_bytes=settings.cache_max_bytes, part_size=settings.part_size_bytes,
+                workers=settings.download_workers)
+        self._models: dict[str, ObjectInfo] = {}  # "folder/name" under models/ -> listing entry
+        self._models_lock = threading.Lock()
+        self._task_holds: list[str] = []
+        self._holds_lock = threading.Lock()
+        self.uploaded: list[str] = []  # keys uploaded (tests, logs)
+
+    # -- start / restart -------------------------------------------------------
+
+    def prepare(self) -> None:
+        """At start and on /restart: custom_nodes down, models listed, optionally prefetched."""
+        if not self.remote_models:
+            return
+        assert self.client is not None and self.location is not None
+        started = time.monotonic()
+        sync_down(self.client, self.location.key("custom_nodes") + "/", self.local_root / "custom_nodes",
+                  workers=self.settings.download_workers)
+        self.refresh_models()
+        log.info("bucket %s ready in %.2fs: %d model files listed", self.location,
+                 time.monotonic() - started, len(self._models))
+        if self.settings.prefetch_models:
+            self.prefetch()
+
+    def refresh_models(self) -> None:
+        assert self.client is not None and self.location is not None
+        prefix = self.location.key("models") + "/"
+        listed = {info.key[len(prefix):]: info for info in self.client.list(prefix) if "/" in info.key[len(prefix):]}
+        with self._models_lock:
+            self._models = listed
+
+    def prefetch(self) -> None:
+        """Every listed model into the cache (largest first, so the long ones start early)."""
+        assert self.cache is not None
+        with self._models_lock:
+            todo = sorted(self._models.items(), key=lambda item: -item[1].size)
+        log.info("prefetching %d models (%.1f MB)", len(todo), sum(i.size for _, i in todo) / 1024**2)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="oss-prefetch") as pool:
+            list(pool.map(lambda item: self.cache.ensure(item[0], item[1]), todo))  # type: ignore[union-attr]
+
+    # -- models ----------------------------------------------------------------
+
+    def model_names(self, folder: str) -> list[str]:
+        """Names (relative to ``models/<folder>/``) of the folder's files in the bucket."""
+        head = folder.rstrip("/") + "/"
+        with self._models_lock:
+            return sorted(rel[len(head):] for rel in self._models if rel.startswith(head))
+
+    def model_path(self, folder: str, filename: str) -> str | None:
+        """The local path of a model, fetched on first use; None when neither bucket nor disk has it.
+
+        Called on the execution thread by ``folder_paths.get_full_path``; the file
+        stays out of eviction until the running task ends (``task_finished``).
+        """
+        assert self.cache is not None
+        rel = f"{folder}/{filename}"
+        try:
+            local = resolve_inside(self.cache.root, rel)
+        except ValueError:
+            return None
+        with self._models_lock:
+            info = self._models.get(rel)
+        if info is None:
+            return str(local) if local.is_file() else None
+        self.cache.acquire(rel)
+        with self._holds_lock:
+            self._task_holds.append(rel)
+        return str(self.cache.ensure(rel, info))
+
+    def task_finished(self) -> None:
+        """Let the cache evict what the finished task used."""
+        with self._holds_lock:
+            holds, self._task_holds = self._task_holds, []
+        if self.cache is not None:
+            for rel in holds:
+                self.cache.release(rel)
+
+    # -- outputs, inputs, URLs -------------------------------------------------
+
+    def data_key(self, local_path: Path) -> str:
+        """The object key of a file under the local data dir root."""
+        assert self.location is not None
+        rel = Path(local_path).resolve().relative_to(self.local_root.resolve()).as_posix()
+        return self.location.key(rel)
+
+    def url_for(self, local_path: Path) -> str | None:
+        """A URL API clients can fetch the file from without reaching the instance."""
+        rel = Path(local_path).resolve().relative_to(self.local_root.resolve()).as_posix()
+        if self.settings.output_url_base:
+            return f"{self.settings.output_url_base}/{quote(rel)}"
+        if self.client is None:
+            return None
+        return self.client.sign_url(self.data_key(local_path), self.settings.url_expires_s)
+
+    def upload(self, local_path: Path) -> str:
+        """Put a local data-dir file at its key; returns the key."""
+        assert self.client is not None
+        key = self.data_key(local_path)
+        self.client.put_file(key, Path(local_path))
+        self.uploaded.append(key)
+        return key
+
+    def publish_outputs(self, history_result: dict[str, Any], folders: dict[str, Path]) -> int:
+        """Upload the task's output files (oss:// data dir) and add a ``url`` to each entry.
+
+        ``folders`` maps ComfyUI's ``type`` ("output", ...) to its local folder.
+        Entries whose file is missing or fails to upload get no URL (logged).
+        Returns the number of files uploaded.
+        """
+        uploaded = 0
+        for entry in _file_entries(history_result.get("outputs") or {}):
+            root = folders.get(entry.get("type", "output"))
+            if root is None or entry.get("type") != "output":
+                continue
+            try:
+                path = resolve_inside(resolve_inside(root, entry.get("subfolder") or ""), entry["filename"])
+            except ValueError:
+                continue
+            if not path.is_file():
+                continue
+            try:
+                if self.uploads_outputs:
+                    self.upload(path)
+                    uploaded += 1
+                url = self.url_for(path)
+            except (StorageError, OSError, ValueError) as exc:
+                log.error("output %s not published: %s", path.name, exc)
+                continue
+            if url:
+                entry["url"] = url
+        return uploaded
+
+    def remote_url(self, local_path: Path) -> str | None:
+        """For /view of a file not on local disk: a signed URL if the bucket has it."""
+        if self.client is None:
+            return None
+        try:
+            key = self.data_key(local_path)
+            self.client.head(key)
+        except (ObjectNotFound, ValueError):
+            return None
+        return self.url_for(local_path)
+
+
+def _file_entries(outputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every ``{"filename", "subfolder", "type"}`` dict in a history's ``outputs``."""
+    for node_output in outputs.values():
+        if not isinstance(node_output, dict):
+            continue
+        for name, items in node_output.items():
+            if name in OUTPUT_LIST_KEYS_SKIP or not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    yield item

@@ -1,0 +1,456 @@
+"""A small OSS-compatible server for tests: enough of the protocol for the real ``oss2`` SDK.
+
+Path-style addressing (``http://127.0.0.1:PORT/BUCKET/KEY``, which oss2 uses
+for an IP endpoint), v1 signatures (header ``Authorization: OSS id:sig`` and
+signed URLs ``?OSSAccessKeyId&Expires&Signature``), ListObjects with
+prefix/marker/max-keys/delimiter paging, ranged GET, PutObject, multipart
+upload, HEAD with ``x-oss-hash-crc64ecma`` and ``ETag``, DELETE, and errors as
+the XML oss2 parses. Objects live in memory.
+
+Faults for tests (see :class:`Faults`): answer 500 to the next N matching
+requests, drop the connection after sending part of a GET body, slow bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate, parsedate_to_datetime
+from urllib.parse import unquote
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
+
+import crcmod
+from aiohttp import web
+
+# Query parameters that are part of the v1 canonical resource (a subset of oss2's list).
+SUBRESOURCES = frozenset({
+    "acl", "uploadId", "uploads", "partNumber", "delete", "location", "objectMeta", "security-token",
+    "response-content-type", "response-content-language", "response-cache-control",
+    "response-content-encoding", "response-expires", "response-content-disposition",
+    "x-oss-process", "tagging", "versionId", "versioning", "stat", "bucketInfo", "append", "position",
+    "symlink", "restore", "continuation-token", "x-oss-traffic-limit", "x-oss-request-payer", "sequential",
+})
+_crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
+SEND_CHUNK = 256 * 1024
+
+
+def crc64(data: bytes) -> int:
+    """CRC-64/XZ (ECMA-182), the checksum OSS reports as ``x-oss-hash-crc64ecma``."""
+    return _crc64(data)
+
+
+@dataclass
+class StoredObject:
+    data: bytes
+    etag: str
+    content_type: str
+    last_modified: float = field(default_factory=time.time)
+
+    @property
+    def crc(self) -> int:
+        cached = getattr(self, "_crc", None)
+        if cached is None:
+            cached = crc64(self.data)
+            self._crc = cached
+        return cached
+
+
+@dataclass
+class Fault:
+    """One injected fault: matches a method and a key substring, fires ``times`` times."""
+
+    kind: str  # "status" | "drop" | "slow"
+    method: str
+    key_contains: str
+    times: int
+    status: int = 500
+    after_bytes: int = 0
+    delay_s: float = 0.0
+    skip: int = 0  # let this many matching requests through first
+
+
+class Faults:
+    """Faults the tests switch on; thread-safe because tests run in another thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self.fired: list[tuple[str, str, str]] = []
+
+    def fail(self, method: str = "GET", key_contains: str = "", *, status: int = 500, times: int = 1,
+             after: int = 0) -> None:
+        """Answer ``status`` to ``times`` matching requests, after letting ``after`` of them through."""
+        self._add(Fault("status", method, key_contains, times, status=status, skip=after))
+
+    def drop(self, key_contains: str = "", *, after_bytes: int, times: int = 1) -> None:
+        """Close the connection after ``after_bytes`` of a GET body."""
+        self._add(Fault("drop", "GET", key_contains, times, after_bytes=after_bytes))
+
+    def slow(self, key_contains: str = "", *, delay_s: float, times: int = 1_000_000) -> None:
+        self._add(Fault("slow", "GET", key_contains, times, delay_s=delay_s))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def take(self, method: str, key: str, kind: str) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind == kind and fault.method == method and fault.key_contains in key and fault.times > 0:
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
+                    fault.times -= 1
+                    self.fired.append((kind, method, key))
+                    return fault
+        return None
+
+
+class OssError(Exception):
+    """An error answered as OSS's ``<Error>`` XML."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str) -> None:
+        super().__init__(code)
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>\n'
+            f"  <Code>{code}</Code>\n  <Message>{escape(message)}</Message>\n"
+            f"  <RequestId>{request_id}</RequestId>\n  <HostId>127.0.0.1</HostId>\n</Error>\n"
+        )
+        self.response = web.Response(status=status, text=body, content_type="application/xml",
+                                     headers={"x-oss-request-id": request_id})
+
+
+class OssTestServer:
+    """In-memory buckets + credentials + faults; ``app()`` builds the aiohttp app."""
+
+    def __init__(self, credentials: dict[str, str] | None = None, *, sts_tokens: dict[str, str] | None = None) -> None:
+        self.credentials = dict(credentials or {"test-key-id": "test-key-secret"})
+        self.sts_tokens = dict(sts_tokens or {})  # key id -> required security token
+        self.buckets: dict[str, dict[str, StoredObject]] = {}
+        self.uploads: dict[str, tuple[str, str, dict[int, bytes]]] = {}
+        self.faults = Faults()
+        self.requests: list[tuple[str, str, str]] = []  # (method, bucket, key) log for tests
+        self._lock = threading.Lock()
+
+    # -- direct access for test set-up ----------------------------------------
+
+    def create_bucket(self, name: str) -> None:
+        self.buckets.setdefault(name, {})
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.create_bucket(bucket)
+        self.buckets[bucket][key] = StoredObject(data, _md5_etag(data), content_type)
+
+    def get(self, bucket: str, key: str) -> bytes | None:
+        obj = self.buckets.get(bucket, {}).get(key)
+        return None if obj is None else obj.data
+
+    # -- app ------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=2 * 1024**3)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except OssError as exc:
+            return exc.response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex[:24].upper()
+        bucket, key = _split_path(request.raw_path.split("?", 1)[0])
+        self.requests.append((request.method, bucket, key))
+        fault = self.faults.take(request.method, key, "status")
+        if fault is not None:
+            raise OssError(fault.status, "InternalError", "injected fault", request_id)
+        self._check_auth(request, bucket, key, request_id)
+        if not bucket:
+            raise OssError(400, "InvalidArgument", "service-level requests are not supported", request_id)
+        if bucket not in self.buckets:
+            raise OssError(404, "NoSuchBucket", "The specified bucket does not exist.", request_id)
+        query = request.query
+        headers = {"x-oss-request-id": request_id}
+        if not key:
+            if request.method == "GET":
+                return self._list(bucket, query, headers)
+            raise OssError(405, "MethodNotAllowed", "unsupported bucket operation", request_id)
+        if request.method == "POST" and "uploads" in query:
+            upload_id = uuid.uuid4().hex
+            self.uploads[upload_id] = (bucket, key, {})
+            return _xml(f"<InitiateMultipartUploadResult><Bucket>{bucket}</Bucket><Key>{escape(key)}</Key>"
+                        f"<UploadId>{upload_id}</UploadId></InitiateMultipartUploadResult>", headers)
+        if request.method == "PUT" and "uploadId" in query:
+            return await self._upload_part(request, bucket, key, headers, request_id)
+        if request.method == "POST" and "uploadId" in query:
+            return await self._complete(request, bucket, key, headers, request_id)
+        if request.method == "DELETE" and "uploadId" in query:
+            self.uploads.pop(query["uploadId"], None)
+            return web.Response(status=204, headers=headers)
+        if request.method == "PUT":
+            data = await request.read()
+            _check_md5(request, data, request_id)
+            obj = StoredObject(data, _md5_etag(data), request.headers.get("Content-Type", "application/octet-stream"))
+            self.buckets[bucket][key] = obj
+            headers.update({"ETag": f'"{obj.etag}"', "x-oss-hash-crc64ecma": str(obj.crc)})
+            return web.Response(status=200, headers=headers)
+        if request.method == "DELETE":
+            self.buckets[bucket].pop(key, None)
+            return web.Response(status=204, headers=headers)
+        obj = self.buckets[bucket].get(key)
+        if obj is None:
+            raise OssError(404, "NoSuchKey", "The specified key does not exist.", request_id)
+        if request.method == "HEAD":
+            headers.update(_object_headers(obj))
+            headers["Content-Length"] = str(len(obj.data))
+            return web.Response(status=200, headers=headers)
+        if request.method == "GET":
+            return await self._get(request, key, obj, headers)
+        raise OssError(405, "MethodNotAllowed", f"{request.method} not supported", request_id)
+
+    # -- operations -----------------------------------------------------------
+
+    def _list(self, bucket: str, query: dict, headers: dict[str, str]) -> web.Response:
+        prefix = query.get("prefix", "")
+        marker = query.get("marker", "")
+        delimiter = query.get("delimiter", "")
+        max_keys = max(1, min(int(query.get("max-keys", "100") or 100), 1000))
+        url_encoded = query.get("encoding-type") == "url"
+        contents: list[StoredObject | None] = []
+        names: list[str] = []
+        seen_prefixes: set[str] = set()
+        truncated = False
+        for name in sorted(self.buckets[bucket]):
+            if not name.startswith(prefix) or name <= marker:
+                continue
+            if delimiter:
+                cut = name.find(delimiter, len(prefix))
+                if cut >= 0:
+                    common = name[: cut + len(delimiter)]
+                    if common in seen_prefixes or common <= marker:
+                        continue
+                    if len(names) >= max_keys:
+                        truncated = True
+                        break
+                    seen_prefixes.add(common)
+                    names.append(common)
+                    contents.append(None)
+                    continue
+            if len(names) >= max_keys:
+                truncated = True
+                break
+            names.append(name)
+            contents.append(self.buckets[bucket][name])
+
+        def enc(text: str) -> str:
+            return escape(_url_quote(text) if url_encoded else text)
+
+        parts = [f"<ListBucketResult><Name>{bucket}</Name><Prefix>{enc(prefix)}</Prefix>"
+                 f"<Marker>{enc(marker)}</Marker><MaxKeys>{max_keys}</MaxKeys><Delimiter>{enc(delimiter)}</Delimiter>"
+                 f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
+        if url_encoded:
+            parts.append("<EncodingType>url</EncodingType>")
+        if truncated and names:
+            parts.append(f"<NextMarker>{enc(names[-1])}</NextMarker>")
+        for name, obj in zip(names, contents):
+            if obj is None:
+                parts.append(f"<CommonPrefixes><Prefix>{enc(name)}</Prefix></CommonPrefixes>")
+            else:
+                parts.append(
+                    f"<Contents><Key>{enc(name)}</Key><LastModified>{_iso8601(obj.last_modified)}</LastModified>"
+                    f'<ETag>"{obj.etag}"</ETag><Type>{"Multipart" if "-" in obj.etag else "Normal"}</Type>'
+                    f"<Size>{len(obj.data)}</Size><StorageClass>Standard</StorageClass>"
+                    "<Owner><ID>0</ID><DisplayName>test</DisplayName></Owner></Contents>")
+        parts.append("</ListBucketResult>")
+        return _xml("".join(parts), headers)
+
+    async def _get(self, request: web.Request, key: str, obj: StoredObject, headers: dict[str, str]) -> web.StreamResponse:
+        size = len(obj.data)
+        start, end, status = 0, size - 1, 200
+        range_header = request.headers.get("Range", "")
+        if range_header.startswith("bytes="):
+            parsed = _parse_range(range_header[6:], size)
+            if parsed is not None:  # OSS ignores an invalid range and sends everything
+                start, end = parsed
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers.update(_object_headers(obj))
+        if status == 206:
+            headers.pop("x-oss-hash-crc64ecma")  # OSS sends the whole object's CRC only for a full GET
+        headers["Accept-Ranges"] = "bytes"
+        body = memoryview(obj.data)[start : end + 1]
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        drop = self.faults.take("GET", key, "drop")
+        slow = self.faults.take("GET", key, "slow")
+        limit = len(body) if drop is None else min(drop.after_bytes, len(body))
+        sent = 0
+        while sent < limit:
+            chunk = body[sent : min(sent + SEND_CHUNK, limit)]
+            await response.write(chunk)
+            sent += len(chunk)
+            if slow is not None:
+                await asyncio.sleep(slow.delay_s)
+        if drop is not None:
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def _upload_part(self, request: web.Request, bucket: str, key: str, headers: dict[str, str],
+                           request_id: str) -> web.Response:
+        upload = self.uploads.get(request.query["uploadId"])
+        if upload is None or upload[:2] != (bucket, key):
+            raise OssError(404, "NoSuchUpload", "The specified upload does not exist.", request_id)
+        try:
+            number = int(request.query.get("partNumber", ""))
+        except ValueError:
+            raise OssError(400, "InvalidArgument", "partNumber must be an integer", request_id) from None
+        data = await request.read()
+        _check_md5(request, data, request_id)
+        upload[2][number] = data
+        headers.update({"ETag": f'"{_md5_etag(data)}"', "x-oss-hash-crc64ecma": str(crc64(data))})
+        return web.Response(status=200, headers=headers)
+
+    async def _complete(self, request: web.Request, bucket: str, key: str, headers: dict[str, str],
+                        request_id: str) -> web.Response:
+        upload_id = request.query["uploadId"]
+        upload = self.uploads.get(upload_id)
+        if upload is None or upload[:2] != (bucket, key):
+            raise OssError(404, "NoSuchUpload", "The specified upload does not exist.", request_id)
+        root = ElementTree.fromstring(await request.read())
+        numbers: list[int] = []
+        for part in root.findall("Part"):
+            number = int(part.findtext("PartNumber", "0"))
+            etag = (part.findtext("ETag") or "").strip('"')
+            data = upload[2].get(number)
+            if data is None or _md5_etag(data) != etag:
+                raise OssError(400, "InvalidPart", f"part {number} was not uploaded or its ETag differs", request_id)
+            numbers.append(number)
+        if numbers != sorted(numbers):
+            raise OssError(400, "InvalidPartOrder", "parts must be in ascending order", request_id)
+        data = b"".join(upload[2][n] for n in numbers)
+        digest = hashlib.md5(b"".join(hashlib.md5(upload[2][n]).digest() for n in numbers)).hexdigest().upper()
+        obj = StoredObject(data, f"{digest}-{len(numbers)}", "application/octet-stream")
+        self.buckets[bucket][key] = obj
+        del self.uploads[upload_id]
+        headers["x-oss-hash-crc64ecma"] = str(obj.crc)
+        return _xml(f"<CompleteMultipartUploadResult><Bucket>{bucket}</Bucket><Key>{escape(key)}</Key>"
+                    f'<ETag>"{obj.etag}"</ETag></CompleteMultipartUploadResult>', headers)
+
+    # -- signatures -----------------------------------------------------------
+
+    def _check_auth(self, request: web.Request, bucket: str, key: str, request_id: str) -> None:
+        query = request.query
+        header = request.headers.get("Authorization", "")
+        if header.startswith("OSS "):
+            key_id, _, signature = header[4:].partition(":")
+            date = request.headers.get("x-oss-date") or request.headers.get("Date", "")
+            try:
+                skew_s = abs(time.time() - parsedate_to_datetime(date).timestamp())
+            except (TypeError, ValueError):
+                raise OssError(403, "AccessDenied", "missing or invalid Date header", request_id) from None
+            if skew_s > 900:
+                raise OssError(403, "RequestTimeTooSkewed", "the request time is too skewed", request_id)
+            token = request.headers.get("x-oss-security-token")
+        elif "Signature" in query:
+            key_id, signature, date = query.get("OSSAccessKeyId", ""), query["Signature"], query.get("Expires", "")
+            if not date.isdigit() or int(date) < time.time():
+                raise OssError(403, "AccessDenied", "Request has expired.", request_id)
+            token = query.get("security-token")
+        else:
+            raise OssError(403, "AccessDenied", "You have no right to access this object.", request_id)
+        secret = self.credentials.get(key_id)
+        if secret is None:
+            raise OssError(403, "InvalidAccessKeyId", "The OSS Access Key Id you provided does not exist.", request_id)
+        if key_id in self.sts_tokens and token != self.sts_tokens[key_id]:
+            raise OssError(403, "InvalidSecurityToken", "The security token you provided is invalid.", request_id)
+        string_to_sign = _string_to_sign(request, bucket, key, date)
+        expected = base64.b64encode(hmac.new(secret.encode(), string_to_sign, hashlib.sha1).digest()).decode()
+        if not hmac.compare_digest(expected, signature):
+            raise OssError(403, "SignatureDoesNotMatch",
+                           "The request signature we calculated does not match the signature you provided.",
+                           request_id)
+
+
+def _string_to_sign(request: web.Request, bucket: str, key: str, date: str) -> bytes:
+    headers = request.headers
+    oss_headers = sorted((k.lower(), v) for k, v in headers.items() if k.lower().startswith("x-oss-"))
+    canon_headers = "".join(f"{k}:{v}\n" for k, v in oss_headers)
+    sub = sorted((k, v) for k, v in request.query.items() if k in SUBRESOURCES)
+    resource = f"/{bucket}/{key}" if bucket else "/"
+    if sub:
+        resource += "?" + "&".join(f"{k}={v}" if v else k for k, v in sub)
+    lines = [request.method, headers.get("Content-MD5", ""), headers.get("Content-Type", ""), date,
+             canon_headers + resource]
+    return "\n".join(lines).encode()
+
+
+def _split_path(raw_path: str) -> tuple[str, str]:
+    bucket, _, key = raw_path.lstrip("/").partition("/")
+    return unquote(bucket), unquote(key)
+
+
+def _parse_range(spec: str, size: int) -> tuple[int, int] | None:
+    first, _, last = spec.partition("-")
+    try:
+        if first == "":
+            length = int(last)
+            return (max(size - length, 0), size - 1) if length > 0 and size else None
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or start > end:
+        return None
+    return start, min(end, size - 1)
+
+
+def _object_headers(obj: StoredObject) -> dict[str, str]:
+    return {
+        "ETag": f'"{obj.etag}"',
+        "Content-Type": obj.content_type,
+        "Last-Modified": formatdate(obj.last_modified, usegmt=True),
+        "x-oss-hash-crc64ecma": str(obj.crc),
+        "x-oss-object-type": "Multipart" if "-" in obj.etag else "Normal",
+        "x-oss-storage-class": "Standard",
+    }
+
+
+def _check_md5(request: web.Request, data: bytes, request_id: str) -> None:
+    sent = request.headers.get("Content-MD5")
+    if sent and base64.b64encode(hashlib.md5(data).digest()).decode() != sent:
+        raise OssError(400, "InvalidDigest", "The Content-MD5 you specified is not valid.", request_id)
+
+
+def _md5_etag(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest().upper()
+
+
+def _iso8601(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(ts))
+
+
+def _url_quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="/")
+
+
+def _xml(body: str, headers: dict[str, str]) -> web.Response:
+    return web.Response(text='<?xml version="1.0" encoding="UTF-8"?>\n' + body,
+                        content_type="application/xml", headers=headers)
