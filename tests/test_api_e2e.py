@@ -1,0 +1,159 @@
+"""The API edition as users run it: real processes, the official SDK, kill -9 faults (DESIGN §8.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import VENV_BIN, free_port, wait_for_port
+from queue_service.client import QueueClient
+from test_api_support import SERVICE, TOKEN, no_more, read_results, requires_sdk, run_sdk
+from test_server_support import gated_graph, install_gate_plugin, open_gate, tiny_graph
+
+
+class Procs:
+    """Child processes of one test, killed at the end whatever happens."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([str(VENV_BIN / "comfyserve"), *args], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def instance(self, name: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        proc = self.start(name, "standard", "--port", str(port), "--data-dir", str(data_dir), "--token", TOKEN)
+        wait_for_port(port, proc=proc)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def worker(self, name: str, queue_url: str, instance_url: str) -> subprocess.Popen[bytes]:
+        return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
+                          instance_url, "--token", TOKEN, "--instance-down-timeout", "1")
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def procs(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Procs]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    p = Procs(cli_env, logs)
+    yield p
+    p.kill_all()
+
+
+async def submit(base_url: str, graph: dict, task_id: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=base_url, trust_env=False) as http:
+        resp = await http.post("/api_prompt", params={"task_id": task_id}, json=graph,
+                               headers={"Authorization": TOKEN})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+async def running_prompts(instance_url: str) -> int:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        resp = await http.get(f"{instance_url}/queue", headers={"Authorization": TOKEN})
+    return len(resp.json()["queue_running"])
+
+
+async def wait_running(instance_url: str, timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await running_prompts(instance_url):
+            await asyncio.sleep(0.05)
+
+
+@requires_sdk
+async def test_all_in_one_with_the_official_sdk(procs: Procs, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    api = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
+                      "--service", SERVICE, "--instances", "2")
+    wait_for_port(port, proc=api)
+    base = f"http://127.0.0.1:{port}"
+    request_ids = {}
+    for i in range(5):
+        resp = await submit(base, tiny_graph(f"txt2img_{i}"), f"txt2img_{i}")
+        request_ids[f"txt2img_{i}"] = resp.headers["X-Eas-Queueservice-Request-Id"]
+    out = await run_sdk(f"127.0.0.1:{port}", {"count": 5})
+    results = out["results"]
+    assert sorted(r["tags"]["task_id"] for r in results) == sorted(request_ids), procs.log("api")
+    for result in results:
+        task_id = result["tags"]["task_id"]
+        assert result["tags"]["requestId"] == request_ids[task_id]
+        outputs = result["data"][-1]
+        [image] = outputs["2"]["images"]
+        assert image["filename"] == f"{task_id}_00001_.png"
+        assert (data_dir / "output" / image["filename"]).is_file()
+    assert out["attrs"]["stream.length"] == "0"  # all committed
+    api.send_signal(signal.SIGTERM)
+    assert api.wait(20) == 0
+
+
+async def _gated_setup(procs: Procs, tmp_path: Path) -> tuple[Path, str, list[str]]:
+    """Front + queue (no local workers), two instances on one data dir with the gate plugin."""
+    data_dir = tmp_path / "data"
+    from standard.datadir import init_data_dir
+
+    init_data_dir(data_dir)
+    install_gate_plugin(data_dir)
+    port = free_port()
+    api = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
+                      "--service", SERVICE, "--instances", "0", "--pending-timeout", "1")
+    wait_for_port(port, proc=api)
+    instances = [procs.instance(f"instance{i}", data_dir)[1] for i in range(2)]
+    return data_dir, f"http://127.0.0.1:{port}", instances
+
+
+async def _exactly_one(queue_url: str, task_id: str) -> None:
+    async with QueueClient(queue_url, f"{SERVICE}/sink", token=TOKEN) as sink:
+        [frame] = await read_results(sink, 1)
+        assert frame.tags["task_id"] == task_id and frame.tags["status"] == "success"
+        assert await no_more(sink, 1.5) == []
+
+
+async def test_kill_9_worker_mid_task_gives_exactly_one_result(procs: Procs, tmp_path: Path) -> None:
+    data_dir, queue_url, (first, second) = await _gated_setup(procs, tmp_path)
+    worker_a = procs.worker("worker_a", queue_url, first)
+    await submit(queue_url, gated_graph("g1", "gated"), "gated")
+    await wait_running(first)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    worker_a.wait(10)
+    procs.worker("worker_b", queue_url, second)
+    await wait_running(second, timeout_s=20)  # the item came back after the dead worker's lease
+    open_gate(data_dir, "g1")
+    await _exactly_one(queue_url, "gated")
+
+
+async def test_kill_9_instance_mid_task_moves_the_task(procs: Procs, tmp_path: Path) -> None:
+    data_dir, queue_url, (first, second) = await _gated_setup(procs, tmp_path)
+    procs.worker("worker_a", queue_url, first)
+    await submit(queue_url, gated_graph("g2", "moved"), "moved")
+    await wait_running(first)
+    procs.worker("worker_b", queue_url, second)
+    instance_proc = procs.procs[1]  # instance0 (api is procs[0])
+    os.kill(instance_proc.pid, signal.SIGKILL)
+    await wait_running(second, timeout_s=20)  # worker A gave the task back
+    open_gate(data_dir, "g2")
+    await _exactly_one(queue_url, "moved")
+    assert "giving task moved back" in procs.log("worker_a")
