@@ -235,3 +235,24 @@ async def test_own_extension_routes_for_a_proxying_front(aiohttp_client) -> None
     client = await aiohttp_client(app)
     assert (await client.get("/extensions/comfyserve/restart.js")).status == 200
     assert (await client.get("/extensions/comfyserve/..%2Finternal.py")).status == 404
+
+
+async def test_text_assets_are_gzipped_and_revalidated(instance) -> None:
+    import gzip as gzip_module
+
+    client = await instance()
+    asset = index_assets()[0]
+    original = (frontend_root() / asset).read_bytes()
+    resp = await client.get("/" + asset, headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert resp.status == 200
+    assert resp.headers["Content-Encoding"] == "gzip" and resp.headers["Vary"] == "Accept-Encoding"
+    compressed = await resp.read()
+    assert gzip_module.decompress(compressed) == original and len(compressed) < len(original)
+    etag = resp.headers["ETag"]
+    again = await client.get("/" + asset, headers={"Accept-Encoding": "gzip", "If-None-Match": etag})
+    assert again.status == 304
+    plain = await client.get("/" + asset, headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers and await plain.read() == original
+    index = await client.get("/", headers={"Accept-Encoding": "gzip, deflate"})
+    assert index.headers["Content-Encoding"] == "gzip" and index.headers["Cache-Control"] == "no-cache"
+    assert "vue-app" in await index.text()
