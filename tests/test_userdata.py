@@ -203,3 +203,13 @@ async def test_userdata_needs_the_token(instance) -> None:
     assert (await client.post("/userdata/a.json", data=b"x")).status == 401
     resp = await client.get("/settings", headers={"Authorization": "Bearer secret-token"})
     assert resp.status == 200
+
+
+async def test_concurrent_setting_writes_all_land(instance) -> None:
+    import asyncio
+
+    client = await instance()
+    responses = await asyncio.gather(*(client.post(f"/api/settings/Key.{i}", json=i) for i in range(20)))
+    assert all(resp.status == 200 for resp in responses)
+    settings = await (await client.get("/api/settings")).json()
+    assert settings == {f"Key.{i}": i for i in range(20)}
