@@ -1,0 +1,131 @@
+"""``create_cluster_app(settings)``: the cluster edition's proxy.
+
+Module by job:
+    login.py, accounts.py     who is asking (pages, sessions, tokens)
+    routes_api.py             /prompt /queue /interrupt /history /jobs-cancel /ws (per user)
+    routes_shared.py          the standard edition's handlers, run in the user's scope (scope.py)
+    core.py                   store + pool + scheduler + runs + user sockets
+    scheduler.py pool.py runner.py graph.py outputs.py hub.py store.py store_redis.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from standard.datadir import init_data_dir
+from standard.server import keys
+from standard.server.middlewares import json_errors_middleware
+from standard.server.routing import add_routes_with_api_prefix
+
+from . import routes_api
+from .accounts import Accounts
+from .core import ClusterCore
+from .keys import CLUSTER_SETTINGS, CORE, POOL, SCOPES
+from .login import DEFAULT_PUBLIC_PATHS, load_or_create_secret, setup_login
+from .pool import LocalInstances, Pool
+from .routes_shared import setup_shared_routes, setup_web_ui
+from .scope import Scopes, ScopeServer
+from .settings import ClusterSettings
+from .store import SqliteStateStore, StateStore
+
+log = logging.getLogger("comfyserve.cluster")
+LOCAL_INSTANCES: web.AppKey[LocalInstances | None] = web.AppKey("cluster_local_instances", object)  # type: ignore[arg-type]
+ACCOUNTS_KEY: web.AppKey[Accounts] = web.AppKey("cluster_core_accounts", Accounts)
+
+ops = web.RouteTableDef()
+
+
+@ops.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@ops.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    up = len(request.app[POOL].up())
+    return web.json_response({"ready": up > 0, "instances_up": up}, status=200 if up else 503)
+
+
+async def open_store(settings: ClusterSettings) -> StateStore:
+    if settings.redis_url:
+        from .store_redis import RedisStateStore
+
+        return RedisStateStore(settings.redis_url, history_max_items=settings.history_max_items)
+    path = settings.data_dir / ".comfyserve" / "cluster_state.sqlite"
+    return SqliteStateStore(path, history_max_items=settings.history_max_items)
+
+
+async def create_cluster_app(settings: ClusterSettings) -> web.Application:
+    """The proxy app; its pool (and spawned instances) start with the app."""
+    settings.check()
+    data_dir = init_data_dir(settings.data_dir)
+    data_dir.users.mkdir(exist_ok=True)
+    app = web.Application(client_max_size=settings.max_upload_size_bytes, middlewares=[json_errors_middleware])
+    app[CLUSTER_SETTINGS] = settings
+    app[keys.SETTINGS] = settings.standard_settings()
+    app[keys.DATA_DIR] = data_dir
+    app[keys.WORKDIRS] = data_dir.workdirs()
+    app[keys.PROMPT_SERVER] = ScopeServer()
+    store = await open_store(settings)
+    pool = Pool(health_interval_s=settings.health_interval_s, lost_after_s=settings.instance_lost_s,
+                info_cache_s=settings.object_info_cache_s)
+    core = ClusterCore(data_dir, store, pool)
+    core.instance_token = settings.instance_token
+    pool._on_change = core.scheduler.wake  # noqa: SLF001 (wired once, here)
+    app[POOL] = pool
+    app[CORE] = core
+    accounts = await Accounts.open(data_dir, settings.redis_url)
+    app[ACCOUNTS_KEY] = accounts
+    scopes = Scopes(app, store, core.workdirs)
+    app[SCOPES] = scopes
+    local = None
+    if settings.instances:
+        local = LocalInstances(settings.instances, data_dir.root, secrets.token_urlsafe(24), settings.instance_args)
+    app[LOCAL_INSTANCES] = local
+    secret_key = settings.secret_key or load_or_create_secret(data_dir)
+    public = DEFAULT_PUBLIC_PATHS | {"/healthz", "/api/healthz", "/readyz", "/api/readyz"}
+    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core)
+    add_routes_with_api_prefix(app, ops)
+    add_routes_with_api_prefix(app, routes_api.routes)
+    setup_shared_routes(app, scopes)
+    setup_web_ui(app)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings, core, pool = app[CLUSTER_SETTINGS], app[CORE], app[POOL]
+    local = app[LOCAL_INSTANCES]
+    try:
+        if local is not None:
+            await local.start()
+            for url in local.urls:
+                pool.add(url, local.token)
+        for url in settings.instance_urls:
+            pool.add(url, settings.instance_token)
+        for url in await core.store.instance_urls():
+            pool.add(url, settings.instance_token)
+        await core.start()
+        log.info("cluster proxy ready: %d instance(s) in the pool", len(pool.instances))
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await core.aclose()
+        if local is not None:
+            await local.aclose()
+        await core.store.aclose()
+        await app[ACCOUNTS_KEY].aclose()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    hub = app[CORE].hub
+    for sockets in list(hub.sockets.values()):
+        for ws in list(sockets.values()):
+            with contextlib.suppress(Exception):
+                await ws.close(code=1001, message=b"server shutdown")

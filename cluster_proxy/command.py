@@ -1,0 +1,73 @@
+"""``comfyserve cluster`` / ``python -m cluster_proxy``: the multi-user proxy over a pool.
+
+Every flag also reads ``COMFYSERVE_<FLAG>`` from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from standard.errors import ConfigError
+from standard.options import add_option
+
+from .settings import DEFAULT_PORT, ClusterSettings
+
+log = logging.getLogger("comfyserve.cluster")
+SHUTDOWN_TIMEOUT_S = 15.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--data-dir", default=None, help="the shared data dir (users' folders live in DIR/users)")
+    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
+               help="address to listen on; without a value: 0.0.0.0")
+    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    add_option(parser, "--instances", type=int, default=0,
+               help="spawn this many local embedded-engine instances on loopback ports")
+    add_option(parser, "--instance-url", action="append", default=[], metavar="URL",
+               help="an instance to schedule onto (repeatable; comma-separated in the environment)")
+    add_option(parser, "--instance-token", default=None, help="the token the --instance-url instances require")
+    add_option(parser, "--redis-url", default=None,
+               help="keep accounts and state in Redis (several proxies can share it) instead of SQLite")
+    add_option(parser, "--secret-key", default=None,
+               help="key that signs session cookies (default: one kept in DIR/.comfyserve/secret_key)")
+    add_option(parser, "--health-interval", type=float, default=1.0, help="seconds between instance health checks")
+    add_option(parser, "--instance-lost-after", type=float, default=3.0,
+               help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
+    add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
+
+
+def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
+    if not args.data_dir:
+        raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
+    settings = ClusterSettings(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        host=args.listen,
+        port=args.port,
+        instances=args.instances,
+        instance_urls=tuple(args.instance_url or ()),
+        instance_token=args.instance_token,
+        redis_url=args.redis_url,
+        secret_key=args.secret_key,
+        health_interval_s=args.health_interval,
+        instance_lost_s=args.instance_lost_after,
+        max_upload_size_mb=args.max_upload_size,
+    )
+    settings.check()
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    from .app import create_cluster_app
+
+    web.run_app(create_cluster_app(settings), host=settings.host, port=settings.port,
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S, print=None, access_log=None)
+    return 0

@@ -1,0 +1,223 @@
+"""The cluster's moving parts together: store, pool, scheduler, runs, user sockets.
+
+``ClusterCore`` is also the login module's ``DashboardProvider`` (what the
+dashboard shows, adding an instance from the admin page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from standard.datadir import DataDir, WorkDirs
+
+from .accounts import User
+from .hub import UserHub
+from .outputs import OutputCollector
+from .pool import Instance, Pool
+from .runner import InstanceLost, TaskRun, error_history
+from .scheduler import Scheduler
+from .store import DONE, PENDING, RUNNING, StateStore, Task
+
+log = logging.getLogger("comfyserve.cluster")
+MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
+
+
+class ClusterCore:
+    def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool) -> None:
+        self.data_dir = data_dir
+        self.store = store
+        self.pool = pool
+        self.hub = UserHub()
+        self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
+        self.runs: dict[str, TaskRun] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._workdirs: dict[str, WorkDirs] = {}
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.pool.start()
+        await self._recover()
+        self.scheduler.start()
+
+    async def aclose(self) -> None:
+        await self.scheduler.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.pool.aclose()
+
+    async def _recover(self) -> None:
+        """Tasks a previous proxy left running: follow them to the end, or queue them again."""
+        for task in await self.store.running():
+            instance = self.pool.instances.get(task.instance or "")
+            if instance is None or instance.state != "up" or instance.task_id is not None:
+                await self._requeue_or_fail(task, "the proxy restarted while it ran")
+                continue
+            self.pool.reserve(instance, task.id)
+            self._spawn(self._recover_one(task, instance))
+
+    async def _recover_one(self, task: Task, instance: Instance) -> None:
+        run = self._make_run(task, instance)
+        self.runs[task.id] = run
+        try:
+            while not await run._finished():  # noqa: SLF001
+                await asyncio.sleep(0.25)
+            entry = await run._history()  # noqa: SLF001
+            outputs = await asyncio.to_thread(run.collector.rewrite_outputs, entry.get("outputs") or {})
+            await asyncio.to_thread(run.collector.sweep)
+            await self._finish(task, instance, {"outputs": outputs, "status": entry.get("status") or {},
+                                                "meta": entry.get("meta") or {}}, run)
+        except InstanceLost as exc:
+            await self._lost(task, instance, str(exc))
+        finally:
+            self.runs.pop(task.id, None)
+
+    # -- users --------------------------------------------------------------------------
+
+    def workdirs(self, user: str) -> WorkDirs:
+        workdirs = self._workdirs.get(user)
+        if workdirs is None:
+            workdirs = self.data_dir.user_workdirs(user)
+            workdirs.create()
+            self._workdirs[user] = workdirs
+        return workdirs
+
+    async def submit(self, task: Task) -> bool:
+        if not await self.store.add(task):
+            return False
+        self.scheduler.wake()
+        await self.broadcast_queues()
+        return True
+
+    def new_task_id(self) -> str:
+        return uuid.uuid4().hex
+
+    async def remaining(self, user: str) -> int:
+        return len(await self.store.user_tasks(user, PENDING)) + len(await self.store.user_tasks(user, RUNNING))
+
+    async def status_of(self, user: str) -> dict[str, Any]:
+        return {"exec_info": {"queue_remaining": await self.remaining(user)}}
+
+    async def positions(self) -> dict[str, int]:
+        """task id -> wait position (0: starts next) of every pending task."""
+        return {task.id: index for index, task in enumerate(await self.scheduler.order())}
+
+    async def user_queue(self, user: str) -> list[dict[str, Any]]:
+        positions = await self.positions()
+        running = [{"prompt_id": t.prompt_id, "position": None, "state": RUNNING, "notes": t.notes}
+                   for t in await self.store.user_tasks(user, RUNNING)]
+        pending = [{"prompt_id": t.prompt_id, "position": positions.get(t.id), "state": PENDING, "notes": t.notes}
+                   for t in await self.store.user_tasks(user, PENDING)]
+        return running + pending
+
+    async def broadcast_queues(self) -> None:
+        """Each connected user's ``status`` and the wait positions of their tasks."""
+        for user in list(self.hub.sockets):
+            await self.hub.send_json(user, "status", {"status": await self.status_of(user)})
+            await self.hub.send_json(user, "cluster_queue", {"queue": await self.user_queue(user)})
+
+    async def interrupt(self, user: str, prompt_id: str | None) -> bool:
+        """Interrupt the user's running task (all of them without an id); False if none matched."""
+        matched = False
+        for task in await self.store.user_tasks(user, RUNNING):
+            if prompt_id is None or task.prompt_id == prompt_id:
+                run = self.runs.get(task.id)
+                if run is not None:
+                    await run.interrupt()
+                    matched = True
+        return matched
+
+    async def delete_pending(self, user: str, prompt_ids: list[str] | None) -> list[str]:
+        deleted = await self.store.delete(user, prompt_ids, PENDING)
+        if deleted:
+            await self.broadcast_queues()
+        return deleted
+
+    async def delete_history(self, user: str, prompt_ids: list[str] | None) -> list[str]:
+        return await self.store.delete(user, prompt_ids, DONE)
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_run(self, task: Task, instance: Instance) -> TaskRun:
+        key = f"{task.id}-{task.attempts}"
+        collector = OutputCollector(key, self.data_dir, self.workdirs(task.user))
+        return TaskRun(task, instance, self.hub, collector, self.data_dir)
+
+    def _start_task(self, task: Task, instance: Instance) -> None:
+        self._spawn(self._run(task, instance))
+
+    async def _run(self, task: Task, instance: Instance) -> None:
+        run = self._make_run(task, instance)
+        self.runs[task.id] = run
+        log.info("task %s of %s (attempt %d) -> %s", task.prompt_id, task.user, task.attempts, instance.url)
+        try:
+            history = await run.run()
+        except InstanceLost as exc:
+            await self._lost(task, instance, str(exc))
+            return
+        except Exception as exc:  # a bug or a disk error: the task fails, the proxy goes on
+            log.exception("task %s failed in the proxy", task.id)
+            history = error_history(task.prompt_id, f"the cluster proxy failed to run the task: {exc!r}")
+            run.final_events.append(("execution_error", history["status"]["messages"][0][1]))
+        finally:
+            self.runs.pop(task.id, None)
+        await self._finish(task, instance, history, run)
+
+    async def _finish(self, task: Task, instance: Instance, history: dict[str, Any], run: TaskRun) -> None:
+        if task.notes:  # the user sees that (and why) the task was retried
+            history["cluster"] = {"attempts": task.attempts, "notes": task.notes}
+        await self.store.finish(task.id, history)
+        if not any(event == "executing" for event, _ in run.final_events):
+            run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
+        await run.flush_final()
+        self.pool.release(instance, task.models)
+        self.scheduler.wake()
+        await self.broadcast_queues()
+
+    async def _lost(self, task: Task, instance: Instance, reason: str) -> None:
+        self.pool.mark_down(instance, reason)
+        await self._requeue_or_fail(task, f"instance {instance.url} was lost: {reason}")
+
+    async def _requeue_or_fail(self, task: Task, reason: str) -> None:
+        if task.attempts < MAX_ATTEMPTS:
+            await self.store.requeue(task.id, reason)
+            log.warning("task %s of %s retried: %s", task.prompt_id, task.user, reason)
+            await self.hub.send_json(task.user, "cluster_task_retry", {
+                "prompt_id": task.prompt_id, "attempt": task.attempts + 1, "reason": reason}, task.client_id)
+        else:
+            history = error_history(task.prompt_id, f"the task was lost twice; last: {reason}", "InstanceLost")
+            await self.store.finish(task.id, history)
+            await self.hub.send_json(task.user, "execution_error", history["status"]["messages"][0][1],
+                                     task.client_id)
+        self.scheduler.wake()
+        await self.broadcast_queues()
+
+    # -- DashboardProvider ------------------------------------------------------------
+
+    async def user_view(self, user: User) -> dict[str, Any]:
+        history = [{"prompt_id": t.prompt_id, "status": (t.history or {}).get("status", {}).get("status_str"),
+                    "outputs": (t.history or {}).get("outputs", {})}
+                   for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
+        return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status()}
+
+    async def add_instance(self, url: str) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("an instance URL is http(s)://host:port")
+        await self.store.add_instance_url(url.rstrip("/"))
+        self.pool.add(url, self.instance_token)
+        await self.pool.check_all()
+        self.scheduler.wake()
+
+    instance_token: str | None = None

@@ -1,0 +1,220 @@
+"""The instances the proxy schedules onto: health checks, spawning, cached info.
+
+An instance is ``up`` while ``/readyz`` answers 200; the health loop moves it
+between ``up`` and ``down`` (an instance that comes back rejoins by itself).
+A task holds an instance from dispatch to its end (``task_id``); the runner
+takes an instance out (``mark_down``) when it dies under a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from standard.client import ClientTimeouts, InstanceClient
+from standard.errors import InstanceError
+
+log = logging.getLogger("comfyserve.cluster.pool")
+UP, DOWN, STARTING = "up", "down", "starting"
+
+
+@dataclass
+class Instance:
+    url: str
+    client: InstanceClient
+    state: str = STARTING
+    task_id: str | None = None
+    models: set[str] = field(default_factory=set)
+    last_used_s: float = 0.0
+    tasks_run: int = 0
+
+    @property
+    def free(self) -> bool:
+        return self.state == UP and self.task_id is None
+
+
+class Pool:
+    """Instances by URL; ``on_change`` is called when one may have become free."""
+
+    def __init__(self, *, health_interval_s: float, lost_after_s: float, info_cache_s: float,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.instances: dict[str, Instance] = {}
+        self._health_interval_s = health_interval_s
+        self._timeouts = ClientTimeouts(connect_s=2.0, request_s=30.0, disconnected_s=lost_after_s,
+                                        reconnect_max_s=0.5, get_retries=0, idle_check_s=1.0)
+        self._info_cache_s = info_cache_s
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    # -- membership ---------------------------------------------------------------
+
+    def add(self, url: str, token: str | None = None) -> Instance:
+        url = url.rstrip("/")
+        if url in self.instances:
+            return self.instances[url]
+        instance = Instance(url, InstanceClient(url, token, timeouts=self._timeouts))
+        self.instances[url] = instance
+        log.info("instance %s joined the pool", url)
+        return instance
+
+    def free(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.free]
+
+    def up(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state == UP]
+
+    def reserve(self, instance: Instance, task_id: str) -> None:
+        instance.task_id = task_id
+
+    def release(self, instance: Instance, models: list[str] | None = None) -> None:
+        instance.task_id = None
+        instance.last_used_s = time.monotonic()
+        instance.tasks_run += 1
+        if models:
+            instance.models = set(models)  # what it has loaded now
+        self._on_change()
+
+    def mark_down(self, instance: Instance, reason: str) -> None:
+        if instance.state != DOWN:
+            log.warning("instance %s left the pool: %s", instance.url, reason)
+        instance.state = DOWN
+        instance.task_id = None
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"url": i.url, "state": i.state, "running": i.task_id is not None, "tasks_run": i.tasks_run}
+                for i in self.instances.values()]
+
+    # -- health -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._health_loop(), name="comfyserve-cluster-health")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for instance in self.instances.values():
+            await instance.client.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            try:
+                await self.check_all()
+            except Exception:  # the loop must outlive any one bad check
+                log.exception("health check failed")
+
+    async def check_all(self) -> None:
+        instances = list(self.instances.values())
+        results = await asyncio.gather(*(i.client.ready() for i in instances), return_exceptions=True)
+        changed = False
+        for instance, ready in zip(instances, results, strict=True):
+            ok = ready is True
+            if ok and instance.state != UP:
+                if instance.state == DOWN:
+                    log.info("instance %s is back", instance.url)
+                instance.state, changed = UP, True
+            elif not ok and instance.state == UP and instance.task_id is None:
+                self.mark_down(instance, "health check failed")
+        if changed:
+            self._cache.clear()
+            self._on_change()
+
+    # -- info from the pool ---------------------------------------------------------
+
+    async def cached_json(self, path: str) -> Any:
+        """GET ``path`` from any up instance, cached; None when no instance answers."""
+        hit = self._cache.get(path)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self._info_cache_s:
+            return hit[1]
+        for instance in sorted(self.up(), key=lambda i: i.task_id is not None):
+            try:
+                data = await instance.client._get_json(path)  # noqa: SLF001 (same project)
+            except InstanceError as exc:
+                log.info("GET %s from %s failed: %s", path, instance.url, exc)
+                continue
+            self._cache[path] = (now, data)
+            return data
+        return hit[1] if hit is not None else None
+
+
+class LocalInstances:
+    """``--instances N``: embedded-engine instances on loopback ports, restarted when they die."""
+
+    def __init__(self, count: int, data_dir: Path, token: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.count = count
+        self.data_dir = data_dir
+        self.token = token
+        self.extra_args = extra_args
+        self.ports = [_free_port() for _ in range(count)]
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    async def start(self) -> None:
+        for index, port in enumerate(self.ports):
+            self._tasks.append(asyncio.create_task(self._supervise(index, port), name=f"comfyserve-instance-{index}"))
+
+    async def _spawn(self, index: int, port: int) -> asyncio.subprocess.Process:
+        log_dir = self.data_dir / ".comfyserve" / "instances"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "COMFYSERVE_TOKEN": self.token}
+        with open(log_dir / f"instance-{index}.log", "ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "standard", "--port", str(port), "--data-dir", str(self.data_dir),
+                *self.extra_args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )
+
+    async def _supervise(self, index: int, port: int) -> None:
+        while not self._stopping:
+            process = await self._spawn(index, port)
+            self._processes[index] = process
+            code = await process.wait()
+            if self._stopping:
+                return
+            log.warning("local instance %d (port %d) exited with %s; restarting", index, port, code)
+            await asyncio.sleep(1.0)
+
+    def process(self, index: int) -> asyncio.subprocess.Process | None:
+        return self._processes.get(index)
+
+    async def aclose(self) -> None:
+        self._stopping = True
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        for process in self._processes.values():
+            try:
+                await asyncio.wait_for(process.wait(), 10.0)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

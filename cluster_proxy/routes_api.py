@@ -1,0 +1,230 @@
+"""The per-user ComfyUI API: /prompt, POST /queue, /interrupt, POST /history, /jobs cancel, /ws.
+
+Everything acts on ``request[USER]``'s tasks only; an id that is not one of
+the user's is answered 404 (never "it is someone else's"). The read routes
+(``GET /queue``, ``/history``, ``/jobs``) are the standard edition's own
+handlers run over the user's tasks (see ``scope.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from standard.server.http_util import error_body, json_http_error, read_json_object
+from standard.server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
+from standard.server.routes_info import server_features
+from standard.server.routes_prompt import MAX_PROMPT_ID_CHARS
+
+from .graph import GraphRefused, check_graph
+from .keys import CORE, POOL
+from .login import USER
+from .store import Task
+
+log = logging.getLogger("comfyserve.cluster.api")
+routes = web.RouteTableDef()
+MAX_CLIENT_ID_CHARS = 256
+
+
+def _invalid(message: str, details: str = "") -> web.HTTPException:
+    return json_http_error(400, "invalid_prompt", message, details, {"node_errors": {}})
+
+
+def _not_yours(what: str, ids: list[str]) -> web.HTTPException:
+    return json_http_error(404, "not_found", f"no such {what} in your queue", ", ".join(ids)[:200])
+
+
+def _ids(body: dict[str, Any]) -> list[str] | None:
+    ids = body.get("delete")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise json_http_error(400, "invalid_request", "delete must be a list of prompt ids")
+    return ids
+
+
+def _prompt_id(body: dict[str, Any], new_id: str) -> str:
+    raw = body.get("prompt_id")
+    if raw is None:
+        return new_id
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise _invalid("prompt_id must be a string", f"got {type(raw).__name__}")
+    prompt_id = str(raw)
+    if not prompt_id or len(prompt_id) > MAX_PROMPT_ID_CHARS or "/" in prompt_id:
+        raise _invalid("prompt_id must be 1-256 characters without '/'", repr(prompt_id)[:80])
+    return prompt_id
+
+
+def _number(body: dict[str, Any], seq: int) -> float:
+    if "number" in body:
+        raw = body["number"]
+        if isinstance(raw, bool):
+            raise _invalid("number must be a number", repr(raw))
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise _invalid("number must be a number", repr(raw)[:80]) from None
+    return float(-seq if body.get("front") else seq)
+
+
+@routes.post("/prompt")
+async def post_prompt(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    user = request[USER].name
+    body = await read_json_object(request, kind="invalid_prompt")
+    if "prompt" not in body:
+        return web.json_response({"error": error_body("no_prompt", "No prompt provided", "No prompt provided"),
+                                  "node_errors": {}}, status=400)
+    prompt = body["prompt"]
+    if not isinstance(prompt, dict):
+        raise _invalid("Invalid prompt: the prompt must be a JSON object of nodes", f"got {type(prompt).__name__}")
+    extra_data = body.get("extra_data", {})
+    if not isinstance(extra_data, dict):
+        raise _invalid("extra_data must be a JSON object", f"got {type(extra_data).__name__}")
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise _invalid("client_id must be a string", f"got {type(client_id).__name__}")
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise _invalid("partial_execution_targets must be a list of node ids")
+    task_id = core.new_task_id()
+    prompt_id = _prompt_id(body, task_id)
+    object_info = await request.app[POOL].cached_json("/object_info")
+    try:
+        outputs, models = await asyncio.to_thread(check_graph, prompt, object_info, core.workdirs(user), targets,
+                                                 core.data_dir.root / "input")
+    except GraphRefused as exc:
+        node_errors = {}
+        if exc.node_id is not None:
+            node = prompt.get(exc.node_id)
+            class_type = node.get("class_type") if isinstance(node, dict) else None
+            node_errors[exc.node_id] = {"errors": [{**exc.error, "extra_info": {}}], "dependent_outputs": [],
+                                        "class_type": class_type}
+        return web.json_response({"error": exc.error, "node_errors": node_errors}, status=400)
+    seq = await core.store.next_seq()
+    extra_data = dict(extra_data)
+    if client_id is not None:
+        extra_data["client_id"] = client_id
+    sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
+    extra_data["create_time"] = int(time.time() * 1000)
+    task = Task(id=task_id, user=user, prompt_id=prompt_id, number=_number(body, seq), seq=seq, prompt=prompt,
+                extra_data=extra_data, outputs_to_execute=outputs, client_id=client_id, sensitive=sensitive,
+                models=models)
+    if not await core.submit(task):
+        raise _invalid(f"prompt_id {prompt_id} is already queued or running")
+    return web.json_response({"prompt_id": prompt_id, "number": task.number, "node_errors": {}})
+
+
+@routes.post("/queue")
+async def post_queue(request: web.Request) -> web.Response:
+    core, user = request.app[CORE], request[USER].name
+    body = await read_json_object(request)
+    ids = _ids(body)
+    if body.get("clear"):
+        await core.delete_pending(user, None)
+    if ids:
+        deleted = await core.delete_pending(user, ids)
+        if not deleted:
+            raise _not_yours("pending prompt", ids)
+    return web.Response(status=200)
+
+
+@routes.post("/interrupt")
+async def post_interrupt(request: web.Request) -> web.Response:
+    """ComfyUI's interrupt, limited to the user's own running tasks."""
+    body = await read_json_object(request, allow_empty=True)
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and not isinstance(prompt_id, str):
+        raise json_http_error(400, "invalid_request", "prompt_id must be a string")
+    matched = await request.app[CORE].interrupt(request[USER].name, prompt_id or None)
+    if prompt_id and not matched:
+        raise _not_yours("running prompt", [prompt_id])
+    return web.Response(status=200)
+
+
+@routes.post("/free")
+async def post_free(request: web.Request) -> web.Response:
+    """Instances are shared: a user cannot unload their models; accepted and ignored."""
+    await read_json_object(request, allow_empty=True)
+    return web.Response(status=200)
+
+
+@routes.post("/history")
+async def post_history(request: web.Request) -> web.Response:
+    core, user = request.app[CORE], request[USER].name
+    body = await read_json_object(request)
+    ids = _ids(body)
+    if body.get("clear"):
+        await core.delete_history(user, None)
+    if ids:
+        deleted = await core.delete_history(user, ids)
+        if not deleted:
+            raise _not_yours("history item", ids)
+    return web.Response(status=200)
+
+
+async def _cancel(request: web.Request, job_ids: list[str]) -> list[str]:
+    core, user = request.app[CORE], request[USER].name
+    cancelled = list(await core.delete_pending(user, job_ids))
+    for job_id in job_ids:
+        if job_id not in cancelled and await core.interrupt(user, job_id):
+            cancelled.append(job_id)
+    return cancelled
+
+
+@routes.post("/jobs/{job_id}/cancel")
+async def cancel_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    cancelled = await _cancel(request, [job_id])
+    if not cancelled:
+        raise json_http_error(404, "not_found", "Job is not pending or running", job_id)
+    return web.json_response({"cancelled": cancelled})
+
+
+@routes.post("/jobs/cancel")
+async def cancel_jobs(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    job_ids = body.get("job_ids")
+    if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > 100
+            or not all(isinstance(i, str) for i in job_ids)):
+        raise json_http_error(400, "invalid_request", "job_ids must be a list of 1-100 job ids")
+    return web.json_response({"cancelled": await _cancel(request, job_ids)})
+
+
+@routes.get("/cluster/queue")
+async def cluster_queue(request: web.Request) -> web.Response:
+    """The user's running and waiting tasks with their wait positions (0: starts next)."""
+    return web.json_response({"queue": await request.app[CORE].user_queue(request[USER].name)})
+
+
+@routes.get("/ws")
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    core, user = request.app[CORE], request[USER].name
+    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    core.hub.add(user, sid, ws)
+    try:
+        await ws.send_json({"type": "status", "data": {"status": await core.status_of(user), "sid": sid}})
+        for run in list(core.runs.values()):
+            if run.task.user == user and run.task.client_id == sid and run.last_node is not None:
+                await ws.send_json({"type": "executing", "data": {"node": run.last_node,
+                                                                  "prompt_id": run.task.prompt_id}})
+        first = True
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT and first:
+                first = False
+                try:
+                    data = json.loads(msg.data)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(data, dict) and data.get("type") == "feature_flags":
+                    await ws.send_json({"type": "feature_flags", "data": server_features(request.app)})
+    finally:
+        core.hub.remove(user, sid, ws)
+    return ws

@@ -1,0 +1,96 @@
+"""Routes the cluster takes from the standard edition, confined to the asking user.
+
+    /view /upload/image /upload/mask            standard.server.routes_files   (user's folders;
+                                                 /view?type=input falls back to the public DIR/input)
+    /userdata /v2/userdata /users /settings     standard.server.userdata       (DIR/users/<name>/user)
+    GET /queue /prompt /history /history/{id}   standard.server.routes_prompt  (over the user's tasks)
+    GET /jobs /jobs/{id}                        standard.server.routes_jobs    (over the user's tasks)
+    /internal/* /i18n /extensions ...           standard.server.internal       (logs: empty — shared)
+    /system_stats /features /view_metadata      standard.server.routes_info
+    /object_info /embeddings /models            from the pool, cached
+    /  (the ComfyUI frontend)                   standard.server.frontend
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
+from standard.server.frontend import setup_frontend
+from standard.server.http_util import json_error
+from standard.server.routing import add_routes_with_api_prefix
+
+from .keys import POOL
+from .scope import Handler, Scopes, call_in, scoped
+
+SKIPPED_INTERNAL = frozenset({"/internal/logs", "/internal/logs/raw", "/internal/logs/subscribe"})
+QUEUE_READS = {("GET", "/prompt"), ("GET", "/queue"), ("GET", "/history"), ("GET", "/history/{prompt_id}")}
+INFO_READS = {"/system_stats", "/features", "/view_metadata/{folder_name}"}
+POOL_PATHS = ("/object_info", "/embeddings", "/models")
+
+
+def _table(routes: web.RouteTableDef, keep: object, scopes: Scopes, *, with_queue: bool = False) -> web.RouteTableDef:
+    table = web.RouteTableDef()
+    for route in routes:
+        if isinstance(route, web.RouteDef) and keep(route):  # type: ignore[operator]
+            table.route(route.method, route.path, **route.kwargs)(scoped(scopes, route.handler, with_queue=with_queue))
+    return table
+
+
+def _view_with_public_input(scopes: Scopes) -> Handler:
+    """The user's file; for ``type=input`` a miss falls back to the public ``DIR/input`` (read only)."""
+    user_view = scoped(scopes, routes_files.view_image)
+
+    async def view(request: web.Request) -> web.StreamResponse:
+        try:
+            return await user_view(request)
+        except web.HTTPNotFound:
+            name, kind = routes_files.annotated_filepath(request.query.get("filename", ""))
+            if (kind or request.query.get("type") or "output") != "input":
+                raise
+            return await call_in(scopes.public, routes_files.view_image, request)
+
+    return view
+
+
+async def _pooled(request: web.Request) -> web.StreamResponse:
+    data = await request.app[POOL].cached_json(request.path.removeprefix("/api"))
+    if data is None:
+        return json_error(503, "no_instance", "no instance of the pool is up yet")
+    return web.json_response(data)
+
+
+async def _empty_logs(request: web.Request) -> web.StreamResponse:
+    """The proxy's log mentions every user: not for users' eyes."""
+    if request.path.endswith("/raw"):
+        return web.json_response({"entries": [], "size": {"cols": 80, "rows": 24}})
+    if request.method == "PATCH":
+        return web.Response(status=200)
+    return web.json_response("")
+
+
+def setup_shared_routes(app: web.Application, scopes: Scopes) -> None:
+    files = web.RouteTableDef()
+    files.get("/view")(_view_with_public_input(scopes))
+    add_routes_with_api_prefix(app, files)
+    add_routes_with_api_prefix(app, _table(routes_files.routes, lambda r: r.path != "/view", scopes))
+    add_routes_with_api_prefix(app, _table(userdata.routes, lambda r: True, scopes))
+    add_routes_with_api_prefix(app, _table(routes_prompt.routes, lambda r: (r.method, r.path) in QUEUE_READS,
+                                           scopes, with_queue=True))
+    add_routes_with_api_prefix(app, _table(routes_jobs.routes, lambda r: r.method == "GET", scopes, with_queue=True))
+    add_routes_with_api_prefix(app, _table(routes_info.routes, lambda r: r.path in INFO_READS, scopes))
+    pooled = web.RouteTableDef()
+    for path in POOL_PATHS:
+        pooled.get(path)(_pooled)
+    pooled.get("/object_info/{node_class}")(_pooled)
+    pooled.get("/models/{folder}")(_pooled)
+    pooled.get("/internal/logs")(_empty_logs)
+    pooled.get("/internal/logs/raw")(_empty_logs)
+    pooled.patch("/internal/logs/subscribe")(_empty_logs)
+    add_routes_with_api_prefix(app, pooled)
+    add_routes_with_api_prefix(app, _table(internal.routes, lambda r: r.path not in SKIPPED_INTERNAL, scopes))
+
+
+def setup_web_ui(app: web.Application) -> None:
+    """The ComfyUI frontend; registered last so every API route wins."""
+    setup_frontend(app)

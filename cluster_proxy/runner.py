@@ -1,0 +1,211 @@
+"""Running one task on one instance and relaying its events to the owning user.
+
+The instance sees the task under an internal id (``<task id>-<attempt>``) and a
+socket id of its own; every event that comes back is rewritten to the user's
+``prompt_id`` and sent to the user's socket of the task's ``client_id``. File
+items in ``executed`` events are moved into the user's folders first.
+If the instance goes away (its socket stays down for ``lost_after_s``, a
+request cannot reach it, or it forgot the prompt) the run ends with
+:class:`InstanceLost` and the core retries the task elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from standard.client import BinaryFrame, Connected, Disconnected
+from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+
+from .graph import remove_stage, stage_graph
+from .hub import UserHub
+from .outputs import OutputCollector
+from .pool import Instance
+from .store import Task
+
+log = logging.getLogger("comfyserve.cluster.runner")
+FINAL = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+NOT_RELAYED = frozenset({"status", "feature_flags", "logs"})
+CHECK_INTERVAL_S = 1.0
+
+
+class InstanceLost(Exception):
+    """The instance went away under the task."""
+
+
+def error_history(prompt_id: str, message: str, exception_type: str = "ClusterError",
+                  **extra: Any) -> dict[str, Any]:
+    """A history entry for a task that failed outside any node."""
+    data = {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
+            "exception_message": message, "exception_type": exception_type, "traceback": [],
+            "current_inputs": {}, "current_outputs": {}, "timestamp": int(time.time() * 1000), **extra}
+    return {"outputs": {}, "meta": {},
+            "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
+
+
+class TaskRun:
+    """One attempt of one task on one instance."""
+
+    def __init__(self, task: Task, instance: Instance, hub: UserHub, collector: OutputCollector,
+                 data_dir: Any) -> None:
+        self.task = task
+        self.instance = instance
+        self.hub = hub
+        self.collector = collector
+        self.data_dir = data_dir
+        self.key = f"{task.id}-{task.attempts}"
+        self.client_id = f"cluster-{self.key}"
+        self.last_node: str | None = None
+        # The end-of-prompt events wait until the history is stored (see ``flush_final``).
+        self.final_events: list[tuple[str, Any]] = []
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _translate(self, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prompt_id") == self.key:
+            return {**data, "prompt_id": self.task.prompt_id}
+        return data
+
+    async def send(self, event: str, data: Any) -> None:
+        await self.hub.send_json(self.task.user, event, data, self.task.client_id)
+
+    async def flush_final(self) -> None:
+        for event, data in self.final_events:
+            await self.send(event, data)
+        self.final_events.clear()
+
+    async def interrupt(self) -> None:
+        with contextlib.suppress(InstanceError):
+            await self.instance.client.interrupt(self.key)
+
+    # -- the run --------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """The task's history entry (outputs in the user's folders); ``InstanceLost`` if the instance died."""
+        try:
+            graph = await asyncio.to_thread(stage_graph, self.task.prompt, self.key,
+                                            self.collector.workdirs, self.data_dir)
+            return await self._follow(graph)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.collector.sweep)
+            await asyncio.to_thread(remove_stage, self.key, self.data_dir)
+
+    async def _follow(self, graph: dict[str, Any]) -> dict[str, Any]:
+        client = self.instance.client
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(items), name=f"comfyserve-relay-{self.key}")
+        try:
+            await self._wait_connected(items)
+            extra_data = {**self.task.extra_data, **self.task.sensitive}
+            try:
+                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key)
+            except PromptRejected as exc:
+                return await self._rejected(exc)
+            except InstanceUnavailable as exc:
+                raise InstanceLost(f"cannot submit: {exc}") from exc
+            await self._relay_until_done(items)
+            entry = await self._history()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+        outputs = await asyncio.to_thread(self.collector.rewrite_outputs, entry.get("outputs") or {})
+        status = dict(entry.get("status") or {})
+        status["messages"] = [[m[0], self._translate(m[1])] if isinstance(m, list) and len(m) == 2 else m
+                              for m in status.get("messages") or []]
+        return {"outputs": outputs, "status": status, "meta": entry.get("meta") or {}}
+
+    async def _pump(self, items: asyncio.Queue[Any]) -> None:
+        try:
+            async for item in self.instance.client.events(self.client_id, markers=True):
+                items.put_nowait(item)
+        except Exception as exc:  # given up: the instance is gone
+            items.put_nowait(exc)
+
+    async def _wait_connected(self, items: asyncio.Queue[Any]) -> None:
+        while True:
+            item = await items.get()
+            if isinstance(item, Connected):
+                return
+            if isinstance(item, BaseException):
+                raise InstanceLost(f"event socket: {item}")
+
+    async def _rejected(self, exc: PromptRejected) -> dict[str, Any]:
+        body = exc.body
+        error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(exc)}
+        message = str(error.get("message") or exc)
+        details = str(error.get("details") or "")
+        history = error_history(self.task.prompt_id, f"{message}: {details}" if details else message,
+                                "PromptRejected", node_errors=body.get("node_errors") or {})
+        self.final_events.append(("execution_error", history["status"]["messages"][0][1]))
+        return history
+
+    async def _relay_until_done(self, items: asyncio.Queue[Any]) -> None:
+        while True:
+            try:
+                item = await asyncio.wait_for(items.get(), CHECK_INTERVAL_S)
+            except asyncio.TimeoutError:
+                item = None
+            if item is None or isinstance(item, Connected):
+                if await self._finished():
+                    return
+                continue
+            if isinstance(item, Disconnected):
+                continue
+            if isinstance(item, BaseException):
+                raise InstanceLost(f"event socket gave up: {item}")
+            if isinstance(item, BinaryFrame):
+                await self.hub.send_bytes(self.task.user, item.event_type, item.payload, self.task.client_id)
+                continue
+            if not isinstance(item, dict) or item.get("type") in NOT_RELAYED:
+                continue
+            kind, data = str(item.get("type")), item.get("data")
+            if isinstance(data, dict) and data.get("prompt_id") not in (None, self.key):
+                continue
+            if kind == "executed" and isinstance(data, dict) and "output" in data:
+                data = {**data, "output": await asyncio.to_thread(self.collector.rewrite_outputs, data["output"])}
+            if kind == "executing" and isinstance(data, dict):
+                self.last_node = data.get("node")
+            if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):
+                self.final_events.append((kind, self._translate(data)))
+                if kind == "executing":
+                    return  # ComfyUI's end-of-prompt marker, sent after the terminal event
+                continue
+            await self.send(kind, self._translate(data))
+
+    async def _finished(self) -> bool:
+        """True once the instance has the task in its history; ``InstanceLost`` if it forgot it."""
+        client = self.instance.client
+        try:
+            if await client.history_entry(self.key) is not None:
+                return True
+            queue = await client.queue()
+        except InstanceUnavailable:
+            return False  # the socket's give-up decides
+        ids = {item[1] for item in [*queue.get("queue_running", []), *queue.get("queue_pending", [])]
+               if isinstance(item, list) and len(item) > 1}
+        if self.key in ids:
+            return False
+        try:
+            if await client.history_entry(self.key) is not None:
+                return True
+        except InstanceUnavailable:
+            return False
+        raise InstanceLost(str(PromptLost(f"{self.instance.url} no longer knows the task (restarted?)")))
+
+    async def _history(self) -> dict[str, Any]:
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                entry = await self.instance.client.history_entry(self.key)
+            except InstanceUnavailable as exc:
+                raise InstanceLost(f"history: {exc}") from exc
+            if entry is not None:
+                return entry
+            if time.monotonic() > deadline:
+                raise InstanceLost("the instance never recorded the task's history")
+            await asyncio.sleep(0.05)

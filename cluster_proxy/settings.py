@@ -1,0 +1,54 @@
+"""Settings of the cluster proxy, built from flags and environment in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from standard.errors import ConfigError
+from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Everything the proxy needs; frozen so the modules can share it freely."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    # Pool: spawn this many local embedded-engine instances, and/or front these URLs.
+    instances: int = 0
+    instance_urls: tuple[str, ...] = ()
+    instance_token: str | None = None
+    redis_url: str | None = None
+    secret_key: str | None = None
+    max_upload_size_mb: float = DEFAULT_MAX_UPLOAD_SIZE_MB
+    health_interval_s: float = 1.0
+    # An instance whose event socket stays down this long is taken out (its task retried).
+    instance_lost_s: float = 3.0
+    object_info_cache_s: float = 30.0
+    history_max_items: int = 10000
+    # Args added to every spawned instance (``python -m standard ...``).
+    instance_args: tuple[str, ...] = ()
+
+    @property
+    def max_upload_size_bytes(self) -> int:
+        return int(self.max_upload_size_mb * 1024 * 1024)
+
+    def check(self) -> None:
+        if self.instances < 0:
+            raise ConfigError("--instances must not be negative")
+        for url in self.instance_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--instance-url must be http(s)://host:port, got {url!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be 1-65535, got {self.port}")
+
+    def standard_settings(self) -> StandardSettings:
+        """What the reused standard-edition route handlers read (upload limit, data dir)."""
+        return StandardSettings(
+            data_dir=self.data_dir, host=self.host, port=self.port, token=None,
+            no_auth=not is_loopback(self.host), max_upload_size_mb=self.max_upload_size_mb,
+        )

@@ -1,0 +1,254 @@
+"""Where the proxy's state lives: every user's tasks (queued, running, finished).
+
+A task is one ``POST /prompt`` of one user. Its record carries what the
+scheduler and the routes need; the store only moves it between states
+atomically (``pending -> running -> done``, or back to ``pending`` for a
+retry), so a proxy restart — or a second proxy on the same Redis — finds the
+same queues, running tasks and history. Two implementations with one
+interface: :class:`SqliteStateStore` (default, ``DIR/.comfyserve/cluster_state.sqlite``)
+and :class:`~cluster_proxy.store_redis.RedisStateStore` (``--redis-url``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+PENDING, RUNNING, DONE = "pending", "running", "done"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Task:
+    """One user's prompt, from submission to history."""
+
+    id: str  # internal, unguessable; the instance sees it (plus the attempt) as its prompt_id
+    user: str
+    prompt_id: str  # the user's own id
+    number: float
+    seq: int
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs_to_execute: list[str]
+    client_id: str | None = None
+    sensitive: dict[str, Any] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    state: str = PENDING
+    instance: str | None = None
+    attempts: int = 0
+    created_ms: int = field(default_factory=now_ms)
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    history: dict[str, Any] | None = None  # {"outputs", "status", "meta"} once done
+    notes: list[str] = field(default_factory=list)  # what happened (retries), shown to the user
+
+    def public(self) -> list[Any]:
+        """ComfyUI's queue tuple ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
+
+    def history_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"prompt": self.public(), "outputs": {}, "status": {}, "meta": {}}
+        entry.update(self.history or {})
+        return entry
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Task:
+        return cls(**json.loads(raw))
+
+
+class StateStore(Protocol):
+    """The interface both stores implement (tests run the same suite on each)."""
+
+    async def next_seq(self) -> int: ...
+    async def add(self, task: Task) -> bool: ...
+    async def get(self, user: str, prompt_id: str) -> Task | None: ...
+    async def get_by_id(self, task_id: str) -> Task | None: ...
+    async def user_tasks(self, user: str, state: str) -> list[Task]: ...
+    async def pending(self) -> list[Task]: ...
+    async def running(self) -> list[Task]: ...
+    async def claim(self, task_id: str, instance: str) -> Task | None: ...
+    async def requeue(self, task_id: str, note: str) -> Task | None: ...
+    async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None: ...
+    async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]: ...
+    async def add_instance_url(self, url: str) -> None: ...
+    async def instance_urls(self) -> list[str]: ...
+    async def aclose(self) -> None: ...
+
+
+def _order(tasks: list[Task], state: str) -> list[Task]:
+    if state == DONE:
+        return sorted(tasks, key=lambda t: (t.ended_ms or 0, t.seq))
+    return sorted(tasks, key=lambda t: (t.number, t.seq))
+
+
+class SqliteStateStore:
+    """One SQLite file; every call runs in a thread, serialised by a lock."""
+
+    def __init__(self, path: Path, *, history_max_items: int = 10000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS tasks (
+                id TEXT PRIMARY KEY, user TEXT NOT NULL, prompt_id TEXT NOT NULL,
+                state TEXT NOT NULL, ended_ms INTEGER, data TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS tasks_user_state ON tasks (user, state);
+            CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
+            CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS instances (url TEXT PRIMARY KEY);
+            """
+        )
+        self._lock = threading.Lock()
+        self._history_max_items = history_max_items
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        def locked() -> Any:
+            with self._lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
+
+    # -- helpers (run on the thread, under the lock) --------------------------
+
+    def _tasks(self, sql: str, args: tuple[Any, ...]) -> list[Task]:
+        return [Task.from_json(row[0]) for row in self._db.execute(sql, args)]
+
+    def _write(self, task: Task) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO tasks (id, user, prompt_id, state, ended_ms, data) VALUES (?,?,?,?,?,?)",
+            (task.id, task.user, task.prompt_id, task.state, task.ended_ms, task.to_json()),
+        )
+
+    def _one(self, task_id: str) -> Task | None:
+        found = self._tasks("SELECT data FROM tasks WHERE id = ?", (task_id,))
+        return found[0] if found else None
+
+    # -- interface --------------------------------------------------------------
+
+    async def next_seq(self) -> int:
+        def bump() -> int:
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('seq', 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+            )
+            return int(self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0])
+
+        return await self._run(bump)
+
+    async def add(self, task: Task) -> bool:
+        def add() -> bool:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT state FROM tasks WHERE user = ? AND prompt_id = ?", (task.user, task.prompt_id)
+                ).fetchall()
+                if any(state != DONE for (state,) in rows):
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute("DELETE FROM tasks WHERE user = ? AND prompt_id = ?", (task.user, task.prompt_id))
+                self._write(task)
+                self._db.execute("COMMIT")
+                return True
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+        return await self._run(add)
+
+    async def get(self, user: str, prompt_id: str) -> Task | None:
+        found = await self._run(self._tasks, "SELECT data FROM tasks WHERE user = ? AND prompt_id = ?",
+                                (user, prompt_id))
+        return found[0] if found else None
+
+    async def get_by_id(self, task_id: str) -> Task | None:
+        return await self._run(self._one, task_id)
+
+    async def user_tasks(self, user: str, state: str) -> list[Task]:
+        found = await self._run(self._tasks, "SELECT data FROM tasks WHERE user = ? AND state = ?", (user, state))
+        return _order(found, state)
+
+    async def pending(self) -> list[Task]:
+        return _order(await self._run(self._tasks, "SELECT data FROM tasks WHERE state = ?", (PENDING,)), PENDING)
+
+    async def running(self) -> list[Task]:
+        return _order(await self._run(self._tasks, "SELECT data FROM tasks WHERE state = ?", (RUNNING,)), RUNNING)
+
+    async def _transition(self, task_id: str, from_state: str, change: Any) -> Task | None:
+        def transition() -> Task | None:
+            task = self._one(task_id)
+            if task is None or task.state != from_state:
+                return None
+            change(task)
+            self._write(task)
+            return task
+
+        return await self._run(transition)
+
+    async def claim(self, task_id: str, instance: str) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.instance, task.started_ms = RUNNING, instance, now_ms()
+            task.attempts += 1
+
+        return await self._transition(task_id, PENDING, change)
+
+    async def requeue(self, task_id: str, note: str) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.instance = PENDING, None
+            task.notes.append(note)
+
+        return await self._transition(task_id, RUNNING, change)
+
+    async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.history, task.ended_ms = DONE, history, now_ms()
+
+        task = await self._transition(task_id, RUNNING, change)
+        if task is not None:
+            await self._run(self._prune, task.user)
+        return task
+
+    def _prune(self, user: str) -> None:
+        self._db.execute(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE user = ? AND state = ? "
+            "ORDER BY ended_ms DESC LIMIT -1 OFFSET ?)", (user, DONE, self._history_max_items),
+        )
+
+    async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]:
+        """Drop the user's tasks in ``state`` (all of them when ``prompt_ids`` is None)."""
+        def delete() -> list[str]:
+            if prompt_ids is None:
+                rows = self._db.execute("SELECT prompt_id FROM tasks WHERE user = ? AND state = ?", (user, state))
+                found = [row[0] for row in rows]
+            else:
+                found = [pid for pid in prompt_ids if self._db.execute(
+                    "SELECT 1 FROM tasks WHERE user = ? AND state = ? AND prompt_id = ?", (user, state, pid)
+                ).fetchone()]
+            for pid in found:
+                self._db.execute("DELETE FROM tasks WHERE user = ? AND state = ? AND prompt_id = ?",
+                                 (user, state, pid))
+            return found
+
+        return await self._run(delete)
+
+    async def add_instance_url(self, url: str) -> None:
+        await self._run(lambda: self._db.execute("INSERT OR IGNORE INTO instances (url) VALUES (?)", (url,)))
+
+    async def instance_urls(self) -> list[str]:
+        return await self._run(lambda: [row[0] for row in self._db.execute("SELECT url FROM instances ORDER BY url")])
+
+    async def aclose(self) -> None:
+        await self._run(self._db.close)

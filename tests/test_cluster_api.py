@@ -1,0 +1,147 @@
+"""Cluster edition: each user's ComfyUI API through the proxy, over a pool of real instances."""
+
+from __future__ import annotations
+
+import asyncio
+
+from test_cluster_support import (  # noqa: F401
+    Cluster,
+    events_until,
+    files_under,
+    graph,
+    is_done,
+    next_json,
+    start_cluster,
+    wait_until,
+)
+
+
+async def test_two_users_run_prompts_and_see_only_their_own(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=2)
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    result_a, result_b = await asyncio.gather(
+        alice.run(graph("mine", color=1), timeout_s=30), bob.run(graph("mine", color=2), timeout_s=30))
+    assert result_a.ok and result_b.ok
+    image_a = result_a.outputs["3"]["images"][0]
+    assert image_a == {"filename": "mine_00001_.png", "subfolder": "", "type": "output"}
+    assert files_under(cluster.user_dir("alice") / "output") == ["mine_00001_.png"]
+    assert files_under(cluster.user_dir("bob") / "output") == ["mine_00001_.png"]
+    assert files_under(cluster.data_dir / "output") == []  # nothing left in the shared folder
+    # Each user's pixels are their own.
+    assert await alice.view("mine_00001_.png") != await bob.view("mine_00001_.png")
+    history_a, history_b = await alice.history(), await bob.history()
+    assert list(history_a) == [result_a.prompt_id] and list(history_b) == [result_b.prompt_id]
+    assert await bob.history(result_a.prompt_id) == {}
+    queue = await alice.queue()
+    assert queue == {"queue_running": [], "queue_pending": []}
+
+
+async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    ws_a = await http_a.ws_connect("/ws?clientId=tab-a")
+    ws_b = await http_b.ws_connect("/ws?clientId=tab-b")
+    assert (await next_json(ws_a))["data"]["sid"] == "tab-a"
+    assert (await next_json(ws_b))["data"]["sid"] == "tab-b"
+    response = await http_a.post("/prompt", json={"prompt": graph("e", color=3), "client_id": "tab-a",
+                                                  "prompt_id": "my-own-id"})
+    assert response.status == 200
+    assert (await response.json())["prompt_id"] == "my-own-id"
+    events = await events_until(ws_a, is_done("my-own-id"))
+    kinds = [e["type"] for e in events]
+    assert {"execution_start", "executing", "executed", "execution_success"} <= set(kinds)
+    executed = next(e for e in events if e["type"] == "executed")
+    assert executed["data"]["output"]["images"][0]["subfolder"] == ""
+    for event in events:
+        assert "cluster-" not in str(event) and "_cluster" not in str(event)
+        if isinstance(event["data"], dict) and "prompt_id" in event["data"]:
+            assert event["data"]["prompt_id"] == "my-own-id"
+    # Bob saw nothing of it but his own status.
+    await asyncio.sleep(0.2)
+    while True:
+        try:
+            event = await next_json(ws_b, timeout_s=0.2)
+        except asyncio.TimeoutError:
+            break
+        assert event["type"] in ("status", "cluster_queue")
+        assert "my-own-id" not in str(event)
+        if event["type"] == "status":
+            assert event["data"]["status"]["exec_info"]["queue_remaining"] == 0
+
+
+async def test_the_same_prompt_id_for_two_users_is_two_tasks(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    for name, color in (("alice", 10), ("bob", 20)):
+        response = await cluster.http(name).post("/prompt", json={"prompt": graph("s", color=color),
+                                                                  "prompt_id": "same"})
+        assert response.status == 200
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    await wait_until(lambda: _has_history(alice, "same"))
+    await wait_until(lambda: _has_history(bob, "same"))
+    assert files_under(cluster.user_dir("alice") / "output") == ["s_00001_.png"]
+    assert files_under(cluster.user_dir("bob") / "output") == ["s_00001_.png"]
+
+
+async def _has_history(client, prompt_id: str) -> bool:
+    return bool(await client.history(prompt_id))
+
+
+async def test_outputs_of_repeated_runs_get_fresh_names_and_subfolders_stay(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=2)
+    alice = cluster.user("alice")
+    results = [await alice.run(graph("shots/pic", color=i), timeout_s=30) for i in range(3)]
+    names = [r.outputs["3"]["images"][0] for r in results]
+    assert [n["filename"] for n in names] == ["pic_00001_.png", "pic_00002_.png", "pic_00003_.png"]
+    assert {n["subfolder"] for n in names} == {"shots"}
+    assert files_under(cluster.user_dir("alice") / "output") == [
+        "shots/pic_00001_.png", "shots/pic_00002_.png", "shots/pic_00003_.png"]
+    history = await alice.history(results[2].prompt_id)
+    assert history[results[2].prompt_id]["outputs"]["3"]["images"][0]["filename"] == "pic_00003_.png"
+    assert await alice.view("pic_00003_.png", "shots")
+
+
+async def test_work_spreads_over_the_instances(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=2)
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    runs = [alice.run(graph("w", color=i, seconds=0.3), timeout_s=30) for i in range(2)]
+    runs += [bob.run(graph("w", color=10 + i, seconds=0.3), timeout_s=30) for i in range(2)]
+    results = await asyncio.gather(*runs)
+    assert all(r.ok for r in results)
+    assert all(i.tasks_run >= 1 for i in cluster.pool.instances.values())
+
+
+async def test_the_frontend_data_routes_come_from_the_pool(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    info = await (await http.get("/api/object_info")).json()
+    assert "SaveImage" in info and "TestSleep" in info
+    one = await (await http.get("/object_info/EmptyImage")).json()
+    assert list(one) == ["EmptyImage"]
+    assert "checkpoints" in await (await http.get("/models")).json()
+    assert await (await http.get("/embeddings")).json() == []
+    assert (await http.get("/system_stats")).status == 200
+    assert (await http.get("/api/features")).status == 200
+    logs = await (await http.get("/internal/logs/raw")).json()
+    assert logs["entries"] == []
+
+
+async def test_a_bad_graph_is_refused_with_comfyuis_errors(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    unknown = await http.post("/prompt", json={"prompt": {"1": {"class_type": "KSamplerX", "inputs": {}}}})
+    assert unknown.status == 400
+    body = await unknown.json()
+    assert body["error"]["type"] == "invalid_prompt" and "KSamplerX" in body["error"]["message"]
+    no_outputs = await http.post("/prompt", json={"prompt": {"1": graph()["1"]}})
+    assert (await no_outputs.json())["error"]["type"] == "prompt_no_outputs"
+    assert (await http.post("/prompt", json={"nothing": 1})).status == 400
+    # What only the instance can check comes back as the task's error.
+    bad = graph("x")
+    bad["1"]["inputs"]["width"] = "wide"
+    response = await http.post("/prompt", json={"prompt": bad})
+    assert response.status == 200
+    prompt_id = (await response.json())["prompt_id"]
+    alice = cluster.user("alice")
+    await wait_until(lambda: _has_history(alice, prompt_id))
+    entry = (await alice.history(prompt_id))[prompt_id]
+    assert entry["status"]["status_str"] == "error"

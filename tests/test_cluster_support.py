@@ -1,0 +1,211 @@
+"""Fixtures and helpers shared by the test_cluster_* modules (no tests here).
+
+``cluster = await start_cluster(instances=2, users=("alice", "bob"))`` starts
+real embedded-engine instance apps and the cluster proxy on loopback ports,
+with accounts made through the real ``Accounts``; ``cluster.user("alice")``
+is an ``InstanceClient`` that talks to the proxy with alice's API token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+from PIL import Image
+
+from cluster_proxy.accounts import Accounts
+from cluster_proxy.app import create_cluster_app
+from cluster_proxy.keys import CORE, POOL
+from cluster_proxy.settings import ClusterSettings
+from standard.client import InstanceClient
+from standard.datadir import DataDir
+from standard.server.app import create_embedded_app
+from standard.settings import StandardSettings
+
+INSTANCE_TOKEN = "instance-secret-token"
+PASSWORD = "correct horse"
+
+SLEEP_PLUGIN = '''
+"""Test plugin: a node that takes a known time (interruptible)."""
+import time
+
+import comfy.model_management
+
+
+class TestSleep:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",),
+                             "seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 600.0, "step": 0.001})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "sleep"
+    CATEGORY = "testing"
+
+    def sleep(self, image, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(min(0.005, max(end - time.monotonic(), 0)))
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS = {"TestSleep": TestSleep}
+'''
+
+
+def write_sleep_plugin(data_dir: Path) -> None:
+    (data_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (data_dir / "custom_nodes" / "cluster_sleep_node.py").write_text(SLEEP_PLUGIN)
+
+
+def graph(prefix: str = "out", color: int = 0, seconds: float = 0.0, size: int = 8) -> dict[str, Any]:
+    """EmptyImage -> (TestSleep) -> SaveImage; ``color`` makes it unique (no cache hits)."""
+    nodes: dict[str, Any] = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+    if seconds:
+        nodes["2"] = {"class_type": "TestSleep", "inputs": {"image": ["1", 0], "seconds": seconds}}
+        nodes["3"]["inputs"]["images"] = ["2", 0]
+    return nodes
+
+
+def png_bytes(size: tuple[int, int] = (8, 6), color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def make_users(data_dir: Path, names: tuple[str, ...], admin: str | None = None) -> dict[str, str]:
+    accounts = await Accounts.open(DataDir(data_dir), None)
+    try:
+        return {name: await accounts.add(name, PASSWORD, admin=name == admin) for name in names}
+    finally:
+        await accounts.aclose()
+
+
+@dataclass
+class Cluster:
+    data_dir: Path
+    server: TestServer
+    tokens: dict[str, str]
+    instances: list[TestServer]
+    clients: list[InstanceClient] = field(default_factory=list)
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    @property
+    def core(self) -> Any:
+        return self.app[CORE]
+
+    @property
+    def pool(self) -> Any:
+        return self.app[POOL]
+
+    def user(self, name: str) -> InstanceClient:
+        client = InstanceClient(self.url, f"Bearer {self.tokens[name]}")
+        self.clients.append(client)
+        return client
+
+    def http(self, name: str | None) -> aiohttp.ClientSession:
+        headers = {"Authorization": f"Bearer {self.tokens[name]}"} if name else {}
+        session = aiohttp.ClientSession(base_url=self.url, headers=headers)
+        self.sessions.append(session)
+        return session
+
+    def user_dir(self, name: str) -> Path:
+        return self.data_dir / "users" / name
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+        for session in self.sessions:
+            await session.close()
+
+
+ClusterFactory = Callable[..., Awaitable[Cluster]]
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval_s)
+
+
+@pytest.fixture
+async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
+    started: list[Cluster] = []
+
+    async def factory(instances: int = 2, users: tuple[str, ...] = ("alice", "bob"), *,
+                      instance_urls: tuple[str, ...] = (), admin: str | None = None,
+                      **settings: Any) -> Cluster:
+        write_sleep_plugin(data_dir)
+        servers = [await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=INSTANCE_TOKEN)))
+                   for _ in range(instances)]
+        urls = tuple(str(s.make_url("")).rstrip("/") for s in servers) + instance_urls
+        tokens = await make_users(data_dir, users, admin)
+        options = {"health_interval_s": 0.2, "instance_lost_s": 1.0, **settings}
+        app = await create_cluster_app(ClusterSettings(data_dir=data_dir, instance_urls=urls,
+                                                       instance_token=INSTANCE_TOKEN, **options))
+        server = await aiohttp_server(app)
+        cluster = Cluster(data_dir, server, tokens, servers)
+        started.append(cluster)
+        if urls:
+            await wait_until(lambda: len(cluster.pool.up()) == len(urls))
+        return cluster
+
+    yield factory
+    for cluster in started:
+        await cluster.aclose()
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 20.0) -> dict[str, Any]:
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout_s)
+        if msg.type == WSMsgType.TEXT:
+            return json.loads(msg.data)
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR):
+            raise AssertionError(f"socket closed: {msg}")
+
+
+async def events_until(ws: aiohttp.ClientWebSocketResponse, predicate: Callable[[dict[str, Any]], bool],
+                       timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    seen = []
+    while True:
+        event = await next_json(ws, timeout_s)
+        seen.append(event)
+        if predicate(event):
+            return seen
+
+
+def is_done(prompt_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (e["type"] == "executing" and e["data"].get("node") is None
+                      and e["data"].get("prompt_id") == prompt_id)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != ".keep")
