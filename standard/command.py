@@ -21,13 +21,15 @@ from .datadir import init_data_dir
 from .errors import ConfigError
 from .options import add_option
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
+from .storage.settings import add_storage_arguments, storage_settings_from_args
 
 log = logging.getLogger("comfyserve.standard")
 SHUTDOWN_TIMEOUT_S = 15.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--data-dir", default=None, help="the data dir (models, custom_nodes, input, output, ...)")
+    add_option(parser, "--data-dir", default=None,
+               help="the data dir (models, custom_nodes, input, output, ...): a folder or oss://BUCKET/PREFIX")
     add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
                help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
     add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="extra arguments for ComfyUI's main.py (one shell-quoted string)")
     add_option(parser, "--backend-url", default=None,
                help="front a ComfyUI (or comfyserve) instance running at this URL instead of the embedded engine")
+    add_storage_arguments(parser.add_argument_group("object storage (OSS)"))
 
 
 def settings_from_args(args: argparse.Namespace) -> StandardSettings:
@@ -61,8 +64,10 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         raise ConfigError("--max-upload-size must be positive (MB)")
     if args.history_max_items < 1:
         raise ConfigError("--history-max-items must be at least 1")
+    storage = storage_settings_from_args(args, args.data_dir)
+    local_dir = storage.local_root if storage is not None and storage.location else Path(args.data_dir)
     settings = StandardSettings(
-        data_dir=Path(args.data_dir).expanduser().resolve(),
+        data_dir=local_dir.expanduser().resolve(),
         host=args.listen,
         port=args.port,
         token=args.token,
@@ -74,6 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
         shutdown_timeout_s=max(args.shutdown_timeout, 0.0),
+        storage=storage,
     )
     settings.check()
     return settings

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .storage.settings import StorageSettings
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_SIZE_MB = 100.0
@@ -32,6 +33,8 @@ class StandardSettings:
     history_max_items: int = 10000
     # On SIGTERM: how long a running prompt may take to stop after its interrupt.
     shutdown_timeout_s: float = 10.0
+    # --data-dir oss://..., --oss-bucket or --output-url-base (standard.storage); None: plain folder.
+    storage: StorageSettings | None = None
 
     @property
     def max_upload_size_bytes(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..datadir import MODEL_FOLDERS, DataDir
 from ..paths import resolve_inside
+from ..storage import hooks as storage_hooks
 
 SUPPORTED_PT_EXTENSIONS: frozenset[str] = frozenset(
     {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -62,6 +63,11 @@ def list_folder(data_dir: DataDir, folder: str) -> list[str] | None:
             if name.startswith(".") or (extensions and os.path.splitext(name)[1].lower() not in extensions):
                 continue
             found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    storage = storage_hooks.remote_models(data_dir)
+    if storage is not None and root.parent == data_dir.models:  # oss:// data dir: the bucket's list
+        found.extend(name for name in storage.model_names(folder)
+                     if not extensions or os.path.splitext(name)[1].lower() in extensions)
+        found = list(set(found))
     return sorted(found)
 
 

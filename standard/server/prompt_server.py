@@ -18,7 +18,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -79,6 +79,10 @@ class PromptServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._final_executing_sent = False
         self._validate: Any = None
+        # Extensions (standard.storage): awaited after a prompt ran, before its history is
+        # recorded (may edit the result), and before /restart reloads the engine.
+        self.result_hooks: list[Callable[[str, dict[str, Any]], Awaitable[None]]] = []
+        self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
         self._execution_thread = ExecutionThread()
 
     # -- lifecycle -------------------------------------------------------------
@@ -146,6 +150,8 @@ class PromptServer:
         async with self._run_lock:
             self.ready = False
             try:
+                for hook in self.reload_hooks:
+                    await hook()
                 await self._load_engine()
             finally:
                 self.ready = self.registry is not None and self.engine_error is None
@@ -235,6 +241,11 @@ class PromptServer:
             success = False
             messages = [["execution_error", {"prompt_id": item.prompt_id, "exception_message": str(exc)}]]
             history_result = {"outputs": {}, "meta": {}}
+        for hook in self.result_hooks:
+            try:
+                await hook(item.prompt_id, history_result)
+            except Exception:  # an upload failing must not lose the prompt's history
+                log.exception("result hook failed for prompt %s", item.prompt_id)
         elapsed_s = time.perf_counter() - started
         interrupted = any(m and m[0] == "execution_interrupted" for m in messages)
         self.metrics.observe(elapsed_s, success=success, interrupted=interrupted)

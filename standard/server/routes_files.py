@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
+from ..storage import web as storage_web
 from . import keys
 from .http_util import json_http_error
 
@@ -145,6 +146,8 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
 @routes.get("/view")
 async def view_image(request: web.Request) -> web.StreamResponse:
     path, filename = _view_file(request)
+    if not path.is_file() and (url := await storage_web.remote_view_url(request.app, path)):
+        raise web.HTTPFound(url)
     channel = request.query.get("channel", "")
     return await asyncio.to_thread(_render_view, path, filename, request.query.get("preview"), channel)
 
@@ -213,6 +216,7 @@ async def upload_image(request: web.Request) -> web.Response:
     _post, data, filename, folder, subfolder, kind, overwrite = await _parse_upload(request)
     async with request.app[keys.PROMPT_SERVER].upload_lock:
         name = await asyncio.to_thread(_store_upload, folder, filename, data, overwrite)
+    await storage_web.after_upload(request.app, folder / name)
     return web.json_response({"name": name, "subfolder": subfolder, "type": kind})
 
 

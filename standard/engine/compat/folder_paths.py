@@ -16,6 +16,7 @@ from typing import Any
 from ...datadir import MODEL_FOLDERS
 from ...paths import resolve_inside
 from ...server import models as model_listing
+from ...storage import hooks as storage_hooks
 from .. import context
 
 supported_pt_extensions: set[str] = set(model_listing.SUPPORTED_PT_EXTENSIONS)
@@ -92,9 +93,13 @@ def get_filename_list(folder_name: str) -> list[str]:
 
 
 def get_full_path(folder_name: str, filename: str) -> str | None:
-    root = model_listing.folder_path(context.current().data_dir, folder_name)
+    data_dir = context.current().data_dir
+    root = model_listing.folder_path(data_dir, folder_name)
     if root is None:
         return None
+    storage = storage_hooks.remote_models(data_dir)
+    if storage is not None and root.parent == data_dir.models:  # oss:// data dir: fetch on first use
+        return storage.model_path(root.name, filename)
     try:
         path = resolve_inside(root, filename)
     except ValueError:

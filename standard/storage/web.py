@@ -1,0 +1,103 @@
+"""Wiring of ``ObjectStorage`` into the instance app (``standard.server``).
+
+- start (before the engine loads): ``custom_nodes/`` synced, ``models/`` listed;
+  ``/restart`` does it again before plugins are re-imported;
+- after each prompt: outputs uploaded, ``url`` added to the history entries,
+  models the prompt used released for eviction;
+- ``/upload/image``: the file also goes to ``PREFIX/input/``;
+- ``/view`` of a file not on local disk: 302 to a signed URL when the bucket has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ConfigError
+from . import hooks
+from .errors import StorageError
+
+log = logging.getLogger("comfyserve.storage")
+# The app's ObjectStorage (typed loosely so instances without a bucket never import oss2).
+STORAGE: web.AppKey[Any] = web.AppKey("storage", object)
+
+
+def setup_storage(app: web.Application) -> None:
+    """Attach the storage the settings ask for (nothing when there is none).
+
+    Call before the prompt server's cleanup context is added: the sync must
+    finish before plugins are imported.
+    """
+    from ..server import keys
+
+    settings = app[keys.SETTINGS]
+    storage_settings = getattr(settings, "storage", None)
+    if storage_settings is None:
+        return
+    from .storage import ObjectStorage
+
+    data_dir = app[keys.DATA_DIR]
+    storage = ObjectStorage(storage_settings, data_dir.root)
+    app[STORAGE] = storage
+    app.cleanup_ctx.append(_storage_ctx)
+    server = app[keys.PROMPT_SERVER]
+    workdirs = app[keys.WORKDIRS]
+    folders = {"output": workdirs.output, "input": workdirs.input, "temp": workdirs.temp}
+
+    async def publish(prompt_id: str, history_result: dict[str, Any]) -> None:
+        try:
+            history_result["outputs"] = copy.deepcopy(history_result.get("outputs") or {})
+            count = await asyncio.to_thread(storage.publish_outputs, history_result, folders)
+            if count:
+                log.info("prompt %s: %d output files uploaded", prompt_id, count)
+        finally:
+            storage.task_finished()
+
+    async def resync() -> None:
+        await asyncio.to_thread(storage.prepare)
+
+    server.result_hooks.append(publish)
+    server.reload_hooks.append(resync)
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    storage = app[STORAGE]
+    root = storage.local_root
+    try:
+        await asyncio.to_thread(storage.prepare)
+    except StorageError as exc:
+        raise ConfigError(f"cannot use the bucket {storage.location}: {exc}") from exc
+    hooks.register(root, storage)
+    try:
+        yield
+    finally:
+        hooks.unregister(root, storage)
+
+
+async def after_upload(app: web.Application, path: Path) -> None:
+    """An uploaded input goes to the bucket too (oss:// data dir); failures are logged."""
+    storage = app.get(STORAGE)
+    if storage is None or not storage.uploads_outputs:
+        return
+    try:
+        await asyncio.to_thread(storage.upload, path)
+    except (StorageError, OSError, ValueError) as exc:
+        log.error("upload %s not copied to the bucket: %s", path.name, exc)
+
+
+async def remote_view_url(app: web.Application, path: Path) -> str | None:
+    """A signed URL for a file /view cannot find locally, when the bucket has it."""
+    storage = app.get(STORAGE)
+    if storage is None:
+        return None
+    try:
+        return await asyncio.to_thread(storage.remote_url, path)
+    except (StorageError, ValueError) as exc:
+        log.warning("/view: bucket lookup of %s failed: %s", path.name, exc)
+        return None
