@@ -34,6 +34,7 @@ from standard.errors import InstanceError, InstanceUnavailable, PromptLost, Prom
 
 from . import results
 from .metrics import ApiMetrics
+from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
 from .webhook import WebhookSender
 
@@ -68,6 +69,7 @@ class Worker:
         self.sink = QueueClient(settings.queue_url, sink_of(settings.service), token=token, uid=self.name)
         instance_token = settings.instance_token if settings.instance_token is not None else token
         self.instance = InstanceClient(settings.instance_url, instance_token, timeouts=RUN_TIMEOUTS)
+        self.runner = InstanceRunner(self.instance)
         self.probe = InstanceClient(settings.instance_url, instance_token, timeouts=HEALTH_TIMEOUTS)
         self._own_webhooks = webhooks is None
         self.webhooks = webhooks or WebhookSender(settings.webhook_secret or token, on_give_up=self._webhook_failed)
@@ -103,6 +105,7 @@ class Worker:
     async def aclose(self) -> None:
         for client in (self.input, self.sink):
             await client.aclose()
+        await self.runner.aclose()
         await self.instance.aclose()
         await self.probe.aclose()
         if self._own_webhooks:
@@ -122,6 +125,7 @@ class Worker:
 
     async def _consume(self) -> None:
         """One watch session; returns when the item must go back (instance down) or on stop."""
+        await self.runner.ready(timeout_s=2.0)
         async with self.input.watch(window=1) as frames:
             async for frame in frames:
                 self._idle.clear()
@@ -139,26 +143,34 @@ class Worker:
 
     async def handle(self, frame: DataFrame) -> None:
         request_id = frame.request_id or f"index-{frame.index}"
-        if request_id in self._reported or await self._in_sink(request_id):
-            self.stats.redeliveries += 1
-            log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
-            self._remember(request_id)
-            await self._commit(frame.index)
+        if request_id in self._reported:
+            await self._skip_reported(frame, request_id)
             return
+        # Looked up while the task runs: a hit (its worker died between put and commit) is rare,
+        # and then the run's result is dropped instead of being reported twice.
+        reported = asyncio.create_task(self._in_sink(request_id))
         started = time.monotonic()
         prompt_id: str | None = None
         try:
-            graph = json.loads(frame.data)
-            if not isinstance(graph, dict):
-                raise ValueError("the task data is not a JSON object")
-        except ValueError as exc:
-            status, events = results.from_failure("invalid_prompt", f"the task is not a graph: {exc}")
-        else:
-            self.stats.in_flight = 1
             try:
-                status, events, prompt_id = await self._run(graph)
-            finally:
-                self.stats.in_flight = 0
+                graph = json.loads(frame.data)
+                if not isinstance(graph, dict):
+                    raise ValueError("the task data is not a JSON object")
+            except ValueError as exc:
+                status, events = results.from_failure("invalid_prompt", f"the task is not a graph: {exc}")
+            else:
+                self.stats.in_flight = 1
+                try:
+                    status, events, prompt_id = await self._run(graph)
+                finally:
+                    self.stats.in_flight = 0
+            already = await reported
+        finally:
+            if not reported.done():
+                reported.cancel()
+        if already:
+            await self._skip_reported(frame, request_id)
+            return
         tags = {**frame.tags, results.STATUS_TAG: status}
         tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
         tags["requestId"] = request_id
@@ -178,9 +190,15 @@ class Worker:
             self.webhooks.send(webhook, {"task_id": tags[TASK_ID_TAG], "request_id": request_id,
                                          "status": status, "index": sink_index, "result": events})
 
+    async def _skip_reported(self, frame: DataFrame, request_id: str) -> None:
+        self.stats.redeliveries += 1
+        log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
+        self._remember(request_id)
+        await self._commit(frame.index)
+
     async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not."""
-        run = asyncio.create_task(self.instance.run(graph, timeout_s=self.settings.run_timeout_s))
+        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s))
         watchdog = asyncio.create_task(self._instance_down())
         try:
             await asyncio.wait({run, watchdog}, return_when=asyncio.FIRST_COMPLETED)

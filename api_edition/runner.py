@@ -1,0 +1,144 @@
+"""Runs one graph at a time on an instance over a long-lived event socket.
+
+``InstanceClient.run`` opens a socket per prompt and reads ``/history`` at the
+end: robust, but three extra round trips per task. A worker runs thousands
+of tasks on one instance, so it keeps one ``/ws`` open (``events`` with
+markers), submits with its own ``prompt_id`` and builds the result from the
+events alone — ComfyUI's history ``outputs`` are exactly the outputs its
+``executed`` events carried. Whenever the socket is not up (or drops
+mid-task), it falls back to ``InstanceClient.run`` / polling ``/history``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from standard.client import Connected, Disconnected, InstanceClient, RunResult
+from standard.errors import InstanceError, InstanceUnavailable, PromptLost
+
+log = logging.getLogger("comfyserve.api.runner")
+
+TERMINAL = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
+HISTORY_POLL_S = 0.1
+
+
+class _SocketDropped(Exception):
+    pass
+
+
+class InstanceRunner:
+    def __init__(self, client: InstanceClient) -> None:
+        self.client = client
+        self.client_id = f"comfyserve-worker-{uuid.uuid4().hex}"
+        self.socket_up = asyncio.Event()
+        self._waiters: dict[str, asyncio.Queue[dict[str, Any] | Disconnected]] = {}
+        self._pump: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run_pump(), name="comfyserve-worker-events")
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Start the socket and wait a little for it (tasks run without it too, just slower)."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.socket_up.wait(), timeout_s)
+        return self.socket_up.is_set()
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+
+    async def _run_pump(self) -> None:
+        while True:
+            try:
+                async for item in self.client.events(self.client_id, markers=True):
+                    if isinstance(item, Connected):
+                        self.socket_up.set()
+                    elif isinstance(item, Disconnected):
+                        self.socket_up.clear()
+                        for waiter in self._waiters.values():
+                            waiter.put_nowait(item)
+                    elif isinstance(item, dict):
+                        data = item.get("data")
+                        if isinstance(data, dict):
+                            waiter = self._waiters.get(str(data.get("prompt_id")))
+                            if waiter is not None:
+                                waiter.put_nowait(item)
+            except Exception as exc:  # the socket gave up; try again shortly
+                self.socket_up.clear()
+                log.info("event socket to %s: %r; reopening", self.client.base_url, exc)
+                await asyncio.sleep(1.0)
+
+    async def run(self, graph: dict[str, Any], timeout_s: float | None = None) -> RunResult:
+        self.start()
+        if not self.socket_up.is_set():
+            return await self.client.run(graph, timeout_s=timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._run_on_socket(graph)
+        except TimeoutError:
+            raise InstanceError(f"the task did not finish within {timeout_s}s") from None
+
+    async def _run_on_socket(self, graph: dict[str, Any]) -> RunResult:
+        prompt_id = str(uuid.uuid4())
+        waiter: asyncio.Queue[dict[str, Any] | Disconnected] = asyncio.Queue()
+        self._waiters[prompt_id] = waiter
+        try:
+            await self.client.submit(graph, client_id=self.client_id, prompt_id=prompt_id)
+            events: list[dict[str, Any]] = []
+            while True:
+                item = await waiter.get()
+                if isinstance(item, Disconnected):
+                    return await self._finish_from_history(prompt_id)
+                events.append(item)
+                status = TERMINAL.get(str(item.get("type")))
+                if status is not None:
+                    break
+                if item.get("type") == "executing" and item["data"].get("node") is None:
+                    status = "success"
+                    break
+        finally:
+            self._waiters.pop(prompt_id, None)
+        executed = [e for e in events if e.get("type") == "executed"]
+        outputs = {str(e["data"]["node"]): e["data"]["output"] for e in executed if e["data"].get("output")}
+        error = events[-1]["data"] if status == "error" else None
+        return RunResult(prompt_id, status, executed, outputs, {}, events, error)
+
+    async def _finish_from_history(self, prompt_id: str) -> RunResult:
+        """The socket dropped mid-task: poll until the prompt is in the history (or is lost)."""
+        while True:
+            try:
+                entry = await self.client.history_entry(prompt_id)
+                if entry is None:
+                    queue = await self.client.queue()
+                    known = any(isinstance(i, list) and len(i) > 1 and i[1] == prompt_id
+                                for i in [*queue.get("queue_running", []), *queue.get("queue_pending", [])])
+                    if not known:
+                        entry = await self.client.history_entry(prompt_id)
+                        if entry is None:
+                            raise PromptLost(f"prompt {prompt_id} is no longer known to {self.client.base_url}")
+            except InstanceUnavailable:
+                entry = None
+            if entry is not None:
+                return _from_history(prompt_id, entry)
+            await asyncio.sleep(HISTORY_POLL_S)
+
+
+def _from_history(prompt_id: str, entry: dict[str, Any]) -> RunResult:
+    outputs = entry.get("outputs") or {}
+    executed = [{"type": "executed", "data": {"node": node, "display_node": node, "output": output,
+                                              "prompt_id": prompt_id}} for node, output in outputs.items()]
+    status, error = "success", None
+    for kind, data in (entry.get("status") or {}).get("messages") or []:
+        if kind in ("execution_error", "execution_interrupted"):
+            status, error = TERMINAL[kind], data if kind == "execution_error" else None
+    if status == "success" and (entry.get("status") or {}).get("status_str") == "error":
+        status = "error"
+    return RunResult(prompt_id, status, executed, outputs, entry, [], error)
