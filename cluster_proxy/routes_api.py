@@ -228,3 +228,22 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     finally:
         core.hub.remove(user, sid, ws)
     return ws
+
+
+@routes.get("/cluster/instances")
+async def list_instances(request: web.Request) -> web.Response:
+    """The pool's state (what the dashboard shows)."""
+    return web.json_response({"instances": request.app[POOL].status()})
+
+
+@routes.post("/cluster/instances")
+async def add_instance(request: web.Request) -> web.Response:
+    """Admins: add an instance URL at run time (``{"url": "http://host:port"}``); kept in the store."""
+    if not request[USER].is_admin:
+        raise json_http_error(403, "forbidden", "only admins add instances")
+    body = await read_json_object(request)
+    url = body.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise json_http_error(400, "invalid_request", "url must be http(s)://host:port")
+    await request.app[CORE].add_instance(url)
+    return web.json_response({"instances": request.app[POOL].status()})

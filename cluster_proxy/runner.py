@@ -30,6 +30,7 @@ log = logging.getLogger("comfyserve.cluster.runner")
 FINAL = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 NOT_RELAYED = frozenset({"status", "feature_flags", "logs"})
 CHECK_INTERVAL_S = 1.0
+FINAL_GRACE_S = 0.5
 
 
 class InstanceLost(Exception):
@@ -145,14 +146,16 @@ class TaskRun:
         return history
 
     async def _relay_until_done(self, items: asyncio.Queue[Any]) -> None:
+        finished = False  # the history has it: relay what is still on its way, briefly
         while True:
             try:
-                item = await asyncio.wait_for(items.get(), CHECK_INTERVAL_S)
+                item = await asyncio.wait_for(items.get(), FINAL_GRACE_S if finished else CHECK_INTERVAL_S)
             except asyncio.TimeoutError:
                 item = None
             if item is None or isinstance(item, Connected):
-                if await self._finished():
+                if finished and item is None:
                     return
+                finished = finished or await self._finished()
                 continue
             if isinstance(item, Disconnected):
                 continue

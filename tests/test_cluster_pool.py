@@ -1,0 +1,112 @@
+"""Cluster edition: the pool — instances dying mid-task, coming back, added at run time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, wait_for_port
+from test_cluster_support import (  # noqa: F401
+    INSTANCE_TOKEN,
+    Cluster,
+    events_until,
+    files_under,
+    graph,
+    is_done,
+    next_json,
+    start_cluster,
+    wait_until,
+    write_sleep_plugin,
+)
+
+
+class InstanceProcess:
+    """``python -m standard`` on a fixed loopback port, killable and restartable."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "COMFYSERVE_TOKEN": INSTANCE_TOKEN}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "standard", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def instance_processes(data_dir: Path) -> Iterator[list[InstanceProcess]]:
+    write_sleep_plugin(data_dir)
+    processes = [InstanceProcess(data_dir) for _ in range(2)]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.kill()
+
+
+async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_told(
+        start_cluster, instance_processes: list[InstanceProcess]) -> None:
+    cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in instance_processes))
+    http = cluster.http("alice")
+    ws = await http.ws_connect("/ws?clientId=tab")
+    await next_json(ws)
+    response = await http.post("/prompt", json={"prompt": graph("r", color=5, seconds=2.0), "client_id": "tab"})
+    prompt_id = (await response.json())["prompt_id"]
+    await wait_until(lambda: cluster.core.runs)
+    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    run = next(iter(cluster.core.runs.values()))
+    victim = next(p for p in instance_processes if p.url == run.instance.url)
+    survivor = next(p for p in instance_processes if p is not victim)
+    victim.kill()
+    events = await events_until(ws, is_done(prompt_id), timeout_s=30)
+    retry = next(e for e in events if e["type"] == "cluster_task_retry")
+    assert retry["data"]["prompt_id"] == prompt_id and victim.url in retry["data"]["reason"]
+    assert "execution_success" in [e["type"] for e in events]
+    entry = (await (await http.get(f"/history/{prompt_id}")).json())[prompt_id]
+    assert entry["status"]["status_str"] == "success"
+    assert entry["cluster"]["attempts"] == 2
+    assert files_under(cluster.user_dir("alice") / "output") == ["r_00001_.png"]
+    assert cluster.pool.instances[victim.url].state == "down"
+    assert cluster.pool.instances[survivor.url].tasks_run == 1
+    # The instance comes back: it rejoins and takes work again.
+    victim.start()
+    await wait_until(lambda: cluster.pool.instances[victim.url].state == "up")
+    status = await (await http.get("/cluster/instances")).json()
+    assert {i["state"] for i in status["instances"]} == {"up"}
+
+
+async def test_an_admin_adds_an_instance_at_run_time(start_cluster, instance_processes) -> None:
+    cluster: Cluster = await start_cluster(instances=0, users=("root", "alice"), admin="root")
+    http = cluster.http("alice")
+    response = await http.post("/prompt", json={"prompt": graph("later", color=7)})
+    assert response.status == 200  # queued although no instance is up yet
+    prompt_id = (await response.json())["prompt_id"]
+    refused = await http.post("/cluster/instances", json={"url": instance_processes[0].url})
+    assert refused.status == 403
+    added = await cluster.http("root").post("/cluster/instances", json={"url": instance_processes[0].url})
+    assert added.status == 200
+    alice = cluster.user("alice")
+    await wait_until(lambda: _done(alice, prompt_id), timeout_s=20)
+    assert await cluster.core.store.instance_urls() == [instance_processes[0].url]
+
+
+async def _done(client, prompt_id: str) -> bool:
+    return bool(await client.history(prompt_id))

@@ -1,0 +1,140 @@
+"""Cluster edition: scheduling (order, fair share, positions), interrupts and deletes per user."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cluster_proxy.scheduler import dispatch_order, pick_instance
+from cluster_proxy.pool import Instance
+from cluster_proxy.store import Task
+from test_cluster_support import (  # noqa: F401
+    Cluster,
+    events_until,
+    graph,
+    is_done,
+    next_json,
+    start_cluster,
+    wait_until,
+)
+
+
+def _task(user: str, seq: int, models: list[str] | None = None) -> Task:
+    return Task(id=f"{user}{seq}", user=user, prompt_id=f"{user}{seq}", number=seq, seq=seq, prompt={},
+                extra_data={}, outputs_to_execute=[], models=models or [])
+
+
+def test_dispatch_order_shares_fairly_and_keeps_each_users_order() -> None:
+    pending = [_task("a", i) for i in range(1, 5)] + [_task("b", 10), _task("b", 11), _task("c", 20)]
+    order = [t.id for t in dispatch_order(pending, {}, {})]
+    assert order == ["a1", "b10", "c20", "a2", "b11", "a3", "a4"]
+    # A user already running a task waits behind those who run none.
+    order = [t.id for t in dispatch_order(pending, {"a": 1}, {})]
+    assert order[:3] == ["b10", "c20", "a1"]
+
+
+def test_an_instance_that_ran_the_models_is_preferred() -> None:
+    one = Instance("http://one", client=None, state="up", models={"x.safetensors"}, last_used_s=5.0)  # type: ignore[arg-type]
+    two = Instance("http://two", client=None, state="up", models=set(), last_used_s=1.0)  # type: ignore[arg-type]
+    assert pick_instance([one, two], _task("a", 1, ["x.safetensors"])) is one
+    assert pick_instance([one, two], _task("a", 1, ["y.safetensors"])) is two  # idle longest
+
+
+async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
+    response = await http.post("/prompt", json={"prompt": prompt, **extra})
+    assert response.status == 200, await response.text()
+    return (await response.json())["prompt_id"]
+
+
+async def _history(http: Any) -> dict:
+    return await (await http.get("/history")).json()
+
+
+async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.3)) for i in range(4)]
+    await wait_until(lambda: cluster.core.runs)
+    bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
+    queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
+    assert queue == [{"prompt_id": bob_id, "position": 0, "state": "pending", "notes": []}]
+    alice_queue = (await (await http_a.get("/cluster/queue")).json())["queue"]
+    assert [q["state"] for q in alice_queue] == ["running", "pending", "pending", "pending"]
+    assert [q["position"] for q in alice_queue[1:]] == [1, 2, 3]
+    assert bob_id not in str(alice_queue)
+    await wait_until(lambda: _all_done(cluster, 5), timeout_s=30)
+    tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
+    started = [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)]
+    assert started[:2] == [alice_ids[0], bob_id]
+    assert [p for p in started if p != bob_id] == alice_ids  # alice's in her order
+
+
+async def _all_done(cluster: Cluster, count: int) -> bool:
+    done = sum([len(await cluster.core.store.user_tasks(u, "done")) for u in ("alice", "bob")])
+    return done == count
+
+
+async def test_queue_lists_only_the_users_tasks_and_deletes_only_theirs(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    running = await _submit(http_a, graph("a", color=1, seconds=1.0))
+    waiting_a = await _submit(http_a, graph("a", color=2, seconds=0.1))
+    waiting_b = await _submit(http_b, graph("b", color=3, seconds=0.1))
+    queue_a = await (await http_a.get("/queue")).json()
+    ids_a = [item[1] for item in queue_a["queue_running"] + queue_a["queue_pending"]]
+    assert set(ids_a) == {running, waiting_a}
+    jobs_b = await (await http_b.get("/jobs")).json()
+    assert [job["id"] for job in jobs_b["jobs"]] == [waiting_b]
+    # Alice names bob's task: refused, and bob's task stays.
+    response = await http_a.post("/queue", json={"delete": [waiting_b]})
+    assert response.status == 404
+    assert (await http_a.post(f"/jobs/{waiting_b}/cancel")).status == 404
+    assert (await http_a.post("/interrupt", json={"prompt_id": waiting_b})).status == 404
+    queue_b = await (await http_b.get("/queue")).json()
+    assert [item[1] for item in queue_b["queue_pending"]] == [waiting_b]
+    # Her own: fine.
+    assert (await http_a.post("/queue", json={"delete": [waiting_a]})).status == 200
+    queue_a = await (await http_a.get("/queue")).json()
+    assert queue_a["queue_pending"] == []
+    # "clear" clears only hers.
+    await http_a.post("/queue", json={"clear": True})
+    assert [item[1] for item in (await (await http_b.get("/queue")).json())["queue_pending"]] == [waiting_b]
+
+
+async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=2)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    ws_b = await http_b.ws_connect("/ws?clientId=b")
+    await next_json(ws_b)
+    task_a = await _submit(http_a, graph("a", color=1, seconds=5.0))
+    task_b = await _submit(http_b, graph("b", color=2, seconds=1.0), client_id="b")
+    await wait_until(lambda: len(cluster.core.runs) == 2)
+    await asyncio.sleep(0.3)
+    assert (await http_b.post("/interrupt", json={"prompt_id": task_a})).status == 404
+    assert (await http_a.post("/interrupt", json={})).status == 200  # global: only alice's tasks
+    events = await events_until(ws_b, is_done(task_b))
+    assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
+    alice = cluster.user("alice")
+    await wait_until(lambda: _status(alice, task_a))
+    assert await _status(alice, task_a) == "error"
+    entry = (await alice.history(task_a))[task_a]
+    assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
+
+
+async def _status(client: Any, prompt_id: str) -> str | None:
+    entry = (await client.history(prompt_id)).get(prompt_id)
+    return entry["status"]["status_str"] if entry else None
+
+
+async def test_history_deletes_only_the_users_items(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    result_a = await alice.run(graph("a", color=1), timeout_s=30)
+    result_b = await bob.run(graph("b", color=2), timeout_s=30)
+    http_a = cluster.http("alice")
+    assert (await http_a.post("/history", json={"delete": [result_b.prompt_id]})).status == 404
+    assert list(await bob.history()) == [result_b.prompt_id]
+    await http_a.post("/history", json={"clear": True})
+    assert await alice.history() == {}
+    assert list(await bob.history()) == [result_b.prompt_id]
+    assert result_a.ok
