@@ -19,9 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import oss2.utils
-
 from .client import ObjectInfo, OssClient
+from .crc import crc64_combine, crc64_update
 from .errors import IntegrityError, StorageError, is_retryable, translate
 
 log = logging.getLogger("comfyserve.storage")
@@ -129,7 +128,7 @@ def download_object(
 def _fetch_part(client: OssClient, key: str, fd: int, start: int, end: int, counter: _Progress,
                 failed: threading.Event) -> int:
     """One range into the file at its offset; a dropped connection resumes at the byte it reached."""
-    crc = oss2.utils.Crc64(0)
+    crc = 0
     offset = start
     for attempt in range(1, PART_ATTEMPTS + 1):
         try:
@@ -139,12 +138,12 @@ def _fetch_part(client: OssClient, key: str, fd: int, start: int, end: int, coun
                 if offset + len(chunk) > end + 1:
                     raise IntegrityError(f"{key}: the bucket sent more than the range {start}-{end}")
                 os.pwrite(fd, chunk, offset)
-                crc.update(chunk)
+                crc = crc64_update(crc, chunk)
                 offset += len(chunk)
                 counter.add(len(chunk))
             if offset != end + 1:
                 raise ConnectionError(f"range {start}-{end} ended at {offset}")
-            return crc.crc
+            return crc
         except StorageError:
             raise
         except Exception as exc:
@@ -163,10 +162,9 @@ def _verify(info: ObjectInfo, part_path: Path, state: _State) -> None:
     if size != info.size:
         problem = f"size {size} != {info.size}"
     elif info.crc64 is not None:
-        combiner = oss2.utils.Crc64(0)
         total = 0
         for index, start, end in state.ranges():
-            total = combiner.combine(total, state.done[index], end - start + 1)
+            total = crc64_combine(total, state.done[index], end - start + 1)
         if total != info.crc64:
             problem = f"CRC64 {total} != {info.crc64}"
     if problem is not None:
