@@ -19,12 +19,14 @@ from aiohttp import web
 
 from queue_service.server import STORE_KEY, create_app as create_queue_app
 from queue_service.settings import QueueSettings
+from queue_service.store import QueueStore
 from standard.auth import token_auth_middleware
 
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
 from .instances import LocalInstance
 from .metrics import ApiMetrics
+from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
 from .webhook import WebhookSender
 from .worker import Worker
@@ -71,8 +73,10 @@ def create_api_app(settings: ApiSettings) -> web.Application:
 class Pool:
     """The local instances and one worker per instance (spawned or listed)."""
 
-    def __init__(self, settings: ApiSettings, queue_url: str, metrics: ApiMetrics) -> None:
+    def __init__(self, settings: ApiSettings, queue_url: str, metrics: ApiMetrics,
+                 store: QueueStore | None = None) -> None:
         self.settings = settings
+        self.store = store
         self.queue_url = queue_url
         self.metrics = metrics
         self.instances: list[LocalInstance] = []
@@ -101,8 +105,15 @@ class Pool:
                 token=self.settings.token,
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s,
-            ), metrics=self.metrics, webhooks=self.webhooks)
+            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops())
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
+
+    def _store_ops(self) -> StoreQueueOps | None:
+        """In the queue's own process the worker's put/commit/lookup skip HTTP."""
+        if self.store is None:
+            return None
+        return StoreQueueOps(self.store, self.settings.service, max_length=self.settings.max_length,
+                             max_payload_bytes=self.settings.max_payload_bytes)
 
     async def stop(self) -> None:
         await asyncio.gather(*(worker.shutdown(task, WORKER_STOP_TIMEOUT_S) for worker, task in self.workers),
@@ -139,7 +150,7 @@ async def running(settings: ApiSettings) -> AsyncIterator[Running]:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         if settings.queue_url is None:
-            pool = Pool(settings, local_queue_url(settings, settings.port), app[METRICS_KEY])
+            pool = Pool(settings, local_queue_url(settings, settings.port), app[METRICS_KEY], app[STORE_KEY])
             await pool.start()
         yield Running(app, pool)
     finally:

@@ -28,12 +28,13 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from queue_service.client import DataFrame, QueueClient, QueueClientError, QueueFullError
+from queue_service.client import DataFrame, QueueClient, QueueClientError
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 from . import results
 from .metrics import ApiMetrics
+from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
 from .webhook import WebhookSender
@@ -59,7 +60,7 @@ class GiveBack(Exception):
 
 class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
-                 webhooks: WebhookSender | None = None) -> None:
+                 webhooks: WebhookSender | None = None, ops: QueueOps | None = None) -> None:
         self.settings = settings
         self.name = settings.worker_id or default_worker_id(settings.instance_url)
         self.metrics = metrics or ApiMetrics()
@@ -67,6 +68,7 @@ class Worker:
         token = settings.token
         self.input = QueueClient(settings.queue_url, settings.service, token=token, uid=self.name)
         self.sink = QueueClient(settings.queue_url, sink_of(settings.service), token=token, uid=self.name)
+        self.ops = ops or HttpQueueOps(self.input, self.sink)
         instance_token = settings.instance_token if settings.instance_token is not None else token
         self.instance = InstanceClient(settings.instance_url, instance_token, timeouts=RUN_TIMEOUTS)
         self.runner = InstanceRunner(self.instance)
@@ -237,30 +239,29 @@ class Worker:
     # -- queue calls ------------------------------------------------------------------
 
     async def _in_sink(self, request_id: str) -> bool:
-        try:
-            return bool(await self.sink.get(0, 1, request_id=request_id))
-        except QueueClientError as exc:
-            if exc.status == 404:
-                return False
-            raise
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                return await self.ops.in_sink(request_id)
+            except Transient as exc:
+                log.warning("%s: sink lookup failed (%s); retrying", self.name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _put_result(self, data: bytes, tags: dict[str, str]) -> int:
         """Put until it succeeds: a full sink blocks here, so no further input is taken."""
         delay = RETRY_MIN_S
         while True:
             try:
-                index, _ = await self.sink.put(data, tags)
-                return index
-            except QueueFullError:
+                return await self.ops.put_result(data, tags)
+            except SinkFull:
                 log.info("%s: sink queue full; holding the result", self.name)
-            except QueueClientError as exc:
-                if exc.status == 413:
-                    message = f"the result ({len(data)} bytes) exceeds the sink's payload limit"
-                    data = results.encode(results.from_failure("result_too_large", message)[1])
-                    tags = {**tags, results.STATUS_TAG: "error"}
-                    continue
-                if exc.status and exc.status < 500:
-                    raise
+            except ResultTooLarge:
+                message = f"the result ({len(data)} bytes) exceeds the sink's payload limit"
+                data = results.encode(results.from_failure("result_too_large", message)[1])
+                tags = {**tags, results.STATUS_TAG: "error"}
+                continue
+            except Transient as exc:
                 log.warning("%s: sink put failed (%s); retrying", self.name, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
@@ -269,11 +270,9 @@ class Worker:
         delay = RETRY_MIN_S
         for _ in range(5):
             try:
-                await self.input.commit(index)
+                await self.ops.commit(index)
                 return
-            except QueueClientError as exc:
-                if exc.status == 404:
-                    return  # already gone
+            except Transient as exc:
                 log.warning("%s: commit %d failed (%s); retrying", self.name, index, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
