@@ -104,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
+def _site(runner: web.AppRunner, settings: StandardSettings) -> web.TCPSite:
+    """A front of real ComfyUI relays plain API requests on its fast path."""
+    if settings.backend_url or settings.comfyui_dir:
+        from .backend.fastpath import FastProxySite
+
+        return FastProxySite(runner, settings.host, settings.port)
+    return web.TCPSite(runner, settings.host, settings.port)
+
+
 def runtime_name(settings: StandardSettings) -> str:
     if settings.backend_url:
         return f"real ComfyUI at {settings.backend_url}"
@@ -124,7 +133,7 @@ async def serve(settings: StandardSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = _site(runner, settings)
         try:
             await site.start()
         except OSError as exc:

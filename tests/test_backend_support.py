@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from standard.backend.app import create_backend_app
+from standard.backend.fastpath import FastProxySite
 from standard.datadir import init_data_dir
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
@@ -69,9 +70,34 @@ async def start_backend(data_dir: Path, port: int | None = None, **settings: Any
     return Backend(server, data_dir, seen)
 
 
-async def start_front(backend_url: str, data_dir: Path, port: int | None = None, **settings: Any) -> TestServer:
+class FastFront:
+    """The front as ``comfyserve standard`` serves it: an AppRunner with the ``FastProxySite``."""
+
+    def __init__(self, app: web.Application, port: int | None) -> None:
+        self.app = app
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._port = port or 0
+        self.site: FastProxySite | None = None
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        self.site = FastProxySite(self.runner, "127.0.0.1", self._port)
+        await self.site.start()
+
+    @property
+    def port(self) -> int:
+        assert self.site is not None
+        return self.site.port
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_front(backend_url: str, data_dir: Path, port: int | None = None, *, fast: bool = True,
+                      **settings: Any) -> TestServer | FastFront:
+    """The proxy app on a loopback port: on the fast-path site (default) or a plain aiohttp one."""
     app = create_backend_app(StandardSettings(data_dir=data_dir, backend_url=backend_url, **settings))
-    server = TestServer(app, host="127.0.0.1", port=port)
+    server: TestServer | FastFront = FastFront(app, port) if fast else TestServer(app, host="127.0.0.1", port=port)
     await server.start_server()
     return server
 
@@ -86,14 +112,14 @@ async def backend(tmp_path: Path) -> Any:
 FrontFactory = Callable[..., Awaitable[TestServer]]
 
 
-@pytest.fixture
-async def front(tmp_path: Path, backend: Backend) -> Any:
-    """``server = await front(token=TOKEN)``: a proxy in front of ``backend``."""
-    servers: list[TestServer] = []
+@pytest.fixture(params=["fast", "aiohttp"])
+async def front(request: pytest.FixtureRequest, tmp_path: Path, backend: Backend) -> Any:
+    """``server = await front(token=TOKEN)``: a proxy in front of ``backend``, on both sites."""
+    servers: list[TestServer | FastFront] = []
 
-    async def factory(backend_url: str | None = None, port: int | None = None, **settings: Any) -> TestServer:
+    async def factory(backend_url: str | None = None, port: int | None = None, **settings: Any) -> Any:
         server = await start_front(backend_url or backend.url, init_data_dir(tmp_path / "front").root,
-                                   port=port, **settings)
+                                   port=port, fast=request.param == "fast", **settings)
         servers.append(server)
         return server
 

@@ -23,6 +23,7 @@ from ..server.app import PUBLIC_PATHS
 from ..server.http_util import json_error
 from ..server.middlewares import json_errors_middleware, origin_only_middleware
 from ..settings import StandardSettings
+from .fastpath import FAST_PATH, FastPathConfig
 from .proxy import backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
@@ -80,6 +81,12 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/metrics", metrics)
         app.router.add_post(prefix + "/restart", restart)
     app.router.add_route("*", "/{tail:.*}", proxy)
+    local_paths = {prefix + path for prefix in ("", "/api") for path in ("/healthz", "/readyz", "/metrics", "/restart")}
+    app[FAST_PATH] = FastPathConfig(
+        token=settings.token, base_url=lambda: backend.base_url,
+        local_paths=frozenset(local_paths | {"/login", "/logout"}),
+        max_body_bytes=settings.max_upload_size_bytes, stats=app[STATS],
+    )
     return app
 
 
