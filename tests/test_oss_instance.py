@@ -159,3 +159,33 @@ def test_cli_needs_an_endpoint_and_credentials(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "standard", "--data-dir", "oss://bkt/p"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "OSS_ACCESS_KEY_ID" in proc.stderr
+
+
+def test_storage_flags_and_their_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from standard.command import add_arguments, settings_from_args
+    from standard.storage import OssLocation
+
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "secret")
+    monkeypatch.setenv("OSS_SECURITY_TOKEN", "sts")
+    monkeypatch.setenv("COMFYSERVE_CACHE_MAX_GB", "2.5")
+    monkeypatch.setenv("COMFYSERVE_PREFETCH_MODELS", "1")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data-dir", "oss://bkt-1/team/comfy", "--oss-endpoint", "http://127.0.0.1:9",
+                              "--cache-dir", str(tmp_path / "c"), "--url-expires", "600"])
+    settings = settings_from_args(args)
+    storage = settings.storage
+    assert storage.location == OssLocation("bkt-1", "team/comfy/")
+    assert settings.data_dir == tmp_path / "c" / "data"  # the local mirror
+    assert (storage.cache_max_gb, storage.prefetch_models, storage.url_expires_s) == (2.5, True, 600)
+    assert storage.security_token == "sts" and "secret" not in repr(storage)
+
+    mounted = settings_from_args(parser.parse_args(
+        ["--data-dir", str(tmp_path / "mnt"), "--oss-bucket", "oss://bkt-1/comfy", "--oss-endpoint", "http://e"]))
+    assert mounted.data_dir == tmp_path / "mnt" and mounted.storage.location is None
+    assert mounted.storage.mounted_location == OssLocation("bkt-1", "comfy/")
+    plain = settings_from_args(parser.parse_args(["--data-dir", str(tmp_path / "d")]))
+    assert plain.storage is None

@@ -38,7 +38,7 @@ SUBRESOURCES = frozenset({
     "symlink", "restore", "continuation-token", "x-oss-traffic-limit", "x-oss-request-payer", "sequential",
 })
 _crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
-SEND_CHUNK = 256 * 1024
+SEND_CHUNK = 1024 * 1024
 
 
 def crc64(data: bytes) -> int:
