@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis import exceptions as redis_errors
 
 from .store import Item, Notifier, Position, QueueFull, QueueStats, StoreUnavailable, Superseded
@@ -157,6 +159,17 @@ end
 return out
 """
 
+PENDING = _LIB + """
+local P, c = ARGV[1], ARGV[2]
+if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return {-1} end
+local out = {1}
+for _, i in ipairs(redis.call('ZRANGE', P..'pc:'..c, 0, -1)) do
+  out[#out + 1] = i
+  out[#out + 1] = redis.call('HGET', P..'body', i)
+end
+return out
+"""
+
 RENEW = _LIB + """
 local P, c = ARGV[1], ARGV[2]
 if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return -1 end
@@ -191,6 +204,7 @@ class RedisStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._redis: aioredis.Redis | None = None
+        self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
         self._notifier = Notifier()
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
@@ -204,10 +218,21 @@ class RedisStore:
     def _script(self, name: str) -> Any:
         return self._scripts[name]
 
+    def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
+        """Run put/claim without the client's retries: a retry after a lost reply would put twice,
+        or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
+        return self._scripts[name](args=args, client=self._once)
+
     async def open(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=10)
+        # Ride out a short Redis restart (about 2 s) before answering 503.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6)
+        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
+                                              retry=retry, retry_on_error=[redis_errors.ConnectionError,
+                                                                           redis_errors.TimeoutError])
+        self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
+                                             retry=Retry(NoBackoff(), retries=0))
         for name, source in (("put", PUT), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("open_session", OPEN_SESSION), ("claim", CLAIM), ("renew", RENEW),
+                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW),
                              ("release", RELEASE)):
             self._scripts[name] = self._redis.register_script(source)
         await self._call(self._redis.ping)
@@ -221,9 +246,10 @@ class RedisStore:
             except asyncio.CancelledError:
                 pass
             self._listener = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._once):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._once = None
 
     async def _listen(self) -> None:
         """Relay change notices from every process to this process's waiters; survive restarts."""
@@ -251,8 +277,8 @@ class RedisStore:
     # -- producers and readers -------------------------------------------------
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
-        index = await self._call(lambda: self._script("put")(
-            args=[_prefix(queue), max_length, "1" if priority else "0", request_id, body, CHANNEL, queue]))
+        index = await self._call(lambda: self._script_once(
+            "put", [_prefix(queue), max_length, "1" if priority else "0", request_id, body, CHANNEL, queue]))
         if index < 0:
             raise QueueFull(f"queue {queue!r} is full ({max_length} items)")
         self._notifier.notify(queue)
@@ -321,7 +347,7 @@ class RedisStore:
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float) -> list[Item]:
-        flat = await self._call(lambda: self._script("claim")(args=[
+        flat = await self._call(lambda: self._script_once("claim", [
             _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
             int(time.time() * 1000), int(lease_s * 1000)]))
         if flat[0] == -1:
@@ -330,6 +356,12 @@ class RedisStore:
         if items and auto_commit:
             self._notifier.notify(queue)
         return items
+
+    async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
+        flat = await self._call(lambda: self._script("pending")(args=[_prefix(queue), consumer, session]))
+        if flat[0] == -1:
+            raise Superseded(f"consumer {consumer!r} reconnected")
+        return _items(flat[1:])
 
     async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
         deadline = int((time.time() + lease_s) * 1000)

@@ -267,6 +267,16 @@ class SQLiteStore:
                     auto_commit: bool, lease_s: float) -> list[Item]:
         return await self._run(self._claim, queue, consumer, session, window, min_index, auto_commit, lease_s)
 
+    def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:
+        assert self._db is not None
+        self._check(queue, consumer, session)
+        rows = self._db.execute("SELECT idx, body FROM items WHERE queue = ? AND owner = ? ORDER BY idx",
+                                (queue, consumer)).fetchall()
+        return [Item(idx, body) for idx, body in rows]
+
+    async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
+        return await self._run(self._pending, queue, consumer, session)
+
     def _renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
         assert self._db is not None
         self._check(queue, consumer, session)

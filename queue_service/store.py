@@ -110,6 +110,9 @@ class QueueStore(Protocol):
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
         """
 
+    async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
+        """The consumer's pending items (to send again after a store hiccup); raises ``Superseded``."""
+
     async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
         """Push the deadlines of the consumer's pending items; raises ``Superseded``."""
 

@@ -81,17 +81,25 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
         for item in backlog:
             await ws.send_bytes(_frame(item, index_only))
         renewed_at = time.monotonic()
+        resync = False
         while not ws.closed and not reader.done():
             changed = store.changes(queue)
             try:
-                items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                          auto_commit=auto_commit, lease_s=lease_s)
+                if resync:
+                    # A store call failed mid-way: a claim may have happened without its reply,
+                    # so send everything pending on this consumer again (duplicates are uncommitted).
+                    items = await store.pending(queue, consumer, session)
+                    resync = False
+                else:
+                    items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
+                                              auto_commit=auto_commit, lease_s=lease_s)
                 if not items and time.monotonic() - renewed_at >= poll_s:
                     await store.renew(queue, consumer, session, lease_s)
                     renewed_at = time.monotonic()
             except StoreUnavailable as exc:
                 log.warning("watch %s: store unavailable (%s); retrying", queue, exc)
-                items = []
+                items, resync = [], True
+                await asyncio.sleep(poll_s)
             for item in items:
                 await ws.send_bytes(_frame(item, index_only))
             if items:

@@ -1,0 +1,169 @@
+"""No accepted item is lost: SQLite across a kill -9 of the service, Redis (AOF) across a Redis restart.
+Also the ``comfyserve queue`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import free_port, wait_for_port
+from test_queue_support import TOKEN, service_command
+
+from queue_service.client import QueueClient, QueueClientError
+
+
+def start_service(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(service_command("--port", str(port), "--token", TOKEN, "--pending-timeout", "0.6",
+                                            *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    wait_for_port(port, proc=proc)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+async def put_until_stopped(queue: QueueClient, acked: list[int], stop_after: int, retries: int = 0) -> None:
+    """Put items one after another, remembering what the service acknowledged."""
+    n = failures = 0
+    while n < stop_after:
+        try:
+            index, _ = await queue.put(f"item-{n}")
+        except QueueClientError:
+            failures += 1
+            if failures > retries:
+                return
+            await asyncio.sleep(0.1)
+            continue
+        acked.append(index)
+        n += 1
+
+
+async def test_sqlite_keeps_every_acknowledged_item_across_kill_9(tmp_path: Path) -> None:
+    store = f"sqlite:{tmp_path / 'q.sqlite3'}"
+    proc, port = start_service(["--store", store])
+    acked: list[int] = []
+    try:
+        async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN, uid="w1") as queue:
+            producers = [asyncio.create_task(put_until_stopped(queue, acked, 10_000)) for _ in range(4)]
+            while len(acked) < 150:
+                await asyncio.sleep(0.01)
+            # A watcher holds two items, uncommitted, when the service dies.
+            watcher = queue.watch(window=2)
+            held = [await asyncio.wait_for(watcher.__anext__(), 5) for _ in range(2)]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            await asyncio.gather(*producers)
+            await watcher.aclose()
+    finally:
+        stop(proc)
+    proc, port = start_service(["--store", store])
+    try:
+        async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+            frames = await queue.get(length=1000)
+            stored = {f.index for f in frames}
+            assert set(acked) <= stored, sorted(set(acked) - stored)[:10]
+            assert len(stored) <= len(acked) + 4  # at most the puts in flight at the kill
+            # The held items come back to another consumer once their lease runs out.
+            async with queue.watch(window=len(stored) + 1) as watcher:
+                seen = {(await asyncio.wait_for(watcher.__anext__(), 5)).index for _ in range(len(stored))}
+            assert {f.index for f in held} <= seen
+            index, _ = await queue.put(b"after restart")
+            assert index > max(stored)  # indexes are never reused
+    finally:
+        stop(proc)
+
+
+async def test_redis_keeps_every_acknowledged_item_across_a_redis_restart(redis_server, redis_url: str) -> None:
+    proc, port = start_service(["--redis-url", redis_url])
+    acked: list[int] = []
+    try:
+        async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+            received: list[int] = []
+
+            async def consume() -> None:
+                async with queue.watch(window=5) as watcher:
+                    async for frame in watcher:
+                        received.append(frame.index)
+                        while True:
+                            try:
+                                await queue.commit(frame.index)
+                                break
+                            except QueueClientError:
+                                await asyncio.sleep(0.1)
+
+            consumer = asyncio.create_task(consume())
+            await put_until_stopped(queue, acked, 30)
+            await asyncio.to_thread(redis_server.restart)  # the service sees Redis vanish and return
+            # The service answers 503 while Redis is away and recovers on its own.
+            for _ in range(50):
+                try:
+                    await queue.attributes()
+                    break
+                except QueueClientError as exc:
+                    assert exc.status in (0, 503)
+                    await asyncio.sleep(0.1)
+            await put_until_stopped(queue, acked, 30, retries=20)
+            for _ in range(100):
+                if set(acked) <= set(received):
+                    break
+                await asyncio.sleep(0.05)
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            assert set(acked) <= set(received)
+            assert len(set(acked)) == 60
+    finally:
+        stop(proc)
+
+
+def test_cli_help_lists_every_flag_with_its_environment_variable(cli_env: dict[str, str]) -> None:
+    out = subprocess.run(["comfyserve", "queue", "--help"], capture_output=True, text=True, env=cli_env,
+                         timeout=30)
+    assert out.returncode == 0
+    for flag in ("--data-dir", "--store", "--redis-url", "--host", "--port", "--token", "--max-length",
+                 "--max-payload", "--pending-timeout"):
+        assert flag in out.stdout
+        assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in out.stdout
+
+
+def test_cli_refuses_a_missing_or_bad_store(cli_env: dict[str, str]) -> None:
+    out = subprocess.run(service_command(), capture_output=True, text=True, env=cli_env, timeout=30)
+    assert out.returncode == 2 and "--data-dir" in out.stderr
+    out = subprocess.run(service_command("--store", "mysql:x"), capture_output=True, text=True, env=cli_env,
+                         timeout=30)
+    assert out.returncode == 2 and "sqlite:PATH" in out.stderr
+
+
+def test_cli_reads_the_environment_and_uses_the_data_dir(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "COMFYSERVE_DATA_DIR": str(tmp_path / "data"), "COMFYSERVE_MAX_LENGTH": "1"}
+    proc, port = start_service([], env=env)
+    try:
+        async def scenario() -> None:
+            async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+                await queue.put(b"one")
+                try:
+                    await queue.put(b"two")
+                except QueueClientError as exc:
+                    assert exc.status == 429
+                else:
+                    raise AssertionError("max length from the environment was not applied")
+
+        asyncio.run(scenario())
+        assert (tmp_path / "data" / "queue" / "queue.sqlite3").exists()
+    finally:
+        stop(proc)
+    assert os.path.exists(tmp_path / "data")
