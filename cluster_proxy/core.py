@@ -71,10 +71,11 @@ class ClusterCore:
                 await asyncio.sleep(0.25)
             entry = await run._history()  # noqa: SLF001
             outputs = await asyncio.to_thread(run.collector.rewrite_outputs, entry.get("outputs") or {})
-            await asyncio.to_thread(run.collector.sweep)
+            await run.cleanup()
             await self._finish(task, instance, {"outputs": outputs, "status": entry.get("status") or {},
                                                 "meta": entry.get("meta") or {}}, run)
         except InstanceLost as exc:
+            await run.cleanup()
             await self._lost(task, instance, str(exc))
         finally:
             self.runs.pop(task.id, None)

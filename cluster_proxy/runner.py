@@ -86,14 +86,23 @@ class TaskRun:
 
     async def run(self) -> dict[str, Any]:
         """The task's history entry (outputs in the user's folders); ``InstanceLost`` if the instance died."""
+        graph = await asyncio.to_thread(stage_graph, self.task.prompt, self.key,
+                                        self.collector.workdirs, self.data_dir)
         try:
-            graph = await asyncio.to_thread(stage_graph, self.task.prompt, self.key,
-                                            self.collector.workdirs, self.data_dir)
-            return await self._follow(graph)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.collector.sweep)
-            await asyncio.to_thread(remove_stage, self.key, self.data_dir)
+            result = await self._follow(graph)
+        except asyncio.CancelledError:
+            raise  # the proxy stops: the task goes on on the instance; the next proxy picks it up
+        except BaseException:
+            await self.cleanup()
+            raise
+        await self.cleanup()
+        return result
+
+    async def cleanup(self) -> None:
+        """Move what is left of the task's outputs, drop its staging folders."""
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.collector.sweep)
+        await asyncio.to_thread(remove_stage, self.key, self.data_dir)
 
     async def _follow(self, graph: dict[str, Any]) -> dict[str, Any]:
         client = self.instance.client

@@ -86,8 +86,9 @@ def png_bytes(size: tuple[int, int] = (8, 6), color: tuple[int, int, int] = (200
     return buffer.getvalue()
 
 
-async def make_users(data_dir: Path, names: tuple[str, ...], admin: str | None = None) -> dict[str, str]:
-    accounts = await Accounts.open(DataDir(data_dir), None)
+async def make_users(data_dir: Path, names: tuple[str, ...], admin: str | None = None,
+                     redis_url: str | None = None) -> dict[str, str]:
+    accounts = await Accounts.open(DataDir(data_dir), redis_url)
     try:
         return {name: await accounts.add(name, PASSWORD, admin=name == admin) for name in names}
     finally:
@@ -167,7 +168,7 @@ async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
         servers = [await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=INSTANCE_TOKEN)))
                    for _ in range(instances)]
         urls = tuple(str(s.make_url("")).rstrip("/") for s in servers) + instance_urls
-        tokens = await make_users(data_dir, users, admin)
+        tokens = await make_users(data_dir, users, admin, settings.get("redis_url"))
         options = {"health_interval_s": 0.2, "instance_lost_s": 1.0, **settings}
         app = await create_cluster_app(ClusterSettings(data_dir=data_dir, instance_urls=urls,
                                                        instance_token=INSTANCE_TOKEN, **options))

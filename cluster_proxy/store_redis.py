@@ -1,0 +1,198 @@
+"""The cluster's state in Redis (``--redis-url``): several proxies see the same queues.
+
+Keys under ``comfyserve:cluster:state:``:
+    task:<id>                 the task as JSON
+    state:<state>             ids of all tasks in that state (pending, running)
+    user:<name>:<state>       ids of one user's tasks in that state
+    uid:<name>:<prompt_id>    the task id behind a user's prompt id
+    seq                       the submission counter
+    instances                 instance URLs added at run time
+Every state change is a WATCH/MULTI transaction on the task's key, so a task
+is claimed by one proxy only, and a retried or finished task is never claimed again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import WatchError
+
+from .store import DONE, PENDING, RUNNING, Task, _order, now_ms
+
+PREFIX = "comfyserve:cluster:state:"
+
+
+class RedisStateStore:
+    def __init__(self, url: str, *, history_max_items: int = 10000, prefix: str = PREFIX) -> None:
+        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._p = prefix
+        self._history_max_items = history_max_items
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self._p}task:{task_id}"
+
+    def _uid_key(self, user: str, prompt_id: str) -> str:
+        return f"{self._p}uid:{user}:{prompt_id}"
+
+    def _user_key(self, user: str, state: str) -> str:
+        return f"{self._p}user:{user}:{state}"
+
+    def _state_key(self, state: str) -> str:
+        return f"{self._p}state:{state}"
+
+    def _stage(self, pipe: Any, task: Task, old_state: str | None) -> None:
+        pipe.set(self._task_key(task.id), task.to_json())
+        if old_state is not None and old_state != task.state:
+            pipe.srem(self._state_key(old_state), task.id)
+            pipe.srem(self._user_key(task.user, old_state), task.id)
+        pipe.sadd(self._state_key(task.state), task.id)
+        pipe.sadd(self._user_key(task.user, task.state), task.id)
+
+    async def _load(self, ids: list[str]) -> list[Task]:
+        if not ids:
+            return []
+        raws = await self._redis.mget([self._task_key(i) for i in ids])
+        return [Task.from_json(raw) for raw in raws if raw]
+
+    # -- interface --------------------------------------------------------------------
+
+    async def next_seq(self) -> int:
+        return int(await self._redis.incr(f"{self._p}seq"))
+
+    async def add(self, task: Task) -> bool:
+        uid = self._uid_key(task.user, task.prompt_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(uid)
+                    old_id = await pipe.get(uid)
+                    old_raw = await pipe.get(self._task_key(old_id)) if old_id else None
+                    old = Task.from_json(old_raw) if old_raw else None
+                    if old is not None and old.state != DONE:
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    if old is not None:
+                        self._unstage(pipe, old)
+                    pipe.set(uid, task.id)
+                    self._stage(pipe, task, None)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    def _unstage(self, pipe: Any, task: Task) -> None:
+        pipe.delete(self._task_key(task.id))
+        pipe.srem(self._state_key(task.state), task.id)
+        pipe.srem(self._user_key(task.user, task.state), task.id)
+
+    async def get(self, user: str, prompt_id: str) -> Task | None:
+        task_id = await self._redis.get(self._uid_key(user, prompt_id))
+        return await self.get_by_id(task_id) if task_id else None
+
+    async def get_by_id(self, task_id: str) -> Task | None:
+        found = await self._load([task_id])
+        return found[0] if found else None
+
+    async def user_tasks(self, user: str, state: str) -> list[Task]:
+        ids = list(await self._redis.smembers(self._user_key(user, state)))
+        return _order([t for t in await self._load(ids) if t.state == state], state)
+
+    async def pending(self) -> list[Task]:
+        ids = list(await self._redis.smembers(self._state_key(PENDING)))
+        return _order([t for t in await self._load(ids) if t.state == PENDING], PENDING)
+
+    async def running(self) -> list[Task]:
+        ids = list(await self._redis.smembers(self._state_key(RUNNING)))
+        return _order([t for t in await self._load(ids) if t.state == RUNNING], RUNNING)
+
+    async def _transition(self, task_id: str, from_state: str, change: Callable[[Task], None]) -> Task | None:
+        key = self._task_key(task_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    task = Task.from_json(raw) if raw else None
+                    if task is None or task.state != from_state:
+                        await pipe.unwatch()
+                        return None
+                    change(task)
+                    pipe.multi()
+                    self._stage(pipe, task, from_state)
+                    await pipe.execute()
+                    return task
+                except WatchError:
+                    continue
+
+    async def claim(self, task_id: str, instance: str) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.instance, task.started_ms = RUNNING, instance, now_ms()
+            task.attempts += 1
+
+        return await self._transition(task_id, PENDING, change)
+
+    async def requeue(self, task_id: str, note: str) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.instance = PENDING, None
+            task.notes.append(note)
+
+        return await self._transition(task_id, RUNNING, change)
+
+    async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
+        def change(task: Task) -> None:
+            task.state, task.history, task.ended_ms = DONE, history, now_ms()
+
+        task = await self._transition(task_id, RUNNING, change)
+        if task is not None:
+            await self._prune(task.user)
+        return task
+
+    async def _prune(self, user: str) -> None:
+        if await self._redis.scard(self._user_key(user, DONE)) <= self._history_max_items:
+            return
+        done = await self.user_tasks(user, DONE)
+        for task in done[: len(done) - self._history_max_items]:
+            await self._drop(task)
+
+    async def _drop(self, task: Task) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._unstage(pipe, task)
+            pipe.delete(self._uid_key(task.user, task.prompt_id))
+            await pipe.execute()
+
+    async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]:
+        tasks = await self.user_tasks(user, state)
+        if prompt_ids is not None:
+            wanted = set(prompt_ids)
+            tasks = [t for t in tasks if t.prompt_id in wanted]
+        deleted = []
+        for task in tasks:
+            key = self._task_key(task.id)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if not raw or json.loads(raw).get("state") != state:
+                        await pipe.unwatch()
+                        continue  # it moved on meanwhile (e.g. started running)
+                    pipe.multi()
+                    self._unstage(pipe, task)
+                    pipe.delete(self._uid_key(task.user, task.prompt_id))
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            deleted.append(task.prompt_id)
+        return deleted
+
+    async def add_instance_url(self, url: str) -> None:
+        await self._redis.sadd(f"{self._p}instances", url)
+
+    async def instance_urls(self) -> list[str]:
+        return sorted(await self._redis.smembers(f"{self._p}instances"))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,123 @@
+"""Cluster edition: the state store (SQLite and Redis, one suite) and surviving a proxy restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster_proxy.store import DONE, PENDING, RUNNING, SqliteStateStore, Task
+from cluster_proxy.store_redis import RedisStateStore
+from test_cluster_support import (  # noqa: F401
+    Cluster,
+    files_under,
+    graph,
+    start_cluster,
+    wait_until,
+)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "sqlite":
+        opened: Any = SqliteStateStore(tmp_path / "state.sqlite", history_max_items=3)
+    else:
+        opened = RedisStateStore(request.getfixturevalue("redis_url"), history_max_items=3)
+    yield opened
+    await opened.aclose()
+
+
+def _task(user: str, prompt_id: str, seq: int) -> Task:
+    return Task(id=f"id-{user}-{prompt_id}-{seq}", user=user, prompt_id=prompt_id, number=seq, seq=seq,
+                prompt={"1": {"class_type": "X", "inputs": {}}}, extra_data={"client_id": "c"},
+                outputs_to_execute=["1"])
+
+
+async def test_tasks_move_pending_running_done_once(store: Any) -> None:
+    assert await store.next_seq() < await store.next_seq()
+    first, second = _task("alice", "p1", 2), _task("alice", "p2", 1)
+    assert await store.add(first) and await store.add(second)
+    assert not await store.add(_task("alice", "p1", 3))  # still queued under that id
+    assert await store.add(_task("bob", "p1", 4))  # another user's namespace
+    assert [t.prompt_id for t in await store.user_tasks("alice", PENDING)] == ["p2", "p1"]
+    assert [t.user for t in await store.pending()] == ["alice", "alice", "bob"]
+    claimed = await store.claim(first.id, "http://i1")
+    assert claimed is not None and claimed.state == RUNNING and claimed.attempts == 1
+    assert await store.claim(first.id, "http://i2") is None  # one claim only
+    assert [t.id for t in await store.running()] == [first.id]
+    requeued = await store.requeue(first.id, "instance lost")
+    assert requeued is not None and requeued.notes == ["instance lost"] and requeued.instance is None
+    assert (await store.claim(first.id, "http://i2")).attempts == 2
+    done = await store.finish(first.id, {"outputs": {"1": {}}, "status": {"status_str": "success"}})
+    assert done is not None and done.state == DONE
+    assert await store.finish(first.id, {}) is None
+    assert (await store.get("alice", "p1")).history["outputs"] == {"1": {}}
+    assert (await store.get_by_id(first.id)).state == DONE
+    # A finished id may be used again: the new task replaces the old history entry.
+    assert await store.add(_task("alice", "p1", 9))
+    assert [t.prompt_id for t in await store.user_tasks("alice", DONE)] == []
+
+
+async def test_deletes_touch_only_the_named_users_tasks(store: Any) -> None:
+    for index, user in enumerate(("alice", "alice", "bob")):
+        await store.add(_task(user, f"p{index}", index))
+    assert await store.delete("alice", ["p2"], PENDING) == []  # bob's id
+    assert await store.delete("alice", ["p0"], PENDING) == ["p0"]
+    assert await store.delete("alice", None, PENDING) == ["p1"]
+    assert [t.prompt_id for t in await store.pending()] == ["p2"]
+
+
+async def test_history_is_bounded_per_user(store: Any) -> None:
+    for index in range(5):
+        task = _task("alice", f"p{index}", index)
+        await store.add(task)
+        await store.claim(task.id, "http://i")
+        await store.finish(task.id, {"outputs": {}})
+        await asyncio.sleep(0.002)
+    assert [t.prompt_id for t in await store.user_tasks("alice", DONE)] == ["p2", "p3", "p4"]
+
+
+async def test_instance_urls_are_kept(store: Any) -> None:
+    await store.add_instance_url("http://b")
+    await store.add_instance_url("http://a")
+    await store.add_instance_url("http://a")
+    assert await store.instance_urls() == ["http://a", "http://b"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, request, backend: str) -> None:
+    from cluster_proxy.app import create_cluster_app
+    from cluster_proxy.settings import ClusterSettings
+    from test_cluster_support import INSTANCE_TOKEN
+
+    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    cluster: Cluster = await start_cluster(instances=1, redis_url=redis_url)
+    http = cluster.http("alice")
+    ids = []
+    for index in range(3):
+        response = await http.post("/prompt", json={"prompt": graph("r", color=index, seconds=0.6)})
+        ids.append((await response.json())["prompt_id"])
+    await wait_until(lambda: cluster.core.runs)
+    await cluster.server.close()  # the proxy goes away mid-task
+    instance_url = str(cluster.instances[0].make_url("")).rstrip("/")
+    app = await create_cluster_app(ClusterSettings(
+        data_dir=cluster.data_dir, instance_urls=(instance_url,), instance_token=INSTANCE_TOKEN,
+        health_interval_s=0.2, instance_lost_s=1.0, redis_url=redis_url))
+    server = await aiohttp_server(app)
+    cluster.server = server
+    http = cluster.http("alice")
+    queue = await (await http.get("/queue")).json()
+    seen = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+    assert seen and set(seen) <= set(ids)
+    await wait_until(lambda: _history_size(http, 3), timeout_s=30)
+    history = await (await http.get("/history")).json()
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert not any("cluster" in h for h in history.values())  # the running one was followed, not run again
+    assert files_under(cluster.user_dir("alice") / "output") == [
+        "r_00001_.png", "r_00002_.png", "r_00003_.png"]
+
+
+async def _history_size(http: Any, size: int) -> bool:
+    return len(await (await http.get("/history")).json()) == size
