@@ -1,6 +1,6 @@
 """Local instances for ``comfyserve api --instances N``: supervised child processes on loopback.
 
-Each child is ``python -m standard --port P --data-dir DIR`` (the embedded
+Each child is ``python -m standard.cli standard --port P --data-dir DIR`` (the embedded
 engine), so a crash or a kill -9 of one instance leaves the front, the queue
 and the other instances running; the supervisor starts a dead child again and
 its worker resumes once it answers ``/readyz``.
@@ -45,8 +45,11 @@ class LocalInstance:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "standard", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), *self.extra_args]
+        # The children log at this process's level (the bench runs them quiet).
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        cmd = [sys.executable, "-m", "standard.cli", "--log-level", str(level), "standard",
+               "--listen", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+               *self.extra_args]
         if self.token:
             cmd += ["--token", self.token]
         return cmd

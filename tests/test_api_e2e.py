@@ -34,11 +34,17 @@ class Procs:
         self.procs.append(proc)
         return proc
 
-    def instance(self, name: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-        port = free_port()
-        proc = self.start(name, "standard", "--port", str(port), "--data-dir", str(data_dir), "--token", TOKEN)
-        wait_for_port(port, proc=proc)
-        return proc, f"http://127.0.0.1:{port}"
+    def instances(self, count: int, data_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
+        """``count`` instances on one data dir, started together."""
+        started = []
+        for i in range(count):
+            port = free_port()
+            proc = self.start(f"instance{i}", "standard", "--port", str(port), "--data-dir", str(data_dir),
+                              "--token", TOKEN)
+            started.append((proc, port))
+        for proc, port in started:
+            wait_for_port(port, timeout_s=30, proc=proc)
+        return [(proc, f"http://127.0.0.1:{port}") for proc, port in started]
 
     def worker(self, name: str, queue_url: str, instance_url: str) -> subprocess.Popen[bytes]:
         return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
@@ -89,7 +95,7 @@ async def test_all_in_one_with_the_official_sdk(procs: Procs, tmp_path: Path) ->
     port = free_port()
     api = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
                       "--service", SERVICE, "--instances", "2")
-    wait_for_port(port, proc=api)
+    wait_for_port(port, timeout_s=30, proc=api)
     base = f"http://127.0.0.1:{port}"
     request_ids = {}
     for i in range(5):
@@ -110,7 +116,7 @@ async def test_all_in_one_with_the_official_sdk(procs: Procs, tmp_path: Path) ->
     assert api.wait(20) == 0
 
 
-async def _gated_setup(procs: Procs, tmp_path: Path) -> tuple[Path, str, list[str]]:
+async def _gated_setup(procs: Procs, tmp_path: Path) -> tuple[Path, str, list[tuple[subprocess.Popen[bytes], str]]]:
     """Front + queue (no local workers), two instances on one data dir with the gate plugin."""
     data_dir = tmp_path / "data"
     from standard.datadir import init_data_dir
@@ -120,8 +126,8 @@ async def _gated_setup(procs: Procs, tmp_path: Path) -> tuple[Path, str, list[st
     port = free_port()
     api = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
                       "--service", SERVICE, "--instances", "0", "--pending-timeout", "1")
-    wait_for_port(port, proc=api)
-    instances = [procs.instance(f"instance{i}", data_dir)[1] for i in range(2)]
+    instances = procs.instances(2, data_dir)
+    wait_for_port(port, timeout_s=30, proc=api)
     return data_dir, f"http://127.0.0.1:{port}", instances
 
 
@@ -133,7 +139,7 @@ async def _exactly_one(queue_url: str, task_id: str) -> None:
 
 
 async def test_kill_9_worker_mid_task_gives_exactly_one_result(procs: Procs, tmp_path: Path) -> None:
-    data_dir, queue_url, (first, second) = await _gated_setup(procs, tmp_path)
+    data_dir, queue_url, [(_, first), (_, second)] = await _gated_setup(procs, tmp_path)
     worker_a = procs.worker("worker_a", queue_url, first)
     await submit(queue_url, gated_graph("g1", "gated"), "gated")
     await wait_running(first)
@@ -146,14 +152,49 @@ async def test_kill_9_worker_mid_task_gives_exactly_one_result(procs: Procs, tmp
 
 
 async def test_kill_9_instance_mid_task_moves_the_task(procs: Procs, tmp_path: Path) -> None:
-    data_dir, queue_url, (first, second) = await _gated_setup(procs, tmp_path)
+    data_dir, queue_url, [(instance_proc, first), (_, second)] = await _gated_setup(procs, tmp_path)
     procs.worker("worker_a", queue_url, first)
     await submit(queue_url, gated_graph("g2", "moved"), "moved")
     await wait_running(first)
     procs.worker("worker_b", queue_url, second)
-    instance_proc = procs.procs[1]  # instance0 (api is procs[0])
     os.kill(instance_proc.pid, signal.SIGKILL)
     await wait_running(second, timeout_s=20)  # worker A gave the task back
     open_gate(data_dir, "g2")
     await _exactly_one(queue_url, "moved")
     assert "giving task moved back" in procs.log("worker_a")
+
+
+async def test_split_deployment_queue_front_worker_on_redis(procs: Procs, tmp_path: Path, redis_url: str) -> None:
+    """comfyserve queue (Redis) + comfyserve api --queue-url (stateless front) + standard + worker."""
+    queue_port, front_port = free_port(), free_port()
+    queue = procs.start("queue", "queue", "--redis-url", redis_url, "--port", str(queue_port), "--token", TOKEN)
+    front = procs.start("front", "api", "--queue-url", f"http://127.0.0.1:{queue_port}", "--port", str(front_port),
+                        "--token", TOKEN, "--service", SERVICE)
+    [(_, instance)] = procs.instances(1, tmp_path / "data")
+    wait_for_port(queue_port, timeout_s=30, proc=queue)
+    wait_for_port(front_port, timeout_s=30, proc=front)
+    queue_url = f"http://127.0.0.1:{queue_port}"
+    procs.worker("worker", queue_url, instance)
+    for i in range(3):
+        await submit(f"http://127.0.0.1:{front_port}", tiny_graph(f"split_{i}"), f"split_{i}")
+    async with QueueClient(queue_url, f"{SERVICE}/sink", token=TOKEN) as sink:
+        frames = await read_results(sink, 3)
+    assert sorted(f.tags["task_id"] for f in frames) == [f"split_{i}" for i in range(3)], procs.log("worker")
+    assert all((tmp_path / "data" / "output" / f"split_{i}_00001_.png").is_file() for i in range(3))
+
+
+async def test_restart_loses_no_queued_task(procs: Procs, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    args = ["api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN, "--service", SERVICE]
+    api = procs.start("api1", *args, "--instances", "0")
+    wait_for_port(port, proc=api)
+    for i in range(3):
+        await submit(f"http://127.0.0.1:{port}", tiny_graph(f"kept_{i}"), f"kept_{i}")
+    api.send_signal(signal.SIGTERM)
+    assert api.wait(20) == 0
+    api = procs.start("api2", *args, "--instances", "1")
+    wait_for_port(port, proc=api)
+    async with QueueClient(f"127.0.0.1:{port}", f"{SERVICE}/sink", token=TOKEN) as sink:
+        frames = await read_results(sink, 3)
+    assert sorted(f.tags["task_id"] for f in frames) == [f"kept_{i}" for i in range(3)]
