@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
 import time
 from collections import OrderedDict
 from typing import Any
@@ -50,8 +51,12 @@ RETRY_MAX_S = 2.0
 
 
 def default_worker_id(instance_url: str) -> str:
-    """Stable per instance, so a restarted worker takes over the item its predecessor held."""
-    return "worker-" + hashlib.sha256(instance_url.encode()).hexdigest()[:12]
+    """Stable per host and instance, so a restarted worker takes over the item its predecessor held.
+
+    The host name is part of it: every GPU host may call its own instance http://127.0.0.1:8000.
+    """
+    key = f"{socket.gethostname()}|{instance_url}"
+    return "worker-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class GiveBack(Exception):

@@ -124,3 +124,14 @@ async def test_stateless_front_puts_on_a_remote_queue(api: ApiFactory) -> None:
     assert (await front2.submit(tiny_graph(), task_id="a")).status_code == 200
     resp = await front2.submit(tiny_graph(), task_id="b")
     assert resp.status_code == 429 and resp.headers["Retry-After"] == "1"
+
+
+def test_cli_refuses_impossible_configurations(capsys: object, tmp_path: object) -> None:
+    from standard.cli import main
+
+    assert main(["api"]) == 2
+    assert main(["api", "--data-dir", str(tmp_path), "--listen"]) == 2  # public address without a token
+    assert main(["api", "--data-dir", str(tmp_path), "--instances", "-1"]) == 2
+    assert main(["worker", "--queue-url", "http://127.0.0.1:1"]) == 2  # no --instance-url
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "--data-dir is required" in err and "without a token" in err and "--instance-url is required" in err
