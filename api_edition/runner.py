@@ -24,6 +24,7 @@ log = logging.getLogger("comfyserve.api.runner")
 
 TERMINAL = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
 HISTORY_POLL_S = 0.1
+IDLE_CHECK_S = 5.0
 
 
 class _SocketDropped(Exception):
@@ -94,7 +95,14 @@ class InstanceRunner:
             await self.client.submit(graph, client_id=self.client_id, prompt_id=prompt_id)
             events: list[dict[str, Any]] = []
             while True:
-                item = await waiter.get()
+                try:
+                    item = await asyncio.wait_for(waiter.get(), IDLE_CHECK_S)
+                except TimeoutError:
+                    # Quiet for a while: make sure no terminal event was lost on a half-open socket.
+                    entry = await self._history_or_none(prompt_id)
+                    if entry is not None:
+                        return _from_history(prompt_id, entry)
+                    continue
                 if isinstance(item, Disconnected):
                     return await self._finish_from_history(prompt_id)
                 events.append(item)
@@ -110,6 +118,12 @@ class InstanceRunner:
         outputs = {str(e["data"]["node"]): e["data"]["output"] for e in executed if e["data"].get("output")}
         error = events[-1]["data"] if status == "error" else None
         return RunResult(prompt_id, status, executed, outputs, {}, events, error)
+
+    async def _history_or_none(self, prompt_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.client.history_entry(prompt_id)
+        except InstanceUnavailable:
+            return None
 
     async def _finish_from_history(self, prompt_id: str) -> RunResult:
         """The socket dropped mid-task: poll until the prompt is in the history (or is lost)."""
