@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
 from urllib.parse import unquote
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
@@ -52,6 +53,7 @@ class StoredObject:
     etag: str
     content_type: str
     last_modified: float = field(default_factory=time.time)
+    path: Path | None = None  # a copy on disk, served with sendfile (see OssTestServer.store_dir)
 
     @property
     def crc(self) -> int:
@@ -134,7 +136,11 @@ class OssError(Exception):
 class OssTestServer:
     """In-memory buckets + credentials + faults; ``app()`` builds the aiohttp app."""
 
-    def __init__(self, credentials: dict[str, str] | None = None, *, sts_tokens: dict[str, str] | None = None) -> None:
+    def __init__(self, credentials: dict[str, str] | None = None, *, sts_tokens: dict[str, str] | None = None,
+                 store_dir: Path | None = None) -> None:
+        # With a store_dir, objects are also written there and GETs use sendfile, so a benchmark
+        # measures the client rather than this server's copying.
+        self.store_dir = store_dir
         self.credentials = dict(credentials or {"test-key-id": "test-key-secret"})
         self.sts_tokens = dict(sts_tokens or {})  # key id -> required security token
         self.buckets: dict[str, dict[str, StoredObject]] = {}
@@ -150,7 +156,16 @@ class OssTestServer:
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.create_bucket(bucket)
-        self.buckets[bucket][key] = StoredObject(data, _md5_etag(data), content_type)
+        self._store(bucket, key, StoredObject(data, _md5_etag(data), content_type))
+
+    def _store(self, bucket: str, key: str, obj: StoredObject) -> None:
+        if self.store_dir is not None:
+            obj.path = self.store_dir / uuid.uuid4().hex
+            obj.path.write_bytes(obj.data)
+        old = self.buckets[bucket].get(key)
+        self.buckets[bucket][key] = obj
+        if old is not None and old.path is not None:
+            old.path.unlink(missing_ok=True)
 
     def get(self, bucket: str, key: str) -> bytes | None:
         obj = self.buckets.get(bucket, {}).get(key)
@@ -203,7 +218,7 @@ class OssTestServer:
             data = await request.read()
             _check_md5(request, data, request_id)
             obj = StoredObject(data, _md5_etag(data), request.headers.get("Content-Type", "application/octet-stream"))
-            self.buckets[bucket][key] = obj
+            self._store(bucket, key, obj)
             headers.update({"ETag": f'"{obj.etag}"', "x-oss-hash-crc64ecma": str(obj.crc)})
             return web.Response(status=200, headers=headers)
         if request.method == "DELETE":
@@ -296,6 +311,11 @@ class OssTestServer:
         await response.prepare(request)
         drop = self.faults.take("GET", key, "drop")
         slow = self.faults.take("GET", key, "slow")
+        if drop is None and slow is None and obj.path is not None and request.transport is not None:
+            with obj.path.open("rb") as handle:
+                await asyncio.get_running_loop().sendfile(request.transport, handle, start, len(body))
+            await response.write_eof()
+            return response
         limit = len(body) if drop is None else min(drop.after_bytes, len(body))
         sent = 0
         while sent < limit:
@@ -346,7 +366,7 @@ class OssTestServer:
         data = b"".join(upload[2][n] for n in numbers)
         digest = hashlib.md5(b"".join(hashlib.md5(upload[2][n]).digest() for n in numbers)).hexdigest().upper()
         obj = StoredObject(data, f"{digest}-{len(numbers)}", "application/octet-stream")
-        self.buckets[bucket][key] = obj
+        self._store(bucket, key, obj)
         del self.uploads[upload_id]
         headers["x-oss-hash-crc64ecma"] = str(obj.crc)
         return _xml(f"<CompleteMultipartUploadResult><Bucket>{bucket}</Bucket><Key>{escape(key)}</Key>"
