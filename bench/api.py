@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, bench/ is sys.path[0]: its modules (bench/queue.py) must not shadow the stdlib's.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
