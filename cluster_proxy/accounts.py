@@ -8,6 +8,7 @@ data dir by default, or Redis (``--redis-url``) so several proxies share users.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -245,7 +246,7 @@ class Accounts:
 
     async def verify_password(self, name: str, password: str) -> User | None:
         record = await self._backend.get(name)
-        stored = record.password_hash if record else _DUMMY_HASH  # same work whether the name exists or not
+        stored = record.password_hash if record else _dummy_hash()  # same work whether the name exists or not
         matches = await asyncio.to_thread(password_matches, password, stored)
         return record.user() if record and matches else None
 
@@ -278,4 +279,6 @@ def _check_password(password: str) -> None:
         raise AccountError(f"password too short: at least {MIN_PASSWORD_LENGTH} characters")
 
 
-_DUMMY_HASH = hash_password("comfyserve-no-such-user", b"\0" * 16)
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password("comfyserve-no-such-user", b"\0" * 16)
