@@ -11,10 +11,14 @@ import logging
 import signal
 import sys
 
+from aiohttp import web
+
+from standard.auth import token_auth_middleware
 from standard.errors import ConfigError
 from standard.options import add_option
 
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
+from .worker import Worker
 
 log = logging.getLogger("comfyserve.api.worker")
 STOP_TIMEOUT_S = 30.0
@@ -34,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds one task may run before it is reported as failed (default: no limit)")
     add_option(parser, "--webhook-secret", default=None,
                help="HMAC-SHA256 key for webhook signatures (default: --token)")
+    add_option(parser, "--metrics-port", type=int, default=None,
+               help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -59,16 +65,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"comfyserve worker: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, metrics_port=args.metrics_port))
     except KeyboardInterrupt:
         return 0
 
 
-async def serve(settings: WorkerSettings) -> int:
-    from .worker import Worker
-
+async def serve(settings: WorkerSettings, *, metrics_port: int | None = None) -> int:
     worker = Worker(settings)
     task = asyncio.create_task(worker.run(), name=worker.name)
+    runner = await _serve_metrics(worker, metrics_port) if metrics_port else None
+    try:
+        return await _until_stopped(worker, task, settings)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
+    """This worker's counters for Prometheus (the queue depths come from the front's /metrics)."""
+    from .metrics import PROMETHEUS_CONTENT_TYPE
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=worker.metrics.render({}), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok", "instance_up": worker.stats.instance_up})
+
+    middlewares = []
+    if worker.settings.token:
+        middlewares.append(token_auth_middleware(worker.settings.token, public_paths={"/healthz"}, login_path=None))
+    app = web.Application(middlewares=middlewares)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def _until_stopped(worker: Worker, task: asyncio.Task[None], settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

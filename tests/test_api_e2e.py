@@ -46,9 +46,9 @@ class Procs:
             wait_for_port(port, timeout_s=30, proc=proc)
         return [(proc, f"http://127.0.0.1:{port}") for proc, port in started]
 
-    def worker(self, name: str, queue_url: str, instance_url: str) -> subprocess.Popen[bytes]:
+    def worker(self, name: str, queue_url: str, instance_url: str, *extra: str) -> subprocess.Popen[bytes]:
         return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
-                          instance_url, "--token", TOKEN, "--instance-down-timeout", "1")
+                          instance_url, "--token", TOKEN, "--instance-down-timeout", "1", *extra)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -174,13 +174,19 @@ async def test_split_deployment_queue_front_worker_on_redis(procs: Procs, tmp_pa
     wait_for_port(queue_port, timeout_s=30, proc=queue)
     wait_for_port(front_port, timeout_s=30, proc=front)
     queue_url = f"http://127.0.0.1:{queue_port}"
-    procs.worker("worker", queue_url, instance)
+    metrics_port = free_port()
+    worker = procs.worker("worker", queue_url, instance, "--metrics-port", str(metrics_port))
     for i in range(3):
         await submit(f"http://127.0.0.1:{front_port}", tiny_graph(f"split_{i}"), f"split_{i}")
     async with QueueClient(queue_url, f"{SERVICE}/sink", token=TOKEN) as sink:
         frames = await read_results(sink, 3)
     assert sorted(f.tags["task_id"] for f in frames) == [f"split_{i}" for i in range(3)], procs.log("worker")
     assert all((tmp_path / "data" / "output" / f"split_{i}_00001_.png").is_file() for i in range(3))
+    async with httpx.AsyncClient(trust_env=False) as http:
+        text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics", headers={"Authorization": TOKEN})).text
+    assert 'status="success"} 3' in text and "comfyserve_api_worker_tasks_in_flight" in text
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
 
 
 async def test_restart_loses_no_queued_task(procs: Procs, tmp_path: Path) -> None:
