@@ -174,3 +174,16 @@ async def test_webhook_is_signed_and_retried(api: ApiFactory, instance_url: Any,
     payload = json.loads(body)
     assert payload["task_id"] == "hooked" and payload["status"] == "success"
     assert payload["result"] == json.loads(frame.data)
+
+
+async def test_queued_tasks_survive_a_redis_restart(api: ApiFactory, aiohttp_server: Any, data_dir: Path,
+                                                    redis_server: Any, redis_url: str) -> None:
+    port = free_port()  # the instance comes up only after the restart
+    live = await api(instance_urls=(f"http://127.0.0.1:{port}",), redis_url=redis_url)
+    for i in range(3):
+        assert (await live.submit(tiny_graph(f"aof{i}"), task_id=f"aof{i}")).status_code == 200
+    await asyncio.to_thread(redis_server.restart)
+    await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
+    async with live.sink() as sink:
+        frames = await read_results(sink, 3)
+    assert sorted(f.tags["task_id"] for f in frames) == ["aof0", "aof1", "aof2"]
