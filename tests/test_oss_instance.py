@@ -16,6 +16,7 @@ import pytest
 from oss_server.fixtures import BUCKET, KEY_ID, SECRET, oss, random_bytes, storage_settings  # noqa: F401
 from test_server_support import png_bytes, tiny_graph, wait_history
 
+from standard.server import keys
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 
@@ -189,3 +190,34 @@ def test_storage_flags_and_their_environment_variables(tmp_path: Path, monkeypat
     assert mounted.storage.mounted_location == OssLocation("bkt-1", "comfy/")
     plain = settings_from_args(parser.parse_args(["--data-dir", str(tmp_path / "d")]))
     assert plain.storage is None
+
+
+async def test_interrupt_stops_a_model_download_and_the_next_run_resumes(oss_instance, oss) -> None:  # noqa: F811
+    import json
+
+    from test_server_support import events_until
+
+    model = seed_bucket(oss)
+    client = await oss_instance(download_workers=1)
+    oss.server.faults.slow("sd15", delay_s=0.3)  # 0.3 s per 256 KiB part: time to interrupt
+    ws = await client.ws_connect("/ws?clientId=c1")
+    graph = {"1": {"class_type": "ReadModel", "inputs": {"ckpt_name": "sd15.safetensors"}}}
+    resp = await client.post("/prompt", json={"prompt": graph, "client_id": "c1"})
+    prompt_id = (await resp.json())["prompt_id"]
+    seen = await events_until(ws, lambda e: e["type"] == "progress" and e["data"]["value"] >= 10)
+    assert seen[-1]["data"]["node"] == "1" and seen[-1]["data"]["max"] == 100
+    assert (await client.post("/interrupt", json={"prompt_id": prompt_id})).status == 200
+    entry = await wait_history(client, prompt_id)
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), json.dumps(entry["status"])
+    model_file = client.app[keys.SETTINGS].data_dir / "models" / "checkpoints" / "sd15.safetensors"
+    assert not model_file.exists()  # never a half-written model under its name
+    assert model_file.with_name("sd15.safetensors.part.json").exists()  # kept for the resume
+    parts_before = sum(1 for m, _b, k in oss.server.requests if m == "GET" and k.endswith("sd15.safetensors"))
+
+    oss.server.faults.clear()
+    resp = await client.post("/prompt", json={"prompt": graph, "client_id": "c1"})
+    entry = await wait_history(client, (await resp.json())["prompt_id"])
+    assert entry["outputs"]["1"]["text"] == [hashlib.sha256(model).hexdigest()]
+    parts_after = sum(1 for m, _b, k in oss.server.requests if m == "GET" and k.endswith("sd15.safetensors"))
+    assert parts_after - parts_before < 9  # resumed, not started over
+    await ws.close()

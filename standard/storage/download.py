@@ -16,12 +16,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .client import ObjectInfo, OssClient
 from .crc import crc64_combine, crc64_update
 from .errors import IntegrityError, StorageError, is_retryable, translate
+
+
+class _Aborted(StorageError):
+    """A part stopped because another one failed (never the error reported)."""
 
 log = logging.getLogger("comfyserve.storage")
 
@@ -106,13 +110,12 @@ def download_object(
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending))),
                                     thread_name_prefix="oss-download") as pool:
                 futures = [pool.submit(fetch, part) for part in pending]
-                errors = []
-                for future in futures:
-                    try:
-                        future.result()
-                    except BaseException as exc:
-                        failed.set()
-                        errors.append(exc)
+                wait(futures, return_when=FIRST_EXCEPTION)
+                if any(f.done() and f.exception() is not None for f in futures):
+                    failed.set()  # the other parts stop at their next chunk
+                wait(futures)
+                errors = [e for f in futures if (e := f.exception()) is not None]
+                errors = [e for e in errors if not isinstance(e, _Aborted)] or errors
                 if errors:
                     first = errors[0]
                     raise (first if isinstance(first, StorageError) else translate(first, f"downloading {info.key}"))
@@ -134,7 +137,7 @@ def _fetch_part(client: OssClient, key: str, fd: int, start: int, end: int, coun
         try:
             for chunk in client.iter_range(key, offset, end):
                 if failed.is_set():
-                    raise StorageError("download cancelled: another part failed")
+                    raise _Aborted("download stopped: another part failed")
                 if offset + len(chunk) > end + 1:
                     raise IntegrityError(f"{key}: the bucket sent more than the range {start}-{end}")
                 os.pwrite(fd, chunk, offset)

@@ -6,7 +6,8 @@
     ├── ObjectNotFound          no such key / bucket
     ├── IntegrityError          size or CRC64 of a download does not match the object
     ├── CacheFullError         a model does not fit into --cache-max-gb
-    └── TransientStorageError   5xx / dropped connection after the retries ran out
+    ├── TransientStorageError   5xx / dropped connection after the retries ran out
+    └── DownloadCancelled       the prompt that wanted the file was interrupted (resumable later)
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class CacheFullError(StorageError):
 
 class TransientStorageError(StorageError):
     """The bucket kept failing (5xx, connection drops) after the retries."""
+
+
+class DownloadCancelled(StorageError):
+    """The download was stopped on purpose; its finished parts are kept for a later resume."""
 
 
 def translate(exc: BaseException, what: str) -> StorageError:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from ..paths import resolve_inside
 from .cache import ModelCache
 from .client import ObjectInfo, OssClient
+from .download import ProgressCallback
 from .errors import ObjectNotFound, StorageError
 from .settings import StorageSettings
 from .sync import sync_down
@@ -95,7 +96,7 @@ class ObjectStorage:
         with self._models_lock:
             return sorted(rel[len(head):] for rel in self._models if rel.startswith(head))
 
-    def model_path(self, folder: str, filename: str) -> str | None:
+    def model_path(self, folder: str, filename: str, *, progress: ProgressCallback | None = None) -> str | None:
         """The local path of a model, fetched on first use; None when neither bucket nor disk has it.
 
         Called on the execution thread by ``folder_paths.get_full_path``; the file
@@ -114,7 +115,7 @@ class ObjectStorage:
         self.cache.acquire(rel)
         with self._holds_lock:
             self._task_holds.append(rel)
-        return str(self.cache.ensure(rel, info))
+        return str(self.cache.ensure(rel, info, progress=progress))
 
     def task_finished(self) -> None:
         """Let the cache evict what the finished task used."""

@@ -99,7 +99,7 @@ def get_full_path(folder_name: str, filename: str) -> str | None:
         return None
     storage = storage_hooks.remote_models(data_dir)
     if storage is not None and root.parent == data_dir.models:  # oss:// data dir: fetch on first use
-        return storage.model_path(root.name, filename)
+        return storage_hooks.engine_model_path(storage, root.name, filename)
     try:
         path = resolve_inside(root, filename)
     except ValueError:
