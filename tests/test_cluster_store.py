@@ -99,7 +99,7 @@ async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, requ
     for index in range(3):
         response = await http.post("/prompt", json={"prompt": graph("r", color=index, seconds=0.6)})
         ids.append((await response.json())["prompt_id"])
-    await wait_until(lambda: cluster.core.runs)
+    await wait_until(lambda: any(run.last_node for run in cluster.core.runs.values()))
     await cluster.server.close()  # the proxy goes away mid-task
     instance_url = str(cluster.instances[0].make_url("")).rstrip("/")
     app = await create_cluster_app(ClusterSettings(
@@ -114,7 +114,8 @@ async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, requ
     await wait_until(lambda: _history_size(http, 3), timeout_s=30)
     history = await (await http.get("/history")).json()
     assert {h["status"]["status_str"] for h in history.values()} == {"success"}
-    assert not any("cluster" in h for h in history.values())  # the running one was followed, not run again
+    # The running one was followed to its end, not run again.
+    assert not any("cluster" in h for h in history.values()), [h.get("cluster") for h in history.values()]
     assert files_under(cluster.user_dir("alice") / "output") == [
         "r_00001_.png", "r_00002_.png", "r_00003_.png"]
 
