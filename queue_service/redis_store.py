@@ -13,9 +13,11 @@ Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
     sess   HASH      consumer -> live session id
     rid    HASH      index -> requestId;  byrid HASH requestId -> index
 
-Changes are PUBLISHed on ``cqs:changes`` (payload: the queue name) so watchers
-in every process wake up; pending items whose deadline passed are made ready
-again inside the claim script.
+A claim that finds nothing sets ``waiting``; the next change (put, removal,
+release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
+watchers in every process wake at once while a busy queue costs no pub/sub
+traffic. Pending items whose deadline passed are made ready again inside the
+claim script.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ local function requeue(P, i)
   unown(P, i)
   redis.call('ZADD', P..'ready', score_of(P, i), i)
 end
+-- A claim that found nothing leaves a 'waiting' mark; the next change publishes once and clears it,
+-- so a busy queue costs no pub/sub traffic and an idle watcher still wakes at once.
+local function wake(P, channel, queue)
+  if redis.call('DEL', P..'waiting') == 1 then redis.call('PUBLISH', channel, queue) end
+end
 local function drop(P, i)
   if redis.call('HDEL', P..'body', i) == 0 then return 0 end
   local rid = redis.call('HGET', P..'rid', i)
@@ -85,7 +92,7 @@ redis.call('HSET', P..'byrid', ARGV[4], i)
 redis.call('ZADD', P..'all', idx, i)
 if ARGV[3] == '1' then redis.call('SADD', P..'prio', i) end
 redis.call('ZADD', P..'ready', score_of(P, i), i)
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+wake(P, ARGV[6], ARGV[7])
 return idx
 """
 
@@ -93,7 +100,7 @@ REMOVE = _LIB + """
 local P = ARGV[1]
 local n = 0
 for k = 4, #ARGV do n = n + drop(P, ARGV[k]) end
-if n > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
 """
 
@@ -101,7 +108,7 @@ TRUNCATE = _LIB + """
 local P = ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', P..'all', '-inf', '(' .. ARGV[4])
 for _, i in ipairs(ids) do drop(P, i) end
-if #ids > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if #ids > 0 then wake(P, ARGV[2], ARGV[3]) end
 return #ids
 """
 
@@ -136,13 +143,17 @@ for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'pend', '-inf', '(' .. int(now
 end
 local need = window
 if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
-if need <= 0 then return {0} end
+if need <= 0 then
+  redis.call('SET', P..'waiting', '1')
+  return {0}
+end
 local ids = redis.call('ZRANGEBYSCORE', P..'ready', min_index - BIG, '(0', 'LIMIT', 0, need)
 if #ids < need then
   for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'ready', min_index, '+inf', 'LIMIT', 0, need - #ids)) do
     ids[#ids + 1] = i
   end
 end
+if #ids == 0 then redis.call('SET', P..'waiting', '1') end
 local out = {1}
 for _, i in ipairs(ids) do
   out[#out + 1] = i
@@ -185,7 +196,7 @@ if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return 0 end
 redis.call('HDEL', P..'sess', c)
 local ids = redis.call('ZRANGE', P..'pc:'..c, 0, -1)
 for _, i in ipairs(ids) do requeue(P, i) end
-if #ids > 0 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if #ids > 0 then wake(P, ARGV[4], ARGV[5]) end
 return #ids
 """
 
@@ -273,6 +284,9 @@ class RedisStore:
 
     def changes(self, queue: str) -> asyncio.Event:
         return self._notifier.event(queue)
+
+    async def arm(self, queue: str) -> None:
+        await self._call(lambda: self._redis.set(_prefix(queue) + "waiting", "1"))  # type: ignore[union-attr]
 
     # -- producers and readers -------------------------------------------------
 

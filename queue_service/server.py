@@ -127,13 +127,18 @@ async def get(request: web.Request, queue: str) -> web.StreamResponse:
     tags = params.tags_of(query)
     # Answer a little before the client's own timeout (the SDK's HTTP timeout equals the default 5s).
     deadline = time.monotonic() + max(0.0, timeout_s - min(0.5, timeout_s * 0.1))
+    armed = False
     while True:
         changed = store.changes(queue)
         items = await _matching(store, queue, start, length, tags)
         left = deadline - time.monotonic()
         if items or left <= 0:
             break
-        await wait_event(changed, left)
+        if not armed:  # then look once more: a put may have come in between
+            await store.arm(queue)
+            armed = True
+            continue
+        armed = not await wait_event(changed, left)
     if items and auto_delete:
         await store.remove(queue, [item.index for item in items])
     if raw:

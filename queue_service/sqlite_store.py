@@ -91,6 +91,9 @@ class SQLiteStore:
     def changes(self, queue: str) -> asyncio.Event:
         return self._notifier.event(queue)
 
+    async def arm(self, queue: str) -> None:
+        """Nothing to do: every change happens in this process and notifies directly."""
+
     # -- producers ------------------------------------------------------------
 
     def _put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:

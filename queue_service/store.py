@@ -122,6 +122,9 @@ class QueueStore(Protocol):
     def changes(self, queue: str) -> asyncio.Event:
         """An event set at the queue's next change (put, removal, release). Take it *before* looking."""
 
+    async def arm(self, queue: str) -> None:
+        """Ask for a wake-up from other processes at the next change (then look once more before waiting)."""
+
 
 class Notifier:
     """Per-queue wake-ups for waiting watchers and long-poll gets in this process."""

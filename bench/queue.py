@@ -1,0 +1,262 @@
+"""Queue service figures: throughput against raw redis-py, put -> watcher latency, SQLite throughput.
+
+Starts its own redis-server (no persistence, so raw and ours pay the same) and
+the queue service as real processes (``python -m queue_service``) on loopback:
+
+1. throughput of put + watch + commit, ``--messages`` items, ``--producers``
+   concurrent producers putting one item per call, one consumer taking up to
+   ``--window`` items at a time and committing them in batches:
+   a. raw redis-py: XADD per item; XREADGROUP COUNT=window; XACK+XDEL pipelined per batch
+      (the least Redis work a streams-based queue does for the same story);
+   b. our Redis store called in-process (put; claim(window); remove(batch) = our Lua scripts);
+   c. the service over the wire on Redis (HTTP put, WebSocket watch, HTTP commit per batch;
+      the load comes from aiohttp's client, cheaper per call than httpx);
+   d. the same service on SQLite (absolute figure);
+   prints items/s and the ratios b/a and c/a;
+2. latency put -> watcher receives (HTTP put, frame over the WebSocket) for
+   both stores: p50 / p99 over ``--latency-samples`` sequential puts.
+
+    .venv/bin/python bench/queue.py [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the stdlib's ``queue``; keep its folder off the import path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse
+import asyncio
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+REPO = _HERE.parent
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+
+from queue_service.client import QueueClient  # noqa: E402
+from queue_service.protocol import encode_body  # noqa: E402
+from queue_service.redis_store import RedisStore  # noqa: E402
+
+PAYLOAD = b"x" * 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing on port {port}")
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
+# -- throughput ---------------------------------------------------------------------------
+
+
+async def raw_redis(url: str, messages: int, producers: int, window: int) -> float:
+    r = aioredis.Redis.from_url(url)
+    await r.delete("bench:raw")
+    await r.xgroup_create("bench:raw", "g", id="0", mkstream=True)
+
+    async def produce(count: int) -> None:
+        for _ in range(count):
+            await r.xadd("bench:raw", {"d": PAYLOAD, "t": b"requestId\x00x"})
+
+    async def consume() -> None:
+        done = 0
+        while done < messages:
+            reply = await r.xreadgroup("g", "c", {"bench:raw": ">"}, count=window, block=100)
+            if not reply:
+                continue
+            ids = [entry_id for entry_id, _ in reply[0][1]]
+            pipe = r.pipeline(transaction=False)
+            pipe.xack("bench:raw", "g", *ids).xdel("bench:raw", *ids)
+            await pipe.execute()
+            done += len(ids)
+
+    started = time.perf_counter()
+    await asyncio.gather(consume(), *(produce(n) for n in split(messages, producers)))
+    elapsed = time.perf_counter() - started
+    await r.delete("bench:raw")
+    await r.aclose()
+    return messages / elapsed
+
+
+async def store_level(url: str, messages: int, producers: int, window: int) -> float:
+    store = RedisStore(url)
+    await store.open()
+    queue = f"bench-store-{time.time_ns()}"
+    body = encode_body({"requestId": "x"}, PAYLOAD)
+    await store.open_session(queue, "g/c", "s", 30.0)
+
+    async def produce(count: int) -> None:
+        for _ in range(count):
+            await store.put(queue, body, "x", 0, 0)
+
+    async def consume() -> None:
+        done = 0
+        while done < messages:
+            changed = store.changes(queue)
+            items = await store.claim(queue, "g/c", "s", window=window, min_index=0, auto_commit=False,
+                                      lease_s=30.0)
+            if not items:
+                try:
+                    await asyncio.wait_for(changed.wait(), 0.1)
+                except TimeoutError:
+                    pass
+                continue
+            await store.remove(queue, [item.index for item in items])
+            done += len(items)
+
+    started = time.perf_counter()
+    await asyncio.gather(consume(), *(produce(n) for n in split(messages, producers)))
+    elapsed = time.perf_counter() - started
+    await store.close()
+    return messages / elapsed
+
+
+async def service_level(port: int, queue: str, messages: int, producers: int, window: int) -> float:
+    """Producers and commits over HTTP with aiohttp's client (httpx costs 4x more CPU per call than
+    aiohttp's on this path, and the load generator must not be what is measured); watch with our client."""
+    url = f"http://127.0.0.1:{port}/api/predict/{queue}"
+    session = aiohttp.ClientSession()
+    consumer = QueueClient(f"127.0.0.1:{port}", queue)
+
+    async def produce(count: int) -> None:
+        for _ in range(count):
+            async with session.post(url, data=PAYLOAD) as response:
+                await response.read()
+                assert response.status == 200, response.status
+
+    async def commit(indexes: list[int]) -> None:
+        async with session.put(url, params={"_indexes_": ",".join(map(str, indexes))}) as response:
+            assert response.status == 200, await response.text()
+
+    async def consume() -> None:
+        done = 0
+        batch: list[int] = []
+        commits: set[asyncio.Task] = set()
+        async with consumer.watch(window=window) as frames:
+            async for frame in frames:
+                batch.append(frame.index)
+                done += 1
+                if len(batch) >= max(1, window // 2) or done == messages:
+                    task = asyncio.create_task(commit(batch))
+                    commits.add(task)
+                    task.add_done_callback(commits.discard)
+                    batch = []
+                if done == messages:
+                    break
+        await asyncio.gather(*commits)
+
+    watching = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)  # the watch is connected before the clock starts
+    started = time.perf_counter()
+    await asyncio.gather(*(produce(n) for n in split(messages, producers)))
+    await watching
+    elapsed = time.perf_counter() - started
+    await consumer.aclose()
+    await session.close()
+    return messages / elapsed
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+
+async def latency(port: int, queue: str, samples: int) -> tuple[float, float]:
+    url = f"http://127.0.0.1:{port}/api/predict/{queue}"
+    consumer = QueueClient(f"127.0.0.1:{port}", queue)
+    out: list[float] = []
+    async with aiohttp.ClientSession() as session, consumer.watch(window=8, auto_commit=True) as frames:
+        await asyncio.sleep(0.2)
+        for n in range(samples + 20):
+            started = time.perf_counter()
+            async with session.post(url, data=PAYLOAD) as response:
+                await response.read()
+            await frames.__anext__()
+            if n >= 20:  # warm-up
+                out.append((time.perf_counter() - started) * 1000)
+    await consumer.aclose()
+    out.sort()
+    return statistics.median(out), out[min(len(out) - 1, int(len(out) * 0.99))]
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--producers", type=int, default=8)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--latency-samples", type=int, default=500)
+    args = parser.parse_args()
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        print("redis-server is not installed", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        redis_port = free_port()
+        procs.append(start([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", str(work)], redis_port))
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_svc, sqlite_svc = free_port(), free_port()
+        common = ["--max-length", "0", "--host", "127.0.0.1"]
+        procs.append(start([sys.executable, "-m", "queue_service", "--redis-url", url, "--port", str(redis_svc),
+                            *common], redis_svc))
+        procs.append(start([sys.executable, "-m", "queue_service", "--store", f"sqlite:{work / 'q.sqlite3'}",
+                            "--port", str(sqlite_svc), *common], sqlite_svc))
+        m, p, w = args.messages, args.producers, args.window
+        print(f"throughput: {m} items, {p} producers (one item per put), consumer window {w}")
+        await service_level(redis_svc, "warmup", 300, p, w)
+        raw = await raw_redis(url, m, p, w)
+        store = await store_level(url, m, p, w)
+        svc_redis = await service_level(redis_svc, "bench", m, p, w)
+        svc_sqlite = await service_level(sqlite_svc, "bench", m, p, w)
+        print(f"  raw redis-py XADD / XREADGROUP / XACK+XDEL : {raw:8.0f} items/s")
+        print(f"  our Redis store, in-process (Lua scripts)  : {store:8.0f} items/s   ratio {store / raw:.0%}")
+        print(f"  service on Redis (HTTP put, WS, commit)    : {svc_redis:8.0f} items/s   ratio {svc_redis / raw:.0%}")
+        print(f"  service on SQLite (HTTP put, WS, commit)   : {svc_sqlite:8.0f} items/s")
+        print(f"latency put -> watcher receives, {args.latency_samples} sequential puts:")
+        for name, port in (("redis", redis_svc), ("sqlite", sqlite_svc)):
+            p50, p99 = await latency(port, "lat", args.latency_samples)
+            print(f"  {name:6s}: p50 {p50:.2f} ms   p99 {p99:.2f} ms")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
