@@ -97,6 +97,9 @@ class Worker:
                 except QueueClientError as exc:
                     log.warning("%s: queue refused the watch (%s); retrying", self.name, exc)
                     await asyncio.sleep(RETRY_MAX_S)
+                except Exception:  # never let one bad task end the worker; its item comes back
+                    log.exception("%s: unexpected error; restarting the watch", self.name)
+                    await asyncio.sleep(RETRY_MAX_S)
         finally:
             await self.aclose()
 
