@@ -159,8 +159,10 @@ async def test_chunked_big_empty_and_bodies_relay_unchanged(odd_backend, fast_fr
             total = 0
             async for chunk in resp.content.iter_chunked(65536):
                 total += len(chunk)
-                await asyncio.sleep(0)  # a slow reader: the front must hold the backend back, not buffer it all
+                await asyncio.sleep(0.001)  # a slow reader: the front must hold the backend back, not buffer it all
             assert total == 8 * 1024 * 1024
+        async with http.get(f"{base}/chunked") as resp:  # the connection that was held back is reused
+            assert await resp.read() == b"alpha-beta-gamma"
         await asyncio.sleep(0.5)  # the backend closes the idle pooled connections meanwhile
         for _ in range(2):
             async with http.get(f"{base}/chunked") as resp:

@@ -184,3 +184,19 @@ async def test_run_a_prompt_through_the_front(backend, front) -> None:
         data = await client.view(images[0]["filename"], images[0]["subfolder"], images[0]["type"])
         assert data.startswith(b"\x89PNG")
     assert (backend.data_dir / "output" / "proxied_00001_.png").exists()
+
+
+async def test_restart_and_metrics_through_a_url_front(backend, front) -> None:
+    server = await front(token=TOKEN)
+    async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as http:
+        async with http.post(url(server, "/api/restart")) as resp:  # the backend reloads itself
+            assert resp.status == 200
+            body = await resp.json()
+            assert body["restarted"] is True and body["runtime"] == "embedded"
+        async with http.get(url(server, "/queue")):
+            pass
+        async with http.get(url(server, "/metrics")) as resp:
+            text = await resp.text()
+    assert "comfyserve_ready 1" in text
+    assert "comfyserve_proxied_requests_total 2" in text
+    assert [s.raw_path for s in backend.seen if s.method == "POST"] == ["/api/restart"]

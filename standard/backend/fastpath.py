@@ -153,9 +153,9 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = True
-        self.sink: Downstream | None = None
-        self.done: asyncio.Future[bool] | None = None
+        self.sink: Downstream | None = None  # set while a response is on its way
         self.used = 0
+        self.pending_head = b""
         self._reset()
 
     def _reset(self) -> None:
@@ -173,27 +173,28 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.done is not None and not self.done.done():
+        self.reusable = False
+        if self.sink is not None:
             if self.remaining == -2 and not self.in_head:
                 self._finish(client_keepalive=False)  # the body ended with the connection
             else:
-                self.done.set_exception(UpstreamFailed(f"backend closed the connection ({exc!r})",
-                                                       nothing_received=self.received == 0))
+                sink, self.sink = self.sink, None
+                sink.response_failed(self, UpstreamFailed(f"backend closed the connection ({exc!r})",
+                                                          nothing_received=self.received == 0))
 
     def pause_writing(self) -> None:  # requests are small; nothing to pause
         pass
 
-    def begin(self, sink: Downstream, request: bytes) -> asyncio.Future[bool]:
+    def begin(self, sink: Downstream, request: bytes) -> None:
+        """Send one request; the sink hears ``response_done`` or ``response_failed``."""
         assert self.transport is not None
         self._reset()
         self.sink = sink
         self.used += 1
-        self.done = asyncio.get_running_loop().create_future()
         self.transport.write(request)
-        return self.done
 
     def data_received(self, data: bytes) -> None:
-        if self.sink is None or self.done is None or self.done.done():
+        if self.sink is None:
             self.reusable = False  # bytes nobody asked for: this connection is out of step
             if self.transport is not None:
                 self.transport.close()
@@ -219,9 +220,11 @@ class Upstream(asyncio.Protocol):
             # an interim (1xx) response: the final head follows
         self.head = bytearray()
         if rest:
-            self._body(rest)
-        elif self.remaining == 0:
-            self._finish()
+            self._body(rest)  # goes out in one write with the head
+        else:
+            self._flush_head()
+            if self.remaining == 0:
+                self._finish()
 
     def _start_response(self, raw: bytes) -> bool | None:
         """Relay the response head; False for an interim 1xx head, None on failure."""
@@ -266,8 +269,14 @@ class Upstream(asyncio.Protocol):
             self.remaining = -2
             self.reusable = False
             out.append(b"Connection: close")
-        self.sink.write(b"\r\n".join(out) + b"\r\n\r\n")
+        self.pending_head = b"\r\n".join(out) + b"\r\n\r\n"
         return True
+
+    def _flush_head(self, body: bytes = b"") -> None:
+        if self.pending_head:
+            body, self.pending_head = self.pending_head + body, b""
+        if body and self.sink is not None:
+            self.sink.write(body)
 
     def _body(self, data: bytes) -> None:
         assert self.sink is not None
@@ -275,16 +284,16 @@ class Upstream(asyncio.Protocol):
             if len(data) > self.remaining:
                 self.reusable = False
                 data = data[: self.remaining]
-            self.sink.write(data)
+            self._flush_head(data)
             self.remaining -= len(data)
             if self.remaining == 0:
                 self._finish()
         elif self.remaining == -1:
-            self.sink.write(data)
+            self._flush_head(data)
             if self._chunked_done(data):
                 self._finish()
         else:
-            self.sink.write(data)
+            self._flush_head(data)
 
     def _chunked_done(self, data: bytes) -> bool:
         """Follow the chunk framing (sizes, data, trailers) to see where the body ends."""
@@ -320,16 +329,18 @@ class Upstream(asyncio.Protocol):
         return False
 
     def _finish(self, client_keepalive: bool = True) -> None:
-        self.sink = None
-        if self.done is not None and not self.done.done():
-            self.done.set_result(client_keepalive)
+        self._flush_head()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.response_done(self, client_keepalive)
 
     def _fail(self, message: str) -> None:
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(UpstreamFailed(message, nothing_received=False))
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.response_failed(self, UpstreamFailed(message, nothing_received=False))
 
 
 class Pool:
@@ -338,23 +349,27 @@ class Pool:
     def __init__(self, host: str, port: int, max_idle: int = 64) -> None:
         self.host, self.port, self.max_idle = host, port, max_idle
         self.idle: list[Upstream] = []
+        self.retired = False  # the backend moved (a restarted child): connections in flight close
 
-    async def acquire(self) -> Upstream:
+    def take_idle(self) -> Upstream | None:
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(Upstream, self.host, self.port)
+        return None
+
+    async def connect(self) -> Upstream:
+        _, conn = await asyncio.get_running_loop().create_connection(Upstream, self.host, self.port)
         return conn
 
     def release(self, conn: Upstream) -> None:
-        if conn.reusable and not conn.closed and len(self.idle) < self.max_idle:
+        if conn.reusable and not conn.closed and not self.retired and len(self.idle) < self.max_idle:
             self.idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
 
     def close(self) -> None:
+        self.retired = True
         for conn in self.idle:
             if conn.transport is not None:
                 conn.transport.close()
@@ -398,7 +413,14 @@ class Downstream(asyncio.Protocol):
         self.upstream: Upstream | None = None
         self.paused_upstream = False
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
         self.peer: str | None = None
+        # the exchange in flight: its pool, the bytes to send, the request head
+        self.pool: Pool | None = None
+        self.request = b""
+        self.head: Head | None = None
+        self.attempt = 0
+        self.reused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -418,13 +440,22 @@ class Downstream(asyncio.Protocol):
             self.upstream.transport.close()  # mid-response: the rest has nowhere to go
 
     def _arm_idle(self) -> None:
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-        self.idle_handle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._idle)
+        """One timer per connection, re-armed lazily from the time of the last request."""
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        if self.idle_handle is None:
+            self.idle_handle = loop.call_at(self.last_active + IDLE_TIMEOUT_S, self._idle)
 
     def _idle(self) -> None:
-        if not self.busy and self.transport is not None:
-            self.transport.close()
+        self.idle_handle = None
+        if self.busy or self.transport is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        due = self.last_active + IDLE_TIMEOUT_S
+        if loop.time() < due:
+            self.idle_handle = loop.call_at(due, self._idle)
+            return
+        self.transport.close()
 
     def pause_writing(self) -> None:
         upstream = self.upstream
@@ -474,45 +505,70 @@ class Downstream(asyncio.Protocol):
         body = bytes(self.buffer[end + 4:total])
         del self.buffer[:total]
         self.busy = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         self.config.stats["proxied_requests_total"] += 1
-        asyncio.get_running_loop().create_task(self._exchange(pool, head, body))
+        self.pool, self.request, self.head = pool, head.out + body, head
+        self.attempt = 0
+        self._send()
 
-    async def _exchange(self, pool: Pool, head: Head, body: bytes) -> None:
-        keep_alive = not head.close
-        request = head.out + body
-        for attempt in range(2):
-            try:
-                conn = await pool.acquire()
-            except OSError as exc:
-                self.config.stats["backend_errors_total"] += 1
-                self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", repr(exc)))
-                break
-            reused = conn.used > 0
-            self.upstream = conn
-            try:
-                keep_alive = await conn.begin(self, request) and keep_alive
-            except UpstreamFailed as exc:
-                self.upstream = None
-                if exc.nothing_received and reused and attempt == 0 and not self.closed:
-                    continue  # a pooled connection the backend had closed: once more on a fresh one
-                log.warning("%s %s: %s", head.method.decode(), head.target.decode()[:200], exc)
-                if exc.nothing_received:
-                    self.config.stats["backend_errors_total"] += 1
-                    self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", str(exc)))
-                else:
-                    keep_alive = False
-                break
-            self.upstream = None
+    def _send(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        conn = pool.take_idle()
+        if conn is None:
+            asyncio.get_running_loop().create_task(self._connect_and_send(pool))
+            return
+        self.upstream = conn
+        self.reused = True
+        conn.begin(self, self.request)
+
+    async def _connect_and_send(self, pool: Pool) -> None:
+        try:
+            conn = await pool.connect()
+        except OSError as exc:
+            self.config.stats["backend_errors_total"] += 1
+            self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", repr(exc)))
+            self._exchange_over(True)
+            return
+        if self.closed:
             pool.release(conn)
-            break
-        if self.paused_upstream:
+            self._exchange_over(False)
+            return
+        self.upstream = conn
+        self.reused = False
+        conn.begin(self, self.request)
+
+    def response_done(self, conn: Upstream, client_keepalive: bool) -> None:
+        self.upstream = None
+        if self.paused_upstream and conn.transport is not None:
+            conn.transport.resume_reading()  # it goes back to the pool: it must read again
             self.paused_upstream = False
+        if self.pool is not None:
+            self.pool.release(conn)
+        self._exchange_over(client_keepalive)
+
+    def response_failed(self, conn: Upstream, exc: UpstreamFailed) -> None:
+        self.upstream = None
+        if self.pool is not None:
+            self.pool.release(conn)
+        if exc.nothing_received and self.reused and self.attempt == 0 and not self.closed:
+            self.attempt = 1  # a pooled connection the backend had closed: once more on a fresh one
+            self._send()
+            return
+        head = self.head
+        log.warning("%s %s: %s", head.method.decode() if head else "?", head.target.decode()[:200] if head else "?", exc)
+        if exc.nothing_received:
+            self.config.stats["backend_errors_total"] += 1
+            self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", str(exc)))
+            self._exchange_over(True)
+        else:
+            self._exchange_over(False)  # part of a response went out: the connection cannot go on
+
+    def _exchange_over(self, keep_alive: bool) -> None:
+        self.paused_upstream = False
         self.busy = False
         if self.closed or self.transport is None:
             return
-        if not keep_alive:
+        if not keep_alive or self.head is None or self.head.close:
             self.transport.close()
             return
         self.transport.resume_reading()
