@@ -421,10 +421,13 @@ class InstanceClient:
         status: str | None = None
         error: dict[str, Any] | None = None
         reconnects = 0
+        loop = asyncio.get_running_loop()
+        # /history is checked now and then even while events flow (a missed end must not hang us),
+        # and often while the socket is down.
+        next_check = loop.time() + (self.timeouts.idle_check_s if socket_up else self.timeouts.history_poll_s)
         while status is None:
-            wait_s = self.timeouts.idle_check_s if socket_up else self.timeouts.history_poll_s
             try:
-                item = await asyncio.wait_for(items.get(), wait_s)
+                item = await asyncio.wait_for(items.get(), max(0.0, next_check - loop.time()))
             except TimeoutError:
                 item = None
             if item is None or isinstance(item, Connected):
@@ -433,13 +436,13 @@ class InstanceClient:
                 entry = await self._check_progress(prompt_id)
                 if entry is not None:
                     status, error = _status_from_history(entry)
+                next_check = loop.time() + (self.timeouts.idle_check_s if socket_up else self.timeouts.history_poll_s)
                 continue
-            if isinstance(item, Disconnected):
+            if isinstance(item, (Disconnected, BaseException)):
                 socket_up = False
-                continue
-            if isinstance(item, BaseException):
-                socket_up = False  # the socket gave up for good: poll only
-                log.warning("event socket to %s gave up (%r); polling /history", self.base_url, item)
+                next_check = min(next_check, loop.time() + self.timeouts.history_poll_s)
+                if isinstance(item, BaseException):  # the socket gave up for good: poll only
+                    log.warning("event socket to %s gave up (%r); polling /history", self.base_url, item)
                 continue
             if not isinstance(item, dict):
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -49,10 +50,12 @@ def starts(record: Path) -> list[dict[str, Any]]:
 def child_front(aiohttp_client: Any, tmp_path: Path, record: Path) -> Any:
     """``client, child = await child_front()``: the proxy app with a supervised shim child."""
 
-    async def factory(data_dir: Path | None = None, **settings: Any) -> tuple[TestClient, ComfyUIChild]:
+    async def factory(data_dir: Path | None = None, extra_args: tuple[str, ...] = (),
+                      **settings: Any) -> tuple[TestClient, ComfyUIChild]:
         root = data_dir or (tmp_path / "data")
         root.mkdir(parents=True, exist_ok=True)
-        child = ComfyUIChild(SHIM_DIR, DataDir(root), poll_s=0.05, backoff_min_s=0.1, stop_timeout_s=5.0)
+        child = ComfyUIChild(SHIM_DIR, DataDir(root), poll_s=0.05, backoff_min_s=0.1, stop_timeout_s=5.0,
+                             progress_log_s=0.3, extra_args=extra_args)
         app = create_backend_app(StandardSettings(data_dir=root, comfyui_dir=SHIM_DIR, **settings), backend=child)
         return await aiohttp_client(app), child
 
@@ -68,11 +71,13 @@ async def wait_ready(client: TestClient, headers: dict[str, str] | None = None) 
 
 
 async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="comfyserve.backend")
     monkeypatch.setenv("COMFYUI_SHIM_DELAY_S", "1.5")
     monkeypatch.setenv("COMFYSERVE_TOKEN", "must-not-leak")
     root = tmp_path / "fresh"  # no custom_nodes yet: it must exist before ComfyUI starts
-    client, child = await child_front(data_dir=root)
+    client, child = await child_front(data_dir=root, extra_args=("--cpu", "--preview-method", "auto"))
     early = await client.get("/readyz")
     assert early.status == 503
     assert (await early.json())["error"] == "starting"
@@ -91,6 +96,8 @@ async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Pa
     assert flags["--output-directory"] == str(root / "output")
     assert flags["--user-directory"] == str(root / "user")
     assert "--disable-auto-launch" in argv
+    assert argv[-3:] == ["--cpu", "--preview-method", "auto"] and start["unknown"] == ["--cpu", "--preview-method", "auto"]
+    assert any("waiting for ComfyUI" in r.getMessage() for r in caplog.records)  # slow starts are reported
     assert start["custom_nodes_existed"] is True
     assert start["cwd"] == str(SHIM_DIR)
     [yaml_text] = start["model_paths"]
