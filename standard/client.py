@@ -187,10 +187,13 @@ class InstanceClient:
             delay = min(delay * 2, self.timeouts.reconnect_max_s)
         raise AssertionError("unreachable")
 
-    async def _get_json(self, path: str, **params: Any) -> Any:
+    async def get_json(self, path: str, **params: Any) -> Any:
+        """GET any JSON route (``/models/checkpoints``, ``/embeddings``, ...), retried like the others."""
         query = {k: v for k, v in params.items() if v is not None}
         response = await self._request("GET", path, retries=self.timeouts.get_retries, params=query)
         return _json_or_raise(response, f"GET {path}")
+
+    _get_json = get_json  # the name the cluster pool used first
 
     async def submit(self, graph: dict[str, Any], client_id: str | None = None,
                      extra_data: dict[str, Any] | None = None, front: bool = False,

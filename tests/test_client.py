@@ -163,3 +163,11 @@ async def test_token_is_sent_raw(tmp_path: Path) -> None:
                 await client.queue()
     finally:
         await server.close()
+
+
+async def test_any_json_route(backend) -> None:
+    async with InstanceClient(backend.url, timeouts=FAST) as client:
+        assert await client.get_json("/models/checkpoints") == []
+        assert "system" in await client.get_json("/system_stats")
+        with pytest.raises(InstanceError, match="404"):
+            await client.get_json("/no/such/route")
