@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from oss_server.fixtures import BUCKET, KEY_ID, SECRET, oss, random_bytes, storage_settings  # noqa: F401
+from oss_server.fixtures import BUCKET, KEY_ID, oss, random_bytes, storage_settings  # noqa: F401
 from test_server_support import png_bytes, tiny_graph, wait_history
 
 from standard.server import keys

@@ -7,7 +7,7 @@ prefix/marker/max-keys/delimiter paging, ranged GET, PutObject, multipart
 upload, HEAD with ``x-oss-hash-crc64ecma`` and ``ETag``, DELETE, and errors as
 the XML oss2 parses. Objects live in memory.
 
-Faults for tests (see :class:`Faults`): answer 500 to the next N matching
+Signatures: ``signing``. Faults for tests (``faults.Faults``): answer 500 to the next N matching
 requests, drop the connection after sending part of a GET body, slow bodies.
 """
 
@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import hmac
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import unquote
 from xml.etree import ElementTree
@@ -30,14 +28,9 @@ from xml.sax.saxutils import escape
 import crcmod
 from aiohttp import web
 
-# Query parameters that are part of the v1 canonical resource (a subset of oss2's list).
-SUBRESOURCES = frozenset({
-    "acl", "uploadId", "uploads", "partNumber", "delete", "location", "objectMeta", "security-token",
-    "response-content-type", "response-content-language", "response-cache-control",
-    "response-content-encoding", "response-expires", "response-content-disposition",
-    "x-oss-process", "tagging", "versionId", "versioning", "stat", "bucketInfo", "append", "position",
-    "symlink", "restore", "continuation-token", "x-oss-traffic-limit", "x-oss-request-payer", "sequential",
-})
+from .faults import Faults
+from .signing import check_signature
+
 _crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
 SEND_CHUNK = 1024 * 1024
 
@@ -62,61 +55,6 @@ class StoredObject:
             cached = crc64(self.data)
             self._crc = cached
         return cached
-
-
-@dataclass
-class Fault:
-    """One injected fault: matches a method and a key substring, fires ``times`` times."""
-
-    kind: str  # "status" | "drop" | "slow"
-    method: str
-    key_contains: str
-    times: int
-    status: int = 500
-    after_bytes: int = 0
-    delay_s: float = 0.0
-    skip: int = 0  # let this many matching requests through first
-
-
-class Faults:
-    """Faults the tests switch on; thread-safe because tests run in another thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._faults: list[Fault] = []
-        self.fired: list[tuple[str, str, str]] = []
-
-    def fail(self, method: str = "GET", key_contains: str = "", *, status: int = 500, times: int = 1,
-             after: int = 0) -> None:
-        """Answer ``status`` to ``times`` matching requests, after letting ``after`` of them through."""
-        self._add(Fault("status", method, key_contains, times, status=status, skip=after))
-
-    def drop(self, key_contains: str = "", *, after_bytes: int, times: int = 1) -> None:
-        """Close the connection after ``after_bytes`` of a GET body."""
-        self._add(Fault("drop", "GET", key_contains, times, after_bytes=after_bytes))
-
-    def slow(self, key_contains: str = "", *, delay_s: float, times: int = 1_000_000) -> None:
-        self._add(Fault("slow", "GET", key_contains, times, delay_s=delay_s))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def _add(self, fault: Fault) -> None:
-        with self._lock:
-            self._faults.append(fault)
-
-    def take(self, method: str, key: str, kind: str) -> Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.kind == kind and fault.method == method and fault.key_contains in key and fault.times > 0:
-                    if fault.skip > 0:
-                        fault.skip -= 1
-                        continue
-                    fault.times -= 1
-                    self.fired.append((kind, method, key))
-                    return fault
-        return None
 
 
 class OssError(Exception):
@@ -147,7 +85,6 @@ class OssTestServer:
         self.uploads: dict[str, tuple[str, str, dict[int, bytes]]] = {}
         self.faults = Faults()
         self.requests: list[tuple[str, str, str]] = []  # (method, bucket, key) log for tests
-        self._lock = threading.Lock()
 
     # -- direct access for test set-up ----------------------------------------
 
@@ -191,7 +128,8 @@ class OssTestServer:
         fault = self.faults.take(request.method, key, "status")
         if fault is not None:
             raise OssError(fault.status, "InternalError", "injected fault", request_id)
-        self._check_auth(request, bucket, key, request_id)
+        check_signature(request, bucket, key, self.credentials, self.sts_tokens,
+                        lambda status, code, message: OssError(status, code, message, request_id))
         if not bucket:
             raise OssError(400, "InvalidArgument", "service-level requests are not supported", request_id)
         if bucket not in self.buckets:
@@ -371,53 +309,6 @@ class OssTestServer:
         headers["x-oss-hash-crc64ecma"] = str(obj.crc)
         return _xml(f"<CompleteMultipartUploadResult><Bucket>{bucket}</Bucket><Key>{escape(key)}</Key>"
                     f'<ETag>"{obj.etag}"</ETag></CompleteMultipartUploadResult>', headers)
-
-    # -- signatures -----------------------------------------------------------
-
-    def _check_auth(self, request: web.Request, bucket: str, key: str, request_id: str) -> None:
-        query = request.query
-        header = request.headers.get("Authorization", "")
-        if header.startswith("OSS "):
-            key_id, _, signature = header[4:].partition(":")
-            date = request.headers.get("x-oss-date") or request.headers.get("Date", "")
-            try:
-                skew_s = abs(time.time() - parsedate_to_datetime(date).timestamp())
-            except (TypeError, ValueError):
-                raise OssError(403, "AccessDenied", "missing or invalid Date header", request_id) from None
-            if skew_s > 900:
-                raise OssError(403, "RequestTimeTooSkewed", "the request time is too skewed", request_id)
-            token = request.headers.get("x-oss-security-token")
-        elif "Signature" in query:
-            key_id, signature, date = query.get("OSSAccessKeyId", ""), query["Signature"], query.get("Expires", "")
-            if not date.isdigit() or int(date) < time.time():
-                raise OssError(403, "AccessDenied", "Request has expired.", request_id)
-            token = query.get("security-token")
-        else:
-            raise OssError(403, "AccessDenied", "You have no right to access this object.", request_id)
-        secret = self.credentials.get(key_id)
-        if secret is None:
-            raise OssError(403, "InvalidAccessKeyId", "The OSS Access Key Id you provided does not exist.", request_id)
-        if key_id in self.sts_tokens and token != self.sts_tokens[key_id]:
-            raise OssError(403, "InvalidSecurityToken", "The security token you provided is invalid.", request_id)
-        string_to_sign = _string_to_sign(request, bucket, key, date)
-        expected = base64.b64encode(hmac.new(secret.encode(), string_to_sign, hashlib.sha1).digest()).decode()
-        if not hmac.compare_digest(expected, signature):
-            raise OssError(403, "SignatureDoesNotMatch",
-                           "The request signature we calculated does not match the signature you provided.",
-                           request_id)
-
-
-def _string_to_sign(request: web.Request, bucket: str, key: str, date: str) -> bytes:
-    headers = request.headers
-    oss_headers = sorted((k.lower(), v) for k, v in headers.items() if k.lower().startswith("x-oss-"))
-    canon_headers = "".join(f"{k}:{v}\n" for k, v in oss_headers)
-    sub = sorted((k, v) for k, v in request.query.items() if k in SUBRESOURCES)
-    resource = f"/{bucket}/{key}" if bucket else "/"
-    if sub:
-        resource += "?" + "&".join(f"{k}={v}" if v else k for k, v in sub)
-    lines = [request.method, headers.get("Content-MD5", ""), headers.get("Content-Type", ""), date,
-             canon_headers + resource]
-    return "\n".join(lines).encode()
 
 
 def _split_path(raw_path: str) -> tuple[str, str]:
