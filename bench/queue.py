@@ -17,6 +17,10 @@ the queue service as real processes (``python -m queue_service``) on loopback:
    both stores: p50 / p99 over ``--latency-samples`` sequential puts.
 
     .venv/bin/python bench/queue.py [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
+                                    [--rounds 3]
+
+On a shared, noisy machine the rounds alternate raw and ours so both see the
+same conditions; the best round of each is printed.
 """
 
 from __future__ import annotations
@@ -214,6 +218,7 @@ async def main() -> int:
     parser.add_argument("--producers", type=int, default=8)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--latency-samples", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     args = parser.parse_args()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -233,16 +238,26 @@ async def main() -> int:
         procs.append(start([sys.executable, "-m", "queue_service", "--store", f"sqlite:{work / 'q.sqlite3'}",
                             "--port", str(sqlite_svc), *common], sqlite_svc))
         m, p, w = args.messages, args.producers, args.window
-        print(f"throughput: {m} items, {p} producers (one item per put), consumer window {w}")
+        print(f"throughput: {m} items, {p} producers (one item per put), consumer window {w}, "
+              f"best of {args.rounds} alternating rounds")
         await service_level(redis_svc, "warmup", 300, p, w)
-        raw = await raw_redis(url, m, p, w)
-        store = await store_level(url, m, p, w)
-        svc_redis = await service_level(redis_svc, "bench", m, p, w)
-        svc_sqlite = await service_level(sqlite_svc, "bench", m, p, w)
+        best = {"raw": 0.0, "store": 0.0, "redis": 0.0, "sqlite": 0.0}
+        for round_no in range(args.rounds):
+            figures = {
+                "raw": await raw_redis(url, m, p, w),
+                "store": await store_level(url, m, p, w),
+                "redis": await service_level(redis_svc, f"bench{round_no}", m, p, w),
+                "sqlite": await service_level(sqlite_svc, f"bench{round_no}", m, p, w),
+            }
+            print("  round", round_no + 1, "  ".join(f"{k} {v:.0f}/s" for k, v in figures.items()))
+            best = {k: max(best[k], figures[k]) for k in best}
+        raw = best["raw"]
         print(f"  raw redis-py XADD / XREADGROUP / XACK+XDEL : {raw:8.0f} items/s")
-        print(f"  our Redis store, in-process (Lua scripts)  : {store:8.0f} items/s   ratio {store / raw:.0%}")
-        print(f"  service on Redis (HTTP put, WS, commit)    : {svc_redis:8.0f} items/s   ratio {svc_redis / raw:.0%}")
-        print(f"  service on SQLite (HTTP put, WS, commit)   : {svc_sqlite:8.0f} items/s")
+        print(f"  our Redis store, in-process (Lua scripts)  : {best['store']:8.0f} items/s   "
+              f"ratio {best['store'] / raw:.0%}")
+        print(f"  service on Redis (HTTP put, WS, commit)    : {best['redis']:8.0f} items/s   "
+              f"ratio {best['redis'] / raw:.0%}")
+        print(f"  service on SQLite (HTTP put, WS, commit)   : {best['sqlite']:8.0f} items/s")
         print(f"latency put -> watcher receives, {args.latency_samples} sequential puts:")
         for name, port in (("redis", redis_svc), ("sqlite", sqlite_svc)):
             p50, p99 = await latency(port, "lat", args.latency_samples)

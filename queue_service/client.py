@@ -189,7 +189,7 @@ class Watcher:
         while True:
             try:
                 return await connect(self.url, additional_headers=self.headers, max_size=None,
-                                     open_timeout=10, ping_interval=2.0)
+                                     open_timeout=10, ping_interval=2.0, compression=None)
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (400, 401, 403, 404):  # retrying cannot help

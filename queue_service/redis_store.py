@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis import exceptions as redis_errors
 
-from .store import Item, Notifier, Position, QueueFull, QueueStats, StoreUnavailable, Superseded
+from .store import Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, StoreUnavailable, Superseded
 
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
@@ -82,18 +82,27 @@ end
 
 PUT = _LIB + """
 local P = ARGV[1]
-local maxlen = tonumber(ARGV[2])
-if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
-local idx = redis.call('INCR', P..'seq')
-local i = tostring(idx)
-redis.call('HSET', P..'body', i, ARGV[5])
-redis.call('HSET', P..'rid', i, ARGV[4])
-redis.call('HSET', P..'byrid', ARGV[4], i)
-redis.call('ZADD', P..'all', idx, i)
-if ARGV[3] == '1' then redis.call('SADD', P..'prio', i) end
-redis.call('ZADD', P..'ready', score_of(P, i), i)
-wake(P, ARGV[6], ARGV[7])
-return idx
+local length = redis.call('HLEN', P..'body')
+local out = {}
+for k = 4, #ARGV, 4 do
+  local maxlen = tonumber(ARGV[k + 3])
+  if maxlen > 0 and length >= maxlen then
+    out[#out + 1] = -1
+  else
+    local idx = redis.call('INCR', P..'seq')
+    local i = tostring(idx)
+    redis.call('HSET', P..'body', i, ARGV[k + 2])
+    redis.call('HSET', P..'rid', i, ARGV[k + 1])
+    redis.call('HSET', P..'byrid', ARGV[k + 1], i)
+    redis.call('ZADD', P..'all', idx, i)
+    if ARGV[k] == '1' then redis.call('SADD', P..'prio', i) end
+    redis.call('ZADD', P..'ready', score_of(P, i), i)
+    length = length + 1
+    out[#out + 1] = idx
+  end
+end
+wake(P, ARGV[2], ARGV[3])
+return out
 """
 
 REMOVE = _LIB + """
@@ -217,6 +226,7 @@ class RedisStore:
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
         self._notifier = Notifier()
+        self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
 
@@ -290,13 +300,16 @@ class RedisStore:
 
     # -- producers and readers -------------------------------------------------
 
-    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
-        index = await self._call(lambda: self._script_once(
-            "put", [_prefix(queue), max_length, "1" if priority else "0", request_id, body, CHANNEL, queue]))
-        if index < 0:
-            raise QueueFull(f"queue {queue!r} is full ({max_length} items)")
+    async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        args: list[Any] = [_prefix(queue), CHANNEL, queue]
+        for request in requests:
+            args += ["1" if request.priority else "0", request.request_id, request.body, request.max_length]
+        results = await self._call(lambda: self._script_once("put", args))
         self._notifier.notify(queue)
-        return int(index)
+        return [int(index) for index in results]
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
 
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         assert self._redis is not None

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .store import Item, Notifier, Position, QueueFull, QueueStats, Superseded
+from .store import FULL, Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, Superseded
 
 T = TypeVar("T")
 _CHUNK = 500
@@ -56,6 +56,7 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._sessions: dict[tuple[str, str], str] = {}
         self._notifier = Notifier()
+        self._batcher = PutBatcher(self._flush_puts)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -96,7 +97,8 @@ class SQLiteStore:
 
     # -- producers ------------------------------------------------------------
 
-    def _put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+    def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        """One transaction for a batch of puts; FULL for each put the max length refuses."""
         db = self._tx()
         try:
             row = db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
@@ -104,22 +106,33 @@ class SQLiteStore:
                 db.execute("INSERT INTO queues (name) VALUES (?)", (queue,))
                 row = (0, 0)
             last, length = row
-            if max_length and length >= max_length:
-                raise QueueFull(f"queue {queue!r} is full ({length} of {max_length} items)")
-            index = last + 1
-            db.execute("INSERT INTO items (queue, idx, priority, request_id, body) VALUES (?, ?, ?, ?, ?)",
-                       (queue, index, priority, request_id, body))
-            db.execute("UPDATE queues SET last_index = ?, length = length + 1 WHERE name = ?", (index, queue))
+            results: list[int] = []
+            rows = []
+            for request in requests:
+                if request.max_length and length >= request.max_length:
+                    results.append(FULL)
+                    continue
+                last += 1
+                length += 1
+                rows.append((queue, last, request.priority, request.request_id, request.body))
+                results.append(last)
+            if rows:
+                db.executemany("INSERT INTO items (queue, idx, priority, request_id, body) VALUES (?, ?, ?, ?, ?)",
+                               rows)
+                db.execute("UPDATE queues SET last_index = ?, length = ? WHERE name = ?", (last, length, queue))
             db.execute("COMMIT")
-            return index
+            return results
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
-        index = await self._run(self._put, queue, body, request_id, priority, max_length)
+    async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        results = await self._run(self._put_many, queue, requests)
         self._notifier.notify(queue)
-        return index
+        return results
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
 
     # -- readers --------------------------------------------------------------
 

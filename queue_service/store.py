@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,3 +159,62 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class PutRequest:
+    body: bytes
+    request_id: str
+    priority: int
+    max_length: int
+
+
+FULL = -1  # a batch result: this put was refused, the queue is full
+PutFlush = Callable[[str, list[PutRequest]], Awaitable[list[int]]]
+
+
+class PutBatcher:
+    """Natural batching of puts: one store round trip (one transaction, one Lua call) per batch.
+
+    The first put of an idle queue goes out at once; puts that arrive while a
+    batch is being written go out together in the next one. So a lone put pays
+    no wait, and concurrent producers share round trips.
+    """
+
+    def __init__(self, flush: PutFlush, *, max_batch: int = 256) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._waiting: dict[str, list[tuple[PutRequest, asyncio.Future[int]]]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def put(self, queue: str, request: PutRequest) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(queue, []).append((request, future))
+        if queue not in self._running:
+            self._running[queue] = asyncio.create_task(self._drain(queue))
+        index = await asyncio.shield(future)  # a put whose client left is still written exactly once
+        if index == FULL:
+            raise QueueFull(f"queue {queue!r} is full ({request.max_length} items)")
+        return index
+
+    async def _drain(self, queue: str) -> None:
+        try:
+            while waiting := self._waiting.get(queue):
+                batch, self._waiting[queue] = waiting[:self._max_batch], waiting[self._max_batch:]
+                try:
+                    results = await self._flush(queue, [request for request, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, future), index in zip(batch, results):
+                    if not future.done():
+                        future.set_result(index)
+        finally:
+            self._running.pop(queue, None)
+            for _, future in self._waiting.pop(queue, []):  # only left over when cancelled (store closing)
+                if not future.done():
+                    future.set_exception(StoreUnavailable("the store is closing"))

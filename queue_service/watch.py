@@ -72,7 +72,8 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
     session = uuid.uuid4().hex
     lease_s, poll_s = settings.pending_timeout_s, settings.poll_interval_s
 
-    ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024)
+    # No permessage-deflate: frames are small or already compressed, and latency matters more.
+    ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
     registry.sockets.add(ws)
     reader = asyncio.create_task(_read_until_closed(ws, queue))

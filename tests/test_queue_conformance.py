@@ -290,3 +290,13 @@ async def test_health_needs_no_token(live_queue: LiveQueue) -> None:
         refused = await http.get(f"http://{live_queue.endpoint}/api/predict/svc", params={"_attrs_": "true"})
         assert refused.status_code == 401
         assert TOKEN not in refused.text
+
+
+async def test_concurrent_puts_get_distinct_indexes_and_respect_max_length(make_live_queue) -> None:
+    live = await make_live_queue(max_length=20)
+    producers = [live.client() for _ in range(5)]
+    results = await asyncio.gather(*(producers[n % 5].put(str(n)) for n in range(30)), return_exceptions=True)
+    accepted = sorted(index for index, _ in (r for r in results if isinstance(r, tuple)))
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    assert accepted == list(range(1, 21)) and len(refused) == 10
+    assert (await producers[0].attributes())["stream.length"] == "20"
