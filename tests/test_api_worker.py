@@ -187,3 +187,23 @@ async def test_queued_tasks_survive_a_redis_restart(api: ApiFactory, aiohttp_ser
     async with live.sink() as sink:
         frames = await read_results(sink, 3)
     assert sorted(f.tags["task_id"] for f in frames) == ["aof0", "aof1", "aof2"]
+
+
+def test_save_image_never_overwrites_a_name_taken_since_its_scan(tmp_path: Path, monkeypatch: Any) -> None:
+    """Instances sharing one output dir: a counter another process took after the scan is skipped."""
+    import numpy as np
+
+    from standard.engine import nodes_io
+    from standard.engine.compat import folder_paths
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "same_00001_.png").write_bytes(b"saved by another instance")
+    monkeypatch.setattr(folder_paths, "get_save_image_path",
+                        lambda prefix, directory, w=0, h=0: (str(out), "same", 1, "", prefix))
+    node = nodes_io.SaveImage()
+    monkeypatch.setattr(node, "directory", lambda: str(out))
+    result = node.save_images(np.zeros((2, 4, 4, 3), np.float32), "same")
+    assert [image["filename"] for image in result["ui"]["images"]] == ["same_00002_.png", "same_00003_.png"]
+    assert (out / "same_00001_.png").read_bytes() == b"saved by another instance"
+    assert (out / "same_00003_.png").stat().st_size > 0

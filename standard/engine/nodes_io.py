@@ -168,11 +168,26 @@ class SaveImage:
                 metadata.add_text("prompt", json.dumps(prompt))
             for key, value in (extra_pnginfo or {}).items():
                 metadata.add_text(key, json.dumps(value))
-            name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+            name, counter = _claim_name(folder, filename.replace("%batch_num%", str(batch_number)), counter)
             to_pil(image).save(os.path.join(folder, name), pnginfo=metadata, compress_level=self.compress_level)
             results.append({"filename": name, "subfolder": subfolder, "type": self.type})
             counter += 1
         return {"ui": {"images": results}}
+
+
+def _claim_name(folder: str, stem: str, counter: int) -> tuple[str, int]:
+    """Create ``{stem}_{counter:05}_.png`` exclusively, moving past names taken since the scan.
+
+    Several instances may save into one shared output dir at once (API and cluster editions);
+    without this two of them can pick the same counter and one image overwrites the other.
+    """
+    while True:
+        name = f"{stem}_{counter:05}_.png"
+        try:
+            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return name, counter
+        except FileExistsError:
+            counter += 1
 
 
 class PreviewImage(SaveImage):
