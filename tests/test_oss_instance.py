@@ -82,15 +82,23 @@ async def test_download_failure_is_an_execution_error_not_a_broken_model(oss_ins
 
 
 async def test_outputs_go_to_the_bucket_with_signed_urls(oss_instance, oss) -> None:  # noqa: F811
+    from test_server_support import events_until
+
     client = await oss_instance()
-    resp = await client.post("/prompt", json={"prompt": tiny_graph(prefix="run/pic")})
+    ws = await client.ws_connect("/ws?clientId=c2")
+    resp = await client.post("/prompt", json={"prompt": tiny_graph(prefix="run/pic"), "client_id": "c2"})
     prompt_id = (await resp.json())["prompt_id"]
+    executed = (await events_until(ws, lambda e: e["type"] == "executed"))[-1]
+    await ws.close()
     entry = await wait_history(client, prompt_id)
     image = entry["outputs"]["2"]["images"][0]
     assert image["subfolder"] == "run" and image["type"] == "output"
+    # The executed event (what API-edition results are built from) carries the URL too.
+    assert executed["data"]["output"]["images"][0]["url"].startswith(f"{oss.endpoint}/{BUCKET}/data/output/run/")
     key = f"data/output/run/{image['filename']}"
     stored = oss.server.get(BUCKET, key)
     assert stored is not None and stored.startswith(b"\x89PNG")
+    assert [r for r in oss.server.requests if r[0] == "PUT"] == [("PUT", BUCKET, key)]  # uploaded once
     async with aiohttp.ClientSession() as session, session.get(image["url"]) as got:
         assert got.status == 200 and await got.read() == stored
     # /history/{id} shows the same URL; /view still serves the local file.

@@ -271,7 +271,7 @@ def test_outputs_are_uploaded_with_signed_urls(oss, tmp_path: Path) -> None:  # 
         {"filename": "img_00001_.png", "subfolder": "sub", "type": "output"},
         {"filename": "preview.png", "subfolder": "", "type": "temp"},
     ]}, "10": {"files": [{"filename": "big.bin", "subfolder": "", "type": "output"}]}}}
-    count = storage.publish_outputs(result, {"output": out, "temp": storage.local_root / "temp"})
+    count = storage.publish_outputs(result["outputs"], {"output": out, "temp": storage.local_root / "temp"})
     assert count == 2
     assert oss.server.get(BUCKET, "data/output/sub/img_00001_.png") == b"png-bytes"
     url = result["outputs"]["9"]["images"][0]["url"]
@@ -301,13 +301,13 @@ def test_mounted_data_dir_gets_signed_urls_or_a_url_base(oss, tmp_path: Path) ->
     (root / "output" / "a.png").write_bytes(b"A")
     oss.server.put(BUCKET, "data/output/a.png", b"A")  # the mount put it there
     result = {"outputs": {"1": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}
-    assert storage.publish_outputs(result, {"output": root / "output"}) == 0
+    assert storage.publish_outputs(result["outputs"], {"output": root / "output"}) == 0
     assert requests.get(result["outputs"]["1"]["images"][0]["url"], timeout=10).content == b"A"
 
     from dataclasses import replace
 
     based = ObjectStorage(replace(settings, output_url_base="https://cdn.example/dd"), root)
-    based.publish_outputs(result, {"output": root / "output"})
+    based.publish_outputs(result["outputs"], {"output": root / "output"})
     assert result["outputs"]["1"]["images"][0]["url"] == "https://cdn.example/dd/output/a.png"
 
 

@@ -83,6 +83,8 @@ class PromptServer:
         # recorded (may edit the result), and before /restart reloads the engine.
         self.result_hooks: list[Callable[[str, dict[str, Any]], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Called by send_sync before an event is queued (on the caller's thread; may edit data).
+        self.event_hooks: list[Callable[[str | int, Any], None]] = []
         self._execution_thread = ExecutionThread()
 
     # -- lifecycle -------------------------------------------------------------
@@ -273,6 +275,11 @@ class PromptServer:
             self._final_executing_sent = data.get("node") is None
         if event == UNENCODED_PREVIEW_IMAGE:
             event, data = PREVIEW_IMAGE, _encode_preview(data)
+        for hook in self.event_hooks:
+            try:
+                hook(event, data)
+            except Exception:
+                log.exception("event hook failed for %s", event)
         loop = self._loop
         if loop is None:
             return

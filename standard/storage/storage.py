@@ -55,6 +55,10 @@ class ObjectStorage:
         self._task_holds: list[str] = []
         self._holds_lock = threading.Lock()
         self.uploaded: list[str] = []  # keys uploaded (tests, logs)
+        # path -> (size, mtime_ns) as uploaded: a file reported twice (executed event, then
+        # history; or a cached node) goes up once.
+        self._published: dict[Path, tuple[int, int]] = {}
+        self._published_lock = threading.Lock()
 
     # -- start / restart -------------------------------------------------------
 
@@ -119,6 +123,8 @@ class ObjectStorage:
 
     def task_finished(self) -> None:
         """Let the cache evict what the finished task used."""
+        with self._published_lock:
+            self._published.clear()
         with self._holds_lock:
             holds, self._task_holds = self._task_holds, []
         if self.cache is not None:
@@ -150,15 +156,16 @@ class ObjectStorage:
         self.uploaded.append(key)
         return key
 
-    def publish_outputs(self, history_result: dict[str, Any], folders: dict[str, Path]) -> int:
-        """Upload the task's output files (oss:// data dir) and add a ``url`` to each entry.
+    def publish_outputs(self, outputs: dict[str, Any], folders: dict[str, Path]) -> int:
+        """Upload output files (oss:// data dir) and add a fresh ``url`` to each entry, in place.
 
-        ``folders`` maps ComfyUI's ``type`` ("output", ...) to its local folder.
-        Entries whose file is missing or fails to upload get no URL (logged).
-        Returns the number of files uploaded.
+        ``outputs`` is a history's ``outputs`` map (node -> ui output); ``folders``
+        maps ComfyUI's ``type`` ("output", ...) to its local folder. Entries whose
+        file is missing or fails to upload get no URL (logged). Returns the number
+        of files uploaded (files already uploaded unchanged are not sent again).
         """
         uploaded = 0
-        for entry in _file_entries(history_result.get("outputs") or {}):
+        for entry in _file_entries(outputs):
             root = folders.get(entry.get("type", "output"))
             if root is None or entry.get("type") != "output":
                 continue
@@ -170,8 +177,15 @@ class ObjectStorage:
                 continue
             try:
                 if self.uploads_outputs:
-                    self.upload(path)
-                    uploaded += 1
+                    stat = path.stat()
+                    version = (stat.st_size, stat.st_mtime_ns)
+                    with self._published_lock:
+                        done = self._published.get(path) == version
+                    if not done:
+                        self.upload(path)
+                        uploaded += 1
+                        with self._published_lock:
+                            self._published[path] = version
                 url = self.url_for(path)
             except (StorageError, OSError, ValueError) as exc:
                 log.error("output %s not published: %s", path.name, exc)

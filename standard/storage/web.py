@@ -2,8 +2,9 @@
 
 - start (before the engine loads): ``custom_nodes/`` synced, ``models/`` listed;
   ``/restart`` does it again before plugins are re-imported;
-- after each prompt: outputs uploaded, ``url`` added to the history entries,
-  models the prompt used released for eviction;
+- ``executed`` events (engine thread) and, after each prompt, its history: output
+  files uploaded, a signed ``url`` added to each entry; the models the prompt
+  used are then released for eviction;
 - ``/upload/image``: the file also goes to ``PREFIX/input/``;
 - ``/view`` of a file not on local disk: 302 to a signed URL when the bucket has it.
 """
@@ -11,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -50,10 +50,21 @@ def setup_storage(app: web.Application) -> None:
     workdirs = app[keys.WORKDIRS]
     folders = {"output": workdirs.output, "input": workdirs.input, "temp": workdirs.temp}
 
+    def on_event(event: str | int, data: Any) -> None:
+        """On the engine thread: ``executed`` events (what API-edition results are built from)
+        get their files uploaded and their ``url``s before they are sent."""
+        if event != "executed" or not isinstance(data, dict) or not isinstance(data.get("output"), dict):
+            return
+        try:
+            asyncio.get_running_loop()
+            return  # never block the event loop; the history hook covers this one
+        except RuntimeError:
+            pass
+        storage.publish_outputs({str(data.get("node")): data["output"]}, folders)
+
     async def publish(prompt_id: str, history_result: dict[str, Any]) -> None:
         try:
-            history_result["outputs"] = copy.deepcopy(history_result.get("outputs") or {})
-            count = await asyncio.to_thread(storage.publish_outputs, history_result, folders)
+            count = await asyncio.to_thread(storage.publish_outputs, history_result.get("outputs") or {}, folders)
             if count:
                 log.info("prompt %s: %d output files uploaded", prompt_id, count)
         finally:
@@ -62,6 +73,7 @@ def setup_storage(app: web.Application) -> None:
     async def resync() -> None:
         await asyncio.to_thread(storage.prepare)
 
+    server.event_hooks.append(on_event)
     server.result_hooks.append(publish)
     server.reload_hooks.append(resync)
 
