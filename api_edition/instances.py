@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("comfyserve.api.instances")
 
 RESTART_DELAY_S = 1.0
+PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 15.0
 
 
@@ -25,6 +28,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # loaded here, not in the forked child
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process dies, even by kill -9 (no orphaned instances)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalInstance:
@@ -54,8 +75,12 @@ class LocalInstance:
             cmd += ["--token", self.token]
         return cmd
 
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL,
+                                                    preexec_fn=_die_with_parent)
+
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+        self.proc = await self._spawn()
         log.info("instance on port %d started (pid %d)", self.port, self.proc.pid)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"instance-{self.port}")
 
@@ -69,7 +94,7 @@ class LocalInstance:
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
                 return
-            self.proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+            self.proc = await self._spawn()
 
     async def stop(self) -> None:
         self._stopping = True

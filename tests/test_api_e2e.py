@@ -54,8 +54,14 @@ class Procs:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def kill_all(self) -> None:
+        """SIGTERM first, so an all-in-one stops its own instances; then SIGKILL what is left."""
         for proc in self.procs:
             if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
 
