@@ -347,3 +347,23 @@ def test_test_server_can_answer_from_disk(tmp_path: Path) -> None:
         assert bucket.get_object("k", byte_range=(10, 20)).read() == blob[::-1][10:21]
     finally:
         running.stop()
+
+
+def test_instances_sharing_a_cache_dir_download_once(oss, tmp_path: Path) -> None:  # noqa: F811
+    """Local instances of one machine (API edition) may share --cache-dir."""
+    blob = random_bytes(2 * MB, 13)
+    key = "data/models/checkpoints/shared.safetensors"
+    oss.server.put(BUCKET, key, blob)
+    oss.server.faults.slow("shared", delay_s=0.02)
+    first, second = make_storage(oss, tmp_path), make_storage(oss, tmp_path)
+    first.prepare()
+    second.prepare()
+    paths: list[str] = []
+    threads = [threading.Thread(target=lambda s=s: paths.append(s.model_path("checkpoints", "shared.safetensors")))
+               for s in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and Path(paths[0]).read_bytes() == blob
+    assert range_gets(oss, key) == 8  # one download of 8 parts, adopted by the other

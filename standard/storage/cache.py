@@ -10,6 +10,7 @@ warning rather than failing a task - unless one file alone exceeds the bound.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -22,12 +23,14 @@ from pathlib import Path
 
 from ..paths import resolve_inside
 from .client import ObjectInfo, OssClient
+from .crc import file_crc64
 from .download import ProgressCallback, download_object
 from .errors import CacheFullError
 
 log = logging.getLogger("comfyserve.storage")
 INDEX_NAME = ".oss-cache.json"
-PARTIAL_SUFFIXES = (".part", ".part.json", ".part.json.tmp")
+LOCK_SUFFIX = ".lock"
+PARTIAL_SUFFIXES = (".part", ".part.json", ".part.json.tmp", LOCK_SUFFIX)
 
 
 class ModelCache:
@@ -156,8 +159,14 @@ class ModelCache:
             if rel in self._sizes:
                 del self._sizes[rel]
         started = time.monotonic()
-        download_object(self.client, head, path, part_size=self.part_size, workers=self.workers,
-                        progress=progress)
+        # Several instances on one machine may share the cache dir: one downloads, the others
+        # wait for it and adopt the file once its CRC64 matches.
+        with _file_lock(path.with_name(path.name + LOCK_SUFFIX)):
+            if _matches(path, head):
+                log.info("model %s already in the cache (another process fetched it)", rel)
+            else:
+                download_object(self.client, head, path, part_size=self.part_size, workers=self.workers,
+                                progress=progress)
         with self._lock:
             self._sizes[rel] = head.size
             self._sizes.move_to_end(rel)
@@ -190,3 +199,25 @@ class ModelCache:
                             self.max_bytes / 1024**3)
             self._save_index()
 
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock between processes (threads are serialised by ``ensure``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _matches(path: Path, info: ObjectInfo) -> bool:
+    """Is the complete file at ``path`` this object version (size, and CRC64 when known)?"""
+    try:
+        if path.stat().st_size != info.size:
+            return False
+    except FileNotFoundError:
+        return False
+    return info.crc64 is None or file_crc64(path) == info.crc64

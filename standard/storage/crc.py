@@ -7,6 +7,8 @@ oss2's implementation (a few calls per file).
 
 from __future__ import annotations
 
+import os
+
 import crcmod
 import oss2.utils
 
@@ -21,6 +23,14 @@ def crc64_update(crc: int, data: bytes | memoryview) -> int:
     if _fast is not None:
         return _fast.xz(data, crc) if crc else _fast.xz(data)
     return _slow(data, crc)
+
+
+def file_crc64(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 1024) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            crc = crc64_update(crc, chunk)
+    return crc
 
 
 def crc64_combine(crc1: int, crc2: int, len2: int) -> int:
