@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import socket
 import time
@@ -34,6 +33,7 @@ from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 from . import results
+from .graph import GraphError, parse_graph
 from .metrics import ApiMetrics
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient
 from .runner import InstanceRunner
@@ -163,11 +163,9 @@ class Worker:
         prompt_id: str | None = None
         try:
             try:
-                graph = json.loads(frame.data)
-                if not isinstance(graph, dict):
-                    raise ValueError("the task data is not a JSON object")
-            except ValueError as exc:
-                status, events = results.from_failure("invalid_prompt", f"the task is not a graph: {exc}")
+                graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
+            except GraphError as exc:
+                status, events = results.from_failure(exc.kind, exc.message)
             else:
                 self.stats.in_flight = 1
                 try:

@@ -207,3 +207,15 @@ def test_save_image_never_overwrites_a_name_taken_since_its_scan(tmp_path: Path,
     assert [image["filename"] for image in result["ui"]["images"]] == ["same_00002_.png", "same_00003_.png"]
     assert (out / "same_00001_.png").read_bytes() == b"saved by another instance"
     assert (out / "same_00003_.png").stat().st_size > 0
+
+
+async def test_items_put_on_the_input_queue_directly(api: ApiFactory, instance_url: Any) -> None:
+    """The platform's SDK may put on the input queue itself: wrapped graphs run, junk gets an error result."""
+    live = await api(instance_urls=(await instance_url(),))
+    async with live.input() as queue, live.sink() as sink:
+        await queue.put(json.dumps({"prompt": tiny_graph("direct")}), {"task_id": "wrapped"})
+        await queue.put(b"not json", {"task_id": "junk"})
+        frames = {f.tags["task_id"]: f for f in await read_results(sink, 2)}
+    assert frames["wrapped"].tags["status"] == "success"
+    assert frames["junk"].tags["status"] == "error"
+    assert json.loads(frames["junk"].data)[0]["data"]["exception_type"] == "invalid_json"
