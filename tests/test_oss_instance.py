@@ -199,6 +199,12 @@ def test_storage_flags_and_their_environment_variables(tmp_path: Path, monkeypat
     plain = settings_from_args(parser.parse_args(["--data-dir", str(tmp_path / "d")]))
     assert plain.storage is None
 
+    # An edition spawning local instances hands the same storage on.
+    from standard.storage.settings import instance_flags
+
+    again = settings_from_args(parser.parse_args(instance_flags(storage)))
+    assert again.storage == storage and again.data_dir == settings.data_dir
+
 
 async def test_interrupt_stops_a_model_download_and_the_next_run_resumes(oss_instance, oss) -> None:  # noqa: F811
     import json

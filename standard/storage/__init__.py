@@ -19,7 +19,7 @@ from .errors import (
     TransientStorageError,
 )
 from .location import OssLocation, is_oss_url
-from .settings import StorageSettings, add_storage_arguments, storage_settings_from_args
+from .settings import StorageSettings, add_storage_arguments, instance_flags, storage_settings_from_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from .storage import ObjectStorage
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CacheFullError", "IntegrityError", "ObjectNotFound", "ObjectStorage", "OssLocation", "StorageAuthError",
     "StorageConfigError", "StorageError", "StorageSettings", "TransientStorageError", "add_storage_arguments",
-    "is_oss_url", "storage_settings_from_args",
+    "instance_flags", "is_oss_url", "storage_settings_from_args",
 ]
 
 

@@ -121,3 +121,27 @@ def storage_settings_from_args(args: argparse.Namespace, data_dir: str | None) -
     )
     settings.check()
     return settings
+
+
+def instance_flags(settings: StorageSettings) -> list[str]:
+    """Flags that give a spawned ``comfyserve standard`` the same storage (an edition that starts
+    local instances passes these on; credentials stay in the inherited environment).
+
+    With an oss:// data dir this includes ``--data-dir oss://...``; each child should get its
+    own ``--cache-dir`` only if the caller overrides it (sharing one is safe: downloads lock).
+    """
+    flags: list[str] = []
+    if settings.location is not None:
+        flags += ["--data-dir", str(settings.location)]
+    if settings.endpoint:
+        flags += ["--oss-endpoint", settings.endpoint]
+    if settings.cache_dir is not None:
+        flags += ["--cache-dir", str(settings.cache_dir)]
+    flags += ["--cache-max-gb", str(settings.cache_max_gb), "--url-expires", str(settings.url_expires_s)]
+    if settings.prefetch_models:
+        flags.append("--prefetch-models")
+    if settings.mounted_location is not None:
+        flags += ["--oss-bucket", str(settings.mounted_location)]
+    if settings.output_url_base:
+        flags += ["--output-url-base", settings.output_url_base]
+    return flags
