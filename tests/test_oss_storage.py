@@ -62,7 +62,12 @@ def test_listing_follows_pages(oss, tmp_path: Path) -> None:  # noqa: F811
     assert len(pages) == 3
 
 
-def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    from standard.storage import sync
+
+    monkeypatch.setattr(sync, "LARGE_FILE_BYTES", 100_000)  # so the large-file path runs on a small file
+    weights = random_bytes(300_000, 14)
+    oss.server.put(BUCKET, "data/custom_nodes/pkg/weights.bin", weights)
     oss.server.put(BUCKET, "data/custom_nodes/one.py", b"NODE_CLASS_MAPPINGS = {}\n")
     oss.server.put(BUCKET, "data/custom_nodes/pkg/__init__.py", b"X = 1\n")
     storage = make_storage(oss, tmp_path)
@@ -70,6 +75,7 @@ def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path) ->
     nodes = storage.local_root / "custom_nodes"
     assert (nodes / "one.py").read_bytes() == b"NODE_CLASS_MAPPINGS = {}\n"
     assert (nodes / "pkg" / "__init__.py").read_bytes() == b"X = 1\n"
+    assert (nodes / "pkg" / "weights.bin").read_bytes() == weights
     (nodes / "mine.py").write_text("# local, not from the bucket\n")
 
     before = range_gets(oss, "data/custom_nodes/one.py")

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from ..paths import resolve_inside
 from .client import ObjectInfo, OssClient
+from .download import download_object
 from .errors import IntegrityError
 
 log = logging.getLogger("comfyserve.storage")
 MANIFEST_NAME = ".oss-sync.json"
+LARGE_FILE_BYTES = 32 * 1024 * 1024
 
 
 def sync_down(client: OssClient, prefix: str, local_dir: Path, *, workers: int = 8) -> dict[str, int]:
@@ -46,7 +48,7 @@ def sync_down(client: OssClient, prefix: str, local_dir: Path, *, workers: int =
             if manifest.get(rel) != info.etag or not (local_dir / rel).is_file()]
 
     def fetch(rel: str) -> None:
-        _fetch_small(client, remote[rel], resolve_inside(local_dir, rel))
+        _fetch(client, remote[rel], resolve_inside(local_dir, rel))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oss-sync") as pool:
         list(pool.map(fetch, todo))
@@ -64,7 +66,10 @@ def sync_down(client: OssClient, prefix: str, local_dir: Path, *, workers: int =
     return counts
 
 
-def _fetch_small(client: OssClient, info: ObjectInfo, path: Path) -> None:
+def _fetch(client: OssClient, info: ObjectInfo, path: Path) -> None:
+    if info.size > LARGE_FILE_BYTES:  # e.g. weights shipped inside a plugin: ranged, resumable
+        download_object(client, client.head(info.key), path, part_size=LARGE_FILE_BYTES // 4, workers=4)
+        return
     data = client.get_bytes(info.key)
     if len(data) != info.size:
         raise IntegrityError(f"{info.key}: got {len(data)} bytes, the listing says {info.size}")
