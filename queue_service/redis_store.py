@@ -199,6 +199,11 @@ end
 return 0
 """
 
+FORGET = """
+if redis.call('HGET', ARGV[1]..'sess', ARGV[2]) == ARGV[3] then redis.call('HDEL', ARGV[1]..'sess', ARGV[2]) end
+return 0
+"""
+
 RELEASE = _LIB + """
 local P, c = ARGV[1], ARGV[2]
 if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return 0 end
@@ -253,7 +258,8 @@ class RedisStore:
         self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
                                              retry=Retry(NoBackoff(), retries=0))
         for name, source in (("put", PUT), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW),
+                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
+                             ("renew", RENEW), ("forget", FORGET),
                              ("release", RELEASE)):
             self._scripts[name] = self._redis.register_script(source)
         await self._call(self._redis.ping)
@@ -396,6 +402,9 @@ class RedisStore:
             args=[_prefix(queue), consumer, session, deadline]))
         if result == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
+
+    async def forget(self, queue: str, consumer: str, session: str) -> None:
+        await self._call(lambda: self._script("forget")(args=[_prefix(queue), consumer, session]))
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
         released = await self._call(lambda: self._script("release")(

@@ -310,6 +310,10 @@ class SQLiteStore:
         return self._db.execute("UPDATE items SET owner = NULL, deadline = NULL WHERE queue = ? AND owner = ?",
                                 (queue, consumer)).rowcount > 0
 
+    async def forget(self, queue: str, consumer: str, session: str) -> None:
+        if self._sessions.get((queue, consumer)) == session:
+            del self._sessions[(queue, consumer)]
+
     async def release(self, queue: str, consumer: str, session: str) -> None:
         if await self._run(self._release, queue, consumer, session):
             self._notifier.notify(queue)

@@ -120,6 +120,10 @@ class QueueStore(Protocol):
     async def release(self, queue: str, consumer: str, session: str) -> None:
         """The watcher left on purpose: its pending items are ready again now."""
 
+    async def forget(self, queue: str, consumer: str, session: str) -> None:
+        """The watcher's connection ended without a goodbye: drop the session record if it is still
+        the live one; its pending items stay with the consumer until their lease runs out."""
+
     def changes(self, queue: str) -> asyncio.Event:
         """An event set at the queue's next change (put, removal, release). Take it *before* looking."""
 

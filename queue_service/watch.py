@@ -94,7 +94,7 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
                 else:
                     items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                               auto_commit=auto_commit, lease_s=lease_s)
-                if not items and time.monotonic() - renewed_at >= poll_s:
+                if time.monotonic() - renewed_at >= poll_s:  # also while busy: leases must not lapse
                     await store.renew(queue, consumer, session, lease_s)
                     renewed_at = time.monotonic()
             except StoreUnavailable as exc:
@@ -124,12 +124,14 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
             registry.released.discard(ws)
             clean_close = True
         reader.cancel()
-        if clean_close:
-            # aiohttp may cancel this handler once the peer has gone; the release must still happen.
-            try:
-                await asyncio.shield(store.release(queue, consumer, session))
-            except (StoreUnavailable, asyncio.CancelledError):
-                pass
+        # aiohttp may cancel this handler once the peer has gone; the goodbye must still happen.
+        # A clean close gives the pending items back now; otherwise they wait for the lease to
+        # run out (or for this consumer to come back) and only the session record goes.
+        goodbye = store.release if clean_close else store.forget
+        try:
+            await asyncio.shield(goodbye(queue, consumer, session))
+        except (StoreUnavailable, asyncio.CancelledError):
+            pass
         if not ws.closed:
             await ws.close()
     return ws

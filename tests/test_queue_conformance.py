@@ -300,3 +300,33 @@ async def test_concurrent_puts_get_distinct_indexes_and_respect_max_length(make_
     refused = [r for r in results if isinstance(r, QueueFullError)]
     assert accepted == list(range(1, 21)) and len(refused) == 10
     assert (await producers[0].attributes())["stream.length"] == "20"
+
+
+async def test_a_busy_watcher_keeps_the_items_it_holds(live_queue: LiveQueue) -> None:
+    """Leases are renewed while a watcher is busy, not only while it idles."""
+    producer, holder, other = live_queue.client(), live_queue.client(), live_queue.client()
+    held_index, _ = await producer.put(b"held")
+    stolen: list[int] = []
+
+    async def watch_other() -> None:
+        async with other.watch(window=5) as frames:
+            async for frame in frames:
+                stolen.append(frame.index)
+                await other.commit(frame.index)
+
+    async with holder.watch(window=2) as frames:
+        first = await asyncio.wait_for(frames.__anext__(), 5)
+        assert first.index == held_index
+        watching = asyncio.create_task(watch_other())
+        loop = asyncio.get_running_loop()
+        until = loop.time() + PENDING_TIMEOUT_S * 3
+        while loop.time() < until:
+            await producer.put(b"flow")
+            try:
+                frame = await asyncio.wait_for(frames.__anext__(), 0.2)
+                await holder.commit(frame.index)
+            except TimeoutError:
+                pass
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    assert held_index not in stolen
