@@ -200,3 +200,15 @@ async def test_restart_and_metrics_through_a_url_front(backend, front) -> None:
     assert "comfyserve_ready 1" in text
     assert "comfyserve_proxied_requests_total 2" in text
     assert [s.raw_path for s in backend.seen if s.method == "POST"] == ["/api/restart"]
+
+
+async def test_the_restart_button_is_added_to_comfyuis_web_ui(backend, front) -> None:
+    server = await front(token=TOKEN)
+    async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as http:
+        async with http.get(url(server, "/api/extensions")) as resp:
+            urls = await resp.json()
+        assert urls.count("/extensions/comfyserve/restart.js") == 1
+        async with http.get(url(server, "/extensions/comfyserve/restart.js")) as resp:
+            assert resp.status == 200
+            assert "Comfyserve.RestartServer" in await resp.text()
+    assert [s.raw_path for s in backend.seen] == ["/extensions"]  # the script itself is ours

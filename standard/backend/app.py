@@ -21,6 +21,8 @@ from ..datadir import init_data_dir
 from ..errors import ConfigError
 from ..server.app import PUBLIC_PATHS
 from ..server.http_util import json_error
+from ..server.frontend import own_extension_routes
+from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware, origin_only_middleware
 from ..settings import StandardSettings
 from .fastpath import FAST_PATH, FastPathConfig
@@ -80,11 +82,14 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/readyz", readyz)
         app.router.add_get(prefix + "/metrics", metrics)
         app.router.add_post(prefix + "/restart", restart)
+        app.router.add_get(prefix + "/extensions", extensions)
+    app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
     app.router.add_route("*", "/{tail:.*}", proxy)
-    local_paths = {prefix + path for prefix in ("", "/api") for path in ("/healthz", "/readyz", "/metrics", "/restart")}
+    local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions")
     app[FAST_PATH] = FastPathConfig(
         token=settings.token, base_url=lambda: backend.base_url,
-        local_paths=frozenset(local_paths | {"/login", "/logout"}),
+        local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local} | {"/login", "/logout"}),
+        local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, stats=app[STATS],
     )
     return app
@@ -151,6 +156,25 @@ async def restart(request: web.Request) -> web.StreamResponse:
                           "interrupt it or wait for it to finish")
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
+
+
+async def extensions(request: web.Request) -> web.StreamResponse:
+    """ComfyUI's list of extension scripts, plus ours (the restart button)."""
+    base_url = request.app[BACKEND].base_url
+    if base_url is None:
+        return backend_unavailable("ComfyUI is starting", 503)
+    try:
+        async with request.app[SESSION].get(base_url + "/extensions",
+                                            timeout=aiohttp.ClientTimeout(total=30.0)) as response:
+            if response.status != 200:
+                return web.Response(status=response.status, body=await response.read(),
+                                    content_type=response.content_type)
+            urls = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return backend_unavailable(repr(exc))
+    if not isinstance(urls, list):
+        urls = []
+    return web.json_response(urls + [url for url in own_extension_urls() if url not in urls])
 
 
 async def _prompt_running(request: web.Request) -> bool:

@@ -52,6 +52,7 @@ class FastPathConfig:
     token: str | None
     base_url: Callable[[], str | None]
     local_paths: frozenset[str]
+    local_prefixes: tuple[str, ...]
     max_body_bytes: int
     stats: dict[str, int]
 
@@ -82,6 +83,8 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
         return None
     path, _, query = target.partition("?")
     if "%" in path or "\\" in path or path in config.local_paths or "/." in path:
+        return None
+    if config.local_prefixes and path.startswith(config.local_prefixes):
         return None
     if query and any(item.split("=", 1)[0] == "token" for item in query.split("&")):
         return None
