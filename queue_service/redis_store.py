@@ -146,7 +146,8 @@ return out
 CLAIM = _LIB + """
 local P, c = ARGV[1], ARGV[2]
 if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return {-1} end
-local window, min_index, auto, now, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
+local window, min_index, auto = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local now, lease = tonumber(ARGV[7]), tonumber(ARGV[8])
 for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'pend', '-inf', '(' .. int(now), 'LIMIT', 0, 1000)) do
   requeue(P, i)
 end

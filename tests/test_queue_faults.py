@@ -155,6 +155,16 @@ async def test_two_service_processes_on_one_redis_share_queues(make_live_queue, 
     assert sorted(seen) == list(range(1, 41))
     assert (await one.client().attributes())["stream.length"] == "0"
 
+    # A long-poll get on one process wakes at once for a put on the other.
+    waiting = asyncio.create_task(two.client().get(index=1, timeout_s=5))
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    put_index, _ = await producers[0].put(b"wake up")
+    [woken] = await asyncio.wait_for(waiting, 5)
+    assert woken.index == put_index and loop.time() - started < 1.0
+    await producers[0].commit(put_index)
+
     # A consumer that reconnects to the other process takes its pending items along.
     await producers[0].put(b"p")
     first = one.client(uid="roamer")
