@@ -178,3 +178,20 @@ async def test_a_client_leaving_mid_download_does_not_hurt_the_front(odd_backend
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{front.port}/chunked") as resp:
             assert await resp.read() == b"alpha-beta-gamma"
+
+
+async def test_expect_100_continue_is_answered_by_the_front(backend, fast_front) -> None:
+    front = await fast_front(backend.url, token=TOKEN)
+    body = b'{"clear": true}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    try:
+        writer.write(f"POST /queue HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nExpect: 100-continue\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(body)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert final.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert "Expect" not in backend.seen[-1].headers

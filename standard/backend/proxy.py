@@ -29,6 +29,7 @@ log = logging.getLogger("comfyserve.backend")
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade",
+    "expect",  # answered here (aiohttp sends the 100 Continue); the backend gets the body at once
 })
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                           "sec-websocket-accept", "sec-websocket-protocol"})
