@@ -1,7 +1,7 @@
 """The queue service's HTTP front: ``/api/predict/{queue}`` as the platform's SDK calls it.
 
 One route, dispatched on method and reserved query parameters (DESIGN §4):
-``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_watch_`` (WebSocket);
+``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_count_`` / ``_watch_`` (WebSocket);
 ``PUT ?_indexes_`` commit; ``DELETE ?_indexes_`` delete / ``?_trunc_&_index_`` truncate.
 Refusals are small JSON bodies: the SDK retries every non-2xx six times at once.
 """
@@ -211,6 +211,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     query = request.query
     try:
         queue = _queue_name(request)
+        for unsupported in ("_eos_", "_negative_"):  # end-of-stream and negative commits (Java SDK)
+            if params.flag(query, unsupported):
+                raise BadParam(f"{unsupported} is not supported by this queue service")
         if request.method == "POST":
             return await put(request, queue)
         if request.method == "GET":
@@ -221,6 +224,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return await attributes(request, queue)
             if params.flag(query, "_search_"):
                 return await search(request, queue)
+            if params.flag(query, "_count_"):
+                return web.Response(text=str((await request.app[STORE_KEY].stats(queue)).length))
             return await get(request, queue)
         if request.method == "PUT":
             return await remove(request, queue)

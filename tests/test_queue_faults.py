@@ -43,12 +43,15 @@ async def test_bad_parameters_get_a_clear_400(live_queue: LiveQueue) -> None:
         ("DELETE", {"_indexes_": "1;2"}, "_indexes_ must list positive integers"),
         ("DELETE", {"_trunc_": "true"}, "_index_ is required"),
         ("POST", {"_priority_": "high"}, "_priority_ must be an integer"),
+        ("POST", {"_eos_": "true"}, "_eos_ is not supported"),
+        ("PUT", {"_indexes_": "1", "_negative_": "true"}, "_negative_ is not supported"),
     ]
     for method, query, words in cases:
         assert_error(await call(live_queue, method, params=query), 400, words)
     assert_error(await call(live_queue, "GET", queue="bad%20name", params={"_attrs_": "true"}), 400,
                  "bad queue name")
     assert (await call(live_queue, "GET", queue="a/b/c")).status_code == 404  # at most one '/'
+    assert (await call(live_queue, "GET", params={"_count_": "true"})).text == "1"  # nothing was committed
 
 
 async def test_unknown_queue_and_index(live_queue: LiveQueue) -> None:
