@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 
 from eas_prediction import QueueClient
 from eas_prediction.exception import PredictException
@@ -52,10 +53,12 @@ def put(q: QueueClient, args: dict) -> dict:
 
 
 def put_error(q: QueueClient, args: dict) -> dict:
+    """A put that should be refused; reports how long the SDK's six attempts took."""
+    started = time.monotonic()
     try:
         q.put(args.get("data", "x"))
     except PredictException as exc:
-        return {"code": exc.code, "message": str(exc.message)}
+        return {"code": exc.code, "message": str(exc.message), "elapsed_s": time.monotonic() - started}
     return {"code": 200}
 
 

@@ -113,6 +113,7 @@ async def test_sdk_put_to_full_queue_is_refused_quickly(make_live_queue) -> None
         await queue.put(b"x")
     out = await live_queue.sdk("put_error")
     assert out["code"] == 429 and "full" in out["message"]
+    assert out["elapsed_s"] < 2.0  # six cheap refusals, no retry storm
     with pytest.raises(QueueFullError):
         await queue.put(b"one more")
 
