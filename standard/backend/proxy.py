@@ -66,9 +66,9 @@ def upstream_headers(request: web.Request, *, strip_auth: bool, websocket: bool 
             if not value:
                 continue
         headers.add(name, value)
+    headers.popall("X-Forwarded-For", None)  # what a client claims about itself is not passed on
     if request.remote:
-        previous = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {request.remote}" if previous else request.remote
+        headers["X-Forwarded-For"] = request.remote
     headers["X-Forwarded-Proto"] = request.scheme
     return headers
 

@@ -146,6 +146,7 @@ class ComfyUIChild:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._terminate()  # one the supervisor had just started while we stopped it
         if self._tmp is not None:
             self._tmp.cleanup()
 
