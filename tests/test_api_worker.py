@@ -219,3 +219,15 @@ async def test_items_put_on_the_input_queue_directly(api: ApiFactory, instance_u
     assert frames["wrapped"].tags["status"] == "success"
     assert frames["junk"].tags["status"] == "error"
     assert json.loads(frames["junk"].data)[0]["data"]["exception_type"] == "invalid_json"
+
+
+async def test_priority_tasks_run_first(api: ApiFactory, aiohttp_server: Any, data_dir: Path) -> None:
+    port = free_port()
+    live = await api(instance_urls=(f"http://127.0.0.1:{port}",))
+    await live.submit(tiny_graph("a"), task_id="a")
+    await live.submit(tiny_graph("b"), task_id="b")
+    await live.submit(tiny_graph("c"), task_id="urgent", _priority_="1")
+    await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
+    async with live.sink() as sink:
+        frames = await read_results(sink, 3)
+    assert [f.tags["task_id"] for f in frames] == ["urgent", "a", "b"]
