@@ -68,7 +68,7 @@ class ModelCache:
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if name == INDEX_NAME or name.endswith(PARTIAL_SUFFIXES):
+                if name.startswith(INDEX_NAME) or name.endswith(PARTIAL_SUFFIXES):
                     continue
                 path = Path(dirpath, name)
                 stat = path.stat()
@@ -77,7 +77,7 @@ class ModelCache:
             self._sizes[rel] = size
 
     def _save_index(self) -> None:
-        tmp = self.index_path.with_name(INDEX_NAME + ".tmp")
+        tmp = self.index_path.with_name(f"{INDEX_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(self._etags))
         os.replace(tmp, self.index_path)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def sync_down(client: OssClient, prefix: str, local_dir: Path, *, workers: int =
             resolve_inside(local_dir, rel).unlink()
             removed += 1
     manifest = {rel: info.etag for rel, info in remote.items()}
-    tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
+    tmp = manifest_path.with_name(f"{MANIFEST_NAME}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(manifest, indent=0))
     os.replace(tmp, manifest_path)
     counts = {"fetched": len(todo), "kept": len(remote) - len(todo), "removed": removed}
@@ -76,6 +77,6 @@ def _fetch(client: OssClient, info: ObjectInfo, path: Path) -> None:
     if "-" not in info.etag and len(info.etag) == 32 and hashlib.md5(data).hexdigest().upper() != info.etag.upper():
         raise IntegrityError(f"{info.key}: MD5 does not match its ETag")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.oss-tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.oss-tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
