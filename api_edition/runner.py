@@ -78,17 +78,24 @@ class InstanceRunner:
                 await asyncio.sleep(1.0)
 
     async def run(self, graph: dict[str, Any], timeout_s: float | None = None) -> RunResult:
+        """Run ``graph``; past ``timeout_s`` it is interrupted and ``InstanceError`` raised."""
         self.start()
-        if not self.socket_up.is_set():
-            return await self.client.run(graph, timeout_s=timeout_s)
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._run_on_socket(graph)
-        except TimeoutError:
-            raise InstanceError(f"the task did not finish within {timeout_s}s") from None
-
-    async def _run_on_socket(self, graph: dict[str, Any]) -> RunResult:
         prompt_id = str(uuid.uuid4())
+        try:
+            if not self.socket_up.is_set():
+                return await self.client.run(graph, timeout_s=timeout_s, prompt_id=prompt_id)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self._run_on_socket(graph, prompt_id)
+            except TimeoutError:
+                raise InstanceError(f"the task did not finish within {timeout_s}s") from None
+        except InstanceError as exc:
+            if timeout_s is not None and type(exc) is InstanceError:  # timed out: free the instance
+                with contextlib.suppress(InstanceError):
+                    await self.client.interrupt(prompt_id)
+            raise
+
+    async def _run_on_socket(self, graph: dict[str, Any], prompt_id: str) -> RunResult:
         waiter: asyncio.Queue[dict[str, Any] | Disconnected] = asyncio.Queue()
         self._waiters[prompt_id] = waiter
         try:

@@ -126,7 +126,8 @@ class Worker:
         while not await self.probe.ready():
             self.stats.instance_up = False
             if not logged:
-                log.warning("%s: instance %s is not ready; waiting", self.name, self.settings.instance_url)
+                log.warning("%s: instance %s is not ready (down, loading, or refusing the token); waiting",
+                            self.name, self.settings.instance_url)
                 logged = True
             await asyncio.sleep(PROBE_INTERVAL_S)
         if logged:

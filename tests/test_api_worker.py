@@ -231,3 +231,30 @@ async def test_priority_tasks_run_first(api: ApiFactory, aiohttp_server: Any, da
     async with live.sink() as sink:
         frames = await read_results(sink, 3)
     assert [f.tags["task_id"] for f in frames] == ["urgent", "a", "b"]
+
+
+async def test_run_timeout_reports_an_error_and_interrupts_the_prompt(api: ApiFactory, instance_url: Any,
+                                                                      data_dir: Path) -> None:
+    from api_edition.settings import WorkerSettings
+    from api_edition.worker import Worker
+    from test_server_support import gated_graph, install_gate_plugin, open_gate
+
+    install_gate_plugin(data_dir)
+    url = await instance_url()
+    live = await api()
+    worker = Worker(WorkerSettings(queue_url=live.url, service="svc", instance_url=url, token=TOKEN,
+                                   run_timeout_s=1.0))
+    task = asyncio.create_task(worker.run())
+    try:
+        await live.submit(gated_graph("late-gate", "stuck"), task_id="stuck")
+        await live.submit(tiny_graph("after"), task_id="after")
+        async with live.sink() as sink:
+            [stuck] = await read_results(sink, 1)
+            open_gate(data_dir, "late-gate")  # the node returns; the interrupt stops the rest of the prompt
+            [after] = await read_results(sink, 1)
+    finally:
+        await worker.shutdown(task, 1.0)
+    assert stuck.tags["task_id"] == "stuck" and stuck.tags["status"] == "error"
+    assert "did not finish" in json.loads(stuck.data)[0]["data"]["exception_message"]
+    assert after.tags["task_id"] == "after" and after.tags["status"] == "success"
+    assert not list((data_dir / "output").glob("stuck_*"))  # SaveImage never ran: interrupted
