@@ -104,7 +104,7 @@ class Pool:
                 queue_url=self.queue_url, service=self.settings.service, instance_url=url,
                 token=self.settings.token,
                 instance_token=instance_token if instance_token is not None else self.settings.token,
-                instance_down_s=self.settings.instance_down_s,
+                instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops())
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 

@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds a task stays with a worker that vanished before another worker gets it")
     add_option(parser, "--instance-down-timeout", type=float, default=DEFAULT_INSTANCE_DOWN_S,
                help="seconds an instance may be unreachable mid-task before its worker gives the task back")
+    add_option(parser, "--run-timeout", type=float, default=None,
+               help="seconds a task may run before it is interrupted and reported as failed (default: no limit)")
     add_option(parser, "--webhook-secret", default=None,
                help="HMAC-SHA256 key for webhook signatures (default: the token)")
 
@@ -85,7 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         instances=args.instances, instance_urls=tuple(args.instance_url or ()),
         instance_token=args.instance_token, max_length=args.max_length, max_payload_bytes=args.max_payload,
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
-        instance_down_s=args.instance_down_timeout,
+        instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
     )
 
 

@@ -55,6 +55,7 @@ class ApiSettings:
     pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S
     webhook_secret: str | None = None
     instance_down_s: float = DEFAULT_INSTANCE_DOWN_S
+    run_timeout_s: float | None = None
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
 
     @property
