@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from standard.backend import app as backend_app
 from standard.backend.app import create_backend_app
 from standard.backend.supervisor import ComfyUIChild
 from standard.client import InstanceClient
@@ -81,9 +83,8 @@ async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Pa
     early = await client.get("/readyz")
     assert early.status == 503
     assert (await early.json())["error"] == "starting"
-    proxied = await client.get("/queue")
-    assert proxied.status == 503
-    assert proxied.headers["Retry-After"] == "1"
+    proxied = await client.get("/queue")  # waits for the child instead of failing
+    assert proxied.status == 200
     status = await wait_ready(client)
     assert status["runtime"] == "comfyui-child" and status["starts"] == 1
     [start] = starts(record)
@@ -109,10 +110,22 @@ async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Pa
     assert "must-not-leak" not in Path(f"/proc/{status['pid']}/environ").read_bytes().decode("latin-1")
 
 
+async def test_requests_wait_for_a_starting_child_only_so_long(child_front, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_SHIM_DELAY_S", "3")
+    monkeypatch.setattr(backend_app, "REQUEST_WAIT_S", 0.3)
+    client, child = await child_front()
+    proxied = await client.get("/queue")
+    assert proxied.status == 503
+    assert proxied.headers["Retry-After"] == "1"
+    assert (await proxied.json())["error"]["type"] == "backend_unavailable"
+
+
 async def test_a_child_that_dies_is_started_again(child_front) -> None:
     client, child = await child_front()
     first = await wait_ready(client)
     os.kill(first["pid"], signal.SIGKILL)
+    # a GET sent right into the crash waits for the new child and goes once more
+    assert (await client.get("/queue")).status == 200
 
     async def replaced() -> bool:
         status = await (await client.get("/readyz")).json()
@@ -129,7 +142,12 @@ async def test_restart_replaces_the_child(child_front, record: Path) -> None:
     headers = {"Authorization": "tok"}
     first = await wait_ready(client, headers)
     assert (await client.post("/restart")).status == 401
-    response = await client.post("/api/restart", headers=headers)
+    restarting = asyncio.create_task(client.post("/api/restart", headers=headers))
+    while child.base_url is not None:  # the old child is on its way out
+        await asyncio.sleep(0.01)
+    during = await client.get("/queue", headers=headers)  # waits for the new child
+    assert during.status == 200
+    response = await restarting
     assert response.status == 200
     body = await response.json()
     assert body["restarted"] is True and body["ready"] is True

@@ -26,7 +26,7 @@ from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware, origin_only_middleware
 from ..settings import StandardSettings
 from .fastpath import FAST_PATH, FastPathConfig
-from .proxy import backend_unavailable, forward_http, forward_websocket
+from .proxy import BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
 
@@ -39,6 +39,8 @@ STATS = web.AppKey("backend_stats", dict)
 SOCKETS = web.AppKey("backend_sockets", set)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
+REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -192,7 +194,8 @@ async def _prompt_running(request: web.Request) -> bool:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
-    base_url = app[BACKEND].base_url
+    backend = app[BACKEND]
+    base_url = await _backend_url(backend)
     if base_url is None:
         return backend_unavailable("ComfyUI is starting", 503)
     settings = app[SETTINGS]
@@ -202,8 +205,43 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
                                        max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS])
     app[STATS]["proxied_requests_total"] += 1
-    response = await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
-                                  max_body_bytes=settings.max_upload_size_bytes)
-    if response.status in (502, 504) and response.headers.get("Content-Type", "").startswith("application/json"):
-        app[STATS]["backend_errors_total"] += 1
-    return response
+    for attempt in range(2):
+        try:
+            return await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
+                                      max_body_bytes=settings.max_upload_size_bytes)
+        except BackendDown as exc:
+            # A child that died (or is being restarted) comes back: a request that changes
+            # nothing waits for it and goes once more; anything else is answered 502.
+            if attempt == 0 and request.method in IDEMPOTENT and isinstance(backend, ComfyUIChild):
+                retry_url = await _backend_url(backend, failed_url=base_url)
+                if retry_url is not None:
+                    base_url = retry_url
+                    continue
+            app[STATS]["backend_errors_total"] += 1
+            return backend_unavailable(str(exc), exc.status)
+    raise AssertionError("unreachable")
+
+
+async def _backend_url(backend: Backend, failed_url: str | None = None) -> str | None:
+    """The backend's address; while a child (re)starts, wait up to REQUEST_WAIT_S for the new one.
+
+    With ``failed_url`` (a request to it just failed) an address other than that
+    one is awaited, unless the same child is still there a second later.
+    """
+    base_url = backend.base_url
+    if base_url is not None and base_url != failed_url:
+        return base_url
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + REQUEST_WAIT_S
+    while loop.time() < deadline:
+        if base_url is None:
+            await backend.wait_ready(deadline - loop.time())
+        elif loop.time() - started > 1.0:
+            return base_url  # it did not go away: worth one more try
+        else:
+            await asyncio.sleep(0.05)
+        base_url = backend.base_url
+        if base_url is not None and base_url != failed_url:
+            return base_url
+    return None

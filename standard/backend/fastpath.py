@@ -159,6 +159,7 @@ class Downstream(asyncio.Protocol):
         # the exchange in flight: its pool, the bytes to send, the request head
         self.pool: Pool | None = None
         self.request = b""
+        self.raw_request = b""  # as the client sent it, for a hand-off after a failed connect
         self.head: Head | None = None
         self.attempt = 0
         self.reused = False
@@ -244,6 +245,7 @@ class Downstream(asyncio.Protocol):
         if len(self.buffer) < total:
             return  # the body is still arriving
         body = bytes(self.buffer[end + 4:total])
+        self.raw_request = bytes(self.buffer[:total])
         del self.buffer[:total]
         self.busy = True
         self.config.stats["proxied_requests_total"] += 1
@@ -265,10 +267,14 @@ class Downstream(asyncio.Protocol):
     async def _connect_and_send(self, pool: Pool) -> None:
         try:
             conn = await pool.connect()
-        except OSError as exc:
-            self.config.stats["backend_errors_total"] += 1
-            self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", repr(exc)))
-            self._exchange_over(True)
+        except OSError:
+            # Nothing was sent anywhere: aiohttp's path takes the request as it came (it waits
+            # for a restarting child, or answers the 502 itself).
+            self.busy = False
+            self.buffer[:0] = self.raw_request
+            self.config.stats["proxied_requests_total"] -= 1
+            if not self.closed:
+                self._handoff()
             return
         if self.closed:
             pool.release(conn)
@@ -296,6 +302,12 @@ class Downstream(asyncio.Protocol):
             self._send()
             return
         head = self.head
+        if exc.nothing_received and head is not None and head.method in (b"GET", b"OPTIONS") and not self.closed:
+            self.busy = False  # nothing came back and nothing changed: the slow path decides (and may wait)
+            self.buffer[:0] = self.raw_request
+            self.config.stats["proxied_requests_total"] -= 1
+            self._handoff()
+            return
         log.warning("%s %s: %s", head.method.decode() if head else "?", head.target.decode()[:200] if head else "?", exc)
         if exc.nothing_received:
             self.config.stats["backend_errors_total"] += 1

@@ -100,6 +100,14 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BackendDown(Exception):
+    """The backend could not be reached, and nothing was sent back yet."""
+
+    def __init__(self, detail: str, status: int) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
 async def _limited(content: aiohttp.StreamReader, limit_bytes: int) -> AsyncIterator[bytes]:
     seen = 0
     async for chunk in content.iter_chunked(CHUNK_BYTES):
@@ -118,7 +126,7 @@ def backend_unavailable(detail: str, status: int = 502) -> web.Response:
 
 async def forward_http(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
                        strip_auth: bool, max_body_bytes: int) -> web.StreamResponse:
-    """One request to the backend and its response back, streamed."""
+    """One request to the backend and its response back, streamed; ``BackendDown`` if unreachable."""
     length = request.content_length
     if length is not None and length > max_body_bytes:
         return json_error(413, "request_too_large", "Request body too large",
@@ -158,7 +166,7 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
         if response is not None and response.prepared:
             raise  # headers already sent: all we can do is drop the connection
         log.warning("%s %s: backend %s: %r", request.method, request.path, base_url, exc)
-        return backend_unavailable(repr(exc), 504 if isinstance(exc, asyncio.TimeoutError) else 502)
+        raise BackendDown(repr(exc), 504 if isinstance(exc, asyncio.TimeoutError) else 502) from exc
 
 
 async def forward_websocket(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,

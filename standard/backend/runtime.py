@@ -35,6 +35,9 @@ class Backend(Protocol):
     async def restart(self) -> dict[str, Any] | None:
         """Restart the runtime; None when the backend's own ``/restart`` should be proxied."""
 
+    async def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Until ``base_url`` is set again (a child starting or restarting), at most ``timeout_s``."""
+
 
 async def probe(session: aiohttp.ClientSession, base_url: str) -> tuple[bool, str]:
     """Whether ComfyUI at ``base_url`` answers HTTP; (ok, detail)."""
@@ -75,3 +78,6 @@ class RemoteBackend:
 
     async def restart(self) -> dict[str, Any] | None:
         return None  # the backend restarts itself if it can (comfyserve does)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> bool:
+        return True  # always addressable; whether it answers is the request's business

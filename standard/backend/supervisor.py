@@ -166,6 +166,7 @@ class ComfyUIChild:
         starts = self.starts
         self._restart_requested = True
         self._wake.set()
+        await self._set_ready(False)  # new requests wait for the new child instead of reaching the old one
         await self._terminate()
         await self.wait_ready(wait_s, after_starts=starts)
         return await self.status()

@@ -1,0 +1,115 @@
+"""The web UI in a real browser through the real-ComfyUI runtime (``--comfyui-dir``).
+
+``comfyserve standard --comfyui-dir tests/comfyui_shim --token T`` supervises the
+shim as its "ComfyUI" child and proxies everything to it; the page logs in on
+the front, loads the frontend the child serves, queues a workflow and shows
+its image, and the restart button replaces the child. Any 4xx/5xx the page
+gets fails the test (the ``browser_session`` fixture of test_browser_frontend).
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from PIL import Image
+from test_backend_supervisor import SHIM_DIR, alive
+from test_browser_frontend import (  # noqa: F401
+    CHROMIUM, LOAD_TIMEOUT_MS, TOKEN, Instance, Session, browser_session, token,
+)
+from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
+    requires_engine,
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture
+def instance(tmp_path: Path, cli_env: dict[str, str], token: str | None) -> Iterator[Instance]:
+    """The front with a supervised child; ``Instance.api`` talks to the front."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "custom_nodes").mkdir()
+    install_gate_plugin(data_dir)
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    command = ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port),
+               "--comfyui-dir", str(SHIM_DIR)]
+    proc = subprocess.Popen(command + (["--token", token] if token else []),
+                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
+    try:
+        wait_for_port(port, timeout_s=20, proc=proc)
+        deadline = time.monotonic() + 45
+        while server.api("GET", "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "the ComfyUI child never became ready"
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_web_ui_through_the_front_runs_a_workflow(instance: Instance, browser_session: Session) -> None:
+    page = browser_session.page
+    status, object_info = instance.api("GET", "/object_info")
+    assert status == 200
+    assert set(object_info) <= set(page.evaluate("Object.keys(LiteGraph.registered_node_types)"))
+    page.evaluate("""async () => {
+        const response = await fetch('/templates/comfyserve_empty_image.json');
+        await app.loadGraphData(await response.json());
+        app.graph.nodes.find(n => n.type === 'SaveImage').widgets[0].value = 'fronted';
+        await app.queuePrompt(0, 1);
+    }""")
+    # the image arrives over the proxied WebSocket (executed event), then loads through /view
+    page.wait_for_function("() => !!(app.nodeOutputs && Object.values(app.nodeOutputs).some("
+                           "o => (o.images || []).some(i => i.filename === 'fronted_00001_.png')))",
+                           timeout=LOAD_TIMEOUT_MS)
+    fetched = page.request.get(instance.url + "/api/view?filename=fronted_00001_.png&type=output")
+    assert fetched.status == 200
+    with Image.open(io.BytesIO(fetched.body())) as png:
+        assert png.size == (512, 512)
+    assert (instance.data_dir / "output" / "fronted_00001_.png").is_file()
+
+
+def test_restart_button_replaces_the_child(instance: Instance, browser_session: Session) -> None:
+    page = browser_session.page
+    first_pid = instance.api("GET", "/readyz")[1]["pid"]
+    page.wait_for_function("() => !!window.comfyserveLastRestart === false")
+    page.evaluate("window.comfyserveLastRestart = null")
+    page.evaluate("""() => app.extensionManager.command.execute('Comfyserve.RestartServer')""")
+    page.wait_for_function("() => !!window.comfyserveLastRestart", timeout=LOAD_TIMEOUT_MS)
+    result = page.evaluate("window.comfyserveLastRestart")
+    assert result["ok"] and result["status"] == 200, result
+    assert result["body"]["restarted"] is True and result["body"]["runtime"] == "comfyui-child"
+    assert result["body"]["pid"] != first_pid and not alive(first_pid)
+
+    # while the child runs a prompt, the front refuses (409) and the page says so
+    status, queued = instance.api("POST", "/prompt", {"prompt": gated_graph("gate-b", "held")})
+    assert status == 200, queued
+    deadline = time.monotonic() + 20
+    while not instance.api("GET", "/queue")[1]["queue_running"]:
+        assert time.monotonic() < deadline, "the gated prompt never started"
+        time.sleep(0.02)
+    browser_session.allowed.add((409, "POST", instance.url + "/api/restart"))
+    page.evaluate("window.comfyserveLastRestart = null")
+    page.evaluate("""() => app.extensionManager.command.execute('Comfyserve.RestartServer')""")
+    page.wait_for_function("() => !!window.comfyserveLastRestart", timeout=LOAD_TIMEOUT_MS)
+    assert page.evaluate("window.comfyserveLastRestart.status") == 409
+    open_gate(instance.data_dir, "gate-b")
+    deadline = time.monotonic() + 20
+    while queued["prompt_id"] not in instance.api("GET", f"/history/{queued['prompt_id']}")[1]:
+        assert time.monotonic() < deadline, "the gated prompt never finished"
+        time.sleep(0.05)
