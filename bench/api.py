@@ -173,8 +173,10 @@ async def run_n(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         bench = Bench(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", urls, args.size)
         try:
             await asyncio.wait_for(bench.throughput(2 * n), 60)  # warm-up: instances ready, caches primed
+            cpu_start = time.process_time()
             rate, frames = await bench.throughput(args.tasks)
-            out: dict[str, Any] = {"n": n, "tasks_per_s": rate}
+            cpu_ms = (time.process_time() - cpu_start) * 1000 / args.tasks
+            out: dict[str, Any] = {"n": n, "tasks_per_s": rate, "cpu_ms_per_task": cpu_ms}
             if n == 1:
                 out["gaps_ms"] = await bench.gaps(frames)
                 out["overhead_ms"] = await bench.overhead(args.latency_tasks)
@@ -191,13 +193,14 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=16, help="image side in pixels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(f"cpus: {os.cpu_count()}  tasks: {args.tasks}  graph: EmptyImage {args.size}px -> SaveImage", flush=True)
+    print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.1f}  tasks: {args.tasks}  graph: EmptyImage {args.size}px -> SaveImage", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="comfyserve-bench-api-") as tmp:
         for n in (int(x) for x in args.instances.split(",")):
             result = await run_n(n, args, Path(tmp))
             runs.append(result)
-            print(f"N={n}: {result['tasks_per_s']:.1f} tasks/s", flush=True)
+            print(f"N={n}: {result['tasks_per_s']:.1f} tasks/s (load {os.getloadavg()[0]:.1f}; API process incl. this client: "
+                  f"{result['cpu_ms_per_task']:.1f} ms CPU per task)", flush=True)
     base = runs[0]["tasks_per_s"]
     print("scaling vs N=1: " + ", ".join(f"N={r['n']}: {r['tasks_per_s'] / base:.2f}x" for r in runs))
     first = runs[0]
