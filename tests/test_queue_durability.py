@@ -17,7 +17,7 @@ from queue_service.client import QueueClient, QueueClientError
 
 def start_service(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(service_command("--port", str(port), "--token", TOKEN, "--pending-timeout", "0.6",
+    proc = subprocess.Popen(service_command("--port", str(port), "--token", TOKEN, "--pending-timeout", "1.0",
                                             *args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     wait_for_port(port, proc=proc)

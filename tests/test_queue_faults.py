@@ -159,13 +159,13 @@ async def test_two_service_processes_on_one_redis_share_queues(make_live_queue, 
     assert (await one.client().attributes())["stream.length"] == "0"
 
     # A long-poll get on one process wakes at once for a put on the other.
-    waiting = asyncio.create_task(two.client().get(index=1, timeout_s=5))
+    waiting = asyncio.create_task(two.client().get(index=1, timeout_s=20))
     await asyncio.sleep(0.2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     put_index, _ = await producers[0].put(b"wake up")
     [woken] = await asyncio.wait_for(waiting, 5)
-    assert woken.index == put_index and loop.time() - started < 1.0
+    assert woken.index == put_index and loop.time() - started < 5.0  # not the 19.5 s of the long poll
     await producers[0].commit(put_index)
 
     # A consumer that reconnects to the other process takes its pending items along.

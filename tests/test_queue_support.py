@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
 SDK_SCRIPT = Path(__file__).resolve().parent / "sdk_queue.py"
 TOKEN = "queue-test-token"
-PENDING_TIMEOUT_S = 0.6
+PENDING_TIMEOUT_S = 1.0
 
 requires_sdk = pytest.mark.skipif(not SDK_PYTHON.exists(),
                                   reason="the SDK env .venv-sdk is missing (scripts/setup-sdk-env.sh)")
