@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .app import create_cluster_app
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
+
     web.run_app(create_cluster_app(settings), host=settings.host, port=settings.port,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S, print=None, access_log=None)
     return 0

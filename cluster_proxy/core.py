@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from typing import Any
 
 from standard.datadir import DataDir, WorkDirs
@@ -19,7 +20,7 @@ from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
 from .runner import InstanceLost, TaskRun, error_history
-from .scheduler import Scheduler
+from .scheduler import Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
 
 log = logging.getLogger("comfyserve.cluster")
@@ -36,6 +37,7 @@ class ClusterCore:
         self.runs: dict[str, TaskRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._workdirs: dict[str, WorkDirs] = {}
+        self._last_sent: dict[str, list[dict[str, Any]]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -76,7 +78,7 @@ class ClusterCore:
                                                 "meta": entry.get("meta") or {}}, run)
         except InstanceLost as exc:
             await run.cleanup()
-            await self._lost(task, instance, str(exc))
+            await self._lost(task, instance, str(exc), run)
         finally:
             self.runs.pop(task.id, None)
 
@@ -106,23 +108,45 @@ class ClusterCore:
     async def status_of(self, user: str) -> dict[str, Any]:
         return {"exec_info": {"queue_remaining": await self.remaining(user)}}
 
-    async def positions(self) -> dict[str, int]:
-        """task id -> wait position (0: starts next) of every pending task."""
-        return {task.id: index for index, task in enumerate(await self.scheduler.order())}
+    async def _snapshot(self) -> tuple[dict[str, list[Task]], dict[str, int]]:
+        """Every user's running + pending tasks (in order) and the wait position of each pending one."""
+        running, pending = await self.store.running(), await self.store.pending()
+        order = dispatch_order(pending, dict(Counter(t.user for t in running)), self.scheduler.last_served)
+        per_user: dict[str, list[Task]] = {}
+        for task in [*running, *pending]:
+            per_user.setdefault(task.user, []).append(task)
+        return per_user, {task.id: index for index, task in enumerate(order)}
+
+    @staticmethod
+    def _queue_view(tasks: list[Task], positions: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"prompt_id": t.prompt_id, "position": positions.get(t.id) if t.state == PENDING else None,
+                 "state": t.state, "notes": t.notes} for t in tasks]
 
     async def user_queue(self, user: str) -> list[dict[str, Any]]:
-        positions = await self.positions()
-        running = [{"prompt_id": t.prompt_id, "position": None, "state": RUNNING, "notes": t.notes}
-                   for t in await self.store.user_tasks(user, RUNNING)]
-        pending = [{"prompt_id": t.prompt_id, "position": positions.get(t.id), "state": PENDING, "notes": t.notes}
-                   for t in await self.store.user_tasks(user, PENDING)]
-        return running + pending
+        per_user, positions = await self._snapshot()
+        return self._queue_view(per_user.get(user, []), positions)
 
     async def broadcast_queues(self) -> None:
-        """Each connected user's ``status`` and the wait positions of their tasks."""
+        """Each connected user's ``status`` and the wait positions of their tasks, when they changed.
+
+        One snapshot of the store for everyone: with hundreds of users connected
+        this must not cost a query per user (it would delay the event relay).
+        """
+        if not self.hub.sockets:
+            return
+        per_user, positions = await self._snapshot()
         for user in list(self.hub.sockets):
-            await self.hub.send_json(user, "status", {"status": await self.status_of(user)})
-            await self.hub.send_json(user, "cluster_queue", {"queue": await self.user_queue(user)})
+            tasks = per_user.get(user, [])
+            queue = self._queue_view(tasks, positions)
+            if self._last_sent.get(user) == queue:
+                continue
+            self._last_sent[user] = queue
+            await self.hub.send_json(user, "status", {"status": {"exec_info": {"queue_remaining": len(tasks)}}})
+            await self.hub.send_json(user, "cluster_queue", {"queue": queue})
+
+    def forget_sent(self, user: str) -> None:
+        """A new socket of ``user``: the next broadcast sends their queue again."""
+        self._last_sent.pop(user, None)
 
     async def interrupt(self, user: str, prompt_id: str | None) -> bool:
         """Interrupt the user's running task (all of them without an id); False if none matched."""
@@ -154,7 +178,12 @@ class ClusterCore:
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
         key = f"{task.id}-{task.attempts}"
         collector = OutputCollector(key, self.data_dir, self.workdirs(task.user))
-        return TaskRun(task, instance, self.hub, collector, self.data_dir)
+        return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
+
+    def _instance_free(self, run: TaskRun) -> None:
+        if not run.released:
+            run.released = True
+            self.pool.release(run.instance, run.task.models)
 
     def _start_task(self, task: Task, instance: Instance) -> None:
         self._spawn(self._run(task, instance))
@@ -166,7 +195,7 @@ class ClusterCore:
         try:
             history = await run.run()
         except InstanceLost as exc:
-            await self._lost(task, instance, str(exc))
+            await self._lost(task, instance, str(exc), run)
             return
         except Exception as exc:  # a bug or a disk error: the task fails, the proxy goes on
             log.exception("task %s failed in the proxy", task.id)
@@ -183,12 +212,14 @@ class ClusterCore:
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()
-        self.pool.release(instance, task.models)
+        self._instance_free(run)
         self.scheduler.wake()
         await self.broadcast_queues()
 
-    async def _lost(self, task: Task, instance: Instance, reason: str) -> None:
-        self.pool.mark_down(instance, reason)
+    async def _lost(self, task: Task, instance: Instance, reason: str, run: TaskRun) -> None:
+        if not run.released:  # else it already runs the next task, whose run will tell
+            run.released = True
+            self.pool.mark_down(instance, reason)
         await self._requeue_or_fail(task, f"instance {instance.url} was lost: {reason}")
 
     async def _requeue_or_fail(self, task: Task, reason: str) -> None:

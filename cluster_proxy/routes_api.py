@@ -209,6 +209,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     core.hub.add(user, sid, ws)
+    core.forget_sent(user)
     try:
         await ws.send_json({"type": "status", "data": {"status": await core.status_of(user), "sid": sid}})
         for run in list(core.runs.values()):

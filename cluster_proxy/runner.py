@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from standard.client import BinaryFrame, Connected, Disconnected
@@ -51,7 +52,7 @@ class TaskRun:
     """One attempt of one task on one instance."""
 
     def __init__(self, task: Task, instance: Instance, hub: UserHub, collector: OutputCollector,
-                 data_dir: Any) -> None:
+                 data_dir: Any, on_instance_free: Callable[[TaskRun], None] = lambda run: None) -> None:
         self.task = task
         self.instance = instance
         self.hub = hub
@@ -62,6 +63,10 @@ class TaskRun:
         self.last_node: str | None = None
         # The end-of-prompt events wait until the history is stored (see ``flush_final``).
         self.final_events: list[tuple[str, Any]] = []
+        # Called once the instance is done with the task (before the proxy's bookkeeping),
+        # so the scheduler can hand it the next one meanwhile.
+        self.on_instance_free = on_instance_free
+        self.released = False
 
     # -- helpers ------------------------------------------------------------------
 
@@ -185,6 +190,7 @@ class TaskRun:
             if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):
                 self.final_events.append((kind, self._translate(data)))
                 if kind == "executing":
+                    self.on_instance_free(self)
                     return  # ComfyUI's end-of-prompt marker, sent after the terminal event
                 continue
             await self.send(kind, self._translate(data))
