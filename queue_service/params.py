@@ -1,6 +1,7 @@
 """Query-string parsing shared by the handlers: one place that says what is a bad request.
 
-Reserved parameters look like ``_name_``; every other parameter is a tag.
+Reserved parameters look like ``_name_`` (any key starting with '_' is reserved); every other
+parameter is a tag.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from aiohttp import web
 
 from .settings import GROUP_HEADER, USER_HEADER
 
-_RESERVED = re.compile(r"^_[a-z_]+_$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 MAX_INDEXES = 10_000
 
@@ -22,8 +22,8 @@ class BadParam(ValueError):
 
 
 def tags_of(query: Mapping[str, str]) -> dict[str, str]:
-    """The non-reserved parameters (last value wins)."""
-    return {key: value for key, value in query.items() if not _RESERVED.match(key)}
+    """The tags among the parameters: keys starting with '_' are reserved, never tags."""
+    return {key: value for key, value in query.items() if not key.startswith("_")}
 
 
 def flag(query: Mapping[str, str], name: str, default: bool = False) -> bool:
