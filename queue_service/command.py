@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ async def serve(settings: QueueSettings) -> int:
             print(f"comfyserve queue: cannot listen on {settings.host}:{settings.port}: {exc}",
                   file=sys.stderr, flush=True)
             return 2
-        store = settings.redis_url or settings.sqlite_path
+        store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
         auth = "token auth" if settings.token else "no auth"
         print(f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})",
               flush=True)
