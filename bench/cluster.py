@@ -232,13 +232,55 @@ async def relay_latency(data_dir: Path, tokens: dict[str, str], users: list[str]
                 await asyncio.gather(*readers)
             for ws in sockets.values():
                 await ws.close()
-        latencies.sort()
-        p50 = statistics.median(latencies) * 1000
-        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+        p50, p99 = _percentiles(latencies)
         print(f"relay latency instance -> proxy -> user, {len(users)} users connected, {len(latencies)} events: "
               f"p50 {p50:.2f} ms, p99 {p99:.2f} ms (goal p99 < 10 ms)")
     finally:
         proxy.stop()
+    await direct_latency(data_dir, runners * 3, ticks)
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    latencies = sorted(latencies)
+    return statistics.median(latencies) * 1000, latencies[max(int(len(latencies) * 0.99) - 1, 0)] * 1000
+
+
+async def direct_latency(data_dir: Path, tasks: int, ticks: int) -> None:
+    """The same events straight from an instance (no proxy): what the instance itself takes."""
+    port = free_port()
+    with open(data_dir / "direct.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "standard", "--data-dir", str(data_dir), "--port", str(port),
+                                 "--token", "bench"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        url, headers = f"http://127.0.0.1:{port}", {"Authorization": "bench"}
+        try:
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        async with session.get(url + "/readyz", headers=headers) as response:
+                            if response.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    assert time.monotonic() < deadline, "the instance never became ready"
+                    await asyncio.sleep(0.1)
+                latencies: list[float] = []
+                ws = await session.ws_connect(f"{url}/ws?clientId=direct", headers=headers)
+                await ws.receive()
+                for index in range(tasks):
+                    reader = asyncio.create_task(_read_ticks(ws, latencies, ticks))
+                    graph = tick_graph(50_000 + index, ticks, 0.01)
+                    async with session.post(url + "/prompt", json={"prompt": graph, "client_id": "direct"},
+                                            headers=headers) as response:
+                        assert response.status == 200, await response.text()
+                    await reader
+                await ws.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    p50, p99 = _percentiles(latencies)
+    print(f"same events straight from an instance (no proxy), {len(latencies)} events: "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
 
 
 async def _read_ticks(ws: aiohttp.ClientWebSocketResponse, latencies: list[float], ticks: int) -> None:
