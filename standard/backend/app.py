@@ -2,9 +2,13 @@
 
 Local routes: ``/healthz`` (this process), ``/readyz`` (the backend answers),
 ``/metrics``, ``/restart`` (a ``--comfyui-dir`` child is replaced; a
-``--backend-url`` backend gets the request itself), ``/login`` ``/logout``
-with a token. Everything else — every HTTP route and the ``/ws`` socket —
-is forwarded to ComfyUI, behind the same token auth as the embedded app.
+``--backend-url`` backend gets the request itself), ``/extensions`` (ComfyUI's
+list plus our restart button, whose script is served here), ``/login``
+``/logout`` with a token. Everything else — every HTTP route and the ``/ws``
+socket — is forwarded to ComfyUI, behind the same token auth as the embedded
+app. While a supervised child (re)starts, requests wait for it (up to
+``REQUEST_WAIT_S``) rather than fail. ``comfyserve standard`` serves this app
+on ``fastpath.FastProxySite``, which relays plain API calls at the byte level.
 """
 
 from __future__ import annotations
@@ -162,7 +166,7 @@ async def restart(request: web.Request) -> web.StreamResponse:
 
 async def extensions(request: web.Request) -> web.StreamResponse:
     """ComfyUI's list of extension scripts, plus ours (the restart button)."""
-    base_url = request.app[BACKEND].base_url
+    base_url = await _backend_url(request.app[BACKEND])
     if base_url is None:
         return backend_unavailable("ComfyUI is starting", 503)
     try:
