@@ -167,3 +167,27 @@ def test_cli_reads_the_environment_and_uses_the_data_dir(tmp_path: Path, cli_env
     finally:
         stop(proc)
     assert os.path.exists(tmp_path / "data")
+
+
+async def test_sigterm_gives_pending_items_back_for_the_next_process(tmp_path: Path) -> None:
+    store = f"sqlite:{tmp_path / 'q.sqlite3'}"
+    proc, port = start_service(["--store", store, "--pending-timeout", "120"])
+    try:
+        async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+            for n in range(3):
+                await queue.put(str(n))
+            watcher = queue.watch(window=3)
+            held = [await asyncio.wait_for(watcher.__anext__(), 5) for _ in range(3)]
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+            watcher._closed = True  # this client stays away
+    finally:
+        stop(proc)
+    proc, port = start_service(["--store", store, "--pending-timeout", "120"])
+    try:
+        async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+            async with queue.watch(window=3) as watcher:
+                again = [await asyncio.wait_for(watcher.__anext__(), 5) for _ in range(3)]
+        assert [f.index for f in again] == [f.index for f in held]  # not after a 120 s lease
+    finally:
+        stop(proc)
