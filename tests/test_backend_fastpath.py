@@ -195,3 +195,13 @@ async def test_expect_100_continue_is_answered_by_the_front(backend, fast_front)
     finally:
         writer.close()
     assert "Expect" not in backend.seen[-1].headers
+
+
+async def test_a_half_closed_client_gets_its_answer_and_the_connection_ends(backend, fast_front) -> None:
+    front = await fast_front(backend.url, token=TOKEN)
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    writer.write(get("/queue"))
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(), 10)  # read() returns only once the front closes
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"queue_pending": []}')

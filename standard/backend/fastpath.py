@@ -151,6 +151,7 @@ class Downstream(asyncio.Protocol):
         self.buffer = bytearray()
         self.busy = False
         self.closed = False
+        self.eof = False
         self.upstream: Upstream | None = None
         self.paused_upstream = False
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -223,6 +224,7 @@ class Downstream(asyncio.Protocol):
             self.transport.pause_reading()  # a pipelining client waits for the response in flight
 
     def eof_received(self) -> bool | None:
+        self.eof = True  # the client sends no more: close once the response in flight is out
         if not self.busy and self.transport is not None:
             self.transport.close()
         return True
@@ -321,7 +323,7 @@ class Downstream(asyncio.Protocol):
         self.busy = False
         if self.closed or self.transport is None:
             return
-        if not keep_alive or self.head is None or self.head.close:
+        if not keep_alive or self.head is None or self.head.close or self.eof:
             self.transport.close()
             return
         self.transport.resume_reading()
