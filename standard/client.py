@@ -24,7 +24,6 @@ import logging
 import struct
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +31,10 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from .client_types import (
+    DEFAULT_TIMEOUTS, TERMINAL_EVENTS, BinaryFrame, ClientTimeouts, Connected, Disconnected, RunResult, WsItem,
+    queued_id, status_from_history,
+)
 from .errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 __all__ = [
@@ -40,88 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("comfyserve.client")
-
-PREVIEW_IMAGE = 1
-IMAGE_FORMATS = {1: "JPEG", 2: "PNG"}
-TERMINAL_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
-
-
-@dataclass(frozen=True)
-class ClientTimeouts:
-    """Timeouts and retry pacing, in seconds.
-
-    ``run_s`` bounds a whole ``run()`` (None: as long as the workflow takes);
-    ``disconnected_s`` is how long the event socket may stay down before
-    ``events()`` gives up (None: keep trying).
-    """
-
-    connect_s: float = 5.0
-    request_s: float = 30.0
-    ws_open_s: float = 10.0
-    run_s: float | None = None
-    disconnected_s: float | None = 60.0
-    reconnect_min_s: float = 0.05
-    reconnect_max_s: float = 2.0
-    history_poll_s: float = 0.25
-    idle_check_s: float = 5.0
-    get_retries: int = 2
-
-
-DEFAULT_TIMEOUTS = ClientTimeouts()
-
-
-@dataclass(frozen=True)
-class BinaryFrame:
-    """A binary WS frame: ``>I`` event type, then the payload (previews: ``>I`` format + image)."""
-
-    event_type: int
-    payload: bytes
-
-    @property
-    def image_format(self) -> str | None:
-        if self.event_type != PREVIEW_IMAGE or len(self.payload) < 4:
-            return None
-        return IMAGE_FORMATS.get(struct.unpack(">I", self.payload[:4])[0], "unknown")
-
-    @property
-    def image(self) -> bytes | None:
-        return self.payload[4:] if self.event_type == PREVIEW_IMAGE else None
-
-
-@dataclass(frozen=True)
-class Connected:
-    """Marker from ``events(..., markers=True)``: the socket (re)connected (attempt 0 = first)."""
-
-    attempt: int
-
-
-@dataclass(frozen=True)
-class Disconnected:
-    """Marker from ``events(..., markers=True)``: the socket broke; a reconnect follows."""
-
-    reason: str
-
-
-WsItem = dict[str, Any] | BinaryFrame | Connected | Disconnected
-
-
-@dataclass
-class RunResult:
-    """What ``run()`` saw: the prompt's end state, its ``executed`` events and history outputs."""
-
-    prompt_id: str
-    status: str  # "success" | "error" | "interrupted"
-    executed: list[dict[str, Any]]
-    outputs: dict[str, Any]
-    history: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    error: dict[str, Any] | None = None
-    reconnects: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
 
 class _State(enum.Enum):
     OPEN = 1
@@ -438,7 +359,7 @@ class InstanceClient:
                     socket_up, reconnects = True, reconnects + 1
                 entry = await self._check_progress(prompt_id)
                 if entry is not None:
-                    status, error = _status_from_history(entry)
+                    status, error = status_from_history(entry)
                 next_check = loop.time() + (self.timeouts.idle_check_s if socket_up else self.timeouts.history_poll_s)
                 continue
             if isinstance(item, (Disconnected, BaseException)):
@@ -462,7 +383,7 @@ class InstanceClient:
             elif kind == "executing" and data.get("node") is None:
                 status = "success"
         history = await self._wait_history(prompt_id)
-        hist_status, hist_error = _status_from_history(history)
+        hist_status, hist_error = status_from_history(history)
         if hist_status != "success":
             status, error = hist_status, error or hist_error
         outputs = history.get("outputs") or {}
@@ -503,7 +424,7 @@ class InstanceClient:
             if entry is not None:
                 return entry
             queue = await self.queue()
-            if any(_queued_id(item) == prompt_id
+            if any(queued_id(item) == prompt_id
                    for item in [*queue.get("queue_running", []), *queue.get("queue_pending", [])]):
                 return None
             entry = await self.history_entry(prompt_id)  # it may have finished in between
@@ -520,24 +441,6 @@ class InstanceClient:
             if entry is not None:
                 return entry
             await asyncio.sleep(self.timeouts.history_poll_s / 5)
-
-
-def _queued_id(item: Any) -> str | None:
-    """ComfyUI's queue items are ``[number, prompt_id, prompt, extra_data, outputs]``."""
-    return item[1] if isinstance(item, list) and len(item) > 1 else None
-
-
-def _status_from_history(entry: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    status = entry.get("status") or {}
-    messages = status.get("messages") or []
-    for kind, data in messages:
-        if kind == "execution_error":
-            return "error", data
-        if kind == "execution_interrupted":
-            return "interrupted", None
-    if status.get("status_str") == "error":
-        return "error", None
-    return "success", None
 
 
 def _quote(value: str) -> str:

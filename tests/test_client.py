@@ -171,3 +171,10 @@ async def test_any_json_route(backend) -> None:
         assert "system" in await client.get_json("/system_stats")
         with pytest.raises(InstanceError, match="404"):
             await client.get_json("/no/such/route")
+
+
+def test_public_names() -> None:
+    import standard.client as client
+
+    assert all(hasattr(client, name) for name in client.__all__)
+    assert {"InstanceClient", "RunResult", "BinaryFrame", "PromptRejected", "PromptLost"} <= set(client.__all__)
