@@ -111,7 +111,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             pool.add(url, settings.instance_token)
         for url in await core.store.instance_urls():
             pool.add(url, settings.instance_token)
-        await core.start()
+        await core.start(settings.redis_url)
         log.info("cluster proxy ready: %d instance(s) in the pool", len(pool.instances))
         yield
     finally:

@@ -20,7 +20,7 @@ from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
 from .runner import InstanceLost, TaskRun, error_history
-from .scheduler import Scheduler, dispatch_order
+from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
 
 log = logging.getLogger("comfyserve.cluster")
@@ -41,10 +41,13 @@ class ClusterCore:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, redis_url: str | None = None) -> None:
+        if redis_url:
+            await self.hub.start_bus(redis_url)
         await self.pool.start()
         await self._recover()
         self.scheduler.start()
+        self._spawn(self._renew_leases())
 
     async def aclose(self) -> None:
         await self.scheduler.aclose()
@@ -54,6 +57,7 @@ class ClusterCore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pool.aclose()
+        await self.hub.aclose()
 
     async def _recover(self) -> None:
         """Tasks a previous proxy left running: follow them to the end, or queue them again."""
@@ -62,6 +66,9 @@ class ClusterCore:
             if instance is None or instance.state != "up" or instance.task_id is not None:
                 await self._requeue_or_fail(task, "the proxy restarted while it ran")
                 continue
+            if not (await self.store.renew_instance(instance.url, task.id, LEASE_TTL_S)
+                    or await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S)):
+                log.warning("instance %s is leased by another task; following %s anyway", instance.url, task.id)
             self.pool.reserve(instance, task.id)
             self._spawn(self._recover_one(task, instance))
 
@@ -141,8 +148,9 @@ class ClusterCore:
             if self._last_sent.get(user) == queue:
                 continue
             self._last_sent[user] = queue
-            await self.hub.send_json(user, "status", {"status": {"exec_info": {"queue_remaining": len(tasks)}}})
-            await self.hub.send_json(user, "cluster_queue", {"queue": queue})
+            await self.hub.send_json(user, "status", {"status": {"exec_info": {"queue_remaining": len(tasks)}}},
+                                     local=True)
+            await self.hub.send_json(user, "cluster_queue", {"queue": queue}, local=True)
 
     def forget_sent(self, user: str) -> None:
         """A new socket of ``user``: the next broadcast sends their queue again."""
@@ -180,10 +188,19 @@ class ClusterCore:
         collector = OutputCollector(key, self.data_dir, self.workdirs(task.user))
         return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
 
-    def _instance_free(self, run: TaskRun) -> None:
+    async def _instance_free(self, run: TaskRun) -> None:
         if not run.released:
             run.released = True
+            await self.store.release_instance(run.instance.url, run.task.id)
             self.pool.release(run.instance, run.task.models)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL_S / 3)
+            for run in list(self.runs.values()):
+                if not run.released:
+                    with contextlib.suppress(Exception):
+                        await self.store.renew_instance(run.instance.url, run.task.id, LEASE_TTL_S)
 
     def _start_task(self, task: Task, instance: Instance) -> None:
         self._spawn(self._run(task, instance))
@@ -212,13 +229,14 @@ class ClusterCore:
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()
-        self._instance_free(run)
+        await self._instance_free(run)
         self.scheduler.wake()
         await self.broadcast_queues()
 
     async def _lost(self, task: Task, instance: Instance, reason: str, run: TaskRun) -> None:
         if not run.released:  # else it already runs the next task, whose run will tell
             run.released = True
+            await self.store.release_instance(instance.url, task.id)
             self.pool.mark_down(instance, reason)
         await self._requeue_or_fail(task, f"instance {instance.url} was lost: {reason}")
 

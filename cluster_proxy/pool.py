@@ -36,10 +36,11 @@ class Instance:
     models: set[str] = field(default_factory=set)
     last_used_s: float = 0.0
     tasks_run: int = 0
+    busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
 
     @property
     def free(self) -> bool:
-        return self.state == UP and self.task_id is None
+        return self.state == UP and self.task_id is None and time.monotonic() >= self.busy_elsewhere_until_s
 
 
 class Pool:

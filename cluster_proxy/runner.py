@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from standard.client import BinaryFrame, Connected, Disconnected
@@ -52,7 +52,7 @@ class TaskRun:
     """One attempt of one task on one instance."""
 
     def __init__(self, task: Task, instance: Instance, hub: UserHub, collector: OutputCollector,
-                 data_dir: Any, on_instance_free: Callable[[TaskRun], None] = lambda run: None) -> None:
+                 data_dir: Any, on_instance_free: Callable[[TaskRun], Awaitable[None]] | None = None) -> None:
         self.task = task
         self.instance = instance
         self.hub = hub
@@ -189,8 +189,8 @@ class TaskRun:
                 self.last_node = data.get("node")
             if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):
                 self.final_events.append((kind, self._translate(data)))
-                if kind == "executing":
-                    self.on_instance_free(self)
+                if kind == "executing" and self.on_instance_free is not None:
+                    await self.on_instance_free(self)
                     return  # ComfyUI's end-of-prompt marker, sent after the terminal event
                 continue
             await self.send(kind, self._translate(data))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +25,10 @@ from .pool import Instance, Pool
 from .store import StateStore, Task
 
 log = logging.getLogger("comfyserve.cluster.scheduler")
+LEASE_TTL_S = 15.0  # renewed while the task runs (core.py)
+BUSY_ELSEWHERE_S = 0.5
+SHARED_POLL_S = 0.5
+LOCAL_POLL_S = 5.0
 
 
 def dispatch_order(pending: list[Task], running_per_user: dict[str, int],
@@ -82,11 +87,14 @@ class Scheduler:
                 await self._loop_task
 
     async def _loop(self) -> None:
+        # A shared store changes under us (other proxies): look at it now and then, too.
+        poll_s = SHARED_POLL_S if getattr(self.store, "shared", False) else LOCAL_POLL_S
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll_s)
             self._wake.clear()
             try:
-                if await self.dispatch():
+                if await self.dispatch() or poll_s == SHARED_POLL_S:
                     await self._on_dispatch()
             except Exception:  # a store hiccup must not end scheduling
                 log.exception("dispatch failed")
@@ -109,8 +117,12 @@ class Scheduler:
                 break
             task = order[0]
             instance = pick_instance(self.pool.free(), task)
+            if not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
+                instance.busy_elsewhere_until_s = time.monotonic() + BUSY_ELSEWHERE_S  # another proxy's
+                continue
             claimed = await self.store.claim(task.id, instance.url)
             if claimed is None:
+                await self.store.release_instance(instance.url, task.id)
                 continue  # deleted meanwhile, or taken by another proxy
             self.pool.reserve(instance, claimed.id)
             self._tick += 1

@@ -84,6 +84,11 @@ class StateStore(Protocol):
     async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]: ...
     async def add_instance_url(self, url: str) -> None: ...
     async def instance_urls(self) -> list[str]: ...
+    # An instance runs one task at a time, whichever proxy dispatched it: a lease per instance.
+    async def lease_instance(self, url: str, holder: str, ttl_s: float) -> bool: ...
+    async def renew_instance(self, url: str, holder: str, ttl_s: float) -> bool: ...
+    async def release_instance(self, url: str, holder: str) -> None: ...
+    shared: bool  # True when other proxies may change the state (poll it)
     async def aclose(self) -> None: ...
 
 
@@ -114,6 +119,9 @@ class SqliteStateStore:
         )
         self._lock = threading.Lock()
         self._history_max_items = history_max_items
+        self._leases: dict[str, tuple[str, float]] = {}  # one process per SQLite file: leases in memory
+
+    shared = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
@@ -249,6 +257,24 @@ class SqliteStateStore:
 
     async def instance_urls(self) -> list[str]:
         return await self._run(lambda: [row[0] for row in self._db.execute("SELECT url FROM instances ORDER BY url")])
+
+    async def lease_instance(self, url: str, holder: str, ttl_s: float) -> bool:
+        current = self._leases.get(url)
+        if current is not None and current[0] != holder and current[1] > time.monotonic():
+            return False
+        self._leases[url] = (holder, time.monotonic() + ttl_s)
+        return True
+
+    async def renew_instance(self, url: str, holder: str, ttl_s: float) -> bool:
+        current = self._leases.get(url)
+        if current is None or current[0] != holder:
+            return False
+        self._leases[url] = (holder, time.monotonic() + ttl_s)
+        return True
+
+    async def release_instance(self, url: str, holder: str) -> None:
+        if self._leases.get(url, ("",))[0] == holder:
+            del self._leases[url]
 
     async def aclose(self) -> None:
         await self._run(self._db.close)

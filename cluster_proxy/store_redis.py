@@ -7,6 +7,7 @@ Keys under ``comfyserve:cluster:state:``:
     uid:<name>:<prompt_id>    the task id behind a user's prompt id
     seq                       the submission counter
     instances                 instance URLs added at run time
+    lease:<url>               which task holds an instance (a TTL, renewed while it runs)
 Every state change is a WATCH/MULTI transaction on the task's key, so a task
 is claimed by one proxy only, and a retried or finished task is never claimed again.
 """
@@ -25,7 +26,13 @@ from .store import DONE, PENDING, RUNNING, Task, _order, now_ms
 PREFIX = "comfyserve:cluster:state:"
 
 
+RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
 class RedisStateStore:
+    shared = True
+
     def __init__(self, url: str, *, history_max_items: int = 10000, prefix: str = PREFIX) -> None:
         self._redis = redis.Redis.from_url(url, decode_responses=True)
         self._p = prefix
@@ -193,6 +200,18 @@ class RedisStateStore:
 
     async def instance_urls(self) -> list[str]:
         return sorted(await self._redis.smembers(f"{self._p}instances"))
+
+    def _lease_key(self, url: str) -> str:
+        return f"{self._p}lease:{url}"
+
+    async def lease_instance(self, url: str, holder: str, ttl_s: float) -> bool:
+        return bool(await self._redis.set(self._lease_key(url), holder, nx=True, px=int(ttl_s * 1000)))
+
+    async def renew_instance(self, url: str, holder: str, ttl_s: float) -> bool:
+        return bool(await self._redis.eval(RENEW, 1, self._lease_key(url), holder, int(ttl_s * 1000)))
+
+    async def release_instance(self, url: str, holder: str) -> None:
+        await self._redis.eval(RELEASE, 1, self._lease_key(url), holder)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
