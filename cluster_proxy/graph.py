@@ -2,15 +2,15 @@
 
 Instances share ``DIR`` and know nothing of users, so each task runs with its
 file references moved into a private staging area that only its own task
-can name (``_cluster/<stage key>/``, an unguessable key per attempt):
+can name (``.cluster/<stage key>/``, an unguessable key per attempt):
 
 * every ``filename_prefix`` (the input of every ComfyUI save node: images,
-  video, audio, latents, ...) is prefixed with ``_cluster/<key>/``, so what
+  video, audio, latents, ...) is prefixed with ``.cluster/<key>/``, so what
   the task writes under ``DIR/output`` is its own folder, which afterwards is
   moved, as a whole, into ``DIR/users/<name>/output``;
 * every string input that names a file of the user (``x.png``,
   ``sub/x.png``, ``x.png [output]``) is copied into
-  ``DIR/input/_cluster/<key>/<type>/`` and the value rewritten to point there.
+  ``DIR/input/.cluster/<key>/<type>/`` and the value rewritten to point there.
 
 The checks here run when the prompt is submitted, so a graph that names a
 file outside the user's folders is refused before it is queued.
@@ -27,7 +27,7 @@ from standard.datadir import DataDir, WorkDirs
 from standard.errors import PathOutsideRoot
 from standard.paths import resolve_inside
 
-STAGE = "_cluster"
+STAGE = ".cluster"  # hidden: input listings (LoadImage choices) skip it
 FILE_TYPES = ("input", "output", "temp")
 # Inputs whose string value is always a file name (other strings count when they name a user's file).
 FILE_INPUTS = frozenset({"image", "mask", "video", "audio", "file", "upload", "model_file", "mesh"})

@@ -13,6 +13,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
 from aiohttp import web
 
 from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
@@ -20,12 +25,15 @@ from standard.server.frontend import setup_frontend
 from standard.server.http_util import json_error
 from standard.server.routing import add_routes_with_api_prefix
 
-from .keys import POOL
+from .graph import STAGE
+from .keys import CORE, POOL
+from .login import USER
 from .scope import Handler, Scopes, call_in, scoped
 
 SKIPPED_INTERNAL = frozenset({"/internal/logs", "/internal/logs/raw", "/internal/logs/subscribe"})
 QUEUE_READS = {("GET", "/prompt"), ("GET", "/queue"), ("GET", "/history"), ("GET", "/history/{prompt_id}")}
 INFO_READS = {"/system_stats", "/features", "/view_metadata/{folder_name}"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"})
 POOL_PATHS = ("/object_info", "/embeddings", "/models")
 
 
@@ -54,10 +62,47 @@ def _view_with_public_input(scopes: Scopes) -> Handler:
 
 
 async def _pooled(request: web.Request) -> web.StreamResponse:
-    data = await request.app[POOL].cached_json(request.path.removeprefix("/api"))
+    path = request.path.removeprefix("/api")
+    data = await request.app[POOL].cached_json(path)
     if data is None:
         return json_error(503, "no_instance", "no instance of the pool is up yet")
+    if path.startswith("/object_info") and isinstance(data, dict):
+        workdirs = request.app[CORE].workdirs(request[USER].name)
+        data = await asyncio.to_thread(with_user_inputs, data, workdirs.input)
     return web.json_response(data)
+
+
+def with_user_inputs(object_info: dict[str, Any], user_input: Path) -> dict[str, Any]:
+    """Upload widgets (``image_upload``) list the user's own input files too, as ComfyUI lists its input dir.
+
+    The cached pool answer is shared: touched node entries are copied, never changed in place.
+    """
+    files: list[str] | None = None
+    patched = dict(object_info)
+    for name, info in object_info.items():
+        inputs = info.get("input") if isinstance(info, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for section, specs in inputs.items():
+            if not isinstance(specs, dict):
+                continue
+            for key, spec in specs.items():
+                if not (isinstance(spec, list) and len(spec) > 1 and isinstance(spec[0], list)
+                        and isinstance(spec[1], dict) and spec[1].get("image_upload")):
+                    continue
+                if files is None:
+                    files = _input_files(user_input)
+                node = patched[name] = copy.deepcopy(patched[name]) if patched[name] is info else patched[name]
+                public = {c for c in spec[0] if not (isinstance(c, str) and c.startswith(STAGE + "/"))}
+                node["input"][section][key] = [sorted(public | set(files)), spec[1]]
+    return patched
+
+
+def _input_files(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 async def _empty_logs(request: web.Request) -> web.StreamResponse:

@@ -53,7 +53,7 @@ async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster)
     executed = next(e for e in events if e["type"] == "executed")
     assert executed["data"]["output"]["images"][0]["subfolder"] == ""
     for event in events:
-        assert "cluster-" not in str(event) and "_cluster" not in str(event)
+        assert "cluster-" not in str(event) and ".cluster/" not in str(event)
         if isinstance(event["data"], dict) and "prompt_id" in event["data"]:
             assert event["data"]["prompt_id"] == "my-own-id"
     # Bob saw nothing of it but his own status.

@@ -95,6 +95,17 @@ async def test_uploads_and_views_stay_in_the_users_folder(start_cluster) -> None
     assert files_under(cluster.user_dir("alice") / "input") == ["pets/cat.png"]
 
 
+async def test_upload_widgets_list_the_users_own_files(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    (cluster.data_dir / "input" / "shared.png").write_bytes(png_bytes())
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    await _upload(http_a, "cat.png", png_bytes(), subfolder="pets")
+    choices_a = (await (await http_a.get("/object_info/LoadImage")).json())["LoadImage"]["input"]["required"]["image"]
+    choices_b = (await (await http_b.get("/api/object_info")).json())["LoadImage"]["input"]["required"]["image"]
+    assert choices_a[0] == ["pets/cat.png", "shared.png"] and choices_a[1]["image_upload"] is True
+    assert choices_b[0] == ["shared.png"]
+
+
 async def test_public_input_is_readable_by_everyone_but_not_writable(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     (cluster.data_dir / "input" / "shared.png").write_bytes(png_bytes(color=(9, 9, 9)))
@@ -126,7 +137,7 @@ async def test_loadimage_reads_the_users_own_file_and_nobody_elses(start_cluster
     assert files_under(cluster.data_dir / "input") == []  # the staged copy is gone
     # Bob names alice's file in every way he can think of: refused before anything runs.
     for value in ("pets/cat.png", "../users/alice/input/pets/cat.png", "../../users/alice/input/pets/cat.png",
-                  "/etc/passwd", "_cluster/x/input/pets/cat.png", "loaded_00001_.png [output]",
+                  "/etc/passwd", ".cluster/x/input/pets/cat.png", "loaded_00001_.png [output]",
                   "pets/cat.png [input]"):
         response = await _prompt(http_b, _load_graph(value))
         assert response.status == 400, value
@@ -142,7 +153,7 @@ async def test_loadimage_reads_the_users_own_file_and_nobody_elses(start_cluster
 async def test_save_prefixes_cannot_leave_the_users_folder(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     http = cluster.http("bob")
-    for prefix in ("../alice/output/x", "../../users/alice/output/x", "/tmp/x", "_cluster/abc/x"):
+    for prefix in ("../alice/output/x", "../../users/alice/output/x", "/tmp/x", ".cluster/abc/x"):
         response = await _prompt(http, graph(prefix))
         assert response.status == 400, prefix
 
