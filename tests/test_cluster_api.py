@@ -145,3 +145,23 @@ async def test_a_bad_graph_is_refused_with_comfyuis_errors(start_cluster) -> Non
     await wait_until(lambda: _has_history(alice, prompt_id))
     entry = (await alice.history(prompt_id))[prompt_id]
     assert entry["status"]["status_str"] == "error"
+
+
+async def test_the_dashboard_shows_my_queue_history_and_the_pool(start_cluster) -> None:
+    import aiohttp
+
+    from test_cluster_support import PASSWORD
+
+    cluster: Cluster = await start_cluster(instances=1)
+    alice = cluster.user("alice")
+    done = await alice.run(graph("d", color=42), timeout_s=30)
+    bob_done = await cluster.user("bob").run(graph("d", color=43), timeout_s=30)
+    session = aiohttp.ClientSession(base_url=cluster.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+    cluster.sessions.append(session)
+    response = await session.post("/login", data={"name": "alice", "password": PASSWORD, "next": "/dashboard"},
+                                  headers={"Origin": cluster.url})
+    assert response.status == 200 and response.url.path == "/dashboard"
+    page = await response.text()
+    assert done.prompt_id in page
+    assert bob_done.prompt_id not in page
+    assert next(iter(cluster.pool.instances)) in page

@@ -1,0 +1,83 @@
+"""``comfyserve cluster`` / ``python -m cluster_proxy`` as a user starts it: real processes only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import free_port, wait_for_port
+from standard.client import InstanceClient
+from test_cluster_support import graph, write_sleep_plugin
+
+
+def _users(cli_env: dict[str, str], data_dir: Path, *args: str) -> str:
+    done = subprocess.run(["comfyserve", "users", *args, "--data-dir", str(data_dir)], env=cli_env,
+                          capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def cluster_process(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    data_dir = tmp_path / "data"
+    write_sleep_plugin(data_dir)
+    port = free_port()
+    log = (tmp_path / "proxy.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster_proxy", "--data-dir", str(data_dir), "--port", str(port),
+                             "--instances", "2"], env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, timeout_s=30, proc=proc)
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/readyz", trust_env=False).json().get("instances_up") != 2:
+            assert time.monotonic() < deadline, "the spawned instances never came up"
+            time.sleep(0.1)
+        yield url, data_dir, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_help_names_every_flag(cli_env: dict[str, str]) -> None:
+    for command in (["comfyserve", "cluster", "--help"], [sys.executable, "-m", "cluster_proxy", "--help"]):
+        out = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=30, check=True).stdout
+        for flag in ("--data-dir", "--port", "--instances", "--instance-url", "--redis-url", "--secret-key"):
+            assert flag in out
+        assert "COMFYSERVE_INSTANCES" in out
+
+
+def test_bad_flags_exit_with_a_message(cli_env: dict[str, str], tmp_path: Path) -> None:
+    done = subprocess.run(["comfyserve", "cluster", "--data-dir", str(tmp_path), "--instance-url", "ftp://x"],
+                          env=cli_env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--instance-url" in done.stderr
+    done = subprocess.run(["comfyserve", "cluster"], env=cli_env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--data-dir" in done.stderr
+
+
+async def test_spawned_instances_run_users_work_and_stop_with_the_proxy(cluster_process, cli_env) -> None:
+    url, data_dir, proc = cluster_process
+    tokens = {name: _users(cli_env, data_dir, "add", name, "--password", "long enough pw") for name in ("ann", "ben")}
+    for name, token in tokens.items():
+        async with InstanceClient(url, token) as client:  # the raw per-user token, as scripts send it
+            results = [await client.run(graph(name, color=i, seconds=0.1), timeout_s=30) for i in range(2)]
+            assert all(r.ok for r in results)
+            assert list(await client.history()) == [r.prompt_id for r in results]
+    for name in tokens:
+        assert sorted(p.name for p in (data_dir / "users" / name / "output").iterdir()) == [
+            f"{name}_00001_.png", f"{name}_00002_.png"]
+    instances = httpx.get(url + "/cluster/instances", headers={"Authorization": f"Bearer {tokens['ann']}"},
+                          trust_env=False).json()["instances"]
+    assert [i["state"] for i in instances] == ["up", "up"]
+    assert sum(i["tasks_run"] for i in instances) == 4
+    ports = [int(i["url"].rsplit(":", 1)[1]) for i in instances]
+    proc.terminate()
+    proc.wait(timeout=30)
+    for port in ports:  # the spawned instances went with it
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False, timeout=2)
