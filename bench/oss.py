@@ -105,9 +105,9 @@ def plain_loop(endpoint: str, keys: list[str], dest: Path) -> float:
     return time.perf_counter() - started
 
 
-def ours(endpoint: str, keys: list[str], dest: Path) -> float:
+def ours(endpoint: str, keys: list[str], dest: Path, **overrides: int) -> float:
     """What ``--prefetch-models`` does at start: list models/, fetch them all into the cache."""
-    settings = replace(settings_for(endpoint, dest), prefetch_models=True)
+    settings = replace(settings_for(endpoint, dest), prefetch_models=True, **overrides)
     storage = ObjectStorage(settings, settings.local_root)
     started = time.perf_counter()
     storage.prepare()
@@ -161,7 +161,14 @@ def main() -> None:
     parser.add_argument("--model-mb", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--task-model-mb", type=int, default=256)
+    parser.add_argument("--part-mb", type=int, default=None, help="override the download part size")
+    parser.add_argument("--workers", type=int, default=None, help="override the parallel ranges per file")
     args = parser.parse_args()
+    overrides = {}
+    if args.part_mb:
+        overrides["part_size_bytes"] = args.part_mb * MB
+    if args.workers:
+        overrides["download_workers"] = args.workers
     tmp = Path(tempfile.mkdtemp(prefix="bench-oss-"))
     server, endpoint = start_server(tmp / "bucket")
     try:
@@ -171,10 +178,11 @@ def main() -> None:
         print(f"sync of {args.models} x {args.model_mb} MB = {total_mb} MB from the test server on loopback")
         plain_s, ours_s = [], []
         for round_no in range(args.rounds):
-            for name, fn, times in (("plain", plain_loop, plain_s), ("ours", ours, ours_s)):
+            for name, times in (("plain", plain_s), ("ours", ours_s)):
                 dest = tmp / f"{name}-{round_no}"
                 dest.mkdir()
-                times.append(fn(endpoint, keys, dest))
+                times.append(plain_loop(endpoint, keys, dest) if name == "plain" else
+                             ours(endpoint, keys, dest, **overrides))
                 shutil.rmtree(dest)
         best_plain, best_ours = min(plain_s), min(ours_s)
         print(f"  plain oss2 get_object_to_file loop: {total_mb / best_plain:7.1f} MB/s  (best of {args.rounds}: "
