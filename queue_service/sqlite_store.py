@@ -12,14 +12,15 @@ restart gets its pending items again.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
-from .store import FULL, Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, Superseded
+from .store import FULL, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueStats, Superseded
 
 T = TypeVar("T")
 _CHUNK = 500
@@ -54,6 +55,7 @@ class SQLiteStore:
         self.path = path
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._lock: BinaryIO | None = None
         self._sessions: dict[tuple[str, str], str] = {}
         self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
@@ -66,6 +68,16 @@ class SQLiteStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Sessions and wake-ups live in this process: a second process on the same file would
+        # hand out items twice on reconnects. Redis is the store for several processes.
+        lock = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise QueueError(f"{self.path} is in use by another queue-service process "
+                             "(one process per SQLite store; use --redis-url to run several)") from None
+        self._lock = lock
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -79,15 +91,24 @@ class SQLiteStore:
 
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-sqlite")
-        await self._run(self._connect)
+        try:
+            await self._run(self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
 
     async def close(self) -> None:
         if self._executor is None:
             return
         if self._db is not None:
             await self._run(self._db.close)
+            self._db = None
         self._executor.shutdown(wait=True)
         self._executor = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def changes(self, queue: str) -> asyncio.Event:
         return self._notifier.event(queue)

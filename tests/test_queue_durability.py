@@ -148,6 +148,17 @@ def test_cli_refuses_a_missing_or_bad_store(cli_env: dict[str, str]) -> None:
     assert out.returncode == 2 and "sqlite:PATH" in out.stderr
 
 
+def test_a_second_process_on_the_same_sqlite_store_is_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    store = f"sqlite:{tmp_path / 'q.sqlite3'}"
+    proc, _ = start_service(["--store", store])
+    try:
+        out = subprocess.run(service_command("--store", store, "--port", str(free_port())), capture_output=True,
+                             text=True, env=cli_env, timeout=30)
+        assert out.returncode == 2 and "in use by another queue-service process" in out.stderr
+    finally:
+        stop(proc)
+
+
 def test_cli_reads_the_environment_and_uses_the_data_dir(tmp_path: Path, cli_env: dict[str, str]) -> None:
     env = {**cli_env, "COMFYSERVE_DATA_DIR": str(tmp_path / "data"), "COMFYSERVE_MAX_LENGTH": "1"}
     proc, port = start_service([], env=env)
