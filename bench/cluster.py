@@ -174,6 +174,12 @@ async def makespan(data_dir: Path, tokens: dict[str, str], users: list[str], ins
             started = time.time()
             finished = await _run_all(session, proxy, headers, users, tasks, task_s, color_base=instances)
             ended = max(finished.values())
+            busy_s = 0.0
+            for user in users:
+                async with session.get(proxy.url + "/jobs?status=completed", headers=headers[user]) as response:
+                    for job in (await response.json())["jobs"]:
+                        if job.get("create_time", 0) / 1000 >= started - 1:
+                            busy_s += (job["execution_end_time"] - job["execution_start_time"]) / 1000
         total = ended - started
         ideal = len(users) * tasks * task_s / instances
         whole = -(-len(users) * tasks // instances) * task_s  # whole tasks: ceil(n / N) rounds
@@ -181,7 +187,9 @@ async def makespan(data_dir: Path, tokens: dict[str, str], users: list[str], ins
         print(f"makespan {len(users)} users x {tasks} tasks x {task_s:.2f} s on {instances} instances: "
               f"{total:.2f} s, ideal {ideal:.2f} s, +{(total / ideal - 1) * 100:.2f}% "
               f"(goal within 2%; vs whole-task ideal {whole:.2f} s: +{(total / whole - 1) * 100:.2f}%); per-user completion {', '.join(f'{t:.2f}' for t in per_user)} s, "
-              f"spread max/min {max(per_user) / min(per_user):.3f}")
+              f"spread max/min {max(per_user) / min(per_user):.3f}; instances busy "
+              f"{busy_s / (instances * total) * 100:.1f}% of the makespan, "
+              f"{(instances * total - busy_s) / (len(users) * tasks) * 1000:.0f} ms idle per task")
     finally:
         proxy.stop()
 

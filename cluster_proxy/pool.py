@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
@@ -20,17 +21,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standard.client import ClientTimeouts, InstanceClient
+from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
 
 
+class InstanceEvents:
+    """One long-lived event socket per instance; its events go to the task running there (``sink``).
+
+    Opening a socket per task would put a WebSocket handshake between every
+    two tasks on an instance; this one stays open (and reopens) while the
+    instance is in the pool. An exception in the sink means the socket gave up.
+    """
+
+    def __init__(self, client: InstanceClient) -> None:
+        self.client = client
+        self.client_id = f"cluster-pool-{secrets.token_hex(8)}"
+        self.connected = asyncio.Event()
+        self.sink: asyncio.Queue[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump(), name=f"comfyserve-events-{self.client.base_url}")
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                async for item in self.client.events(self.client_id, markers=True):
+                    if isinstance(item, Connected):
+                        self.connected.set()
+                    elif isinstance(item, Disconnected):
+                        self.connected.clear()
+                    if self.sink is not None:
+                        self.sink.put_nowait(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # down for too long: tell the running task, keep trying
+                self.connected.clear()
+                if self.sink is not None:
+                    self.sink.put_nowait(exc)
+                await asyncio.sleep(0.5)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
 @dataclass
 class Instance:
     url: str
     client: InstanceClient
+    events: InstanceEvents | None = None
     state: str = STARTING
     task_id: str | None = None
     models: set[str] = field(default_factory=set)
@@ -63,8 +109,10 @@ class Pool:
         url = url.rstrip("/")
         if url in self.instances:
             return self.instances[url]
-        instance = Instance(url, InstanceClient(url, token, timeouts=self._timeouts))
+        client = InstanceClient(url, token, timeouts=self._timeouts)
+        instance = Instance(url, client, InstanceEvents(client))
         self.instances[url] = instance
+        instance.events.start()
         log.info("instance %s joined the pool", url)
         return instance
 
@@ -107,6 +155,8 @@ class Pool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for instance in self.instances.values():
+            if instance.events is not None:
+                await instance.events.aclose()
             await instance.client.aclose()
 
     async def _health_loop(self) -> None:

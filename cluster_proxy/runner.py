@@ -110,11 +110,13 @@ class TaskRun:
         await asyncio.to_thread(remove_stage, self.key, self.data_dir)
 
     async def _follow(self, graph: dict[str, Any]) -> dict[str, Any]:
-        client = self.instance.client
+        client, events = self.instance.client, self.instance.events
+        assert events is not None
         items: asyncio.Queue[Any] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(items), name=f"comfyserve-relay-{self.key}")
+        events.sink = items
+        self.client_id = events.client_id
         try:
-            await self._wait_connected(items)
+            await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
             try:
                 await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key)
@@ -123,31 +125,22 @@ class TaskRun:
             except InstanceUnavailable as exc:
                 raise InstanceLost(f"cannot submit: {exc}") from exc
             await self._relay_until_done(items)
-            entry = await self._history()
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+            if events.sink is items:
+                events.sink = None
+        entry = await self._history()
         outputs = await asyncio.to_thread(self.collector.rewrite_outputs, entry.get("outputs") or {})
         status = dict(entry.get("status") or {})
         status["messages"] = [[m[0], self._translate(m[1])] if isinstance(m, list) and len(m) == 2 else m
                               for m in status.get("messages") or []]
         return {"outputs": outputs, "status": status, "meta": entry.get("meta") or {}}
 
-    async def _pump(self, items: asyncio.Queue[Any]) -> None:
+    async def _wait_connected(self, events: Any) -> None:
+        """The instance's event socket must be open before submitting, or events would be lost."""
         try:
-            async for item in self.instance.client.events(self.client_id, markers=True):
-                items.put_nowait(item)
-        except Exception as exc:  # given up: the instance is gone
-            items.put_nowait(exc)
-
-    async def _wait_connected(self, items: asyncio.Queue[Any]) -> None:
-        while True:
-            item = await items.get()
-            if isinstance(item, Connected):
-                return
-            if isinstance(item, BaseException):
-                raise InstanceLost(f"event socket: {item}")
+            await asyncio.wait_for(events.connected.wait(), self.instance.client.timeouts.disconnected_s or 10.0)
+        except asyncio.TimeoutError:
+            raise InstanceLost("its event socket does not connect") from None
 
     async def _rejected(self, exc: PromptRejected) -> dict[str, Any]:
         body = exc.body
