@@ -34,6 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
+import multiprocessing
 import shutil
 import socket
 import statistics
@@ -81,17 +82,66 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
+# -- load generation in separate processes (one Python process cannot saturate the service) -----
+
+
+def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, go) -> None:
+    """Child process: ``coroutines`` producers putting ``count`` items in all, after ``go`` is set."""
+
+    async def run() -> None:
+        if kind == "raw":
+            r = aioredis.Redis.from_url(target)
+
+            async def one(n: int) -> None:
+                for _ in range(n):
+                    await r.xadd("bench:raw", {"d": PAYLOAD, "t": b"requestId\x00x"})
+        else:
+            session = aiohttp.ClientSession()
+
+            async def one(n: int) -> None:
+                for _ in range(n):
+                    async with session.post(target, data=PAYLOAD) as response:
+                        await response.read()
+                        assert response.status == 200, response.status
+        await (r.ping() if kind == "raw" else session.get(target, params={"_attrs_": "true"}))
+        ready.set()
+        await asyncio.to_thread(go.wait)
+        await asyncio.gather(*(one(n) for n in split(count, coroutines)))
+        await (r.aclose() if kind == "raw" else session.close())
+
+    asyncio.run(run())
+
+
+class Producers:
+    """``processes`` child processes sharing ``total`` puts; ``start()`` releases them all at once."""
+
+    def __init__(self, kind: str, target: str, total: int, producers: int, processes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._go = ctx.Event()
+        readies = [ctx.Event() for _ in range(processes)]
+        per_process = split(producers, processes)
+        self._procs = [ctx.Process(target=_producer_main, args=(kind, target, n, max(1, c), ready, self._go))
+                       for n, c, ready in zip(split(total, processes), per_process, readies)]
+        for proc in self._procs:
+            proc.start()
+        for ready in readies:
+            ready.wait(30)
+
+    async def run(self) -> None:
+        self._go.set()
+        for proc in self._procs:
+            await asyncio.to_thread(proc.join)
+            assert proc.exitcode == 0, f"producer exited with {proc.exitcode}"
+
+
 # -- throughput ---------------------------------------------------------------------------
 
 
-async def raw_redis(url: str, messages: int, producers: int, window: int) -> float:
+async def raw_redis(url: str, messages: int, producers: int, window: int, processes: int) -> float:
     r = aioredis.Redis.from_url(url)
     await r.delete("bench:raw")
     await r.xgroup_create("bench:raw", "g", id="0", mkstream=True)
-
-    async def produce(count: int) -> None:
-        for _ in range(count):
-            await r.xadd("bench:raw", {"d": PAYLOAD, "t": b"requestId\x00x"})
+    load = Producers("raw", url, messages, producers, processes)
 
     async def consume() -> None:
         done = 0
@@ -106,7 +156,7 @@ async def raw_redis(url: str, messages: int, producers: int, window: int) -> flo
             done += len(ids)
 
     started = time.perf_counter()
-    await asyncio.gather(consume(), *(produce(n) for n in split(messages, producers)))
+    await asyncio.gather(consume(), load.run())
     elapsed = time.perf_counter() - started
     await r.delete("bench:raw")
     await r.aclose()
@@ -146,18 +196,14 @@ async def store_level(url: str, messages: int, producers: int, window: int) -> f
     return messages / elapsed
 
 
-async def service_level(port: int, queue: str, messages: int, producers: int, window: int) -> float:
-    """Producers and commits over HTTP with aiohttp's client (httpx costs 4x more CPU per call than
-    aiohttp's on this path, and the load generator must not be what is measured); watch with our client."""
+async def service_level(port: int, queue: str, messages: int, producers: int, window: int,
+                        processes: int) -> float:
+    """Puts from producer processes and commits over HTTP with aiohttp's client (httpx costs about
+    4x more CPU per call, and the load generator must not be what is measured); watch with our client."""
     url = f"http://127.0.0.1:{port}/api/predict/{queue}"
     session = aiohttp.ClientSession()
     consumer = QueueClient(f"127.0.0.1:{port}", queue)
-
-    async def produce(count: int) -> None:
-        for _ in range(count):
-            async with session.post(url, data=PAYLOAD) as response:
-                await response.read()
-                assert response.status == 200, response.status
+    load = Producers("http", url, messages, producers, processes)
 
     async def commit(indexes: list[int]) -> None:
         async with session.put(url, params={"_indexes_": ",".join(map(str, indexes))}) as response:
@@ -183,7 +229,7 @@ async def service_level(port: int, queue: str, messages: int, producers: int, wi
     watching = asyncio.create_task(consume())
     await asyncio.sleep(0.2)  # the watch is connected before the clock starts
     started = time.perf_counter()
-    await asyncio.gather(*(produce(n) for n in split(messages, producers)))
+    await load.run()
     await watching
     elapsed = time.perf_counter() - started
     await consumer.aclose()
@@ -219,6 +265,8 @@ async def main() -> int:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--latency-samples", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
+    parser.add_argument("--producer-processes", type=int, default=1,
+                        help="processes the producers of a. and c./d. run in (the same for both)")
     args = parser.parse_args()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -237,17 +285,17 @@ async def main() -> int:
                             *common], redis_svc))
         procs.append(start([sys.executable, "-m", "queue_service", "--store", f"sqlite:{work / 'q.sqlite3'}",
                             "--port", str(sqlite_svc), *common], sqlite_svc))
-        m, p, w = args.messages, args.producers, args.window
-        print(f"throughput: {m} items, {p} producers (one item per put), consumer window {w}, "
-              f"best of {args.rounds} alternating rounds")
-        await service_level(redis_svc, "warmup", 300, p, w)
+        m, p, w, procs_n = args.messages, args.producers, args.window, args.producer_processes
+        print(f"throughput: {m} items, {p} producers in {procs_n} process(es) (one item per put), "
+              f"consumer window {w}, best of {args.rounds} alternating rounds")
+        await service_level(redis_svc, "warmup", 300, p, w, procs_n)
         best = {"raw": 0.0, "store": 0.0, "redis": 0.0, "sqlite": 0.0}
         for round_no in range(args.rounds):
             figures = {
-                "raw": await raw_redis(url, m, p, w),
+                "raw": await raw_redis(url, m, p, w, procs_n),
                 "store": await store_level(url, m, p, w),
-                "redis": await service_level(redis_svc, f"bench{round_no}", m, p, w),
-                "sqlite": await service_level(sqlite_svc, f"bench{round_no}", m, p, w),
+                "redis": await service_level(redis_svc, f"bench{round_no}", m, p, w, procs_n),
+                "sqlite": await service_level(sqlite_svc, f"bench{round_no}", m, p, w, procs_n),
             }
             print("  round", round_no + 1, "  ".join(f"{k} {v:.0f}/s" for k, v in figures.items()))
             best = {k: max(best[k], figures[k]) for k in best}
