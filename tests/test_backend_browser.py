@@ -22,11 +22,10 @@ from test_backend_supervisor import SHIM_DIR, alive
 from test_browser_frontend import (  # noqa: F401
     CHROMIUM, LOAD_TIMEOUT_MS, TOKEN, Instance, Session, browser_session, token,
 )
-from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine
+from test_server_support import gated_graph, install_gate_plugin, open_gate
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
-    requires_engine,
     pytest.mark.timeout(120),
 ]
 

@@ -13,7 +13,7 @@ from standard.client import BinaryFrame, InstanceClient
 from standard.errors import InstanceError
 from standard.server import keys
 from test_backend_support import TOKEN, backend, front  # noqa: F401
-from test_server_support import png_bytes, requires_engine, tiny_graph
+from test_server_support import png_bytes, tiny_graph
 from conftest import free_port
 
 
@@ -172,7 +172,6 @@ async def test_backend_closing_the_socket_closes_the_client_side(backend, front)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
 
-@requires_engine
 async def test_run_a_prompt_through_the_front(backend, front) -> None:
     server = await front(token=TOKEN)
     async with InstanceClient(url(server), TOKEN) as client:

@@ -20,7 +20,7 @@ from standard.client import InstanceClient
 from standard.datadir import MODEL_FOLDERS, DataDir, init_data_dir
 from standard.settings import StandardSettings
 from test_backend_support import eventually
-from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine
+from test_server_support import gated_graph, install_gate_plugin, open_gate
 
 SHIM_DIR = Path(__file__).resolve().parent / "comfyui_shim"
 
@@ -165,7 +165,6 @@ async def test_shutdown_stops_the_child(child_front) -> None:
     assert child.proc is not None and child.proc.returncode is not None
 
 
-@requires_engine
 async def test_restart_is_refused_while_a_prompt_runs(child_front, tmp_path: Path) -> None:
     root = init_data_dir(tmp_path / "gated").root
     install_gate_plugin(root)

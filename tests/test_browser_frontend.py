@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for_port
 from PIL import Image
-from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine
+from test_server_support import gated_graph, install_gate_plugin, open_gate
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,7 +31,6 @@ LOAD_TIMEOUT_MS = 30_000
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
-    requires_engine,
 ]
 
 

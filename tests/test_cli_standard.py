@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from conftest import VENV_BIN, free_port, wait_for_port
-from test_server_support import gated_graph, install_gate_plugin, requires_engine
+from test_server_support import gated_graph, install_gate_plugin
 
 START_TIMEOUT_S = 20.0
 
@@ -122,7 +122,6 @@ def test_help_names_every_flag_and_its_environment_variable(cli_env: dict[str, s
         assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in result.stdout
 
 
-@requires_engine
 async def test_sigterm_during_a_prompt_interrupts_and_exits_within_the_limit(tmp_path: Path, cli_env) -> None:
     import asyncio
     import json

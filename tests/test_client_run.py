@@ -15,9 +15,8 @@ from standard.client import ClientTimeouts, InstanceClient
 from standard.datadir import init_data_dir
 from standard.errors import PromptLost, PromptRejected
 from test_backend_support import Backend, backend, start_backend, start_front  # noqa: F401
-from test_server_support import gated_graph, install_gate_plugin, open_gate, requires_engine, tiny_graph
+from test_server_support import gated_graph, install_gate_plugin, open_gate, tiny_graph
 
-pytestmark = requires_engine
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 FAST = ClientTimeouts(connect_s=1.0, request_s=5.0, ws_open_s=5.0, disconnected_s=None,

@@ -70,3 +70,30 @@ def _ids(queue: dict[str, Any]) -> set[str]:
 
 async def _history_size(http: Any, size: int) -> bool:
     return len(await (await http.get("/history")).json()) == size
+
+
+async def test_a_proxy_that_goes_away_leaves_its_running_task_to_another(start_cluster, aiohttp_server,
+                                                                        redis_url: str) -> None:
+    from cluster_proxy.app import create_cluster_app
+    from cluster_proxy.keys import CORE, POOL
+    from cluster_proxy.settings import ClusterSettings
+
+    first: Cluster = await start_cluster(instances=1, redis_url=redis_url)
+    second_app = await create_cluster_app(ClusterSettings(
+        data_dir=first.data_dir, instance_urls=tuple(first.pool.instances), instance_token=INSTANCE_TOKEN,
+        health_interval_s=0.2, instance_lost_s=1.0, redis_url=redis_url))
+    second = Cluster(first.data_dir, await aiohttp_server(second_app), first.tokens, first.instances)
+    try:
+        await wait_until(lambda: len(second_app[POOL].up()) == 1)
+        http = second.http("alice")
+        response = await first.http("alice").post("/prompt", json={"prompt": graph("o", color=1, seconds=3.0)})
+        prompt_id = (await response.json())["prompt_id"]
+        await wait_until(lambda: any(run.last_node for run in first.core.runs.values()))
+        await first.server.close()  # the first proxy goes away while its task runs
+        await wait_until(lambda: _history_size(http, 1), timeout_s=30)
+        entry = (await (await http.get(f"/history/{prompt_id}")).json())[prompt_id]
+        assert entry["status"]["status_str"] == "success"
+        assert "cluster" not in entry  # followed to its end, not run again
+        assert second_app[CORE].proxy_id != first.core.proxy_id
+    finally:
+        await second.aclose()

@@ -332,3 +332,17 @@ async def test_a_busy_watcher_keeps_the_items_it_holds(live_queue: LiveQueue) ->
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
     assert held_index not in stolen
+
+
+@requires_sdk
+async def test_sdk_watcher_idles_through_its_pings(live_queue: LiveQueue, store_kind: str) -> None:
+    if store_kind != "sqlite":
+        pytest.skip("pings are the front's business; one store is enough")
+    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch", {"count": 1, "window": 1})
+    await asyncio.sleep(4.5)  # two rounds of the SDK's 2 s pings on an idle watch
+    await live_queue.client().put(b"after a quiet while")
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert [f["data"] for f in result["frames"]] == ["after a quiet while"]
+    assert "reconnect" not in err.decode()

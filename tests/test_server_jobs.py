@@ -8,7 +8,7 @@ import pytest
 
 from test_server_support import (  # noqa: F401
     events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    requires_engine, tiny_graph,
+    tiny_graph,
 )
 
 
@@ -35,7 +35,6 @@ async def test_cancel_needs_a_list_of_ids(instance) -> None:
     assert (await client.post("/jobs/nothing/cancel")).status == 404
 
 
-@requires_engine
 async def test_jobs_follow_a_prompt_from_pending_to_completed_and_cancel(instance, data_dir: Path) -> None:
     install_gate_plugin(data_dir)
     client = await instance()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from test_server_support import (  # noqa: F401
     events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    requires_engine, tiny_graph,
+    tiny_graph,
 )
 
 
@@ -64,7 +64,6 @@ async def test_unknown_method_gets_json_405(instance) -> None:
     assert (await resp.json())["error"]["type"] == "method_not_allowed"
 
 
-@requires_engine
 async def test_object_info_shapes(instance) -> None:
     client = await instance()
     info = await (await client.get("/object_info")).json()
@@ -80,7 +79,6 @@ async def test_object_info_shapes(instance) -> None:
     assert await (await client.get("/object_info/KSampler")).json() == {}
 
 
-@requires_engine
 async def test_readyz_reports_plugin_errors_and_the_server_keeps_working(instance, data_dir: Path) -> None:
     (data_dir / "custom_nodes" / "broken_plugin.py").write_text("raise RuntimeError('boom at import')\n")
     client = await instance()
@@ -100,7 +98,6 @@ async def test_readyz_reports_plugin_errors_and_the_server_keeps_working(instanc
     await ws.close()
 
 
-@requires_engine
 async def test_restart_reimports_plugins_and_is_refused_while_running(instance, data_dir: Path) -> None:
     client = await instance()
     assert "TestGate" not in await (await client.get("/object_info")).json()

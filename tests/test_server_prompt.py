@@ -8,10 +8,8 @@ from typing import Any
 import pytest
 
 from test_server_support import (  # noqa: F401
-    events_until, gated_graph, install_gate_plugin, instance, is_done, open_gate, requires_engine, tiny_graph,
+    events_until, gated_graph, install_gate_plugin, instance, is_done, open_gate, tiny_graph,
 )
-
-pytestmark = requires_engine
 
 
 async def _submit(client, graph: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -92,18 +92,6 @@ async def wait_history(client: TestClient, prompt_id: str, timeout_s: float = 20
     raise AssertionError(f"prompt {prompt_id} not in history after {timeout_s}s")
 
 
-def _engine_landed() -> bool:
-    try:
-        import standard.engine as engine
-    except ImportError:
-        return False
-    return all(hasattr(engine, name) for name in ("NodeRegistry", "PromptExecutor", "validate_prompt"))
-
-
-# Temporary while standard/engine is being written in parallel; removed once it lands.
-requires_engine = pytest.mark.skipif(not _engine_landed(), reason="standard.engine has not landed yet")
-
-
 GATE_PLUGIN = '''
 """Test plugin (ComfyUI convention): a node that holds its prompt until a file appears."""
 import time

@@ -10,7 +10,7 @@ import websockets
 
 from test_server_support import (  # noqa: F401
     events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    requires_engine, tiny_graph,
+    tiny_graph,
 )
 
 
@@ -57,7 +57,6 @@ async def test_reconnect_with_same_id_replaces_the_old_socket(instance) -> None:
     await new.close()
 
 
-@requires_engine
 async def test_events_go_to_the_prompts_client_and_status_to_everyone(instance) -> None:
     client = await instance()
     mine = await client.ws_connect("/ws?clientId=mine")
@@ -76,7 +75,6 @@ async def test_events_go_to_the_prompts_client_and_status_to_everyone(instance) 
     await theirs.close()
 
 
-@requires_engine
 async def test_reconnect_during_execution_gets_the_current_node(instance, data_dir: Path) -> None:
     install_gate_plugin(data_dir)
     client = await instance()
