@@ -301,6 +301,8 @@ async def _read_ticks(ws: aiohttp.ClientWebSocketResponse, latencies: list[float
         event = msg.json()
         if event["type"] == "progress" and event["data"]["max"] == 10 ** 10:
             latencies.append(now - event["data"]["value"])
+            if os.environ.get("BENCH_DEBUG") and latencies[-1] > 0.02:
+                print(f"slow event {seen}: {latencies[-1] * 1000:.1f} ms", flush=True)
             seen += 1
 
 

@@ -25,6 +25,7 @@ from .store import DONE, PENDING, RUNNING, StateStore, Task
 
 log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
+HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
 
 
 class ClusterCore:
@@ -38,16 +39,21 @@ class ClusterCore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._workdirs: dict[str, WorkDirs] = {}
         self._last_sent: dict[str, list[dict[str, Any]]] = {}
+        self.proxy_id = uuid.uuid4().hex  # who follows a running task (see _adopt_orphans)
+        self.scheduler.proxy_id = self.proxy_id
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self, redis_url: str | None = None) -> None:
         if redis_url:
             await self.hub.start_bus(redis_url)
+        await self.store.heartbeat(self.proxy_id, HEARTBEAT_TTL_S)
         await self.pool.start()
-        await self._recover()
+        await self._adopt_orphans()
         self.scheduler.start()
         self._spawn(self._renew_leases())
+        if self.store.shared:
+            self._spawn(self._watch_proxies())
 
     async def aclose(self) -> None:
         await self.scheduler.aclose()
@@ -59,17 +65,35 @@ class ClusterCore:
         await self.pool.aclose()
         await self.hub.aclose()
 
-    async def _recover(self) -> None:
-        """Tasks a previous proxy left running: follow them to the end, or queue them again."""
-        for task in await self.store.running():
+    async def _watch_proxies(self) -> None:
+        """Say we are alive; take over the running tasks of proxies that are not."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_TTL_S / 4)
+            try:
+                await self.store.heartbeat(self.proxy_id, HEARTBEAT_TTL_S)
+                await self._adopt_orphans()
+            except Exception:  # a store hiccup: try again next round
+                log.exception("proxy heartbeat failed")
+
+    async def _adopt_orphans(self) -> None:
+        """Running tasks no live proxy follows (a restart, a crash): follow them to the end, or queue them again."""
+        alive = await self.store.alive_proxies()
+        for orphan in await self.store.running():
+            if orphan.proxy == self.proxy_id or orphan.proxy in alive or orphan.id in self.runs:
+                continue
+            task = await self.store.adopt(orphan.id, orphan.proxy, self.proxy_id)
+            if task is None:
+                continue  # another proxy took it
             instance = self.pool.instances.get(task.instance or "")
             if instance is None or instance.state != "up" or instance.task_id is not None:
-                await self._requeue_or_fail(task, "the proxy restarted while it ran")
+                await self._requeue_or_fail(task, "the proxy that ran it went away")
                 continue
             if not (await self.store.renew_instance(instance.url, task.id, LEASE_TTL_S)
                     or await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S)):
                 log.warning("instance %s is leased by another task; following %s anyway", instance.url, task.id)
             self.pool.reserve(instance, task.id)
+            log.info("following task %s of %s on %s (left by proxy %s)", task.prompt_id, task.user, instance.url,
+                     orphan.proxy)
             self._spawn(self._recover_one(task, instance))
 
     async def _recover_one(self, task: Task, instance: Instance) -> None:

@@ -72,6 +72,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self.last_served: dict[str, int] = {}
         self._tick = 0
+        self.proxy_id = ""
 
     def wake(self) -> None:
         self._wake.set()
@@ -120,7 +121,7 @@ class Scheduler:
             if not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
                 instance.busy_elsewhere_until_s = time.monotonic() + BUSY_ELSEWHERE_S  # another proxy's
                 continue
-            claimed = await self.store.claim(task.id, instance.url)
+            claimed = await self.store.claim(task.id, instance.url, self.proxy_id)
             if claimed is None:
                 await self.store.release_instance(instance.url, task.id)
                 continue  # deleted meanwhile, or taken by another proxy

@@ -50,6 +50,7 @@ class Task:
     ended_ms: int | None = None
     history: dict[str, Any] | None = None  # {"outputs", "status", "meta"} once done
     notes: list[str] = field(default_factory=list)  # what happened (retries), shown to the user
+    proxy: str | None = None  # the proxy following it while it runs
 
     def public(self) -> list[Any]:
         """ComfyUI's queue tuple ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
@@ -78,7 +79,10 @@ class StateStore(Protocol):
     async def user_tasks(self, user: str, state: str) -> list[Task]: ...
     async def pending(self) -> list[Task]: ...
     async def running(self) -> list[Task]: ...
-    async def claim(self, task_id: str, instance: str) -> Task | None: ...
+    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None: ...
+    async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None: ...
+    async def heartbeat(self, proxy: str, ttl_s: float) -> None: ...
+    async def alive_proxies(self) -> set[str]: ...
     async def requeue(self, task_id: str, note: str) -> Task | None: ...
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None: ...
     async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]: ...
@@ -90,6 +94,27 @@ class StateStore(Protocol):
     async def release_instance(self, url: str, holder: str) -> None: ...
     shared: bool  # True when other proxies may change the state (poll it)
     async def aclose(self) -> None: ...
+
+
+class TransitionRefused(Exception):
+    """A change function found the task not as expected; the transition does not happen."""
+
+
+def claim_change(instance: str, proxy: str) -> Any:
+    def change(task: Task) -> None:
+        task.state, task.instance, task.started_ms, task.proxy = RUNNING, instance, now_ms(), proxy
+        task.attempts += 1
+
+    return change
+
+
+def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
+    def change(task: Task) -> None:
+        if task.proxy != old_proxy:
+            raise TransitionRefused
+        task.proxy = new_proxy
+
+    return change
 
 
 def _order(tasks: list[Task], state: str) -> list[Task]:
@@ -119,7 +144,9 @@ class SqliteStateStore:
         )
         self._lock = threading.Lock()
         self._history_max_items = history_max_items
-        self._leases: dict[str, tuple[str, float]] = {}  # one process per SQLite file: leases in memory
+        # One process per SQLite file: leases and liveness live in memory.
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._alive: dict[str, float] = {}
 
     shared = False
 
@@ -200,18 +227,28 @@ class SqliteStateStore:
             task = self._one(task_id)
             if task is None or task.state != from_state:
                 return None
-            change(task)
+            try:
+                change(task)
+            except TransitionRefused:
+                return None
             self._write(task)
             return task
 
         return await self._run(transition)
 
-    async def claim(self, task_id: str, instance: str) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.instance, task.started_ms = RUNNING, instance, now_ms()
-            task.attempts += 1
+    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None:
+        return await self._transition(task_id, PENDING, claim_change(instance, proxy))
 
-        return await self._transition(task_id, PENDING, change)
+    async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
+        """A running task whose proxy is gone: ``new_proxy`` follows it now (one taker only)."""
+        return await self._transition(task_id, RUNNING, adopt_change(old_proxy, new_proxy))
+
+    async def heartbeat(self, proxy: str, ttl_s: float) -> None:
+        self._alive[proxy] = time.monotonic() + ttl_s
+
+    async def alive_proxies(self) -> set[str]:
+        now = time.monotonic()
+        return {proxy for proxy, until in self._alive.items() if until > now}
 
     async def requeue(self, task_id: str, note: str) -> Task | None:
         def change(task: Task) -> None:

@@ -8,6 +8,7 @@ Keys under ``comfyserve:cluster:state:``:
     seq                       the submission counter
     instances                 instance URLs added at run time
     lease:<url>               which task holds an instance (a TTL, renewed while it runs)
+    proxies                   live proxies (sorted set: id -> heartbeat deadline)
 Every state change is a WATCH/MULTI transaction on the task's key, so a task
 is claimed by one proxy only, and a retried or finished task is never claimed again.
 """
@@ -21,7 +22,10 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import WatchError
 
-from .store import DONE, PENDING, RUNNING, Task, _order, now_ms
+import time
+
+from .store import (DONE, PENDING, RUNNING, Task, TransitionRefused, _order, adopt_change, claim_change,
+                    now_ms)
 
 PREFIX = "comfyserve:cluster:state:"
 
@@ -127,7 +131,11 @@ class RedisStateStore:
                     if task is None or task.state != from_state:
                         await pipe.unwatch()
                         return None
-                    change(task)
+                    try:
+                        change(task)
+                    except TransitionRefused:
+                        await pipe.unwatch()
+                        return None
                     pipe.multi()
                     self._stage(pipe, task, from_state)
                     await pipe.execute()
@@ -135,12 +143,22 @@ class RedisStateStore:
                 except WatchError:
                     continue
 
-    async def claim(self, task_id: str, instance: str) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.instance, task.started_ms = RUNNING, instance, now_ms()
-            task.attempts += 1
+    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None:
+        return await self._transition(task_id, PENDING, claim_change(instance, proxy))
 
-        return await self._transition(task_id, PENDING, change)
+    async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
+        return await self._transition(task_id, RUNNING, adopt_change(old_proxy, new_proxy))
+
+    async def heartbeat(self, proxy: str, ttl_s: float) -> None:
+        key = f"{self._p}proxies"
+        now = time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {proxy: now + ttl_s})
+            pipe.zremrangebyscore(key, "-inf", now - 60)
+            await pipe.execute()
+
+    async def alive_proxies(self) -> set[str]:
+        return set(await self._redis.zrangebyscore(f"{self._p}proxies", time.time(), "+inf"))
 
     async def requeue(self, task_id: str, note: str) -> Task | None:
         def change(task: Task) -> None:
