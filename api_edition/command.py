@@ -19,6 +19,7 @@ from pathlib import Path
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
 from standard.datadir import init_data_dir
+from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 from standard.errors import ConfigError
 from standard.options import add_option
 from standard.settings import is_loopback
@@ -29,6 +30,7 @@ log = logging.getLogger("comfyserve.api")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to local instances"))
     add_option(parser, "--data-dir", default=None,
                help="data dir of the local instances; the SQLite queue is DIR/queue/queue.sqlite3")
     add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
@@ -72,7 +74,11 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         raise ConfigError("--token must not be empty")
     if not args.token and not args.no_auth and not is_loopback(args.listen):
         raise ConfigError(f"refusing to listen on {args.listen} without a token: pass --token T or --no-auth")
-    data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
+    storage = storage_settings_from_args(args, args.data_dir)
+    if storage is not None and storage.location is not None:
+        data_dir: Path | None = storage.local_root  # the local mirror of oss://; instances get the bucket
+    else:
+        data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
     sqlite_path = None
     if args.queue_url is None:
         if data_dir is None:
@@ -88,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         instance_token=args.instance_token, max_length=args.max_length, max_payload_bytes=args.max_payload,
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
+        instance_args=tuple(instance_flags(storage)) if storage is not None else (),
     )
 
 
