@@ -122,3 +122,27 @@ async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, requ
 
 async def _history_size(http: Any, size: int) -> bool:
     return len(await (await http.get("/history")).json()) == size
+
+
+async def test_instance_leases_and_proxy_liveness(store: Any) -> None:
+    assert await store.lease_instance("http://i", "task-1", 5.0)
+    assert not await store.lease_instance("http://i", "task-2", 5.0)
+    assert await store.renew_instance("http://i", "task-1", 5.0)
+    assert not await store.renew_instance("http://i", "task-2", 5.0)
+    await store.release_instance("http://i", "task-2")  # not the holder: no effect
+    assert not await store.lease_instance("http://i", "task-2", 5.0)
+    await store.release_instance("http://i", "task-1")
+    assert await store.lease_instance("http://i", "task-2", 0.05)
+    await asyncio.sleep(0.1)
+    assert await store.lease_instance("http://i", "task-3", 5.0)  # expired
+    await store.heartbeat("proxy-a", 5.0)
+    await store.heartbeat("proxy-b", 0.05)
+    await asyncio.sleep(0.1)
+    assert await store.alive_proxies() == {"proxy-a"}
+    task = _task("alice", "p1", 1)
+    await store.add(task)
+    await store.claim(task.id, "http://i", "proxy-b")
+    assert await store.adopt(task.id, "proxy-x", "proxy-a") is None  # not its proxy any more
+    adopted = await store.adopt(task.id, "proxy-b", "proxy-a")
+    assert adopted is not None and adopted.proxy == "proxy-a"
+    assert await store.adopt(task.id, "proxy-b", "proxy-c") is None  # one taker only
