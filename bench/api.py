@@ -17,7 +17,7 @@ and measures, in one run:
 The graph is tiny (EmptyImage -> SaveImage, a different colour per task so
 ComfyUI-style caching never skips it).
 
-    .venv/bin/python bench/api.py [--tasks 200] [--latency-tasks 100] [--instances 1,2,4]
+    .venv/bin/python -m bench.api [--tasks 200] [--latency-tasks 100] [--instances 1,2,4]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Embedded engine figures: start-to-ready time, and tasks/s on a tiny graph.
 
-    .venv/bin/python bench/engine.py [--tasks 200]
+    .venv/bin/python -m bench.engine [--tasks 200]
 
 Prints absolute figures and, as the same-run baseline, the engine's own
 in-process execution rate (no HTTP, no queue): the ratio shows what the

@@ -16,7 +16,7 @@ starts on an empty queue. On a machine shared with other work, compare the
 load averages printed at the end: the front is one more process wanting a
 core, so a saturated machine charges it for the CPU it takes.
 
-    .venv/bin/python bench/gateway.py [--requests 600] [--concurrency 8] [--duration-s 1.5] [--rounds 8]
+    .venv/bin/python -m bench.gateway [--requests 600] [--concurrency 8] [--duration-s 1.5] [--rounds 8]
 """
 
 from __future__ import annotations

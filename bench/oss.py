@@ -16,7 +16,7 @@ and fills a bucket with ``--models`` files of
    prompt's history with a cold cache, then with the warm cache of the first
    run, and the latency of that first ``POST /prompt`` -> history alone.
 
-    .venv/bin/python bench/oss.py [--models 6] [--model-mb 64] [--rounds 2] [--task-model-mb 256]
+    .venv/bin/python -m bench.oss [--models 6] [--model-mb 64] [--rounds 2] [--task-model-mb 256]
 """
 
 from __future__ import annotations
