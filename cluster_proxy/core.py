@@ -29,8 +29,10 @@ HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its run
 
 
 class ClusterCore:
-    def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool) -> None:
+    def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool, *,
+                 instance_token: str | None = None) -> None:
         self.data_dir = data_dir
+        self.instance_token = instance_token  # for instances added at run time
         self.store = store
         self.pool = pool
         self.hub = UserHub()
@@ -293,5 +295,3 @@ class ClusterCore:
         self.pool.add(url, self.instance_token)
         await self.pool.check_all()
         self.scheduler.wake()
-
-    instance_token: str | None = None

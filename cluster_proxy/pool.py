@@ -100,7 +100,7 @@ class Pool:
                                         reconnect_max_s=0.5, get_retries=0, idle_check_s=1.0)
         self._info_cache_s = info_cache_s
         self._cache: dict[str, tuple[float, Any]] = {}
-        self._on_change = on_change
+        self.on_change = on_change  # the scheduler's wake-up, wired by the app
         self._task: asyncio.Task[None] | None = None
 
     # -- membership ---------------------------------------------------------------
@@ -131,7 +131,7 @@ class Pool:
         instance.tasks_run += 1
         if models:
             instance.models = set(models)  # what it has loaded now
-        self._on_change()
+        self.on_change()
 
     def mark_down(self, instance: Instance, reason: str) -> None:
         if instance.state != DOWN:
@@ -181,7 +181,7 @@ class Pool:
                 self.mark_down(instance, "health check failed")
         if changed:
             self._cache.clear()
-            self._on_change()
+            self.on_change()
 
     # -- info from the pool ---------------------------------------------------------
 

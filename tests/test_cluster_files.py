@@ -10,7 +10,6 @@ import aiohttp
 
 from test_cluster_support import (  # noqa: F401
     Cluster,
-    events_until,
     files_under,
     graph,
     is_done,
