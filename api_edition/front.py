@@ -20,6 +20,7 @@ from queue_service import params
 from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
+from standard.server.http_util import read_body_within
 
 from .graph import GraphError, parse_graph
 from .inbox import Inbox, InboxUnavailable
@@ -41,20 +42,6 @@ def _error(request: web.Request, status: int, kind: str, message: str,
            headers: dict[str, str] | None = None) -> web.Response:
     request.app[METRICS_KEY].refused[kind] += 1
     return web.json_response({"error": {"type": kind, "message": message}}, status=status, headers=headers)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when longer than ``limit`` (refused before reading when the length is known)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _tags(request: web.Request) -> dict[str, str]:
@@ -80,7 +67,7 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
         priority = params.integer(request.query, "_priority_", 0, low=0, high=2**31)
     except BadParam as exc:
         return _error(request, 400, "bad_request", str(exc))
-    body = await _read_body(request, settings.max_payload_bytes)
+    body = await read_body_within(request, settings.max_payload_bytes)
     if body is None:
         return _error(request, 413, "payload_too_large",
                       f"the workflow exceeds {settings.max_payload_bytes} bytes")

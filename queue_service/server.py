@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from standard.auth import json_error, token_auth_middleware
+from standard.server.http_util import read_body_within
 
 from . import params
 from .params import BadParam
@@ -55,20 +56,6 @@ async def _require_queue(store: QueueStore, queue: str) -> web.Response | None:
 # -- put -----------------------------------------------------------------------
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is longer than ``limit`` (checked before reading when possible)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def put(request: web.Request, queue: str) -> web.StreamResponse:
     settings, store = request.app[SETTINGS_KEY], request.app[STORE_KEY]
     query = request.query
@@ -76,7 +63,7 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
     header_priority = request.headers.get(PRIORITY_HEADER)
     if header_priority:
         priority = max(priority, params.integer({"p": header_priority}, "p", 0, low=0, high=2**31))
-    data = await _read_body(request, settings.max_payload_bytes)
+    data = await read_body_within(request, settings.max_payload_bytes)
     if data is None:
         return error(413, "payload_too_large", f"the body exceeds {settings.max_payload_bytes} bytes")
     tags = params.tags_of(query)

@@ -63,3 +63,17 @@ def query_int(request: web.Request, name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise json_http_error(400, "invalid_parameter", f"{name} must be an integer", f"got {raw!r}") from None
+
+
+async def read_body_within(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None when it is longer than ``limit`` (refused before reading when the length is known)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
