@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -231,6 +232,7 @@ class LocalInstances:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "standard", "--port", str(port), "--data-dir", str(self.data_dir),
                 *self.extra_args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                preexec_fn=_die_with_parent,
             )
 
     async def _supervise(self, index: int, port: int) -> None:
@@ -263,6 +265,24 @@ class LocalInstances:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _load_prctl() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # loaded here: the forked child must not import anything
+
+
+def _die_with_parent() -> None:
+    """Linux: the instance gets SIGTERM when the proxy dies, even by SIGKILL (no orphans holding ports)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

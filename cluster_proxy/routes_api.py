@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from standard.auth import same_origin
 from standard.server.http_util import error_body, json_http_error, read_json_object
 from standard.server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 from standard.server.routes_info import server_features
@@ -205,6 +206,8 @@ async def cluster_queue(request: web.Request) -> web.Response:
 @routes.get("/ws")
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     core, user = request.app[CORE], request[USER].name
+    if not same_origin(request):  # another site's page must not open the user's socket with their cookie
+        raise json_http_error(403, "forbidden", "cross-origin WebSocket refused")
     sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)

@@ -81,3 +81,55 @@ async def test_spawned_instances_run_users_work_and_stop_with_the_proxy(cluster_
     for port in ports:  # the spawned instances went with it
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False, timeout=2)
+
+
+def _pid_listening_on(port: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"standard" in cmdline and str(port).encode() in cmdline:
+                return int(proc.name)
+    raise AssertionError(f"no instance process on port {port}")
+
+
+def test_a_spawned_instance_that_dies_is_restarted_and_none_outlive_the_proxy(cluster_process, cli_env) -> None:
+    import os
+    import signal
+
+    url, data_dir, proc = cluster_process
+    token = _users(cli_env, data_dir, "add", "ann", "--password", "long enough pw")
+    headers = {"Authorization": token}
+
+    def states() -> list[str]:
+        instances = httpx.get(url + "/cluster/instances", headers=headers, trust_env=False).json()["instances"]
+        return [i["state"] for i in instances]
+
+    instances = httpx.get(url + "/cluster/instances", headers=headers, trust_env=False).json()["instances"]
+    ports = [int(i["url"].rsplit(":", 1)[1]) for i in instances]
+    os.kill(_pid_listening_on(ports[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "down" not in states():
+        assert time.monotonic() < deadline, "the dead instance never left the pool"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while states() != ["up", "up"]:
+        assert time.monotonic() < deadline, "the restarted instance never rejoined"
+        time.sleep(0.1)
+    pids = [_pid_listening_on(port) for port in ports]
+    proc.kill()  # no chance to clean up: the instances must still go
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and b"zombie" not in _state(pid) for pid in pids):
+        assert time.monotonic() < deadline, "spawned instances outlived a killed proxy"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        status = Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return b"zombie"
+    return b"zombie" if b"State:\tZ" in status else b"alive"

@@ -252,6 +252,19 @@ async def test_nothing_without_a_login(start_cluster) -> None:
     assert (await anonymous.get("/healthz")).status == 200
 
 
+async def test_another_sites_page_cannot_open_a_users_socket(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    try:
+        await http.ws_connect("/ws?clientId=x", headers={"Origin": "http://evil.example"})
+    except aiohttp.WSServerHandshakeError as exc:
+        assert exc.status == 403
+    else:
+        raise AssertionError("a cross-origin socket was accepted")
+    ws = await http.ws_connect("/ws?clientId=x", headers={"Origin": cluster.url})
+    await ws.close()
+
+
 async def test_instances_are_not_reachable_through_the_proxy(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     http = cluster.http("alice")
