@@ -6,8 +6,10 @@ embedded-engine instances) on a fresh data dir with two test plugins
 value is the instance's ``time.time()`` when it sent them), then:
 
 * makespan: U users x T tasks of S seconds each, all queued at once, on 2 and
-  on 4 instances: makespan vs the ideal U*T*S/N (goal within 2%), and the
-  spread of the users' completion times (max/min, 1.0 = all users finish together);
+  on 4 instances: makespan vs the ideal U*T*S/N (goal within 2%; when N does
+  not divide U*T, whole tasks need ceil(U*T/N)*S, also shown), the spread of
+  the users' completion times (max/min, 1.0 = all users finish together), and
+  how busy the instances were (idle ms per task = the proxy's hand-over cost);
 * relay latency: R users connected on /ws; a few of them run BenchTick tasks;
   the time from the instance sending each progress event to the owning user's
   socket receiving it through the proxy, p50/p99 (goal p99 < 10 ms);
