@@ -165,3 +165,40 @@ async def test_the_dashboard_shows_my_queue_history_and_the_pool(start_cluster) 
     assert done.prompt_id in page
     assert bob_done.prompt_id not in page
     assert next(iter(cluster.pool.instances)) in page
+
+
+async def test_three_users_two_instances_each_sees_only_their_own(start_cluster) -> None:
+    """DESIGN §8.4: work spreads over both instances; files and history stay with their owner."""
+    users = ("ann", "ben", "cat")
+    cluster: Cluster = await start_cluster(instances=2, users=users)
+    clients = {name: cluster.user(name) for name in users}
+    results = await asyncio.gather(*(
+        clients[name].run(graph(name, color=10 * n + i, seconds=0.2), timeout_s=30)
+        for n, name in enumerate(users) for i in range(2)))
+    assert all(r.ok for r in results)
+    assert all(i.tasks_run >= 2 for i in cluster.pool.instances.values())
+    for name in users:
+        assert files_under(cluster.user_dir(name) / "output") == [f"{name}_00001_.png", f"{name}_00002_.png"]
+        history = await clients[name].history()
+        assert len(history) == 2
+        assert all(entry["prompt"][2]["3"]["inputs"]["filename_prefix"] == name for entry in history.values())
+
+
+async def test_a_reconnecting_page_sees_its_running_task_again(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    ws = await http.ws_connect("/ws?clientId=tab")
+    await next_json(ws)
+    response = await http.post("/prompt", json={"prompt": graph("r", color=8, seconds=1.5), "client_id": "tab"})
+    prompt_id = (await response.json())["prompt_id"]
+    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    await ws.close()  # the page reloads
+    ws = await http.ws_connect("/ws?clientId=tab")
+    status = await next_json(ws)
+    assert status["data"]["status"]["exec_info"]["queue_remaining"] == 1
+    again = await next_json(ws)
+    assert again == {"type": "executing", "data": {"node": "2", "prompt_id": prompt_id}}
+    queue = await (await http.get("/queue")).json()
+    assert [item[1] for item in queue["queue_running"]] == [prompt_id]
+    events = await events_until(ws, is_done(prompt_id))
+    assert "execution_success" in [e["type"] for e in events]
