@@ -267,6 +267,8 @@ class ClusterCore:
         await self._requeue_or_fail(task, f"instance {instance.url} was lost: {reason}")
 
     async def _requeue_or_fail(self, task: Task, reason: str) -> None:
+        if task.instance:  # its lease must not keep the instance from the next task
+            await self.store.release_instance(task.instance, task.id)
         if task.attempts < MAX_ATTEMPTS:
             await self.store.requeue(task.id, reason)
             log.warning("task %s of %s retried: %s", task.prompt_id, task.user, reason)

@@ -59,7 +59,8 @@ class TaskRun:
         self.collector = collector
         self.data_dir = data_dir
         self.key = f"{task.id}-{task.attempts}"
-        self.client_id = f"cluster-{self.key}"
+        # The instance's long-lived event socket (pool.InstanceEvents) is the task's client on the instance.
+        self.client_id = instance.events.client_id if instance.events is not None else f"cluster-{self.key}"
         self.last_node: str | None = None
         # The end-of-prompt events wait until the history is stored (see ``flush_final``).
         self.final_events: list[tuple[str, Any]] = []
@@ -114,7 +115,6 @@ class TaskRun:
         assert events is not None
         items: asyncio.Queue[Any] = asyncio.Queue()
         events.sink = items
-        self.client_id = events.client_id
         try:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
