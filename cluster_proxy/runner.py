@@ -1,8 +1,9 @@
 """Running one task on one instance and relaying its events to the owning user.
 
-The instance sees the task under an internal id (``<task id>-<attempt>``) and a
-socket id of its own; every event that comes back is rewritten to the user's
-``prompt_id`` and sent to the user's socket of the task's ``client_id``. File
+The instance sees the task under an internal id (``<task id>-<attempt>``), its
+events arriving on the instance's long-lived socket (``pool.InstanceEvents``);
+every event is rewritten to the user's ``prompt_id`` and sent to the user's
+socket of the task's ``client_id``. File
 items in ``executed`` events are moved into the user's folders first.
 If the instance goes away (its socket stays down for ``lost_after_s``, a
 request cannot reach it, or it forgot the prompt) the run ends with
