@@ -53,7 +53,7 @@ async def _history(http: Any) -> dict:
 async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
-    alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.3)) for i in range(4)]
+    alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.8)) for i in range(4)]
     await wait_until(lambda: cluster.core.runs)
     bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
     queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
