@@ -214,7 +214,10 @@ async def test_consumers_share_a_queue_each_item_goes_to_one(live_queue: LiveQue
                     return
 
     consumers = [asyncio.create_task(consume("a")), asyncio.create_task(consume("b"))]
-    await asyncio.sleep(0.1)
+    for _ in range(200):  # both watches are open before the first put
+        if (await producer.attributes())["consumers.status.total"] == "2":
+            break
+        await asyncio.sleep(0.02)
     for n in range(60):
         await producer.put(str(n))
     await asyncio.wait_for(asyncio.wait(consumers, return_when=asyncio.FIRST_COMPLETED), 10)
