@@ -74,7 +74,8 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     store = await open_store(settings)
     pool = Pool(health_interval_s=settings.health_interval_s, lost_after_s=settings.instance_lost_s,
                 info_cache_s=settings.object_info_cache_s)
-    core = ClusterCore(data_dir, store, pool, instance_token=settings.instance_token)
+    core = ClusterCore(data_dir, store, pool, instance_token=settings.instance_token,
+                       local_validation=settings.local_validation)
     pool.on_change = core.scheduler.wake
     app[POOL] = pool
     app[CORE] = core

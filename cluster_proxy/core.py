@@ -22,6 +22,7 @@ from .pool import Instance, Pool
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
+from .validation import LocalValidator
 
 log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
@@ -30,8 +31,9 @@ HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its run
 
 class ClusterCore:
     def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool, *,
-                 instance_token: str | None = None) -> None:
+                 instance_token: str | None = None, local_validation: bool = True) -> None:
         self.data_dir = data_dir
+        self.validator = LocalValidator(data_dir) if local_validation else None
         self.instance_token = instance_token  # for instances added at run time
         self.store = store
         self.pool = pool

@@ -107,6 +107,13 @@ async def post_prompt(request: web.Request) -> web.Response:
             node_errors[exc.node_id] = {"errors": [{**exc.error, "extra_info": {}}], "dependent_outputs": [],
                                         "class_type": class_type}
         return web.json_response({"error": exc.error, "node_errors": node_errors}, status=400)
+    node_errors = {}
+    if core.validator is not None:
+        verdict = await core.validator.validate(prompt, targets, object_info, core.workdirs(user))
+        if verdict is not None:
+            valid, error, node_errors = verdict
+            if not valid:
+                return web.json_response({"error": error, "node_errors": node_errors}, status=400)
     seq = await core.store.next_seq()
     extra_data = dict(extra_data)
     if client_id is not None:
@@ -118,7 +125,7 @@ async def post_prompt(request: web.Request) -> web.Response:
                 models=models)
     if not await core.submit(task):
         raise _invalid(f"prompt_id {prompt_id} is already queued or running")
-    return web.json_response({"prompt_id": prompt_id, "number": task.number, "node_errors": {}})
+    return web.json_response({"prompt_id": prompt_id, "number": task.number, "node_errors": node_errors})
 
 
 @routes.post("/queue")

@@ -30,6 +30,8 @@ class ClusterSettings:
     instance_lost_s: float = 3.0
     object_info_cache_s: float = 30.0
     history_max_items: int = 10000
+    # Answer /prompt with ComfyUI's validation errors (see validation.py).
+    local_validation: bool = True
     # Args added to every spawned instance (``python -m standard ...``).
     instance_args: tuple[str, ...] = ()
 

@@ -11,6 +11,7 @@ from test_cluster_support import (  # noqa: F401
     graph,
     is_done,
     next_json,
+    png_bytes,
     start_cluster,
     wait_until,
 )
@@ -135,7 +136,24 @@ async def test_a_bad_graph_is_refused_with_comfyuis_errors(start_cluster) -> Non
     no_outputs = await http.post("/prompt", json={"prompt": {"1": graph()["1"]}})
     assert (await no_outputs.json())["error"]["type"] == "prompt_no_outputs"
     assert (await http.post("/prompt", json={"nothing": 1})).status == 400
-    # What only the instance can check comes back as the task's error.
+    # Inputs are checked as ComfyUI does: 400 with node_errors the frontend paints on the nodes.
+    bad = graph("x")
+    bad["1"]["inputs"]["width"] = "wide"
+    response = await http.post("/prompt", json={"prompt": bad})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+    # A user's own upload validates; a file they do not have does not.
+    load = {"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "l"}}}
+    (cluster.user_dir("alice") / "input" / "mine.png").write_bytes(png_bytes())
+    assert (await http.post("/prompt", json={"prompt": load})).status == 200
+
+
+async def test_without_local_validation_the_instance_reports_the_error(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1, local_validation=False)
+    http = cluster.http("alice")
     bad = graph("x")
     bad["1"]["inputs"]["width"] = "wide"
     response = await http.post("/prompt", json={"prompt": bad})
