@@ -16,8 +16,8 @@ the queue service as real processes (``python -m queue_service``) on loopback:
 2. latency put -> watcher receives (HTTP put, frame over the WebSocket) for
    both stores: p50 / p99 over ``--latency-samples`` sequential puts.
 
-    .venv/bin/python bench/queue.py [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
-                                    [--rounds 3]
+    .venv/bin/python -m bench.queue [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
+                                     [--rounds 3] [--producer-processes 1]
 
 On a shared, noisy machine the rounds alternate raw and ours so both see the
 same conditions; the best round of each is printed.
