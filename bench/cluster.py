@@ -202,9 +202,12 @@ async def _run_all(session: aiohttp.ClientSession, proxy: Proxy, headers: dict[s
     ids: dict[str, list[str]] = {u: [] for u in users}
     for index in range(tasks):  # interleaved, as users clicking at the same moment
         for number, user in enumerate(users):
-            graph = sleep_graph(color_base * 1000 + number * 100 + index, task_s)
+            graph = sleep_graph((color_base * 1000 + number * 100 + index) % 0xFFFFFF, task_s)
             async with session.post(proxy.url + "/prompt", json={"prompt": graph}, headers=headers[user]) as r:
-                ids[user].append((await r.json())["prompt_id"])
+                body = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"/prompt refused the benchmark's graph: {body}")
+                ids[user].append(body["prompt_id"])
     finished: dict[str, float] = {}
     while len(finished) < len(users):
         await asyncio.sleep(0.02)
