@@ -29,7 +29,7 @@ from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
 from .webhook import WebhookSender
-from .worker import Worker
+from .worker import Worker, default_worker_id
 
 log = logging.getLogger("comfyserve.api")
 WORKER_STOP_TIMEOUT_S = 10.0
@@ -99,9 +99,14 @@ class Pool:
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token
+        seen: dict[str, int] = {}
         for url in urls:
+            # Two workers must never share a consumer uid: the queue would take the second for the
+            # first reconnecting and hand it the first one's uncommitted item (a task run twice).
+            seen[url] = seen.get(url, 0) + 1
+            worker_id = default_worker_id(url) + (f"-{seen[url]}" if seen[url] > 1 else "")
             worker = Worker(WorkerSettings(
-                queue_url=self.queue_url, service=self.settings.service, instance_url=url,
+                queue_url=self.queue_url, service=self.settings.service, instance_url=url, worker_id=worker_id,
                 token=self.settings.token,
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,

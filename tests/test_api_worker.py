@@ -138,6 +138,8 @@ async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: An
 async def test_redis_store(api: ApiFactory, instance_url: Any, redis_url: str) -> None:
     url = await instance_url()
     live = await api(instance_urls=(url, url), redis_url=redis_url)
+    names = [worker.name for worker, _ in live.live.pool.workers]
+    assert len(set(names)) == 2  # two workers on one instance are still two consumers of the queue
     for i in range(4):
         assert (await live.submit(tiny_graph(f"r{i}"), task_id=f"r{i}")).status_code == 200
     async with live.sink() as sink:
