@@ -74,8 +74,13 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     store = await open_store(settings)
     pool = Pool(health_interval_s=settings.health_interval_s, lost_after_s=settings.instance_lost_s,
                 info_cache_s=settings.object_info_cache_s)
+    object_storage = None
+    if settings.storage is not None:
+        from standard.storage.storage import ObjectStorage
+
+        object_storage = ObjectStorage(settings.storage, data_dir.root)
     core = ClusterCore(data_dir, store, pool, instance_token=settings.instance_token,
-                       local_validation=settings.local_validation)
+                       local_validation=settings.local_validation, storage=object_storage)
     pool.on_change = core.scheduler.wake
     app[POOL] = pool
     app[CORE] = core

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
 from .settings import DEFAULT_PORT, ClusterSettings
 
@@ -38,13 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
+    add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     if not args.data_dir:
         raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
+    storage = storage_settings_from_args(args, args.data_dir)
+    if storage is not None and storage.location is not None:
+        data_dir = storage.local_root  # the local mirror of the oss:// data dir
+    else:
+        data_dir = Path(args.data_dir).expanduser().resolve()
     settings = ClusterSettings(
-        data_dir=Path(args.data_dir).expanduser().resolve(),
+        data_dir=data_dir,
+        storage=storage,
+        instance_args=tuple(instance_flags(storage)) if storage is not None else (),
         host=args.listen,
         port=args.port,
         instances=args.instances,

@@ -31,8 +31,10 @@ HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its run
 
 class ClusterCore:
     def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool, *,
-                 instance_token: str | None = None, local_validation: bool = True) -> None:
+                 instance_token: str | None = None, local_validation: bool = True,
+                 storage: Any = None) -> None:
         self.data_dir = data_dir
+        self.storage = storage  # ObjectStorage of an oss:// data dir: users' outputs go to the bucket
         self.validator = LocalValidator(data_dir) if local_validation else None
         self.instance_token = instance_token  # for instances added at run time
         self.store = store
@@ -107,7 +109,7 @@ class ClusterCore:
             while not await run._finished():  # noqa: SLF001
                 await asyncio.sleep(0.25)
             entry = await run._history()  # noqa: SLF001
-            outputs = await asyncio.to_thread(run.collector.rewrite_outputs, entry.get("outputs") or {})
+            outputs = await asyncio.to_thread(run.collector.collect, entry.get("outputs") or {})
             await run.cleanup()
             await self._finish(task, instance, {"outputs": outputs, "status": entry.get("status") or {},
                                                 "meta": entry.get("meta") or {}}, run)
@@ -213,7 +215,7 @@ class ClusterCore:
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
         key = f"{task.id}-{task.attempts}"
-        collector = OutputCollector(key, self.data_dir, self.workdirs(task.user))
+        collector = OutputCollector(key, self.data_dir, self.workdirs(task.user), self.storage)
         return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
 
     async def _instance_free(self, run: TaskRun) -> None:

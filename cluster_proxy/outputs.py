@@ -36,14 +36,22 @@ _COUNTER = re.compile(r"^(?P<stem>.*_)(?P<n>\d{5,})(?P<rest>_?\..*)$")
 class OutputCollector:
     """Per task attempt: which instance file became which user file."""
 
-    def __init__(self, key: str, data_dir: DataDir, workdirs: WorkDirs) -> None:
+    def __init__(self, key: str, data_dir: DataDir, workdirs: WorkDirs, storage: Any = None) -> None:
         self.key = key
         self.data_dir = data_dir
         self.workdirs = workdirs
+        self.storage = storage  # ObjectStorage of an oss:// data dir, or None
         self.stage_prefix = f"{STAGE}/{key}"
         self._moved: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     # -- items ------------------------------------------------------------------
+
+    def collect(self, outputs: Any) -> Any:
+        """``rewrite_outputs``, then (with a bucket) each of the user's files uploaded and given a ``url``."""
+        outputs = self.rewrite_outputs(outputs)
+        if self.storage is not None and isinstance(outputs, dict):
+            self.storage.publish_outputs(outputs, {"output": self.workdirs.output})
+        return outputs
 
     def rewrite_outputs(self, outputs: Any) -> Any:
         """A node's UI output (or a history ``outputs`` map) with every file item brought over."""

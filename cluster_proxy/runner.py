@@ -130,7 +130,7 @@ class TaskRun:
             if events.sink is items:
                 events.sink = None
         entry = await self._history()
-        outputs = await asyncio.to_thread(self.collector.rewrite_outputs, entry.get("outputs") or {})
+        outputs = await asyncio.to_thread(self.collector.collect, entry.get("outputs") or {})
         status = dict(entry.get("status") or {})
         status["messages"] = [[m[0], self._translate(m[1])] if isinstance(m, list) and len(m) == 2 else m
                               for m in status.get("messages") or []]
@@ -178,7 +178,7 @@ class TaskRun:
             if isinstance(data, dict) and data.get("prompt_id") not in (None, self.key):
                 continue
             if kind == "executed" and isinstance(data, dict) and "output" in data:
-                data = {**data, "output": await asyncio.to_thread(self.collector.rewrite_outputs, data["output"])}
+                data = {**data, "output": await asyncio.to_thread(self.collector.collect, data["output"])}
             if kind == "executing" and isinstance(data, dict):
                 self.last_node = data.get("node")
             if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):

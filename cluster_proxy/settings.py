@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from standard.errors import ConfigError
 from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
@@ -34,6 +35,9 @@ class ClusterSettings:
     local_validation: bool = True
     # Args added to every spawned instance (``python -m standard ...``).
     instance_args: tuple[str, ...] = ()
+    # An oss:// data dir (or a mounted one with --oss-bucket): users' outputs go to the bucket
+    # under PREFIX/users/<name>/output with signed URLs. Typed loosely: no oss2 import without it.
+    storage: Any = None
 
     @property
     def max_upload_size_bytes(self) -> int:
