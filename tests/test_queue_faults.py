@@ -129,9 +129,8 @@ async def test_sdk_watcher_killed_mid_watch_its_items_reach_another(live_queue: 
     assert sorted(f.data for f in got) == [b"0", b"1", b"2", b"3"]
 
 
+@pytest.mark.parametrize("store_kind", ["redis"])  # several service processes share a store only with Redis
 async def test_two_service_processes_on_one_redis_share_queues(make_live_queue, store_kind: str) -> None:
-    if store_kind != "redis":
-        pytest.skip("several service processes share a store only with Redis")
     one, two = await make_live_queue(), await make_live_queue()
     seen: list[int] = []
 
