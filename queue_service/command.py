@@ -19,6 +19,7 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.settings import is_loopback
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
                        QueueSettings)
@@ -31,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None, help="data dir; the SQLite store is DIR/queue/queue.sqlite3")
     add_option(parser, "--store", default=None, metavar="sqlite:PATH", help="SQLite store file (instead of --data-dir)")
     add_option(parser, "--redis-url", default=None, help="use Redis (redis://host:port/db) as the store")
-    add_option(parser, "--host", default="127.0.0.1", help="address to listen on")
+    add_option(parser, "--listen", "--host", dest="host", nargs="?", const="0.0.0.0", default="127.0.0.1",
+               metavar="IP", help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
+    add_option(parser, "--no-auth", action="store_true",
+               help="serve without a token on a non-loopback address (on purpose)")
     add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     add_option(parser, "--token", default=None, help="require 'Authorization: <token>' on every call")
     add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
@@ -51,6 +55,11 @@ def settings_from_args(args: argparse.Namespace) -> QueueSettings:
         raise ConfigError("--max-payload must be positive (bytes)")
     if args.pending_timeout <= 0:
         raise ConfigError("--pending-timeout must be positive (seconds)")
+    if args.token is not None and not args.token.strip():
+        raise ConfigError("--token must not be empty")
+    if not args.token and not args.no_auth and not is_loopback(args.host):
+        raise ConfigError(f"refusing to listen on {args.host} without a token: pass --token T "
+                          "(or COMFYSERVE_TOKEN), or --no-auth to serve unauthenticated on purpose")
     sqlite_path: Path | None = None
     if args.store:
         kind, _, path = str(args.store).partition(":")

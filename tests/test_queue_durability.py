@@ -134,10 +134,19 @@ def test_cli_help_lists_every_flag_with_its_environment_variable(cli_env: dict[s
     out = subprocess.run(["comfyserve", "queue", "--help"], capture_output=True, text=True, env=cli_env,
                          timeout=30)
     assert out.returncode == 0
-    for flag in ("--data-dir", "--store", "--redis-url", "--host", "--port", "--token", "--max-length",
-                 "--max-payload", "--pending-timeout"):
+    for flag in ("--data-dir", "--store", "--redis-url", "--listen", "--no-auth", "--port", "--token",
+                 "--max-length", "--max-payload", "--pending-timeout"):
         assert flag in out.stdout
         assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in out.stdout
+
+
+def test_cli_refuses_a_public_address_without_a_token(cli_env: dict[str, str], tmp_path: Path) -> None:
+    out = subprocess.run(service_command("--data-dir", str(tmp_path), "--listen"), capture_output=True, text=True,
+                         env=cli_env, timeout=30)
+    assert out.returncode == 2 and "without a token" in out.stderr
+    out = subprocess.run(service_command("--data-dir", str(tmp_path), "--host", "0.0.0.0", "--token", " "),
+                         capture_output=True, text=True, env=cli_env, timeout=30)
+    assert out.returncode == 2 and "must not be empty" in out.stderr
 
 
 def test_cli_refuses_a_missing_or_bad_store(cli_env: dict[str, str]) -> None:
