@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
-from standard.server.http_util import error_body, json_http_error, read_json_object
-from standard.server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
+from standard.server.http_util import json_http_error, read_json_object
+from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request
 from standard.server.routes_info import server_features
-from standard.server.routes_prompt import MAX_PROMPT_ID_CHARS
 
 from .graph import GraphRefused, check_graph
 from .keys import CORE, POOL
@@ -32,69 +29,18 @@ routes = web.RouteTableDef()
 MAX_CLIENT_ID_CHARS = 256
 
 
-def _invalid(message: str, details: str = "") -> web.HTTPException:
-    return json_http_error(400, "invalid_prompt", message, details, {"node_errors": {}})
-
-
 def _not_yours(what: str, ids: list[str]) -> web.HTTPException:
     return json_http_error(404, "not_found", f"no such {what} in your queue", ", ".join(ids)[:200])
-
-
-def _ids(body: dict[str, Any]) -> list[str] | None:
-    ids = body.get("delete")
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise json_http_error(400, "invalid_request", "delete must be a list of prompt ids")
-    return ids
-
-
-def _prompt_id(body: dict[str, Any], new_id: str) -> str:
-    raw = body.get("prompt_id")
-    if raw is None:
-        return new_id
-    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        raise _invalid("prompt_id must be a string", f"got {type(raw).__name__}")
-    prompt_id = str(raw)
-    if not prompt_id or len(prompt_id) > MAX_PROMPT_ID_CHARS or "/" in prompt_id:
-        raise _invalid("prompt_id must be 1-256 characters without '/'", repr(prompt_id)[:80])
-    return prompt_id
-
-
-def _number(body: dict[str, Any], seq: int) -> float:
-    if "number" in body:
-        raw = body["number"]
-        if isinstance(raw, bool):
-            raise _invalid("number must be a number", repr(raw))
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise _invalid("number must be a number", repr(raw)[:80]) from None
-    return float(-seq if body.get("front") else seq)
 
 
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
     core = request.app[CORE]
     user = request[USER].name
-    body = await read_json_object(request, kind="invalid_prompt")
-    if "prompt" not in body:
-        return web.json_response({"error": error_body("no_prompt", "No prompt provided", "No prompt provided"),
-                                  "node_errors": {}}, status=400)
-    prompt = body["prompt"]
-    if not isinstance(prompt, dict):
-        raise _invalid("Invalid prompt: the prompt must be a JSON object of nodes", f"got {type(prompt).__name__}")
-    extra_data = body.get("extra_data", {})
-    if not isinstance(extra_data, dict):
-        raise _invalid("extra_data must be a JSON object", f"got {type(extra_data).__name__}")
-    client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        raise _invalid("client_id must be a string", f"got {type(client_id).__name__}")
-    targets = body.get("partial_execution_targets")
-    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
-        raise _invalid("partial_execution_targets must be a list of node ids")
+    body = parse_prompt_request(await read_json_object(request, kind="invalid_prompt"))
+    prompt, targets = body.prompt, body.targets
     task_id = core.new_task_id()
-    prompt_id = _prompt_id(body, task_id)
+    prompt_id = body.prompt_id or task_id
     object_info = await request.app[POOL].cached_json("/object_info")
     try:
         outputs, models = await asyncio.to_thread(check_graph, prompt, object_info, core.workdirs(user), targets,
@@ -115,16 +61,13 @@ async def post_prompt(request: web.Request) -> web.Response:
             if not valid:
                 return web.json_response({"error": error, "node_errors": node_errors}, status=400)
     seq = await core.store.next_seq()
-    extra_data = dict(extra_data)
-    if client_id is not None:
-        extra_data["client_id"] = client_id
-    sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
-    extra_data["create_time"] = int(time.time() * 1000)
-    task = Task(id=task_id, user=user, prompt_id=prompt_id, number=_number(body, seq), seq=seq, prompt=prompt,
-                extra_data=extra_data, outputs_to_execute=outputs, client_id=client_id, sensitive=sensitive,
+    extra_data, sensitive = body.queued_extra_data()
+    number = body.number if body.number is not None else float(-seq if body.front else seq)
+    task = Task(id=task_id, user=user, prompt_id=prompt_id, number=number, seq=seq, prompt=prompt,
+                extra_data=extra_data, outputs_to_execute=outputs, client_id=body.client_id, sensitive=sensitive,
                 models=models)
     if not await core.submit(task):
-        raise _invalid(f"prompt_id {prompt_id} is already queued or running")
+        raise invalid_prompt(f"prompt_id {prompt_id} is already queued or running")
     return web.json_response({"prompt_id": prompt_id, "number": task.number, "node_errors": node_errors})
 
 
@@ -132,7 +75,7 @@ async def post_prompt(request: web.Request) -> web.Response:
 async def post_queue(request: web.Request) -> web.Response:
     core, user = request.app[CORE], request[USER].name
     body = await read_json_object(request)
-    ids = _ids(body)
+    ids = delete_ids(body)
     if body.get("clear"):
         await core.delete_pending(user, None)
     if ids:
@@ -166,7 +109,7 @@ async def post_free(request: web.Request) -> web.Response:
 async def post_history(request: web.Request) -> web.Response:
     core, user = request.app[CORE], request[USER].name
     body = await read_json_object(request)
-    ids = _ids(body)
+    ids = delete_ids(body)
     if body.get("clear"):
         await core.delete_history(user, None)
     if ids:

@@ -1,0 +1,98 @@
+"""The body of ``POST /prompt``, checked once for every server that accepts it.
+
+The instance (``routes_prompt``) and the cluster proxy both take ComfyUI's
+request: ``prompt``, ``client_id``, ``extra_data``, ``partial_execution_targets``,
+``prompt_id``, ``number``, ``front``. The shape checks and the ``extra_data``
+that goes into the queue live here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .http_util import json_http_error
+from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
+
+MAX_PROMPT_ID_CHARS = 256
+
+
+def invalid_prompt(message: str, details: str = "") -> web.HTTPException:
+    """ComfyUI's 400 for a request it cannot take: ``invalid_prompt`` with empty ``node_errors``."""
+    return json_http_error(400, "invalid_prompt", message, details, {"node_errors": {}})
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    client_id: str | None
+    targets: list[str] | None  # partial_execution_targets
+    prompt_id: str | None  # the request's own, or None (the server picks one)
+    number: float | None  # the request's own, or None (the server numbers it)
+    front: bool
+
+    def queued_extra_data(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(extra_data as history shows it, with client_id and create_time; the sensitive keys kept apart)."""
+        extra_data = dict(self.extra_data)
+        if self.client_id is not None:
+            extra_data["client_id"] = self.client_id
+        sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
+        extra_data["create_time"] = int(time.time() * 1000)
+        return extra_data, sensitive
+
+
+def parse_prompt_request(body: dict[str, Any]) -> PromptRequest:
+    """Check the request's fields (not the graph itself); raises ComfyUI-shaped 400s."""
+    if "prompt" not in body:
+        raise json_http_error(400, "no_prompt", "No prompt provided", "No prompt provided", {"node_errors": {}})
+    prompt = body["prompt"]
+    if not isinstance(prompt, dict):
+        raise invalid_prompt("Invalid prompt: the prompt must be a JSON object of nodes",
+                             f"got {type(prompt).__name__}")
+    extra_data = body.get("extra_data", {})
+    if not isinstance(extra_data, dict):
+        raise invalid_prompt("extra_data must be a JSON object", f"got {type(extra_data).__name__}")
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise invalid_prompt("client_id must be a string", f"got {type(client_id).__name__}")
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise invalid_prompt("partial_execution_targets must be a list of node ids")
+    return PromptRequest(prompt, extra_data, client_id, targets, _prompt_id(body), _number(body),
+                         bool(body.get("front")))
+
+
+def _prompt_id(body: dict[str, Any]) -> str | None:
+    raw = body.get("prompt_id")
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise invalid_prompt("prompt_id must be a string", f"got {type(raw).__name__}")
+    prompt_id = str(raw)
+    if not prompt_id or len(prompt_id) > MAX_PROMPT_ID_CHARS or "/" in prompt_id:
+        raise invalid_prompt("prompt_id must be 1-256 characters without '/'", repr(prompt_id)[:80])
+    return prompt_id
+
+
+def _number(body: dict[str, Any]) -> float | None:
+    if "number" not in body:
+        return None
+    raw = body["number"]
+    if isinstance(raw, bool):
+        raise invalid_prompt("number must be a number", repr(raw))
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise invalid_prompt("number must be a number", repr(raw)[:80]) from None
+
+
+def delete_ids(body: dict[str, Any]) -> list[str]:
+    """The ``delete`` list of ``POST /queue`` and ``POST /history`` ([] when absent)."""
+    ids = body.get("delete", [])
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise json_http_error(400, "invalid_request", "delete must be a list of prompt ids")
+    return ids
