@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -35,6 +36,47 @@ def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | N
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    """The status of a GET from the test itself (0 when nothing answers)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def comfyserve_process(args: list[str], env: dict[str, str], log_path: Path, *,
+                       ready_headers: dict[str, str] | None = None, port_timeout_s: float = 20.0,
+                       ready_timeout_s: float = 20.0,
+                       stop_timeout_s: float = 20.0) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``comfyserve ARGS --port P`` as a real process, yielded once its ``/readyz`` answers 200; then stopped."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(["comfyserve", *args, "--port", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, timeout_s=port_timeout_s, proc=proc)
+            deadline = time.monotonic() + ready_timeout_s
+            while http_status(f"http://127.0.0.1:{port}/readyz", ready_headers) != 200:
+                assert time.monotonic() < deadline, f"comfyserve {args[0]} never became ready"
+                time.sleep(0.1)
+            yield proc, port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ gets fails the test (the ``browser_session`` fixture of test_browser_frontend).
 from __future__ import annotations
 
 import io
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_port
+from conftest import comfyserve_process
 from PIL import Image
 from test_backend_supervisor import SHIM_DIR, alive
 from test_browser_frontend import (  # noqa: F401
@@ -37,28 +36,12 @@ def instance(tmp_path: Path, cli_env: dict[str, str], token: str | None) -> Iter
     data_dir.mkdir()
     (data_dir / "custom_nodes").mkdir()
     install_gate_plugin(data_dir)
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    command = ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port),
-               "--comfyui-dir", str(SHIM_DIR)]
-    proc = subprocess.Popen(command + (["--token", token] if token else []),
-                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
-    try:
-        wait_for_port(port, timeout_s=20, proc=proc)
-        deadline = time.monotonic() + 45
-        while server.api("GET", "/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "the ComfyUI child never became ready"
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    args = ["standard", "--data-dir", str(data_dir), "--comfyui-dir", str(SHIM_DIR)]
+    args += ["--token", token] if token else []
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with comfyserve_process(args, cli_env, tmp_path / "server.log", ready_headers=headers,
+                            ready_timeout_s=45) as (proc, port):
+        yield Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
 
 
 def test_web_ui_through_the_front_runs_a_workflow(instance: Instance, browser_session: Session) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for_port
+from conftest import comfyserve_process
 from test_cluster_support import PASSWORD, make_users
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -43,39 +43,9 @@ def proxy(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Proxy]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     asyncio.run(make_users(data_dir, ("alice", "bob")))
-    port = free_port()
-    log = (tmp_path / "proxy.log").open("wb")
-    proc = subprocess.Popen(["comfyserve", "cluster", "--data-dir", str(data_dir), "--port", str(port),
-                             "--instances", "2"], env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    proxy = Proxy(f"http://127.0.0.1:{port}", data_dir, proc)
-    try:
-        wait_for_port(port, timeout_s=30, proc=proc)
-        deadline = time.monotonic() + 30
-        while _status(proxy.url + "/readyz") != 200:
-            assert time.monotonic() < deadline, "the pool never came up"
-            time.sleep(0.1)
-        yield proxy
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _status(url: str) -> int:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    with comfyserve_process(["cluster", "--data-dir", str(data_dir), "--instances", "2"], cli_env,
+                            tmp_path / "proxy.log", port_timeout_s=30, ready_timeout_s=30) as (proc, port):
+        yield Proxy(f"http://127.0.0.1:{port}", data_dir, proc)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_port
+from conftest import comfyserve_process
 from PIL import Image
 from test_server_support import gated_graph, install_gate_plugin, open_gate
 
@@ -67,27 +67,11 @@ def instance(tmp_path: Path, cli_env: dict[str, str], token: str | None) -> Iter
     data_dir.mkdir()
     (data_dir / "custom_nodes").mkdir()
     install_gate_plugin(data_dir)
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    command = ["comfyserve", "standard", "--data-dir", str(data_dir), "--port", str(port)]
-    proc = subprocess.Popen(command + (["--token", token] if token else []),
-                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
-    try:
-        wait_for_port(port, timeout_s=20, proc=proc)
-        deadline = time.monotonic() + 20
-        while server.api("GET", "/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "instance never became ready"
-            time.sleep(0.05)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    args = ["standard", "--data-dir", str(data_dir)] + (["--token", token] if token else [])
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with comfyserve_process(args, cli_env, tmp_path / "server.log", ready_headers=headers,
+                            stop_timeout_s=15) as (proc, port):
+        yield Instance(f"http://127.0.0.1:{port}", data_dir, proc, token)
 
 
 @dataclass
