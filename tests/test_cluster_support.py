@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
+from test_server_support import events_until, is_done, next_json  # noqa: F401
 
 from cluster_proxy.accounts import Accounts
 from cluster_proxy.app import create_cluster_app
@@ -182,30 +182,6 @@ async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
     yield factory
     for cluster in started:
         await cluster.aclose()
-
-
-async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 20.0) -> dict[str, Any]:
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), timeout_s)
-        if msg.type == WSMsgType.TEXT:
-            return json.loads(msg.data)
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR):
-            raise AssertionError(f"socket closed: {msg}")
-
-
-async def events_until(ws: aiohttp.ClientWebSocketResponse, predicate: Callable[[dict[str, Any]], bool],
-                       timeout_s: float = 20.0) -> list[dict[str, Any]]:
-    seen = []
-    while True:
-        event = await next_json(ws, timeout_s)
-        seen.append(event)
-        if predicate(event):
-            return seen
-
-
-def is_done(prompt_id: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: (e["type"] == "executing" and e["data"].get("node") is None
-                      and e["data"].get("prompt_id") == prompt_id)
 
 
 def files_under(root: Path) -> list[str]:
