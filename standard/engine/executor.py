@@ -10,6 +10,7 @@ interrupted. ``execute`` blocks: the server calls it on a worker thread.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -107,7 +108,8 @@ class PromptExecutor:
             try:
                 outputs = execute_outputs if execute_outputs is not None else []
                 plan = execution_order(prompt, outputs)
-                signatures = self._signatures(prompt)
+                declared = InputTypes()
+                signatures = self._signatures(prompt, declared)
                 cached = [node for node in prompt if signatures[node] in self.cache]
                 self.add_message("execution_cached", {"nodes": cached, "prompt_id": prompt_id}, broadcast=False)
                 values: dict[str, list[list[Any]]] = {}
@@ -115,7 +117,7 @@ class PromptExecutor:
                     context.throw_if_interrupted()
                     entry = self.cache.get(signatures[node_id])
                     if entry is None:
-                        entry = self._run_node(prompt, prompt_id, node_id, values, extra_data)
+                        entry = self._run_node(prompt, prompt_id, node_id, values, extra_data, declared)
                         self.cache[signatures[node_id]] = entry
                         executed.append(node_id)
                         if entry.ui:
@@ -158,13 +160,14 @@ class PromptExecutor:
         self.history_result = {"outputs": ui_outputs, "meta": meta}
 
     def _run_node(self, prompt: dict[str, Any], prompt_id: str, node_id: str,
-                  values: dict[str, list[list[Any]]], extra_data: dict[str, Any]) -> CachedNode:
+                  values: dict[str, list[list[Any]]], extra_data: dict[str, Any],
+                  declared: InputTypes) -> CachedNode:
         ctx = self.registry.context
         ctx.executing_node = node_id
         self._send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}, self.client_id)
         class_type = prompt[node_id]["class_type"]
         node_class = self.registry.node_classes[class_type]
-        inputs = input_data(node_class, prompt, node_id, values, extra_data)
+        inputs = input_data(declared.of(node_class), prompt, node_id, values, extra_data)
         try:
             key = (node_id, class_type)
             if key not in self._objects:
@@ -176,7 +179,7 @@ class PromptExecutor:
             raise NodeFailed(node_id, exc, inputs) from exc
         return CachedNode(merge_outputs(node_class, results), merge_ui(uis))
 
-    def _signatures(self, prompt: dict[str, Any]) -> dict[str, str]:
+    def _signatures(self, prompt: dict[str, Any], declared: InputTypes) -> dict[str, str]:
         """A key per node that changes when it or anything upstream would compute differently."""
         signatures: dict[str, str] = {}
 
@@ -194,7 +197,7 @@ class PromptExecutor:
                 else:
                     constants[name] = value
                     parts.append([name, value])
-            hidden = node_class.INPUT_TYPES().get("hidden", {})
+            hidden = declared.of(node_class).get("hidden", {})
             if getattr(node_class, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden.values():
                 parts.append(["unique_id", node_id])
             signatures[node_id] = json.dumps(parts, sort_keys=True, default=repr)
@@ -203,6 +206,18 @@ class PromptExecutor:
         for node_id in prompt:
             signature(node_id)
         return signatures
+
+
+class InputTypes:
+    """``INPUT_TYPES()`` of each class, asked once per prompt: LoadImage's lists the input folder."""
+
+    def __init__(self) -> None:
+        self._seen: dict[type, dict[str, Any]] = {}
+
+    def of(self, node_class: type) -> dict[str, Any]:
+        if node_class not in self._seen:
+            self._seen[node_class] = node_class.INPUT_TYPES()
+        return self._seen[node_class]
 
 
 def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
@@ -224,10 +239,9 @@ def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
     return order
 
 
-def input_data(node_class: type, prompt: dict[str, Any], node_id: str,
+def input_data(declared: dict[str, Any], prompt: dict[str, Any], node_id: str,
                values: dict[str, list[list[Any]]], extra_data: dict[str, Any]) -> dict[str, list[Any]]:
-    """Every input as a list of values (a link gives the upstream slot's list)."""
-    declared = node_class.INPUT_TYPES()
+    """Every input as a list of values (a link gives the upstream slot's list); ``declared`` = INPUT_TYPES()."""
     valid_names = set(declared.get("required", {})) | set(declared.get("optional", {}))
     data: dict[str, list[Any]] = {}
     for name, value in prompt[node_id]["inputs"].items():
@@ -302,8 +316,6 @@ def _is_changed(node_class: type, inputs: dict[str, Any]) -> Any:
         return None
     constants = {k: v for k, v in inputs.items() if not isinstance(v, list)}
     try:
-        import inspect
-
         params = inspect.signature(function).parameters
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             constants = {k: v for k, v in constants.items() if k in params}
