@@ -239,10 +239,10 @@ class Accounts:
         record = await self._backend.get(name)
         return record.user() if record else None
 
-    async def session_version(self, name: str) -> int | None:
-        """The credential version a session cookie must carry (None: no such user)."""
+    async def session(self, name: str) -> tuple[User, int] | None:
+        """The user and the credential version a session cookie must carry (None: no such user)."""
         record = await self._backend.get(name)
-        return record.version if record else None
+        return (record.user(), record.version) if record else None
 
     async def verify_password(self, name: str, password: str) -> User | None:
         record = await self._backend.get(name)

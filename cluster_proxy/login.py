@@ -133,8 +133,8 @@ class _VersionCache:
         cached = self._seen.get(name)
         if cached is not None and now - cached[0] < VERSION_CACHE_S:
             return cached[1], cached[2]
-        user = await self._accounts.get(name)
-        version = await self._accounts.session_version(name) if user else None
+        session = await self._accounts.session(name)
+        user, version = session if session is not None else (None, None)
         self._seen[name] = (now, user, version)
         return user, version
 
@@ -245,9 +245,10 @@ def _routes(versions: _VersionCache) -> list[web.RouteDef]:
             response.set_status(401)
             return response
         throttle.succeeded(keys[0])
-        version = await request.app[ACCOUNTS].session_version(user.name)
+        session = await request.app[ACCOUNTS].session(user.name)
+        version = session[1] if session is not None else 0
         response = web.HTTPFound(next_path)
-        response.set_cookie(SESSION_COOKIE, request.app[SESSIONS].make(user.name, version or 0),
+        response.set_cookie(SESSION_COOKIE, request.app[SESSIONS].make(user.name, version),
                             max_age=SESSION_TTL_S, httponly=True, samesite="Lax", path="/")
         raise response
 
