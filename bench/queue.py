@@ -35,22 +35,24 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import argparse
 import asyncio
 import multiprocessing
+import os
 import shutil
 import socket
 import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, replace
 
 REPO = _HERE.parent
 sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
+import aiohttp
+import redis.asyncio as aioredis
 
-from queue_service.client import QueueClient  # noqa: E402
-from queue_service.protocol import encode_body  # noqa: E402
-from queue_service.redis_store import RedisStore  # noqa: E402
+from queue_service.client import QueueClient
+from queue_service.protocol import encode_body
+from queue_service.redis_store import RedisStore
 
 PAYLOAD = b"x" * 200
 
@@ -78,6 +80,27 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     return proc
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU microseconds per item spent by each named process over a measured stretch."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def per_item_us(self, items: int) -> dict[str, float]:
+        return {name: (cpu_seconds(pid) - self._start[name]) / items * 1e6 for name, pid in self._pids.items()}
+
+
 def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
@@ -85,8 +108,10 @@ def split(total: int, parts: int) -> list[int]:
 # -- load generation in separate processes (one Python process cannot saturate the service) -----
 
 
-def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, go) -> None:
-    """Child process: ``coroutines`` producers putting ``count`` items in all, after ``go`` is set."""
+def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, go, loop: str, cpu) -> None:
+    """Child process: ``coroutines`` producers putting ``count`` items in all, after ``go`` is set;
+    the CPU seconds the puts took go into ``cpu``."""
+    use_loop(loop)
 
     async def run() -> None:
         if kind == "raw":
@@ -106,7 +131,9 @@ def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, g
         await (r.ping() if kind == "raw" else session.get(target, params={"_attrs_": "true"}))
         ready.set()
         await asyncio.to_thread(go.wait)
+        started = time.process_time()
         await asyncio.gather(*(one(n) for n in split(count, coroutines)))
+        cpu.value = time.process_time() - started
         await (r.aclose() if kind == "raw" else session.close())
 
     asyncio.run(run())
@@ -115,17 +142,19 @@ def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, g
 class Producers:
     """``processes`` child processes sharing ``total`` puts; ``start()`` releases them all at once."""
 
-    def __init__(self, kind: str, target: str, total: int, producers: int, processes: int) -> None:
+    def __init__(self, kind: str, target: str, total: int, producers: int, processes: int, loop: str) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._go = ctx.Event()
         readies = [ctx.Event() for _ in range(processes)]
+        self._cpu = [ctx.Value("d", 0.0) for _ in range(processes)]
         per_process = split(producers, processes)
-        self._procs = [ctx.Process(target=_producer_main, args=(kind, target, n, max(1, c), ready, self._go))
-                       for n, c, ready in zip(split(total, processes), per_process, readies)]
+        self._procs = [ctx.Process(target=_producer_main, args=(kind, target, n, max(1, c), ready, self._go, loop, cpu))
+                       for n, c, ready, cpu in zip(split(total, processes), per_process, readies, self._cpu)]
         for proc in self._procs:
             proc.start()
         for ready in readies:
             ready.wait(30)
+        self._total = total
 
     async def run(self) -> None:
         self._go.set()
@@ -133,20 +162,42 @@ class Producers:
             await asyncio.to_thread(proc.join)
             assert proc.exitcode == 0, f"producer exited with {proc.exitcode}"
 
+    def cpu_us(self) -> dict[str, float]:
+        """CPU microseconds per item of each producer process (after ``run``)."""
+        return {f"producers{k + 1}": cpu.value / self._total * 1e6 for k, cpu in enumerate(self._cpu)}
+
 
 # -- throughput ---------------------------------------------------------------------------
 
 
-async def raw_redis(url: str, messages: int, producers: int, window: int, processes: int) -> float:
+@dataclass
+class Load:
+    """One throughput run's shape, and the server processes whose CPU is counted."""
+
+    messages: int
+    producers: int
+    window: int
+    processes: int
+    loop: str
+    servers: dict[str, int]
+
+
+@dataclass
+class Figure:
+    per_s: float
+    cpu_us: dict[str, float]  # CPU microseconds per item, by process
+
+
+async def raw_redis(url: str, load: Load) -> Figure:
     r = aioredis.Redis.from_url(url)
     await r.delete("bench:raw")
     await r.xgroup_create("bench:raw", "g", id="0", mkstream=True)
-    load = Producers("raw", url, messages, producers, processes)
+    producers = Producers("raw", url, load.messages, load.producers, load.processes, load.loop)
 
     async def consume() -> None:
         done = 0
-        while done < messages:
-            reply = await r.xreadgroup("g", "c", {"bench:raw": ">"}, count=window, block=100)
+        while done < load.messages:
+            reply = await r.xreadgroup("g", "c", {"bench:raw": ">"}, count=load.window, block=100)
             if not reply:
                 continue
             ids = [entry_id for entry_id, _ in reply[0][1]]
@@ -155,15 +206,17 @@ async def raw_redis(url: str, messages: int, producers: int, window: int, proces
             await pipe.execute()
             done += len(ids)
 
+    meter = CpuMeter({"redis": load.servers["redis"], "consumer": os.getpid()})
     started = time.perf_counter()
-    await asyncio.gather(consume(), load.run())
+    await asyncio.gather(consume(), producers.run())
     elapsed = time.perf_counter() - started
+    cpu = {**meter.per_item_us(load.messages), **producers.cpu_us()}
     await r.delete("bench:raw")
     await r.aclose()
-    return messages / elapsed
+    return Figure(load.messages / elapsed, cpu)
 
 
-async def store_level(url: str, messages: int, producers: int, window: int) -> float:
+async def store_level(url: str, load: Load) -> Figure:
     store = RedisStore(url)
     await store.open()
     queue = f"bench-store-{time.time_ns()}"
@@ -176,9 +229,9 @@ async def store_level(url: str, messages: int, producers: int, window: int) -> f
 
     async def consume() -> None:
         done = 0
-        while done < messages:
+        while done < load.messages:
             changed = store.changes(queue)
-            items = await store.claim(queue, "g/c", "s", window=window, min_index=0, auto_commit=False,
+            items = await store.claim(queue, "g/c", "s", window=load.window, min_index=0, auto_commit=False,
                                       lease_s=30.0)
             if not items:
                 try:
@@ -189,21 +242,23 @@ async def store_level(url: str, messages: int, producers: int, window: int) -> f
             await store.remove(queue, [item.index for item in items])
             done += len(items)
 
+    meter = CpuMeter({"redis": load.servers["redis"], "bench": os.getpid()})
     started = time.perf_counter()
-    await asyncio.gather(consume(), *(produce(n) for n in split(messages, producers)))
+    await asyncio.gather(consume(), *(produce(n) for n in split(load.messages, load.producers)))
     elapsed = time.perf_counter() - started
+    cpu = meter.per_item_us(load.messages)
     await store.close()
-    return messages / elapsed
+    return Figure(load.messages / elapsed, cpu)
 
 
-async def service_level(port: int, queue: str, messages: int, producers: int, window: int,
-                        processes: int) -> float:
+async def service_level(port: int, queue: str, load: Load) -> Figure:
     """Puts from producer processes and commits over HTTP with aiohttp's client (httpx costs about
     4x more CPU per call, and the load generator must not be what is measured); watch with our client."""
     url = f"http://127.0.0.1:{port}/api/predict/{queue}"
     session = aiohttp.ClientSession()
     consumer = QueueClient(f"127.0.0.1:{port}", queue)
-    load = Producers("http", url, messages, producers, processes)
+    producers = Producers("http", url, load.messages, load.producers, load.processes, load.loop)
+    window = load.window
 
     async def commit(indexes: list[int]) -> None:
         async with session.put(url, params={"_indexes_": ",".join(map(str, indexes))}) as response:
@@ -217,24 +272,26 @@ async def service_level(port: int, queue: str, messages: int, producers: int, wi
             async for frame in frames:
                 batch.append(frame.index)
                 done += 1
-                if len(batch) >= max(1, window // 2) or done == messages:
+                if len(batch) >= max(1, window // 2) or done == load.messages:
                     task = asyncio.create_task(commit(batch))
                     commits.add(task)
                     task.add_done_callback(commits.discard)
                     batch = []
-                if done == messages:
+                if done == load.messages:
                     break
         await asyncio.gather(*commits)
 
     watching = asyncio.create_task(consume())
     await asyncio.sleep(0.2)  # the watch is connected before the clock starts
+    meter = CpuMeter({**load.servers, "consumer": os.getpid()})
     started = time.perf_counter()
-    await load.run()
+    await producers.run()
     await watching
     elapsed = time.perf_counter() - started
+    cpu = {**meter.per_item_us(load.messages), **producers.cpu_us()}
     await consumer.aclose()
     await session.close()
-    return messages / elapsed
+    return Figure(load.messages / elapsed, cpu)
 
 
 # -- latency ------------------------------------------------------------------------------------
@@ -258,7 +315,7 @@ async def latency(port: int, queue: str, samples: int) -> tuple[float, float]:
     return statistics.median(out), out[min(len(out) - 1, int(len(out) * 0.99))]
 
 
-async def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--producers", type=int, default=8)
@@ -267,7 +324,25 @@ async def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--producer-processes", type=int, default=1,
                         help="processes the producers of a. and c./d. run in (the same for both)")
-    args = parser.parse_args()
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop of every process here: the services (comfyserve --loop), "
+                             "the producers and the consumers, raw and ours alike")
+    return parser.parse_args()
+
+
+def use_loop(name: str) -> None:
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def print_cpu(name: str, figure: Figure) -> None:
+    parts = "  ".join(f"{process} {us:.0f}" for process, us in figure.cpu_us.items())
+    print(f"    {name:7s} CPU us/item: {parts}   (sum {sum(figure.cpu_us.values()):.0f})")
+
+
+async def main(args: argparse.Namespace) -> int:
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         print("redis-server is not installed", file=sys.stderr)
@@ -280,32 +355,40 @@ async def main() -> int:
                             "--appendonly", "no", "--dir", str(work)], redis_port))
         url = f"redis://127.0.0.1:{redis_port}/0"
         redis_svc, sqlite_svc = free_port(), free_port()
-        common = ["--max-length", "0", "--host", "127.0.0.1"]
-        procs.append(start([sys.executable, "-m", "queue_service", "--redis-url", url, "--port", str(redis_svc),
-                            *common], redis_svc))
-        procs.append(start([sys.executable, "-m", "queue_service", "--store", f"sqlite:{work / 'q.sqlite3'}",
-                            "--port", str(sqlite_svc), *common], sqlite_svc))
-        m, p, w, procs_n = args.messages, args.producers, args.window, args.producer_processes
-        print(f"throughput: {m} items, {p} producers in {procs_n} process(es) (one item per put), "
-              f"consumer window {w}, best of {args.rounds} alternating rounds")
-        await service_level(redis_svc, "warmup", 300, p, w, procs_n)
-        best = {"raw": 0.0, "store": 0.0, "redis": 0.0, "sqlite": 0.0}
+        queue_cmd = [sys.executable, "-m", "standard.cli", "--loop", args.loop, "queue", "--max-length", "0",
+                     "--listen", "127.0.0.1"]
+        procs.append(start([*queue_cmd, "--redis-url", url, "--port", str(redis_svc)], redis_svc))
+        procs.append(start([*queue_cmd, "--store", f"sqlite:{work / 'q.sqlite3'}", "--port", str(sqlite_svc)],
+                           sqlite_svc))
+        servers = {"redis": procs[0].pid, "service": procs[1].pid}
+        load = Load(args.messages, args.producers, args.window, args.producer_processes, args.loop, servers)
+        sqlite_load = replace(load, servers={"service": procs[2].pid})
+        print(f"throughput: {load.messages} items, {load.producers} producers in {load.processes} process(es) "
+              f"(one item per put), consumer window {load.window}, event loop {load.loop}, "
+              f"best of {args.rounds} alternating rounds")
+        await service_level(redis_svc, "warmup", replace(load, messages=300))
+        best: dict[str, Figure] = {}
         for round_no in range(args.rounds):
             figures = {
-                "raw": await raw_redis(url, m, p, w, procs_n),
-                "store": await store_level(url, m, p, w),
-                "redis": await service_level(redis_svc, f"bench{round_no}", m, p, w, procs_n),
-                "sqlite": await service_level(sqlite_svc, f"bench{round_no}", m, p, w, procs_n),
+                "raw": await raw_redis(url, load),
+                "store": await store_level(url, load),
+                "redis": await service_level(redis_svc, f"bench{round_no}", load),
+                "sqlite": await service_level(sqlite_svc, f"bench{round_no}", sqlite_load),
             }
-            print("  round", round_no + 1, "  ".join(f"{k} {v:.0f}/s" for k, v in figures.items()))
-            best = {k: max(best[k], figures[k]) for k in best}
-        raw = best["raw"]
+            print("  round", round_no + 1, "  ".join(f"{k} {v.per_s:.0f}/s" for k, v in figures.items()))
+            for name, figure in figures.items():
+                if name not in best or figure.per_s > best[name].per_s:
+                    best[name] = figure
+        raw = best["raw"].per_s
         print(f"  raw redis-py XADD / XREADGROUP / XACK+XDEL : {raw:8.0f} items/s")
-        print(f"  our Redis store, in-process (Lua scripts)  : {best['store']:8.0f} items/s   "
-              f"ratio {best['store'] / raw:.0%}")
-        print(f"  service on Redis (HTTP put, WS, commit)    : {best['redis']:8.0f} items/s   "
-              f"ratio {best['redis'] / raw:.0%}")
-        print(f"  service on SQLite (HTTP put, WS, commit)   : {best['sqlite']:8.0f} items/s")
+        print(f"  our Redis store, in-process (Lua scripts)  : {best['store'].per_s:8.0f} items/s   "
+              f"ratio {best['store'].per_s / raw:.0%}")
+        print(f"  service on Redis (HTTP put, WS, commit)    : {best['redis'].per_s:8.0f} items/s   "
+              f"ratio {best['redis'].per_s / raw:.0%}")
+        print(f"  service on SQLite (HTTP put, WS, commit)   : {best['sqlite'].per_s:8.0f} items/s")
+        print("  where the CPU goes in those best rounds (2 cores in all):")
+        for name, figure in best.items():
+            print_cpu(name, figure)
         print(f"latency put -> watcher receives, {args.latency_samples} sequential puts:")
         for name, port in (("redis", redis_svc), ("sqlite", sqlite_svc)):
             p50, p99 = await latency(port, "lat", args.latency_samples)
@@ -322,4 +405,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    arguments = parse_args()
+    use_loop(arguments.loop)
+    sys.exit(asyncio.run(main(arguments)))

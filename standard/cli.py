@@ -7,6 +7,7 @@ and ``run(args) -> int``; this file just maps subcommands onto them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import sys
@@ -26,6 +27,9 @@ ROLES: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comfyserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="event loop of the servers: uvloop (about 20%% less CPU per request) or "
+                             "asyncio's own; auto = uvloop when it is installed")
     sub = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
     for role, (module_name, help_text) in ROLES.items():
         try:
@@ -40,12 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_event_loop(choice: str) -> str:
+    """Make ``asyncio.run`` (which every role calls) build the chosen loop; returns the one in use."""
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("comfyserve: --loop uvloop, but uvloop is not installed") from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    loop = use_event_loop(args.loop)
+    logging.getLogger("comfyserve").debug("event loop: %s", loop)
     return int(args._run(args) or 0)
 
 

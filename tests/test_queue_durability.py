@@ -7,7 +7,10 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import free_port, wait_for_port
 from test_queue_support import TOKEN, service_command
@@ -211,3 +214,32 @@ async def test_sigterm_gives_pending_items_back_for_the_next_process(tmp_path: P
         assert [f.index for f in again] == [f.index for f in held]  # not after a 120 s lease
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_service_runs_on_either_event_loop(tmp_path: Path, loop: str) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "standard.cli", "--log-level", "DEBUG", "--loop", loop, "queue",
+               "--data-dir", str(tmp_path), "--port", str(port), "--token", TOKEN]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc=proc)
+
+        async def scenario() -> None:
+            async with QueueClient(f"127.0.0.1:{port}", "svc", token=TOKEN) as queue:
+                index, _ = await queue.put(b"one")
+                async with queue.watch(window=1, auto_commit=True) as frames:
+                    frame = await asyncio.wait_for(frames.__anext__(), 5)
+                assert (frame.index, frame.data) == (index, b"one")
+
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert f"event loop: {loop}" in err.decode()
+
+
+def test_an_unknown_event_loop_is_refused(cli_env: dict[str, str]) -> None:
+    out = subprocess.run(["comfyserve", "--loop", "trio", "queue"], capture_output=True, text=True, env=cli_env,
+                         timeout=30)
+    assert out.returncode == 2 and "invalid choice: 'trio'" in out.stderr

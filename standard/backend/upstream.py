@@ -9,7 +9,7 @@ find their end). ``Pool`` keeps idle connections per backend address.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -54,7 +54,7 @@ class Upstream(asyncio.Protocol):
         self.in_trailer = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
