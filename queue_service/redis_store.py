@@ -33,7 +33,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis import exceptions as redis_errors
 
-from .store import Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, StoreUnavailable, Superseded
+from .store import (TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, StoreUnavailable,
+                    Superseded)
 
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
@@ -64,6 +65,57 @@ end
 -- so a busy queue costs no pub/sub traffic and an idle watcher still wakes at once.
 local function wake(P, channel, queue)
   if redis.call('DEL', P..'waiting') == 1 then redis.call('PUBLISH', channel, queue) end
+end
+-- Protobuf reading for watch tags: an item body is DataFrameProto fields 2-4, tags = field 2 entries.
+local function varint(s, pos)
+  local value, mult = 0, 1
+  while true do
+    local b = string.byte(s, pos)
+    if b == nil then return nil, pos end
+    pos = pos + 1
+    value = value + (b % 128) * mult
+    if b < 128 then return value, pos end
+    mult = mult * 128
+  end
+end
+local function fields(s)
+  local out, pos = {}, 1
+  while pos <= #s do
+    local key
+    key, pos = varint(s, pos)
+    if key == nil then break end
+    local wire = key % 8
+    if wire == 2 then
+      local len
+      len, pos = varint(s, pos)
+      if len == nil then break end
+      out[#out + 1] = {math.floor(key / 8), string.sub(s, pos, pos + len - 1)}
+      pos = pos + len
+    elseif wire == 0 then
+      local _
+      _, pos = varint(s, pos)
+    else
+      break
+    end
+  end
+  return out
+end
+local function has_tags(body, wanted)
+  if not body then return false end
+  local tags = {}
+  for _, f in ipairs(fields(body)) do
+    if f[1] == 2 then
+      local k, v = '', ''
+      for _, e in ipairs(fields(f[2])) do
+        if e[1] == 1 then k = e[2] elseif e[1] == 2 then v = e[2] end
+      end
+      tags[k] = v
+    end
+  end
+  for _, kv in ipairs(wanted) do
+    if tags[kv[1]] ~= kv[2] then return false end
+  end
+  return true
 end
 local function drop(P, i)
   if redis.call('HDEL', P..'body', i) == 0 then return 0 end
@@ -157,10 +209,22 @@ if need <= 0 then
   redis.call('SET', P..'waiting', '1')
   return {0}
 end
-local ids = redis.call('ZRANGEBYSCORE', P..'ready', min_index - BIG, '(0', 'LIMIT', 0, need)
-if #ids < need then
-  for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'ready', min_index, '+inf', 'LIMIT', 0, need - #ids)) do
-    ids[#ids + 1] = i
+local wanted = {}
+for k = 10, #ARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
+local ids = {}
+-- priority items first (scores below 0), then the others; with tags, only items that carry them
+for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
+  local offset, scan = 0, tonumber(ARGV[9])
+  while #ids < need and scan > 0 do
+    local chunk = (#wanted == 0) and (need - #ids) or math.min(scan, 500)
+    local found = redis.call('ZRANGEBYSCORE', P..'ready', range[1], range[2], 'LIMIT', offset, chunk)
+    for _, i in ipairs(found) do
+      if #ids < need and (#wanted == 0 or has_tags(redis.call('HGET', P..'body', i), wanted)) then
+        ids[#ids + 1] = i
+      end
+    end
+    if #found < chunk then break end
+    offset, scan = offset + chunk, scan - chunk
   end
 end
 if #ids == 0 then redis.call('SET', P..'waiting', '1') end
@@ -380,10 +444,11 @@ class RedisStore:
         return _items(flat)
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float) -> list[Item]:
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+        wanted = [part for pair in (tags or {}).items() for part in pair]
         flat = await self._call(lambda: self._script_once("claim", [
             _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
-            int(time.time() * 1000), int(lease_s * 1000)]))
+            int(time.time() * 1000), int(lease_s * 1000), TAG_SCAN_LIMIT, *wanted]))
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])

@@ -91,8 +91,7 @@ async def _matching(store: QueueStore, queue: str, start: int, length: int, tags
     while len(found) < length and scanned < _GET_SCAN_LIMIT:
         batch = await store.get(queue, start, _GET_SCAN_BATCH, request_id)
         for item in batch:
-            item_tags = item.decoded()[0]
-            if all(item_tags.get(k) == v for k, v in others.items()):
+            if item.has_tags(others):
                 found.append(item)
                 if len(found) == length:
                     break

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from .store import FULL, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueStats, Superseded
+from .store import (FULL, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueStats,
+                    Superseded)
 
 T = TypeVar("T")
 log = logging.getLogger("comfyserve.queue.sqlite")
@@ -303,8 +304,24 @@ class SQLiteStore:
     async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
         return await self._run(self._open_session, queue, consumer, session, lease_s)
 
+    @staticmethod
+    def _ready(db: sqlite3.Connection, queue: str, min_index: int, need: int,
+               tags: dict[str, str] | None) -> list[Item]:
+        """The next ``need`` ready items in delivery order (priority first), with ``tags`` if given."""
+        query = ("SELECT idx, body FROM items WHERE queue = ? AND owner IS NULL AND idx >= ? "
+                 "ORDER BY priority DESC, idx LIMIT ? OFFSET ?")
+        if not tags:
+            return [Item(idx, body) for idx, body in db.execute(query, (queue, min_index, need, 0))]
+        found: list[Item] = []
+        for offset in range(0, TAG_SCAN_LIMIT, _CHUNK):
+            rows = db.execute(query, (queue, min_index, _CHUNK, offset)).fetchall()
+            found += [item for item in (Item(idx, body) for idx, body in rows) if item.has_tags(tags)]
+            if len(found) >= need or len(rows) < _CHUNK:
+                break
+        return found[:need]
+
     def _claim(self, queue: str, consumer: str, session: str, window: int, min_index: int,
-               auto_commit: bool, lease_s: float) -> list[Item]:
+               auto_commit: bool, lease_s: float, tags: dict[str, str] | None) -> list[Item]:
         self._check(queue, consumer, session)
         now = time.time()
         db = self._tx()
@@ -317,10 +334,7 @@ class SQLiteStore:
                                    (queue, consumer)).fetchone()[0]
             items: list[Item] = []
             if need > 0:
-                rows = db.execute(
-                    "SELECT idx, body FROM items WHERE queue = ? AND owner IS NULL AND idx >= ? "
-                    "ORDER BY priority DESC, idx LIMIT ?", (queue, min_index, need)).fetchall()
-                items = [Item(idx, body) for idx, body in rows]
+                items = self._ready(db, queue, min_index, need, tags)
                 if items and auto_commit:
                     self._delete_where(db, queue, [item.index for item in items])
                 elif items:
@@ -334,8 +348,9 @@ class SQLiteStore:
             raise
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float) -> list[Item]:
-        return await self._run(self._claim, queue, consumer, session, window, min_index, auto_commit, lease_s)
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+        return await self._run(self._claim, queue, consumer, session, window, min_index, auto_commit, lease_s,
+                               tags)
 
     def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:
         assert self._db is not None

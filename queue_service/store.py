@@ -22,6 +22,8 @@ from typing import Protocol
 
 from .protocol import decode_frame, encode_frame
 
+# A watcher with tags looks at most this many ready items per claim for ones that match.
+TAG_SCAN_LIMIT = 10_000
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 REQUEST_ID_TAG = "requestId"
 
@@ -55,6 +57,13 @@ class Item:
     def decoded(self) -> tuple[dict[str, str], bytes, str]:
         _, tags, data, message = decode_frame(self.body)
         return tags, data, message
+
+    def has_tags(self, wanted: dict[str, str]) -> bool:
+        """True when every wanted tag is on the item with that value."""
+        if not wanted:
+            return True
+        tags = self.decoded()[0]
+        return all(tags.get(key) == value for key, value in wanted.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +113,11 @@ class QueueStore(Protocol):
         """Make ``session`` the consumer's live one; returns its pending items (to send again)."""
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float) -> list[Item]:
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
         """Hand the consumer up to ``window`` minus its pending count ready items (priority first).
 
+        With ``tags`` only items carrying all of them (among the first ``TAG_SCAN_LIMIT`` ready
+        ones); the others stay ready for other watchers.
         With ``auto_commit`` the items are removed instead of becoming pending.
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
         """

@@ -1,5 +1,8 @@
 """The WebSocket watch: one binary ``DataFrameProto`` frame per item.
 
+Tags in the query (any parameter not shaped ``_name_``) make the watch take
+only items carrying all of them; the others stay ready for other watchers.
+
 The SDK reconnects at once after any error without closing the old socket,
 so progress lives in the store, not in the connection: a new connection
 opens a new session for its consumer (``gid/uid``), gets that consumer's
@@ -68,6 +71,7 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
     window = params.integer(query, "_window_", 1, low=1, high=MAX_WINDOW)
     index_only = params.flag(query, "_index_only_")
     auto_commit = params.flag(query, "_auto_commit_")
+    tags = params.tags_of(query)  # only items carrying all of them come to this watcher
     consumer = params.consumer_of(request) or f"anonymous/{uuid.uuid4()}"
     session = uuid.uuid4().hex
     lease_s, poll_s = settings.pending_timeout_s, settings.poll_interval_s
@@ -93,7 +97,7 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
                     resync = False
                 else:
                     items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                              auto_commit=auto_commit, lease_s=lease_s)
+                                              auto_commit=auto_commit, lease_s=lease_s, tags=tags)
                 if time.monotonic() - renewed_at >= poll_s:  # also while busy: leases must not lapse
                     await store.renew(queue, consumer, session, lease_s)
                     renewed_at = time.monotonic()

@@ -66,7 +66,7 @@ def watch(q: QueueClient, args: dict) -> dict:
     """Watch until ``count`` frames arrived; commits each unless auto_commit."""
     got = []
     auto = args.get("auto_commit", False)
-    watcher = q.watch(args.get("index", 0), args.get("window", 5), auto_commit=auto)
+    watcher = q.watch(args.get("index", 0), args.get("window", 5), auto_commit=auto, tags=args.get("tags"))
     signal_after = args.get("signal_after")  # print a line after N frames so the test can act
     for x in watcher.run():
         got.append(frame(x))

@@ -75,6 +75,18 @@ async def test_sdk_watch_manual_and_auto_commit(live_queue: LiveQueue) -> None:
 
 
 @requires_sdk
+async def test_sdk_watch_with_tags_gets_only_the_items_carrying_them(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    for n in range(6):
+        await queue.put(f"item{n}", tags={"model": "sdxl" if n % 2 else "flux", "n": str(n)})
+    out = await live_queue.sdk("watch", args={"count": 3, "window": 5, "tags": {"model": "sdxl"}})
+    assert [f["data"] for f in out["frames"]] == ["item1", "item3", "item5"]
+    assert out["attrs"]["stream.length"] == "3"  # the others stay for other watchers
+    async with queue.watch(window=5, auto_commit=True) as watcher:
+        assert [f.data for f in await next_frames(watcher, 3)] == [b"item0", b"item2", b"item4"]
+
+
+@requires_sdk
 async def test_sdk_concurrent_put_and_watch_loses_nothing(live_queue: LiveQueue) -> None:
     out = await live_queue.sdk("produce_consume", args={"count": 150})
     assert out == {"sent": 150, "same": True}
@@ -188,6 +200,48 @@ async def test_priority_items_come_first(live_queue: LiveQueue) -> None:
         got = await next_frames(watcher, 5)
     assert [f.data for f in got] == [b"urgent", b"urgent2", b"normal0", b"normal1", b"normal2"]
     assert "_priority_" not in got[1].tags and got[1].tags["requestId"] == rid
+
+
+async def test_watchers_with_tags_share_a_queue_by_tag(live_queue: LiveQueue) -> None:
+    producer = live_queue.client()
+    for n in range(4):
+        await producer.put(f"a{n}", tags={"pool": "a"})
+        await producer.put(f"b{n}", tags={"pool": "b"})
+    await producer.put("urgent-b", tags={"pool": "b"}, priority=1)
+    await producer.put("untagged")
+    for_a, for_b = live_queue.client(), live_queue.client()
+    async with for_a.watch(window=2, tags={"pool": "a"}) as a_frames, \
+            for_b.watch(window=10, tags={"pool": "b"}) as b_frames:
+        got_a = await next_frames(a_frames, 2)
+        assert await nothing_within(a_frames, 0.3)  # window 2: the rest waits for a commit
+        await for_a.commit([f.index for f in got_a])
+        got_a += await next_frames(a_frames, 2)
+        await for_a.commit([f.index for f in got_a[2:]])
+        got_b = await next_frames(b_frames, 5)
+        assert await nothing_within(b_frames, 0.3)  # no other item carries pool=b
+        await producer.put("late-b", tags={"pool": "b", "extra": "x"})  # more tags than asked still match
+        got_b += await next_frames(b_frames, 1)
+    assert [f.data for f in got_a] == [b"a0", b"a1", b"a2", b"a3"]
+    assert [f.data for f in got_b] == [b"urgent-b", b"b0", b"b1", b"b2", b"b3", b"late-b"]
+    async with producer.watch(window=5, tags={"pool": "c"}) as none_frames:
+        assert await nothing_within(none_frames, 0.3)
+    async with producer.watch(window=5, tags={"requestId": got_b[0].request_id or ""}) as by_id:
+        assert [f.data for f in await next_frames(by_id, 1)] == [b"urgent-b"]  # for_b's close gave it back
+    async with producer.watch(window=20, auto_commit=True) as everything:
+        rest = {f.data for f in await next_frames(everything, 7)}
+    assert rest == {b"untagged", *(f.data for f in got_b)}  # for_b left without commits: its items came back
+
+
+async def test_watch_tags_match_exact_values_in_any_characters(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    await queue.put("near", tags={"who": "猫 & =x "})
+    await queue.put("long", tags={"who": "猫 & =x" * 40})  # a value longer than 127 bytes (2-byte length)
+    await queue.put("exact", tags={"who": "猫 & =x"})
+    async with queue.watch(window=5, auto_commit=True, tags={"who": "猫 & =x"}) as frames:
+        assert [f.data for f in await next_frames(frames, 1)] == [b"exact"]
+    async with queue.watch(window=5, auto_commit=True, tags={"who": "猫 & =x" * 40}) as frames:
+        assert [f.data for f in await next_frames(frames, 1)] == [b"long"]
+    assert (await queue.attributes())["stream.length"] == "1"
 
 
 async def test_watch_from_index_skips_older_items(live_queue: LiveQueue) -> None:
