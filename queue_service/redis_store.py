@@ -39,6 +39,7 @@ from .store import (TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutReq
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
 CHANNEL = "cqs:changes"
+CALL_TIMEOUT_S = 5.0  # the longest a Redis call may take before the service answers 503
 _UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError,
                 OSError)
 
@@ -291,10 +292,12 @@ def _items(flat: list[Any]) -> list[Item]:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.url = url
+        self.call_timeout_s = call_timeout_s
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
+        self._subscriber: aioredis.Redis | None = None
         self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
@@ -315,13 +318,17 @@ class RedisStore:
         return self._scripts[name](args=args, client=self._once)
 
     async def open(self) -> None:
-        # Ride out a short Redis restart (about 2 s) before answering 503.
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6)
+        # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
+        # without dropping the connection costs a call call_timeout_s, not forever, and is not retried.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6,
+                      supported_errors=(redis_errors.ConnectionError,))
         self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                              retry=retry, retry_on_error=[redis_errors.ConnectionError,
-                                                                           redis_errors.TimeoutError])
+                                              socket_timeout=self.call_timeout_s, retry=retry)
         self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
+                                             socket_timeout=self.call_timeout_s,
                                              retry=Retry(NoBackoff(), retries=0))
+        # The change listener blocks on its socket between notices: no read timeout there.
+        self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
         for name, source in (("put", PUT), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
                              ("renew", RENEW), ("forget", FORGET),
@@ -338,16 +345,16 @@ class RedisStore:
             except asyncio.CancelledError:
                 pass
             self._listener = None
-        for client in (self._redis, self._once):
+        for client in (self._redis, self._once, self._subscriber):
             if client is not None:
                 await client.aclose()
-        self._redis = self._once = None
+        self._redis = self._once = self._subscriber = None
 
     async def _listen(self) -> None:
         """Relay change notices from every process to this process's waiters; survive restarts."""
-        assert self._redis is not None
+        assert self._subscriber is not None
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
                 self._notifier.notify_all()  # we may have missed notices while disconnected

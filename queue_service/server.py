@@ -74,6 +74,12 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
                                 settings.max_length)
     except QueueFull as exc:
         return error(429, "queue_full", str(exc))
+    except StoreUnavailable as exc:
+        # The write may have reached the store before the failure: say how to find out.
+        response = error(503, "store_unavailable", f"{exc}; the item may have been stored all the same: "
+                                                   f"look for requestId {request_id} before putting it again")
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
     return web.Response(text=str(index), headers={REQUEST_ID_HEADER: request_id})
 
 

@@ -8,10 +8,13 @@ import signal
 import httpx
 import pytest
 import websockets
+from conftest import RedisServer
 from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
-                                requires_sdk, run_sdk, start_sdk, store_kind)
+                                requires_sdk, run_sdk, settings_for, start_sdk, store_kind)
 
 from queue_service.client import QueueClient, QueueClientError
+from queue_service.redis_store import RedisStore
+from queue_service.server import create_app
 
 AUTH = {"Authorization": TOKEN}
 
@@ -206,3 +209,43 @@ async def test_sdk_put_and_get_through_run_sdk_helper(live_queue: LiveQueue) -> 
     assert [index for index, _ in out["put"]] == [1, 2]
     frames = await live_queue.client("svc").get(length=5, tags={"k": "v"})
     assert [f.data for f in frames] == [b"a", b"b"]
+
+
+async def test_a_hung_redis_gets_503_within_the_call_timeout_and_the_service_recovers(
+        tmp_path, aiohttp_server) -> None:
+    """Redis stops answering without dropping the connection (SIGSTOP): calls end with 503, not never."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        settings = settings_for("redis", tmp_path, redis.url)
+        app = create_app(settings, store=RedisStore(redis.url, call_timeout_s=0.5))
+        server = await aiohttp_server(app)
+        live = LiveQueue(app=app, port=server.port, backend="redis")
+        async with QueueClient(live.endpoint, "svc", token=TOKEN) as queue:
+            first, _ = await queue.put(b"before")
+            assert redis.proc is not None
+            redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = asyncio.get_running_loop().time()
+                during = await call(live, "POST", content=b"during")
+                assert_error(during, 503, "may have been stored")
+                during_id = during.headers["X-Eas-Queueservice-Request-Id"]
+                assert during_id in during.json()["error"]["message"]
+                assert_error(await call(live, "GET", params={"_attrs_": "true"}), 503, "redis")
+                assert asyncio.get_running_loop().time() - started < 5
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+            for _ in range(50):  # the service finds its feet again on its own
+                response = await call(live, "POST", content=b"after")
+                if response.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert response.status_code == 200
+            # The put that got 503 ran once Redis woke up; its requestId tells the client so.
+            assert [f.data for f in await queue.get(request_id=during_id)] == [b"during"]
+            async with queue.watch(window=5, auto_commit=True) as frames:
+                got = [await asyncio.wait_for(frames.__anext__(), 5) for _ in range(3)]
+            assert got[0].index == first and [f.data for f in got] == [b"before", b"during", b"after"]
+            await server.close()  # shutting down does not hang either
+    finally:
+        redis.stop()
