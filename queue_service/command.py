@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.serving import serve_until_stopped
 from standard.settings import is_loopback
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
@@ -103,24 +103,8 @@ async def serve(settings: QueueSettings) -> int:
     except Exception as exc:  # the store could not be opened
         print(f"comfyserve queue: cannot open the store: {exc}", file=sys.stderr, flush=True)
         return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            print(f"comfyserve queue: cannot listen on {settings.host}:{settings.port}: {exc}",
-                  file=sys.stderr, flush=True)
-            return 2
-        store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
-        auth = "token auth" if settings.token else "no auth"
-        print(f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})",
-              flush=True)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        await runner.cleanup()
-    return 0
+    store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
+    auth = "token auth" if settings.token else "no auth"
+    banner = f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})"
+    return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="queue",
+                                     banner=banner)

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from aiohttp import web
 from .datadir import init_data_dir
 from .errors import ConfigError
 from .options import add_option
+from .serving import serve_until_stopped
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
 from .storage.settings import add_storage_arguments, storage_settings_from_args
 
@@ -128,24 +128,8 @@ async def serve(settings: StandardSettings) -> int:
     app = create_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        site = _site(runner, settings)
-        try:
-            await site.start()
-        except OSError as exc:
-            print(f"comfyserve standard: cannot listen on {settings.host}:{settings.port}: {exc}",
-                  file=sys.stderr, flush=True)
-            return 2
-        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-        auth = "token auth" if settings.token else "no auth"
-        print(f"comfyserve standard listening on http://{shown}:{settings.port} ({auth}, "
-              f"data dir {settings.data_dir}, {runtime_name(settings)})", flush=True)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        await runner.cleanup()
-    return 0
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    auth = "token auth" if settings.token else "no auth"
+    banner = (f"comfyserve standard listening on http://{shown}:{settings.port} ({auth}, "
+              f"data dir {settings.data_dir}, {runtime_name(settings)})")
+    return await serve_until_stopped(runner, _site(runner, settings), role="standard", banner=banner)
