@@ -5,6 +5,9 @@ once it is complete and verified (see ``download``). Several threads asking for
 the same file share one download. Files in use (held by a running prompt) are
 never evicted; when nothing more can go, the cache runs over its bound with a
 warning rather than failing a task - unless one file alone exceeds the bound.
+
+The inputs of an oss:// data dir use the same class without a bound
+(``max_bytes=None``): their folder also holds local uploads, which must never go.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ PARTIAL_SUFFIXES = (".part", ".part.json", ".part.json.tmp", LOCK_SUFFIX)
 
 
 class ModelCache:
-    """Files under ``root`` (the local ``models/``) mirrored from ``key_prefix`` in the bucket."""
+    """Files under ``root`` (the local ``models/``, ``input/``) mirrored from ``key_prefix`` in the bucket."""
 
-    def __init__(self, client: OssClient, key_prefix: str, root: Path, *, max_bytes: int,
+    def __init__(self, client: OssClient, key_prefix: str, root: Path, *, max_bytes: int | None,
                  part_size: int, workers: int) -> None:
         self.client = client
         self.key_prefix = key_prefix
@@ -95,6 +98,14 @@ class ModelCache:
             if rel not in self._sizes:
                 return False
             return info is None or self._etags.get(rel) in (None, info.etag)
+
+    def is_outdated(self, rel: str, info: ObjectInfo) -> bool:
+        """Did we fetch ``rel`` from an older version of the object than ``info``?
+
+        False for files we did not fetch (a local upload stays as it is).
+        """
+        with self._lock:
+            return self._etags.get(rel) not in (None, info.etag)
 
     # -- use -------------------------------------------------------------------
 
@@ -177,6 +188,8 @@ class ModelCache:
         return path
 
     def _make_room(self, rel: str, need: int) -> None:
+        if self.max_bytes is None:
+            return
         if need > self.max_bytes:
             raise CacheFullError(
                 f"model {rel} ({need / 1024**3:.2f} GB) is larger than --cache-max-gb "

@@ -21,6 +21,7 @@ DEFAULT_CACHE_MAX_GB = 100.0
 DEFAULT_URL_EXPIRES_S = 3600
 DEFAULT_PART_SIZE_BYTES = 16 * 1024 * 1024
 DEFAULT_DOWNLOAD_WORKERS = 8
+DEFAULT_INPUT_LIST_TTL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class StorageSettings:
     output_url_base: str | None = None
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     download_workers: int = DEFAULT_DOWNLOAD_WORKERS
+    # How old the listing of PREFIX/input may get before LoadImage's choices ask the bucket again.
+    input_list_ttl_s: float = DEFAULT_INPUT_LIST_TTL_S
 
     def __repr__(self) -> str:  # keep the secret out of logs
         return (f"StorageSettings(location={self.location}, endpoint={self.endpoint!r}, "
@@ -72,6 +75,8 @@ class StorageSettings:
             raise StorageConfigError("--cache-max-gb must be positive")
         if self.url_expires_s <= 0:
             raise StorageConfigError("--url-expires must be positive (seconds)")
+        if self.input_list_ttl_s < 0:
+            raise StorageConfigError("--input-list-ttl must not be negative (seconds)")
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -88,6 +93,9 @@ def add_storage_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
                help="download every model into the cache at start instead of on first use")
     add_option(parser, "--url-expires", type=int, default=DEFAULT_URL_EXPIRES_S,
                help="lifetime in seconds of the signed URLs given for outputs")
+    add_option(parser, "--input-list-ttl", type=float, default=DEFAULT_INPUT_LIST_TTL_S,
+               help="oss:// data dir: seconds before LoadImage's list of the bucket's input/ is listed again"
+                    " (images uploaded through other instances show up after this)")
     add_option(parser, "--oss-bucket", default=None,
                help="oss://BUCKET/PREFIX that a mounted --data-dir is, to hand out signed URLs for outputs")
     add_option(parser, "--output-url-base", default=None,
@@ -116,6 +124,7 @@ def storage_settings_from_args(args: argparse.Namespace, data_dir: str | None) -
         cache_max_gb=getattr(args, "cache_max_gb", DEFAULT_CACHE_MAX_GB),
         prefetch_models=bool(getattr(args, "prefetch_models", False)),
         url_expires_s=getattr(args, "url_expires", DEFAULT_URL_EXPIRES_S),
+        input_list_ttl_s=getattr(args, "input_list_ttl", DEFAULT_INPUT_LIST_TTL_S),
         mounted_location=mounted,
         output_url_base=output_url_base.rstrip("/") if output_url_base else None,
     )
@@ -137,7 +146,8 @@ def instance_flags(settings: StorageSettings) -> list[str]:
         flags += ["--oss-endpoint", settings.endpoint]
     if settings.cache_dir is not None:
         flags += ["--cache-dir", str(settings.cache_dir)]
-    flags += ["--cache-max-gb", str(settings.cache_max_gb), "--url-expires", str(settings.url_expires_s)]
+    flags += ["--cache-max-gb", str(settings.cache_max_gb), "--url-expires", str(settings.url_expires_s),
+              "--input-list-ttl", str(settings.input_list_ttl_s)]
     if settings.prefetch_models:
         flags.append("--prefetch-models")
     if settings.mounted_location is not None:

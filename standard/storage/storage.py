@@ -1,8 +1,9 @@
 """``ObjectStorage``: everything an instance does with its bucket, behind one object.
 
 - oss:// data dir: ``prepare()`` syncs ``custom_nodes/`` down and lists
-  ``models/``; ``model_path()`` fetches a model into the cache on first use (or
-  ``prefetch()`` does all of them); outputs and uploads go up to the bucket.
+  ``models/`` and ``input/``; ``model_path()`` fetches a model into the cache on
+  first use (or ``prefetch()`` does all of them), ``input_path()`` an input
+  image into the local ``input/``; outputs and uploads go up to the bucket.
 - mounted data dir with ``--oss-bucket``: nothing to sync or upload (the mount
   does it); outputs get signed URLs of their keys.
 - ``--output-url-base``: outputs get ``base/<path in the data dir>`` URLs.
@@ -23,9 +24,10 @@ from urllib.parse import quote
 
 from ..paths import resolve_inside
 from .cache import ModelCache
-from .client import ObjectInfo, OssClient
+from .client import OssClient
 from .download import ProgressCallback
 from .errors import ObjectNotFound, StorageError
+from .listing import BucketListing
 from .settings import StorageSettings
 from .sync import sync_down
 
@@ -42,16 +44,25 @@ class ObjectStorage:
         if self.location is not None:
             self.client = OssClient(settings, self.location, pool_size=settings.download_workers * 2 + 4)
         self.remote_models = settings.location is not None
+        self.remote_inputs = settings.location is not None
         self.uploads_outputs = settings.location is not None
+        self.input_root = (self.local_root / "input").resolve()
         self.cache: ModelCache | None = None
+        self.models: BucketListing | None = None  # "folder/name" under models/
+        self.input_cache: ModelCache | None = None
+        self.inputs: BucketListing | None = None  # names under input/, subfolders as "sub/name"
         if self.remote_models:
             assert self.client is not None and self.location is not None
             self.cache = ModelCache(
                 self.client, self.location.key("models") + "/", self.local_root / "models",
                 max_bytes=settings.cache_max_bytes, part_size=settings.part_size_bytes,
                 workers=settings.download_workers)
-        self._models: dict[str, ObjectInfo] = {}  # "folder/name" under models/ -> listing entry
-        self._models_lock = threading.Lock()
+            self.models = BucketListing(self.client, self.location.key("models") + "/", self.cache.root)
+            self.input_cache = ModelCache(
+                self.client, self.location.key("input") + "/", self.input_root, max_bytes=None,
+                part_size=settings.part_size_bytes, workers=settings.download_workers)
+            self.inputs = BucketListing(self.client, self.location.key("input") + "/", self.input_root,
+                                        ttl_s=settings.input_list_ttl_s)
         self._task_holds: list[str] = []
         self._holds_lock = threading.Lock()
         self.uploaded: list[str] = []  # keys uploaded (tests, logs)
@@ -63,31 +74,31 @@ class ObjectStorage:
     # -- start / restart -------------------------------------------------------
 
     def prepare(self) -> None:
-        """At start and on /restart: custom_nodes down, models listed, optionally prefetched."""
+        """At start and on /restart: custom_nodes down, models and inputs listed, models optionally prefetched."""
         if not self.remote_models:
             return
         assert self.client is not None and self.location is not None
+        assert self.models is not None and self.inputs is not None
         started = time.monotonic()
         sync_down(self.client, self.location.key("custom_nodes") + "/", self.local_root / "custom_nodes",
                   workers=self.settings.download_workers)
-        self.refresh_models()
-        log.info("bucket %s ready in %.2fs: %d model files listed", self.location,
-                 time.monotonic() - started, len(self._models))
+        self.models.refresh()
+        self.inputs.refresh()
+        log.info("bucket %s ready in %.2fs: %d model files, %d inputs listed", self.location,
+                 time.monotonic() - started, len(self.models), len(self.inputs))
         if self.settings.prefetch_models:
             self.prefetch()
 
-    def refresh_models(self) -> None:
-        assert self.client is not None and self.location is not None
-        prefix = self.location.key("models") + "/"
-        listed = {info.key[len(prefix):]: info for info in self.client.list(prefix) if "/" in info.key[len(prefix):]}
-        with self._models_lock:
-            self._models = listed
+    def close(self) -> None:
+        """The instance stops: no more background listings."""
+        if self.inputs is not None:
+            self.inputs.close()
 
     def prefetch(self) -> None:
         """Every listed model into the cache (largest first, so the long ones start early)."""
-        assert self.cache is not None
-        with self._models_lock:
-            todo = sorted(self._models.items(), key=lambda item: -item[1].size)
+        assert self.cache is not None and self.models is not None
+        todo = sorted(((rel, info) for rel, info in self.models.entries().items() if "/" in rel),
+                      key=lambda item: -item[1].size)
         log.info("prefetching %d models (%.1f MB)", len(todo), sum(i.size for _, i in todo) / 1024**2)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="oss-prefetch") as pool:
             list(pool.map(lambda item: self.cache.ensure(item[0], item[1]), todo))  # type: ignore[union-attr]
@@ -96,9 +107,8 @@ class ObjectStorage:
 
     def model_names(self, folder: str) -> list[str]:
         """Names (relative to ``models/<folder>/``) of the folder's files in the bucket."""
-        head = folder.rstrip("/") + "/"
-        with self._models_lock:
-            return sorted(rel[len(head):] for rel in self._models if rel.startswith(head))
+        assert self.models is not None
+        return self.models.names(folder.rstrip("/") + "/")
 
     def model_path(self, folder: str, filename: str, *, progress: ProgressCallback | None = None) -> str | None:
         """The local path of a model, fetched on first use; None when neither bucket nor disk has it.
@@ -106,14 +116,13 @@ class ObjectStorage:
         Called on the execution thread by ``folder_paths.get_full_path``; the file
         stays out of eviction until the running task ends (``task_finished``).
         """
-        assert self.cache is not None
+        assert self.cache is not None and self.models is not None
         rel = f"{folder}/{filename}"
         try:
             local = resolve_inside(self.cache.root, rel)
         except ValueError:
             return None
-        with self._models_lock:
-            info = self._models.get(rel)
+        info = self.models.get(rel)
         if info is None:
             return str(local) if local.is_file() else None
         self.cache.acquire(rel)
@@ -131,7 +140,47 @@ class ObjectStorage:
             for rel in holds:
                 self.cache.release(rel)
 
-    # -- outputs, inputs, URLs -------------------------------------------------
+    # -- inputs ----------------------------------------------------------------
+
+    def input_rel(self, local_path: Path) -> str | None:
+        """The name under ``input/`` of a (resolved) local path, None when it lies elsewhere."""
+        if not self.remote_inputs:
+            return None
+        path = Path(local_path)
+        if not path.is_relative_to(self.input_root) or path == self.input_root:
+            return None
+        return path.relative_to(self.input_root).as_posix()
+
+    def input_names(self) -> list[str]:
+        """Names under ``input/`` in the bucket (last listing; an old one is refreshed in the background)."""
+        return self.inputs.names() if self.inputs is not None else []
+
+    def has_input(self, local_path: Path) -> bool:
+        """Does the last listing of the bucket's ``input/`` hold this file? (No request is made.)"""
+        rel = self.input_rel(local_path)
+        return rel is not None and self.inputs is not None and self.inputs.get(rel) is not None
+
+    def input_path(self, local_path: Path) -> Path | None:
+        """Make an input present under its local path, fetched from the bucket when missing or outdated.
+
+        A local file wins unless it was fetched from an older version of the object.
+        A name the listing does not know yet costs one HEAD. None: neither the disk
+        nor the bucket has it (or the path is not under ``input/``). Blocking; raises StorageError.
+        """
+        rel = self.input_rel(local_path)
+        if rel is None:
+            return None
+        assert self.inputs is not None and self.input_cache is not None
+        local = resolve_inside(self.input_root, rel)
+        info = self.inputs.get(rel)
+        if local.is_file() and (info is None or not self.input_cache.is_outdated(rel, info)):
+            return local
+        try:
+            return self.input_cache.ensure(rel, info)
+        except ObjectNotFound:
+            return None
+
+    # -- outputs, uploads, URLs ------------------------------------------------
 
     def data_key(self, local_path: Path) -> str:
         """The object key of a file under the local data dir root."""

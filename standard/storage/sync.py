@@ -22,6 +22,7 @@ from ..paths import resolve_inside
 from .client import ObjectInfo, OssClient
 from .download import download_object
 from .errors import IntegrityError
+from .listing import safe_entries
 
 log = logging.getLogger("comfyserve.storage")
 MANIFEST_NAME = ".oss-sync.json"
@@ -36,15 +37,7 @@ def sync_down(client: OssClient, prefix: str, local_dir: Path, *, workers: int =
         manifest: dict[str, str] = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         manifest = {}
-    remote: dict[str, ObjectInfo] = {}
-    for info in client.list(prefix):
-        rel = info.key[len(prefix):]
-        try:
-            resolve_inside(local_dir, rel)
-        except ValueError:
-            log.warning("skipping %s: its name leaves %s", info.key, local_dir)
-            continue
-        remote[rel] = info
+    remote = safe_entries(client, prefix, local_dir)
     todo = [rel for rel, info in remote.items()
             if manifest.get(rel) != info.etag or not (local_dir / rel).is_file()]
 

@@ -6,7 +6,8 @@
   files uploaded, a signed ``url`` added to each entry; the models the prompt
   used are then released for eviction;
 - ``/upload/image``: the file also goes to ``PREFIX/input/``;
-- ``/view`` of a file not on local disk: 302 to a signed URL when the bucket has it.
+- ``/view`` of a file not on local disk: an input is fetched into the local
+  ``input/`` and served; anything else gets a 302 to a signed URL when the bucket has it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         hooks.unregister(root, storage)
+        storage.close()
 
 
 async def after_upload(app: web.Application, path: Path) -> None:
@@ -104,10 +106,18 @@ async def after_upload(app: web.Application, path: Path) -> None:
 
 
 async def remote_view_url(app: web.Application, path: Path) -> str | None:
-    """A signed URL for a file /view cannot find locally, when the bucket has it."""
+    """For a file /view cannot find locally: an input is fetched into the local ``input/`` and
+    None returned (the route serves it, or answers 404 when the bucket lacks it too); anything
+    else - or an input whose download failed - gets a signed URL when the bucket has the file."""
     storage = app.get(STORAGE)
     if storage is None:
         return None
+    if storage.input_rel(path) is not None:
+        try:
+            await asyncio.to_thread(storage.input_path, path)
+            return None
+        except (StorageError, OSError, ValueError) as exc:
+            log.warning("/view: fetching input %s from the bucket failed: %s", path.name, exc)
     try:
         return await asyncio.to_thread(storage.remote_url, path)
     except (StorageError, ValueError) as exc:

@@ -68,19 +68,32 @@ def annotated_filepath(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def get_annotated_filepath(name: str, default_dir: str | None = None) -> str:
-    """The file a LoadImage-style value names, confined to its folder."""
+def _annotated_path(name: str, default_dir: str | None = None) -> tuple[Path, str]:
     name, base_dir = annotated_filepath(name)
     if base_dir is None:
         base_dir = default_dir if default_dir is not None else get_input_directory()
-    return str(resolve_inside(base_dir, name))
+    return resolve_inside(base_dir, name), base_dir
+
+
+def get_annotated_filepath(name: str, default_dir: str | None = None) -> str:
+    """The file a LoadImage-style value names, confined to its folder (an oss:// data dir's
+    input is fetched from the bucket on first use)."""
+    path, base_dir = _annotated_path(name, default_dir)
+    storage = storage_hooks.bucket_inputs(context.current().data_dir, base_dir)
+    if storage is not None:
+        storage_hooks.engine_input_path(storage, path)
+    return str(path)
 
 
 def exists_annotated_filepath(name: str) -> bool:
     try:
-        return os.path.exists(get_annotated_filepath(name))
+        path, base_dir = _annotated_path(name)
     except ValueError:
         return False
+    if path.exists():
+        return True
+    storage = storage_hooks.bucket_inputs(context.current().data_dir, base_dir)
+    return storage is not None and storage.has_input(path)
 
 
 def get_folder_paths(folder_name: str) -> list[str]:
@@ -138,6 +151,10 @@ def list_input_images() -> list[str]:
         for name in files:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(directory, name).relative_to(root).as_posix())
+    storage = storage_hooks.bucket_inputs(context.current().data_dir, root)
+    if storage is not None:  # oss:// data dir: the bucket's input/ too (fetched on use)
+        found = list(set(found).union(
+            name for name in storage.input_names() if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS))
     return sorted(found)
 
 
