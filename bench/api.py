@@ -214,4 +214,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    from standard.cli import use_event_loop
+
+    print(f"event loop: {use_event_loop('auto')} (as comfyserve's default)")
     asyncio.run(main())

@@ -53,6 +53,7 @@ import redis.asyncio as aioredis
 from queue_service.client import QueueClient
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
+from standard.cli import use_event_loop
 
 PAYLOAD = b"x" * 200
 
@@ -111,7 +112,7 @@ def split(total: int, parts: int) -> list[int]:
 def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, go, loop: str, cpu) -> None:
     """Child process: ``coroutines`` producers putting ``count`` items in all, after ``go`` is set;
     the CPU seconds the puts took go into ``cpu``."""
-    use_loop(loop)
+    use_event_loop(loop)
 
     async def run() -> None:
         if kind == "raw":
@@ -330,13 +331,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def use_loop(name: str) -> None:
-    if name == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def print_cpu(name: str, figure: Figure) -> None:
     parts = "  ".join(f"{process} {us:.0f}" for process, us in figure.cpu_us.items())
     print(f"    {name:7s} CPU us/item: {parts}   (sum {sum(figure.cpu_us.values()):.0f})")
@@ -406,5 +400,5 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    use_loop(arguments.loop)
+    use_event_loop(arguments.loop)
     sys.exit(asyncio.run(main(arguments)))
