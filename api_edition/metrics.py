@@ -14,6 +14,7 @@ class WorkerStats:
     succeeded: int = 0
     failed: int = 0
     redeliveries: int = 0
+    abandoned: int = 0  # not run again: cut off mid-run max_attempts times
     task_seconds_sum: float = 0.0
     instance_up: bool = False
 
@@ -63,7 +64,10 @@ class ApiMetrics:
         metric("comfyserve_api_worker_redeliveries_total", "counter",
                "Input items seen again (already reported: committed without running).",
                [(lab(worker=w), s.redeliveries) for w, s in workers])
-        metric("comfyserve_api_webhook_failures_total", "counter", "Webhooks given up after all retries.",
+        metric("comfyserve_api_worker_tasks_abandoned_total", "counter",
+               "Tasks reported as too_many_attempts instead of being run again.",
+               [(lab(worker=w), s.abandoned) for w, s in workers])
+        metric("comfyserve_api_webhook_failures_total", "counter", "Webhooks given up after all retries, or refused by --webhook-allow / the default policy.",
                [("", self.webhook_failures_total)])
         return "\n".join(out) + "\n"
 

@@ -1,0 +1,238 @@
+"""How many times a task was cut off mid-run, shared by every worker of a service.
+
+A graph that kills its instance (out of memory, a segfault in a node) would
+otherwise circulate for ever: the worker gives it back, the next instance dies
+too, and so on. So each run is recorded *before* it starts, and a worker that
+receives a task whose count has reached ``max_attempts`` reports it as failed
+(``too_many_attempts``) instead of running it.
+
+Where the count lives: a third queue of the service, ``{service}/attempts``,
+holding at most one live record per task, addressed by the input item's
+``requestId`` tag. Only put / get-by-``requestId`` / delete are used — the
+calls of the queue service's wire protocol (DESIGN §4) — so the count is as
+durable and as shared as the input queue itself (SQLite or Redis), survives
+worker restarts, and needs nothing the workers do not already reach. In the
+all-in-one the workers write the store directly, as they do for the sink.
+
+The cycle of one delivery (records hold ``{"count": n, "reason": ...}``):
+
+- ``start``: read the task's record(s); ``count`` = their highest count. At
+  ``max_attempts`` the task is not run. Otherwise put a record with
+  ``count + 1`` whose reason says the worker never finished — true if it is
+  killed (kill -9), stopped or cut off from the queue, which leaves the record
+  behind; nothing else needs to run for such a run to count.
+- the instance went away (``GiveBack``): put a record with the same count and
+  the reason, then delete the older ones.
+- a result went to the sink (success, failure, or already reported): delete
+  the task's records.
+
+A put always comes before the delete of the record it replaces, so a crash in
+between leaves two records and the highest count still wins. (The Redis store
+answers a ``requestId`` lookup with the newest item only; the newest always
+holds the highest count, so both stores read the same count.) A record left by
+a crash between the result's commit and the delete is never read again; the
+queue's max length bounds them. With ``max_attempts`` 0 nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from queue_service.client import QueueClient, QueueClientError, QueueFullError
+from queue_service.protocol import encode_body
+from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
+
+log = logging.getLogger("comfyserve.api.attempts")
+
+ATTEMPTS_SUFFIX = "/attempts"
+TOO_MANY_ATTEMPTS = "too_many_attempts"
+LOOKUP_LENGTH = 8  # records of one task: 1, or 2 after a crash between a put and its delete
+RETRIES = 5
+RETRY_MIN_S = 0.05
+T = TypeVar("T")
+
+
+def attempts_of(service: str) -> str:
+    return service + ATTEMPTS_SUFFIX
+
+
+class Unavailable(Exception):
+    """The attempts queue could not be read or written (unreachable, or full)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    index: int
+    count: int
+    reason: str
+
+
+def _decode(index: int, data: bytes) -> Record | None:
+    try:
+        body = json.loads(data)
+        return Record(index, int(body["count"]), str(body.get("reason", "")))
+    except (ValueError, KeyError, TypeError):
+        return None  # not ours: ignore it
+
+
+def _encode(count: int, reason: str) -> bytes:
+    return json.dumps({"count": count, "reason": reason}, separators=(",", ":")).encode()
+
+
+class AttemptRecords(Protocol):
+    """put / get-by-requestId / delete on ``{service}/attempts``."""
+
+    async def find(self, request_id: str) -> list[Record]: ...
+
+    async def put(self, request_id: str, count: int, reason: str) -> int: ...
+
+    async def drop(self, indexes: list[int]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpAttemptRecords:
+    """Over the queue service's HTTP API (split deployment)."""
+
+    def __init__(self, client: QueueClient) -> None:
+        self.client = client
+
+    async def find(self, request_id: str) -> list[Record]:
+        try:
+            frames = await self.client.get(0, LOOKUP_LENGTH, request_id=request_id)
+        except QueueClientError as exc:
+            if exc.status == 404:
+                return []
+            raise Unavailable(str(exc)) from exc
+        return [r for f in frames if (r := _decode(f.index, f.data)) is not None]
+
+    async def put(self, request_id: str, count: int, reason: str) -> int:
+        try:
+            index, _ = await self.client.put(_encode(count, reason), {REQUEST_ID_TAG: request_id})
+        except QueueFullError as exc:
+            raise Unavailable(f"the attempts queue is full ({exc.message})") from exc
+        except QueueClientError as exc:
+            raise Unavailable(str(exc)) from exc
+        return index
+
+    async def drop(self, indexes: list[int]) -> None:
+        try:
+            await self.client.delete(indexes)
+        except QueueClientError as exc:
+            if exc.status != 404:
+                raise Unavailable(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class StoreAttemptRecords:
+    """Straight on the store (all-in-one: the worker lives in the queue service's process)."""
+
+    def __init__(self, store: QueueStore, service: str, *, max_length: int) -> None:
+        self.store = store
+        self.queue = attempts_of(service)
+        self.max_length = max_length
+
+    async def find(self, request_id: str) -> list[Record]:
+        try:
+            items = await self.store.get(self.queue, 0, LOOKUP_LENGTH, request_id)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        return [r for item in items if (r := _decode(item.index, item.decoded()[1])) is not None]
+
+    async def put(self, request_id: str, count: int, reason: str) -> int:
+        tags = {REQUEST_ID_TAG: request_id}
+        try:
+            return await self.store.put(self.queue, encode_body(tags, _encode(count, reason)), request_id, 0,
+                                        self.max_length)
+        except (QueueFull, StoreUnavailable) as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def drop(self, indexes: list[int]) -> None:
+        try:
+            await self.store.remove(self.queue, indexes)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class Ticket:
+    """One delivery of a task: its attempt number and the records that hold its count now."""
+
+    request_id: str
+    count: int = 0  # this run's number; 0 when not counted
+    records: list[int] = field(default_factory=list)
+    exhausted: Record | None = None  # set when the cap is reached: report, do not run
+
+    def message(self) -> str:
+        """The error result's message once ``exhausted``."""
+        last = self.exhausted or Record(0, self.count, "")
+        return (f"the task was cut off mid-run {last.count} times (its instance or worker went away each "
+                f"time), so it is not run again; last: {last.reason}")
+
+
+class AttemptLedger:
+    """The worker's side of the cycle in the module docstring; failures of the queue only cost the count."""
+
+    def __init__(self, records: AttemptRecords, *, max_attempts: int, holder: str) -> None:
+        self.records = records
+        self.max_attempts = max_attempts
+        self.holder = holder
+
+    async def start(self, request_id: str) -> Ticket:
+        ticket = Ticket(request_id)
+        if self.max_attempts <= 0:
+            return ticket
+        found = await self._try("read", self.records.find, request_id)
+        if found is None:
+            return ticket
+        last = max(found, key=lambda r: (r.count, r.index), default=None)
+        count = last.count if last else 0
+        ticket.records = [r.index for r in found]
+        if last is not None and count >= self.max_attempts:
+            ticket.exhausted = last
+            return ticket
+        reason = f"worker {self.holder} never finished it (killed, stopped, or cut off from the queue)"
+        index = await self._try("record", self.records.put, request_id, count + 1, reason)
+        if index is not None:
+            ticket.count = count + 1
+            ticket.records.append(index)
+        return ticket
+
+    async def give_back(self, ticket: Ticket, reason: str) -> None:
+        """The run was cut off: keep its count, with the reason the next worker will report."""
+        if not ticket.count:
+            return
+        index = await self._try("record", self.records.put, ticket.request_id, ticket.count, reason)
+        if index is not None:
+            await self.finish(ticket)
+            ticket.records = [index]
+
+    async def finish(self, ticket: Ticket) -> None:
+        """The task has its result on the sink: its records are done with."""
+        if ticket.records:
+            await self._try("drop", self.records.drop, ticket.records)
+            ticket.records = []
+
+    async def _try(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+        delay = RETRY_MIN_S
+        for attempt in range(RETRIES):
+            try:
+                return await call(*args)
+            except Unavailable as exc:
+                if attempt == RETRIES - 1:
+                    log.warning("%s: cannot %s the attempt count of %s (%s); going on without it",
+                                self.holder, what, args[0], exc)
+                    return None
+            await asyncio.sleep(delay)
+            delay *= 2
+        return None
