@@ -3,7 +3,29 @@
 Signed with ``X-Comfyserve-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>``
 and ``X-Comfyserve-Timestamp`` so a receiver can reject forgeries and replays.
 Retried with exponential backoff; the sink result stays the source of truth,
-so a webhook that keeps failing is only counted and logged.
+so a webhook that keeps failing is only counted and logged. Redirects are not
+followed.
+
+Where a webhook may point (``WebhookPolicy``; the front checks at
+``/api_prompt``, the worker again before delivering, since items can be put on
+the input queue directly):
+
+- With ``--webhook-allow PREFIX`` (repeatable) the URL must match one of the
+  prefixes, compared as parsed parts, not as strings: same scheme, same host,
+  same port (the scheme's default when not written), and a path equal to the
+  prefix's path or below it at a ``/`` boundary. So a ``http://good.example.com``
+  prefix refuses ``http://good.example.com.evil.net/`` and
+  ``http://good.example.com@evil.net/``.
+- Without it, any http(s) URL is allowed except one whose host is ``localhost``
+  (or ``*.localhost``) or a literal IP address that is not globally routable:
+  loopback, private, link-local (``169.254.169.254``), unspecified, shared
+  (``100.64.0.0/10``, where ``100.100.100.200`` serves cloud metadata),
+  reserved or multicast — in any spelling the resolver accepts (``127.1``,
+  ``2130706433``, ``::ffff:127.0.0.1``). Names are not resolved: to reach an
+  internal receiver an operator lists it with ``--webhook-allow``; to shut out
+  names that resolve inward, list the allowed receivers.
+- Always refused: other schemes, user info (``user@host``), ``.``/``..`` path
+  segments.
 """
 
 from __future__ import annotations
@@ -12,9 +34,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import ipaddress
 import logging
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -24,6 +50,87 @@ SIGNATURE_HEADER = "X-Comfyserve-Signature"
 TIMESTAMP_HEADER = "X-Comfyserve-Timestamp"
 DEFAULT_ATTEMPTS = 5
 DEFAULT_BACKOFF_S = 0.5
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class WebhookRefused(ValueError):
+    """The URL is not an allowed webhook target; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A URL reduced to what is compared: scheme, host, port, path."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+    def covers(self, other: Target) -> bool:
+        if (self.scheme, self.host, self.port) != (other.scheme, other.host, other.port):
+            return False
+        if self.path in ("", "/") or other.path == self.path:
+            return True
+        return other.path.startswith(self.path if self.path.endswith("/") else self.path + "/")
+
+
+def parse_target(url: str) -> Target:
+    """Normalise an http(s) URL; ``WebhookRefused`` when it cannot be a webhook."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookRefused(f"not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise WebhookRefused(f"webhook must be an http(s) URL with a host, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookRefused("webhook URL must not carry user info (user@host)")
+    path = parts.path or "/"
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        raise WebhookRefused("webhook URL path must not contain '.' or '..' segments")
+    host = parts.hostname.rstrip(".")  # urlsplit lowercases it
+    return Target(scheme, host, port or DEFAULT_PORTS[scheme], path)
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a literal host names, in any form the resolver takes (``127.1``, ``0x7f000001``)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class WebhookPolicy:
+    """Where webhooks may go: the operator's prefixes, else anywhere public (see the module docstring)."""
+
+    def __init__(self, allow: tuple[str, ...] | list[str] = ()) -> None:
+        self.allow = tuple(parse_target(prefix) for prefix in allow)
+
+    def check(self, url: str) -> None:
+        """Raises ``WebhookRefused`` unless ``url`` may receive a webhook."""
+        target = parse_target(url)
+        if self.allow:
+            if not any(prefix.covers(target) for prefix in self.allow):
+                allowed = ", ".join(str(prefix) for prefix in self.allow)
+                raise WebhookRefused(f"webhook {target} is not under an allowed prefix ({allowed})")
+            return
+        if target.host == "localhost" or target.host.endswith(".localhost"):
+            raise WebhookRefused(f"webhook host {target.host!r} is local; allow it with --webhook-allow")
+        ip = _literal_ip(target.host)
+        if ip is not None and (not ip.is_global or ip.is_multicast):
+            raise WebhookRefused(f"webhook host {target.host} is not a public address (loopback, private, "
+                                 "link-local or reserved); allow it with --webhook-allow")
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
