@@ -75,6 +75,11 @@ async def run(client: Any, graph: dict[str, Any]) -> dict[str, Any]:
     return await wait_history(client, body["prompt_id"])
 
 
+def listing_requests(oss) -> int:  # noqa: F811
+    """ListObjects calls the test server answered (a GET on the bucket itself)."""
+    return sum(1 for method, _bucket, key in oss.server.requests if method == "GET" and key == "")
+
+
 def local_input(client: Any, rel: str) -> Path:
     return client.app[keys.SETTINGS].data_dir / "input" / rel
 
@@ -118,10 +123,16 @@ async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_inst
     oss.server.put(BUCKET, "data/input/direct.png", png_bytes(color=(1, 2, 3, 255)))
     oss.server.put(BUCKET, "data/input/notes.txt", b"not an image")
 
-    listings = storage.inputs.refreshes
-    # A burst of node-list requests costs at most one listing per TTL, never one per request.
+    # A burst of node-list requests once the listing is stale costs one listing, not one per request.
+    await asyncio.sleep(TTL_S)
+    refreshes, listings = storage.inputs.refreshes, listing_requests(oss)
     await asyncio.gather(*(image_choices(client) for _ in range(30)))
-    assert storage.inputs.refreshes - listings <= 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while storage.inputs.refreshes == refreshes:
+        assert loop.time() < deadline, "no refresh after the listing went stale"
+        await asyncio.sleep(0.01)
+    assert listing_requests(oss) - listings == 1
     choices = await choices_until(client, lambda c: "direct.png" in c)
     assert "direct.png" in choices and "notes.txt" not in choices
 
@@ -129,6 +140,8 @@ async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_inst
     view = await client.get("/view", params={"filename": "direct.png", "type": "input"}, allow_redirects=False)
     assert view.status == 200 and await view.read() == png_bytes(color=(1, 2, 3, 255))
     assert local_input(client, "direct.png").is_file()
+    # No download bookkeeping (locks, parts, index) shows among the user's input files.
+    assert await (await client.get("/internal/files/input")).json() == ["direct.png"]
     missing = await client.get("/view", params={"filename": "absent.png", "type": "input"},
                                allow_redirects=False)
     assert missing.status == 404
@@ -204,3 +217,50 @@ def test_input_list_ttl_flag_and_environment(monkeypatch: pytest.MonkeyPatch, tm
     assert storage.input_list_ttl_s == 2.5
     assert settings_from_args(parser.parse_args(instance_flags(storage))).storage == storage  # handed on
     assert settings_from_args(parser.parse_args([*base, "--input-list-ttl", "0"])).storage.input_list_ttl_s == 0
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    """An incompressible PNG (several download parts at the tests' 256 KiB part size)."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 4), dtype=np.uint8), "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_a_dropped_download_resumes_and_a_failing_one_is_the_nodes_error(oss_instance, oss) -> None:  # noqa: F811
+    big = noise_png(400, 3)
+    assert len(big) > 2 * 256 * 1024
+    oss.server.put(BUCKET, "data/input/big.png", big)
+    oss.server.put(BUCKET, "data/input/broken.png", png_bytes())
+    client = await oss_instance("a")
+    oss.server.faults.drop("big.png", after_bytes=100_000)
+    entry = await run(client, load_graph("big.png"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert ("drop", "GET", "data/input/big.png") in oss.server.faults.fired
+    assert local_input(client, "big.png").read_bytes() == big  # verified before it took the name
+
+    oss.server.faults.fail("HEAD", "broken.png", times=1000)
+    entry = await run(client, load_graph("broken.png"))
+    assert entry["status"]["status_str"] == "error"
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert "broken.png" in error["exception_message"] and "500" in error["exception_message"], error
+    assert not local_input(client, "broken.png").exists()
+
+
+async def test_node_lists_keep_answering_while_the_bucket_listing_fails(oss_instance, oss, caplog) -> None:  # noqa: F811
+    oss.server.put(BUCKET, "data/input/known.png", png_bytes())
+    client = await oss_instance("a")
+    storage = client.app[STORAGE]
+    oss.server.faults.fail("GET", "", times=1000)  # every GET, listings included
+    refreshes = storage.inputs.refreshes
+    with caplog.at_level(logging.WARNING, logger="comfyserve.storage"):
+        await asyncio.sleep(TTL_S)
+        assert "known.png" in await image_choices(client)  # the last listing, at once
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not any("refreshing the listing" in r.getMessage() for r in caplog.records):
+            assert loop.time() < deadline, "the failed refresh was not logged"
+            assert "known.png" in await image_choices(client)
+            await asyncio.sleep(0.05)
+    assert storage.inputs.refreshes == refreshes  # no listing completed, the old one kept
+    oss.server.faults.clear()

@@ -40,13 +40,16 @@ class ModelCache:
     """Files under ``root`` (the local ``models/``, ``input/``) mirrored from ``key_prefix`` in the bucket."""
 
     def __init__(self, client: OssClient, key_prefix: str, root: Path, *, max_bytes: int | None,
-                 part_size: int, workers: int) -> None:
+                 part_size: int, workers: int, lock_root: Path | None = None) -> None:
         self.client = client
         self.key_prefix = key_prefix
         self.root = root
         self.max_bytes = max_bytes
         self.part_size = part_size
         self.workers = workers
+        # Where the inter-process lock files go (``NAME.lock``): beside the files unless a folder
+        # that listings skip is named (the input folder is shown to users file by file).
+        self.lock_root = lock_root or root
         self._lock = threading.RLock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # rel -> size, least recently used first
         self._etags: dict[str, str] = {}
@@ -172,7 +175,7 @@ class ModelCache:
         started = time.monotonic()
         # Several instances on one machine may share the cache dir: one downloads, the others
         # wait for it and adopt the file once its CRC64 matches.
-        with _file_lock(path.with_name(path.name + LOCK_SUFFIX)):
+        with _file_lock(resolve_inside(self.lock_root, rel + LOCK_SUFFIX)):
             if _matches(path, head):
                 log.info("model %s already in the cache (another process fetched it)", rel)
             else:

@@ -33,6 +33,7 @@ from .sync import sync_down
 
 log = logging.getLogger("comfyserve.storage")
 OUTPUT_LIST_KEYS_SKIP = frozenset({"text", "animated"})
+INPUT_LOCKS_DIR = ".oss-locks"  # hidden: LoadImage and /internal/files skip dot names
 
 
 class ObjectStorage:
@@ -60,7 +61,8 @@ class ObjectStorage:
             self.models = BucketListing(self.client, self.location.key("models") + "/", self.cache.root)
             self.input_cache = ModelCache(
                 self.client, self.location.key("input") + "/", self.input_root, max_bytes=None,
-                part_size=settings.part_size_bytes, workers=settings.download_workers)
+                part_size=settings.part_size_bytes, workers=settings.download_workers,
+                lock_root=self.input_root / INPUT_LOCKS_DIR)
             self.inputs = BucketListing(self.client, self.location.key("input") + "/", self.input_root,
                                         ttl_s=settings.input_list_ttl_s)
         self._task_holds: list[str] = []
