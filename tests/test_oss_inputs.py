@@ -109,6 +109,13 @@ async def test_an_upload_through_one_instance_loads_on_another(oss_instance, oss
     pixels = saved_pixels(b, entry)
     assert pixels.shape == (3, 5, 4) and tuple(pixels[0, 0]) == (10, 200, 30, 255)
 
+    # A third machine shows it through /view (fetched into its mirror, subfolder kept).
+    c = await oss_instance("c")
+    view = await c.get("/view", params={"filename": "shared.png", "subfolder": "team", "type": "input"},
+                       allow_redirects=False)
+    assert view.status == 200 and await view.read() == picture
+    assert local_input(c, "team/shared.png").read_bytes() == picture
+
     # A, where the upload happened, loads it from its local disk as before.
     gets = sum(1 for m, _b, k in oss.server.requests if m == "GET" and k == "data/input/team/shared.png")
     entry = await run(a, load_graph("team/shared.png"))
