@@ -22,6 +22,7 @@ from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
 from standard.auth import token_auth_middleware
 
+from .attempts import StoreAttemptRecords
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
 from .instances import LocalInstance
@@ -110,7 +111,8 @@ class Pool:
                 token=self.settings.token,
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
-            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops())
+                max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
+            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts())
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def _store_ops(self) -> StoreQueueOps | None:
@@ -119,6 +121,11 @@ class Pool:
             return None
         return StoreQueueOps(self.store, self.settings.service, max_length=self.settings.max_length,
                              max_payload_bytes=self.settings.max_payload_bytes)
+
+    def _store_attempts(self) -> StoreAttemptRecords | None:
+        if self.store is None:
+            return None
+        return StoreAttemptRecords(self.store, self.settings.service, max_length=self.settings.max_length)
 
     async def stop(self) -> None:
         await asyncio.gather(*(worker.shutdown(task, WORKER_STOP_TIMEOUT_S) for worker, task in self.workers),

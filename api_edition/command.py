@@ -24,7 +24,8 @@ from standard.errors import ConfigError
 from standard.options import add_option
 from standard.settings import is_loopback
 
-from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
+from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
+from .webhook import WebhookPolicy, WebhookRefused
 
 log = logging.getLogger("comfyserve.api")
 
@@ -61,6 +62,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds a task may run before it is interrupted and reported as failed (default: no limit)")
     add_option(parser, "--webhook-secret", default=None,
                help="HMAC-SHA256 key for webhook signatures (default: the token)")
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-attempts`` and ``--webhook-allow``: shared by ``comfyserve api`` and ``comfyserve worker``."""
+    add_option(parser, "--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+               help="runs of a task that may be cut off mid-task (instance or worker died) before it is "
+                    "reported as an error instead of run again (0: no cap)")
+    add_option(parser, "--webhook-allow", action="append", default=[], metavar="PREFIX",
+               help="webhook URLs must start with this scheme://host[:port]/path (repeatable; env: "
+                    "comma-separated). Default: any URL except localhost and non-public IP addresses")
+
+
+def limit_settings(args: argparse.Namespace) -> tuple[int, tuple[str, ...]]:
+    """The checked (max_attempts, webhook_allow) of ``add_limit_arguments``."""
+    if args.max_attempts < 0:
+        raise ConfigError("--max-attempts must be >= 0 (0: no cap)")
+    allow = tuple(prefix.strip() for prefix in args.webhook_allow or () if prefix.strip())
+    try:
+        WebhookPolicy(allow)
+    except WebhookRefused as exc:
+        raise ConfigError(f"--webhook-allow: {exc}") from None
+    return args.max_attempts, allow
 
 
 def settings_from_args(args: argparse.Namespace) -> ApiSettings:
@@ -74,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         raise ConfigError("--token must not be empty")
     if not args.token and not args.no_auth and not is_loopback(args.listen):
         raise ConfigError(f"refusing to listen on {args.listen} without a token: pass --token T or --no-auth")
+    max_attempts, webhook_allow = limit_settings(args)
     storage = storage_settings_from_args(args, args.data_dir)
     if storage is not None and storage.location is not None:
         data_dir: Path | None = storage.local_root  # the local mirror of oss://; instances get the bucket
@@ -95,6 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
+        max_attempts=max_attempts, webhook_allow=webhook_allow,
     )
 
 

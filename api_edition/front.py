@@ -3,7 +3,8 @@
 The reply is what the queue's put answers — the index as the body and the
 ``X-Eas-Queueservice-Request-Id`` header — plus ``X-Task-Id`` (generated when
 the client sent none). ``Accept: application/json`` gets the three as JSON.
-Refusals are final-looking JSON errors: 400 bad graph, 413 too big, 429 with
+Refusals are final-looking JSON errors: 400 bad graph or a webhook URL the
+``WebhookPolicy`` refuses (``webhook_not_allowed``), 413 too big, 429 with
 ``Retry-After`` when the input queue is full, 503 when the store is down.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -26,12 +26,14 @@ from .graph import GraphError, parse_graph
 from .inbox import Inbox, InboxUnavailable
 from .metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
+from .webhook import WebhookPolicy, WebhookRefused
 
 log = logging.getLogger("comfyserve.api.front")
 
 SETTINGS_KEY = web.AppKey("api_settings", ApiSettings)
 INBOX_KEY = web.AppKey("api_inbox", Inbox)
 METRICS_KEY = web.AppKey("api_metrics", ApiMetrics)
+POLICY_KEY = web.AppKey("api_webhook_policy", WebhookPolicy)
 RETRY_AFTER_S = 1
 MAX_TAG_CHARS = 1024
 # Query parameters that are not tags: the auth fallback must not travel with the task.
@@ -49,11 +51,6 @@ def _tags(request: web.Request) -> dict[str, str]:
     for key, value in tags.items():
         if len(key) + len(value) > MAX_TAG_CHARS:
             raise BadParam(f"query parameter {key!r} is too long (tags are at most {MAX_TAG_CHARS} chars)")
-    webhook = tags.get(WEBHOOK_TAG)
-    if webhook is not None:
-        parts = urlsplit(webhook)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise BadParam(f"webhook must be an http(s) URL, got {webhook!r}")
     return tags
 
 
@@ -67,6 +64,11 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
         priority = params.integer(request.query, "_priority_", 0, low=0, high=2**31)
     except BadParam as exc:
         return _error(request, 400, "bad_request", str(exc))
+    if WEBHOOK_TAG in tags:
+        try:
+            request.app[POLICY_KEY].check(tags[WEBHOOK_TAG])
+        except WebhookRefused as exc:
+            return _error(request, 400, "webhook_not_allowed", str(exc))
     body = await read_body_within(request, settings.max_payload_bytes)
     if body is None:
         return _error(request, 413, "payload_too_large",
@@ -104,6 +106,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     """Register the front's routes; the service's own path is a plain route so it wins over the queue's."""
+    app[POLICY_KEY] = WebhookPolicy(settings.webhook_allow)
     app.router.add_post("/api_prompt", api_prompt)
     app.router.add_post(f"/api/predict/{settings.service}/api_prompt", api_prompt)
     app.router.add_get("/metrics", metrics)

@@ -67,7 +67,8 @@ class ApiMetrics:
         metric("comfyserve_api_worker_tasks_abandoned_total", "counter",
                "Tasks reported as too_many_attempts instead of being run again.",
                [(lab(worker=w), s.abandoned) for w, s in workers])
-        metric("comfyserve_api_webhook_failures_total", "counter", "Webhooks given up after all retries, or refused by --webhook-allow / the default policy.",
+        metric("comfyserve_api_webhook_failures_total", "counter",
+               "Webhooks given up after all retries, or refused by --webhook-allow / the default policy.",
                [("", self.webhook_failures_total)])
         return "\n".join(out) + "\n"
 

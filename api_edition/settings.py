@@ -10,6 +10,7 @@ from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
 DEFAULT_INSTANCE_DOWN_S = 5.0
+DEFAULT_MAX_ATTEMPTS = 3
 SINK_SUFFIX = "/sink"
 TASK_ID_TAG = "task_id"
 WEBHOOK_TAG = "webhook"
@@ -33,6 +34,8 @@ class WorkerSettings:
     webhook_secret: str | None = None
     instance_down_s: float = DEFAULT_INSTANCE_DOWN_S  # a run is given back after this long unreachable
     run_timeout_s: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # runs cut off mid-task before a task is reported failed (0: no cap)
+    webhook_allow: tuple[str, ...] = ()  # webhook URL prefixes; empty: any public address
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class ApiSettings:
     webhook_secret: str | None = None
     instance_down_s: float = DEFAULT_INSTANCE_DOWN_S
     run_timeout_s: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    webhook_allow: tuple[str, ...] = ()
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
 
     @property

@@ -15,6 +15,13 @@ holds its one uncommitted item, so it takes no more input. An instance that
 stops answering for ``instance_down_s`` makes the worker give its item back
 (closing its watch cleanly releases it at once) and wait until the instance
 is ready again.
+
+A task cut off mid-run (instance gone: ``GiveBack``; worker killed) is run
+again by the next worker, at most ``max_attempts`` times in all: the count
+lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
+that receives a task at the cap puts a ``too_many_attempts`` error result
+instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
+items put on the input queue directly never passed the front.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 from . import results
+from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
 from .graph import GraphError, parse_graph
 from .metrics import ApiMetrics
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
-from .webhook import WebhookSender
+from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
 
 log = logging.getLogger("comfyserve.api.worker")
 
@@ -65,7 +73,8 @@ class GiveBack(Exception):
 
 class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
-                 webhooks: WebhookSender | None = None, ops: QueueOps | None = None) -> None:
+                 webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
+                 attempts: AttemptRecords | None = None) -> None:
         self.settings = settings
         self.name = settings.worker_id or default_worker_id(settings.instance_url)
         self.metrics = metrics or ApiMetrics()
@@ -74,6 +83,11 @@ class Worker:
         self.input = QueueClient(settings.queue_url, settings.service, token=token, uid=self.name)
         self.sink = QueueClient(settings.queue_url, sink_of(settings.service), token=token, uid=self.name)
         self.ops = ops or HttpQueueOps(self.input, self.sink)
+        self.attempt_records = attempts or HttpAttemptRecords(
+            QueueClient(settings.queue_url, attempts_of(settings.service), token=token, uid=self.name))
+        self.ledger = AttemptLedger(self.attempt_records, max_attempts=settings.max_attempts,
+                                    holder=f"{self.name} on {settings.instance_url}")
+        self.webhook_policy = WebhookPolicy(settings.webhook_allow)
         instance_token = settings.instance_token if settings.instance_token is not None else token
         self.instance = InstanceClient(settings.instance_url, instance_token, timeouts=RUN_TIMEOUTS)
         self.runner = InstanceRunner(self.instance)
@@ -115,6 +129,7 @@ class Worker:
     async def aclose(self) -> None:
         for client in (self.input, self.sink):
             await client.aclose()
+        await self.attempt_records.aclose()
         await self.runner.aclose()
         await self.instance.aclose()
         await self.probe.aclose()
@@ -162,24 +177,29 @@ class Worker:
         reported = asyncio.create_task(self._in_sink(request_id))
         started = time.monotonic()
         prompt_id: str | None = None
+        ticket = Ticket(request_id)
         try:
             try:
                 graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
             except GraphError as exc:
                 status, events = results.from_failure(exc.kind, exc.message)
             else:
-                self.stats.in_flight = 1
-                try:
-                    status, events, prompt_id = await self._run(graph)
-                finally:
-                    self.stats.in_flight = 0
+                ticket = await self.ledger.start(request_id)
+                if ticket.exhausted is not None:
+                    status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
+                else:
+                    status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
             if not reported.done():
                 reported.cancel()
         if already:
             await self._skip_reported(frame, request_id)
+            await self.ledger.finish(ticket)
             return
+        if ticket.exhausted is not None:
+            log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
+            self.stats.abandoned += 1
         tags = {**frame.tags, results.STATUS_TAG: status}
         tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
         tags["requestId"] = request_id
@@ -188,7 +208,7 @@ class Worker:
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._put_result(results.encode(events), tags)
         self._remember(request_id)
-        await self._commit(frame.index)
+        await asyncio.gather(self._commit(frame.index), self.ledger.finish(ticket))
         self.stats.task_seconds_sum += time.monotonic() - started
         if status == "success":
             self.stats.succeeded += 1
@@ -196,6 +216,12 @@ class Worker:
             self.stats.failed += 1
         webhook = frame.tags.get(WEBHOOK_TAG)
         if webhook:
+            try:
+                self.webhook_policy.check(webhook)
+            except WebhookRefused as exc:
+                log.warning("%s: not delivering the webhook of task %s: %s", self.name, tags[TASK_ID_TAG], exc)
+                self._webhook_failed()
+                return
             self.webhooks.send(webhook, {"task_id": tags[TASK_ID_TAG], "request_id": request_id,
                                          "status": status, "index": sink_index, "result": events})
 
@@ -204,6 +230,17 @@ class Worker:
         log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
         self._remember(request_id)
         await self._commit(frame.index)
+
+    async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
+        """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
+        self.stats.in_flight = 1
+        try:
+            return await self._run(graph)
+        except GiveBack as exc:
+            await self.ledger.give_back(ticket, str(exc))
+            raise
+        finally:
+            self.stats.in_flight = 0
 
     async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not."""

@@ -17,6 +17,7 @@ from standard.auth import token_auth_middleware
 from standard.errors import ConfigError
 from standard.options import add_option
 
+from .command import add_limit_arguments, limit_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
 from .worker import Worker
 
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="HMAC-SHA256 key for webhook signatures (default: --token)")
     add_option(parser, "--metrics-port", type=int, default=None,
                help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
+    add_limit_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -49,11 +51,12 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         raise ConfigError("--instance-url is required")
     if args.instance_down_timeout <= 0:
         raise ConfigError("--instance-down-timeout must be positive")
+    max_attempts, webhook_allow = limit_settings(args)
     return WorkerSettings(
         queue_url=args.queue_url, service=args.service, instance_url=args.instance_url,
         token=args.token or None, instance_token=args.instance_token, worker_id=args.worker_id,
         webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
-        run_timeout_s=args.run_timeout,
+        run_timeout_s=args.run_timeout, max_attempts=max_attempts, webhook_allow=webhook_allow,
     )
 
 
