@@ -40,7 +40,7 @@ class ModelCache:
     """Files under ``root`` (the local ``models/``, ``input/``) mirrored from ``key_prefix`` in the bucket."""
 
     def __init__(self, client: OssClient, key_prefix: str, root: Path, *, max_bytes: int | None,
-                 part_size: int, workers: int, lock_root: Path | None = None) -> None:
+                 part_size: int, workers: int, lock_root: Path | None = None, label: str = "model") -> None:
         self.client = client
         self.key_prefix = key_prefix
         self.root = root
@@ -50,6 +50,7 @@ class ModelCache:
         # Where the inter-process lock files go (``NAME.lock``): beside the files unless a folder
         # that listings skip is named (the input folder is shown to users file by file).
         self.lock_root = lock_root or root
+        self.label = label  # what the log lines call a file
         self._lock = threading.RLock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # rel -> size, least recently used first
         self._etags: dict[str, str] = {}
@@ -177,7 +178,7 @@ class ModelCache:
         # wait for it and adopt the file once its CRC64 matches.
         with _file_lock(resolve_inside(self.lock_root, rel + LOCK_SUFFIX)):
             if _matches(path, head):
-                log.info("model %s already in the cache (another process fetched it)", rel)
+                log.info("%s %s already in the cache (another process fetched it)", self.label, rel)
             else:
                 download_object(self.client, head, path, part_size=self.part_size, workers=self.workers,
                                 progress=progress)
@@ -187,7 +188,8 @@ class ModelCache:
             self._etags[rel] = head.etag
             self._save_index()
             self.downloads += 1
-        log.info("model %s cached (%.1f MB in %.2fs)", rel, head.size / 1024**2, time.monotonic() - started)
+        log.info("%s %s cached (%.1f MB in %.2fs)", self.label, rel, head.size / 1024**2,
+                 time.monotonic() - started)
         return path
 
     def _make_room(self, rel: str, need: int) -> None:

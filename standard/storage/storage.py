@@ -62,7 +62,7 @@ class ObjectStorage:
             self.input_cache = ModelCache(
                 self.client, self.location.key("input") + "/", self.input_root, max_bytes=None,
                 part_size=settings.part_size_bytes, workers=settings.download_workers,
-                lock_root=self.input_root / INPUT_LOCKS_DIR)
+                lock_root=self.input_root / INPUT_LOCKS_DIR, label="input")
             self.inputs = BucketListing(self.client, self.location.key("input") + "/", self.input_root,
                                         ttl_s=settings.input_list_ttl_s)
         self._task_holds: list[str] = []
