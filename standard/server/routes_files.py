@@ -146,7 +146,7 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
 @routes.get("/view")
 async def view_image(request: web.Request) -> web.StreamResponse:
     path, filename = _view_file(request)
-    if not path.is_file() and (url := await storage_web.remote_view_url(request.app, path)):
+    if not path.is_file() and (url := await storage_web.fetch_or_remote_url(request.app, path)):
         raise web.HTTPFound(url)
     channel = request.query.get("channel", "")
     return await asyncio.to_thread(_render_view, path, filename, request.query.get("preview"), channel)

@@ -105,7 +105,7 @@ async def after_upload(app: web.Application, path: Path) -> None:
         log.error("upload %s not copied to the bucket: %s", path.name, exc)
 
 
-async def remote_view_url(app: web.Application, path: Path) -> str | None:
+async def fetch_or_remote_url(app: web.Application, path: Path) -> str | None:
     """For a file /view cannot find locally: an input is fetched into the local ``input/`` and
     None returned (the route serves it, or answers 404 when the bucket lacks it too); anything
     else - or an input whose download failed - gets a signed URL when the bucket has the file."""
