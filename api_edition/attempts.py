@@ -62,7 +62,11 @@ def attempts_of(service: str) -> str:
 
 
 class Unavailable(Exception):
-    """The attempts queue could not be read or written (unreachable, or full)."""
+    """The attempts queue could not be read or written."""
+
+
+class Full(Unavailable):
+    """The attempts queue is at its max length: retrying at once will not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +119,7 @@ class HttpAttemptRecords:
         try:
             index, _ = await self.client.put(_encode(count, reason), {REQUEST_ID_TAG: request_id})
         except QueueFullError as exc:
-            raise Unavailable(f"the attempts queue is full ({exc.message})") from exc
+            raise Full(f"the attempts queue is full ({exc.message})") from exc
         except QueueClientError as exc:
             raise Unavailable(str(exc)) from exc
         return index
@@ -151,7 +155,9 @@ class StoreAttemptRecords:
         try:
             return await self.store.put(self.queue, encode_body(tags, _encode(count, reason)), request_id, 0,
                                         self.max_length)
-        except (QueueFull, StoreUnavailable) as exc:
+        except QueueFull as exc:
+            raise Full(str(exc)) from exc
+        except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 
     async def drop(self, indexes: list[int]) -> None:
@@ -229,7 +235,7 @@ class AttemptLedger:
             try:
                 return await call(*args)
             except Unavailable as exc:
-                if attempt == RETRIES - 1:
+                if attempt == RETRIES - 1 or isinstance(exc, Full):
                     log.warning("%s: cannot %s the attempt count of %s (%s); going on without it",
                                 self.holder, what, args[0], exc)
                     return None
