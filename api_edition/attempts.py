@@ -30,8 +30,13 @@ A put always comes before the delete of the record it replaces, so a crash in
 between leaves two records and the highest count still wins. (The Redis store
 answers a ``requestId`` lookup with the newest item only; the newest always
 holds the highest count, so both stores read the same count.) A record left by
-a crash between the result's commit and the delete is never read again; the
-queue's max length bounds them. With ``max_attempts`` 0 nothing is recorded.
+a crash between the result's commit and its delete is never read again; such
+leftovers are rare and only take room on the queue (when it is full, tasks run
+uncounted, with a warning). With ``max_attempts`` 0 nothing is recorded.
+
+Cost per task: one lookup and one put before the run, one delete alongside the
+input's commit — on the store in the all-in-one (``bench.api``: overhead p50
+about +0.6 ms), three HTTP calls for a split-deployment worker.
 """
 
 from __future__ import annotations
