@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from standard.datadir import init_data_dir
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.serving import stop_event
 from standard.settings import is_loopback
 
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
@@ -145,10 +145,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: ApiSettings) -> int:
     from .app import running
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event()
     try:
         async with running(settings) as live:
             auth = "token auth" if settings.token else "no auth"

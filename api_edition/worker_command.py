@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from aiohttp import web
@@ -16,6 +15,7 @@ from aiohttp import web
 from standard.auth import token_auth_middleware
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.serving import stop_event
 
 from .command import add_limit_arguments, limit_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
@@ -107,10 +107,7 @@ async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
 
 
 async def _until_stopped(worker: Worker, task: asyncio.Task[None], settings: WorkerSettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event()
     print(f"comfyserve worker {worker.name}: {settings.queue_url} service {settings.service!r} -> "
           f"{settings.instance_url}", flush=True)
     stopper = asyncio.create_task(stop.wait())
