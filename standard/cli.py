@@ -64,9 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    previous = asyncio.get_event_loop_policy()
     loop = use_event_loop(args.loop)
     logging.getLogger("comfyserve").debug("event loop: %s", loop)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    finally:
+        asyncio.set_event_loop_policy(previous)  # called in-process (tests), the choice must not linger
 
 
 if __name__ == "__main__":

@@ -243,3 +243,11 @@ def test_an_unknown_event_loop_is_refused(cli_env: dict[str, str]) -> None:
     out = subprocess.run(["comfyserve", "--loop", "trio", "queue"], capture_output=True, text=True, env=cli_env,
                          timeout=30)
     assert out.returncode == 2 and "invalid choice: 'trio'" in out.stderr
+
+
+def test_the_event_loop_choice_does_not_outlive_an_in_process_run(tmp_path: Path) -> None:
+    from standard.cli import main
+
+    before = asyncio.get_event_loop_policy()
+    assert main(["--loop", "uvloop", "queue", "--store", "mysql:x"]) == 2  # refused: returns at once
+    assert asyncio.get_event_loop_policy() is before
