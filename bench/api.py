@@ -1,12 +1,14 @@
 """API edition figures: throughput vs instances, per-task overhead, gap between tasks on an instance.
 
-Runs the all-in-one in this process (queue + /api_prompt front + one worker per
-instance) with N local instances as child processes (``python -m standard``),
-and measures, in one run:
+Runs, in one run, the API edition as it is deployed: N instances
+(``python -m standard``) and ``comfyserve api --instance-url ...`` (queue +
+/api_prompt front + one worker per instance) as child processes; this process
+is only the client (so its own CPU is not counted against the API process):
 
 * throughput: ``--tasks`` tasks put at once through ``/api_prompt``, time until
   all their results were watched (and committed) on ``svc/sink``, for N = 1, 2, 4;
-  scaling ratio = tasks/s at N over tasks/s at N = 1;
+  scaling ratio = tasks/s at N over tasks/s at N = 1; CPU per task of the API
+  process and of the instances;
 * overhead per task (N = 1, one task at a time): ``/api_prompt`` -> sink result
   latency minus the instance's own execution time (``execution_start`` ->
   ``execution_success`` in its history, ms timestamps), p50 / p99 (goal p50 < 10 ms);
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +44,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
-from api_edition.app import running  # noqa: E402
-from api_edition.settings import ApiSettings  # noqa: E402
 from queue_service.client import DataFrame, QueueClient  # noqa: E402
 
 TOKEN = "bench-token"
@@ -159,30 +160,91 @@ class Bench:
         return [float(g) for g in gaps]
 
 
-async def run_n(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    port = free_port()
-    settings = ApiSettings(port=port, token=TOKEN, service=SERVICE, data_dir=workdir / f"n{n}",
-                           sqlite_path=workdir / f"n{n}" / "queue.sqlite3", instances=n,
-                           max_length=100_000)
-    from standard.datadir import init_data_dir
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    init_data_dir(settings.data_dir)
-    async with running(settings) as live:
-        assert live.pool is not None
-        urls = [instance.url for instance in live.pool.instances]
+
+class Children:
+    """The child processes of one run; stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], port: int) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", "standard.cli", *args, "--port", str(port)],
+                                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    async def ready(self, url: str, path: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+        async with httpx.AsyncClient(trust_env=False, headers={"Authorization": TOKEN}) as http:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{url} exited with {proc.returncode}; see {self.workdir}")
+                try:
+                    if (await http.get(url + path)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{url}{path} never answered 200")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def run_n(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    run_dir = workdir / f"n{n}"
+    run_dir.mkdir()
+    children = Children(run_dir)
+    try:
+        urls, instances = [], []
+        for k in range(n):
+            port = free_port()
+            instances.append(children.start(f"instance{k}", ["standard", "--data-dir", str(run_dir / f"i{k}"),
+                                                             "--token", TOKEN], port))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, instances, strict=True):
+            await children.ready(url, "/readyz", proc)
+        port = free_port()
+        api = children.start("api", ["api", "--data-dir", str(run_dir / "api"), "--token", TOKEN, "--service",
+                                     SERVICE, "--max-length", "100000", "--instance-token", TOKEN,
+                                     *(part for url in urls for part in ("--instance-url", url))], port)
+        await children.ready(f"http://127.0.0.1:{port}", "/healthz", api)
         bench = Bench(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", urls, args.size)
         try:
-            await asyncio.wait_for(bench.throughput(2 * n), 60)  # warm-up: instances ready, caches primed
-            cpu_start = time.process_time()
+            await asyncio.wait_for(bench.throughput(2 * n), 60)  # warm-up: workers connected, caches primed
+            api_cpu, instances_cpu = cpu_seconds(api.pid), sum(cpu_seconds(p.pid) for p in instances)
             rate, frames = await bench.throughput(args.tasks)
-            cpu_ms = (time.process_time() - cpu_start) * 1000 / args.tasks
-            out: dict[str, Any] = {"n": n, "tasks_per_s": rate, "cpu_ms_per_task": cpu_ms}
+            out: dict[str, Any] = {
+                "n": n, "tasks_per_s": rate,
+                "api_cpu_ms_per_task": (cpu_seconds(api.pid) - api_cpu) * 1000 / args.tasks,
+                "instances_cpu_ms_per_task":
+                    (sum(cpu_seconds(p.pid) for p in instances) - instances_cpu) * 1000 / args.tasks,
+            }
             if n == 1:
                 out["gaps_ms"] = await bench.gaps(frames)
                 out["overhead_ms"] = await bench.overhead(args.latency_tasks)
             return out
         finally:
             await bench.aclose()
+    finally:
+        children.stop()
 
 
 async def main() -> None:
@@ -199,8 +261,9 @@ async def main() -> None:
         for n in (int(x) for x in args.instances.split(",")):
             result = await run_n(n, args, Path(tmp))
             runs.append(result)
-            print(f"N={n}: {result['tasks_per_s']:.1f} tasks/s (load {os.getloadavg()[0]:.1f}; API process incl. this client: "
-                  f"{result['cpu_ms_per_task']:.1f} ms CPU per task)", flush=True)
+            print(f"N={n}: {result['tasks_per_s']:.1f} tasks/s (load {os.getloadavg()[0]:.1f}; CPU per task: "
+                  f"API process {result['api_cpu_ms_per_task']:.1f} ms, instances "
+                  f"{result['instances_cpu_ms_per_task']:.1f} ms)", flush=True)
     base = runs[0]["tasks_per_s"]
     print("scaling vs N=1: " + ", ".join(f"N={r['n']}: {r['tasks_per_s'] / base:.2f}x" for r in runs))
     first = runs[0]
