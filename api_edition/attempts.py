@@ -2,9 +2,11 @@
 
 A graph that kills its instance (out of memory, a segfault in a node) would
 otherwise circulate for ever: the worker gives it back, the next instance dies
-too, and so on. So each run is recorded *before* it starts, and a worker that
-receives a task whose count has reached ``max_attempts`` reports it as failed
-(``too_many_attempts``) instead of running it.
+too, and so on. So each run is recorded as it starts (the record is written
+while the prompt is submitted, so it adds nothing to the gap between two
+tasks), and a worker that receives a task whose count has reached
+``max_attempts`` reports it as failed (``too_many_attempts``) instead of
+running it.
 
 Where the count lives: a third queue of the service, ``{service}/attempts``,
 holding at most one live record per task, addressed by the input item's
@@ -16,15 +18,18 @@ all-in-one the workers write the store directly, as they do for the sink.
 
 The cycle of one delivery (records hold ``{"count": n, "reason": ...}``):
 
-- ``start``: read the task's record(s); ``count`` = their highest count. At
-  ``max_attempts`` the task is not run. Otherwise put a record with
-  ``count + 1`` whose reason says the worker never finished — true if it is
-  killed (kill -9), stopped or cut off from the queue, which leaves the record
-  behind; nothing else needs to run for such a run to count.
+- ``check``: read the task's record(s); ``count`` = their highest count. At
+  ``max_attempts`` the task is not run. Otherwise ``record`` puts a record
+  with ``count + 1`` beside the submission, whose reason says the worker never
+  finished — true if it is killed (kill -9), stopped or cut off from the
+  queue, which leaves the record behind; nothing else needs to run for such a
+  run to count (only a worker killed in the millisecond before the record
+  lands leaves that one run uncounted).
 - the instance went away (``GiveBack``): put a record with the same count and
   the reason, then delete the older ones.
 - a result went to the sink (success, failure, or already reported): delete
-  the task's records.
+  the task's records (after the input's commit, in the background, so the
+  next task need not wait for it).
 
 A put always comes before the delete of the record it replaces, so a crash in
 between leaves two records and the highest count still wins. (The Redis store
@@ -183,6 +188,8 @@ class Ticket:
     count: int = 0  # this run's number; 0 when not counted
     records: list[int] = field(default_factory=list)
     exhausted: Record | None = None  # set when the cap is reached: report, do not run
+    previous: int | None = None  # the count read by ``check``; None when it could not be read
+    recording: asyncio.Task[None] | None = None  # this run's record being written
 
     def message(self) -> str:
         """The error result's message once ``exhausted``."""
@@ -199,7 +206,8 @@ class AttemptLedger:
         self.max_attempts = max_attempts
         self.holder = holder
 
-    async def start(self, request_id: str) -> Ticket:
+    async def check(self, request_id: str) -> Ticket:
+        """Read the task's count; ``exhausted`` is set when it has reached the cap (report, do not run)."""
         ticket = Ticket(request_id)
         if self.max_attempts <= 0:
             return ticket
@@ -207,20 +215,34 @@ class AttemptLedger:
         if found is None:
             return ticket
         last = max(found, key=lambda r: (r.count, r.index), default=None)
-        count = last.count if last else 0
         ticket.records = [r.index for r in found]
-        if last is not None and count >= self.max_attempts:
+        if last is not None and last.count >= self.max_attempts:
             ticket.exhausted = last
-            return ticket
-        reason = f"worker {self.holder} never finished it (killed, stopped, or cut off from the queue)"
-        index = await self._try("record", self.records.put, request_id, count + 1, reason)
-        if index is not None:
-            ticket.count = count + 1
-            ticket.records.append(index)
+        else:
+            ticket.previous = last.count if last else 0
         return ticket
+
+    def record(self, ticket: Ticket) -> None:
+        """Count this run. The record is written while the run is submitted, off the path between two
+        tasks; a worker killed in the millisecond before the write lands leaves that run uncounted."""
+        if ticket.previous is not None and ticket.exhausted is None:
+            ticket.recording = asyncio.create_task(self._record(ticket, ticket.previous + 1))
+
+    async def _record(self, ticket: Ticket, count: int) -> None:
+        reason = f"worker {self.holder} never finished it (killed, stopped, or cut off from the queue)"
+        index = await self._try("record", self.records.put, ticket.request_id, count, reason)
+        if index is not None:
+            ticket.count = count
+            ticket.records.append(index)
+
+    @staticmethod
+    async def _recorded(ticket: Ticket) -> None:
+        if ticket.recording is not None:
+            await asyncio.shield(ticket.recording)
 
     async def give_back(self, ticket: Ticket, reason: str) -> None:
         """The run was cut off: keep its count, with the reason the next worker will report."""
+        await self._recorded(ticket)
         if not ticket.count:
             return
         index = await self._try("record", self.records.put, ticket.request_id, ticket.count, reason)
@@ -230,6 +252,7 @@ class AttemptLedger:
 
     async def finish(self, ticket: Ticket) -> None:
         """The task has its result on the sink: its records are done with."""
+        await self._recorded(ticket)
         if ticket.records:
             await self._try("drop", self.records.drop, ticket.records)
             ticket.records = []

@@ -33,6 +33,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Any
 
 from queue_service.client import DataFrame, QueueClient, QueueClientError
@@ -98,6 +99,7 @@ class Worker:
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -126,7 +128,14 @@ class Worker:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def aclose(self) -> None:
+        if self._background:  # bookkeeping of the last task (its attempt records) finishes first
+            await asyncio.wait(set(self._background), timeout=5.0)
         for client in (self.input, self.sink):
             await client.aclose()
         await self.attempt_records.aclose()
@@ -184,10 +193,11 @@ class Worker:
             except GraphError as exc:
                 status, events = results.from_failure(exc.kind, exc.message)
             else:
-                ticket = await self.ledger.start(request_id)
+                ticket = await self.ledger.check(request_id)
                 if ticket.exhausted is not None:
                     status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
                 else:
+                    self.ledger.record(ticket)
                     status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
@@ -208,7 +218,8 @@ class Worker:
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._put_result(results.encode(events), tags)
         self._remember(request_id)
-        await asyncio.gather(self._commit(frame.index), self.ledger.finish(ticket))
+        await self._commit(frame.index)
+        self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
         self.stats.task_seconds_sum += time.monotonic() - started
         if status == "success":
             self.stats.succeeded += 1
