@@ -1,10 +1,19 @@
-"""The three queue calls a worker makes per task, over HTTP or straight on the store.
+"""The queue calls a worker makes per task, over HTTP or straight on the store.
 
 A split-deployment worker talks to the queue service over HTTP. In the
 all-in-one the worker lives in the queue service's own process, so its sink
-put, input commit and sink lookup go straight to the store — three round
-trips fewer per task. The watch stays a WebSocket either way: that is where
-the queue tracks consumers, leases and redelivery.
+lookup, result put and input commit go straight to the store, without HTTP. The watch stays a WebSocket either way: that is where the
+queue tracks consumers, leases and redelivery.
+
+``put_result_and_commit`` is the step that makes "exactly one result per
+task" hold: on the store it is ONE atomic operation (``put_and_remove``), so a
+worker that dies can leave the result and the commit both done or both
+undone. Over HTTP it is two calls, put then commit: a worker that dies in
+between (about a millisecond) leaves its result on the sink and the input
+uncommitted; the redelivered task finds its result by ``requestId`` and is
+only committed — unless a client has already taken that result off the sink,
+when it is run and reported a second time. That window remains in the split
+deployment.
 """
 
 from __future__ import annotations
@@ -28,8 +37,21 @@ class Transient(Exception):
     """The queue could not be reached; retry."""
 
 
+class Uncommitted(Exception):
+    """The result is on the sink but the input's commit failed: retry the commit alone."""
+
+    def __init__(self, sink_index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.sink_index = sink_index
+
+
 class QueueOps(Protocol):
-    async def put_result(self, data: bytes, tags: dict[str, str]) -> int: ...
+    async def put_result_and_commit(self, data: bytes, tags: dict[str, str], index: int) -> int:
+        """Put the result on the sink and commit input item ``index``; returns the sink index.
+
+        Raises ``SinkFull`` / ``ResultTooLarge`` / ``Transient`` with nothing done (retry the
+        whole call), or ``Uncommitted`` when only the commit is left to do.
+        """
 
     async def commit(self, index: int) -> None: ...
 
@@ -53,6 +75,15 @@ class HttpQueueOps:
             if exc.status == 0 or exc.status >= 500:
                 raise Transient(str(exc)) from exc
             raise
+
+    async def put_result_and_commit(self, data: bytes, tags: dict[str, str], index: int) -> int:
+        """Two calls: the window between them is the split deployment's remaining hole (see above)."""
+        sink_index = await self.put_result(data, tags)
+        try:
+            await self.commit(index)
+        except Transient as exc:
+            raise Uncommitted(sink_index, str(exc)) from exc
+        return sink_index
 
     async def commit(self, index: int) -> None:
         try:
@@ -78,17 +109,34 @@ class StoreQueueOps:
         self.sink = service + "/sink"
         self.max_length = max_length
         self.max_payload_bytes = max_payload_bytes
+        self._unsure: int | None = None  # the input whose last try failed without saying if it landed
 
-    async def put_result(self, data: bytes, tags: dict[str, str]) -> int:
+    async def put_result_and_commit(self, data: bytes, tags: dict[str, str], index: int) -> int:
+        """One store operation: the result lands and the input goes together, or neither does."""
         if len(data) > self.max_payload_bytes:
             raise ResultTooLarge(f"the body exceeds {self.max_payload_bytes} bytes")
+        request_id = tags[REQUEST_ID_TAG]
         try:
-            return await self.store.put(self.sink, encode_body(tags, data), tags[REQUEST_ID_TAG], 0,
-                                        self.max_length)
+            if self._unsure == index:
+                if not await self._still_queued(index):
+                    # The last try landed but its reply was lost (Redis): both happened, do not put again.
+                    self._unsure = None
+                    found = await self.store.get(self.sink, 0, 1, request_id)
+                    return found[0].index if found else 0
+                self._unsure = None
+            sink_index = await self.store.put_and_remove(self.sink, encode_body(tags, data), request_id, 0,
+                                                         self.max_length, self.input, [index])
         except QueueFull as exc:
             raise SinkFull(str(exc)) from exc
         except StoreUnavailable as exc:
+            self._unsure = index
             raise Transient(str(exc)) from exc
+        self._unsure = None
+        return sink_index
+
+    async def _still_queued(self, index: int) -> bool:
+        items = await self.store.get(self.input, index, 1, None)
+        return bool(items) and items[0].index == index
 
     async def commit(self, index: int) -> None:
         try:

@@ -1,14 +1,20 @@
 """A worker: input queue -> its instance -> sink queue, one task at a time.
 
 It watches the input queue with window 1 under a stable consumer id, runs each
-graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), puts
-the result on the sink with the input's tags, and only then commits the
-input. So a worker that dies before its commit loses nothing: the queue hands
-the item to another worker once the dead one's lease runs out.
+graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), then
+puts the result on the sink with the input's tags and commits the input. So a
+worker that dies before its commit loses nothing: the queue hands the item to
+another worker once the dead one's lease runs out.
 
 Exactly one result per task: the sink put carries the input's ``requestId``;
 before running, a worker looks that id up on the sink (and in its own memory
 of recent tasks) and, when a result is already there, just commits the input.
+In the all-in-one the put and the commit are one atomic store operation
+(``QueueOps.put_result_and_commit``), so a result never sits beside an input
+that comes back. Over HTTP (split deployment) they are two calls; a worker
+that dies between them, whose result a client takes off the sink before the
+input is redelivered, gets its task run and reported twice: the window that
+remains there.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its one uncommitted item, so it takes no more input. An instance that
@@ -44,7 +50,7 @@ from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
 from .graph import GraphError, parse_graph
 from .metrics import ApiMetrics
-from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient
+from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
 from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
@@ -181,8 +187,8 @@ class Worker:
         if request_id in self._reported:
             await self._skip_reported(frame, request_id)
             return
-        # Looked up while the task runs: a hit (its worker died between put and commit) is rare,
-        # and then the run's result is dropped instead of being reported twice.
+        # Looked up while the task runs: a hit (a split-deployment worker died between put and commit,
+        # or an item put by hand beside its result) is rare; then the run's result is dropped.
         reported = asyncio.create_task(self._in_sink(request_id))
         started = time.monotonic()
         prompt_id: str | None = None
@@ -216,9 +222,8 @@ class Worker:
         if prompt_id:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
-        sink_index = await self._put_result(results.encode(events), tags)
+        sink_index = await self._report(results.encode(events), tags, frame.index)
         self._remember(request_id)
-        await self._commit(frame.index)
         self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
         self.stats.task_seconds_sum += time.monotonic() - started
         if status == "success":
@@ -303,12 +308,18 @@ class Worker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _put_result(self, data: bytes, tags: dict[str, str]) -> int:
-        """Put until it succeeds: a full sink blocks here, so no further input is taken."""
+    async def _report(self, data: bytes, tags: dict[str, str], index: int) -> int:
+        """Put the result and commit input ``index`` until it succeeds; returns the sink index.
+
+        A full sink blocks here with the input uncommitted, so no further input is taken.
+        """
         delay = RETRY_MIN_S
         while True:
             try:
-                return await self.ops.put_result(data, tags)
+                return await self.ops.put_result_and_commit(data, tags, index)
+            except Uncommitted as exc:  # split deployment: the result is on the sink, the commit failed
+                await self._commit(index)
+                return exc.sink_index
             except SinkFull:
                 log.info("%s: sink queue full; holding the result", self.name)
             except ResultTooLarge:

@@ -17,7 +17,9 @@ A claim that finds nothing sets ``waiting``; the next change (put, removal,
 release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
 watchers in every process wake at once while a busy queue costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
-claim script.
+claim script. ``put_and_remove`` (a worker's result put + input commit) is the
+one script that spans two queues, i.e. two hash tags: atomic on the single
+Redis this store runs on, not meant for Redis Cluster.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis import exceptions as redis_errors
 
-from .store import (TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueStats, StoreUnavailable,
-                    Superseded)
+from .store import (TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueFull, QueueStats,
+                    StoreUnavailable, Superseded)
 
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
@@ -131,6 +133,17 @@ local function drop(P, i)
   unown(P, i)
   return 1
 end
+local function insert(P, prio, rid, body)
+  local idx = redis.call('INCR', P..'seq')
+  local i = tostring(idx)
+  redis.call('HSET', P..'body', i, body)
+  redis.call('HSET', P..'rid', i, rid)
+  redis.call('HSET', P..'byrid', rid, i)
+  redis.call('ZADD', P..'all', idx, i)
+  if prio == '1' then redis.call('SADD', P..'prio', i) end
+  redis.call('ZADD', P..'ready', score_of(P, i), i)
+  return idx
+end
 """
 
 PUT = _LIB + """
@@ -142,20 +155,29 @@ for k = 4, #ARGV, 4 do
   if maxlen > 0 and length >= maxlen then
     out[#out + 1] = -1
   else
-    local idx = redis.call('INCR', P..'seq')
-    local i = tostring(idx)
-    redis.call('HSET', P..'body', i, ARGV[k + 2])
-    redis.call('HSET', P..'rid', i, ARGV[k + 1])
-    redis.call('HSET', P..'byrid', ARGV[k + 1], i)
-    redis.call('ZADD', P..'all', idx, i)
-    if ARGV[k] == '1' then redis.call('SADD', P..'prio', i) end
-    redis.call('ZADD', P..'ready', score_of(P, i), i)
+    out[#out + 1] = insert(P, ARGV[k], ARGV[k + 1], ARGV[k + 2])
     length = length + 1
-    out[#out + 1] = idx
   end
 end
 wake(P, ARGV[2], ARGV[3])
 return out
+"""
+
+# A worker's result put and input commit in one script: both land or neither. The two queues'
+# keys carry different hash tags ({sink} and {input}), which a single Redis (the supported setup,
+# shared by several service processes) runs atomically; Redis Cluster would refuse the script.
+# ARGV: put prefix, channel, put queue, priority, requestId, body, max length, remove prefix,
+# remove queue, indexes...; returns the put's index, or -1 (full: nothing put, nothing removed).
+PUT_AND_REMOVE = _LIB + """
+local P, R = ARGV[1], ARGV[8]
+local maxlen = tonumber(ARGV[7])
+if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
+local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
+wake(P, ARGV[2], ARGV[3])
+local n = 0
+for k = 10, #ARGV do n = n + drop(R, ARGV[k]) end
+if n > 0 then wake(R, ARGV[2], ARGV[9]) end
+return idx
 """
 
 REMOVE = _LIB + """
@@ -313,7 +335,7 @@ class RedisStore:
         return self._scripts[name]
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
-        """Run put/claim without the client's retries: a retry after a lost reply would put twice,
+        """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would put twice,
         or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
         return self._scripts[name](args=args, client=self._once)
 
@@ -329,7 +351,7 @@ class RedisStore:
                                              retry=Retry(NoBackoff(), retries=0))
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
-        for name, source in (("put", PUT), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
+        for name, source in (("put", PUT), ("put_and_remove", PUT_AND_REMOVE), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
                              ("renew", RENEW), ("forget", FORGET),
                              ("release", RELEASE)):
@@ -435,6 +457,17 @@ class RedisStore:
             args=[_prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
         self._notifier.notify(queue)
         return int(removed)
+
+    async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
+                             remove_queue: str, indexes: list[int]) -> int:
+        index = int(await self._call(lambda: self._script_once("put_and_remove", [
+            _prefix(put_queue), CHANNEL, put_queue, "1" if priority else "0", request_id, body, max_length,
+            _prefix(remove_queue), remove_queue, *(str(i) for i in indexes)])))
+        if index == -1:
+            raise QueueFull(f"queue {put_queue!r} is full ({max_length} items)")
+        self._notifier.notify(put_queue)
+        self._notifier.notify(remove_queue)
+        return index
 
     async def truncate(self, queue: str, below_index: int) -> int:
         removed = await self._call(lambda: self._script("truncate")(

@@ -4,6 +4,7 @@ Every call runs on a single dedicated thread that owns the connection, so
 calls are serialised (no locking needed, claim is atomic) and the event loop
 never blocks. Each write is its own transaction in WAL mode with
 ``synchronous=NORMAL``: an accepted put survives a kill -9 of the process.
+``put_and_remove`` writes two queues in one transaction.
 Consumer sessions live in memory (one process per SQLite file); pending
 items and their owners are on disk, so a consumer that reconnects after a
 restart gets its pending items again.
@@ -21,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from .store import (FULL, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueStats,
-                    Superseded)
+from .store import (FULL, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueFull,
+                    QueueStats, Superseded)
 
 T = TypeVar("T")
 log = logging.getLogger("comfyserve.queue.sqlite")
@@ -152,31 +153,51 @@ class SQLiteStore:
 
     # -- producers ------------------------------------------------------------
 
+    @staticmethod
+    def _insert(db: sqlite3.Connection, queue: str, requests: list[PutRequest]) -> list[int]:
+        """Append inside the caller's transaction; FULL for each put the max length refuses."""
+        row = db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO queues (name) VALUES (?)", (queue,))
+            row = (0, 0)
+        last, length = row
+        results: list[int] = []
+        rows = []
+        for request in requests:
+            if request.max_length and length >= request.max_length:
+                results.append(FULL)
+                continue
+            last += 1
+            length += 1
+            rows.append((queue, last, request.priority, request.request_id, request.body))
+            results.append(last)
+        if rows:
+            db.executemany("INSERT INTO items (queue, idx, priority, request_id, body) VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("UPDATE queues SET last_index = ?, length = ? WHERE name = ?", (last, length, queue))
+        return results
+
     def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
-        """One transaction for a batch of puts; FULL for each put the max length refuses."""
+        """One transaction for a batch of puts."""
         db = self._tx()
         try:
-            row = db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO queues (name) VALUES (?)", (queue,))
-                row = (0, 0)
-            last, length = row
-            results: list[int] = []
-            rows = []
-            for request in requests:
-                if request.max_length and length >= request.max_length:
-                    results.append(FULL)
-                    continue
-                last += 1
-                length += 1
-                rows.append((queue, last, request.priority, request.request_id, request.body))
-                results.append(last)
-            if rows:
-                db.executemany("INSERT INTO items (queue, idx, priority, request_id, body) VALUES (?, ?, ?, ?, ?)",
-                               rows)
-                db.execute("UPDATE queues SET last_index = ?, length = ? WHERE name = ?", (last, length, queue))
+            results = self._insert(db, queue, requests)
             db.execute("COMMIT")
             return results
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _put_and_remove(self, put_queue: str, request: PutRequest, remove_queue: str, indexes: list[int]) -> int:
+        """One transaction: the put and the removal land together or not at all."""
+        db = self._tx()
+        try:
+            [index] = self._insert(db, put_queue, [request])
+            if index == FULL:
+                db.execute("ROLLBACK")  # nothing written (at most the queue's own row): keep the input
+                return FULL
+            self._delete_where(db, remove_queue, indexes)
+            db.execute("COMMIT")
+            return index
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -188,6 +209,16 @@ class SQLiteStore:
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+
+    async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
+                             remove_queue: str, indexes: list[int]) -> int:
+        index = await self._run(self._put_and_remove, put_queue,
+                                PutRequest(body, request_id, priority, max_length), remove_queue, indexes)
+        if index == FULL:
+            raise QueueFull(f"queue {put_queue!r} is full ({max_length} items)")
+        self._notifier.notify(put_queue)
+        self._notifier.notify(remove_queue)
+        return index
 
     # -- readers --------------------------------------------------------------
 

@@ -100,6 +100,16 @@ class QueueStore(Protocol):
     async def remove(self, queue: str, indexes: list[int]) -> int:
         """Commit/delete: drop these items for good; returns how many existed."""
 
+    async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
+                             remove_queue: str, indexes: list[int]) -> int:
+        """``put`` on one queue and ``remove`` on another as ONE atomic step; returns the put's index.
+
+        A worker's "result on the sink, input committed": a crash can leave neither or both, never
+        a result whose input comes back to be run again. A full ``put_queue`` raises ``QueueFull`` and
+        removes nothing (back-pressure: the input stays with its consumer). Indexes that do not
+        exist are ignored. Wakes the watchers of both queues, in every process.
+        """
+
     async def truncate(self, queue: str, below_index: int) -> int:
         """Drop every item with index < below_index."""
 

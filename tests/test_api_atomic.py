@@ -1,0 +1,176 @@
+"""A worker's "result on the sink + input committed" as one store operation (``put_and_remove``).
+
+Store level on both stores (Redis: also across two service processes on one Redis), then the
+all-in-one worker using it, and the split deployment's two-call version of the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_api_support import TOKEN, ApiFactory, api, instance_url  # noqa: F401
+from test_queue_support import store_kind  # noqa: F401
+from test_server_support import tiny_graph
+
+from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps
+from queue_service.client import QueueClient
+from queue_service.protocol import encode_body
+from queue_service.redis_store import RedisStore
+from queue_service.server import STORE_KEY
+from queue_service.sqlite_store import SQLiteStore
+from queue_service.store import QueueFull, QueueStore, wait_event
+
+INPUT, SINK = "svc", "svc/sink"
+StoreFactory = Callable[[], Awaitable[QueueStore]]
+
+
+@pytest.fixture
+async def open_store(store_kind: str, request: pytest.FixtureRequest,  # noqa: F811
+                     tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Open stores under test: SQLite in tmp_path, or (each call a "process" of its own) a flushed Redis."""
+    redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
+    stack = contextlib.AsyncExitStack()
+
+    async def make() -> QueueStore:
+        store: QueueStore = RedisStore(redis_url) if redis_url else SQLiteStore(tmp_path / "queue.sqlite3")
+        await store.open()
+        stack.push_async_callback(store.close)
+        return store
+
+    async with stack:
+        yield make
+
+
+def body(data: bytes, request_id: str) -> bytes:
+    return encode_body({"requestId": request_id}, data)
+
+
+async def put_input(store: QueueStore, count: int) -> list[int]:
+    return [await store.put(INPUT, body(b"graph", f"rid-{n}"), f"rid-{n}", 0, 0) for n in range(count)]
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+async def test_put_and_remove_puts_and_removes_together(open_store: StoreFactory) -> None:
+    store = await open_store()
+    first, second = await put_input(store, 2)
+    await store.open_session(INPUT, "worker-1", "s1", 30.0)
+    [claimed] = await store.claim(INPUT, "worker-1", "s1", window=1, min_index=0, auto_commit=False, lease_s=30.0)
+    assert claimed.index == first
+
+    index = await store.put_and_remove(SINK, body(b"result", "rid-0"), "rid-0", 0, 10, INPUT, [first])
+
+    assert index == 1
+    [result] = await store.get(SINK, 0, 10, "rid-0")
+    assert result.index == index and result.decoded()[1] == b"result"
+    assert [item.index for item in await store.get(INPUT, 0, 10, None)] == [second]
+    assert await store.pending(INPUT, "worker-1", "s1") == []  # the claim is gone with the item
+    assert (await store.stats(INPUT)).length == 1 and (await store.stats(SINK)).length == 1
+
+
+async def test_full_put_queue_refuses_and_keeps_the_item_to_remove(open_store: StoreFactory) -> None:
+    store = await open_store()
+    [first] = await put_input(store, 1)
+    await store.put(SINK, body(b"older", "rid-x"), "rid-x", 0, 1)
+
+    with pytest.raises(QueueFull):
+        await store.put_and_remove(SINK, body(b"result", "rid-0"), "rid-0", 0, 1, INPUT, [first])
+
+    assert [item.index for item in await store.get(INPUT, 0, 10, None)] == [first]  # back-pressure: kept
+    assert await store.get(SINK, 0, 10, "rid-0") == []
+    assert (await store.stats(SINK)).length == 1
+    await store.remove(SINK, [1])  # the client takes the older result: room again
+    assert await store.put_and_remove(SINK, body(b"result", "rid-0"), "rid-0", 0, 1, INPUT, [first]) == 2
+    assert await store.get(INPUT, 0, 10, None) == []
+
+
+async def test_unknown_indexes_to_remove_are_harmless(open_store: StoreFactory) -> None:
+    store = await open_store()
+    [first] = await put_input(store, 1)
+    assert await store.put_and_remove(SINK, body(b"a", "rid-a"), "rid-a", 0, 10, INPUT, [first + 41]) == 1
+    assert await store.put_and_remove(SINK, body(b"b", "rid-b"), "rid-b", 0, 10, "svc/never-written", [1]) == 2
+    assert await store.put_and_remove(SINK, body(b"c", "rid-c"), "rid-c", 0, 10, INPUT, []) == 3
+    assert (await store.stats(INPUT)).length == 1 and (await store.stats(SINK)).length == 3
+    assert not await store.exists("svc/never-written")
+
+
+async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind: str) -> None:  # noqa: F811
+    store = await open_store()
+    [first] = await put_input(store, 1)
+    sink_changed, input_changed = store.changes(SINK), store.changes(INPUT)  # taken before looking
+    await store.put_and_remove(SINK, body(b"r", "rid-0"), "rid-0", 0, 10, INPUT, [first])
+    assert await wait_event(sink_changed, 2.0) and await wait_event(input_changed, 2.0)
+
+
+async def test_watchers_in_another_process_on_the_same_redis_wake(open_store: StoreFactory,
+                                                                  store_kind: str) -> None:  # noqa: F811
+    if store_kind != "redis":
+        pytest.skip("one process per SQLite store")
+    writer, watcher = await open_store(), await open_store()
+    [first] = await put_input(writer, 1)
+    await asyncio.sleep(0.2)  # the watcher's pub/sub subscription is up
+    sink_changed, input_changed = watcher.changes(SINK), watcher.changes(INPUT)
+    await watcher.arm(SINK)
+    await watcher.arm(INPUT)
+    await writer.put_and_remove(SINK, body(b"r", "rid-0"), "rid-0", 0, 10, INPUT, [first])
+    assert await wait_event(sink_changed, 2.0) and await wait_event(input_changed, 2.0)
+    assert [item.index for item in await watcher.get(SINK, 0, 10, "rid-0")] == [1]
+
+
+# -- the API edition ---------------------------------------------------------------------------
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, instance_url: Any) -> None:  # noqa: F811
+    live = await api(instance_urls=(await instance_url(),), max_length=1)
+    assert live.live.pool is not None
+    [(worker, _)] = live.live.pool.workers
+    assert isinstance(worker.ops, StoreQueueOps)
+    store = live.live.app[STORE_KEY]
+
+    first = (await live.submit(tiny_graph("a0"), task_id="a0")).headers["X-Eas-Queueservice-Request-Id"]
+    await wait_until(lambda: store.get(SINK, 0, 1, first))
+    assert (await store.stats(INPUT)).length == 0  # committed with the put
+
+    # The sink is at its max length: the next result is refused, and its input stays uncommitted.
+    second = (await live.submit(tiny_graph("a1"), task_id="a1")).headers["X-Eas-Queueservice-Request-Id"]
+    async with live.input() as queue:
+        await wait_until(lambda: _pending(queue, 2))  # the worker took it
+        await asyncio.sleep(0.3)  # the worker has run it and is holding the result
+        assert (await store.stats(INPUT)).length == 1
+        assert await store.get(SINK, 0, 1, second) == []
+        [held] = await store.get(SINK, 0, 10, None)
+        await store.remove(SINK, [held.index])  # a client takes the first result: room again
+        await wait_until(lambda: store.get(SINK, 0, 1, second))
+        assert (await store.stats(INPUT)).length == 0
+    [stats] = live.live.metrics.workers.values()
+    assert stats.succeeded == 2 and stats.redeliveries == 0
+
+
+async def _pending(queue: QueueClient, index: int) -> bool:
+    return (await queue.search(index)).get("IsPending") is True
+
+
+async def test_split_deployment_puts_then_commits(api: ApiFactory) -> None:  # noqa: F811
+    live = await api(max_length=1)
+    async with live.input() as queue, live.sink() as sink:
+        ops = HttpQueueOps(queue, sink)
+        first, _ = await queue.put(b"{}", {"requestId": "rid-0"})
+        index = await ops.put_result_and_commit(b"[]", {"requestId": "rid-0", "task_id": "t0"}, first)
+        assert [f.tags["task_id"] for f in await sink.get(index, 1)] == ["t0"]
+        assert await ops.in_sink("rid-0") and await queue.get(0, 10) == []
+        second, _ = await queue.put(b"{}", {"requestId": "rid-1"})
+        with pytest.raises(SinkFull):  # back-pressure: the input is not committed
+            await ops.put_result_and_commit(b"[]", {"requestId": "rid-1", "task_id": "t1"}, second)
+        assert [f.index for f in await queue.get(0, 10)] == [second]
