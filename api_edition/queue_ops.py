@@ -2,8 +2,9 @@
 
 A split-deployment worker talks to the queue service over HTTP. In the
 all-in-one the worker lives in the queue service's own process, so its sink
-lookup, result put and input commit go straight to the store, without HTTP. The watch stays a WebSocket either way: that is where the
-queue tracks consumers, leases and redelivery.
+lookup, result put and input commit go straight to the store, without HTTP.
+The watch stays a WebSocket either way: that is where the queue tracks
+consumers, leases and redelivery.
 
 ``put_result_and_commit`` is the step that makes "exactly one result per
 task" hold: on the store it is ONE atomic operation (``put_and_remove``), so a

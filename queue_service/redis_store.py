@@ -335,8 +335,8 @@ class RedisStore:
         return self._scripts[name]
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
-        """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would put twice,
-        or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
+        """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
+        put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
         return self._scripts[name](args=args, client=self._once)
 
     async def open(self) -> None:
@@ -351,9 +351,9 @@ class RedisStore:
                                              retry=Retry(NoBackoff(), retries=0))
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
-        for name, source in (("put", PUT), ("put_and_remove", PUT_AND_REMOVE), ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
-                             ("renew", RENEW), ("forget", FORGET),
+        for name, source in (("put", PUT), ("put_and_remove", PUT_AND_REMOVE), ("remove", REMOVE),
+                             ("truncate", TRUNCATE), ("position", POSITION), ("open_session", OPEN_SESSION),
+                             ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
                              ("release", RELEASE)):
             self._scripts[name] = self._redis.register_script(source)
         await self._call(self._redis.ping)

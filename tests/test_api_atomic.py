@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_api_support import TOKEN, ApiFactory, api, instance_url  # noqa: F401
+from conftest import RedisServer
+from test_api_support import ApiFactory, api, instance_url  # noqa: F401
 from test_queue_support import store_kind  # noqa: F401
 from test_server_support import tiny_graph
 
-from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps
+from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps, Transient
 from queue_service.client import QueueClient
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
@@ -121,6 +122,42 @@ async def test_watchers_in_another_process_on_the_same_redis_wake(open_store: St
     await writer.put_and_remove(SINK, body(b"r", "rid-0"), "rid-0", 0, 10, INPUT, [first])
     assert await wait_event(sink_changed, 2.0) and await wait_event(input_changed, 2.0)
     assert [item.index for item in await watcher.get(SINK, 0, 10, "rid-0")] == [1]
+
+
+async def test_a_retry_after_a_lost_redis_reply_puts_no_second_result(tmp_path: Path) -> None:
+    """Redis gone mid-call: the worker cannot tell if the script ran; its retry must not put twice."""
+    server = RedisServer(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    store = RedisStore(server.url, call_timeout_s=0.5)
+    await store.open()
+    ops = StoreQueueOps(store, INPUT, max_length=10, max_payload_bytes=1024)
+
+    async def report(request_id: str, index: int) -> int:  # as the worker does: retry while Transient
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    return await ops.put_result_and_commit(b"result", {"requestId": request_id}, index)
+                except Transient:
+                    await asyncio.sleep(0.05)
+
+    try:
+        first, second = await put_input(store, 2)
+        for request_id, index, landed in (("rid-0", first, False), ("rid-1", second, True)):
+            await asyncio.to_thread(server.stop)
+            with pytest.raises(Transient):
+                await ops.put_result_and_commit(b"result", {"requestId": request_id}, index)
+            await asyncio.to_thread(server.start)  # AOF: the data is back
+            if landed:  # the lost call had run: result put, input removed
+                done = await store.put_and_remove(SINK, body(b"result", request_id), request_id, 0, 10, INPUT, [index])
+                assert await report(request_id, index) == done
+            else:
+                await report(request_id, index)
+        results = await store.get(SINK, 0, 10, None)
+        assert [item.decoded()[0]["requestId"] for item in results] == ["rid-0", "rid-1"]
+        assert await store.get(INPUT, 0, 10, None) == []
+    finally:
+        await store.close()
+        await asyncio.to_thread(server.stop)
 
 
 # -- the API edition ---------------------------------------------------------------------------
