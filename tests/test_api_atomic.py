@@ -109,11 +109,19 @@ async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind
     assert await wait_event(sink_changed, 2.0) and await wait_event(input_changed, 2.0)
 
 
-async def test_watchers_in_another_process_on_the_same_redis_wake(open_store: StoreFactory,
-                                                                  store_kind: str) -> None:  # noqa: F811
-    if store_kind != "redis":
-        pytest.skip("one process per SQLite store")
-    writer, watcher = await open_store(), await open_store()
+async def test_watchers_in_another_process_on_the_same_redis_wake(redis_url: str) -> None:
+    """Redis only: one process per SQLite store."""
+    writer, watcher = RedisStore(redis_url), RedisStore(redis_url)
+    for store in (writer, watcher):
+        await store.open()
+    try:
+        await _wake_across_processes(writer, watcher)
+    finally:
+        for store in (writer, watcher):
+            await store.close()
+
+
+async def _wake_across_processes(writer: QueueStore, watcher: QueueStore) -> None:
     [first] = await put_input(writer, 1)
     await asyncio.sleep(0.2)  # the watcher's pub/sub subscription is up
     sink_changed, input_changed = watcher.changes(SINK), watcher.changes(INPUT)
