@@ -310,7 +310,8 @@ class Downstream(asyncio.Protocol):
             self.config.stats["proxied_requests_total"] -= 1
             self._handoff()
             return
-        log.warning("%s %s: %s", head.method.decode() if head else "?", head.target.decode()[:200] if head else "?", exc)
+        method, target = (head.method.decode(), head.target.decode()[:200]) if head else ("?", "?")
+        log.warning("%s %s: %s", method, target, exc)
         if exc.nothing_received:
             self.config.stats["backend_errors_total"] += 1
             self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", str(exc)))

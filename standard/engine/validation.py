@@ -77,7 +77,7 @@ class _Validator:
         required = class_inputs.get("required", {})
         optional = class_inputs.get("optional", {})
         validate_function = getattr(node_class, "VALIDATE_INPUTS", None)
-        custom_params = set(inspect.signature(validate_function).parameters) if validate_function else set()
+        custom_params = dict(inspect.signature(validate_function).parameters) if validate_function else {}
 
         errors: list[Reason] = []
         valid = True
@@ -176,11 +176,10 @@ class _Validator:
         return None
 
     def _custom_validation(self, node_class: type, function: Any, inputs: dict[str, Any],
-                           params: set[str]) -> list[Reason]:
+                           params: dict[str, inspect.Parameter]) -> list[Reason]:
         arguments = {k: v for k, v in inputs.items() if k in params and not isinstance(v, list)}
         if any(p.default is inspect.Parameter.empty and name not in arguments
-               for name, p in inspect.signature(function).parameters.items()
-               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)):
+               for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)):
             return []  # it needs a linked value: ComfyUI checks those at run time
         try:
             result = function(**arguments)
