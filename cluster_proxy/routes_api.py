@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -71,18 +72,22 @@ async def post_prompt(request: web.Request) -> web.Response:
     return web.json_response({"prompt_id": prompt_id, "number": task.number, "node_errors": node_errors})
 
 
-@routes.post("/queue")
-async def post_queue(request: web.Request) -> web.Response:
-    core, user = request.app[CORE], request[USER].name
+async def _clear_or_delete(request: web.Request, delete: Callable[[str, list[str] | None], Awaitable[list[str]]],
+                           what: str) -> web.Response:
+    """ComfyUI's ``{"clear": true}`` / ``{"delete": [ids]}`` body, applied to the user's own items only."""
+    user = request[USER].name
     body = await read_json_object(request)
     ids = delete_ids(body)
     if body.get("clear"):
-        await core.delete_pending(user, None)
-    if ids:
-        deleted = await core.delete_pending(user, ids)
-        if not deleted:
-            raise _not_yours("pending prompt", ids)
+        await delete(user, None)
+    if ids and not await delete(user, ids):
+        raise _not_yours(what, ids)
     return web.Response(status=200)
+
+
+@routes.post("/queue")
+async def post_queue(request: web.Request) -> web.Response:
+    return await _clear_or_delete(request, request.app[CORE].delete_pending, "pending prompt")
 
 
 @routes.post("/interrupt")
@@ -107,16 +112,7 @@ async def post_free(request: web.Request) -> web.Response:
 
 @routes.post("/history")
 async def post_history(request: web.Request) -> web.Response:
-    core, user = request.app[CORE], request[USER].name
-    body = await read_json_object(request)
-    ids = delete_ids(body)
-    if body.get("clear"):
-        await core.delete_history(user, None)
-    if ids:
-        deleted = await core.delete_history(user, ids)
-        if not deleted:
-            raise _not_yours("history item", ids)
-    return web.Response(status=200)
+    return await _clear_or_delete(request, request.app[CORE].delete_history, "history item")
 
 
 async def _cancel(request: web.Request, job_ids: list[str]) -> list[str]:
