@@ -13,21 +13,16 @@ import contextlib
 import ctypes
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
+
+from standard.ports import free_port
 
 log = logging.getLogger("comfyserve.api.instances")
 
 RESTART_DELAY_S = 1.0
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 15.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _load_libc() -> ctypes.CDLL | None:

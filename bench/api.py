@@ -44,7 +44,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
+from bench.support import cpu_seconds, pct  # noqa: E402
 from queue_service.client import DataFrame, QueueClient  # noqa: E402
+from standard.ports import free_port  # noqa: E402
 
 TOKEN = "bench-token"
 SERVICE = "bench"
@@ -56,19 +58,6 @@ def graph(i: int, size: int) -> dict[str, Any]:
                                                      "color": i % 0xFFFFFF}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"bench/t{i}"}},
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 class Bench:
@@ -158,16 +147,6 @@ class Bench:
             runs.sort()
             gaps += [nxt[0] - prev[1] for prev, nxt in zip(runs, runs[1:], strict=False)]
         return [float(g) for g in gaps]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Children:

@@ -25,7 +25,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ sys.path[0] = str(REPO)  # not bench/ (its queue.py would shadow the stdlib's)
 
 from cluster_proxy.accounts import Accounts  # noqa: E402
 from standard.datadir import init_data_dir  # noqa: E402
+from standard.ports import free_port  # noqa: E402
 
 PLUGIN = '''
 import time
@@ -89,12 +89,6 @@ class BenchTick:
 NODE_CLASS_MAPPINGS = {"TestSleep": TestSleep, "BenchTick": BenchTick}
 '''
 PASSWORD = "bench password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sleep_graph(color: int, seconds: float) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,18 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.support import pct
+from standard.ports import free_port
+
 
 TOKEN = "bench-token"
 GRAPH = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -150,11 +146,6 @@ async def throughput(port: int, token: str | None, concurrency: int, duration_s:
     for conn in conns:
         conn.close()
     return done / elapsed
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def bench(direct_port: int, front_port: int, requests: int, concurrency: int,

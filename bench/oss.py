@@ -44,15 +44,10 @@ import oss2  # noqa: E402
 from standard.storage import OssLocation, StorageSettings  # noqa: E402
 from standard.storage.client import OssClient  # noqa: E402
 from standard.storage.storage import ObjectStorage  # noqa: E402
+from standard.ports import free_port  # noqa: E402
 
 KEY_ID, SECRET, BUCKET = "bench-id", "bench-secret", "bench"
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:

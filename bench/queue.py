@@ -53,15 +53,11 @@ import redis.asyncio as aioredis
 from queue_service.client import QueueClient
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
+from bench.support import cpu_seconds
 from standard.cli import use_event_loop
+from standard.ports import free_port
 
 PAYLOAD = b"x" * 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, timeout_s: float = 15.0) -> None:
@@ -79,16 +75,6 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

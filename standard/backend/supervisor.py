@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -29,17 +28,12 @@ import aiohttp
 from ..datadir import MODEL_FOLDERS, DataDir
 from ..errors import ConfigError
 from ..options import ENV_PREFIX
+from ..ports import free_port
 from .runtime import probe
 
 log = logging.getLogger("comfyserve.backend")
 child_log = logging.getLogger("comfyserve.comfyui")
 LOG_TAIL_LINES = 40
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_paths_yaml(data_dir: DataDir) -> str:
@@ -225,7 +219,7 @@ class ComfyUIChild:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         assert self._model_paths is not None
-        self.port = free_loopback_port()
+        self.port = free_port()
         argv = comfyui_command(self.python, self.comfyui_dir, self.data_dir, self.port, self._model_paths,
                                self.max_upload_size_mb, self.extra_args)
         log.info("starting ComfyUI: %s", " ".join(argv))
