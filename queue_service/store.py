@@ -217,7 +217,9 @@ class PutBatcher:
         self._waiting.setdefault(queue, []).append((request, future))
         if queue not in self._running:
             self._running[queue] = asyncio.create_task(self._drain(queue))
-        index = await asyncio.shield(future)  # a put whose client left is still written exactly once
+        # A put whose client left is still written exactly once: the drain task owns the write,
+        # and a cancelled future is only skipped when the results come back.
+        index = await future
         if index == FULL:
             raise QueueFull(f"queue {queue!r} is full ({request.max_length} items)")
         return index
