@@ -13,6 +13,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .options import add_option
+
+LOOPS = ("auto", "uvloop", "asyncio")
 ROLES: dict[str, tuple[str, str]] = {
     "standard": ("standard.command", "one ComfyUI-protocol instance on a data dir"),
     "init": ("standard.init_command", "create a data dir's layout from the template"),
@@ -26,10 +29,10 @@ ROLES: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comfyserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                        help="event loop of the servers: uvloop (about 20%% less CPU per request) or "
-                             "asyncio's own; auto = uvloop when it is installed")
+    add_option(parser, "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    add_option(parser, "--loop", choices=LOOPS, default="auto",
+               help="event loop of the servers: uvloop (about 20%% less CPU per request) or "
+                    "asyncio's own; auto = uvloop when it is installed")
     sub = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
     for role, (module_name, help_text) in ROLES.items():
         try:
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def use_event_loop(choice: str) -> str:
     """Make ``asyncio.run`` (which every role calls) build the chosen loop; returns the one in use."""
+    if choice not in LOOPS:  # from the environment: argparse checks only the command line
+        print(f"comfyserve: --loop must be one of {', '.join(LOOPS)}, got {choice!r}", file=sys.stderr)
+        raise SystemExit(2)
     if choice == "asyncio":
         return "asyncio"
     try:
