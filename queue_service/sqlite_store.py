@@ -13,11 +13,12 @@ restart gets its pending items again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -91,10 +92,18 @@ class SQLiteStore:
         db.executescript(SCHEMA)
         self._db = db
 
-    def _tx(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE, then COMMIT, or ROLLBACK when the body raises."""
         assert self._db is not None
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-sqlite")
@@ -178,29 +187,17 @@ class SQLiteStore:
 
     def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
         """One transaction for a batch of puts."""
-        db = self._tx()
-        try:
-            results = self._insert(db, queue, requests)
-            db.execute("COMMIT")
-            return results
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._transaction() as db:
+            return self._insert(db, queue, requests)
 
     def _put_and_remove(self, put_queue: str, request: PutRequest, remove_queue: str, indexes: list[int]) -> int:
         """One transaction: the put and the removal land together or not at all."""
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             [index] = self._insert(db, put_queue, [request])
-            if index == FULL:
-                db.execute("ROLLBACK")  # nothing written (at most the queue's own row): keep the input
-                return FULL
+            if index == FULL:  # rolled back: nothing written, the input stays
+                raise QueueFull(f"queue {put_queue!r} is full ({request.max_length} items)")
             self._delete_where(db, remove_queue, indexes)
-            db.execute("COMMIT")
             return index
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
         results = await self._run(self._put_many, queue, requests)
@@ -214,8 +211,6 @@ class SQLiteStore:
                              remove_queue: str, indexes: list[int]) -> int:
         index = await self._run(self._put_and_remove, put_queue,
                                 PutRequest(body, request_id, priority, max_length), remove_queue, indexes)
-        if index == FULL:
-            raise QueueFull(f"queue {put_queue!r} is full ({max_length} items)")
         self._notifier.notify(put_queue)
         self._notifier.notify(remove_queue)
         return index
@@ -286,14 +281,8 @@ class SQLiteStore:
         return removed
 
     def _remove(self, queue: str, indexes: list[int]) -> int:
-        db = self._tx()
-        try:
-            removed = self._delete_where(db, queue, indexes)
-            db.execute("COMMIT")
-            return removed
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._transaction() as db:
+            return self._delete_where(db, queue, indexes)
 
     async def remove(self, queue: str, indexes: list[int]) -> int:
         removed = await self._run(self._remove, queue, indexes)
@@ -301,16 +290,11 @@ class SQLiteStore:
         return removed
 
     def _truncate(self, queue: str, below: int) -> int:
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             removed = db.execute("DELETE FROM items WHERE queue = ? AND idx < ?", (queue, below)).rowcount
             if removed:
                 db.execute("UPDATE queues SET length = length - ? WHERE name = ?", (removed, queue))
-            db.execute("COMMIT")
             return removed
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     async def truncate(self, queue: str, below_index: int) -> int:
         removed = await self._run(self._truncate, queue, below_index)
@@ -355,8 +339,7 @@ class SQLiteStore:
                auto_commit: bool, lease_s: float, tags: dict[str, str] | None) -> list[Item]:
         self._check(queue, consumer, session)
         now = time.time()
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             db.execute("UPDATE items SET owner = NULL, deadline = NULL "
                        "WHERE queue = ? AND owner IS NOT NULL AND deadline < ?", (queue, now))
             need = window
@@ -372,11 +355,7 @@ class SQLiteStore:
                     marks = ",".join("?" * len(items))
                     db.execute(f"UPDATE items SET owner = ?, deadline = ? WHERE queue = ? AND idx IN ({marks})",
                                (consumer, now + lease_s, queue, *(item.index for item in items)))
-            db.execute("COMMIT")
             return items
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
