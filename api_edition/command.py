@@ -11,9 +11,7 @@ runs elsewhere (run several behind a load balancer). Every flag also reads
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import sys
 from pathlib import Path
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
@@ -21,7 +19,7 @@ from standard.datadir import init_data_dir
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import stop_event
+from standard.serving import refuse, run_role, stop_event
 from standard.settings import is_loopback
 
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
@@ -131,15 +129,10 @@ def run(args: argparse.Namespace) -> int:
         if settings.data_dir is not None:
             init_data_dir(settings.data_dir)
     except ConfigError as exc:
-        print(f"comfyserve api: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return refuse("api", str(exc))
     except OSError as exc:
-        print(f"comfyserve api: cannot use the data dir: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        return asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 0
+        return refuse("api", f"cannot use the data dir: {exc}")
+    return run_role("api", serve(settings))
 
 
 async def serve(settings: ApiSettings) -> int:
@@ -160,6 +153,5 @@ async def serve(settings: ApiSettings) -> int:
             await stop.wait()
             log.info("shutting down")
     except OSError as exc:
-        print(f"comfyserve api: cannot start: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return refuse("api", f"cannot start: {exc}")
     return 0

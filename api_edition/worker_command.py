@@ -15,7 +15,7 @@ from aiohttp import web
 from standard.auth import token_auth_middleware
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import stop_event
+from standard.serving import refuse, run_role, stop_event
 
 from .command import add_limit_arguments, limit_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
@@ -65,12 +65,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        print(f"comfyserve worker: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        return asyncio.run(serve(settings, metrics_port=args.metrics_port))
-    except KeyboardInterrupt:
-        return 0
+        return refuse("worker", str(exc))
+    return run_role("worker", serve(settings, metrics_port=args.metrics_port))
 
 
 async def serve(settings: WorkerSettings, *, metrics_port: int | None = None) -> int:

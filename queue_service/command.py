@@ -8,17 +8,15 @@ share one Redis). Every flag also reads ``COMFYSERVE_<FLAG>``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import re
-import sys
 from pathlib import Path
 
 from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import serve_until_stopped
+from standard.serving import refuse, run_role, serve_until_stopped
 from standard.settings import is_loopback
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
@@ -84,12 +82,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        print(f"comfyserve queue: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        return asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 0
+        return refuse("queue", str(exc))
+    return run_role("queue", serve(settings))
 
 
 async def serve(settings: QueueSettings) -> int:
@@ -101,8 +95,7 @@ async def serve(settings: QueueSettings) -> int:
     try:
         await runner.setup()
     except Exception as exc:  # the store could not be opened
-        print(f"comfyserve queue: cannot open the store: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return refuse("queue", f"cannot open the store: {exc}")
     store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
     auth = "token auth" if settings.token else "no auth"
     banner = f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})"

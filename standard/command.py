@@ -8,7 +8,6 @@ reads ``COMFYSERVE_<FLAG>`` from the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shlex
 import sys
@@ -19,7 +18,7 @@ from aiohttp import web
 from .datadir import init_data_dir
 from .errors import ConfigError
 from .options import add_option
-from .serving import serve_until_stopped
+from .serving import refuse, run_role, serve_until_stopped
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
 from .storage.settings import add_storage_arguments, storage_settings_from_args
 
@@ -90,18 +89,10 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         init_data_dir(settings.data_dir)
     except ConfigError as exc:
-        print(f"comfyserve standard: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return refuse("standard", str(exc))
     except OSError as exc:
-        print(f"comfyserve standard: cannot use the data dir: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        return asyncio.run(serve(settings))
-    except ConfigError as exc:
-        print(f"comfyserve standard: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+        return refuse("standard", f"cannot use the data dir: {exc}")
+    return run_role("standard", serve(settings))
 
 
 def _site(runner: web.AppRunner, settings: StandardSettings) -> web.TCPSite:

@@ -11,9 +11,30 @@ import logging
 import signal
 import sys
 
+from collections.abc import Coroutine
+from typing import Any
+
 from aiohttp import web
 
+from .errors import ConfigError
+
 log = logging.getLogger("comfyserve")
+
+
+def refuse(role: str, message: str) -> int:
+    """Say on stderr why ``comfyserve ROLE`` cannot start; the exit code for that (2)."""
+    print(f"comfyserve {role}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_role(role: str, main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(main)``: Ctrl-C is a clean stop (0); a configuration error found while starting is 2."""
+    try:
+        return asyncio.run(main)
+    except ConfigError as exc:
+        return refuse(role, str(exc))
+    except KeyboardInterrupt:
+        return 0
 
 
 def stop_event() -> asyncio.Event:
@@ -35,8 +56,7 @@ async def serve_until_stopped(runner: web.AppRunner, site: web.BaseSite, *, role
         try:
             await site.start()
         except OSError as exc:
-            print(f"comfyserve {role}: cannot listen on {site.name}: {exc}", file=sys.stderr, flush=True)
-            return 2
+            return refuse(role, f"cannot listen on {site.name}: {exc}")
         print(banner, flush=True)
         await stop.wait()
         log.info("%s: shutting down", role)
