@@ -117,6 +117,21 @@ def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
     return change
 
 
+def requeue_change(note: str) -> Any:
+    def change(task: Task) -> None:
+        task.state, task.instance = PENDING, None
+        task.notes.append(note)
+
+    return change
+
+
+def finish_change(history: dict[str, Any]) -> Any:
+    def change(task: Task) -> None:
+        task.state, task.history, task.ended_ms = DONE, history, now_ms()
+
+    return change
+
+
 def _order(tasks: list[Task], state: str) -> list[Task]:
     if state == DONE:
         return sorted(tasks, key=lambda t: (t.ended_ms or 0, t.seq))
@@ -251,17 +266,10 @@ class SqliteStateStore:
         return {proxy for proxy, until in self._alive.items() if until > now}
 
     async def requeue(self, task_id: str, note: str) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.instance = PENDING, None
-            task.notes.append(note)
-
-        return await self._transition(task_id, RUNNING, change)
+        return await self._transition(task_id, RUNNING, requeue_change(note))
 
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.history, task.ended_ms = DONE, history, now_ms()
-
-        task = await self._transition(task_id, RUNNING, change)
+        task = await self._transition(task_id, RUNNING, finish_change(history))
         if task is not None:
             await self._run(self._prune, task.user)
         return task

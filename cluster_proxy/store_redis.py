@@ -25,7 +25,7 @@ from redis.exceptions import WatchError
 import time
 
 from .store import (DONE, PENDING, RUNNING, Task, TransitionRefused, _order, adopt_change, claim_change,
-                    now_ms)
+                    finish_change, requeue_change)
 
 PREFIX = "comfyserve:cluster:state:"
 
@@ -161,17 +161,10 @@ class RedisStateStore:
         return set(await self._redis.zrangebyscore(f"{self._p}proxies", time.time(), "+inf"))
 
     async def requeue(self, task_id: str, note: str) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.instance = PENDING, None
-            task.notes.append(note)
-
-        return await self._transition(task_id, RUNNING, change)
+        return await self._transition(task_id, RUNNING, requeue_change(note))
 
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
-        def change(task: Task) -> None:
-            task.state, task.history, task.ended_ms = DONE, history, now_ms()
-
-        task = await self._transition(task_id, RUNNING, change)
+        task = await self._transition(task_id, RUNNING, finish_change(history))
         if task is not None:
             await self._prune(task.user)
         return task
