@@ -19,7 +19,7 @@ from conftest import comfyserve_process
 from PIL import Image
 from test_backend_supervisor import SHIM_DIR, alive
 from test_browser_frontend import (  # noqa: F401
-    CHROMIUM, LOAD_TIMEOUT_MS, TOKEN, Instance, Session, browser_session, token,
+    CHROMIUM, LOAD_TIMEOUT_MS, TOKEN, Instance, Session, browser_session, run_template_from_ui, token,
 )
 from test_server_support import gated_graph, install_gate_plugin, open_gate
 
@@ -49,16 +49,8 @@ def test_web_ui_through_the_front_runs_a_workflow(instance: Instance, browser_se
     status, object_info = instance.api("GET", "/object_info")
     assert status == 200
     assert set(object_info) <= set(page.evaluate("Object.keys(LiteGraph.registered_node_types)"))
-    page.evaluate("""async () => {
-        const response = await fetch('/templates/comfyserve_empty_image.json');
-        await app.loadGraphData(await response.json());
-        app.graph.nodes.find(n => n.type === 'SaveImage').widgets[0].value = 'fronted';
-        await app.queuePrompt(0, 1);
-    }""")
     # the image arrives over the proxied WebSocket (executed event), then loads through /view
-    page.wait_for_function("() => !!(app.nodeOutputs && Object.values(app.nodeOutputs).some("
-                           "o => (o.images || []).some(i => i.filename === 'fronted_00001_.png')))",
-                           timeout=LOAD_TIMEOUT_MS)
+    run_template_from_ui(page, "fronted")
     fetched = page.request.get(instance.url + "/api/view?filename=fronted_00001_.png&type=output")
     assert fetched.status == 200
     with Image.open(io.BytesIO(fetched.body())) as png:

@@ -192,18 +192,24 @@ def test_restart_button_reloads_and_reports(instance: Instance, browser_session:
         time.sleep(0.05)
 
 
+def run_template_from_ui(page, filename_prefix: str) -> None:
+    """Load the empty-image template in the app, queue it under ``filename_prefix`` with the app's
+    own JS API, and wait until its first image shows among the node outputs (the executed event)."""
+    page.evaluate("""async (prefix) => {
+        const response = await fetch('/templates/comfyserve_empty_image.json');
+        await app.loadGraphData(await response.json());
+        app.graph.nodes.find(n => n.type === 'SaveImage').widgets[0].value = prefix;
+        await app.queuePrompt(0, 1);
+    }""", filename_prefix)
+    page.wait_for_function("(name) => !!(app.nodeOutputs && Object.values(app.nodeOutputs).some("
+                           "o => (o.images || []).some(i => i.filename === name)))",
+                           arg=f"{filename_prefix}_00001_.png", timeout=LOAD_TIMEOUT_MS)
+
+
 @pytest.mark.parametrize("token", [None])
 def test_web_ui_without_token_on_loopback(instance: Instance, browser_session: Session) -> None:
     """No token: loopback only, no login page; the app's own JS API queues a workflow."""
     page = browser_session.page
     assert "/login" not in page.url
-    page.evaluate("""async () => {
-        const response = await fetch('/templates/comfyserve_empty_image.json');
-        await app.loadGraphData(await response.json());
-        app.graph.nodes.find(n => n.type === 'SaveImage').widgets[0].value = 'nologin';
-        await app.queuePrompt(0, 1);
-    }""")
-    page.wait_for_function("() => !!(app.nodeOutputs && Object.values(app.nodeOutputs).some("
-                           "o => (o.images || []).some(i => i.filename === 'nologin_00001_.png')))",
-                           timeout=LOAD_TIMEOUT_MS)
+    run_template_from_ui(page, "nologin")
     assert (instance.data_dir / "output" / "nologin_00001_.png").is_file()
