@@ -8,8 +8,9 @@ values are the instance's to validate; a refusal there becomes an error result.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from standard.server.http_util import parse_json
 
 
 class GraphError(ValueError):
@@ -26,8 +27,8 @@ def parse_graph(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise GraphError("empty_body", "the body is empty: send the workflow graph (API format) as JSON")
     try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = parse_json(body)
+    except ValueError as exc:
         raise GraphError("invalid_json", f"the body is not JSON: {exc}") from None
     if isinstance(value, dict) and isinstance(value.get("prompt"), dict) and _looks_wrapped(value):
         value = value["prompt"]

@@ -9,14 +9,13 @@ handlers run over the user's tasks (see ``scope.py``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
-from standard.server.http_util import json_http_error, read_json_object
+from standard.server.http_util import json_http_error, parse_json, read_json_object
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request
 from standard.server.routes_info import server_features
 
@@ -170,8 +169,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if msg.type == WSMsgType.TEXT and first:
                 first = False
                 try:
-                    data = json.loads(msg.data)
-                except json.JSONDecodeError:
+                    data = parse_json(msg.data)
+                except ValueError:
                     continue
                 if isinstance(data, dict) and data.get("type") == "feature_flags":
                     await ws.send_json({"type": "feature_flags", "data": server_features(request.app)})

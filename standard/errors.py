@@ -2,6 +2,7 @@
 
     ComfyServeError
      ├── PathOutsideRoot      a request path escaped its root (also ValueError)
+     ├── PathTooLong          a request path is longer than the file system takes (also ValueError)
      ├── ConfigError          bad flags / environment
      └── InstanceError        talking to an instance failed (see standard.client)
           ├── InstanceUnavailable
@@ -23,6 +24,10 @@ class ComfyServeError(Exception):
 
 class PathOutsideRoot(ComfyServeError, ValueError):
     """A filename, subfolder or userdata path would leave its root."""
+
+
+class PathTooLong(ComfyServeError, ValueError):
+    """A filename, subfolder or userdata path is longer than the file system allows (answered 400)."""
 
 
 class ConfigError(ComfyServeError):

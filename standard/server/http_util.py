@@ -1,11 +1,69 @@
-"""Small helpers shared by the route modules: JSON errors and body parsing."""
+"""Small helpers shared by the route modules: JSON errors and body parsing.
+
+Every JSON body a route reads goes through :func:`parse_json` (also the API
+front's and the cluster's): it refuses ``NaN`` / ``Infinity`` (not JSON; a
+``/history`` holding them is unreadable to strict clients) and nesting deeper
+than ``MAX_JSON_DEPTH`` (a ``RecursionError`` in whatever walks it next).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDictProxy
+
+# ComfyUI's deepest bodies (a UI workflow with subgraphs in extra_pnginfo) nest about 20 levels.
+MAX_JSON_DEPTH = 128
+
+
+class BadJSON(ValueError):
+    """A body that is not JSON we take: invalid, non-finite numbers, or nested too deep."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadJSON(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"number {text[:40]} is out of range")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for request bodies; raises :class:`BadJSON` (a ValueError) with a reason."""
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BadJSON(f"nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError as exc:
+        raise BadJSON(f"not UTF-8: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise BadJSON(str(exc)) from None
+    if _depth_exceeds(value, max_depth):
+        raise BadJSON(f"nested deeper than {max_depth} levels")
+    return value
 
 
 def error_body(kind: str, message: str, details: str = "") -> dict[str, Any]:
@@ -44,14 +102,22 @@ async def read_json_object(request: web.Request, *, allow_empty: bool = False,
         raise json_http_error(400, kind, "Request body is empty", "expected a JSON object",
                             {"node_errors": {}})
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(raw)
+    except BadJSON as exc:
         raise json_http_error(400, kind, "Request body is not valid JSON", str(exc),
-                            {"node_errors": {}}) from exc
+                            {"node_errors": {}}) from None
     if not isinstance(data, dict):
         raise json_http_error(400, kind, "Request body must be a JSON object",
                             f"got {type(data).__name__}", {"node_errors": {}})
     return data
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | web.FileField]:
+    """The multipart / urlencoded form, or a 400 when it cannot be parsed (e.g. no boundary)."""
+    try:
+        return await request.post()
+    except (ValueError, AssertionError) as exc:  # aiohttp's multipart reader asserts on a missing boundary
+        raise json_http_error(400, "invalid_request", "the form body cannot be parsed", str(exc)) from None
 
 
 def query_int(request: web.Request, name: str) -> int | None:

@@ -31,6 +31,7 @@ from ..datadir import DataDir
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys, models
+from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
 
 log = logging.getLogger("comfyserve.internal")
@@ -109,7 +110,7 @@ async def get_logs_raw(request: web.Request) -> web.Response:
 @routes.patch("/internal/logs/subscribe")
 async def subscribe_logs(request: web.Request) -> web.Response:
     try:
-        body = json.loads(await request.read())
+        body = parse_json(await request.read())
         client_id, enabled = str(body["clientId"]), bool(body["enabled"])
     except (ValueError, KeyError, TypeError):
         return web.json_response({"error": "expected {\"clientId\": str, \"enabled\": bool}"}, status=400)

@@ -8,6 +8,7 @@ able to queue prompts there (ComfyUI's origin-only rule).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..errors import PathTooLong
 from ..settings import is_loopback
 from .http_util import error_body
 
@@ -24,9 +26,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def json_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """413 (and 405) from aiohttp itself get a JSON error body."""
+    """413 (and 405) from aiohttp itself get a JSON error body; a request path too long for the disk is a 400."""
     try:
         return await handler(request)
+    except PathTooLong as exc:
+        raise _path_too_long(str(exc)) from None
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise _path_too_long("a name in the request is longer than the file system allows") from None
     except web.HTTPRequestEntityTooLarge as exc:
         if exc.content_type == "application/json":
             raise
@@ -41,6 +49,11 @@ async def json_errors_middleware(request: web.Request, handler: Handler) -> web.
         raise web.HTTPMethodNotAllowed(
             request.method, exc.allowed_methods, text=json.dumps(body), content_type="application/json"
         ) from None
+
+
+def _path_too_long(details: str) -> web.HTTPException:
+    body = {"error": error_body("invalid_request", "file name or path too long", details)}
+    return web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
 
 
 @web.middleware

@@ -8,6 +8,7 @@ that goes into the queue live here, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,15 +80,20 @@ def _prompt_id(body: dict[str, Any]) -> str | None:
 
 
 def _number(body: dict[str, Any]) -> float | None:
+    """ComfyUI's ``float(number)``, but finite: ``"inf"`` / ``"nan"`` would sort the queue wrongly
+    and make ``/history`` invalid JSON."""
     if "number" not in body:
         return None
     raw = body["number"]
     if isinstance(raw, bool):
         raise invalid_prompt("number must be a number", repr(raw))
     try:
-        return float(raw)
+        number = float(raw)
     except (TypeError, ValueError):
         raise invalid_prompt("number must be a number", repr(raw)[:80]) from None
+    if not math.isfinite(number):
+        raise invalid_prompt("number must be a finite number", repr(raw)[:80])
+    return number
 
 
 def delete_ids(body: dict[str, Any]) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import mimetypes
 import os
 from pathlib import Path
@@ -24,10 +23,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
-from ..paths import resolve_inside
+from ..paths import check_name_lengths, resolve_inside
 from ..storage import web as storage_web
 from . import keys
-from .http_util import json_http_error
+from .http_util import json_http_error, parse_json, read_form
 
 routes = web.RouteTableDef()
 TYPES = ("input", "output", "temp")
@@ -75,6 +74,7 @@ def _check_filename(filename: str) -> None:
         raise _bad(400, f"filename must not leave its folder: {filename!r}")
     if "\x00" in filename:
         raise _bad(400, "filename contains a NUL byte")
+    check_name_lengths(filename)
 
 
 def _subfolder_dir(root: Path, subfolder: str, status: int) -> Path:
@@ -193,7 +193,7 @@ def _store_upload(folder: Path, filename: str, data: bytes, overwrite: bool,
 async def _parse_upload(request: web.Request) -> tuple[Any, bytes, str, Path, str, str, bool]:
     if not request.content_type.startswith("multipart/"):
         raise _bad(400, "expected multipart/form-data with an 'image' file field")
-    post = await request.post()
+    post = await read_form(request)
     image = post.get("image")
     if not isinstance(image, web.FileField) or not image.filename:
         raise _bad(400, "the 'image' field must be a file with a filename")
@@ -223,8 +223,8 @@ async def upload_image(request: web.Request) -> web.Response:
 def _original_of_mask(request: web.Request, post: Any) -> Path:
     """The image a mask belongs to, from the ``original_ref`` JSON field."""
     try:
-        ref = json.loads(str(post.get("original_ref", "")))
-    except json.JSONDecodeError:
+        ref = parse_json(str(post.get("original_ref", "")))
+    except ValueError:
         raise _bad(400, "original_ref must be JSON: {filename, subfolder, type}") from None
     if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
         raise _bad(400, "original_ref must be a JSON object with a filename")

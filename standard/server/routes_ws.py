@@ -8,13 +8,13 @@ server's feature flags, as ComfyUI does.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 
 from aiohttp import WSMsgType, web
 
 from . import keys
+from .http_util import parse_json
 from .routes_info import server_features
 
 log = logging.getLogger("comfyserve.server")
@@ -38,8 +38,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT and first_message:
                 try:
-                    data = json.loads(msg.data)
-                except json.JSONDecodeError:
+                    data = parse_json(msg.data)
+                except ValueError:
                     data = None
                 if isinstance(data, dict) and data.get("type") == "feature_flags":
                     server.socket_flags[sid] = data.get("data") or {}

@@ -27,6 +27,7 @@ from aiohttp import web
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys
+from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
 
 log = logging.getLogger("comfyserve.userdata")
@@ -153,8 +154,8 @@ SETTINGS_STORE = web.AppKey("settings_store", _SettingsStore)
 
 async def _json_body(request: web.Request) -> Any:
     try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_json(await request.read())
+    except ValueError as exc:
         raise web.HTTPBadRequest(
             text=json.dumps({"error": {"type": "invalid_json", "message": "Request body is not valid JSON",
                                        "details": str(exc), "extra_info": {}}}),

@@ -1,0 +1,51 @@
+"""Cluster edition: hostile input on the user routes gets a clear JSON 4xx and changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from test_cluster_support import Cluster, files_under, graph, png_bytes, start_cluster  # noqa: F401
+
+LONG = "a" * 300
+DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+async def assert_json_400(response: aiohttp.ClientResponse) -> dict:
+    assert response.status == 400, await response.text()
+    body = await response.json()
+    assert body["error"]["message"]
+    return body
+
+
+async def test_long_names_bad_forms_and_deep_json_are_400s(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    before = files_under(cluster.data_dir)
+    for method, url in (("GET", f"/view?filename={LONG}.png"), ("GET", f"/view?filename={LONG}.png&type=input"),
+                        ("GET", f"/view?filename=x.png&subfolder={LONG}"), ("GET", f"/userdata/{LONG}.json"),
+                        ("POST", f"/userdata/{LONG}.json"), ("GET", f"/userdata?dir={LONG}"),
+                        ("GET", f"/view_metadata/checkpoints?filename={LONG}.safetensors"),
+                        ("GET", f"/experiment/models/preview/checkpoints/0/{LONG}.safetensors")):
+        await assert_json_400(await http.request(method, url, data=b"{}"))
+    form = aiohttp.FormData()
+    form.add_field("image", png_bytes(), filename=LONG + ".png", content_type="image/png")
+    await assert_json_400(await http.post("/upload/image", data=form))
+    await assert_json_400(await http.post("/upload/image", data=b"--x\r\n",
+                                          headers={"Content-Type": "multipart/form-data"}))
+    reply = await assert_json_400(await http.post("/prompt", data=DEEP))
+    assert "nested deeper" in reply["error"]["details"]
+    assert files_under(cluster.data_dir) == before
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"1e400", b'"inf"', b'"-inf"', b'"nan"'])
+async def test_non_finite_numbers_are_refused_and_nothing_is_queued(start_cluster, number: bytes) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    body = b'{"prompt": ' + json.dumps(graph("n")).encode() + b', "number": ' + number + b"}"
+    reply = await assert_json_400(await http.post("/prompt", data=body))
+    assert reply["error"]["type"] == "invalid_prompt"
+    assert await (await http.get("/queue")).json() == {"queue_running": [], "queue_pending": []}
+    json.loads(await (await http.get("/history")).text(), parse_constant=lambda name: pytest.fail(name))
