@@ -7,6 +7,7 @@ import json
 import struct
 
 import aiohttp
+from aiohttp import web
 import pytest
 
 from standard.client import BinaryFrame, InstanceClient
@@ -209,3 +210,32 @@ async def test_the_restart_button_is_added_to_comfyuis_web_ui(backend, front) ->
             assert resp.status == 200
             assert "Comfyserve.RestartServer" in await resp.text()
     assert [s.raw_path for s in backend.seen] == ["/extensions"]  # the script itself is ours
+
+
+async def test_files_comfyui_serves_from_view_get_the_file_policy(front, aiohttp_server) -> None:
+    """A real ComfyUI serves an uploaded SVG inline; through the front it is a download."""
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
+
+    async def view(request: web.Request) -> web.Response:
+        name = request.query["filename"]
+        kind = "image/svg+xml" if name.endswith(".svg") else "image/png"
+        return web.Response(body=svg if kind == "image/svg+xml" else png_bytes(), content_type=kind,
+                                    headers={"Content-Disposition": f'filename="{name}"'})
+
+    comfyui = web.Application()
+    comfyui.router.add_get("/view", view)
+    comfyui.router.add_get("/api/view", view)
+    upstream = await aiohttp_server(comfyui)
+    server = await front(backend_url=str(upstream.make_url("")).rstrip("/"))
+    async with aiohttp.ClientSession() as http:
+        for path in ("/view", "/api/view"):
+            async with http.get(url(server, f"{path}?filename=evil.svg&type=input")) as resp:
+                assert resp.status == 200 and await resp.read() == svg
+                assert resp.headers["Content-Type"] == "application/octet-stream"
+                assert resp.headers["Content-Disposition"].startswith("attachment;")
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
+                assert "sandbox" in resp.headers["Content-Security-Policy"]
+            async with http.get(url(server, f"{path}?filename=ok.png")) as resp:
+                assert resp.headers["Content-Type"] == "image/png"
+                assert resp.headers["Content-Disposition"].startswith("inline;")
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"

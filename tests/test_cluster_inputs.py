@@ -49,3 +49,30 @@ async def test_non_finite_numbers_are_refused_and_nothing_is_queued(start_cluste
     assert reply["error"]["type"] == "invalid_prompt"
     assert await (await http.get("/queue")).json() == {"queue_running": [], "queue_pending": []}
     json.loads(await (await http.get("/history")).text(), parse_constant=lambda name: pytest.fail(name))
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cookie)</script></svg>'
+
+
+def assert_download(response: aiohttp.ClientResponse) -> None:
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Content-Disposition"].startswith("attachment;")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in response.headers["Content-Security-Policy"]
+
+
+async def test_svg_is_a_download_in_the_users_folder_and_the_shared_input(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    form = aiohttp.FormData()
+    form.add_field("image", SVG, filename="mine.svg", content_type="image/svg+xml")
+    assert (await http.post("/upload/image", data=form)).status == 200
+    assert_download(await http.get("/view", params={"filename": "mine.svg", "type": "input"}))
+    (cluster.data_dir / "input" / "shared.html").write_bytes(SVG)
+    assert_download(await http.get("/api/view", params={"filename": "shared.html", "type": "input"}))
+    (cluster.data_dir / "input" / "shared.png").write_bytes(png_bytes())
+    shared_png = await http.get("/view", params={"filename": "shared.png", "type": "input"})
+    assert shared_png.headers["Content-Type"] == "image/png"
+    assert shared_png.headers["Content-Disposition"].startswith("inline;")
+    assert shared_png.headers["X-Content-Type-Options"] == "nosniff"

@@ -162,7 +162,7 @@ async def test_view_serves_output_by_default_and_each_type(instance, data_dir: P
     resp = await client.get("/view", params={"filename": "out.png"})
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "image/png"
-    assert resp.headers["Content-Disposition"] == 'filename="out.png"'
+    assert resp.headers["Content-Disposition"] == 'inline; filename="out.png"'
     assert await resp.read() == raw
     (data_dir / "temp" / "t.png").write_bytes(raw)
     assert (await client.get("/api/view", params={"filename": "t.png", "type": "temp"})).status == 200

@@ -92,3 +92,59 @@ async def test_non_finite_numbers_anywhere_in_the_body_are_refused(instance) -> 
     for body in (b'{"prompt": {"1": {"class_type": "X", "inputs": {"v": NaN}}}}',
                  b'{"prompt": {}, "extra_data": {"x": -Infinity}}'):
         await assert_json_400(await client.post("/prompt", data=body))
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cookie)</script></svg>'
+FILE_CSP_START = "default-src 'none'"
+
+
+def assert_download(response: aiohttp.ClientResponse) -> None:
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Content-Disposition"].startswith("attachment;")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"].startswith(FILE_CSP_START)
+    assert "sandbox" in response.headers["Content-Security-Policy"]
+
+
+async def test_uploaded_svg_html_and_xml_are_served_as_downloads(instance, data_dir: Path) -> None:
+    client = await instance()
+    for name in ("evil.svg", "evil.html", "evil.xml", "evil.xhtml", "evil.SVG", "evil.htm", "evil.pdf", "evil"):
+        form = aiohttp.FormData()
+        form.add_field("image", SVG, filename=name, content_type="image/svg+xml")
+        assert (await client.post("/upload/image", data=form)).status == 200
+        response = await client.get("/view", params={"filename": name, "type": "input"})
+        assert_download(response)
+        assert await response.read() == SVG
+    (data_dir / "output" / "evil.svg").write_bytes(SVG)
+    assert_download(await client.get("/api/view", params={"filename": "evil.svg [output]"}))
+
+
+async def test_media_are_inline_with_nosniff_and_a_sandboxing_csp(instance, data_dir: Path) -> None:
+    client = await instance()
+    (data_dir / "output" / "pic.png").write_bytes(png_bytes())
+    (data_dir / "output" / "clip.webm").write_bytes(b"\x1aE\xdf\xa3")
+    (data_dir / "output" / "sound.mp3").write_bytes(b"ID3")
+    for params, content_type in (({"filename": "pic.png"}, "image/png"),
+                                 ({"filename": "pic.png", "preview": "webp;80"}, "image/webp"),
+                                 ({"filename": "pic.png", "channel": "a"}, "image/png"),
+                                 ({"filename": "clip.webm"}, "video/webm"),
+                                 ({"filename": "sound.mp3"}, "audio/mpeg")):
+        response = await client.get("/view", params=params)
+        assert response.status == 200
+        assert response.headers["Content-Type"] == content_type
+        assert response.headers["Content-Disposition"].startswith("inline;")
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Content-Security-Policy"].startswith(FILE_CSP_START)
+
+
+async def test_model_previews_get_the_file_policy(instance, data_dir: Path) -> None:
+    client = await instance()
+    folder = data_dir / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "m.safetensors").write_bytes(b"")
+    (folder / "m.png").write_bytes(png_bytes())
+    response = await client.get("/experiment/models/preview/checkpoints/0/m.safetensors")
+    assert response.status == 200 and response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"].startswith(FILE_CSP_START)

@@ -30,7 +30,7 @@ from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware, origin_only_middleware
 from ..settings import StandardSettings
 from .fastpath import FAST_PATH, FastPathConfig
-from .proxy import BackendDown, backend_unavailable, forward_http, forward_websocket
+from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
 
@@ -94,7 +94,9 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions")
     app[FAST_PATH] = FastPathConfig(
         token=settings.token, base_url=lambda: backend.base_url,
-        local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local} | {"/login", "/logout"}),
+        # /view takes the slow path too: its headers are rewritten there (file_headers policy)
+        local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
+                              | {"/login", "/logout"} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, stats=app[STATS],
     )

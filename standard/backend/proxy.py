@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth import SESSION_COOKIE
+from ..server.file_headers import apply_file_headers
 from ..server.http_util import json_error
 
 log = logging.getLogger("comfyserve.backend")
@@ -96,6 +97,18 @@ def downstream_headers(response: aiohttp.ClientResponse, *, keep_length: bool) -
     return headers
 
 
+FILE_ROUTES = frozenset({"/view", "/api/view"})
+
+
+def relayed_headers(request: web.Request, response: aiohttp.ClientResponse, *,
+                    keep_length: bool) -> CIMultiDict[str]:
+    """``downstream_headers``; a file ComfyUI serves from ``/view`` gets our file header policy."""
+    headers = downstream_headers(response, keep_length=keep_length)
+    if request.path in FILE_ROUTES and 200 <= response.status < 300:
+        apply_file_headers(headers, request.query.get("filename", ""))
+    return headers
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -146,7 +159,7 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
             body_length = upstream.content_length
             if request.method == "HEAD" or (body_length is not None and body_length <= SMALL_BODY_BYTES):
                 body = await upstream.read()
-                out_headers = downstream_headers(upstream, keep_length=request.method == "HEAD")
+                out_headers = relayed_headers(request, upstream, keep_length=request.method == "HEAD")
                 if request.method == "HEAD":
                     head = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out_headers)
                     await head.prepare(request)
@@ -154,7 +167,7 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                     headers=out_headers)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=downstream_headers(upstream, keep_length=True))
+                                          headers=relayed_headers(request, upstream, keep_length=True))
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)

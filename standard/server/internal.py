@@ -31,6 +31,7 @@ from ..datadir import DataDir
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys, models
+from .file_headers import file_headers
 from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
 
@@ -319,7 +320,7 @@ async def get_model_preview(request: web.Request) -> web.StreamResponse:
     for candidate in (base.with_suffix(".webp"), base.with_suffix(".png"), base.with_suffix(".jpg"),
                       base.with_suffix(".preview.png"), base.with_suffix(".preview.webp")):
         if await asyncio.to_thread(candidate.is_file):
-            return web.FileResponse(candidate)
+            return web.FileResponse(candidate, headers=file_headers(candidate.name))
     return web.Response(status=404)
 
 

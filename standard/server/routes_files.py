@@ -3,7 +3,8 @@
 Every filename, subfolder and type from a request is resolved with
 ``standard.paths.resolve_inside``; the statuses follow ComfyUI's: a bad
 filename or type is 400, a subfolder that leaves its root 403, a missing file
-404. Disk and image work runs in a thread.
+404. Disk and image work runs in a thread. What ``/view`` serves carries the
+headers of ``file_headers`` (only media inline; no stored XSS).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import mimetypes
 import os
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,11 @@ from ..errors import PathOutsideRoot
 from ..paths import check_name_lengths, resolve_inside
 from ..storage import web as storage_web
 from . import keys
+from .file_headers import file_headers
 from .http_util import json_http_error, parse_json, read_form
 
 routes = web.RouteTableDef()
 TYPES = ("input", "output", "temp")
-# Served as a download, never rendered (ComfyUI does the same).
-UNSAFE_CONTENT_TYPES = frozenset(
-    {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
-)
 
 
 def _bad(status: int, message: str) -> web.HTTPException:
@@ -105,7 +102,6 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
     """The image, converted as ``preview`` / ``channel`` ask (ComfyUI's /view rules)."""
     if not path.is_file():
         raise _bad(404, "file not found")
-    disposition = {"Content-Disposition": f'filename="{filename}"'}
     try:
         if preview is not None:
             parts = preview.split(";")
@@ -118,15 +114,13 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
                     img = img.convert("RGBA")
                 buffer = io.BytesIO()
                 img.save(buffer, format=image_format, quality=quality)
-            return web.Response(
-                body=buffer.getvalue(), content_type=f"image/{image_format}",
-                headers={"Content-Disposition": f'filename="{filename.replace("png", image_format)}"'},
-            )
+            return web.Response(body=buffer.getvalue(), headers=file_headers(
+                filename.replace("png", image_format), f"image/{image_format}"))
         if channel == "rgb":  # "" or "rgba" (and anything else) serve the file as it is
             with Image.open(path) as img:
                 buffer = io.BytesIO()
                 img.convert("RGB").save(buffer, format="PNG")
-            return web.Response(body=buffer.getvalue(), content_type="image/png", headers=disposition)
+            return web.Response(body=buffer.getvalue(), headers=file_headers(filename, "image/png"))
         if channel == "a":
             with Image.open(path) as img:
                 alpha = img.getchannel("A") if img.mode == "RGBA" else Image.new("L", img.size, 255)
@@ -134,13 +128,10 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
                 alpha_img.putalpha(alpha)
                 buffer = io.BytesIO()
                 alpha_img.save(buffer, format="PNG")
-            return web.Response(body=buffer.getvalue(), content_type="image/png", headers=disposition)
+            return web.Response(body=buffer.getvalue(), headers=file_headers(filename, "image/png"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise _bad(400, f"cannot convert {filename!r}: {exc}") from None
-    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    if content_type in UNSAFE_CONTENT_TYPES:
-        content_type = "application/octet-stream"
-    return web.FileResponse(path, headers={**disposition, "Content-Type": content_type})
+    return web.FileResponse(path, headers=file_headers(filename))
 
 
 @routes.get("/view")
