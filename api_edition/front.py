@@ -3,13 +3,23 @@
 The reply is what the queue's put answers — the index as the body and the
 ``X-Eas-Queueservice-Request-Id`` header — plus ``X-Task-Id`` (generated when
 the client sent none). ``Accept: application/json`` gets the three as JSON.
-Refusals are final-looking JSON errors: 400 bad graph or a webhook URL the
+Refusals are final-looking JSON errors: 400 bad graph, a ``task_id`` that
+cannot travel in a header (control characters, over 256 characters: checked
+before queuing, so a retry never runs a task twice) or a webhook URL the
 ``WebhookPolicy`` refuses (``webhook_not_allowed``), 413 too big, 429 with
 ``Retry-After`` when the input queue is full, 503 when the store is down.
+
+A ``task_id`` is the client's label, not a key: two puts with one ``task_id``
+are two tasks with two results (as on the EAS queue). To make a retry safe,
+send ``Idempotency-Key: K`` (e.g. the task_id itself): a key the queue saw
+within ``IDEMPOTENCY_TTL_S`` (24 h) answers that first put's index and
+requestId and queues nothing; without a task_id, one is derived from K (so the
+retry gets the same one back).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -54,6 +64,13 @@ def _tags(request: web.Request) -> dict[str, str]:
     return tags
 
 
+def _generated_task_id(idempotency_key: str | None) -> str:
+    """A fresh task id; derived from the idempotency key, so a retry is answered with the same one."""
+    if idempotency_key is None:
+        return f"task-{uuid.uuid4().hex}"
+    return "task-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
 async def api_prompt(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
     service = request.match_info.get("service")
@@ -62,6 +79,9 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     try:
         tags = _tags(request)
         priority = params.integer(request.query, "_priority_", 0, low=0, high=2**31)
+        if TASK_ID_TAG in tags:
+            params.header_safe(TASK_ID_TAG, tags[TASK_ID_TAG])
+        idempotency_key = params.idempotency_key(request)
     except BadParam as exc:
         return _error(request, 400, "bad_request", str(exc))
     if WEBHOOK_TAG in tags:
@@ -81,10 +101,10 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     if len(data) > settings.max_payload_bytes:
         return _error(request, 413, "payload_too_large",
                       f"the workflow exceeds {settings.max_payload_bytes} bytes")
-    tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or f"task-{uuid.uuid4().hex}"
+    tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
     try:
-        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority)
+        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
     except QueueFull as exc:
         return _error(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
                       headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -1,7 +1,9 @@
 """Where the front puts accepted tasks: the local store (all-in-one) or a remote queue service.
 
 Both answer like the queue's own put: (index, requestId), ``QueueFull`` when
-the input queue is at its max length.
+the input queue is at its max length. With an idempotency key, a key the queue
+saw within ``IDEMPOTENCY_TTL_S`` answers that put's (index, requestId) and
+queues nothing (``QueueStore.put_once``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class InboxUnavailable(Exception):
 
 
 class Inbox(Protocol):
-    async def put(self, data: bytes, tags: dict[str, str], priority: int) -> tuple[int, str]: ...
+    async def put(self, data: bytes, tags: dict[str, str], priority: int,
+                  idempotency_key: str | None = None) -> tuple[int, str]: ...
 
     async def depths(self) -> dict[str, int]:
         """Queue name -> length, for /metrics (empty when unknown)."""
@@ -35,15 +38,19 @@ class StoreInbox:
         self.queues = (service, service + "/sink")
         self.max_length = max_length
 
-    async def put(self, data: bytes, tags: dict[str, str], priority: int) -> tuple[int, str]:
+    async def put(self, data: bytes, tags: dict[str, str], priority: int,
+                  idempotency_key: str | None = None) -> tuple[int, str]:
         request_id = tags.get(REQUEST_ID_TAG) or str(uuid.uuid4())
         tags = {**tags, REQUEST_ID_TAG: request_id}
+        body, priority = encode_body(tags, data), 1 if priority > 0 else 0
         try:
-            index = await self.store.put(self.queues[0], encode_body(tags, data), request_id,
-                                         1 if priority > 0 else 0, self.max_length)
+            if idempotency_key is None:
+                return await self.store.put(self.queues[0], body, request_id, priority, self.max_length), request_id
+            once = await self.store.put_once(self.queues[0], body, request_id, priority, self.max_length,
+                                             key=idempotency_key)
         except StoreUnavailable as exc:
             raise InboxUnavailable(str(exc)) from exc
-        return index, request_id
+        return once.index, once.request_id
 
     async def depths(self) -> dict[str, int]:
         out = {}
@@ -66,9 +73,10 @@ class RemoteInbox:
         self.sink = QueueClient(queue_url, service + "/sink", token=token, uid=self.input.uid)
         self.names = (service, service + "/sink")
 
-    async def put(self, data: bytes, tags: dict[str, str], priority: int) -> tuple[int, str]:
+    async def put(self, data: bytes, tags: dict[str, str], priority: int,
+                  idempotency_key: str | None = None) -> tuple[int, str]:
         try:
-            return await self.input.put(data, tags, priority=priority)
+            return await self.input.put(data, tags, priority=priority, idempotency_key=idempotency_key)
         except QueueFullError as exc:
             raise QueueFull(exc.message) from exc
         except QueueClientError as exc:

@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .protocol import decode_frame, decode_frame_list
-from .settings import GROUP_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
+from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
 from .store import QueueError
 
 log = logging.getLogger("comfyserve.queue.client")
@@ -112,12 +112,18 @@ class QueueClient:
         return response
 
     async def put(self, data: bytes | str, tags: dict[str, str] | None = None, *,
-                  priority: int = 0) -> tuple[int, str]:
-        """Append an item; returns (index, requestId). A ``requestId`` tag is kept, else one is made."""
+                  priority: int = 0, idempotency_key: str | None = None) -> tuple[int, str]:
+        """Append an item; returns (index, requestId). A ``requestId`` tag is kept, else one is made.
+
+        With ``idempotency_key`` a key the queue saw recently returns that put's (index, requestId)
+        and puts nothing.
+        """
         body = data.encode() if isinstance(data, str) else data
         params = dict(tags or {})
-        headers = {PRIORITY_HEADER: str(priority)} if priority > 0 else None
-        response = await self._request("POST", params, content=body, headers=headers)
+        headers = {PRIORITY_HEADER: str(priority)} if priority > 0 else {}
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        response = await self._request("POST", params, content=body, headers=headers or None)
         return int(response.text), response.headers[REQUEST_ID_HEADER]
 
     async def get(self, index: int = 0, length: int = 1, *, timeout_s: float = 0.0, auto_delete: bool = False,

@@ -11,10 +11,11 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .settings import GROUP_HEADER, USER_HEADER
+from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, USER_HEADER
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 MAX_INDEXES = 10_000
+MAX_KEY_CHARS = 256  # a task_id, requestId or idempotency key: echoed in a response header
 
 
 class BadParam(ValueError):
@@ -24,6 +25,25 @@ class BadParam(ValueError):
 def tags_of(query: Mapping[str, str]) -> dict[str, str]:
     """The tags among the parameters: keys starting with '_' are reserved, never tags."""
     return {key: value for key, value in query.items() if not key.startswith("_")}
+
+
+def header_safe(name: str, value: str, max_chars: int = MAX_KEY_CHARS) -> str:
+    """``value`` if it can travel in a response header: 1-``max_chars`` printable characters.
+
+    Checked before anything is stored: a CR, LF or NUL would make the reply fail after the
+    put, and a client that retries would then put twice.
+    """
+    if not value or len(value) > max_chars:
+        raise BadParam(f"{name} must be 1-{max_chars} characters, got {len(value)}")
+    if not value.isprintable():
+        raise BadParam(f"{name} must not contain control characters, got {value[:40]!r}")
+    return value
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key`` header (checked), or None."""
+    raw = request.headers.get(IDEMPOTENCY_HEADER)
+    return None if raw is None else header_safe(IDEMPOTENCY_HEADER, raw)
 
 
 def flag(query: Mapping[str, str], name: str, default: bool = False) -> bool:

@@ -12,6 +12,7 @@ Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
     pc:<consumer> ZSET  that consumer's pending indexes
     sess   HASH      consumer -> live session id
     rid    HASH      index -> requestId;  byrid HASH requestId -> index
+    dk:<key>         "<index> LF <requestId>" of a ``put_once`` key, expiring after its TTL
 
 A claim that finds nothing sets ``waiting``; the next change (put, removal,
 release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
@@ -35,8 +36,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis import exceptions as redis_errors
 
-from .store import (TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueFull, QueueStats,
-                    StoreUnavailable, Superseded)
+from .store import (IDEMPOTENCY_TTL_S, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutOnce, PutRequest,
+                    QueueFull, QueueStats, StoreUnavailable, Superseded)
 
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
@@ -161,6 +162,20 @@ for k = 4, #ARGV, 4 do
 end
 wake(P, ARGV[2], ARGV[3])
 return out
+"""
+
+# ARGV: prefix, channel, queue, priority, requestId, body, max length, key, ttl ms (0: remember nothing).
+# Returns {1, index} for a new item, {0, "index\\nrequestId"} for a key seen within its TTL, {-1} when full.
+PUT_ONCE = _LIB + """
+local P = ARGV[1]
+local seen = redis.call('GET', P..'dk:'..ARGV[8])
+if seen then return {0, seen} end
+local maxlen = tonumber(ARGV[7])
+if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return {-1} end
+local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
+if tonumber(ARGV[9]) > 0 then redis.call('SET', P..'dk:'..ARGV[8], int(idx)..'\\n'..ARGV[5], 'PX', ARGV[9]) end
+wake(P, ARGV[2], ARGV[3])
+return {1, idx}
 """
 
 # A worker's result put and input commit in one script: both land or neither. The two queues'
@@ -351,9 +366,9 @@ class RedisStore:
                                              retry=Retry(NoBackoff(), retries=0))
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
-        for name, source in (("put", PUT), ("put_and_remove", PUT_AND_REMOVE), ("remove", REMOVE),
-                             ("truncate", TRUNCATE), ("position", POSITION), ("open_session", OPEN_SESSION),
-                             ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
+        for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
+                             ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
+                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
                              ("release", RELEASE)):
             self._scripts[name] = self._redis.register_script(source)
         await self._call(self._redis.ping)
@@ -410,6 +425,19 @@ class RedisStore:
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+
+    async def put_once(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int, *,
+                       key: str, ttl_s: float = IDEMPOTENCY_TTL_S) -> PutOnce:
+        result = await self._call(lambda: self._script_once("put_once", [
+            _prefix(queue), CHANNEL, queue, "1" if priority else "0", request_id, body, max_length, key,
+            max(0, int(ttl_s * 1000))]))
+        if int(result[0]) == -1:
+            raise QueueFull(f"queue {queue!r} is full ({max_length} items)")
+        if int(result[0]) == 0:
+            index, _, first_request_id = bytes(result[1]).decode().partition("\n")
+            return PutOnce(int(index), first_request_id, duplicate=True)
+        self._notifier.notify(queue)
+        return PutOnce(int(result[1]), request_id, duplicate=False)
 
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         assert self._redis is not None

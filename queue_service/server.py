@@ -21,8 +21,8 @@ from standard.server.http_util import read_body_within
 from . import params
 from .params import BadParam
 from .protocol import encode_body, encode_frame_list
-from .settings import (GROUP_HEADER, MAX_GET_LENGTH, MAX_GET_TIMEOUT_S, PRIORITY_HEADER, REQUEST_ID_HEADER,
-                       USER_HEADER, QueueSettings)
+from .settings import (GROUP_HEADER, MAX_GET_LENGTH, MAX_GET_TIMEOUT_S, PRIORITY_HEADER, REPLAYED_HEADER,
+                       REQUEST_ID_HEADER, USER_HEADER, QueueSettings)
 from .store import QUEUE_NAME_RE, REQUEST_ID_TAG, Item, QueueFull, QueueStore, StoreUnavailable, wait_event
 from .watch import WatchRegistry, watch
 
@@ -67,11 +67,18 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
     if data is None:
         return error(413, "payload_too_large", f"the body exceeds {settings.max_payload_bytes} bytes")
     tags = params.tags_of(query)
-    request_id = tags.get(REQUEST_ID_TAG) or str(uuid.uuid4())
+    request_id = params.header_safe(REQUEST_ID_TAG, tags.get(REQUEST_ID_TAG) or str(uuid.uuid4()))
     tags[REQUEST_ID_TAG] = request_id
+    key = params.idempotency_key(request)
+    replayed = False
     try:
-        index = await store.put(queue, encode_body(tags, data), request_id, 1 if priority > 0 else 0,
-                                settings.max_length)
+        if key is None:
+            index = await store.put(queue, encode_body(tags, data), request_id, 1 if priority > 0 else 0,
+                                    settings.max_length)
+        else:
+            once = await store.put_once(queue, encode_body(tags, data), request_id, 1 if priority > 0 else 0,
+                                        settings.max_length, key=key)
+            index, request_id, replayed = once.index, once.request_id, once.duplicate
     except QueueFull as exc:
         return error(429, "queue_full", str(exc))
     except StoreUnavailable as exc:
@@ -80,7 +87,10 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
                                                    f"look for requestId {request_id} before putting it again")
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
-    return web.Response(text=str(index), headers={REQUEST_ID_HEADER: request_id})
+    headers = {REQUEST_ID_HEADER: request_id}
+    if replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return web.Response(text=str(index), headers=headers)
 
 
 # -- get -------------------------------------------------------------------------

@@ -17,6 +17,8 @@ USER_HEADER = "X-EAS-QueueService-Redis-Uid"
 GROUP_HEADER = "X-EAS-QueueService-Redis-Gid"
 PRIORITY_HEADER = "X-EAS-QueueService-Priority"
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # a put with a key seen recently returns that put's answer
+REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on such an answer: nothing was put
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from .store import (FULL, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutRequest, QueueError, QueueFull,
-                    QueueStats, Superseded)
+from .store import (FULL, IDEMPOTENCY_TTL_S, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutOnce,
+                    PutRequest, QueueError, QueueFull, QueueStats, Superseded)
 
 T = TypeVar("T")
 log = logging.getLogger("comfyserve.queue.sqlite")
@@ -51,6 +51,15 @@ CREATE INDEX IF NOT EXISTS items_ready ON items (queue, priority DESC, idx) WHER
 CREATE INDEX IF NOT EXISTS items_owner ON items (queue, owner) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS items_deadline ON items (queue, deadline) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS items_rid ON items (queue, request_id);
+CREATE TABLE IF NOT EXISTS dedup (
+    queue TEXT NOT NULL,
+    key TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup (expires);
 """
 
 
@@ -199,6 +208,22 @@ class SQLiteStore:
             self._delete_where(db, remove_queue, indexes)
             return index
 
+    def _put_once(self, queue: str, request: PutRequest, key: str, ttl_s: float) -> PutOnce:
+        """One transaction: forget expired keys, look the key up, else put and remember it."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
+            row = db.execute("SELECT idx, request_id FROM dedup WHERE queue = ? AND key = ?", (queue, key)).fetchone()
+            if row is not None:
+                return PutOnce(row[0], row[1], duplicate=True)
+            [index] = self._insert(db, queue, [request])
+            if index == FULL:
+                raise QueueFull(f"queue {queue!r} is full ({request.max_length} items)")
+            if ttl_s > 0:
+                db.execute("INSERT INTO dedup (queue, key, idx, request_id, expires) VALUES (?, ?, ?, ?, ?)",
+                           (queue, key, index, request.request_id, now + ttl_s))
+            return PutOnce(index, request.request_id, duplicate=False)
+
     async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
         results = await self._run(self._put_many, queue, requests)
         self._notifier.notify(queue)
@@ -206,6 +231,13 @@ class SQLiteStore:
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+
+    async def put_once(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int, *,
+                       key: str, ttl_s: float = IDEMPOTENCY_TTL_S) -> PutOnce:
+        result = await self._run(self._put_once, queue, PutRequest(body, request_id, priority, max_length), key, ttl_s)
+        if not result.duplicate:
+            self._notifier.notify(queue)
+        return result
 
     async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
                              remove_queue: str, indexes: list[int]) -> int:

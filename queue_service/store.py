@@ -26,6 +26,9 @@ from .protocol import decode_frame, encode_frame
 TAG_SCAN_LIMIT = 10_000
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 REQUEST_ID_TAG = "requestId"
+# How long a put's dedup key is remembered (``put_once``): a client retrying within this time gets the
+# first put's answer, whether or not that item was consumed since.
+IDEMPOTENCY_TTL_S = 24 * 3600.0
 
 
 class QueueError(Exception):
@@ -67,6 +70,15 @@ class Item:
 
 
 @dataclass(frozen=True, slots=True)
+class PutOnce:
+    """What ``put_once`` did: the item's index and requestId, and whether they are an earlier put's."""
+
+    index: int
+    request_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     length: int
     first_index: int  # 0 when empty
@@ -93,6 +105,13 @@ class QueueStore(Protocol):
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         """Append an item and return its index; raises ``QueueFull`` (max_length 0 = unbounded)."""
+
+    async def put_once(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int, *,
+                       key: str, ttl_s: float = IDEMPOTENCY_TTL_S) -> PutOnce:
+        """``put`` unless ``key`` was put on ``queue`` within ``ttl_s``: then nothing is written and the
+        first put's index and requestId come back (``duplicate=True``). Check and put are one atomic
+        step, so two concurrent puts with one key make one item. ``ttl_s <= 0`` remembers nothing.
+        Raises ``QueueFull`` (and remembers nothing) when a new put does not fit."""
 
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         """Up to ``length`` items with index >= start_index, in index order (claimed or not)."""

@@ -12,7 +12,7 @@ from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue,
                                 requires_sdk, start_sdk, store_kind)
 
 from queue_service.client import DataFrame, QueueFullError
-from queue_service.server import WATCHERS_KEY
+from queue_service.server import STORE_KEY, WATCHERS_KEY
 
 
 async def next_frames(frames, count: int, timeout_s: float = 5.0) -> list[DataFrame]:
@@ -402,3 +402,58 @@ async def test_sdk_watcher_idles_through_its_pings(live_queue: LiveQueue, store_
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert [f["data"] for f in result["frames"]] == ["after a quiet while"]
     assert "reconnect" not in err.decode()
+
+
+# -- idempotent puts (QueueStore.put_once) --------------------------------------------------------
+
+
+async def test_a_put_with_a_seen_key_answers_the_first_put_and_stores_nothing(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    first = await queue.put("a", {"task_id": "t"}, idempotency_key="k1")
+    assert await queue.put("b", {"task_id": "t"}, idempotency_key="k1") == first
+    other = await queue.put("c", idempotency_key="k2")
+    assert other[0] == first[0] + 1 and other[1] != first[1]
+    assert [f.data for f in await queue.get(length=10)] == [b"a", b"c"]
+    await queue.commit([first[0]])  # consumed since: the key still answers the first put
+    assert await queue.put("d", idempotency_key="k1") == first
+    assert await queue.put("e", idempotency_key="k1", tags={"requestId": "mine"}) == first
+    assert (await queue.attributes())["stream.length"] == "1"
+    async with httpx.AsyncClient(base_url=f"http://{live_queue.endpoint}") as http:
+        replay = await http.post("/api/predict/svc/sink", content=b"f", headers={
+            "Authorization": TOKEN, "Idempotency-Key": "k2"})
+        assert replay.headers["Idempotent-Replayed"] == "true" and replay.text == str(other[0])
+
+
+async def test_concurrent_puts_with_one_key_make_one_item(live_queue: LiveQueue) -> None:
+    producers = [live_queue.client() for _ in range(5)]
+    results = await asyncio.gather(*(producers[n % 5].put(str(n), idempotency_key="once") for n in range(20)))
+    assert len(set(results)) == 1
+    assert (await producers[0].attributes())["stream.length"] == "1"
+
+
+async def test_keys_are_per_queue_a_full_queue_remembers_nothing_and_ttl_bounds_memory(make_live_queue) -> None:
+    live = await make_live_queue(max_length=1)
+    sink, other = live.client(), live.client("svc")
+    assert (await sink.put("a", idempotency_key="k"))[0] == 1
+    assert (await other.put("a", idempotency_key="k"))[0] == 1  # another queue: another key space
+    with pytest.raises(QueueFullError):
+        await sink.put("b", idempotency_key="full")
+    await sink.commit([1])
+    assert (await sink.put("b", idempotency_key="full"))[0] == 2  # the refused put left no key behind
+    store = live.app[STORE_KEY]
+    await sink.commit([2])
+    first = await store.put_once("svc/sink", b"x", "r1", 0, 0, key="short", ttl_s=0)
+    second = await store.put_once("svc/sink", b"x", "r2", 0, 0, key="short", ttl_s=0)
+    assert not first.duplicate and not second.duplicate and second.index == first.index + 1
+
+
+async def test_a_request_id_that_cannot_be_a_header_is_refused_before_the_put(live_queue: LiveQueue) -> None:
+    async with httpx.AsyncClient(base_url=f"http://{live_queue.endpoint}") as http:
+        for rid in ("a\r\nb", "nul\x00", "x" * 257):
+            response = await http.post("/api/predict/svc/sink", params={"requestId": rid}, content=b"a",
+                                       headers={"Authorization": TOKEN})
+            assert response.status_code == 400, response.text
+        response = await http.post("/api/predict/svc/sink", content=b"a",
+                                   headers={"Authorization": TOKEN, "Idempotency-Key": "k" * 257})
+        assert response.status_code == 400
+    assert await live_queue.client().get(length=5) == []
