@@ -29,7 +29,7 @@ from .instances import LocalInstance
 from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
-from .webhook import WebhookSender
+from .webhook import WebhookPolicy, WebhookSender
 from .worker import Worker, default_worker_id
 
 log = logging.getLogger("comfyserve.api")
@@ -82,7 +82,8 @@ class Pool:
         self.metrics = metrics
         self.instances: list[LocalInstance] = []
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
-        self.webhooks = WebhookSender(settings.webhook_secret or settings.token, on_give_up=self._webhook_failed)
+        self.webhooks = WebhookSender(settings.webhook_secret or settings.token,
+                                      policy=WebhookPolicy(settings.webhook_allow), on_give_up=self._webhook_failed)
 
     def _webhook_failed(self) -> None:
         self.metrics.webhook_failures_total += 1

@@ -2,9 +2,9 @@
 
 Signed with ``X-Comfyserve-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>``
 and ``X-Comfyserve-Timestamp`` so a receiver can reject forgeries and replays.
-Retried with exponential backoff; the sink result stays the source of truth,
-so a webhook that keeps failing is only counted and logged. Redirects are not
-followed.
+Retried with exponential backoff (not when the target is refused); the sink
+result stays the source of truth, so a webhook that keeps failing is only
+counted and logged. Redirects are not followed.
 
 Where a webhook may point (``WebhookPolicy``; the front checks at
 ``/api_prompt``, the worker again before delivering, since items can be put on
@@ -17,13 +17,17 @@ the input queue directly):
   prefix refuses ``http://good.example.com.evil.net/`` and
   ``http://good.example.com@evil.net/``.
 - Without it, any http(s) URL is allowed except one whose host is ``localhost``
-  (or ``*.localhost``) or a literal IP address that is not globally routable:
-  loopback, private, link-local (``169.254.169.254``), unspecified, shared
+  (or ``*.localhost``) or an address that is not globally routable: loopback,
+  private, link-local (``169.254.169.254``), unspecified, shared
   (``100.64.0.0/10``, where ``100.100.100.200`` serves cloud metadata),
   reserved or multicast — in any spelling the resolver accepts (``127.1``,
-  ``2130706433``, ``::ffff:127.0.0.1``). Names are not resolved: to reach an
-  internal receiver an operator lists it with ``--webhook-allow``; to shut out
-  names that resolve inward, list the allowed receivers.
+  ``2130706433``), and IPv4 inside IPv6 judged by its IPv4 part
+  (``::ffff:127.0.0.1``, ``::7f00:1``, NAT64 ``64:ff9b::7f00:1``, 6to4).
+  A host *name* is checked when the sender connects: every address it resolves
+  to must pass, and the connection goes to those checked addresses (aiohttp's
+  resolver hook: no second lookup to rebind, Host header and TLS SNI keep the
+  name). To reach an internal receiver an operator lists it with
+  ``--webhook-allow``; names under an allowed prefix may resolve anywhere.
 - Always refused: other schemes, user info (``user@host``), ``.``/``..`` path
   segments.
 """
@@ -42,7 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 log = logging.getLogger("comfyserve.api.webhook")
 
@@ -55,6 +61,27 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class WebhookRefused(ValueError):
     """The URL is not an allowed webhook target; the message says why."""
+
+
+class AddressRefused(OSError):
+    """A webhook host name resolved to an address the policy refuses (raised at connect time)."""
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def is_public(ip: IPAddress) -> bool:
+    """Globally routable unicast; an IPv4 carried inside IPv6 is judged by that IPv4."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped
+        if embedded is None and (int(ip) >> 32 == 0 or any(ip in net for net in _NAT64)):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # ::a.b.c.d and NAT64 prefixes
+        if embedded is not None:
+            return is_public(embedded)
+        if ip.sixtofour is not None and not is_public(ip.sixtofour):
+            return False
+    return ip.is_global and not ip.is_multicast
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,18 +124,15 @@ def parse_target(url: str) -> Target:
     return Target(scheme, host, port or DEFAULT_PORTS[scheme], path)
 
 
-def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _literal_ip(host: str) -> IPAddress | None:
     """The address a literal host names, in any form the resolver takes (``127.1``, ``0x7f000001``)."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         try:
-            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+            return ipaddress.IPv4Address(socket.inet_aton(host))
         except (OSError, ValueError):
             return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class WebhookPolicy:
@@ -128,9 +152,35 @@ class WebhookPolicy:
         if target.host == "localhost" or target.host.endswith(".localhost"):
             raise WebhookRefused(f"webhook host {target.host!r} is local; allow it with --webhook-allow")
         ip = _literal_ip(target.host)
-        if ip is not None and (not ip.is_global or ip.is_multicast):
+        if ip is not None and not is_public(ip):
             raise WebhookRefused(f"webhook host {target.host} is not a public address (loopback, private, "
                                  "link-local or reserved); allow it with --webhook-allow")
+
+    def check_resolved(self, host: str, addresses: list[str]) -> None:
+        """At connect time: raises ``AddressRefused`` unless every address ``host`` resolved to may be called."""
+        if self.allow:
+            return  # the operator listed this receiver; it may live on an internal address
+        refused = [a for a in addresses if (ip := _literal_ip(a)) is None or not is_public(ip)]
+        if refused or not addresses:
+            raise AddressRefused(f"webhook host {host!r} resolves to {', '.join(refused) or 'nothing'}, "
+                                 "not a public address; allow it with --webhook-allow")
+
+
+class CheckingResolver(AbstractResolver):
+    """aiohttp resolves through this, checks every address, and connects only to what it returns."""
+
+    def __init__(self, policy: WebhookPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        self.policy.check_resolved(host, [result["host"] for result in results])
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -144,16 +194,29 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 
 class WebhookSender:
-    """Delivers in background tasks so a slow receiver never holds up the worker's next task."""
+    """Delivers in background tasks so a slow receiver never holds up the worker's next task.
 
-    def __init__(self, secret: str | None, *, attempts: int = DEFAULT_ATTEMPTS,
-                 backoff_s: float = DEFAULT_BACKOFF_S, on_give_up: Any = None) -> None:
+    ``resolver`` is the name lookup under the policy's check (tests inject one; the default
+    asks the system).
+    """
+
+    def __init__(self, secret: str | None, *, policy: WebhookPolicy | None = None,
+                 attempts: int = DEFAULT_ATTEMPTS, backoff_s: float = DEFAULT_BACKOFF_S, on_give_up: Any = None,
+                 resolver: AbstractResolver | None = None) -> None:
         self.secret = secret
+        self.policy = policy or WebhookPolicy()
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.on_give_up = on_give_up
-        self._http = httpx.AsyncClient(timeout=10.0, trust_env=False)
+        self._resolver = resolver
+        self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:  # made in the loop that delivers
+            connector = aiohttp.TCPConnector(resolver=CheckingResolver(self.policy, self._resolver))
+            self._http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10.0))
+        return self._http
 
     def send(self, url: str, payload: dict[str, Any]) -> None:
         task = asyncio.create_task(self.deliver(url, payload), name="comfyserve-webhook")
@@ -169,13 +232,21 @@ class WebhookSender:
             if self.secret:
                 headers[SIGNATURE_HEADER] = sign(self.secret, timestamp, body)
             try:
-                response = await self._http.post(url, content=body, headers=headers)
-                if response.status_code < 300:
+                self.policy.check(url)
+                async with self._session().post(url, data=body, headers=headers, allow_redirects=False) as response:
+                    status = response.status
+                if status < 300:
                     return True
-                reason = f"HTTP {response.status_code}"
-                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                reason = f"HTTP {status}"
+                if 400 <= status < 500 and status not in (408, 429):
                     attempt = self.attempts  # the receiver refuses this delivery: retrying cannot help
-            except httpx.HTTPError as exc:
+            except WebhookRefused as exc:
+                reason, attempt = str(exc), self.attempts
+            except aiohttp.ClientConnectorError as exc:
+                reason = str(exc.os_error) if isinstance(exc.os_error, AddressRefused) else repr(exc)
+                if isinstance(exc.os_error, AddressRefused):
+                    attempt = self.attempts  # the policy refuses where the name leads: final
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 reason = repr(exc)
             if attempt >= self.attempts:
                 log.warning("webhook %s for task %s failed: %s (giving up)", url, payload.get("task_id"), reason)
@@ -193,4 +264,6 @@ class WebhookSender:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
             for task in pending:
                 task.cancel()
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
