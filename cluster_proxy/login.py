@@ -24,6 +24,7 @@ from aiohttp import web
 
 from standard.auth import json_error, safe_next, same_origin, token_from_header, wants_html
 from standard.datadir import DataDir
+from standard.server.http_util import read_form
 from web import setup_templates
 
 from .accounts import AccountError, Accounts, User
@@ -225,7 +226,7 @@ def _routes(versions: _VersionCache) -> list[web.RouteDef]:
     async def login_submit(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
             return json_error(403, "cross-origin login refused", "forbidden")
-        form = await request.post()
+        form = await read_form(request)
         name, password = str(form.get("name") or ""), str(form.get("password") or "")
         next_path = safe_next(str(form.get("next") or "/"))
         throttle = request.app[THROTTLE]
@@ -283,7 +284,7 @@ def _routes(versions: _VersionCache) -> list[web.RouteDef]:
 
     async def admin_users(request: web.Request) -> web.StreamResponse:
         _require_admin(request)
-        form = await request.post()
+        form = await read_form(request)
         _check_csrf(request, form)
         action, name = str(form.get("action") or "add"), str(form.get("name") or "")
         accounts = request.app[ACCOUNTS]
@@ -307,7 +308,7 @@ def _routes(versions: _VersionCache) -> list[web.RouteDef]:
 
     async def admin_instances(request: web.Request) -> web.StreamResponse:
         _require_admin(request)
-        form = await request.post()
+        form = await read_form(request)
         _check_csrf(request, form)
         url = str(form.get("url") or "").strip()
         provider = request.app[DASHBOARD]

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .server.http_util import read_form
+
 SESSION_COOKIE = "comfyserve_session"
 SESSION_TTL_S = 7 * 24 * 3600
 DEFAULT_PUBLIC_PATHS: frozenset[str] = frozenset({"/healthz"})
@@ -139,7 +141,7 @@ def token_login_routes(token: str, *, login_path: str = "/login") -> list[web.Ro
     async def login_submit(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
             return json_error(403, "cross-origin login refused", "forbidden")
-        form = await request.post()
+        form = await read_form(request)
         given = form.get("token")
         next_path = safe_next(str(form.get("next") or "/"))
         if not isinstance(given, str) or not tokens_equal(given, token):

@@ -76,3 +76,14 @@ async def test_svg_is_a_download_in_the_users_folder_and_the_shared_input(start_
     assert shared_png.headers["Content-Type"] == "image/png"
     assert shared_png.headers["Content-Disposition"].startswith("inline;")
     assert shared_png.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_forms_without_a_boundary_are_400s(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=0, admin="alice")
+    async with aiohttp.ClientSession(base_url=cluster.url) as anonymous:
+        await assert_json_400(await anonymous.post("/login", data=b"--x\r\n",
+                                                   headers={"Content-Type": "multipart/form-data"}))
+    http = cluster.http("alice")
+    for route in ("/admin/users", "/admin/instances"):
+        await assert_json_400(await http.post(route, data=b"--x\r\n",
+                                              headers={"Content-Type": "multipart/form-data"}))

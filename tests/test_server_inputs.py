@@ -148,3 +148,9 @@ async def test_model_previews_get_the_file_policy(instance, data_dir: Path) -> N
     assert response.status == 200 and response.headers["Content-Type"] == "image/png"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Content-Security-Policy"].startswith(FILE_CSP_START)
+
+
+async def test_a_login_form_without_a_boundary_is_a_400(instance) -> None:
+    client = await instance(token="a-long-enough-test-token")
+    await assert_json_400(await client.post("/login", data=b"--x\r\n",
+                                            headers={"Content-Type": "multipart/form-data"}))
