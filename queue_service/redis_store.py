@@ -368,8 +368,8 @@ class RedisStore:
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
-                             ("release", RELEASE)):
+                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
+                             ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
             self._scripts[name] = self._redis.register_script(source)
         await self._call(self._redis.ping)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")

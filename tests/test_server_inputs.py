@@ -154,3 +154,12 @@ async def test_a_login_form_without_a_boundary_is_a_400(instance) -> None:
     client = await instance(token="a-long-enough-test-token")
     await assert_json_400(await client.post("/login", data=b"--x\r\n",
                                             headers={"Content-Type": "multipart/form-data"}))
+
+
+async def test_userdata_files_are_downloads_with_the_file_csp(instance) -> None:
+    client = await instance()
+    assert (await client.post("/userdata/evil.svg", data=SVG)).status == 200
+    response = await client.get("/userdata/evil.svg")
+    assert response.headers["Content-Disposition"].startswith("attachment")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"].startswith(FILE_CSP_START)

@@ -27,6 +27,7 @@ from aiohttp import web
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys
+from .file_headers import FILE_CSP
 from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
 
@@ -296,6 +297,7 @@ async def get_userdata(request: web.Request) -> web.StreamResponse:
         "Content-Type": content_type,
         "X-Content-Type-Options": "nosniff",
         "Content-Disposition": disposition,
+        "Content-Security-Policy": FILE_CSP,
     })
 
 
