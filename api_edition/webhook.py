@@ -68,15 +68,18 @@ class AddressRefused(OSError):
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known prefix: the IPv4 is the last 32 bits
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use translation: never public
 
 
 def is_public(ip: IPAddress) -> bool:
     """Globally routable unicast; an IPv4 carried inside IPv6 is judged by that IPv4."""
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
         embedded = ip.ipv4_mapped
-        if embedded is None and (int(ip) >> 32 == 0 or any(ip in net for net in _NAT64)):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # ::a.b.c.d and NAT64 prefixes
+        if embedded is None and (int(ip) >> 32 == 0 or ip in _NAT64):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # ::a.b.c.d and NAT64
         if embedded is not None:
             return is_public(embedded)
         if ip.sixtofour is not None and not is_public(ip.sixtofour):

@@ -118,7 +118,7 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | web.Fi
     """The multipart / urlencoded form, or a 400 when it cannot be parsed (e.g. no boundary)."""
     try:
         return await request.post()
-    except (ValueError, AssertionError) as exc:  # aiohttp's multipart reader asserts on a missing boundary
+    except (ValueError, AssertionError) as exc:  # aiohttp's multipart reader also asserts on malformed parts
         raise json_http_error(400, "invalid_request", "the form body cannot be parsed", str(exc)) from None
 
 
