@@ -7,6 +7,7 @@ import uuid
 
 from aiohttp import web
 
+from ..serving import draining_headers, is_draining
 from . import keys
 from .http_util import error_body, json_http_error, query_int, read_json_object
 from .prompt_queue import QueueItem
@@ -34,6 +35,13 @@ async def post_prompt(request: web.Request) -> web.Response:
     prompt_id = body.prompt_id or str(uuid.uuid4())
     if server.queue.contains(prompt_id):
         raise invalid_prompt(f"prompt_id {prompt_id} is already queued or running")
+    if is_draining(request.app):
+        return web.json_response(
+            {"error": error_body("server_draining", "The server is shutting down",
+                                 "it runs what it accepted and takes no new prompts; send this one elsewhere "
+                                 "or again later"), "node_errors": {}},
+            status=503, headers=draining_headers(),
+        )
     if not server.ready:
         return web.json_response(
             {"error": error_body("runtime_not_ready", "The embedded engine is not ready",
