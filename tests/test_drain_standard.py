@@ -116,3 +116,14 @@ async def test_past_the_timeout_the_running_prompt_is_interrupted_and_exit_is_0(
     text = log.read_text()
     assert "not run: never-started" in text, text
     assert not list((data / "output").glob("*.png"))
+
+
+def test_every_server_role_takes_shutdown_timeout_from_flag_or_environment(tmp_path: Path, cli_env) -> None:
+    for role in ("standard", "queue", "api", "worker", "cluster"):
+        result = subprocess.run([str(VENV_BIN / "comfyserve"), role, "--help"], env=cli_env, capture_output=True,
+                                text=True, timeout=30)
+        assert "--shutdown-timeout" in result.stdout and "COMFYSERVE_SHUTDOWN_TIMEOUT" in result.stdout, role
+    result = subprocess.run([str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(tmp_path / "d")],
+                            env={**cli_env, "COMFYSERVE_SHUTDOWN_TIMEOUT": "-1"}, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and "--shutdown-timeout" in result.stderr
