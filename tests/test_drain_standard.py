@@ -14,7 +14,9 @@ import httpx
 import websockets
 
 from conftest import VENV_BIN, free_port, wait_for_port
+from test_backend_supervisor import SHIM_DIR
 from test_cluster_support import graph as sleep_graph, write_sleep_plugin
+from test_drain_support import drain_gate_graph, install_drain_gate, runs_of, until
 from test_server_support import gated_graph, install_gate_plugin, open_gate
 
 START_TIMEOUT_S = 30.0
@@ -127,3 +129,68 @@ def test_every_server_role_takes_shutdown_timeout_from_flag_or_environment(tmp_p
                             env={**cli_env, "COMFYSERVE_SHUTDOWN_TIMEOUT": "-1"}, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 2 and "--shutdown-timeout" in result.stderr
+
+
+async def test_real_comfyui_front_drains_its_child(tmp_path: Path, cli_env) -> None:
+    """``--comfyui-dir``: new prompts get 503 (also on the fast path), the child's prompt finishes."""
+    from standard.datadir import init_data_dir
+
+    data = init_data_dir(tmp_path / "d").root
+    install_drain_gate(data)
+    port, log = free_port(), tmp_path / "front.log"
+    auth = {"Authorization": "T"}
+    proc = start_standard(data, port, cli_env, log, "--token", "T", "--comfyui-dir", str(SHIM_DIR),
+                          "--shutdown-timeout", "45")
+    try:
+        await asyncio.to_thread(wait_for_port, port, START_TIMEOUT_S, proc)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth, trust_env=False) as http:
+            await wait_status(http, "/readyz", 200)
+            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g", "kept"), "prompt_id": "kept"})
+            assert resp.status_code == 200, resp.text
+            await until(lambda: runs_of(data, "g") == 1, what="the prompt starting in the child")
+
+            proc.send_signal(signal.SIGTERM)
+            ready = await wait_status(http, "/readyz", 503)
+            assert ready.json()["draining"] is True
+            refused = await http.post("/prompt", json={"prompt": drain_gate_graph("g2", "late")})
+            assert refused.status_code == 503 and refused.headers["Retry-After"].isdigit()
+            assert proc.poll() is None
+        open_gate(data, "g")
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (data / "output" / "kept_00001_.png").is_file()
+    assert runs_of(data, "g") == 1 and runs_of(data, "g2") == 0
+
+
+async def test_real_comfyui_child_is_interrupted_past_the_timeout(tmp_path: Path, cli_env) -> None:
+    from standard.datadir import init_data_dir
+
+    data = init_data_dir(tmp_path / "d").root
+    install_drain_gate(data)
+    port, log = free_port(), tmp_path / "front.log"
+    proc = start_standard(data, port, cli_env, log, "--token", "T", "--comfyui-dir", str(SHIM_DIR),
+                          "--shutdown-timeout", "1")
+    try:
+        await asyncio.to_thread(wait_for_port, port, START_TIMEOUT_S, proc)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "T"},
+                                     trust_env=False) as http:
+            await wait_status(http, "/readyz", 200)
+            for prompt_id, gate in (("cut", "g"), ("dropped", "g2")):
+                resp = await http.post("/prompt", json={"prompt": drain_gate_graph(gate, prompt_id),
+                                                        "prompt_id": prompt_id})
+                assert resp.status_code == 200, resp.text
+            await until(lambda: runs_of(data, "g") == 1, what="the prompt starting in the child")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "not run: dropped" in log.read_text()
+    assert not list((data / "output").glob("*.png"))
+    assert runs_of(data, "g2") == 0
