@@ -28,6 +28,10 @@ lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
 that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
 items put on the input queue directly never passed the front.
+
+SIGTERM drains (``shutdown``): no more input; the running task finishes and
+is reported, or, past ``--shutdown-timeout``, is interrupted on the instance
+and given back like a ``GiveBack`` (a cut-off run: it counts as an attempt).
 """
 
 from __future__ import annotations
