@@ -19,6 +19,7 @@ from standard.datadir import init_data_dir
 from test_drain_support import drain_gate_graph, install_drain_gate, runs_of, until
 
 PASSWORD = "long enough pw"
+INSTANCE_TOKEN = "drain-instance-token"
 
 
 class Proxies:
@@ -31,13 +32,27 @@ class Proxies:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, *extra: str) -> subprocess.Popen:
+        """A proxy with one spawned instance, unless ``extra`` names instances."""
+        pool = () if "--instance-url" in extra else ("--instances", "1")
         with (self.logs / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen([str(VENV_BIN / "comfyserve"), "cluster", "--data-dir", str(self.data_dir),
-                                     "--port", str(self.port), "--instances", "1", *extra],
-                                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                     "--port", str(self.port), *pool, *extra],
+                                    env={**self.env, "COMFYSERVE_INSTANCE_TOKEN": INSTANCE_TOKEN},
+                                    stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         wait_for_port(self.port, timeout_s=30, proc=proc)
         return proc
+
+    def instance(self, name: str) -> tuple[subprocess.Popen, str]:
+        """An instance of its own (``comfyserve standard`` on the shared data dir)."""
+        port = free_port()
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen([str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(self.data_dir),
+                                     "--port", str(port)], env={**self.env, "COMFYSERVE_TOKEN": INSTANCE_TOKEN},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        wait_for_port(port, timeout_s=30, proc=proc)
+        return proc, f"http://127.0.0.1:{port}"
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -143,3 +158,39 @@ async def test_past_the_timeout_the_running_task_is_handed_back_and_runs_once_mo
         assert list(await ann.history()) == ["cut"]
     assert runs_of(proxies.data_dir, "g") == 2
     assert outputs(proxies, "ann", "cut") == ["cut_00001_.png"]
+
+
+async def test_a_handed_back_task_is_not_a_lost_attempt(proxies: Proxies) -> None:
+    """Handed back by one proxy, then its instance dies under the next: it is still retried, not failed."""
+    token = proxies.add_user("ann")
+    instances = dict(proxies.instance(f"instance{i}") for i in range(2))
+    urls = [arg for url in instances.values() for arg in ("--instance-url", url)]
+    fast_loss = ("--health-interval", "0.2", "--instance-lost-after", "1")
+    proxy = proxies.start("proxy1", *urls, *fast_loss, "--shutdown-timeout", "0")
+    async with InstanceClient(proxies.url, token) as ann:
+        await ann.submit(drain_gate_graph("g", "tough"), prompt_id="tough")
+        await until(lambda: runs_of(proxies.data_dir, "g") == 1, what="the task starting")
+    proxy.send_signal(signal.SIGTERM)
+    assert await exited(proxy) == 0, proxies.log("proxy1")
+
+    proxies.start("proxy2", *urls, *fast_loss)
+    await until(lambda: runs_of(proxies.data_dir, "g") == 2, what="the handed-back task starting again")
+    running: list[subprocess.Popen] = []
+
+    async def find_running() -> bool:
+        async with httpx.AsyncClient(headers={"Authorization": INSTANCE_TOKEN}, trust_env=False) as http:
+            for proc, url in instances.items():
+                if (await http.get(f"{url}/queue")).json()["queue_running"]:
+                    running.append(proc)
+                    return True
+        return False
+
+    await until(find_running, what="an instance running the task")
+    running[0].send_signal(signal.SIGKILL)
+    await until(lambda: runs_of(proxies.data_dir, "g") == 3, what="the task retried on the other instance")
+    open_gate(proxies.data_dir, "g")
+    async with InstanceClient(proxies.url, token) as ann:
+        entry = await finished(ann, "tough")
+    assert entry["status"]["status_str"] == "success", entry
+    assert entry["cluster"]["attempts"] == 3
+    assert outputs(proxies, "ann", "tough") == ["tough_00001_.png"]
