@@ -21,6 +21,7 @@ from queue_service.server import STORE_KEY, create_app as create_queue_app
 from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
 from standard.auth import token_auth_middleware
+from standard.serving import drain_of
 
 from .attempts import StoreAttemptRecords
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
@@ -33,7 +34,6 @@ from .webhook import WebhookPolicy, WebhookSender
 from .worker import Worker, default_worker_id
 
 log = logging.getLogger("comfyserve.api")
-WORKER_STOP_TIMEOUT_S = 10.0
 
 
 def queue_settings(settings: ApiSettings) -> QueueSettings:
@@ -68,6 +68,7 @@ def create_api_app(settings: ApiSettings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = ApiMetrics()
     add_front_routes(app, settings)
+    drain_of(app)  # ``running`` adds the pool's drain
     return app
 
 
@@ -128,9 +129,14 @@ class Pool:
             return None
         return StoreAttemptRecords(self.store, self.settings.service, max_length=self.settings.max_length)
 
-    async def stop(self) -> None:
-        await asyncio.gather(*(worker.shutdown(task, WORKER_STOP_TIMEOUT_S) for worker, task in self.workers),
+    async def drain(self, timeout_s: float) -> None:
+        """Every worker finishes its running task within ``timeout_s`` or hands it back; the instances
+        stay up meanwhile (``stop`` ends them)."""
+        await asyncio.gather(*(worker.shutdown(task, timeout_s) for worker, task in self.workers),
                              return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.drain(0.0)  # no-op after a drain: the workers have ended
         await asyncio.gather(*(instance.stop() for instance in self.instances), return_exceptions=True)
         await self.webhooks.aclose()
 
@@ -154,7 +160,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(settings: ApiSettings) -> AsyncIterator[Running]:
-    """Serve the app on ``settings.host:port`` and run the pool, for the CLI, tests and the bench."""
+    """Serve the app on ``settings.host:port`` and run the pool, for the CLI, tests and the bench.
+
+    On the way out the app drains first (``/api_prompt`` answers 503, the workers finish or hand back
+    their tasks while the queue still serves them), then the instances stop, then the site closes.
+    """
     app = create_api_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=5.0, access_log=None)
     await runner.setup()
@@ -164,9 +174,11 @@ async def running(settings: ApiSettings) -> AsyncIterator[Running]:
         await site.start()
         if settings.queue_url is None:
             pool = Pool(settings, local_queue_url(settings, settings.port), app[METRICS_KEY], app[STORE_KEY])
+            drain_of(app).hooks.append(pool.drain)
             await pool.start()
         yield Running(app, pool)
     finally:
+        await drain_of(app).run(settings.shutdown_timeout_s)
         if pool is not None:
             await pool.stop()
         await runner.cleanup()

@@ -19,7 +19,7 @@ from standard.datadir import init_data_dir
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import refuse, run_role, stop_event
+from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
 from standard.settings import is_loopback
 
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--webhook-secret", default=None,
                help="HMAC-SHA256 key for webhook signatures (default: the token)")
     add_limit_arguments(parser)
+    add_shutdown_timeout_option(parser)
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
-        max_attempts=max_attempts, webhook_allow=webhook_allow,
+        max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=shutdown_timeout_of(args),
     )
 
 

@@ -31,6 +31,7 @@ from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
 from standard.server.http_util import read_body_within
+from standard.serving import draining_headers, is_draining
 
 from .graph import GraphError, parse_graph
 from .inbox import Inbox, InboxUnavailable
@@ -73,6 +74,9 @@ def _generated_task_id(idempotency_key: str | None) -> str:
 
 async def api_prompt(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
+    if is_draining(request.app):  # the queue keeps what it has; new tasks go to a sibling or wait
+        return _error(request, 503, "server_draining", "the service is shutting down, retry later",
+                      headers=draining_headers())
     service = request.match_info.get("service")
     if service is not None and service != settings.service:
         return _error(request, 404, "not_found", f"this front serves service {settings.service!r}, not {service!r}")

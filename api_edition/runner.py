@@ -77,10 +77,12 @@ class InstanceRunner:
                 log.info("event socket to %s: %r; reopening", self.client.base_url, exc)
                 await asyncio.sleep(1.0)
 
-    async def run(self, graph: dict[str, Any], timeout_s: float | None = None) -> RunResult:
-        """Run ``graph``; past ``timeout_s`` it is interrupted and ``InstanceError`` raised."""
+    async def run(self, graph: dict[str, Any], timeout_s: float | None = None,
+                  prompt_id: str | None = None) -> RunResult:
+        """Run ``graph`` (as ``prompt_id``, so the caller can interrupt it); past ``timeout_s`` it is
+        interrupted and ``InstanceError`` raised."""
         self.start()
-        prompt_id = str(uuid.uuid4())
+        prompt_id = prompt_id or str(uuid.uuid4())
         try:
             if not self.socket_up.is_set():
                 return await self.client.run(graph, timeout_s=timeout_s, prompt_id=prompt_id)

@@ -28,6 +28,10 @@ lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
 that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
 items put on the input queue directly never passed the front.
+
+SIGTERM drains (``shutdown``): no more input; the running task finishes and
+is reported, or, past ``--shutdown-timeout``, is interrupted on the instance
+and given back like a ``GiveBack`` (a cut-off run: it counts as an attempt).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import hashlib
 import logging
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
@@ -63,6 +68,7 @@ RUN_TIMEOUTS = ClientTimeouts(disconnected_s=None)
 PROBE_INTERVAL_S = 0.25
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 2.0
+HAND_BACK_S = 10.0  # after a drain's timeout: how long handing the task back (or its last report) may take
 
 
 def default_worker_id(instance_url: str) -> str:
@@ -104,6 +110,7 @@ class Worker:
                                                   on_give_up=self._webhook_failed)
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
+        self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
@@ -127,13 +134,23 @@ class Worker:
             await self.aclose()
 
     async def shutdown(self, task: asyncio.Task[None], timeout_s: float) -> None:
-        """Stop taking input; let the running task finish within ``timeout_s``; then cancel."""
+        """Drain: stop taking input; let the running task finish (result put, input committed) within
+        ``timeout_s``; past it, hand the task back (interrupted on the instance, its item released at once
+        for another worker, never reported by this one). Then the worker ends."""
         self._stopping = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if self._idle.is_set():
+            task.cancel()  # waiting for input: leaving the watch is all there is to do
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle.wait()), timeout_s)
+            self._cut.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), HAND_BACK_S)
+        if not task.done():
+            log.warning("%s: the task did not end %.0fs after it was handed back; cancelling", self.name, HAND_BACK_S)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -260,18 +277,26 @@ class Worker:
             self.stats.in_flight = 0
 
     async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
-        """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not."""
-        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s))
+        """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
+        a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
+        prompt_id = str(uuid.uuid4())
+        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id))
         watchdog = asyncio.create_task(self._instance_down())
+        cut = asyncio.create_task(self._cut.wait())
         try:
-            await asyncio.wait({run, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({run, watchdog, cut}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watchdog.cancel()
+            cut.cancel()
             if not run.done():
                 run.cancel()
         if not run.done() or run.cancelled():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await run
+            if self._cut.is_set():
+                with contextlib.suppress(InstanceError):
+                    await self.probe.interrupt(prompt_id)
+                raise GiveBack(f"worker {self.name} is shutting down and its --shutdown-timeout has passed")
             raise GiveBack(f"instance {self.settings.instance_url} unreachable for {self.settings.instance_down_s}s")
         try:
             result = run.result()

@@ -15,14 +15,13 @@ from aiohttp import web
 from standard.auth import token_auth_middleware
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import refuse, run_role, stop_event
+from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
 
 from .command import add_limit_arguments, limit_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
 from .worker import Worker
 
 log = logging.getLogger("comfyserve.api.worker")
-STOP_TIMEOUT_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--metrics-port", type=int, default=None,
                help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
     add_limit_arguments(parser)
+    add_shutdown_timeout_option(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -57,6 +57,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         token=args.token or None, instance_token=args.instance_token, worker_id=args.worker_id,
         webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
         run_timeout_s=args.run_timeout, max_attempts=max_attempts, webhook_allow=webhook_allow,
+        shutdown_timeout_s=shutdown_timeout_of(args),
     )
 
 
@@ -115,6 +116,6 @@ async def _until_stopped(worker: Worker, task: asyncio.Task[None], settings: Wor
             print(f"comfyserve worker: {exc!r}", file=sys.stderr, flush=True)
             return 1
         return 0
-    log.info("stopping: finishing the running task (up to %.0fs)", STOP_TIMEOUT_S)
-    await worker.shutdown(task, STOP_TIMEOUT_S)
+    log.info("stopping: finishing the running task (up to %.0fs)", settings.shutdown_timeout_s)
+    await worker.shutdown(task, settings.shutdown_timeout_s)
     return 0

@@ -21,6 +21,7 @@ from standard.datadir import init_data_dir
 from standard.server import keys
 from standard.server.middlewares import json_errors_middleware
 from standard.server.routing import add_routes_with_api_prefix
+from standard.serving import draining_headers, drain_of, is_draining
 
 from . import routes_api
 from .accounts import Accounts
@@ -48,6 +49,9 @@ async def healthz(request: web.Request) -> web.Response:
 @ops.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     up = len(request.app[POOL].up())
+    if is_draining(request.app):
+        return web.json_response({"ready": False, "draining": True, "instances_up": up}, status=503,
+                                 headers=draining_headers())
     return web.json_response({"ready": up > 0, "instances_up": up}, status=200 if up else 503)
 
 
@@ -99,7 +103,8 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     add_routes_with_api_prefix(app, routes_api.routes)
     setup_shared_routes(app, scopes)
     setup_web_ui(app)
-    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_lifecycle)  # torn down after the drain: spawned instances stop last
+    drain_of(app).hooks.append(core.drain)
     app.on_shutdown.append(_close_sockets)
     return app
 

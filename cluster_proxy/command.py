@@ -13,6 +13,7 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
 from .settings import DEFAULT_PORT, ClusterSettings
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
+    add_shutdown_timeout_option(parser)
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
 
@@ -64,6 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         health_interval_s=args.health_interval,
         instance_lost_s=args.instance_lost_after,
         max_upload_size_mb=args.max_upload_size,
+        shutdown_timeout_s=shutdown_timeout_of(args),
     )
     settings.check()
     return settings
@@ -73,12 +76,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return refuse("cluster", str(exc))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
+    return run_role("cluster", serve(settings))
+
+
+async def serve(settings: ClusterSettings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (running tasks finish or go back to the store) and stop."""
     from .app import create_cluster_app
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
-
-    web.run_app(create_cluster_app(settings), host=settings.host, port=settings.port,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S, print=None, access_log=None)
-    return 0
+    app = await create_cluster_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+    await runner.setup()
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    banner = f"comfyserve cluster listening on http://{shown}:{settings.port} (data dir {settings.data_dir})"
+    return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="cluster",
+                                     banner=banner, shutdown_timeout_s=settings.shutdown_timeout_s)

@@ -27,6 +27,7 @@ from .validation import LocalValidator
 log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
 HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
+HANDED_BACK = "handed back"  # note of a task requeued by a drain: not a lost attempt
 
 
 class ClusterCore:
@@ -42,6 +43,8 @@ class ClusterCore:
         self.hub = UserHub()
         self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
         self.runs: dict[str, TaskRun] = {}
+        self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
+        self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._workdirs: dict[str, WorkDirs] = {}
         self._last_sent: dict[str, list[dict[str, Any]]] = {}
@@ -71,6 +74,43 @@ class ClusterCore:
         await self.pool.aclose()
         await self.hub.aclose()
 
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM: dispatch nothing more; the running tasks get ``timeout_s`` to finish; the rest go back.
+
+        Queued tasks stay in the store for the next start or a sibling proxy. A task whose run the
+        limit cuts is interrupted on its instance and queued again (``HANDED_BACK``, not counted as a
+        lost attempt), so it runs once more, from the start, wherever it is dispatched next.
+        """
+        self.draining = True
+        await self.scheduler.aclose()
+        jobs = [job for job in self._run_jobs.values() if not job.done()]
+        if jobs:
+            log.info("draining: %d running task(s), up to %.0fs", len(jobs), timeout_s)
+            await asyncio.wait(jobs, timeout=timeout_s)
+        cut = [run for task_id, run in list(self.runs.items())
+               if not run.released and task_id in self._run_jobs and not self._run_jobs[task_id].done()]
+        await asyncio.gather(*(self._hand_back(run) for run in cut), return_exceptions=True)
+        rest = [job for job in self._run_jobs.values() if not job.done()]
+        if rest:  # done on the instance: only the proxy's bookkeeping is left
+            await asyncio.wait(rest)
+
+    async def _hand_back(self, run: TaskRun) -> None:
+        task = run.task
+        job = self._run_jobs.get(task.id)
+        if job is not None:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job
+        await run.interrupt()
+        await run.cleanup()
+        await self._instance_free(run)
+        if await self.store.requeue(task.id, f"{HANDED_BACK}: the proxy shut down before it finished") is None:
+            return  # it finished (or was deleted) meanwhile
+        log.warning("task %s of %s handed back: the proxy's --shutdown-timeout passed", task.prompt_id, task.user)
+        await self.hub.send_json(task.user, "cluster_task_retry", {
+            "prompt_id": task.prompt_id, "attempt": task.attempts + 1,
+            "reason": "the proxy shut down before it finished; it runs again"}, task.client_id)
+
     async def _watch_proxies(self) -> None:
         """Say we are alive; take over the running tasks of proxies that are not."""
         while True:
@@ -83,6 +123,8 @@ class ClusterCore:
 
     async def _adopt_orphans(self) -> None:
         """Running tasks no live proxy follows (a restart, a crash): follow them to the end, or queue them again."""
+        if self.draining:
+            return
         alive = await self.store.alive_proxies()
         for orphan in await self.store.running():
             if orphan.proxy == self.proxy_id or orphan.proxy in alive or orphan.id in self.runs:
@@ -100,7 +142,7 @@ class ClusterCore:
             self.pool.reserve(instance, task.id)
             log.info("following task %s of %s on %s (left by proxy %s)", task.prompt_id, task.user, instance.url,
                      orphan.proxy)
-            self._spawn(self._recover_one(task, instance))
+            self._track(task.id, self._spawn(self._recover_one(task, instance)))
 
     async def _recover_one(self, task: Task, instance: Instance) -> None:
         run = self._make_run(task, instance)
@@ -208,10 +250,11 @@ class ClusterCore:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
         key = f"{task.id}-{task.attempts}"
@@ -233,7 +276,17 @@ class ClusterCore:
                         await self.store.renew_instance(run.instance.url, run.task.id, LEASE_TTL_S)
 
     def _start_task(self, task: Task, instance: Instance) -> None:
-        self._spawn(self._run(task, instance))
+        self._track(task.id, self._spawn(self._run(task, instance)))
+
+    def _track(self, task_id: str, job: asyncio.Task[Any]) -> None:
+        """Remember the job that runs (or follows) ``task_id`` until it ends, for a drain."""
+        self._run_jobs[task_id] = job
+
+        def forget(_: asyncio.Task[Any]) -> None:
+            if self._run_jobs.get(task_id) is job:
+                del self._run_jobs[task_id]
+
+        job.add_done_callback(forget)
 
     async def _run(self, task: Task, instance: Instance) -> None:
         run = self._make_run(task, instance)
@@ -273,7 +326,8 @@ class ClusterCore:
     async def _requeue_or_fail(self, task: Task, reason: str) -> None:
         if task.instance:  # its lease must not keep the instance from the next task
             await self.store.release_instance(task.instance, task.id)
-        if task.attempts < MAX_ATTEMPTS:
+        handed_back = sum(1 for note in task.notes if note.startswith(HANDED_BACK))
+        if task.attempts - handed_back < MAX_ATTEMPTS:
             await self.store.requeue(task.id, reason)
             log.warning("task %s of %s retried: %s", task.prompt_id, task.user, reason)
             await self.hub.send_json(task.user, "cluster_task_retry", {

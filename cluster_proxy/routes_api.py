@@ -16,8 +16,9 @@ from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
 from standard.server.http_util import json_http_error, parse_json, read_json_object
-from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request
+from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
+from standard.serving import is_draining
 
 from .graph import GraphRefused, check_graph
 from .keys import CORE, POOL
@@ -35,6 +36,8 @@ def _not_yours(what: str, ids: list[str]) -> web.HTTPException:
 
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
+    if is_draining(request.app):
+        return refused_while_draining()
     core = request.app[CORE]
     user = request[USER].name
     body = parse_prompt_request(await read_json_object(request, kind="invalid_prompt"))

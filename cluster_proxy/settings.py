@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from standard.errors import ConfigError
+from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
 
 DEFAULT_PORT = 8000
@@ -38,6 +39,8 @@ class ClusterSettings:
     # An oss:// data dir (or a mounted one with --oss-bucket): users' outputs go to the bucket
     # under PREFIX/users/<name>/output with signed URLs. Typed loosely: no oss2 import without it.
     storage: Any = None
+    # SIGTERM: how long running tasks may take to finish before they are handed back to the store.
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 
     @property
     def max_upload_size_bytes(self) -> int:

@@ -16,14 +16,13 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
-from standard.serving import refuse, run_role, serve_until_stopped
+from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from standard.settings import is_loopback
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
                        QueueSettings)
 
 log = logging.getLogger("comfyserve.queue")
-SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="largest item body in bytes (bigger ones get 413)")
     add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
                help="seconds an item stays with a watcher that vanished before others get it")
+    add_shutdown_timeout_option(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> QueueSettings:
@@ -83,15 +83,16 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ConfigError as exc:
         return refuse("queue", str(exc))
-    return run_role("queue", serve(settings))
+    return run_role("queue", serve(settings, shutdown_timeout_s=shutdown_timeout_of(args)))
 
 
-async def serve(settings: QueueSettings) -> int:
-    """Serve until SIGTERM/SIGINT."""
+async def serve(settings: QueueSettings, *, shutdown_timeout_s: float = 5.0) -> int:
+    """Serve until SIGTERM/SIGINT; then stop listening, close the watches (their uncommitted items go back
+    at once) and give requests in flight up to ``shutdown_timeout_s``."""
     from .server import create_app
 
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, access_log=None)
     try:
         await runner.setup()
     except Exception as exc:  # the store could not be opened
@@ -100,4 +101,4 @@ async def serve(settings: QueueSettings) -> int:
     auth = "token auth" if settings.token else "no auth"
     banner = f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})"
     return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="queue",
-                                     banner=banner)
+                                     banner=banner, shutdown_timeout_s=shutdown_timeout_s)

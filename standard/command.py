@@ -18,7 +18,7 @@ from aiohttp import web
 from .datadir import init_data_dir
 from .errors import ConfigError
 from .options import add_option
-from .serving import refuse, run_role, serve_until_stopped
+from .serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
 from .storage.settings import add_storage_arguments, storage_settings_from_args
 
@@ -40,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="largest request body in MB (bigger ones get 413)")
     add_option(parser, "--history-max-items", type=int, default=10000,
                help="finished prompts kept in /history (oldest dropped first)")
-    add_option(parser, "--shutdown-timeout", type=float, default=10.0,
-               help="seconds a running prompt gets to stop after SIGTERM interrupts it")
+    add_shutdown_timeout_option(parser)
     add_option(parser, "--comfyui-dir", default=None,
                help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
     add_option(parser, "--comfyui-python", default=sys.executable,
@@ -77,7 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
-        shutdown_timeout_s=max(args.shutdown_timeout, 0.0),
+        shutdown_timeout_s=shutdown_timeout_of(args),
         storage=storage,
     )
     settings.check()
@@ -123,4 +122,5 @@ async def serve(settings: StandardSettings) -> int:
     auth = "token auth" if settings.token else "no auth"
     banner = (f"comfyserve standard listening on http://{shown}:{settings.port} ({auth}, "
               f"data dir {settings.data_dir}, {runtime_name(settings)})")
-    return await serve_until_stopped(runner, _site(runner, settings), role="standard", banner=banner)
+    return await serve_until_stopped(runner, _site(runner, settings), role="standard", banner=banner,
+                                     shutdown_timeout_s=settings.shutdown_timeout_s)

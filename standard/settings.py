@@ -31,7 +31,7 @@ class StandardSettings:
     comfyui_args: tuple[str, ...] = ()
     backend_url: str | None = None
     history_max_items: int = 10000
-    # On SIGTERM: how long a running prompt may take to stop after its interrupt.
+    # On SIGTERM: how long the accepted prompts may take to finish before the running one is interrupted.
     shutdown_timeout_s: float = 10.0
     # --data-dir oss://..., --oss-bucket or --output-url-base (standard.storage); None: plain folder.
     storage: StorageSettings | None = None

@@ -28,6 +28,8 @@ from ..server.http_util import json_error
 from ..server.frontend import own_extension_routes
 from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware, origin_only_middleware
+from ..server.prompt_request import refused_while_draining
+from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
 from .fastpath import FAST_PATH, FastPathConfig
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
@@ -46,6 +48,8 @@ RESTART_WAIT_S = 120.0
 REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DRAIN_POLL_S = 0.1  # ComfyUI tells no one when its queue empties: the drain asks /queue this often
+PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
 
 
 def make_backend(settings: StandardSettings) -> Backend:
@@ -78,6 +82,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app[SOCKETS] = set()
     app.cleanup_ctx.append(_backend_ctx)
     app.on_shutdown.append(_close_sockets)
+    drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
     if settings.token is not None:
         from web import setup_templates
 
@@ -93,7 +98,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app.router.add_route("*", "/{tail:.*}", proxy)
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions")
     app[FAST_PATH] = FastPathConfig(
-        token=settings.token, base_url=lambda: backend.base_url,
+        # While draining every request takes the slow path, where POST /prompt is refused.
+        token=settings.token, base_url=lambda: None if is_draining(app) else backend.base_url,
         # /view takes the slow path too: its headers are rewritten there (file_headers policy)
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
                               | {"/login", "/logout"} | FILE_ROUTES),
@@ -123,6 +129,52 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def _drain(app: web.Application, timeout_s: float) -> None:
+    """SIGTERM: ComfyUI runs what it was given (new prompts get 503) within ``timeout_s``. Past it a
+    supervised child's queue is cleared and its prompt interrupted; a ``--backend-url`` backend is
+    not ours to interrupt (others may use it): it runs on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (queue := await _backend_queue(app)) and (queue.get("queue_running") or queue.get("queue_pending")):
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(DRAIN_POLL_S)
+    else:
+        return
+    pending = [item[1] for item in queue.get("queue_pending") or [] if isinstance(item, list) and len(item) > 1]
+    if not isinstance(app[BACKEND], ComfyUIChild):
+        log.warning("shutdown timeout: the backend still has %d prompt(s); they run on there",
+                    len(pending) + len(queue.get("queue_running") or []))
+        return
+    if pending:
+        log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(pending), ", ".join(map(str, pending)))
+    await _backend_post(app, "/queue", {"clear": True})
+    await _backend_post(app, "/interrupt", {})
+
+
+async def _backend_queue(app: web.Application) -> dict | None:
+    base_url = app[BACKEND].base_url
+    if base_url is None:
+        return None
+    try:
+        async with app[SESSION].get(base_url + "/queue", timeout=aiohttp.ClientTimeout(total=5.0)) as response:
+            queue = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+    return queue if isinstance(queue, dict) else None
+
+
+async def _backend_post(app: web.Application, path: str, body: dict) -> None:
+    base_url = app[BACKEND].base_url
+    if base_url is None:
+        return
+    try:
+        async with app[SESSION].post(base_url + path, json=body, timeout=aiohttp.ClientTimeout(total=5.0)):
+            pass
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        log.warning("shutdown: POST %s to the backend failed: %r", path, exc)
+
+
 async def _close_sockets(app: web.Application) -> None:
     """Open WebSockets would hold a graceful shutdown until its timeout."""
     for ws in list(app[SOCKETS]):
@@ -135,6 +187,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     status = await request.app[BACKEND].status()
+    if is_draining(request.app):  # a load balancer sends no new work here
+        return web.json_response({**status, "ready": False, "draining": True}, status=503,
+                                 headers=draining_headers())
     return web.json_response(status, status=200 if status["ready"] else 503)
 
 
@@ -200,6 +255,8 @@ async def _prompt_running(request: web.Request) -> bool:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
+    if request.method == "POST" and request.path in PROMPT_PATHS and is_draining(app):
+        return refused_while_draining()
     backend = app[BACKEND]
     base_url = await _backend_url(backend)
     if base_url is None:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from ..auth import token_auth_middleware, token_login_routes
 from ..datadir import init_data_dir
+from ..serving import drain_of
 from ..settings import StandardSettings
 from ..storage.web import setup_storage
 from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
@@ -55,6 +56,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
     app[keys.PROMPT_SERVER] = PromptServer(settings, data_dir, workdirs)
     setup_storage(app)  # before the engine: an oss:// data dir syncs custom_nodes first
     app.cleanup_ctx.append(_prompt_server_ctx)
+    drain_of(app).hooks.append(app[keys.PROMPT_SERVER].drain)
     app.on_shutdown.append(_close_sockets)
 
     if settings.token is not None:

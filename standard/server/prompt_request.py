@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .http_util import json_http_error
+from ..serving import draining_headers
+from .http_util import error_body, json_http_error
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 
 MAX_PROMPT_ID_CHARS = 256
@@ -44,6 +45,15 @@ class PromptRequest:
         sensitive = {key: extra_data.pop(key) for key in SENSITIVE_EXTRA_DATA_KEYS if key in extra_data}
         extra_data["create_time"] = int(time.time() * 1000)
         return extra_data, sensitive
+
+
+def refused_while_draining() -> web.Response:
+    """``POST /prompt`` after SIGTERM (standard and cluster): 503 in ComfyUI's error shape, with Retry-After."""
+    return web.json_response(
+        {"error": error_body("server_draining", "The server is shutting down",
+                             "it finishes what it accepted and takes no new prompts; send this one again "
+                             "in a moment or elsewhere"), "node_errors": {}},
+        status=503, headers=draining_headers())
 
 
 def parse_prompt_request(body: dict[str, Any]) -> PromptRequest:

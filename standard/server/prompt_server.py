@@ -33,6 +33,7 @@ log = logging.getLogger("comfyserve.server")
 PREVIEW_IMAGE = 1  # binary event: >I event type, >I format, image bytes
 UNENCODED_PREVIEW_IMAGE = 2  # (format, PIL image, max_size) from plugins; encoded here
 ENGINE_API = ("NodeRegistry", "PromptExecutor", "validate_prompt")
+INTERRUPT_GRACE_S = 2.0  # after the shutdown timeout: how long an interrupted prompt may take to stop
 
 
 class EngineUnavailable(RuntimeError):
@@ -86,6 +87,8 @@ class PromptServer:
         # Called by send_sync before an event is queued (on the caller's thread; may edit data).
         self.event_hooks: list[Callable[[str | int, Any], None]] = []
         self._execution_thread = ExecutionThread()
+        self._settled = asyncio.Event()  # set whenever the queue changes or a run ends (drain waits on it)
+        self._drained = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -98,12 +101,49 @@ class PromptServer:
             asyncio.create_task(self._worker_loop(), name="comfyserve-worker"),
         ]
 
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM (the routes refuse new prompts meanwhile): run what was accepted, within ``timeout_s``.
+
+        The running prompt and the queued ones run on. Past the limit the queued
+        prompts that did not start are dropped (logged with their ids; the queue
+        lives in memory) and the running one is interrupted; a node that ignores
+        the interrupt is left to its daemon thread and does not hold the exit.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._busy() and loop.time() < deadline:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), deadline - loop.time())
+        self._drained = True
+        if not self._busy():
+            log.info("drained: every accepted prompt ran")
+            return
+        dropped = [item.prompt_id for item in self.queue.pending()]
+        if dropped:
+            self.queue.wipe_queue()
+            log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(dropped), ", ".join(dropped))
+        if self.running_prompt_id is not None:
+            log.warning("shutdown timeout: interrupting prompt %s", self.running_prompt_id)
+            self.interrupt()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(INTERRUPT_GRACE_S):
+                    async with self._run_lock:
+                        pass
+
+    def _busy(self) -> bool:
+        return self.queue.tasks_remaining() > 0 or self._run_lock.locked()
+
     async def stop(self) -> None:
-        """Stop taking prompts, interrupt the running one, wait with a limit, cancel."""
+        """Stop taking prompts, interrupt the running one, wait with a limit, cancel.
+
+        After a drain the waiting is done; without one (an app stopped in tests) the
+        running prompt gets ``shutdown_timeout_s`` to end after its interrupt.
+        """
         worker_busy = self.running_prompt_id is not None
         if worker_busy and self.executor is not None:
             self.executor.interrupt()
-        if worker_busy:
+        if worker_busy and not self._drained:
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_timeout_s):
                     async with self._run_lock:
@@ -220,6 +260,7 @@ class PromptServer:
                 await self._run_one(task_id, item)
                 if self.queue.flags:
                     await self._apply_flags()
+            self._settled.set()
 
     async def _run_one(self, task_id: int, item: QueueItem) -> None:
         self.running_prompt_id = item.prompt_id
@@ -266,6 +307,7 @@ class PromptServer:
         return {"exec_info": {"queue_remaining": self.queue.tasks_remaining()}}
 
     def queue_updated(self) -> None:
+        self._settled.set()
         self.send_sync("status", {"status": self.queue_info()}, None)
 
     def send_sync(self, event: str | int, data: Any, sid: str | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..serving import draining_headers, is_draining
 from . import keys
 from .http_util import json_http_error
 from .prompt_server import RestartRefused
@@ -26,6 +27,9 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     detail = request.app[keys.PROMPT_SERVER].engine_status()
+    if is_draining(request.app):  # a load balancer sends no new work here
+        return web.json_response({**detail, "ready": False, "draining": True}, status=503,
+                                 headers=draining_headers())
     return web.json_response(detail, status=200 if detail["ready"] else 503)
 
 

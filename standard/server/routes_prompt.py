@@ -7,10 +7,11 @@ import uuid
 
 from aiohttp import web
 
+from ..serving import is_draining
 from . import keys
 from .http_util import error_body, json_http_error, query_int, read_json_object
 from .prompt_queue import QueueItem
-from .prompt_request import delete_ids, invalid_prompt, parse_prompt_request
+from .prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from .prompt_server import PromptServer
 
 log = logging.getLogger("comfyserve.server")
@@ -34,6 +35,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     prompt_id = body.prompt_id or str(uuid.uuid4())
     if server.queue.contains(prompt_id):
         raise invalid_prompt(f"prompt_id {prompt_id} is already queued or running")
+    if is_draining(request.app):
+        return refused_while_draining()
     if not server.ready:
         return web.json_response(
             {"error": error_body("runtime_not_ready", "The embedded engine is not ready",
