@@ -1,0 +1,23 @@
+"""Read a role's ``GET /metrics`` the way Prometheus does: ``families = parse(text)``, ``value(...)``."""
+
+from __future__ import annotations
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def parse(text: str) -> dict[str, Metric]:
+    """Metric families by name (a counter's family is named without ``_total``)."""
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict[str, Metric], sample: str, **labels: str) -> float:
+    """The one sample named ``sample`` whose labels include ``labels``."""
+    [found] = [s.value for family in families.values() for s in family.samples
+               if s.name == sample and labels.items() <= s.labels.items()]
+    return found
+
+
+def kinds(families: dict[str, Metric]) -> dict[str, str]:
+    """Family name -> type (counter, gauge, histogram)."""
+    return {name: family.type for name, family in families.items()}
