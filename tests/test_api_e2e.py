@@ -194,6 +194,9 @@ async def test_split_deployment_queue_front_worker_on_redis(procs: Procs, tmp_pa
     assert value(metrics, "comfyserve_api_worker_task_seconds_count") == 3
     assert value(metrics, "comfyserve_api_worker_tasks_in_flight") == 0
     assert metrics["comfyserve_api_worker_task_seconds"].type == "histogram"
+    async with httpx.AsyncClient(trust_env=False) as http:
+        health = (await http.get(f"http://127.0.0.1:{metrics_port}/healthz")).json()
+    assert health == {"status": "ok", "instance_up": True}
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
 
