@@ -87,7 +87,7 @@ class Pool:
                                       policy=WebhookPolicy(settings.webhook_allow), on_give_up=self._webhook_failed)
 
     def _webhook_failed(self) -> None:
-        self.metrics.webhook_failures_total += 1
+        self.metrics.webhook_failures.inc()
 
     async def start(self) -> None:
         urls = list(self.settings.instance_urls)

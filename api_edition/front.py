@@ -35,7 +35,7 @@ from standard.serving import draining_headers, is_draining
 
 from .graph import GraphError, parse_graph
 from .inbox import Inbox, InboxUnavailable
-from .metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
+from .metrics import ApiMetrics
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
 
@@ -53,7 +53,7 @@ NOT_TAGS = frozenset({"token"})
 
 def _error(request: web.Request, status: int, kind: str, message: str,
            headers: dict[str, str] | None = None) -> web.Response:
-    request.app[METRICS_KEY].refused[kind] += 1
+    request.app[METRICS_KEY].refused.labels(reason=kind).inc()
     return web.json_response({"error": {"type": kind, "message": message}}, status=status, headers=headers)
 
 
@@ -114,7 +114,7 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
                       headers={"Retry-After": str(RETRY_AFTER_S)})
     except InboxUnavailable as exc:
         return _error(request, 503, "queue_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
-    request.app[METRICS_KEY].accepted_total += 1
+    request.app[METRICS_KEY].accepted.inc()
     headers = {REQUEST_ID_HEADER: request_id, "X-Task-Id": tags[TASK_ID_TAG]}
     if "application/json" in request.headers.get("Accept", ""):
         return web.json_response({"index": index, "request_id": request_id, "task_id": tags[TASK_ID_TAG]},
@@ -123,9 +123,9 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    depths = await request.app[INBOX_KEY].depths()
-    text = request.app[METRICS_KEY].render(depths)
-    return web.Response(text=text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    metrics = request.app[METRICS_KEY]
+    metrics.set_depths(await request.app[INBOX_KEY].depths())
+    return metrics.response()
 
 
 def add_front_routes(app: web.Application, settings: ApiSettings) -> None:

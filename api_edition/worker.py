@@ -172,7 +172,7 @@ class Worker:
     async def _wait_instance(self) -> None:
         logged = False
         while not await self.probe.ready():
-            self.stats.instance_up = False
+            self.stats.instance_up.set(0)
             if not logged:
                 log.warning("%s: instance %s is not ready (down, loading, or refusing the token); waiting",
                             self.name, self.settings.instance_url)
@@ -180,7 +180,7 @@ class Worker:
             await asyncio.sleep(PROBE_INTERVAL_S)
         if logged:
             log.info("%s: instance %s is back", self.name, self.settings.instance_url)
-        self.stats.instance_up = True
+        self.stats.instance_up.set(1)
 
     async def _consume(self) -> None:
         """One watch session; returns when the item must go back (instance down) or on stop."""
@@ -233,7 +233,7 @@ class Worker:
             return
         if ticket.exhausted is not None:
             log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
-            self.stats.abandoned += 1
+            self.stats.abandoned.inc()
         tags = {**frame.tags, results.STATUS_TAG: status}
         tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
         tags["requestId"] = request_id
@@ -243,11 +243,7 @@ class Worker:
         sink_index = await self._report(results.encode(events), tags, frame.index)
         self._remember(request_id)
         self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
-        self.stats.task_seconds_sum += time.monotonic() - started
-        if status == "success":
-            self.stats.succeeded += 1
-        else:
-            self.stats.failed += 1
+        self.stats.finished(status, time.monotonic() - started)
         webhook = frame.tags.get(WEBHOOK_TAG)
         if webhook:
             try:
@@ -260,21 +256,19 @@ class Worker:
                                          "status": status, "index": sink_index, "result": events})
 
     async def _skip_reported(self, frame: DataFrame, request_id: str) -> None:
-        self.stats.redeliveries += 1
+        self.stats.redeliveries.inc()
         log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
         self._remember(request_id)
         await self._commit(frame.index)
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
         """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
-        self.stats.in_flight = 1
-        try:
-            return await self._run(graph)
-        except GiveBack as exc:
-            await self.ledger.give_back(ticket, str(exc))
-            raise
-        finally:
-            self.stats.in_flight = 0
+        with self.stats.in_flight.track_inprogress():
+            try:
+                return await self._run(graph)
+            except GiveBack as exc:
+                await self.ledger.give_back(ticket, str(exc))
+                raise
 
     async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
@@ -319,7 +313,7 @@ class Worker:
             now = time.monotonic()
             down_since = down_since or now
             if now - down_since >= self.settings.instance_down_s:
-                self.stats.instance_up = False
+                self.stats.instance_up.set(0)
                 return
 
     # -- queue calls ------------------------------------------------------------------
@@ -377,4 +371,4 @@ class Worker:
             self._reported.popitem(last=False)
 
     def _webhook_failed(self) -> None:
-        self.metrics.webhook_failures_total += 1
+        self.metrics.webhook_failures.inc()

@@ -83,13 +83,13 @@ async def serve(settings: WorkerSettings, *, metrics_port: int | None = None) ->
 
 async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
     """This worker's counters for Prometheus (the queue depths come from the front's /metrics)."""
-    from .metrics import PROMETHEUS_CONTENT_TYPE
 
     async def metrics(request: web.Request) -> web.StreamResponse:
-        return web.Response(text=worker.metrics.render({}), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+        return worker.metrics.response()
 
     async def healthz(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok", "instance_up": worker.stats.instance_up})
+        up = worker.metrics.value("comfyserve_api_worker_instance_up", worker=worker.name) == 1
+        return web.json_response({"status": "ok", "instance_up": up})
 
     middlewares = []
     if worker.settings.token:

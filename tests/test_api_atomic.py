@@ -16,6 +16,7 @@ import pytest
 from conftest import RedisServer
 from test_api_support import ApiFactory, api, instance_url  # noqa: F401
 from test_queue_support import store_kind  # noqa: F401
+from test_metrics_support import value
 from test_server_support import tiny_graph
 
 from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps, Transient
@@ -199,8 +200,9 @@ async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, i
         await store.remove(SINK, [held.index])  # a client takes the first result: room again
         await wait_until(lambda: store.get(SINK, 0, 1, second))
         assert (await store.stats(INPUT)).length == 0
-    [stats] = live.live.metrics.workers.values()
-    assert stats.succeeded == 2 and stats.redeliveries == 0
+    metrics = await live.metrics()
+    assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 2
+    assert value(metrics, "comfyserve_api_worker_redeliveries_total") == 0
 
 
 async def _pending(queue: QueueClient, index: int) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from conftest import VENV_BIN, free_port, wait_for_port
 from queue_service.client import QueueClient
 from test_api_support import SERVICE, TOKEN, no_more, read_results, requires_sdk, run_sdk
+from test_metrics_support import scrape, value
 from test_server_support import gated_graph, install_gate_plugin, open_gate, tiny_graph
 
 
@@ -188,9 +189,14 @@ async def test_split_deployment_queue_front_worker_on_redis(procs: Procs, tmp_pa
         frames = await read_results(sink, 3)
     assert sorted(f.tags["task_id"] for f in frames) == [f"split_{i}" for i in range(3)], procs.log("worker")
     assert all((tmp_path / "data" / "output" / f"split_{i}_00001_.png").is_file() for i in range(3))
+    metrics = await scrape(f"http://127.0.0.1:{metrics_port}/metrics", TOKEN)
+    assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 3
+    assert value(metrics, "comfyserve_api_worker_task_seconds_count") == 3
+    assert value(metrics, "comfyserve_api_worker_tasks_in_flight") == 0
+    assert metrics["comfyserve_api_worker_task_seconds"].type == "histogram"
     async with httpx.AsyncClient(trust_env=False) as http:
-        text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics", headers={"Authorization": TOKEN})).text
-    assert 'status="success"} 3' in text and "comfyserve_api_worker_tasks_in_flight" in text
+        health = (await http.get(f"http://127.0.0.1:{metrics_port}/healthz")).json()
+    assert health == {"status": "ok", "instance_up": True}
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
 

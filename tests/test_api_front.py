@@ -7,6 +7,7 @@ import json
 import httpx
 
 from test_api_support import SERVICE, TOKEN, ApiFactory, api  # noqa: F401
+from test_metrics_support import value
 from test_server_support import tiny_graph
 
 
@@ -97,11 +98,10 @@ async def test_queue_routes_share_the_port_and_metrics_count(api: ApiFactory) ->
     async with live.input() as queue:
         attrs = await queue.attributes()
     assert attrs["meta.name"] == SERVICE and attrs["stream.length"] == "1"
-    async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
-        text = (await http.get("/metrics", headers={"Authorization": TOKEN})).text
-    assert 'comfyserve_api_queue_length{queue="svc"} 1' in text
-    assert "comfyserve_api_tasks_accepted_total 1" in text
-    assert 'comfyserve_api_tasks_refused_total{reason="invalid_json"} 1' in text
+    metrics = await live.metrics()
+    assert value(metrics, "comfyserve_api_queue_length", queue="svc") == 1
+    assert value(metrics, "comfyserve_api_tasks_accepted_total") == 1
+    assert value(metrics, "comfyserve_api_tasks_refused_total", reason="invalid_json") == 1
 
 
 async def test_webhook_must_be_http(api: ApiFactory) -> None:

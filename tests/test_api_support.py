@@ -24,6 +24,7 @@ from conftest import free_port
 from queue_service.client import DataFrame, QueueClient
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from test_metrics_support import scrape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
@@ -54,6 +55,10 @@ class LiveApi:
 
     def input(self, **kwargs: Any) -> QueueClient:
         return QueueClient(self.endpoint, SERVICE, token=TOKEN, **kwargs)
+
+    async def metrics(self) -> dict[str, Any]:
+        """The all-in-one's ``GET /metrics``, parsed."""
+        return await scrape(self.url + "/metrics", TOKEN)
 
     async def submit(self, graph: Any, *, token: str = TOKEN, path: str = "/api_prompt",
                      **params: str) -> httpx.Response:

@@ -14,6 +14,7 @@ from conftest import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from test_api_support import TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
+from test_metrics_support import kinds, value
 from test_server_support import tiny_graph
 
 BOOM_PLUGIN = '''
@@ -59,6 +60,40 @@ async def test_results_carry_task_id_request_id_and_outputs(api: ApiFactory, ins
         assert (await queue.attributes())["stream.length"] == "0"  # every input committed
 
 
+API_KINDS = {
+    "comfyserve_api_queue_length": "gauge", "comfyserve_api_tasks_accepted": "counter",
+    "comfyserve_api_tasks_refused": "counter", "comfyserve_api_worker_tasks_in_flight": "gauge",
+    "comfyserve_api_worker_instance_up": "gauge", "comfyserve_api_worker_tasks": "counter",
+    "comfyserve_api_worker_task_seconds": "histogram", "comfyserve_api_worker_failures": "counter",
+    "comfyserve_api_worker_redeliveries": "counter", "comfyserve_api_worker_tasks_abandoned": "counter",
+    "comfyserve_api_webhook_failures": "counter",
+}
+
+
+async def test_metrics_have_prometheus_types_and_move_when_tasks_run(api: ApiFactory, instance_url: Any) -> None:
+    live = await api(instance_urls=(await instance_url(),))
+    before = await live.metrics()
+    assert kinds(before) == API_KINDS
+    assert value(before, "comfyserve_api_tasks_accepted_total") == 0
+    assert value(before, "comfyserve_api_worker_task_seconds_count") == 0
+    await live.submit(tiny_graph("metered"), task_id="ok")
+    await live.submit({"1": {"class_type": "NoSuchNode", "inputs": {}}}, task_id="bad")
+    async with live.sink() as sink:
+        await read_results(sink, 2)
+    after = await live.metrics()
+    assert value(after, "comfyserve_api_tasks_accepted_total") == 2
+    assert value(after, "comfyserve_api_worker_tasks_total", status="success") == 1
+    assert value(after, "comfyserve_api_worker_tasks_total", status="error") == 1
+    assert value(after, "comfyserve_api_worker_failures_total") == 1
+    # The task time is a histogram: _sum and _count keep their names, _bucket is new.
+    assert value(after, "comfyserve_api_worker_task_seconds_count") == 2
+    assert value(after, "comfyserve_api_worker_task_seconds_bucket", le="+Inf") == 2
+    assert value(after, "comfyserve_api_worker_task_seconds_sum") > 0
+    assert value(after, "comfyserve_api_worker_instance_up") == 1
+    assert value(after, "comfyserve_api_worker_tasks_in_flight") == 0
+    assert value(after, "comfyserve_api_queue_length", queue="svc") == 0
+
+
 async def test_unknown_node_and_failing_node_give_error_results(api: ApiFactory, instance_url: Any,
                                                                 data_dir: Path) -> None:
     (data_dir / "custom_nodes" / "test_boom.py").write_text(BOOM_PLUGIN)
@@ -95,8 +130,9 @@ async def test_redelivered_task_is_committed_not_run_again(api: ApiFactory, inst
         assert await no_more(sink) == []
         assert sorted(f.tags["task_id"] for f in frames) == ["done", "next"]
         assert (await queue.attributes())["stream.length"] == "0"
-    [stats] = live.live.metrics.workers.values()
-    assert stats.redeliveries == 1 and stats.succeeded == 1
+    metrics = await live.metrics()
+    assert value(metrics, "comfyserve_api_worker_redeliveries_total") == 1
+    assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 1
 
 
 async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any) -> None:
@@ -127,8 +163,7 @@ async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: An
     await asyncio.sleep(0.5)
     async with live.input() as queue:
         assert (await queue.search(1))["IsPending"] is False  # nobody took it while the instance is down
-    [stats] = live.live.metrics.workers.values()
-    assert stats.instance_up is False
+    assert value(await live.metrics(), "comfyserve_api_worker_instance_up") == 0
     await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1)

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from conftest import free_port
-from standard.backend.app import STATS
 from standard.datadir import init_data_dir
+from test_metrics_support import parse, value
 from test_backend_support import TOKEN, FastFront, backend, start_front  # noqa: F401
 
 
@@ -62,9 +62,11 @@ async def test_plain_api_requests_stay_on_the_fast_path(backend, fast_front) -> 
             async with http.get(f"http://127.0.0.1:{front.port}/queue") as resp:
                 assert resp.status == 200
         assert front.site is not None and len(front.site.connections) == 1  # one keep-alive connection
-    assert front.app[STATS]["proxied_requests_total"] == 3
-    assert [s.raw_path for s in backend.seen] == ["/queue"] * 3
-    assert all("Authorization" not in s.headers for s in backend.seen)
+        assert [s.raw_path for s in backend.seen] == ["/queue"] * 3
+        assert all("Authorization" not in s.headers for s in backend.seen)
+        async with http.get(f"http://127.0.0.1:{front.port}/metrics") as resp:
+            metrics = parse(await resp.text())
+    assert value(metrics, "comfyserve_proxied_requests_total") == 3
 
 
 async def test_pipelined_requests_are_answered_in_order(backend, fast_front) -> None:
@@ -101,6 +103,11 @@ async def test_a_dead_backend_gets_a_json_502(fast_front) -> None:
     reply = await raw_exchange(front.port, get("/queue") + get("/queue"), responses=2)
     assert reply.count(b"HTTP/1.1 502 Bad Gateway") == 2
     assert b'"type": "backend_unavailable"' in reply
+    # Both went to aiohttp's path (nothing to connect to): each is counted once, there.
+    text = (await raw_exchange(front.port, get("/metrics"))).split(b"\r\n\r\n", 1)[1].decode()
+    metrics = parse(text)
+    assert value(metrics, "comfyserve_proxied_requests_total") == 2
+    assert value(metrics, "comfyserve_backend_errors_total") == 2
 
 
 @pytest.fixture

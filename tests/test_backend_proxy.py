@@ -9,10 +9,12 @@ import struct
 import aiohttp
 from aiohttp import web
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from standard.client import BinaryFrame, InstanceClient
 from standard.errors import InstanceError
 from standard.server import keys
+from test_metrics_support import kinds, parse, value
 from test_backend_support import TOKEN, backend, front  # noqa: F401
 from test_server_support import png_bytes, tiny_graph
 from conftest import free_port
@@ -194,9 +196,13 @@ async def test_restart_and_metrics_through_a_url_front(backend, front) -> None:
         async with http.get(url(server, "/queue")):
             pass
         async with http.get(url(server, "/metrics")) as resp:
-            text = await resp.text()
-    assert "comfyserve_ready 1" in text
-    assert "comfyserve_proxied_requests_total 2" in text
+            assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+            metrics = parse(await resp.text())
+    assert kinds(metrics) == {"comfyserve_ready": "gauge", "comfyserve_proxied_requests": "counter",
+                              "comfyserve_proxied_websockets": "counter", "comfyserve_backend_errors": "counter"}
+    assert value(metrics, "comfyserve_ready") == 1
+    assert value(metrics, "comfyserve_proxied_requests_total") == 2
+    assert value(metrics, "comfyserve_backend_errors_total") == 0
     assert [s.raw_path for s in backend.seen if s.method == "POST"] == ["/api/restart"]
 
 

@@ -20,6 +20,7 @@ from standard.client import InstanceClient
 from standard.datadir import MODEL_FOLDERS, DataDir, init_data_dir
 from standard.settings import StandardSettings
 from test_backend_support import eventually
+from test_metrics_support import kinds, parse, value
 from test_server_support import gated_graph, install_gate_plugin, open_gate
 
 SHIM_DIR = Path(__file__).resolve().parent / "comfyui_shim"
@@ -135,6 +136,9 @@ async def test_a_child_that_dies_is_started_again(child_front) -> None:
     status = await (await client.get("/readyz")).json()
     assert status["crashes"] == 1 and status["starts"] == 2 and status["last_exit"] == -signal.SIGKILL
     assert (await client.get("/queue")).status == 200
+    metrics = parse(await (await client.get("/metrics")).text())
+    assert kinds(metrics)["comfyserve_backend_crashes"] == "counter"
+    assert value(metrics, "comfyserve_backend_crashes_total") == 1
 
 
 async def test_restart_replaces_the_child(child_front, record: Path) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from test_metrics_support import kinds, parse, value
 from test_server_support import (  # noqa: F401
     events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
     tiny_graph,
@@ -45,16 +48,63 @@ async def test_system_stats_and_features_shapes(instance) -> None:
     assert features["max_upload_size"] == 100 * 1024 * 1024
 
 
+STANDARD_KINDS = {
+    "comfyserve_queue_pending": "gauge", "comfyserve_queue_running": "gauge", "comfyserve_history_items": "gauge",
+    "comfyserve_ready": "gauge", "comfyserve_prompts_completed": "counter", "comfyserve_prompts_failed": "counter",
+    "comfyserve_prompts_interrupted": "counter", "comfyserve_prompts_rejected": "counter",
+    "comfyserve_execution_seconds": "histogram", "comfyserve_queue_wait_seconds": "histogram",
+}
+
+
+async def scrape(client) -> dict:
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    return parse(await resp.text())
+
+
 async def test_healthz_and_metrics_text(instance) -> None:
     client = await instance()
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
-    resp = await client.get("/metrics")
-    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
-    text = await resp.text()
-    for line in ("comfyserve_queue_pending 0", "comfyserve_queue_running 0",
-                 "comfyserve_prompts_completed_total 0", "comfyserve_prompts_failed_total 0",
-                 'comfyserve_execution_seconds_bucket{le="+Inf"} 0', "comfyserve_execution_seconds_count 0"):
-        assert line in text, line
+    families = await scrape(client)
+    assert kinds(families) == STANDARD_KINDS
+    for sample in ("comfyserve_queue_pending", "comfyserve_queue_running", "comfyserve_prompts_completed_total",
+                   "comfyserve_prompts_failed_total", "comfyserve_execution_seconds_count"):
+        assert value(families, sample) == 0, sample
+    assert value(families, "comfyserve_execution_seconds_bucket", le="+Inf") == 0
+    assert value(families, "comfyserve_ready") == 1
+
+
+async def test_metrics_move_as_prompts_queue_run_and_are_refused(instance, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    client = await instance()
+    other = await instance()  # a second app in this process keeps its own counts
+    ws = await client.ws_connect("/ws?clientId=m")
+    await next_json(ws)
+    gated = await (await client.post("/prompt", json={"prompt": gated_graph("g-m", "m"), "client_id": "m"})).json()
+    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+    queued = await (await client.post("/prompt", json={"prompt": tiny_graph("m2"), "client_id": "m"})).json()
+    during = await scrape(client)  # the queue gauges are read at scrape time
+    assert value(during, "comfyserve_queue_running") == 1 and value(during, "comfyserve_queue_pending") == 1
+    assert value(during, "comfyserve_prompts_completed_total") == 0
+    open_gate(data_dir, "g-m")
+    await events_until(ws, is_done(gated["prompt_id"]))
+    await events_until(ws, is_done(queued["prompt_id"]))
+    bad = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+    assert (await client.post("/prompt", json={"prompt": bad})).status == 400
+    after = await scrape(client)
+    assert value(after, "comfyserve_prompts_completed_total") == 2
+    assert value(after, "comfyserve_prompts_rejected_total") == 1
+    assert value(after, "comfyserve_history_items") == 2
+    assert value(after, "comfyserve_queue_running") == 0 and value(after, "comfyserve_queue_pending") == 0
+    assert value(after, "comfyserve_execution_seconds_count") == 2
+    assert value(after, "comfyserve_execution_seconds_bucket", le="+Inf") == 2
+    assert value(after, "comfyserve_execution_seconds_sum") > 0
+    assert value(after, "comfyserve_queue_wait_seconds_count") == 2
+    assert value(after, "comfyserve_queue_wait_seconds_sum") > 0  # the second prompt waited behind the gate
+    untouched = await scrape(other)
+    assert value(untouched, "comfyserve_prompts_completed_total") == 0
+    assert value(untouched, "comfyserve_prompts_rejected_total") == 0
+    await ws.close()
 
 
 async def test_unknown_method_gets_json_405(instance) -> None:
@@ -92,9 +142,9 @@ async def test_readyz_reports_plugin_errors_and_the_server_keeps_working(instanc
     await next_json(ws)
     body = await (await client.post("/prompt", json={"prompt": tiny_graph("ok"), "client_id": "r"})).json()
     await events_until(ws, is_done(body["prompt_id"]))
-    metrics = await (await client.get("/metrics")).text()
-    assert "comfyserve_prompts_completed_total 1" in metrics
-    assert "comfyserve_execution_seconds_count 1" in metrics
+    metrics = await scrape(client)
+    assert value(metrics, "comfyserve_prompts_completed_total") == 1
+    assert value(metrics, "comfyserve_execution_seconds_count") == 1
     await ws.close()
 
 

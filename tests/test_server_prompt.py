@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from test_metrics_support import parse, value
 from test_server_support import (  # noqa: F401
     events_until, gated_graph, install_gate_plugin, instance, is_done, open_gate, tiny_graph,
 )
@@ -190,8 +191,9 @@ async def test_interrupt_only_the_named_running_prompt(instance, data_dir: Path)
     assert "execution_interrupted" in [e["type"] for e in events]
     entry = (await (await client.get(f"/history/{run['prompt_id']}")).json())[run["prompt_id"]]
     assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
-    metrics = await (await client.get("/metrics")).text()
-    assert "comfyserve_prompts_interrupted_total 1" in metrics
+    metrics = parse(await (await client.get("/metrics")).text())
+    assert value(metrics, "comfyserve_prompts_interrupted_total") == 1
+    assert value(metrics, "comfyserve_prompts_failed_total") == 1
     # an interrupt with nothing running does not poison the next prompt
     assert (await client.post("/interrupt")).status == 200
     nxt = await _submit(client, tiny_graph("after"), client_id="i")

@@ -32,6 +32,7 @@ from ..server.prompt_request import refused_while_draining
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
 from .fastpath import FAST_PATH, FastPathConfig
+from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
@@ -41,13 +42,12 @@ log = logging.getLogger("comfyserve.backend")
 BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
 SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
 SETTINGS = web.AppKey("backend_settings", StandardSettings)
-STATS = web.AppKey("backend_stats", dict)
+METRICS = web.AppKey("backend_metrics", BackendMetrics)
 SOCKETS = web.AppKey("backend_sockets", set)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
 REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DRAIN_POLL_S = 0.1  # ComfyUI tells no one when its queue empties: the drain asks /queue this often
 PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
 
@@ -78,7 +78,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_upload_size_bytes)
     app[SETTINGS] = settings
     app[BACKEND] = backend
-    app[STATS] = {"proxied_requests_total": 0, "proxied_websockets_total": 0, "backend_errors_total": 0}
+    app[METRICS] = BackendMetrics(backend)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(_backend_ctx)
     app.on_shutdown.append(_close_sockets)
@@ -104,7 +104,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
                               | {"/login", "/logout"} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
-        max_body_bytes=settings.max_upload_size_bytes, stats=app[STATS],
+        max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS],
     )
     return app
 
@@ -194,19 +194,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    status = await request.app[BACKEND].status()
-    stats = request.app[STATS]
-    lines = [
-        "# HELP comfyserve_ready 1 when the ComfyUI backend answers.",
-        "# TYPE comfyserve_ready gauge",
-        f"comfyserve_ready {1 if status['ready'] else 0}",
-    ]
-    for name, value in stats.items():
-        lines += [f"# TYPE comfyserve_{name} counter", f"comfyserve_{name} {value}"]
-    if "crashes" in status:
-        lines += ["# TYPE comfyserve_backend_crashes_total counter",
-                  f"comfyserve_backend_crashes_total {status['crashes']}"]
-    return web.Response(text="\n".join(lines) + "\n", headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    metrics = request.app[METRICS]
+    metrics.ready.set(1 if (await request.app[BACKEND].status())["ready"] else 0)
+    return metrics.response()
 
 
 async def restart(request: web.Request) -> web.StreamResponse:
@@ -264,10 +254,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     strip_auth = settings.token is not None
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        app[STATS]["proxied_websockets_total"] += 1
+        app[METRICS].websockets.inc()
         return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
                                        max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS])
-    app[STATS]["proxied_requests_total"] += 1
+    app[METRICS].requests.inc()
     for attempt in range(2):
         try:
             return await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
@@ -280,7 +270,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 if retry_url is not None:
                     base_url = retry_url
                     continue
-            app[STATS]["backend_errors_total"] += 1
+            app[METRICS].errors.inc()
             return backend_unavailable(str(exc), exc.status)
     raise AssertionError("unreachable")
 

@@ -30,6 +30,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from ..auth import token_from_header, tokens_equal
+from .metrics import BackendMetrics
 from .upstream import MAX_HEAD_BYTES, Pool, Pools, Upstream, UpstreamFailed
 
 log = logging.getLogger("comfyserve.backend")
@@ -52,7 +53,7 @@ class FastPathConfig:
     local_paths: frozenset[str]
     local_prefixes: tuple[str, ...]
     max_body_bytes: int
-    stats: dict[str, int]
+    metrics: BackendMetrics
 
 
 @dataclass
@@ -250,7 +251,6 @@ class Downstream(asyncio.Protocol):
         self.raw_request = bytes(self.buffer[:total])
         del self.buffer[:total]
         self.busy = True
-        self.config.stats["proxied_requests_total"] += 1
         self.pool, self.request, self.head = pool, head.out + body, head
         self.attempt = 0
         self._send()
@@ -274,7 +274,6 @@ class Downstream(asyncio.Protocol):
             # for a restarting child, or answers the 502 itself).
             self.busy = False
             self.buffer[:0] = self.raw_request
-            self.config.stats["proxied_requests_total"] -= 1
             if not self.closed:
                 self._handoff()
             return
@@ -307,19 +306,20 @@ class Downstream(asyncio.Protocol):
         if exc.nothing_received and head is not None and head.method in (b"GET", b"OPTIONS") and not self.closed:
             self.busy = False  # nothing came back and nothing changed: the slow path decides (and may wait)
             self.buffer[:0] = self.raw_request
-            self.config.stats["proxied_requests_total"] -= 1
             self._handoff()
             return
         method, target = (head.method.decode(), head.target.decode()[:200]) if head else ("?", "?")
         log.warning("%s %s: %s", method, target, exc)
         if exc.nothing_received:
-            self.config.stats["backend_errors_total"] += 1
+            self.config.metrics.errors.inc()
             self.write(error_response(502, "Bad Gateway", "The ComfyUI backend is not reachable", str(exc)))
             self._exchange_over(True)
         else:
             self._exchange_over(False)  # part of a response went out: the connection cannot go on
 
     def _exchange_over(self, keep_alive: bool) -> None:
+        # Counted here, once per exchange: a request handed to aiohttp's path is counted there instead.
+        self.config.metrics.requests.inc()
         self.paused_upstream = False
         self.busy = False
         if self.closed or self.transport is None:

@@ -34,6 +34,7 @@ class QueueItem:
     extra_data: dict[str, Any]
     outputs_to_execute: list[str]
     sensitive: dict[str, Any] = field(default_factory=dict)
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue-wait histogram
 
     def public(self) -> list[Any]:
         """ComfyUI's 5-tuple, as /queue and /history show it."""

@@ -65,7 +65,7 @@ class PromptServer:
         self.engine_error: str | None = None
         self.ready = False
         self.queue = PromptQueue(history_max_items=settings.history_max_items, on_change=self.queue_updated)
-        self.metrics = ExecutionMetrics()
+        self.metrics = ExecutionMetrics(self)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.socket_flags: dict[str, dict[str, Any]] = {}
         self.number = 0
@@ -267,6 +267,7 @@ class PromptServer:
         self.client_id = item.extra_data.get("client_id")
         self.last_node_id = None
         self._final_executing_sent = False
+        self.metrics.queue_wait.observe(time.monotonic() - item.queued_at)
         started = time.perf_counter()
         executor = self.executor
         try:

@@ -16,7 +16,6 @@ from .http_util import json_http_error
 from .prompt_server import RestartRefused
 
 routes = web.RouteTableDef()
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @routes.get("/healthz")
@@ -35,14 +34,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    server = request.app[keys.PROMPT_SERVER]
-    text = server.metrics.render(
-        pending=len(server.queue.pending()),
-        running=len(server.queue.running()),
-        ready=server.ready,
-        history_items=server.queue.history_size(),
-    )
-    return web.Response(text=text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    return request.app[keys.PROMPT_SERVER].metrics.response()
 
 
 @routes.post("/restart")

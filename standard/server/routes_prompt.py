@@ -30,7 +30,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         body = parse_prompt_request(json_data)
     except web.HTTPBadRequest:
         if not isinstance(json_data.get("prompt"), dict):  # no graph at all: counted as refused
-            server.metrics.rejected_total += 1
+            server.metrics.rejected.inc()
         raise
     prompt_id = body.prompt_id or str(uuid.uuid4())
     if server.queue.contains(prompt_id):
@@ -45,7 +45,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         )
     valid, error, outputs_to_execute, node_errors = await server.validate(prompt_id, body.prompt, body.targets)
     if not valid:
-        server.metrics.rejected_total += 1
+        server.metrics.rejected.inc()
         log.warning("invalid prompt: %s", error)
         return web.json_response({"error": error, "node_errors": node_errors}, status=400)
     number = body.number if body.number is not None else server.next_number(body.front)
