@@ -19,6 +19,7 @@ from .accounts import User
 from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
+from .retire import retire_user
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
@@ -123,7 +124,7 @@ class ClusterCore:
 
     def workdirs(self, user: str) -> WorkDirs:
         workdirs = self._workdirs.get(user)
-        if workdirs is None:
+        if workdirs is None or not workdirs.user.is_dir():  # new, or moved aside by a removal (retire.py)
             workdirs = self.data_dir.user_workdirs(user)
             workdirs.create()
             self._workdirs[user] = workdirs
@@ -293,6 +294,21 @@ class ClusterCore:
                     "outputs": (t.history or {}).get("outputs", {})}
                    for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
         return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status()}
+
+    async def remove_user(self, name: str, account_id: str) -> None:
+        """An account was removed here: stop its work, put its tasks and files away, close its sockets."""
+        await self.interrupt(name, None)
+        await retire_user(self.data_dir, self.store, name, account_id)
+        self._workdirs.pop(name, None)
+        self._last_sent.pop(name, None)
+        await self.disconnect_user(name)
+        self.scheduler.wake()
+
+    async def disconnect_user(self, name: str) -> None:
+        """Close the user's open sockets on this proxy (they were opened with a session now revoked)."""
+        for ws in list(self.hub.sockets.get(name, {}).values()):
+            with contextlib.suppress(Exception):
+                await ws.close(code=4001, message=b"signed out")
 
     async def add_instance(self, url: str) -> None:
         if not url.startswith(("http://", "https://")):
