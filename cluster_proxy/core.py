@@ -28,6 +28,7 @@ from .validation import LocalValidator
 log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
 HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
+REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted tasks to stop
 
 
 class ClusterCore:
@@ -296,8 +297,20 @@ class ClusterCore:
         return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status()}
 
     async def remove_user(self, name: str, account_id: str) -> None:
-        """An account was removed here: stop its work, put its tasks and files away, close its sockets."""
+        """An account was removed here: stop its work, put its tasks and files away, close its sockets.
+
+        Queued tasks go first (so none starts on the instance the interrupt frees), then the
+        running ones are interrupted and, for up to ``REMOVAL_WAIT_S``, followed to their end,
+        so whatever they still write lands in the folder that is moved aside.
+        """
+        await self.store.delete(name, None, PENDING)
         await self.interrupt(name, None)
+        deadline = asyncio.get_running_loop().time() + REMOVAL_WAIT_S
+        while any(run.task.user == name for run in self.runs.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("tasks of removed user %s still running; their results are dropped", name)
+                break
+            await asyncio.sleep(0.05)
         await retire_user(self.data_dir, self.store, name, account_id)
         self._workdirs.pop(name, None)
         self._last_sent.pop(name, None)

@@ -33,7 +33,8 @@ from .throttle import LoginThrottle
 
 SESSION_COOKIE = "comfyserve_cluster_session"
 SESSION_TTL_S = 7 * 24 * 3600
-DEFAULT_PUBLIC_PATHS = frozenset({"/login", "/healthz", "/api/healthz", "/readyz", "/api/readyz"})
+# /logout is public so a browser whose session was already revoked can still clear its cookie.
+DEFAULT_PUBLIC_PATHS = frozenset({"/login", "/logout", "/healthz", "/api/healthz", "/readyz", "/api/readyz"})
 
 ACCOUNTS = web.AppKey("cluster_accounts", Accounts)
 CSRF = web.AppKey("cluster_csrf", "CsrfTokens")
@@ -186,8 +187,9 @@ def _routes() -> list[web.RouteDef]:
     async def logout(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
             return json_error(403, "cross-origin logout refused", "forbidden")
-        if SESSION_ID in request:
-            await request.app[ACCOUNTS].end_session(request[SESSION_ID])
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            await request.app[ACCOUNTS].end_session(session_id)
         response = web.HTTPFound("/login")
         response.del_cookie(SESSION_COOKIE, path="/")
         raise response

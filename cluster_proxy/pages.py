@@ -128,14 +128,15 @@ def page_routes() -> list[web.RouteDef]:
                 token = await accounts.reset_token(name)
                 message, shown = f"New token for {name}.", token
             elif action == "passwd":
-                await accounts.set_password(name, str(form.get("password") or ""))
+                mine = request.get(SESSION_ID) if name == request[USER].name else None
+                await accounts.set_password(name, str(form.get("password") or ""), keep_session=mine)
                 message, shown = f"New password for {name}; their sessions were signed out.", None
             elif action in ("disable", "enable"):
                 await accounts.set_disabled(name, action == "disable")
                 message, shown = f"User {name} {action}d.", None
             else:
                 return await admin_page(request, f"unknown action {action!r}", status=400)
-            if provider is not None:
+            if provider is not None and name != request[USER].name:
                 await provider.disconnect_user(name)
             return await admin_page(request, message, shown)
         except AccountError as exc:

@@ -262,6 +262,9 @@ async def test_a_cookie_replayed_after_logout_is_refused(site: Any) -> None:
                           allow_redirects=False)
     assert page.status == 302 and page.headers["Location"].startswith("/login")
     assert await whoami(site, other) == 200  # logging out one browser leaves the others
+    again = await site.post("/logout", headers=origin_of(site), cookies={SESSION_COOKIE: cookie},
+                            allow_redirects=False)
+    assert again.status == 302 and again.headers["Location"] == "/login"  # a dead session still gets out
 
 
 async def test_logout_reaches_a_sibling_proxy_within_the_cache_time(make_site: Any, redis_url: str) -> None:
@@ -348,6 +351,8 @@ async def test_admin_disables_enables_and_resets_a_password(site: Any) -> None:
     assert (await login(site, "alice", "alice-password")).status == 401
     assert (await login(site, "alice", "given-by-admin")).status == 302
     assert await whoami(site, admin[0]) == 200
+    mine = await admin_action(site, admin, "passwd", "admin", password="new-admin-pw")
+    assert mine.status == 200 and await whoami(site, admin[0]) == 200  # my own reset keeps my session
 
 
 async def test_removal_ends_token_and_sessions_and_a_new_account_of_that_name_starts_fresh(site: Any) -> None:
@@ -494,6 +499,7 @@ async def test_removing_a_user_stops_their_work_and_the_name_comes_back_empty(st
     assert (await alice_browser.get("/api/queue")).status == 401
     assert (await cluster.http("alice").get("/api/queue")).status == 401
     await wait_until(lambda: all(i.task_id is None for i in cluster.pool.instances.values()))  # interrupted
+    assert not cluster.user_dir("alice").exists()  # nothing the interrupted task wrote came back
     [moved] = (cluster.data_dir / "users" / ".removed").iterdir()
     assert moved.name.startswith("alice-") and files_under(moved / "output") == ["old_00001_.png"]
 
