@@ -1,8 +1,11 @@
 """Cluster-edition accounts: names, hashed passwords, per-user API tokens, admins.
 
-Passwords are hashed with scrypt (stdlib), tokens are random and stored only as
-their SHA-256, so a leaked store reveals neither. The store is SQLite in the
-data dir by default, or Redis (``--redis-url``) so several proxies share users.
+Passwords are hashed with scrypt (stdlib), tokens and session ids are random
+and stored only as their SHA-256, so a leaked store reveals none of them. Each
+account has a random id that is never reused: sessions belong to it, so a name
+removed and created again does not inherit them. The store is SQLite in the
+data dir by default, or Redis (``--redis-url``) so several proxies share users
+and sessions (``accounts_store.py``).
 """
 
 from __future__ import annotations

@@ -206,12 +206,27 @@ class RedisBackend:
         return True
 
     async def update(self, record: Record, old_token_hash: str) -> None:
+        """Only the same account (a name removed and made again meanwhile is another one)."""
+        from redis.exceptions import WatchError
+
+        key = self._user_key(record.name)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._user_key(record.name), json.dumps(asdict(record)), xx=True)
-            if old_token_hash != record.token_hash:
-                pipe.delete(self._token_key(old_token_hash))
-                pipe.set(self._token_key(record.token_hash), record.name)
-            await pipe.execute()
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if not raw or Record.from_dict(json.loads(raw)).account_id != record.account_id:
+                        await pipe.unwatch()
+                        return
+                    pipe.multi()
+                    pipe.set(key, json.dumps(asdict(record)))
+                    if old_token_hash != record.token_hash:
+                        pipe.delete(self._token_key(old_token_hash))
+                        pipe.set(self._token_key(record.token_hash), record.name)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def delete(self, name: str) -> Record | None:
         record = await self.get(name)

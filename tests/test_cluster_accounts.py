@@ -226,7 +226,16 @@ async def test_redis_store_is_shared_by_two_proxies(data_dir: Path, redis_url: s
         new = await second.reset_token("dora")
         assert await first.verify_token(token) is None and await first.verify_token(new) == User("dora", False)
         assert [u.name for u in await first.list()] == ["dora"]
+        session = await first.start_session("dora", 3600)
+        assert await second.session_user(session) == User("dora", False)
+        await second.set_disabled("dora", True)
+        assert await first.verify_token(new) is None and await second.session_user(session) is None
+        await first.set_disabled("dora", False)
+        assert await second.verify_token(new) == User("dora", False)
+        session = await first.start_session("dora", 3600)
         assert await second.remove("dora") and await first.get("dora") is None
+        await first.add("dora", "dora-password")
+        assert await first.session_user(session) is None and await first.verify_token(new) is None
     finally:
         await first.aclose()
         await second.aclose()
