@@ -1,8 +1,11 @@
 """Cluster-edition accounts: names, hashed passwords, per-user API tokens, admins.
 
-Passwords are hashed with scrypt (stdlib), tokens are random and stored only as
-their SHA-256, so a leaked store reveals neither. The store is SQLite in the
-data dir by default, or Redis (``--redis-url``) so several proxies share users.
+Passwords are hashed with scrypt (stdlib), tokens and session ids are random
+and stored only as their SHA-256, so a leaked store reveals none of them. Each
+account has a random id that is never reused: sessions belong to it, so a name
+removed and created again does not inherit them. The store is SQLite in the
+data dir by default, or Redis (``--redis-url``) so several proxies share users
+and sessions (``accounts_store.py``).
 """
 
 from __future__ import annotations
@@ -11,20 +14,21 @@ import asyncio
 import functools
 import hashlib
 import hmac
-import json
 import re
 import secrets
-import sqlite3
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from standard.datadir import DataDir
+
+from .accounts_store import Backend, Record, RedisBackend, SessionRecord, SqliteBackend
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 MIN_PASSWORD_LENGTH = 8
+SESSION_CACHE_S = 2.0  # how long a proxy trusts its last look at a session (revocation by a sibling proxy)
+MAX_CACHED_SESSIONS = 10_000
 
 
 class AccountError(ValueError):
@@ -35,19 +39,11 @@ class AccountError(ValueError):
 class User:
     name: str
     is_admin: bool
+    disabled: bool = False
 
 
-@dataclass
-class _Record:
-    name: str
-    password_hash: str
-    token_hash: str
-    is_admin: bool
-    version: int  # bumped when credentials change: old sessions stop working
-    created_s: float
-
-    def user(self) -> User:
-        return User(self.name, self.is_admin)
+def _user(record: Record) -> User:
+    return User(record.name, record.is_admin, record.disabled)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -75,144 +71,28 @@ def new_token() -> str:
     return "csu_" + secrets.token_urlsafe(32)
 
 
-class _Backend(Protocol):
-    async def get(self, name: str) -> _Record | None: ...
-    async def by_token(self, digest: str) -> _Record | None: ...
-    async def insert(self, record: _Record) -> bool: ...
-    async def update(self, record: _Record, old_token_hash: str) -> None: ...
-    async def delete(self, name: str) -> _Record | None: ...
-    async def all(self) -> list[_Record]: ...
-    async def aclose(self) -> None: ...
-
-
-class _SqliteBackend:
-    """One connection used from one worker thread at a time (``asyncio.to_thread`` + a lock)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
-            " token_hash TEXT NOT NULL UNIQUE, is_admin INTEGER NOT NULL, version INTEGER NOT NULL,"
-            " created_s REAL NOT NULL)")
-        self._lock = asyncio.Lock()
-
-    async def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        async with self._lock:
-            return await asyncio.to_thread(lambda: self._db.execute(sql, args).fetchall())
-
-    @staticmethod
-    def _record(row: tuple[Any, ...] | None) -> _Record | None:
-        if row is None:
-            return None
-        name, password_hash, digest, is_admin, version, created = row
-        return _Record(name, password_hash, digest, bool(is_admin), version, created)
-
-    async def get(self, name: str) -> _Record | None:
-        rows = await self._run("SELECT * FROM users WHERE name = ?", (name,))
-        return self._record(rows[0] if rows else None)
-
-    async def by_token(self, digest: str) -> _Record | None:
-        rows = await self._run("SELECT * FROM users WHERE token_hash = ?", (digest,))
-        return self._record(rows[0] if rows else None)
-
-    async def insert(self, record: _Record) -> bool:
-        try:
-            await self._run("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)", (
-                record.name, record.password_hash, record.token_hash, int(record.is_admin), record.version,
-                record.created_s))
-        except sqlite3.IntegrityError:
-            return False
-        return True
-
-    async def update(self, record: _Record, old_token_hash: str) -> None:
-        await self._run("UPDATE users SET password_hash = ?, token_hash = ?, is_admin = ?, version = ?"
-                        " WHERE name = ?", (record.password_hash, record.token_hash, int(record.is_admin),
-                                            record.version, record.name))
-
-    async def delete(self, name: str) -> _Record | None:
-        record = await self.get(name)
-        if record is not None:
-            await self._run("DELETE FROM users WHERE name = ?", (name,))
-        return record
-
-    async def all(self) -> list[_Record]:
-        return [r for row in await self._run("SELECT * FROM users ORDER BY name") if (r := self._record(row))]
-
-    async def aclose(self) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._db.close)
-
-
-class _RedisBackend:
-    """``{prefix}user:{name}`` holds the record as JSON; ``{prefix}token:{sha256}`` maps to the name."""
-
-    def __init__(self, url: str, prefix: str = "comfyserve:cluster:") -> None:
-        import redis.asyncio as redis
-
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
-        self._prefix = prefix
-
-    def _user_key(self, name: str) -> str:
-        return f"{self._prefix}user:{name}"
-
-    def _token_key(self, digest: str) -> str:
-        return f"{self._prefix}token:{digest}"
-
-    async def get(self, name: str) -> _Record | None:
-        raw = await self._redis.get(self._user_key(name))
-        return _Record(**json.loads(raw)) if raw else None
-
-    async def by_token(self, digest: str) -> _Record | None:
-        name = await self._redis.get(self._token_key(digest))
-        return await self.get(name) if name else None
-
-    async def insert(self, record: _Record) -> bool:
-        if not await self._redis.set(self._user_key(record.name), json.dumps(asdict(record)), nx=True):
-            return False
-        await self._redis.set(self._token_key(record.token_hash), record.name)
-        await self._redis.sadd(f"{self._prefix}users", record.name)
-        return True
-
-    async def update(self, record: _Record, old_token_hash: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._user_key(record.name), json.dumps(asdict(record)))
-            if old_token_hash != record.token_hash:
-                pipe.delete(self._token_key(old_token_hash))
-                pipe.set(self._token_key(record.token_hash), record.name)
-            await pipe.execute()
-
-    async def delete(self, name: str) -> _Record | None:
-        record = await self.get(name)
-        if record is not None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._user_key(name), self._token_key(record.token_hash))
-                pipe.srem(f"{self._prefix}users", name)
-                await pipe.execute()
-        return record
-
-    async def all(self) -> list[_Record]:
-        names = sorted(await self._redis.smembers(f"{self._prefix}users"))
-        records = [await self.get(name) for name in names]
-        return [r for r in records if r is not None]
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
 class Accounts:
-    """The account operations the CLI, the login pages and the proxy share."""
+    """The account operations the CLI, the login pages and the proxy share.
 
-    def __init__(self, backend: _Backend) -> None:
+    Session checks are cached for ``cache_s`` (every request of a browser asks);
+    whatever this object changes (logout, password, disable, removal) drops its
+    own cache entries at once, so a revocation is immediate on the proxy that
+    made it and reaches proxies sharing the Redis store within ``cache_s``.
+    """
+
+    def __init__(self, backend: Backend, *, cache_s: float = SESSION_CACHE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._backend = backend
+        self._cache_s = cache_s
+        self._clock = clock
+        self._sessions: dict[str, tuple[float, User | None]] = {}  # digest -> (checked at, user)
 
     @classmethod
-    async def open(cls, data_dir: DataDir, redis_url: str | None = None) -> Accounts:
-        if redis_url:
-            return cls(_RedisBackend(redis_url))
-        return cls(_SqliteBackend(data_dir.root / ".comfyserve" / "cluster.sqlite"))
+    async def open(cls, data_dir: DataDir, redis_url: str | None = None, *, cache_s: float = SESSION_CACHE_S,
+                   clock: Callable[[], float] = time.monotonic) -> Accounts:
+        backend: Backend = (RedisBackend(redis_url) if redis_url
+                            else SqliteBackend(data_dir.root / ".comfyserve" / "cluster.sqlite"))
+        return cls(backend, cache_s=cache_s, clock=clock)
 
     async def aclose(self) -> None:
         await self._backend.aclose()
@@ -223,55 +103,115 @@ class Accounts:
             raise AccountError(f"invalid user name {name!r}: letters, digits, '_', '.', '-' (max 64)")
         _check_password(password)
         token = new_token()
-        record = _Record(name, await asyncio.to_thread(hash_password, password), token_hash(token), admin, 1,
-                         time.time())
+        record = Record(name, await asyncio.to_thread(hash_password, password), token_hash(token), admin,
+                        secrets.token_hex(16), time.time())
         if not await self._backend.insert(record):
             raise AccountError(f"user {name!r} already exists")
         return token
 
-    async def remove(self, name: str) -> bool:
-        return await self._backend.delete(name) is not None
+    async def remove(self, name: str) -> str | None:
+        """Delete the account, its token and its sessions; returns its account id (None: no such user)."""
+        record = await self._backend.delete(name)
+        if record is None:
+            return None
+        await self._backend.delete_sessions(record.account_id)
+        self._forget(name)
+        return record.account_id
 
     async def list(self) -> list[User]:
-        return [record.user() for record in await self._backend.all()]
+        return [_user(record) for record in await self._backend.all()]
 
     async def get(self, name: str) -> User | None:
         record = await self._backend.get(name)
-        return record.user() if record else None
-
-    async def session(self, name: str) -> tuple[User, int] | None:
-        """The user and the credential version a session cookie must carry (None: no such user)."""
-        record = await self._backend.get(name)
-        return (record.user(), record.version) if record else None
+        return _user(record) if record else None
 
     async def verify_password(self, name: str, password: str) -> User | None:
+        """The user if the password is right (a disabled user too: the caller says so, not 'wrong')."""
         record = await self._backend.get(name)
         stored = record.password_hash if record else _dummy_hash()  # same work whether the name exists or not
         matches = await asyncio.to_thread(password_matches, password, stored)
-        return record.user() if record and matches else None
+        return _user(record) if record and matches else None
 
     async def verify_token(self, token: str) -> User | None:
         record = await self._backend.by_token(token_hash(token))
-        return record.user() if record else None
+        return _user(record) if record and not record.disabled else None
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def start_session(self, name: str, ttl_s: float) -> str:
+        """A new session id for an enabled user (the caller checked the password)."""
+        record = await self._backend.get(name)
+        if record is None or record.disabled:
+            raise AccountError(f"user {name!r} cannot log in")
+        session_id = secrets.token_urlsafe(32)
+        await self._backend.add_session(token_hash(session_id),
+                                        SessionRecord(record.account_id, name, time.time() + ttl_s))
+        return session_id
+
+    async def session_user(self, session_id: str) -> User | None:
+        """Who holds this session: None once it expired, was revoked, or its account is gone or disabled."""
+        digest = token_hash(session_id)
+        now = self._clock()
+        cached = self._sessions.get(digest)
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
+        user = None
+        session = await self._backend.get_session(digest)
+        if session is not None and session.expires_s > time.time():
+            record = await self._backend.get(session.name)
+            if record is not None and record.account_id == session.account_id and not record.disabled:
+                user = _user(record)
+        if len(self._sessions) >= MAX_CACHED_SESSIONS:
+            self._sessions = {k: v for k, v in self._sessions.items() if now - v[0] < self._cache_s}
+            if len(self._sessions) >= MAX_CACHED_SESSIONS:
+                self._sessions.clear()
+        self._sessions[digest] = (now, user)
+        return user
+
+    async def end_session(self, session_id: str) -> None:
+        digest = token_hash(session_id)
+        self._sessions.pop(digest, None)
+        await self._backend.delete_session(digest)
+
+    def _forget(self, name: str) -> None:
+        """Drop cached session checks of ``name`` (after a change that may revoke them)."""
+        self._sessions = {k: v for k, v in self._sessions.items() if v[1] is None or v[1].name != name}
+
+    async def _revoke_sessions(self, record: Record, keep_session: str | None = None) -> None:
+        await self._backend.delete_sessions(record.account_id, token_hash(keep_session) if keep_session else None)
+        self._forget(record.name)
+
+    # -- credentials ------------------------------------------------------------------
+
+    async def _record(self, name: str) -> Record:
+        record = await self._backend.get(name)
+        if record is None:
+            raise AccountError(f"no user {name!r}")
+        return record
 
     async def reset_token(self, name: str) -> str:
         """A new API token; the old one and every open session stop working."""
-        record = await self._backend.get(name)
-        if record is None:
-            raise AccountError(f"no user {name!r}")
+        record = await self._record(name)
         token, old = new_token(), record.token_hash
-        record.token_hash, record.version = token_hash(token), record.version + 1
+        record.token_hash = token_hash(token)
         await self._backend.update(record, old)
+        await self._revoke_sessions(record)
         return token
 
-    async def set_password(self, name: str, password: str) -> None:
+    async def set_password(self, name: str, password: str, *, keep_session: str | None = None) -> None:
+        """A new password (an admin's reset, or the user's own change): every other session ends."""
         _check_password(password)
-        record = await self._backend.get(name)
-        if record is None:
-            raise AccountError(f"no user {name!r}")
+        record = await self._record(name)
         record.password_hash = await asyncio.to_thread(hash_password, password)
-        record.version += 1
         await self._backend.update(record, record.token_hash)
+        await self._revoke_sessions(record, keep_session)
+
+    async def set_disabled(self, name: str, disabled: bool) -> None:
+        """A disabled user cannot log in; their token and sessions stop working (enabling brings the token back)."""
+        record = await self._record(name)
+        record.disabled = disabled
+        await self._backend.update(record, record.token_hash)
+        await self._revoke_sessions(record)
 
 
 def _check_password(password: str) -> None:

@@ -19,6 +19,7 @@ from .accounts import User
 from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
+from .retire import retire_user
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
@@ -28,6 +29,7 @@ log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
 HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
 HANDED_BACK = "handed back"  # note of a task requeued by a drain: not a lost attempt
+REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted tasks to stop
 
 
 class ClusterCore:
@@ -165,7 +167,7 @@ class ClusterCore:
 
     def workdirs(self, user: str) -> WorkDirs:
         workdirs = self._workdirs.get(user)
-        if workdirs is None:
+        if workdirs is None or not workdirs.user.is_dir():  # new, or moved aside by a removal (retire.py)
             workdirs = self.data_dir.user_workdirs(user)
             workdirs.create()
             self._workdirs[user] = workdirs
@@ -347,6 +349,33 @@ class ClusterCore:
                     "outputs": (t.history or {}).get("outputs", {})}
                    for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
         return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status()}
+
+    async def remove_user(self, name: str, account_id: str) -> None:
+        """An account was removed here: stop its work, put its tasks and files away, close its sockets.
+
+        Queued tasks go first (so none starts on the instance the interrupt frees), then the
+        running ones are interrupted and, for up to ``REMOVAL_WAIT_S``, followed to their end,
+        so whatever they still write lands in the folder that is moved aside.
+        """
+        await self.store.delete(name, None, PENDING)
+        await self.interrupt(name, None)
+        deadline = asyncio.get_running_loop().time() + REMOVAL_WAIT_S
+        while any(run.task.user == name for run in self.runs.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("tasks of removed user %s still running; their results are dropped", name)
+                break
+            await asyncio.sleep(0.05)
+        await retire_user(self.data_dir, self.store, name, account_id)
+        self._workdirs.pop(name, None)
+        self._last_sent.pop(name, None)
+        await self.disconnect_user(name)
+        self.scheduler.wake()
+
+    async def disconnect_user(self, name: str) -> None:
+        """Close the user's open sockets on this proxy (they were opened with a session now revoked)."""
+        for ws in list(self.hub.sockets.get(name, {}).values()):
+            with contextlib.suppress(Exception):
+                await ws.close(code=4001, message=b"signed out")
 
     async def add_instance(self, url: str) -> None:
         if not url.startswith(("http://", "https://")):

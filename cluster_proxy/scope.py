@@ -108,9 +108,9 @@ class Scopes:
         return app
 
     def app_for(self, user: str) -> web.Application:
-        app = self._apps.get(user)
-        if app is None:
-            app = self._apps[user] = self._new_app(self._workdirs_of(user))
+        app, workdirs = self._apps.get(user), self._workdirs_of(user)
+        if app is None or app[keys.WORKDIRS] is not workdirs:  # new, or the name's files were moved aside
+            app = self._apps[user] = self._new_app(workdirs)
         return app
 
     async def queue_app_for(self, user: str) -> web.Application:

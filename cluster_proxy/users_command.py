@@ -1,9 +1,13 @@
-"""``comfyserve users add NAME [--admin] | remove NAME | list | reset-token NAME --data-dir DIR``.
+"""``comfyserve users add|remove|list|reset-token|passwd|disable|enable [NAME] --data-dir DIR``.
 
 ``add`` and ``reset-token`` print the user's new API token alone on their last
-line, so scripts can take it with ``tail -n 1``. The password of ``add`` comes
-from ``--password``, ``COMFYSERVE_PASSWORD``, a prompt on a terminal, or is
-generated and printed when there is no terminal.
+line, so scripts can take it with ``tail -n 1``. The password of ``add`` and
+``passwd`` comes from ``--password``, ``COMFYSERVE_PASSWORD``, a prompt on a
+terminal, else the first line of stdin; with nothing there it is generated
+and printed. ``remove`` also cancels the user's tasks, deletes their history
+and moves their files to ``DIR/users/.removed/NAME-ID`` (see ``retire.py``),
+so an account created later with the same name starts empty. ``passwd``,
+``disable`` and ``remove`` sign the user out everywhere.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import asyncio
 import getpass
 import secrets
 import sys
+from pathlib import Path
 
-from standard.datadir import init_data_dir
+from standard.datadir import DataDir, init_data_dir
 from standard.options import add_option
 
 from .accounts import AccountError, Accounts
@@ -30,13 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = actions.add_parser("add", help="create an account and print its API token")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="may manage users and instances")
-    add_option(add, "--password", default=None, help="the password (else prompted, or generated)")
-    remove = actions.add_parser("remove", help="delete an account (its files stay in DIR/users/NAME)")
-    remove.add_argument("name")
+    remove = actions.add_parser("remove", help="delete an account, cancel its tasks, move its files to "
+                                               "DIR/users/.removed/NAME-ID")
     actions.add_parser("list", help="list accounts")
     reset = actions.add_parser("reset-token", help="issue a new API token; old token and sessions stop working")
-    reset.add_argument("name")
-    for sub in (add, remove, reset, actions.choices["list"]):
+    passwd = actions.add_parser("passwd", help="set a new password; every session of the user ends")
+    disable = actions.add_parser("disable", help="the user cannot log in; their token and sessions stop working")
+    enable = actions.add_parser("enable", help="the user may log in again (their token works again)")
+    for sub in (remove, reset, passwd, disable, enable):
+        sub.add_argument("name")
+    for sub in (add, passwd):
+        add_option(sub, "--password", default=None,
+                   help="the password (better: the environment, a prompt or stdin; else generated)")
+    for sub in actions.choices.values():
         _store_options(sub)
 
 
@@ -48,6 +59,9 @@ def _password(args: argparse.Namespace) -> str:
         if first != getpass.getpass("Again: "):
             raise AccountError("the passwords differ")
         return first
+    given = sys.stdin.readline().rstrip("\r\n")
+    if given:
+        return given
     generated = secrets.token_urlsafe(12)
     print(f"generated password for {args.name}: {generated}")
     return generated
@@ -64,23 +78,47 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"user {args.name} added{' (admin)' if args.admin else ''}; API token:")
             print(token)
         elif args.action == "remove":
-            if not await accounts.remove(args.name):
+            account_id = await accounts.remove(args.name)
+            if account_id is None:
                 print(f"no user {args.name!r}", file=sys.stderr)
                 return 1
-            print(f"user {args.name} removed (files kept in {data_dir.users / args.name})")
+            moved = await _retire(data_dir, args.redis_url, args.name, account_id)
+            print(f"user {args.name} removed; tasks cancelled"
+                  + (f", files moved to {moved}" if moved is not None else ""))
         elif args.action == "list":
             for user in await accounts.list():
-                print(f"{user.name}{'  admin' if user.is_admin else ''}")
+                print(f"{user.name}{'  admin' if user.is_admin else ''}{'  disabled' if user.disabled else ''}")
         elif args.action == "reset-token":
             token = await accounts.reset_token(args.name)
             print(f"new API token for {args.name}:")
             print(token)
+        elif args.action == "passwd":
+            if await accounts.get(args.name) is None:
+                raise AccountError(f"no user {args.name!r}")
+            await accounts.set_password(args.name, _password(args))
+            print(f"new password set for {args.name}; their sessions were signed out")
+        elif args.action in ("disable", "enable"):
+            await accounts.set_disabled(args.name, args.action == "disable")
+            print(f"user {args.name} {args.action}d")
     except AccountError as exc:
         print(f"comfyserve users: {exc}", file=sys.stderr)
         return 1
     finally:
         await accounts.aclose()
     return 0
+
+
+async def _retire(data_dir: DataDir, redis_url: str | None, name: str, account_id: str) -> Path | None:
+    """The removed user's tasks and files, as the proxy would (it may be running: the stores are shared)."""
+    from .app import open_store
+    from .retire import retire_user
+    from .settings import ClusterSettings
+
+    store = await open_store(ClusterSettings(data_dir=data_dir.root, redis_url=redis_url))
+    try:
+        return await retire_user(data_dir, store, name, account_id)
+    finally:
+        await store.aclose()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,165 @@
+"""Our own pages behind the login: the dashboard, the user's account, the admin page.
+
+``/account`` (page) and ``POST /account/password`` (JSON, for API-token users)
+change one's own password: the current password is needed (and its wrong
+guesses are throttled like logins), and every other session of the account
+ends. The admin page adds and removes users, resets their token or password,
+disables and enables them, and adds instances; every form carries a CSRF value.
+"""
+
+from __future__ import annotations
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from standard.auth import json_error
+from standard.server.http_util import read_form
+
+from .accounts import AccountError, User
+from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_address, check_csrf, page_context
+
+
+def _require_admin(request: web.Request) -> User:
+    user = request[USER]
+    if not user.is_admin:
+        raise web.HTTPForbidden(text='{"error": {"type": "forbidden", "message": "admins only"}}',
+                                content_type="application/json")
+    return user
+
+
+async def _change_own_password(request: web.Request, current: str, new: str) -> tuple[int, str, int]:
+    """(status, message, retry-after seconds) of a user's own change; the session it came with stays."""
+    user, accounts = request[USER], request.app[ACCOUNTS]
+    throttle, address = request.app[THROTTLE], _client_address(request)
+    wait_s, pause_s = throttle.attempt(user.name, address)
+    if wait_s:
+        return 429, f"Too many wrong passwords. Try again in {wait_s} s.", wait_s
+    if pause_s:
+        await throttle.pause(pause_s)
+    if await accounts.verify_password(user.name, current) is None:
+        return 400, "The current password is wrong.", 0
+    throttle.succeeded(user.name, address)
+    try:
+        await accounts.set_password(user.name, new, keep_session=request.get(SESSION_ID))
+    except AccountError as exc:
+        return 400, str(exc), 0
+    return 200, "Password changed. Your other sessions were signed out.", 0
+
+
+def page_routes() -> list[web.RouteDef]:
+    async def dashboard(request: web.Request) -> web.StreamResponse:
+        user = request[USER]
+        provider = request.app[DASHBOARD]
+        view = await provider.user_view(user) if provider is not None else {}
+        return aiohttp_jinja2.render_template("dashboard.html", request, page_context(
+            request, queue=view.get("queue", []), history=view.get("history", []),
+            instances=view.get("instances", [])))
+
+    async def account_page(request: web.Request, message: str | None = None, status: int = 200) -> web.StreamResponse:
+        response = aiohttp_jinja2.render_template("account.html", request, page_context(request, message=message))
+        response.set_status(status)
+        return response
+
+    async def account(request: web.Request) -> web.StreamResponse:
+        return await account_page(request)
+
+    async def account_submit(request: web.Request) -> web.StreamResponse:
+        form = await read_form(request)
+        check_csrf(request, form)
+        new = str(form.get("new_password") or "")
+        if new != str(form.get("new_password_again") or ""):
+            return await account_page(request, "The new passwords differ.", 400)
+        status, message, wait_s = await _change_own_password(request, str(form.get("current_password") or ""), new)
+        response = await account_page(request, message, status)
+        if wait_s:
+            response.headers["Retry-After"] = str(wait_s)
+        return response
+
+    async def account_password(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str)
+                                                 for k in ("current_password", "new_password")):
+            return json_error(400, 'send {"current_password": "...", "new_password": "..."}', "invalid_request")
+        status, message, wait_s = await _change_own_password(request, body["current_password"],
+                                                             body["new_password"])
+        if status != 200:
+            response = json_error(status, message, "too_many_requests" if wait_s else "invalid_request")
+            if wait_s:
+                response.headers["Retry-After"] = str(wait_s)
+            return response
+        return web.json_response({"ok": True, "message": message})
+
+    async def admin_page(request: web.Request, message: str | None = None, new_token: str | None = None,
+                         status: int = 200) -> web.StreamResponse:
+        user = _require_admin(request)
+        provider = request.app[DASHBOARD]
+        view = await provider.user_view(user) if provider is not None else {}
+        response = aiohttp_jinja2.render_template("admin.html", request, page_context(
+            request, users=await request.app[ACCOUNTS].list(), instances=view.get("instances", []),
+            message=message, new_token=new_token))
+        response.set_status(status)
+        return response
+
+    async def admin(request: web.Request) -> web.StreamResponse:
+        return await admin_page(request)
+
+    async def admin_users(request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        form = await read_form(request)
+        check_csrf(request, form)
+        action, name = str(form.get("action") or "add"), str(form.get("name") or "")
+        accounts, provider = request.app[ACCOUNTS], request.app[DASHBOARD]
+        try:
+            if action == "add":
+                token = await accounts.add(name, str(form.get("password") or ""), admin=form.get("admin") == "on")
+                return await admin_page(request, f"User {name} added.", token)
+            if action in ("remove", "disable") and name == request[USER].name:
+                raise AccountError(f"you cannot {action} yourself")
+            if action == "remove":
+                account_id = await accounts.remove(name)
+                if account_id is None:
+                    return await admin_page(request, f"No user {name}.")
+                if provider is not None:
+                    await provider.remove_user(name, account_id)
+                return await admin_page(request, f"User {name} removed; their files were moved aside.")
+            if action == "reset-token":
+                token = await accounts.reset_token(name)
+                message, shown = f"New token for {name}.", token
+            elif action == "passwd":
+                mine = request.get(SESSION_ID) if name == request[USER].name else None
+                await accounts.set_password(name, str(form.get("password") or ""), keep_session=mine)
+                message, shown = f"New password for {name}; their sessions were signed out.", None
+            elif action in ("disable", "enable"):
+                await accounts.set_disabled(name, action == "disable")
+                message, shown = f"User {name} {action}d.", None
+            else:
+                return await admin_page(request, f"unknown action {action!r}", status=400)
+            if provider is not None and name != request[USER].name:
+                await provider.disconnect_user(name)
+            return await admin_page(request, message, shown)
+        except AccountError as exc:
+            return await admin_page(request, str(exc), status=400)
+
+    async def admin_instances(request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        form = await read_form(request)
+        check_csrf(request, form)
+        url = str(form.get("url") or "").strip()
+        provider = request.app[DASHBOARD]
+        if provider is None or not url.startswith(("http://", "https://")):
+            return await admin_page(request, "Give an instance URL (http://host:port).", status=400)
+        try:
+            await provider.add_instance(url)
+        except ValueError as exc:
+            return await admin_page(request, str(exc), status=400)
+        return await admin_page(request, f"Instance {url} added.")
+
+    return [
+        web.get("/dashboard", dashboard), web.get("/account", account), web.post("/account", account_submit),
+        web.post("/account/password", account_password), web.get("/admin", admin),
+        web.post("/admin/users", admin_users), web.post("/admin/instances", admin_instances),
+    ]
+
