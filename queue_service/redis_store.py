@@ -43,6 +43,7 @@ log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
 CHANNEL = "cqs:changes"
 CALL_TIMEOUT_S = 5.0  # the longest a Redis call may take before the service answers 503
+LISTENER_STOP_S = 2.0  # how long close() waits for the change listener to stop
 _UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError,
                 OSError)
 
@@ -376,11 +377,10 @@ class RedisStore:
 
     async def close(self) -> None:
         if self._listener is not None:
+            # A pub/sub connection cancelled mid-subscribe can hang in its own aclose(); closing the
+            # clients below breaks it, so the listener gets a bounded wait, never an unbounded one.
             self._listener.cancel()
-            try:
-                await self._listener
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._listener}, timeout=LISTENER_STOP_S)
             self._listener = None
         for client in (self._redis, self._once, self._subscriber):
             if client is not None:
