@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
+from standard.guard import AccessPolicy
 
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
@@ -62,6 +63,8 @@ class ApiSettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_allow: tuple[str, ...] = ()
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
+    # --allowed-host, --trusted-proxy (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def stateless(self) -> bool:

@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from standard.auth import token_auth_middleware
+from standard.auth import AccessGuard
 from standard.errors import ConfigError
 from standard.options import add_option
 from standard.serving import refuse, run_role, stop_event
@@ -90,10 +90,8 @@ async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
     async def healthz(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok", "instance_up": worker.stats.instance_up})
 
-    middlewares = []
-    if worker.settings.token:
-        middlewares.append(token_auth_middleware(worker.settings.token, public_paths={"/healthz"}, login_path=None))
-    app = web.Application(middlewares=middlewares)
+    guard = AccessGuard(token=worker.settings.token, public_paths={"/healthz"}, login_path=None)
+    app = web.Application(middlewares=[guard.middleware])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)

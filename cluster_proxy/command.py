@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from standard.errors import ConfigError
+from standard.guard import access_policy_from_args, add_access_arguments
 from standard.options import add_option
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
+    add_access_arguments(parser.add_argument_group("who may call (Host, proxies, cookies)"))
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
 
@@ -64,6 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         health_interval_s=args.health_interval,
         instance_lost_s=args.instance_lost_after,
         max_upload_size_mb=args.max_upload_size,
+        access=access_policy_from_args(args),
     )
     settings.check()
     return settings

@@ -23,6 +23,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from standard.auth import json_error, safe_next, same_origin, token_from_header, wants_html
+from standard.guard import cross_origin_refusal
 from standard.datadir import DataDir
 from web import setup_templates
 
@@ -179,8 +180,9 @@ def _auth_middleware(accounts: Accounts, signer: SessionSigner, versions: _Versi
         if session is not None:
             user, version = await versions.lookup(session[0])
             if user is not None and version == session[1]:
-                if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
-                    return json_error(403, "cross-origin request refused", "forbidden")
+                problem = cross_origin_refusal(request)
+                if problem is not None:
+                    return json_error(403, problem, "forbidden")
                 request[USER] = user
                 request[_COOKIE_VALUE] = request.cookies[SESSION_COOKIE]
                 return await handler(request)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from standard.errors import ConfigError
+from standard.guard import AccessPolicy
 from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
 
 DEFAULT_PORT = 8000
@@ -38,6 +39,8 @@ class ClusterSettings:
     # An oss:// data dir (or a mounted one with --oss-bucket): users' outputs go to the bucket
     # under PREFIX/users/<name>/output with signed URLs. Typed loosely: no oss2 import without it.
     storage: Any = None
+    # --allowed-host, --trusted-proxy, --secure-cookies (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def max_upload_size_bytes(self) -> int:

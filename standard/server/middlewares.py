@@ -1,9 +1,8 @@
-"""Middlewares of the instance app: JSON bodies for framework errors, origin check.
+"""Middlewares of the instance app: JSON bodies for framework errors.
 
 aiohttp answers a body over ``client_max_size`` with a plain-text 413; clients
-of this API expect JSON, so such errors are re-shaped here. Without a token the
-server only listens on loopback, and a web page on another origin must not be
-able to queue prompts there (ComfyUI's origin-only rule).
+of this API expect JSON, so such errors are re-shaped here. Who may call what
+(token, cookie, Origin, Host) is ``standard.auth.AccessGuard``'s job.
 """
 
 from __future__ import annotations
@@ -11,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ..settings import is_loopback
 from .http_util import error_body
 
 log = logging.getLogger("comfyserve.server")
@@ -41,22 +38,3 @@ async def json_errors_middleware(request: web.Request, handler: Handler) -> web.
         raise web.HTTPMethodNotAllowed(
             request.method, exc.allowed_methods, text=json.dumps(body), content_type="application/json"
         ) from None
-
-
-@web.middleware
-async def origin_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse requests to a loopback host whose Origin names another host (403)."""
-    origin = request.headers.get("Origin")
-    host = request.headers.get("Host")
-    if origin and host:
-        host_parts = urlsplit("//" + host.lower())
-        origin_parts = urlsplit(origin.lower())
-        if host_parts.hostname and is_loopback(host_parts.hostname):
-            host_cmp = host_parts.netloc if origin_parts.port is not None else host_parts.hostname
-            origin_cmp = origin_parts.netloc if host_parts.port is not None else origin_parts.hostname
-            if origin_cmp and host_cmp != origin_cmp:
-                log.warning("request with non-matching host and origin %s != %s: 403", host_cmp, origin_cmp)
-                return web.json_response(
-                    {"error": error_body("forbidden", "cross-origin request refused")}, status=403
-                )
-    return await handler(request)
