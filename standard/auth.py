@@ -185,8 +185,7 @@ class AccessGuard:
 
     def login_routes(self) -> list[web.RouteDef]:
         """GET/POST ``login_path`` (token form -> session cookie) and ``/logout``."""
-        assert self.token is not None and self.login_path is not None
-        return token_login_routes(self.token, login_path=self.login_path, guard=self)
+        return token_login_routes(self)
 
 
 def _secure_cookies(request: web.Request, response: web.StreamResponse) -> None:
@@ -217,12 +216,12 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-def token_login_routes(token: str, *, login_path: str = "/login",
-                       guard: AccessGuard | None = None) -> list[web.RouteDef]:
-    """GET/POST ``/login`` (token form -> session cookie) and ``/logout``; wrong tokens count in ``guard``'s throttle."""
+def token_login_routes(guard: AccessGuard) -> list[web.RouteDef]:
+    """GET/POST ``/login`` (token form -> session cookie) and ``/logout``; wrong tokens count in ``guard``."""
     import aiohttp_jinja2
 
-    guard = guard or AccessGuard(token=token, login_path=login_path)
+    token, login_path = guard.token, guard.login_path
+    assert token is not None and login_path is not None
 
     async def login_form(request: web.Request) -> web.StreamResponse:
         return aiohttp_jinja2.render_template(
