@@ -20,7 +20,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from .guard import (DEFAULT_POLICY, POLICY, SHORT_TOKEN_CHARS, AccessPolicy, FailureThrottle, client_address,
-                    cookie_secure, cross_origin_refusal, origin_problem)
+                    cookie_secure, cross_origin_refusal, origin_problem, request_host)
 
 SESSION_COOKIE = "comfyserve_session"
 SESSION_TTL_S = 7 * 24 * 3600
@@ -117,7 +117,9 @@ class AccessGuard:
 
     def relay_allowed(self, host_header: str | None) -> bool:
         """For the byte-level fast path: may it relay a request with a good token and this Host itself?"""
-        return not self.throttle.busy() and (not self.check_host or self.policy.host_allowed(host_header))
+        if self.check_host and (self.policy.trusted_proxies or not self.policy.host_allowed(host_header)):
+            return False  # behind a trusted proxy the Host to check may be its X-Forwarded-Host: slow path
+        return not self.throttle.busy()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -133,9 +135,8 @@ class AccessGuard:
     async def _decide(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         public = path in self.public or bool(self.prefixes and path.startswith(self.prefixes))
-        if self.check_host and not public and not self.policy.host_allowed(request.headers.get("Host")):
-            log.warning("request for Host %r refused (not a name this server is reached by)",
-                        request.headers.get("Host"))
+        if self.check_host and not public and not self.policy.host_allowed(request_host(request)):
+            log.warning("request for Host %r refused (not a name this server is reached by)", request_host(request))
             return json_error(421, "this server is not reached by that host name: if it is yours, start the "
                                    "server with --allowed-host NAME", "misdirected_request")
         if self.open_access:

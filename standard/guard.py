@@ -20,9 +20,9 @@ middleware:
   without a token, on state-changing requests and WebSocket upgrades with a
   cookie. A request with an ``Authorization`` header brings its own
   credential: a page cannot send that to us cross-origin without CORS.
-- **The client.** ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed
-  only from a ``--trusted-proxy``; :func:`client_address` and
-  :func:`request_is_https` are the one way to ask.
+- **The client.** ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` are believed
+  only from a ``--trusted-proxy``; :func:`client_address`,
+  :func:`request_is_https` and :func:`request_host` are the one way to ask.
 - **Guessing.** :class:`FailureThrottle` slows wrong credentials per client
   address in bounded memory.
 """
@@ -168,6 +168,14 @@ def client_address(request: web.Request) -> str:
     return address
 
 
+def request_host(request: web.Request) -> str | None:
+    """The ``Host`` the browser sent: a trusted proxy's ``X-Forwarded-Host`` (last value), else ``Host``."""
+    forwarded = request.headers.get("X-Forwarded-Host")
+    if forwarded and policy_of(request).is_trusted_proxy(request.remote):
+        return forwarded.split(",")[-1].strip()
+    return request.headers.get("Host")
+
+
 def request_is_https(request: web.Request) -> bool:
     """Served over TLS here, or a trusted proxy says its client used https."""
     if request.secure:
@@ -200,7 +208,7 @@ def origin_problem(request: web.Request) -> str | None:
         return "unparsable Origin refused"
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return "opaque Origin (null, file:, ...) refused"
-    host = request.headers.get("Host")
+    host = request_host(request)
     if host is None:
         return "cross-origin request refused"
     try:

@@ -229,3 +229,19 @@ async def test_gateway_slows_wrong_tokens_on_the_fast_path_too(front) -> None:  
                 assert resp.status == 401
         async with session.get(base + "/queue", headers={"Authorization": TOKEN}) as resp:
             assert resp.status == 429
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_host_is_what_counts(instance) -> None:
+    """nginx may talk to us as 127.0.0.1 while the browser asked for another name."""
+    client = await instance(access=AccessPolicy.build(trusted_proxies=["127.0.0.1"]))
+    rebound = {"X-Forwarded-Host": "attacker.example", "Origin": "http://attacker.example"}
+    assert (await client.post("/queue", json={"clear": True}, headers=rebound)).status == 421
+    ours = {"X-Forwarded-Host": "localhost", "Origin": "https://localhost"}
+    assert (await client.post("/queue", json={"clear": True}, headers=ours)).status == 200
+    cookie_site = await instance(token=TOKEN, access=AccessPolicy.build(trusted_proxies=["127.0.0.1"]))
+    await login_cookie(cookie_site)
+    public = {"X-Forwarded-Host": "comfy.example.com", "Origin": "https://comfy.example.com"}
+    assert (await cookie_site.post("/queue", json={"clear": True}, headers=public)).status == 200
+    # nobody we trust: the header is the client's own word and changes nothing
+    direct = await instance()
+    assert (await direct.post("/queue", json={"clear": True}, headers=ours | {"Host": "x.example"})).status == 421
