@@ -58,6 +58,20 @@ def _host_key(name: str) -> str:
     return name.rstrip(".")
 
 
+def _machine_names() -> frozenset[str]:
+    """This machine's own name (``gethostname`` asks the kernel, not DNS)."""
+    name = socket.gethostname().lower().rstrip(".")
+    return frozenset(n for n in (name, name.split(".", 1)[0]) if n)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     """The operator's answers to "which names are ours" and "whose forwarded headers to believe"."""
@@ -65,7 +79,7 @@ class AccessPolicy:
     allowed_hosts: frozenset[str] = frozenset()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     secure_cookies: bool = False
-    machine_names: frozenset[str] = field(default_factory=lambda: _machine_names())
+    machine_names: frozenset[str] = field(default_factory=_machine_names)
 
     @classmethod
     def build(cls, allowed_hosts: Iterable[str] = (), trusted_proxies: Iterable[str] = (),
@@ -110,20 +124,6 @@ class AccessPolicy:
         return name in self.allowed_hosts or name in self.machine_names
 
 
-def _machine_names() -> frozenset[str]:
-    """This machine's own name (``gethostname`` asks the kernel, not DNS)."""
-    name = socket.gethostname().lower().rstrip(".")
-    return frozenset(n for n in (name, name.split(".", 1)[0]) if n)
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
 DEFAULT_POLICY = AccessPolicy()
 
 
@@ -134,7 +134,7 @@ def add_access_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                     "machine's name (repeatable; '*': any). Without a token, other Host headers are refused "
                     "(DNS rebinding); with a token or logins they are checked only when this is given")
     add_option(parser, "--trusted-proxy", action="append", default=[], metavar="ADDR",
-               help="a reverse proxy (IP or network, repeatable) whose X-Forwarded-For / X-Forwarded-Proto "
+               help="a reverse proxy (IP or network, repeatable) whose X-Forwarded-For / -Proto / -Host "
                     "are believed")
     add_option(parser, "--secure-cookies", action="store_true",
                help="mark session cookies Secure (automatic over https or X-Forwarded-Proto: https)")
