@@ -9,8 +9,8 @@ middleware:
   rebinding) and then call us "same-origin" with ``Host: attacker.example``.
   Where nothing but the network protects a server (no token), the ``Host``
   must be one we serve: an IP literal (a name cannot be rebound if there is
-  no name), ``localhost`` (``*.localhost``), this machine's host name, or an
-  ``--allowed-host`` (``*``: any). With a token or a login, the credential is
+  no name), ``localhost`` (``*.localhost``), this machine's host name (and
+  ``NAME.local``), or an ``--allowed-host`` (``*``: any). With a token or a login, the credential is
   the protection (the browser keeps a cookie for the real name, a rebound
   page has neither it nor the token), so ``Host`` is only checked there when
   ``--allowed-host`` names hosts.
@@ -59,9 +59,10 @@ def _host_key(name: str) -> str:
 
 
 def _machine_names() -> frozenset[str]:
-    """This machine's own name (``gethostname`` asks the kernel, not DNS)."""
+    """This machine's own name, short and with mDNS's ``.local`` (``gethostname`` asks the kernel, not DNS)."""
     name = socket.gethostname().lower().rstrip(".")
-    return frozenset(n for n in (name, name.split(".", 1)[0]) if n)
+    short = name.split(".", 1)[0]
+    return frozenset(n for n in (name, short, short + ".local") if n and n != ".local")
 
 
 def _is_ip(name: str) -> bool:
