@@ -20,7 +20,7 @@ from aiohttp import web
 from queue_service.server import STORE_KEY, create_app as create_queue_app
 from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
-from standard.auth import token_auth_middleware
+from standard.auth import AccessGuard
 from standard.serving import drain_of
 
 from .attempts import StoreAttemptRecords
@@ -41,16 +41,15 @@ def queue_settings(settings: ApiSettings) -> QueueSettings:
         host=settings.host, port=settings.port, token=settings.token, sqlite_path=settings.sqlite_path,
         redis_url=settings.redis_url, max_length=settings.max_length,
         max_payload_bytes=settings.max_payload_bytes, pending_timeout_s=settings.pending_timeout_s,
+        access=settings.access,
     )
 
 
 def create_api_app(settings: ApiSettings) -> web.Application:
     """The all-in-one app (queue + front), or the stateless front when ``settings.queue_url`` is set."""
     if settings.queue_url is not None:
-        middlewares = []
-        if settings.token:
-            middlewares.append(token_auth_middleware(settings.token, public_paths={"/healthz"}, login_path=None))
-        app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload_bytes + 65536)
+        guard = AccessGuard(settings.access, token=settings.token, public_paths={"/healthz"}, login_path=None)
+        app = web.Application(middlewares=[guard.middleware], client_max_size=settings.max_payload_bytes + 65536)
         inbox = RemoteInbox(settings.queue_url, settings.service, settings.token)
 
         async def healthz(request: web.Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES
 from standard.datadir import init_data_dir
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 from standard.errors import ConfigError
+from standard.guard import access_policy_from_args, add_access_arguments
 from standard.options import add_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
 from standard.settings import is_loopback
@@ -30,6 +31,7 @@ log = logging.getLogger("comfyserve.api")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to local instances"))
+    add_access_arguments(parser.add_argument_group("who may call (Host, proxies)"))
     add_option(parser, "--data-dir", default=None,
                help="data dir of the local instances; the SQLite queue is DIR/queue/queue.sqlite3")
     add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
@@ -120,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
         max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=shutdown_timeout_of(args),
+        access=access_policy_from_args(args),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
+from standard.guard import AccessPolicy
 
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
@@ -65,6 +66,8 @@ class ApiSettings:
     webhook_allow: tuple[str, ...] = ()
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the workers' running tasks' time to finish
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
+    # --allowed-host, --trusted-proxy (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def stateless(self) -> bool:

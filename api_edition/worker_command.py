@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from standard.auth import token_auth_middleware
+from standard.auth import AccessGuard
 from standard.errors import ConfigError
 from standard.options import add_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
@@ -91,10 +91,8 @@ async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
         up = worker.metrics.value("comfyserve_api_worker_instance_up", worker=worker.name) == 1
         return web.json_response({"status": "ok", "instance_up": up})
 
-    middlewares = []
-    if worker.settings.token:
-        middlewares.append(token_auth_middleware(worker.settings.token, public_paths={"/healthz"}, login_path=None))
-    app = web.Application(middlewares=middlewares)
+    guard = AccessGuard(token=worker.settings.token, public_paths={"/healthz"}, login_path=None)
+    app = web.Application(middlewares=[guard.middleware])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from standard.datadir import init_data_dir
 from standard.server import keys
+from standard.auth import AccessGuard
 from standard.server.middlewares import json_errors_middleware
 from standard.server.routing import add_routes_with_api_prefix
 from standard.serving import draining_headers, drain_of, is_draining
@@ -69,7 +70,11 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     settings.check()
     data_dir = init_data_dir(settings.data_dir)
     data_dir.users.mkdir(exist_ok=True)
-    app = web.Application(client_max_size=settings.max_upload_size_bytes, middlewares=[json_errors_middleware])
+    public = DEFAULT_PUBLIC_PATHS | {"/healthz", "/api/healthz", "/readyz", "/api/readyz"}
+    # Host check and the request's policy (client address, https); the logins decide on credentials.
+    guard = AccessGuard(settings.access, public_paths=public, login_path=None, external_auth=True)
+    app = web.Application(client_max_size=settings.max_upload_size_bytes,
+                          middlewares=[json_errors_middleware, guard.middleware])
     app[CLUSTER_SETTINGS] = settings
     app[keys.SETTINGS] = settings.standard_settings()
     app[keys.DATA_DIR] = data_dir
@@ -97,7 +102,6 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
         local = LocalInstances(settings.instances, data_dir.root, secrets.token_urlsafe(24), settings.instance_args)
     app[LOCAL_INSTANCES] = local
     secret_key = settings.secret_key or load_or_create_secret(data_dir)
-    public = DEFAULT_PUBLIC_PATHS | {"/healthz", "/api/healthz", "/readyz", "/api/readyz"}
     setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core)
     add_routes_with_api_prefix(app, ops)
     add_routes_with_api_prefix(app, routes_api.routes)

@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from standard.errors import ConfigError
+from standard.guard import access_policy_from_args, add_access_arguments
 from standard.options import add_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
     add_shutdown_timeout_option(parser)
+    add_access_arguments(parser.add_argument_group("who may call (Host, proxies, cookies)"))
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
 
@@ -67,6 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         instance_lost_s=args.instance_lost_after,
         max_upload_size_mb=args.max_upload_size,
         shutdown_timeout_s=shutdown_timeout_of(args),
+        access=access_policy_from_args(args),
     )
     settings.check()
     return settings

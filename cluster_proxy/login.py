@@ -25,6 +25,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from standard.auth import json_error, safe_next, same_origin, token_from_header, wants_html
+from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
 from standard.server.http_util import read_form
 from web import setup_templates
@@ -112,8 +113,9 @@ def _auth_middleware(accounts: Accounts, public_paths: frozenset[str]) -> Callab
         if session_id:
             user = await accounts.session_user(session_id)
             if user is not None:
-                if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
-                    return json_error(403, "cross-origin request refused", "forbidden")
+                problem = cross_origin_refusal(request)
+                if problem is not None:
+                    return json_error(403, problem, "forbidden")
                 request[USER] = user
                 request[SESSION_ID] = session_id
                 return await handler(request)
@@ -125,8 +127,8 @@ def _auth_middleware(accounts: Accounts, public_paths: frozenset[str]) -> Callab
 
 
 def _client_address(request: web.Request) -> str:
-    """Who is trying to log in, for the throttle (the peer; a trusted proxy's forwarded address later)."""
-    return request.remote or "unknown"
+    """Who is trying to log in, for the throttle (the peer, or what a trusted proxy forwarded)."""
+    return client_address(request)
 
 
 def check_csrf(request: web.Request, form: Any) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from standard.errors import ConfigError
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
+from standard.guard import AccessPolicy
 from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
 
 DEFAULT_PORT = 8000
@@ -41,6 +42,8 @@ class ClusterSettings:
     storage: Any = None
     # SIGTERM: how long running tasks may take to finish before they are handed back to the store.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # --allowed-host, --trusted-proxy, --secure-cookies (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def max_upload_size_bytes(self) -> int:

@@ -17,6 +17,7 @@ from aiohttp import web
 from standard.errors import ConfigError
 from standard.options import add_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
+from standard.guard import access_policy_from_args, add_access_arguments
 from standard.settings import is_loopback
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
                help="seconds an item stays with a watcher that vanished before others get it")
     add_shutdown_timeout_option(parser)
+    add_access_arguments(parser.add_argument_group("who may call (Host, proxies)"))
 
 
 def settings_from_args(args: argparse.Namespace) -> QueueSettings:
@@ -74,7 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> QueueSettings:
         host=args.host, port=args.port, token=args.token or None,
         sqlite_path=None if args.redis_url else sqlite_path, redis_url=args.redis_url or None,
         max_length=args.max_length, max_payload_bytes=args.max_payload,
-        pending_timeout_s=args.pending_timeout,
+        pending_timeout_s=args.pending_timeout, access=access_policy_from_args(args),
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from standard.auth import json_error, token_auth_middleware
+from standard.auth import AccessGuard, json_error
 from standard.server.http_util import read_body_within
 
 from . import params
@@ -260,10 +260,8 @@ def make_store(settings: QueueSettings) -> QueueStore:
 
 def create_app(settings: QueueSettings, store: QueueStore | None = None) -> web.Application:
     """The aiohttp app; the store is opened on startup and closed on cleanup."""
-    middlewares = []
-    if settings.token:
-        middlewares.append(token_auth_middleware(settings.token, public_paths={"/healthz"}, login_path=None))
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload_bytes + 65536)
+    guard = AccessGuard(settings.access, token=settings.token, public_paths={"/healthz"}, login_path=None)
+    app = web.Application(middlewares=[guard.middleware], client_max_size=settings.max_payload_bytes + 65536)
     app[SETTINGS_KEY] = settings
     app[STORE_KEY] = store if store is not None else make_store(settings)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from standard.guard import AccessPolicy
 
 DEFAULT_PORT = 9000
 DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
@@ -33,6 +35,8 @@ class QueueSettings:
     max_length: int = DEFAULT_MAX_LENGTH
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S
+    # --allowed-host, --trusted-proxy (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def poll_interval_s(self) -> float:

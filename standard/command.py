@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .datadir import init_data_dir
 from .errors import ConfigError
+from .guard import access_policy_from_args, add_access_arguments
 from .options import add_option
 from .serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="extra arguments for ComfyUI's main.py (one shell-quoted string)")
     add_option(parser, "--backend-url", default=None,
                help="front a ComfyUI (or comfyserve) instance running at this URL instead of the embedded engine")
+    add_access_arguments(parser.add_argument_group("who may call (Host, proxies, cookies)"))
     add_storage_arguments(parser.add_argument_group("object storage (OSS)"))
 
 
@@ -78,6 +80,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         history_max_items=args.history_max_items,
         shutdown_timeout_s=shutdown_timeout_of(args),
         storage=storage,
+        access=access_policy_from_args(args),
     )
     settings.check()
     return settings

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .guard import AccessPolicy
 from .storage.settings import StorageSettings
 
 DEFAULT_PORT = 8000
@@ -35,6 +36,8 @@ class StandardSettings:
     shutdown_timeout_s: float = 10.0
     # --data-dir oss://..., --oss-bucket or --output-url-base (standard.storage); None: plain folder.
     storage: StorageSettings | None = None
+    # --allowed-host, --trusted-proxy, --secure-cookies (standard.guard)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def max_upload_size_bytes(self) -> int:

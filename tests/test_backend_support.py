@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from standard.backend.app import create_backend_app
 from standard.backend.fastpath import FastProxySite
 from standard.datadir import init_data_dir
+from standard.guard import AccessPolicy
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 
@@ -63,6 +64,8 @@ def recording_middleware(seen: list[Seen]) -> Any:
 async def start_backend(data_dir: Path, port: int | None = None, **settings: Any) -> Backend:
     """A comfyserve embedded instance on a loopback port, recording its requests."""
     seen: list[Seen] = []
+    # It stands in for ComfyUI, which takes any Host: the front keeps the browser's one.
+    settings.setdefault("access", AccessPolicy.build(allowed_hosts=["*"]))
     app = create_embedded_app(StandardSettings(data_dir=data_dir, **settings))
     app.middlewares.insert(0, recording_middleware(seen))
     server = TestServer(app, host="127.0.0.1", port=port)

@@ -20,14 +20,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from ..auth import token_auth_middleware, token_login_routes
+from ..auth import AccessGuard
 from ..datadir import init_data_dir
 from ..errors import ConfigError
 from ..server.app import PUBLIC_PATHS
 from ..server.http_util import json_error
 from ..server.frontend import own_extension_routes
 from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
-from ..server.middlewares import json_errors_middleware, origin_only_middleware
+from ..server.middlewares import json_errors_middleware
 from ..server.prompt_request import refused_while_draining
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
@@ -69,13 +69,10 @@ def make_backend(settings: StandardSettings) -> Backend:
 def create_backend_app(settings: StandardSettings, backend: Backend | None = None) -> web.Application:
     """The proxy app; ``backend`` defaults to the one the settings name."""
     backend = backend or make_backend(settings)
-    middlewares = [json_errors_middleware]
-    if settings.token is not None:
-        middlewares.append(token_auth_middleware(settings.token, public_paths=PUBLIC_PATHS))
-    else:
-        middlewares.append(origin_only_middleware)
+    guard = AccessGuard(settings.access, token=settings.token, public_paths=PUBLIC_PATHS)
     # Bodies are streamed to the backend; the size limit is checked while streaming.
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_upload_size_bytes)
+    app = web.Application(middlewares=[json_errors_middleware, guard.middleware],
+                          client_max_size=settings.max_upload_size_bytes)
     app[SETTINGS] = settings
     app[BACKEND] = backend
     app[METRICS] = BackendMetrics(backend)
@@ -87,7 +84,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         from web import setup_templates
 
         setup_templates(app)
-        app.router.add_routes(token_login_routes(settings.token))
+        app.router.add_routes(guard.login_routes())
     for prefix in ("", "/api"):
         app.router.add_get(prefix + "/healthz", healthz)
         app.router.add_get(prefix + "/readyz", readyz)
@@ -104,7 +101,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
                               | {"/login", "/logout"} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
-        max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS],
+        max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
     )
     return app
 

@@ -54,6 +54,8 @@ class FastPathConfig:
     local_prefixes: tuple[str, ...]
     max_body_bytes: int
     metrics: BackendMetrics
+    # AccessGuard.relay_allowed(Host): False while wrong tokens are being slowed, or for a Host not served.
+    relay_allowed: Callable[[str | None], bool] = lambda host: True
 
 
 @dataclass
@@ -92,6 +94,7 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
     length: int | None = None
     close = False
     has_origin = False
+    host: str | None = None
     for line in lines[1:]:
         if not line:
             continue
@@ -117,6 +120,10 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
                 return None  # extra hop-by-hop headers named: the slow path strips them
         elif lower == b"origin":
             has_origin = True
+        elif lower == b"host":
+            if host is not None:
+                return None
+            host = value
         if lower not in DROP_REQUEST:
             out.append(line)
     if config.token is not None:
@@ -125,6 +132,8 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
             return None  # the auth middleware answers (401, login redirect, ...)
     elif has_origin or authorization is not None:
         return None  # the origin check (and what to do with a stray header) stays in one place
+    if not config.relay_allowed(host):
+        return None  # the guard answers (421 for a Host not served, 429 for a guesser)
     length = length or 0
     if length > MAX_FAST_BODY_BYTES or length > config.max_body_bytes:
         return None

@@ -21,13 +21,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..auth import token_auth_middleware, token_login_routes
+from ..auth import AccessGuard
 from ..datadir import init_data_dir
 from ..serving import drain_of
 from ..settings import StandardSettings
 from ..storage.web import setup_storage
 from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
-from .middlewares import json_errors_middleware, origin_only_middleware
+from .middlewares import json_errors_middleware
 from .prompt_server import PromptServer
 from .routing import add_routes_with_api_prefix
 
@@ -44,12 +44,9 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
     """The full ComfyUI-protocol app; the engine loads when the app starts."""
     data_dir = init_data_dir(settings.data_dir)
     workdirs = data_dir.workdirs()
-    middlewares = [json_errors_middleware]
-    if settings.token is not None:
-        middlewares.append(token_auth_middleware(settings.token, public_paths=PUBLIC_PATHS))
-    else:
-        middlewares.append(origin_only_middleware)
-    app = web.Application(client_max_size=settings.max_upload_size_bytes, middlewares=middlewares)
+    guard = AccessGuard(settings.access, token=settings.token, public_paths=PUBLIC_PATHS)
+    app = web.Application(client_max_size=settings.max_upload_size_bytes,
+                          middlewares=[json_errors_middleware, guard.middleware])
     app[keys.SETTINGS] = settings
     app[keys.DATA_DIR] = data_dir
     app[keys.WORKDIRS] = workdirs
@@ -63,7 +60,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
         from web import setup_templates
 
         setup_templates(app)
-        app.router.add_routes(token_login_routes(settings.token))
+        app.router.add_routes(guard.login_routes())
     for module in (routes_prompt, routes_jobs, routes_ws, routes_info, routes_files, routes_ops):
         add_routes_with_api_prefix(app, module.routes)
     for module_name, function_name in FRONTEND_SETUPS:

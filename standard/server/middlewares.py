@@ -1,9 +1,8 @@
-"""Middlewares of the instance app: JSON bodies for framework errors, origin check.
+"""Middlewares of the instance app: JSON bodies for framework errors.
 
 aiohttp answers a body over ``client_max_size`` with a plain-text 413; clients
-of this API expect JSON, so such errors are re-shaped here. Without a token the
-server only listens on loopback, and a web page on another origin must not be
-able to queue prompts there (ComfyUI's origin-only rule).
+of this API expect JSON, so such errors are re-shaped here. Who may call what
+(token, cookie, Origin, Host) is ``standard.auth.AccessGuard``'s job.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from ..errors import PathTooLong
-from ..settings import is_loopback
 from .http_util import error_body
 
 log = logging.getLogger("comfyserve.server")
@@ -54,22 +51,3 @@ async def json_errors_middleware(request: web.Request, handler: Handler) -> web.
 def _path_too_long(details: str) -> web.HTTPException:
     body = {"error": error_body("invalid_request", "file name or path too long", details)}
     return web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
-
-
-@web.middleware
-async def origin_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse requests to a loopback host whose Origin names another host (403)."""
-    origin = request.headers.get("Origin")
-    host = request.headers.get("Host")
-    if origin and host:
-        host_parts = urlsplit("//" + host.lower())
-        origin_parts = urlsplit(origin.lower())
-        if host_parts.hostname and is_loopback(host_parts.hostname):
-            host_cmp = host_parts.netloc if origin_parts.port is not None else host_parts.hostname
-            origin_cmp = origin_parts.netloc if host_parts.port is not None else origin_parts.hostname
-            if origin_cmp and host_cmp != origin_cmp:
-                log.warning("request with non-matching host and origin %s != %s: 403", host_cmp, origin_cmp)
-                return web.json_response(
-                    {"error": error_body("forbidden", "cross-origin request refused")}, status=403
-                )
-    return await handler(request)
