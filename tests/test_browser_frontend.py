@@ -132,8 +132,12 @@ def test_web_ui_lists_the_engine_nodes_and_runs_a_workflow(instance: Instance, b
     page.wait_for_function("() => app.graph.nodes.length === 2")
     assert sorted(page.evaluate("app.graph.nodes.map(n => n.type)")) == ["EmptyImage", "SaveImage"]
 
-    page.click("[data-testid=queue-button]")
-    deadline = time.monotonic() + 20
+    # The click is done when the page has queued the prompt; then its image is awaited.
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/prompt"),
+                              timeout=LOAD_TIMEOUT_MS) as queued:
+        page.click("[data-testid=queue-button]")
+    assert queued.value.status == 200
+    deadline = time.monotonic() + LOAD_TIMEOUT_MS / 1000
     output = instance.data_dir / "output" / "ComfyUI_00001_.png"
     while not output.exists():
         assert time.monotonic() < deadline, "the queued workflow never wrote its image"
