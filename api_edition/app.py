@@ -83,7 +83,8 @@ class Pool:
         self.instances: list[LocalInstance] = []
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
         self.webhooks = WebhookSender(settings.webhook_secret or settings.token,
-                                      policy=WebhookPolicy(settings.webhook_allow), on_give_up=self._webhook_failed)
+                                      policy=WebhookPolicy(settings.webhook_allow), retry=settings.webhook_retry,
+                                      on_give_up=self._webhook_failed)
 
     def _webhook_failed(self) -> None:
         self.metrics.webhook_failures.inc()
@@ -113,6 +114,7 @@ class Pool:
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
                 max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
+                webhook_retry=self.settings.webhook_retry,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts())
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 

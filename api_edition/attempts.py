@@ -56,14 +56,15 @@ from typing import Any, Protocol, TypeVar
 from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
+from standard.retry import QUEUE
 
 log = logging.getLogger("comfyserve.api.attempts")
 
 ATTEMPTS_SUFFIX = "/attempts"
 TOO_MANY_ATTEMPTS = "too_many_attempts"
 LOOKUP_LENGTH = 8  # records of one task: 1, or 2 after a crash between a put and its delete
-RETRIES = 5
-RETRY_MIN_S = 0.05
+RETRY = QUEUE.but(attempts=5, level=logging.INFO,  # a full queue is final: retrying at once will not help
+                  retry_on=lambda exc: isinstance(exc, Unavailable) and not isinstance(exc, Full))
 T = TypeVar("T")
 
 
@@ -258,15 +259,10 @@ class AttemptLedger:
             ticket.records = []
 
     async def _try(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T | None:
-        delay = RETRY_MIN_S
-        for attempt in range(RETRIES):
-            try:
-                return await call(*args)
-            except Unavailable as exc:
-                if attempt == RETRIES - 1 or isinstance(exc, Full):
-                    log.warning("%s: cannot %s the attempt count of %s (%s); going on without it",
-                                self.holder, what, args[0], exc)
-                    return None
-            await asyncio.sleep(delay)
-            delay *= 2
-        return None
+        """``call(*args)``, retried while the queue is unavailable (not when full); None if it never worked."""
+        try:
+            return await RETRY.call(lambda: call(*args), what=f"{self.holder}: {what} the attempt count", log=log)
+        except Unavailable as exc:
+            log.warning("%s: cannot %s the attempt count of %s (%s); going on without it",
+                        self.holder, what, args[0], exc)
+            return None

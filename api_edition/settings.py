@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
+from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from standard.guard import AccessPolicy
 
@@ -39,6 +40,7 @@ class WorkerSettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # runs cut off mid-task before a task is reported failed (0: no cap)
     webhook_allow: tuple[str, ...] = ()  # webhook URL prefixes; empty: any public address
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the running task's time to finish
+    webhook_retry: RetryPolicy = WEBHOOK  # tries and waits of a delivery (tests record the waits instead)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ApiSettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_allow: tuple[str, ...] = ()
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the workers' running tasks' time to finish
+    webhook_retry: RetryPolicy = WEBHOOK  # tries and waits of a delivery (tests record the waits instead)
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
     # --allowed-host, --trusted-proxy (standard.guard)
     access: AccessPolicy = field(default_factory=AccessPolicy)

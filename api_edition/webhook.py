@@ -2,7 +2,9 @@
 
 Signed with ``X-Comfyserve-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>``
 and ``X-Comfyserve-Timestamp`` so a receiver can reject forgeries and replays.
-Retried with exponential backoff (not when the target is refused); the sink
+Retried under ``standard.retry.WEBHOOK`` (5 tries, jittered backoff; a 503/429's
+``Retry-After``, seconds or HTTP-date, is waited for up to a minute); a refused
+target, a 4xx other than 408/429 and a refused address are final. The sink
 result stays the source of truth, so a webhook that keeps failing is only
 counted and logged. Redirects are not followed.
 
@@ -50,17 +52,22 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from standard.errors import ComfyServeError
+from standard.retry import WEBHOOK, RetryLater, RetryPolicy, retry_after_s
+
 log = logging.getLogger("comfyserve.api.webhook")
 
 SIGNATURE_HEADER = "X-Comfyserve-Signature"
 TIMESTAMP_HEADER = "X-Comfyserve-Timestamp"
-DEFAULT_ATTEMPTS = 5
-DEFAULT_BACKOFF_S = 0.5
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class WebhookRefused(ValueError):
     """The URL is not an allowed webhook target; the message says why."""
+
+
+class _Final(ComfyServeError):
+    """A delivery that another try cannot fix (refused target, a 4xx answer)."""
 
 
 class AddressRefused(OSError):
@@ -204,12 +211,11 @@ class WebhookSender:
     """
 
     def __init__(self, secret: str | None, *, policy: WebhookPolicy | None = None,
-                 attempts: int = DEFAULT_ATTEMPTS, backoff_s: float = DEFAULT_BACKOFF_S, on_give_up: Any = None,
+                 retry: RetryPolicy = WEBHOOK, on_give_up: Any = None,
                  resolver: AbstractResolver | None = None) -> None:
         self.secret = secret
         self.policy = policy or WebhookPolicy()
-        self.attempts = attempts
-        self.backoff_s = backoff_s
+        self.retry = retry.but(retry_on=(RetryLater,))
         self.on_give_up = on_give_up
         self._resolver = resolver
         self._http: aiohttp.ClientSession | None = None
@@ -227,39 +233,41 @@ class WebhookSender:
         task.add_done_callback(self._tasks.discard)
 
     async def deliver(self, url: str, payload: dict[str, Any]) -> bool:
+        """POST ``payload`` to ``url`` under ``self.retry``; False (and ``on_give_up``) when it never took it."""
         body = json.dumps(payload, separators=(",", ":")).encode()
-        delay = self.backoff_s
-        for attempt in range(1, self.attempts + 1):
-            timestamp = str(int(time.time()))
-            headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
-            if self.secret:
-                headers[SIGNATURE_HEADER] = sign(self.secret, timestamp, body)
-            try:
-                self.policy.check(url)
-                async with self._session().post(url, data=body, headers=headers, allow_redirects=False) as response:
-                    status = response.status
-                if status < 300:
-                    return True
-                reason = f"HTTP {status}"
-                if 400 <= status < 500 and status not in (408, 429):
-                    attempt = self.attempts  # the receiver refuses this delivery: retrying cannot help
-            except WebhookRefused as exc:
-                reason, attempt = str(exc), self.attempts
-            except aiohttp.ClientConnectorError as exc:
-                reason = str(exc.os_error) if isinstance(exc.os_error, AddressRefused) else repr(exc)
-                if isinstance(exc.os_error, AddressRefused):
-                    attempt = self.attempts  # the policy refuses where the name leads: final
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                reason = repr(exc)
-            if attempt >= self.attempts:
-                log.warning("webhook %s for task %s failed: %s (giving up)", url, payload.get("task_id"), reason)
-                break
-            log.info("webhook %s failed (%s); retry %d in %.1fs", url, reason, attempt, delay)
-            await asyncio.sleep(delay)
-            delay *= 2
+        try:
+            await self.retry.call(lambda: self._post(url, body), what=f"webhook {url}", log=log)
+            return True
+        except (RetryLater, _Final) as exc:
+            log.warning("webhook %s for task %s failed: %s (giving up)", url, payload.get("task_id"), exc)
         if self.on_give_up is not None:
             self.on_give_up()
         return False
+
+    async def _post(self, url: str, body: bytes) -> None:
+        """One try: ``RetryLater`` (with the receiver's ``Retry-After``) if another may work, ``_Final`` if not."""
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = sign(self.secret, timestamp, body)
+        try:
+            self.policy.check(url)
+            async with self._session().post(url, data=body, headers=headers, allow_redirects=False) as response:
+                status = response.status
+                asked_s = retry_after_s(response.headers.get("Retry-After"))
+        except WebhookRefused as exc:
+            raise _Final(str(exc)) from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefused):
+                raise _Final(str(exc.os_error)) from exc  # the policy refuses where the name leads
+            raise RetryLater(repr(exc)) from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise RetryLater(repr(exc)) from exc
+        if status < 300:
+            return
+        if 400 <= status < 500 and status not in (408, 429):
+            raise _Final(f"HTTP {status}")  # the receiver refuses this delivery: retrying cannot help
+        raise RetryLater(f"HTTP {status}", asked_s)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Give pending deliveries a moment, then cancel them."""

@@ -50,6 +50,7 @@ from typing import Any
 from queue_service.client import DataFrame, QueueClient, QueueClientError
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+from standard.retry import QUEUE
 
 from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
@@ -66,8 +67,10 @@ REMEMBERED_TASKS = 10_000
 HEALTH_TIMEOUTS = ClientTimeouts(connect_s=1.0, request_s=2.0, get_retries=0)
 RUN_TIMEOUTS = ClientTimeouts(disconnected_s=None)
 PROBE_INTERVAL_S = 0.25
-RETRY_MIN_S = 0.05
-RETRY_MAX_S = 2.0
+RESTART_WATCH_S = 2.0  # after the queue refused the watch, or an unexpected error
+QUEUE_RETRY = QUEUE.but(retry_on=(Transient,))  # until the queue answers
+REPORT_RETRY = QUEUE.but(retry_on=(Transient, SinkFull, ResultTooLarge))  # a full sink holds the result
+COMMIT_RETRY = QUEUE.but(attempts=5, retry_on=(Transient,))
 HAND_BACK_S = 10.0  # after a drain's timeout: how long handing the task back (or its last report) may take
 
 
@@ -107,7 +110,7 @@ class Worker:
         self.probe = InstanceClient(settings.instance_url, instance_token, timeouts=HEALTH_TIMEOUTS)
         self._own_webhooks = webhooks is None
         self.webhooks = webhooks or WebhookSender(settings.webhook_secret or token, policy=self.webhook_policy,
-                                                  on_give_up=self._webhook_failed)
+                                                  retry=settings.webhook_retry, on_give_up=self._webhook_failed)
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -126,10 +129,10 @@ class Worker:
                     await self._consume()
                 except QueueClientError as exc:
                     log.warning("%s: queue refused the watch (%s); retrying", self.name, exc)
-                    await asyncio.sleep(RETRY_MAX_S)
+                    await asyncio.sleep(RESTART_WATCH_S)
                 except Exception:  # never let one bad task end the worker; its item comes back
                     log.exception("%s: unexpected error; restarting the watch", self.name)
-                    await asyncio.sleep(RETRY_MAX_S)
+                    await asyncio.sleep(RESTART_WATCH_S)
         finally:
             await self.aclose()
 
@@ -319,50 +322,34 @@ class Worker:
     # -- queue calls ------------------------------------------------------------------
 
     async def _in_sink(self, request_id: str) -> bool:
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                return await self.ops.in_sink(request_id)
-            except Transient as exc:
-                log.warning("%s: sink lookup failed (%s); retrying", self.name, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+        return await QUEUE_RETRY.call(lambda: self.ops.in_sink(request_id), what=f"{self.name}: sink lookup",
+                                      log=log)
 
     async def _report(self, data: bytes, tags: dict[str, str], index: int) -> int:
         """Put the result and commit input ``index`` until it succeeds; returns the sink index.
 
-        A full sink blocks here with the input uncommitted, so no further input is taken.
+        A full sink blocks here with the input uncommitted, so no further input is taken. A put whose
+        outcome is unknown is looked up before it is tried again (``StoreQueueOps``).
         """
-        delay = RETRY_MIN_S
-        while True:
+        async def once() -> int:
+            nonlocal data, tags
             try:
                 return await self.ops.put_result_and_commit(data, tags, index)
             except Uncommitted as exc:  # split deployment: the result is on the sink, the commit failed
                 await self._commit(index)
                 return exc.sink_index
-            except SinkFull:
-                log.info("%s: sink queue full; holding the result", self.name)
-            except ResultTooLarge:
+            except ResultTooLarge:  # the next try puts an error result in its place
                 message = f"the result ({len(data)} bytes) exceeds the sink's payload limit"
                 data = results.encode(results.from_failure("result_too_large", message)[1])
                 tags = {**tags, results.STATUS_TAG: "error"}
-                continue
-            except Transient as exc:
-                log.warning("%s: sink put failed (%s); retrying", self.name, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+                raise
+
+        return await REPORT_RETRY.call(once, what=f"{self.name}: sink put", log=log)
 
     async def _commit(self, index: int) -> None:
-        delay = RETRY_MIN_S
-        for _ in range(5):
-            try:
-                await self.ops.commit(index)
-                return
-            except Transient as exc:
-                log.warning("%s: commit %d failed (%s); retrying", self.name, index, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-        # Left uncommitted: it comes back, and the sink lookup commits it then.
+        # Left uncommitted after its tries: it comes back, and the sink lookup commits it then.
+        with contextlib.suppress(Transient):
+            await COMMIT_RETRY.call(lambda: self.ops.commit(index), what=f"{self.name}: commit {index}", log=log)
 
     def _remember(self, request_id: str) -> None:
         self._reported[request_id] = None

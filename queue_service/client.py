@@ -14,7 +14,6 @@ consumer's uncommitted items again, so commit what you have finished.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from standard.retry import RECONNECT, RetryPolicy
 
 from .protocol import decode_frame, decode_frame_list
 from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
@@ -172,10 +173,10 @@ class QueueClient:
 class Watcher:
     """Async iterator of ``DataFrame``s; reconnects on drops until ``aclose()``."""
 
-    def __init__(self, url: str, headers: dict[str, str], *, max_backoff_s: float = 2.0) -> None:
+    def __init__(self, url: str, headers: dict[str, str], *, retry: RetryPolicy = RECONNECT) -> None:
         self.url = url
         self.headers = headers
-        self.max_backoff_s = max_backoff_s
+        self.retry = retry.but(retry_on=(OSError, InvalidHandshake, TimeoutError))
         self.reconnects = 0
         self._ws: ClientConnection | None = None
         self._closed = False
@@ -191,8 +192,8 @@ class Watcher:
         return self
 
     async def _connect(self) -> ClientConnection:
-        backoff = 0.05
-        while True:
+        """Open the watch, retried (``RECONNECT``) until it opens or the queue refuses it for good."""
+        async def once() -> ClientConnection:
             try:
                 return await connect(self.url, additional_headers=self.headers, max_size=None,
                                      open_timeout=10, ping_interval=2.0, compression=None)
@@ -200,11 +201,9 @@ class Watcher:
                 status = exc.response.status_code
                 if status in (400, 401, 403, 404):  # retrying cannot help
                     raise QueueClientError(status, exc.response.body.decode(errors="replace")[:500]) from exc
-                log.warning("watch %s: handshake got %s; retrying", self.url, status)
-            except (OSError, InvalidHandshake, TimeoutError) as exc:
-                log.info("watch %s: cannot connect (%r); retrying", self.url, exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.max_backoff_s)
+                raise
+
+        return await self.retry.call(once, what=f"watch {self.url}", log=log)
 
     async def __anext__(self) -> DataFrame:
         """The next frame. Cancelling a wait is safe: the watch stays usable."""

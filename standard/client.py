@@ -36,6 +36,7 @@ from .client_types import (
     queued_id, status_from_history,
 )
 from .errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+from .retry import INSTANCE as RETRY_INSTANCE
 
 __all__ = [
     "BinaryFrame", "ClientTimeouts", "Connected", "Disconnected", "InstanceClient", "RunResult",
@@ -43,6 +44,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("comfyserve.client")
+
+class _ServerError(InstanceUnavailable):
+    """A 5xx answer: retried, and after the last try its response goes back to the caller."""
+
+    def __init__(self, message: str, response: httpx.Response) -> None:
+        super().__init__(message)
+        self.response = response
+
 
 class _State(enum.Enum):
     OPEN = 1
@@ -72,6 +81,8 @@ class InstanceClient:
             trust_env=False,
         )
         self._state = _State.OPEN
+        self._retry = RETRY_INSTANCE.but(initial_s=timeouts.reconnect_min_s, max_s=timeouts.reconnect_max_s,
+                                         retry_on=(InstanceUnavailable,))
 
     async def __aenter__(self) -> InstanceClient:
         return self
@@ -88,25 +99,29 @@ class InstanceClient:
     # -- HTTP ----------------------------------------------------------------
 
     async def _request(self, method: str, path: str, *, retries: int = 0, **kwargs: Any) -> httpx.Response:
+        """One request; ``retries`` more tries on a timeout, a dropped connection or a 5xx (GETs only).
+
+        After the last try a 5xx response is returned (the caller reports it); no answer at all
+        raises ``InstanceUnavailable``.
+        """
         if self._state is _State.CLOSED:
             raise InstanceError("the client is closed")
-        delay = self.timeouts.reconnect_min_s
-        for attempt in range(retries + 1):
+
+        async def once() -> httpx.Response:
             try:
                 response = await self._http.request(method, path.lstrip("/"), **kwargs)
             except httpx.TimeoutException as exc:
-                error: InstanceError = InstanceUnavailable(f"{method} {path}: timed out ({exc!r})")
+                raise InstanceUnavailable(f"{method} {path}: timed out ({exc!r})") from exc
             except httpx.TransportError as exc:
-                error = InstanceUnavailable(f"{method} {path}: {exc!r}")
-            else:
-                if response.status_code < 500 or attempt == retries:
-                    return response
-                error = InstanceUnavailable(f"{method} {path}: HTTP {response.status_code}")
-            if attempt == retries:
-                raise error
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.timeouts.reconnect_max_s)
-        raise AssertionError("unreachable")
+                raise InstanceUnavailable(f"{method} {path}: {exc!r}") from exc
+            if response.status_code >= 500:
+                raise _ServerError(f"{method} {path}: HTTP {response.status_code}", response)
+            return response
+
+        try:
+            return await self._retry.but(attempts=retries + 1).call(once, what=f"{method} {path}", log=log)
+        except _ServerError as exc:
+            return exc.response
 
     async def get_json(self, path: str, **params: Any) -> Any:
         """GET any JSON route (``/models/checkpoints``, ``/embeddings``, ...), retried like the others."""
@@ -253,7 +268,7 @@ class InstanceClient:
         loop = asyncio.get_running_loop()
         attempt = 0
         down_since: float | None = None
-        delay = self.timeouts.reconnect_min_s
+        failures = 0
         while True:
             try:
                 ws = await self._open_ws(client_id)
@@ -268,10 +283,10 @@ class InstanceClient:
                 limit = self.timeouts.disconnected_s
                 if limit is not None and now - down_since >= limit:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.timeouts.reconnect_max_s)
+                failures += 1
+                await self._retry.wait(failures)
                 continue
-            down_since, delay = None, self.timeouts.reconnect_min_s
+            down_since, failures = None, 0
             if markers:
                 yield Connected(attempt)
             attempt += 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import socket
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from api_edition.webhook import WebhookPolicy, WebhookRefused, WebhookSender
+from standard.retry import WEBHOOK
 
 
 class FixedResolver(AbstractResolver):
@@ -64,7 +67,9 @@ async def test_a_name_resolving_inward_is_not_called(aiohttp_server: Any, addres
     port, requests, _ = await receiver(aiohttp_server)
     resolver = FixedResolver({"inward.example": addresses})
     gave_up = asyncio.Event()
-    sender = WebhookSender("secret", attempts=3, backoff_s=0.0, resolver=resolver, on_give_up=gave_up.set)
+    waits: list[float] = []
+    sender = WebhookSender("secret", retry=WEBHOOK.but(attempts=3, pause=waits.append), resolver=resolver,
+                           on_give_up=gave_up.set)
     try:
         assert await sender.deliver(f"http://inward.example:{port}/hook", {"task_id": "t"}) is False
     finally:
@@ -72,13 +77,14 @@ async def test_a_name_resolving_inward_is_not_called(aiohttp_server: Any, addres
     assert gave_up.is_set()
     assert requests == []
     assert resolver.asked == ["inward.example"]  # refused is final: not retried
+    assert waits == []
 
 
 async def test_an_allowed_name_is_delivered_to_the_address_it_resolves_to(aiohttp_server: Any) -> None:
     port, requests, bodies = await receiver(aiohttp_server)
     resolver = FixedResolver({"receiver.example": ["127.0.0.1"]})
     policy = WebhookPolicy((f"http://receiver.example:{port}/",))
-    sender = WebhookSender("secret", policy=policy, attempts=1, resolver=resolver)
+    sender = WebhookSender("secret", policy=policy, retry=WEBHOOK.but(attempts=1), resolver=resolver)
     try:
         assert await sender.deliver(f"http://receiver.example:{port}/hook", {"task_id": "ok"}) is True
         # the same allow-list refuses anything else before a connection is tried
@@ -89,3 +95,71 @@ async def test_an_allowed_name_is_delivered_to_the_address_it_resolves_to(aiohtt
     assert request.headers["Host"] == f"receiver.example:{port}"
     assert bodies == [b'{"task_id":"ok"}']
     assert resolver.asked == ["receiver.example"]
+
+
+# -- retries: Retry-After, final answers, jitter (the waits are recorded, never slept) -------------------------
+
+
+async def scripted_receiver(aiohttp_server: Any,
+                            answers: list[tuple[int, dict[str, str]]]) -> tuple[str, list[bytes]]:
+    """A receiver on loopback answering (status, headers) of ``answers`` in turn (the last one repeats);
+    returns its URL and the bodies it was sent."""
+    calls: list[bytes] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        calls.append(await request.read())
+        status, headers = answers[min(len(calls), len(answers)) - 1]
+        return web.Response(status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return f"http://127.0.0.1:{server.port}/hook", calls
+
+
+async def deliver_recording(url: str, **retry: Any) -> tuple[bool, list[float], bool]:
+    """Deliver once to ``url`` with the waits recorded: (delivered, waits asked for, gave up)."""
+    waits: list[float] = []
+    gave_up = asyncio.Event()
+    sender = WebhookSender("secret", policy=WebhookPolicy((url,)), retry=WEBHOOK.but(pause=waits.append, **retry),
+                           on_give_up=gave_up.set)
+    try:
+        delivered = await sender.deliver(url, {"task_id": "t"})
+    finally:
+        await sender.aclose()
+    return delivered, waits, gave_up.is_set()
+
+
+async def test_a_503_with_retry_after_is_waited_for_then_delivered(aiohttp_server: Any) -> None:
+    url, calls = await scripted_receiver(aiohttp_server, [(503, {"Retry-After": "1"}), (200, {})])
+    assert await deliver_recording(url) == (True, [1.0], False)
+    assert len(calls) == 2
+
+
+async def test_retry_after_as_an_http_date_is_honoured(aiohttp_server: Any) -> None:
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    url, calls = await scripted_receiver(aiohttp_server, [(429, {"Retry-After": when}), (200, {})])
+    delivered, [wait], _ = await deliver_recording(url)
+    assert delivered and 25.0 <= wait <= 30.0  # the date has a one-second resolution
+    assert len(calls) == 2
+
+
+async def test_a_long_retry_after_is_capped(aiohttp_server: Any) -> None:
+    url, _ = await scripted_receiver(aiohttp_server, [(503, {"Retry-After": "86400"}), (200, {})])
+    assert await deliver_recording(url) == (True, [WEBHOOK.retry_after_max_s], False)
+
+
+async def test_a_400_is_final(aiohttp_server: Any) -> None:
+    url, calls = await scripted_receiver(aiohttp_server, [(400, {})])
+    assert await deliver_recording(url) == (False, [], True)
+    assert len(calls) == 1
+
+
+async def test_a_failing_receiver_gets_every_try_with_jittered_growing_waits(aiohttp_server: Any) -> None:
+    url, calls = await scripted_receiver(aiohttp_server, [(500, {})])
+    delivered, waits, gave_up = await deliver_recording(url, attempts=4)
+    assert not delivered and gave_up and len(calls) == 4
+    assert len(waits) == 3
+    for failures, wait in enumerate(waits, 1):
+        step = min(WEBHOOK.initial_s * 2 ** (failures - 1), WEBHOOK.max_s)
+        assert step / 2 <= wait <= step

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from conftest import free_port
+from standard.retry import WEBHOOK
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from test_api_support import TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
@@ -191,21 +192,24 @@ async def test_webhook_is_signed_and_retried(api: ApiFactory, instance_url: Any,
     async def receiver(request: web.Request) -> web.Response:
         calls.append((len(calls), dict(request.headers), await request.read()))
         if len(calls) == 1:
-            return web.Response(status=503)
+            return web.Response(status=503, headers={"Retry-After": "2"})
         delivered.set()
         return web.Response(text="ok")
 
     hook_app = web.Application()
     hook_app.router.add_post("/hook", receiver)
     hook = await aiohttp_server(hook_app)
+    waits: list[float] = []  # the retry's waits, recorded instead of slept
     live = await api(instance_urls=(await instance_url(),), webhook_secret="s3cret",
-                     webhook_allow=(f"http://127.0.0.1:{hook.port}/hook",))  # loopback needs the operator's opt-in
+                     webhook_allow=(f"http://127.0.0.1:{hook.port}/hook",),  # loopback needs the operator's opt-in
+                     webhook_retry=WEBHOOK.but(pause=waits.append))
     await live.submit(tiny_graph("w"), task_id="hooked", webhook=f"http://127.0.0.1:{hook.port}/hook")
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1)
     assert "webhook" not in frame.tags
     await asyncio.wait_for(delivered.wait(), 10)
     assert len(calls) == 2
+    assert waits == [2.0]  # the receiver's Retry-After
     _, headers, body = calls[1]
     assert verify("s3cret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert not verify("other", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])

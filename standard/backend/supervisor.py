@@ -4,8 +4,8 @@ The data dir is mapped onto ComfyUI's own flags (``--base-directory`` and the
 input/output/user directories, plus a generated extra-model-paths YAML that
 lists every ``DIR/models/<folder>``). Loading models and custom nodes can
 take minutes, so readiness is polled with no deadline while the child lives
-(progress is logged). A child that dies is started again with exponential
-backoff; ``restart()`` replaces it on purpose; ``stop()`` sends SIGTERM, then
+(progress is logged). A child that dies is started again with jittered exponential
+backoff (``standard.retry``); ``restart()`` replaces it on purpose; ``stop()`` sends SIGTERM, then
 SIGKILL after a grace period, to its whole process group.
 """
 
@@ -29,6 +29,7 @@ from ..datadir import MODEL_FOLDERS, DataDir
 from ..errors import ConfigError
 from ..options import ENV_PREFIX
 from ..ports import free_port
+from ..retry import RetryPolicy
 from .runtime import probe
 
 log = logging.getLogger("comfyserve.backend")
@@ -98,8 +99,7 @@ class ComfyUIChild:
         self.stop_timeout_s = stop_timeout_s
         self.poll_s = poll_s
         self.progress_log_s = progress_log_s
-        self.backoff_min_s = backoff_min_s
-        self.backoff_max_s = backoff_max_s
+        self.restart_backoff = RetryPolicy(attempts=None, initial_s=backoff_min_s, max_s=backoff_max_s)
         self.stable_after_s = stable_after_s
         self.port: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -211,7 +211,7 @@ class ComfyUIChild:
                     failures = 0
                 log.error("ComfyUI exited with %s; last output:\n%s", proc.returncode, "\n".join(self.tail))
             failures += 1
-            delay = min(self.backoff_min_s * 2 ** (failures - 1), self.backoff_max_s)
+            delay = self.restart_backoff.delay_s(failures)
             log.info("starting ComfyUI again in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):

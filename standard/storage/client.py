@@ -8,7 +8,6 @@ keeps a connection pool sized for the parallel downloads.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import oss2
 import oss2.exceptions
 import oss2.models
 
+from ..retry import STORAGE
 from .errors import IntegrityError, StorageConfigError, is_retryable, translate
 from .location import OssLocation
 from .settings import StorageSettings
@@ -26,8 +26,7 @@ from .settings import StorageSettings
 log = logging.getLogger("comfyserve.storage")
 T = TypeVar("T")
 
-RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 0.2
+RETRY = STORAGE.but(retry_on=is_retryable)  # 4 tries: 5xx, 429, timeouts and dropped connections
 READ_CHUNK_BYTES = 1024 * 1024
 MULTIPART_THRESHOLD_BYTES = 32 * 1024 * 1024
 UPLOAD_PART_BYTES = 16 * 1024 * 1024
@@ -66,19 +65,12 @@ class OssClient:
 
     # -- retries ---------------------------------------------------------------
 
-    def retry(self, what: str, fn: Callable[[], T], *, attempts: int = RETRY_ATTEMPTS) -> T:
-        """Run ``fn``; retry 5xx / dropped connections with backoff; raise ours at the end."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                if attempt == attempts or not is_retryable(exc):
-                    raise translate(exc, what) from exc
-                delay_s = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
-                log.warning("%s failed (%s), retry %d/%d in %.1fs", what, _short(exc), attempt,
-                            attempts - 1, delay_s)
-                time.sleep(delay_s)
-        raise AssertionError("unreachable")
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; retry 5xx / dropped connections (``RETRY``); raise ours at the end."""
+        try:
+            return RETRY.call_sync(fn, what=what, log=log)
+        except Exception as exc:
+            raise translate(exc, what) from exc
 
     # -- reads -----------------------------------------------------------------
 

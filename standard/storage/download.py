@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from ..retry import STORAGE
 from .client import ObjectInfo, OssClient
 from .crc import crc64_combine, crc64_update
 from .errors import IntegrityError, StorageError, is_retryable, translate
@@ -29,8 +30,7 @@ class _Aborted(StorageError):
 
 log = logging.getLogger("comfyserve.storage")
 
-PART_ATTEMPTS = 5
-RETRY_BASE_DELAY_S = 0.2
+PART_RETRY = STORAGE.but(attempts=5)  # a dropped range resumes where it stopped, up to 5 tries
 PROGRESS_LOG_MIN_BYTES = 64 * 1024 * 1024
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total)
 
@@ -133,29 +133,32 @@ def _fetch_part(client: OssClient, key: str, fd: int, start: int, end: int, coun
     """One range into the file at its offset; a dropped connection resumes at the byte it reached."""
     crc = 0
     offset = start
-    for attempt in range(1, PART_ATTEMPTS + 1):
-        try:
-            for chunk in client.iter_range(key, offset, end):
-                if failed.is_set():
-                    raise _Aborted("download stopped: another part failed")
-                if offset + len(chunk) > end + 1:
-                    raise IntegrityError(f"{key}: the bucket sent more than the range {start}-{end}")
-                os.pwrite(fd, chunk, offset)
-                crc = crc64_update(crc, chunk)
-                offset += len(chunk)
-                counter.add(len(chunk))
-            if offset != end + 1:
-                raise ConnectionError(f"range {start}-{end} ended at {offset}")
-            return crc
-        except StorageError:
-            raise
-        except Exception as exc:
-            if attempt == PART_ATTEMPTS or not is_retryable(exc) or failed.is_set():
-                raise translate(exc, f"downloading {key} bytes {offset}-{end}") from exc
-            log.warning("download of %s bytes %d-%d interrupted (%s: %s); resuming", key, offset, end,
-                        type(exc).__name__, str(exc)[:120])
-            time.sleep(RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+
+    def resume() -> int:
+        nonlocal crc, offset
+        for chunk in client.iter_range(key, offset, end):
+            if failed.is_set():
+                raise _Aborted("download stopped: another part failed")
+            if offset + len(chunk) > end + 1:
+                raise IntegrityError(f"{key}: the bucket sent more than the range {start}-{end}")
+            os.pwrite(fd, chunk, offset)
+            crc = crc64_update(crc, chunk)
+            offset += len(chunk)
+            counter.add(len(chunk))
+        if offset != end + 1:
+            raise ConnectionError(f"range {start}-{end} ended at {offset}")
+        return crc
+
+    def worth_resuming(exc: BaseException) -> bool:
+        return not isinstance(exc, StorageError) and is_retryable(exc) and not failed.is_set()
+
+    try:
+        return PART_RETRY.but(retry_on=worth_resuming).call_sync(resume, what=f"download of {key} bytes {start}-{end}",
+                                                                log=log)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise translate(exc, f"downloading {key} bytes {offset}-{end}") from exc
 
 
 def _verify(info: ObjectInfo, part_path: Path, state: _State) -> None:
