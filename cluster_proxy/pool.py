@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
 from standard.ports import free_port
+from standard.private import TOKEN_ENV, child_environment
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
@@ -227,7 +227,7 @@ class LocalInstances:
     async def _spawn(self, index: int, port: int) -> asyncio.subprocess.Process:
         log_dir = self.data_dir / ".comfyserve" / "instances"
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "COMFYSERVE_TOKEN": self.token}
+        env = child_environment({TOKEN_ENV: self.token})  # not on the command line: ps shows that
         with open(log_dir / f"instance-{index}.log", "ab") as log_file:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "standard", "--port", str(port), "--data-dir", str(self.data_dir),
