@@ -140,9 +140,11 @@ class Pool:
         instance.state = DOWN
         instance.task_id = None
 
-    def status(self) -> list[dict[str, Any]]:
-        return [{"url": i.url, "state": i.state, "running": i.task_id is not None, "tasks_run": i.tasks_run}
-                for i in self.instances.values()]
+    def status(self, *, with_urls: bool = True) -> list[dict[str, Any]]:
+        """Each instance's state; ``with_urls=False`` (for non-admins) names them by number instead."""
+        return [{**({"url": i.url} if with_urls else {"name": f"instance {n}"}),
+                 "state": i.state, "running": i.task_id is not None, "tasks_run": i.tasks_run}
+                for n, i in enumerate(self.instances.values(), start=1)]
 
     # -- health -------------------------------------------------------------------
 
