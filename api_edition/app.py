@@ -30,7 +30,7 @@ from .instances import LocalInstance
 from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
-from .webhook import WebhookPolicy, WebhookSender
+from .webhook import WebhookPolicy, WebhookSender, webhook_secret
 from .worker import Worker, default_worker_id
 
 log = logging.getLogger("comfyserve.api")
@@ -82,14 +82,18 @@ class Pool:
         self.metrics = metrics
         self.instances: list[LocalInstance] = []
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
-        self.webhooks = WebhookSender(settings.webhook_secret or settings.token,
-                                      policy=WebhookPolicy(settings.webhook_allow), retry=settings.webhook_retry,
+        self.webhooks = WebhookSender(None, policy=WebhookPolicy(self.settings.webhook_allow),  # keyed in start()
+                                      retry=settings.webhook_retry,
                                       on_give_up=self._webhook_failed)
 
     def _webhook_failed(self) -> None:
         self.metrics.webhook_failures.inc()
 
     async def start(self) -> None:
+        self.webhooks.secret = await asyncio.to_thread(webhook_secret, self.settings.webhook_secret,
+                                                       self.settings.data_dir)
+        if self.webhooks.secret is None:
+            log.warning("webhooks go unsigned: no --webhook-secret and no data dir to keep one in")
         urls = list(self.settings.instance_urls)
         instance_token = self.settings.instance_token
         if not urls and self.settings.instances > 0:

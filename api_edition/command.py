@@ -20,6 +20,7 @@ from standard.storage.settings import add_storage_arguments, instance_flags, sto
 from standard.errors import ConfigError
 from standard.guard import access_policy_from_args, add_access_arguments
 from standard.options import add_option
+from standard.private import add_secret_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
 from standard.settings import is_loopback
 
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
                help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
     add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port of the front and the queue routes")
-    add_option(parser, "--token", default=None,
-               help="service token: 'Authorization: <token>' or 'Bearer <token>' on every call but /healthz")
+    add_secret_option(parser, "--token",
+                      help="service token: 'Authorization: <token>' or 'Bearer <token>' on every call but /healthz")
     add_option(parser, "--no-auth", action="store_true", help="serve without a token on a non-loopback address")
     add_option(parser, "--service", default=DEFAULT_SERVICE,
                help="service name: input queue NAME, results on NAME/sink")
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="local instances (embedded engine) to spawn, each with its worker (0: none)")
     add_option(parser, "--instance-url", action="append", default=[],
                help="run workers for this instance instead of spawning (repeatable)")
-    add_option(parser, "--instance-token", default=None, help="token of the --instance-url instances")
+    add_secret_option(parser, "--instance-token", help="token of the --instance-url instances")
     add_option(parser, "--redis-url", default=None, help="keep the queues in Redis (redis://host:port/db)")
     add_option(parser, "--queue-url", default=None,
                help="be a stateless front for the queue service at this URL (no queue, no workers here)")
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds an instance may be unreachable mid-task before its worker gives the task back")
     add_option(parser, "--run-timeout", type=float, default=None,
                help="seconds a task may run before it is interrupted and reported as failed (default: no limit)")
-    add_option(parser, "--webhook-secret", default=None,
-               help="HMAC-SHA256 key for webhook signatures (default: the token)")
+    add_secret_option(parser, "--webhook-secret",
+                      help="HMAC-SHA256 key for webhook signatures (default: one kept in DIR/.comfyserve/webhook_secret)")
     add_limit_arguments(parser)
     add_shutdown_timeout_option(parser)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from standard.ports import free_port
+from standard.private import TOKEN_ENV, child_environment
 
 log = logging.getLogger("comfyserve.api.instances")
 
@@ -66,12 +67,12 @@ class LocalInstance:
         cmd = [sys.executable, "-m", "standard.cli", "--log-level", str(level), "standard",
                "--listen", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
                *self.extra_args]
-        if self.token:
-            cmd += ["--token", self.token]
         return cmd
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        # The token goes in the environment: on the command line every local user would see it in ps.
         return await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL,
+                                                    env=child_environment({TOKEN_ENV: self.token}),
                                                     preexec_fn=_die_with_parent)
 
     async def start(self) -> None:

@@ -2,6 +2,10 @@
 
 Signed with ``X-Comfyserve-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>``
 and ``X-Comfyserve-Timestamp`` so a receiver can reject forgeries and replays.
+The key is the webhook secret alone (``--webhook-secret``; ``comfyserve api``
+keeps a generated one in ``DIR/.comfyserve/webhook_secret``), never the
+service token: a receiver must not hold the key to the API. Without a key
+(``comfyserve worker`` with no ``--webhook-secret``) deliveries go unsigned.
 Retried under ``standard.retry.WEBHOOK`` (5 tries, jittered backoff; a 503/429's
 ``Retry-After``, seconds or HTTP-date, is waited for up to a minute); a refused
 target, a 4xx other than 408/429 and a refused address are final. The sink
@@ -45,6 +49,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -54,6 +59,7 @@ from aiohttp.resolver import ThreadedResolver
 
 from standard.errors import ComfyServeError
 from standard.retry import WEBHOOK, RetryLater, RetryPolicy, retry_after_s
+from standard.private import load_or_create_key
 
 log = logging.getLogger("comfyserve.api.webhook")
 
@@ -191,6 +197,18 @@ class CheckingResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+WEBHOOK_SECRET_FILE = Path(".comfyserve") / "webhook_secret"
+
+
+def webhook_secret(configured: str | None, data_dir: Path | None) -> str | None:
+    """The signing key: the configured one, else one generated and kept (0600) in the data dir."""
+    if configured:
+        return configured
+    if data_dir is None:
+        return None
+    return load_or_create_key(data_dir / WEBHOOK_SECRET_FILE)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

@@ -109,7 +109,7 @@ class Worker:
         self.runner = InstanceRunner(self.instance)
         self.probe = InstanceClient(settings.instance_url, instance_token, timeouts=HEALTH_TIMEOUTS)
         self._own_webhooks = webhooks is None
-        self.webhooks = webhooks or WebhookSender(settings.webhook_secret or token, policy=self.webhook_policy,
+        self.webhooks = webhooks or WebhookSender(settings.webhook_secret, policy=self.webhook_policy,
                                                   retry=settings.webhook_retry, on_give_up=self._webhook_failed)
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False

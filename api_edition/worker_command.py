@@ -15,6 +15,7 @@ from aiohttp import web
 from standard.auth import AccessGuard
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.private import add_secret_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
 
 from .command import add_limit_arguments, limit_settings
@@ -28,16 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--queue-url", default=None, help="the queue service (http://host:port)")
     add_option(parser, "--service", default=DEFAULT_SERVICE, help="service name: input queue NAME, results NAME/sink")
     add_option(parser, "--instance-url", default=None, help="the instance this worker feeds (one task at a time)")
-    add_option(parser, "--token", default=None, help="the queue service's token")
-    add_option(parser, "--instance-token", default=None, help="the instance's token (default: --token)")
+    add_secret_option(parser, "--token", help="the queue service's token")
+    add_secret_option(parser, "--instance-token", help="the instance's token (default: --token)")
     add_option(parser, "--worker-id", default=None,
                help="consumer id on the queue (default: derived from --instance-url, stable across restarts)")
     add_option(parser, "--instance-down-timeout", type=float, default=DEFAULT_INSTANCE_DOWN_S,
                help="seconds the instance may be unreachable mid-task before the task is given back")
     add_option(parser, "--run-timeout", type=float, default=None,
                help="seconds one task may run before it is reported as failed (default: no limit)")
-    add_option(parser, "--webhook-secret", default=None,
-               help="HMAC-SHA256 key for webhook signatures (default: --token)")
+    add_secret_option(parser, "--webhook-secret",
+                      help="HMAC-SHA256 key for webhook signatures (without it webhooks go unsigned)")
     add_option(parser, "--metrics-port", type=int, default=None,
                help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
     add_limit_arguments(parser)
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: WorkerSettings, *, metrics_port: int | None = None) -> int:
+    if not settings.webhook_secret:
+        log.warning("webhooks go unsigned: no --webhook-secret (the service token is never the webhook key)")
     worker = Worker(settings)
     task = asyncio.create_task(worker.run(), name=worker.name)
     runner = await _serve_metrics(worker, metrics_port) if metrics_port else None

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from standard.private import private_dir, private_file
+
 
 @dataclass
 class Record:
@@ -76,7 +78,8 @@ class SqliteBackend:
     """One connection used from one worker thread at a time (``asyncio.to_thread`` + a lock)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        private_file(path)  # password and token hashes: the owner's eyes only (-wal/-shm follow its mode)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")

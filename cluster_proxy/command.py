@@ -14,6 +14,7 @@ from aiohttp import web
 from standard.errors import ConfigError
 from standard.guard import access_policy_from_args, add_access_arguments
 from standard.options import add_option
+from standard.private import add_secret_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
@@ -32,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="spawn this many local embedded-engine instances on loopback ports")
     add_option(parser, "--instance-url", action="append", default=[], metavar="URL",
                help="an instance to schedule onto (repeatable; comma-separated in the environment)")
-    add_option(parser, "--instance-token", default=None, help="the token the --instance-url instances require")
+    add_secret_option(parser, "--instance-token", help="the token the --instance-url instances require")
     add_option(parser, "--redis-url", default=None,
                help="keep accounts and state in Redis (several proxies can share it) instead of SQLite")
-    add_option(parser, "--secret-key", default=None,
-               help="key that signs session cookies (default: one kept in DIR/.comfyserve/secret_key)")
+    add_secret_option(parser, "--secret-key",
+                      help="key that signs session cookies (default: one kept in DIR/.comfyserve/secret_key)")
     add_option(parser, "--health-interval", type=float, default=1.0, help="seconds between instance health checks")
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")

@@ -348,7 +348,7 @@ class ClusterCore:
         history = [{"prompt_id": t.prompt_id, "status": (t.history or {}).get("status", {}).get("status_str"),
                     "outputs": (t.history or {}).get("outputs", {})}
                    for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
-        return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status()}
+        return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status(with_urls=user.is_admin)}
 
     async def remove_user(self, name: str, account_id: str) -> None:
         """An account was removed here: stop its work, put its tasks and files away, close its sockets.

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -27,6 +26,7 @@ from aiohttp import web
 from standard.auth import json_error, safe_next, same_origin, token_from_header, wants_html
 from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
+from standard.private import load_or_create_key
 from standard.server.http_util import read_form
 from web import setup_templates
 
@@ -59,12 +59,7 @@ class DashboardProvider(Protocol):
 
 def load_or_create_secret(data_dir: DataDir) -> str:
     """The CSRF key kept in the data dir, so restarts and sibling proxies accept open pages' forms."""
-    path = data_dir.root / ".comfyserve" / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return load_or_create_key(data_dir.root / ".comfyserve" / "secret_key")
 
 
 class CsrfTokens:

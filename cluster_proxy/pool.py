@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
 from standard.ports import free_port
+from standard.private import TOKEN_ENV, child_environment
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
@@ -140,9 +140,11 @@ class Pool:
         instance.state = DOWN
         instance.task_id = None
 
-    def status(self) -> list[dict[str, Any]]:
-        return [{"url": i.url, "state": i.state, "running": i.task_id is not None, "tasks_run": i.tasks_run}
-                for i in self.instances.values()]
+    def status(self, *, with_urls: bool = True) -> list[dict[str, Any]]:
+        """Each instance's state; ``with_urls=False`` (for non-admins) names them by number instead."""
+        return [{**({"url": i.url} if with_urls else {"name": f"instance {n}"}),
+                 "state": i.state, "running": i.task_id is not None, "tasks_run": i.tasks_run}
+                for n, i in enumerate(self.instances.values(), start=1)]
 
     # -- health -------------------------------------------------------------------
 
@@ -227,7 +229,7 @@ class LocalInstances:
     async def _spawn(self, index: int, port: int) -> asyncio.subprocess.Process:
         log_dir = self.data_dir / ".comfyserve" / "instances"
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "COMFYSERVE_TOKEN": self.token}
+        env = child_environment({TOKEN_ENV: self.token})  # not on the command line: ps shows that
         with open(log_dir / f"instance-{index}.log", "ab") as log_file:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "standard", "--port", str(port), "--data-dir", str(self.data_dir),

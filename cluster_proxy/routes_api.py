@@ -184,7 +184,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 
 @routes.get("/cluster/instances")
 async def list_instances(request: web.Request) -> web.Response:
-    """The pool's state (what the dashboard shows)."""
+    """Admins: the pool's instances with their URLs (users see only states, on the dashboard)."""
+    if not request[USER].is_admin:
+        raise json_http_error(403, "forbidden", "only admins see the instances")
     return web.json_response({"instances": request.app[POOL].status()})
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
+from standard.server import internal, keys, routes_files, routes_info, routes_jobs, routes_prompt, userdata
 from standard.server.frontend import setup_frontend
 from standard.server.http_util import json_error
 from standard.server.routing import add_routes_with_api_prefix
@@ -30,7 +30,8 @@ from .keys import CORE, POOL
 from .login import USER
 from .scope import Handler, Scopes, call_in, scoped
 
-SKIPPED_INTERNAL = frozenset({"/internal/logs", "/internal/logs/raw", "/internal/logs/subscribe"})
+SKIPPED_INTERNAL = frozenset({"/internal/logs", "/internal/logs/raw", "/internal/logs/subscribe",
+                              "/internal/folder_paths"})
 QUEUE_READS = {("GET", "/prompt"), ("GET", "/queue"), ("GET", "/history"), ("GET", "/history/{prompt_id}")}
 INFO_READS = {"/system_stats", "/features", "/view_metadata/{folder_name}"}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"})
@@ -45,8 +46,17 @@ def _table(routes: web.RouteTableDef, keep: object, scopes: Scopes, *, with_queu
     return table
 
 
+def _hidden(subfolder: str, name: str) -> bool:
+    """A path through a hidden folder or to a hidden file (``.cluster/`` holds every user's staged inputs)."""
+    parts = subfolder.replace("\\", "/").split("/") + [name.replace("\\", "/").rsplit("/", 1)[-1]]
+    return any(part.startswith(".") for part in parts)
+
+
 def _view_with_public_input(scopes: Scopes) -> Handler:
-    """The user's file; for ``type=input`` a miss falls back to the public ``DIR/input`` (read only)."""
+    """The user's file; for ``type=input`` a miss falls back to the public ``DIR/input`` (read only).
+
+    Hidden folders of the public input (the ``.cluster/`` staging area) are not part of that fallback.
+    """
     user_view = scoped(scopes, routes_files.view_image)
 
     async def view(request: web.Request) -> web.StreamResponse:
@@ -55,6 +65,8 @@ def _view_with_public_input(scopes: Scopes) -> Handler:
         except web.HTTPNotFound:
             name, kind = routes_files.annotated_filepath(request.query.get("filename", ""))
             if (kind or request.query.get("type") or "output") != "input":
+                raise
+            if _hidden(request.query.get("subfolder", ""), name):
                 raise
             return await call_in(scopes.public, routes_files.view_image, request)
 
@@ -105,6 +117,22 @@ def _input_files(root: Path) -> list[str]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+async def _folder_paths(request: web.Request) -> web.StreamResponse:
+    """Model folders; absolute server paths for admins only (the web UI uses them only in the desktop app)."""
+    paths = await asyncio.to_thread(internal.folder_paths, request.app[keys.DATA_DIR])
+    if request[USER].is_admin:
+        return web.json_response(paths)
+    root = request.app[keys.DATA_DIR].root
+    return web.json_response({name: [_relative(Path(p), root) for p in folders] for name, folders in paths.items()})
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
 async def _empty_logs(request: web.Request) -> web.StreamResponse:
     """The proxy's log mentions every user: not for users' eyes."""
     if request.path.endswith("/raw"):
@@ -132,6 +160,7 @@ def setup_shared_routes(app: web.Application, scopes: Scopes) -> None:
     pooled.get("/internal/logs")(_empty_logs)
     pooled.get("/internal/logs/raw")(_empty_logs)
     pooled.patch("/internal/logs/subscribe")(_empty_logs)
+    pooled.get("/internal/folder_paths")(_folder_paths)
     add_routes_with_api_prefix(app, pooled)
     add_routes_with_api_prefix(app, _table(internal.routes, lambda r: r.path not in SKIPPED_INTERNAL, scopes))
 

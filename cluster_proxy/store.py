@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from standard.private import private_dir, private_file
+
 PENDING, RUNNING, DONE = "pending", "running", "done"
 
 
@@ -142,7 +144,8 @@ class SqliteStateStore:
     """One SQLite file; every call runs in a thread, serialised by a lock."""
 
     def __init__(self, path: Path, *, history_max_items: int = 10000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        private_file(path)  # everyone's prompts: the owner's eyes only (-wal/-shm follow its mode)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

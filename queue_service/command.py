@@ -16,6 +16,7 @@ from aiohttp import web
 
 from standard.errors import ConfigError
 from standard.options import add_option
+from standard.private import add_secret_option
 from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from standard.guard import access_policy_from_args, add_access_arguments
 from standard.settings import is_loopback
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--no-auth", action="store_true",
                help="serve without a token on a non-loopback address (on purpose)")
     add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    add_option(parser, "--token", default=None, help="require 'Authorization: <token>' on every call")
+    add_secret_option(parser, "--token", help="require 'Authorization: <token>' on every call")
     add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                help="items a queue may hold; a put to a full queue gets 429 (0 = unbounded)")
     add_option(parser, "--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_BYTES,

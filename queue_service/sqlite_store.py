@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from standard.private import private_file
+
 from .store import (FULL, IDEMPOTENCY_TTL_S, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutOnce,
                     PutRequest, QueueError, QueueFull, QueueStats, Superseded)
 
@@ -84,6 +86,7 @@ class SQLiteStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # the queued prompts: the owner's eyes only (-wal/-shm follow its mode)
         # Sessions and wake-ups live in this process: a second process on the same file would
         # hand out items twice on reconnects. Redis is the store for several processes.
         lock = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115 - held until close

@@ -13,7 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .errors import ConfigError
 from .options import add_option
+from .private import read_secret_files
+from .serving import refuse
 
 LOOPS = ("auto", "uvloop", "asyncio")
 ROLES: dict[str, tuple[str, str]] = {
@@ -66,6 +69,10 @@ def use_event_loop(choice: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        read_secret_files(args)  # --token-file & co., for every role in one place
+    except ConfigError as exc:
+        return refuse(args.role, str(exc))
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,6 +19,7 @@ from .datadir import init_data_dir
 from .errors import ConfigError
 from .guard import access_policy_from_args, add_access_arguments
 from .options import add_option
+from .private import add_secret_option
 from .serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
 from .storage.settings import add_storage_arguments, storage_settings_from_args
@@ -33,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
                help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
     add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    add_option(parser, "--token", default=None,
-               help="require 'Authorization: <token>' or 'Bearer <token>' on every route but /healthz")
+    add_secret_option(parser, "--token",
+                      help="require 'Authorization: <token>' or 'Bearer <token>' on every route but /healthz")
     add_option(parser, "--no-auth", action="store_true",
                help="serve without a token on a non-loopback address (on purpose)")
     add_option(parser, "--max-upload-size", type=float, default=DEFAULT_MAX_UPLOAD_SIZE_MB,

@@ -62,7 +62,8 @@ def test_bad_flags_exit_with_a_message(cli_env: dict[str, str], tmp_path: Path) 
 
 async def test_spawned_instances_run_users_work_and_stop_with_the_proxy(cluster_process, cli_env) -> None:
     url, data_dir, proc = cluster_process
-    tokens = {name: _users(cli_env, data_dir, "add", name, "--password", "long enough pw") for name in ("ann", "ben")}
+    tokens = {name: _users(cli_env, data_dir, "add", name, "--password", "long enough pw",
+                           *(["--admin"] if name == "ann" else [])) for name in ("ann", "ben")}  # ann sees URLs
     for name, token in tokens.items():
         async with InstanceClient(url, token) as client:  # the raw per-user token, as scripts send it
             results = [await client.run(graph(name, color=i, seconds=0.1), timeout_s=30) for i in range(2)]
@@ -100,7 +101,7 @@ def test_a_spawned_instance_that_dies_is_restarted_and_none_outlive_the_proxy(cl
     import signal
 
     url, data_dir, proc = cluster_process
-    token = _users(cli_env, data_dir, "add", "ann", "--password", "long enough pw")
+    token = _users(cli_env, data_dir, "add", "ann", "--password", "long enough pw", "--admin")
     headers = {"Authorization": token}
 
     def states() -> list[str]:

@@ -64,7 +64,8 @@ def instance_processes(data_dir: Path) -> Iterator[list[InstanceProcess]]:
 
 async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_told(
         start_cluster, instance_processes: list[InstanceProcess]) -> None:
-    cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in instance_processes))
+    cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in instance_processes),
+                                           admin="bob")
     http = cluster.http("alice")
     ws = await http.ws_connect("/ws?clientId=tab")
     await next_json(ws)
@@ -89,7 +90,7 @@ async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_t
     # The instance comes back: it rejoins and takes work again.
     victim.start()
     await wait_until(lambda: cluster.pool.instances[victim.url].state == "up")
-    status = await (await http.get("/cluster/instances")).json()
+    status = await (await cluster.http("bob").get("/cluster/instances")).json()  # admins see the pool
     assert {i["state"] for i in status["instances"]} == {"up"}
 
 

@@ -3,7 +3,8 @@
 Local routes: ``/healthz`` (this process), ``/readyz`` (the backend answers),
 ``/metrics``, ``/restart`` (a ``--comfyui-dir`` child is replaced; a
 ``--backend-url`` backend gets the request itself), ``/extensions`` (ComfyUI's
-list plus our restart button, whose script is served here), ``/login``
+list plus our restart button, whose script is served here), ``/system_stats``
+(ComfyUI's, without its ``argv``), ``/login``
 ``/logout`` with a token. Everything else — every HTTP route and the ``/ws``
 socket — is forwarded to ComfyUI, behind the same token auth as the embedded
 app. While a supervised child (re)starts, requests wait for it (up to
@@ -28,6 +29,7 @@ from ..server.http_util import json_error
 from ..server.frontend import own_extension_routes
 from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware
+from ..server.routes_info import without_secrets
 from ..server.prompt_request import refused_while_draining
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
@@ -91,9 +93,10 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/metrics", metrics)
         app.router.add_post(prefix + "/restart", restart)
         app.router.add_get(prefix + "/extensions", extensions)
+        app.router.add_get(prefix + "/system_stats", system_stats)
     app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
     app.router.add_route("*", "/{tail:.*}", proxy)
-    local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions")
+    local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions", "/system_stats")
     app[FAST_PATH] = FastPathConfig(
         # While draining every request takes the slow path, where POST /prompt is refused.
         token=settings.token, base_url=lambda: None if is_draining(app) else backend.base_url,
@@ -225,6 +228,23 @@ async def extensions(request: web.Request) -> web.StreamResponse:
     if not isinstance(urls, list):
         urls = []
     return web.json_response(urls + [url for url in own_extension_urls() if url not in urls])
+
+
+async def system_stats(request: web.Request) -> web.StreamResponse:
+    """ComfyUI's ``/system_stats`` without its ``argv`` (command lines hold secrets: never relayed)."""
+    base_url = await _backend_url(request.app[BACKEND])
+    if base_url is None:
+        return backend_unavailable("ComfyUI is starting", 503)
+    try:
+        async with request.app[SESSION].get(base_url + "/system_stats",
+                                            timeout=aiohttp.ClientTimeout(total=30.0)) as response:
+            if response.status != 200:
+                return web.Response(status=response.status, body=await response.read(),
+                                    content_type=response.content_type)
+            stats = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return backend_unavailable(repr(exc))
+    return web.json_response(without_secrets(stats))
 
 
 async def _prompt_running(request: web.Request) -> bool:

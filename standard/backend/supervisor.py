@@ -27,8 +27,8 @@ import aiohttp
 
 from ..datadir import MODEL_FOLDERS, DataDir
 from ..errors import ConfigError
-from ..options import ENV_PREFIX
 from ..ports import free_port
+from ..private import child_environment
 from ..retry import RetryPolicy
 from .runtime import probe
 
@@ -63,11 +63,6 @@ def comfyui_command(python: str, comfyui_dir: Path, data_dir: DataDir, port: int
         "--disable-auto-launch",
         *extra_args,
     ]
-
-
-def child_environment() -> dict[str, str]:
-    """Our environment minus comfyserve's own settings: plugins must not read the token."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -226,7 +221,7 @@ class ComfyUIChild:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=str(self.comfyui_dir), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent, env=child_environment(),
+            start_new_session=True, preexec_fn=_die_with_parent, env=child_environment(third_party=True),
         )
         self.proc = proc
         self.starts += 1

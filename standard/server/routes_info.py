@@ -102,8 +102,34 @@ def _memory_bytes() -> tuple[int, int]:
         return 0, 0
 
 
+HIDDEN_SYSTEM_FACTS = ("environ", "env")
+
+
+def flag_names(argv: Any) -> list[str]:
+    """A command line reduced to its program name and flag names: no value (tokens, keys, paths) is shown.
+
+    The key stays because ComfyUI's web UI reads ``system.argv`` (it looks for
+    ``--enable-manager`` and ``--disable-api-nodes``, and fails without a list).
+    """
+    if not isinstance(argv, list) or not argv:
+        return []
+    program = os.path.basename(str(argv[0]))
+    return [program, *(a.split("=", 1)[0] for a in argv[1:] if isinstance(a, str) and a.startswith("-"))]
+
+
+def without_secrets(stats: Any) -> Any:
+    """A ``/system_stats`` body (ours, or relayed from ComfyUI) with flag names only and no environment."""
+    if isinstance(stats, dict) and isinstance(stats.get("system"), dict):
+        system = {k: v for k, v in stats["system"].items() if k not in HIDDEN_SYSTEM_FACTS}
+        if "argv" in system:
+            system["argv"] = flag_names(system["argv"])
+        stats = {**stats, "system": system}
+    return stats
+
+
 @routes.get("/system_stats")
 async def system_stats(request: web.Request) -> web.Response:
+    """Versions and memory; never our command line (it holds --token and keys)."""
     ram_total, ram_free = _memory_bytes()
     frontend_version = _version("comfyui-frontend-package")
     stats = {
@@ -118,7 +144,7 @@ async def system_stats(request: web.Request) -> web.Response:
             "python_version": sys.version,
             "pytorch_version": "none (embedded numpy engine)",
             "embedded_python": os.path.split(os.path.split(sys.executable)[0])[1] == "python_embeded",
-            "argv": sys.argv,
+            "argv": ["comfyserve"],  # never sys.argv: it holds --token and keys
             "runtime": "embedded",
             "comfyserve_version": __version__,
             "numpy_version": _version("numpy"),
