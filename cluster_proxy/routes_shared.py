@@ -56,7 +56,7 @@ def _view_with_public_input(scopes: Scopes) -> Handler:
             name, kind = routes_files.annotated_filepath(request.query.get("filename", ""))
             if (kind or request.query.get("type") or "output") != "input":
                 raise
-            return await call_in(scopes.public, routes_files.view_image, request)
+            return await call_in(scopes.public(request[USER].name), routes_files.view_image, request)
 
     return view
 
