@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from standard.datadir import DataDir, WorkDirs
 from standard.server.context import SCOPE, InstanceContext, SettingsFile
@@ -32,7 +33,6 @@ from .login import USER
 from .store import DONE, PENDING, RUNNING, StateStore, Task
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class UserQueueView:

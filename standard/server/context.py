@@ -88,10 +88,10 @@ class InstanceContext(Protocol):
     def user_settings(self) -> SettingsFile: ...
 
 
-SCOPE = web.RequestKey("instance_scope", InstanceContext)  # type: ignore[type-abstract]
+SCOPE = web.RequestKey("instance_scope", InstanceContext)
 # Set by ``userdata.setup_userdata`` on the instance app.
 USER_ROOT = web.AppKey("userdata_root", Path)
-USER_SETTINGS = web.AppKey("user_settings", SettingsFile)  # type: ignore[type-abstract]
+USER_SETTINGS = web.AppKey("user_settings", SettingsFile)
 
 
 class AppContext:
