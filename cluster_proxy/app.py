@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from standard.datadir import init_data_dir
-from standard.server import keys
 from standard.auth import AccessGuard
 from standard.server.middlewares import json_errors_middleware
 from standard.server.routing import add_routes_with_api_prefix
@@ -31,7 +30,7 @@ from .keys import CLUSTER_SETTINGS, CORE, POOL, SCOPES
 from .login import DEFAULT_PUBLIC_PATHS, load_or_create_secret, setup_login
 from .pool import LocalInstances, Pool
 from .routes_shared import setup_shared_routes, setup_web_ui
-from .scope import Scopes, ScopeServer
+from .scope import Scopes, scope_middleware
 from .settings import ClusterSettings
 from .store import SqliteStateStore, StateStore
 
@@ -76,10 +75,6 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_upload_size_bytes,
                           middlewares=[json_errors_middleware, guard.middleware])
     app[CLUSTER_SETTINGS] = settings
-    app[keys.SETTINGS] = settings.standard_settings()
-    app[keys.DATA_DIR] = data_dir
-    app[keys.WORKDIRS] = data_dir.workdirs()
-    app[keys.PROMPT_SERVER] = ScopeServer()
     store = await open_store(settings)
     pool = Pool(health_interval_s=settings.health_interval_s, lost_after_s=settings.instance_lost_s,
                 info_cache_s=settings.object_info_cache_s)
@@ -95,7 +90,7 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     app[CORE] = core
     accounts = await Accounts.open(data_dir, settings.redis_url)
     app[ACCOUNTS_KEY] = accounts
-    scopes = Scopes(app, store, core.workdirs)
+    scopes = Scopes(settings.standard_settings(), data_dir, store, core.workdirs)
     app[SCOPES] = scopes
     local = None
     if settings.instances:
@@ -103,6 +98,7 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     app[LOCAL_INSTANCES] = local
     secret_key = settings.secret_key or load_or_create_secret(data_dir)
     setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core)
+    app.middlewares.append(scope_middleware(scopes))  # after the login middleware: it names the user
     add_routes_with_api_prefix(app, ops)
     add_routes_with_api_prefix(app, routes_api.routes)
     setup_shared_routes(app, scopes)

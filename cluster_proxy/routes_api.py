@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
+from standard.server.context import instance_context
 from standard.server.http_util import json_http_error, parse_json, read_json_object
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
@@ -176,7 +177,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                 except ValueError:
                     continue
                 if isinstance(data, dict) and data.get("type") == "feature_flags":
-                    await ws.send_json({"type": "feature_flags", "data": server_features(request.app)})
+                    features = server_features(instance_context(request).settings)
+                    await ws.send_json({"type": "feature_flags", "data": features})
     finally:
         core.hub.remove(user, sid, ws)
     return ws

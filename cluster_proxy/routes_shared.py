@@ -20,7 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from standard.server import internal, keys, routes_files, routes_info, routes_jobs, routes_prompt, userdata
+from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
+from standard.server.context import instance_context
 from standard.server.frontend import setup_frontend
 from standard.server.http_util import json_error
 from standard.server.routing import add_routes_with_api_prefix
@@ -68,7 +69,7 @@ def _view_with_public_input(scopes: Scopes) -> Handler:
                 raise
             if _hidden(request.query.get("subfolder", ""), name):
                 raise
-            return await call_in(scopes.public, routes_files.view_image, request)
+            return await call_in(scopes.public(request[USER].name), routes_files.view_image, request)
 
     return view
 
@@ -119,10 +120,11 @@ def _input_files(root: Path) -> list[str]:
 
 async def _folder_paths(request: web.Request) -> web.StreamResponse:
     """Model folders; absolute server paths for admins only (the web UI uses them only in the desktop app)."""
-    paths = await asyncio.to_thread(internal.folder_paths, request.app[keys.DATA_DIR])
+    data_dir = instance_context(request).data_dir
+    paths = await asyncio.to_thread(internal.folder_paths, data_dir)
     if request[USER].is_admin:
         return web.json_response(paths)
-    root = request.app[keys.DATA_DIR].root
+    root = data_dir.root
     return web.json_response({name: [_relative(Path(p), root) for p in folders] for name, folders in paths.items()})
 
 

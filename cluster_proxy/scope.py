@@ -1,12 +1,15 @@
-"""Running the standard edition's route handlers for one user.
+"""Serving the standard edition's route handlers to one user.
 
 The standard handlers (``/view``, ``/upload/*``, ``/userdata``, ``/settings``,
-``/jobs``, ``GET /queue`` / ``/history`` ...) read their folders and queue
-from ``request.app``. Each user gets a small, never-served application holding
-their own ``WorkDirs`` (``DIR/users/<name>``), userdata root and a read-only
-view of their tasks; :func:`scoped` runs a handler with ``request.app``
-pointing at it. So the cluster serves exactly the standard edition's
-behaviour, confined to the user's folders, without a copy of those handlers.
+``/jobs``, ``GET /queue`` / ``/history`` ...) read their folders and queue through
+``standard.server.context.instance_context``. :func:`scope_middleware` puts the
+logged-in user's :class:`UserScope` on the request: their own ``WorkDirs``
+(``DIR/users/<name>``), userdata folder and settings file; the routes that read
+the queue see a read-only view of the user's tasks (:func:`scoped`). So the cluster
+serves exactly the standard edition's behaviour, confined to the user's folders,
+without a copy of those handlers. The cluster app itself holds no instance state:
+a request that reached a shared handler without a scope fails instead of reading
+``DIR``.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from standard.server import keys
-from standard.server.userdata import setup_userdata
+from standard.datadir import DataDir, WorkDirs
+from standard.server.context import SCOPE, InstanceContext, SettingsFile
+from standard.server.userdata import open_userdata
+from standard.settings import StandardSettings
 
 from .login import USER
 from .store import DONE, PENDING, RUNNING, StateStore, Task
@@ -72,73 +80,92 @@ class UserQueueView:
         return task.started_ms, task.ended_ms
 
 
+@dataclass
 class ScopeServer:
-    """Stands in for the standard ``PromptServer`` in the reused handlers."""
+    """Stands in for the standard ``PromptServer`` in the shared handlers (``context.ServerView``)."""
 
-    def __init__(self, queue: UserQueueView | None = None) -> None:
-        self.upload_lock = asyncio.Lock()
-        self.registry = None
-        self.queue = queue
-        self.sockets: dict[str, Any] = {}
+    queue: UserQueueView = field(default_factory=lambda: UserQueueView([], [], []))  # see Scopes.with_queue
+    upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    registry: Any = None  # no engine here: /object_info and friends come from the pool
 
     def queue_info(self) -> dict[str, Any]:
-        remaining = self.queue.tasks_remaining() if self.queue is not None else 0
-        return {"exec_info": {"queue_remaining": remaining}}
+        return {"exec_info": {"queue_remaining": self.queue.tasks_remaining()}}
+
+
+@dataclass(frozen=True)
+class UserScope:
+    """One user's :class:`~standard.server.context.InstanceContext`."""
+
+    settings: StandardSettings
+    data_dir: DataDir
+    workdirs: WorkDirs
+    server: ScopeServer
+    user_root: Path
+    user_settings: SettingsFile
 
 
 class Scopes:
-    """One scope app per user (created on first use), plus the public one (``DIR/input`` reads)."""
+    """One scope per user, created on first use (and again when the user's files were moved aside)."""
 
-    def __init__(self, main_app: web.Application, store: StateStore,
-                 workdirs_of: Callable[[str], Any]) -> None:
-        self._main = main_app
+    def __init__(self, settings: StandardSettings, data_dir: DataDir, store: StateStore,
+                 workdirs_of: Callable[[str], WorkDirs]) -> None:
+        self._settings, self._data_dir = settings, data_dir
         self._store = store
         self._workdirs_of = workdirs_of
-        self._apps: dict[str, web.Application] = {}
-        self.public = self._new_app(main_app[keys.WORKDIRS], userdata=False)
+        self._public = data_dir.workdirs()
+        self._scopes: dict[str, UserScope] = {}
 
-    def _new_app(self, workdirs: Any, *, userdata: bool = True) -> web.Application:
-        app = web.Application()
-        app[keys.SETTINGS] = self._main[keys.SETTINGS]
-        app[keys.DATA_DIR] = self._main[keys.DATA_DIR]
-        app[keys.WORKDIRS] = workdirs
-        app[keys.PROMPT_SERVER] = ScopeServer()
-        if userdata:
-            setup_userdata(app)  # sets the userdata root and settings store (its routes stay unused)
-        return app
+    def for_user(self, user: str) -> UserScope:
+        scope, workdirs = self._scopes.get(user), self._workdirs_of(user)
+        if scope is None or scope.workdirs is not workdirs:  # new, or the name's files were moved aside
+            user_root, user_settings = open_userdata(workdirs)
+            scope = self._scopes[user] = UserScope(self._settings, self._data_dir, workdirs, ScopeServer(),
+                                                   user_root, user_settings)
+        return scope
 
-    def app_for(self, user: str) -> web.Application:
-        app, workdirs = self._apps.get(user), self._workdirs_of(user)
-        if app is None or app[keys.WORKDIRS] is not workdirs:  # new, or the name's files were moved aside
-            app = self._apps[user] = self._new_app(workdirs)
-        return app
+    async def with_queue(self, user: str) -> UserScope:
+        """The user's scope whose ``server.queue`` is a snapshot of their tasks (for one request)."""
+        scope, queue = self.for_user(user), await UserQueueView.load(self._store, user)
+        return replace(scope, server=replace(scope.server, queue=queue))
 
-    async def queue_app_for(self, user: str) -> web.Application:
-        """A throw-away scope whose ``PROMPT_SERVER.queue`` is a snapshot of the user's tasks."""
-        base = self.app_for(user)
-        app = web.Application()
-        for key in (keys.SETTINGS, keys.DATA_DIR, keys.WORKDIRS):
-            app[key] = base[key]
-        app[keys.PROMPT_SERVER] = ScopeServer(await UserQueueView.load(self._store, user))
-        return app
+    def public(self, user: str) -> UserScope:
+        """The user's scope over the public ``DIR`` folders (``/view``'s read-only input fallback)."""
+        return replace(self.for_user(user), workdirs=self._public)
 
 
-async def call_in(app: web.Application, handler: Handler, request: web.Request) -> web.StreamResponse:
-    """Run ``handler`` with ``request.app`` being ``app``."""
-    match_info = request.match_info
-    previous = match_info.current_app
-    match_info.current_app = app
+def scope_middleware(scopes: Scopes) -> Middleware:
+    """Every request of a logged-in user runs in their scope (installed after the login middleware)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        user = request.get(USER)
+        if user is not None:
+            request[SCOPE] = scopes.for_user(user.name)
+        return await handler(request)
+
+    return middleware
+
+
+async def call_in(scope: InstanceContext, handler: Handler, request: web.Request) -> web.StreamResponse:
+    """Run ``handler`` in ``scope`` instead of the request's own."""
+    previous = request.get(SCOPE)
+    request[SCOPE] = scope
     try:
         return await handler(request)
     finally:
-        match_info.current_app = previous
+        if previous is None:
+            del request[SCOPE]
+        else:
+            request[SCOPE] = previous
 
 
 def scoped(scopes: Scopes, handler: Handler, *, with_queue: bool = False) -> Handler:
+    """``handler`` as the cluster serves it: in the user's scope, over a snapshot of their tasks if ``with_queue``."""
+    if not with_queue:
+        return handler  # scope_middleware has set the scope
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        user = request[USER].name
-        app = await scopes.queue_app_for(user) if with_queue else scopes.app_for(user)
-        return await call_in(app, handler, request)
+        return await call_in(await scopes.with_queue(request[USER].name), handler, request)
 
     wrapped.__name__ = getattr(handler, "__name__", "scoped")
     wrapped.__doc__ = handler.__doc__

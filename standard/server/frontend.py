@@ -198,7 +198,7 @@ async def extension_file(request: web.Request) -> web.StreamResponse:
     name, relative = request.match_info["name"], request.match_info["path"]
     if name == OWN_EXTENSION_NAME:
         return await _file_response(request, OWN_EXTENSION_DIR, relative, cache=NO_CACHE)
-    directory = plugin_web_dirs(request.app).get(name)
+    directory = plugin_web_dirs(request).get(name)
     if directory is None:
         # The frontend's own extensions/core/*.js live in its static folder.
         return await _file_response(request, frontend_root(), f"extensions/{name}/{relative}", cache=NO_CACHE)

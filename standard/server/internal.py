@@ -31,6 +31,7 @@ from ..datadir import DataDir
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys, models
+from .context import instance_context
 from .file_headers import file_headers
 from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
@@ -154,7 +155,7 @@ def folder_paths(data_dir: DataDir) -> dict[str, list[str]]:
 
 @routes.get("/internal/folder_paths")
 async def get_folder_paths(request: web.Request) -> web.Response:
-    return web.json_response(folder_paths(request.app[keys.DATA_DIR]))
+    return web.json_response(folder_paths(instance_context(request).data_dir))
 
 
 def _files_newest_first(directory: Path) -> list[str]:
@@ -170,7 +171,7 @@ async def get_files(request: web.Request) -> web.Response:
     kind = request.match_info["directory_type"]
     if kind not in ("output", "input", "temp"):
         return web.json_response({"error": "Invalid directory type"}, status=400)
-    directory = request.app[keys.WORKDIRS].by_type(kind)
+    directory = instance_context(request).workdirs.by_type(kind)
     return web.json_response(await asyncio.to_thread(_files_newest_first, directory))
 
 
@@ -220,7 +221,7 @@ def build_translations(custom_nodes: Path) -> dict[str, Any]:
 
 @routes.get("/i18n")
 async def get_i18n(request: web.Request) -> web.Response:
-    custom_nodes = request.app[keys.DATA_DIR].custom_nodes
+    custom_nodes = instance_context(request).data_dir.custom_nodes
     return web.json_response(await asyncio.to_thread(build_translations, custom_nodes))
 
 
@@ -251,7 +252,7 @@ def collect_workflow_templates(custom_nodes: Path) -> dict[str, dict[str, Path]]
 
 @routes.get("/workflow_templates")
 async def get_workflow_templates(request: web.Request) -> web.Response:
-    found = await asyncio.to_thread(collect_workflow_templates, request.app[keys.DATA_DIR].custom_nodes)
+    found = await asyncio.to_thread(collect_workflow_templates, instance_context(request).data_dir.custom_nodes)
     return web.json_response({plugin: list(templates) for plugin, templates in found.items()})
 
 
@@ -260,7 +261,7 @@ async def get_workflow_template_file(request: web.Request) -> web.StreamResponse
     filename = request.match_info["filename"]
     if not filename.endswith(".json"):
         raise web.HTTPNotFound()
-    found = await asyncio.to_thread(collect_workflow_templates, request.app[keys.DATA_DIR].custom_nodes)
+    found = await asyncio.to_thread(collect_workflow_templates, instance_context(request).data_dir.custom_nodes)
     path = found.get(request.match_info["module_name"], {}).get(filename[: -len(".json")])
     if path is None:
         raise web.HTTPNotFound()
@@ -272,7 +273,7 @@ async def get_workflow_template_file(request: web.Request) -> web.StreamResponse
 
 @routes.get("/experiment/models")
 async def get_model_folders(request: web.Request) -> web.Response:
-    paths = folder_paths(request.app[keys.DATA_DIR])
+    paths = folder_paths(instance_context(request).data_dir)
     return web.json_response(
         [{"name": name, "folders": dirs} for name, dirs in paths.items() if name not in EXPERIMENT_MODELS_EXCLUDED]
     )
@@ -301,7 +302,7 @@ def model_files(root: Path) -> list[dict[str, Any]]:
 @routes.get("/experiment/models/{folder}")
 async def get_models_in_folder(request: web.Request) -> web.Response:
     folder = request.match_info["folder"]
-    root = models.folder_path(request.app[keys.DATA_DIR], folder)
+    root = models.folder_path(instance_context(request).data_dir, folder)
     if root is None:
         return web.Response(status=404)
     return web.json_response(await asyncio.to_thread(model_files, root))
@@ -309,7 +310,7 @@ async def get_models_in_folder(request: web.Request) -> web.Response:
 
 @routes.get("/experiment/models/preview/{folder}/{path_index}/{filename:.*}")
 async def get_model_preview(request: web.Request) -> web.StreamResponse:
-    root = models.folder_path(request.app[keys.DATA_DIR], request.match_info["folder"])
+    root = models.folder_path(instance_context(request).data_dir, request.match_info["folder"])
     if root is None or request.match_info["path_index"] != "0":
         return web.Response(status=404)
     try:
@@ -345,9 +346,9 @@ def own_extension_urls() -> list[str]:
     return extension_urls(None, {})
 
 
-def plugin_web_dirs(app: web.Application) -> dict[str, Path]:
+def plugin_web_dirs(request: web.Request) -> dict[str, Path]:
     """Plugins' ``WEB_DIRECTORY`` folders, when the engine reports them."""
-    registry = app[keys.PROMPT_SERVER].registry
+    registry = instance_context(request).server.registry
     dirs = getattr(registry, "web_directories", None) or {}
     return {str(name): Path(path) for name, path in dict(dirs).items() if name != OWN_EXTENSION_NAME}
 
@@ -356,7 +357,7 @@ def plugin_web_dirs(app: web.Application) -> dict[str, Path]:
 async def get_extensions(request: web.Request) -> web.Response:
     from .frontend import frontend_root
 
-    urls = await asyncio.to_thread(extension_urls, frontend_root(), plugin_web_dirs(request.app))
+    urls = await asyncio.to_thread(extension_urls, frontend_root(), plugin_web_dirs(request))
     return web.json_response(urls)
 
 
@@ -380,13 +381,13 @@ def custom_node_subgraphs(custom_nodes: Path) -> dict[str, dict[str, Any]]:
 
 @routes.get("/global_subgraphs")
 async def get_global_subgraphs(request: web.Request) -> web.Response:
-    custom_nodes = request.app[keys.DATA_DIR].custom_nodes
+    custom_nodes = instance_context(request).data_dir.custom_nodes
     return web.json_response(await asyncio.to_thread(custom_node_subgraphs, custom_nodes))
 
 
 @routes.get("/global_subgraphs/{id}")
 async def get_global_subgraph(request: web.Request) -> web.Response:
-    custom_nodes = request.app[keys.DATA_DIR].custom_nodes
+    custom_nodes = instance_context(request).data_dir.custom_nodes
     entry = (await asyncio.to_thread(custom_node_subgraphs, custom_nodes)).get(request.match_info["id"])
     if entry is not None:
         data = await asyncio.to_thread(_load_json, custom_nodes / entry["path"])

@@ -25,7 +25,7 @@ from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
 from ..paths import check_name_lengths, resolve_inside
 from ..storage import web as storage_web
-from . import keys
+from .context import instance_context
 from .file_headers import file_headers
 from .http_util import json_http_error, parse_json, read_form
 
@@ -89,7 +89,7 @@ def _view_file(request: web.Request) -> tuple[Path, str]:
         raise _bad(404, "filename is required")
     filename, kind = annotated_filepath(query["filename"])
     _check_filename(filename)
-    root, _ = _type_dir(request.app[keys.WORKDIRS], kind or query.get("type"), "output")
+    root, _ = _type_dir(instance_context(request).workdirs, kind or query.get("type"), "output")
     folder = _subfolder_dir(root, query.get("subfolder", ""), 403)
     filename = os.path.basename(filename.replace("\\", "/"))
     try:
@@ -193,7 +193,8 @@ async def _parse_upload(request: web.Request) -> tuple[Any, bytes, str, Path, st
     if "/" in filename or "\\" in filename:
         raise _bad(400, f"filename must not contain folders: {filename!r}")
     raw_type = post.get("type")
-    root, kind = _type_dir(request.app[keys.WORKDIRS], raw_type if isinstance(raw_type, str) else None, "input")
+    workdirs = instance_context(request).workdirs
+    root, kind = _type_dir(workdirs, raw_type if isinstance(raw_type, str) else None, "input")
     subfolder = post.get("subfolder", "")
     subfolder = subfolder if isinstance(subfolder, str) else ""
     folder = _subfolder_dir(root, subfolder, 400)
@@ -205,7 +206,7 @@ async def _parse_upload(request: web.Request) -> tuple[Any, bytes, str, Path, st
 @routes.post("/upload/image")
 async def upload_image(request: web.Request) -> web.Response:
     _post, data, filename, folder, subfolder, kind, overwrite = await _parse_upload(request)
-    async with request.app[keys.PROMPT_SERVER].upload_lock:
+    async with instance_context(request).server.upload_lock:
         name = await asyncio.to_thread(_store_upload, folder, filename, data, overwrite)
     await storage_web.after_upload(request.app, folder / name)
     return web.json_response({"name": name, "subfolder": subfolder, "type": kind})
@@ -222,7 +223,8 @@ def _original_of_mask(request: web.Request, post: Any) -> Path:
     filename, kind = annotated_filepath(ref["filename"])
     _check_filename(filename)
     ref_type = ref.get("type")
-    root, _ = _type_dir(request.app[keys.WORKDIRS], kind or (ref_type if isinstance(ref_type, str) else None), "output")
+    workdirs = instance_context(request).workdirs
+    root, _ = _type_dir(workdirs, kind or (ref_type if isinstance(ref_type, str) else None), "output")
     subfolder = ref.get("subfolder") or ""
     folder = _subfolder_dir(root, subfolder if isinstance(subfolder, str) else "", 403)
     try:
@@ -259,7 +261,7 @@ def _mask_composer(original: Path) -> Any:
 async def upload_mask(request: web.Request) -> web.Response:
     post, data, filename, folder, subfolder, kind, overwrite = await _parse_upload(request)
     original = _original_of_mask(request, post)
-    async with request.app[keys.PROMPT_SERVER].upload_lock:
+    async with instance_context(request).server.upload_lock:
         try:
             name = await asyncio.to_thread(
                 _store_upload, folder, filename, data, overwrite, _mask_composer(original)

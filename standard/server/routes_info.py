@@ -12,7 +12,9 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import PathOutsideRoot
-from . import keys, models
+from ..settings import StandardSettings
+from . import models
+from .context import instance_context
 from .http_util import json_error
 
 routes = web.RouteTableDef()
@@ -25,17 +27,17 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
-def server_features(app: web.Application) -> dict[str, Any]:
+def server_features(settings: StandardSettings) -> dict[str, Any]:
     """ComfyUI's server feature flags (GET /features and the WS ``feature_flags`` reply)."""
     return {
         "supports_preview_metadata": False,
-        "max_upload_size": app[keys.SETTINGS].max_upload_size_bytes,
+        "max_upload_size": settings.max_upload_size_bytes,
         "extension": {"manager": {"supports_v4": False}},
     }
 
 
 def _registry(request: web.Request) -> Any:
-    registry = request.app[keys.PROMPT_SERVER].registry
+    registry = instance_context(request).server.registry
     if registry is None:
         raise web.HTTPServiceUnavailable(
             text='{"error": {"type": "runtime_not_ready", "message": "The embedded engine is not ready"}}',
@@ -58,7 +60,7 @@ async def get_object_info_node(request: web.Request) -> web.Response:
 
 @routes.get("/embeddings")
 async def get_embeddings(request: web.Request) -> web.Response:
-    data_dir = request.app[keys.DATA_DIR]
+    data_dir = instance_context(request).data_dir
     return web.json_response(await asyncio.to_thread(models.list_embeddings, data_dir))
 
 
@@ -69,7 +71,8 @@ async def list_model_types(request: web.Request) -> web.Response:
 
 @routes.get("/models/{folder}")
 async def get_models(request: web.Request) -> web.Response:
-    files = await asyncio.to_thread(models.list_folder, request.app[keys.DATA_DIR], request.match_info["folder"])
+    data_dir = instance_context(request).data_dir
+    files = await asyncio.to_thread(models.list_folder, data_dir, request.match_info["folder"])
     if files is None:
         return web.Response(status=404)
     return web.json_response(files)
@@ -80,9 +83,10 @@ async def view_metadata(request: web.Request) -> web.Response:
     filename = request.query.get("filename")
     if not filename:
         return web.Response(status=404)
+    data_dir = instance_context(request).data_dir
     try:
         metadata = await asyncio.to_thread(
-            models.safetensors_metadata, request.app[keys.DATA_DIR], request.match_info["folder_name"], filename
+            models.safetensors_metadata, data_dir, request.match_info["folder_name"], filename
         )
     except PathOutsideRoot:
         return json_error(403, "forbidden", "filename leaves the model folder")
@@ -168,4 +172,4 @@ async def system_stats(request: web.Request) -> web.Response:
 
 @routes.get("/features")
 async def get_features(request: web.Request) -> web.Response:
-    return web.json_response(server_features(request.app))
+    return web.json_response(server_features(instance_context(request).settings))

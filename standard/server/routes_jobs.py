@@ -6,7 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jobs, keys
+from . import jobs
+from .context import ServerView, instance_context, prompt_server
 from .http_util import json_http_error, read_json_object
 from .prompt_server import PromptServer
 
@@ -14,11 +15,7 @@ routes = web.RouteTableDef()
 MAX_CANCEL_IDS = 100
 
 
-def _server(request: web.Request) -> PromptServer:
-    return request.app[keys.PROMPT_SERVER]
-
-
-def _all_jobs(server: PromptServer, statuses: set[str]) -> list[dict[str, Any]]:
+def _all_jobs(server: ServerView, statuses: set[str]) -> list[dict[str, Any]]:
     running, pending = server.queue.current_queue()
     found: list[dict[str, Any]] = []
     if jobs.IN_PROGRESS in statuses:
@@ -64,7 +61,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if limit is not None and limit <= 0:
         raise json_http_error(400, "invalid_parameter", "limit must be a positive integer")
     offset = max(_int_param(request, "offset", 0) or 0, 0)
-    found = _all_jobs(_server(request), statuses)
+    found = _all_jobs(instance_context(request).server, statuses)
     workflow_id = query.get("workflow_id")
     if workflow_id:
         found = [job for job in found if job.get("workflow_id") == workflow_id]
@@ -79,7 +76,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    server = _server(request)
+    server = instance_context(request).server
     job_id = request.match_info["job_id"]
     entry = server.queue.history_entries().get(job_id)
     if entry is not None:
@@ -106,7 +103,7 @@ def _cancel(server: PromptServer, job_ids: list[str]) -> list[str]:
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
-    cancelled = _cancel(_server(request), [job_id])
+    cancelled = _cancel(prompt_server(request), [job_id])
     if not cancelled:
         raise json_http_error(404, "not_found", "Job is not pending or running", job_id)
     return web.json_response({"cancelled": cancelled})
@@ -119,4 +116,4 @@ async def cancel_jobs(request: web.Request) -> web.Response:
     if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > MAX_CANCEL_IDS
             or not all(isinstance(i, str) for i in job_ids)):
         raise json_http_error(400, "invalid_request", f"job_ids must be a list of 1-{MAX_CANCEL_IDS} job ids")
-    return web.json_response({"cancelled": _cancel(_server(request), job_ids)})
+    return web.json_response({"cancelled": _cancel(prompt_server(request), job_ids)})

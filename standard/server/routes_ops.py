@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..serving import draining_headers, is_draining
-from . import keys
+from .context import prompt_server
 from .http_util import json_http_error
 from .prompt_server import RestartRefused
 
@@ -25,7 +25,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    detail = request.app[keys.PROMPT_SERVER].engine_status()
+    detail = prompt_server(request).engine_status()
     if is_draining(request.app):  # a load balancer sends no new work here
         return web.json_response({**detail, "ready": False, "draining": True}, status=503,
                                  headers=draining_headers())
@@ -34,12 +34,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    return request.app[keys.PROMPT_SERVER].metrics.response()
+    return prompt_server(request).metrics.response()
 
 
 @routes.post("/restart")
 async def restart(request: web.Request) -> web.Response:
-    server = request.app[keys.PROMPT_SERVER]
+    server = prompt_server(request)
     try:
         status = await server.reload()
     except RestartRefused as exc:

@@ -8,23 +8,18 @@ import uuid
 from aiohttp import web
 
 from ..serving import is_draining
-from . import keys
+from .context import instance_context, prompt_server
 from .http_util import error_body, json_http_error, query_int, read_json_object
 from .prompt_queue import QueueItem
 from .prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
-from .prompt_server import PromptServer
 
 log = logging.getLogger("comfyserve.server")
 routes = web.RouteTableDef()
 
 
-def _server(request: web.Request) -> PromptServer:
-    return request.app[keys.PROMPT_SERVER]
-
-
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
-    server = _server(request)
+    server = prompt_server(request)
     json_data = await read_json_object(request, kind="invalid_prompt")
     try:
         body = parse_prompt_request(json_data)
@@ -56,18 +51,18 @@ async def post_prompt(request: web.Request) -> web.Response:
 
 @routes.get("/prompt")
 async def get_prompt(request: web.Request) -> web.Response:
-    return web.json_response(_server(request).queue_info())
+    return web.json_response(instance_context(request).server.queue_info())
 
 
 @routes.get("/queue")
 async def get_queue(request: web.Request) -> web.Response:
-    running, pending = _server(request).queue.current_queue()
+    running, pending = instance_context(request).server.queue.current_queue()
     return web.json_response({"queue_running": running, "queue_pending": pending})
 
 
 @routes.post("/queue")
 async def post_queue(request: web.Request) -> web.Response:
-    server = _server(request)
+    server = prompt_server(request)
     json_data = await read_json_object(request)
     to_delete = delete_ids(json_data)
     if json_data.get("clear"):
@@ -84,14 +79,14 @@ async def post_interrupt(request: web.Request) -> web.Response:
     prompt_id = json_data.get("prompt_id")
     if prompt_id is not None and not isinstance(prompt_id, str):
         raise json_http_error(400, "invalid_request", "prompt_id must be a string")
-    _server(request).interrupt(prompt_id or None)
+    prompt_server(request).interrupt(prompt_id or None)
     return web.Response(status=200)
 
 
 @routes.post("/free")
 async def post_free(request: web.Request) -> web.Response:
     json_data = await read_json_object(request, allow_empty=True)
-    _server(request).request_free(
+    prompt_server(request).request_free(
         unload_models=bool(json_data.get("unload_models", False)),
         free_memory=bool(json_data.get("free_memory", False)),
     )
@@ -104,18 +99,19 @@ async def get_history(request: web.Request) -> web.Response:
     offset = query_int(request, "offset")
     if max_items is not None and max_items < 0:
         raise json_http_error(400, "invalid_parameter", "max_items must not be negative")
-    history = _server(request).queue.get_history(max_items=max_items, offset=-1 if offset is None else offset)
+    queue = instance_context(request).server.queue
+    history = queue.get_history(max_items=max_items, offset=-1 if offset is None else offset)
     return web.json_response(history)
 
 
 @routes.get("/history/{prompt_id}")
 async def get_history_item(request: web.Request) -> web.Response:
-    return web.json_response(_server(request).queue.get_history(request.match_info["prompt_id"]))
+    return web.json_response(instance_context(request).server.queue.get_history(request.match_info["prompt_id"]))
 
 
 @routes.post("/history")
 async def post_history(request: web.Request) -> web.Response:
-    server = _server(request)
+    server = prompt_server(request)
     json_data = await read_json_object(request)
     to_delete = delete_ids(json_data)
     if json_data.get("clear"):

@@ -13,7 +13,7 @@ import uuid
 
 from aiohttp import WSMsgType, web
 
-from . import keys
+from .context import instance_context, prompt_server
 from .http_util import parse_json
 from .routes_info import server_features
 
@@ -24,7 +24,7 @@ MAX_CLIENT_ID_CHARS = 256
 
 @routes.get("/ws")
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    server = request.app[keys.PROMPT_SERVER]
+    server = prompt_server(request)
     sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or uuid.uuid4().hex
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
@@ -43,7 +43,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                     data = None
                 if isinstance(data, dict) and data.get("type") == "feature_flags":
                     server.socket_flags[sid] = data.get("data") or {}
-                    await server.send_json("feature_flags", server_features(request.app), sid)
+                    features = server_features(instance_context(request).settings)
+                    await server.send_json("feature_flags", features, sid)
                 first_message = False
             elif msg.type == WSMsgType.ERROR:
                 log.warning("ws connection closed with exception %s", ws.exception())

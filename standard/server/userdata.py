@@ -24,9 +24,11 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
 from . import keys
+from .context import USER_ROOT, USER_SETTINGS, SettingsFile, instance_context
 from .file_headers import FILE_CSP
 from .http_util import parse_json
 from .routing import add_routes_with_api_prefix
@@ -50,13 +52,6 @@ DANGEROUS_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "appli
                    "text/javascript", "application/xml", "text/xml")
 
 routes = web.RouteTableDef()
-USER_ROOT = web.AppKey("userdata_root", Path)
-
-
-def user_root(app: web.Application) -> Path:
-    return app[USER_ROOT]
-
-
 def _flag(request: web.Request, name: str, default: str = "") -> bool:
     return request.query.get(name, default).lower() == "true"
 
@@ -76,7 +71,7 @@ def _resolve(request: web.Request, param: str = "file") -> Path:
     if not raw:
         raise web.HTTPBadRequest()
     try:
-        return resolve_inside(user_root(request.app), _decoded(raw))
+        return resolve_inside(instance_context(request).user_root, _decoded(raw))
     except PathOutsideRoot:
         raise web.HTTPForbidden() from None
 
@@ -97,7 +92,7 @@ def file_info(path: Path, relative_to: Path) -> dict[str, Any]:
 
 @routes.get("/users")
 async def get_users(request: web.Request) -> web.Response:
-    root = user_root(request.app)
+    root = instance_context(request).user_root
     return web.json_response({"storage": "server", "migrated": await asyncio.to_thread(root.exists)})
 
 
@@ -150,9 +145,6 @@ class _SettingsStore:
             await asyncio.to_thread(_write_settings, self.path, settings)
 
 
-SETTINGS_STORE = web.AppKey("settings_store", _SettingsStore)
-
-
 async def _json_body(request: web.Request) -> Any:
     try:
         return parse_json(await request.read())
@@ -166,12 +158,12 @@ async def _json_body(request: web.Request) -> Any:
 
 @routes.get("/settings")
 async def get_settings(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SETTINGS_STORE].read())
+    return web.json_response(await instance_context(request).user_settings.read())
 
 
 @routes.get("/settings/{id}")
 async def get_setting(request: web.Request) -> web.Response:
-    settings = await request.app[SETTINGS_STORE].read()
+    settings = await instance_context(request).user_settings.read()
     return web.json_response(settings.get(request.match_info["id"]))
 
 
@@ -184,14 +176,14 @@ async def post_settings(request: web.Request) -> web.Response:
                                        "details": "", "extra_info": {}}}),
             content_type="application/json",
         )
-    await request.app[SETTINGS_STORE].update(changes)
+    await instance_context(request).user_settings.update(changes)
     return web.Response(status=200)
 
 
 @routes.post("/settings/{id}")
 async def post_setting(request: web.Request) -> web.Response:
     value = await _json_body(request)
-    await request.app[SETTINGS_STORE].update({request.match_info["id"]: value})
+    await instance_context(request).user_settings.update({request.match_info["id"]: value})
     return web.Response(status=200)
 
 
@@ -219,7 +211,7 @@ async def list_userdata(request: web.Request) -> web.Response:
     if not directory:
         return web.Response(status=400, text="Directory not provided")
     try:
-        path = resolve_inside(user_root(request.app), _decoded(directory))
+        path = resolve_inside(instance_context(request).user_root, _decoded(directory))
     except PathOutsideRoot:
         return web.Response(status=403, text="Invalid directory")
     if not await asyncio.to_thread(path.is_dir):
@@ -252,7 +244,7 @@ def _walk_v2(target: Path, base: Path) -> list[dict[str, Any]]:
 
 @routes.get("/v2/userdata")
 async def list_userdata_v2(request: web.Request) -> web.Response:
-    base = user_root(request.app)
+    base = instance_context(request).user_root
     requested = unquote(request.query.get("path", ""))
     try:
         target = resolve_inside(base, requested) if requested else base
@@ -278,7 +270,7 @@ async def list_userdata_v2(request: web.Request) -> web.Response:
 @routes.get("/userdata/{file}")
 async def get_userdata(request: web.Request) -> web.StreamResponse:
     path = _resolve(request)
-    root = user_root(request.app)
+    root = instance_context(request).user_root
     is_user_css = path == root / USER_CSS
     if not await asyncio.to_thread(path.is_file):
         default = EMPTY_DEFAULTS.get(path.relative_to(root).as_posix()) if path != root else None
@@ -322,7 +314,7 @@ def _result(path: Path, root: Path, full_info: bool) -> Any:
 @routes.post("/userdata/{file}")
 async def post_userdata(request: web.Request) -> web.Response:
     path = _resolve(request)
-    root = user_root(request.app)
+    root = instance_context(request).user_root
     if path == root:
         return web.Response(status=400, reason="Invalid filename")
     if not _overwrite(request) and await asyncio.to_thread(path.exists):
@@ -354,10 +346,10 @@ def _move(source: Path, dest: Path) -> None:
 @routes.post("/userdata/{file}/move/{dest}")
 async def move_userdata(request: web.Request) -> web.Response:
     source = _resolve(request)
-    if not await asyncio.to_thread(source.exists) or source == user_root(request.app):
+    if not await asyncio.to_thread(source.exists) or source == instance_context(request).user_root:
         return web.Response(status=404)
     dest = _resolve(request, "dest")
-    root = user_root(request.app)
+    root = instance_context(request).user_root
     if dest == root:
         return web.Response(status=400)
     if not _overwrite(request) and await asyncio.to_thread(dest.exists):
@@ -368,11 +360,16 @@ async def move_userdata(request: web.Request) -> web.Response:
     return web.json_response(info)
 
 
-def setup_userdata(app: web.Application) -> None:
-    """Attach the userdata routes; the default user's folder lives in ``WorkDirs.user``."""
-    root = app[keys.WORKDIRS].user / DEFAULT_USER
+def open_userdata(workdirs: WorkDirs) -> tuple[Path, SettingsFile]:
+    """The default user's folder in ``workdirs.user`` (with the folders the frontend lists) and its settings."""
+    root = workdirs.user / DEFAULT_USER
     for folder in DEFAULT_FOLDERS:
         (root / folder).mkdir(parents=True, exist_ok=True)
-    app[USER_ROOT] = root.resolve()
-    app[SETTINGS_STORE] = _SettingsStore(app[USER_ROOT] / SETTINGS_FILE)
+    root = root.resolve()
+    return root, _SettingsStore(root / SETTINGS_FILE)
+
+
+def setup_userdata(app: web.Application) -> None:
+    """Attach the userdata routes, over the instance's own ``WorkDirs.user``."""
+    app[USER_ROOT], app[USER_SETTINGS] = open_userdata(app[keys.WORKDIRS])
     add_routes_with_api_prefix(app, routes)
