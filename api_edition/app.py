@@ -22,11 +22,11 @@ from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
 from standard.auth import AccessGuard
 from standard.serving import drain_of
+from standard.supervised import StandardChild
 
 from .attempts import StoreAttemptRecords
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
-from .instances import LocalInstance
 from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
@@ -80,7 +80,7 @@ class Pool:
         self.store = store
         self.queue_url = queue_url
         self.metrics = metrics
-        self.instances: list[LocalInstance] = []
+        self.instances: list[StandardChild] = []
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
         self.webhooks = WebhookSender(None, policy=WebhookPolicy(self.settings.webhook_allow),  # keyed in start()
                                       retry=settings.webhook_retry,
@@ -99,10 +99,13 @@ class Pool:
         if not urls and self.settings.instances > 0:
             if self.settings.data_dir is None:
                 raise ValueError("local instances need a data dir")
-            for _ in range(self.settings.instances):
-                instance = LocalInstance(self.settings.data_dir, token=self.settings.token,
-                                         extra_args=self.settings.instance_args)
-                await instance.start()
+            taken = {self.settings.port}  # ours: listened on, but a child must not be given it
+            for index in range(self.settings.instances):
+                # The token goes in the child's environment: on the command line every local user sees it.
+                instance = StandardChild(f"instance {index}", self.settings.data_dir, token=self.settings.token,
+                                         extra_args=self.settings.instance_args, avoid_ports=taken)
+                taken.add(instance.port)
+                instance.start()
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token

@@ -33,6 +33,7 @@ from ..server.routes_info import without_secrets
 from ..server.prompt_request import refused_while_draining
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
+from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
 from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
@@ -182,7 +183,8 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """This process answers; a supervised child also names itself (``standard.supervised``)."""
+    return web.json_response({"status": "ok", **instance_identity()})
 
 
 async def readyz(request: web.Request) -> web.Response:
