@@ -216,7 +216,7 @@ class LocalInstances:
 
     Their ports avoid the proxy's own (``avoid_ports``) and each other's; an
     instance is only ever up in the pool while its own child answers there
-    (``StandardChild.ready``), never because something else took its port.
+    (``StandardChild.answering``), never because something else took its port.
     """
 
     def __init__(self, count: int, data_dir: Path, token: str, extra_args: tuple[str, ...] = (),
@@ -239,7 +239,7 @@ class LocalInstances:
         """Start the children and put each in ``pool``, gated on its own child answering."""
         for child in self.children:
             child.start()
-            pool.add(child.url, self.token, ours=lambda child=child: child.ready)  # type: ignore[misc]
+            pool.add(child.url, self.token, ours=child.answering)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(child.stop() for child in self.children))

@@ -284,7 +284,8 @@ class SupervisedProcess:
             async with asyncio.timeout(self.stop_timeout_s):
                 await proc.wait()
         except TimeoutError:
-            self.log.warning("%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", self.name, proc.pid, self.stop_timeout_s)
+            self.log.warning("%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL",
+                             self.name, proc.pid, self.stop_timeout_s)
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
 
@@ -340,8 +341,7 @@ class StandardChild:
             return False, f"port {self.port} is answered by another process"
         return True, "ok"
 
-    @property
-    def ready(self) -> bool:
+    def answering(self) -> bool:
         """Our child answers on ``url`` (False from its exit until its successor answers)."""
         return self.process.ready
 

@@ -16,17 +16,17 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from conftest import free_port, wait_for_port
+from test_api_support import ApiFactory, api, read_results  # noqa: F401
+from test_cluster_support import graph, make_users, wait_until, write_sleep_plugin
+from test_private import children_of, environ
+from test_server_support import tiny_graph
 
 import standard.ports
 from cluster_proxy.app import LOCAL_INSTANCES, POOL, create_cluster_app
 from cluster_proxy.pool import LocalInstances, Pool
 from cluster_proxy.settings import ClusterSettings
-from conftest import free_port, wait_for_port
 from standard.client import InstanceClient
-from test_api_support import TOKEN, ApiFactory, api, read_results  # noqa: F401
-from test_cluster_support import graph, make_users, wait_until, write_sleep_plugin
-from test_private import children_of, environ
-from test_server_support import tiny_graph
 
 
 def gone(pid: int) -> bool:
@@ -152,7 +152,7 @@ async def test_an_instance_is_never_up_while_another_process_holds_its_port(aioh
         await local.start(pool)
         await wait_until(lambda: child.process.crashes >= 1, timeout_s=45)  # "address in use"
         await pool.check_all()
-        assert pool.up() == [] and not child.ready
+        assert pool.up() == [] and not child.answering()
         await squatter.close()
         assert await child.process.wait_ready(45)
         await pool.check_all()
