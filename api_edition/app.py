@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -109,8 +109,10 @@ class Pool:
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token
+        # A spawned instance's worker waits for that very child, not whatever answers on its port.
+        gates: list[Callable[[], bool] | None] = [i.answering for i in self.instances] or [None] * len(urls)
         seen: dict[str, int] = {}
-        for url in urls:
+        for url, ours in zip(urls, gates, strict=True):
             # Two workers must never share a consumer uid: the queue would take the second for the
             # first reconnecting and hand it the first one's uncommitted item (a task run twice).
             seen[url] = seen.get(url, 0) + 1
@@ -122,7 +124,8 @@ class Pool:
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
                 max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
                 webhook_retry=self.settings.webhook_retry,
-            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts())
+            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
+                ours=ours)
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def _store_ops(self) -> StoreQueueOps | None:

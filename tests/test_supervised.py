@@ -162,6 +162,33 @@ async def test_an_instance_is_never_up_while_another_process_holds_its_port(aioh
         await pool.aclose()
 
 
+async def test_an_api_worker_never_sends_work_to_another_process_on_its_instances_port(
+        api: ApiFactory, data_dir: Path, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = free_port()
+    taken = free_port(avoid={own})
+    seen: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:  # a stranger that looks healthy
+        seen.append(request.path)
+        return web.json_response({"status": "ok", "ready": True})
+
+    squatter_app = web.Application()
+    squatter_app.router.add_route("*", "/{tail:.*}", anything)
+    squatter = await aiohttp_server(squatter_app, port=taken)
+    kernel_picks(monkeypatch, own, taken)  # the instance's port is taken before its child can bind it
+    live = await api(instances=1, data_dir=data_dir)
+    assert live.live.pool is not None
+    [instance] = live.live.pool.instances
+    assert instance.port == taken
+    async with live.sink() as sink:
+        assert (await live.submit(tiny_graph("held"), task_id="held")).status_code == 200
+        await wait_until(lambda: instance.process.crashes >= 1, timeout_s=45)  # "address in use"
+        await squatter.close()
+        [frame] = await read_results(sink, 1, timeout_s=45)
+    assert frame.tags["task_id"] == "held" and frame.tags["status"] == "success"
+    assert not [path for path in seen if path.endswith("/prompt")], seen
+
+
 def test_a_killed_api_takes_its_instances_along_and_they_hold_no_secret_on_their_command_line(
         tmp_path: Path, cli_env: dict[str, str]) -> None:
     token = "api-token-not-on-argv-42"
