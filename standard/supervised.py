@@ -50,7 +50,7 @@ from typing import IO, Any
 import aiohttp
 
 from .ports import free_port
-from .private import child_environment
+from .private import TOKEN_ENV, child_environment
 from .retry import RESTART, RetryPolicy
 
 log = logging.getLogger("comfyserve.supervised")
@@ -137,6 +137,7 @@ class SupervisedProcess:
         self._stopping = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._relay_task: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
 
     @property
     def pid(self) -> int | None:
@@ -246,7 +247,8 @@ class SupervisedProcess:
         self.proc = proc
         self.starts += 1
         if isinstance(self.output, logging.Logger):
-            asyncio.create_task(self._relay(proc, self.output), name=f"comfyserve-output-{self.name}")
+            self._relay_task = asyncio.create_task(self._relay(proc, self.output),
+                                                   name=f"comfyserve-output-{self.name}")
         return proc
 
     async def _relay(self, proc: asyncio.subprocess.Process, logger: logging.Logger) -> None:
@@ -304,8 +306,6 @@ class StandardChild:
     def __init__(self, name: str, data_dir: Path, *, token: str | None, extra_args: Sequence[str] = (),
                  port: int | None = None, avoid_ports: Collection[int] = (), log_file: Path | None = None,
                  stop_timeout_s: float = 15.0, restart_policy: RetryPolicy = RESTART) -> None:
-        from .private import TOKEN_ENV
-
         self.data_dir = data_dir
         self.extra_args = tuple(extra_args)
         self.port = port or free_port(avoid=avoid_ports)
