@@ -82,7 +82,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
     if settings.token is not None:
-        from web import setup_templates
+        from ..pages import setup_templates  # jinja2 is loaded only for the login page
 
         setup_templates(app)
         app.router.add_routes(guard.login_routes())

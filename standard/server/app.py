@@ -56,7 +56,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
     app.on_shutdown.append(_close_sockets)
 
     if settings.token is not None:
-        from web import setup_templates
+        from ..pages import setup_templates  # jinja2 is loaded only for the login page
 
         setup_templates(app)
         app.router.add_routes(guard.login_routes())
