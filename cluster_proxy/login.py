@@ -27,8 +27,8 @@ from standard.auth import AccessGuard, json_error, safe_next, same_origin, token
 from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
 from standard.private import load_or_create_key
-from standard.server.http_util import read_form
-from web import setup_templates
+from standard.http_util import read_form
+from standard.pages import setup_templates
 
 from .accounts import AccountError, Accounts, User
 from .throttle import LoginThrottle
