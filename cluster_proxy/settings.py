@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from standard.errors import ConfigError
-from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from standard.guard import AccessPolicy
 from standard.listen import ListenSettings, is_loopback
+from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings
 
 DEFAULT_PORT = 8000

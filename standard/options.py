@@ -39,7 +39,7 @@ def _checked(convert: Callable[[str], Any] | None, choices: Iterable[Any] | None
     same check (naming the variable) of the environment's, which argparse would not hold to ``choices``."""
 
     def parse(raw: str) -> Any:
-        value = convert(raw) if convert is not None else raw
+        value = convert(str(raw)) if convert is not None else str(raw)  # a plain str, as from the command line
         if isinstance(raw, EnvValue):
             if choices is not None and value not in choices:
                 raise argparse.ArgumentTypeError(

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-
 SERVER_ROLES = ("standard", "queue", "api", "cluster")
 TOKEN_ROLES = ("standard", "queue", "api")  # the cluster is protected by logins, not a token
 WORKER = ["worker", "--queue-url", "http://127.0.0.1:1", "--instance-url", "http://127.0.0.1:2"]
