@@ -35,29 +35,25 @@ class EnvValue(str):
 
 
 def _checked(convert: Callable[[str], Any] | None, choices: Iterable[Any] | None) -> Callable[[str], Any]:
-    """``type=`` for a flag with an environment variable: argparse's check of a command-line value, and the
-    same check (naming the variable) of the environment's, which argparse would not hold to ``choices``."""
+    """``type=`` for a flag with an environment variable: ``convert`` for a command-line value; for the
+    environment's, the same plus the ``choices`` argparse would not hold it to, in errors naming the variable."""
+    kind = getattr(convert, "__name__", "str")
 
     def parse(raw: str) -> Any:
-        value = convert(str(raw)) if convert is not None else str(raw)  # a plain str, as from the command line
-        if isinstance(raw, EnvValue):
-            if choices is not None and value not in choices:
-                raise argparse.ArgumentTypeError(
-                    f"{raw.variable}={str(raw)!r}: invalid choice (choose from {', '.join(map(str, choices))})")
-        return value
-
-    def parse_naming_the_variable(raw: str) -> Any:
         try:
-            return parse(raw)
+            value = convert(str(raw)) if convert is not None else str(raw)  # a plain str, as from the command line
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             if not isinstance(raw, EnvValue):
                 raise
-            kind = getattr(convert, "__name__", "")
             reason = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"invalid {kind} value"
             raise argparse.ArgumentTypeError(f"{raw.variable}={str(raw)!r}: {reason}") from None
+        if isinstance(raw, EnvValue) and choices is not None and value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{raw.variable}={str(raw)!r}: invalid choice (choose from {', '.join(map(str, choices))})")
+        return value
 
-    parse_naming_the_variable.__name__ = getattr(convert, "__name__", "str")  # argparse's "invalid int value"
-    return parse_naming_the_variable
+    parse.__name__ = kind  # argparse says "invalid int value" after the name of ``type``
+    return parse
 
 
 def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str, **kwargs: Any) -> None:
