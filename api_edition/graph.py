@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from standard.server.http_util import parse_json
+from standard.http_util import parse_json
 
 
 class GraphError(ValueError):

@@ -97,7 +97,7 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
         local = LocalInstances(settings.instances, data_dir.root, secrets.token_urlsafe(24), settings.instance_args)
     app[LOCAL_INSTANCES] = local
     secret_key = settings.secret_key or load_or_create_secret(data_dir)
-    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core)
+    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core, guard=guard)
     app.middlewares.append(scope_middleware(scopes))  # after the login middleware: it names the user
     add_routes_with_api_prefix(app, ops)
     add_routes_with_api_prefix(app, routes_api.routes)

@@ -13,7 +13,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from standard.auth import json_error
-from standard.server.http_util import read_form
+from standard.http_util import read_form
 
 from .accounts import AccountError, User
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_address, check_csrf, page_context

@@ -140,6 +140,11 @@ class Pool:
         instance.state = DOWN
         instance.task_id = None
 
+    def display_name(self, instance: Instance) -> str:
+        """``instance N``, as non-admins see it on the dashboard."""
+        number = next((n for n, i in enumerate(self.instances.values(), start=1) if i is instance), 0)
+        return f"instance {number}"
+
     def status(self, *, with_urls: bool = True) -> list[dict[str, Any]]:
         """Each instance's state; ``with_urls=False`` (for non-admins) names them by number instead."""
         return [{**({"url": i.url} if with_urls else {"name": f"instance {n}"}),

@@ -22,8 +22,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth import SESSION_COOKIE
+from ..http_util import json_error
 from ..server.file_headers import apply_file_headers
-from ..server.http_util import json_error
 
 log = logging.getLogger("comfyserve.backend")
 

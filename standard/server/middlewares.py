@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..errors import PathTooLong
-from .http_util import error_body
+from ..http_util import error_body
 
 log = logging.getLogger("comfyserve.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

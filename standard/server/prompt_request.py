@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..http_util import error_body, json_http_error
 from ..serving import draining_headers
-from .http_util import error_body, json_http_error
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 
 MAX_PROMPT_ID_CHARS = 256

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..http_util import json_http_error
 from ..serving import draining_headers, is_draining
 from .context import prompt_server
-from .http_util import json_http_error
 from .prompt_server import RestartRefused
 
 routes = web.RouteTableDef()

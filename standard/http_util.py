@@ -1,4 +1,4 @@
-"""Small helpers shared by the route modules: JSON errors and body parsing.
+"""Small helpers shared by every role's routes (and the login pages): JSON errors and body parsing.
 
 Every JSON body a route reads goes through :func:`parse_json` (also the API
 front's and the cluster's): it refuses ``NaN`` / ``Infinity`` (not JSON; a
