@@ -44,23 +44,29 @@ def role_args(role: str, data: Path) -> list[str]:
     return [role, "--data-dir", str(data)]
 
 
-def test_every_role_refuses_a_bad_port(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    for role in SERVER_ROLES:
-        assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--port", "0"], cli_env), role,
-                       "--port", "1-65535")
-        assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--port", "http"], cli_env), role, "--port")
+@pytest.mark.parametrize("role", SERVER_ROLES)
+def test_every_role_refuses_a_bad_port(role: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--port", "0"], cli_env), role,
+                   "--port", "1-65535")
+    assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--port", "http"], cli_env), role, "--port")
+
+
+def test_the_worker_refuses_a_bad_metrics_port(cli_env: dict[str, str]) -> None:
     assert_refused(comfyserve([*WORKER, "--metrics-port", "70000"], cli_env), "worker", "--metrics-port")
-
-
-def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(tmp_path: Path,
-                                                                      cli_env: dict[str, str]) -> None:
-    env = {**cli_env, "COMFYSERVE_PORT": "abc", "COMFYSERVE_METRICS_PORT": "abc"}
-    for role in SERVER_ROLES:
-        assert_refused(comfyserve(role_args(role, tmp_path / "d"), env), role, "--port", "COMFYSERVE_PORT='abc'")
+    env = {**cli_env, "COMFYSERVE_METRICS_PORT": "abc"}
     assert_refused(comfyserve(WORKER, env), "worker", "--metrics-port", "COMFYSERVE_METRICS_PORT='abc'")
+
+
+@pytest.mark.parametrize("role", SERVER_ROLES)
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(role: str, tmp_path: Path,
+                                                                      cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "COMFYSERVE_PORT": "abc"}
+    assert_refused(comfyserve(role_args(role, tmp_path / "d"), env), role, "--port", "COMFYSERVE_PORT='abc'")
     env = {**cli_env, "COMFYSERVE_SHUTDOWN_TIMEOUT": "soon"}
-    for role in SERVER_ROLES:
-        assert_refused(comfyserve(role_args(role, tmp_path / "d"), env), role, "COMFYSERVE_SHUTDOWN_TIMEOUT")
+    assert_refused(comfyserve(role_args(role, tmp_path / "d"), env), role, "COMFYSERVE_SHUTDOWN_TIMEOUT")
+
+
+def test_a_bad_event_loop_from_the_environment_is_a_usage_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
     env = {**cli_env, "COMFYSERVE_LOOP": "trio"}
     result = comfyserve(["init", "--data-dir", str(tmp_path / "d")], env)
     assert result.returncode == 2 and "COMFYSERVE_LOOP='trio': invalid choice" in result.stderr, result.stderr
@@ -79,14 +85,14 @@ def test_a_bad_environment_value_only_affects_the_roles_having_that_flag(tmp_pat
     assert result.returncode == 0, result.stderr
 
 
-def test_every_role_refuses_a_public_address_without_a_token_in_the_same_words(tmp_path: Path,
+@pytest.mark.parametrize("role", TOKEN_ROLES)
+def test_every_role_refuses_a_public_address_without_a_token_in_the_same_words(role: str, tmp_path: Path,
                                                                                 cli_env: dict[str, str]) -> None:
-    for role in TOKEN_ROLES:
-        assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--listen"], cli_env), role,
-                       "refusing to listen on 0.0.0.0 without a token: pass --token T (or COMFYSERVE_TOKEN), "
-                       "or --no-auth to serve unauthenticated on purpose")
-        assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--listen", "--token", " "], cli_env), role,
-                       "--token must not be empty")
+    assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--listen"], cli_env), role,
+                   "refusing to listen on 0.0.0.0 without a token: pass --token T (or COMFYSERVE_TOKEN), "
+                   "or --no-auth to serve unauthenticated on purpose")
+    assert_refused(comfyserve([*role_args(role, tmp_path / "d"), "--listen", "--token", " "], cli_env), role,
+                   "--token must not be empty")
 
 
 @pytest.fixture
@@ -98,11 +104,14 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_a_busy_port_is_a_refusal_for_every_server_role(tmp_path: Path, cli_env: dict[str, str],
+@pytest.mark.parametrize("role", SERVER_ROLES)
+def test_a_busy_port_is_a_refusal_for_every_server_role(role: str, tmp_path: Path, cli_env: dict[str, str],
                                                         busy_port: int) -> None:
-    for role in SERVER_ROLES:
-        assert_refused(comfyserve([*role_args(role, tmp_path / role), "--port", str(busy_port)], cli_env), role,
-                       "address already in use")
+    assert_refused(comfyserve([*role_args(role, tmp_path / role), "--port", str(busy_port)], cli_env), role,
+                   "address already in use")
+
+
+def test_a_busy_metrics_port_is_a_refusal_for_the_worker(cli_env: dict[str, str], busy_port: int) -> None:
     assert_refused(comfyserve([*WORKER, "--metrics-port", str(busy_port)], cli_env), "worker",
                    "--metrics-port", "address already in use")
 
