@@ -19,6 +19,8 @@ from .serving import Role, run_role
 
 ROLE_GROUP = "comfyserve.roles"
 LOOPS = ("auto", "uvloop", "asyncio")
+DESCRIPTION = ("Serve ComfyUI workflows: one instance (standard), asynchronous calls through a queue "
+               "(api, worker, queue) or many users sharing a pool (cluster, users).")
 
 
 def registered_roles() -> dict[str, Role]:
@@ -36,7 +38,7 @@ def registered_roles() -> dict[str, Role]:
 
 
 def build_parser(roles: dict[str, Role] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comfyserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="comfyserve", description=DESCRIPTION)
     add_option(parser, "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     add_option(parser, "--loop", choices=LOOPS, default="auto",
                help="event loop of the servers: uvloop (about 20%% less CPU per request) or "
