@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer
-from test_api_support import ApiFactory, api, instance_url  # noqa: F401
-from test_queue_support import store_kind  # noqa: F401
-from test_metrics_support import value
-from test_server_support import tiny_graph
+from support.api import ApiFactory
+from support.metrics import value
+from support.processes import RedisServer
+from support.server import tiny_graph
 
 from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps, Transient
 from queue_service.client import QueueClient
@@ -32,7 +31,7 @@ StoreFactory = Callable[[], Awaitable[QueueStore]]
 
 
 @pytest.fixture
-async def open_store(store_kind: str, request: pytest.FixtureRequest,  # noqa: F811
+async def open_store(store_kind: str, request: pytest.FixtureRequest,
                      tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """Open stores under test: SQLite in tmp_path, or (each call a "process" of its own) a flushed Redis."""
     redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
@@ -102,7 +101,7 @@ async def test_unknown_indexes_to_remove_are_harmless(open_store: StoreFactory) 
     assert not await store.exists("svc/never-written")
 
 
-async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind: str) -> None:  # noqa: F811
+async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind: str) -> None:
     store = await open_store()
     [first] = await put_input(store, 1)
     sink_changed, input_changed = store.changes(SINK), store.changes(INPUT)  # taken before looking
@@ -178,7 +177,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20
             await asyncio.sleep(0.02)
 
 
-async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, instance_url: Any) -> None:  # noqa: F811
+async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, instance_url: Any) -> None:
     live = await api(instance_urls=(await instance_url(),), max_length=1)
     assert live.live.pool is not None
     [(worker, _)] = live.live.pool.workers
@@ -209,7 +208,7 @@ async def _pending(queue: QueueClient, index: int) -> bool:
     return (await queue.search(index)).get("IsPending") is True
 
 
-async def test_split_deployment_puts_then_commits(api: ApiFactory) -> None:  # noqa: F811
+async def test_split_deployment_puts_then_commits(api: ApiFactory) -> None:
     live = await api(max_length=1)
     async with live.input() as queue, live.sink() as sink:
         ops = HttpQueueOps(queue, sink)

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.metrics import kinds, value
+from support.server import tiny_graph
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from conftest import free_port
+from standard.ports import free_port
 from standard.retry import WEBHOOK
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from test_api_support import TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
-from test_metrics_support import kinds, value
-from test_server_support import tiny_graph
 
 BOOM_PLUGIN = '''
 class TestBoom:
@@ -279,7 +279,7 @@ async def test_run_timeout_reports_an_error_and_interrupts_the_prompt(api: ApiFa
                                                                       data_dir: Path) -> None:
     from api_edition.settings import WorkerSettings
     from api_edition.worker import Worker
-    from test_server_support import gated_graph, install_gate_plugin, open_gate
+    from support.server import gated_graph, install_gate_plugin, open_gate
 
     install_gate_plugin(data_dir)
     url = await instance_url()

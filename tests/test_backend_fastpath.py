@@ -9,11 +9,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from support.backend import TOKEN, FastFront, start_front
+from support.metrics import parse, value
 
-from conftest import free_port
 from standard.datadir import init_data_dir
-from test_metrics_support import parse, value
-from test_backend_support import TOKEN, FastFront, backend, start_front  # noqa: F401
+from standard.ports import free_port
 
 
 async def raw_exchange(port: int, data: bytes, responses: int = 1, timeout_s: float = 10.0) -> bytes:

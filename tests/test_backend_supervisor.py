@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from support.backend import eventually
+from support.metrics import kinds, parse, value
+from support.processes import SHIM_DIR, alive
+from support.server import gated_graph, install_gate_plugin, open_gate
 
 from standard.backend import app as backend_app
 from standard.backend.app import create_backend_app
@@ -19,24 +23,6 @@ from standard.backend.supervisor import ComfyUIChild
 from standard.client import InstanceClient
 from standard.datadir import MODEL_FOLDERS, DataDir, init_data_dir
 from standard.settings import StandardSettings
-from test_backend_support import eventually
-from test_metrics_support import kinds, parse, value
-from test_server_support import gated_graph, install_gate_plugin, open_gate
-
-SHIM_DIR = Path(__file__).resolve().parent / "comfyui_shim"
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead too
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 @pytest.fixture
 def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.cluster import PASSWORD, files_under, graph, wait_until
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
 from cluster_proxy.login import SESSION_COOKIE, USER, setup_login
 from cluster_proxy.throttle import LoginThrottle
 from standard.datadir import init_data_dir
-from test_cluster_support import PASSWORD, files_under, graph, start_cluster, wait_until  # noqa: F401
 
 SECRET = "test-secret"
 

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    events_until,
-    files_under,
-    graph,
-    is_done,
-    next_json,
-    png_bytes,
-    start_cluster,
-    wait_until,
-)
+from support.cluster import Cluster, files_under, graph, png_bytes, wait_until
+from support.server import events_until, is_done, next_json
 
 
 async def test_two_users_run_prompts_and_see_only_their_own(start_cluster) -> None:
@@ -168,7 +159,7 @@ async def test_without_local_validation_the_instance_reports_the_error(start_clu
 async def test_the_dashboard_shows_my_queue_history_and_the_pool(start_cluster) -> None:
     import aiohttp
 
-    from test_cluster_support import PASSWORD
+    from support.cluster import PASSWORD
 
     cluster: Cluster = await start_cluster(instances=1)
     alice = cluster.user("alice")

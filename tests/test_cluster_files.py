@@ -7,17 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    files_under,
-    graph,
-    is_done,
-    next_json,
-    png_bytes,
-    start_cluster,
-    wait_until,
-)
+from support.cluster import Cluster, files_under, graph, png_bytes, wait_until
+from support.server import is_done, next_json
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -172,7 +163,7 @@ async def test_any_output_node_writes_into_the_users_folder(start_cluster) -> No
 
 
 async def instance_post(server: Any, path: str) -> aiohttp.ClientResponse:
-    from test_cluster_support import INSTANCE_TOKEN
+    from support.cluster import INSTANCE_TOKEN
 
     async with aiohttp.ClientSession() as session:
         async with session.post(str(server.make_url(path)), headers={"Authorization": INSTANCE_TOKEN}) as response:

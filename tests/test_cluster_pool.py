@@ -10,20 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cluster import INSTANCE_TOKEN, Cluster, files_under, graph, wait_until, write_sleep_plugin
+from support.processes import wait_for_port
+from support.server import events_until, is_done, next_json
 
-from conftest import free_port, wait_for_port
-from test_cluster_support import (  # noqa: F401
-    INSTANCE_TOKEN,
-    Cluster,
-    events_until,
-    files_under,
-    graph,
-    is_done,
-    next_json,
-    start_cluster,
-    wait_until,
-    write_sleep_plugin,
-)
+from standard.ports import free_port
 
 
 class InstanceProcess:

@@ -5,18 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster_proxy.scheduler import dispatch_order, pick_instance
+from support.cluster import Cluster, graph, wait_until
+from support.server import events_until, is_done, next_json
+
 from cluster_proxy.pool import Instance
+from cluster_proxy.scheduler import dispatch_order, pick_instance
 from cluster_proxy.store import Task
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    events_until,
-    graph,
-    is_done,
-    next_json,
-    start_cluster,
-    wait_until,
-)
 
 
 def _task(user: str, seq: int, models: list[str] | None = None) -> Task:

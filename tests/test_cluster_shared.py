@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_cluster_support import (  # noqa: F401
-    INSTANCE_TOKEN,
-    Cluster,
-    graph,
-    next_json,
-    start_cluster,
-    wait_until,
-)
+from support.cluster import INSTANCE_TOKEN, Cluster, graph, wait_until
+from support.server import next_json
 
 
 async def test_two_proxies_on_one_redis(start_cluster, aiohttp_server, redis_url: str) -> None:

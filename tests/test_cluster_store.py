@@ -7,16 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cluster import Cluster, files_under, graph, wait_until
 
 from cluster_proxy.store import DONE, PENDING, RUNNING, SqliteStateStore, Task
 from cluster_proxy.store_redis import RedisStateStore
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    files_under,
-    graph,
-    start_cluster,
-    wait_until,
-)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -90,7 +84,7 @@ async def test_instance_urls_are_kept(store: Any) -> None:
 async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, request, backend: str) -> None:
     from cluster_proxy.app import create_cluster_app
     from cluster_proxy.settings import ClusterSettings
-    from test_cluster_support import INSTANCE_TOKEN
+    from support.cluster import INSTANCE_TOKEN
 
     redis_url = request.getfixturevalue("redis_url") if backend == "redis" else None
     cluster: Cluster = await start_cluster(instances=1, redis_url=redis_url)

@@ -8,8 +8,7 @@ import json
 
 import httpx
 import pytest
-from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
-                                requires_sdk, start_sdk, store_kind)
+from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, requires_sdk, start_sdk
 
 from queue_service.client import DataFrame, QueueFullError
 from queue_service.server import STORE_KEY, WATCHERS_KEY

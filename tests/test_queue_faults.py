@@ -8,9 +8,8 @@ import signal
 import httpx
 import pytest
 import websockets
-from conftest import RedisServer
-from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
-                                requires_sdk, run_sdk, settings_for, start_sdk, store_kind)
+from support.processes import RedisServer
+from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, requires_sdk, run_sdk, settings_for, start_sdk
 
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.redis_store import RedisStore

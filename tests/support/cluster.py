@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
-from test_server_support import events_until, is_done, next_json  # noqa: F401
 
 from cluster_proxy.accounts import Accounts
 from cluster_proxy.app import create_cluster_app

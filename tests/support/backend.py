@@ -1,4 +1,4 @@
-"""Fixtures for the real-ComfyUI runtime tests (no tests here).
+"""A backend instance and the proxy in front of it (fixtures ``backend``, ``front``).
 
 The backend is a second comfyserve instance (same protocol as ComfyUI) on its
 own loopback port; the front is ``create_backend_app`` pointed at it.

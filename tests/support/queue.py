@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.processes import TESTS_DIR
 
 from queue_service.client import QueueClient
 from queue_service.server import create_app
 from queue_service.settings import QueueSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
-SDK_SCRIPT = Path(__file__).resolve().parent / "sdk_queue.py"
+SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
+SDK_SCRIPT = TESTS_DIR / "sdk_queue.py"
 TOKEN = "queue-test-token"
 PENDING_TIMEOUT_S = 1.0
 

@@ -1,0 +1,26 @@
+"""Waiting on a condition instead of sleeping: ``await until(lambda: ..., what="...")``.
+
+A test waits for the state it needs (a metric, a file, a log line, a queue length) with a bounded poll,
+never for a fixed time that hopes the state has arrived on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30.0,
+                what: str = "condition") -> None:
+    """Wait for ``condition`` (checked every few ms) to hold; fail after ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = condition()
+                if not isinstance(result, bool):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not happen within {timeout_s}s") from None
