@@ -17,6 +17,7 @@ from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
+from support.wait import until
 
 from api_edition.webhook import WebhookPolicy, WebhookRefused
 from queue_service.client import QueueClient
@@ -258,9 +259,12 @@ async def test_worker_skips_a_refused_webhook_of_an_item_put_directly(api: ApiFa
                         {"task_id": "direct", "webhook": f"http://127.0.0.1:{hook_port}/hook"})
         [frame] = await read_results(sink, 1)
     assert frame.tags["status"] == "success"  # the result stands; only the delivery is skipped
-    await asyncio.sleep(0.3)
+
+    async def skipped() -> bool:
+        return value(await live.metrics(), "comfyserve_api_webhook_failures_total") == 1
+
+    await until(skipped, what="the worker skipping the webhook")
     assert calls == []
-    assert value(await live.metrics(), "comfyserve_api_webhook_failures_total") == 1
 
 
 def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any) -> None:

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from support.api import TOKEN, ApiFactory, no_more, read_results
 from support.metrics import kinds, value
 from support.server import tiny_graph
+from support.wait import until
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from standard.ports import free_port
@@ -136,7 +138,12 @@ async def test_redelivered_task_is_committed_not_run_again(api: ApiFactory, inst
     assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 1
 
 
-async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any) -> None:
+def _logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
+    return any(all(part in r.getMessage() for part in parts) for r in caplog.records)
+
+
+async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     live = await api(instance_urls=(await instance_url(),), max_length=2)
     for i in range(2):
         await live.submit(tiny_graph(f"s{i}"), task_id=f"s{i}")
@@ -147,7 +154,7 @@ async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance
             await asyncio.sleep(0.05)
         await live.submit(tiny_graph("s2"), task_id="s2")  # runs, then its put waits for room
         await live.submit(tiny_graph("s3"), task_id="s3")  # not taken while s2 is held
-        await asyncio.sleep(0.6)
+        await until(lambda: _logged(caplog, "sink put failed", "is full"), what="the worker holding s2's result")
         attrs = await queue.attributes()
         assert attrs["stream.length"] == "2"
         first = int(attrs["stream.firstEntry"])
@@ -157,11 +164,12 @@ async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance
         assert sorted(f.tags["task_id"] for f in frames) == ["s0", "s1", "s2", "s3"]
 
 
-async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: Any, data_dir: Path) -> None:
+async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: Any, data_dir: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     live = await api(instance_urls=(f"http://127.0.0.1:{port}",))
     await live.submit(tiny_graph("late"), task_id="late")
-    await asyncio.sleep(0.5)
+    await until(lambda: _logged(caplog, "is not ready", "waiting"), what="the worker finding its instance down")
     async with live.input() as queue:
         assert (await queue.search(1))["IsPending"] is False  # nobody took it while the instance is down
     assert value(await live.metrics(), "comfyserve_api_worker_instance_up") == 0
