@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from support.cluster import Cluster, graph, wait_until
+from support.cluster import INSTANCE_TOKEN, Cluster, graph, wait_until
 from support.server import events_until, is_done, next_json
 
 from cluster_proxy.pool import Instance
 from cluster_proxy.scheduler import dispatch_order, pick_instance
 from cluster_proxy.store import Task
+from standard.client import InstanceClient
 
 
 def _task(user: str, seq: int, models: list[str] | None = None) -> Task:
@@ -95,6 +95,15 @@ async def test_queue_lists_only_the_users_tasks_and_deletes_only_theirs(start_cl
     assert [item[1] for item in (await (await http_b.get("/queue")).json())["queue_pending"]] == [waiting_b]
 
 
+async def _running_everywhere(cluster: Cluster) -> bool:
+    """Each instance of the cluster is executing a prompt (asked directly, with the instance token)."""
+    for server in cluster.instances:
+        async with InstanceClient(str(server.make_url("")).rstrip("/"), INSTANCE_TOKEN) as instance:
+            if not (await instance.queue())["queue_running"]:
+                return False
+    return True
+
+
 async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=2)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
@@ -103,7 +112,7 @@ async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
     task_a = await _submit(http_a, graph("a", color=1, seconds=5.0))
     task_b = await _submit(http_b, graph("b", color=2, seconds=1.0), client_id="b")
     await wait_until(lambda: len(cluster.core.runs) == 2)
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: _running_everywhere(cluster))  # both prompts execute on their instances
     assert (await http_b.post("/interrupt", json={"prompt_id": task_a})).status == 404
     assert (await http_a.post("/interrupt", json={})).status == 200  # global: only alice's tasks
     events = await events_until(ws_b, is_done(task_b))

@@ -8,7 +8,8 @@ import json
 
 import httpx
 import pytest
-from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, requires_sdk, start_sdk
+from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, start_sdk
+from support.wait import until
 
 from queue_service.client import DataFrame, QueueFullError
 from queue_service.server import STORE_KEY, WATCHERS_KEY
@@ -149,8 +150,9 @@ async def test_indexes_are_monotonic_per_queue_and_names_may_have_one_slash(live
 async def test_get_long_polls_and_auto_deletes(live_queue: LiveQueue) -> None:
     queue = live_queue.client()
     assert await queue.get(timeout_s=0) == []
+    parked = record_long_polls(live_queue)
     waiting = asyncio.create_task(queue.get(index=1, timeout_s=5, auto_delete=True))
-    await asyncio.sleep(0.1)
+    await until(lambda: "svc/sink" in parked, what="the get parked")
     assert not waiting.done()
     await queue.put(b"late")
     [frame] = await asyncio.wait_for(waiting, 3)
