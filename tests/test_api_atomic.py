@@ -120,7 +120,7 @@ async def test_watchers_in_another_process_on_the_same_redis_wake(redis_url: str
         await store.open()
     try:
         # Both stores' change listeners are subscribed: a notice now reaches the watcher.
-        await wait_until(lambda: _subscribers_reach(admin, subscribed + 2))
+        await until(lambda: _subscribers_reach(admin, subscribed + 2))
         await _wake_across_processes(writer, watcher)
     finally:
         for store in (writer, watcher):
@@ -186,12 +186,6 @@ async def test_a_retry_after_a_lost_redis_reply_puts_no_second_result(tmp_path: 
 # -- the API edition ---------------------------------------------------------------------------
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():
-            await asyncio.sleep(0.02)
-
-
 def _held(caplog: pytest.LogCaptureFixture) -> bool:
     """The worker has run a task and is retrying its result's put on a full sink."""
     return any("sink put failed" in r.getMessage() and "is full" in r.getMessage() for r in caplog.records)
@@ -206,19 +200,19 @@ async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, i
     store = live.live.app[STORE_KEY]
 
     first = (await live.submit(tiny_graph("a0"), task_id="a0")).headers["X-Eas-Queueservice-Request-Id"]
-    await wait_until(lambda: store.get(SINK, 0, 1, first))
+    await until(lambda: store.get(SINK, 0, 1, first))
     assert (await store.stats(INPUT)).length == 0  # committed with the put
 
     # The sink is at its max length: the next result is refused, and its input stays uncommitted.
     second = (await live.submit(tiny_graph("a1"), task_id="a1")).headers["X-Eas-Queueservice-Request-Id"]
     async with live.input() as queue:
-        await wait_until(lambda: _pending(queue, 2))  # the worker took it
+        await until(lambda: _pending(queue, 2))  # the worker took it
         await until(lambda: _held(caplog), what="the worker holding its result")
         assert (await store.stats(INPUT)).length == 1
         assert await store.get(SINK, 0, 1, second) == []
         [held] = await store.get(SINK, 0, 10, None)
         await store.remove(SINK, [held.index])  # a client takes the first result: room again
-        await wait_until(lambda: store.get(SINK, 0, 1, second))
+        await until(lambda: store.get(SINK, 0, 1, second))
         assert (await store.stats(INPUT)).length == 0
     metrics = await live.metrics()
     assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 2

@@ -148,10 +148,10 @@ async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance
     for i in range(2):
         await live.submit(tiny_graph(f"s{i}"), task_id=f"s{i}")
     async with live.sink() as sink, live.input() as queue:
-        for _ in range(100):
-            if (await sink.attributes())["stream.length"] == "2":
-                break
-            await asyncio.sleep(0.05)
+        async def sink_full() -> bool:
+            return (await sink.attributes())["stream.length"] == "2"
+
+        await until(sink_full, what="both results on the sink")
         await live.submit(tiny_graph("s2"), task_id="s2")  # runs, then its put waits for room
         await live.submit(tiny_graph("s3"), task_id="s3")  # not taken while s2 is held
         await until(lambda: _logged(caplog, "sink put failed", "is full"), what="the worker holding s2's result")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.clock import FakeClock
 from support.cluster import PASSWORD, files_under, graph, wait_until
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
@@ -69,23 +70,6 @@ class Provider:
 
     async def disconnect_user(self, name: str) -> None:
         self.disconnected.append(name)
-
-
-class FakeClock:
-    """The throttle's and the session cache's clock, moved by the test instead of waited for."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-        self.pauses: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-    async def pause(self, seconds: float) -> None:
-        self.pauses.append(seconds)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from oss_server.fixtures import BUCKET, storage_settings
 from PIL import Image
+from support.clock import FakeClock
 from support.server import png_bytes, wait_history
 
 from standard.server import keys
@@ -131,7 +133,8 @@ async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_inst
     oss.server.put(BUCKET, "data/input/notes.txt", b"not an image")
 
     # A burst of node-list requests once the listing is stale costs one listing, not one per request.
-    await asyncio.sleep(TTL_S)
+    storage.inputs.clock = clock = FakeClock(time.monotonic())
+    clock.advance(TTL_S)
     refreshes, listings = storage.inputs.refreshes, listing_requests(oss)
     await asyncio.gather(*(image_choices(client) for _ in range(30)))
     loop = asyncio.get_running_loop()
@@ -260,8 +263,9 @@ async def test_node_lists_keep_answering_while_the_bucket_listing_fails(oss_inst
     storage = client.app[STORAGE]
     oss.server.faults.fail("GET", "", times=1000)  # every GET, listings included
     refreshes = storage.inputs.refreshes
+    storage.inputs.clock = clock = FakeClock(time.monotonic())
     with caplog.at_level(logging.WARNING, logger="comfyserve.storage"):
-        await asyncio.sleep(TTL_S)
+        clock.advance(TTL_S)
         assert "known.png" in await image_choices(client)  # the last listing, at once
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15

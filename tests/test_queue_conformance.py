@@ -395,8 +395,11 @@ async def test_a_busy_watcher_keeps_the_items_it_holds(live_queue: LiveQueue) ->
 @requires_sdk
 @pytest.mark.parametrize("store_kind", ["sqlite"])  # pings are the front's business: one store is enough
 async def test_sdk_watcher_idles_through_its_pings(live_queue: LiveQueue, store_kind: str) -> None:
-    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch", {"count": 1, "window": 1})
-    await asyncio.sleep(4.5)  # two rounds of the SDK's 2 s pings on an idle watch
+    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch", {"count": 1, "window": 1,
+                                                                      "report_pings": True})
+    assert proc.stdout is not None
+    for _ in range(2):  # two rounds of the SDK's own 2 s keep-alive pings on an idle watch
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"PING"
     await live_queue.client().put(b"after a quiet while")
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err.decode()[-2000:]
