@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from support.clock import FakeClock
-from support.cluster import PASSWORD, files_under, graph, wait_until
+from support.cluster import PASSWORD, files_under, graph
+from support.wait import until
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
 from cluster_proxy.login import SESSION_COOKIE, USER, setup_login
@@ -483,7 +484,7 @@ async def test_removing_a_user_stops_their_work_and_the_name_comes_back_empty(st
     async def is_running() -> bool:
         return [item[1] for item in (await alice.queue())["queue_running"]] == [running]
 
-    await wait_until(is_running)
+    await until(is_running)
     root = await browser_login(cluster, "root")
     csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', await (await root.get("/admin")).text()).group(1)
     removed = await root.post("/admin/users", data={"csrf": csrf, "action": "remove", "name": "alice"},
@@ -491,7 +492,7 @@ async def test_removing_a_user_stops_their_work_and_the_name_comes_back_empty(st
     assert removed.status == 200 and "User alice removed" in await removed.text()
     assert (await alice_browser.get("/api/queue")).status == 401
     assert (await cluster.http("alice").get("/api/queue")).status == 401
-    await wait_until(lambda: all(i.task_id is None for i in cluster.pool.instances.values()))  # interrupted
+    await until(lambda: all(i.task_id is None for i in cluster.pool.instances.values()))  # interrupted
     assert not cluster.user_dir("alice").exists()  # nothing the interrupted task wrote came back
     [moved] = (cluster.data_dir / "users" / ".removed").iterdir()
     assert moved.name.startswith("alice-") and files_under(moved / "output") == ["old_00001_.png"]

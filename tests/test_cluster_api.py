@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from support.cluster import Cluster, files_under, graph, png_bytes, wait_until
+from support.cluster import Cluster, files_under, graph, png_bytes
 from support.server import events_until, is_done, next_json
+from support.wait import until
 
 
 async def test_two_users_run_prompts_and_see_only_their_own(start_cluster) -> None:
@@ -66,8 +67,8 @@ async def test_the_same_prompt_id_for_two_users_is_two_tasks(start_cluster) -> N
                                                                   "prompt_id": "same"})
         assert response.status == 200
     alice, bob = cluster.user("alice"), cluster.user("bob")
-    await wait_until(lambda: _has_history(alice, "same"))
-    await wait_until(lambda: _has_history(bob, "same"))
+    await until(lambda: _has_history(alice, "same"))
+    await until(lambda: _has_history(bob, "same"))
     assert files_under(cluster.user_dir("alice") / "output") == ["s_00001_.png"]
     assert files_under(cluster.user_dir("bob") / "output") == ["s_00001_.png"]
 
@@ -149,7 +150,7 @@ async def test_without_local_validation_the_instance_reports_the_error(start_clu
     assert response.status == 200
     prompt_id = (await response.json())["prompt_id"]
     alice = cluster.user("alice")
-    await wait_until(lambda: _has_history(alice, prompt_id))
+    await until(lambda: _has_history(alice, prompt_id))
     entry = (await alice.history(prompt_id))[prompt_id]
     assert entry["status"]["status_str"] == "error"
 

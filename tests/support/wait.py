@@ -7,17 +7,20 @@ never for a fixed time that hopes the state has arrived on a loaded machine.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30.0,
+async def until(condition: Callable[[], Any | Awaitable[Any]], timeout_s: float = 30.0,
                 what: str = "condition") -> None:
-    """Wait for ``condition`` (checked every few ms) to hold; fail after ``timeout_s``."""
+    """Wait for ``condition()`` (awaited if it returns an awaitable; checked every few ms) to be truthy;
+    fail after ``timeout_s``."""
     try:
         async with asyncio.timeout(timeout_s):
             while True:
                 result = condition()
-                if not isinstance(result, bool):
+                if inspect.isawaitable(result):
                     result = await result
                 if result:
                     return
