@@ -91,8 +91,11 @@ class Scheduler:
         # A shared store changes under us (other proxies): look at it now and then, too.
         poll_s = SHARED_POLL_S if getattr(self.store, "shared", False) else LOCAL_POLL_S
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands as the
+            # wake-up does (start() wakes at once), and aclose() then waited for ever on a loop that ran on.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if await self.dispatch() or poll_s == SHARED_POLL_S:

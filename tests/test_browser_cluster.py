@@ -102,7 +102,8 @@ def test_two_users_queue_from_the_web_ui_and_each_sees_only_their_own(proxy: Pro
                 page.click("[data-testid=queue-overlay-toggle]")
                 image = page.locator("img[src*='/view?filename=ComfyUI_00001_.png']").first
                 image.wait_for(state="visible", timeout=LOAD_TIMEOUT_MS)
-                assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 0
+                page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                           timeout=LOAD_TIMEOUT_MS)
                 deadline = time.monotonic() + 10
                 while not (history := _fetch_json(page, "/api/history")):
                     assert time.monotonic() < deadline

@@ -71,7 +71,8 @@ def test_web_ui_lists_the_engine_nodes_and_runs_a_workflow(browser_instance: Ins
     assert fetched.status == 200
     with Image.open(io.BytesIO(fetched.body())) as png:
         assert png.size == (512, 512)
-    assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 0
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                           timeout=LOAD_TIMEOUT_MS)
 
     # The node search offers the engine's nodes: add one by typing its name.
     page.keyboard.press("Escape")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -212,20 +213,27 @@ async def restart(request: web.Request) -> web.StreamResponse:
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 
 
-async def extensions(request: web.Request) -> web.StreamResponse:
-    """ComfyUI's list of extension scripts, plus ours (the restart button)."""
+async def _backend_json(request: web.Request, path: str) -> Any:
+    """ComfyUI's JSON answer to ``GET path``, for routes the front rewrites; a ``web.Response`` to
+    relay as it is when ComfyUI is starting, unreachable or answers anything but 200."""
     base_url = await _backend_url(request.app[BACKEND])
     if base_url is None:
         return backend_unavailable("ComfyUI is starting", 503)
     try:
-        async with request.app[SESSION].get(base_url + "/extensions",
-                                            timeout=aiohttp.ClientTimeout(total=30.0)) as response:
+        async with request.app[SESSION].get(base_url + path, timeout=aiohttp.ClientTimeout(total=30.0)) as response:
             if response.status != 200:
                 return web.Response(status=response.status, body=await response.read(),
                                     content_type=response.content_type)
-            urls = await response.json(content_type=None)
+            return await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return backend_unavailable(repr(exc))
+
+
+async def extensions(request: web.Request) -> web.StreamResponse:
+    """ComfyUI's list of extension scripts, plus ours (the restart button)."""
+    urls = await _backend_json(request, "/extensions")
+    if isinstance(urls, web.StreamResponse):
+        return urls
     if not isinstance(urls, list):
         urls = []
     return web.json_response(urls + [url for url in own_extension_urls() if url not in urls])
@@ -233,18 +241,9 @@ async def extensions(request: web.Request) -> web.StreamResponse:
 
 async def system_stats(request: web.Request) -> web.StreamResponse:
     """ComfyUI's ``/system_stats`` without its ``argv`` (command lines hold secrets: never relayed)."""
-    base_url = await _backend_url(request.app[BACKEND])
-    if base_url is None:
-        return backend_unavailable("ComfyUI is starting", 503)
-    try:
-        async with request.app[SESSION].get(base_url + "/system_stats",
-                                            timeout=aiohttp.ClientTimeout(total=30.0)) as response:
-            if response.status != 200:
-                return web.Response(status=response.status, body=await response.read(),
-                                    content_type=response.content_type)
-            stats = await response.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        return backend_unavailable(repr(exc))
+    stats = await _backend_json(request, "/system_stats")
+    if isinstance(stats, web.StreamResponse):
+        return stats
     return web.json_response(without_secrets(stats))
 
 
