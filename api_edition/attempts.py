@@ -56,6 +56,7 @@ from typing import Any, Protocol, TypeVar
 from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
+from standard.errors import WorkerError
 from standard.retry import QUEUE
 
 log = logging.getLogger("comfyserve.api.attempts")
@@ -72,7 +73,7 @@ def attempts_of(service: str) -> str:
     return service + ATTEMPTS_SUFFIX
 
 
-class Unavailable(Exception):
+class Unavailable(WorkerError):
     """The attempts queue could not be read or written."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from standard.errors import ClusterError
 from standard.private import private_dir, private_file
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
@@ -98,7 +99,7 @@ class StateStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-class TransitionRefused(Exception):
+class TransitionRefused(ClusterError):
     """A change function found the task not as expected; the transition does not happen."""
 
 

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth import SESSION_COOKIE
+from ..errors import BackendError
 from ..server.file_headers import apply_file_headers
 from ..server.http_util import json_error
 
@@ -109,11 +110,11 @@ def relayed_headers(request: web.Request, response: aiohttp.ClientResponse, *,
     return headers
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(BackendError):
     pass
 
 
-class BackendDown(Exception):
+class BackendDown(BackendError):
     """The backend could not be reached, and nothing was sent back yet."""
 
     def __init__(self, detail: str, status: int) -> None:

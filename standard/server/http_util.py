@@ -14,12 +14,13 @@ from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
+from ..errors import RequestError
 
 # ComfyUI's deepest bodies (a UI workflow with subgraphs in extra_pnginfo) nest about 20 levels.
 MAX_JSON_DEPTH = 128
 
 
-class BadJSON(ValueError):
+class BadJSON(RequestError):
     """A body that is not JSON we take: invalid, non-finite numbers, or nested too deep."""
 
 

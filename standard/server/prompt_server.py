@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..datadir import DataDir, WorkDirs
+from ..errors import EngineError
 from ..settings import StandardSettings
 from .metrics import ExecutionMetrics
 from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
@@ -36,7 +37,7 @@ ENGINE_API = ("NodeRegistry", "PromptExecutor", "validate_prompt")
 INTERRUPT_GRACE_S = 2.0  # after the shutdown timeout: how long an interrupted prompt may take to stop
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(EngineError, RuntimeError):
     """The embedded engine could not be imported or loaded."""
 
 
@@ -49,7 +50,7 @@ def _load_engine_module() -> Any:
     return engine
 
 
-class RestartRefused(RuntimeError):
+class RestartRefused(EngineError, RuntimeError):
     """/restart while a prompt runs: the caller gets a 409."""
 
 
