@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..serving import draining_headers, is_draining
 from .context import prompt_server
-from .http_util import json_http_error
+from .http_util import json_error
 from .prompt_server import RestartRefused
 
 routes = web.RouteTableDef()
@@ -43,5 +43,5 @@ async def restart(request: web.Request) -> web.Response:
     try:
         status = await server.reload()
     except RestartRefused as exc:
-        raise json_http_error(409, "prompt_running", "cannot restart while a prompt runs", str(exc)) from None
+        raise json_error(409, "prompt_running", "cannot restart while a prompt runs", str(exc)) from None
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
