@@ -11,7 +11,7 @@ running it.
 Where the count lives: a third queue of the service, ``{service}/attempts``,
 holding at most one live record per task, addressed by the input item's
 ``requestId`` tag. Only put / get-by-``requestId`` / delete are used — the
-calls of the queue service's wire protocol (DESIGN §4) — so the count is as
+calls of the queue service's wire protocol (``queue_service.server``) — so the count is as
 durable and as shared as the input queue itself (SQLite or Redis), survives
 worker restarts, and needs nothing the workers do not already reach. In the
 all-in-one the workers write the store directly, as they do for the sink.

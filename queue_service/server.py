@@ -1,6 +1,6 @@
 """The queue service's HTTP front: ``/api/predict/{queue}`` as the platform's SDK calls it.
 
-One route, dispatched on method and reserved query parameters (DESIGN §4):
+One route, dispatched on method and reserved query parameters, as the platform's queue service does:
 ``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_count_`` / ``_watch_`` (WebSocket);
 ``PUT ?_indexes_`` commit; ``DELETE ?_indexes_`` delete / ``?_trunc_&_index_`` truncate.
 Refusals are small JSON bodies: the SDK retries every non-2xx six times at once.

@@ -1,4 +1,4 @@
-"""Token auth for every comfyserve server (DESIGN §3).
+"""Token auth for every comfyserve server: who may call what, the token's half of it.
 
 API clients send ``Authorization: <token>`` (the cloud platform's raw form) or
 ``Authorization: Bearer <token>``. A browser logs in once at ``/login`` with
@@ -78,7 +78,7 @@ def wants_html(request: web.Request) -> bool:
 
 
 class AccessGuard:
-    """The one auth middleware of a role (DESIGN §9 "who may call what"), HTTP and WebSocket alike.
+    """The one auth middleware of a role (who may call what: the rules are in ``standard.guard``), HTTP and WebSocket alike.
 
     ``token=None``: open mode (loopback, or ``--no-auth``): only ``Host`` and
     ``Origin`` protect the server (see ``standard.guard``). With a token the

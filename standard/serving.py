@@ -1,6 +1,6 @@
 """Running a server role until it is told to stop: the part every ``comfyserve`` role shares.
 
-SIGTERM and SIGINT end the wait. Then the role *drains* (DESIGN §9): while its
+SIGTERM and SIGINT end the wait. Then the role *drains*: while its
 sites still listen, it refuses new work (503 with ``Retry-After``) and its drain
 hooks finish — or, past ``--shutdown-timeout``, hand back — what it is running.
 Only then is the runner cleaned up, which closes the sites and connections

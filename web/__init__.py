@@ -1,4 +1,4 @@
-"""Our own pages (login, dashboard, admin): jinja2 templates and static files."""
+"""Our own pages (login, dashboard, admin): jinja2 templates; their CSS is inline, there are no static files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from aiohttp import web
 
 WEB_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = WEB_DIR / "templates"
-STATIC_DIR = WEB_DIR / "static"
 
 
 def setup_templates(app: web.Application) -> None:
