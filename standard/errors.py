@@ -43,7 +43,8 @@ that base too (``PathOutsideRoot`` is a ``ValueError``)::
      │    ├── GiveBack              api_edition.worker: hand the task to another worker
      │    └── AddressRefused        api_edition.webhook: a refused webhook address (also OSError)
      ├── ClusterError               the cluster edition
-     │    ├── AccountError          cluster_proxy.accounts (also ValueError; sqlite3 translated there)
+     │    ├── AccountError          cluster_proxy.accounts: a refused account change (also ValueError)
+     │    ├── StateUnavailable      cluster_proxy.store: tasks/accounts storage failed (sqlite3, redis translated)
      │    ├── TransitionRefused     cluster_proxy.store
      │    └── InstanceLost          cluster_proxy.runner
      └── RetryLater                 standard.retry: a try the retry helper should repeat
