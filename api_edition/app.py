@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,11 +22,11 @@ from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
 from standard.auth import AccessGuard
 from standard.serving import drain_of
+from standard.supervised import StandardChild
 
 from .attempts import StoreAttemptRecords
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
-from .instances import LocalInstance
 from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
@@ -80,7 +80,7 @@ class Pool:
         self.store = store
         self.queue_url = queue_url
         self.metrics = metrics
-        self.instances: list[LocalInstance] = []
+        self.instances: list[StandardChild] = []
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
         self.webhooks = WebhookSender(None, policy=WebhookPolicy(self.settings.webhook_allow),  # keyed in start()
                                       retry=settings.webhook_retry,
@@ -99,15 +99,20 @@ class Pool:
         if not urls and self.settings.instances > 0:
             if self.settings.data_dir is None:
                 raise ValueError("local instances need a data dir")
-            for _ in range(self.settings.instances):
-                instance = LocalInstance(self.settings.data_dir, token=self.settings.token,
-                                         extra_args=self.settings.instance_args)
-                await instance.start()
+            taken = {self.settings.port}  # ours: listened on, but a child must not be given it
+            for index in range(self.settings.instances):
+                # The token goes in the child's environment: on the command line every local user sees it.
+                instance = StandardChild(f"instance {index}", self.settings.data_dir, token=self.settings.token,
+                                         extra_args=self.settings.instance_args, avoid_ports=taken)
+                taken.add(instance.port)
+                instance.start()
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token
+        # A spawned instance's worker waits for that very child, not whatever answers on its port.
+        gates: list[Callable[[], bool] | None] = [i.answering for i in self.instances] or [None] * len(urls)
         seen: dict[str, int] = {}
-        for url in urls:
+        for url, ours in zip(urls, gates, strict=True):
             # Two workers must never share a consumer uid: the queue would take the second for the
             # first reconnecting and hand it the first one's uncommitted item (a task run twice).
             seen[url] = seen.get(url, 0) + 1
@@ -119,7 +124,8 @@ class Pool:
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
                 max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
                 webhook_retry=self.settings.webhook_retry,
-            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts())
+            ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
+                ours=ours)
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def _store_ops(self) -> StoreQueueOps | None:

@@ -30,7 +30,7 @@ from queue_service import params
 from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
-from standard.server.http_util import JSONError, json_error, read_body_within
+from standard.http_util import JSONError, json_error, read_body_within
 from standard.serving import draining_headers, is_draining
 
 from .graph import GraphError, parse_graph

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from standard.errors import RequestError
-from standard.server.http_util import parse_json
+from standard.http_util import parse_json
 
 
 class GraphError(RequestError):

@@ -44,7 +44,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from queue_service.client import DataFrame, QueueClient, QueueClientError
@@ -90,8 +90,10 @@ class GiveBack(WorkerError):
 class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
                  webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
-                 attempts: AttemptRecords | None = None) -> None:
+                 attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None) -> None:
         self.settings = settings
+        # A spawned instance (``standard.supervised``): is its own child the one answering on the URL?
+        self.ours = ours
         self.name = settings.worker_id or default_worker_id(settings.instance_url)
         self.metrics = metrics or ApiMetrics()
         self.stats = self.metrics.worker(self.name)
@@ -174,7 +176,7 @@ class Worker:
 
     async def _wait_instance(self) -> None:
         logged = False
-        while not await self.probe.ready():
+        while not (self._is_ours() and await self.probe.ready()):
             self.stats.instance_up.set(0)
             if not logged:
                 log.warning("%s: instance %s is not ready (down, loading, or refusing the token); waiting",
@@ -305,12 +307,15 @@ class Worker:
             return (*results.from_failure("instance_error", str(exc)), None)
         return (*results.from_run(result), result.prompt_id)
 
+    def _is_ours(self) -> bool:
+        return self.ours is None or self.ours()
+
     async def _instance_down(self) -> None:
         """Returns once the instance has failed its health check for ``instance_down_s``."""
         down_since: float | None = None
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
-            if await self.probe.health():
+            if self._is_ours() and await self.probe.health():
                 down_since = None
                 continue
             now = time.monotonic()

@@ -94,10 +94,11 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
     app[SCOPES] = scopes
     local = None
     if settings.instances:
-        local = LocalInstances(settings.instances, data_dir.root, secrets.token_urlsafe(24), settings.instance_args)
+        local = LocalInstances(settings.instances, data_dir.root, secrets.token_urlsafe(24), settings.instance_args,
+                               avoid_ports=(settings.port,))
     app[LOCAL_INSTANCES] = local
     secret_key = settings.secret_key or load_or_create_secret(data_dir)
-    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core)
+    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core, guard=guard)
     app.middlewares.append(scope_middleware(scopes))  # after the login middleware: it names the user
     add_routes_with_api_prefix(app, ops)
     add_routes_with_api_prefix(app, routes_api.routes)
@@ -114,9 +115,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     local = app[LOCAL_INSTANCES]
     try:
         if local is not None:
-            await local.start()
-            for url in local.urls:
-                pool.add(url, local.token)
+            await local.start(pool)
         for url in settings.instance_urls:
             pool.add(url, settings.instance_token)
         for url in await core.store.instance_urls():

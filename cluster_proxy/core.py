@@ -323,7 +323,9 @@ class ClusterCore:
             run.released = True
             await self.store.release_instance(instance.url, task.id)
             self.pool.mark_down(instance, reason)
-        await self._requeue_or_fail(task, f"instance {instance.url} was lost: {reason}")
+        # Users are told which numbered instance, never its URL (the log keeps the detail).
+        log.warning("instance %s lost while running task %s: %s", instance.url, task.prompt_id, reason)
+        await self._requeue_or_fail(task, f"{self.pool.display_name(instance)} was lost")
 
     async def _requeue_or_fail(self, task: Task, reason: str) -> None:
         if task.instance:  # its lease must not keep the instance from the next task

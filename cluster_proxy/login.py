@@ -23,12 +23,12 @@ from typing import Any, Protocol
 import aiohttp_jinja2
 from aiohttp import web
 
-from standard.auth import safe_next, same_origin, token_from_header, wants_html
+from standard.auth import AccessGuard, safe_next, same_origin, token_from_header, wants_html
 from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
 from standard.private import load_or_create_key
-from standard.server.http_util import json_error, read_form
-from web import setup_templates
+from standard.http_util import json_error, read_form
+from standard.pages import setup_templates
 
 from .accounts import AccountError, Accounts, User
 from .throttle import LoginThrottle
@@ -74,8 +74,13 @@ class CsrfTokens:
 
 def setup_login(app: web.Application, accounts: Accounts, secret_key: str, *,
                 public_paths: frozenset[str] = DEFAULT_PUBLIC_PATHS,
-                dashboard: DashboardProvider | None = None, throttle: LoginThrottle | None = None) -> None:
-    """Install the middleware, the pages and the state they share on ``app``."""
+                dashboard: DashboardProvider | None = None, throttle: LoginThrottle | None = None,
+                guard: AccessGuard | None = None) -> None:
+    """Install the middleware, the pages and the state they share on ``app``.
+
+    ``guard`` is the role's access guard: wrong API tokens count in its per-address throttle, as wrong
+    service tokens do on every other role.
+    """
     from .pages import page_routes
 
     if aiohttp_jinja2.APP_KEY not in app:
@@ -84,7 +89,7 @@ def setup_login(app: web.Application, accounts: Accounts, secret_key: str, *,
     app[CSRF] = CsrfTokens(secret_key)
     app[THROTTLE] = throttle or LoginThrottle()
     app[DASHBOARD] = dashboard
-    app.middlewares.append(_auth_middleware(accounts, public_paths))
+    app.middlewares.append(_auth_middleware(accounts, public_paths, guard))
     app.router.add_routes(_routes() + page_routes())
 
 
@@ -92,15 +97,20 @@ def current_user(request: web.Request) -> User:
     return request[USER]
 
 
-def _auth_middleware(accounts: Accounts, public_paths: frozenset[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: AccessGuard | None
+                     ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in public_paths:
             return await handler(request)
         header = token_from_header(request.headers.get("Authorization"))
         if header is not None:
+            if guard is not None:
+                guard.refuse_if_throttled(request)
             user = await accounts.verify_token(header)
             if user is None:
+                if guard is not None:
+                    guard.throttle.failed(client_address(request))
                 raise json_error(401, "unauthorized", "invalid token")
             request[USER] = user
             return await handler(request)

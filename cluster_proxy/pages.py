@@ -12,7 +12,7 @@ from __future__ import annotations
 import aiohttp_jinja2
 from aiohttp import web
 
-from standard.server.http_util import json_error, read_form
+from standard.http_util import json_error, read_form
 
 from .accounts import AccountError, User
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_address, check_csrf, page_context

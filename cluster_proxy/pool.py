@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +20,7 @@ from typing import Any
 
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
-from standard.ports import free_port
-from standard.private import TOKEN_ENV, child_environment
+from standard.supervised import StandardChild
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
@@ -84,6 +81,7 @@ class Instance:
     last_used_s: float = 0.0
     tasks_run: int = 0
     busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
+    ours: Callable[[], bool] | None = None  # a spawned instance: is its own child the one answering?
 
     @property
     def free(self) -> bool:
@@ -106,12 +104,13 @@ class Pool:
 
     # -- membership ---------------------------------------------------------------
 
-    def add(self, url: str, token: str | None = None) -> Instance:
+    def add(self, url: str, token: str | None = None, *, ours: Callable[[], bool] | None = None) -> Instance:
+        """Put the instance at ``url`` in the pool; ``ours`` gates a spawned one (see ``check_all``)."""
         url = url.rstrip("/")
         if url in self.instances:
             return self.instances[url]
         client = InstanceClient(url, token, timeouts=self._timeouts)
-        instance = Instance(url, client, InstanceEvents(client))
+        instance = Instance(url, client, InstanceEvents(client), ours=ours)
         self.instances[url] = instance
         instance.events.start()
         log.info("instance %s joined the pool", url)
@@ -139,6 +138,11 @@ class Pool:
             log.warning("instance %s left the pool: %s", instance.url, reason)
         instance.state = DOWN
         instance.task_id = None
+
+    def display_name(self, instance: Instance) -> str:
+        """``instance N``, as non-admins see it on the dashboard."""
+        number = next((n for n, i in enumerate(self.instances.values(), start=1) if i is instance), 0)
+        return f"instance {number}"
 
     def status(self, *, with_urls: bool = True) -> list[dict[str, Any]]:
         """Each instance's state; ``with_urls=False`` (for non-admins) names them by number instead."""
@@ -172,7 +176,7 @@ class Pool:
 
     async def check_all(self) -> None:
         instances = list(self.instances.values())
-        results = await asyncio.gather(*(i.client.ready() for i in instances), return_exceptions=True)
+        results = await asyncio.gather(*(self._ready(i) for i in instances), return_exceptions=True)
         changed = False
         for instance, ready in zip(instances, results, strict=True):
             ok = ready is True
@@ -185,6 +189,13 @@ class Pool:
         if changed:
             self._cache.clear()
             self.on_change()
+
+    @staticmethod
+    async def _ready(instance: Instance) -> bool:
+        """``/readyz`` answers 200 and, for a spawned instance, from its own child (not a squatter on its port)."""
+        if instance.ours is not None and not instance.ours():
+            return False
+        return await instance.client.ready()
 
     # -- info from the pool ---------------------------------------------------------
 
@@ -206,84 +217,34 @@ class Pool:
 
 
 class LocalInstances:
-    """``--instances N``: embedded-engine instances on loopback ports, restarted when they die."""
+    """``--instances N``: ``python -m standard`` children on loopback ports, restarted when they die.
 
-    def __init__(self, count: int, data_dir: Path, token: str, extra_args: tuple[str, ...] = ()) -> None:
-        self.count = count
-        self.data_dir = data_dir
+    Their ports avoid the proxy's own (``avoid_ports``) and each other's; an
+    instance is only ever up in the pool while its own child answers there
+    (``StandardChild.answering``), never because something else took its port.
+    """
+
+    def __init__(self, count: int, data_dir: Path, token: str, extra_args: tuple[str, ...] = (),
+                 avoid_ports: tuple[int, ...] = ()) -> None:
         self.token = token
-        self.extra_args = extra_args
-        self.ports = [free_port() for _ in range(count)]
-        self._processes: dict[int, asyncio.subprocess.Process] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
+        log_dir = data_dir / ".comfyserve" / "instances"
+        taken = set(avoid_ports)
+        self.children: list[StandardChild] = []
+        for index in range(count):
+            child = StandardChild(f"local instance {index}", data_dir, token=token, extra_args=extra_args,
+                                  avoid_ports=taken, log_file=log_dir / f"instance-{index}.log", stop_timeout_s=10.0)
+            taken.add(child.port)
+            self.children.append(child)
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.ports]
+        return [child.url for child in self.children]
 
-    async def start(self) -> None:
-        for index, port in enumerate(self.ports):
-            self._tasks.append(asyncio.create_task(self._supervise(index, port), name=f"comfyserve-instance-{index}"))
-
-    async def _spawn(self, index: int, port: int) -> asyncio.subprocess.Process:
-        log_dir = self.data_dir / ".comfyserve" / "instances"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        env = child_environment({TOKEN_ENV: self.token})  # not on the command line: ps shows that
-        with open(log_dir / f"instance-{index}.log", "ab") as log_file:
-            return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "standard", "--port", str(port), "--data-dir", str(self.data_dir),
-                *self.extra_args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                preexec_fn=_die_with_parent,
-            )
-
-    async def _supervise(self, index: int, port: int) -> None:
-        while not self._stopping:
-            process = await self._spawn(index, port)
-            self._processes[index] = process
-            code = await process.wait()
-            if self._stopping:
-                return
-            log.warning("local instance %d (port %d) exited with %s; restarting", index, port, code)
-            await asyncio.sleep(1.0)
-
-    def process(self, index: int) -> asyncio.subprocess.Process | None:
-        return self._processes.get(index)
+    async def start(self, pool: Pool) -> None:
+        """Start the children and put each in ``pool``, gated on its own child answering."""
+        for child in self.children:
+            child.start()
+            pool.add(child.url, self.token, ours=child.answering)
 
     async def aclose(self) -> None:
-        self._stopping = True
-        for process in self._processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-        for process in self._processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), 10.0)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def _load_prctl() -> Any:
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()  # loaded here: the forked child must not import anything
-
-
-def _die_with_parent() -> None:
-    """Linux: the instance gets SIGTERM when the proxy dies, even by SIGKILL (no orphans holding ports)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
+        await asyncio.gather(*(child.stop() for child in self.children))

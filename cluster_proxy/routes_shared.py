@@ -23,7 +23,7 @@ from aiohttp import web
 from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
 from standard.server.context import instance_context
 from standard.server.frontend import setup_frontend
-from standard.server.http_util import json_error
+from standard.http_util import json_error
 from standard.server.routing import add_routes_with_api_prefix
 
 from .graph import STAGE

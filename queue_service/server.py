@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from standard.auth import AccessGuard
-from standard.server.http_util import json_error, read_body_within
+from standard.http_util import json_error, read_body_within
 
 from . import params
 from .params import BadParam

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+# Imports run one way (the contracts are in pyproject.toml): checked before any test runs.
+.venv/bin/lint-imports --no-logo
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

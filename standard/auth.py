@@ -19,13 +19,15 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .server.http_util import json_error, read_form
 from .guard import (DEFAULT_POLICY, POLICY, SHORT_TOKEN_CHARS, AccessPolicy, FailureThrottle, client_address,
                     cookie_secure, cross_origin_refusal, origin_problem, request_host)
+from .http_util import json_error, read_form
 
 SESSION_COOKIE = "comfyserve_session"
 SESSION_TTL_S = 7 * 24 * 3600
 DEFAULT_PUBLIC_PATHS: frozenset[str] = frozenset({"/healthz"})
+# A ComfyUI-protocol instance (embedded or in front of a ComfyUI) serves every route as /X and /api/X.
+INSTANCE_PUBLIC_PATHS: frozenset[str] = frozenset({"/healthz", "/api/healthz"})
 MAX_NEXT_CHARS = 2048
 
 log = logging.getLogger("comfyserve.auth")

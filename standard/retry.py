@@ -40,7 +40,7 @@ import tenacity
 
 from .errors import ComfyServeError
 
-__all__ = ["INSTANCE", "QUEUE", "RECONNECT", "STORAGE", "WEBHOOK", "RetryLater", "RetryPolicy", "retry_after_s"]
+__all__ = ["INSTANCE", "QUEUE", "RECONNECT", "RESTART", "STORAGE", "WEBHOOK", "RetryLater", "RetryPolicy", "retry_after_s"]
 
 T = TypeVar("T")
 Pause = Callable[[float], object]  # returns None, or an awaitable the async callers await
@@ -174,3 +174,6 @@ STORAGE = RetryPolicy(attempts=4, initial_s=0.2, max_s=5.0)
 
 WEBHOOK = RetryPolicy(attempts=5, initial_s=0.5, max_s=8.0, retry_after_max_s=60.0, level=logging.INFO)
 """Webhook deliveries: a receiver's ``Retry-After`` is honoured, up to a minute."""
+
+RESTART = RetryPolicy(attempts=None, initial_s=0.5, max_s=30.0)
+"""A supervised child that died (``standard.supervised``): started again until it is stopped."""

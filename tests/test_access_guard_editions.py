@@ -128,3 +128,17 @@ def test_a_bad_trusted_proxy_exits_2(tmp_path: Path, cli_env: dict[str, str]) ->
                                 env=cli_env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (role, result.stderr)
         assert "--trusted-proxy must be an IP address or network" in result.stderr, role
+
+
+async def test_cluster_slows_wrong_user_tokens_per_address(start_cluster) -> None:  # noqa: F811
+    cluster = await start_cluster(instances=0, users=("alice",))
+    right = {"Authorization": f"Bearer {cluster.tokens['alice']}"}
+    async with aiohttp.ClientSession() as guesser:
+        statuses = [(await guesser.get(cluster.url + "/queue", headers={"Authorization": f"Bearer csu_{i}"})).status
+                    for i in range(10)]
+        assert statuses == [401] * 10
+        slowed = await guesser.get(cluster.url + "/queue", headers=right)
+        assert slowed.status == 429 and int(slowed.headers["Retry-After"]) >= 1
+    # alice at another address is not locked out by the guesser
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as alice:
+        assert (await alice.get(cluster.url + "/queue", headers=right)).status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -119,6 +120,14 @@ def test_a_spawned_instance_that_dies_is_restarted_and_none_outlive_the_proxy(cl
     while states() != ["up", "up"]:
         assert time.monotonic() < deadline, "the restarted instance never rejoined"
         time.sleep(0.1)
+
+    async def run_work() -> list[bool]:  # the work goes on
+        async with InstanceClient(url, token) as client:
+            return [(await client.run(graph("ann", color=i, seconds=0.2), timeout_s=30)).ok for i in range(4)]
+
+    assert asyncio.run(run_work()) == [True] * 4
+    instances = httpx.get(url + "/cluster/instances", headers=headers, trust_env=False).json()["instances"]
+    assert [i["state"] for i in instances] == ["up", "up"] and sum(i["tasks_run"] for i in instances) == 4
     pids = [_pid_listening_on(port) for port in ports]
     proc.kill()  # no chance to clean up: the instances must still go
     proc.wait()

@@ -227,7 +227,7 @@ async def test_own_extension_routes_for_a_proxying_front(aiohttp_client) -> None
     from aiohttp import web
 
     from standard.server.frontend import own_extension_routes
-    from standard.server.internal import own_extension_urls
+    from standard.server.extensions import own_extension_urls
 
     assert own_extension_urls() == ["/extensions/comfyserve/restart.js"]
     app = web.Application()

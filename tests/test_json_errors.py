@@ -7,7 +7,7 @@ import json
 from aiohttp import web
 
 from standard.errors import ComfyServeError
-from standard.server.http_util import JSONError, json_error
+from standard.http_util import JSONError, json_error
 from test_api_support import ApiFactory, api  # noqa: F401
 from test_server_support import instance  # noqa: F401
 

@@ -21,8 +21,8 @@ from test_server_support import png_bytes, wait_history
 
 from standard.server import keys
 from standard.server.app import create_embedded_app
+from standard.server.storage_web import STORAGE
 from standard.settings import StandardSettings
-from standard.storage.web import STORAGE
 
 TTL_S = 0.2
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import web
 from standard.client import InstanceClient
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("standard", "api_edition", "queue_service", "cluster_proxy", "web", "tests")
+PACKAGES = ("standard", "api_edition", "queue_service", "cluster_proxy", "tests")
 
 
 def test_no_docstring_cites_a_design_document_the_repository_does_not_contain() -> None:
@@ -25,7 +24,3 @@ def test_no_docstring_cites_a_design_document_the_repository_does_not_contain() 
 def test_the_instance_client_has_one_name_for_get_json() -> None:
     assert hasattr(InstanceClient, "get_json") and not hasattr(InstanceClient, "_get_json")
 
-
-def test_the_pages_package_names_no_folder_that_does_not_exist() -> None:
-    folders = [value for value in vars(web).values() if isinstance(value, Path)]
-    assert folders and all(folder.exists() for folder in folders)

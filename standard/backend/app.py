@@ -21,18 +21,18 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from ..auth import AccessGuard
+from ..auth import INSTANCE_PUBLIC_PATHS, AccessGuard
 from ..datadir import init_data_dir
 from ..errors import ConfigError
-from ..server.app import PUBLIC_PATHS
-from ..server.http_util import json_error
+from ..http_util import json_error
+from ..server.extensions import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.frontend import own_extension_routes
-from ..server.internal import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.middlewares import json_errors_middleware
-from ..server.routes_info import without_secrets
 from ..server.prompt_request import refused_while_draining
+from ..server.routes_info import without_secrets
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
+from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
 from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
@@ -71,7 +71,7 @@ def make_backend(settings: StandardSettings) -> Backend:
 def create_backend_app(settings: StandardSettings, backend: Backend | None = None) -> web.Application:
     """The proxy app; ``backend`` defaults to the one the settings name."""
     backend = backend or make_backend(settings)
-    guard = AccessGuard(settings.access, token=settings.token, public_paths=PUBLIC_PATHS)
+    guard = AccessGuard(settings.access, token=settings.token, public_paths=INSTANCE_PUBLIC_PATHS)
     # Bodies are streamed to the backend; the size limit is checked while streaming.
     app = web.Application(middlewares=[json_errors_middleware, guard.middleware],
                           client_max_size=settings.max_upload_size_bytes)
@@ -83,7 +83,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
     if settings.token is not None:
-        from web import setup_templates
+        from ..pages import setup_templates  # jinja2 is loaded only for the login page
 
         setup_templates(app)
         app.router.add_routes(guard.login_routes())
@@ -182,7 +182,8 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """This process answers; a supervised child also names itself (``standard.supervised``)."""
+    return web.json_response({"status": "ok", **instance_identity()})
 
 
 async def readyz(request: web.Request) -> web.Response:

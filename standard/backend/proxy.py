@@ -23,8 +23,8 @@ from yarl import URL
 
 from ..auth import SESSION_COOKIE
 from ..errors import BackendError
+from ..http_util import JSONError, json_error
 from ..server.file_headers import apply_file_headers
-from ..server.http_util import JSONError, json_error
 
 log = logging.getLogger("comfyserve.backend")
 

@@ -4,20 +4,17 @@ The data dir is mapped onto ComfyUI's own flags (``--base-directory`` and the
 input/output/user directories, plus a generated extra-model-paths YAML that
 lists every ``DIR/models/<folder>``). Loading models and custom nodes can
 take minutes, so readiness is polled with no deadline while the child lives
-(progress is logged). A child that dies is started again with jittered exponential
-backoff (``standard.retry``); ``restart()`` replaces it on purpose; ``stop()`` sends SIGTERM, then
-SIGKILL after a grace period, to its whole process group.
+(progress is logged). Starting, restarting with backoff, stopping and dying
+with comfyserve are ``standard.supervised.SupervisedProcess``'s; ComfyUI is
+third-party code, so its environment holds no ``COMFYSERVE_*`` setting, and it
+gets a fresh port at each start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
 import logging
-import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +25,8 @@ import aiohttp
 from ..datadir import MODEL_FOLDERS, DataDir
 from ..errors import ConfigError
 from ..ports import free_port
-from ..private import child_environment
-from ..retry import RetryPolicy
+from ..retry import RESTART
+from ..supervised import SupervisedProcess
 from .runtime import probe
 
 log = logging.getLogger("comfyserve.backend")
@@ -65,15 +62,6 @@ def comfyui_command(python: str, comfyui_dir: Path, data_dir: DataDir, port: int
     ]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM the child if comfyserve itself dies without cleaning up."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class ComfyUIChild:
     """The supervised ComfyUI process; a ``Backend`` for the proxy."""
 
@@ -91,32 +79,29 @@ class ComfyUIChild:
         self.python = python
         self.extra_args = extra_args
         self.max_upload_size_mb = max_upload_size_mb
-        self.stop_timeout_s = stop_timeout_s
-        self.poll_s = poll_s
-        self.progress_log_s = progress_log_s
-        self.restart_backoff = RetryPolicy(attempts=None, initial_s=backoff_min_s, max_s=backoff_max_s)
-        self.stable_after_s = stable_after_s
         self.port: int | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
-        self.crashes = 0
-        self.last_exit: int | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._ready = False
-        self._ready_changed = asyncio.Condition()
-        self._restart_requested = False
-        self._stopping = False
-        self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._model_paths: Path | None = None
+        self.child = SupervisedProcess(
+            "ComfyUI", self._command, ready=self._probe, third_party=True, cwd=comfyui_dir, output=child_log,
+            tail_lines=LOG_TAIL_LINES, restart_policy=RESTART.but(initial_s=backoff_min_s, max_s=backoff_max_s),
+            stable_after_s=stable_after_s, stop_timeout_s=stop_timeout_s, poll_s=poll_s,
+            progress_log_s=progress_log_s, logger=log)
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.child.proc
+
+    @property
+    def crashes(self) -> int:
+        return self.child.crashes
 
     # -- Backend -------------------------------------------------------------
 
     @property
     def base_url(self) -> str | None:
-        return f"http://127.0.0.1:{self.port}" if self._ready and self.port else None
+        return f"http://127.0.0.1:{self.port}" if self.child.ready and self.port else None
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -125,154 +110,42 @@ class ComfyUIChild:
         self._tmp = tempfile.TemporaryDirectory(prefix="comfyserve-comfyui-")
         self._model_paths = Path(self._tmp.name) / "extra_model_paths.yaml"
         self._model_paths.write_text(model_paths_yaml(self.data_dir))
-        self._task = asyncio.create_task(self._supervise(), name="comfyserve-comfyui-supervisor")
+        self.child.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        await self._terminate()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._terminate()  # one the supervisor had just started while we stopped it
+        await self.child.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
     async def status(self) -> dict[str, Any]:
-        proc = self.proc
-        running = proc is not None and proc.returncode is None
+        child = self.child
+        running = child.pid is not None
         return {
-            "ready": self._ready, "runtime": self.kind, "comfyui_dir": str(self.comfyui_dir),
-            "pid": proc.pid if running and proc else None, "port": self.port, "starts": self.starts,
-            "crashes": self.crashes, "last_exit": self.last_exit,
-            "error": None if self._ready else ("starting" if running else "not running"),
-            "log_tail": list(self.tail)[-10:],
+            "ready": child.ready, "runtime": self.kind, "comfyui_dir": str(self.comfyui_dir),
+            "pid": child.pid, "port": self.port, "starts": child.starts,
+            "crashes": child.crashes, "last_exit": child.last_exit,
+            "error": None if child.ready else ("starting" if running else "not running"),
+            "log_tail": list(child.tail)[-10:],
         }
 
     async def restart(self, wait_s: float | None = None) -> dict[str, Any]:
         """Replace the child (plugins and models load anew); wait for it up to ``wait_s``."""
-        starts = self.starts
-        self._restart_requested = True
-        self._wake.set()
-        await self._set_ready(False)  # new requests wait for the new child instead of reaching the old one
-        await self._terminate()
-        await self.wait_ready(wait_s, after_starts=starts)
+        await self.child.restart(wait_s)
         return await self.status()
 
     async def wait_ready(self, timeout_s: float | None = None, *, after_starts: int = 0) -> bool:
         """Until a child started after ``after_starts`` is ready (or the timeout passes)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                async with self._ready_changed:
-                    await self._ready_changed.wait_for(lambda: self._ready and self.starts > after_starts)
-        return self._ready
+        return await self.child.wait_ready(timeout_s, after_starts=after_starts)
 
-    # -- supervision ---------------------------------------------------------
+    # -- the child -------------------------------------------------------------
 
-    async def _set_ready(self, ready: bool) -> None:
-        async with self._ready_changed:
-            self._ready = ready
-            self._ready_changed.notify_all()
-
-    async def _supervise(self) -> None:
-        failures = 0
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
-            self._restart_requested = False
-            self._wake.clear()
-            try:
-                proc = await self._spawn()
-            except OSError as exc:
-                log.error("cannot start ComfyUI: %s", exc)
-                proc = None
-            if proc is not None:
-                became_ready = await self._wait_until_ready(proc)
-                ready_at = loop.time()
-                if became_ready:
-                    await self._set_ready(True)
-                    log.info("ComfyUI ready on 127.0.0.1:%s (pid %d)", self.port, proc.pid)
-                await proc.wait()
-                await self._set_ready(False)
-                self.last_exit = proc.returncode
-                if self._stopping:
-                    return
-                if self._restart_requested:
-                    log.info("ComfyUI stopped for a restart")
-                    failures = 0
-                    continue
-                self.crashes += 1
-                if became_ready and loop.time() - ready_at >= self.stable_after_s:
-                    failures = 0
-                log.error("ComfyUI exited with %s; last output:\n%s", proc.returncode, "\n".join(self.tail))
-            failures += 1
-            delay = self.restart_backoff.delay_s(failures)
-            log.info("starting ComfyUI again in %.1f s", delay)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()  # a /restart or stop cuts the backoff short
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    def _command(self) -> list[str]:
         assert self._model_paths is not None
         self.port = free_port()
-        argv = comfyui_command(self.python, self.comfyui_dir, self.data_dir, self.port, self._model_paths,
+        return comfyui_command(self.python, self.comfyui_dir, self.data_dir, self.port, self._model_paths,
                                self.max_upload_size_mb, self.extra_args)
-        log.info("starting ComfyUI: %s", " ".join(argv))
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=str(self.comfyui_dir), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent, env=child_environment(third_party=True),
-        )
-        self.proc = proc
-        self.starts += 1
-        asyncio.create_task(self._pump_output(proc), name="comfyserve-comfyui-output")
-        return proc
 
-    async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            child_log.info("%s", text)
-
-    async def _wait_until_ready(self, proc: asyncio.subprocess.Process) -> bool:
-        """Poll until ComfyUI answers HTTP; False if it exits first. No deadline on purpose."""
+    async def _probe(self) -> tuple[bool, str]:
+        """Whether ComfyUI answers HTTP on its port."""
         assert self._session is not None
-        loop = asyncio.get_running_loop()
-        started = next_report = loop.time()
-        url = f"http://127.0.0.1:{self.port}"
-        while proc.returncode is None:
-            ok, detail = await probe(self._session, url)
-            if ok:
-                return True
-            now = loop.time()
-            if now >= next_report + self.progress_log_s:
-                next_report = now
-                log.info("waiting for ComfyUI (pid %d, port %s) to answer: %.0f s so far (%s)",
-                         proc.pid, self.port, now - started, detail)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_s):
-                    await proc.wait()
-        return False
-
-    async def _terminate(self) -> None:
-        """SIGTERM the child's process group; SIGKILL if it outlives ``stop_timeout_s``."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(self.stop_timeout_s):
-                await proc.wait()
-        except TimeoutError:
-            log.warning("ComfyUI (pid %d) ignored SIGTERM for %.0f s: SIGKILL", proc.pid, self.stop_timeout_s)
-            _signal_group(proc.pid, signal.SIGKILL)
-            await proc.wait()
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)
+        return await probe(self._session, f"http://127.0.0.1:{self.port}")

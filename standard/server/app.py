@@ -20,27 +20,25 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..auth import AccessGuard
+from ..auth import INSTANCE_PUBLIC_PATHS, AccessGuard
 from ..datadir import init_data_dir
 from ..serving import drain_of
 from ..settings import StandardSettings
-from ..storage.web import setup_storage
 from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
 from .frontend import setup_frontend
 from .internal import setup_internal_routes
 from .middlewares import json_errors_middleware
 from .prompt_server import PromptServer
 from .routing import add_routes_with_api_prefix
+from .storage_web import setup_storage
 from .userdata import setup_userdata
-
-PUBLIC_PATHS = frozenset({"/healthz", "/api/healthz"})
 
 
 def create_embedded_app(settings: StandardSettings) -> web.Application:
     """The full ComfyUI-protocol app; the engine loads when the app starts."""
     data_dir = init_data_dir(settings.data_dir)
     workdirs = data_dir.workdirs()
-    guard = AccessGuard(settings.access, token=settings.token, public_paths=PUBLIC_PATHS)
+    guard = AccessGuard(settings.access, token=settings.token, public_paths=INSTANCE_PUBLIC_PATHS)
     app = web.Application(client_max_size=settings.max_upload_size_bytes,
                           middlewares=[json_errors_middleware, guard.middleware])
     app[keys.SETTINGS] = settings
@@ -53,7 +51,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
     app.on_shutdown.append(_close_sockets)
 
     if settings.token is not None:
-        from web import setup_templates
+        from ..pages import setup_templates  # jinja2 is loaded only for the login page
 
         setup_templates(app)
         app.router.add_routes(guard.login_routes())

@@ -32,8 +32,8 @@ from aiohttp import web
 
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
-from .http_util import json_error
-from .internal import OWN_EXTENSION_DIR, OWN_EXTENSION_NAME, plugin_web_dirs
+from ..http_util import json_error
+from .extensions import OWN_EXTENSION_DIR, OWN_EXTENSION_NAME, plugin_web_dirs
 
 OWN_TEMPLATES_DIR = Path(__file__).resolve().parent / "web_templates"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -229,7 +229,7 @@ async def own_extension_file(request: web.Request) -> web.StreamResponse:
 def own_extension_routes() -> list[web.RouteDef]:
     """Just our extension's files, for a front that proxies another server's web UI.
 
-    Such a front also appends :func:`standard.server.internal.own_extension_urls`
+    Such a front also appends :func:`standard.server.extensions.own_extension_urls`
     to the backend's ``/extensions`` answer so the page loads them.
     """
     return [web.get(f"/extensions/{OWN_EXTENSION_NAME}/{{path:.+}}", own_extension_file)]

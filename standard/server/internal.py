@@ -23,17 +23,19 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
+from .. import model_folders
 from ..datadir import DataDir
 from ..errors import PathOutsideRoot
+from ..http_util import parse_json
 from ..paths import resolve_inside
-from . import keys, models
+from . import keys
 from .context import instance_context
+from .extensions import extension_urls, plugin_web_dirs
 from .file_headers import file_headers
-from .http_util import parse_json
+from .frontend import frontend_root
 from .routing import add_routes_with_api_prefix
 
 log = logging.getLogger("comfyserve.internal")
@@ -43,9 +45,6 @@ LOG_ENTRIES_MAX = 300
 EXTRA_LOCALE_FILES = ("nodeDefs.json", "commands.json", "settings.json")
 EXAMPLE_WORKFLOW_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 EXPERIMENT_MODELS_EXCLUDED = frozenset({"configs", "custom_nodes"})
-# Our own frontend extension (standard/server/web_extension), see frontend.py.
-OWN_EXTENSION_NAME = "comfyserve"
-OWN_EXTENSION_DIR = Path(__file__).resolve().parent / "web_extension"
 
 
 # -- the server log, as ComfyUI's log panel reads it ----------------------------
@@ -146,8 +145,8 @@ async def _log_forwarding_ctx(app: web.Application):  # type: ignore[no-untyped-
 def folder_paths(data_dir: DataDir) -> dict[str, list[str]]:
     """ComfyUI's ``folder_names_and_paths`` keys with their directories."""
     out: dict[str, list[str]] = {}
-    for name in models.folder_names():
-        path = models.folder_path(data_dir, name)
+    for name in model_folders.folder_names():
+        path = model_folders.folder_path(data_dir, name)
         if path is not None:
             out[name] = [str(path)]
     return out
@@ -285,9 +284,9 @@ def model_files(root: Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return out
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if d not in models.EXCLUDED_DIR_NAMES and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in model_folders.EXCLUDED_DIR_NAMES and not d.startswith(".")]
         for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in models.SUPPORTED_PT_EXTENSIONS:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in model_folders.SUPPORTED_PT_EXTENSIONS:
                 continue
             full = os.path.join(dirpath, name)
             try:
@@ -302,7 +301,7 @@ def model_files(root: Path) -> list[dict[str, Any]]:
 @routes.get("/experiment/models/{folder}")
 async def get_models_in_folder(request: web.Request) -> web.Response:
     folder = request.match_info["folder"]
-    root = models.folder_path(instance_context(request).data_dir, folder)
+    root = model_folders.folder_path(instance_context(request).data_dir, folder)
     if root is None:
         return web.Response(status=404)
     return web.json_response(await asyncio.to_thread(model_files, root))
@@ -310,7 +309,7 @@ async def get_models_in_folder(request: web.Request) -> web.Response:
 
 @routes.get("/experiment/models/preview/{folder}/{path_index}/{filename:.*}")
 async def get_model_preview(request: web.Request) -> web.StreamResponse:
-    root = models.folder_path(instance_context(request).data_dir, request.match_info["folder"])
+    root = model_folders.folder_path(instance_context(request).data_dir, request.match_info["folder"])
     if root is None or request.match_info["path_index"] != "0":
         return web.Response(status=404)
     try:
@@ -328,35 +327,8 @@ async def get_model_preview(request: web.Request) -> web.StreamResponse:
 # -- extensions and things the engine has none of ------------------------------------
 
 
-def extension_urls(web_root: Path | None, plugin_web_dirs: dict[str, Path]) -> list[str]:
-    """The frontend's own ``extensions/**/*.js``, ours, and each plugin's WEB_DIRECTORY."""
-    urls: list[str] = []
-    if web_root is not None and (web_root / "extensions").is_dir():
-        urls += sorted("/" + p.relative_to(web_root).as_posix() for p in (web_root / "extensions").rglob("*.js"))
-    dirs = {OWN_EXTENSION_NAME: OWN_EXTENSION_DIR, **plugin_web_dirs}
-    for name, directory in dirs.items():
-        if directory.is_dir():
-            urls += sorted(f"/extensions/{quote(name)}/" + p.relative_to(directory).as_posix()
-                           for p in directory.rglob("*.js"))
-    return urls
-
-
-def own_extension_urls() -> list[str]:
-    """The URLs of our own extension's scripts (the restart button)."""
-    return extension_urls(None, {})
-
-
-def plugin_web_dirs(request: web.Request) -> dict[str, Path]:
-    """Plugins' ``WEB_DIRECTORY`` folders, when the engine reports them."""
-    registry = instance_context(request).server.registry
-    dirs = getattr(registry, "web_directories", None) or {}
-    return {str(name): Path(path) for name, path in dict(dirs).items() if name != OWN_EXTENSION_NAME}
-
-
 @routes.get("/extensions")
 async def get_extensions(request: web.Request) -> web.Response:
-    from .frontend import frontend_root
-
     urls = await asyncio.to_thread(extension_urls, frontend_root(), plugin_web_dirs(request))
     return web.json_response(urls)
 

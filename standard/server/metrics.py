@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..metrics import Metrics
-
-if TYPE_CHECKING:
-    from .prompt_server import PromptServer
+from .prompt_queue import PromptQueue
 
 
 class ExecutionMetrics(Metrics):
     """What the worker counts and times, plus live views of the queue and the engine."""
 
-    def __init__(self, server: PromptServer) -> None:
+    def __init__(self, queue: PromptQueue, ready: Callable[[], bool]) -> None:
         super().__init__()
-        queue = server.queue
         self.gauge("comfyserve_queue_pending", "Prompts waiting in the queue.", read=lambda: len(queue.pending()))
         self.gauge("comfyserve_queue_running", "Prompts executing right now.", read=lambda: len(queue.running()))
         self.gauge("comfyserve_history_items", "Prompts kept in the history.", read=queue.history_size)
         self.gauge("comfyserve_ready", "1 when the runtime is loaded and accepts prompts.",
-                   read=lambda: 1 if server.ready else 0)
+                   read=lambda: 1 if ready() else 0)
         self.completed = self.counter("comfyserve_prompts_completed_total", "Prompts that executed successfully.")
         self.failed = self.counter("comfyserve_prompts_failed_total",
                                    "Prompts that ended in an error or were interrupted.")

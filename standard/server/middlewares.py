@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..errors import PathTooLong
-from .http_util import JSONError, json_error
+from ..http_util import JSONError, json_error
 
 log = logging.getLogger("comfyserve.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

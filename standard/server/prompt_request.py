@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..http_util import JSONError, json_error
 from ..serving import draining_headers
-from .http_util import JSONError, json_error
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 
 MAX_PROMPT_ID_CHARS = 256

@@ -56,7 +56,7 @@ class PromptServer:
         self.engine_error: str | None = None
         self.ready = False
         self.queue = PromptQueue(history_max_items=settings.history_max_items, on_change=self.queue_updated)
-        self.metrics = ExecutionMetrics(self)
+        self.metrics = ExecutionMetrics(self.queue, ready=lambda: self.ready)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.socket_flags: dict[str, dict[str, Any]] = {}
         self.number = 0

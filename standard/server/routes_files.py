@@ -23,11 +23,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
+from ..http_util import json_error, parse_json, read_form
 from ..paths import check_name_lengths, resolve_inside
-from ..storage import web as storage_web
+from . import storage_web
 from .context import instance_context
 from .file_headers import file_headers
-from .http_util import json_error, parse_json, read_form
 
 routes = web.RouteTableDef()
 TYPES = ("input", "output", "temp")

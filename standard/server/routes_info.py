@@ -10,12 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
+from .. import __version__, model_folders
 from ..errors import PathOutsideRoot
+from ..http_util import json_error
 from ..settings import StandardSettings
-from . import models
 from .context import instance_context
-from .http_util import json_error
 
 routes = web.RouteTableDef()
 
@@ -58,18 +57,18 @@ async def get_object_info_node(request: web.Request) -> web.Response:
 @routes.get("/embeddings")
 async def get_embeddings(request: web.Request) -> web.Response:
     data_dir = instance_context(request).data_dir
-    return web.json_response(await asyncio.to_thread(models.list_embeddings, data_dir))
+    return web.json_response(await asyncio.to_thread(model_folders.list_embeddings, data_dir))
 
 
 @routes.get("/models")
 async def list_model_types(request: web.Request) -> web.Response:
-    return web.json_response(models.folder_names())
+    return web.json_response(model_folders.folder_names())
 
 
 @routes.get("/models/{folder}")
 async def get_models(request: web.Request) -> web.Response:
     data_dir = instance_context(request).data_dir
-    files = await asyncio.to_thread(models.list_folder, data_dir, request.match_info["folder"])
+    files = await asyncio.to_thread(model_folders.list_folder, data_dir, request.match_info["folder"])
     if files is None:
         return web.Response(status=404)
     return web.json_response(files)
@@ -83,7 +82,7 @@ async def view_metadata(request: web.Request) -> web.Response:
     data_dir = instance_context(request).data_dir
     try:
         metadata = await asyncio.to_thread(
-            models.safetensors_metadata, data_dir, request.match_info["folder_name"], filename
+            model_folders.safetensors_metadata, data_dir, request.match_info["folder_name"], filename
         )
     except PathOutsideRoot:
         raise json_error(403, "forbidden", "filename leaves the model folder") from None

@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..http_util import json_error, read_json_object
 from . import jobs
 from .context import ServerView, instance_context, prompt_server
-from .http_util import json_error, read_json_object
 from .prompt_server import PromptServer
 
 routes = web.RouteTableDef()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..http_util import json_error
 from ..serving import draining_headers, is_draining
+from ..supervised import instance_identity
 from .context import prompt_server
-from .http_util import json_error
 from .prompt_server import RestartRefused
 
 routes = web.RouteTableDef()
@@ -20,7 +21,8 @@ routes = web.RouteTableDef()
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """This process answers; a supervised child also names itself (``standard.supervised``)."""
+    return web.json_response({"status": "ok", **instance_identity()})
 
 
 @routes.get("/readyz")

@@ -7,9 +7,9 @@ import uuid
 
 from aiohttp import web
 
+from ..http_util import json_error, query_int, read_json_object
 from ..serving import is_draining
 from .context import instance_context, prompt_server
-from .http_util import json_error, query_int, read_json_object
 from .prompt_queue import QueueItem
 from .prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 

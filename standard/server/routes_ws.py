@@ -13,8 +13,8 @@ import uuid
 
 from aiohttp import WSMsgType, web
 
+from ..http_util import parse_json
 from .context import instance_context, prompt_server
-from .http_util import parse_json
 from .routes_info import server_features
 
 log = logging.getLogger("comfyserve.server")

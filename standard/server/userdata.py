@@ -26,11 +26,11 @@ from aiohttp import web
 
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
+from ..http_util import json_error, parse_json
 from ..paths import resolve_inside
 from . import keys
 from .context import USER_ROOT, USER_SETTINGS, SettingsFile, instance_context
 from .file_headers import FILE_CSP
-from .http_util import json_error, parse_json
 from .routing import add_routes_with_api_prefix
 
 log = logging.getLogger("comfyserve.userdata")

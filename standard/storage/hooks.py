@@ -62,28 +62,3 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def engine_model_path(storage: ObjectStorage, folder: str, filename: str) -> str | None:
-    """``folder_paths.get_full_path`` inside a prompt: the download shows as the node's progress
-    bar, and interrupting the prompt stops it (what arrived is kept for the next try)."""
-    from ..engine import context
-    from .errors import DownloadCancelled
-
-    ctx = context.current()
-    node_id = ctx.executing_node
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:
-        if ctx.interrupted.is_set():
-            raise DownloadCancelled(f"download of {folder}/{filename} interrupted")
-        hook = ctx.progress_hook
-        percent = done * 100 // max(total, 1)
-        if hook is not None and percent != last[0]:
-            last[0] = percent
-            hook(percent, 100, node_id, None)
-
-    try:
-        return storage.model_path(folder, filename, progress=progress)
-    except DownloadCancelled:
-        raise context.InterruptProcessingException() from None

@@ -11,15 +11,19 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ... import model_folders
 from ...datadir import MODEL_FOLDERS
 from ...paths import resolve_inside
-from ...server import models as model_listing
 from ...storage import hooks as storage_hooks
+from ...storage.errors import DownloadCancelled
 from .. import context
 
-supported_pt_extensions: set[str] = set(model_listing.SUPPORTED_PT_EXTENSIONS)
+if TYPE_CHECKING:  # pragma: no cover
+    from ...storage.storage import ObjectStorage
+
+supported_pt_extensions: set[str] = set(model_folders.SUPPORTED_PT_EXTENSIONS)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TYPES = ("input", "output", "temp")
 
@@ -97,27 +101,49 @@ def exists_annotated_filepath(name: str) -> bool:
 
 
 def get_folder_paths(folder_name: str) -> list[str]:
-    path = model_listing.folder_path(context.current().data_dir, folder_name)
+    path = model_folders.folder_path(context.current().data_dir, folder_name)
     return [] if path is None else [str(path)]
 
 
 def get_filename_list(folder_name: str) -> list[str]:
-    return model_listing.list_folder(context.current().data_dir, folder_name) or []
+    return model_folders.list_folder(context.current().data_dir, folder_name) or []
 
 
 def get_full_path(folder_name: str, filename: str) -> str | None:
     data_dir = context.current().data_dir
-    root = model_listing.folder_path(data_dir, folder_name)
+    root = model_folders.folder_path(data_dir, folder_name)
     if root is None:
         return None
     storage = storage_hooks.remote_models(data_dir)
     if storage is not None and root.parent == data_dir.models:  # oss:// data dir: fetch on first use
-        return storage_hooks.engine_model_path(storage, root.name, filename)
+        return _fetch_model(storage, root.name, filename)
     try:
         path = resolve_inside(root, filename)
     except ValueError:
         return None
     return str(path) if path.is_file() else None
+
+
+def _fetch_model(storage: ObjectStorage, folder: str, filename: str) -> str | None:
+    """``folder_paths.get_full_path`` inside a prompt: the download shows as the node's progress
+    bar, and interrupting the prompt stops it (what arrived is kept for the next try)."""
+    ctx = context.current()
+    node_id = ctx.executing_node
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        if ctx.interrupted.is_set():
+            raise DownloadCancelled(f"download of {folder}/{filename} interrupted")
+        hook = ctx.progress_hook
+        percent = done * 100 // max(total, 1)
+        if hook is not None and percent != last[0]:
+            last[0] = percent
+            hook(percent, 100, node_id, None)
+
+    try:
+        return storage.model_path(folder, filename, progress=progress)
+    except DownloadCancelled:
+        raise context.InterruptProcessingException() from None
 
 
 def get_full_path_or_raise(folder_name: str, filename: str) -> str:

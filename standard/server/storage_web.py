@@ -1,4 +1,4 @@
-"""Wiring of ``ObjectStorage`` into the instance app (``standard.server``).
+"""Wiring of ``ObjectStorage`` (``standard.storage``) into the instance app.
 
 - start (before the engine loads): ``custom_nodes/`` synced, ``models/`` listed;
   ``/restart`` does it again before plugins are re-imported;
@@ -21,8 +21,9 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ConfigError
-from . import hooks
-from .errors import StorageError
+from ..storage import hooks
+from ..storage.errors import StorageError
+from . import keys
 
 log = logging.getLogger("comfyserve.storage")
 # The app's ObjectStorage (typed loosely so instances without a bucket never import oss2).
@@ -35,13 +36,11 @@ def setup_storage(app: web.Application) -> None:
     Call before the prompt server's cleanup context is added: the sync must
     finish before plugins are imported.
     """
-    from ..server import keys
-
     settings = app[keys.SETTINGS]
     storage_settings = getattr(settings, "storage", None)
     if storage_settings is None:
         return
-    from .storage import ObjectStorage
+    from ..storage.storage import ObjectStorage
 
     data_dir = app[keys.DATA_DIR]
     storage = ObjectStorage(storage_settings, data_dir.root)

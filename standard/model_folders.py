@@ -12,9 +12,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..datadir import MODEL_FOLDERS, DataDir
-from ..paths import resolve_inside
-from ..storage import hooks as storage_hooks
+from .datadir import MODEL_FOLDERS, DataDir
+from .paths import resolve_inside
+from .storage import hooks as storage_hooks
 
 SUPPORTED_PT_EXTENSIONS: frozenset[str] = frozenset(
     {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}

@@ -1,4 +1,4 @@
-"""Small helpers shared by the route modules: JSON errors and body parsing.
+"""Small helpers shared by every role's routes (and the login pages): JSON errors and body parsing.
 
 :func:`json_error` is the one JSON error response of every role (its body is
 ``standard.errors.error_body``, ComfyUI's error object).
@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
-from ..errors import ComfyServeError, RequestError, error_body
+
+from .errors import ComfyServeError, RequestError, error_body
 
 # ComfyUI's deepest bodies (a UI workflow with subgraphs in extra_pnginfo) nest about 20 levels.
 MAX_JSON_DEPTH = 128
