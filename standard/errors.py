@@ -11,7 +11,7 @@ that base too (``PathOutsideRoot`` is a ``ValueError``)::
      ├── ConfigError                bad flags / environment
      │    └── StorageConfigError    bad oss:// URL, endpoint or credentials (also a StorageError)
      ├── RequestError               a request we do not take, answered 4xx (also ValueError)
-     │    ├── BadJSON               standard.server.http_util: invalid, non-finite or too deep JSON
+     │    ├── BadJSON               standard.http_util: invalid, non-finite or too deep JSON
      │    ├── BadParam              queue_service.params: a query parameter out of range
      │    ├── GraphError            api_edition.graph: not a runnable API-format graph
      │    ├── GraphRefused          cluster_proxy.graph: a graph the cluster will not queue
@@ -47,6 +47,8 @@ that base too (``PathOutsideRoot`` is a ``ValueError``)::
      │    ├── StateUnavailable      cluster_proxy.store: tasks/accounts storage failed (sqlite3, redis translated)
      │    ├── TransitionRefused     cluster_proxy.store
      │    └── InstanceLost          cluster_proxy.runner
+     ├── JSONError                  standard.http_util: an HTTP error with ComfyUI's error body (an aiohttp
+     │                              HTTPException, raised; built by json_error)
      └── RetryLater                 standard.retry: a try the retry helper should repeat
 
 Errors of libraries underneath (redis, sqlite3, httpx, aiohttp's client,
@@ -120,7 +122,7 @@ def error_body(kind: str, message: str, details: str = "",
                extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """ComfyUI's error object ``{"type", "message", "details", "extra_info"}`` (the value of ``"error"``).
 
-    The one builder of that shape: HTTP errors (``standard.server.http_util.json_error``),
+    The one builder of that shape: HTTP errors (``standard.http_util.json_error``),
     validation reasons of the engine and the cluster's graph refusals all use it.
     """
     return {"type": kind, "message": message, "details": details, "extra_info": extra_info or {}}
