@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
-from standard.datadir import init_data_dir
-from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
+from standard.datadir import usable_data_dir
 from standard.errors import ConfigError
-from standard.guard import access_policy_from_args, add_access_arguments
+from standard.listen import add_listen_arguments, listen_settings_from_args
 from standard.options import add_option
 from standard.private import add_secret_option
-from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
-from standard.settings import is_loopback
+from standard.serving import Role, stop_event
+from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
@@ -32,15 +33,11 @@ log = logging.getLogger("comfyserve.api")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to local instances"))
-    add_access_arguments(parser.add_argument_group("who may call (Host, proxies)"))
     add_option(parser, "--data-dir", default=None,
                help="data dir of the local instances; the SQLite queue is DIR/queue/queue.sqlite3")
-    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
-               help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
-    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port of the front and the queue routes")
-    add_secret_option(parser, "--token",
-                      help="service token: 'Authorization: <token>' or 'Bearer <token>' on every call but /healthz")
-    add_option(parser, "--no-auth", action="store_true", help="serve without a token on a non-loopback address")
+    add_listen_arguments(parser, default_port=DEFAULT_PORT, port_help="port of the front and the queue routes",
+                         token_help="service token: 'Authorization: <token>' or 'Bearer <token>' on every call "
+                                    "but /healthz")
     add_option(parser, "--service", default=DEFAULT_SERVICE,
                help="service name: input queue NAME, results on NAME/sink")
     add_option(parser, "--instances", type=int, default=1,
@@ -64,7 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_secret_option(parser, "--webhook-secret",
                       help="HMAC-SHA256 key for webhook signatures (default: one kept in DIR/.comfyserve/webhook_secret)")
     add_limit_arguments(parser)
-    add_shutdown_timeout_option(parser)
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,16 +86,11 @@ def limit_settings(args: argparse.Namespace) -> tuple[int, tuple[str, ...]]:
 
 
 def settings_from_args(args: argparse.Namespace) -> ApiSettings:
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    listen = listen_settings_from_args(args)
     if args.instances < 0:
         raise ConfigError("--instances must be >= 0")
     if args.max_length < 0 or args.max_payload <= 0 or args.pending_timeout <= 0:
         raise ConfigError("--max-length must be >= 0; --max-payload and --pending-timeout positive")
-    if args.token is not None and not args.token.strip():
-        raise ConfigError("--token must not be empty")
-    if not args.token and not args.no_auth and not is_loopback(args.listen):
-        raise ConfigError(f"refusing to listen on {args.listen} without a token: pass --token T or --no-auth")
     max_attempts, webhook_allow = limit_settings(args)
     storage = storage_settings_from_args(args, args.data_dir)
     if storage is not None and storage.location is not None:
@@ -115,29 +106,24 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
     if args.redis_url and not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {args.redis_url!r}")
     return ApiSettings(
-        host=args.listen, port=args.port, token=args.token or None, service=args.service,
+        host=listen.host, port=listen.port, token=listen.token, service=args.service,
         data_dir=data_dir, queue_url=args.queue_url, redis_url=args.redis_url or None, sqlite_path=sqlite_path,
         instances=args.instances, instance_urls=tuple(args.instance_url or ()),
         instance_token=args.instance_token, max_length=args.max_length, max_payload_bytes=args.max_payload,
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
-        max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=shutdown_timeout_of(args),
-        access=access_policy_from_args(args),
+        max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=listen.shutdown_timeout_s,
+        access=listen.access,
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per queue call is noise
-    try:
-        settings = settings_from_args(args)
-        if settings.data_dir is not None:
-            init_data_dir(settings.data_dir)
-    except ConfigError as exc:
-        return refuse("api", str(exc))
-    except OSError as exc:
-        return refuse("api", f"cannot use the data dir: {exc}")
-    return run_role("api", serve(settings))
+    settings = settings_from_args(args)
+    if settings.data_dir is not None:
+        usable_data_dir(settings.data_dir)
+    return serve(settings)
 
 
 async def serve(settings: ApiSettings) -> int:
@@ -158,5 +144,8 @@ async def serve(settings: ApiSettings) -> int:
             await stop.wait()
             log.info("shutting down")
     except OSError as exc:
-        return refuse("api", f"cannot start: {exc}")
+        raise ConfigError(f"cannot start: {exc}") from exc
     return 0
+
+
+ROLE = Role("api", "API edition: /api_prompt front, queue, instances, workers", add_arguments, start)

@@ -9,14 +9,16 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from standard.auth import AccessGuard
 from standard.errors import ConfigError
-from standard.options import add_option
+from standard.options import add_option, port_number
 from standard.private import add_secret_option
-from standard.serving import add_shutdown_timeout_option, refuse, run_role, shutdown_timeout_of, stop_event
+from standard.serving import Role, add_shutdown_timeout_option, shutdown_timeout_of, stop_event
 
 from .command import add_limit_arguments, limit_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="seconds one task may run before it is reported as failed (default: no limit)")
     add_secret_option(parser, "--webhook-secret",
                       help="HMAC-SHA256 key for webhook signatures (without it webhooks go unsigned)")
-    add_option(parser, "--metrics-port", type=int, default=None,
+    add_option(parser, "--metrics-port", type=port_number, default=None,
                help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
     add_limit_arguments(parser)
     add_shutdown_timeout_option(parser)
@@ -62,21 +64,17 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per queue call is noise
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        return refuse("worker", str(exc))
-    return run_role("worker", serve(settings, metrics_port=args.metrics_port))
+    return serve(settings_from_args(args), metrics_port=args.metrics_port)
 
 
 async def serve(settings: WorkerSettings, *, metrics_port: int | None = None) -> int:
     if not settings.webhook_secret:
         log.warning("webhooks go unsigned: no --webhook-secret (the service token is never the webhook key)")
     worker = Worker(settings)
-    task = asyncio.create_task(worker.run(), name=worker.name)
     runner = await _serve_metrics(worker, metrics_port) if metrics_port else None
+    task = asyncio.create_task(worker.run(), name=worker.name)
     try:
         return await _until_stopped(worker, task, settings)
     finally:
@@ -100,7 +98,11 @@ async def _serve_metrics(worker: Worker, port: int) -> web.AppRunner:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on 127.0.0.1:{port} (--metrics-port): {exc}") from None
     return runner
 
 
@@ -120,3 +122,6 @@ async def _until_stopped(worker: Worker, task: asyncio.Task[None], settings: Wor
     log.info("stopping: finishing the running task (up to %.0fs)", settings.shutdown_timeout_s)
     await worker.shutdown(task, settings.shutdown_timeout_s)
     return 0
+
+
+ROLE = Role("worker", "one API-edition worker: input queue -> instance -> sink", add_arguments, start)

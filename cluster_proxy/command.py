@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from standard.errors import ConfigError
-from standard.guard import access_policy_from_args, add_access_arguments
+from standard.listen import add_listen_arguments, listen_settings_from_args
 from standard.options import add_option
 from standard.private import add_secret_option
-from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
+from standard.serving import Role, serve_until_stopped
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
 from .settings import DEFAULT_PORT, ClusterSettings
@@ -26,9 +28,8 @@ SHUTDOWN_TIMEOUT_S = 15.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None, help="the shared data dir (users' folders live in DIR/users)")
-    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
-               help="address to listen on; without a value: 0.0.0.0")
-    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    add_listen_arguments(parser, default_port=DEFAULT_PORT, token_help=None,
+                         access_title="who may call (Host, proxies, cookies)")
     add_option(parser, "--instances", type=int, default=0,
                help="spawn this many local embedded-engine instances on loopback ports")
     add_option(parser, "--instance-url", action="append", default=[], metavar="URL",
@@ -42,14 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
-    add_shutdown_timeout_option(parser)
-    add_access_arguments(parser.add_argument_group("who may call (Host, proxies, cookies)"))
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     if not args.data_dir:
         raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
+    listen = listen_settings_from_args(args, logins=True)
     storage = storage_settings_from_args(args, args.data_dir)
     if storage is not None and storage.location is not None:
         data_dir = storage.local_root  # the local mirror of the oss:// data dir
@@ -59,8 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         data_dir=data_dir,
         storage=storage,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
-        host=args.listen,
-        port=args.port,
+        host=listen.host,
+        port=listen.port,
         instances=args.instances,
         instance_urls=tuple(args.instance_url or ()),
         instance_token=args.instance_token,
@@ -69,20 +69,17 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         health_interval_s=args.health_interval,
         instance_lost_s=args.instance_lost_after,
         max_upload_size_mb=args.max_upload_size,
-        shutdown_timeout_s=shutdown_timeout_of(args),
-        access=access_policy_from_args(args),
+        shutdown_timeout_s=listen.shutdown_timeout_s,
+        access=listen.access,
     )
     settings.check()
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        return refuse("cluster", str(exc))
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    settings = settings_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
-    return run_role("cluster", serve(settings))
+    return serve(settings)
 
 
 async def serve(settings: ClusterSettings) -> int:
@@ -96,3 +93,6 @@ async def serve(settings: ClusterSettings) -> int:
     banner = f"comfyserve cluster listening on http://{shown}:{settings.port} (data dir {settings.data_dir})"
     return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="cluster",
                                      banner=banner, shutdown_timeout_s=settings.shutdown_timeout_s)
+
+
+ROLE = Role("cluster", "cluster edition: multi-user web UI proxy over a pool", add_arguments, start)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from standard.errors import ConfigError
-from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from standard.guard import AccessPolicy
-from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings, is_loopback
+from standard.listen import ListenSettings, is_loopback
+from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
+from standard.settings import DEFAULT_MAX_UPLOAD_SIZE_MB, StandardSettings
 
 DEFAULT_PORT = 8000
 
@@ -49,14 +50,19 @@ class ClusterSettings:
     def max_upload_size_bytes(self) -> int:
         return int(self.max_upload_size_mb * 1024 * 1024)
 
+    @property
+    def listen(self) -> ListenSettings:
+        """Accounts protect the proxy (``logins``): no token, whatever the address."""
+        return ListenSettings(host=self.host, port=self.port, logins=True, access=self.access,
+                              shutdown_timeout_s=self.shutdown_timeout_s)
+
     def check(self) -> None:
+        self.listen.check()
         if self.instances < 0:
             raise ConfigError("--instances must not be negative")
         for url in self.instance_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"--instance-url must be http(s)://host:port, got {url!r}")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"--port must be 1-65535, got {self.port}")
 
     def standard_settings(self) -> StandardSettings:
         """What the reused standard-edition route handlers read (upload limit, data dir)."""

@@ -13,14 +13,17 @@ so an account created later with the same name starts empty. ``passwd``,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import secrets
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
-from standard.datadir import DataDir, init_data_dir
+from standard.datadir import DataDir, usable_data_dir
+from standard.errors import ConfigError
 from standard.options import add_option
+from standard.serving import Role
 
 from .accounts import AccountError, Accounts
 
@@ -52,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _password(args: argparse.Namespace) -> str:
+    """Asked before the event loop starts: Ctrl-C at the prompt then simply ends the command."""
     if args.password:
         return str(args.password)
     if sys.stdin.isatty():
@@ -67,12 +71,12 @@ def _password(args: argparse.Namespace) -> str:
     return generated
 
 
-async def _run(args: argparse.Namespace) -> int:
-    data_dir = init_data_dir(args.data_dir)
+async def _run(args: argparse.Namespace, data_dir: DataDir, password: str | None) -> int:
     accounts = await Accounts.open(data_dir, args.redis_url)
     try:
         if args.action == "add":
-            token = await accounts.add(args.name, _password(args), admin=args.admin)
+            assert password is not None
+            token = await accounts.add(args.name, password, admin=args.admin)
             (data_dir.users / args.name).mkdir(parents=True, exist_ok=True)
             data_dir.user_workdirs(args.name).create()
             print(f"user {args.name} added{' (admin)' if args.admin else ''}; API token:")
@@ -93,9 +97,10 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"new API token for {args.name}:")
             print(token)
         elif args.action == "passwd":
+            assert password is not None
             if await accounts.get(args.name) is None:
                 raise AccountError(f"no user {args.name!r}")
-            await accounts.set_password(args.name, _password(args))
+            await accounts.set_password(args.name, password)
             print(f"new password set for {args.name}; their sessions were signed out")
         elif args.action in ("disable", "enable"):
             await accounts.set_disabled(args.name, args.action == "disable")
@@ -121,8 +126,16 @@ async def _retire(data_dir: DataDir, redis_url: str | None, name: str, account_i
         await store.aclose()
 
 
-def run(args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int] | int:
     if not args.data_dir:
-        print("comfyserve users: --data-dir is required", file=sys.stderr)
-        return 2
-    return asyncio.run(_run(args))
+        raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
+    data_dir = usable_data_dir(args.data_dir)
+    try:
+        password = _password(args) if args.action in ("add", "passwd") else None
+    except AccountError as exc:
+        print(f"comfyserve users: {exc}", file=sys.stderr)
+        return 1
+    return _run(args, data_dir, password)
+
+
+ROLE = Role("users", "manage cluster-edition accounts", add_arguments, start)

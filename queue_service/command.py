@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from standard.errors import ConfigError
+from standard.listen import add_listen_arguments, listen_settings_from_args
 from standard.options import add_option
-from standard.private import add_secret_option
-from standard.serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
-from standard.guard import access_policy_from_args, add_access_arguments
-from standard.settings import is_loopback
+from standard.serving import Role, serve_until_stopped
 
 from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
                        QueueSettings)
@@ -31,36 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None, help="data dir; the SQLite store is DIR/queue/queue.sqlite3")
     add_option(parser, "--store", default=None, metavar="sqlite:PATH", help="SQLite store file (instead of --data-dir)")
     add_option(parser, "--redis-url", default=None, help="use Redis (redis://host:port/db) as the store")
-    add_option(parser, "--listen", "--host", dest="host", nargs="?", const="0.0.0.0", default="127.0.0.1",
-               metavar="IP", help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
-    add_option(parser, "--no-auth", action="store_true",
-               help="serve without a token on a non-loopback address (on purpose)")
-    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    add_secret_option(parser, "--token", help="require 'Authorization: <token>' on every call")
+    add_listen_arguments(parser, default_port=DEFAULT_PORT, aliases=("--host",),
+                         token_help="require 'Authorization: <token>' on every call")
     add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                help="items a queue may hold; a put to a full queue gets 429 (0 = unbounded)")
     add_option(parser, "--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_BYTES,
                help="largest item body in bytes (bigger ones get 413)")
     add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
                help="seconds an item stays with a watcher that vanished before others get it")
-    add_shutdown_timeout_option(parser)
-    add_access_arguments(parser.add_argument_group("who may call (Host, proxies)"))
 
 
 def settings_from_args(args: argparse.Namespace) -> QueueSettings:
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    listen = listen_settings_from_args(args)
     if args.max_length < 0:
         raise ConfigError("--max-length must be >= 0 (0 = unbounded)")
     if args.max_payload <= 0:
         raise ConfigError("--max-payload must be positive (bytes)")
     if args.pending_timeout <= 0:
         raise ConfigError("--pending-timeout must be positive (seconds)")
-    if args.token is not None and not args.token.strip():
-        raise ConfigError("--token must not be empty")
-    if not args.token and not args.no_auth and not is_loopback(args.host):
-        raise ConfigError(f"refusing to listen on {args.host} without a token: pass --token T "
-                          "(or COMFYSERVE_TOKEN), or --no-auth to serve unauthenticated on purpose")
     sqlite_path: Path | None = None
     if args.store:
         kind, _, path = str(args.store).partition(":")
@@ -74,24 +62,21 @@ def settings_from_args(args: argparse.Namespace) -> QueueSettings:
     if args.redis_url and not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {args.redis_url!r}")
     return QueueSettings(
-        host=args.host, port=args.port, token=args.token or None,
+        host=listen.host, port=listen.port, token=listen.token, shutdown_timeout_s=listen.shutdown_timeout_s,
         sqlite_path=None if args.redis_url else sqlite_path, redis_url=args.redis_url or None,
         max_length=args.max_length, max_payload_bytes=args.max_payload,
-        pending_timeout_s=args.pending_timeout, access=access_policy_from_args(args),
+        pending_timeout_s=args.pending_timeout, access=listen.access,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        return refuse("queue", str(exc))
-    return run_role("queue", serve(settings, shutdown_timeout_s=shutdown_timeout_of(args)))
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    return serve(settings_from_args(args))
 
 
-async def serve(settings: QueueSettings, *, shutdown_timeout_s: float = 5.0) -> int:
+async def serve(settings: QueueSettings) -> int:
     """Serve until SIGTERM/SIGINT; then stop listening, close the watches (their uncommitted items go back
-    at once) and give requests in flight up to ``shutdown_timeout_s``."""
+    at once) and give requests in flight up to ``settings.shutdown_timeout_s``."""
+    shutdown_timeout_s = settings.shutdown_timeout_s
     from .server import create_app
 
     app = create_app(settings)
@@ -99,9 +84,12 @@ async def serve(settings: QueueSettings, *, shutdown_timeout_s: float = 5.0) -> 
     try:
         await runner.setup()
     except Exception as exc:  # the store could not be opened
-        return refuse("queue", f"cannot open the store: {exc}")
+        raise ConfigError(f"cannot open the store: {exc}") from exc
     store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
     auth = "token auth" if settings.token else "no auth"
     banner = f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})"
     return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="queue",
                                      banner=banner, shutdown_timeout_s=shutdown_timeout_s)
+
+
+ROLE = Role("queue", "the queue service (wire-compatible with the platform's)", add_arguments, start)

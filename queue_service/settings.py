@@ -37,6 +37,8 @@ class QueueSettings:
     pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S
     # --allowed-host, --trusted-proxy (standard.guard)
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    # SIGTERM: how long requests in flight may take once the watches are closed.
+    shutdown_timeout_s: float = 5.0
 
     @property
     def poll_interval_s(self) -> float:

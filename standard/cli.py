@@ -1,60 +1,58 @@
 """The ``comfyserve`` console script: it only parses and dispatches.
 
-Each role lives in its own package as a module with ``add_arguments(parser)``
-and ``run(args) -> int``; this file just maps subcommands onto them.
+Each role is a :class:`standard.serving.Role` that its package declares in the
+``comfyserve.roles`` entry-point group (see pyproject.toml); this file finds
+them there, so the ground (``standard``) never imports the editions built on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
-from .errors import ConfigError
 from .options import add_option
-from .private import read_secret_files
-from .serving import refuse
+from .serving import Role, run_role
 
+ROLE_GROUP = "comfyserve.roles"
 LOOPS = ("auto", "uvloop", "asyncio")
-ROLES: dict[str, tuple[str, str]] = {
-    "standard": ("standard.command", "one ComfyUI-protocol instance on a data dir"),
-    "init": ("standard.init_command", "create a data dir's layout from the template"),
-    "queue": ("queue_service.command", "the queue service (wire-compatible with the platform's)"),
-    "api": ("api_edition.command", "API edition: /api_prompt front, queue, instances, workers"),
-    "worker": ("api_edition.worker_command", "one API-edition worker: input queue -> instance -> sink"),
-    "cluster": ("cluster_proxy.command", "cluster edition: multi-user web UI proxy over a pool"),
-    "users": ("cluster_proxy.users_command", "manage cluster-edition accounts"),
-}
+DESCRIPTION = ("Serve ComfyUI workflows: one instance (standard), asynchronous calls through a queue "
+               "(api, worker, queue) or many users sharing a pool (cluster, users).")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comfyserve", description=__doc__.splitlines()[0])
+def registered_roles() -> dict[str, Role]:
+    """The roles of the installed packages, by name (the first one installed under a name wins)."""
+    roles: dict[str, Role] = {}
+    for entry in entry_points(group=ROLE_GROUP):
+        if entry.name not in roles:
+            role = entry.load()
+            if not isinstance(role, Role) or role.name != entry.name:
+                raise TypeError(f"entry point {entry.value} of {ROLE_GROUP} is not the Role {entry.name!r}")
+            roles[entry.name] = role
+    if not roles:
+        raise SystemExit(f"comfyserve: no roles registered in {ROLE_GROUP}: reinstall the package (pip install -e .)")
+    return roles
+
+
+def build_parser(roles: dict[str, Role] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfyserve", description=DESCRIPTION)
     add_option(parser, "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     add_option(parser, "--loop", choices=LOOPS, default="auto",
                help="event loop of the servers: uvloop (about 20%% less CPU per request) or "
                     "asyncio's own; auto = uvloop when it is installed")
     sub = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
-    for role, (module_name, help_text) in ROLES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that role is not built yet
-            raise
-        role_parser = sub.add_parser(role, help=help_text, description=help_text)
-        module.add_arguments(role_parser)
-        role_parser.set_defaults(_run=module.run)
+    for role in (registered_roles() if roles is None else roles).values():
+        role_parser = sub.add_parser(role.name, help=role.help, description=role.help)
+        role.add_arguments(role_parser)
+        role_parser.set_defaults(_role=role)
     return parser
 
 
 def use_event_loop(choice: str) -> str:
     """Make ``asyncio.run`` (which every role calls) build the chosen loop; returns the one in use."""
-    if choice not in LOOPS:  # from the environment: argparse checks only the command line
-        print(f"comfyserve: --loop must be one of {', '.join(LOOPS)}, got {choice!r}", file=sys.stderr)
-        raise SystemExit(2)
     if choice == "asyncio":
         return "asyncio"
     try:
@@ -69,10 +67,6 @@ def use_event_loop(choice: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        read_secret_files(args)  # --token-file & co., for every role in one place
-    except ConfigError as exc:
-        return refuse(args.role, str(exc))
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -81,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop = use_event_loop(args.loop)
     logging.getLogger("comfyserve").debug("event loop: %s", loop)
     try:
-        return int(args._run(args) or 0)
+        return run_role(args._role, args)
     finally:
         asyncio.set_event_loop_policy(previous)  # called in-process (tests), the choice must not linger
 

@@ -11,16 +11,17 @@ import argparse
 import logging
 import shlex
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from .datadir import init_data_dir
+from .datadir import usable_data_dir
 from .errors import ConfigError
-from .guard import access_policy_from_args, add_access_arguments
+from .listen import add_listen_arguments, listen_settings_from_args
 from .options import add_option
-from .private import add_secret_option
-from .serving import add_shutdown_timeout_option, refuse, run_role, serve_until_stopped, shutdown_timeout_of
+from .serving import Role, serve_until_stopped
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
 from .storage.settings import add_storage_arguments, storage_settings_from_args
 
@@ -31,18 +32,12 @@ SHUTDOWN_TIMEOUT_S = 15.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None,
                help="the data dir (models, custom_nodes, input, output, ...): a folder or oss://BUCKET/PREFIX")
-    add_option(parser, "--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="IP",
-               help="address to listen on; without a value: 0.0.0.0 (needs --token or --no-auth)")
-    add_option(parser, "--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    add_secret_option(parser, "--token",
-                      help="require 'Authorization: <token>' or 'Bearer <token>' on every route but /healthz")
-    add_option(parser, "--no-auth", action="store_true",
-               help="serve without a token on a non-loopback address (on purpose)")
+    add_listen_arguments(parser, default_port=DEFAULT_PORT, access_title="who may call (Host, proxies, cookies)",
+                         token_help="require 'Authorization: <token>' or 'Bearer <token>' on every route but /healthz")
     add_option(parser, "--max-upload-size", type=float, default=DEFAULT_MAX_UPLOAD_SIZE_MB,
                help="largest request body in MB (bigger ones get 413)")
     add_option(parser, "--history-max-items", type=int, default=10000,
                help="finished prompts kept in /history (oldest dropped first)")
-    add_shutdown_timeout_option(parser)
     add_option(parser, "--comfyui-dir", default=None,
                help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
     add_option(parser, "--comfyui-python", default=sys.executable,
@@ -51,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="extra arguments for ComfyUI's main.py (one shell-quoted string)")
     add_option(parser, "--backend-url", default=None,
                help="front a ComfyUI (or comfyserve) instance running at this URL instead of the embedded engine")
-    add_access_arguments(parser.add_argument_group("who may call (Host, proxies, cookies)"))
     add_storage_arguments(parser.add_argument_group("object storage (OSS)"))
 
 
@@ -59,8 +53,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
     """Build the frozen settings; raises ConfigError for impossible values."""
     if not args.data_dir:
         raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    listen = listen_settings_from_args(args)
     if args.max_upload_size <= 0:
         raise ConfigError("--max-upload-size must be positive (MB)")
     if args.history_max_items < 1:
@@ -69,33 +62,28 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
     local_dir = storage.local_root if storage is not None and storage.location else Path(args.data_dir)
     settings = StandardSettings(
         data_dir=local_dir.expanduser().resolve(),
-        host=args.listen,
-        port=args.port,
-        token=args.token,
-        no_auth=bool(args.no_auth),
+        host=listen.host,
+        port=listen.port,
+        token=listen.token,
+        no_auth=listen.no_auth,
         max_upload_size_mb=args.max_upload_size,
         comfyui_dir=Path(args.comfyui_dir).expanduser().resolve() if args.comfyui_dir else None,
         comfyui_python=args.comfyui_python,
         comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
-        shutdown_timeout_s=shutdown_timeout_of(args),
+        shutdown_timeout_s=listen.shutdown_timeout_s,
         storage=storage,
-        access=access_policy_from_args(args),
+        access=listen.access,
     )
     settings.check()
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-        init_data_dir(settings.data_dir)
-    except ConfigError as exc:
-        return refuse("standard", str(exc))
-    except OSError as exc:
-        return refuse("standard", f"cannot use the data dir: {exc}")
-    return run_role("standard", serve(settings))
+def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    settings = settings_from_args(args)
+    usable_data_dir(settings.data_dir)
+    return serve(settings)
 
 
 def _site(runner: web.AppRunner, settings: StandardSettings) -> web.TCPSite:
@@ -128,3 +116,6 @@ async def serve(settings: StandardSettings) -> int:
               f"data dir {settings.data_dir}, {runtime_name(settings)})")
     return await serve_until_stopped(runner, _site(runner, settings), role="standard", banner=banner,
                                      shutdown_timeout_s=settings.shutdown_timeout_s)
+
+
+ROLE = Role("standard", "one ComfyUI-protocol instance on a data dir", add_arguments, start)

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
 from .paths import resolve_inside
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "data-dir-template"
@@ -92,6 +93,14 @@ def init_data_dir(root: str | Path) -> DataDir:
     data_dir.custom_nodes.mkdir(exist_ok=True)
     data_dir.workdirs().create()
     return data_dir
+
+
+def usable_data_dir(root: str | Path) -> DataDir:
+    """:func:`init_data_dir` for a role starting on ``root``: ConfigError when the folder cannot be had."""
+    try:
+        return init_data_dir(root)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the data dir: {exc}") from None
 
 
 def _copy_missing(src: Path, dst: Path) -> None:

@@ -1,10 +1,16 @@
-"""Running a server role until it is told to stop: the part every ``comfyserve`` role shares.
+"""Running a ``comfyserve`` role: the part every role shares.
 
-SIGTERM and SIGINT end the wait. Then the role *drains*: while its
-sites still listen, it refuses new work (503 with ``Retry-After``) and its drain
-hooks finish — or, past ``--shutdown-timeout``, hand back — what it is running.
-Only then is the runner cleaned up, which closes the sites and connections
-and runs the app's cleanup hooks (e.g. stopping spawned instances). Exit 0.
+A :class:`Role` is what a package registers (``comfyserve.roles`` entry
+points); :func:`run_role` runs it the one way: a refusal (ConfigError, raised
+while checking the flags or while starting, e.g. a busy port) is
+``comfyserve ROLE: message`` on stderr and exit 2; Ctrl-C is a clean exit 0.
+
+A server role serves until it is told to stop. SIGTERM and SIGINT end the
+wait. Then the role *drains*: while its sites still listen, it refuses new
+work (503 with ``Retry-After``) and its drain hooks finish — or, past
+``--shutdown-timeout``, hand back — what it is running. Only then is the
+runner cleaned up, which closes the sites and connections and runs the app's
+cleanup hooks (e.g. stopping spawned instances). Exit 0.
 """
 
 from __future__ import annotations
@@ -14,14 +20,15 @@ import asyncio
 import logging
 import signal
 import sys
-
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from .errors import ConfigError
 from .options import add_option
+from .private import read_secret_files
 
 log = logging.getLogger("comfyserve")
 
@@ -89,12 +96,31 @@ def add_shutdown_timeout_option(parser: argparse.ArgumentParser | argparse._Argu
                     "and handed back; new work is refused meanwhile (503)")
 
 
-def shutdown_timeout_of(args: argparse.Namespace) -> float:
-    """The checked ``--shutdown-timeout``; raises ConfigError when negative."""
-    value = float(args.shutdown_timeout)
+def check_shutdown_timeout(value: float) -> float:
+    """``value`` if it can be a ``--shutdown-timeout``; raises ConfigError when negative."""
     if not value >= 0:
         raise ConfigError("--shutdown-timeout must be >= 0 (seconds)")
     return value
+
+
+def shutdown_timeout_of(args: argparse.Namespace) -> float:
+    """The checked ``--shutdown-timeout`` of a role without a listen address (``comfyserve worker``)."""
+    return check_shutdown_timeout(float(args.shutdown_timeout))
+
+
+@dataclass(frozen=True)
+class Role:
+    """One ``comfyserve ROLE``, declared by its package in the ``comfyserve.roles`` entry-point group.
+
+    ``start`` checks the parsed arguments (raising ConfigError) and returns
+    what runs the role: a coroutine for :func:`run_role` to run, or, for a
+    role with nothing to wait on, its exit code.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    start: Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int]
 
 
 def refuse(role: str, message: str) -> int:
@@ -103,12 +129,15 @@ def refuse(role: str, message: str) -> int:
     return 2
 
 
-def run_role(role: str, main: Coroutine[Any, Any, int]) -> int:
-    """``asyncio.run(main)``: Ctrl-C is a clean stop (0); a configuration error found while starting is 2."""
+def run_role(role: Role, args: argparse.Namespace) -> int:
+    """Run ``role`` the one way every role runs: a refusal (ConfigError) is ``comfyserve ROLE: message``
+    on stderr and exit 2, Ctrl-C (before or while it serves) a clean stop with exit 0."""
     try:
-        return asyncio.run(main)
+        read_secret_files(args)  # --token-file & co.
+        started = role.start(args)
+        return started if isinstance(started, int) else asyncio.run(started)
     except ConfigError as exc:
-        return refuse(role, str(exc))
+        return refuse(role.name, str(exc))
     except KeyboardInterrupt:
         return 0
 
@@ -126,14 +155,14 @@ async def serve_until_stopped(runner: web.AppRunner, site: web.BaseSite, *, role
                               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> int:
     """Start ``site`` (of a set-up ``runner``), print ``banner``, serve until SIGTERM/SIGINT, drain.
 
-    Returns 2, after saying why on stderr, when the address cannot be had; 0 after a clean stop.
+    Raises ConfigError when the address cannot be had; returns 0 after a clean stop.
     """
     stop = stop_event()
     try:
         try:
             await site.start()
         except OSError as exc:
-            return refuse(role, f"cannot listen on {site.name}: {exc}")
+            raise ConfigError(f"cannot listen on {site.name}: {exc}") from None
         print(banner, flush=True)
         await stop.wait()
         log.info("%s: shutting down", role)

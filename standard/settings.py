@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
 from .guard import AccessPolicy
+from .listen import ListenSettings
 from .storage.settings import StorageSettings
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_SIZE_MB = 100.0
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 @dataclass(frozen=True)
@@ -47,23 +46,13 @@ class StandardSettings:
     def auth_required(self) -> bool:
         return self.token is not None
 
+    @property
+    def listen(self) -> ListenSettings:
+        return ListenSettings(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
+                              access=self.access, shutdown_timeout_s=self.shutdown_timeout_s)
+
     def check(self) -> None:
         """Refuse combinations that must not start (e.g. no token on a public address)."""
         if self.comfyui_dir is not None and self.backend_url is not None:
             raise ConfigError("--comfyui-dir and --backend-url exclude each other")
-        if self.token is None and not self.no_auth and not is_loopback(self.host):
-            raise ConfigError(
-                f"refusing to listen on {self.host} without a token: pass --token T "
-                "(or COMFYSERVE_TOKEN), or --no-auth to serve unauthenticated on purpose"
-            )
-        if self.token is not None and not self.token.strip():
-            raise ConfigError("--token must not be empty")
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        self.listen.check()
