@@ -62,12 +62,27 @@ def put_error(q: QueueClient, args: dict) -> dict:
     return {"code": 200}
 
 
+def report_pings() -> None:
+    """Print ``PING`` each time the SDK's keep-alive thread pings the watch socket."""
+    import websocket
+
+    ping = websocket.WebSocket.ping
+
+    def reporting(self: websocket.WebSocket, payload: str | bytes = "") -> None:
+        ping(self, payload)
+        print("PING", flush=True)
+
+    websocket.WebSocket.ping = reporting
+
+
 def watch(q: QueueClient, args: dict) -> dict:
     """Watch until ``count`` frames arrived; commits each unless auto_commit."""
     got = []
     auto = args.get("auto_commit", False)
     watcher = q.watch(args.get("index", 0), args.get("window", 5), auto_commit=auto, tags=args.get("tags"))
     signal_after = args.get("signal_after")  # print a line after N frames so the test can act
+    if args.get("report_pings"):  # print a line per ping the SDK sends, so the test waits for them
+        report_pings()
     for x in watcher.run():
         got.append(frame(x))
         if not auto and not args.get("no_commit"):

@@ -12,20 +12,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support.access import BAD_NEXTS, EVIL_ORIGINS
 
 from standard.auth import SESSION_COOKIE
 from standard.guard import AccessPolicy
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from test_backend_support import backend, front  # noqa: F401
-from test_server_support import instance  # noqa: F401
 
 TOKEN = "a-long-enough-service-token"
-EVIL_ORIGINS = ("null", "file://", "file:///home/me/page.html", "http://evil.example", "chrome-extension://abc")
-BAD_NEXTS = ("/\t/evil.example", "/\r\n/evil.example", "/\n/evil.example", "/\\evil.example", "/\\/evil.example",
-             "//evil.example", "/%2F%2Fevil.example", "/%2f/evil.example", "/%09/evil.example", "/%5Cevil.example",
-             "https://evil.example", "javascript:alert(1)", "/ /evil.example", "/\x00/evil.example",
-             "/\u3000/evil.example")
 
 
 def origin_of(client: Any) -> str:
@@ -205,7 +199,7 @@ async def test_login_keeps_a_same_site_next(instance) -> None:
 # -- the real-ComfyUI gateway, on its byte-level fast path and on plain aiohttp ---------------------------
 
 
-async def test_gateway_without_token_refuses_rebound_host_and_opaque_origin(front) -> None:  # noqa: F811
+async def test_gateway_without_token_refuses_rebound_host_and_opaque_origin(front) -> None:
     server = await front()
     base = f"http://127.0.0.1:{server.port}"
     async with aiohttp.ClientSession() as session:
@@ -220,7 +214,7 @@ async def test_gateway_without_token_refuses_rebound_host_and_opaque_origin(fron
         assert info.value.status == 403
 
 
-async def test_gateway_slows_wrong_tokens_on_the_fast_path_too(front) -> None:  # noqa: F811
+async def test_gateway_slows_wrong_tokens_on_the_fast_path_too(front) -> None:
     server = await front(token=TOKEN)
     base = f"http://127.0.0.1:{server.port}"
     async with aiohttp.ClientSession() as session:

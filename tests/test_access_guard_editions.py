@@ -9,15 +9,14 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from support.access import BAD_NEXTS, EVIL_ORIGINS
+from support.cluster import PASSWORD
+from support.processes import START_TIMEOUT_S, VENV_BIN, start_cli, stop_cli, wait_for_port
 
-from conftest import VENV_BIN, free_port, wait_for_port
 from queue_service.server import create_app as create_queue_app
 from queue_service.settings import QueueSettings
 from standard.guard import AccessPolicy
-from test_access_guard import BAD_NEXTS, EVIL_ORIGINS
-from test_api_support import api  # noqa: F401
-from test_cli_standard import START_TIMEOUT_S, _start, _stop
-from test_cluster_support import PASSWORD, start_cluster  # noqa: F401
+from standard.ports import free_port
 
 COOKIE = "comfyserve_cluster_session"
 
@@ -35,7 +34,7 @@ def browser() -> aiohttp.ClientSession:
 
 
 @pytest.mark.parametrize("target", BAD_NEXTS)
-async def test_cluster_login_never_redirects_off_site(start_cluster, target: str) -> None:  # noqa: F811
+async def test_cluster_login_never_redirects_off_site(start_cluster, target: str) -> None:
     cluster = await start_cluster(instances=0, users=("alice",))
     async with browser() as session:
         resp = await cluster_login(session, cluster.url, target)
@@ -43,7 +42,7 @@ async def test_cluster_login_never_redirects_off_site(start_cluster, target: str
 
 
 @pytest.mark.parametrize("origin", EVIL_ORIGINS)
-async def test_cluster_cookie_refused_from_other_and_opaque_origins(start_cluster, origin: str) -> None:  # noqa: F811
+async def test_cluster_cookie_refused_from_other_and_opaque_origins(start_cluster, origin: str) -> None:
     cluster = await start_cluster(instances=0, users=("alice",))
     async with browser() as session:
         assert (await cluster_login(session, cluster.url)).status == 302
@@ -56,7 +55,7 @@ async def test_cluster_cookie_refused_from_other_and_opaque_origins(start_cluste
         await ws.close()
 
 
-async def test_cluster_checks_host_only_when_told_its_names(start_cluster) -> None:  # noqa: F811
+async def test_cluster_checks_host_only_when_told_its_names(start_cluster) -> None:
     cluster = await start_cluster(instances=0, users=("alice",), access=AccessPolicy.build(allowed_hosts=["comfy.lan"]))
     async with cluster.http("alice") as session:
         assert (await session.get("/queue", headers={"Host": "comfy.lan"})).status == 200
@@ -65,7 +64,7 @@ async def test_cluster_checks_host_only_when_told_its_names(start_cluster) -> No
         assert (await session.get("/healthz", headers={"Host": "attacker.example"})).status == 200
 
 
-async def test_cluster_session_cookie_secure_behind_a_trusted_https_proxy(start_cluster) -> None:  # noqa: F811
+async def test_cluster_session_cookie_secure_behind_a_trusted_https_proxy(start_cluster) -> None:
     cluster = await start_cluster(instances=0, users=("alice",), access=AccessPolicy.build(secure_cookies=True))
     async with browser() as session:
         resp = await cluster_login(session, cluster.url)
@@ -75,7 +74,7 @@ async def test_cluster_session_cookie_secure_behind_a_trusted_https_proxy(start_
 # -- API front and queue service without a token ------------------------------------------------------------
 
 
-async def test_api_front_without_token_refuses_rebound_host_and_opaque_origin(api) -> None:  # noqa: F811
+async def test_api_front_without_token_refuses_rebound_host_and_opaque_origin(api) -> None:
     live = await api(token=None)
     async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
         ok = await http.post("/api_prompt", content=b"{}", headers={"Host": f"localhost:{live.port}"})
@@ -107,7 +106,7 @@ def test_allowed_hosts_from_the_environment_and_a_short_token_warning(tmp_path: 
                                                                       cli_env: dict[str, str]) -> None:
     port = free_port()
     env = {**cli_env, "COMFYSERVE_ALLOWED_HOST": "comfy.lan,box.lan"}
-    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+    proc = start_cli([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(tmp_path / "d"),
                    "--token", "Zq9"], env)
     try:
         wait_for_port(port, START_TIMEOUT_S, proc)
@@ -116,7 +115,7 @@ def test_allowed_hosts_from_the_environment_and_a_short_token_warning(tmp_path: 
             resp = httpx.get(f"{base}/queue", headers={"Host": host, "Authorization": "Zq9"})
             assert resp.status_code == status, host
     finally:
-        code, _, err = _stop(proc)
+        code, _, err = stop_cli(proc)
     assert code == 0, err
     assert "the token has only 3 characters" in err and "Zq9" not in err
 

@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer
-from test_api_support import ApiFactory, api, instance_url  # noqa: F401
-from test_queue_support import store_kind  # noqa: F401
-from test_metrics_support import value
-from test_server_support import tiny_graph
+import redis.asyncio as aioredis
+from support.api import ApiFactory
+from support.metrics import value
+from support.processes import RedisServer
+from support.server import tiny_graph
+from support.wait import until
 
 from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps, Transient
 from queue_service.client import QueueClient
 from queue_service.protocol import encode_body
-from queue_service.redis_store import RedisStore
+from queue_service.redis_store import CHANNEL, RedisStore
 from queue_service.server import STORE_KEY
 from queue_service.sqlite_store import SQLiteStore
 from queue_service.store import QueueFull, QueueStore, wait_event
@@ -32,7 +33,7 @@ StoreFactory = Callable[[], Awaitable[QueueStore]]
 
 
 @pytest.fixture
-async def open_store(store_kind: str, request: pytest.FixtureRequest,  # noqa: F811
+async def open_store(store_kind: str, request: pytest.FixtureRequest,
                      tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """Open stores under test: SQLite in tmp_path, or (each call a "process" of its own) a flushed Redis."""
     redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
@@ -102,7 +103,7 @@ async def test_unknown_indexes_to_remove_are_harmless(open_store: StoreFactory) 
     assert not await store.exists("svc/never-written")
 
 
-async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind: str) -> None:  # noqa: F811
+async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind: str) -> None:
     store = await open_store()
     [first] = await put_input(store, 1)
     sink_changed, input_changed = store.changes(SINK), store.changes(INPUT)  # taken before looking
@@ -113,18 +114,31 @@ async def test_watchers_of_both_queues_wake(open_store: StoreFactory, store_kind
 async def test_watchers_in_another_process_on_the_same_redis_wake(redis_url: str) -> None:
     """Redis only: one process per SQLite store."""
     writer, watcher = RedisStore(redis_url), RedisStore(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    subscribed = await _subscribers(admin)
     for store in (writer, watcher):
         await store.open()
     try:
+        # Both stores' change listeners are subscribed: a notice now reaches the watcher.
+        await until(lambda: _subscribers_reach(admin, subscribed + 2))
         await _wake_across_processes(writer, watcher)
     finally:
         for store in (writer, watcher):
             await store.close()
+        await admin.aclose()
+
+
+async def _subscribers(admin: aioredis.Redis) -> int:
+    [(_, count)] = await admin.pubsub_numsub(CHANNEL)
+    return count
+
+
+async def _subscribers_reach(admin: aioredis.Redis, count: int) -> bool:
+    return await _subscribers(admin) >= count
 
 
 async def _wake_across_processes(writer: QueueStore, watcher: QueueStore) -> None:
     [first] = await put_input(writer, 1)
-    await asyncio.sleep(0.2)  # the watcher's pub/sub subscription is up
     sink_changed, input_changed = watcher.changes(SINK), watcher.changes(INPUT)
     await watcher.arm(SINK)
     await watcher.arm(INPUT)
@@ -172,13 +186,13 @@ async def test_a_retry_after_a_lost_redis_reply_puts_no_second_result(tmp_path: 
 # -- the API edition ---------------------------------------------------------------------------
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():
-            await asyncio.sleep(0.02)
+def _held(caplog: pytest.LogCaptureFixture) -> bool:
+    """The worker has run a task and is retrying its result's put on a full sink."""
+    return any("sink put failed" in r.getMessage() and "is full" in r.getMessage() for r in caplog.records)
 
 
-async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, instance_url: Any) -> None:  # noqa: F811
+async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, instance_url: Any,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     live = await api(instance_urls=(await instance_url(),), max_length=1)
     assert live.live.pool is not None
     [(worker, _)] = live.live.pool.workers
@@ -186,19 +200,19 @@ async def test_all_in_one_worker_puts_and_commits_in_one_step(api: ApiFactory, i
     store = live.live.app[STORE_KEY]
 
     first = (await live.submit(tiny_graph("a0"), task_id="a0")).headers["X-Eas-Queueservice-Request-Id"]
-    await wait_until(lambda: store.get(SINK, 0, 1, first))
+    await until(lambda: store.get(SINK, 0, 1, first))
     assert (await store.stats(INPUT)).length == 0  # committed with the put
 
     # The sink is at its max length: the next result is refused, and its input stays uncommitted.
     second = (await live.submit(tiny_graph("a1"), task_id="a1")).headers["X-Eas-Queueservice-Request-Id"]
     async with live.input() as queue:
-        await wait_until(lambda: _pending(queue, 2))  # the worker took it
-        await asyncio.sleep(0.3)  # the worker has run it and is holding the result
+        await until(lambda: _pending(queue, 2))  # the worker took it
+        await until(lambda: _held(caplog), what="the worker holding its result")
         assert (await store.stats(INPUT)).length == 1
         assert await store.get(SINK, 0, 1, second) == []
         [held] = await store.get(SINK, 0, 10, None)
         await store.remove(SINK, [held.index])  # a client takes the first result: room again
-        await wait_until(lambda: store.get(SINK, 0, 1, second))
+        await until(lambda: store.get(SINK, 0, 1, second))
         assert (await store.stats(INPUT)).length == 0
     metrics = await live.metrics()
     assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 2
@@ -209,7 +223,7 @@ async def _pending(queue: QueueClient, index: int) -> bool:
     return (await queue.search(index)).get("IsPending") is True
 
 
-async def test_split_deployment_puts_then_commits(api: ApiFactory) -> None:  # noqa: F811
+async def test_split_deployment_puts_then_commits(api: ApiFactory) -> None:
     live = await api(max_length=1)
     async with live.input() as queue, live.sink() as sink:
         ops = HttpQueueOps(queue, sink)

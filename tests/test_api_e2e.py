@@ -2,98 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
+from support.api import SERVICE, TOKEN, Procs, no_more, read_results, requires_sdk, run_sdk, submit, wait_running
+from support.metrics import scrape, value
+from support.processes import wait_for_port
+from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
 
-from conftest import VENV_BIN, free_port, wait_for_port
 from queue_service.client import QueueClient
-from test_api_support import SERVICE, TOKEN, no_more, read_results, requires_sdk, run_sdk
-from test_metrics_support import scrape, value
-from test_server_support import gated_graph, install_gate_plugin, open_gate, tiny_graph
-
-
-class Procs:
-    """Child processes of one test, killed at the end whatever happens."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([str(VENV_BIN / "comfyserve"), *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def instances(self, count: int, data_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
-        """``count`` instances on one data dir, started together."""
-        started = []
-        for i in range(count):
-            port = free_port()
-            proc = self.start(f"instance{i}", "standard", "--port", str(port), "--data-dir", str(data_dir),
-                              "--token", TOKEN)
-            started.append((proc, port))
-        for proc, port in started:
-            wait_for_port(port, timeout_s=30, proc=proc)
-        return [(proc, f"http://127.0.0.1:{port}") for proc, port in started]
-
-    def worker(self, name: str, queue_url: str, instance_url: str, *extra: str) -> subprocess.Popen[bytes]:
-        return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
-                          instance_url, "--token", TOKEN, "--instance-down-timeout", "1", *extra)
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def kill_all(self) -> None:
-        """SIGTERM first, so an all-in-one stops its own instances; then SIGKILL what is left."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-@pytest.fixture
-def procs(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Procs]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    p = Procs(cli_env, logs)
-    yield p
-    p.kill_all()
-
-
-async def submit(base_url: str, graph: dict, task_id: str) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=base_url, trust_env=False) as http:
-        resp = await http.post("/api_prompt", params={"task_id": task_id}, json=graph,
-                               headers={"Authorization": TOKEN})
-    assert resp.status_code == 200, resp.text
-    return resp
-
-
-async def running_prompts(instance_url: str) -> int:
-    async with httpx.AsyncClient(trust_env=False) as http:
-        resp = await http.get(f"{instance_url}/queue", headers={"Authorization": TOKEN})
-    return len(resp.json()["queue_running"])
-
-
-async def wait_running(instance_url: str, timeout_s: float = 15.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await running_prompts(instance_url):
-            await asyncio.sleep(0.05)
+from standard.ports import free_port
 
 
 @requires_sdk

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
-
-from test_api_support import SERVICE, TOKEN, ApiFactory, api  # noqa: F401
-from test_metrics_support import value
-from test_server_support import tiny_graph
+from support.api import SERVICE, TOKEN, ApiFactory
+from support.metrics import value
+from support.server import tiny_graph
 
 
 async def test_bare_graph_is_queued_with_task_id_and_extra_tags(api: ApiFactory) -> None:

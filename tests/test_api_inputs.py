@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
-
-from test_api_support import TOKEN, ApiFactory, api  # noqa: F401
-from test_server_support import tiny_graph
+from support.api import TOKEN, ApiFactory
+from support.server import tiny_graph
 
 
 async def queue_length(live) -> int:

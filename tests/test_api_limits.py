@@ -13,15 +13,16 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, submit, wait_running
+from support.metrics import scrape, value
+from support.processes import wait_for_port
+from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
+from support.wait import until
 
 from api_edition.webhook import WebhookPolicy, WebhookRefused
-from conftest import free_port, wait_for_port
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
-from test_api_e2e import Procs, procs, submit, wait_running  # noqa: F401
-from test_api_support import SERVICE, TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
-from test_metrics_support import scrape, value
-from test_server_support import gated_graph, install_gate_plugin, open_gate, tiny_graph
+from standard.ports import free_port
 
 CRASH_PLUGIN = '''
 """Test plugin: a node that kills its instance's process, as an out-of-memory kill or a segfault would."""
@@ -111,7 +112,7 @@ async def webhook_receiver(aiohttp_server: Any) -> tuple[int, list[dict[str, Any
 # -- --max-attempts ------------------------------------------------------------------------------
 
 
-async def test_a_task_that_kills_every_instance_ends_in_one_error_result(procs: Procs, tmp_path: Path,  # noqa: F811
+async def test_a_task_that_kills_every_instance_ends_in_one_error_result(procs: Procs, tmp_path: Path,
                                                                          aiohttp_server: Any) -> None:
     """All-in-one (SQLite, supervised local instance): 2 runs, 2 dead instances, then one error result."""
     data_dir = tmp_path / "data"
@@ -144,7 +145,7 @@ async def test_a_task_that_kills_every_instance_ends_in_one_error_result(procs: 
     assert value(metrics, "comfyserve_api_worker_tasks_abandoned_total") == 1
 
 
-async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_path: Path,  # noqa: F811
+async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_path: Path,
                                                              aiohttp_server: Any) -> None:
     """Split deployment (workers over HTTP): a kill -9 of the worker mid-task counts, across its restart."""
     data_dir = tmp_path / "data"
@@ -181,7 +182,7 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     open_gate(data_dir, "never")  # let the orphaned prompt end, so the instance stops at once
 
 
-async def test_a_task_that_kills_its_instance_once_still_succeeds(api: ApiFactory, data_dir: Path,  # noqa: F811
+async def test_a_task_that_kills_its_instance_once_still_succeeds(api: ApiFactory, data_dir: Path,
                                                                   redis_url: str) -> None:
     """Default cap (3), Redis store, a supervised local instance: killed once, the second run succeeds."""
     install_crash_plugin(data_dir)
@@ -232,7 +233,7 @@ def test_default_policy_allows_public_targets() -> None:
         WebhookPolicy().check(url)
 
 
-async def test_front_refuses_a_webhook_with_400_and_queues_nothing(api: ApiFactory) -> None:  # noqa: F811
+async def test_front_refuses_a_webhook_with_400_and_queues_nothing(api: ApiFactory) -> None:
     live = await api()
     for webhook in ("http://169.254.169.254/latest/meta-data", "http://127.0.0.1:9/x"):
         resp = await live.submit(tiny_graph(), task_id="t", webhook=webhook)
@@ -249,7 +250,7 @@ async def test_front_refuses_a_webhook_with_400_and_queues_nothing(api: ApiFacto
     assert await queue_length(allowed.endpoint, SERVICE) == 1
 
 
-async def test_worker_skips_a_refused_webhook_of_an_item_put_directly(api: ApiFactory, instance_url: Any,  # noqa: F811
+async def test_worker_skips_a_refused_webhook_of_an_item_put_directly(api: ApiFactory, instance_url: Any,
                                                                      aiohttp_server: Any) -> None:
     hook_port, calls, _ = await webhook_receiver(aiohttp_server)
     live = await api(instance_urls=(await instance_url(),))  # default policy: loopback refused
@@ -258,9 +259,12 @@ async def test_worker_skips_a_refused_webhook_of_an_item_put_directly(api: ApiFa
                         {"task_id": "direct", "webhook": f"http://127.0.0.1:{hook_port}/hook"})
         [frame] = await read_results(sink, 1)
     assert frame.tags["status"] == "success"  # the result stands; only the delivery is skipped
-    await asyncio.sleep(0.3)
+
+    async def skipped() -> bool:
+        return value(await live.metrics(), "comfyserve_api_webhook_failures_total") == 1
+
+    await until(skipped, what="the worker skipping the webhook")
     assert calls == []
-    assert value(await live.metrics(), "comfyserve_api_webhook_failures_total") == 1
 
 
 def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any) -> None:

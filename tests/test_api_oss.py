@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from oss_server.fixtures import BUCKET, KEY_ID, SECRET, oss, storage_settings  # noqa: F401
-from test_api_support import TOKEN, api, read_results  # noqa: F401
-from test_server_support import tiny_graph
+from oss_server.fixtures import BUCKET, KEY_ID, SECRET, storage_settings
+from support.api import TOKEN, read_results
+from support.server import tiny_graph
 
 from api_edition.command import settings_from_args
 from standard.cli import build_parser
@@ -33,7 +33,7 @@ def test_api_flags_pass_the_bucket_to_local_instances(tmp_path: Path, monkeypatc
     assert SECRET not in " ".join(flags)  # credentials travel in the environment only
 
 
-async def test_results_carry_signed_urls_of_uploaded_outputs(api, oss, aiohttp_server: Any,  # noqa: F811
+async def test_results_carry_signed_urls_of_uploaded_outputs(api, oss, aiohttp_server: Any,
                                                             tmp_path: Path) -> None:
     storage = storage_settings(oss, tmp_path)
     instance = await aiohttp_server(create_embedded_app(

@@ -7,16 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
+from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.metrics import kinds, value
+from support.server import tiny_graph
+from support.wait import until
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from conftest import free_port
+from standard.ports import free_port
 from standard.retry import WEBHOOK
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from test_api_support import TOKEN, ApiFactory, api, instance_url, no_more, read_results  # noqa: F401
-from test_metrics_support import kinds, value
-from test_server_support import tiny_graph
 
 BOOM_PLUGIN = '''
 class TestBoom:
@@ -136,18 +138,23 @@ async def test_redelivered_task_is_committed_not_run_again(api: ApiFactory, inst
     assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 1
 
 
-async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any) -> None:
+def _logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
+    return any(all(part in r.getMessage() for part in parts) for r in caplog.records)
+
+
+async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     live = await api(instance_urls=(await instance_url(),), max_length=2)
     for i in range(2):
         await live.submit(tiny_graph(f"s{i}"), task_id=f"s{i}")
     async with live.sink() as sink, live.input() as queue:
-        for _ in range(100):
-            if (await sink.attributes())["stream.length"] == "2":
-                break
-            await asyncio.sleep(0.05)
+        async def sink_full() -> bool:
+            return (await sink.attributes())["stream.length"] == "2"
+
+        await until(sink_full, what="both results on the sink")
         await live.submit(tiny_graph("s2"), task_id="s2")  # runs, then its put waits for room
         await live.submit(tiny_graph("s3"), task_id="s3")  # not taken while s2 is held
-        await asyncio.sleep(0.6)
+        await until(lambda: _logged(caplog, "sink put failed", "is full"), what="the worker holding s2's result")
         attrs = await queue.attributes()
         assert attrs["stream.length"] == "2"
         first = int(attrs["stream.firstEntry"])
@@ -157,11 +164,12 @@ async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance
         assert sorted(f.tags["task_id"] for f in frames) == ["s0", "s1", "s2", "s3"]
 
 
-async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: Any, data_dir: Path) -> None:
+async def test_worker_waits_for_its_instance(api: ApiFactory, aiohttp_server: Any, data_dir: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     live = await api(instance_urls=(f"http://127.0.0.1:{port}",))
     await live.submit(tiny_graph("late"), task_id="late")
-    await asyncio.sleep(0.5)
+    await until(lambda: _logged(caplog, "is not ready", "waiting"), what="the worker finding its instance down")
     async with live.input() as queue:
         assert (await queue.search(1))["IsPending"] is False  # nobody took it while the instance is down
     assert value(await live.metrics(), "comfyserve_api_worker_instance_up") == 0
@@ -279,7 +287,7 @@ async def test_run_timeout_reports_an_error_and_interrupts_the_prompt(api: ApiFa
                                                                       data_dir: Path) -> None:
     from api_edition.settings import WorkerSettings
     from api_edition.worker import Worker
-    from test_server_support import gated_graph, install_gate_plugin, open_gate
+    from support.server import gated_graph, install_gate_plugin, open_gate
 
     install_gate_plugin(data_dir)
     url = await instance_url()

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
 
-from conftest import VENV_BIN, free_port, wait_for_port
-from test_backend_supervisor import SHIM_DIR, alive
+from standard.ports import free_port
 
 START_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 45.0

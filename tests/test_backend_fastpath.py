@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from support.backend import TOKEN, FastFront, start_front
+from support.metrics import parse, value
+from support.wait import until
 
-from conftest import free_port
 from standard.datadir import init_data_dir
-from test_metrics_support import parse, value
-from test_backend_support import TOKEN, FastFront, backend, start_front  # noqa: F401
+from standard.ports import free_port
 
 
 async def raw_exchange(port: int, data: bytes, responses: int = 1, timeout_s: float = 10.0) -> bytes:
@@ -110,6 +112,17 @@ async def test_a_dead_backend_gets_a_json_502(fast_front) -> None:
     assert value(metrics, "comfyserve_backend_errors_total") == 2
 
 
+@dataclass
+class OddBackend:
+    url: str
+    runner: web.AppRunner
+
+    def idle(self) -> bool:
+        """The backend holds no connection open (its keep-alive timeout closed the pooled ones)."""
+        assert self.runner.server is not None
+        return not self.runner.server.connections
+
+
 @pytest.fixture
 async def odd_backend() -> Any:
     """A real aiohttp server with the response shapes ComfyUI's routes never use but HTTP allows."""
@@ -147,12 +160,12 @@ async def odd_backend() -> Any:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    yield f"http://127.0.0.1:{site.port}"
+    yield OddBackend(f"http://127.0.0.1:{site.port}", runner)
     await runner.cleanup()
 
 
-async def test_chunked_big_empty_and_bodies_relay_unchanged(odd_backend, fast_front) -> None:
-    front = await fast_front(odd_backend)
+async def test_chunked_big_empty_and_bodies_relay_unchanged(odd_backend: OddBackend, fast_front) -> None:
+    front = await fast_front(odd_backend.url)
     base = f"http://127.0.0.1:{front.port}"
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/chunked") as resp:
@@ -170,14 +183,15 @@ async def test_chunked_big_empty_and_bodies_relay_unchanged(odd_backend, fast_fr
             assert total == 8 * 1024 * 1024
         async with http.get(f"{base}/chunked") as resp:  # the connection that was held back is reused
             assert await resp.read() == b"alpha-beta-gamma"
-        await asyncio.sleep(0.5)  # the backend closes the idle pooled connections meanwhile
+        await until(odd_backend.idle, what="the backend closing the front's idle pooled connections")
         for _ in range(2):
             async with http.get(f"{base}/chunked") as resp:
                 assert await resp.read() == b"alpha-beta-gamma"
 
 
-async def test_a_client_leaving_mid_download_does_not_hurt_the_front(odd_backend, fast_front) -> None:
-    front = await fast_front(odd_backend)
+async def test_a_client_leaving_mid_download_does_not_hurt_the_front(odd_backend: OddBackend,
+                                                                     fast_front) -> None:
+    front = await fast_front(odd_backend.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
     writer.write(get("/big", token=None))
     await reader.readexactly(100000)

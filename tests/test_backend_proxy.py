@@ -7,17 +7,17 @@ import json
 import struct
 
 import aiohttp
-from aiohttp import web
 import pytest
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from support.backend import TOKEN
+from support.metrics import kinds, parse, value
+from support.server import png_bytes, tiny_graph
 
 from standard.client import BinaryFrame, InstanceClient
 from standard.errors import InstanceError
+from standard.ports import free_port
 from standard.server import keys
-from test_metrics_support import kinds, parse, value
-from test_backend_support import TOKEN, backend, front  # noqa: F401
-from test_server_support import png_bytes, tiny_graph
-from conftest import free_port
 
 
 def url(server, path: str = "") -> str:  # type: ignore[no-untyped-def]

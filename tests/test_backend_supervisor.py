@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from support.metrics import kinds, parse, value
+from support.processes import SHIM_DIR, alive
+from support.server import gated_graph, install_gate_plugin, open_gate
+from support.wait import until
 
 from standard.backend import app as backend_app
 from standard.backend.app import create_backend_app
@@ -19,24 +23,6 @@ from standard.backend.supervisor import ComfyUIChild
 from standard.client import InstanceClient
 from standard.datadir import MODEL_FOLDERS, DataDir, init_data_dir
 from standard.settings import StandardSettings
-from test_backend_support import eventually
-from test_metrics_support import kinds, parse, value
-from test_server_support import gated_graph, install_gate_plugin, open_gate
-
-SHIM_DIR = Path(__file__).resolve().parent / "comfyui_shim"
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead too
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 @pytest.fixture
 def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -69,7 +55,7 @@ async def wait_ready(client: TestClient, headers: dict[str, str] | None = None) 
     async def ready() -> bool:
         return (await client.get("/readyz", headers=headers)).status == 200
 
-    await eventually(ready, timeout_s=45)
+    await until(ready, timeout_s=45)
     return await (await client.get("/readyz", headers=headers)).json()
 
 
@@ -132,7 +118,7 @@ async def test_a_child_that_dies_is_started_again(child_front) -> None:
         status = await (await client.get("/readyz")).json()
         return status["ready"] and status["pid"] not in (None, first["pid"])
 
-    await eventually(replaced, timeout_s=45)
+    await until(replaced, timeout_s=45)
     status = await (await client.get("/readyz")).json()
     assert status["crashes"] == 1 and status["starts"] == 2 and status["last_exit"] == -signal.SIGKILL
     assert (await client.get("/queue")).status == 200
@@ -180,7 +166,7 @@ async def test_restart_is_refused_while_a_prompt_runs(child_front, tmp_path: Pat
         async def running() -> bool:
             return bool((await direct.queue())["queue_running"])
 
-        await eventually(running)
+        await until(running)
         response = await client.post("/restart")
         assert response.status == 409
         assert (await response.json())["error"]["type"] == "prompt_running"
@@ -189,5 +175,5 @@ async def test_restart_is_refused_while_a_prompt_runs(child_front, tmp_path: Pat
         async def finished() -> bool:
             return await direct.history_entry(prompt_id) is not None
 
-        await eventually(finished)
+        await until(finished)
     assert (await client.post("/restart")).status == 200

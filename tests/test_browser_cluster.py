@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from conftest import comfyserve_process
-from test_cluster_support import PASSWORD, make_users
+from support.cluster import PASSWORD, make_users
+from support.processes import comfyserve_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -8,28 +8,15 @@ import sys
 from pathlib import Path
 
 import httpx
+from support.processes import START_TIMEOUT_S, VENV_BIN, start_cli, stop_cli, wait_for_port
+from support.server import gated_graph, install_gate_plugin
 
-from conftest import VENV_BIN, free_port, wait_for_port
-from test_server_support import gated_graph, install_gate_plugin
-
-START_TIMEOUT_S = 20.0
-
-
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _stop(proc: subprocess.Popen) -> tuple[int, str, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=20)
-    return proc.returncode, out, err
-
+from standard.ports import free_port
 
 def test_comfyserve_standard_serves_and_stops_on_sigterm(tmp_path: Path, cli_env: dict[str, str]) -> None:
     port = free_port()
     data = tmp_path / "data"
-    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(data), "--port", str(port)], cli_env)
+    proc = start_cli([str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(data), "--port", str(port)], cli_env)
     try:
         wait_for_port(port, START_TIMEOUT_S, proc)
         base = f"http://127.0.0.1:{port}"
@@ -40,14 +27,14 @@ def test_comfyserve_standard_serves_and_stops_on_sigterm(tmp_path: Path, cli_env
         for folder in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints"):
             assert (data / folder).is_dir(), folder
     finally:
-        code, out, err = _stop(proc)
+        code, out, err = stop_cli(proc)
     assert code == 0, err
     assert "listening on http://127.0.0.1" in out
 
 
 def test_python_m_standard_listen_with_token(tmp_path: Path, cli_env: dict[str, str]) -> None:
     port = free_port()
-    proc = _start([sys.executable, "-m", "standard", "--listen", "--port", str(port),
+    proc = start_cli([sys.executable, "-m", "standard", "--listen", "--port", str(port),
                    "--data-dir", str(tmp_path / "d"), "--token", "T0k"], cli_env)
     try:
         wait_for_port(port, START_TIMEOUT_S, proc)
@@ -57,7 +44,7 @@ def test_python_m_standard_listen_with_token(tmp_path: Path, cli_env: dict[str, 
         assert httpx.get(f"{base}/queue", headers={"Authorization": "T0k"}).status_code == 200
         assert httpx.get(f"{base}/queue", headers={"Authorization": "Bearer T0k"}).status_code == 200
     finally:
-        code, out, err = _stop(proc)
+        code, out, err = stop_cli(proc)
     assert code == 0, err
     assert "listening on http://0.0.0.0" in out
 
@@ -66,13 +53,13 @@ def test_token_from_environment(tmp_path: Path, cli_env: dict[str, str]) -> None
     port = free_port()
     env = {**cli_env, "COMFYSERVE_TOKEN": "envtok", "COMFYSERVE_PORT": str(port),
            "COMFYSERVE_DATA_DIR": str(tmp_path / "d")}
-    proc = _start([str(VENV_BIN / "comfyserve"), "standard"], env)
+    proc = start_cli([str(VENV_BIN / "comfyserve"), "standard"], env)
     try:
         wait_for_port(port, START_TIMEOUT_S, proc)
         assert httpx.get(f"http://127.0.0.1:{port}/queue").status_code == 401
         assert httpx.get(f"http://127.0.0.1:{port}/queue", headers={"Authorization": "envtok"}).status_code == 200
     finally:
-        _stop(proc)
+        stop_cli(proc)
 
 
 def test_non_loopback_without_token_is_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -87,13 +74,13 @@ def test_non_loopback_without_token_is_refused(tmp_path: Path, cli_env: dict[str
 
 def test_no_auth_opts_out_on_purpose(tmp_path: Path, cli_env: dict[str, str]) -> None:
     port = free_port()
-    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--listen", "0.0.0.0", "--no-auth",
+    proc = start_cli([str(VENV_BIN / "comfyserve"), "standard", "--listen", "0.0.0.0", "--no-auth",
                    "--port", str(port), "--data-dir", str(tmp_path / "d")], cli_env)
     try:
         wait_for_port(port, START_TIMEOUT_S, proc)
         assert httpx.get(f"http://127.0.0.1:{port}/queue").status_code == 200
     finally:
-        code, _, err = _stop(proc)
+        code, _, err = stop_cli(proc)
     assert code == 0, err
 
 
@@ -134,7 +121,7 @@ async def test_sigterm_during_a_prompt_interrupts_and_exits_within_the_limit(tmp
     data = init_data_dir(tmp_path / "d").root
     install_gate_plugin(data)
     port = free_port()
-    proc = _start([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(data),
+    proc = start_cli([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(data),
                    "--shutdown-timeout", "1"], cli_env)
     try:
         await asyncio.to_thread(wait_for_port, port, START_TIMEOUT_S, proc)
@@ -152,4 +139,4 @@ async def test_sigterm_during_a_prompt_interrupts_and_exits_within_the_limit(tmp
             assert code == 0
             assert time.monotonic() - started < 8
     finally:
-        _stop(proc)
+        stop_cli(proc)

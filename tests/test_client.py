@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support.backend import start_backend
+from support.server import png_bytes
+from support.wait import until
 
-from conftest import free_port
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.datadir import init_data_dir
 from standard.errors import InstanceError, InstanceUnavailable, PromptRejected
-from test_backend_support import backend, start_backend  # noqa: F401
-from test_server_support import png_bytes
+from standard.ports import free_port
 
 FAST = ClientTimeouts(connect_s=1.0, request_s=2.0, ws_open_s=2.0, disconnected_s=3.0,
                       reconnect_min_s=0.02, reconnect_max_s=0.2, history_poll_s=0.05, idle_check_s=1.0,
@@ -85,14 +86,15 @@ async def test_a_silent_server_times_out() -> None:
         await server.wait_closed()
 
 
-async def test_gets_retry_until_the_instance_comes_up(tmp_path: Path) -> None:
+async def test_gets_retry_until_the_instance_comes_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     timeouts = ClientTimeouts(connect_s=1.0, request_s=2.0, reconnect_min_s=0.1, reconnect_max_s=0.5,
                               get_retries=8)
     async with InstanceClient(f"http://127.0.0.1:{port}", timeouts=timeouts) as client:
         pending = asyncio.create_task(client.queue())
-        await asyncio.sleep(0.3)
-        assert not pending.done()
+        await until(lambda: any("GET /queue failed" in r.getMessage() for r in caplog.records),
+                    what="the first GET failing")
+        assert not pending.done()  # it is retrying
         started = await start_backend(init_data_dir(tmp_path / "late").root, port=port)
         try:
             assert await asyncio.wait_for(pending, 10) == {"queue_running": [], "queue_pending": []}

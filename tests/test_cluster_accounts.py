@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.clock import FakeClock
+from support.cluster import PASSWORD, files_under, graph
+from support.wait import until
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
 from cluster_proxy.login import SESSION_COOKIE, USER, setup_login
 from cluster_proxy.throttle import LoginThrottle
 from standard.datadir import init_data_dir
-from test_cluster_support import PASSWORD, files_under, graph, start_cluster, wait_until  # noqa: F401
 
 SECRET = "test-secret"
 
@@ -69,23 +71,6 @@ class Provider:
 
     async def disconnect_user(self, name: str) -> None:
         self.disconnected.append(name)
-
-
-class FakeClock:
-    """The throttle's and the session cache's clock, moved by the test instead of waited for."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-        self.pauses: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-    async def pause(self, seconds: float) -> None:
-        self.pauses.append(seconds)
 
 
 @pytest.fixture
@@ -499,7 +484,7 @@ async def test_removing_a_user_stops_their_work_and_the_name_comes_back_empty(st
     async def is_running() -> bool:
         return [item[1] for item in (await alice.queue())["queue_running"]] == [running]
 
-    await wait_until(is_running)
+    await until(is_running)
     root = await browser_login(cluster, "root")
     csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', await (await root.get("/admin")).text()).group(1)
     removed = await root.post("/admin/users", data={"csrf": csrf, "action": "remove", "name": "alice"},
@@ -507,7 +492,7 @@ async def test_removing_a_user_stops_their_work_and_the_name_comes_back_empty(st
     assert removed.status == 200 and "User alice removed" in await removed.text()
     assert (await alice_browser.get("/api/queue")).status == 401
     assert (await cluster.http("alice").get("/api/queue")).status == 401
-    await wait_until(lambda: all(i.task_id is None for i in cluster.pool.instances.values()))  # interrupted
+    await until(lambda: all(i.task_id is None for i in cluster.pool.instances.values()))  # interrupted
     assert not cluster.user_dir("alice").exists()  # nothing the interrupted task wrote came back
     [moved] = (cluster.data_dir / "users" / ".removed").iterdir()
     assert moved.name.startswith("alice-") and files_under(moved / "output") == ["old_00001_.png"]

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+from support.cluster import Cluster, make_users, png_bytes, write_sleep_plugin
+from support.processes import environ, wait_for_child, wait_for_port
 
-from conftest import free_port, wait_for_port
-from test_cluster_support import Cluster, make_users, png_bytes, start_cluster, write_sleep_plugin  # noqa: F401
-from test_private import environ, wait_for_child
+from standard.ports import free_port
 
 
 def mode(path: Path) -> int:

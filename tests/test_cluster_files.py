@@ -7,17 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    files_under,
-    graph,
-    is_done,
-    next_json,
-    png_bytes,
-    start_cluster,
-    wait_until,
-)
+from support.cluster import Cluster, files_under, graph, png_bytes
+from support.server import is_done, next_json
+from support.wait import until
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -115,7 +107,7 @@ async def test_public_input_is_readable_by_everyone_but_not_writable(start_clust
     assert response.status == 200
     bob = cluster.user("bob")
     prompt_id = (await response.json())["prompt_id"]
-    await wait_until(lambda: _history(bob, prompt_id))
+    await until(lambda: _history(bob, prompt_id))
     assert files_under(cluster.user_dir("bob") / "output") == ["loaded_00001_.png"]
     await _upload(http_b, "shared.png", png_bytes(color=(1, 1, 1)))
     assert (cluster.data_dir / "input" / "shared.png").read_bytes() == png_bytes(color=(9, 9, 9))
@@ -172,7 +164,7 @@ async def test_any_output_node_writes_into_the_users_folder(start_cluster) -> No
 
 
 async def instance_post(server: Any, path: str) -> aiohttp.ClientResponse:
-    from test_cluster_support import INSTANCE_TOKEN
+    from support.cluster import INSTANCE_TOKEN
 
     async with aiohttp.ClientSession() as session:
         async with session.post(str(server.make_url(path)), headers={"Authorization": INSTANCE_TOKEN}) as response:

@@ -6,8 +6,7 @@ import json
 
 import aiohttp
 import pytest
-
-from test_cluster_support import Cluster, files_under, graph, png_bytes, start_cluster  # noqa: F401
+from support.cluster import Cluster, files_under, graph, png_bytes
 
 LONG = "a" * 300
 DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from oss_server.fixtures import BUCKET, KEY_ID, SECRET, oss, storage_settings  # noqa: F401
-from test_cluster_support import graph, start_cluster  # noqa: F401
+from oss_server.fixtures import BUCKET, KEY_ID, SECRET, storage_settings
+from support.cluster import graph
 
 from cluster_proxy.command import settings_from_args
 from standard.cli import build_parser
@@ -26,7 +26,7 @@ def test_cluster_flags_pass_the_bucket_to_spawned_instances(tmp_path: Path, monk
     assert SECRET not in " ".join(flags)
 
 
-async def test_users_outputs_are_uploaded_under_their_own_prefix(start_cluster, oss, tmp_path: Path) -> None:  # noqa: F811
+async def test_users_outputs_are_uploaded_under_their_own_prefix(start_cluster, oss, tmp_path: Path) -> None:
     cluster = await start_cluster(instances=1, storage=storage_settings(oss, tmp_path))
     async with cluster.user("alice") as alice:
         result = await alice.run(graph("mine"), timeout_s=30)

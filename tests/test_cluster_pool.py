@@ -11,20 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cluster import INSTANCE_TOKEN, Cluster, files_under, graph, write_sleep_plugin
+from support.processes import wait_for_port
+from support.server import events_until, is_done, next_json
+from support.wait import until
 
-from conftest import free_port, wait_for_port
-from test_cluster_support import (  # noqa: F401
-    INSTANCE_TOKEN,
-    Cluster,
-    events_until,
-    files_under,
-    graph,
-    is_done,
-    next_json,
-    start_cluster,
-    wait_until,
-    write_sleep_plugin,
-)
+from standard.ports import free_port
 
 
 class InstanceProcess:
@@ -72,7 +64,7 @@ async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_t
     await next_json(ws)
     response = await http.post("/prompt", json={"prompt": graph("r", color=5, seconds=2.0), "client_id": "tab"})
     prompt_id = (await response.json())["prompt_id"]
-    await wait_until(lambda: cluster.core.runs)
+    await until(lambda: cluster.core.runs)
     await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
     run = next(iter(cluster.core.runs.values()))
     victim = next(p for p in instance_processes if p.url == run.instance.url)
@@ -92,7 +84,7 @@ async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_t
     assert cluster.pool.instances[survivor.url].tasks_run == 1
     # The instance comes back: it rejoins and takes work again.
     victim.start()
-    await wait_until(lambda: cluster.pool.instances[victim.url].state == "up")
+    await until(lambda: cluster.pool.instances[victim.url].state == "up")
     status = await (await cluster.http("bob").get("/cluster/instances")).json()  # admins see the pool
     assert {i["state"] for i in status["instances"]} == {"up"}
 
@@ -108,7 +100,7 @@ async def test_an_admin_adds_an_instance_at_run_time(start_cluster, instance_pro
     added = await cluster.http("root").post("/cluster/instances", json={"url": instance_processes[0].url})
     assert added.status == 200
     alice = cluster.user("alice")
-    await wait_until(lambda: _done(alice, prompt_id), timeout_s=20)
+    await until(lambda: _done(alice, prompt_id), timeout_s=20)
     assert await cluster.core.store.instance_urls() == [instance_processes[0].url]
 
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from cluster_proxy.scheduler import dispatch_order, pick_instance
+from support.cluster import INSTANCE_TOKEN, Cluster, graph
+from support.server import events_until, is_done, next_json
+from support.wait import until
+
 from cluster_proxy.pool import Instance
+from cluster_proxy.scheduler import dispatch_order, pick_instance
 from cluster_proxy.store import Task
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    events_until,
-    graph,
-    is_done,
-    next_json,
-    start_cluster,
-    wait_until,
-)
+from standard.client import InstanceClient
 
 
 def _task(user: str, seq: int, models: list[str] | None = None) -> Task:
@@ -54,7 +49,7 @@ async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_clu
     cluster: Cluster = await start_cluster(instances=1)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
     alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.8)) for i in range(4)]
-    await wait_until(lambda: cluster.core.runs)
+    await until(lambda: cluster.core.runs)
     bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
     queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
     assert queue == [{"prompt_id": bob_id, "position": 0, "state": "pending", "notes": []}]
@@ -62,7 +57,7 @@ async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_clu
     assert [q["state"] for q in alice_queue] == ["running", "pending", "pending", "pending"]
     assert [q["position"] for q in alice_queue[1:]] == [1, 2, 3]
     assert bob_id not in str(alice_queue)
-    await wait_until(lambda: _all_done(cluster, 5), timeout_s=30)
+    await until(lambda: _all_done(cluster, 5), timeout_s=30)
     tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
     started = [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)]
     assert started[:2] == [alice_ids[0], bob_id]
@@ -101,6 +96,15 @@ async def test_queue_lists_only_the_users_tasks_and_deletes_only_theirs(start_cl
     assert [item[1] for item in (await (await http_b.get("/queue")).json())["queue_pending"]] == [waiting_b]
 
 
+async def _running_everywhere(cluster: Cluster) -> bool:
+    """Each instance of the cluster is executing a prompt (asked directly, with the instance token)."""
+    for server in cluster.instances:
+        async with InstanceClient(str(server.make_url("")).rstrip("/"), INSTANCE_TOKEN) as instance:
+            if not (await instance.queue())["queue_running"]:
+                return False
+    return True
+
+
 async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=2)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
@@ -108,14 +112,14 @@ async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
     await next_json(ws_b)
     task_a = await _submit(http_a, graph("a", color=1, seconds=5.0))
     task_b = await _submit(http_b, graph("b", color=2, seconds=1.0), client_id="b")
-    await wait_until(lambda: len(cluster.core.runs) == 2)
-    await asyncio.sleep(0.3)
+    await until(lambda: len(cluster.core.runs) == 2)
+    await until(lambda: _running_everywhere(cluster))  # both prompts execute on their instances
     assert (await http_b.post("/interrupt", json={"prompt_id": task_a})).status == 404
     assert (await http_a.post("/interrupt", json={})).status == 200  # global: only alice's tasks
     events = await events_until(ws_b, is_done(task_b))
     assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
     alice = cluster.user("alice")
-    await wait_until(lambda: _status(alice, task_a))
+    await until(lambda: _status(alice, task_a))
     assert await _status(alice, task_a) == "error"
     entry = (await alice.history(task_a))[task_a]
     assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]

@@ -7,8 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web, web_urldispatcher
-
-from test_cluster_support import Cluster, png_bytes, start_cluster  # noqa: F401
+from support.cluster import Cluster, png_bytes
 
 
 @pytest.fixture

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_cluster_support import (  # noqa: F401
-    INSTANCE_TOKEN,
-    Cluster,
-    graph,
-    next_json,
-    start_cluster,
-    wait_until,
-)
+from support.cluster import INSTANCE_TOKEN, Cluster, graph
+from support.server import next_json
+from support.wait import until
 
 
 async def test_two_proxies_on_one_redis(start_cluster, aiohttp_server, redis_url: str) -> None:
@@ -27,7 +22,7 @@ async def test_two_proxies_on_one_redis(start_cluster, aiohttp_server, redis_url
     second_server = await aiohttp_server(second_app)
     second = Cluster(first.data_dir, second_server, first.tokens, first.instances)
     try:
-        await wait_until(lambda: len(second_app[POOL].up()) == 2)
+        await until(lambda: len(second_app[POOL].up()) == 2)
         alice_on_second = second.http("alice")
         ws = await alice_on_second.ws_connect("/ws?clientId=tab")
         await next_json(ws)
@@ -48,7 +43,7 @@ async def test_two_proxies_on_one_redis(start_cluster, aiohttp_server, redis_url
             event = await next_json(ws, timeout_s=30)
             if event["type"] == "executing" and event["data"].get("node") is None:
                 pending.discard(event["data"]["prompt_id"])
-        await wait_until(lambda: _history_size(bob_on_second, 2), timeout_s=30)
+        await until(lambda: _history_size(bob_on_second, 2), timeout_s=30)
         history = await (await alice_on_second.get("/history")).json()
         assert set(history) == set(ids)
         assert all(entry["status"]["status_str"] == "success" and "cluster" not in entry for entry in history.values())
@@ -82,13 +77,13 @@ async def test_a_proxy_that_goes_away_leaves_its_running_task_to_another(start_c
         health_interval_s=0.2, instance_lost_s=1.0, redis_url=redis_url))
     second = Cluster(first.data_dir, await aiohttp_server(second_app), first.tokens, first.instances)
     try:
-        await wait_until(lambda: len(second_app[POOL].up()) == 1)
+        await until(lambda: len(second_app[POOL].up()) == 1)
         http = second.http("alice")
         response = await first.http("alice").post("/prompt", json={"prompt": graph("o", color=1, seconds=3.0)})
         prompt_id = (await response.json())["prompt_id"]
-        await wait_until(lambda: any(run.last_node for run in first.core.runs.values()))
+        await until(lambda: any(run.last_node for run in first.core.runs.values()))
         await first.server.close()  # the first proxy goes away while its task runs
-        await wait_until(lambda: _history_size(http, 1), timeout_s=30)
+        await until(lambda: _history_size(http, 1), timeout_s=30)
         entry = (await (await http.get(f"/history/{prompt_id}")).json())[prompt_id]
         assert entry["status"]["status_str"] == "success"
         assert "cluster" not in entry  # followed to its end, not run again

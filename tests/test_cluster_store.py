@@ -7,16 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cluster import Cluster, files_under, graph
+from support.wait import until
 
 from cluster_proxy.store import DONE, PENDING, RUNNING, SqliteStateStore, Task
 from cluster_proxy.store_redis import RedisStateStore
-from test_cluster_support import (  # noqa: F401
-    Cluster,
-    files_under,
-    graph,
-    start_cluster,
-    wait_until,
-)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -90,7 +85,7 @@ async def test_instance_urls_are_kept(store: Any) -> None:
 async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, request, backend: str) -> None:
     from cluster_proxy.app import create_cluster_app
     from cluster_proxy.settings import ClusterSettings
-    from test_cluster_support import INSTANCE_TOKEN
+    from support.cluster import INSTANCE_TOKEN
 
     redis_url = request.getfixturevalue("redis_url") if backend == "redis" else None
     cluster: Cluster = await start_cluster(instances=1, redis_url=redis_url)
@@ -99,7 +94,7 @@ async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, requ
     for index in range(3):
         response = await http.post("/prompt", json={"prompt": graph("r", color=index, seconds=0.6)})
         ids.append((await response.json())["prompt_id"])
-    await wait_until(lambda: any(run.last_node for run in cluster.core.runs.values()))
+    await until(lambda: any(run.last_node for run in cluster.core.runs.values()))
     await cluster.server.close()  # the proxy goes away mid-task
     instance_url = str(cluster.instances[0].make_url("")).rstrip("/")
     app = await create_cluster_app(ClusterSettings(
@@ -111,7 +106,7 @@ async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, requ
     queue = await (await http.get("/queue")).json()
     seen = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
     assert seen and set(seen) <= set(ids)
-    await wait_until(lambda: _history_size(http, 3), timeout_s=30)
+    await until(lambda: _history_size(http, 3), timeout_s=30)
     history = await (await http.get("/history")).json()
     assert {h["status"]["status_str"] for h in history.values()} == {"success"}
     # The running one was followed to its end, not run again.

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
+from support.drain import drain_gate_graph, install_drain_gate, runs_of
+from support.processes import wait_for_port
+from support.wait import until
 
-from conftest import free_port, wait_for_port
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
-from test_api_e2e import Procs, procs, submit  # noqa: F401 - procs is a fixture
-from test_api_support import SERVICE, TOKEN, no_more, read_results
-from test_drain_support import drain_gate_graph, install_drain_gate, runs_of, until
+from standard.ports import free_port
 
 AUTH = {"Authorization": TOKEN}
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.drain import drain_gate_graph, install_drain_gate, runs_of
+from support.processes import VENV_BIN, wait_for_port
+from support.wait import until
 
-from conftest import VENV_BIN, free_port, wait_for_port
 from standard.client import InstanceClient
 from standard.datadir import init_data_dir
-from test_drain_support import drain_gate_graph, install_drain_gate, runs_of, until
+from standard.ports import free_port
 
 PASSWORD = "long enough pw"
 INSTANCE_TOKEN = "drain-instance-token"

@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 import websockets
+from support.cluster import graph as sleep_graph, write_sleep_plugin
+from support.drain import drain_gate_graph, install_drain_gate, runs_of
+from support.processes import SHIM_DIR, VENV_BIN, wait_for_port
+from support.server import gated_graph, install_gate_plugin, open_gate
+from support.wait import until
 
-from conftest import VENV_BIN, free_port, wait_for_port
-from test_backend_supervisor import SHIM_DIR
-from test_cluster_support import graph as sleep_graph, write_sleep_plugin
-from test_drain_support import drain_gate_graph, install_drain_gate, runs_of, until
-from test_server_support import gated_graph, install_gate_plugin, open_gate
+from standard.ports import free_port
 
 START_TIMEOUT_S = 30.0
 

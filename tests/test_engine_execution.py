@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
-
-from test_server_support import events_until, instance, is_done, wait_history  # noqa: F401
+from support.server import events_until, is_done, wait_history
 
 PLUGINS = Path(__file__).parent / "custom_nodes"
 
@@ -133,7 +132,7 @@ async def test_cache_reuses_unchanged_nodes_until_is_changed_says_otherwise(inst
 
 
 async def test_load_image_reruns_when_the_file_changes(instance, data_dir: Path) -> None:
-    from test_server_support import png_bytes
+    from support.server import png_bytes
 
     client = await instance()
     (data_dir / "input" / "in.png").write_bytes(png_bytes((4, 4), (0, 0, 0, 255)))

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-
-from test_server_support import instance, png_bytes, wait_history  # noqa: F401
+from support.server import png_bytes, wait_history
 
 
 async def run(client: Any, graph: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from test_server_support import instance, wait_history  # noqa: F401
+from support.server import wait_history
 
 PLUGINS = Path(__file__).parent / "custom_nodes"
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from test_server_support import instance  # noqa: F401
 
 PLUGINS = Path(__file__).parent / "custom_nodes"
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server_support import instance  # noqa: F401
 
 from standard.server.frontend import frontend_root
 
@@ -102,7 +101,7 @@ async def test_internal_logs(instance, prefix: str) -> None:
 async def test_log_subscription_pushes_logs_over_the_socket(instance) -> None:
     import logging
 
-    from test_server_support import next_json
+    from support.server import next_json
 
     client = await instance()
     ws = await client.ws_connect("/ws?clientId=log-reader")

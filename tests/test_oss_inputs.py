@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from oss_server.fixtures import BUCKET, oss, storage_settings  # noqa: F401
+from oss_server.fixtures import BUCKET, storage_settings
 from PIL import Image
-from test_server_support import png_bytes, wait_history
+from support.clock import FakeClock
+from support.server import png_bytes, wait_history
 
 from standard.server import keys
 from standard.server.app import create_embedded_app
@@ -28,7 +30,7 @@ TTL_S = 0.2
 
 
 @pytest.fixture
-def oss_instance(aiohttp_client: Any, oss, tmp_path: Path):  # noqa: F811
+def oss_instance(aiohttp_client: Any, oss, tmp_path: Path):
     """Instances on oss://BUCKET/data, each with its own local disk (as on separate machines)."""
     async def factory(name: str, **overrides: Any):
         storage = storage_settings(oss, tmp_path / name, **{"input_list_ttl_s": TTL_S, **overrides})
@@ -75,7 +77,7 @@ async def run(client: Any, graph: dict[str, Any]) -> dict[str, Any]:
     return await wait_history(client, body["prompt_id"])
 
 
-def listing_requests(oss) -> int:  # noqa: F811
+def listing_requests(oss) -> int:
     """ListObjects calls the test server answered (a GET on the bucket itself)."""
     return sum(1 for method, _bucket, key in oss.server.requests if method == "GET" and key == "")
 
@@ -90,7 +92,7 @@ def saved_pixels(client: Any, entry: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGBA"))
 
 
-async def test_an_upload_through_one_instance_loads_on_another(oss_instance, oss) -> None:  # noqa: F811
+async def test_an_upload_through_one_instance_loads_on_another(oss_instance, oss) -> None:
     a = await oss_instance("a")
     b = await oss_instance("b")
     picture = png_bytes(size=(5, 3), color=(10, 200, 30, 255))
@@ -123,7 +125,7 @@ async def test_an_upload_through_one_instance_loads_on_another(oss_instance, oss
     assert sum(1 for m, _b, k in oss.server.requests if m == "GET" and k == "data/input/team/shared.png") == gets
 
 
-async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_instance, oss) -> None:  # noqa: F811
+async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_instance, oss) -> None:
     client = await oss_instance("a")
     storage = client.app[STORAGE]
     assert "direct.png" not in await image_choices(client)
@@ -131,7 +133,8 @@ async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_inst
     oss.server.put(BUCKET, "data/input/notes.txt", b"not an image")
 
     # A burst of node-list requests once the listing is stale costs one listing, not one per request.
-    await asyncio.sleep(TTL_S)
+    storage.inputs.clock = clock = FakeClock(time.monotonic())
+    clock.advance(TTL_S)
     refreshes, listings = storage.inputs.refreshes, listing_requests(oss)
     await asyncio.gather(*(image_choices(client) for _ in range(30)))
     loop = asyncio.get_running_loop()
@@ -154,7 +157,7 @@ async def test_an_object_put_into_the_bucket_shows_up_after_the_refresh(oss_inst
     assert missing.status == 404
 
 
-async def test_an_input_deleted_locally_is_fetched_again_on_use(oss_instance, oss) -> None:  # noqa: F811
+async def test_an_input_deleted_locally_is_fetched_again_on_use(oss_instance, oss) -> None:
     client = await oss_instance("a")
     await upload(client, png_bytes(), "again.png")
     path = local_input(client, "again.png")
@@ -167,7 +170,7 @@ async def test_an_input_deleted_locally_is_fetched_again_on_use(oss_instance, os
     assert path.read_bytes() == png_bytes()
 
 
-async def test_traversal_keys_in_the_bucket_are_ignored(oss_instance, oss, caplog, tmp_path) -> None:  # noqa: F811
+async def test_traversal_keys_in_the_bucket_are_ignored(oss_instance, oss, caplog, tmp_path) -> None:
     for key in ("data/input/../escape.png", "data/input//abs.png", "data/input/sub/../../../up.png"):
         oss.server.put(BUCKET, key, png_bytes())
     oss.server.put(BUCKET, "data/input/sub/fine.png", png_bytes())
@@ -187,7 +190,7 @@ async def test_traversal_keys_in_the_bucket_are_ignored(oss_instance, oss, caplo
     assert not written & {"escape.png", "abs.png", "up.png"}
 
 
-def test_a_fetched_input_follows_a_newer_version_in_the_bucket(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_a_fetched_input_follows_a_newer_version_in_the_bucket(oss, tmp_path: Path) -> None:
     from standard.storage.storage import ObjectStorage
 
     settings = storage_settings(oss, tmp_path)
@@ -234,7 +237,7 @@ def noise_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-async def test_a_dropped_download_resumes_and_a_failing_one_is_the_nodes_error(oss_instance, oss) -> None:  # noqa: F811
+async def test_a_dropped_download_resumes_and_a_failing_one_is_the_nodes_error(oss_instance, oss) -> None:
     big = noise_png(400, 3)
     assert len(big) > 2 * 256 * 1024
     oss.server.put(BUCKET, "data/input/big.png", big)
@@ -254,14 +257,15 @@ async def test_a_dropped_download_resumes_and_a_failing_one_is_the_nodes_error(o
     assert not local_input(client, "broken.png").exists()
 
 
-async def test_node_lists_keep_answering_while_the_bucket_listing_fails(oss_instance, oss, caplog) -> None:  # noqa: F811
+async def test_node_lists_keep_answering_while_the_bucket_listing_fails(oss_instance, oss, caplog) -> None:
     oss.server.put(BUCKET, "data/input/known.png", png_bytes())
     client = await oss_instance("a")
     storage = client.app[STORAGE]
     oss.server.faults.fail("GET", "", times=1000)  # every GET, listings included
     refreshes = storage.inputs.refreshes
+    storage.inputs.clock = clock = FakeClock(time.monotonic())
     with caplog.at_level(logging.WARNING, logger="comfyserve.storage"):
-        await asyncio.sleep(TTL_S)
+        clock.advance(TTL_S)
         assert "known.png" in await image_choices(client)  # the last listing, at once
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15

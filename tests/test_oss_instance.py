@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from oss_server.fixtures import BUCKET, KEY_ID, oss, random_bytes, storage_settings  # noqa: F401
-from test_server_support import png_bytes, tiny_graph, wait_history
+from oss_server.fixtures import BUCKET, KEY_ID, random_bytes, storage_settings
+from support.server import png_bytes, tiny_graph, wait_history
 
 from standard.server import keys
 from standard.server.app import create_embedded_app
@@ -25,7 +25,7 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def oss_instance(aiohttp_client: Any, oss, tmp_path: Path):  # noqa: F811
+def oss_instance(aiohttp_client: Any, oss, tmp_path: Path):
     async def factory(**overrides: Any):
         storage = storage_settings(oss, tmp_path, **overrides)
         settings = StandardSettings(data_dir=storage.local_root if storage.location else tmp_path / "mnt",
@@ -35,7 +35,7 @@ def oss_instance(aiohttp_client: Any, oss, tmp_path: Path):  # noqa: F811
     return factory
 
 
-def seed_bucket(oss) -> bytes:  # noqa: F811
+def seed_bucket(oss) -> bytes:
     model = random_bytes(2 * MB + 17, 7)
     oss.server.put(BUCKET, "data/custom_nodes/read_model.py", PLUGIN.read_bytes())
     oss.server.put(BUCKET, "data/models/checkpoints/sd15.safetensors", model)
@@ -43,7 +43,7 @@ def seed_bucket(oss) -> bytes:  # noqa: F811
     return model
 
 
-async def test_plugin_reads_a_bucket_model_fetched_on_first_use(oss_instance, oss) -> None:  # noqa: F811
+async def test_plugin_reads_a_bucket_model_fetched_on_first_use(oss_instance, oss) -> None:
     model = seed_bucket(oss)
     client = await oss_instance()
     assert await (await client.get("/models/checkpoints")).json() == ["sd15.safetensors"]
@@ -65,7 +65,7 @@ async def test_plugin_reads_a_bucket_model_fetched_on_first_use(oss_instance, os
     assert sum(1 for m, _b, k in oss.server.requests if m == "GET" and k == key) == gets
 
 
-async def test_download_failure_is_an_execution_error_not_a_broken_model(oss_instance, oss) -> None:  # noqa: F811
+async def test_download_failure_is_an_execution_error_not_a_broken_model(oss_instance, oss) -> None:
     seed_bucket(oss)
     client = await oss_instance()
     oss.server.faults.fail("GET", "sd15", times=1000)
@@ -81,8 +81,8 @@ async def test_download_failure_is_an_execution_error_not_a_broken_model(oss_ins
     assert entry["status"]["status_str"] == "success"
 
 
-async def test_outputs_go_to_the_bucket_with_signed_urls(oss_instance, oss) -> None:  # noqa: F811
-    from test_server_support import events_until
+async def test_outputs_go_to_the_bucket_with_signed_urls(oss_instance, oss) -> None:
+    from support.server import events_until
 
     client = await oss_instance()
     ws = await client.ws_connect("/ws?clientId=c2")
@@ -108,7 +108,7 @@ async def test_outputs_go_to_the_bucket_with_signed_urls(oss_instance, oss) -> N
     assert view.status == 200 and await view.read() == stored
 
 
-async def test_view_redirects_to_the_bucket_when_not_on_local_disk(oss_instance, oss) -> None:  # noqa: F811
+async def test_view_redirects_to_the_bucket_when_not_on_local_disk(oss_instance, oss) -> None:
     oss.server.put(BUCKET, "data/output/old/elsewhere.png", png_bytes())
     client = await oss_instance()
     resp = await client.get("/view", params={"filename": "elsewhere.png", "subfolder": "old"},
@@ -121,7 +121,7 @@ async def test_view_redirects_to_the_bucket_when_not_on_local_disk(oss_instance,
     assert missing.status == 404
 
 
-async def test_uploads_go_to_the_bucket_input(oss_instance, oss) -> None:  # noqa: F811
+async def test_uploads_go_to_the_bucket_input(oss_instance, oss) -> None:
     client = await oss_instance()
     form = aiohttp.FormData()
     form.add_field("image", png_bytes(), filename="in.png", content_type="image/png")
@@ -131,7 +131,7 @@ async def test_uploads_go_to_the_bucket_input(oss_instance, oss) -> None:  # noq
     assert oss.server.get(BUCKET, "data/input/s/in.png") == png_bytes()
 
 
-async def test_restart_resyncs_plugins_and_models(oss_instance, oss) -> None:  # noqa: F811
+async def test_restart_resyncs_plugins_and_models(oss_instance, oss) -> None:
     client = await oss_instance()
     assert await (await client.get("/object_info/ReadModel")).json() == {}
     seed_bucket(oss)
@@ -140,7 +140,7 @@ async def test_restart_resyncs_plugins_and_models(oss_instance, oss) -> None:  #
     assert await (await client.get("/models/checkpoints")).json() == ["sd15.safetensors"]
 
 
-async def test_mounted_data_dir_with_oss_bucket_gets_urls_without_uploading(oss_instance, oss) -> None:  # noqa: F811
+async def test_mounted_data_dir_with_oss_bucket_gets_urls_without_uploading(oss_instance, oss) -> None:
     client = await oss_instance(mounted=True)
     resp = await client.post("/prompt", json={"prompt": tiny_graph(prefix="m")})
     entry = await wait_history(client, (await resp.json())["prompt_id"])
@@ -149,7 +149,7 @@ async def test_mounted_data_dir_with_oss_bucket_gets_urls_without_uploading(oss_
     assert not any(m == "PUT" for m, _b, _k in oss.server.requests)
 
 
-def test_cli_wrong_secret_fails_start_clearly(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_wrong_secret_fails_start_clearly(oss, tmp_path: Path) -> None:
     env = {**os.environ, "OSS_ACCESS_KEY_ID": KEY_ID, "OSS_ACCESS_KEY_SECRET": "wrong"}
     proc = subprocess.run(
         [sys.executable, "-m", "standard", "--data-dir", f"oss://{BUCKET}/data", "--oss-endpoint", oss.endpoint,
@@ -206,10 +206,10 @@ def test_storage_flags_and_their_environment_variables(tmp_path: Path, monkeypat
     assert again.storage == storage and again.data_dir == settings.data_dir
 
 
-async def test_interrupt_stops_a_model_download_and_the_next_run_resumes(oss_instance, oss) -> None:  # noqa: F811
+async def test_interrupt_stops_a_model_download_and_the_next_run_resumes(oss_instance, oss) -> None:
     import json
 
-    from test_server_support import events_until
+    from support.server import events_until
 
     model = seed_bucket(oss)
     client = await oss_instance(download_workers=1)

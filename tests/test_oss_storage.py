@@ -10,7 +10,7 @@ from pathlib import Path
 import oss2
 import pytest
 import requests
-from oss_server.fixtures import BUCKET, KEY_ID, SECRET, oss, random_bytes, storage_settings  # noqa: F401
+from oss_server.fixtures import BUCKET, KEY_ID, SECRET, random_bytes, storage_settings
 
 from standard.storage import (
     CacheFullError,
@@ -27,12 +27,12 @@ from standard.storage.storage import ObjectStorage
 MB = 1024 * 1024
 
 
-def make_storage(oss, tmp_path: Path, **overrides) -> ObjectStorage:  # noqa: F811
+def make_storage(oss, tmp_path: Path, **overrides) -> ObjectStorage:
     settings = storage_settings(oss, tmp_path, **overrides)
     return ObjectStorage(settings, settings.local_root)
 
 
-def range_gets(oss, key: str) -> int:  # noqa: F811
+def range_gets(oss, key: str) -> int:
     return sum(1 for method, _bucket, k in oss.server.requests if method == "GET" and k == key)
 
 
@@ -49,7 +49,7 @@ def test_oss_urls_parse_to_bucket_and_prefix() -> None:
 
 # -- listing and sync --------------------------------------------------------------------------
 
-def test_listing_follows_pages(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_listing_follows_pages(oss, tmp_path: Path) -> None:
     for i in range(7):
         oss.server.put(BUCKET, f"data/models/loras/l{i}.safetensors", b"x" * i)
     oss.server.put(BUCKET, "data/models/loras/", b"")  # a folder placeholder is no model
@@ -62,7 +62,7 @@ def test_listing_follows_pages(oss, tmp_path: Path) -> None:  # noqa: F811
     assert len(pages) == 3
 
 
-def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path, monkeypatch) -> None:
     from standard.storage import sync
 
     monkeypatch.setattr(sync, "LARGE_FILE_BYTES", 100_000)  # so the large-file path runs on a small file
@@ -90,7 +90,7 @@ def test_custom_nodes_sync_down_adds_updates_and_removes(oss, tmp_path: Path, mo
 
 # -- model fetch -------------------------------------------------------------------------------
 
-def test_models_are_listed_at_once_and_fetched_on_first_use(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_models_are_listed_at_once_and_fetched_on_first_use(oss, tmp_path: Path) -> None:
     blob = random_bytes(3 * MB + 123)
     oss.server.put(BUCKET, "data/models/checkpoints/sd/model.safetensors", blob)
     oss.server.put(BUCKET, "data/models/vae/v.pt", b"vae")
@@ -116,7 +116,7 @@ def test_models_are_listed_at_once_and_fetched_on_first_use(oss, tmp_path: Path)
     assert range_gets(oss, "data/models/checkpoints/sd/model.safetensors") == gets
 
 
-def test_concurrent_first_uses_share_one_download(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_concurrent_first_uses_share_one_download(oss, tmp_path: Path) -> None:
     oss.server.put(BUCKET, "data/models/loras/big.safetensors", random_bytes(2 * MB, 1))
     storage = make_storage(oss, tmp_path)
     storage.prepare()
@@ -131,7 +131,7 @@ def test_concurrent_first_uses_share_one_download(oss, tmp_path: Path) -> None: 
     assert storage.cache.downloads == 1
 
 
-def test_a_changed_object_is_fetched_again(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_a_changed_object_is_fetched_again(oss, tmp_path: Path) -> None:
     oss.server.put(BUCKET, "data/models/vae/v.pt", b"old")
     storage = make_storage(oss, tmp_path)
     storage.prepare()
@@ -143,7 +143,7 @@ def test_a_changed_object_is_fetched_again(oss, tmp_path: Path) -> None:  # noqa
 
 # -- faults ------------------------------------------------------------------------------------
 
-def test_connection_dropped_mid_download_is_resumed(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_connection_dropped_mid_download_is_resumed(oss, tmp_path: Path) -> None:
     blob = random_bytes(2 * MB, 2)
     oss.server.put(BUCKET, "data/models/checkpoints/m.safetensors", blob)
     oss.server.faults.drop("m.safetensors", after_bytes=100_000, times=3)
@@ -153,7 +153,7 @@ def test_connection_dropped_mid_download_is_resumed(oss, tmp_path: Path) -> None
     assert [f[0] for f in oss.server.faults.fired] == ["drop"] * 3
 
 
-def test_a_500_once_is_retried(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_a_500_once_is_retried(oss, tmp_path: Path) -> None:
     blob = random_bytes(MB, 3)
     oss.server.put(BUCKET, "data/models/checkpoints/m.safetensors", blob)
     storage = make_storage(oss, tmp_path)
@@ -165,7 +165,7 @@ def test_a_500_once_is_retried(oss, tmp_path: Path) -> None:  # noqa: F811
     assert len(oss.server.faults.fired) == 3
 
 
-def test_failed_download_leaves_no_model_and_resumes_later(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_failed_download_leaves_no_model_and_resumes_later(oss, tmp_path: Path) -> None:
     blob = random_bytes(2 * MB, 4)
     key = "data/models/checkpoints/m.safetensors"
     oss.server.put(BUCKET, key, blob)
@@ -187,7 +187,7 @@ def test_failed_download_leaves_no_model_and_resumes_later(oss, tmp_path: Path) 
     assert not part.exists() and not state.exists()
 
 
-def test_corrupt_partial_download_is_discarded_never_used(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_corrupt_partial_download_is_discarded_never_used(oss, tmp_path: Path) -> None:
     blob = random_bytes(MB, 5)
     key = "data/models/checkpoints/m.safetensors"
     oss.server.put(BUCKET, key, blob)
@@ -207,7 +207,7 @@ def test_corrupt_partial_download_is_discarded_never_used(oss, tmp_path: Path) -
     assert Path(storage.model_path("checkpoints", "m.safetensors")).read_bytes() == blob
 
 
-def test_wrong_secret_is_reported_clearly(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_wrong_secret_is_reported_clearly(oss, tmp_path: Path) -> None:
     oss.server.put(BUCKET, "data/custom_nodes/a.py", b"")
     storage = make_storage(oss, tmp_path, access_key_secret="wrong")
     with pytest.raises(StorageAuthError, match="SignatureDoesNotMatch.*OSS_ACCESS_KEY_SECRET"):
@@ -215,7 +215,7 @@ def test_wrong_secret_is_reported_clearly(oss, tmp_path: Path) -> None:  # noqa:
     assert not any(f[0] for f in oss.server.faults.fired)
 
 
-def test_sts_token_is_sent_and_checked(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_sts_token_is_sent_and_checked(oss, tmp_path: Path) -> None:
     oss.server.sts_tokens[KEY_ID] = "tok-1"
     oss.server.put(BUCKET, "data/models/vae/v.pt", b"v")
     with pytest.raises(StorageAuthError, match="InvalidSecurityToken"):
@@ -228,7 +228,7 @@ def test_sts_token_is_sent_and_checked(oss, tmp_path: Path) -> None:  # noqa: F8
 
 # -- cache bound -------------------------------------------------------------------------------
 
-def test_cache_evicts_least_recently_used_but_never_a_file_in_use(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_cache_evicts_least_recently_used_but_never_a_file_in_use(oss, tmp_path: Path) -> None:
     for name in "abcd":
         oss.server.put(BUCKET, f"data/models/loras/{name}.pt", random_bytes(MB, ord(name)))
     storage = make_storage(oss, tmp_path, cache_max_gb=2.5 * MB / 1024**3)
@@ -249,7 +249,7 @@ def test_cache_evicts_least_recently_used_but_never_a_file_in_use(oss, tmp_path:
     assert "loras/b.pt" in cache.cached()
 
 
-def test_a_model_larger_than_the_cache_is_refused(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_a_model_larger_than_the_cache_is_refused(oss, tmp_path: Path) -> None:
     oss.server.put(BUCKET, "data/models/loras/huge.pt", random_bytes(MB))
     storage = make_storage(oss, tmp_path, cache_max_gb=0.5 * MB / 1024**3)
     storage.prepare()
@@ -257,7 +257,7 @@ def test_a_model_larger_than_the_cache_is_refused(oss, tmp_path: Path) -> None: 
         storage.model_path("loras", "huge.pt")
 
 
-def test_prefetch_downloads_every_model(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_prefetch_downloads_every_model(oss, tmp_path: Path) -> None:
     for name in "ab":
         oss.server.put(BUCKET, f"data/models/vae/{name}.pt", random_bytes(300_000, ord(name)))
     storage = make_storage(oss, tmp_path, prefetch_models=True)
@@ -267,7 +267,7 @@ def test_prefetch_downloads_every_model(oss, tmp_path: Path) -> None:  # noqa: F
 
 # -- uploads and URLs --------------------------------------------------------------------------
 
-def test_outputs_are_uploaded_with_signed_urls(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_outputs_are_uploaded_with_signed_urls(oss, tmp_path: Path) -> None:
     storage = make_storage(oss, tmp_path)
     out = storage.local_root / "output"
     (out / "sub").mkdir(parents=True)
@@ -288,7 +288,7 @@ def test_outputs_are_uploaded_with_signed_urls(oss, tmp_path: Path) -> None:  # 
     assert requests.get(url.replace("img_00001_", "img_00002_"), timeout=10).status_code == 403
 
 
-def test_multipart_upload_through_the_sdk(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_multipart_upload_through_the_sdk(oss, tmp_path: Path) -> None:
     storage = make_storage(oss, tmp_path)
     path = tmp_path / "big.bin"
     blob = random_bytes(3 * MB + 7, 11)
@@ -299,7 +299,7 @@ def test_multipart_upload_through_the_sdk(oss, tmp_path: Path) -> None:  # noqa:
     assert oss.server.uploads == {}
 
 
-def test_mounted_data_dir_gets_signed_urls_or_a_url_base(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_mounted_data_dir_gets_signed_urls_or_a_url_base(oss, tmp_path: Path) -> None:
     settings = storage_settings(oss, tmp_path, mounted=True)
     root = tmp_path / "mounted"
     storage = ObjectStorage(settings, root)
@@ -317,7 +317,7 @@ def test_mounted_data_dir_gets_signed_urls_or_a_url_base(oss, tmp_path: Path) ->
     assert result["outputs"]["1"]["images"][0]["url"] == "https://cdn.example/dd/output/a.png"
 
 
-def test_sdk_sees_oss_errors_from_the_test_server(oss) -> None:  # noqa: F811
+def test_sdk_sees_oss_errors_from_the_test_server(oss) -> None:
     bucket = oss2.Bucket(oss2.Auth(KEY_ID, SECRET), oss.endpoint, BUCKET)
     with pytest.raises(oss2.exceptions.NoSuchKey):
         bucket.get_object("nope")
@@ -355,7 +355,7 @@ def test_test_server_can_answer_from_disk(tmp_path: Path) -> None:
         running.stop()
 
 
-def test_instances_sharing_a_cache_dir_download_once(oss, tmp_path: Path) -> None:  # noqa: F811
+def test_instances_sharing_a_cache_dir_download_once(oss, tmp_path: Path) -> None:
     """Local instances of one machine (API edition) may share --cache-dir."""
     blob = random_bytes(2 * MB, 13)
     key = "data/models/checkpoints/shared.safetensors"

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import VENV_BIN, free_port, wait_for_port
+from standard.ports import free_port
+from support.processes import VENV_BIN, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("standard", "api_edition", "cluster_proxy", "queue_service")

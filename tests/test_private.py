@@ -5,56 +5,24 @@ from __future__ import annotations
 import asyncio
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 from aiohttp import web
+from support.api import TOKEN, ApiFactory, read_results
+from support.backend import start_front
+from support.processes import comfyserve_process, environ, wait_for_child, wait_for_port
+from support.server import tiny_graph
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from conftest import comfyserve_process, free_port, wait_for_port
 from standard.datadir import init_data_dir
-from test_api_support import TOKEN, ApiFactory, api, instance_url, read_results  # noqa: F401
-from test_backend_support import start_front
-from test_server_support import tiny_graph
+from standard.ports import free_port
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (from /proc, as ``ps`` reads it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def wait_for_child(pid: int, marker: bytes, timeout_s: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for child in children_of(pid):
-            try:
-                if marker in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
-            except OSError:
-                continue
-        assert time.monotonic() < deadline, f"no child of {pid} with {marker!r} in its command line"
-        time.sleep(0.05)
-
-
-def environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().decode("utf-8", "replace")
-    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
 def test_token_file_is_read_and_bad_files_are_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -8,8 +8,8 @@ import json
 
 import httpx
 import pytest
-from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
-                                requires_sdk, start_sdk, store_kind)
+from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, start_sdk
+from support.wait import until
 
 from queue_service.client import DataFrame, QueueFullError
 from queue_service.server import STORE_KEY, WATCHERS_KEY
@@ -150,8 +150,9 @@ async def test_indexes_are_monotonic_per_queue_and_names_may_have_one_slash(live
 async def test_get_long_polls_and_auto_deletes(live_queue: LiveQueue) -> None:
     queue = live_queue.client()
     assert await queue.get(timeout_s=0) == []
+    parked = record_long_polls(live_queue)
     waiting = asyncio.create_task(queue.get(index=1, timeout_s=5, auto_delete=True))
-    await asyncio.sleep(0.1)
+    await until(lambda: "svc/sink" in parked, what="the get parked")
     assert not waiting.done()
     await queue.put(b"late")
     [frame] = await asyncio.wait_for(waiting, 3)
@@ -394,8 +395,11 @@ async def test_a_busy_watcher_keeps_the_items_it_holds(live_queue: LiveQueue) ->
 @requires_sdk
 @pytest.mark.parametrize("store_kind", ["sqlite"])  # pings are the front's business: one store is enough
 async def test_sdk_watcher_idles_through_its_pings(live_queue: LiveQueue, store_kind: str) -> None:
-    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch", {"count": 1, "window": 1})
-    await asyncio.sleep(4.5)  # two rounds of the SDK's 2 s pings on an idle watch
+    proc = await start_sdk(live_queue.endpoint, "svc/sink", "watch", {"count": 1, "window": 1,
+                                                                      "report_pings": True})
+    assert proc.stdout is not None
+    for _ in range(2):  # two rounds of the SDK's own 2 s keep-alive pings on an idle watch
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"PING"
     await live_queue.client().put(b"after a quiet while")
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err.decode()[-2000:]

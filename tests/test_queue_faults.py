@@ -8,9 +8,11 @@ import signal
 import httpx
 import pytest
 import websockets
-from conftest import RedisServer
-from test_queue_support import (PENDING_TIMEOUT_S, TOKEN, LiveQueue, live_queue, make_live_queue,  # noqa: F401
-                                requires_sdk, run_sdk, settings_for, start_sdk, store_kind)
+from support.processes import RedisServer
+from support.queue import (
+    PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, run_sdk, settings_for, start_sdk,
+)
+from support.wait import until
 
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.redis_store import RedisStore
@@ -145,15 +147,15 @@ async def test_two_service_processes_on_one_redis_share_queues(make_live_queue, 
                 await queue.commit(frame.index)
 
     consumers = [asyncio.create_task(consume(one)), asyncio.create_task(consume(two))]
-    await asyncio.sleep(0.1)
     producers = [one.client(), two.client()]
     for n in range(40):
         await producers[n % 2].put(str(n))
-    for _ in range(100):
-        if len(seen) >= 40:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)
+    await until(lambda: len(seen) >= 40, what="all 40 items consumed")
+
+    async def all_committed() -> bool:  # then nothing can be delivered a second time
+        return (await one.client().attributes())["stream.length"] == "0"
+
+    await until(all_committed, what="all 40 items committed")
     for task in consumers:
         task.cancel()
     await asyncio.gather(*consumers, return_exceptions=True)
@@ -161,8 +163,9 @@ async def test_two_service_processes_on_one_redis_share_queues(make_live_queue, 
     assert (await one.client().attributes())["stream.length"] == "0"
 
     # A long-poll get on one process wakes at once for a put on the other.
+    parked = record_long_polls(two)
     waiting = asyncio.create_task(two.client().get(index=1, timeout_s=20))
-    await asyncio.sleep(0.2)
+    await until(lambda: "svc/sink" in parked, what="the get parked on the second service")
     loop = asyncio.get_running_loop()
     started = loop.time()
     put_index, _ = await producers[0].put(b"wake up")

@@ -6,7 +6,6 @@ import aiohttp
 import pytest
 
 from standard.auth import SESSION_COOKIE
-from test_server_support import instance  # noqa: F401
 
 TOKEN = "s3cret-token"
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from PIL import Image
-
-from test_server_support import instance, png_bytes  # noqa: F401
+from support.server import png_bytes
 
 
 def upload_form(data: bytes, filename: str, **fields: str) -> aiohttp.FormData:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from test_server_support import instance, png_bytes, tiny_graph  # noqa: F401
+from support.server import png_bytes, tiny_graph
 
 LONG = "a" * 300
 DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

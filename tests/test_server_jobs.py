@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from test_server_support import (  # noqa: F401
-    events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    tiny_graph,
-)
+from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
 
 
 async def test_empty_job_list_shape(instance) -> None:

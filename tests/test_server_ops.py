@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from test_metrics_support import kinds, parse, value
-from test_server_support import (  # noqa: F401
-    events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    tiny_graph,
-)
+from support.metrics import kinds, parse, value
+from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
 
 
 async def test_models_and_embeddings_list_the_data_dir(instance, data_dir: Path) -> None:

@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from test_metrics_support import parse, value
-from test_server_support import (  # noqa: F401
-    events_until, gated_graph, install_gate_plugin, instance, is_done, open_gate, tiny_graph,
-)
+from support.metrics import parse, value
+from support.server import events_until, gated_graph, install_gate_plugin, is_done, open_gate, tiny_graph
 
 
 async def _submit(client, graph: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -7,11 +7,7 @@ import json
 from pathlib import Path
 
 import websockets
-
-from test_server_support import (  # noqa: F401
-    events_until, gated_graph, install_gate_plugin, instance, is_done, next_json, open_gate,
-    tiny_graph,
-)
+from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
 
 
 async def test_status_with_sid_on_connect_and_generated_sid(instance) -> None:

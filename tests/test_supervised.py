@@ -16,17 +16,18 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from conftest import free_port, wait_for_port
-from test_api_support import ApiFactory, api, read_results  # noqa: F401
-from test_cluster_support import graph, make_users, wait_until, write_sleep_plugin
-from test_private import children_of, environ
-from test_server_support import tiny_graph
+from support.api import ApiFactory, read_results
+from support.cluster import graph, make_users, write_sleep_plugin
+from support.processes import children_of, environ, wait_for_port
+from support.server import tiny_graph
+from support.wait import until
 
 import standard.ports
 from cluster_proxy.app import LOCAL_INSTANCES, POOL, create_cluster_app
 from cluster_proxy.pool import LocalInstances, Pool
 from cluster_proxy.settings import ClusterSettings
 from standard.client import InstanceClient
+from standard.ports import free_port
 
 
 def gone(pid: int) -> bool:
@@ -126,7 +127,7 @@ async def test_cluster_instances_never_get_the_proxys_port(aiohttp_server: Any, 
     assert local.urls == [f"http://127.0.0.1:{first}", f"http://127.0.0.1:{second}"]
     server = await aiohttp_server(app, port=proxy_port)
     pool: Pool = app[POOL]
-    await wait_until(lambda: len(pool.up()) == 2, timeout_s=45)
+    await until(lambda: len(pool.up()) == 2, timeout_s=45)
     assert sorted(i.url for i in pool.up()) == sorted(local.urls)
     for child in local.children:  # each up instance is the child spawned for it
         async with httpx.AsyncClient(trust_env=False) as http:
@@ -150,7 +151,7 @@ async def test_an_instance_is_never_up_while_another_process_holds_its_port(aioh
     pool = Pool(health_interval_s=0.2, lost_after_s=1.0, info_cache_s=1.0)
     try:
         await local.start(pool)
-        await wait_until(lambda: child.process.crashes >= 1, timeout_s=45)  # "address in use"
+        await until(lambda: child.process.crashes >= 1, timeout_s=45)  # "address in use"
         await pool.check_all()
         assert pool.up() == [] and not child.answering()
         await squatter.close()
@@ -182,7 +183,7 @@ async def test_an_api_worker_never_sends_work_to_another_process_on_its_instance
     assert instance.port == taken
     async with live.sink() as sink:
         assert (await live.submit(tiny_graph("held"), task_id="held")).status_code == 200
-        await wait_until(lambda: instance.process.crashes >= 1, timeout_s=45)  # "address in use"
+        await until(lambda: instance.process.crashes >= 1, timeout_s=45)  # "address in use"
         await squatter.close()
         [frame] = await read_results(sink, 1, timeout_s=45)
     assert frame.tags["task_id"] == "held" and frame.tags["status"] == "success"
@@ -229,7 +230,7 @@ async def test_a_stopped_supervisor_cuts_the_backoff_short(tmp_path: Path) -> No
     process = SupervisedProcess("failing", lambda: ["/bin/sh", "-c", "exit 3"], ready=never,
                                 restart_policy=RESTART.but(initial_s=600.0, max_s=600.0))
     process.start()
-    await wait_until(lambda: process.crashes == 1)
+    await until(lambda: process.crashes == 1)
     assert process.last_exit == 3
     async with asyncio.timeout(10):
         await process.stop()

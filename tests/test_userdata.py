@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_server_support import instance  # noqa: F401
 
 PREFIXES = ["", "/api"]
 

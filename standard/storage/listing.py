@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..paths import resolve_inside
@@ -39,13 +40,18 @@ def safe_entries(client: OssClient, prefix: str, local_dir: Path) -> dict[str, O
 
 
 class BucketListing:
-    """The entries under ``prefix``, refreshed on demand (``ttl_s=None``: only by ``refresh()``)."""
+    """The entries under ``prefix``, refreshed on demand (``ttl_s=None``: only by ``refresh()``).
 
-    def __init__(self, client: OssClient, prefix: str, local_dir: Path, *, ttl_s: float | None = None) -> None:
+    ``clock`` (monotonic seconds) is what ``ttl_s`` is measured on; tests move it instead of waiting.
+    """
+
+    def __init__(self, client: OssClient, prefix: str, local_dir: Path, *, ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.prefix = prefix
         self.local_dir = local_dir
         self.ttl_s = ttl_s
+        self.clock = clock
         self.refreshes = 0  # completed listings (tests, logs)
         self._entries: dict[str, ObjectInfo] = {}
         self._lock = threading.Lock()
@@ -56,7 +62,7 @@ class BucketListing:
     def refresh(self) -> int:
         """List the prefix now (blocking); returns the number of entries. Raises StorageError."""
         with self._lock:
-            self._listed_at = time.monotonic()
+            self._listed_at = self.clock()
         entries = safe_entries(self.client, self.prefix, self.local_dir)
         with self._lock:
             self._entries = entries
@@ -90,7 +96,7 @@ class BucketListing:
     def _refresh_if_stale(self) -> None:
         with self._lock:
             if (self.ttl_s is None or self._closed or self._refreshing
-                    or time.monotonic() - self._listed_at < self.ttl_s):
+                    or self.clock() - self._listed_at < self.ttl_s):
                 return
             self._refreshing = True
         threading.Thread(target=self._background_refresh, name="oss-listing", daemon=True).start()

@@ -1,6 +1,7 @@
-"""Shared pieces of the API-edition tests (no tests here): a live all-in-one, instances, the SDK.
+"""The API edition for the tests: in this loop (``api``, ``instance_url``), as processes (``procs``), the SDK.
 
     live = await api(instances=[url])   # front + queue on one port, one worker per instance URL
+    proc = procs.start("api", "api", "--port", ...)   # a real ``comfyserve`` child, killed at the end
 """
 
 from __future__ import annotations
@@ -10,25 +11,25 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from support.metrics import scrape
+from support.processes import TESTS_DIR, VENV_BIN, wait_for_port
 
 from api_edition.app import Running, running
 from api_edition.settings import ApiSettings
-from conftest import free_port
 from queue_service.client import DataFrame, QueueClient
+from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from test_metrics_support import scrape
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
-SDK_SCRIPT = Path(__file__).resolve().parent / "sdk_api_watch.py"
+SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
+SDK_SCRIPT = TESTS_DIR / "sdk_api_watch.py"
 TOKEN = "api-test-token"
 SERVICE = "svc"
 
@@ -134,3 +135,80 @@ async def run_sdk(endpoint: str, args: dict[str, Any], timeout_s: float = 60.0) 
         raise AssertionError(f"SDK timed out; stdout={out.decode()!r} stderr={err.decode()[-2000:]}") from None
     assert proc.returncode == 0, f"SDK failed: {err.decode()[-3000:]}"
     return json.loads(out.decode().strip().splitlines()[-1])
+
+
+class Procs:
+    """Child processes of one test, killed at the end whatever happens."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([str(VENV_BIN / "comfyserve"), *args], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def instances(self, count: int, data_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
+        """``count`` instances on one data dir, started together."""
+        started = []
+        for i in range(count):
+            port = free_port()
+            proc = self.start(f"instance{i}", "standard", "--port", str(port), "--data-dir", str(data_dir),
+                              "--token", TOKEN)
+            started.append((proc, port))
+        for proc, port in started:
+            wait_for_port(port, timeout_s=30, proc=proc)
+        return [(proc, f"http://127.0.0.1:{port}") for proc, port in started]
+
+    def worker(self, name: str, queue_url: str, instance_url: str, *extra: str) -> subprocess.Popen[bytes]:
+        return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
+                          instance_url, "--token", TOKEN, "--instance-down-timeout", "1", *extra)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill_all(self) -> None:
+        """SIGTERM first, so an all-in-one stops its own instances; then SIGKILL what is left."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def procs(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Procs]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    p = Procs(cli_env, logs)
+    yield p
+    p.kill_all()
+
+
+async def submit(base_url: str, graph: dict, task_id: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=base_url, trust_env=False) as http:
+        resp = await http.post("/api_prompt", params={"task_id": task_id}, json=graph,
+                               headers={"Authorization": TOKEN})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+async def running_prompts(instance_url: str) -> int:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        resp = await http.get(f"{instance_url}/queue", headers={"Authorization": TOKEN})
+    return len(resp.json()["queue_running"])
+
+
+async def wait_running(instance_url: str, timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await running_prompts(instance_url):
+            await asyncio.sleep(0.05)

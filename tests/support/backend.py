@@ -1,4 +1,4 @@
-"""Fixtures for the real-ComfyUI runtime tests (no tests here).
+"""A backend instance and the proxy in front of it (fixtures ``backend``, ``front``).
 
 The backend is a second comfyserve instance (same protocol as ComfyUI) on its
 own loopback port; the front is ``create_backend_app`` pointed at it.
@@ -8,7 +8,6 @@ our token never reaches it and that paths arrive still encoded.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,13 +128,3 @@ async def front(request: pytest.FixtureRequest, tmp_path: Path, backend: Backend
     yield factory
     for server in servers:
         await server.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, every_s: float = 0.05) -> None:
-    """Wait until ``check()`` holds (for state that changes in another process)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met after {timeout_s}s")
-        await asyncio.sleep(every_s)

@@ -8,7 +8,6 @@ is an ``InstanceClient`` that talks to the proxy with alice's API token.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
-from test_server_support import events_until, is_done, next_json  # noqa: F401
+from support.wait import until
 
 from cluster_proxy.accounts import Accounts
 from cluster_proxy.app import create_cluster_app
@@ -144,19 +143,6 @@ class Cluster:
 ClusterFactory = Callable[..., Awaitable[Cluster]]
 
 
-async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval_s)
-
-
 @pytest.fixture
 async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
     started: list[Cluster] = []
@@ -176,7 +162,7 @@ async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
         cluster = Cluster(data_dir, server, tokens, servers)
         started.append(cluster)
         if urls:
-            await wait_until(lambda: len(cluster.pool.up()) == len(urls))
+            await until(lambda: len(cluster.pool.up()) == len(urls))
         return cluster
 
     yield factory

@@ -1,14 +1,12 @@
-"""Helpers for the drain tests (no tests here): an interruptible gate node, and waiting on things.
+"""Helpers for the drain tests (no tests here): an interruptible gate node that counts its runs.
 
-The gate node of ``test_server_support`` ignores interrupts; these tests need one that a
+The gate node of ``support.server`` ignores interrupts; these tests need one that a
 drain's timeout can cut, and that says when (and how often) it started: ``input/<gate>.runs``
 gets a line per run, so "ran exactly once more" is visible on disk.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +62,3 @@ def runs_of(data_dir: Path, gate: str) -> int:
     """How many times the gate node has started."""
     path = data_dir / "input" / f"{gate}.runs"
     return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30.0,
-                what: str = "condition") -> None:
-    """Wait for ``condition`` (checked every few ms) to hold; fail after ``timeout_s``."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                result = condition()
-                if not isinstance(result, bool):
-                    result = await result
-                if result:
-                    return
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not happen within {timeout_s}s") from None

@@ -1,8 +1,5 @@
-"""Fixtures and helpers shared by the test_server_* modules (no tests here).
-
-Import the fixtures into a test module with
-``from test_server_support import instance, png_bytes  # noqa: F401``.
-"""
+"""An embedded instance (fixture ``instance``) and the helpers of the instance tests: graphs, socket
+events, the gate node that holds a prompt until the test opens it."""
 
 from __future__ import annotations
 

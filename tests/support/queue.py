@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.processes import TESTS_DIR
 
 from queue_service.client import QueueClient
-from queue_service.server import create_app
+from queue_service.server import STORE_KEY, create_app
 from queue_service.settings import QueueSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SDK_PYTHON = REPO_ROOT / ".venv-sdk" / "bin" / "python"
-SDK_SCRIPT = Path(__file__).resolve().parent / "sdk_queue.py"
+SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
+SDK_SCRIPT = TESTS_DIR / "sdk_queue.py"
 TOKEN = "queue-test-token"
 PENDING_TIMEOUT_S = 1.0
 
@@ -62,6 +62,24 @@ class LiveQueue:
     async def sdk(self, scenario: str, queue: str = "svc/sink", args: dict[str, Any] | None = None,
                   timeout_s: float = 30.0, token: str = TOKEN) -> dict[str, Any]:
         return await run_sdk(self.endpoint, queue, scenario, args, timeout_s=timeout_s, token=token)
+
+
+def record_long_polls(live: LiveQueue) -> list[str]:
+    """From now on, the queues on which ``live`` parks a long-poll get (each ``store.arm``, in order).
+
+    Once a get has armed its queue the server looks once more and then waits for a change, so a put
+    made after the queue shows up here is the one that wakes it: tests wait for this, not a sleep.
+    """
+    store = live.app[STORE_KEY]
+    armed: list[str] = []
+    arm = store.arm
+
+    async def recording(queue: str) -> None:
+        await arm(queue)
+        armed.append(queue)
+
+    store.arm = recording  # type: ignore[method-assign]
+    return armed
 
 
 async def run_sdk(endpoint: str, queue: str, scenario: str, args: dict[str, Any] | None = None, *,
