@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+from support.api import ApiFactory
 
 from standard.errors import ComfyServeError
 from standard.http_util import JSONError, json_error
-from test_api_support import ApiFactory, api  # noqa: F401
-from test_server_support import instance  # noqa: F401
 
 COMFYUI_ERROR_KEYS = {"type", "message", "details", "extra_info"}
 
