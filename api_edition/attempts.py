@@ -11,7 +11,7 @@ running it.
 Where the count lives: a third queue of the service, ``{service}/attempts``,
 holding at most one live record per task, addressed by the input item's
 ``requestId`` tag. Only put / get-by-``requestId`` / delete are used — the
-calls of the queue service's wire protocol (DESIGN §4) — so the count is as
+calls of the queue service's wire protocol (``queue_service.server``) — so the count is as
 durable and as shared as the input queue itself (SQLite or Redis), survives
 worker restarts, and needs nothing the workers do not already reach. In the
 all-in-one the workers write the store directly, as they do for the sink.
@@ -56,6 +56,7 @@ from typing import Any, Protocol, TypeVar
 from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
+from standard.errors import WorkerError
 from standard.retry import QUEUE
 
 log = logging.getLogger("comfyserve.api.attempts")
@@ -72,7 +73,7 @@ def attempts_of(service: str) -> str:
     return service + ATTEMPTS_SUFFIX
 
 
-class Unavailable(Exception):
+class Unavailable(WorkerError):
     """The attempts queue could not be read or written."""
 
 

@@ -30,7 +30,7 @@ from queue_service import params
 from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
-from standard.http_util import read_body_within
+from standard.http_util import JSONError, json_error, read_body_within
 from standard.serving import draining_headers, is_draining
 
 from .graph import GraphError, parse_graph
@@ -51,10 +51,11 @@ MAX_TAG_CHARS = 1024
 NOT_TAGS = frozenset({"token"})
 
 
-def _error(request: web.Request, status: int, kind: str, message: str,
-           headers: dict[str, str] | None = None) -> web.Response:
+def _refused(request: web.Request, status: int, kind: str, message: str,
+             headers: dict[str, str] | None = None) -> JSONError:
+    """The JSON error to raise for a refused task, counted by reason."""
     request.app[METRICS_KEY].refused.labels(reason=kind).inc()
-    return web.json_response({"error": {"type": kind, "message": message}}, status=status, headers=headers)
+    return json_error(status, kind, message, headers=headers)
 
 
 def _tags(request: web.Request) -> dict[str, str]:
@@ -75,11 +76,11 @@ def _generated_task_id(idempotency_key: str | None) -> str:
 async def api_prompt(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
     if is_draining(request.app):  # the queue keeps what it has; new tasks go to a sibling or wait
-        return _error(request, 503, "server_draining", "the service is shutting down, retry later",
-                      headers=draining_headers())
+        raise _refused(request, 503, "server_draining", "the service is shutting down, retry later",
+                        headers=draining_headers())
     service = request.match_info.get("service")
     if service is not None and service != settings.service:
-        return _error(request, 404, "not_found", f"this front serves service {settings.service!r}, not {service!r}")
+        raise _refused(request, 404, "not_found", f"this front serves service {settings.service!r}, not {service!r}")
     try:
         tags = _tags(request)
         priority = params.integer(request.query, "_priority_", 0, low=0, high=2**31)
@@ -87,33 +88,33 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
             params.header_safe(TASK_ID_TAG, tags[TASK_ID_TAG])
         idempotency_key = params.idempotency_key(request)
     except BadParam as exc:
-        return _error(request, 400, "bad_request", str(exc))
+        raise _refused(request, 400, "bad_request", str(exc))
     if WEBHOOK_TAG in tags:
         try:
             request.app[POLICY_KEY].check(tags[WEBHOOK_TAG])
         except WebhookRefused as exc:
-            return _error(request, 400, "webhook_not_allowed", str(exc))
+            raise _refused(request, 400, "webhook_not_allowed", str(exc))
     body = await read_body_within(request, settings.max_payload_bytes)
     if body is None:
-        return _error(request, 413, "payload_too_large",
-                      f"the workflow exceeds {settings.max_payload_bytes} bytes")
+        raise _refused(request, 413, "payload_too_large",
+                        f"the workflow exceeds {settings.max_payload_bytes} bytes")
     try:
         graph = parse_graph(body)
     except GraphError as exc:
-        return _error(request, 400, exc.kind, exc.message)
+        raise _refused(request, 400, exc.kind, exc.message)
     data = json.dumps(graph, separators=(",", ":")).encode()
     if len(data) > settings.max_payload_bytes:
-        return _error(request, 413, "payload_too_large",
-                      f"the workflow exceeds {settings.max_payload_bytes} bytes")
+        raise _refused(request, 413, "payload_too_large",
+                        f"the workflow exceeds {settings.max_payload_bytes} bytes")
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
     try:
         index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
     except QueueFull as exc:
-        return _error(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
-                      headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise _refused(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     except InboxUnavailable as exc:
-        return _error(request, 503, "queue_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise _refused(request, 503, "queue_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
     request.app[METRICS_KEY].accepted.inc()
     headers = {REQUEST_ID_HEADER: request_id, "X-Task-Id": tags[TASK_ID_TAG]}
     if "application/json" in request.headers.get("Accept", ""):

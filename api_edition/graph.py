@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from standard.errors import RequestError
 from standard.http_util import parse_json
 
 
-class GraphError(ValueError):
+class GraphError(RequestError):
     """The body is not a runnable API-format graph (answered with 400)."""
 
     def __init__(self, kind: str, message: str) -> None:

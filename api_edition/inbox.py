@@ -15,8 +15,10 @@ from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
 
+from standard.errors import WorkerError
 
-class InboxUnavailable(Exception):
+
+class InboxUnavailable(WorkerError):
     """The queue could not take the task for a reason other than being full."""
 
 

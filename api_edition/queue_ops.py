@@ -25,20 +25,22 @@ from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
 
+from standard.errors import WorkerError
 
-class SinkFull(Exception):
+
+class SinkFull(WorkerError):
     """The sink queue is at its max length: hold the result and retry."""
 
 
-class ResultTooLarge(Exception):
+class ResultTooLarge(WorkerError):
     """The result exceeds the sink's payload limit."""
 
 
-class Transient(Exception):
+class Transient(WorkerError):
     """The queue could not be reached; retry."""
 
 
-class Uncommitted(Exception):
+class Uncommitted(WorkerError):
     """The result is on the sink but the input's commit failed: retry the commit alone."""
 
     def __init__(self, sink_index: int, reason: str) -> None:

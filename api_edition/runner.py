@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from standard.client import Connected, Disconnected, InstanceClient, RunResult
-from standard.errors import InstanceError, InstanceUnavailable, PromptLost
+from standard.errors import InstanceError, InstanceUnavailable, PromptLost, WorkerError
 
 log = logging.getLogger("comfyserve.api.runner")
 
@@ -27,7 +27,7 @@ HISTORY_POLL_S = 0.1
 IDLE_CHECK_S = 5.0
 
 
-class _SocketDropped(Exception):
+class _SocketDropped(WorkerError):
     pass
 
 

@@ -57,7 +57,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-from standard.errors import ComfyServeError
+from standard.errors import ComfyServeError, RequestError, WorkerError
 from standard.retry import WEBHOOK, RetryLater, RetryPolicy, retry_after_s
 from standard.private import load_or_create_key
 
@@ -68,7 +68,7 @@ TIMESTAMP_HEADER = "X-Comfyserve-Timestamp"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class WebhookRefused(ValueError):
+class WebhookRefused(RequestError):
     """The URL is not an allowed webhook target; the message says why."""
 
 
@@ -76,7 +76,7 @@ class _Final(ComfyServeError):
     """A delivery that another try cannot fix (refused target, a 4xx answer)."""
 
 
-class AddressRefused(OSError):
+class AddressRefused(WorkerError, OSError):
     """A webhook host name resolved to an address the policy refuses (raised at connect time)."""
 
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from queue_service.client import DataFrame, QueueClient, QueueClientError
 from standard.client import ClientTimeouts, InstanceClient
-from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
 
 from . import results
@@ -83,7 +83,7 @@ def default_worker_id(instance_url: str) -> str:
     return "worker-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-class GiveBack(Exception):
+class GiveBack(WorkerError):
     """The instance went away mid-task: release the item for another worker."""
 
 

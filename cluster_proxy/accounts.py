@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from standard.datadir import DataDir
 
 from .accounts_store import Backend, Record, RedisBackend, SessionRecord, SqliteBackend
+from standard.errors import ClusterError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -31,7 +32,7 @@ SESSION_CACHE_S = 2.0  # how long a proxy trusts its last look at a session (rev
 MAX_CACHED_SESSIONS = 10_000
 
 
-class AccountError(ValueError):
+class AccountError(ClusterError, ValueError):
     """A bad name, a duplicate, a short password: said plainly to the admin."""
 
 

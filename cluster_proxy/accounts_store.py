@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 from standard.private import private_dir, private_file
 
+from .store import StateUnavailable, redis_errors_translated
+
 
 @dataclass
 class Record:
@@ -109,7 +111,12 @@ class SqliteBackend:
 
     async def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         async with self._lock:
-            return await asyncio.to_thread(lambda: self._db.execute(sql, args).fetchall())
+            try:
+                return await asyncio.to_thread(lambda: self._db.execute(sql, args).fetchall())
+            except sqlite3.IntegrityError:
+                raise  # a taken name or token: the caller's answer, not a failure
+            except sqlite3.Error as exc:
+                raise StateUnavailable(f"sqlite: {exc}") from exc
 
     @staticmethod
     def _record(row: tuple[Any, ...] | None) -> Record | None:
@@ -171,6 +178,7 @@ class SqliteBackend:
             await asyncio.to_thread(self._db.close)
 
 
+@redis_errors_translated
 class RedisBackend:
     """The same records in Redis, so several proxies share users and sessions."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from standard.datadir import DataDir, WorkDirs
-from standard.errors import PathOutsideRoot
+from standard.errors import PathOutsideRoot, RequestError, error_body
 from standard.paths import resolve_inside
 
 STAGE = ".cluster"  # hidden: input listings (LoadImage choices) skip it
@@ -34,12 +34,12 @@ FILE_INPUTS = frozenset({"image", "mask", "video", "audio", "file", "upload", "m
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
 
 
-class GraphRefused(ValueError):
+class GraphRefused(RequestError):
     """The graph cannot be queued; ``error`` is ComfyUI's error object."""
 
     def __init__(self, error_type: str, message: str, details: str = "", node_id: str | None = None) -> None:
         super().__init__(message)
-        self.error = {"type": error_type, "message": message, "details": details, "extra_info": {}}
+        self.error = error_body(error_type, message, details)
         self.node_id = node_id
 
 

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import aiohttp_jinja2
 from aiohttp import web
 
-from standard.auth import AccessGuard, json_error, safe_next, same_origin, token_from_header, wants_html
+from standard.auth import AccessGuard, safe_next, same_origin, token_from_header, wants_html
 from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
 from standard.private import load_or_create_key
-from standard.http_util import read_form
+from standard.http_util import json_error, read_form
 from standard.pages import setup_templates
 
 from .accounts import AccountError, Accounts, User
@@ -105,14 +105,13 @@ def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: Ac
             return await handler(request)
         header = token_from_header(request.headers.get("Authorization"))
         if header is not None:
-            refusal = guard.refusal_if_throttled(request) if guard is not None else None
-            if refusal is not None:
-                return refusal
+            if guard is not None:
+                guard.refuse_if_throttled(request)
             user = await accounts.verify_token(header)
             if user is None:
                 if guard is not None:
                     guard.throttle.failed(client_address(request))
-                return json_error(401, "invalid token")
+                raise json_error(401, "unauthorized", "invalid token")
             request[USER] = user
             return await handler(request)
         session_id = request.cookies.get(SESSION_COOKIE)
@@ -121,13 +120,13 @@ def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: Ac
             if user is not None:
                 problem = cross_origin_refusal(request)
                 if problem is not None:
-                    return json_error(403, problem, "forbidden")
+                    raise json_error(403, "forbidden", problem)
                 request[USER] = user
                 request[SESSION_ID] = session_id
                 return await handler(request)
         if wants_html(request):
             raise web.HTTPFound(f"/login?next={request.rel_url.path_qs}")
-        return json_error(401, "log in at /login, or send 'Authorization: Bearer <your API token>'")
+        raise json_error(401, "unauthorized", "log in at /login, or send 'Authorization: Bearer <your API token>'")
 
     return middleware
 
@@ -141,8 +140,7 @@ def check_csrf(request: web.Request, form: Any) -> None:
     expected = request.app[CSRF].for_session(request.get(SESSION_ID, ""))
     given = form.get("csrf")
     if not same_origin(request) or not isinstance(given, str) or not hmac.compare_digest(given, expected):
-        raise web.HTTPForbidden(text='{"error": {"type": "forbidden", "message": "CSRF check failed"}}',
-                                content_type="application/json")
+        raise json_error(403, "forbidden", "CSRF check failed")
 
 
 def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
@@ -165,7 +163,7 @@ def _routes() -> list[web.RouteDef]:
 
     async def login_submit(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
-            return json_error(403, "cross-origin login refused", "forbidden")
+            raise json_error(403, "forbidden", "cross-origin login refused")
         form = await read_form(request)
         name, password = str(form.get("name") or ""), str(form.get("password") or "")
         next_path = safe_next(str(form.get("next") or "/"))
@@ -195,7 +193,7 @@ def _routes() -> list[web.RouteDef]:
 
     async def logout(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
-            return json_error(403, "cross-origin logout refused", "forbidden")
+            raise json_error(403, "forbidden", "cross-origin logout refused")
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
             await request.app[ACCOUNTS].end_session(session_id)

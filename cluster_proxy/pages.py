@@ -12,8 +12,7 @@ from __future__ import annotations
 import aiohttp_jinja2
 from aiohttp import web
 
-from standard.auth import json_error
-from standard.http_util import read_form
+from standard.http_util import json_error, read_form
 
 from .accounts import AccountError, User
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_address, check_csrf, page_context
@@ -22,8 +21,7 @@ from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_addr
 def _require_admin(request: web.Request) -> User:
     user = request[USER]
     if not user.is_admin:
-        raise web.HTTPForbidden(text='{"error": {"type": "forbidden", "message": "admins only"}}',
-                                content_type="application/json")
+        raise json_error(403, "forbidden", "admins only")
     return user
 
 
@@ -82,14 +80,12 @@ def page_routes() -> list[web.RouteDef]:
             body = None
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str)
                                                  for k in ("current_password", "new_password")):
-            return json_error(400, 'send {"current_password": "...", "new_password": "..."}', "invalid_request")
+            raise json_error(400, "invalid_request", 'send {"current_password": "...", "new_password": "..."}')
         status, message, wait_s = await _change_own_password(request, body["current_password"],
                                                              body["new_password"])
         if status != 200:
-            response = json_error(status, message, "too_many_requests" if wait_s else "invalid_request")
-            if wait_s:
-                response.headers["Retry-After"] = str(wait_s)
-            return response
+            raise json_error(status, "too_many_requests" if wait_s else "invalid_request", message,
+                             headers={"Retry-After": str(wait_s)} if wait_s else None)
         return web.json_response({"ok": True, "message": message})
 
     async def admin_page(request: web.Request, message: str | None = None, new_token: str | None = None,

@@ -207,7 +207,7 @@ class Pool:
             return hit[1]
         for instance in sorted(self.up(), key=lambda i: i.task_id is not None):
             try:
-                data = await instance.client._get_json(path)  # noqa: SLF001 (same project)
+                data = await instance.client.get_json(path)
             except InstanceError as exc:
                 log.info("GET %s from %s failed: %s", path, instance.url, exc)
                 continue

@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
 from standard.server.context import instance_context
-from standard.http_util import json_http_error, parse_json, read_json_object
+from standard.http_util import json_error, parse_json, read_json_object
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
 from standard.serving import is_draining
@@ -32,13 +32,13 @@ MAX_CLIENT_ID_CHARS = 256
 
 
 def _not_yours(what: str, ids: list[str]) -> web.HTTPException:
-    return json_http_error(404, "not_found", f"no such {what} in your queue", ", ".join(ids)[:200])
+    return json_error(404, "not_found", f"no such {what} in your queue", ", ".join(ids)[:200])
 
 
 @routes.post("/prompt")
 async def post_prompt(request: web.Request) -> web.Response:
     if is_draining(request.app):
-        return refused_while_draining()
+        raise refused_while_draining()
     core = request.app[CORE]
     user = request[USER].name
     body = parse_prompt_request(await read_json_object(request, kind="invalid_prompt"))
@@ -99,7 +99,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
     body = await read_json_object(request, allow_empty=True)
     prompt_id = body.get("prompt_id")
     if prompt_id is not None and not isinstance(prompt_id, str):
-        raise json_http_error(400, "invalid_request", "prompt_id must be a string")
+        raise json_error(400, "invalid_request", "prompt_id must be a string")
     matched = await request.app[CORE].interrupt(request[USER].name, prompt_id or None)
     if prompt_id and not matched:
         raise _not_yours("running prompt", [prompt_id])
@@ -132,7 +132,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     cancelled = await _cancel(request, [job_id])
     if not cancelled:
-        raise json_http_error(404, "not_found", "Job is not pending or running", job_id)
+        raise json_error(404, "not_found", "Job is not pending or running", job_id)
     return web.json_response({"cancelled": cancelled})
 
 
@@ -142,7 +142,7 @@ async def cancel_jobs(request: web.Request) -> web.Response:
     job_ids = body.get("job_ids")
     if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > 100
             or not all(isinstance(i, str) for i in job_ids)):
-        raise json_http_error(400, "invalid_request", "job_ids must be a list of 1-100 job ids")
+        raise json_error(400, "invalid_request", "job_ids must be a list of 1-100 job ids")
     return web.json_response({"cancelled": await _cancel(request, job_ids)})
 
 
@@ -156,7 +156,7 @@ async def cluster_queue(request: web.Request) -> web.Response:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     core, user = request.app[CORE], request[USER].name
     if not same_origin(request):  # another site's page must not open the user's socket with their cookie
-        raise json_http_error(403, "forbidden", "cross-origin WebSocket refused")
+        raise json_error(403, "forbidden", "cross-origin WebSocket refused")
     sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
@@ -188,7 +188,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 async def list_instances(request: web.Request) -> web.Response:
     """Admins: the pool's instances with their URLs (users see only states, on the dashboard)."""
     if not request[USER].is_admin:
-        raise json_http_error(403, "forbidden", "only admins see the instances")
+        raise json_error(403, "forbidden", "only admins see the instances")
     return web.json_response({"instances": request.app[POOL].status()})
 
 
@@ -196,10 +196,10 @@ async def list_instances(request: web.Request) -> web.Response:
 async def add_instance(request: web.Request) -> web.Response:
     """Admins: add an instance URL at run time (``{"url": "http://host:port"}``); kept in the store."""
     if not request[USER].is_admin:
-        raise json_http_error(403, "forbidden", "only admins add instances")
+        raise json_error(403, "forbidden", "only admins add instances")
     body = await read_json_object(request)
     url = body.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise json_http_error(400, "invalid_request", "url must be http(s)://host:port")
+        raise json_error(400, "invalid_request", "url must be http(s)://host:port")
     await request.app[CORE].add_instance(url)
     return web.json_response({"instances": request.app[POOL].status()})

@@ -78,7 +78,7 @@ async def _pooled(request: web.Request) -> web.StreamResponse:
     path = request.path.removeprefix("/api")
     data = await request.app[POOL].cached_json(path)
     if data is None:
-        return json_error(503, "no_instance", "no instance of the pool is up yet")
+        raise json_error(503, "no_instance", "no instance of the pool is up yet")
     if path.startswith("/object_info") and isinstance(data, dict):
         workdirs = request.app[CORE].workdirs(request[USER].name)
         data = await asyncio.to_thread(with_user_inputs, data, workdirs.input)

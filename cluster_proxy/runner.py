@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from standard.client import BinaryFrame, Connected, Disconnected
-from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
+from standard.errors import ClusterError, InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 from .graph import remove_stage, stage_graph
 from .hub import UserHub
@@ -35,7 +35,7 @@ CHECK_INTERVAL_S = 1.0
 FINAL_GRACE_S = 0.5
 
 
-class InstanceLost(Exception):
+class InstanceLost(ClusterError):
     """The instance went away under the task."""
 
 

@@ -12,14 +12,20 @@ and :class:`~cluster_proxy.store_redis.RedisStateStore` (``--redis-url``).
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from redis.exceptions import RedisError
+
+from standard.errors import ClusterError
 from standard.private import private_dir, private_file
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
@@ -98,8 +104,35 @@ class StateStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-class TransitionRefused(Exception):
+class TransitionRefused(ClusterError):
     """A change function found the task not as expected; the transition does not happen."""
+
+
+class StateUnavailable(ClusterError):
+    """The cluster's state (tasks, accounts, sessions) could not be read or written: SQLite or Redis failed."""
+
+
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def redis_errors_translated(cls: _Cls) -> _Cls:
+    """Class decorator: a Redis or socket error out of a public coroutine method is a :class:`StateUnavailable`."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(method):
+            continue
+
+        def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(method)
+            async def translated(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except (RedisError, OSError) as exc:
+                    raise StateUnavailable(f"redis: {exc}") from exc
+
+            return translated
+
+        setattr(cls, name, wrap(method))
+    return cls
 
 
 def claim_change(instance: str, proxy: str) -> Any:
@@ -173,7 +206,10 @@ class SqliteStateStore:
             with self._lock:
                 return fn(*args)
 
-        return await asyncio.to_thread(locked)
+        try:
+            return await asyncio.to_thread(locked)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"sqlite: {exc}") from exc
 
     # -- helpers (run on the thread, under the lock) --------------------------
 

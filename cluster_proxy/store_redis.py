@@ -25,7 +25,7 @@ from redis.exceptions import WatchError
 import time
 
 from .store import (DONE, PENDING, RUNNING, Task, TransitionRefused, _order, adopt_change, claim_change,
-                    finish_change, requeue_change)
+                    finish_change, redis_errors_translated, requeue_change)
 
 PREFIX = "comfyserve:cluster:state:"
 
@@ -34,6 +34,7 @@ RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIR
 RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+@redis_errors_translated
 class RedisStateStore:
     shared = True
 

@@ -1,4 +1,4 @@
-"""comfyserve's queue service: wire-compatible with the cloud platform's (DESIGN §4).
+"""comfyserve's queue service: wire-compatible with the cloud platform's queue service.
 
     protocol.py      DataFrameProto / DataFrameListProto (package ``streaming``), built at run time
     store.py         the store interface, shared types, put batching, wake-ups

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, USER_HEADER
+from standard.errors import RequestError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 MAX_INDEXES = 10_000
 MAX_KEY_CHARS = 256  # a task_id, requestId or idempotency key: echoed in a response header
 
 
-class BadParam(ValueError):
+class BadParam(RequestError):
     """A query parameter has a value the service cannot use (answered with 400)."""
 
 

@@ -1,6 +1,6 @@
 """The queue service's HTTP front: ``/api/predict/{queue}`` as the platform's SDK calls it.
 
-One route, dispatched on method and reserved query parameters (DESIGN §4):
+One route, dispatched on method and reserved query parameters, as the platform's queue service does:
 ``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_count_`` / ``_watch_`` (WebSocket);
 ``PUT ?_indexes_`` commit; ``DELETE ?_indexes_`` delete / ``?_trunc_&_index_`` truncate.
 Refusals are small JSON bodies: the SDK retries every non-2xx six times at once.
@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from standard.auth import AccessGuard, json_error
-from standard.http_util import read_body_within
+from standard.auth import AccessGuard
+from standard.http_util import json_error, read_body_within
 
 from . import params
 from .params import BadParam
@@ -36,10 +36,6 @@ _GET_SCAN_BATCH = 256
 _GET_SCAN_LIMIT = 20_000
 
 
-def error(status: int, kind: str, message: str) -> web.Response:
-    return json_error(status, message, kind)
-
-
 def _queue_name(request: web.Request) -> str:
     name = request.match_info["name"]
     if not QUEUE_NAME_RE.match(name):
@@ -47,10 +43,9 @@ def _queue_name(request: web.Request) -> str:
     return name
 
 
-async def _require_queue(store: QueueStore, queue: str) -> web.Response | None:
+async def _require_queue(store: QueueStore, queue: str) -> None:
     if not await store.exists(queue):
-        return error(404, "not_found", f"queue {queue!r} does not exist (nothing was ever put on it)")
-    return None
+        raise json_error(404, "not_found", f"queue {queue!r} does not exist (nothing was ever put on it)")
 
 
 # -- put -----------------------------------------------------------------------
@@ -65,7 +60,7 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
         priority = max(priority, params.integer({"p": header_priority}, "p", 0, low=0, high=2**31))
     data = await read_body_within(request, settings.max_payload_bytes)
     if data is None:
-        return error(413, "payload_too_large", f"the body exceeds {settings.max_payload_bytes} bytes")
+        raise json_error(413, "payload_too_large", f"the body exceeds {settings.max_payload_bytes} bytes")
     tags = params.tags_of(query)
     request_id = params.header_safe(REQUEST_ID_TAG, tags.get(REQUEST_ID_TAG) or str(uuid.uuid4()))
     tags[REQUEST_ID_TAG] = request_id
@@ -80,13 +75,12 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
                                         settings.max_length, key=key)
             index, request_id, replayed = once.index, once.request_id, once.duplicate
     except QueueFull as exc:
-        return error(429, "queue_full", str(exc))
+        raise json_error(429, "queue_full", str(exc))
     except StoreUnavailable as exc:
         # The write may have reached the store before the failure: say how to find out.
-        response = error(503, "store_unavailable", f"{exc}; the item may have been stored all the same: "
-                                                   f"look for requestId {request_id} before putting it again")
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+        raise json_error(503, "store_unavailable", f"{exc}; the item may have been stored all the same: "
+                                                   f"look for requestId {request_id} before putting it again",
+                         headers={REQUEST_ID_HEADER: request_id}) from None
     headers = {REQUEST_ID_HEADER: request_id}
     if replayed:
         headers[REPLAYED_HEADER] = "true"
@@ -177,11 +171,10 @@ async def search(request: web.Request, queue: str) -> web.StreamResponse:
     index = params.integer(request.query, "_index_", 0, low=1, high=2**63 - 1)
     if index == 0:
         raise BadParam("_index_ is required for _search_")
-    if (missing := await _require_queue(store, queue)) is not None:
-        return missing
+    await _require_queue(store, queue)
     position = await store.position(queue, index)
     if position is None:
-        return error(404, "not_found", f"index {index} is not in queue {queue!r} (committed or never put)")
+        raise json_error(404, "not_found", f"index {index} is not in queue {queue!r} (committed or never put)")
     return web.json_response({"IsPending": position.pending, "WaitCount": position.waiting})
 
 
@@ -191,8 +184,7 @@ async def search(request: web.Request, queue: str) -> web.StreamResponse:
 async def remove(request: web.Request, queue: str) -> web.StreamResponse:
     store = request.app[STORE_KEY]
     indexes = params.indexes(request.query)
-    if (missing := await _require_queue(store, queue)) is not None:
-        return missing
+    await _require_queue(store, queue)
     await store.remove(queue, indexes)
     return web.Response(text="OK")
 
@@ -235,11 +227,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if params.flag(query, "_trunc_"):
                 return await truncate(request, queue)
             return await remove(request, queue)
-        return error(405, "method_not_allowed", f"{request.method} is not supported")
+        raise json_error(405, "method_not_allowed", f"{request.method} is not supported")
     except BadParam as exc:
-        return error(400, "bad_request", str(exc))
+        raise json_error(400, "bad_request", str(exc)) from None
     except StoreUnavailable as exc:
-        return error(503, "store_unavailable", str(exc))
+        raise json_error(503, "store_unavailable", str(exc)) from None
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

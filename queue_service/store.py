@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from standard.errors import ComfyServeError
+
 from .protocol import decode_frame, encode_frame
 
 # A watcher with tags looks at most this many ready items per claim for ones that match.
@@ -31,7 +33,7 @@ REQUEST_ID_TAG = "requestId"
 IDEMPOTENCY_TTL_S = 24 * 3600.0
 
 
-class QueueError(Exception):
+class QueueError(ComfyServeError):
     """Root of the queue service's own errors."""
 
 

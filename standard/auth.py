@@ -1,4 +1,4 @@
-"""Token auth for every comfyserve server (DESIGN §3).
+"""Token auth for every comfyserve server: who may call what, the token's half of it.
 
 API clients send ``Authorization: <token>`` (the cloud platform's raw form) or
 ``Authorization: Bearer <token>``. A browser logs in once at ``/login`` with
@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .guard import (DEFAULT_POLICY, POLICY, SHORT_TOKEN_CHARS, AccessPolicy, FailureThrottle, client_address,
                     cookie_secure, cross_origin_refusal, origin_problem, request_host)
-from .http_util import read_form
+from .http_util import json_error, read_form
 
 SESSION_COOKIE = "comfyserve_session"
 SESSION_TTL_S = 7 * 24 * 3600
@@ -75,16 +75,12 @@ def same_origin(request: web.Request) -> bool:
     return origin_problem(request) is None
 
 
-def json_error(status: int, message: str, kind: str = "unauthorized") -> web.Response:
-    return web.json_response({"error": {"type": kind, "message": message}}, status=status)
-
-
 def wants_html(request: web.Request) -> bool:
     return request.method == "GET" and "text/html" in request.headers.get("Accept", "")
 
 
 class AccessGuard:
-    """The one auth middleware of a role (DESIGN §9 "who may call what"), HTTP and WebSocket alike.
+    """The one auth middleware of a role (who may call what: the rules are in ``standard.guard``), HTTP and WebSocket alike.
 
     ``token=None``: open mode (loopback, or ``--no-auth``): only ``Host`` and
     ``Origin`` protect the server (see ``standard.guard``). With a token the
@@ -140,14 +136,14 @@ class AccessGuard:
         public = path in self.public or bool(self.prefixes and path.startswith(self.prefixes))
         if self.check_host and not public and not self.policy.host_allowed(request_host(request)):
             log.warning("request for Host %r refused (not a name this server is reached by)", request_host(request))
-            return json_error(421, "this server is not reached by that host name: if it is yours, start the "
-                                   "server with --allowed-host NAME", "misdirected_request")
+            raise json_error(421, "misdirected_request", "this server is not reached by that host name: if it "
+                                                         "is yours, start the server with --allowed-host NAME")
         if self.open_access:
             problem = origin_problem(request)
             if problem is not None:
                 log.warning("%s %s from Origin %r refused: %s", request.method, path,
                             request.headers.get("Origin"), problem)
-                return json_error(403, problem, "forbidden")
+                raise json_error(403, "forbidden", problem)
             return await handler(request)
         if self.token is None or public:
             return await handler(request)
@@ -157,35 +153,31 @@ class AccessGuard:
         query_token = request.query.get("token")
         if query_token is not None:
             if origin_problem(request) is not None:
-                return json_error(403, "token in query string from another origin", "forbidden")
+                raise json_error(403, "forbidden", "token in query string from another origin")
             return await self._with_token(request, handler, query_token)
         if session_cookie_valid(request.cookies.get(SESSION_COOKIE), self.token):
             problem = cross_origin_refusal(request)
             if problem is not None:
-                return json_error(403, problem, "forbidden")
+                raise json_error(403, "forbidden", problem)
             return await handler(request)
         if self.login_path and wants_html(request):
             raise web.HTTPFound(f"{self.login_path}?next={request.rel_url.path_qs}")
-        return json_error(401, "missing token: send 'Authorization: <token>' or 'Bearer <token>'")
+        raise json_error(401, "unauthorized", "missing token: send 'Authorization: <token>' or 'Bearer <token>'")
 
-    def refusal_if_throttled(self, request: web.Request) -> web.Response | None:
-        """429 for an address out of tries (its credential is not even looked at)."""
+    def refuse_if_throttled(self, request: web.Request) -> None:
+        """Raises a 429 for an address out of tries (its credential is not even looked at)."""
         wait_s = self.throttle.retry_after_s(client_address(request))
-        if not wait_s:
-            return None
-        response = json_error(429, f"too many wrong tokens from this address: retry in {wait_s} s", "too_many_failures")
-        response.headers["Retry-After"] = str(wait_s)
-        return response
+        if wait_s:
+            raise json_error(429, "too_many_failures", f"too many wrong tokens from this address: retry in {wait_s} s",
+                             headers={"Retry-After": str(wait_s)})
 
     async def _with_token(self, request: web.Request, handler: Handler, given: str) -> web.StreamResponse:
         assert self.token is not None
-        refusal = self.refusal_if_throttled(request)
-        if refusal is not None:
-            return refusal
+        self.refuse_if_throttled(request)
         if tokens_equal(given, self.token):
             return await handler(request)
         self.throttle.failed(client_address(request))
-        return json_error(401, "invalid token")
+        raise json_error(401, "unauthorized", "invalid token")
 
     def login_routes(self) -> list[web.RouteDef]:
         """GET/POST ``login_path`` (token form -> session cookie) and ``/logout``."""
@@ -234,10 +226,8 @@ def token_login_routes(guard: AccessGuard) -> list[web.RouteDef]:
 
     async def login_submit(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
-            return json_error(403, "cross-origin login refused", "forbidden")
-        refusal = guard.refusal_if_throttled(request)
-        if refusal is not None:
-            return refusal
+            raise json_error(403, "forbidden", "cross-origin login refused")
+        guard.refuse_if_throttled(request)
         form = await read_form(request)
         given = form.get("token")
         next_path = safe_next(str(form.get("next") or "/"))
@@ -257,7 +247,7 @@ def token_login_routes(guard: AccessGuard) -> list[web.RouteDef]:
 
     async def logout(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
-            return json_error(403, "cross-origin logout refused", "forbidden")
+            raise json_error(403, "forbidden", "cross-origin logout refused")
         response = web.HTTPFound(login_path)
         response.del_cookie(SESSION_COOKIE, path="/")
         raise response

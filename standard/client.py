@@ -129,8 +129,6 @@ class InstanceClient:
         response = await self._request("GET", path, retries=self.timeouts.get_retries, params=query)
         return _json_or_raise(response, f"GET {path}")
 
-    _get_json = get_json  # the name the cluster pool used first
-
     async def submit(self, graph: dict[str, Any], client_id: str | None = None,
                      extra_data: dict[str, Any] | None = None, front: bool = False,
                      prompt_id: str | None = None, number: float | None = None) -> str:
@@ -160,15 +158,15 @@ class InstanceClient:
     async def history(self, prompt_id: str | None = None, *, max_items: int | None = None) -> dict[str, Any]:
         """``/history`` or ``/history/{id}`` as ComfyUI answers: ``{id: entry}``, ``{}`` when unknown."""
         if prompt_id is None:
-            return await self._get_json("/history", max_items=max_items)
-        return await self._get_json(f"/history/{_quote(prompt_id)}")
+            return await self.get_json("/history", max_items=max_items)
+        return await self.get_json(f"/history/{_quote(prompt_id)}")
 
     async def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry of one prompt, or None while it has not finished."""
         return (await self.history(prompt_id)).get(prompt_id)
 
     async def queue(self) -> dict[str, Any]:
-        return await self._get_json("/queue")
+        return await self.get_json("/queue")
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         await self._post_ok("/queue", {"delete": prompt_ids})
@@ -178,11 +176,11 @@ class InstanceClient:
 
     async def object_info(self, node_class: str | None = None) -> dict[str, Any]:
         if node_class is None:
-            return await self._get_json("/object_info")
-        return await self._get_json(f"/object_info/{_quote(node_class)}")
+            return await self.get_json("/object_info")
+        return await self.get_json(f"/object_info/{_quote(node_class)}")
 
     async def system_stats(self) -> dict[str, Any]:
-        return await self._get_json("/system_stats")
+        return await self.get_json("/system_stats")
 
     async def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         """The bytes of an output/input/temp file (``/view``)."""

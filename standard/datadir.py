@@ -1,4 +1,4 @@
-"""The data dir (DESIGN §2): its layout, and creating it from the template.
+"""The data dir: its layout (``DataDir``), and creating it from ``data-dir-template/``.
 
 ``DIR`` is a mounted bucket, a NAS path or any local folder. Starting any
 edition fills in what is missing from ``data-dir-template/`` and never
@@ -83,7 +83,7 @@ class DataDir:
 
 
 def init_data_dir(root: str | Path) -> DataDir:
-    """Create the §2 layout under ``root`` from the template; keep what exists."""
+    """Create the data dir's layout under ``root`` from the template; keep what exists."""
     data_dir = DataDir(Path(root).expanduser().resolve())
     data_dir.root.mkdir(parents=True, exist_ok=True)
     if TEMPLATE_DIR.is_dir():

@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §9): the request facts every role's auth middleware decides on.
+"""Who may call what: the request facts every role's auth middleware decides on.
 
 One policy for every server role (standard instance, real-ComfyUI gateway,
 API front and worker, queue service, cluster proxy), applied by

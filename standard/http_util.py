@@ -1,5 +1,8 @@
 """Small helpers shared by every role's routes (and the login pages): JSON errors and body parsing.
 
+:func:`json_error` is the one JSON error response of every role (its body is
+``standard.errors.error_body``, ComfyUI's error object).
+
 Every JSON body a route reads goes through :func:`parse_json` (also the API
 front's and the cluster's): it refuses ``NaN`` / ``Infinity`` (not JSON; a
 ``/history`` holding them is unreadable to strict clients) and nesting deeper
@@ -8,18 +11,22 @@ than ``MAX_JSON_DEPTH`` (a ``RecursionError`` in whatever walks it next).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from .errors import ComfyServeError, RequestError, error_body
+
 # ComfyUI's deepest bodies (a UI workflow with subgraphs in extra_pnginfo) nest about 20 levels.
 MAX_JSON_DEPTH = 128
 
 
-class BadJSON(ValueError):
+class BadJSON(RequestError):
     """A body that is not JSON we take: invalid, non-finite numbers, or nested too deep."""
 
 
@@ -68,30 +75,43 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return value
 
 
-def error_body(kind: str, message: str, details: str = "") -> dict[str, Any]:
-    """ComfyUI's error object: ``{"type", "message", "details", "extra_info"}``."""
-    return {"type": kind, "message": message, "details": details, "extra_info": {}}
+class JSONError(ComfyServeError, web.HTTPException):
+    """An HTTP error of any status whose body is ComfyUI's error JSON; raise it (see :func:`json_error`).
+
+    For a status aiohttp has a class for, the instance is also of that class
+    (``except web.HTTPNotFound`` still catches a JSON 404).
+    """
+
+    def __init__(self, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> None:
+        self.status_code = status  # aiohttp's HTTPException reads the status from here
+        # Not super(): HTTPRequestEntityTooLarge & co. take other arguments; the body is ours.
+        web.HTTPException.__init__(self, text=json.dumps(body), content_type="application/json",
+                                   headers=headers)
 
 
-def json_error(status: int, kind: str, message: str, details: str = "") -> web.Response:
-    return web.json_response({"error": error_body(kind, message, details)}, status=status)
-
-
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-    404: web.HTTPNotFound, 409: web.HTTPConflict, 413: web.HTTPRequestEntityTooLarge,
-    503: web.HTTPServiceUnavailable,
+_AIOHTTP_ERRORS: dict[int, type[web.HTTPException]] = {
+    cls.status_code: cls for cls in vars(web).values()
+    if isinstance(cls, type) and issubclass(cls, web.HTTPError) and cls.status_code > 0
 }
 
 
-def json_http_error(status: int, kind: str, message: str, details: str = "",
-                  extra: dict[str, Any] | None = None) -> web.HTTPException:
-    """An HTTP error (to raise) whose body is our JSON error object."""
-    body = {"error": error_body(kind, message, details), **(extra or {})}
-    cls = _ERRORS[status]
-    if cls is web.HTTPRequestEntityTooLarge:
-        return cls(max_size=0, actual_size=0, text=json.dumps(body), content_type="application/json")
-    return cls(text=json.dumps(body), content_type="application/json")
+@functools.cache
+def _error_class(status: int) -> type[JSONError]:
+    base = _AIOHTTP_ERRORS.get(status)
+    if base is None:
+        return JSONError
+    return type(f"JSON{base.__name__}", (JSONError, base), {"__module__": __name__, "__doc__": JSONError.__doc__})
+
+
+def json_error(status: int, kind: str, message: str, details: str = "", *,
+               extra: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> JSONError:
+    """The one JSON error response: ``{"error": error_body(...), **extra}`` with ``status``; to raise.
+
+    ``extra`` adds top-level keys next to ``"error"`` (``/prompt``'s ``node_errors``).
+    Raised rather than returned: aiohttp deprecates returning an HTTPException,
+    and raising also reaches the client from inside helpers and middlewares.
+    """
+    return _error_class(status)(status, {"error": error_body(kind, message, details), **(extra or {})}, headers)
 
 
 async def read_json_object(request: web.Request, *, allow_empty: bool = False,
@@ -101,16 +121,16 @@ async def read_json_object(request: web.Request, *, allow_empty: bool = False,
     if not raw.strip():
         if allow_empty:
             return {}
-        raise json_http_error(400, kind, "Request body is empty", "expected a JSON object",
-                            {"node_errors": {}})
+        raise json_error(400, kind, "Request body is empty", "expected a JSON object",
+                         extra={"node_errors": {}})
     try:
         data = parse_json(raw)
     except BadJSON as exc:
-        raise json_http_error(400, kind, "Request body is not valid JSON", str(exc),
-                            {"node_errors": {}}) from None
+        raise json_error(400, kind, "Request body is not valid JSON", str(exc),
+                         extra={"node_errors": {}}) from None
     if not isinstance(data, dict):
-        raise json_http_error(400, kind, "Request body must be a JSON object",
-                            f"got {type(data).__name__}", {"node_errors": {}})
+        raise json_error(400, kind, "Request body must be a JSON object",
+                         f"got {type(data).__name__}", extra={"node_errors": {}})
     return data
 
 
@@ -119,7 +139,7 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | web.Fi
     try:
         return await request.post()
     except (ValueError, AssertionError) as exc:  # aiohttp's multipart reader also asserts on malformed parts
-        raise json_http_error(400, "invalid_request", "the form body cannot be parsed", str(exc)) from None
+        raise json_error(400, "invalid_request", "the form body cannot be parsed", str(exc)) from None
 
 
 def query_int(request: web.Request, name: str) -> int | None:
@@ -130,7 +150,7 @@ def query_int(request: web.Request, name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise json_http_error(400, "invalid_parameter", f"{name} must be an integer", f"got {raw!r}") from None
+        raise json_error(400, "invalid_parameter", f"{name} must be an integer", f"got {raw!r}") from None
 
 
 async def read_body_within(request: web.Request, limit: int) -> bytes | None:

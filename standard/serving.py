@@ -5,11 +5,12 @@ points); :func:`run_role` runs it the one way: a refusal (ConfigError, raised
 while checking the flags or while starting, e.g. a busy port) is
 ``comfyserve ROLE: message`` on stderr and exit 2; Ctrl-C is a clean exit 0.
 
-A server role serves until it is told to stop. SIGTERM and SIGINT end the wait. Then the role *drains* (DESIGN §9): while its
-sites still listen, it refuses new work (503 with ``Retry-After``) and its drain
-hooks finish — or, past ``--shutdown-timeout``, hand back — what it is running.
-Only then is the runner cleaned up, which closes the sites and connections
-and runs the app's cleanup hooks (e.g. stopping spawned instances). Exit 0.
+A server role serves until it is told to stop. SIGTERM and SIGINT end the
+wait. Then the role *drains*: while its sites still listen, it refuses new
+work (503 with ``Retry-After``) and its drain hooks finish — or, past
+``--shutdown-timeout``, hand back — what it is running. Only then is the
+runner cleaned up, which closes the sites and connections and runs the app's
+cleanup hooks (e.g. stopping spawned instances). Exit 0.
 """
 
 from __future__ import annotations

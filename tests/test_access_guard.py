@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §9): Host, Origin, cookies, wrong-token slow-down, login redirects.
+"""Who may call what: Host, Origin, cookies, wrong-token slow-down, login redirects.
 
 Through a real instance on loopback (embedded engine and the real-ComfyUI
 gateway on both of its sites), the cluster proxy, the API front and the queue.

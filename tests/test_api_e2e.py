@@ -1,4 +1,4 @@
-"""The API edition as users run it: real processes, the official SDK, kill -9 faults (DESIGN §8.3)."""
+"""The API edition as users run it: real processes, the official SDK, kill -9 faults."""
 
 from __future__ import annotations
 

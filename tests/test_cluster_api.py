@@ -176,7 +176,7 @@ async def test_the_dashboard_shows_my_queue_history_and_the_pool(start_cluster) 
 
 
 async def test_three_users_two_instances_each_sees_only_their_own(start_cluster) -> None:
-    """DESIGN §8.4: work spreads over both instances; files and history stay with their owner."""
+    """Work spreads over both instances; files and history stay with their owner."""
     users = ("ann", "ben", "cat")
     cluster: Cluster = await start_cluster(instances=2, users=users)
     clients = {name: cluster.user(name) for name in users}

@@ -141,3 +141,23 @@ async def test_instance_leases_and_proxy_liveness(store: Any) -> None:
     adopted = await store.adopt(task.id, "proxy-b", "proxy-a")
     assert adopted is not None and adopted.proxy == "proxy-a"
     assert await store.adopt(task.id, "proxy-b", "proxy-c") is None  # one taker only
+
+
+async def test_a_dead_redis_is_a_state_unavailable_error_of_the_tree() -> None:
+    """Redis' own exceptions stop at the store: callers see ``StateUnavailable`` (a ComfyServeError)."""
+    from redis.exceptions import RedisError
+
+    from cluster_proxy.accounts_store import RedisBackend
+    from cluster_proxy.store import StateUnavailable
+    from standard.errors import ComfyServeError
+    from standard.ports import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    for store, call in ((RedisStateStore(url), "pending"), (RedisBackend(url), "all")):
+        try:
+            with pytest.raises(StateUnavailable) as caught:
+                await getattr(store, call)()
+        finally:
+            await store.aclose()
+        assert isinstance(caught.value, ComfyServeError)
+        assert isinstance(caught.value.__cause__, (RedisError, OSError))

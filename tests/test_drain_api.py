@@ -1,4 +1,4 @@
-"""SIGTERM drains the API edition (DESIGN §9): the running task finishes or goes back; one result per task.
+"""SIGTERM drains the API edition: the running task finishes or goes back; one result per task.
 
 ``comfyserve api`` (all-in-one) and ``comfyserve worker`` as real processes with real signals.
 """

@@ -1,4 +1,4 @@
-"""SIGTERM drains ``comfyserve cluster`` (DESIGN §9): no new prompts; running tasks finish or go back to the
+"""SIGTERM drains ``comfyserve cluster``: no new prompts; running tasks finish or go back to the
 store; queued ones wait there for the next start. Real processes, real signals."""
 
 from __future__ import annotations

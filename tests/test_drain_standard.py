@@ -1,4 +1,4 @@
-"""SIGTERM drains ``comfyserve standard`` (DESIGN §9): no new prompts, the accepted ones finish, exit 0."""
+"""SIGTERM drains ``comfyserve standard``: no new prompts, the accepted ones finish, exit 0."""
 
 from __future__ import annotations
 

@@ -207,18 +207,18 @@ async def restart(request: web.Request) -> web.StreamResponse:
     if not isinstance(backend, ComfyUIChild):
         return await proxy(request)
     if await _prompt_running(request):
-        return json_error(409, "prompt_running", "cannot restart while a prompt runs",
-                          "interrupt it or wait for it to finish")
+        raise json_error(409, "prompt_running", "cannot restart while a prompt runs",
+                         "interrupt it or wait for it to finish")
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 
 
 async def _backend_json(request: web.Request, path: str) -> Any:
     """ComfyUI's JSON answer to ``GET path``, for routes the front rewrites; a ``web.Response`` to
-    relay as it is when ComfyUI is starting, unreachable or answers anything but 200."""
+    relay as it is when ComfyUI answers anything but 200 (raises 503/502 while it starts or is gone)."""
     base_url = await _backend_url(request.app[BACKEND])
     if base_url is None:
-        return backend_unavailable("ComfyUI is starting", 503)
+        raise backend_unavailable("ComfyUI is starting", 503)
     try:
         async with request.app[SESSION].get(base_url + path, timeout=aiohttp.ClientTimeout(total=30.0)) as response:
             if response.status != 200:
@@ -226,7 +226,7 @@ async def _backend_json(request: web.Request, path: str) -> Any:
                                     content_type=response.content_type)
             return await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        return backend_unavailable(repr(exc))
+        raise backend_unavailable(repr(exc)) from None
 
 
 async def extensions(request: web.Request) -> web.StreamResponse:
@@ -263,11 +263,11 @@ async def _prompt_running(request: web.Request) -> bool:
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     if request.method == "POST" and request.path in PROMPT_PATHS and is_draining(app):
-        return refused_while_draining()
+        raise refused_while_draining()
     backend = app[BACKEND]
     base_url = await _backend_url(backend)
     if base_url is None:
-        return backend_unavailable("ComfyUI is starting", 503)
+        raise backend_unavailable("ComfyUI is starting", 503)
     settings = app[SETTINGS]
     strip_auth = settings.token is not None
     if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -288,7 +288,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                     base_url = retry_url
                     continue
             app[METRICS].errors.inc()
-            return backend_unavailable(str(exc), exc.status)
+            raise backend_unavailable(str(exc), exc.status) from None
     raise AssertionError("unreachable")
 
 

@@ -30,6 +30,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from ..auth import token_from_header, tokens_equal
+from ..errors import error_body
 from .metrics import BackendMetrics
 from .upstream import MAX_HEAD_BYTES, Pool, Pools, Upstream, UpstreamFailed
 
@@ -145,8 +146,7 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
 
 
 def error_response(status: int, reason: str, message: str, details: str) -> bytes:
-    body = json.dumps({"error": {"type": "backend_unavailable", "message": message, "details": details,
-                                 "extra_info": {}}}).encode()
+    body = json.dumps({"error": error_body("backend_unavailable", message, details)}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 

@@ -22,7 +22,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth import SESSION_COOKIE
-from ..http_util import json_error
+from ..errors import BackendError
+from ..http_util import JSONError, json_error
 from ..server.file_headers import apply_file_headers
 
 log = logging.getLogger("comfyserve.backend")
@@ -109,11 +110,11 @@ def relayed_headers(request: web.Request, response: aiohttp.ClientResponse, *,
     return headers
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(BackendError):
     pass
 
 
-class BackendDown(Exception):
+class BackendDown(BackendError):
     """The backend could not be reached, and nothing was sent back yet."""
 
     def __init__(self, detail: str, status: int) -> None:
@@ -130,11 +131,10 @@ async def _limited(content: aiohttp.StreamReader, limit_bytes: int) -> AsyncIter
         yield chunk
 
 
-def backend_unavailable(detail: str, status: int = 502) -> web.Response:
-    response = json_error(status, "backend_unavailable", "The ComfyUI backend is not reachable", detail)
-    if status == 503:
-        response.headers["Retry-After"] = "1"
-    return response
+def backend_unavailable(detail: str, status: int = 502) -> JSONError:
+    """The error to raise when the backend cannot answer (a 503 says when to retry)."""
+    return json_error(status, "backend_unavailable", "The ComfyUI backend is not reachable", detail,
+                      headers={"Retry-After": "1"} if status == 503 else None)
 
 
 async def forward_http(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
@@ -142,8 +142,8 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
     """One request to the backend and its response back, streamed; ``BackendDown`` if unreachable."""
     length = request.content_length
     if length is not None and length > max_body_bytes:
-        return json_error(413, "request_too_large", "Request body too large",
-                          f"{length} bytes > {max_body_bytes}")
+        raise json_error(413, "request_too_large", "Request body too large",
+                         f"{length} bytes > {max_body_bytes}")
     data: bytes | AsyncIterator[bytes] | None = None
     if request.body_exists:
         if length is not None and length <= SMALL_BODY_BYTES:
@@ -174,7 +174,7 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
             await response.write_eof()
             return response
     except BodyTooLarge:
-        return json_error(413, "request_too_large", "Request body too large", f"more than {max_body_bytes} bytes")
+        raise json_error(413, "request_too_large", "Request body too large", f"more than {max_body_bytes} bytes")
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
         if response is not None and response.prepared:
             raise  # headers already sent: all we can do is drop the connection
@@ -195,10 +195,10 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
         )
     except aiohttp.WSServerHandshakeError as exc:
-        return json_error(exc.status if 400 <= exc.status < 600 else 502, "backend_refused",
-                          "The ComfyUI backend refused the WebSocket", exc.message)
+        raise json_error(exc.status if 400 <= exc.status < 600 else 502, "backend_refused",
+                         "The ComfyUI backend refused the WebSocket", exc.message) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return backend_unavailable(repr(exc))
+        raise backend_unavailable(repr(exc)) from exc
     downstream = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                        max_msg_size=max_msg_bytes, autoping=True, heartbeat=30.0)
     if sockets is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 from urllib.parse import urlsplit
+from ..errors import BackendError
 
 MAX_HEAD_BYTES = 64 * 1024
 DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
@@ -26,7 +27,7 @@ class Sink(Protocol):
     def response_failed(self, conn: Upstream, exc: UpstreamFailed) -> None: ...
 
 
-class UpstreamFailed(Exception):
+class UpstreamFailed(BackendError):
     def __init__(self, message: str, *, nothing_received: bool) -> None:
         super().__init__(message)
         self.nothing_received = nothing_received

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..datadir import DataDir, WorkDirs
+from ..errors import EngineError
 
 
-class InterruptProcessingException(Exception):
+class InterruptProcessingException(EngineError):
     """Raised inside a node when the running prompt was interrupted (ComfyUI's name)."""
 
 

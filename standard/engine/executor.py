@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import EngineError
 from . import compat, context
 from .context import InterruptProcessingException
 from .registry import NodeRegistry
@@ -37,7 +38,7 @@ class CachedNode:
     ui: dict[str, Any] | None
 
 
-class NodeFailed(Exception):
+class NodeFailed(EngineError):
     """A node raised: carries what ComfyUI's execution_error reports."""
 
     def __init__(self, node_id: str, cause: BaseException, inputs: dict[str, list[Any]]) -> None:

@@ -13,6 +13,7 @@ import logging
 import traceback
 from typing import Any
 
+from ..errors import error_body
 from . import context
 from .registry import NodeRegistry
 
@@ -27,7 +28,7 @@ Result = tuple[bool, list[Reason], str]
 
 
 def _reason(kind: str, message: str, details: str, **extra: Any) -> Reason:
-    return {"type": kind, "message": message, "details": details, "extra_info": extra}
+    return error_body(kind, message, details, extra)
 
 
 def types_compatible(received: Any, expected: Any) -> bool:

@@ -8,15 +8,14 @@ Route modules by URL:
     /view /upload/image /upload/mask              routes_files.py
     /healthz /readyz /metrics /restart            routes_ops.py
     /login /logout                                standard.auth
-    /users /settings /userdata /v2/userdata       userdata.py       (frontend engineer)
-    /internal/* /i18n /extensions ...             internal.py       (frontend engineer)
-    /  (the ComfyUI frontend, registered last)    frontend.py       (frontend engineer)
+    /users /settings /userdata /v2/userdata       userdata.py
+    /internal/* /i18n /extensions ...             internal.py
+    /  (the ComfyUI frontend, registered last)    frontend.py
 Every route is served as ``/X`` and ``/api/X``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -26,17 +25,13 @@ from ..datadir import init_data_dir
 from ..serving import drain_of
 from ..settings import StandardSettings
 from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
+from .frontend import setup_frontend
+from .internal import setup_internal_routes
 from .middlewares import json_errors_middleware
 from .prompt_server import PromptServer
 from .routing import add_routes_with_api_prefix
 from .storage_web import setup_storage
-
-# The frontend engineer's setup functions, called in this order after our routes.
-FRONTEND_SETUPS: tuple[tuple[str, str], ...] = (
-    ("standard.server.userdata", "setup_userdata"),
-    ("standard.server.internal", "setup_internal_routes"),
-    ("standard.server.frontend", "setup_frontend"),
-)
+from .userdata import setup_userdata
 
 
 def create_embedded_app(settings: StandardSettings) -> web.Application:
@@ -62,22 +57,10 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
         app.router.add_routes(guard.login_routes())
     for module in (routes_prompt, routes_jobs, routes_ws, routes_info, routes_files, routes_ops):
         add_routes_with_api_prefix(app, module.routes)
-    for module_name, function_name in FRONTEND_SETUPS:
-        setup = _optional_setup(module_name, function_name)
-        if setup is not None:
-            setup(app)
+    setup_userdata(app)
+    setup_internal_routes(app)
+    setup_frontend(app)  # last: it serves the frontend's files under /
     return app
-
-
-def _optional_setup(module_name: str, function_name: str):  # type: ignore[no-untyped-def]
-    """The frontend engineer's module, or None while it has not landed yet."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-    return getattr(module, function_name)
 
 
 async def _prompt_server_ctx(app: web.Application) -> AsyncIterator[None]:

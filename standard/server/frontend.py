@@ -32,6 +32,7 @@ from aiohttp import web
 
 from ..errors import PathOutsideRoot
 from ..paths import resolve_inside
+from ..http_util import json_error
 from .extensions import OWN_EXTENSION_DIR, OWN_EXTENSION_NAME, plugin_web_dirs
 
 OWN_TEMPLATES_DIR = Path(__file__).resolve().parent / "web_templates"
@@ -177,11 +178,8 @@ async def _file_response(request: web.Request, root: Path | None, relative: str,
 async def index(request: web.Request) -> web.StreamResponse:
     root = frontend_root()
     if root is None:
-        return web.json_response(
-            {"error": {"type": "frontend_missing", "message": "comfyui-frontend-package is not installed",
-                       "details": "pip install comfyui-frontend-package==1.58.1", "extra_info": {}}},
-            status=404,
-        )
+        raise json_error(404, "frontend_missing", "comfyui-frontend-package is not installed",
+                         "pip install comfyui-frontend-package==1.58.1")
     response = await _file_response(request, root, "index.html")
     response.headers.update({"Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "0"})
     return response

@@ -8,14 +8,13 @@ of this API expect JSON, so such errors are re-shaped here. Who may call what
 from __future__ import annotations
 
 import errno
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..errors import PathTooLong
-from ..http_util import error_body
+from ..http_util import JSONError, json_error
 
 log = logging.getLogger("comfyserve.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,22 +31,14 @@ async def json_errors_middleware(request: web.Request, handler: Handler) -> web.
         if exc.errno != errno.ENAMETOOLONG:
             raise
         raise _path_too_long("a name in the request is longer than the file system allows") from None
+    except JSONError:
+        raise  # already ours
     except web.HTTPRequestEntityTooLarge as exc:
-        if exc.content_type == "application/json":
-            raise
-        body = {"error": error_body("request_too_large", "Request body too large", exc.text or "")}
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=0, actual_size=0, text=json.dumps(body), content_type="application/json"
-        ) from None
+        raise json_error(413, "request_too_large", "Request body too large", exc.text or "") from None
     except web.HTTPMethodNotAllowed as exc:
-        if exc.content_type == "application/json":
-            raise
-        body = {"error": error_body("method_not_allowed", f"{request.method} is not allowed on {request.path}")}
-        raise web.HTTPMethodNotAllowed(
-            request.method, exc.allowed_methods, text=json.dumps(body), content_type="application/json"
-        ) from None
+        raise json_error(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}",
+                         headers={"Allow": exc.headers.get("Allow", "")}) from None
 
 
-def _path_too_long(details: str) -> web.HTTPException:
-    body = {"error": error_body("invalid_request", "file name or path too long", details)}
-    return web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
+def _path_too_long(details: str) -> JSONError:
+    return json_error(400, "invalid_request", "file name or path too long", details)

@@ -13,18 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from ..http_util import error_body, json_http_error
+from ..http_util import JSONError, json_error
 from ..serving import draining_headers
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 
 MAX_PROMPT_ID_CHARS = 256
 
 
-def invalid_prompt(message: str, details: str = "") -> web.HTTPException:
+def invalid_prompt(message: str, details: str = "") -> JSONError:
     """ComfyUI's 400 for a request it cannot take: ``invalid_prompt`` with empty ``node_errors``."""
-    return json_http_error(400, "invalid_prompt", message, details, {"node_errors": {}})
+    return json_error(400, "invalid_prompt", message, details, extra={"node_errors": {}})
 
 
 @dataclass(frozen=True)
@@ -47,19 +45,17 @@ class PromptRequest:
         return extra_data, sensitive
 
 
-def refused_while_draining() -> web.Response:
+def refused_while_draining() -> JSONError:
     """``POST /prompt`` after SIGTERM (standard and cluster): 503 in ComfyUI's error shape, with Retry-After."""
-    return web.json_response(
-        {"error": error_body("server_draining", "The server is shutting down",
-                             "it finishes what it accepted and takes no new prompts; send this one again "
-                             "in a moment or elsewhere"), "node_errors": {}},
-        status=503, headers=draining_headers())
+    return json_error(503, "server_draining", "The server is shutting down",
+                      "it finishes what it accepted and takes no new prompts; send this one again "
+                      "in a moment or elsewhere", extra={"node_errors": {}}, headers=draining_headers())
 
 
 def parse_prompt_request(body: dict[str, Any]) -> PromptRequest:
     """Check the request's fields (not the graph itself); raises ComfyUI-shaped 400s."""
     if "prompt" not in body:
-        raise json_http_error(400, "no_prompt", "No prompt provided", "No prompt provided", {"node_errors": {}})
+        raise json_error(400, "no_prompt", "No prompt provided", "No prompt provided", extra={"node_errors": {}})
     prompt = body["prompt"]
     if not isinstance(prompt, dict):
         raise invalid_prompt("Invalid prompt: the prompt must be a JSON object of nodes",
@@ -110,5 +106,5 @@ def delete_ids(body: dict[str, Any]) -> list[str]:
     """The ``delete`` list of ``POST /queue`` and ``POST /history`` ([] when absent)."""
     ids = body.get("delete", [])
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise json_http_error(400, "invalid_request", "delete must be a list of prompt ids")
+        raise json_error(400, "invalid_request", "delete must be a list of prompt ids")
     return ids

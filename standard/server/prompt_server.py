@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..datadir import DataDir, WorkDirs
+from ..errors import EngineError
 from ..settings import StandardSettings
 from .metrics import ExecutionMetrics
 from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
@@ -32,24 +33,14 @@ log = logging.getLogger("comfyserve.server")
 
 PREVIEW_IMAGE = 1  # binary event: >I event type, >I format, image bytes
 UNENCODED_PREVIEW_IMAGE = 2  # (format, PIL image, max_size) from plugins; encoded here
-ENGINE_API = ("NodeRegistry", "PromptExecutor", "validate_prompt")
 INTERRUPT_GRACE_S = 2.0  # after the shutdown timeout: how long an interrupted prompt may take to stop
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(EngineError, RuntimeError):
     """The embedded engine could not be imported or loaded."""
 
 
-def _load_engine_module() -> Any:
-    import standard.engine as engine  # the engine package (standard/engine/)
-
-    missing = [name for name in ENGINE_API if not hasattr(engine, name)]
-    if missing:
-        raise ImportError(f"standard.engine lacks {', '.join(missing)}")
-    return engine
-
-
-class RestartRefused(RuntimeError):
+class RestartRefused(EngineError, RuntimeError):
     """/restart while a prompt runs: the caller gets a 409."""
 
 
@@ -159,13 +150,15 @@ class PromptServer:
                 await ws.close(code=1001, message=b"server shutdown")
 
     async def _load_engine(self) -> None:
+        # Imported on start, not with this module: an engine that cannot be imported is
+        # reported by /readyz (engine_error) instead of stopping the server.
         try:
-            engine = _load_engine_module()
+            from ..engine import NodeRegistry, PromptExecutor, validate_prompt
         except ImportError as exc:
             self.engine_error = f"embedded engine not available: {exc}"
             log.error("%s", self.engine_error)
             return
-        registry = engine.NodeRegistry(self.data_dir, self.workdirs)
+        registry = NodeRegistry(self.data_dir, self.workdirs)
         try:
             await asyncio.to_thread(registry.load)
         except Exception as exc:  # a broken engine must not stop /healthz from answering
@@ -173,8 +166,8 @@ class PromptServer:
             log.exception("engine failed to load")
             return
         self.registry = registry
-        self.executor = engine.PromptExecutor(registry, self.send_sync)
-        self._validate = engine.validate_prompt
+        self.executor = PromptExecutor(registry, self.send_sync)
+        self._validate = validate_prompt
         self.engine_error = None
         self.ready = True
         for name, error in registry.plugin_errors.items():

@@ -23,7 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
-from ..http_util import json_http_error, parse_json, read_form
+from ..http_util import json_error, parse_json, read_form
 from ..paths import check_name_lengths, resolve_inside
 from . import storage_web
 from .context import instance_context
@@ -35,7 +35,7 @@ TYPES = ("input", "output", "temp")
 
 def _bad(status: int, message: str) -> web.HTTPException:
     kinds = {400: "invalid_request", 403: "forbidden", 404: "not_found"}
-    return json_http_error(status, kinds[status], message)
+    return json_error(status, kinds[status], message)
 
 
 def annotated_filepath(name: str) -> tuple[str, str | None]:

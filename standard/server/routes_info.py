@@ -38,10 +38,7 @@ def server_features(settings: StandardSettings) -> dict[str, Any]:
 def _registry(request: web.Request) -> Any:
     registry = instance_context(request).server.registry
     if registry is None:
-        raise web.HTTPServiceUnavailable(
-            text='{"error": {"type": "runtime_not_ready", "message": "The embedded engine is not ready"}}',
-            content_type="application/json",
-        )
+        raise json_error(503, "runtime_not_ready", "The embedded engine is not ready")
     return registry
 
 
@@ -88,7 +85,7 @@ async def view_metadata(request: web.Request) -> web.Response:
             model_folders.safetensors_metadata, data_dir, request.match_info["folder_name"], filename
         )
     except PathOutsideRoot:
-        return json_error(403, "forbidden", "filename leaves the model folder")
+        raise json_error(403, "forbidden", "filename leaves the model folder") from None
     if metadata is None:
         return web.Response(status=404)
     return web.json_response(metadata)

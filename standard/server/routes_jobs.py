@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..http_util import json_http_error, read_json_object
+from ..http_util import json_error, read_json_object
 from . import jobs
 from .context import ServerView, instance_context, prompt_server
 from .prompt_server import PromptServer
@@ -37,7 +37,7 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
     try:
         return int(raw)
     except ValueError:
-        raise json_http_error(400, "invalid_parameter", f"{name} must be an integer", repr(raw)) from None
+        raise json_error(400, "invalid_parameter", f"{name} must be an integer", repr(raw)) from None
 
 
 @routes.get("/jobs")
@@ -48,18 +48,18 @@ async def list_jobs(request: web.Request) -> web.Response:
         asked = {part.strip().lower() for part in query["status"].split(",") if part.strip()}
         invalid = sorted(asked - statuses)
         if invalid:
-            raise json_http_error(400, "invalid_parameter", f"invalid status value(s): {', '.join(invalid)}",
+            raise json_error(400, "invalid_parameter", f"invalid status value(s): {', '.join(invalid)}",
                                   f"valid: {', '.join(jobs.ALL_STATUSES)}")
         statuses = asked
     sort_by = query.get("sort_by", "created_at").lower()
     sort_order = query.get("sort_order", "desc").lower()
     if sort_by not in jobs.SORT_FIELDS:
-        raise json_http_error(400, "invalid_parameter", "sort_by must be created_at or execution_duration")
+        raise json_error(400, "invalid_parameter", "sort_by must be created_at or execution_duration")
     if sort_order not in ("asc", "desc"):
-        raise json_http_error(400, "invalid_parameter", "sort_order must be asc or desc")
+        raise json_error(400, "invalid_parameter", "sort_order must be asc or desc")
     limit = _int_param(request, "limit", None)
     if limit is not None and limit <= 0:
-        raise json_http_error(400, "invalid_parameter", "limit must be a positive integer")
+        raise json_error(400, "invalid_parameter", "limit must be a positive integer")
     offset = max(_int_param(request, "offset", 0) or 0, 0)
     found = _all_jobs(instance_context(request).server, statuses)
     workflow_id = query.get("workflow_id")
@@ -88,7 +88,7 @@ async def get_job(request: web.Request) -> web.Response:
         for item in items:
             if item[1] == job_id:
                 return web.json_response(jobs.queue_job(item, status))
-    raise json_http_error(404, "not_found", "Job not found", job_id)
+    raise json_error(404, "not_found", "Job not found", job_id)
 
 
 def _cancel(server: PromptServer, job_ids: list[str]) -> list[str]:
@@ -105,7 +105,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     cancelled = _cancel(prompt_server(request), [job_id])
     if not cancelled:
-        raise json_http_error(404, "not_found", "Job is not pending or running", job_id)
+        raise json_error(404, "not_found", "Job is not pending or running", job_id)
     return web.json_response({"cancelled": cancelled})
 
 
@@ -115,5 +115,5 @@ async def cancel_jobs(request: web.Request) -> web.Response:
     job_ids = body.get("job_ids")
     if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > MAX_CANCEL_IDS
             or not all(isinstance(i, str) for i in job_ids)):
-        raise json_http_error(400, "invalid_request", f"job_ids must be a list of 1-{MAX_CANCEL_IDS} job ids")
+        raise json_error(400, "invalid_request", f"job_ids must be a list of 1-{MAX_CANCEL_IDS} job ids")
     return web.json_response({"cancelled": _cancel(prompt_server(request), job_ids)})

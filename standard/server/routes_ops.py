@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..http_util import json_http_error
+from ..http_util import json_error
 from ..serving import draining_headers, is_draining
 from ..supervised import instance_identity
 from .context import prompt_server
@@ -45,5 +45,5 @@ async def restart(request: web.Request) -> web.Response:
     try:
         status = await server.reload()
     except RestartRefused as exc:
-        raise json_http_error(409, "prompt_running", "cannot restart while a prompt runs", str(exc)) from None
+        raise json_error(409, "prompt_running", "cannot restart while a prompt runs", str(exc)) from None
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)

@@ -7,7 +7,7 @@ import uuid
 
 from aiohttp import web
 
-from ..http_util import error_body, json_http_error, query_int, read_json_object
+from ..http_util import json_error, query_int, read_json_object
 from ..serving import is_draining
 from .context import instance_context, prompt_server
 from .prompt_queue import QueueItem
@@ -31,13 +31,10 @@ async def post_prompt(request: web.Request) -> web.Response:
     if server.queue.contains(prompt_id):
         raise invalid_prompt(f"prompt_id {prompt_id} is already queued or running")
     if is_draining(request.app):
-        return refused_while_draining()
+        raise refused_while_draining()
     if not server.ready:
-        return web.json_response(
-            {"error": error_body("runtime_not_ready", "The embedded engine is not ready",
-                                 server.engine_error or "loading"), "node_errors": {}},
-            status=503,
-        )
+        raise json_error(503, "runtime_not_ready", "The embedded engine is not ready",
+                         server.engine_error or "loading", extra={"node_errors": {}})
     valid, error, outputs_to_execute, node_errors = await server.validate(prompt_id, body.prompt, body.targets)
     if not valid:
         server.metrics.rejected.inc()
@@ -78,7 +75,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
     json_data = await read_json_object(request, allow_empty=True)
     prompt_id = json_data.get("prompt_id")
     if prompt_id is not None and not isinstance(prompt_id, str):
-        raise json_http_error(400, "invalid_request", "prompt_id must be a string")
+        raise json_error(400, "invalid_request", "prompt_id must be a string")
     prompt_server(request).interrupt(prompt_id or None)
     return web.Response(status=200)
 
@@ -98,7 +95,7 @@ async def get_history(request: web.Request) -> web.Response:
     max_items = query_int(request, "max_items")
     offset = query_int(request, "offset")
     if max_items is not None and max_items < 0:
-        raise json_http_error(400, "invalid_parameter", "max_items must not be negative")
+        raise json_error(400, "invalid_parameter", "max_items must not be negative")
     queue = instance_context(request).server.queue
     history = queue.get_history(max_items=max_items, offset=-1 if offset is None else offset)
     return web.json_response(history)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ..datadir import WorkDirs
 from ..errors import PathOutsideRoot
-from ..http_util import parse_json
+from ..http_util import json_error, parse_json
 from ..paths import resolve_inside
 from . import keys
 from .context import USER_ROOT, USER_SETTINGS, SettingsFile, instance_context
@@ -149,11 +149,7 @@ async def _json_body(request: web.Request) -> Any:
     try:
         return parse_json(await request.read())
     except ValueError as exc:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": {"type": "invalid_json", "message": "Request body is not valid JSON",
-                                       "details": str(exc), "extra_info": {}}}),
-            content_type="application/json",
-        ) from None
+        raise json_error(400, "invalid_json", "Request body is not valid JSON", str(exc)) from None
 
 
 @routes.get("/settings")
@@ -171,11 +167,7 @@ async def get_setting(request: web.Request) -> web.Response:
 async def post_settings(request: web.Request) -> web.Response:
     changes = await _json_body(request)
     if not isinstance(changes, dict):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": {"type": "invalid_request", "message": "settings must be a JSON object",
-                                       "details": "", "extra_info": {}}}),
-            content_type="application/json",
-        )
+        raise json_error(400, "invalid_request", "settings must be a JSON object")
     await instance_context(request).user_settings.update(changes)
     return web.Response(status=200)
 

@@ -1,7 +1,7 @@
 """Errors of the object-storage layer; oss2's exceptions are translated at the boundary.
 
-    StorageError
-    ├── StorageConfigError      bad oss:// URL, missing endpoint or credentials
+    StorageError                (a ComfyServeError: see standard.errors)
+    ├── StorageConfigError      bad oss:// URL, missing endpoint or credentials (also a ConfigError)
     ├── StorageAuthError        the bucket refused our credentials (wrong secret, bad STS token)
     ├── ObjectNotFound          no such key / bucket
     ├── IntegrityError          size or CRC64 of a download does not match the object
@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ComfyServeError, ConfigError
 
 
-class StorageError(Exception):
+class StorageError(ComfyServeError):
     """Root of the storage errors."""
 
 

@@ -154,7 +154,7 @@ def get_full_path_or_raise(folder_name: str, filename: str) -> str:
 
 
 def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
-    """Accepted for compatibility; the data dir's layout is fixed (DESIGN §2)."""
+    """Accepted for compatibility; the data dir's layout is fixed (``standard.datadir``)."""
 
 
 def filter_files_extensions(files: list[str], extensions: set[str] | frozenset[str]) -> list[str]:
