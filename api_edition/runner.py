@@ -105,7 +105,8 @@ class InstanceRunner:
             events: list[dict[str, Any]] = []
             while True:
                 try:
-                    item = await asyncio.wait_for(waiter.get(), IDLE_CHECK_S)
+                    async with asyncio.timeout(IDLE_CHECK_S):  # not wait_for: on 3.11 it can swallow a cancel
+                        item = await waiter.get()
                 except TimeoutError:
                     # Quiet for a while: make sure no terminal event was lost on a half-open socket.
                     entry = await self._history_or_none(prompt_id)

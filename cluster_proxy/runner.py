@@ -157,8 +157,10 @@ class TaskRun:
         finished = False  # the history has it: relay what is still on its way, briefly
         while True:
             try:
-                item = await asyncio.wait_for(items.get(), FINAL_GRACE_S if finished else CHECK_INTERVAL_S)
-            except asyncio.TimeoutError:
+                # not wait_for: on 3.11 it can swallow a cancel landing with an item
+                async with asyncio.timeout(FINAL_GRACE_S if finished else CHECK_INTERVAL_S):
+                    item = await items.get()
+            except TimeoutError:
                 item = None
             if item is None or isinstance(item, Connected):
                 if finished and item is None:

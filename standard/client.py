@@ -364,7 +364,8 @@ class InstanceClient:
         next_check = loop.time() + (self.timeouts.idle_check_s if socket_up else self.timeouts.history_poll_s)
         while status is None:
             try:
-                item = await asyncio.wait_for(items.get(), max(0.0, next_check - loop.time()))
+                async with asyncio.timeout_at(next_check):  # not wait_for: on 3.11 it can swallow a cancel
+                    item = await items.get()
             except TimeoutError:
                 item = None
             if item is None or isinstance(item, Connected):
