@@ -131,11 +131,6 @@ def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: Ac
     return middleware
 
 
-def _client_address(request: web.Request) -> str:
-    """Who is trying to log in, for the throttle (the peer, or what a trusted proxy forwarded)."""
-    return client_address(request)
-
-
 def check_csrf(request: web.Request, form: Any) -> None:
     expected = request.app[CSRF].for_session(request.get(SESSION_ID, ""))
     given = form.get("csrf")
@@ -167,7 +162,7 @@ def _routes() -> list[web.RouteDef]:
         form = await read_form(request)
         name, password = str(form.get("name") or ""), str(form.get("password") or "")
         next_path = safe_next(str(form.get("next") or "/"))
-        throttle, address = request.app[THROTTLE], _client_address(request)
+        throttle, address = request.app[THROTTLE], client_address(request)
         wait_s, pause_s = throttle.attempt(name, address)
         if wait_s:
             response = _login_page(request, next_path, name, f"Too many failed logins. Try again in {wait_s} s.", 429)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import aiohttp_jinja2
 from aiohttp import web
 
+from standard.guard import client_address
 from standard.http_util import json_error, read_form
 
 from .accounts import AccountError, User
-from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, _client_address, check_csrf, page_context
+from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
 
 
 def _require_admin(request: web.Request) -> User:
@@ -28,7 +29,7 @@ def _require_admin(request: web.Request) -> User:
 async def _change_own_password(request: web.Request, current: str, new: str) -> tuple[int, str, int]:
     """(status, message, retry-after seconds) of a user's own change; the session it came with stays."""
     user, accounts = request[USER], request.app[ACCOUNTS]
-    throttle, address = request.app[THROTTLE], _client_address(request)
+    throttle, address = request.app[THROTTLE], client_address(request)
     wait_s, pause_s = throttle.attempt(user.name, address)
     if wait_s:
         return 429, f"Too many wrong passwords. Try again in {wait_s} s.", wait_s
