@@ -13,7 +13,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from standard.guard import client_address
-from standard.http_util import json_error, read_form
+from standard.http_util import json_error, parse_json, read_form
 
 from .accounts import AccountError, User
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
@@ -76,7 +76,7 @@ def page_routes() -> list[web.RouteDef]:
 
     async def account_password(request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
+            body = parse_json(await request.read())  # the project's reader: depth-bounded, no NaN
         except ValueError:
             body = None
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str)

@@ -308,6 +308,21 @@ async def test_changing_my_password_signs_out_my_other_sessions(site: Any) -> No
                                                         "new_password": "fourth-alice-pw"})).status == 401
 
 
+async def test_the_password_api_refuses_strangers_and_hostile_bodies_and_changes_nothing(site: Any) -> None:
+    token = {"Authorization": f"Bearer {site.tokens['alice']}"}
+    change = {"current_password": "alice-password", "new_password": "never-set-pw"}
+    stranger = {"Authorization": "Bearer csu_nope"}
+    assert (await site.post("/account/password", json=change, headers=stranger)).status == 401
+    cookie = await logged_in(site, "alice", "alice-password")
+    foreign = await site.post("/account/password", json=change, cookies={SESSION_COOKIE: cookie},
+                              headers={"Origin": "http://evil.example"})
+    assert foreign.status == 403
+    for body in ("[" * 100_000 + "]" * 100_000, '{"current_password": NaN, "new_password": "x"}', "[]", "{"):
+        resp = await site.post("/account/password", data=body, headers={**token, "Content-Type": "application/json"})
+        assert resp.status == 400, body[:40]
+    assert (await login(site, "alice", "alice-password")).status == 302  # nothing changed
+
+
 async def admin_form(site: Any) -> tuple[str, str]:
     """(admin's session cookie, CSRF value of the admin page)."""
     cookie = await logged_in(site, "admin", "admin-password")
