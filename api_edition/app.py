@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from queue_service.server import STORE_KEY, create_app as create_queue_app
+from queue_service.server import STORE_KEY
+from queue_service.server import create_app as create_queue_app
 from queue_service.settings import QueueSettings
 from queue_service.store import QueueStore
 from standard.auth import AccessGuard

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--run-timeout", type=float, default=None,
                help="seconds a task may run before it is interrupted and reported as failed (default: no limit)")
     add_secret_option(parser, "--webhook-secret",
-                      help="HMAC-SHA256 key for webhook signatures (default: one kept in DIR/.comfyserve/webhook_secret)")
+                      help="HMAC-SHA256 key for webhook signatures "
+                           "(default: one kept in DIR/.comfyserve/webhook_secret)")
     add_limit_arguments(parser)
 
 

@@ -88,12 +88,12 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
             params.header_safe(TASK_ID_TAG, tags[TASK_ID_TAG])
         idempotency_key = params.idempotency_key(request)
     except BadParam as exc:
-        raise _refused(request, 400, "bad_request", str(exc))
+        raise _refused(request, 400, "bad_request", str(exc)) from None
     if WEBHOOK_TAG in tags:
         try:
             request.app[POLICY_KEY].check(tags[WEBHOOK_TAG])
         except WebhookRefused as exc:
-            raise _refused(request, 400, "webhook_not_allowed", str(exc))
+            raise _refused(request, 400, "webhook_not_allowed", str(exc)) from None
     body = await read_body_within(request, settings.max_payload_bytes)
     if body is None:
         raise _refused(request, 413, "payload_too_large",
@@ -101,7 +101,7 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     try:
         graph = parse_graph(body)
     except GraphError as exc:
-        raise _refused(request, 400, exc.kind, exc.message)
+        raise _refused(request, 400, exc.kind, exc.message) from None
     data = json.dumps(graph, separators=(",", ":")).encode()
     if len(data) > settings.max_payload_bytes:
         raise _refused(request, 413, "payload_too_large",
@@ -112,9 +112,10 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
         index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
     except QueueFull as exc:
         raise _refused(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except InboxUnavailable as exc:
-        raise _refused(request, 503, "queue_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise _refused(request, 503, "queue_unavailable", str(exc),
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     request.app[METRICS_KEY].accepted.inc()
     headers = {REQUEST_ID_HEADER: request_id, "X-Task-Id": tags[TASK_ID_TAG]}
     if "application/json" in request.headers.get("Accept", ""):

@@ -40,7 +40,8 @@ class ApiMetrics(Metrics):
                                     ["reason"])
         self.in_flight = self.gauge("comfyserve_api_worker_tasks_in_flight", "Tasks a worker is running now (0 or 1).",
                                     ["worker"])
-        self.instance_up = self.gauge("comfyserve_api_worker_instance_up", "1 while the worker's instance is reachable.",
+        self.instance_up = self.gauge("comfyserve_api_worker_instance_up",
+                                      "1 while the worker's instance is reachable.",
                                       ["worker"])
         self.tasks = self.counter("comfyserve_api_worker_tasks_total", "Results a worker put on the sink, by status.",
                                   ["worker", "status"])

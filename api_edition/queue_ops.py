@@ -24,7 +24,6 @@ from typing import Protocol
 from queue_service.client import QueueClient, QueueClientError, QueueFullError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueFull, QueueStore, StoreUnavailable
-
 from standard.errors import WorkerError
 
 

@@ -43,8 +43,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -58,8 +58,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 from standard.errors import ComfyServeError, RequestError, WorkerError
-from standard.retry import WEBHOOK, RetryLater, RetryPolicy, retry_after_s
 from standard.private import load_or_create_key
+from standard.retry import WEBHOOK, RetryLater, RetryPolicy, retry_after_s
 
 log = logging.getLogger("comfyserve.api.webhook")
 
@@ -279,7 +279,7 @@ class WebhookSender:
             if isinstance(exc.os_error, AddressRefused):
                 raise _Final(str(exc.os_error)) from exc  # the policy refuses where the name leads
             raise RetryLater(repr(exc)) from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryLater(repr(exc)) from exc
         if status < 300:
             return

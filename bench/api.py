@@ -234,7 +234,8 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=16, help="image side in pixels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.1f}  tasks: {args.tasks}  graph: EmptyImage {args.size}px -> SaveImage", flush=True)
+    print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.1f}  tasks: {args.tasks}  "
+          f"graph: EmptyImage {args.size}px -> SaveImage", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="comfyserve-bench-api-") as tmp:
         for n in (int(x) for x in args.instances.split(",")):

@@ -182,7 +182,8 @@ async def makespan(data_dir: Path, tokens: dict[str, str], users: list[str], ins
         per_user = [finished[u] - started for u in users]
         print(f"makespan {len(users)} users x {tasks} tasks x {task_s:.2f} s on {instances} instances: "
               f"{total:.2f} s, ideal {ideal:.2f} s, +{(total / ideal - 1) * 100:.2f}% "
-              f"(goal within 2%; vs whole-task ideal {whole:.2f} s: +{(total / whole - 1) * 100:.2f}%); per-user completion {', '.join(f'{t:.2f}' for t in per_user)} s, "
+              f"(goal within 2%; vs whole-task ideal {whole:.2f} s: +{(total / whole - 1) * 100:.2f}%); "
+              f"per-user completion {', '.join(f'{t:.2f}' for t in per_user)} s, "
               f"spread max/min {max(per_user) / min(per_user):.3f}; instances busy "
               f"{busy_s / (instances * total) * 100:.1f}% of the makespan, "
               f"{(instances * total - busy_s) / (len(users) * tasks) * 1000:.0f} ms idle per task")

@@ -36,7 +36,6 @@ from pathlib import Path
 from bench.support import pct
 from standard.ports import free_port
 
-
 TOKEN = "bench-token"
 GRAPH = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
@@ -216,7 +215,8 @@ def main() -> int:
     print(json.dumps({k: round(v, 3) for k, v in result.items()}, indent=2))
     added_ok = result["added_p50_ms"] < 1.0
     ratio_ok = result["throughput_ratio"] >= 0.90
-    print(f"gateway: added latency p50 {result['added_p50_ms']:.3f} ms (goal < 1 ms: {'ok' if added_ok else 'MISSED'}); "
+    print(f"gateway: added latency p50 {result['added_p50_ms']:.3f} ms "
+          f"(goal < 1 ms: {'ok' if added_ok else 'MISSED'}); "
           f"throughput {result['throughput_front_rps']:.0f}/{result['throughput_direct_rps']:.0f} rps = "
           f"{result['throughput_ratio']:.1%} of direct (goal >= 90%: {'ok' if ratio_ok else 'MISSED'}); "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} before / {load_after:.1f} after")

@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 
 import oss2  # noqa: E402
 
+from standard.ports import free_port  # noqa: E402
 from standard.storage import OssLocation, StorageSettings  # noqa: E402
 from standard.storage.client import OssClient  # noqa: E402
 from standard.storage.storage import ObjectStorage  # noqa: E402
-from standard.ports import free_port  # noqa: E402
 
 KEY_ID, SECRET, BUCKET = "bench-id", "bench-secret", "bench"
 MB = 1024 * 1024

@@ -50,10 +50,10 @@ sys.path.insert(0, str(REPO))
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.support import cpu_seconds
 from queue_service.client import QueueClient
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
-from bench.support import cpu_seconds
 from standard.cli import use_event_loop
 from standard.ports import free_port
 

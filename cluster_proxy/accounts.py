@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from standard.datadir import DataDir
+from standard.errors import ClusterError
 
 from .accounts_store import Backend, Record, RedisBackend, SessionRecord, SqliteBackend
-from standard.errors import ClusterError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from standard.datadir import init_data_dir
 from standard.auth import AccessGuard
+from standard.datadir import init_data_dir
 from standard.server.middlewares import json_errors_middleware
 from standard.server.routing import add_routes_with_api_prefix
-from standard.serving import draining_headers, drain_of, is_draining
+from standard.serving import drain_of, draining_headers, is_draining
 
 from . import routes_api
 from .accounts import Accounts

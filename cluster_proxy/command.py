@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--redis-url", default=None,
                help="keep accounts and state in Redis (several proxies can share it) instead of SQLite")
     add_secret_option(parser, "--secret-key",
-                      help="key that derives the CSRF values of our forms (default: one kept in DIR/.comfyserve/secret_key)")
+                      help="key that derives the CSRF values of our forms "
+                           "(default: one kept in DIR/.comfyserve/secret_key)")
     add_option(parser, "--health-interval", type=float, default=1.0, help="seconds between instance health checks")
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")

@@ -150,7 +150,8 @@ class ClusterCore:
         run = self._make_run(task, instance)
         self.runs[task.id] = run
         try:
-            while not await run._finished():  # noqa: SLF001
+            # A remote instance is polled: there is no local event to wait on.
+            while not await run._finished():  # noqa: SLF001, ASYNC110
                 await asyncio.sleep(0.25)
             entry = await run._history()  # noqa: SLF001
             outputs = await asyncio.to_thread(run.collector.collect, entry.get("outputs") or {})
@@ -350,7 +351,8 @@ class ClusterCore:
         history = [{"prompt_id": t.prompt_id, "status": (t.history or {}).get("status", {}).get("status_str"),
                     "outputs": (t.history or {}).get("outputs", {})}
                    for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
-        return {"queue": await self.user_queue(user.name), "history": history, "instances": self.pool.status(with_urls=user.is_admin)}
+        return {"queue": await self.user_queue(user.name), "history": history,
+                "instances": self.pool.status(with_urls=user.is_admin)}
 
     async def remove_user(self, name: str, account_id: str) -> None:
         """An account was removed here: stop its work, put its tasks and files away, close its sockets.

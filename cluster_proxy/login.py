@@ -24,11 +24,11 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from standard.auth import AccessGuard, safe_next, same_origin, token_from_header, wants_html
-from standard.guard import client_address, cross_origin_refusal
 from standard.datadir import DataDir
-from standard.private import load_or_create_key
+from standard.guard import client_address, cross_origin_refusal
 from standard.http_util import json_error, read_form
 from standard.pages import setup_templates
+from standard.private import load_or_create_key
 
 from .accounts import AccountError, Accounts, User
 from .throttle import LoginThrottle

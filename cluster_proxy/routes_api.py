@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
-from standard.server.context import instance_context
 from standard.http_util import json_error, parse_json, read_json_object
+from standard.server.context import instance_context
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
 from standard.serving import is_draining

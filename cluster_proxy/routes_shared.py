@@ -20,10 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
+from standard.http_util import json_error
 from standard.server import internal, routes_files, routes_info, routes_jobs, routes_prompt, userdata
 from standard.server.context import instance_context
 from standard.server.frontend import setup_frontend
-from standard.http_util import json_error
 from standard.server.routing import add_routes_with_api_prefix
 
 from .graph import STAGE

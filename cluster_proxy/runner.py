@@ -140,7 +140,7 @@ class TaskRun:
         """The instance's event socket must be open before submitting, or events would be lost."""
         try:
             await asyncio.wait_for(events.connected.wait(), self.instance.client.timeouts.disconnected_s or 10.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise InstanceLost("its event socket does not connect") from None
 
     async def _rejected(self, exc: PromptRejected) -> dict[str, Any]:

@@ -16,16 +16,26 @@ is claimed by one proxy only, and a retried or finished task is never claimed ag
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import WatchError
 
-import time
-
-from .store import (DONE, PENDING, RUNNING, Task, TransitionRefused, _order, adopt_change, claim_change,
-                    finish_change, redis_errors_translated, requeue_change)
+from .store import (
+    DONE,
+    PENDING,
+    RUNNING,
+    Task,
+    TransitionRefused,
+    _order,
+    adopt_change,
+    claim_change,
+    finish_change,
+    redis_errors_translated,
+    requeue_change,
+)
 
 PREFIX = "comfyserve:cluster:state:"
 

@@ -101,7 +101,8 @@ class LoginThrottle:
         names = self._recent(self._names, name, now)
         pause = NAME_PAUSE_S if len(names) >= self._name_budget else 0.0
         self._put(self._pairs, (name, address), ((pair[0] if pair else 0) + 1, now))
-        for table, key, limit in ((self._names, name, self._name_budget), (self._addresses, address, self._address_limit)):
+        for table, key, limit in ((self._names, name, self._name_budget),
+                                  (self._addresses, address, self._address_limit)):
             times = self._recent(table, key, now)
             if not times:
                 times = deque(maxlen=limit)

@@ -63,8 +63,8 @@ class LocalValidator:
 
     def _validate(self, registry: Any, prompt: dict[str, Any], targets: list[str] | None, key: str,
                   workdirs: WorkDirs) -> tuple[bool, dict[str, Any] | None, dict[str, Any]]:
-        from standard.engine import validate_prompt
         from standard.engine import context as engine_context
+        from standard.engine import validate_prompt
 
         try:
             staged = stage_graph(prompt, key, workdirs, self.data_dir)

@@ -21,8 +21,13 @@ from standard.listen import add_listen_arguments, listen_settings_from_args
 from standard.options import add_option
 from standard.serving import Role, serve_until_stopped
 
-from .settings import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S, DEFAULT_PORT,
-                       QueueSettings)
+from .settings import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_PENDING_TIMEOUT_S,
+    DEFAULT_PORT,
+    QueueSettings,
+)
 
 log = logging.getLogger("comfyserve.queue")
 

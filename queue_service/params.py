@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, USER_HEADER
 from standard.errors import RequestError
+
+from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, USER_HEADER
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 MAX_INDEXES = 10_000

@@ -32,12 +32,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis import exceptions as redis_errors
 
-from .store import (IDEMPOTENCY_TTL_S, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutOnce, PutRequest,
-                    QueueFull, QueueStats, StoreUnavailable, Superseded)
+from .store import (
+    IDEMPOTENCY_TTL_S,
+    TAG_SCAN_LIMIT,
+    Item,
+    Notifier,
+    Position,
+    PutBatcher,
+    PutOnce,
+    PutRequest,
+    QueueFull,
+    QueueStats,
+    StoreUnavailable,
+    Superseded,
+)
 
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
@@ -452,7 +464,7 @@ class RedisStore:
             if not ids:
                 return []
             bodies = await r.hmget(p + "body", ids)
-            return [Item(int(i), b) for i, b in zip(ids, bodies) if b is not None]
+            return [Item(int(i), b) for i, b in zip(ids, bodies, strict=True) if b is not None]
 
         return await self._call(run)
 

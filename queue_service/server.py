@@ -21,8 +21,16 @@ from standard.http_util import json_error, read_body_within
 from . import params
 from .params import BadParam
 from .protocol import encode_body, encode_frame_list
-from .settings import (GROUP_HEADER, MAX_GET_LENGTH, MAX_GET_TIMEOUT_S, PRIORITY_HEADER, REPLAYED_HEADER,
-                       REQUEST_ID_HEADER, USER_HEADER, QueueSettings)
+from .settings import (
+    GROUP_HEADER,
+    MAX_GET_LENGTH,
+    MAX_GET_TIMEOUT_S,
+    PRIORITY_HEADER,
+    REPLAYED_HEADER,
+    REQUEST_ID_HEADER,
+    USER_HEADER,
+    QueueSettings,
+)
 from .store import QUEUE_NAME_RE, REQUEST_ID_TAG, Item, QueueFull, QueueStore, StoreUnavailable, wait_event
 from .watch import WatchRegistry, watch
 
@@ -75,7 +83,7 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
                                         settings.max_length, key=key)
             index, request_id, replayed = once.index, once.request_id, once.duplicate
     except QueueFull as exc:
-        raise json_error(429, "queue_full", str(exc))
+        raise json_error(429, "queue_full", str(exc)) from None
     except StoreUnavailable as exc:
         # The write may have reached the store before the failure: say how to find out.
         raise json_error(503, "store_unavailable", f"{exc}; the item may have been stored all the same: "

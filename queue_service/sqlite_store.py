@@ -25,8 +25,21 @@ from typing import BinaryIO, TypeVar
 
 from standard.private import private_file
 
-from .store import (FULL, IDEMPOTENCY_TTL_S, TAG_SCAN_LIMIT, Item, Notifier, Position, PutBatcher, PutOnce,
-                    PutRequest, QueueError, QueueFull, QueueStats, Superseded)
+from .store import (
+    FULL,
+    IDEMPOTENCY_TTL_S,
+    TAG_SCAN_LIMIT,
+    Item,
+    Notifier,
+    Position,
+    PutBatcher,
+    PutOnce,
+    PutRequest,
+    QueueError,
+    QueueFull,
+    QueueStats,
+    Superseded,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("comfyserve.queue.sqlite")

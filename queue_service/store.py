@@ -258,7 +258,7 @@ class PutBatcher:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                for (_, future), index in zip(batch, results):
+                for (_, future), index in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(index)
         finally:

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 # Imports run one way (the contracts are in pyproject.toml): checked before any test runs.
 .venv/bin/lint-imports --no-logo
+# Lint and import order ([tool.ruff] in pyproject.toml).
+.venv/bin/ruff check --no-cache .
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

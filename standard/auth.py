@@ -19,8 +19,18 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .guard import (DEFAULT_POLICY, POLICY, SHORT_TOKEN_CHARS, AccessPolicy, FailureThrottle, client_address,
-                    cookie_secure, cross_origin_refusal, origin_problem, request_host)
+from .guard import (
+    DEFAULT_POLICY,
+    POLICY,
+    SHORT_TOKEN_CHARS,
+    AccessPolicy,
+    FailureThrottle,
+    client_address,
+    cookie_secure,
+    cross_origin_refusal,
+    origin_problem,
+    request_host,
+)
 from .http_util import json_error, read_form
 
 SESSION_COOKIE = "comfyserve_session"
@@ -80,7 +90,9 @@ def wants_html(request: web.Request) -> bool:
 
 
 class AccessGuard:
-    """The one auth middleware of a role (who may call what: the rules are in ``standard.guard``), HTTP and WebSocket alike.
+    """The one auth middleware of a role, HTTP and WebSocket alike.
+
+    Who may call what: the rules are in ``standard.guard``.
 
     ``token=None``: open mode (loopback, or ``--no-auth``): only ``Host`` and
     ``Origin`` protect the server (see ``standard.guard``). With a token the

@@ -32,8 +32,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from .client_types import (
-    DEFAULT_TIMEOUTS, TERMINAL_EVENTS, BinaryFrame, ClientTimeouts, Connected, Disconnected, RunResult, WsItem,
-    queued_id, status_from_history,
+    DEFAULT_TIMEOUTS,
+    TERMINAL_EVENTS,
+    BinaryFrame,
+    ClientTimeouts,
+    Connected,
+    Disconnected,
+    RunResult,
+    WsItem,
+    queued_id,
+    status_from_history,
 )
 from .errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 from .retry import INSTANCE as RETRY_INSTANCE
@@ -250,7 +258,7 @@ class InstanceClient:
             if status in (401, 403):
                 raise InstanceError(f"/ws refused: HTTP {status}") from exc
             raise InstanceUnavailable(f"/ws: HTTP {status}") from exc
-        except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
+        except (TimeoutError, OSError, WebSocketException) as exc:
             raise InstanceUnavailable(f"/ws: {exc!r}") from exc
 
     async def events(self, client_id: str | None = None, *, reconnect: bool = True,

@@ -40,7 +40,8 @@ import tenacity
 
 from .errors import ComfyServeError
 
-__all__ = ["INSTANCE", "QUEUE", "RECONNECT", "RESTART", "STORAGE", "WEBHOOK", "RetryLater", "RetryPolicy", "retry_after_s"]
+__all__ = ["INSTANCE", "QUEUE", "RECONNECT", "RESTART", "STORAGE", "WEBHOOK", "RetryLater", "RetryPolicy",
+           "retry_after_s"]
 
 T = TypeVar("T")
 Pause = Callable[[float], object]  # returns None, or an awaitable the async callers await

@@ -234,7 +234,7 @@ class SupervisedProcess:
             stdout = asyncio.subprocess.PIPE
         elif isinstance(self.output, Path):
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            stdout = sink = open(self.output, "ab")  # noqa: SIM115 (the child holds its own copy)
+            stdout = sink = open(self.output, "ab")  # noqa: SIM115, ASYNC230 (a local log file; the child holds its own copy)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=None if self.cwd is None else str(self.cwd), env=env, stdin=asyncio.subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support.processes import VENV_BIN, RedisServer
 
 pytest_plugins = [

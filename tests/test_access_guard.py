@@ -12,12 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.access import BAD_NEXTS, EVIL_ORIGINS
 
 from standard.auth import SESSION_COOKIE
 from standard.guard import AccessPolicy
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.access import BAD_NEXTS, EVIL_ORIGINS
 
 TOKEN = "a-long-enough-service-token"
 

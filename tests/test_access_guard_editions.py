@@ -9,14 +9,14 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from support.access import BAD_NEXTS, EVIL_ORIGINS
-from support.cluster import PASSWORD
-from support.processes import START_TIMEOUT_S, VENV_BIN, start_cli, stop_cli, wait_for_port
 
 from queue_service.server import create_app as create_queue_app
 from queue_service.settings import QueueSettings
 from standard.guard import AccessPolicy
 from standard.ports import free_port
+from support.access import BAD_NEXTS, EVIL_ORIGINS
+from support.cluster import PASSWORD
+from support.processes import START_TIMEOUT_S, VENV_BIN, start_cli, stop_cli, wait_for_port
 
 COOKIE = "comfyserve_cluster_session"
 

@@ -14,11 +14,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from support.api import ApiFactory
-from support.metrics import value
-from support.processes import RedisServer
-from support.server import tiny_graph
-from support.wait import until
 
 from api_edition.queue_ops import HttpQueueOps, SinkFull, StoreQueueOps, Transient
 from queue_service.client import QueueClient
@@ -27,6 +22,11 @@ from queue_service.redis_store import CHANNEL, RedisStore
 from queue_service.server import STORE_KEY
 from queue_service.sqlite_store import SQLiteStore
 from queue_service.store import QueueFull, QueueStore, wait_event
+from support.api import ApiFactory
+from support.metrics import value
+from support.processes import RedisServer
+from support.server import tiny_graph
+from support.wait import until
 
 INPUT, SINK = "svc", "svc/sink"
 StoreFactory = Callable[[], Awaitable[QueueStore]]

@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 
 import httpx
+
+from queue_service.client import QueueClient
+from standard.ports import free_port
 from support.api import SERVICE, TOKEN, Procs, no_more, read_results, requires_sdk, run_sdk, submit, wait_running
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
-
-from queue_service.client import QueueClient
-from standard.ports import free_port
 
 
 @requires_sdk

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+
 from support.api import SERVICE, TOKEN, ApiFactory
 from support.metrics import value
 from support.server import tiny_graph

@@ -13,16 +13,16 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, submit, wait_running
-from support.metrics import scrape, value
-from support.processes import wait_for_port
-from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
-from support.wait import until
 
 from api_edition.webhook import WebhookPolicy, WebhookRefused
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, submit, wait_running
+from support.metrics import scrape, value
+from support.processes import wait_for_port
+from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
+from support.wait import until
 
 CRASH_PLUGIN = '''
 """Test plugin: a node that kills its instance's process, as an out-of-memory kill or a segfault would."""

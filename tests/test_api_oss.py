@@ -9,13 +9,13 @@ from typing import Any
 import httpx
 import pytest
 from oss_server.fixtures import BUCKET, KEY_ID, SECRET, storage_settings
-from support.api import TOKEN, read_results
-from support.server import tiny_graph
 
 from api_edition.command import settings_from_args
 from standard.cli import build_parser
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.api import TOKEN, read_results
+from support.server import tiny_graph
 
 
 def test_api_flags_pass_the_bucket_to_local_instances(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.api import TOKEN, ApiFactory, no_more, read_results
-from support.metrics import kinds, value
-from support.server import tiny_graph
-from support.wait import until
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from standard.ports import free_port
 from standard.retry import WEBHOOK
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.metrics import kinds, value
+from support.server import tiny_graph
+from support.wait import until
 
 BOOM_PLUGIN = '''
 class TestBoom:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
-from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
 
 from standard.ports import free_port
+from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
 
 START_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 45.0

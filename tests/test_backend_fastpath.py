@@ -10,12 +10,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from support.backend import TOKEN, FastFront, start_front
-from support.metrics import parse, value
-from support.wait import until
 
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.backend import TOKEN, FastFront, start_front
+from support.metrics import parse, value
+from support.wait import until
 
 
 async def raw_exchange(port: int, data: bytes, responses: int = 1, timeout_s: float = 10.0) -> bytes:

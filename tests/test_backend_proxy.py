@@ -10,14 +10,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from support.backend import TOKEN
-from support.metrics import kinds, parse, value
-from support.server import png_bytes, tiny_graph
 
 from standard.client import BinaryFrame, InstanceClient
 from standard.errors import InstanceError
 from standard.ports import free_port
 from standard.server import keys
+from support.backend import TOKEN
+from support.metrics import kinds, parse, value
+from support.server import png_bytes, tiny_graph
 
 
 def url(server, path: str = "") -> str:  # type: ignore[no-untyped-def]

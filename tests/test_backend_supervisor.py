@@ -12,10 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from support.metrics import kinds, parse, value
-from support.processes import SHIM_DIR, alive
-from support.server import gated_graph, install_gate_plugin, open_gate
-from support.wait import until
 
 from standard.backend import app as backend_app
 from standard.backend.app import create_backend_app
@@ -23,6 +19,11 @@ from standard.backend.supervisor import ComfyUIChild
 from standard.client import InstanceClient
 from standard.datadir import MODEL_FOLDERS, DataDir, init_data_dir
 from standard.settings import StandardSettings
+from support.metrics import kinds, parse, value
+from support.processes import SHIM_DIR, alive
+from support.server import gated_graph, install_gate_plugin, open_gate
+from support.wait import until
+
 
 @pytest.fixture
 def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -84,7 +85,8 @@ async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Pa
     assert flags["--output-directory"] == str(root / "output")
     assert flags["--user-directory"] == str(root / "user")
     assert "--disable-auto-launch" in argv
-    assert argv[-3:] == ["--cpu", "--preview-method", "auto"] and start["unknown"] == ["--cpu", "--preview-method", "auto"]
+    assert argv[-3:] == ["--cpu", "--preview-method", "auto"]
+    assert start["unknown"] == ["--cpu", "--preview-method", "auto"]
     assert any("waiting for ComfyUI" in r.getMessage() for r in caplog.records)  # slow starts are reported
     assert start["custom_nodes_existed"] is True
     assert start["cwd"] == str(SHIM_DIR)

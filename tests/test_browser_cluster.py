@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from support.cluster import PASSWORD, make_users
 from support.processes import comfyserve_process
 

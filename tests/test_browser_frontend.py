@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from support.browser import CHROMIUM, LOAD_TIMEOUT_MS, Instance, Session, run_template_from_ui
 from support.processes import comfyserve_process
 from support.server import gated_graph, install_gate_plugin, open_gate

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import httpx
+
+from standard.ports import free_port
 from support.processes import START_TIMEOUT_S, VENV_BIN, start_cli, stop_cli, wait_for_port
 from support.server import gated_graph, install_gate_plugin
 
-from standard.ports import free_port
 
 def test_comfyserve_standard_serves_and_stops_on_sigterm(tmp_path: Path, cli_env: dict[str, str]) -> None:
     port = free_port()

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
-from support.backend import start_backend
-from support.server import png_bytes
-from support.wait import until
 
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.datadir import init_data_dir
 from standard.errors import InstanceError, InstanceUnavailable, PromptRejected
 from standard.ports import free_port
+from support.backend import start_backend
+from support.server import png_bytes
+from support.wait import until
 
 FAST = ClientTimeouts(connect_s=1.0, request_s=2.0, ws_open_s=2.0, disconnected_s=3.0,
                       reconnect_min_s=0.02, reconnect_max_s=0.2, history_poll_s=0.05, idle_check_s=1.0,

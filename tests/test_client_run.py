@@ -9,13 +9,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from support.backend import Backend, start_backend, start_front
-from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
 
 from standard.backend.proxy import forward_http
 from standard.client import ClientTimeouts, InstanceClient
 from standard.datadir import init_data_dir
 from standard.errors import PromptLost, PromptRejected
+from support.backend import Backend, start_backend, start_front
+from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
 
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 

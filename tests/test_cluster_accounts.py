@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.clock import FakeClock
-from support.cluster import PASSWORD, files_under, graph
-from support.wait import until
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
 from cluster_proxy.login import SESSION_COOKIE, USER, setup_login
 from cluster_proxy.throttle import LoginThrottle
 from standard.datadir import init_data_dir
+from support.clock import FakeClock
+from support.cluster import PASSWORD, files_under, graph
+from support.wait import until
 
 SECRET = "test-secret"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.cluster import graph, write_sleep_plugin
-from support.processes import wait_for_port
 
 from standard.client import InstanceClient
 from standard.ports import free_port
+from support.cluster import graph, write_sleep_plugin
+from support.processes import wait_for_port
 
 
 def _users(cli_env: dict[str, str], data_dir: Path, *args: str) -> str:

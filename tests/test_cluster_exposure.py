@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
-from support.cluster import Cluster, make_users, png_bytes, write_sleep_plugin
-from support.processes import environ, wait_for_child, wait_for_port
 
 from standard.ports import free_port
+from support.cluster import Cluster, make_users, png_bytes, write_sleep_plugin
+from support.processes import environ, wait_for_child, wait_for_port
 
 
 def mode(path: Path) -> int:

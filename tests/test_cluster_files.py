@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from support.cluster import Cluster, files_under, graph, png_bytes
 from support.server import is_done, next_json
 from support.wait import until

@@ -6,6 +6,7 @@ import json
 
 import aiohttp
 import pytest
+
 from support.cluster import Cluster, files_under, graph, png_bytes
 
 LONG = "a" * 300

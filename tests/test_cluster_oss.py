@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 import pytest
 from oss_server.fixtures import BUCKET, KEY_ID, SECRET, storage_settings
-from support.cluster import graph
 
 from cluster_proxy.command import settings_from_args
 from standard.cli import build_parser
+from support.cluster import graph
 
 
 def test_cluster_flags_pass_the_bucket_to_spawned_instances(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from standard.ports import free_port
 from support.cluster import INSTANCE_TOKEN, Cluster, files_under, graph, write_sleep_plugin
 from support.processes import wait_for_port
 from support.server import events_until, is_done, next_json
 from support.wait import until
-
-from standard.ports import free_port
 
 
 class InstanceProcess:

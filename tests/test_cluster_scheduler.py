@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from support.cluster import INSTANCE_TOKEN, Cluster, graph
-from support.server import events_until, is_done, next_json
-from support.wait import until
-
 from cluster_proxy.pool import Instance
 from cluster_proxy.scheduler import dispatch_order, pick_instance
 from cluster_proxy.store import Task
 from standard.client import InstanceClient
+from support.cluster import INSTANCE_TOKEN, Cluster, graph
+from support.server import events_until, is_done, next_json
+from support.wait import until
 
 
 def _task(user: str, seq: int, models: list[str] | None = None) -> Task:

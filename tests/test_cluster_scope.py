@@ -7,6 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web, web_urldispatcher
+
 from support.cluster import Cluster, png_bytes
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cluster import Cluster, files_under, graph
-from support.wait import until
 
 from cluster_proxy.store import DONE, PENDING, RUNNING, SqliteStateStore, Task
 from cluster_proxy.store_redis import RedisStateStore
+from support.cluster import Cluster, files_under, graph
+from support.wait import until
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
-from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
-from support.processes import wait_for_port
-from support.wait import until
 
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
+from support.drain import drain_gate_graph, install_drain_gate, runs_of
+from support.processes import wait_for_port
+from support.wait import until
 
 AUTH = {"Authorization": TOKEN}
 

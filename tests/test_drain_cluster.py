@@ -12,13 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
-from support.processes import VENV_BIN, wait_for_port
-from support.wait import until
 
 from standard.client import InstanceClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.drain import drain_gate_graph, install_drain_gate, runs_of
+from support.processes import VENV_BIN, wait_for_port
+from support.wait import until
 
 PASSWORD = "long enough pw"
 INSTANCE_TOKEN = "drain-instance-token"

@@ -12,13 +12,14 @@ from typing import Any
 
 import httpx
 import websockets
-from support.cluster import graph as sleep_graph, write_sleep_plugin
+
+from standard.ports import free_port
+from support.cluster import graph as sleep_graph
+from support.cluster import write_sleep_plugin
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import SHIM_DIR, VENV_BIN, wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate
 from support.wait import until
-
-from standard.ports import free_port
 
 START_TIMEOUT_S = 30.0
 

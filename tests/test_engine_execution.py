@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
+
 from support.server import events_until, is_done, wait_history
 
 PLUGINS = Path(__file__).parent / "custom_nodes"

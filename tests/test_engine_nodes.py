@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
 from support.server import png_bytes, wait_history
 
 
@@ -28,7 +29,8 @@ def saved(data_dir: Path, entry: dict[str, Any], node: str = "9") -> list[np.nda
 
 
 def empty(width: int = 8, height: int = 6, color: int = 0xFF0000, batch: int = 1) -> dict[str, Any]:
-    return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch, "color": color}}
+    return {"class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch, "color": color}}
 
 
 def save(source: str, prefix: str = "t", slot: int = 0) -> dict[str, Any]:
@@ -102,7 +104,8 @@ async def test_load_image_mask_from_alpha_and_channel(instance, data_dir: Path) 
     entry = await run(client, graph)
     padded, = saved(data_dir, entry)
     assert padded.shape == (4, 6, 3)
-    assert np.allclose(padded[0, 0], 0.5, atol=0.01) and np.allclose(padded[0, 2], [10 / 255, 200 / 255, 30 / 255], atol=0.01)
+    assert np.allclose(padded[0, 0], 0.5, atol=0.01)
+    assert np.allclose(padded[0, 2], [10 / 255, 200 / 255, 30 / 255], atol=0.01)
 
 
 async def test_scale_blur_sharpen_blend_quantize_batch_repeat(instance, data_dir: Path) -> None:
@@ -110,10 +113,13 @@ async def test_scale_blur_sharpen_blend_quantize_batch_repeat(instance, data_dir
     graph = {
         "1": empty(8, 4, 0x808080),
         "2": {"class_type": "ImageScale",
-              "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 16, "height": 0, "crop": "disabled"}},
-        "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos", "scale_by": 0.5}},
+              "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 16, "height": 0,
+                         "crop": "disabled"}},
+        "3": {"class_type": "ImageScaleBy",
+              "inputs": {"image": ["1", 0], "upscale_method": "lanczos", "scale_by": 0.5}},
         "4": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 2, "sigma": 1.0}},
-        "5": {"class_type": "ImageSharpen", "inputs": {"image": ["1", 0], "sharpen_radius": 1, "sigma": 1.0, "alpha": 1.0}},
+        "5": {"class_type": "ImageSharpen",
+              "inputs": {"image": ["1", 0], "sharpen_radius": 1, "sigma": 1.0, "alpha": 1.0}},
         "6": empty(8, 4, 0xFFFFFF),
         "7": {"class_type": "ImageBlend",
               "inputs": {"image1": ["1", 0], "image2": ["6", 0], "blend_factor": 1.0, "blend_mode": "multiply"}},

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-
 PLUGINS = Path(__file__).parent / "custom_nodes"
 
 

@@ -225,8 +225,8 @@ async def test_localized_template_index_falls_back_to_english(instance) -> None:
 async def test_own_extension_routes_for_a_proxying_front(aiohttp_client) -> None:
     from aiohttp import web
 
-    from standard.server.frontend import own_extension_routes
     from standard.server.extensions import own_extension_urls
+    from standard.server.frontend import own_extension_routes
 
     assert own_extension_urls() == ["/extensions/comfyserve/restart.js"]
     app = web.Application()

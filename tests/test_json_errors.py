@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
-from support.api import ApiFactory
 
 from standard.errors import ComfyServeError
 from standard.http_util import JSONError, json_error
+from support.api import ApiFactory
 
 COMFYUI_ERROR_KEYS = {"type", "message", "details", "extra_info"}
 

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from oss_server.fixtures import BUCKET, storage_settings
 from PIL import Image
-from support.clock import FakeClock
-from support.server import png_bytes, wait_history
 
 from standard.server import keys
 from standard.server.app import create_embedded_app
 from standard.server.storage_web import STORAGE
 from standard.settings import StandardSettings
+from support.clock import FakeClock
+from support.server import png_bytes, wait_history
 
 TTL_S = 0.2
 

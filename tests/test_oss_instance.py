@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 from oss_server.fixtures import BUCKET, KEY_ID, random_bytes, storage_settings
-from support.server import png_bytes, tiny_graph, wait_history
 
 from standard.server import keys
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.server import png_bytes, tiny_graph, wait_history
 
 PLUGIN = Path(__file__).parent / "oss_server" / "plugins" / "read_model.py"
 MB = 1024 * 1024

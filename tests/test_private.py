@@ -11,14 +11,14 @@ from typing import Any
 import aiohttp
 import httpx
 from aiohttp import web
-from support.api import TOKEN, ApiFactory, read_results
-from support.backend import start_front
-from support.processes import comfyserve_process, environ, wait_for_child, wait_for_port
-from support.server import tiny_graph
 
 from api_edition.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.api import TOKEN, ApiFactory, read_results
+from support.backend import start_front
+from support.processes import comfyserve_process, environ, wait_for_child, wait_for_port
+from support.server import tiny_graph
 
 
 def mode(path: Path) -> int:

@@ -8,11 +8,11 @@ import json
 
 import httpx
 import pytest
-from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, start_sdk
-from support.wait import until
 
 from queue_service.client import DataFrame, QueueFullError
 from queue_service.server import STORE_KEY, WATCHERS_KEY
+from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, start_sdk
+from support.wait import until
 
 
 async def next_frames(frames, count: int, timeout_s: float = 5.0) -> list[DataFrame]:
@@ -105,7 +105,7 @@ async def test_sdk_watcher_reconnects_and_gets_uncommitted_items_again(live_queu
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
     except TimeoutError:
         proc.kill()
-        raise AssertionError((await proc.communicate())) from None
+        raise AssertionError(await proc.communicate()) from None
     assert line.strip() == b"SIGNAL"
     await drop_watchers(live_queue)
     out, err = await asyncio.wait_for(proc.communicate(), 20)

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.processes import wait_for_port
-from support.queue import TOKEN, service_command
 
 from queue_service.client import QueueClient, QueueClientError
 from standard.ports import free_port
+from support.processes import wait_for_port
+from support.queue import TOKEN, service_command
 
 
 def start_service(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:

@@ -8,15 +8,22 @@ import signal
 import httpx
 import pytest
 import websockets
-from support.processes import RedisServer
-from support.queue import (
-    PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, run_sdk, settings_for, start_sdk,
-)
-from support.wait import until
 
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.redis_store import RedisStore
 from queue_service.server import create_app
+from support.processes import RedisServer
+from support.queue import (
+    PENDING_TIMEOUT_S,
+    TOKEN,
+    LiveQueue,
+    record_long_polls,
+    requires_sdk,
+    run_sdk,
+    settings_for,
+    start_sdk,
+)
+from support.wait import until
 
 AUTH = {"Authorization": TOKEN}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from PIL import Image
+
 from support.server import png_bytes
 
 
@@ -51,7 +52,8 @@ async def test_upload_same_content_is_reused_and_clash_gets_numbered_name(instan
     assert again["name"] == "a.png"
     clash = await (await client.post("/upload/image", data=upload_form(other, "a.png"))).json()
     assert clash["name"] == "a (1).png"
-    clash2 = await (await client.post("/upload/image", data=upload_form(png_bytes(color=(5, 5, 5, 255)), "a.png"))).json()
+    form = upload_form(png_bytes(color=(5, 5, 5, 255)), "a.png")
+    clash2 = await (await client.post("/upload/image", data=form)).json()
     assert clash2["name"] == "a (2).png"
     assert (data_dir / "input" / "a.png").read_bytes() == first
     assert (data_dir / "input" / "a (1).png").read_bytes() == other

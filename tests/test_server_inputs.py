@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from support.server import png_bytes, tiny_graph
 
 LONG = "a" * 300

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
+
 from support.metrics import kinds, parse, value
 from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
 
@@ -173,7 +174,8 @@ async def test_view_metadata_of_a_safetensors_model(instance, data_dir: Path) ->
 
     header = json.dumps({"__metadata__": {"ss_network_dim": "16"}, "w": {"dtype": "F32", "shape": [1],
                                                                         "data_offsets": [0, 4]}}).encode()
-    (data_dir / "models" / "loras" / "tiny.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    lora = data_dir / "models" / "loras" / "tiny.safetensors"
+    lora.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     client = await instance()
     resp = await client.get("/view_metadata/loras", params={"filename": "tiny.safetensors"})
     assert resp.status == 200 and await resp.json() == {"ss_network_dim": "16"}

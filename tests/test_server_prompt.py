@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.metrics import parse, value
 from support.server import events_until, gated_graph, install_gate_plugin, is_done, open_gate, tiny_graph
 
@@ -143,7 +144,8 @@ async def test_queue_order_front_number_delete_and_clear(instance, data_dir: Pat
 
     queue = await (await client.get("/queue")).json()
     assert [item[1] for item in queue["queue_running"]] == [first["prompt_id"]]
-    assert [item[1] for item in queue["queue_pending"]] == [c["prompt_id"], b["prompt_id"], d["prompt_id"], e["prompt_id"]]
+    pending = [c["prompt_id"], b["prompt_id"], d["prompt_id"], e["prompt_id"]]
+    assert [item[1] for item in queue["queue_pending"]] == pending
     running = queue["queue_running"][0]
     assert len(running) == 5 and running[2] == gated_graph("g-a", "a") and running[4] == ["3"]
     assert (await (await client.get("/prompt")).json())["exec_info"]["queue_remaining"] == 5

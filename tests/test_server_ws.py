@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import websockets
+
 from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
 
 

@@ -16,11 +16,6 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from support.api import ApiFactory, read_results
-from support.cluster import graph, make_users, write_sleep_plugin
-from support.processes import children_of, environ, wait_for_port
-from support.server import tiny_graph
-from support.wait import until
 
 import standard.ports
 from cluster_proxy.app import LOCAL_INSTANCES, POOL, create_cluster_app
@@ -28,6 +23,11 @@ from cluster_proxy.pool import LocalInstances, Pool
 from cluster_proxy.settings import ClusterSettings
 from standard.client import InstanceClient
 from standard.ports import free_port
+from support.api import ApiFactory, read_results
+from support.cluster import graph, make_users, write_sleep_plugin
+from support.processes import children_of, environ, wait_for_port
+from support.server import tiny_graph
+from support.wait import until
 
 
 def gone(pid: int) -> bool:

@@ -160,7 +160,7 @@ async def _backend_queue(app: web.Application) -> dict | None:
     try:
         async with app[SESSION].get(base_url + "/queue", timeout=aiohttp.ClientTimeout(total=5.0)) as response:
             queue = await response.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         return None
     return queue if isinstance(queue, dict) else None
 
@@ -172,7 +172,7 @@ async def _backend_post(app: web.Application, path: str, body: dict) -> None:
     try:
         async with app[SESSION].post(base_url + path, json=body, timeout=aiohttp.ClientTimeout(total=5.0)):
             pass
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         log.warning("shutdown: POST %s to the backend failed: %r", path, exc)
 
 
@@ -225,7 +225,7 @@ async def _backend_json(request: web.Request, path: str) -> Any:
                 return web.Response(status=response.status, body=await response.read(),
                                     content_type=response.content_type)
             return await response.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         raise backend_unavailable(repr(exc)) from None
 
 
@@ -255,7 +255,7 @@ async def _prompt_running(request: web.Request) -> bool:
         async with request.app[SESSION].get(base_url + "/queue",
                                             timeout=aiohttp.ClientTimeout(total=5.0)) as response:
             queue = await response.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         return False
     return bool(isinstance(queue, dict) and queue.get("queue_running"))
 

@@ -174,8 +174,9 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
             await response.write_eof()
             return response
     except BodyTooLarge:
-        raise json_error(413, "request_too_large", "Request body too large", f"more than {max_body_bytes} bytes")
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+        raise json_error(413, "request_too_large", "Request body too large",
+                         f"more than {max_body_bytes} bytes") from None
+    except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
         if response is not None and response.prepared:
             raise  # headers already sent: all we can do is drop the connection
         log.warning("%s %s: backend %s: %r", request.method, request.path, base_url, exc)
@@ -197,7 +198,7 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
     except aiohttp.WSServerHandshakeError as exc:
         raise json_error(exc.status if 400 <= exc.status < 600 else 502, "backend_refused",
                          "The ComfyUI backend refused the WebSocket", exc.message) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise backend_unavailable(repr(exc)) from exc
     downstream = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                        max_msg_size=max_msg_bytes, autoping=True, heartbeat=30.0)

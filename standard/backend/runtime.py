@@ -7,7 +7,6 @@ calls ``restart()``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Protocol
 
 import aiohttp
@@ -48,7 +47,7 @@ async def probe(session: aiohttp.ClientSession, base_url: str) -> tuple[bool, st
             if response.status == 200:
                 return True, "ok"
             return False, f"{PROBE_PATH} answered HTTP {response.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return False, f"unreachable: {exc!r}"
 
 

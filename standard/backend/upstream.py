@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 from urllib.parse import urlsplit
+
 from ..errors import BackendError
 
 MAX_HEAD_BYTES = 64 * 1024

@@ -31,8 +31,8 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import PathOutsideRoot
-from ..paths import resolve_inside
 from ..http_util import json_error
+from ..paths import resolve_inside
 from .extensions import OWN_EXTENSION_DIR, OWN_EXTENSION_NAME, plugin_web_dirs
 
 OWN_TEMPLATES_DIR = Path(__file__).resolve().parent / "web_templates"

@@ -1,9 +1,8 @@
 """Test plugin: a node that reports progress with a preview, via ComfyUI's own modules."""
-from PIL import Image
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
+from PIL import Image
 
 
 class TestProgress:

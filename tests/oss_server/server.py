@@ -229,7 +229,8 @@ class OssTestServer:
         parts.append("</ListBucketResult>")
         return _xml("".join(parts), headers)
 
-    async def _get(self, request: web.Request, key: str, obj: StoredObject, headers: dict[str, str]) -> web.StreamResponse:
+    async def _get(self, request: web.Request, key: str, obj: StoredObject,
+                   headers: dict[str, str]) -> web.StreamResponse:
         size = len(obj.data)
         start, end, status = 0, size - 1, 200
         range_header = request.headers.get("Range", "")

@@ -18,8 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from support.metrics import scrape
-from support.processes import TESTS_DIR, VENV_BIN, wait_for_port
 
 from api_edition.app import Running, running
 from api_edition.settings import ApiSettings
@@ -27,6 +25,8 @@ from queue_service.client import DataFrame, QueueClient
 from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.metrics import scrape
+from support.processes import TESTS_DIR, VENV_BIN, wait_for_port
 
 SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
 SDK_SCRIPT = TESTS_DIR / "sdk_api_watch.py"

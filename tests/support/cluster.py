@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
-from support.wait import until
 
 from cluster_proxy.accounts import Accounts
 from cluster_proxy.app import create_cluster_app
@@ -29,6 +28,7 @@ from standard.client import InstanceClient
 from standard.datadir import DataDir
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.wait import until
 
 INSTANCE_TOKEN = "instance-secret-token"
 PASSWORD = "correct horse"

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.processes import TESTS_DIR
 
 from queue_service.client import QueueClient
 from queue_service.server import STORE_KEY, create_app
 from queue_service.settings import QueueSettings
+from support.processes import TESTS_DIR
 
 SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
 SDK_SCRIPT = TESTS_DIR / "sdk_queue.py"
