@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
-from standard.http_util import json_error, parse_json, read_json_object
+from standard.http_util import event_socket, json_error, parse_json, read_json_object
 from standard.server.context import instance_context
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
@@ -158,7 +158,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     if not same_origin(request):  # another site's page must not open the user's socket with their cookie
         raise json_error(403, "forbidden", "cross-origin WebSocket refused")
     sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    ws = event_socket()
     await ws.prepare(request)
     core.hub.add(user, sid, ws)
     core.forget_sent(user)

@@ -29,6 +29,15 @@ async def test_two_users_run_prompts_and_see_only_their_own(start_cluster) -> No
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+async def test_event_socket_declines_permessage_deflate(start_cluster) -> None:
+    """Offered deflate (as browsers do), /ws answers plain frames: closed sockets keep no zlib state alive."""
+    cluster: Cluster = await start_cluster(instances=1)
+    ws = await cluster.http("alice").ws_connect("/ws?clientId=tab", compress=15)
+    assert (await next_json(ws))["type"] == "status"
+    assert ws.compress == 0
+    await ws.close()
+
+
 async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import websockets
 
+from standard.server import keys
 from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
+from support.wait import until
 
 
 async def test_status_with_sid_on_connect_and_generated_sid(instance) -> None:
@@ -30,6 +32,22 @@ async def test_feature_flags_handshake(instance) -> None:
     assert reply["type"] == "feature_flags"
     assert reply["data"]["max_upload_size"] == 1024 * 1024
     await ws.close()
+
+
+async def test_event_socket_declines_permessage_deflate_under_churn(instance) -> None:
+    """Browsers and ``websockets`` offer deflate; /ws answers plain frames, so closed sockets hold no zlib state."""
+    client = await instance()
+
+    async def connect_read_close(n: int) -> str | None:
+        async with websockets.connect(f"ws://127.0.0.1:{client.port}/ws?clientId=churn{n}",
+                                      compression="deflate") as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "status"
+            assert ws.response is not None
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    assert await asyncio.gather(*(connect_read_close(n) for n in range(20))) == [None] * 20
+    server = client.server.app[keys.PROMPT_SERVER]
+    await until(lambda: not server.sockets)  # and every closed socket left the registry
 
 
 async def test_real_websockets_client(instance) -> None:
