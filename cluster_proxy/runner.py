@@ -129,7 +129,10 @@ class TaskRun:
         finally:
             if events.sink is items:
                 events.sink = None
-        entry = await self._history()
+        return await self.result(await self._history())
+
+    async def result(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The task's history from the instance's entry: files in the user's folders, the user's prompt_id."""
         outputs = await asyncio.to_thread(self.collector.collect, entry.get("outputs") or {})
         status = dict(entry.get("status") or {})
         status["messages"] = [[m[0], self._translate(m[1])] if isinstance(m, list) and len(m) == 2 else m
