@@ -23,7 +23,9 @@ stops answering for ``instance_down_s`` makes the worker give its item back
 is ready again.
 
 A task cut off mid-run (instance gone: ``GiveBack``; worker killed) is run
-again by the next worker, at most ``max_attempts`` times in all: the count
+again by the next worker, at most ``max_attempts`` times in all (a run counts
+once the instance has accepted its prompt: a submit to an instance that is
+already dead is no run, so it takes none of the task's tries): the count
 lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
 that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
@@ -226,7 +228,6 @@ class Worker:
                 if ticket.exhausted is not None:
                     status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
                 else:
-                    self.ledger.record(ticket)
                     status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
@@ -267,19 +268,22 @@ class Worker:
         await self._commit(frame.index)
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
-        """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
+        """One run, counted once the instance has accepted the prompt (a submit that never reached it is
+        no run); a run cut off keeps its count, with the reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
             try:
-                return await self._run(graph)
+                return await self._run(graph, on_accepted=lambda _: self.ledger.record(ticket))
             except GiveBack as exc:
                 await self.ledger.give_back(ticket, str(exc))
                 raise
 
-    async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
+    async def _run(self, graph: dict[str, Any], *,
+                   on_accepted: Callable[[str], None]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
         prompt_id = str(uuid.uuid4())
-        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id))
+        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
+                                                  on_accepted=on_accepted))
         watchdog = asyncio.create_task(self._instance_down())
         cut = asyncio.create_task(self._cut.wait())
         try:
