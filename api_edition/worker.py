@@ -1,10 +1,13 @@
 """A worker: input queue -> its instance -> sink queue, one task at a time.
 
-It watches the input queue with window 1 under a stable consumer id, runs each
-graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), then
-puts the result on the sink with the input's tags and commits the input. So a
-worker that dies before its commit loses nothing: the queue hands the item to
-another worker once the dead one's lease runs out.
+It watches the input queue with window 1 under a consumer id that survives
+restarts (``slot_worker_id``, ``default_worker_id``), so a restarted worker
+gets back the item it held at once instead of after ``--pending-timeout``. It
+runs each graph on its instance with ``InstanceClient.run`` (POST /prompt +
+WS), then puts the result on the sink with the input's tags and commits the
+input. So a worker that dies before its commit loses nothing: the queue hands
+the item to another worker once the dead one's lease runs out (or to the
+worker itself, restarted, at once).
 
 Exactly one result per task: the sink put carries the input's ``requestId``;
 before running, a worker looks that id up on the sink (and in its own memory
@@ -77,12 +80,28 @@ HAND_BACK_S = 10.0  # after a drain's timeout: how long handing the task back (o
 
 
 def default_worker_id(instance_url: str) -> str:
-    """Stable per host and instance, so a restarted worker takes over the item its predecessor held.
+    """A standalone worker's id (no ``--worker-id``): stable per host and instance URL, which the operator
+    chose, so a restarted worker takes over the item its predecessor held.
 
     The host name is part of it: every GPU host may call its own instance http://127.0.0.1:8000.
     """
-    key = f"{socket.gethostname()}|{instance_url}"
-    return "worker-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "worker-" + _digest(f"{socket.gethostname()}|{instance_url}")
+
+
+def slot_worker_id(deployment: str, slot: int) -> str:
+    """The id of worker ``slot`` (0, 1, ...) of one all-in-one ``deployment`` (data dir, port) on this host.
+
+    Not derived from the instance URL: each start gives the local instances new ports, and a worker with
+    a new id is a new consumer, whose predecessor's in-flight item waits out ``--pending-timeout``. With
+    the same id the restarted worker's watch is that consumer's new session, which the queue hands the
+    consumer's pending items at once (``QueueStore.open_session``). Slots are distinct, so two workers of
+    one deployment never share an id (the queue would take one for the other reconnecting).
+    """
+    return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class GiveBack(WorkerError):
