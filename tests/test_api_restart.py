@@ -7,6 +7,7 @@ predecessors' pending items back at once instead of waiting out ``--pending-time
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -157,3 +158,27 @@ async def test_worker_ids_follow_the_deployment_and_slot_not_the_instance_port(i
             names.append([worker.name for worker, _ in live.pool.workers])
     assert names[0] == names[1] and len(set(names[0])) == 2  # stable, and two slots are two consumers
     assert not set(names[2]) & set(names[0])  # another all-in-one on this host and data dir: other consumers
+
+
+async def test_a_standalone_worker_keeps_its_id_across_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyserve worker``: by default the id follows the host and --instance-url; --worker-id (or
+    COMFYSERVE_WORKER_ID) pins it where either changes across restarts (a new pod, a new instance port)."""
+    from api_edition import worker_command
+    from api_edition.worker import Worker
+
+    def worker_for(instance_url: str) -> Worker:
+        parser = argparse.ArgumentParser()
+        worker_command.add_arguments(parser)
+        return Worker(worker_command.settings_from_args(parser.parse_args(
+            ["--queue-url", "http://127.0.0.1:1", "--instance-url", instance_url])))
+
+    workers = [worker_for("http://127.0.0.1:8000"), worker_for("http://127.0.0.1:8000"),
+               worker_for("http://127.0.0.1:8001")]
+    monkeypatch.setenv("COMFYSERVE_WORKER_ID", "gpu-7")
+    workers += [worker_for("http://127.0.0.1:8002")]
+    try:
+        assert workers[0].name == workers[1].name != workers[2].name
+        assert workers[3].name == "gpu-7"
+    finally:
+        for worker in workers:
+            await worker.aclose()
