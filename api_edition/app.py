@@ -110,6 +110,9 @@ class Pool:
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token
+            # Let the supervisors fork the children now, not after the workers are built below (a second
+            # or so: each worker's HTTP clients load TLS contexts): a restart's in-flight tasks wait for them.
+            await asyncio.sleep(0)
         # A spawned instance's worker waits for that very child, not whatever answers on its port.
         gates: list[Callable[[], bool] | None] = [i.answering for i in self.instances] or [None] * len(urls)
         for slot, (url, ours) in enumerate(zip(urls, gates, strict=True)):
