@@ -8,6 +8,7 @@ predecessors' pending items back at once instead of waiting out ``--pending-time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,7 +37,6 @@ BACK_WITHIN_S = PENDING_TIMEOUT_S / 2
 COUNTING_GATE_PLUGIN = '''
 """Test plugin: a node that notes each start of its prompt, then holds it until a file appears."""
 import time
-from dataclasses import replace
 from pathlib import Path
 
 INPUT_DIR = Path(__file__).resolve().parent.parent / "input"
@@ -92,7 +92,8 @@ async def kill_everything(proc: subprocess.Popen[bytes]) -> None:
     no drain, no goodbye on the watch sockets, the instances' prompts cut mid-run."""
     doomed = [*descendants(proc.pid), proc.pid]
     for pid in doomed:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # one that had just ended by itself
+            os.kill(pid, signal.SIGKILL)
     proc.wait(10)
     await until(lambda: not any(alive(pid) for pid in doomed), timeout_s=10, what="every killed process gone")
 
@@ -142,7 +143,6 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
     finally:
         for gate in gates:
             (data_dir / "input" / gate).write_text("open")  # no prompt left holding an instance
-
 
 
 async def test_worker_ids_follow_the_deployment_and_slot_not_the_instance_port(instance_url: Any,
