@@ -1,10 +1,13 @@
 """A worker: input queue -> its instance -> sink queue, one task at a time.
 
-It watches the input queue with window 1 under a stable consumer id, runs each
-graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), then
-puts the result on the sink with the input's tags and commits the input. So a
-worker that dies before its commit loses nothing: the queue hands the item to
-another worker once the dead one's lease runs out.
+It watches the input queue with window 1 under a consumer id that survives
+restarts (``slot_worker_id``, ``default_worker_id``), so a restarted worker
+gets back the item it held at once instead of after ``--pending-timeout``. It
+runs each graph on its instance with ``InstanceClient.run`` (POST /prompt +
+WS), then puts the result on the sink with the input's tags and commits the
+input. So a worker that dies before its commit loses nothing: the queue hands
+the item to another worker once the dead one's lease runs out (or to the
+worker itself, restarted, at once).
 
 Exactly one result per task: the sink put carries the input's ``requestId``;
 before running, a worker looks that id up on the sink (and in its own memory
@@ -23,7 +26,9 @@ stops answering for ``instance_down_s`` makes the worker give its item back
 is ready again.
 
 A task cut off mid-run (instance gone: ``GiveBack``; worker killed) is run
-again by the next worker, at most ``max_attempts`` times in all: the count
+again by the next worker, at most ``max_attempts`` times in all (a run counts
+once the instance has accepted its prompt: a submit to an instance that is
+already dead is no run, so it takes none of the task's tries): the count
 lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
 that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
@@ -75,12 +80,28 @@ HAND_BACK_S = 10.0  # after a drain's timeout: how long handing the task back (o
 
 
 def default_worker_id(instance_url: str) -> str:
-    """Stable per host and instance, so a restarted worker takes over the item its predecessor held.
+    """A standalone worker's id (no ``--worker-id``): stable per host and instance URL, which the operator
+    chose, so a restarted worker takes over the item its predecessor held.
 
     The host name is part of it: every GPU host may call its own instance http://127.0.0.1:8000.
     """
-    key = f"{socket.gethostname()}|{instance_url}"
-    return "worker-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "worker-" + _digest(f"{socket.gethostname()}|{instance_url}")
+
+
+def slot_worker_id(deployment: str, slot: int) -> str:
+    """The id of worker ``slot`` (0, 1, ...) of one all-in-one ``deployment`` (data dir, port) on this host.
+
+    Not derived from the instance URL: each start gives the local instances new ports, and a worker with
+    a new id is a new consumer, whose predecessor's in-flight item waits out ``--pending-timeout``. With
+    the same id the restarted worker's watch is that consumer's new session, which the queue hands the
+    consumer's pending items at once (``QueueStore.open_session``). Slots are distinct, so two workers of
+    one deployment never share an id (the queue would take one for the other reconnecting).
+    """
+    return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class GiveBack(WorkerError):
@@ -226,7 +247,6 @@ class Worker:
                 if ticket.exhausted is not None:
                     status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
                 else:
-                    self.ledger.record(ticket)
                     status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
@@ -267,19 +287,22 @@ class Worker:
         await self._commit(frame.index)
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
-        """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
+        """One run, counted once the instance has accepted the prompt (a submit that never reached it is
+        no run); a run cut off keeps its count, with the reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
             try:
-                return await self._run(graph)
+                return await self._run(graph, on_accepted=lambda _: self.ledger.record(ticket))
             except GiveBack as exc:
                 await self.ledger.give_back(ticket, str(exc))
                 raise
 
-    async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
+    async def _run(self, graph: dict[str, Any], *,
+                   on_accepted: Callable[[str], None]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
         prompt_id = str(uuid.uuid4())
-        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id))
+        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
+                                                  on_accepted=on_accepted))
         watchdog = asyncio.create_task(self._instance_down())
         cut = asyncio.create_task(self._cut.wait())
         try:

@@ -23,7 +23,7 @@ import json
 import logging
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -328,11 +328,13 @@ class InstanceClient:
 
     async def run(self, graph: dict[str, Any], *, client_id: str | None = None,
                   extra_data: dict[str, Any] | None = None, front: bool = False,
-                  prompt_id: str | None = None, timeout_s: float | None = None) -> RunResult:
+                  prompt_id: str | None = None, timeout_s: float | None = None,
+                  on_accepted: Callable[[str], None] | None = None) -> RunResult:
         """Submit ``graph`` and follow it to its end; ``InstanceError`` on timeout.
 
         Returns even when the prompt failed or was interrupted (see ``status``);
-        raises ``PromptRejected`` when validation refuses it.
+        raises ``PromptRejected`` when validation refuses it. ``on_accepted(prompt_id)`` is called once
+        the instance has queued the prompt (a caller counting runs counts only those that reached it).
         """
         timeout_s = timeout_s if timeout_s is not None else self.timeouts.run_s
         client_id = client_id or uuid.uuid4().hex
@@ -340,7 +342,7 @@ class InstanceClient:
         pump = asyncio.create_task(self._pump(client_id, items), name="comfyserve-client-events")
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._follow(graph, client_id, extra_data, front, prompt_id, items)
+                return await self._follow(graph, client_id, extra_data, front, prompt_id, items, on_accepted)
         except TimeoutError:
             raise InstanceError(f"prompt did not finish within {timeout_s}s") from None
         finally:
@@ -356,11 +358,13 @@ class InstanceClient:
             items.put_nowait(exc)
 
     async def _follow(self, graph: dict[str, Any], client_id: str, extra_data: dict[str, Any] | None,
-                      front: bool, prompt_id: str | None,
-                      items: asyncio.Queue[WsItem | BaseException]) -> RunResult:
+                      front: bool, prompt_id: str | None, items: asyncio.Queue[WsItem | BaseException],
+                      on_accepted: Callable[[str], None] | None = None) -> RunResult:
         socket_up = await self._wait_connected(items)
         prompt_id = await self.submit(graph, client_id=client_id, extra_data=extra_data,
                                       front=front, prompt_id=prompt_id)
+        if on_accepted is not None:
+            on_accepted(prompt_id)
         events: list[dict[str, Any]] = []
         executed: list[dict[str, Any]] = []
         status: str | None = None
