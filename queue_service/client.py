@@ -29,7 +29,7 @@ from standard.retry import RECONNECT, RetryPolicy
 
 from .protocol import decode_frame, decode_frame_list
 from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
-from .store import QueueError
+from .store import QueueError, Seen
 
 log = logging.getLogger("comfyserve.queue.client")
 PROTOBUF = "application/vnd.google.protobuf"
@@ -150,6 +150,16 @@ class QueueClient:
             if exc.status == 404:
                 return None
             raise
+
+    async def lookup(self, request_id: str) -> Seen | None:
+        """The item put with ``request_id``: on the queue, or committed recently; None when neither."""
+        try:
+            found = (await self._request("GET", {"_lookup_": "true", "requestId": request_id})).json()
+        except QueueClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return Seen(int(found["index"]), committed=bool(found["committed"]))
 
     async def commit(self, indexes: int | Iterable[int]) -> None:
         await self._request("PUT", {"_indexes_": _indexes(indexes)})
