@@ -141,10 +141,14 @@ local function has_tags(body, wanted)
   return true
 end
 -- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first).
+local NOW_MS = nil  -- the server's clock, read once per script
 local function remember(P, rid, i)
   if DONE_TTL_MS <= 0 or DONE_MAX <= 0 then return end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if NOW_MS == nil then
+    local t = redis.call('TIME')
+    NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local now = NOW_MS
   local D = P..'done'
   redis.call('ZADD', D, now + DONE_TTL_MS, rid)
   redis.call('HSET', P..'doneidx', rid, i)
