@@ -152,13 +152,21 @@ class QueueClient:
             raise
 
     async def lookup(self, request_id: str) -> Seen | None:
-        """The item put with ``request_id``: on the queue, or committed recently; None when neither."""
+        """The item put with ``request_id``: on the queue, or committed recently; None when neither.
+
+        A queue service without ``_lookup_`` (the platform's) answers it as a get by requestId: then only
+        an item still on the queue is found.
+        """
         try:
-            found = (await self._request("GET", {"_lookup_": "true", "requestId": request_id})).json()
+            response = await self._request("GET", {"_lookup_": "true", "requestId": request_id})
         except QueueClientError as exc:
             if exc.status == 404:
                 return None
             raise
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            frames = decode_frame_list(response.content)
+            return Seen(frames[0][0], committed=False) if frames else None
+        found = response.json()
         return Seen(int(found["index"]), committed=bool(found["committed"]))
 
     async def commit(self, indexes: int | Iterable[int]) -> None:
