@@ -40,9 +40,9 @@ log = logging.getLogger("comfyserve.api")
 def queue_settings(settings: ApiSettings) -> QueueSettings:
     return QueueSettings(
         host=settings.host, port=settings.port, token=settings.token, sqlite_path=settings.sqlite_path,
-        redis_url=settings.redis_url, max_length=settings.max_length,
-        max_payload_bytes=settings.max_payload_bytes, pending_timeout_s=settings.pending_timeout_s,
-        access=settings.access,
+        redis_url=settings.redis_url, redis_call_timeout_s=settings.redis_call_timeout_s,
+        max_length=settings.max_length, max_payload_bytes=settings.max_payload_bytes,
+        pending_timeout_s=settings.pending_timeout_s, access=settings.access,
     )
 
 

@@ -9,15 +9,15 @@ input. So a worker that dies before its commit loses nothing: the queue hands
 the item to another worker once the dead one's lease runs out (or to the
 worker itself, restarted, at once).
 
-Exactly one result per task: the sink put carries the input's ``requestId``;
-before running, a worker looks that id up on the sink (and in its own memory
-of recent tasks) and, when a result is already there, just commits the input.
-In the all-in-one the put and the commit are one atomic store operation
-(``QueueOps.put_result_and_commit``), so a result never sits beside an input
-that comes back. Over HTTP (split deployment) they are two calls; a worker
-that dies between them, whose result a client takes off the sink before the
-input is redelivered, gets its task run and reported twice: the window that
-remains there.
+Exactly one result per task: the sink put carries the input's ``requestId``
+(over HTTP also as its idempotency key, so a retried put stores nothing
+twice); before running, a worker looks that id up on the sink, where the
+queue also remembers results committed recently (and in its own memory of
+recent tasks) and, when a result was put, just commits the input. In the
+all-in-one the put and the commit are one atomic store operation
+(``QueueOps.put_result_and_commit``); over HTTP (split deployment) they are
+two calls, and a worker that dies between them leaves a result that the
+redelivered input finds, whether or not a client has committed it since.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its one uncommitted item, so it takes no more input. An instance that
@@ -231,12 +231,14 @@ class Worker:
         if request_id in self._reported:
             await self._skip_reported(frame, request_id)
             return
-        # Looked up while the task runs: a hit (a split-deployment worker died between put and commit,
-        # or an item put by hand beside its result) is rare; then the run's result is dropped.
+        # The sink lookup overlaps the graph check and the attempts read, and is answered before the run:
+        # a task whose result is on the sink, or was committed from it (its worker died between the put
+        # and the input's commit), is committed here, never run again.
         reported = asyncio.create_task(self._in_sink(request_id))
         started = time.monotonic()
         prompt_id: str | None = None
         ticket = Ticket(request_id)
+        graph: dict[str, Any] | None = None
         try:
             try:
                 graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
@@ -244,10 +246,6 @@ class Worker:
                 status, events = results.from_failure(exc.kind, exc.message)
             else:
                 ticket = await self.ledger.check(request_id)
-                if ticket.exhausted is not None:
-                    status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
-                else:
-                    status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
             if not reported.done():
@@ -256,6 +254,11 @@ class Worker:
             await self._skip_reported(frame, request_id)
             await self.ledger.finish(ticket)
             return
+        if graph is not None:
+            if ticket.exhausted is not None:
+                status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
+            else:
+                status, events, prompt_id = await self._attempt(graph, ticket)
         if ticket.exhausted is not None:
             log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
             self.stats.abandoned.inc()
@@ -357,7 +360,8 @@ class Worker:
         """Put the result and commit input ``index`` until it succeeds; returns the sink index.
 
         A full sink blocks here with the input uncommitted, so no further input is taken. A put whose
-        outcome is unknown is looked up before it is tried again (``StoreQueueOps``).
+        outcome is unknown is looked up before it is tried again (``StoreQueueOps``) or is tried again
+        under the same idempotency key (``HttpQueueOps``): either way the sink gets one result.
         """
         async def once() -> int:
             nonlocal data, tags
