@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
@@ -44,7 +45,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     body = parse_prompt_request(await read_json_object(request, kind="invalid_prompt"))
     prompt, targets = body.prompt, body.targets
     task_id = core.new_task_id()
-    prompt_id = body.prompt_id or task_id
+    prompt_id = body.prompt_id or str(uuid.uuid4())  # ComfyUI's: a canonical UUID
     object_info = await request.app[POOL].cached_json("/object_info")
     try:
         outputs, models = await asyncio.to_thread(check_graph, prompt, object_info, core.workdirs(user), targets,
@@ -66,7 +67,7 @@ async def post_prompt(request: web.Request) -> web.Response:
                 return web.json_response({"error": error, "node_errors": node_errors}, status=400)
     seq = await core.store.next_seq()
     extra_data, sensitive = body.queued_extra_data()
-    number = body.number if body.number is not None else float(-seq if body.front else seq)
+    number = body.number if body.number is not None else (-seq if body.front else seq)  # an int, as ComfyUI's
     task = Task(id=task_id, user=user, prompt_id=prompt_id, number=number, seq=seq, prompt=prompt,
                 extra_data=extra_data, outputs_to_execute=outputs, client_id=body.client_id, sensitive=sensitive,
                 models=models)

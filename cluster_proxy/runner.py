@@ -1,6 +1,6 @@
 """Running one task on one instance and relaying its events to the owning user.
 
-The instance sees the task under an internal id (``<task id>-<attempt>``), its
+The instance sees the task under an internal id (``Task.attempt_key``, a UUID per attempt), its
 events arriving on the instance's long-lived socket (``pool.InstanceEvents``);
 every event is rewritten to the user's ``prompt_id`` and sent to the user's
 socket of the task's ``client_id``. File
@@ -59,7 +59,7 @@ class TaskRun:
         self.hub = hub
         self.collector = collector
         self.data_dir = data_dir
-        self.key = f"{task.id}-{task.attempts}"
+        self.key = task.attempt_key()
         # The instance's long-lived event socket (pool.InstanceEvents) is the task's client on the instance.
         self.client_id = instance.events.client_id if instance.events is not None else f"cluster-{self.key}"
         self.last_node: str | None = None
