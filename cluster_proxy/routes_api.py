@@ -20,6 +20,7 @@ from standard.http_util import json_error, parse_json, read_json_object
 from standard.server.context import instance_context
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
+from standard.server.routes_jobs import cancel_ids
 from standard.serving import is_draining
 
 from .graph import GraphRefused, check_graph
@@ -130,21 +131,15 @@ async def _cancel(request: web.Request, job_ids: list[str]) -> list[str]:
 
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    cancelled = await _cancel(request, [job_id])
-    if not cancelled:
-        raise json_error(404, "not_found", "Job is not pending or running", job_id)
-    return web.json_response({"cancelled": cancelled})
+    """Idempotent, as ComfyUI's: ``{"cancelled": false}`` for a job that is not the user's pending or running one."""
+    cancelled = await _cancel(request, [request.match_info["job_id"]])
+    return web.json_response({"cancelled": bool(cancelled)})
 
 
 @routes.post("/jobs/cancel")
 async def cancel_jobs(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    job_ids = body.get("job_ids")
-    if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > 100
-            or not all(isinstance(i, str) for i in job_ids)):
-        raise json_error(400, "invalid_request", "job_ids must be a list of 1-100 job ids")
-    return web.json_response({"cancelled": await _cancel(request, job_ids)})
+    job_ids = cancel_ids(await read_json_object(request))
+    return web.json_response({"cancelled": bool(await _cancel(request, job_ids))})
 
 
 @routes.get("/cluster/queue")
