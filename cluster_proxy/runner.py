@@ -120,7 +120,9 @@ class TaskRun:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
             try:
-                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key)
+                # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
+                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
+                                    partial_execution_targets=list(self.task.outputs_to_execute))
             except PromptRejected as exc:
                 return await self._rejected(exc)
             except InstanceUnavailable as exc:

@@ -76,6 +76,18 @@ async def test_prompt_answers_a_canonical_uuid_and_an_integer_number_as_comfyui(
     assert refused.status == 400 and (await refused.json())["error"]["type"] == "invalid_prompt_id"
 
 
+async def test_partial_execution_targets_run_only_those_outputs(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    two_outputs = {**graph("wanted", color=5),
+                   "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "skipped"}}}
+    response = await cluster.http("alice").post("/prompt", json={"prompt": two_outputs,
+                                                                 "partial_execution_targets": ["3"]})
+    assert response.status == 200
+    prompt_id = (await response.json())["prompt_id"]
+    await until(lambda: _has_history(cluster.user("alice"), prompt_id))
+    assert files_under(cluster.user_dir("alice") / "output") == ["wanted_00001_.png"]
+
+
 async def test_the_same_prompt_id_for_two_users_is_two_tasks(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     for name, color in (("alice", 10), ("bob", 20)):
