@@ -153,7 +153,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     core, user = request.app[CORE], request[USER].name
     if not same_origin(request):  # another site's page must not open the user's socket with their cookie
         raise json_error(403, "forbidden", "cross-origin WebSocket refused")
-    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
+    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or uuid.uuid4().hex  # ComfyUI's form
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     core.hub.add(user, sid, ws)

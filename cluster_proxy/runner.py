@@ -73,8 +73,12 @@ class TaskRun:
     # -- helpers ------------------------------------------------------------------
 
     def _translate(self, data: Any) -> Any:
+        """The instance's ids of the task -> the user's (``progress_state`` repeats it for each node)."""
         if isinstance(data, dict) and data.get("prompt_id") == self.key:
-            return {**data, "prompt_id": self.task.prompt_id}
+            data = {**data, "prompt_id": self.task.prompt_id}
+            nodes = data.get("nodes")
+            if isinstance(nodes, dict):
+                data["nodes"] = {node: self._translate(state) for node, state in nodes.items()}
         return data
 
     async def send(self, event: str, data: Any) -> None:

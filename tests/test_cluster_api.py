@@ -47,10 +47,13 @@ async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster)
     assert {"execution_start", "executing", "executed", "execution_success"} <= set(kinds)
     executed = next(e for e in events if e["type"] == "executed")
     assert executed["data"]["output"]["images"][0]["subfolder"] == ""
+    assert "progress_state" in kinds
     for event in events:
         assert "cluster-" not in str(event) and ".cluster/" not in str(event)
         if isinstance(event["data"], dict) and "prompt_id" in event["data"]:
             assert event["data"]["prompt_id"] == own_id
+        if event["type"] == "progress_state":  # each node's state names the prompt too
+            assert {n["prompt_id"] for n in event["data"]["nodes"].values()} == {own_id}
     # Bob saw nothing of it but his own status.
     # Bob's socket is ordered: anything of alice's sent to him would come before his own prompt's events.
     bobs_marker = prompt_uuid("bobs-marker")
