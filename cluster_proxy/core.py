@@ -209,7 +209,7 @@ class ClusterCore:
         return True
 
     def new_task_id(self) -> str:
-        return uuid.uuid4().hex
+        return str(uuid.uuid4())
 
     async def remaining(self, user: str) -> int:
         return len(await self.store.user_tasks(user, PENDING)) + len(await self.store.user_tasks(user, RUNNING))
@@ -287,8 +287,7 @@ class ClusterCore:
         return task
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
-        key = f"{task.id}-{task.attempts}"
-        collector = OutputCollector(key, self.data_dir, self.workdirs(task.user), self.storage)
+        collector = OutputCollector(task.attempt_key(), self.data_dir, self.workdirs(task.user), self.storage)
         return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
 
     async def _instance_free(self, run: TaskRun) -> None:

@@ -139,9 +139,14 @@ class InstanceClient:
 
     async def submit(self, graph: dict[str, Any], client_id: str | None = None,
                      extra_data: dict[str, Any] | None = None, front: bool = False,
-                     prompt_id: str | None = None, number: float | None = None) -> str:
-        """Queue ``graph`` (API format); returns its prompt_id. 400 -> ``PromptRejected``."""
+                     prompt_id: str | None = None, number: float | None = None,
+                     partial_execution_targets: list[str] | None = None) -> str:
+        """Queue ``graph`` (API format); returns its prompt_id. 400 -> ``PromptRejected``.
+
+        ``partial_execution_targets``: run only these output nodes (and what they need)."""
         body: dict[str, Any] = {"prompt": graph}
+        if partial_execution_targets is not None:
+            body["partial_execution_targets"] = partial_execution_targets
         if client_id is not None:
             body["client_id"] = client_id
         if extra_data is not None:
