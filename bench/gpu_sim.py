@@ -6,8 +6,12 @@ instance holds; sampling costs ``--steps`` x ``--step-s``; every task's start
 and end are recorded with microsecond timestamps per instance process). The
 workload: ``--clients`` clients each put ``--tasks`` tasks at once, the
 ``--checkpoints`` checkpoints in equal shares in a random order (``--seed``).
-Modes (``--mode``, default both):
+Modes (``--mode``, default all three):
 
+* ``direct``: the floor of the gap, N standalone instances (``comfyserve
+  standard``), the tasks queued on them in turn, at once: each instance's own
+  queue hands it the next task, no dispatcher in between (and no choice of
+  instance: loads and makespan are those of a blind round robin);
 * ``api``: the all-in-one API edition, ``comfyserve api --instances N``; each
   client puts its tasks through ``/api_prompt``; every result is read from
   the sink (each task must have exactly one result, a success);
@@ -29,10 +33,10 @@ those flags (e.g. the scheduler's FIFO mode) and prints each figure against it.
 
 The issue's setting, 4 instances, 3 checkpoints, load 2 s, 3 clients x 30
 tasks of 0.5 s sampling, is ``--load-s 2 --steps 20 --step-s 0.025``; the
-defaults are the same shape at a fifth of the cost, so a run of both modes
-takes about a minute:
+defaults are the same shape at a fifth of the cost, so a run of the three
+modes takes about a minute:
 
-    .venv/bin/python -m bench.gpu_sim [--mode api,cluster] [--instances 4] [--clients 3] [--tasks 30]
+    .venv/bin/python -m bench.gpu_sim [--mode direct,api,cluster] [--instances 4] [--clients 3] [--tasks 30]
         [--checkpoints 3] [--load-s 0.4] [--steps 10] [--step-s 0.01] [--seed 16]
         [--server-arg=--flag=value ...] [--baseline-arg=--flag=value ...]
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -246,7 +251,49 @@ async def check_histories(session: aiohttp.ClientSession, url: str, tokens: dict
             await asyncio.sleep(0.1)
 
 
-MODES = {"api": run_api, "cluster": run_cluster}
+async def run_direct(workdir: Path, args: argparse.Namespace, server_args: list[str]) -> Figures:
+    """The floor: N standalone instances (``comfyserve standard``) with every task queued on one of them, in
+    turn, at once; each instance's own queue hands it the next task (no dispatcher in between)."""
+    data_dir = init_data_dir(workdir / "data").root
+    install(data_dir, checkpoint_names(args.checkpoints))
+    run = Run(data_dir, args)
+    children = Children(workdir)
+    prompt_ids: dict[str, tuple[str, str]] = {}
+    try:
+        urls = []
+        for k in range(args.instances):
+            port = free_port()
+            proc = children.start(f"instance{k}", ["standard", "--data-dir", str(data_dir), "--token", TOKEN,
+                                                   *server_args], port)
+            urls.append((f"http://127.0.0.1:{port}", proc))
+        for url, proc in urls:
+            await children.ready(url, "/readyz", proc)
+        turn = itertools.count()
+        async with httpx.AsyncClient(trust_env=False, headers={"Authorization": TOKEN}, timeout=60) as http:
+            async def submit(task: Task, costs: Costs) -> None:
+                url = urls[next(turn) % len(urls)][0]
+                resp = await http.post(url + "/prompt", json={"prompt": task_graph(task.ckpt, task.label, costs)})
+                resp.raise_for_status()
+                prompt_ids[task.label] = (url, resp.json()["prompt_id"])
+
+            await run.warm_up(submit, args.instances)
+            start_us, submit_s = await run.measure(submit)
+            for task in run.tasks:
+                url, prompt_id = prompt_ids[task.label]
+                for _ in range(100):  # the record is written just before the prompt ends
+                    entry = (await http.get(f"{url}/history/{prompt_id}")).json().get(prompt_id)
+                    if entry:
+                        break
+                    await asyncio.sleep(0.05)
+                if not entry or entry["status"]["status_str"] != "success":
+                    raise RuntimeError(f"task {task.label} did not succeed: {entry}")
+    finally:
+        children.stop()
+    print(f"  (submission took {max(submit_s):.2f} s)", flush=True)
+    return run.figures(start_us)
+
+
+MODES = {"direct": run_direct, "api": run_api, "cluster": run_cluster}
 
 
 def compare(base: Figures, new: Figures) -> list[str]:
@@ -261,7 +308,7 @@ def compare(base: Figures, new: Figures) -> list[str]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="api,cluster", help="comma list of api, cluster")
+    parser.add_argument("--mode", default="direct,api,cluster", help="comma list of direct, api, cluster")
     parser.add_argument("--instances", type=int, default=4)
     parser.add_argument("--clients", type=int, default=3, help="clients (users in the cluster)")
     parser.add_argument("--tasks", type=int, default=30, help="tasks per client")
@@ -295,7 +342,7 @@ async def main() -> None:
             print(f"{mode}{' (' + ' '.join(args.server_arg) + ')' if args.server_arg else ''}:", flush=True)
             (Path(tmp) / mode).mkdir()
             result = await MODES[mode](Path(tmp) / mode, args, args.server_arg)
-            print("\n".join(f"  {line}" for line in result.lines()), flush=True)
+            print("\n".join(f"  {line}" for line in result.lines(goals=mode != "direct")), flush=True)
             if baseline is not None:
                 print("\n".join(f"  {line}" for line in compare(baseline, result)), flush=True)
     print(f"load {os.getloadavg()[0]:.1f}")

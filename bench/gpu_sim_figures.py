@@ -147,9 +147,10 @@ class Figures:
         done = self.client_done_s
         return [
             f"idle gap between back-to-back tasks on an instance: {gap}{goal('p50 < 1 ms, p99 < 5 ms')}",
-            f"model loads: {self.loads}, minimum possible {self.min_loads}: {self.loads / self.min_loads:.2f}x the "
-            f"minimum{goal('<= 1.3x')}",
-            f"makespan: {self.makespan_s:.2f} s, {self.makespan_s / self.ideal_s:.2f}x the ideal {self.ideal_s:.2f} s "
+            f"model loads: {self.loads}, minimum possible {self.min_loads}: "
+            f"{self.loads / max(self.min_loads, 1):.2f}x the minimum{goal('<= 1.3x')}",
+            f"makespan: {self.makespan_s:.2f} s, {self.makespan_s / max(self.ideal_s, 1e-9):.2f}x the ideal "
+            f"{self.ideal_s:.2f} s "
             f"(all sampling plus the minimum loads, packed on {self.instances} instances)",
             f"GPU busy: {self.busy_fraction * 100:.1f}% of instances x makespan{goal('>= 90%')}: loading "
             f"{self.loading_fraction * 100:.1f}%, sampling {(self.busy_fraction - self.loading_fraction) * 100:.1f}%; "
