@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ class BenchTick:
 NODE_CLASS_MAPPINGS = {"TestSleep": TestSleep, "BenchTick": BenchTick}
 '''
 PASSWORD = "bench password"
+ADMIN = "bench-admin"
 
 
 def sleep_graph(color: int, seconds: float) -> dict[str, Any]:
@@ -104,9 +106,10 @@ def tick_graph(color: int, ticks: int, interval_s: float) -> dict[str, Any]:
 
 
 async def make_users(data_dir: Path, names: list[str]) -> dict[str, str]:
+    """The users' API tokens by name, and under ``ADMIN`` an admin's (only admins see /cluster/instances)."""
     accounts = await Accounts.open(init_data_dir(data_dir), None)
     try:
-        tokens: dict[str, str] = {}
+        tokens: dict[str, str] = {ADMIN: await accounts.add(ADMIN, PASSWORD, admin=True)}
         for start in range(0, len(names), 16):
             chunk = names[start:start + 16]
             for name, token in zip(chunk, await asyncio.gather(*(accounts.add(n, PASSWORD) for n in chunk))):
@@ -117,13 +120,13 @@ async def make_users(data_dir: Path, names: list[str]) -> dict[str, str]:
 
 
 class Proxy:
-    def __init__(self, data_dir: Path, instances: int) -> None:
+    def __init__(self, data_dir: Path, instances: int, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir / f"proxy-{instances}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster_proxy", "--data-dir", str(data_dir), "--port", str(self.port),
-             "--instances", str(instances)],
+             "--instances", str(instances), *extra_args],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.instances = instances
 
@@ -163,7 +166,7 @@ async def makespan(data_dir: Path, tokens: dict[str, str], users: list[str], ins
     proxy = Proxy(data_dir, instances)
     try:
         async with aiohttp.ClientSession() as session:
-            await proxy.wait_ready(session, tokens[users[0]])
+            await proxy.wait_ready(session, tokens[ADMIN])
             headers = {u: {"Authorization": f"Bearer {tokens[u]}"} for u in users}
             # Warm each instance once (first execution imports the engine's nodes).
             await _run_all(session, proxy, headers, users[:1], instances, 0.0, color_base=10_000 * instances)
@@ -221,7 +224,7 @@ async def relay_latency(data_dir: Path, tokens: dict[str, str], users: list[str]
     proxy = Proxy(data_dir, 2)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await proxy.wait_ready(session, tokens[users[0]])
+            await proxy.wait_ready(session, tokens[ADMIN])
             latencies: list[float] = []
             sockets = {}
             for user in users:
@@ -310,7 +313,7 @@ async def idle_memory(data_dir: Path, tokens: dict[str, str], users: list[str], 
     proxy = Proxy(data_dir, 1)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await proxy.wait_ready(session, tokens[users[0]])
+            await proxy.wait_ready(session, tokens[ADMIN])
             await asyncio.sleep(1.0)
             before = proxy.rss_mb()
             sockets = []

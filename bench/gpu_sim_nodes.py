@@ -1,0 +1,121 @@
+"""A simulated GPU as ComfyUI plugin nodes; the benches copy this file into ``DIR/custom_nodes``.
+
+What dominates a shared ComfyUI service on a real GPU is an instance idle
+between two tasks and a checkpoint loaded again because the next task needed
+another one. These nodes model just that, with sleeps instead of a GPU:
+
+* ``SimCheckpointLoader`` (``ckpt_name``: a file of ``models/checkpoints``, as
+  ``CheckpointLoaderSimple``) costs ``load_s`` unless that checkpoint is the
+  one in "VRAM": one checkpoint at a time per instance process, kept between
+  tasks, lost when the process ends;
+* ``SimSampler`` costs ``steps * step_s`` and is the task's output node. When
+  it ends it appends the task's record, one JSON line with microsecond
+  ``time.time()`` timestamps, to ``DIR/gpu_sim/<pid>.jsonl`` (``DIR`` is the
+  folder holding ``custom_nodes``; one file per instance process) and shows
+  the same record as its UI output.
+
+A task is ``SimCheckpointLoader -> SimSampler``: its GPU work starts when the
+loader starts and ends when the sampler ends, so the time between one task's
+end and the next task's start on an instance is what the GPU spent idle.
+Both nodes always run (``IS_CHANGED`` is NaN): the "VRAM" is the only cache.
+Sleeps are sliced so an interrupt (``/interrupt``, a cancelled task) stops
+them as it would stop a sampler.
+
+Plain ComfyUI plugin code (no comfyserve imports): it also loads into ComfyUI.
+"""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import comfy.model_management
+import folder_paths
+
+RECORDS = Path(__file__).resolve().parent.parent / "gpu_sim"
+SLICE_S = 0.005
+
+_vram_lock = threading.Lock()
+_vram = {"ckpt": None}  # the checkpoint this process holds, or None
+
+
+def now_us():
+    return time.time_ns() // 1000
+
+
+def busy(seconds):
+    """Occupy the "GPU" for ``seconds``, stopping at an interrupt."""
+    end = time.monotonic() + seconds
+    while True:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(SLICE_S, left))
+
+
+class SimCheckpointLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (folder_paths.get_filename_list("checkpoints"),),
+            "load_s": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 600.0, "step": 0.001}),
+        }}
+
+    RETURN_TYPES = ("SIM_MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "gpu_sim"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def load(self, ckpt_name, load_s):
+        start_us = now_us()
+        with _vram_lock:
+            loaded = _vram["ckpt"] != ckpt_name
+            if loaded:
+                _vram["ckpt"] = None  # evicted; a load cut off by an interrupt leaves nothing loaded
+                busy(load_s)
+                _vram["ckpt"] = ckpt_name
+        model = {"ckpt": ckpt_name, "loaded": loaded, "load_s": load_s, "start_us": start_us,
+                 "load_end_us": now_us()}
+        return (model,)
+
+
+class SimSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SIM_MODEL",),
+            "steps": ("INT", {"default": 20, "min": 0, "max": 10000}),
+            "step_s": ("FLOAT", {"default": 0.025, "min": 0.0, "max": 60.0, "step": 0.001}),
+            "label": ("STRING", {"default": ""}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "sample"
+    CATEGORY = "gpu_sim"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def sample(self, model, steps, step_s, label):
+        sample_start_us = now_us()
+        busy(steps * step_s)
+        end_us = now_us()
+        record = {"pid": os.getpid(), "label": label, "ckpt": model["ckpt"], "loaded": model["loaded"],
+                  "load_s": model["load_s"], "steps": steps, "step_s": step_s, "start_us": model["start_us"],
+                  "load_end_us": model["load_end_us"], "sample_start_us": sample_start_us, "end_us": end_us}
+        RECORDS.mkdir(exist_ok=True)
+        with open(RECORDS / f"{os.getpid()}.jsonl", "a") as records:
+            records.write(json.dumps(record) + "\n")
+        return {"ui": {"gpu_sim": [record]}, "result": ()}
+
+
+NODE_CLASS_MAPPINGS = {"SimCheckpointLoader": SimCheckpointLoader, "SimSampler": SimSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"SimCheckpointLoader": "Load Checkpoint (simulated GPU)",
+                              "SimSampler": "Sampler (simulated GPU)"}
