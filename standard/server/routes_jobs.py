@@ -103,7 +103,9 @@ def _cancel(server: PromptServer, job_ids: list[str]) -> list[str]:
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
-    cancelled = _cancel(prompt_server(request), [job_id])
+    server = prompt_server(request)
+    cancelled = _cancel(server, [job_id])
+    await server.queue.flush()
     if not cancelled:
         raise json_error(404, "not_found", "Job is not pending or running", job_id)
     return web.json_response({"cancelled": cancelled})
@@ -116,4 +118,7 @@ async def cancel_jobs(request: web.Request) -> web.Response:
     if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > MAX_CANCEL_IDS
             or not all(isinstance(i, str) for i in job_ids)):
         raise json_error(400, "invalid_request", f"job_ids must be a list of 1-{MAX_CANCEL_IDS} job ids")
-    return web.json_response({"cancelled": _cancel(prompt_server(request), job_ids)})
+    server = prompt_server(request)
+    cancelled = _cancel(server, job_ids)
+    await server.queue.flush()
+    return web.json_response({"cancelled": cancelled})

@@ -43,6 +43,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     number = body.number if body.number is not None else server.next_number(body.front)
     extra_data, sensitive = body.queued_extra_data()
     server.queue.put(QueueItem(number, prompt_id, body.prompt, extra_data, outputs_to_execute, sensitive))
+    await server.queue.flush()  # accepted means stored: it runs after a restart, even a kill -9
     return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
 
@@ -66,6 +67,7 @@ async def post_queue(request: web.Request) -> web.Response:
         server.queue.wipe_queue()
     for prompt_id in to_delete:
         server.queue.delete_queue_item(prompt_id)
+    await server.queue.flush()  # a 200 means it is off the disk too: a kill -9 now does not bring it back
     return web.Response(status=200)
 
 
@@ -115,4 +117,5 @@ async def post_history(request: web.Request) -> web.Response:
         server.queue.wipe_history()
     for prompt_id in to_delete:
         server.queue.delete_history_item(prompt_id)
+    await server.queue.flush()
     return web.Response(status=200)

@@ -4,13 +4,15 @@ It accepts ComfyUI's flags (names as in comfy/cli_args.py), records what it
 was started with (``COMFYUI_SHIM_RECORD``: one JSON line per start), can
 wait before serving (``COMFYUI_SHIM_DELAY_S``, for slow model loads), and
 then becomes a comfyserve instance on the data dir it was given, which speaks
-the same protocol.
+the same protocol. Like ComfyUI it forgets its queue and history when it
+stops: each start keeps its state in a new temporary folder.
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,4 +46,5 @@ if delay_s:
 print(f"shim: serving {base} on {args.listen}:{args.port}", flush=True)
 env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYSERVE_")}
 os.execve(sys.executable, [sys.executable, "-m", "standard", "--listen", args.listen, "--port", str(args.port),
-                          "--data-dir", str(base), "--max-upload-size", f"{args.max_upload_size:g}"], env)
+                          "--data-dir", str(base), "--max-upload-size", f"{args.max_upload_size:g}",
+                          "--state-dir", tempfile.mkdtemp(prefix="comfyui-shim-state-")], env)
