@@ -8,6 +8,8 @@ is not ours, or one another instance holds, stops the start with exit 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -21,7 +23,7 @@ import httpx
 from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
-from support.processes import VENV_BIN, wait_for_port
+from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
 from support.server import open_gate
 from support.wait import until
 
@@ -248,3 +250,121 @@ async def test_a_second_instance_on_one_state_file_refuses_to_start(tmp_path: Pa
         assert instance.proc.poll() is None
     finally:
         await instance.stop()
+
+
+class Gateway(Instance):
+    """``comfyserve standard --comfyui-dir`` with the ComfyUI stand-in, which forgets everything when it stops."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], *extra: str) -> None:
+        super().__init__(tmp_path, env, "--token", "T", "--comfyui-dir", str(SHIM_DIR), *extra)
+
+    @asynccontextmanager
+    async def http(self) -> AsyncIterator[httpx.AsyncClient]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", headers={"Authorization": "T"},
+                                     trust_env=False, timeout=60) as http:
+            await until(lambda: ready(http), what="the front and its ComfyUI ready")
+            yield http
+
+    def saw_running(self, prompt_id: str) -> bool:
+        return f"prompt {prompt_id} is running in ComfyUI" in self.log.read_text()
+
+
+async def queue_ids(http: httpx.AsyncClient) -> list[str]:
+    queue = (await http.get("/queue")).json()
+    return [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+
+
+async def check_after_restart(instance: Gateway, http: httpx.AsyncClient, before: dict[str, Any]) -> None:
+    assert (await http.get("/history/done")).json() == before["done"]
+    assert (await jobs_by_id(http))["done"] == before["job"]
+    await until(lambda: history_of(http, "running"), what="the cut prompt reported")
+    cut = await history_of(http, "running")
+    assert cut is not None and cut["status"]["messages"][-1][1]["exception_type"] == "ServerRestarted"
+    assert (await jobs_by_id(http))["running"]["status"] == "failed"
+    await until(lambda: _equals(queue_ids(http), ["p1", "p2"]), what="p1 and p2 queued again in ComfyUI")
+    await run_rest_in_order(instance, http)
+    assert runs_of(instance.data, "g1") == 1
+    assert list((await http.get("/history")).json())[:2] == ["done", "running"]
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return await value == expected
+
+
+async def gateway_fill(instance: Gateway, http: httpx.AsyncClient) -> dict[str, Any]:
+    before = await fill(instance, http)
+    await until(lambda: instance.saw_running("running"), what="the front seeing the prompt run")
+    return before
+
+
+async def test_front_of_comfyui_keeps_queue_and_history_across_kill_9(tmp_path: Path, cli_env: dict[str, str]
+                                                                      ) -> None:
+    instance = Gateway(tmp_path, cli_env)
+    await instance.start()
+    try:
+        async with instance.http() as http:
+            before = await gateway_fill(instance, http)
+            child = (await http.get("/readyz")).json()["pid"]
+        await instance.kill()
+        with contextlib.suppress(ProcessLookupError):  # (it would drain its running prompt for a while)
+            os.kill(child, signal.SIGKILL)
+        await until(lambda: not alive(child), what="ComfyUI gone with the front")
+        await instance.start()
+        async with instance.http() as http:
+            await check_after_restart(instance, http, before)
+        assert await instance.stop() == 0
+    finally:
+        if instance.proc is not None and instance.proc.poll() is None:
+            await instance.kill()
+
+
+async def test_front_keeps_what_a_crashed_comfyui_forgot(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    instance = Gateway(tmp_path, cli_env)
+    await instance.start()
+    try:
+        async with instance.http() as http:
+            before = await gateway_fill(instance, http)
+            child = (await http.get("/readyz")).json()["pid"]
+            os.kill(child, signal.SIGKILL)  # the supervisor starts a new ComfyUI, which knows nothing
+            await until(lambda: not alive(child), what="ComfyUI gone")
+            await check_after_restart(instance, http, before)
+        assert await instance.stop() == 0
+    finally:
+        if instance.proc is not None and instance.proc.poll() is None:
+            await instance.kill()
+    assert "ComfyUI forgot it (it restarted); queued it again" in instance.log.read_text()
+
+
+async def test_front_history_survives_the_restart_button_and_clears_on_disk(tmp_path: Path, cli_env: dict[str, str]
+                                                                            ) -> None:
+    instance = Gateway(tmp_path, cli_env)
+    open_gate(instance.data, "g0")
+    await instance.start()
+    try:
+        async with instance.http() as http:
+            for prompt_id in ("a", "b"):
+                await queue_prompt(http, prompt_id, "g0")
+            await until(lambda: finished(http, "a", "b"), what="a and b finished")
+            before = (await http.get("/history")).json()
+            child = (await http.get("/readyz")).json()["pid"]
+            restarted = await http.post("/api/restart")  # what the Restart button of the frontend sends
+            assert restarted.status_code == 200, restarted.text
+            assert restarted.json()["pid"] != child
+            assert (await http.get("/history")).json() == before
+            assert (await http.get("/history", params={"max_items": 1})).json() == {"b": before["b"]}
+            assert set(await jobs_by_id(http)) == {"a", "b"}
+            assert (await http.post("/history", json={"delete": ["a"]})).status_code == 200
+            assert list((await http.get("/history")).json()) == ["b"]
+        await instance.kill()
+        await instance.start()
+        async with instance.http() as http:
+            assert (await http.get("/history")).json() == {"b": before["b"]}
+            assert (await http.post("/history", json={"clear": True})).status_code == 200
+        assert await instance.stop() == 0
+        await instance.start()
+        async with instance.http() as http:
+            assert (await http.get("/history")).json() == {}
+            assert (await http.get("/api/jobs")).json()["jobs"] == []
+    finally:
+        if instance.proc is not None and instance.proc.poll() is None:
+            await instance.kill()

@@ -33,8 +33,11 @@ from ..server.prompt_request import refused_while_draining
 from ..server.routes_info import without_secrets
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
+from ..state_store import StateStore
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
+from .journal import JOURNAL, PromptJournal
+from .journal_routes import add_journal_routes, local_paths
 from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
@@ -96,6 +99,11 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/extensions", extensions)
         app.router.add_get(prefix + "/system_stats", system_stats)
     app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
+    journal_paths: frozenset[str] = frozenset()
+    journal_prefixes: tuple[str, ...] = ()
+    if settings.state_file is not None:  # the durable queue and history (standard.backend.journal)
+        add_journal_routes(app)
+        journal_paths, journal_prefixes = local_paths()
     app.router.add_route("*", "/{tail:.*}", proxy)
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions", "/system_stats")
     app[FAST_PATH] = FastPathConfig(
@@ -103,8 +111,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         token=settings.token, base_url=lambda: None if is_draining(app) else backend.base_url,
         # /view takes the slow path too: its headers are rewritten there (file_headers policy)
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
-                              | {"/login", "/logout"} | FILE_ROUTES),
-        local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
+                              | {"/login", "/logout"} | FILE_ROUTES | journal_paths),
+        local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/", *journal_prefixes),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
     )
     return app
@@ -121,13 +129,30 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     backend = app[BACKEND]
-    await backend.start(session)
+    settings = app[SETTINGS]
+    journal: PromptJournal | None = None
+    try:
+        if settings.state_file is not None:  # before ComfyUI starts: a state file that is not ours stops us
+            store = await asyncio.to_thread(StateStore.open, settings.state_file,
+                                            history_max_items=settings.history_max_items)
+            journal = app[JOURNAL] = PromptJournal(store, backend, strip_auth=settings.token is not None)
+            await journal.start(session)
+        await backend.start(session)
+    except BaseException:
+        if journal is not None:
+            await journal.stop()
+        await session.close()
+        raise
     log.info("real-ComfyUI runtime: %s", backend.kind)
     yield
     try:
-        await backend.stop()
+        if journal is not None:
+            await journal.stop()  # a last look at ComfyUI first: what finished while draining is kept
     finally:
-        await session.close()
+        try:
+            await backend.stop()
+        finally:
+            await session.close()
 
 
 async def _drain(app: web.Application, timeout_s: float) -> None:
@@ -147,7 +172,10 @@ async def _drain(app: web.Application, timeout_s: float) -> None:
         log.warning("shutdown timeout: the backend still has %d prompt(s); they run on there",
                     len(pending) + len(queue.get("queue_running") or []))
         return
-    if pending:
+    if pending and JOURNAL in app:
+        log.warning("shutdown timeout: %d queued prompt(s) kept for the next start: %s", len(pending),
+                    ", ".join(map(str, pending)))
+    elif pending:
         log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(pending), ", ".join(map(str, pending)))
     await _backend_post(app, "/queue", {"clear": True})
     await _backend_post(app, "/interrupt", {})
@@ -209,6 +237,8 @@ async def restart(request: web.Request) -> web.StreamResponse:
     if await _prompt_running(request):
         raise json_error(409, "prompt_running", "cannot restart while a prompt runs",
                          "interrupt it or wait for it to finish")
+    if JOURNAL in request.app:
+        await request.app[JOURNAL].sync()  # what ComfyUI finished is kept before it forgets
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 
