@@ -9,9 +9,15 @@ back when it starts.
 * Writes never run on the event loop: they are queued to one writer thread,
   which commits whatever has queued up meanwhile in one transaction (WAL,
   ``synchronous=NORMAL``: a commit survives ``kill -9`` of the process; only a
-  power cut may lose the last ones). A caller that must not answer before its
-  write is on disk awaits :meth:`StateStore.flush` (``POST /prompt`` does: an
-  accepted prompt is a stored prompt).
+  power cut may lose the last ones). A caller that must not go on before its
+  write is on disk awaits :meth:`StateStore.flush`: the worker before it runs
+  a prompt (so a restart never runs it twice), deletes from the queue or the
+  history before their 200. ``POST /prompt`` does not wait: its write is queued
+  before the answer and committed with the writer's next batch, typically well
+  under a millisecond later. Waiting for it would cost the answer a thread
+  switch, up to Python's 5 ms GIL switch interval while the engine runs a node,
+  so a ``kill -9`` in that instant can lose the prompt just accepted; a graceful
+  stop and the Restart button never lose one (closing commits what is queued).
 * One instance per file: the file's ``.lock`` is held (``flock``) while the
   store is open, so a second instance pointed at it refuses to start, saying
   which process holds it. The kernel drops the lock when the holder dies,
@@ -257,7 +263,7 @@ class StateStore:
             for op, future in batch:
                 if op is None and future is None:
                     stopping = True
-                elif future is not None:
+                elif future is not None and future.set_running_or_notify_cancel():  # not if its waiter left
                     future.set_exception(error) if error is not None else future.set_result(None)
 
 

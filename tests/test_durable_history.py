@@ -62,6 +62,21 @@ class Instance:
             self.proc.send_signal(signal.SIGTERM)
         return await asyncio.to_thread(self.proc.wait, 30)
 
+    @property
+    def state_file(self) -> Path:
+        return self.data / ".comfyserve" / f"standard-{self.port}.sqlite3"
+
+    def stored(self) -> tuple[dict[str, bool], list[str]]:
+        """What the state file holds now: {queued prompt: running}, history ids oldest first. A kill -9 test
+        waits for it: ``POST /prompt`` answers before the writer thread commits (standard.state_store)."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.state_file}?mode=ro", uri=True)) as db:
+            prompts = {row[0]: bool(row[1]) for row in db.execute("SELECT prompt_id, running FROM prompts")}
+            history = [row[0] for row in db.execute("SELECT prompt_id FROM history ORDER BY seq")]
+        return prompts, history
+
+    async def until_stored(self, prompts: dict[str, bool], history: list[str]) -> None:
+        await until(lambda: self.stored() == (prompts, history), what=f"{prompts} and {history} on disk")
+
     @asynccontextmanager
     async def http(self) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", trust_env=False, timeout=30) as http:
@@ -104,6 +119,7 @@ async def fill(instance: Instance, http: httpx.AsyncClient) -> dict[str, Any]:
     await queue_prompt(http, "p1", "g2")
     await queue_prompt(http, "p2", "g3")
     assert await pending_ids(http) == ["p1", "p2"]
+    await instance.until_stored({"running": True, "p1": False, "p2": False}, ["done"])
     return {"history": (await http.get("/history")).json(), "done": (await http.get("/history/done")).json(),
             "job": (await jobs_by_id(http))["done"]}
 
@@ -187,6 +203,7 @@ async def test_history_bound_and_clear_hold_on_disk(tmp_path: Path, cli_env: dic
                 await queue_prompt(http, prompt_id, "g0")
             await until(lambda: finished(http, "c"), what="the prompts finished")
             assert list((await http.get("/history")).json()) == ["b", "c"]
+            await instance.until_stored({}, ["b", "c"])
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
@@ -196,11 +213,13 @@ async def test_history_bound_and_clear_hold_on_disk(tmp_path: Path, cli_env: dic
         await instance.start()
         async with instance.http() as http:
             assert list((await http.get("/history")).json()) == ["c"]
+            assert instance.stored() == ({}, ["c"])
             assert (await http.post("/history", json={"clear": True})).status_code == 200
             await queue_prompt(http, "d", "g1")
             await queue_prompt(http, "e", "g1")
             await until(lambda: runs_of(instance.data, "g1") == 1, what="d running")
             assert (await http.post("/queue", json={"clear": True})).status_code == 200
+            assert instance.stored() == ({"d": True}, [])  # the 200 came after the write
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
@@ -265,9 +284,6 @@ class Gateway(Instance):
             await until(lambda: ready(http), what="the front and its ComfyUI ready")
             yield http
 
-    def saw_running(self, prompt_id: str) -> bool:
-        return f"prompt {prompt_id} is running in ComfyUI" in self.log.read_text()
-
 
 async def queue_ids(http: httpx.AsyncClient) -> list[str]:
     queue = (await http.get("/queue")).json()
@@ -291,19 +307,13 @@ async def _equals(value: Any, expected: Any) -> bool:
     return await value == expected
 
 
-async def gateway_fill(instance: Gateway, http: httpx.AsyncClient) -> dict[str, Any]:
-    before = await fill(instance, http)
-    await until(lambda: instance.saw_running("running"), what="the front seeing the prompt run")
-    return before
-
-
 async def test_front_of_comfyui_keeps_queue_and_history_across_kill_9(tmp_path: Path, cli_env: dict[str, str]
                                                                       ) -> None:
     instance = Gateway(tmp_path, cli_env)
     await instance.start()
     try:
         async with instance.http() as http:
-            before = await gateway_fill(instance, http)
+            before = await fill(instance, http)
             child = (await http.get("/readyz")).json()["pid"]
         await instance.kill()
         with contextlib.suppress(ProcessLookupError):  # (it would drain its running prompt for a while)
@@ -323,7 +333,7 @@ async def test_front_keeps_what_a_crashed_comfyui_forgot(tmp_path: Path, cli_env
     await instance.start()
     try:
         async with instance.http() as http:
-            before = await gateway_fill(instance, http)
+            before = await fill(instance, http)
             child = (await http.get("/readyz")).json()["pid"]
             os.kill(child, signal.SIGKILL)  # the supervisor starts a new ComfyUI, which knows nothing
             await until(lambda: not alive(child), what="ComfyUI gone")
@@ -355,6 +365,7 @@ async def test_front_history_survives_the_restart_button_and_clears_on_disk(tmp_
             assert set(await jobs_by_id(http)) == {"a", "b"}
             assert (await http.post("/history", json={"delete": ["a"]})).status_code == 200
             assert list((await http.get("/history")).json()) == ["b"]
+            assert instance.stored() == ({}, ["b"])
         await instance.kill()
         await instance.start()
         async with instance.http() as http:

@@ -43,7 +43,6 @@ async def post_prompt(request: web.Request) -> web.Response:
     number = body.number if body.number is not None else server.next_number(body.front)
     extra_data, sensitive = body.queued_extra_data()
     server.queue.put(QueueItem(number, prompt_id, body.prompt, extra_data, outputs_to_execute, sensitive))
-    await server.queue.flush()  # accepted means stored: it runs after a restart, even a kill -9
     return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
 
