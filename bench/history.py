@@ -169,6 +169,33 @@ async def write_figures(requests: int, workdir: Path) -> dict[str, float]:
     return figures
 
 
+def put_figures(workdir: Path, count: int = 10000) -> dict[str, float]:
+    """What a prompt's write costs the event loop itself: ``PromptQueue.put`` with a state store and without."""
+    from standard.server.prompt_queue import PromptQueue, QueueItem
+    from standard.state_store import StateStore
+
+    async def measure(store: StateStore | None) -> list[float]:
+        queue = PromptQueue(history_max_items=10000, store=store)
+        spent = []
+        for index in range(count):
+            item = QueueItem(index, f"p{index}", graph(index), {"client_id": "bench"}, ["2"])
+            started = time.perf_counter()
+            queue.put(item)
+            spent.append(time.perf_counter() - started)
+            if index % 100 == 99:
+                await queue.flush()  # as a server would: the writer keeps up between requests
+        return spent
+
+    store = StateStore.open(workdir / "put-state" / "standard-1.sqlite3", history_max_items=10000)
+    try:
+        durable = asyncio.run(measure(store))
+    finally:
+        store.close()
+    memory = asyncio.run(measure(None))
+    return {f"{kind}_{name}_us": pct(values, q) * 1e6 for kind, values in (("memory", memory), ("durable", durable))
+            for name, q in (("p50", 0.5), ("p99", 0.99))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -180,6 +207,10 @@ def main() -> None:
         if args.only != "write":
             print_restart(restart_figures(args.rounds, workdir))
         if args.only != "restart":
+            put = put_figures(workdir)
+            print(f"on the event loop, per prompt (PromptQueue.put): in memory p50 {put['memory_p50_us']:.1f} us "
+                  f"p99 {put['memory_p99_us']:.1f} us; with the state file p50 {put['durable_p50_us']:.1f} us "
+                  f"p99 {put['durable_p99_us']:.1f} us")
             print_write(asyncio.run(write_figures(args.requests, workdir)), args.requests)
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
 

@@ -152,6 +152,9 @@ class StateStore:
         lock_fd = _lock(path)
         try:
             conn = _connect(path)
+        except (OSError, sqlite3.Error) as exc:  # unreadable, read-only, a folder in its place...
+            os.close(lock_fd)
+            raise ConfigError(f"state file {path}: cannot open it: {exc}") from None
         except BaseException:
             os.close(lock_fd)
             raise

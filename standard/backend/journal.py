@@ -140,6 +140,8 @@ class PromptJournal:
                 await self._look(resubmit=True)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 log.debug("journal: ComfyUI did not answer: %r", exc)
+            except Exception:  # the watcher must outlive anything one answer does to it
+                log.exception("journal: a look at ComfyUI failed")
             await asyncio.sleep(POLL_S)
 
     async def _get(self, base_url: str, path: str) -> Any:
@@ -156,6 +158,8 @@ class PromptJournal:
                 return
             ids = list(self.outstanding)  # before asking: a prompt recorded later is not judged on this answer
             queue = await self._get(base_url, "/queue")
+            if not isinstance(queue, dict):
+                raise ValueError(f"/queue answered {type(queue).__name__}, not an object")
             running = {item[1] for item in queue.get("queue_running") or [] if _is_item(item)}
             pending = {item[1] for item in queue.get("queue_pending") or [] if _is_item(item)}
             gone = []
