@@ -352,8 +352,10 @@ async def test_front_history_survives_the_restart_button_and_clears_on_disk(tmp_
     await instance.start()
     try:
         async with instance.http() as http:
-            for prompt_id in ("a", "b"):
-                await queue_prompt(http, prompt_id, "g0")
+            await queue_prompt(http, "a", "g0")  # relayed on the fast path, recorded from the bytes it relayed
+            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g0", "b"), "prompt_id": "b"},
+                                   headers={"Cookie": "theme=dark"})  # a cookie takes the slow path (aiohttp's)
+            assert resp.status_code == 200, resp.text
             await until(lambda: finished(http, "a", "b"), what="a and b finished")
             before = (await http.get("/history")).json()
             child = (await http.get("/readyz")).json()["pid"]

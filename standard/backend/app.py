@@ -10,6 +10,9 @@ socket — is forwarded to ComfyUI, behind the same token auth as the embedded
 app. While a supervised child (re)starts, requests wait for it (up to
 ``REQUEST_WAIT_S``) rather than fail. ``comfyserve standard`` serves this app
 on ``fastpath.FastProxySite``, which relays plain API calls at the byte level.
+With a state file (``settings.state_file``; the command line always gives one)
+the front keeps a journal of ComfyUI's queue and history that outlives ComfyUI's
+restarts and its own (``journal``, ``journal_routes``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from ..state_store import StateStore
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
 from .journal import JOURNAL, PromptJournal
-from .journal_routes import add_journal_routes, local_paths
+from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
@@ -99,11 +102,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/extensions", extensions)
         app.router.add_get(prefix + "/system_stats", system_stats)
     app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
-    journal_paths: frozenset[str] = frozenset()
-    journal_prefixes: tuple[str, ...] = ()
     if settings.state_file is not None:  # the durable queue and history (standard.backend.journal)
         add_journal_routes(app)
-        journal_paths, journal_prefixes = local_paths()
     app.router.add_route("*", "/{tail:.*}", proxy)
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions", "/system_stats")
     app[FAST_PATH] = FastPathConfig(
@@ -111,9 +111,11 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         token=settings.token, base_url=lambda: None if is_draining(app) else backend.base_url,
         # /view takes the slow path too: its headers are rewritten there (file_headers policy)
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
-                              | {"/login", "/logout"} | FILE_ROUTES | journal_paths),
-        local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/", *journal_prefixes),
+                              | {"/login", "/logout"} | FILE_ROUTES),
+        local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
+        is_local=lambda method, path: is_local(app, method, path),
+        tap=lambda method, path: tap(app, method, path),
     )
     return app
 

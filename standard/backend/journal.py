@@ -2,7 +2,7 @@
 
 ComfyUI keeps its queue and history in memory. The front records each prompt
 ComfyUI accepted through it (``POST /prompt``: the body and the ``prompt_id``,
-on disk before the client gets its answer) in the instance's state store
+handed to the store's writer before the client gets its answer) in the instance's state store
 (``standard.state_store``), and a watcher follows those prompts in ComfyUI
 (``GET /queue``, then ``GET /history/<id>`` once one left the queue) and stores
 each history entry when it appears. A prompt that left ComfyUI's queue without
@@ -14,7 +14,7 @@ supervised ComfyUI) restarted. Then
   brought ComfyUI down, and running it again could do that on every start;
 * one it never saw running is *submitted again*, with its ``prompt_id``, in
   the order they were accepted. (A prompt that started and ended between two
-  looks of the watcher, ``POLL_S``, and whose history ComfyUI lost in a restart
+  looks of the watcher (``POLL_S``, longer while ComfyUI's queue is long), and whose history ComfyUI lost in a restart
   right after, is therefore run again: the one case where "once" is not kept.)
 
 The history the front serves (``/history``, ``/history/<id>``, ``/jobs``) is
@@ -40,7 +40,9 @@ from .runtime import Backend
 
 log = logging.getLogger("comfyserve.backend")
 
-POLL_S = 0.2  # how often ComfyUI's queue is looked at while prompts of ours are in it
+POLL_S = 0.2  # how often ComfyUI's queue is looked at while prompts of ours are in it...
+POLL_PER_PROMPT_S = 0.002  # ...less often the longer it is (ComfyUI answers /queue with every prompt in it)
+MAX_POLL_S = 3.0
 REQUEST_TIMEOUT_S = 10.0
 FORWARDED_HEADERS = ("Comfy-User",)  # request headers ComfyUI reads that a re-submission must carry too
 
@@ -100,11 +102,11 @@ class PromptJournal:
 
     # -- what the routes tell it -------------------------------------------------
 
-    async def record(self, prompt_id: str, number: float, body: dict[str, Any], headers: dict[str, str]) -> None:
-        """ComfyUI accepted this prompt: on disk before the client is answered."""
+    def record(self, prompt_id: str, number: float, body: dict[str, Any], headers: dict[str, str]) -> None:
+        """ComfyUI accepted this prompt: handed to the writer before the client is answered (not awaited,
+        as ``POST /prompt`` of the embedded engine: see ``standard.state_store``)."""
         self.outstanding[prompt_id] = Outstanding(number, body, headers)
         self.store.add_prompt(prompt_id, number, {"body": body, "headers": headers})
-        await self.store.flush()
         self._wake.set()
 
     async def forget_pending(self, prompt_ids: list[str] | None) -> None:
@@ -142,7 +144,7 @@ class PromptJournal:
                 log.debug("journal: ComfyUI did not answer: %r", exc)
             except Exception:  # the watcher must outlive anything one answer does to it
                 log.exception("journal: a look at ComfyUI failed")
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * len(self.outstanding)))
 
     async def _get(self, base_url: str, path: str) -> Any:
         assert self.session is not None
@@ -174,8 +176,12 @@ class PromptJournal:
                 elif prompt_id not in running and prompt_id not in pending:
                     gone.append(prompt_id)
             forgotten = []
-            for prompt_id in gone:  # ComfyUI writes the history entry before it leaves the queue
-                found = await self._get(base_url, f"/history/{prompt_id}")
+            # ComfyUI writes the history entry before it leaves the queue. What just finished is among the
+            # newest entries: one request for them all, then one per prompt not found there.
+            newest = await self._get(base_url, f"/history?max_items={2 * len(gone) + 16}") if gone else {}
+            for prompt_id in gone:
+                found = newest if isinstance(newest, dict) and prompt_id in newest else await self._get(
+                    base_url, f"/history/{prompt_id}")
                 if isinstance(found, dict) and isinstance(found.get(prompt_id), dict):
                     self._finish(prompt_id, found[prompt_id])
                 elif prompt_id in self.outstanding:

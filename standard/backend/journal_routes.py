@@ -1,16 +1,20 @@
 """The routes of the front that go through its journal (``standard.backend.journal``).
 
-``POST /prompt`` is recorded once ComfyUI accepted it; ``POST /queue``,
+``POST /prompt`` is recorded once ComfyUI accepted it (on the fast path from
+the bytes relayed, see ``tap``; on the slow path here); ``POST /queue``,
 ``POST /history`` and the ``/jobs`` cancels are applied to the journal once
 ComfyUI applied them; ``/history``, ``/history/<id>``, ``/jobs`` and
 ``/jobs/<id>`` are ComfyUI's answers merged with the stored history, so they
-hold what ComfyUI forgot in a restart. They take the slow path (the fast path
-relays bytes it does not read).
+hold what ComfyUI forgot in a restart. The fast path leaves these requests to
+the app (``is_local``); it relays everything else, e.g. a client polling
+``/history/<id>`` of a prompt that is still running.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,15 +30,80 @@ from ..serving import is_draining
 from .journal import FORWARDED_HEADERS, JOURNAL, PromptJournal
 from .proxy import backend_unavailable, relayed_headers, upstream_headers, upstream_url
 
+log = logging.getLogger("comfyserve.backend")
+
 WAIT_S = 30.0  # a request arriving while a supervised ComfyUI (re)starts waits this long for it
-PATHS = ("/prompt", "/queue", "/history", "/jobs", "/jobs/cancel")
-PREFIXES = ("/history/", "/jobs/")
+WRITES = frozenset({"/queue", "/history", "/jobs/cancel"})  # POST /prompt: the fast path's tap records it
+PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
+MERGED = frozenset({"/history", "/jobs"})
 
 
-def local_paths() -> tuple[frozenset[str], tuple[str, ...]]:
-    """(paths, prefixes) the fast path must leave to these routes."""
-    return (frozenset(prefix + path for prefix in ("", "/api") for path in PATHS),
-            tuple(prefix + path for prefix in ("", "/api") for path in PREFIXES))
+def is_local(app: web.Application, method: str, path: str) -> bool:
+    """Whether the fast path must leave this request to these routes: the writes they record, the
+    merged listings, and the history entries of prompts stored here (answered without asking ComfyUI).
+    Everything else (``GET /queue``, ``/history/<id>`` of a prompt still queued...) stays on the fast path."""
+    journal = app.get(JOURNAL)
+    if journal is None:
+        return False
+    if path.startswith("/api/"):
+        path = path[4:]
+    if method == "POST":
+        return path in WRITES or (path.startswith("/jobs/") and path.endswith("/cancel"))
+    if method != "GET":
+        return False
+    if path in MERGED:
+        return True
+    for prefix in ("/history/", "/jobs/"):
+        if path.startswith(prefix):
+            return path[len(prefix):] in journal.history
+    return False
+
+
+def tap(app: web.Application, method: str, path: str) -> Callable[[bytes, bytes], None] | None:
+    """For the fast path: ``POST /prompt`` relayed there is recorded from the bytes that went through."""
+    journal = app.get(JOURNAL)
+    if journal is None or method != "POST" or path not in PROMPT_PATHS:
+        return None
+    return lambda request, response: _record_relayed(journal, request, response)
+
+
+def _record_relayed(journal: PromptJournal, request: bytes, response: bytes) -> None:
+    response_head, _, response_body = response.partition(b"\r\n\r\n")
+    status_line, *response_lines = response_head.split(b"\r\n")
+    if status_line.split(b" ", 2)[1:2] != [b"200"]:
+        return
+    if any(line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower() for line in response_lines):
+        response_body = _unchunked(response_body)
+    accepted = _body(response_body)
+    if not isinstance(accepted.get("prompt_id"), str):
+        log.warning("ComfyUI accepted a prompt with an answer not understood here: it is not recorded")
+        return
+    request_head, _, request_body = request.partition(b"\r\n\r\n")
+    headers = {}
+    for line in request_head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        for wanted in FORWARDED_HEADERS:
+            if name.strip().lower() == wanted.lower():
+                headers[wanted] = value.strip()
+    number = accepted.get("number")
+    journal.record(accepted["prompt_id"], number if isinstance(number, (int, float)) else 0, _body(request_body),
+                   headers)
+
+
+def _unchunked(body: bytes) -> bytes:
+    out, pos = bytearray(), 0
+    while True:
+        newline = body.find(b"\r\n", pos)
+        if newline < 0:
+            return bytes(out)
+        try:
+            size = int(body[pos:newline].split(b";", 1)[0], 16)
+        except ValueError:
+            return bytes(out)
+        if size == 0:
+            return bytes(out)
+        out += body[newline + 2:newline + 2 + size]
+        pos = newline + 2 + size + 2
 
 
 def add_journal_routes(app: web.Application) -> None:
@@ -121,7 +190,7 @@ async def post_prompt(request: web.Request) -> web.StreamResponse:
     if isinstance(accepted, dict) and isinstance(accepted.get("prompt_id"), str):
         number = accepted.get("number")
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-        await request.app[JOURNAL].record(accepted["prompt_id"], number if isinstance(number, (int, float)) else 0,
+        request.app[JOURNAL].record(accepted["prompt_id"], number if isinstance(number, (int, float)) else 0,
                                           _body(raw), headers)
     return answer.response()
 
@@ -164,10 +233,9 @@ async def post_history(request: web.Request) -> web.StreamResponse:
 async def get_history_item(request: web.Request) -> web.StreamResponse:
     prompt_id = request.match_info["prompt_id"]
     stored = request.app[JOURNAL].history.get(prompt_id)
-    answer = await _ask_to_read(request) if stored is not None else await _ask(request)
-    if answer is None or (answer.status == 200 and answer.json() == {} and stored is not None):
+    if stored is not None:  # a copy of what ComfyUI answered, and what it forgets in a restart
         return web.json_response({prompt_id: stored})
-    return answer.response()
+    return (await _ask(request)).response()
 
 
 def _merged_history(journal: PromptJournal, theirs: Any) -> dict[str, Any]:
@@ -204,10 +272,9 @@ def _int(raw: str | None) -> int | None:
 async def get_job(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
     stored = request.app[JOURNAL].history.get(job_id)
-    answer = await _ask_to_read(request) if stored is not None else await _ask(request)
-    if answer is None or (answer.status == 404 and stored is not None):
+    if stored is not None:
         return web.json_response(jobs.history_job(job_id, _public(stored), include_outputs=True))
-    return answer.response()
+    return (await _ask(request)).response()
 
 
 async def get_jobs(request: web.Request) -> web.StreamResponse:
