@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--state-dir", default=None, metavar="DIR",
                help="where the durable queue and history live (a SQLite file per port; default DATA_DIR/.comfyserve): "
                     "a local disk when the data dir is a bucket mount or a NAS")
+    add_option(parser, "--no-state-file", action="store_true",
+               help="keep the queue and history in memory only, as ComfyUI does (the instances the API and "
+                    "cluster editions start: their own queue is the durable one)")
     add_option(parser, "--comfyui-dir", default=None,
                help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
     add_option(parser, "--comfyui-python", default=sys.executable,
@@ -78,7 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
-        state_file=default_state_file(state_dir.expanduser().resolve(), listen.port),
+        state_file=None if args.no_state_file else default_state_file(state_dir.expanduser().resolve(), listen.port),
         shutdown_timeout_s=listen.shutdown_timeout_s,
         storage=storage,
         access=listen.access,

@@ -381,3 +381,22 @@ async def test_front_history_survives_the_restart_button_and_clears_on_disk(tmp_
     finally:
         if instance.proc is not None and instance.proc.poll() is None:
             await instance.kill()
+
+
+async def test_no_state_file_keeps_memory_only_as_api_and_cluster_children_do(tmp_path: Path,
+                                                                             cli_env: dict[str, str]) -> None:
+    instance = Instance(tmp_path, cli_env, "--no-state-file")
+    open_gate(instance.data, "g0")
+    await instance.start()
+    try:
+        async with instance.http() as http:
+            await queue_prompt(http, "a", "g0")
+            await until(lambda: finished(http, "a"), what="a finished")
+        assert await instance.stop() == 0
+        await instance.start()
+        async with instance.http() as http:
+            assert (await http.get("/history")).json() == {}
+    finally:
+        if instance.proc is not None and instance.proc.poll() is None:
+            await instance.kill()
+    assert not instance.state_file.exists()
