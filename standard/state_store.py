@@ -163,6 +163,13 @@ class StateStore:
     def load(self) -> StoredState:
         """Everything stored (blocking: call before serving or through ``asyncio.to_thread``); history is
         cut to ``history_max_items`` (the newest) on disk too."""
+        try:
+            return self._load()
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"state file {self.path} is damaged ({exc!r}); it was left as it is: move it away "
+                              "(or give another --state-dir) to start with an empty queue and history") from None
+
+    def _load(self) -> StoredState:
         state = StoredState()
         with self._read_lock:
             conn = self._conn

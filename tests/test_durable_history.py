@@ -400,3 +400,21 @@ async def test_no_state_file_keeps_memory_only_as_api_and_cluster_children_do(tm
         if instance.proc is not None and instance.proc.poll() is None:
             await instance.kill()
     assert not instance.state_file.exists()
+
+
+async def test_rows_that_cannot_be_read_stop_the_start(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    from standard.state_store import StateStore
+
+    instance = Instance(tmp_path, cli_env)
+    store = StateStore.open(instance.state_file, history_max_items=10)
+    store.add_prompt("queued", 1, {"prompt": {}, "extra_data": {}, "outputs_to_execute": [], "sensitive": {}})
+    store.close()
+    front = run_once(instance, "--comfyui-dir", str(SHIM_DIR))  # an engine's queued prompt is no front's
+    assert front.returncode == 2, front.stderr
+    assert "prompt queued was not stored by a front of ComfyUI" in front.stderr
+
+    with contextlib.closing(sqlite3.connect(instance.state_file)) as db, db:
+        db.execute("INSERT INTO history (prompt_id, entry) VALUES ('torn', '{\"prompt\": [1, ')")
+    result = run_once(instance)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"comfyserve standard: state file {instance.state_file} is damaged")

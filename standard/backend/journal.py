@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..errors import ConfigError
 from ..server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 from ..state_store import StateStore, restart_error
 from .runtime import Backend
@@ -79,8 +80,13 @@ class PromptJournal:
         for stored in state.history:
             self.history[stored.prompt_id] = stored.entry
         for prompt in state.prompts:
-            self.outstanding[prompt.prompt_id] = Outstanding(prompt.number, prompt.payload["body"],
-                                                             prompt.payload.get("headers") or {}, prompt.running)
+            body = prompt.payload.get("body") if isinstance(prompt.payload, dict) else None
+            if not isinstance(body, dict):
+                raise ConfigError(f"state file {self.store.path}: prompt {prompt.prompt_id} was not stored by a "
+                                  "front of ComfyUI (an embedded-engine state file?); give this front another "
+                                  "--state-dir or --port")
+            self.outstanding[prompt.prompt_id] = Outstanding(prompt.number, body, prompt.payload.get("headers") or {},
+                                                             prompt.running)
         log.info("state %s: %d prompt(s) forwarded and not finished, %d history entr%s", self.store.path,
                  len(self.outstanding), len(self.history), "y" if len(self.history) == 1 else "ies")
         self._task = asyncio.create_task(self._watch(), name="comfyserve-journal")

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..datadir import DataDir, WorkDirs
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError
 from ..settings import StandardSettings
 from ..state_store import StateStore
 from .metrics import ExecutionMetrics
@@ -106,7 +106,12 @@ class PromptServer:
             await asyncio.to_thread(store.close)
             raise
         self.queue.store = store
-        failed = self.queue.restore(state)
+        try:
+            failed = self.queue.restore(state)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # rows this version cannot read
+            await asyncio.to_thread(store.close)
+            raise ConfigError(f"state file {path}: a stored prompt cannot be read ({exc!r}); move the file away "
+                              "(or give another --state-dir) to start with an empty queue and history") from None
         self.number = self.queue.highest_number() + 1
         for prompt_id in failed:
             log.warning("prompt %s was running when the server stopped: reported failed in its history", prompt_id)
@@ -276,7 +281,10 @@ class PromptServer:
             if got is None:
                 continue  # woken for flags only
             task_id, item = got
-            await self.queue.flush()  # "running" is on disk before it runs: a restart never runs it twice
+            try:
+                await self.queue.flush()  # "running" is on disk before it runs: a restart never runs it twice
+            except Exception as exc:  # the disk failing must not stop the queue (the writer logged it)
+                log.error("prompt %s runs although its state could not be written: %r", item.prompt_id, exc)
             async with self._run_lock:
                 await self._run_one(task_id, item)
                 if self.queue.flags:
