@@ -45,6 +45,9 @@ if delay_s:
     time.sleep(delay_s)
 print(f"shim: serving {base} on {args.listen}:{args.port}", flush=True)
 env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYSERVE_")}
+temp_dir = Path(args.temp_directory or base / "temp")
+temp_dir.mkdir(parents=True, exist_ok=True)
+state_dir = tempfile.mkdtemp(prefix="comfyui-shim-state-", dir=temp_dir)  # a new one each start: it forgets
 os.execve(sys.executable, [sys.executable, "-m", "standard", "--listen", args.listen, "--port", str(args.port),
                           "--data-dir", str(base), "--max-upload-size", f"{args.max_upload_size:g}",
-                          "--state-dir", tempfile.mkdtemp(prefix="comfyui-shim-state-")], env)
+                          "--state-dir", state_dir], env)
