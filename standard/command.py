@@ -23,10 +23,12 @@ from .listen import add_listen_arguments, listen_settings_from_args
 from .options import add_option
 from .serving import Role, serve_until_stopped
 from .settings import DEFAULT_MAX_UPLOAD_SIZE_MB, DEFAULT_PORT, StandardSettings
+from .state_store import default_state_file
 from .storage.settings import add_storage_arguments, storage_settings_from_args
 
 log = logging.getLogger("comfyserve.standard")
 SHUTDOWN_TIMEOUT_S = 15.0
+STATE_SUBDIR = ".comfyserve"  # the instance's private state inside the data dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--max-upload-size", type=float, default=DEFAULT_MAX_UPLOAD_SIZE_MB,
                help="largest request body in MB (bigger ones get 413)")
     add_option(parser, "--history-max-items", type=int, default=10000,
-               help="finished prompts kept in /history (oldest dropped first)")
+               help="finished prompts kept in /history, in memory and in the state file (oldest dropped first)")
+    add_option(parser, "--state-dir", default=None, metavar="DIR",
+               help="where the durable queue and history live (a SQLite file per port; default DATA_DIR/.comfyserve): "
+                    "a local disk when the data dir is a bucket mount or a NAS")
+    add_option(parser, "--no-state-file", action="store_true",
+               help="keep the queue and history in memory only, as ComfyUI does (the instances the API and "
+                    "cluster editions start: their own queue is the durable one)")
     add_option(parser, "--comfyui-dir", default=None,
                help="a ComfyUI checkout to run as a supervised child instead of the embedded engine")
     add_option(parser, "--comfyui-python", default=sys.executable,
@@ -61,6 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         raise ConfigError("--history-max-items must be at least 1")
     storage = storage_settings_from_args(args, args.data_dir)
     local_dir = storage.local_root if storage is not None and storage.location else Path(args.data_dir)
+    state_dir = Path(args.state_dir) if args.state_dir else local_dir / STATE_SUBDIR
     settings = StandardSettings(
         data_dir=local_dir.expanduser().resolve(),
         host=listen.host,
@@ -73,6 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         comfyui_args=comfyui_args(args),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
+        state_file=None if args.no_state_file else default_state_file(state_dir.expanduser().resolve(), listen.port),
         shutdown_timeout_s=listen.shutdown_timeout_s,
         storage=storage,
         access=listen.access,

@@ -31,6 +31,8 @@ class StandardSettings:
     comfyui_args: tuple[str, ...] = ()
     backend_url: str | None = None
     history_max_items: int = 10000
+    # The durable queue and history (standard.state_store); None: in memory only (the CLI always sets it).
+    state_file: Path | None = None
     # On SIGTERM: how long the accepted prompts may take to finish before the running one is interrupted.
     shutdown_timeout_s: float = 10.0
     # --data-dir oss://..., --oss-bucket or --output-url-base (standard.storage); None: plain folder.

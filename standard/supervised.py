@@ -356,6 +356,7 @@ class StandardChild:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         return [sys.executable, "-m", "standard.cli", "--log-level", str(level), "standard",
                 "--listen", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                "--no-state-file",  # the parent's queue is the durable one: a lost prompt is given back there
                 *self.extra_args]
 
     async def answers(self) -> tuple[bool, str]:

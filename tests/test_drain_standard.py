@@ -118,7 +118,7 @@ async def test_past_the_timeout_the_running_prompt_is_interrupted_and_exit_is_0(
             proc.kill()
             proc.wait()
     text = log.read_text()
-    assert f"not run: {prompt_uuid('never-started')}" in text, text
+    assert f"kept for the next start: {prompt_uuid('never-started')}" in text, text  # queued prompts stay on disk
     assert not list((data / "output").glob("*.png"))
 
 
@@ -194,6 +194,6 @@ async def test_real_comfyui_child_is_interrupted_past_the_timeout(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert f"not run: {prompt_uuid('dropped')}" in log.read_text()
+    assert f"kept for the next start: {prompt_uuid('dropped')}" in log.read_text()  # kept for the next start
     assert not list((data / "output").glob("*.png"))
     assert runs_of(data, "g2") == 0

@@ -10,6 +10,9 @@ socket — is forwarded to ComfyUI, behind the same token auth as the embedded
 app. While a supervised child (re)starts, requests wait for it (up to
 ``REQUEST_WAIT_S``) rather than fail. ``comfyserve standard`` serves this app
 on ``fastpath.FastProxySite``, which relays plain API calls at the byte level.
+With a state file (``settings.state_file``; the command line always gives one)
+the front keeps a journal of ComfyUI's queue and history that outlives ComfyUI's
+restarts and its own (``journal``, ``journal_routes``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from ..server.prompt_request import refused_while_draining
 from ..server.routes_info import without_secrets
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
+from ..state_store import StateStore
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
+from .journal import JOURNAL, PromptJournal
+from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
@@ -96,6 +102,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/extensions", extensions)
         app.router.add_get(prefix + "/system_stats", system_stats)
     app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
+    if settings.state_file is not None:  # the durable queue and history (standard.backend.journal)
+        add_journal_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy)
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions", "/system_stats")
     app[FAST_PATH] = FastPathConfig(
@@ -106,6 +114,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
                               | {"/login", "/logout"} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
+        is_local=lambda method, path: is_local(app, method, path),
+        tap=lambda method, path: tap(app, method, path),
     )
     return app
 
@@ -121,13 +131,30 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     backend = app[BACKEND]
-    await backend.start(session)
+    settings = app[SETTINGS]
+    journal: PromptJournal | None = None
+    try:
+        if settings.state_file is not None:  # before ComfyUI starts: a state file that is not ours stops us
+            store = await asyncio.to_thread(StateStore.open, settings.state_file,
+                                            history_max_items=settings.history_max_items)
+            journal = app[JOURNAL] = PromptJournal(store, backend, strip_auth=settings.token is not None)
+            await journal.start(session)
+        await backend.start(session)
+    except BaseException:
+        if journal is not None:
+            await journal.stop()
+        await session.close()
+        raise
     log.info("real-ComfyUI runtime: %s", backend.kind)
     yield
     try:
-        await backend.stop()
+        if journal is not None:
+            await journal.stop()  # a last look at ComfyUI first: what finished while draining is kept
     finally:
-        await session.close()
+        try:
+            await backend.stop()
+        finally:
+            await session.close()
 
 
 async def _drain(app: web.Application, timeout_s: float) -> None:
@@ -147,7 +174,10 @@ async def _drain(app: web.Application, timeout_s: float) -> None:
         log.warning("shutdown timeout: the backend still has %d prompt(s); they run on there",
                     len(pending) + len(queue.get("queue_running") or []))
         return
-    if pending:
+    if pending and JOURNAL in app:
+        log.warning("shutdown timeout: %d queued prompt(s) kept for the next start: %s", len(pending),
+                    ", ".join(map(str, pending)))
+    elif pending:
         log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(pending), ", ".join(map(str, pending)))
     await _backend_post(app, "/queue", {"clear": True})
     await _backend_post(app, "/interrupt", {})
@@ -209,6 +239,8 @@ async def restart(request: web.Request) -> web.StreamResponse:
     if await _prompt_running(request):
         raise json_error(409, "prompt_running", "cannot restart while a prompt runs",
                          "interrupt it or wait for it to finish")
+    if JOURNAL in request.app:
+        await request.app[JOURNAL].sync()  # what ComfyUI finished is kept before it forgets
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 

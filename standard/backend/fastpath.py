@@ -37,6 +37,7 @@ from .upstream import MAX_HEAD_BYTES, Pool, Pools, Upstream, UpstreamFailed
 log = logging.getLogger("comfyserve.backend")
 
 MAX_FAST_BODY_BYTES = 1024 * 1024
+MAX_TAPPED_BYTES = 1024 * 1024
 IDLE_TIMEOUT_S = 75.0
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 DROP_REQUEST = frozenset({b"authorization", b"connection", b"keep-alive", b"proxy-authorization",
@@ -57,6 +58,11 @@ class FastPathConfig:
     metrics: BackendMetrics
     # AccessGuard.relay_allowed(Host): False while wrong tokens are being slowed, or for a Host not served.
     relay_allowed: Callable[[str | None], bool] = lambda host: True
+    # (method, path) -> True for a request the app must see although its path is not local (the journal's).
+    is_local: Callable[[str, str], bool] = lambda method, path: False
+    # (method, path) -> a callback given (request, response) bytes of that exchange once relayed whole
+    # (the journal records POST /prompt this way), or None: most requests are not watched.
+    tap: Callable[[str, str], Callable[[bytes, bytes], None] | None] = lambda method, path: None
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Head:
     out: bytes  # the head to send upstream
     body_length: int
     close: bool
+    tap: Callable[[bytes, bytes], None] | None = None
 
 
 def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | None:
@@ -87,6 +94,8 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
     if "%" in path or "\\" in path or path in config.local_paths or "/." in path:
         return None
     if config.local_prefixes and path.startswith(config.local_prefixes):
+        return None
+    if config.is_local(method, path):
         return None
     if query and any(item.split("=", 1)[0] == "token" for item in query.split("&")):
         return None
@@ -142,7 +151,7 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
         out.append(f"X-Forwarded-For: {peer}")
     out.append("X-Forwarded-Proto: http")
     out.append("\r\n")
-    return Head(method.encode(), target.encode(), "\r\n".join(out).encode(), length, close)
+    return Head(method.encode(), target.encode(), "\r\n".join(out).encode(), length, close, config.tap(method, path))
 
 
 def error_response(status: int, reason: str, message: str, details: str) -> bytes:
@@ -174,6 +183,7 @@ class Downstream(asyncio.Protocol):
         self.head: Head | None = None
         self.attempt = 0
         self.reused = False
+        self.tapped: bytearray | None = None  # the response so far, for the exchange's tap
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
@@ -223,6 +233,11 @@ class Downstream(asyncio.Protocol):
         self.paused_upstream = False
 
     def write(self, data: bytes) -> None:
+        if self.tapped is not None:
+            self.tapped += data
+            if len(self.tapped) > MAX_TAPPED_BYTES:
+                log.warning("a watched response is larger than %d bytes: not recorded", MAX_TAPPED_BYTES)
+                self.tapped = None
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
@@ -261,6 +276,7 @@ class Downstream(asyncio.Protocol):
         del self.buffer[:total]
         self.busy = True
         self.pool, self.request, self.head = pool, head.out + body, head
+        self.tapped = bytearray() if head.tap is not None else None
         self.attempt = 0
         self._send()
 
@@ -296,6 +312,12 @@ class Downstream(asyncio.Protocol):
 
     def response_done(self, conn: Upstream, client_keepalive: bool) -> None:
         self.upstream = None
+        if self.tapped is not None and self.head is not None and self.head.tap is not None:
+            try:
+                self.head.tap(self.request, bytes(self.tapped))
+            except Exception:  # a watcher's bug must not break the relay
+                log.exception("the tap of %s failed", self.head.target[:200])
+            self.tapped = None
         if self.paused_upstream and conn.transport is not None:
             conn.transport.resume_reading()  # it goes back to the pool: it must read again
             self.paused_upstream = False
@@ -305,6 +327,8 @@ class Downstream(asyncio.Protocol):
 
     def response_failed(self, conn: Upstream, exc: UpstreamFailed) -> None:
         self.upstream = None
+        if self.tapped is not None:
+            self.tapped = bytearray()  # a retry starts over
         if self.pool is not None:
             self.pool.release(conn)
         if exc.nothing_received and self.reused and self.attempt == 0 and not self.closed:

@@ -6,6 +6,15 @@ as ComfyUI's tuple ``[number, prompt_id, prompt, extra_data,
 outputs_to_execute]``; sensitive extra_data keys are kept apart and never
 shown. All methods run on the event loop thread; the worker awaits
 :meth:`PromptQueue.get`.
+
+With a :class:`~standard.state_store.StateStore` every change is also
+recorded there (off the loop) and :meth:`PromptQueue.restore` reads it back
+at start: pending prompts run again in their order; a prompt that was running
+when the process stopped (``kill -9``, a crash, a shutdown timeout whose
+interrupt did not end it) is *reported failed*, not re-run: it may be what
+brought the process down (a node that runs out of memory would do it again on
+every start), and a client polling its history gets a definite answer
+(``execution_error`` naming the restart) instead of a silent re-run or ``{}``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..state_store import StateStore, StoredState, restart_error
 
 # ComfyUI keeps these out of /queue and /history (execution.SENSITIVE_EXTRA_DATA_KEYS).
 SENSITIVE_EXTRA_DATA_KEYS: tuple[str, ...] = ("auth_token_comfy_org", "api_key_comfy_org")
@@ -40,6 +51,16 @@ class QueueItem:
         """ComfyUI's 5-tuple, as /queue and /history show it."""
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
 
+    def payload(self) -> dict[str, Any]:
+        """What the state store keeps (the sensitive keys too: the file is 0600, and a re-run needs them)."""
+        return {"prompt": self.prompt, "extra_data": self.extra_data, "outputs_to_execute": self.outputs_to_execute,
+                "sensitive": self.sensitive}
+
+    @classmethod
+    def from_payload(cls, number: float, prompt_id: str, payload: dict[str, Any]) -> QueueItem:
+        return cls(number, prompt_id, payload["prompt"], payload["extra_data"], payload["outputs_to_execute"],
+                   payload.get("sensitive") or {})
+
     def execution_extra_data(self) -> dict[str, Any]:
         """extra_data with the sensitive keys put back, for the executor only."""
         return {**self.extra_data, **self.sensitive}
@@ -60,7 +81,9 @@ class ExecutionStatus:
 class PromptQueue:
     """Pending heap, the running item and a bounded, insertion-ordered history."""
 
-    def __init__(self, *, history_max_items: int, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, *, history_max_items: int, on_change: Callable[[], None] = lambda: None,
+                 store: StateStore | None = None) -> None:
+        self.store = store
         self._heap: list[tuple[float, int, QueueItem]] = []
         self._seq = itertools.count()
         self._running: dict[int, QueueItem] = {}
@@ -75,7 +98,43 @@ class PromptQueue:
 
     # -- queue -----------------------------------------------------------------
 
+    def restore(self, state: StoredState) -> list[str]:
+        """Take back a stored queue and history (before the worker starts); the ids reported failed."""
+        for stored in state.history:
+            self._history[stored.prompt_id] = stored.entry
+            if stored.times_ms is not None:
+                self._times_ms[stored.prompt_id] = stored.times_ms
+        for stored in state.pending:
+            item = QueueItem.from_payload(stored.number, stored.prompt_id, stored.payload)
+            heapq.heappush(self._heap, (item.number, next(self._seq), item))
+        failed = []
+        for stored in state.running:
+            item = QueueItem.from_payload(stored.number, stored.prompt_id, stored.payload)
+            task_id = next(self._task_ids)
+            self._running[task_id] = item
+            self.task_done(task_id, {"outputs": {}, "meta": {}},
+                           ExecutionStatus("error", False, [restart_error(item.prompt_id)]))
+            failed.append(item.prompt_id)
+        if self._heap:
+            self._available.set()
+        return failed
+
+    def highest_number(self) -> int:
+        """The largest |number| known (the next one counts on from it after a restart)."""
+        numbers = [abs(e[2].number) for e in self._heap]
+        numbers += [abs(entry["prompt"][0]) for entry in self._history.values()
+                    if isinstance(entry.get("prompt"), list) and entry["prompt"]
+                    and isinstance(entry["prompt"][0], (int, float))]
+        return int(max(numbers, default=-1))
+
+    async def flush(self) -> None:
+        """Until the changes made so far are on disk (at once without a store)."""
+        if self.store is not None:
+            await self.store.flush()
+
     def put(self, item: QueueItem) -> None:
+        if self.store is not None:
+            self.store.add_prompt(item.prompt_id, item.number, item.payload())
         heapq.heappush(self._heap, (item.number, next(self._seq), item))
         self._available.set()
         self._on_change()
@@ -92,6 +151,8 @@ class PromptQueue:
         task_id = next(self._task_ids)
         self._running[task_id] = item
         self._started_ms[task_id] = int(time.time() * 1000)
+        if self.store is not None:
+            self.store.mark_running(item.prompt_id)
         return task_id, item
 
     def wake(self) -> None:
@@ -110,6 +171,8 @@ class PromptQueue:
         entry: dict[str, Any] = {"prompt": item.public(), "outputs": {}, "status": status.as_dict()}
         entry.update(history_result)
         self._history[item.prompt_id] = entry
+        if self.store is not None:
+            self.store.finish(item.prompt_id, entry, self._times_ms[item.prompt_id])
         self._on_change()
 
     def running(self) -> list[QueueItem]:
@@ -135,8 +198,11 @@ class PromptQueue:
             item.prompt_id == prompt_id for item in self._running.values()
         )
 
-    def wipe_queue(self) -> None:
+    def wipe_queue(self, *, on_disk: bool = True) -> None:
+        """Drop every pending prompt; ``on_disk=False`` keeps them in the store for the next start."""
         self._heap.clear()
+        if on_disk and self.store is not None:
+            self.store.drop_prompts()
         self._on_change()
 
     def delete_queue_item(self, prompt_id: str) -> bool:
@@ -145,6 +211,8 @@ class PromptQueue:
             if entry[2].prompt_id == prompt_id:
                 self._heap.pop(index)
                 heapq.heapify(self._heap)
+                if self.store is not None:
+                    self.store.drop_prompts([prompt_id])
                 self._on_change()
                 return True
         return False
@@ -180,7 +248,11 @@ class PromptQueue:
     def wipe_history(self) -> None:
         self._history.clear()
         self._times_ms.clear()
+        if self.store is not None:
+            self.store.delete_history()
 
     def delete_history_item(self, prompt_id: str) -> None:
         self._history.pop(prompt_id, None)
         self._times_ms.pop(prompt_id, None)
+        if self.store is not None:
+            self.store.delete_history([prompt_id])

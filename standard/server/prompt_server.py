@@ -24,8 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from ..datadir import DataDir, WorkDirs
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError
 from ..settings import StandardSettings
+from ..state_store import StateStore
 from .metrics import ExecutionMetrics
 from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
 
@@ -84,13 +85,38 @@ class PromptServer:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the engine (off the loop), then start the publisher and the worker."""
+        """Read back the stored queue and history, load the engine (both off the loop), then start the
+        publisher and the worker. A state file that cannot be ours raises ConfigError (exit 2)."""
         self._loop = asyncio.get_running_loop()
+        await self._open_store()
         await self._load_engine()
         self._tasks = [
             asyncio.create_task(self._publish_loop(), name="comfyserve-publish"),
             asyncio.create_task(self._worker_loop(), name="comfyserve-worker"),
         ]
+
+    async def _open_store(self) -> None:
+        path = self.settings.state_file
+        if path is None:
+            return
+        store = await asyncio.to_thread(StateStore.open, path, history_max_items=self.settings.history_max_items)
+        try:
+            state = await asyncio.to_thread(store.load)
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
+        self.queue.store = store
+        try:
+            failed = self.queue.restore(state)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # rows this version cannot read
+            await asyncio.to_thread(store.close)
+            raise ConfigError(f"state file {path}: a stored prompt cannot be read ({exc!r}); move the file away "
+                              "(or give another --state-dir) to start with an empty queue and history") from None
+        self.number = self.queue.highest_number() + 1
+        for prompt_id in failed:
+            log.warning("prompt %s was running when the server stopped: reported failed in its history", prompt_id)
+        log.info("state %s: %d queued prompt(s), %d history entr%s", path, len(state.pending), len(state.history),
+                 "y" if len(state.history) == 1 else "ies")
 
     async def drain(self, timeout_s: float) -> None:
         """SIGTERM (the routes refuse new prompts meanwhile): run what was accepted, within ``timeout_s``.
@@ -111,7 +137,11 @@ class PromptServer:
             log.info("drained: every accepted prompt ran")
             return
         dropped = [item.prompt_id for item in self.queue.pending()]
-        if dropped:
+        if dropped and self.queue.store is not None:
+            self.queue.wipe_queue(on_disk=False)
+            log.warning("shutdown timeout: %d queued prompt(s) kept for the next start: %s", len(dropped),
+                        ", ".join(dropped))
+        elif dropped:
             self.queue.wipe_queue()
             log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(dropped), ", ".join(dropped))
         if self.running_prompt_id is not None:
@@ -148,6 +178,8 @@ class PromptServer:
         for ws in list(self.sockets.values()):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"server shutdown")
+        if self.queue.store is not None:
+            await asyncio.to_thread(self.queue.store.close)
 
     async def _load_engine(self) -> None:
         # Imported on start, not with this module: an engine that cannot be imported is
@@ -250,6 +282,10 @@ class PromptServer:
                 continue  # woken for flags only
             task_id, item = got
             self.queue_updated()  # ComfyUI's queue tells on taking an item too: a second ``status``
+            try:
+                await self.queue.flush()  # "running" is on disk before it runs: a restart never runs it twice
+            except Exception as exc:  # the disk failing must not stop the queue (the writer logged it)
+                log.error("prompt %s runs although its state could not be written: %r", item.prompt_id, exc)
             async with self._run_lock:
                 await self._run_one(task_id, item)
                 if self.queue.flags:

@@ -109,7 +109,9 @@ def _cancel(server: PromptServer, job_ids: list[str]) -> list[str]:
 
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
-    cancelled = _cancel(prompt_server(request), [request.match_info["job_id"]])
+    server = prompt_server(request)
+    cancelled = _cancel(server, [request.match_info["job_id"]])
+    await server.queue.flush()  # the cancel is on disk before its answer
     return web.json_response({"cancelled": bool(cancelled)})
 
 
@@ -128,4 +130,7 @@ def cancel_ids(body: dict[str, Any]) -> list[str]:
 @routes.post("/jobs/cancel")
 async def cancel_jobs(request: web.Request) -> web.Response:
     job_ids = cancel_ids(await read_json_object(request))
-    return web.json_response({"cancelled": bool(_cancel(prompt_server(request), job_ids))})
+    server = prompt_server(request)
+    cancelled = _cancel(server, job_ids)
+    await server.queue.flush()  # the cancels are on disk before their answer
+    return web.json_response({"cancelled": bool(cancelled)})

@@ -66,6 +66,7 @@ async def post_queue(request: web.Request) -> web.Response:
         server.queue.wipe_queue()
     for prompt_id in to_delete:
         server.queue.delete_queue_item(prompt_id)
+    await server.queue.flush()  # a 200 means it is off the disk too: a kill -9 now does not bring it back
     return web.Response(status=200)
 
 
@@ -115,4 +116,5 @@ async def post_history(request: web.Request) -> web.Response:
         server.queue.wipe_history()
     for prompt_id in to_delete:
         server.queue.delete_history_item(prompt_id)
+    await server.queue.flush()
     return web.Response(status=200)

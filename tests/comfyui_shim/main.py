@@ -6,13 +6,15 @@ wait before serving (``COMFYUI_SHIM_DELAY_S``, for slow model loads), can
 fail at start as ComfyUI does on a bad flag or a missing GPU (``--shim-fail
 MESSAGE``: the message on stderr, exit code 3), and then becomes a
 comfyserve instance on the data dir it was given, which speaks the same
-protocol.
+protocol. Like ComfyUI it forgets its queue and history when it stops: each
+start keeps its state in a new temporary folder.
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,5 +52,9 @@ if delay_s:
     time.sleep(delay_s)
 print(f"shim: serving {base} on {args.listen}:{args.port}", flush=True)
 env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYSERVE_")}
+temp_dir = Path(args.temp_directory or base / "temp")
+temp_dir.mkdir(parents=True, exist_ok=True)
+state_dir = tempfile.mkdtemp(prefix="comfyui-shim-state-", dir=temp_dir)  # a new one each start: it forgets
 os.execve(sys.executable, [sys.executable, "-m", "standard", "--listen", args.listen, "--port", str(args.port),
-                          "--data-dir", str(base), "--max-upload-size", f"{args.max_upload_size:g}"], env)
+                          "--data-dir", str(base), "--max-upload-size", f"{args.max_upload_size:g}",
+                          "--state-dir", state_dir], env)

@@ -1,0 +1,252 @@
+"""What the front of real ComfyUI forwarded and what came back, kept although ComfyUI forgets.
+
+ComfyUI keeps its queue and history in memory. The front records each prompt
+ComfyUI accepted through it (``POST /prompt``: the body and the ``prompt_id``,
+handed to the store's writer before the client gets its answer) in the instance's state store
+(``standard.state_store``), and a watcher follows those prompts in ComfyUI
+(``GET /queue``, then ``GET /history/<id>`` once one left the queue) and stores
+each history entry when it appears. A prompt that left ComfyUI's queue without
+a history entry was forgotten: ComfyUI (or this process, and with it a
+supervised ComfyUI) restarted. Then
+
+* one the watcher saw running is *reported failed* (an ``execution_error``
+  naming the restart, as the embedded engine reports it): it may be what
+  brought ComfyUI down, and running it again could do that on every start;
+* one it never saw running is *submitted again*, with its ``prompt_id``, in
+  the order they were accepted. (A prompt that started and ended between two
+  looks of the watcher (``POLL_S``, longer while ComfyUI's queue is long), and whose history ComfyUI lost in a restart
+  right after, is therefore run again: the one case where "once" is not kept.)
+
+The history the front serves (``/history``, ``/history/<id>``, ``/jobs``) is
+ComfyUI's merged with the stored one, so it answers after a restart as before.
+Deleting from ComfyUI's queue or history through the front deletes here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..errors import ConfigError
+from ..server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
+from ..state_store import StateStore, restart_error
+from .runtime import Backend
+
+log = logging.getLogger("comfyserve.backend")
+
+POLL_S = 0.2  # how often ComfyUI's queue is looked at while prompts of ours are in it...
+POLL_PER_PROMPT_S = 0.002  # ...less often the longer it is (ComfyUI answers /queue with every prompt in it)
+MAX_POLL_S = 3.0
+REQUEST_TIMEOUT_S = 10.0
+FORWARDED_HEADERS = ("Comfy-User",)  # request headers ComfyUI reads that a re-submission must carry too
+
+
+@dataclass
+class Outstanding:
+    """A prompt ComfyUI accepted from us and that has no history entry yet."""
+
+    number: float
+    body: dict[str, Any]
+    headers: dict[str, str]
+    running: bool = False
+
+
+class PromptJournal:
+    """The stored prompts and history of a front; the watcher task that keeps them in step with ComfyUI."""
+
+    def __init__(self, store: StateStore, backend: Backend, *, strip_auth: bool) -> None:
+        self.store = store
+        self.backend = backend
+        self.strip_auth = strip_auth  # our token is not ComfyUI's business
+        self.outstanding: OrderedDict[str, Outstanding] = OrderedDict()
+        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._round = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        state = await asyncio.to_thread(self.store.load)
+        for stored in state.history:
+            self.history[stored.prompt_id] = stored.entry
+        for prompt in state.prompts:
+            body = prompt.payload.get("body") if isinstance(prompt.payload, dict) else None
+            if not isinstance(body, dict):
+                raise ConfigError(f"state file {self.store.path}: prompt {prompt.prompt_id} was not stored by a "
+                                  "front of ComfyUI (an embedded-engine state file?); give this front another "
+                                  "--state-dir or --port")
+            self.outstanding[prompt.prompt_id] = Outstanding(prompt.number, body, prompt.payload.get("headers") or {},
+                                                             prompt.running)
+        log.info("state %s: %d prompt(s) forwarded and not finished, %d history entr%s", self.store.path,
+                 len(self.outstanding), len(self.history), "y" if len(self.history) == 1 else "ies")
+        self._task = asyncio.create_task(self._watch(), name="comfyserve-journal")
+
+    async def stop(self) -> None:
+        """One last look at ComfyUI (what finished while draining is kept), then close the store."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.sync()
+        await asyncio.to_thread(self.store.close)
+
+    async def sync(self) -> None:
+        """Take in what ComfyUI finished by now (before it is restarted on purpose); quiet if it does not answer."""
+        if self.outstanding and self.backend.base_url is not None:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                await self._look(resubmit=False)
+
+    # -- what the routes tell it -------------------------------------------------
+
+    def record(self, prompt_id: str, number: float, body: dict[str, Any], headers: dict[str, str]) -> None:
+        """ComfyUI accepted this prompt: handed to the writer before the client is answered (not awaited,
+        as ``POST /prompt`` of the embedded engine: see ``standard.state_store``)."""
+        self.outstanding[prompt_id] = Outstanding(number, body, headers)
+        self.store.add_prompt(prompt_id, number, {"body": body, "headers": headers})
+        self._wake.set()
+
+    async def forget_pending(self, prompt_ids: list[str] | None) -> None:
+        """Deleted from ComfyUI's queue through us (all pending ones when None): not to be re-submitted."""
+        ids = [pid for pid, o in self.outstanding.items() if not o.running] if prompt_ids is None else prompt_ids
+        for prompt_id in ids:
+            outstanding = self.outstanding.get(prompt_id)
+            if outstanding is not None and not outstanding.running:
+                del self.outstanding[prompt_id]
+        self.store.drop_prompts(ids if prompt_ids is not None else None)
+        await self.store.flush()
+
+    async def forget_history(self, prompt_ids: list[str] | None) -> None:
+        if prompt_ids is None:
+            self.history.clear()
+        for prompt_id in prompt_ids or ():
+            self.history.pop(prompt_id, None)
+        self.store.delete_history(prompt_ids)
+        await self.store.flush()
+
+    # -- the watcher -------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            if not self.outstanding:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.backend.base_url is None:
+                await self.backend.wait_ready(REQUEST_TIMEOUT_S)
+                continue
+            try:
+                await self._look(resubmit=True)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                log.debug("journal: ComfyUI did not answer: %r", exc)
+            except Exception:  # the watcher must outlive anything one answer does to it
+                log.exception("journal: a look at ComfyUI failed")
+            await asyncio.sleep(min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * len(self.outstanding)))
+
+    async def _get(self, base_url: str, path: str) -> Any:
+        assert self.session is not None
+        async with self.session.get(base_url + path, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
+            resp.raise_for_status()
+            return await resp.json(content_type=None)
+
+    async def _look(self, *, resubmit: bool) -> None:
+        """One round: note what runs, store what finished, deal with what ComfyUI forgot."""
+        async with self._round:
+            base_url = self.backend.base_url
+            if base_url is None:
+                return
+            ids = list(self.outstanding)  # before asking: a prompt recorded later is not judged on this answer
+            queue = await self._get(base_url, "/queue")
+            if not isinstance(queue, dict):
+                raise ValueError(f"/queue answered {type(queue).__name__}, not an object")
+            running = {item[1] for item in queue.get("queue_running") or [] if _is_item(item)}
+            pending = {item[1] for item in queue.get("queue_pending") or [] if _is_item(item)}
+            gone = []
+            for prompt_id in ids:
+                outstanding = self.outstanding.get(prompt_id)
+                if outstanding is None:
+                    continue
+                if prompt_id in running and not outstanding.running:
+                    outstanding.running = True
+                    self.store.mark_running(prompt_id)
+                    log.info("prompt %s is running in ComfyUI", prompt_id)
+                elif prompt_id not in running and prompt_id not in pending:
+                    gone.append(prompt_id)
+            forgotten = []
+            # ComfyUI writes the history entry before it leaves the queue. What just finished is among the
+            # newest entries: one request for them all, then one per prompt not found there.
+            newest = await self._get(base_url, f"/history?max_items={2 * len(gone) + 16}") if gone else {}
+            for prompt_id in gone:
+                found = newest if isinstance(newest, dict) and prompt_id in newest else await self._get(
+                    base_url, f"/history/{prompt_id}")
+                if isinstance(found, dict) and isinstance(found.get(prompt_id), dict):
+                    self._finish(prompt_id, found[prompt_id])
+                elif prompt_id in self.outstanding:
+                    forgotten.append(prompt_id)
+            if forgotten and resubmit:
+                await self._recover(base_url, forgotten)
+            await self.store.flush()
+
+    def _finish(self, prompt_id: str, entry: dict[str, Any]) -> None:
+        self.outstanding.pop(prompt_id, None)
+        self.history.pop(prompt_id, None)
+        self.history[prompt_id] = entry
+        while len(self.history) > self.store.history_max_items:
+            self.history.popitem(last=False)
+        self.store.finish(prompt_id, entry, None)
+
+    async def _recover(self, base_url: str, prompt_ids: list[str]) -> None:
+        order = {prompt_id: index for index, prompt_id in enumerate(self.outstanding)}
+        for prompt_id in sorted(prompt_ids, key=lambda pid: (self.outstanding[pid].number, order[pid])):
+            outstanding = self.outstanding[prompt_id]
+            if outstanding.running:
+                log.warning("prompt %s was running when ComfyUI stopped: reported failed in its history", prompt_id)
+                self._finish(prompt_id, self._failed_entry(prompt_id, outstanding, [restart_error(prompt_id)]))
+                continue
+            await self._resubmit(base_url, prompt_id, outstanding)
+
+    async def _resubmit(self, base_url: str, prompt_id: str, outstanding: Outstanding) -> None:
+        assert self.session is not None
+        body = {k: v for k, v in outstanding.body.items() if k not in ("front", "number")}
+        body["prompt_id"] = prompt_id
+        async with self.session.post(base_url + "/prompt", json=body, headers=outstanding.headers,
+                                      timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
+            answer = await resp.json(content_type=None) if resp.status in (200, 400) else None
+            if resp.status == 200:
+                log.info("prompt %s: ComfyUI forgot it (it restarted); queued it again", prompt_id)
+                return
+        if resp.status == 400 and isinstance(answer, dict):
+            error = answer.get("error")
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            log.warning("prompt %s: ComfyUI forgot it and refuses it now: %s", prompt_id, message)
+            status = ["execution_error", {**restart_error(prompt_id)[1], "exception_type": "PromptRefused",
+                                          "exception_message": f"queued again after a restart, refused: {message}"}]
+            self._finish(prompt_id, self._failed_entry(prompt_id, outstanding, [status]))
+            return
+        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)  # tried again next round
+
+    @staticmethod
+    def _failed_entry(prompt_id: str, outstanding: Outstanding, messages: list[Any]) -> dict[str, Any]:
+        body = outstanding.body
+        extra_data = {k: v for k, v in (body.get("extra_data") or {}).items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
+        if "client_id" in body:
+            extra_data["client_id"] = body["client_id"]
+        item = [outstanding.number, prompt_id, body.get("prompt") or {}, extra_data, []]
+        return {"prompt": item, "outputs": {}, "status": {"status_str": "error", "completed": False,
+                                                          "messages": messages}, "meta": {}}
+
+
+def _is_item(item: Any) -> bool:
+    return isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)
+
+
+JOURNAL: web.AppKey[PromptJournal] = web.AppKey("backend_journal", PromptJournal)

@@ -1,0 +1,333 @@
+"""The durable queue and history of one standard-edition instance: one SQLite file, one writer thread.
+
+ComfyUI keeps its queue and history in memory, so a restart loses both. An
+instance with a state file (``comfyserve standard`` always has one:
+``DIR/.comfyserve/standard-PORT.sqlite3``, or under ``--state-dir``) records
+every accepted prompt and every finished history entry here, and reads them
+back when it starts.
+
+* Writes never run on the event loop: they are queued to one writer thread,
+  which commits whatever has queued up meanwhile in one transaction (WAL,
+  ``synchronous=NORMAL``: a commit survives ``kill -9`` of the process; only a
+  power cut may lose the last ones). A caller that must not go on before its
+  write is on disk awaits :meth:`StateStore.flush`: the worker before it runs
+  a prompt (so a restart never runs it twice), deletes from the queue or the
+  history before their 200. ``POST /prompt`` does not wait: its write is queued
+  before the answer and committed with the writer's next batch, typically well
+  under a millisecond later. Waiting for it would cost the answer a thread
+  switch, up to Python's 5 ms GIL switch interval while the engine runs a node,
+  so a ``kill -9`` in that instant can lose the prompt just accepted; a graceful
+  stop and the Restart button never lose one (closing commits what is queued).
+* One instance per file: the file's ``.lock`` is held (``flock``) while the
+  store is open, so a second instance pointed at it refuses to start, saying
+  which process holds it. The kernel drops the lock when the holder dies,
+  even by ``kill -9``.
+* A file that is not a SQLite database, or a database this module did not
+  write (its ``application_id``), or one from a newer schema, is refused with
+  a :class:`~standard.errors.ConfigError` naming the file: never read as an
+  empty history, never overwritten.
+
+A prompt row is ``pending`` until its runner marks it ``running`` (that mark
+is flushed before the prompt starts), and it leaves the table in the same
+transaction that writes its history entry. So after any stop each prompt is
+pending (it runs after the restart, once, in order), finished (its history),
+or was running; what to do with the latter is the runner's choice (see
+``standard.server.prompt_server`` and ``standard.backend.journal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .private import private_dir, private_file
+
+log = logging.getLogger("comfyserve.state")
+
+APPLICATION_ID = 0x43534856  # "CSHV": a comfyserve state file
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    payload TEXT NOT NULL,
+    running INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    entry TEXT NOT NULL,
+    start_ms INTEGER,
+    end_ms INTEGER
+);
+"""
+Op = Callable[[sqlite3.Connection], None]
+
+
+def restart_error(prompt_id: str) -> list[Any]:
+    """The status message of a prompt that was running when its server (or ComfyUI) stopped: ComfyUI's
+    ``execution_error`` shape, so clients and ``/jobs`` see a failed prompt with a reason."""
+    return ["execution_error", {
+        "prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
+        "exception_message": "the server restarted while this prompt ran; queue it again to run it",
+        "exception_type": "ServerRestarted", "traceback": [], "current_inputs": {}, "current_outputs": {},
+        "timestamp": int(time.time() * 1000)}]
+
+
+def default_state_file(state_dir: Path, port: int) -> Path:
+    """One file per instance: instances sharing a data dir (the API and cluster editions' children)
+    listen on different ports, and a restarted instance keeps its port."""
+    return state_dir / f"standard-{port}.sqlite3"
+
+
+@dataclass
+class StoredPrompt:
+    prompt_id: str
+    number: float
+    payload: dict[str, Any]
+    running: bool
+
+
+@dataclass
+class StoredHistory:
+    prompt_id: str
+    entry: dict[str, Any]
+    times_ms: tuple[int, int] | None
+
+
+@dataclass
+class StoredState:
+    """What a start reads back: prompts in their run order (number, then arrival), history oldest first."""
+
+    prompts: list[StoredPrompt] = field(default_factory=list)
+    history: list[StoredHistory] = field(default_factory=list)
+
+    @property
+    def pending(self) -> list[StoredPrompt]:
+        return [p for p in self.prompts if not p.running]
+
+    @property
+    def running(self) -> list[StoredPrompt]:
+        return [p for p in self.prompts if p.running]
+
+
+class StateStore:
+    """The open state file. Write methods are cheap calls for the event loop; the writer thread commits."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int, history_max_items: int) -> None:
+        self.path = path
+        self.history_max_items = history_max_items
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self._read_lock = threading.Lock()  # load() reads on the caller's thread; the writer waits for it
+        self._ops: queue.SimpleQueue[tuple[Op | None, concurrent.futures.Future[None] | None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write_loop, name="comfyserve-state", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, history_max_items: int) -> StateStore:
+        """Lock and check ``path`` (created 0600 if missing); ConfigError when it cannot be this instance's."""
+        try:
+            private_dir(path.parent)
+        except OSError as exc:
+            raise ConfigError(f"state dir {path.parent}: {exc}") from None
+        lock_fd = _lock(path)
+        try:
+            conn = _connect(path)
+        except (OSError, sqlite3.Error) as exc:  # unreadable, read-only, a folder in its place...
+            os.close(lock_fd)
+            raise ConfigError(f"state file {path}: cannot open it: {exc}") from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, conn, lock_fd, history_max_items)
+
+    def load(self) -> StoredState:
+        """Everything stored (blocking: call before serving or through ``asyncio.to_thread``); history is
+        cut to ``history_max_items`` (the newest) on disk too."""
+        try:
+            return self._load()
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"state file {self.path} is damaged ({exc!r}); it was left as it is: move it away "
+                              "(or give another --state-dir) to start with an empty queue and history") from None
+
+    def _load(self) -> StoredState:
+        state = StoredState()
+        with self._read_lock:
+            conn = self._conn
+            for prompt_id, number, payload, running in conn.execute(
+                    "SELECT prompt_id, number, payload, running FROM prompts ORDER BY number, seq"):
+                state.prompts.append(StoredPrompt(prompt_id, number, json.loads(payload), bool(running)))
+            rows = conn.execute("SELECT prompt_id, entry, start_ms, end_ms FROM history ORDER BY seq DESC LIMIT ?",
+                                (self.history_max_items,)).fetchall()
+        for prompt_id, entry, start_ms, end_ms in reversed(rows):
+            times = (start_ms, end_ms) if start_ms is not None and end_ms is not None else None
+            state.history.append(StoredHistory(prompt_id, json.loads(entry), times))
+        self._submit(self._trim)
+        return state
+
+    # -- writes (from the event loop; committed by the writer thread) ------------
+
+    def add_prompt(self, prompt_id: str, number: float, payload: dict[str, Any]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO prompts (prompt_id, number, payload) VALUES (?, ?, ?)",
+                         (prompt_id, number, json.dumps(payload)))
+
+        self._submit(op)
+
+    def mark_running(self, prompt_id: str) -> None:
+        self._submit(lambda conn: conn.execute("UPDATE prompts SET running = 1 WHERE prompt_id = ?", (prompt_id,)))
+
+    def drop_prompts(self, prompt_ids: list[str] | None = None) -> None:
+        """Forget these pending prompts (all of them when None)."""
+        if prompt_ids is None:
+            self._submit(lambda conn: conn.execute("DELETE FROM prompts WHERE running = 0"))
+        else:
+            ids = [(prompt_id,) for prompt_id in prompt_ids]
+            self._submit(lambda conn: conn.executemany("DELETE FROM prompts WHERE prompt_id = ?", ids))
+
+    def finish(self, prompt_id: str, entry: dict[str, Any], times_ms: tuple[int, int] | None) -> None:
+        """The prompt's history entry replaces its prompt row, in one transaction."""
+        start_ms, end_ms = times_ms or (None, None)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,))
+            conn.execute("DELETE FROM history WHERE prompt_id = ?", (prompt_id,))
+            conn.execute("INSERT INTO history (prompt_id, entry, start_ms, end_ms) VALUES (?, ?, ?, ?)",
+                         (prompt_id, json.dumps(entry), start_ms, end_ms))
+            self._trim(conn)
+
+        self._submit(op)
+
+    def delete_history(self, prompt_ids: list[str] | None = None) -> None:
+        """Forget these history entries (all of them when None)."""
+        if prompt_ids is None:
+            self._submit(lambda conn: conn.execute("DELETE FROM history"))
+        else:
+            ids = [(prompt_id,) for prompt_id in prompt_ids]
+            self._submit(lambda conn: conn.executemany("DELETE FROM history WHERE prompt_id = ?", ids))
+
+    async def flush(self) -> None:
+        """Until every write submitted before this call is committed (raises if the commit failed)."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._ops.put((None, future))
+        await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Commit what is queued, then close the file and release the lock (blocking: a short wait)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put((None, None))
+        self._thread.join()
+        self._conn.close()
+        os.close(self._lock_fd)
+
+    # -- the writer thread --------------------------------------------------------
+
+    def _submit(self, op: Op) -> None:
+        if self._closed:
+            log.warning("state store %s is closed: a write was not recorded", self.path)
+            return
+        self._ops.put((op, None))
+
+    def _trim(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM history WHERE seq NOT IN (SELECT seq FROM history ORDER BY seq DESC LIMIT ?)",
+                     (self.history_max_items,))
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._ops.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 1000:
+                    batch.append(self._ops.get_nowait())
+            error: BaseException | None = None
+            with self._read_lock:
+                try:
+                    with self._conn:  # one transaction for the batch
+                        for op, _ in batch:
+                            if op is not None:
+                                op(self._conn)
+                except (sqlite3.Error, ValueError, TypeError) as exc:
+                    error = exc
+                    log.error("state store %s: %d write(s) not recorded: %r", self.path, len(batch), exc)
+            for op, future in batch:
+                if op is None and future is None:
+                    stopping = True
+                elif future is not None and future.set_running_or_notify_cancel():  # not if its waiter left
+                    future.set_exception(error) if error is not None else future.set_result(None)
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"state file {path}: cannot create its lock {lock_path}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"state file {path} is in use by another instance (pid {holder}); give each instance "
+                          "its own --state-dir or --port") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open and check the file; create the schema in a new (empty) one."""
+    private_file(path)
+    refuse = (f"state file {path} is not a comfyserve state file ({{}}); it was left as it is: move it away "
+              "(or give another --state-dir) to start with an empty queue and history")
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        try:
+            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(refuse.format(exc)) from None
+        if application_id == 0 and not tables - {"sqlite_sequence"}:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif application_id != APPLICATION_ID:
+            raise ConfigError(refuse.format(f"a SQLite database of another program, application_id {application_id}"))
+        elif version > SCHEMA_VERSION:
+            raise ConfigError(f"state file {path} was written by a newer comfyserve (schema {version}); "
+                              "upgrade, or give another --state-dir")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(SCHEMA)
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(refuse.format(exc)) from None
+        if check != "ok":
+            raise ConfigError(refuse.format(f"damaged: {check}"))
+        conn.isolation_level = "DEFERRED"  # the writer's `with conn:` is one transaction per batch
+    except BaseException:
+        conn.close()
+        raise
+    private_file(path)  # the -wal and -shm files it just created: 0600 too
+    return conn
