@@ -24,10 +24,12 @@ from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
-from support.server import open_gate
+from support.server import open_gate, prompt_uuid
 from support.wait import until
 
 START_TIMEOUT_S = 30.0
+# The prompts' ids: canonical UUIDs, as ComfyUI requires, named for what each prompt is in the test.
+ID = {name: prompt_uuid(name) for name in ("done", "running", "p1", "p2", "a", "b", "c", "d", "e")}
 
 
 class Instance:
@@ -112,29 +114,30 @@ async def finished(http: httpx.AsyncClient, *prompt_ids: str) -> bool:
 async def fill(instance: Instance, http: httpx.AsyncClient) -> dict[str, Any]:
     """One finished prompt, one running (gate g1), two pending (gates g2, g3); what the history said."""
     open_gate(instance.data, "g0")
-    await queue_prompt(http, "done", "g0")
-    await until(lambda: finished(http, "done"), what="the first prompt finished")
-    await queue_prompt(http, "running", "g1")
+    await queue_prompt(http, ID["done"], "g0")
+    await until(lambda: finished(http, ID["done"]), what="the first prompt finished")
+    await queue_prompt(http, ID["running"], "g1")
     await until(lambda: runs_of(instance.data, "g1") == 1, what="the second prompt running")
-    await queue_prompt(http, "p1", "g2")
-    await queue_prompt(http, "p2", "g3")
-    assert await pending_ids(http) == ["p1", "p2"]
-    await instance.until_stored({"running": True, "p1": False, "p2": False}, ["done"])
-    return {"history": (await http.get("/history")).json(), "done": (await http.get("/history/done")).json(),
-            "job": (await jobs_by_id(http))["done"]}
+    await queue_prompt(http, ID["p1"], "g2")
+    await queue_prompt(http, ID["p2"], "g3")
+    assert await pending_ids(http) == [ID["p1"], ID["p2"]]
+    await instance.until_stored({ID["running"]: True, ID["p1"]: False, ID["p2"]: False}, [ID["done"]])
+    return {"history": (await http.get("/history")).json(),
+            ID["done"]: (await http.get(f"/history/{ID['done']}")).json(),
+            "job": (await jobs_by_id(http))[ID["done"]]}
 
 
 async def run_rest_in_order(instance: Instance, http: httpx.AsyncClient) -> None:
     """p1 then p2, each once: p2's gate opens first, yet p2 waits for p1."""
     queue = (await http.get("/queue")).json()
-    assert [item[1] for item in queue["queue_running"] + queue["queue_pending"]] == ["p1", "p2"]
+    assert [item[1] for item in queue["queue_running"] + queue["queue_pending"]] == [ID["p1"], ID["p2"]]
     open_gate(instance.data, "g3")
     await until(lambda: runs_of(instance.data, "g2") == 1, what="p1 running")
     assert runs_of(instance.data, "g3") == 0
     open_gate(instance.data, "g2")
-    await until(lambda: finished(http, "p1", "p2"), what="p1 and p2 finished")
+    await until(lambda: finished(http, ID["p1"], ID["p2"]), what="p1 and p2 finished")
     assert (runs_of(instance.data, "g2"), runs_of(instance.data, "g3")) == (1, 1)
-    assert list((await http.get("/history")).json())[-2:] == ["p1", "p2"]
+    assert list((await http.get("/history")).json())[-2:] == [ID["p1"], ID["p2"]]
 
 
 async def test_kill_9_keeps_the_queue_and_the_history(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -146,18 +149,19 @@ async def test_kill_9_keeps_the_queue_and_the_history(tmp_path: Path, cli_env: d
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
-            assert (await http.get("/history/done")).json() == before["done"]
-            assert (await jobs_by_id(http))["done"] == before["job"]
-            cut = await history_of(http, "running")
+            assert (await http.get(f"/history/{ID['done']}")).json() == before[ID["done"]]
+            assert (await jobs_by_id(http))[ID["done"]] == before["job"]
+            cut = await history_of(http, ID["running"])
             assert cut is not None and cut["status"]["status_str"] == "error"
             assert cut["status"]["messages"][-1][1]["exception_type"] == "ServerRestarted"
-            assert (await jobs_by_id(http))["running"]["status"] == "failed"
+            assert (await jobs_by_id(http))[ID["running"]]["status"] == "failed"
             history = (await http.get("/history")).json()
-            assert list(history)[:2] == ["done", "running"] and history["done"] == before["history"]["done"]
+            assert list(history)[:2] == [ID["done"], ID["running"]]
+            assert history[ID["done"]] == before["history"][ID["done"]]
             await run_rest_in_order(instance, http)
             assert runs_of(instance.data, "g1") == 1  # the running one is reported, not run again
             new = await http.post("/prompt", json={"prompt": drain_gate_graph("g0", "new")})
-            assert new.json()["number"] > history["done"]["prompt"][0]  # numbers count on
+            assert new.json()["number"] > history[ID["done"]]["prompt"][0]  # numbers count on
         assert await instance.stop() == 0
     finally:
         if instance.proc is not None and instance.proc.poll() is None:
@@ -172,22 +176,22 @@ async def test_sigterm_past_the_timeout_keeps_the_queued_prompts(tmp_path: Path,
         async with instance.http() as http:
             before = await fill(instance, http)
         assert await instance.stop() == 0
-        assert "kept for the next start: p1, p2" in instance.log.read_text()
+        assert f"kept for the next start: {ID['p1']}, {ID['p2']}" in instance.log.read_text()
         await instance.start()
         async with instance.http() as http:
-            assert (await http.get("/history/done")).json() == before["done"]
-            cut = await history_of(http, "running")
+            assert (await http.get(f"/history/{ID['done']}")).json() == before[ID["done"]]
+            cut = await history_of(http, ID["running"])
             assert cut is not None and cut["status"]["status_str"] == "error"  # interrupted, or reported failed
             await run_rest_in_order(instance, http)
             # The Restart button (the frontend extension POSTs /api/restart) keeps everything too.
             restarted = await http.post("/api/restart")
             assert restarted.status_code == 200, restarted.text
-            assert list((await http.get("/history")).json()) == ["done", "running", "p1", "p2"]
+            assert list((await http.get("/history")).json()) == [ID["done"], ID["running"], ID["p1"], ID["p2"]]
         assert await instance.stop() == 0
         await instance.start()
         async with instance.http() as http:
-            assert list((await http.get("/history")).json()) == ["done", "running", "p1", "p2"]
-            assert set(await jobs_by_id(http)) == {"done", "running", "p1", "p2"}
+            assert list((await http.get("/history")).json()) == [ID["done"], ID["running"], ID["p1"], ID["p2"]]
+            assert set(await jobs_by_id(http)) == {ID["done"], ID["running"], ID["p1"], ID["p2"]}
     finally:
         if instance.proc is not None and instance.proc.poll() is None:
             await instance.kill()
@@ -199,33 +203,33 @@ async def test_history_bound_and_clear_hold_on_disk(tmp_path: Path, cli_env: dic
     await instance.start()
     try:
         async with instance.http() as http:
-            for prompt_id in ("a", "b", "c"):
+            for prompt_id in (ID["a"], ID["b"], ID["c"]):
                 await queue_prompt(http, prompt_id, "g0")
-            await until(lambda: finished(http, "c"), what="the prompts finished")
-            assert list((await http.get("/history")).json()) == ["b", "c"]
-            await instance.until_stored({}, ["b", "c"])
+            await until(lambda: finished(http, ID["c"]), what="the prompts finished")
+            assert list((await http.get("/history")).json()) == [ID["b"], ID["c"]]
+            await instance.until_stored({}, [ID["b"], ID["c"]])
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
-            assert list((await http.get("/history")).json()) == ["b", "c"]
-            assert (await http.post("/history", json={"delete": ["b"]})).status_code == 200
+            assert list((await http.get("/history")).json()) == [ID["b"], ID["c"]]
+            assert (await http.post("/history", json={"delete": [ID["b"]]})).status_code == 200
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
-            assert list((await http.get("/history")).json()) == ["c"]
-            assert instance.stored() == ({}, ["c"])
+            assert list((await http.get("/history")).json()) == [ID["c"]]
+            assert instance.stored() == ({}, [ID["c"]])
             assert (await http.post("/history", json={"clear": True})).status_code == 200
-            await queue_prompt(http, "d", "g1")
-            await queue_prompt(http, "e", "g1")
+            await queue_prompt(http, ID["d"], "g1")
+            await queue_prompt(http, ID["e"], "g1")
             await until(lambda: runs_of(instance.data, "g1") == 1, what="d running")
             assert (await http.post("/queue", json={"clear": True})).status_code == 200
-            assert instance.stored() == ({"d": True}, [])  # the 200 came after the write
+            assert instance.stored() == ({ID["d"]: True}, [])  # the 200 came after the write
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
-            assert list((await http.get("/history")).json()) == ["d"]  # cleared; then d was cut by the kill
+            assert list((await http.get("/history")).json()) == [ID["d"]]  # cleared; then d was cut by the kill
             assert await pending_ids(http) == []
-            assert [job["id"] for job in (await http.get("/api/jobs")).json()["jobs"]] == ["d"]
+            assert [job["id"] for job in (await http.get("/api/jobs")).json()["jobs"]] == [ID["d"]]
     finally:
         if instance.proc is not None and instance.proc.poll() is None:
             await instance.kill()
@@ -291,16 +295,16 @@ async def queue_ids(http: httpx.AsyncClient) -> list[str]:
 
 
 async def check_after_restart(instance: Gateway, http: httpx.AsyncClient, before: dict[str, Any]) -> None:
-    assert (await http.get("/history/done")).json() == before["done"]
-    assert (await jobs_by_id(http))["done"] == before["job"]
-    await until(lambda: history_of(http, "running"), what="the cut prompt reported")
-    cut = await history_of(http, "running")
+    assert (await http.get(f"/history/{ID['done']}")).json() == before[ID["done"]]
+    assert (await jobs_by_id(http))[ID["done"]] == before["job"]
+    await until(lambda: history_of(http, ID["running"]), what="the cut prompt reported")
+    cut = await history_of(http, ID["running"])
     assert cut is not None and cut["status"]["messages"][-1][1]["exception_type"] == "ServerRestarted"
-    assert (await jobs_by_id(http))["running"]["status"] == "failed"
-    await until(lambda: _equals(queue_ids(http), ["p1", "p2"]), what="p1 and p2 queued again in ComfyUI")
+    assert (await jobs_by_id(http))[ID["running"]]["status"] == "failed"
+    await until(lambda: _equals(queue_ids(http), [ID["p1"], ID["p2"]]), what="p1 and p2 queued again in ComfyUI")
     await run_rest_in_order(instance, http)
     assert runs_of(instance.data, "g1") == 1
-    assert list((await http.get("/history")).json())[:2] == ["done", "running"]
+    assert list((await http.get("/history")).json())[:2] == [ID["done"], ID["running"]]
 
 
 async def _equals(value: Any, expected: Any) -> bool:
@@ -352,26 +356,26 @@ async def test_front_history_survives_the_restart_button_and_clears_on_disk(tmp_
     await instance.start()
     try:
         async with instance.http() as http:
-            await queue_prompt(http, "a", "g0")  # relayed on the fast path, recorded from the bytes it relayed
-            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g0", "b"), "prompt_id": "b"},
+            await queue_prompt(http, ID["a"], "g0")  # relayed on the fast path, recorded from the bytes it relayed
+            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g0", ID["b"]), "prompt_id": ID["b"]},
                                    headers={"Cookie": "theme=dark"})  # a cookie takes the slow path (aiohttp's)
             assert resp.status_code == 200, resp.text
-            await until(lambda: finished(http, "a", "b"), what="a and b finished")
+            await until(lambda: finished(http, ID["a"], ID["b"]), what="a and b finished")
             before = (await http.get("/history")).json()
             child = (await http.get("/readyz")).json()["pid"]
             restarted = await http.post("/api/restart")  # what the Restart button of the frontend sends
             assert restarted.status_code == 200, restarted.text
             assert restarted.json()["pid"] != child
             assert (await http.get("/history")).json() == before
-            assert (await http.get("/history", params={"max_items": 1})).json() == {"b": before["b"]}
-            assert set(await jobs_by_id(http)) == {"a", "b"}
-            assert (await http.post("/history", json={"delete": ["a"]})).status_code == 200
-            assert list((await http.get("/history")).json()) == ["b"]
-            assert instance.stored() == ({}, ["b"])
+            assert (await http.get("/history", params={"max_items": 1})).json() == {ID["b"]: before[ID["b"]]}
+            assert set(await jobs_by_id(http)) == {ID["a"], ID["b"]}
+            assert (await http.post("/history", json={"delete": [ID["a"]]})).status_code == 200
+            assert list((await http.get("/history")).json()) == [ID["b"]]
+            assert instance.stored() == ({}, [ID["b"]])
         await instance.kill()
         await instance.start()
         async with instance.http() as http:
-            assert (await http.get("/history")).json() == {"b": before["b"]}
+            assert (await http.get("/history")).json() == {ID["b"]: before[ID["b"]]}
             assert (await http.post("/history", json={"clear": True})).status_code == 200
         assert await instance.stop() == 0
         await instance.start()
@@ -390,8 +394,8 @@ async def test_no_state_file_keeps_memory_only_as_api_and_cluster_children_do(tm
     await instance.start()
     try:
         async with instance.http() as http:
-            await queue_prompt(http, "a", "g0")
-            await until(lambda: finished(http, "a"), what="a finished")
+            await queue_prompt(http, ID["a"], "g0")
+            await until(lambda: finished(http, ID["a"]), what="a finished")
         assert await instance.stop() == 0
         await instance.start()
         async with instance.http() as http:
