@@ -64,8 +64,8 @@ class InstanceRunner:
                         self.socket_up.set()
                     elif isinstance(item, Disconnected):
                         self.socket_up.clear()
-                        for waiter in self._waiters.values():
-                            waiter.put_nowait(item)
+                        for queue in self._waiters.values():
+                            queue.put_nowait(item)
                     elif isinstance(item, dict):
                         data = item.get("data")
                         if isinstance(data, dict):

@@ -36,7 +36,7 @@ from .settings import ClusterSettings
 from .store import SqliteStateStore, StateStore
 
 log = logging.getLogger("comfyserve.cluster")
-LOCAL_INSTANCES: web.AppKey[LocalInstances | None] = web.AppKey("cluster_local_instances", object)  # type: ignore[arg-type]
+LOCAL_INSTANCES: web.AppKey[LocalInstances | None] = web.AppKey("cluster_local_instances")
 ACCOUNTS_KEY: web.AppKey[Accounts] = web.AppKey("cluster_core_accounts", Accounts)
 
 ops = web.RouteTableDef()

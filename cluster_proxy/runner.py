@@ -145,7 +145,8 @@ class TaskRun:
 
     async def _rejected(self, exc: PromptRejected) -> dict[str, Any]:
         body = exc.body
-        error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(exc)}
+        raw_error = body.get("error")
+        error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {"message": str(exc)}
         message = str(error.get("message") or exc)
         details = str(error.get("details") or "")
         history = error_history(self.task.prompt_id, f"{message}: {details}" if details else message,
