@@ -47,7 +47,8 @@ class InstanceRunner:
         """Start the socket and wait a little for it (tasks run without it too, just slower)."""
         self.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.socket_up.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                await self.socket_up.wait()
         return self.socket_up.is_set()
 
     async def aclose(self) -> None:

@@ -139,7 +139,8 @@ class TaskRun:
     async def _wait_connected(self, events: Any) -> None:
         """The instance's event socket must be open before submitting, or events would be lost."""
         try:
-            await asyncio.wait_for(events.connected.wait(), self.instance.client.timeouts.disconnected_s or 10.0)
+            async with asyncio.timeout(self.instance.client.timeouts.disconnected_s or 10.0):  # not wait_for (3.11)
+                await events.connected.wait()
         except TimeoutError:
             raise InstanceLost("its event socket does not connect") from None
 

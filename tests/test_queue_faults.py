@@ -12,6 +12,7 @@ import websockets
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.redis_store import RedisStore
 from queue_service.server import create_app
+from queue_service.store import wait_event
 from support.processes import RedisServer
 from support.queue import (
     PENDING_TIMEOUT_S,
@@ -259,3 +260,20 @@ async def test_a_hung_redis_gets_503_within_the_call_timeout_and_the_service_rec
             await server.close()  # shutting down does not hang either
     finally:
         redis.stop()
+
+
+async def test_a_cancel_landing_with_the_event_is_not_swallowed() -> None:
+    """A long poll cancelled (client gone, shutdown) in the same loop turn as its event is set ends cancelled:
+    ``asyncio.wait_for`` on 3.11 returned the result and dropped the cancel."""
+    event = asyncio.Event()
+    waiter = asyncio.create_task(wait_event(event, 30.0))
+
+    def set_and_cancel() -> None:  # runs after the waiter's first step (call_soon is FIFO): it is parked
+        event.set()
+        waiter.cancel()
+
+    asyncio.get_running_loop().call_soon(set_and_cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await wait_event(event, 0.0) is True
+    assert await wait_event(asyncio.Event(), 0.0) is False
