@@ -31,7 +31,7 @@ def from_run(result: RunResult) -> tuple[str, list[Any]]:
     if result.status == "success":
         return "success", [*(event for event in result.executed if _has_output(event)), result.outputs]
     if result.status == "interrupted":
-        data = {"prompt_id": result.prompt_id, "node_id": None, "executed": []}
+        data: dict[str, Any] = {"prompt_id": result.prompt_id, "node_id": None, "executed": []}
         return "error", [{"type": "execution_interrupted", "data": data}]
     error = dict(result.error or {})
     error.setdefault("prompt_id", result.prompt_id)
@@ -47,8 +47,9 @@ def _has_output(event: Any) -> bool:
 def from_rejection(exc: PromptRejected) -> tuple[str, list[Any]]:
     """The instance refused the graph at validation (unknown node, bad input): ComfyUI's 400 body."""
     body = exc.body or {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
-    data = {
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    data: dict[str, Any] = {
         "prompt_id": None,
         "node_id": None,
         "node_type": None,
@@ -63,6 +64,6 @@ def from_rejection(exc: PromptRejected) -> tuple[str, list[Any]]:
 
 def from_failure(kind: str, message: str) -> tuple[str, list[Any]]:
     """A task that could not even be submitted (its data is not a graph)."""
-    data = {"prompt_id": None, "node_id": None, "node_type": None, "exception_type": kind,
+    data: dict[str, Any] = {"prompt_id": None, "node_id": None, "node_type": None, "exception_type": kind,
             "exception_message": message, "traceback": []}
     return "error", [{"type": "execution_error", "data": data}]

@@ -48,7 +48,8 @@ class InstanceRunner:
         """Start the socket and wait a little for it (tasks run without it too, just slower)."""
         self.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.socket_up.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                await self.socket_up.wait()
         return self.socket_up.is_set()
 
     async def aclose(self) -> None:
@@ -65,8 +66,8 @@ class InstanceRunner:
                         self.socket_up.set()
                     elif isinstance(item, Disconnected):
                         self.socket_up.clear()
-                        for waiter in self._waiters.values():
-                            waiter.put_nowait(item)
+                        for queue in self._waiters.values():
+                            queue.put_nowait(item)
                     elif isinstance(item, dict):
                         data = item.get("data")
                         if isinstance(data, dict):

@@ -168,10 +168,12 @@ class Worker:
             task.cancel()  # waiting for input: leaving the watch is all there is to do
         else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._idle.wait()), timeout_s)
+                async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._idle.wait()
             self._cut.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), HAND_BACK_S)
+            async with asyncio.timeout(HAND_BACK_S):
+                await asyncio.shield(task)  # past the limit the task goes on: it is cancelled below, with a warning
         if not task.done():
             log.warning("%s: the task did not end %.0fs after it was handed back; cancelling", self.name, HAND_BACK_S)
             task.cancel()

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from standard.private import private_dir, private_file
 
@@ -185,6 +185,7 @@ class RedisBackend:
     def __init__(self, url: str, prefix: str = "comfyserve:cluster:") -> None:
         import redis.asyncio as redis
 
+        # decode_responses: every reply is str (redis-py types them bytes | str, hence the casts below).
         self._redis = redis.Redis.from_url(url, decode_responses=True)
         self._prefix = prefix
 
@@ -205,7 +206,7 @@ class RedisBackend:
         return Record.from_dict(json.loads(raw)) if raw else None
 
     async def by_token(self, digest: str) -> Record | None:
-        name = await self._redis.get(self._token_key(digest))
+        name = cast("str | None", await self._redis.get(self._token_key(digest)))
         record = await self.get(name) if name else None
         return record if record is not None and record.token_hash == digest else None
 
@@ -249,7 +250,7 @@ class RedisBackend:
         return record
 
     async def all(self) -> list[Record]:
-        names = sorted(await self._redis.smembers(f"{self._prefix}users"))
+        names = sorted(cast("set[str]", await self._redis.smembers(f"{self._prefix}users")))
         records = [await self.get(name) for name in names]
         return [r for r in records if r is not None]
 
@@ -276,7 +277,7 @@ class RedisBackend:
 
     async def delete_sessions(self, account_id: str, keep: str | None = None) -> None:
         index = self._account_sessions_key(account_id)
-        digests = [d for d in await self._redis.smembers(index) if d != keep]
+        digests = [d for d in cast("set[str]", await self._redis.smembers(index)) if d != keep]
         if digests:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(*(self._session_key(d) for d in digests))

@@ -28,6 +28,7 @@ from .accounts import Accounts
 from .core import ClusterCore
 from .keys import CLUSTER_SETTINGS, CORE, POOL, SCOPES
 from .login import DEFAULT_PUBLIC_PATHS, load_or_create_secret, setup_login
+from .pages import setup_pages
 from .pool import LocalInstances, Pool
 from .routes_shared import setup_shared_routes, setup_web_ui
 from .scope import Scopes, scope_middleware
@@ -35,7 +36,7 @@ from .settings import ClusterSettings
 from .store import SqliteStateStore, StateStore
 
 log = logging.getLogger("comfyserve.cluster")
-LOCAL_INSTANCES: web.AppKey[LocalInstances | None] = web.AppKey("cluster_local_instances", object)  # type: ignore[arg-type]
+LOCAL_INSTANCES: web.AppKey[LocalInstances | None] = web.AppKey("cluster_local_instances")
 ACCOUNTS_KEY: web.AppKey[Accounts] = web.AppKey("cluster_core_accounts", Accounts)
 
 ops = web.RouteTableDef()
@@ -98,7 +99,8 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
                                avoid_ports=(settings.port,))
     app[LOCAL_INSTANCES] = local
     secret_key = settings.secret_key or load_or_create_secret(data_dir)
-    setup_login(app, accounts, secret_key, public_paths=frozenset(public), dashboard=core, guard=guard)
+    setup_login(app, accounts, secret_key, public_paths=frozenset(public), guard=guard)
+    setup_pages(app, core)
     app.middlewares.append(scope_middleware(scopes))  # after the login middleware: it names the user
     add_routes_with_api_prefix(app, ops)
     add_routes_with_api_prefix(app, routes_api.routes)

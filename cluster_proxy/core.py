@@ -1,6 +1,6 @@
 """The cluster's moving parts together: store, pool, scheduler, runs, user sockets.
 
-``ClusterCore`` is also the login module's ``DashboardProvider`` (what the
+``ClusterCore`` is also the pages module's ``DashboardProvider`` (what the
 dashboard shows, adding an instance from the admin page).
 """
 

@@ -7,7 +7,10 @@ user's other sockets get it.
 
 With ``--redis-url`` several proxies serve the same users: the proxy running a
 task publishes its events on a Redis channel and every proxy delivers them
-to the sockets it holds (``start_bus``).
+to the sockets it holds (``start_bus``). Events are best effort, as a socket
+send is: when Redis refuses a publish (down past its client's retries, a
+permission), the event still reaches this proxy's own sockets, a warning says
+so once, and the run that sent it goes on (its result is in the store).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import logging
 import struct
 from typing import Any
 
+import redis.asyncio as redis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 log = logging.getLogger("comfyserve.cluster.hub")
 CHANNEL = "comfyserve:cluster:events"
@@ -31,6 +36,7 @@ class UserHub:
         self.sockets: dict[str, dict[str, web.WebSocketResponse]] = {}
         self._redis: Any = None
         self._listener: asyncio.Task[None] | None = None
+        self._publish_failing = False  # warn once per outage, not once per event
 
     # -- sockets ----------------------------------------------------------------------
 
@@ -61,15 +67,14 @@ class UserHub:
                         local: bool = False) -> None:
         """``local``: this proxy's sockets only (what every proxy sends for itself, e.g. ``status``)."""
         message = {"type": event, "data": data}
-        if self._redis is not None and not local:
-            await self._publish({"u": user, "s": sid, "j": message})
+        if self._redis is not None and not local and await self._publish({"u": user, "s": sid, "j": message}):
             return
         await self._deliver_json(user, sid, message)
 
     async def send_bytes(self, user: str, event_type: int, payload: bytes, sid: str | None = None) -> None:
         message = struct.pack(">I", event_type) + payload
-        if self._redis is not None:
-            await self._publish({"u": user, "s": sid, "b": base64.b64encode(message).decode()})
+        if self._redis is not None and await self._publish({"u": user, "s": sid,
+                                                             "b": base64.b64encode(message).decode()}):
             return
         await self._deliver_bytes(user, sid, message)
 
@@ -90,15 +95,24 @@ class UserHub:
     # -- across proxies -----------------------------------------------------------------
 
     async def start_bus(self, redis_url: str) -> None:
-        import redis.asyncio as redis
-
         self._redis = redis.Redis.from_url(redis_url)
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(CHANNEL)
         self._listener = asyncio.create_task(self._listen(pubsub), name="comfyserve-cluster-bus")
 
-    async def _publish(self, envelope: dict[str, Any]) -> None:
-        await self._redis.publish(CHANNEL, json.dumps(envelope, separators=(",", ":")))
+    async def _publish(self, envelope: dict[str, Any]) -> bool:
+        """Publish to every proxy; False when Redis refused (the caller delivers to this proxy's sockets)."""
+        try:
+            await self._redis.publish(CHANNEL, json.dumps(envelope, separators=(",", ":")))
+        except (RedisError, OSError) as exc:
+            if not self._publish_failing:
+                log.warning("cannot publish events on Redis (%r): only this proxy's sockets get them", exc)
+                self._publish_failing = True
+            return False
+        if self._publish_failing:
+            log.info("publishing events on Redis again")
+            self._publish_failing = False
+        return True
 
     async def _listen(self, pubsub: Any) -> None:
         try:

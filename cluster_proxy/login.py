@@ -4,7 +4,8 @@
 ``request[USER]`` (a :class:`~cluster_proxy.accounts.User`) from a
 session cookie (browsers, after ``/login``) or a per-user API token in
 ``Authorization`` (raw or ``Bearer``). It also serves login and logout; the
-dashboard, account and admin pages are in ``pages.py``. The cookie holds a
+dashboard, account and admin pages are in ``pages.py`` (which builds on this
+module: ``setup_pages`` after ``setup_login``). The cookie holds a
 random session id whose record lives in the accounts store (see
 ``accounts_store.py``): logout, a password change, disabling or removing the
 account delete it there, at once on this proxy and within
@@ -18,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from standard.auth import AccessGuard, safe_next, same_origin, token_from_header, wants_html
 from standard.datadir import DataDir
@@ -39,22 +41,11 @@ SESSION_TTL_S = 7 * 24 * 3600
 DEFAULT_PUBLIC_PATHS = frozenset({"/login", "/logout", "/healthz", "/api/healthz", "/readyz", "/api/readyz"})
 
 ACCOUNTS = web.AppKey("cluster_accounts", Accounts)
-CSRF = web.AppKey("cluster_csrf", "CsrfTokens")
 THROTTLE = web.AppKey("cluster_login_throttle", LoginThrottle)
-DASHBOARD = web.AppKey("cluster_dashboard", object)
 USER = web.RequestKey("user", User)  # request[USER]: who is asking (set by the middleware)
 SESSION_ID = web.RequestKey("cluster_session_id", str)  # set when the request came with a live session cookie
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class DashboardProvider(Protocol):
-    """What the cluster core shows on the dashboard and does from the admin page."""
-
-    async def user_view(self, user: User) -> dict[str, Any]: ...
-    async def add_instance(self, url: str) -> None: ...
-    async def remove_user(self, name: str, account_id: str) -> None: ...
-    async def disconnect_user(self, name: str) -> None: ...
 
 
 def load_or_create_secret(data_dir: DataDir) -> str:
@@ -72,33 +63,31 @@ class CsrfTokens:
         return hmac.new(self._key, ("csrf|" + session_id).encode(), hashlib.sha256).hexdigest()[:32]
 
 
+CSRF = web.AppKey("cluster_csrf", CsrfTokens)
+
+
 def setup_login(app: web.Application, accounts: Accounts, secret_key: str, *,
-                public_paths: frozenset[str] = DEFAULT_PUBLIC_PATHS,
-                dashboard: DashboardProvider | None = None, throttle: LoginThrottle | None = None,
+                public_paths: frozenset[str] = DEFAULT_PUBLIC_PATHS, throttle: LoginThrottle | None = None,
                 guard: AccessGuard | None = None) -> None:
-    """Install the middleware, the pages and the state they share on ``app``.
+    """Install the middleware, the login and logout routes and the state the pages share on ``app``.
 
     ``guard`` is the role's access guard: wrong API tokens count in its per-address throttle, as wrong
     service tokens do on every other role.
     """
-    from .pages import page_routes
-
     if aiohttp_jinja2.APP_KEY not in app:
         setup_templates(app)
     app[ACCOUNTS] = accounts
     app[CSRF] = CsrfTokens(secret_key)
     app[THROTTLE] = throttle or LoginThrottle()
-    app[DASHBOARD] = dashboard
     app.middlewares.append(_auth_middleware(accounts, public_paths, guard))
-    app.router.add_routes(_routes() + page_routes())
+    app.router.add_routes(_routes())
 
 
 def current_user(request: web.Request) -> User:
     return request[USER]
 
 
-def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: AccessGuard | None
-                     ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(accounts: Accounts, public_paths: frozenset[str], guard: AccessGuard | None) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in public_paths:

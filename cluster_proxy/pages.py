@@ -5,9 +5,13 @@ change one's own password: the current password is needed (and its wrong
 guesses are throttled like logins), and every other session of the account
 ends. The admin page adds and removes users, resets their token or password,
 disables and enables them, and adds instances; every form carries a CSRF value.
+``setup_pages`` installs them, after ``login.setup_login`` (whose keys and
+middleware they build on).
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -16,7 +20,25 @@ from standard.guard import client_address
 from standard.http_util import json_error, parse_json, read_form
 
 from .accounts import AccountError, User
-from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+from .login import ACCOUNTS, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+
+
+class DashboardProvider(Protocol):
+    """What the cluster core shows on the dashboard and does from the admin page."""
+
+    async def user_view(self, user: User) -> dict[str, Any]: ...
+    async def add_instance(self, url: str) -> None: ...
+    async def remove_user(self, name: str, account_id: str) -> None: ...
+    async def disconnect_user(self, name: str) -> None: ...
+
+
+DASHBOARD: web.AppKey[DashboardProvider | None] = web.AppKey("cluster_dashboard")
+
+
+def setup_pages(app: web.Application, dashboard: DashboardProvider | None = None) -> None:
+    """Serve the dashboard, account and admin pages on ``app``, which ``setup_login`` set up first."""
+    app[DASHBOARD] = dashboard
+    app.router.add_routes(page_routes())
 
 
 def _require_admin(request: web.Request) -> User:

@@ -110,9 +110,10 @@ class Pool:
         if url in self.instances:
             return self.instances[url]
         client = InstanceClient(url, token, timeouts=self._timeouts)
-        instance = Instance(url, client, InstanceEvents(client), ours=ours)
+        events = InstanceEvents(client)
+        instance = Instance(url, client, events, ours=ours)
         self.instances[url] = instance
-        instance.events.start()
+        events.start()
         log.info("instance %s joined the pool", url)
         return instance
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".
 POOL_PATHS = ("/object_info", "/embeddings", "/models")
 
 
-def _table(routes: web.RouteTableDef, keep: object, scopes: Scopes, *, with_queue: bool = False) -> web.RouteTableDef:
+def _table(routes: web.RouteTableDef, keep: Callable[[web.RouteDef], bool], scopes: Scopes, *,
+           with_queue: bool = False) -> web.RouteTableDef:
     table = web.RouteTableDef()
     for route in routes:
-        if isinstance(route, web.RouteDef) and keep(route):  # type: ignore[operator]
+        if isinstance(route, web.RouteDef) and keep(route):
             table.route(route.method, route.path, **route.kwargs)(scoped(scopes, route.handler, with_queue=with_queue))
     return table
 

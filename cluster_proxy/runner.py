@@ -148,13 +148,15 @@ class TaskRun:
     async def _wait_connected(self, events: Any) -> None:
         """The instance's event socket must be open before submitting, or events would be lost."""
         try:
-            await asyncio.wait_for(events.connected.wait(), self.instance.client.timeouts.disconnected_s or 10.0)
+            async with asyncio.timeout(self.instance.client.timeouts.disconnected_s or 10.0):  # not wait_for (3.11)
+                await events.connected.wait()
         except TimeoutError:
             raise InstanceLost("its event socket does not connect") from None
 
     async def _rejected(self, exc: PromptRejected) -> dict[str, Any]:
         body = exc.body
-        error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(exc)}
+        raw_error = body.get("error")
+        error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {"message": str(exc)}
         message = str(error.get("message") or exc)
         details = str(error.get("details") or "")
         history = error_history(self.task.prompt_id, f"{message}: {details}" if details else message,

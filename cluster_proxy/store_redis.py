@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.exceptions import WatchError
@@ -49,6 +49,7 @@ class RedisStateStore:
     shared = True
 
     def __init__(self, url: str, *, history_max_items: int = 10000, prefix: str = PREFIX) -> None:
+        # decode_responses: every reply is str (redis-py types them bytes | str, hence the casts below).
         self._redis = redis.Redis.from_url(url, decode_responses=True)
         self._p = prefix
         self._history_max_items = history_max_items
@@ -90,7 +91,7 @@ class RedisStateStore:
             while True:
                 try:
                     await pipe.watch(uid)
-                    old_id = await pipe.get(uid)
+                    old_id = cast("str | None", await pipe.get(uid))
                     old_raw = await pipe.get(self._task_key(old_id)) if old_id else None
                     old = Task.from_json(old_raw) if old_raw else None
                     if old is not None and old.state != DONE:
@@ -112,7 +113,7 @@ class RedisStateStore:
         pipe.srem(self._user_key(task.user, task.state), task.id)
 
     async def get(self, user: str, prompt_id: str) -> Task | None:
-        task_id = await self._redis.get(self._uid_key(user, prompt_id))
+        task_id = cast("str | None", await self._redis.get(self._uid_key(user, prompt_id)))
         return await self.get_by_id(task_id) if task_id else None
 
     async def get_by_id(self, task_id: str) -> Task | None:
@@ -120,15 +121,15 @@ class RedisStateStore:
         return found[0] if found else None
 
     async def user_tasks(self, user: str, state: str) -> list[Task]:
-        ids = list(await self._redis.smembers(self._user_key(user, state)))
+        ids = list(cast("set[str]", await self._redis.smembers(self._user_key(user, state))))
         return _order([t for t in await self._load(ids) if t.state == state], state)
 
     async def pending(self) -> list[Task]:
-        ids = list(await self._redis.smembers(self._state_key(PENDING)))
+        ids = list(cast("set[str]", await self._redis.smembers(self._state_key(PENDING))))
         return _order([t for t in await self._load(ids) if t.state == PENDING], PENDING)
 
     async def running(self) -> list[Task]:
-        ids = list(await self._redis.smembers(self._state_key(RUNNING)))
+        ids = list(cast("set[str]", await self._redis.smembers(self._state_key(RUNNING))))
         return _order([t for t in await self._load(ids) if t.state == RUNNING], RUNNING)
 
     async def _transition(self, task_id: str, from_state: str, change: Callable[[Task], None]) -> Task | None:
@@ -169,7 +170,7 @@ class RedisStateStore:
             await pipe.execute()
 
     async def alive_proxies(self) -> set[str]:
-        return set(await self._redis.zrangebyscore(f"{self._p}proxies", time.time(), "+inf"))
+        return set(cast("list[str]", await self._redis.zrangebyscore(f"{self._p}proxies", time.time(), "+inf")))
 
     async def requeue(self, task_id: str, note: str) -> Task | None:
         return await self._transition(task_id, RUNNING, requeue_change(note))
@@ -221,7 +222,7 @@ class RedisStateStore:
         await self._redis.sadd(f"{self._p}instances", url)
 
     async def instance_urls(self) -> list[str]:
-        return sorted(await self._redis.smembers(f"{self._p}instances"))
+        return sorted(cast("set[str]", await self._redis.smembers(f"{self._p}instances")))
 
     def _lease_key(self, url: str) -> str:
         return f"{self._p}lease:{url}"

@@ -34,6 +34,7 @@ ADDRESS_LIMIT = 200
 WINDOW_S = 900.0
 MAX_ENTRIES = 10_000
 
+K = TypeVar("K")
 V = TypeVar("V")
 
 
@@ -62,11 +63,11 @@ class LoginThrottle:
         """How many keys the tables hold (bounded by ``max_entries`` each)."""
         return len(self._pairs) + len(self._names) + len(self._addresses)
 
-    def _put(self, table: dict[str, V] | dict[tuple[str, str], V], key: object, value: V) -> None:
-        table.pop(key, None)  # type: ignore[call-overload]
-        table[key] = value  # type: ignore[index]
+    def _put(self, table: dict[K, V], key: K, value: V) -> None:
+        table.pop(key, None)
+        table[key] = value
         if len(table) > self._max_entries:
-            del table[next(iter(table))]  # type: ignore[arg-type]
+            del table[next(iter(table))]
 
     def _recent(self, table: dict[str, deque[float]], key: str, now: float) -> deque[float]:
         times = table.get(key)

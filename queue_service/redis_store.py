@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -462,7 +462,9 @@ class RedisStore:
         return self._notifier.event(queue)
 
     async def arm(self, queue: str) -> None:
-        await self._call(lambda: self._redis.set(_prefix(queue) + "waiting", "1"))  # type: ignore[union-attr]
+        r = self._redis
+        assert r is not None
+        await self._call(lambda: r.set(_prefix(queue) + "waiting", "1"))
 
     # -- producers and readers -------------------------------------------------
 
@@ -495,14 +497,16 @@ class RedisStore:
         r, p = self._redis, _prefix(queue)
 
         async def run() -> list[Item]:
+            # The client leaves replies undecoded (no decode_responses): ids and bodies are bytes.
+            ids: list[bytes]
             if request_id is not None:
-                found = await r.hget(p + "byrid", request_id)
+                found = cast("bytes | None", await r.hget(p + "byrid", request_id))
                 ids = [found] if found is not None and int(found) >= start_index else []
             else:
-                ids = await r.zrangebyscore(p + "all", start_index, "+inf", start=0, num=length)
+                ids = cast("list[bytes]", await r.zrangebyscore(p + "all", start_index, "+inf", start=0, num=length))
             if not ids:
                 return []
-            bodies = await r.hmget(p + "body", ids)
+            bodies = cast("list[bytes | None]", await r.hmget(p + "body", ids))
             return [Item(int(i), b) for i, b in zip(ids, bodies, strict=True) if b is not None]
 
         return await self._call(run)
@@ -511,7 +515,8 @@ class RedisStore:
         assert self._redis is not None
         p = self._redis.pipeline(transaction=True)
         p.hget(_prefix(queue) + "byrid", request_id)
-        p.zscore(_prefix(queue) + "done", request_id).hget(_prefix(queue) + "doneidx", request_id)
+        p.zscore(_prefix(queue) + "done", request_id)
+        p.hget(_prefix(queue) + "doneidx", request_id)
         live, forget_at_ms, done = await self._call(p.execute)
         if live is not None:
             return Seen(int(live), committed=False)
@@ -522,8 +527,10 @@ class RedisStore:
     async def stats(self, queue: str) -> QueueStats:
         assert self._redis is not None
         p = self._redis.pipeline(transaction=True)
-        p.hlen(_prefix(queue) + "body").get(_prefix(queue) + "seq")
-        p.zrange(_prefix(queue) + "all", 0, 0).hlen(_prefix(queue) + "sess")
+        p.hlen(_prefix(queue) + "body")
+        p.get(_prefix(queue) + "seq")
+        p.zrange(_prefix(queue) + "all", 0, 0)
+        p.hlen(_prefix(queue) + "sess")
         length, last, first, consumers = await self._call(p.execute)
         return QueueStats(length=int(length), first_index=int(first[0]) if first else 0,
                           last_index=int(last or 0), consumers=int(consumers))
@@ -538,8 +545,9 @@ class RedisStore:
         return Position(pending=False, waiting=int(result))
 
     async def exists(self, queue: str) -> bool:
-        assert self._redis is not None
-        return bool(await self._call(lambda: self._redis.exists(_prefix(queue) + "seq")))  # type: ignore[union-attr]
+        r = self._redis
+        assert r is not None
+        return bool(await self._call(lambda: r.exists(_prefix(queue) + "seq")))
 
     # -- removal ------------------------------------------------------------------
 

@@ -219,10 +219,11 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     if event.is_set():
         return True
     try:
-        await asyncio.wait_for(event.wait(), timeout_s)
-        return True
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel landing with the set
+            await event.wait()
     except TimeoutError:
         return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,12 @@ bash scripts/setup.sh --test
 .venv/bin/lint-imports --no-logo
 # Lint and import order ([tool.ruff] in pyproject.toml).
 .venv/bin/ruff check --no-cache .
+# Types ([tool.mypy] in pyproject.toml: the four packages, strict on the core modules); ~7 s cold.
+.venv/bin/mypy
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Python dev mode (asyncio debug checks, unclosed resources, aiohttp debug): the roles the suite starts
+# run in it too (standard/private.py child_environment, the tests' cli_env).
+.venv/bin/python -X dev -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

@@ -149,7 +149,7 @@ POLICY = web.RequestKey("access_policy", AccessPolicy)  # set by the auth middle
 
 
 def policy_of(request: web.Request) -> AccessPolicy:
-    return request.get(POLICY, DEFAULT_POLICY)
+    return request[POLICY] if POLICY in request else DEFAULT_POLICY
 
 
 def client_address(request: web.Request) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,10 +68,14 @@ def child_environment(secret_env: Mapping[str, str | None] | None = None, *, thi
 
     ``third_party`` (real ComfyUI and its plugins): no ``COMFYSERVE_*`` setting and no storage
     credentials at all; our own roles keep the non-secret settings and the storage credentials.
+    Under ``python -X dev`` (the test suite) our own roles run in dev mode too, so its checks
+    (asyncio debug, unclosed resources) cover the children; ``-X dev`` is a flag, not inherited.
     """
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     if third_party:
         env = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX) and k not in STORAGE_CREDENTIALS}
+    elif sys.flags.dev_mode:
+        env["PYTHONDEVMODE"] = "1"
     for name, value in (secret_env or {}).items():
         if value is not None:
             env[name] = value

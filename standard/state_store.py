@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS history (
     end_ms INTEGER
 );
 """
-Op = Callable[[sqlite3.Connection], None]
+Op = Callable[[sqlite3.Connection], object]  # what an op returns (a cursor) is ignored
 
 
 def restart_error(prompt_id: str) -> list[Any]:

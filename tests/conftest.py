@@ -8,6 +8,7 @@ conftest sits in a directory without ``__init__.py``); their plain helpers are i
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,4 +61,6 @@ def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYSERVE_")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    if sys.flags.dev_mode:  # the suite runs under -X dev (scripts/test.sh): so do the roles it starts
+        env["PYTHONDEVMODE"] = "1"
     return env

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from cluster_proxy.accounts import SESSION_CACHE_S, Accounts, User
 from cluster_proxy.login import SESSION_COOKIE, USER, setup_login
+from cluster_proxy.pages import setup_pages
 from cluster_proxy.throttle import LoginThrottle
 from standard.datadir import init_data_dir
 from support.clock import FakeClock
@@ -93,7 +94,8 @@ async def make_site(aiohttp_client: Any, data_dir: Path) -> Any:
 
         app = web.Application()
         provider = Provider()
-        setup_login(app, accounts, SECRET, dashboard=provider, throttle=LoginThrottle(clock, clock.pause))
+        setup_login(app, accounts, SECRET, throttle=LoginThrottle(clock, clock.pause))
+        setup_pages(app, provider)
         app.router.add_get("/whoami", whoami)
         app.router.add_post("/whoami", whoami)
         client = await aiohttp_client(app)

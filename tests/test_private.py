@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,16 @@ async def test_webhooks_are_signed_with_their_own_key_never_the_token(
     assert len(key) >= 32 and key != TOKEN
     assert verify(key, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert not verify(TOKEN, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+
+
+def test_our_own_children_run_in_dev_mode_when_we_do(cli_env: dict[str, str]) -> None:
+    """``-X dev`` is a flag, not inherited: child_environment passes it on to our roles, never to ComfyUI."""
+    code = ("from standard.private import child_environment as env; "
+            "print(env().get('PYTHONDEVMODE'), env(third_party=True).get('PYTHONDEVMODE'))")
+    base = {k: v for k, v in cli_env.items() if k != "PYTHONDEVMODE"}
+    dev = subprocess.run([sys.executable, "-X", "dev", "-c", code], env=base, capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    plain = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+    assert dev.stdout.split() == ["1", "None"], dev.stderr
+    assert plain.stdout.split() == ["None", "None"], plain.stderr

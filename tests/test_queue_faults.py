@@ -14,7 +14,7 @@ from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body, encode_frame, encode_frame_list
 from queue_service.redis_store import RedisStore
 from queue_service.server import create_app
-from queue_service.store import Seen
+from queue_service.store import Seen, wait_event
 from support.processes import RedisServer
 from support.queue import (
     PENDING_TIMEOUT_S,
@@ -278,3 +278,20 @@ async def test_lookup_against_a_queue_service_without_it_falls_back_to_a_get(aio
     async with QueueClient(f"127.0.0.1:{server.port}", "svc/sink") as sink:
         assert await sink.lookup("there") == Seen(7, committed=False)
         assert await sink.lookup("elsewhere") is None
+
+
+async def test_a_cancel_landing_with_the_event_is_not_swallowed() -> None:
+    """A long poll cancelled (client gone, shutdown) in the same loop turn as its event is set ends cancelled:
+    ``asyncio.wait_for`` on 3.11 returned the result and dropped the cancel."""
+    event = asyncio.Event()
+    waiter = asyncio.create_task(wait_event(event, 30.0))
+
+    def set_and_cancel() -> None:  # runs after the waiter's first step (call_soon is FIFO): it is parked
+        event.set()
+        waiter.cancel()
+
+    asyncio.get_running_loop().call_soon(set_and_cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await wait_event(event, 0.0) is True
+    assert await wait_event(asyncio.Event(), 0.0) is False

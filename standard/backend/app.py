@@ -48,11 +48,11 @@ from .supervisor import ComfyUIChild
 
 log = logging.getLogger("comfyserve.backend")
 
-BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
+BACKEND = web.AppKey("backend", Backend)
 SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
 SETTINGS = web.AppKey("backend_settings", StandardSettings)
 METRICS = web.AppKey("backend_metrics", BackendMetrics)
-SOCKETS = web.AppKey("backend_sockets", set)
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("backend_sockets", set)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
 REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
@@ -208,7 +208,7 @@ async def _backend_post(app: web.Application, path: str, body: dict) -> None:
 
 async def _close_sockets(app: web.Application) -> None:
     """Open WebSockets would hold a graceful shutdown until its timeout."""
-    for ws in list(app[SOCKETS]):
+    for ws in app[SOCKETS].copy():
         await ws.close(code=1001, message=b"server shutdown")
 
 

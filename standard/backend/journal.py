@@ -240,7 +240,7 @@ class PromptJournal:
         extra_data = {k: v for k, v in (body.get("extra_data") or {}).items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
-        item = [outstanding.number, prompt_id, body.get("prompt") or {}, extra_data, []]
+        item: list[Any] = [outstanding.number, prompt_id, body.get("prompt") or {}, extra_data, []]
         return {"prompt": item, "outputs": {}, "status": {"status_str": "error", "completed": False,
                                                           "messages": messages}, "meta": {}}
 

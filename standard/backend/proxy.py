@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..auth import SESSION_COOKIE
@@ -39,7 +39,7 @@ SMALL_BODY_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
 
 
-def _dropped(headers: CIMultiDict[str] | web.BaseRequest) -> set[str]:
+def _dropped(headers: MultiMapping[str] | web.BaseRequest) -> set[str]:
     names = set(HOP_BY_HOP)
     source = headers.headers if isinstance(headers, web.BaseRequest) else headers
     for value in source.getall("Connection", []):
@@ -88,7 +88,7 @@ def upstream_url(base_url: str, request: web.Request, *, strip_token: bool) -> U
 
 
 def downstream_headers(response: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
-    drop = _dropped(response.headers)  # type: ignore[arg-type]
+    drop = _dropped(response.headers)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in response.headers.items():
         lower = name.lower()

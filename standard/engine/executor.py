@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import EngineError
 from . import compat, context
 from .context import InterruptProcessingException
+from .node_class import NodeClass
 from .progress import ProgressState
 from .registry import NodeRegistry
 
@@ -142,9 +143,10 @@ class PromptExecutor:
                 self.add_message("execution_success", {"prompt_id": prompt_id}, broadcast=False)
             except InterruptProcessingException:
                 self.success = False
-                node_id = ctx.executing_node
+                interrupted_at = ctx.executing_node
                 self.add_message("execution_interrupted", {
-                    "prompt_id": prompt_id, "node_id": node_id, "node_type": _class_type(prompt, node_id),
+                    "prompt_id": prompt_id, "node_id": interrupted_at,
+                    "node_type": _class_type(prompt, interrupted_at),
                     "executed": executed}, broadcast=True)
             except NodeFailed as failure:
                 self.success = False
@@ -223,9 +225,9 @@ class InputTypes:
     """``INPUT_TYPES()`` of each class, asked once per prompt: LoadImage's lists the input folder."""
 
     def __init__(self) -> None:
-        self._seen: dict[type, dict[str, Any]] = {}
+        self._seen: dict[type[NodeClass], dict[str, Any]] = {}
 
-    def of(self, node_class: type) -> dict[str, Any]:
+    def of(self, node_class: type[NodeClass]) -> dict[str, Any]:
         if node_class not in self._seen:
             self._seen[node_class] = node_class.INPUT_TYPES()
         return self._seen[node_class]
@@ -273,7 +275,8 @@ def input_data(declared: dict[str, Any], prompt: dict[str, Any], node_id: str,
     return data
 
 
-def map_node_over_list(node_class: type, obj: Any, inputs: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+def map_node_over_list(node_class: type[NodeClass], obj: Any,
+                       inputs: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
     """Call the node's FUNCTION once (INPUT_IS_LIST) or once per list element, as ComfyUI does."""
     function = getattr(obj, node_class.FUNCTION)
     calls: list[dict[str, Any]]
@@ -296,7 +299,7 @@ def map_node_over_list(node_class: type, obj: Any, inputs: dict[str, list[Any]])
     return results, uis
 
 
-def merge_outputs(node_class: type, results: list[tuple[Any, ...]]) -> list[list[Any]]:
+def merge_outputs(node_class: type[NodeClass], results: list[tuple[Any, ...]]) -> list[list[Any]]:
     count = len(getattr(node_class, "RETURN_TYPES", ()))
     is_list = list(getattr(node_class, "OUTPUT_IS_LIST", [False] * count))
     merged: list[list[Any]] = [[] for _ in range(count)]
@@ -323,7 +326,7 @@ def merge_ui(uis: list[Any]) -> dict[str, Any] | None:
     return merged
 
 
-def _is_changed(node_class: type, inputs: dict[str, Any]) -> Any:
+def _is_changed(node_class: type[NodeClass], inputs: dict[str, Any]) -> Any:
     function = getattr(node_class, "IS_CHANGED", None)
     if function is None:
         return None

@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import save_names
 from .compat import MAX_RESOLUTION, folder_paths
 from .images import from_pil, to_pil
+from .node_class import NodeClasses
 
 MASK_CHANNELS = ["alpha", "red", "green", "blue"]
 
@@ -69,7 +70,8 @@ class LoadImage:
 
     def load_image(self, image: str) -> tuple[np.ndarray, np.ndarray]:
         path = folder_paths.get_annotated_filepath(image)
-        frames, masks = [], []
+        frames: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         with Image.open(path) as opened:
             for frame in ImageSequence.Iterator(opened):
                 frame = ImageOps.exif_transpose(frame)
@@ -198,7 +200,7 @@ class PreviewImage(SaveImage):
     DESCRIPTION = "Saves the input images to the temp directory for preview."
 
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
+NODE_CLASS_MAPPINGS: NodeClasses = {
     "EmptyImage": EmptyImage, "LoadImage": LoadImage, "LoadImageMask": LoadImageMask,
     "SaveImage": SaveImage, "PreviewImage": PreviewImage,
 }

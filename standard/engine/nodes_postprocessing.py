@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .images import from_pil, gaussian_blur, match_size, to_pil
+from .node_class import NodeClasses
 
 BLEND_MODES = ["normal", "multiply", "screen", "overlay", "soft_light", "difference"]
 DITHERS = ["none", "floyd-steinberg", "bayer-2", "bayer-4", "bayer-8", "bayer-16"]
@@ -140,7 +141,7 @@ class ImageQuantize:
         return (result,)
 
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
+NODE_CLASS_MAPPINGS: NodeClasses = {
     "ImageBlur": ImageBlur, "ImageSharpen": ImageSharpen, "ImageBlend": ImageBlend, "ImageQuantize": ImageQuantize,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {

@@ -8,6 +8,7 @@ import numpy as np
 
 from .compat import MAX_RESOLUTION
 from .images import UPSCALE_METHODS, match_size, resize
+from .node_class import NodeClasses
 
 IMAGE_IN = {"image": ("IMAGE",)}
 
@@ -193,7 +194,7 @@ class GetImageSize:
         return int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
 
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
+NODE_CLASS_MAPPINGS: NodeClasses = {
     "ImageScale": ImageScale, "ImageScaleBy": ImageScaleBy, "ImageInvert": ImageInvert,
     "ImageBatch": ImageBatch, "ImagePadForOutpaint": ImagePadForOutpaint, "ImageCrop": ImageCrop,
     "ImageRotate": ImageRotate, "ImageFlip": ImageFlip, "RepeatImageBatch": RepeatImageBatch,

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..datadir import DataDir, WorkDirs
 from . import compat, context, nodes_io, nodes_postprocessing, nodes_transform
+from .node_class import NodeClasses
 
 log = logging.getLogger("comfyserve.engine")
 
@@ -31,7 +32,7 @@ class NodeRegistry:
     def __init__(self, data_dir: DataDir, workdirs: WorkDirs) -> None:
         self.data_dir = data_dir
         self.context = context.EngineContext(data_dir, workdirs)
-        self.node_classes: dict[str, type] = {}
+        self.node_classes: NodeClasses = {}
         self.display_names: dict[str, str] = {}
         self.plugin_errors: dict[str, str] = {}
         self.plugins: list[str] = []
@@ -44,7 +45,7 @@ class NodeRegistry:
 
     def load(self) -> None:
         """(Re)build the node set: built-ins first, then every plugin in ``custom_nodes``."""
-        classes: dict[str, type] = {}
+        classes: NodeClasses = {}
         names: dict[str, str] = {}
         for module in BUILTIN_MODULES:
             classes.update(module.NODE_CLASS_MAPPINGS)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import error_body
 from . import context
+from .node_class import NodeClass
 from .registry import NodeRegistry
 
 log = logging.getLogger("comfyserve.engine")
@@ -176,7 +177,7 @@ class _Validator:
                            input_name=name, input_config=None if len(allowed) > 20 else info, received_value=value)
         return None
 
-    def _custom_validation(self, node_class: type, function: Any, inputs: dict[str, Any],
+    def _custom_validation(self, node_class: type[NodeClass], function: Any, inputs: dict[str, Any],
                            params: dict[str, inspect.Parameter]) -> list[Reason]:
         arguments = {k: v for k, v in inputs.items() if k in params and not isinstance(v, list)}
         if any(p.default is inspect.Parameter.empty and name not in arguments

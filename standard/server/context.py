@@ -114,7 +114,7 @@ class AppContext:
 
     @property
     def server(self) -> ServerView:
-        return self._app[keys.PROMPT_SERVER]  # type: ignore[no-any-return]
+        return self._app[keys.PROMPT_SERVER]
 
     @property
     def user_root(self) -> Path:
@@ -135,4 +135,4 @@ def prompt_server(request: web.Request) -> PromptServer:
     """The instance's own prompt server, for handlers that change its queue or drive its engine."""
     if SCOPE in request:
         raise RuntimeError(f"{request.method} {request.path}: an instance-only handler was served in a scope")
-    return request.app[keys.PROMPT_SERVER]  # type: ignore[no-any-return]
+    return request.app[keys.PROMPT_SERVER]

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def terminal_size() -> dict[str, int]:
     return {"cols": size.columns, "rows": size.lines}
 
 
-LOG_SUBSCRIBERS = web.AppKey("log_subscribers", set)
+LOG_SUBSCRIBERS: web.AppKey[set[str]] = web.AppKey("log_subscribers", set)
 
 
 @routes.get("/internal/logs")
@@ -123,15 +124,15 @@ async def subscribe_logs(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-def _log_forwarder(app: web.Application):  # type: ignore[no-untyped-def]
+def _log_forwarder(app: web.Application) -> Callable[[dict[str, str]], None]:
     def forward(entry: dict[str, str]) -> None:
         server = app[keys.PROMPT_SERVER]
-        for sid in list(app[LOG_SUBSCRIBERS]):
+        for sid in app[LOG_SUBSCRIBERS].copy():
             server.send_sync("logs", {"entries": [entry], "size": terminal_size()}, sid)
     return forward
 
 
-async def _log_forwarding_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+async def _log_forwarding_ctx(app: web.Application) -> AsyncIterator[None]:
     forward = _log_forwarder(app)
     buffer = log_buffer()
     buffer.listeners.append(forward)

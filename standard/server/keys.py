@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from aiohttp import web
 
 from ..datadir import DataDir, WorkDirs
 from ..settings import StandardSettings
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
+from .prompt_server import PromptServer
 
 SETTINGS = web.AppKey("settings", StandardSettings)
 DATA_DIR = web.AppKey("data_dir", DataDir)
 WORKDIRS = web.AppKey("workdirs", WorkDirs)
-# The PromptServer (standard.server.prompt_server): queue, history, sockets, engine.
-PROMPT_SERVER: web.AppKey[Any] = web.AppKey("prompt_server", object)
+PROMPT_SERVER = web.AppKey("prompt_server", PromptServer)  # queue, history, sockets, engine

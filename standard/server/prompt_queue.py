@@ -104,12 +104,12 @@ class PromptQueue:
             self._history[stored.prompt_id] = stored.entry
             if stored.times_ms is not None:
                 self._times_ms[stored.prompt_id] = stored.times_ms
-        for stored in state.pending:
-            item = QueueItem.from_payload(stored.number, stored.prompt_id, stored.payload)
+        for pending in state.pending:
+            item = QueueItem.from_payload(pending.number, pending.prompt_id, pending.payload)
             heapq.heappush(self._heap, (item.number, next(self._seq), item))
         failed = []
-        for stored in state.running:
-            item = QueueItem.from_payload(stored.number, stored.prompt_id, stored.payload)
+        for running in state.running:
+            item = QueueItem.from_payload(running.number, running.prompt_id, running.payload)
             task_id = next(self._task_ids)
             self._running[task_id] = item
             self.task_done(task_id, {"outputs": {}, "meta": {}},

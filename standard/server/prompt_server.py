@@ -131,7 +131,8 @@ class PromptServer:
         while self._busy() and loop.time() < deadline:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._settled.wait(), deadline - loop.time())
+                async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._settled.wait()
         self._drained = True
         if not self._busy():
             log.info("drained: every accepted prompt ran")

@@ -107,11 +107,12 @@ def _render_view(path: Path, filename: str, preview: str | None, channel: str) -
             parts = preview.split(";")
             image_format = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
             quality = int(parts[-1]) if parts[-1].isdigit() else 90
-            with Image.open(path) as img:
+            with Image.open(path) as opened:
+                img: Image.Image = opened
                 if image_format == "jpeg" or channel == "rgb":
-                    img = img.convert("RGB")
-                elif img.mode not in ("RGB", "RGBA", "L", "LA"):
-                    img = img.convert("RGBA")
+                    img = opened.convert("RGB")
+                elif opened.mode not in ("RGB", "RGBA", "L", "LA"):
+                    img = opened.convert("RGBA")
                 buffer = io.BytesIO()
                 img.save(buffer, format=image_format, quality=quality)
             return web.Response(body=buffer.getvalue(), headers=file_headers(

@@ -8,10 +8,12 @@ oss2's implementation (a few calls per file).
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import crcmod
 import oss2.utils
 
+_fast: ModuleType | None
 try:
     from fastcrc import crc64 as _fast
 except ImportError:  # pragma: no cover - fastcrc is a dependency; keep working without it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from .errors import StorageConfigError
 
@@ -12,8 +13,8 @@ SCHEME = "oss://"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
-def is_oss_url(value: str | None) -> bool:
-    return bool(value) and str(value).startswith(SCHEME)
+def is_oss_url(value: str | None) -> TypeGuard[str]:
+    return value is not None and value.startswith(SCHEME)
 
 
 @dataclass(frozen=True)

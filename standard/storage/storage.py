@@ -98,12 +98,13 @@ class ObjectStorage:
 
     def prefetch(self) -> None:
         """Every listed model into the cache (largest first, so the long ones start early)."""
-        assert self.cache is not None and self.models is not None
+        cache = self.cache
+        assert cache is not None and self.models is not None
         todo = sorted(((rel, info) for rel, info in self.models.entries().items() if "/" in rel),
                       key=lambda item: -item[1].size)
         log.info("prefetching %d models (%.1f MB)", len(todo), sum(i.size for _, i in todo) / 1024**2)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="oss-prefetch") as pool:
-            list(pool.map(lambda item: self.cache.ensure(item[0], item[1]), todo))  # type: ignore[union-attr]
+            list(pool.map(lambda item: cache.ensure(item[0], item[1]), todo))
 
     # -- models ----------------------------------------------------------------
 

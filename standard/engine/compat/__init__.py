@@ -11,6 +11,7 @@ import sys
 import types
 from typing import Any
 
+from ..node_class import NodeClasses
 from . import comfy_utils, folder_paths, model_management
 
 MAX_RESOLUTION = 16384
@@ -44,7 +45,7 @@ def _module(name: str, **attributes: Any) -> types.ModuleType:
     return module
 
 
-def install(node_class_mappings: dict[str, type], display_names: dict[str, str]) -> None:
+def install(node_class_mappings: NodeClasses, display_names: dict[str, str]) -> None:
     """Register the stand-ins (idempotent); ``nodes`` shows the engine's live mappings."""
     comfy = sys.modules.get("comfy") or _module("comfy", __path__=[])
     modules: dict[str, types.ModuleType] = {
@@ -62,5 +63,4 @@ def install(node_class_mappings: dict[str, type], display_names: dict[str, str])
             module.__dict__["__comfyserve_compat__"] = True
             sys.modules[name] = module
     if getattr(sys.modules.get("comfy"), "__comfyserve_compat__", False):
-        sys.modules["comfy"].utils = comfy_utils  # type: ignore[attr-defined]
-        sys.modules["comfy"].model_management = model_management  # type: ignore[attr-defined]
+        vars(sys.modules["comfy"]).update(utils=comfy_utils, model_management=model_management)

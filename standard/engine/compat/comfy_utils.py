@@ -14,7 +14,7 @@ class ProgressBar:
 
     def __init__(self, total: int, node_id: str | None = None) -> None:
         self.total = total
-        self.current = 0
+        self.current: float = 0
         self.node_id = node_id
 
     def update_absolute(self, value: float, total: float | None = None, preview: Any = None) -> None:
