@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from cluster_proxy.store import ATTEMPT_NAMESPACE
 from cluster_proxy.store_redis import PREFIX
 from standard.client import InstanceClient
 from standard.datadir import init_data_dir
@@ -24,6 +26,7 @@ from standard.settings import StandardSettings
 from support.cluster import make_users
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import VENV_BIN, wait_for_port
+from support.server import prompt_uuid
 from support.wait import until
 
 INSTANCE_TOKEN = "chaos-instance-token-0123456789"
@@ -49,7 +52,10 @@ class HistoryGate:
             holder = await client.get(f"{PREFIX}lease:{self.instance_url}")
         finally:
             await client.aclose()
-        return holder != key.rsplit("-", 1)[0].encode()
+        if holder is None:
+            return True
+        # The instance's prompt_id of a task's attempt is derived from the task id the lease names.
+        return all(str(uuid.uuid5(ATTEMPT_NAMESPACE, f"{holder.decode()}-{n}")) != key for n in range(8))
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
@@ -132,7 +138,7 @@ async def test_a_proxy_killed_between_the_end_of_prompt_and_the_finish_record_ru
     data_dir, gate, proxies, token = chaos.data_dir, chaos.gate, chaos.proxies, chaos.token
     doomed_url = await proxies.start("doomed")  # alone: it is the one that takes the first task
     async with InstanceClient(doomed_url, token) as ann:
-        await ann.submit(drain_gate_graph("g1", "first"), prompt_id="first")
+        await ann.submit(drain_gate_graph("g1", "first"), prompt_id=prompt_uuid("first"))
     await until(lambda: runs_of(data_dir, "g1") == 1, what="the first task running")
     survivor_url = await proxies.start("survivor")
     gate.armed = True
@@ -145,23 +151,23 @@ async def test_a_proxy_killed_between_the_end_of_prompt_and_the_finish_record_ru
     async with InstanceClient(survivor_url, token) as ann:
         # The freed instance takes the next task at once (held by its gate until the test opens it), so
         # the survivor cannot just follow the orphan to its end on an idle instance.
-        await ann.submit(drain_gate_graph("g2", "second"), prompt_id="second")
+        await ann.submit(drain_gate_graph("g2", "second"), prompt_id=prompt_uuid("second"))
         await until(lambda: runs_of(data_dir, "g2") == 1, what="the second task running")
 
         async def first_settled() -> bool:  # finished from the instance's history, or (wrongly) queued again
             queue = await ann.queue()
             pending = [item[1] for item in queue.get("queue_pending", [])]
-            return "first" in pending or await ann.history_entry("first") is not None
+            return prompt_uuid("first") in pending or await ann.history_entry(prompt_uuid("first")) is not None
 
         await until(first_settled, timeout_s=40, what="the survivor taking over the first task")
         (data_dir / "input" / "g2").write_text("open")
 
         async def both_done() -> bool:
-            return all([await ann.history_entry("first"), await ann.history_entry("second")])
+            return all([await ann.history_entry(prompt_uuid(name)) for name in ("first", "second")])
 
         await until(both_done, timeout_s=40, what="both tasks in the history")
-        first = await ann.history_entry("first")
-        second = await ann.history_entry("second")
+        first = await ann.history_entry(prompt_uuid("first"))
+        second = await ann.history_entry(prompt_uuid("second"))
     assert runs_of(data_dir, "g1") == 1, proxies.log("survivor")  # not run again
     assert runs_of(data_dir, "g2") == 1
     assert first["status"]["status_str"] == "success" and second["status"]["status_str"] == "success"
@@ -176,7 +182,7 @@ async def test_a_proxy_killed_while_its_task_runs_leaves_it_to_the_survivor(chao
     data_dir, proxies, token = chaos.data_dir, chaos.proxies, chaos.token
     doomed_url = await proxies.start("doomed")
     async with InstanceClient(doomed_url, token) as ann:
-        await ann.submit(drain_gate_graph("g1", "first"), prompt_id="first")
+        await ann.submit(drain_gate_graph("g1", "first"), prompt_id=prompt_uuid("first"))
     await until(lambda: runs_of(data_dir, "g1") == 1, what="the task running")
     survivor_url = await proxies.start("survivor")
     doomed = proxies.procs["doomed"][0]
@@ -184,9 +190,10 @@ async def test_a_proxy_killed_while_its_task_runs_leaves_it_to_the_survivor(chao
     await asyncio.to_thread(doomed.wait, 10)
     (data_dir / "input" / "g1").write_text("open")
     async with InstanceClient(survivor_url, token) as ann:
-        await until(lambda: ann.history_entry("first"), timeout_s=40, what="the task in the history")
-        first = await ann.history_entry("first")
+        await until(lambda: ann.history_entry(prompt_uuid("first")), timeout_s=40, what="the task in the history")
+        first = await ann.history_entry(prompt_uuid("first"))
     assert first["status"]["status_str"] == "success"
-    assert all(m[1].get("prompt_id") in (None, "first") for m in first["status"]["messages"])  # the user's id
+    messages = first["status"]["messages"]
+    assert all(m[1].get("prompt_id") in (None, prompt_uuid("first")) for m in messages)  # the user's id
     assert runs_of(data_dir, "g1") == 1, proxies.log("survivor")
     assert user_outputs(data_dir) == ["first_00001_.png"]
