@@ -124,7 +124,9 @@ class Pool:
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
                 max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
-                webhook_retry=self.settings.webhook_retry,
+                webhook_retry=self.settings.webhook_retry, data_dir=self.settings.data_dir,
+                input_limits=self.settings.input_limits, input_url_allow=self.settings.input_url_allow,
+                input_fetch_timeout_s=self.settings.input_fetch_timeout_s,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
                 ours=ours)
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))

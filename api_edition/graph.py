@@ -31,6 +31,11 @@ def parse_graph(body: bytes) -> dict[str, Any]:
         value = parse_json(body)
     except ValueError as exc:
         raise GraphError("invalid_json", f"the body is not JSON: {exc}") from None
+    return graph_of(value)
+
+
+def graph_of(value: Any) -> dict[str, Any]:
+    """The checked graph of a parsed body: the bare graph or ``{"prompt": graph, ...}``."""
     if isinstance(value, dict) and isinstance(value.get("prompt"), dict) and _looks_wrapped(value):
         value = value["prompt"]
     check_graph(value)

@@ -10,6 +10,8 @@ from standard.guard import AccessPolicy
 from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 
+from .inputs import DEFAULT_INPUT_FETCH_TIMEOUT_S, DEFAULT_INPUT_RETENTION_S, InputLimits
+
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
 DEFAULT_INSTANCE_DOWN_S = 5.0
@@ -41,6 +43,10 @@ class WorkerSettings:
     webhook_allow: tuple[str, ...] = ()  # webhook URL prefixes; empty: any public address
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the running task's time to finish
     webhook_retry: RetryPolicy = WEBHOOK  # tries and waits of a delivery (tests record the waits instead)
+    data_dir: Path | None = None  # where URL inputs are fetched to (the instance's data dir, shared)
+    input_limits: InputLimits = field(default_factory=InputLimits)
+    input_url_allow: tuple[str, ...] = ()  # URL input prefixes; empty: any public address
+    input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class ApiSettings:
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
     # --allowed-host, --trusted-proxy (standard.guard)
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    input_limits: InputLimits = field(default_factory=InputLimits)  # --max-input-file, --max-input-total
+    input_retention_s: float = DEFAULT_INPUT_RETENTION_S  # task input folders left behind go after this
+    input_url_allow: tuple[str, ...] = ()
+    input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
 
     @property
     def stateless(self) -> bool:

@@ -55,6 +55,7 @@ from standard.retry import QUEUE
 from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
 from .graph import GraphError, parse_graph
+from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
@@ -113,6 +114,8 @@ class Worker:
         self._own_webhooks = webhooks is None
         self.webhooks = webhooks or WebhookSender(settings.webhook_secret, policy=self.webhook_policy,
                                                   retry=settings.webhook_retry, on_give_up=self._webhook_failed)
+        self.fetcher = InputFetcher(settings.data_dir, allow=settings.input_url_allow, limits=settings.input_limits,
+                                    timeout_s=settings.input_fetch_timeout_s)
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -171,6 +174,7 @@ class Worker:
         await self.runner.aclose()
         await self.instance.aclose()
         await self.probe.aclose()
+        await self.fetcher.aclose()
         if self._own_webhooks:
             await self.webhooks.aclose()
 
@@ -219,8 +223,9 @@ class Worker:
         try:
             try:
                 graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
-            except GraphError as exc:
-                status, events = results.from_failure(exc.kind, exc.message)
+                await self.fetcher.prepare(frame.data)  # the task's URL inputs (input_fetch)
+            except (GraphError, FetchFailed) as exc:
+                status, events = results.from_failure(exc.kind, str(exc))
             else:
                 ticket = await self.ledger.check(request_id)
                 if ticket.exhausted is not None:
@@ -246,6 +251,7 @@ class Worker:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._report(results.encode(events), tags, frame.index)
+        self._in_background(self.fetcher.release(frame.data))
         self._remember(request_id)
         self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
         self.stats.finished(status, time.monotonic() - started)
@@ -265,6 +271,7 @@ class Worker:
         log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
         self._remember(request_id)
         await self._commit(frame.index)
+        self._in_background(self.fetcher.release(frame.data))
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
         """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
