@@ -45,6 +45,7 @@ from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
+from .workflows import WorkflowRefused, Workflows
 
 log = logging.getLogger("comfyserve.api.front")
 
@@ -53,6 +54,7 @@ INBOX_KEY = web.AppKey("api_inbox", Inbox)
 METRICS_KEY = web.AppKey("api_metrics", ApiMetrics)
 POLICY_KEY = web.AppKey("api_webhook_policy", WebhookPolicy)
 INPUT_POLICY_KEY = web.AppKey("api_input_policy", WebhookPolicy)
+WORKFLOWS_KEY = web.AppKey("api_workflows", Workflows)
 RETRY_AFTER_S = 1
 MAX_TAG_CHARS = 1024
 # Query parameters that are not tags: the auth fallback must not travel with the task.
@@ -121,14 +123,30 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     return web.Response(text=str(index), headers=headers)
 
 
-def _task_data(request: web.Request, settings: ApiSettings, submission: Submission) -> bytes:
-    """The queued item: the bare graph, or the inputs envelope when the task brought files."""
-    if submission.document is None:
+async def _graph(request: web.Request, submission: Submission) -> dict[str, Any]:
+    """The task's graph: the one sent, or with ``?workflow=NAME`` that saved workflow with the ``params`` set."""
+    document = submission.document
+    name = request.query.get("workflow")
+    if name is not None:
+        if document is not None and (not isinstance(document, dict) or set(document) - {"params", "inputs"}):
+            raise _refused(request, 400, "bad_request", "with ?workflow= the body is {\"params\": {...}, "
+                                                        "\"inputs\": [...]} (both optional)")
+        try:
+            workflow = await request.app[WORKFLOWS_KEY].get(name)
+            return workflow.build(document.get("params") if document else None)
+        except WorkflowRefused as exc:
+            raise _refused(request, exc.status, exc.kind, exc.message) from None
+    if document is None:
         raise _refused(request, 400, "empty_body", "the body is empty: send the workflow graph (API format) as JSON")
     try:
-        graph = graph_of(submission.document)
+        return graph_of(document)
     except GraphError as exc:
         raise _refused(request, 400, exc.kind, exc.message) from None
+
+
+async def _task_data(request: web.Request, settings: ApiSettings, submission: Submission) -> bytes:
+    """The queued item: the bare graph, or the inputs envelope when the task brought files."""
+    graph = await _graph(request, submission)
     value: dict[str, Any] = graph
     if submission.folder is not None:
         rewrite(graph, submission.names, submission.folder)
@@ -141,7 +159,7 @@ def _task_data(request: web.Request, settings: ApiSettings, submission: Submissi
 
 async def _queue(request: web.Request, settings: ApiSettings, submission: Submission, tags: dict[str, str],
                  priority: int, idempotency_key: str | None) -> tuple[int, str]:
-    data = _task_data(request, settings, submission)
+    data = await _task_data(request, settings, submission)
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
     try:
@@ -152,6 +170,11 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
     except InboxUnavailable as exc:
         raise _refused(request, 503, "queue_unavailable", str(exc),
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+async def workflows(request: web.Request) -> web.StreamResponse:
+    """``GET /workflows``: each saved workflow with its parameters (type, default, bounds), or its error."""
+    return web.json_response({"workflows": await request.app[WORKFLOWS_KEY].describe_all()})
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -180,3 +203,5 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     app.router.add_post("/api_prompt", api_prompt)
     app.router.add_post(f"/api/predict/{settings.service}/api_prompt", api_prompt)
     app.router.add_get("/metrics", metrics)
+    app[WORKFLOWS_KEY] = Workflows(settings.data_dir)
+    app.router.add_get("/workflows", workflows)
