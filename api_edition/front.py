@@ -43,6 +43,7 @@ from .inbox import Inbox, InboxUnavailable
 from .input_request import Submission, read_submission
 from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
+from .outputs import OUTPUT_PATH, output_handler
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
 from .workflows import WorkflowRefused, Workflows
@@ -205,3 +206,4 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     app.router.add_get("/metrics", metrics)
     app[WORKFLOWS_KEY] = Workflows(settings.data_dir)
     app.router.add_get("/workflows", workflows)
+    app.router.add_get(OUTPUT_PATH, output_handler(settings.data_dir))

@@ -15,6 +15,7 @@ from .inputs import (
     DEFAULT_MAX_INPUT_TOTAL_BYTES,
     InputLimits,
 )
+from .outputs import DEFAULT_MAX_INLINE_OUTPUT_BYTES
 from .webhook import WebhookPolicy, WebhookRefused
 
 
@@ -26,6 +27,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, front: bool) -> None
                     "Default: any URL except localhost and non-public IP addresses (the webhook policy)")
     add_option(parser, "--input-fetch-timeout", type=float, default=DEFAULT_INPUT_FETCH_TIMEOUT_S,
                help="seconds a worker may take to fetch one task's URL inputs")
+    add_option(parser, "--max-inline-output", type=int, default=DEFAULT_MAX_INLINE_OUTPUT_BYTES, metavar="BYTES",
+               help="tasks queued with ?return=base64 get their output files' bytes inline up to this sum")
     if front:
         add_option(parser, "--max-input-total", type=int, default=DEFAULT_MAX_INPUT_TOTAL_BYTES, metavar="BYTES",
                    help="largest sum of a task's inline input files (413 past it)")
@@ -44,7 +47,10 @@ def input_settings(args: argparse.Namespace) -> dict[str, Any]:
         WebhookPolicy(allow, what="input URL")
     except WebhookRefused as exc:
         raise ConfigError(f"--input-url-allow: {exc}") from None
-    values: dict[str, Any] = {"input_limits": InputLimits(max_file_bytes=args.max_input_file, max_total_bytes=total),
+    if args.max_inline_output < 0:
+        raise ConfigError("--max-inline-output must be >= 0")
+    values: dict[str, Any] = {"max_inline_output_bytes": args.max_inline_output,
+                              "input_limits": InputLimits(max_file_bytes=args.max_input_file, max_total_bytes=total),
                               "input_url_allow": allow, "input_fetch_timeout_s": args.input_fetch_timeout}
     if hasattr(args, "input_retention"):
         if args.input_retention < 0:

@@ -11,6 +11,7 @@ from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 from .inputs import DEFAULT_INPUT_FETCH_TIMEOUT_S, DEFAULT_INPUT_RETENTION_S, InputLimits
+from .outputs import DEFAULT_MAX_INLINE_OUTPUT_BYTES
 
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
@@ -47,6 +48,7 @@ class WorkerSettings:
     input_limits: InputLimits = field(default_factory=InputLimits)
     input_url_allow: tuple[str, ...] = ()  # URL input prefixes; empty: any public address
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
+    max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES  # ?return=base64: sum of a result's bytes
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class ApiSettings:
     input_retention_s: float = DEFAULT_INPUT_RETENTION_S  # task input folders left behind go after this
     input_url_allow: tuple[str, ...] = ()
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
+    max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES
 
     @property
     def stateless(self) -> bool:

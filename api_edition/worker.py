@@ -57,6 +57,7 @@ from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAtte
 from .graph import GraphError, parse_graph
 from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
+from .outputs import OutputLinks
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
@@ -116,6 +117,7 @@ class Worker:
                                                   retry=settings.webhook_retry, on_give_up=self._webhook_failed)
         self.fetcher = InputFetcher(settings.data_dir, allow=settings.input_url_allow, limits=settings.input_limits,
                                     timeout_s=settings.input_fetch_timeout_s)
+        self.outputs = OutputLinks(self.probe, settings.max_inline_output_bytes)
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -233,6 +235,8 @@ class Worker:
                 else:
                     self.ledger.record(ticket)
                     status, events, prompt_id = await self._attempt(graph, ticket)
+                    if status == "success":
+                        await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
             already = await reported
         finally:
             if not reported.done():
