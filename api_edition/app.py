@@ -29,8 +29,10 @@ from .attempts import StoreAttemptRecords
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
 from .metrics import ApiMetrics
+from .progress import StoreRecords
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
+from .status import STATUS_KEY, TaskStatus, progress_of
 from .webhook import WebhookPolicy, WebhookSender, webhook_secret
 from .worker import Worker, default_worker_id
 
@@ -65,6 +67,12 @@ def create_api_app(settings: ApiSettings) -> web.Application:
     else:
         app = create_queue_app(queue_settings(settings))
         app[INBOX_KEY] = StoreInbox(app[STORE_KEY], settings.service, settings.max_length)
+        app[STATUS_KEY] = status = TaskStatus(app[STORE_KEY], settings.service)
+
+        async def close_status(app: web.Application) -> None:
+            await status.aclose()
+
+        app.on_shutdown.append(close_status)
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = ApiMetrics()
     add_front_routes(app, settings)
@@ -129,7 +137,7 @@ class Pool:
                 input_fetch_timeout_s=self.settings.input_fetch_timeout_s,
                 max_inline_output_bytes=self.settings.max_inline_output_bytes,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
-                ours=ours)
+                ours=ours, progress=self._store_records(progress_of(self.settings.service)))
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def _store_ops(self) -> StoreQueueOps | None:
@@ -138,6 +146,9 @@ class Pool:
             return None
         return StoreQueueOps(self.store, self.settings.service, max_length=self.settings.max_length,
                              max_payload_bytes=self.settings.max_payload_bytes)
+
+    def _store_records(self, queue: str) -> StoreRecords | None:
+        return StoreRecords(self.store, queue) if self.store is not None else None
 
     def _store_attempts(self) -> StoreAttemptRecords | None:
         if self.store is None:

@@ -45,6 +45,7 @@ from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
 from .outputs import OUTPUT_PATH, output_handler
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
+from .status import STATUS_KEY, api_task
 from .webhook import WebhookPolicy, WebhookRefused
 from .workflows import WorkflowRefused, Workflows
 
@@ -164,13 +165,17 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
     try:
-        return await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
+        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
     except QueueFull as exc:
         raise _refused(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
                         headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except InboxUnavailable as exc:
         raise _refused(request, 503, "queue_unavailable", str(exc),
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    status = request.app.get(STATUS_KEY)
+    if status is not None:
+        await status.remember(tags[TASK_ID_TAG], request_id)
+    return index, request_id
 
 
 async def workflows(request: web.Request) -> web.StreamResponse:
@@ -206,4 +211,5 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     app.router.add_get("/metrics", metrics)
     app[WORKFLOWS_KEY] = Workflows(settings.data_dir)
     app.router.add_get("/workflows", workflows)
+    app.router.add_get("/api_task", api_task)
     app.router.add_get(OUTPUT_PATH, output_handler(settings.data_dir))

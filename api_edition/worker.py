@@ -58,9 +58,11 @@ from .graph import GraphError, parse_graph
 from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
 from .outputs import OutputLinks
+from .progress import HttpRecords, Records, TaskProgress
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
+from .status import progress_of
 from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
 
 log = logging.getLogger("comfyserve.api.worker")
@@ -92,7 +94,8 @@ class GiveBack(WorkerError):
 class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
                  webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
-                 attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None) -> None:
+                 attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None,
+                 progress: Records | None = None) -> None:
         self.settings = settings
         # A spawned instance (``standard.supervised``): is its own child the one answering on the URL?
         self.ours = ours
@@ -118,6 +121,10 @@ class Worker:
         self.fetcher = InputFetcher(settings.data_dir, allow=settings.input_url_allow, limits=settings.input_limits,
                                     timeout_s=settings.input_fetch_timeout_s)
         self.outputs = OutputLinks(self.probe, settings.max_inline_output_bytes)
+        self.progress = TaskProgress(progress or HttpRecords(QueueClient(
+            settings.queue_url, progress_of(settings.service), token=token, uid=self.name)),
+            self.name, settings.instance_url)
+        self.runner.on_event = self.progress.event
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -177,6 +184,7 @@ class Worker:
         await self.instance.aclose()
         await self.probe.aclose()
         await self.fetcher.aclose()
+        await self.progress.aclose()
         if self._own_webhooks:
             await self.webhooks.aclose()
 
@@ -234,7 +242,8 @@ class Worker:
                     status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
                 else:
                     self.ledger.record(ticket)
-                    status, events, prompt_id = await self._attempt(graph, ticket)
+                    async with self.progress.running(request_id):  # for GET /api_task (progress)
+                        status, events, prompt_id = await self._attempt(graph, ticket)
                     if status == "success":
                         await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
             already = await reported
