@@ -26,10 +26,15 @@ from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
 log = logging.getLogger("comfyserve.api.progress")
 
 MIN_INTERVAL_S = 0.2
+LOOKUP_LENGTH = 16
 
 
 class Records(Protocol):
+    """put / find-by-requestId / drop on one queue of records."""
+
     async def put(self, request_id: str, data: bytes) -> int: ...
+
+    async def find(self, request_id: str) -> list[int]: ...
 
     async def drop(self, indexes: list[int]) -> None: ...
 
@@ -43,6 +48,9 @@ class StoreRecords:
 
     async def put(self, request_id: str, data: bytes) -> int:
         return await self.store.put(self.queue, encode_body({REQUEST_ID_TAG: request_id}, data), request_id, 0, 0)
+
+    async def find(self, request_id: str) -> list[int]:
+        return [item.index for item in await self.store.get(self.queue, 0, LOOKUP_LENGTH, request_id)]
 
     async def drop(self, indexes: list[int]) -> None:
         await self.store.remove(self.queue, indexes)
@@ -58,6 +66,14 @@ class HttpRecords:
     async def put(self, request_id: str, data: bytes) -> int:
         index, _ = await self.client.put(data, {REQUEST_ID_TAG: request_id})
         return index
+
+    async def find(self, request_id: str) -> list[int]:
+        try:
+            return [frame.index for frame in await self.client.get(0, LOOKUP_LENGTH, request_id=request_id)]
+        except QueueClientError as exc:
+            if exc.status == 404:  # the queue does not exist yet: nothing recorded
+                return []
+            raise
 
     async def drop(self, indexes: list[int]) -> None:
         await self.client.delete(indexes)

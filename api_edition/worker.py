@@ -54,6 +54,8 @@ from standard.retry import QUEUE
 
 from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
+from .cancel import MESSAGE as CANCEL_MESSAGE
+from .cancel import CancelWatch, cancel_of
 from .graph import GraphError, parse_graph
 from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
@@ -62,7 +64,7 @@ from .progress import HttpRecords, Records, TaskProgress
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
-from .status import progress_of
+from .status import CANCELLED, progress_of
 from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
 
 log = logging.getLogger("comfyserve.api.worker")
@@ -95,7 +97,7 @@ class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
                  webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
                  attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None,
-                 progress: Records | None = None) -> None:
+                 progress: Records | None = None, cancels: Records | None = None) -> None:
         self.settings = settings
         # A spawned instance (``standard.supervised``): is its own child the one answering on the URL?
         self.ours = ours
@@ -125,6 +127,9 @@ class Worker:
             settings.queue_url, progress_of(settings.service), token=token, uid=self.name)),
             self.name, settings.instance_url)
         self.runner.on_event = self.progress.event
+        self.cancels = CancelWatch(cancels or HttpRecords(QueueClient(
+            settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
+        self.current_prompt_id: str | None = None
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -185,6 +190,7 @@ class Worker:
         await self.probe.aclose()
         await self.fetcher.aclose()
         await self.progress.aclose()
+        await self.cancels.aclose()
         if self._own_webhooks:
             await self.webhooks.aclose()
 
@@ -242,8 +248,7 @@ class Worker:
                     status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
                 else:
                     self.ledger.record(ticket)
-                    async with self.progress.running(request_id):  # for GET /api_task (progress)
-                        status, events, prompt_id = await self._attempt(graph, ticket)
+                    status, events, prompt_id = await self._watched_attempt(graph, ticket, request_id)
                     if status == "success":
                         await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
             already = await reported
@@ -264,6 +269,8 @@ class Worker:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._report(results.encode(events), tags, frame.index)
+        if status == "error" and events and events[0].get("data", {}).get("exception_type") == CANCELLED:
+            self._in_background(self.cancels.forget(request_id))
         self._in_background(self.fetcher.release(frame.data))
         self._remember(request_id)
         self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
@@ -286,6 +293,23 @@ class Worker:
         await self._commit(frame.index)
         self._in_background(self.fetcher.release(frame.data))
 
+    async def _watched_attempt(self, graph: dict[str, Any], ticket: Ticket,
+                               request_id: str) -> tuple[str, list[Any], str | None]:
+        """``_attempt`` with its progress recorded (``GET /api_task``) and its cancel records watched
+        (``POST /api_task/cancel``): a cancelled task is not run, or is interrupted, and reported cancelled."""
+        async with self.progress.running(request_id), \
+                self.cancels.watching(request_id, self._interrupt_current) as cancel:
+            if cancel.requested:
+                return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
+            status, events, prompt_id = await self._attempt(graph, ticket)
+        if cancel.requested and status != "success":  # a run that finished first keeps its result
+            status, events = results.from_failure(CANCELLED, CANCEL_MESSAGE)
+        return status, events, prompt_id
+
+    async def _interrupt_current(self) -> None:
+        if self.current_prompt_id is not None:
+            await self.probe.interrupt(self.current_prompt_id)
+
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
         """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
@@ -298,7 +322,7 @@ class Worker:
     async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
-        prompt_id = str(uuid.uuid4())
+        prompt_id = self.current_prompt_id = str(uuid.uuid4())
         run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id))
         watchdog = asyncio.create_task(self._instance_down())
         cut = asyncio.create_task(self._cut.wait())
