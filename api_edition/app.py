@@ -27,6 +27,7 @@ from standard.supervised import StandardChild
 
 from .attempts import StoreAttemptRecords
 from .cancel import CANCELLER_KEY, Canceller, cancel_of
+from .events import HUB_KEY, EventHub, events_of
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
 from .metrics import ApiMetrics
@@ -70,8 +71,10 @@ def create_api_app(settings: ApiSettings) -> web.Application:
         app[INBOX_KEY] = StoreInbox(app[STORE_KEY], settings.service, settings.max_length)
         app[STATUS_KEY] = status = TaskStatus(app[STORE_KEY], settings.service)
         app[CANCELLER_KEY] = Canceller(app[STORE_KEY], settings.service, settings.max_length, status)
+        app[HUB_KEY] = hub = EventHub(app[STORE_KEY], settings.service)
 
         async def close_status(app: web.Application) -> None:
+            await hub.aclose()
             await status.aclose()
 
         app.on_shutdown.append(close_status)
@@ -140,7 +143,8 @@ class Pool:
                 max_inline_output_bytes=self.settings.max_inline_output_bytes,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
                 ours=ours, progress=self._store_records(progress_of(self.settings.service)),
-                cancels=self._store_records(cancel_of(self.settings.service)))
+                cancels=self._store_records(cancel_of(self.settings.service)),
+                events=self._store_records(events_of(self.settings.service)))
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def _store_ops(self) -> StoreQueueOps | None:

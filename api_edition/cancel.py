@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ from queue_service.store import REQUEST_ID_TAG, QueueError, QueueFull, QueueStor
 from standard.http_util import json_error
 
 from . import results
+from .events import events_of, result_event
 from .progress import Records, StoreRecords
 from .settings import TASK_ID_TAG, sink_of
 from .status import CANCELLED, STATUS_KEY, TaskStatus
@@ -63,6 +65,7 @@ class Canceller:
         self.max_length = max_length
         self.status = status
         self.records = StoreRecords(store, cancel_of(service))
+        self.events = StoreRecords(store, events_of(service))
 
     async def cancel(self, request_id: str) -> bool:
         """True when this call stopped the task (queued: removed; running: the worker is told)."""
@@ -92,6 +95,8 @@ class Canceller:
                                                 self.service, [claimed[0].index])
             except QueueFull:
                 raise web.HTTPServiceUnavailable(reason="the sink is full", headers={"Retry-After": "1"}) from None
+            with contextlib.suppress(QueueError):  # streams of this task end with its result
+                await self.events.put(request_id, json.dumps(result_event(status)).encode())
             return True
         finally:
             with contextlib.suppress(QueueError):

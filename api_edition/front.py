@@ -39,6 +39,7 @@ from standard.http_util import JSONError, json_error
 from standard.serving import draining_headers, is_draining
 
 from .cancel import api_task_cancel
+from .events import api_events
 from .graph import GraphError, graph_of
 from .inbox import Inbox, InboxUnavailable
 from .input_request import Submission, read_submission
@@ -213,6 +214,7 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     app[WORKFLOWS_KEY] = Workflows(settings.data_dir)
     app.router.add_get("/workflows", workflows)
     app.router.add_get("/api_task", api_task)
+    app.router.add_get("/api_events", api_events)
     app.router.add_post("/api_task/cancel", api_task_cancel)
     app.router.add_post("/api/predict/{service}/api_task/cancel", api_task_cancel)
     app.router.add_get(OUTPUT_PATH, output_handler(settings.data_dir))

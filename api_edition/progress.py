@@ -36,6 +36,8 @@ class Records(Protocol):
 
     async def find(self, request_id: str) -> list[int]: ...
 
+    async def truncate(self, below: int) -> None: ...
+
     async def drop(self, indexes: list[int]) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -51,6 +53,9 @@ class StoreRecords:
 
     async def find(self, request_id: str) -> list[int]:
         return [item.index for item in await self.store.get(self.queue, 0, LOOKUP_LENGTH, request_id)]
+
+    async def truncate(self, below: int) -> None:
+        await self.store.truncate(self.queue, below)
 
     async def drop(self, indexes: list[int]) -> None:
         await self.store.remove(self.queue, indexes)
@@ -75,6 +80,9 @@ class HttpRecords:
                 return []
             raise
 
+    async def truncate(self, below: int) -> None:
+        await self.client.truncate(below)
+
     async def drop(self, indexes: list[int]) -> None:
         await self.client.delete(indexes)
 
@@ -88,14 +96,14 @@ class TaskProgress:
     def __init__(self, records: Records, worker: str, instance: str) -> None:
         self.records = records
         self.base = {"worker": worker, "instance": instance}
-        self._request_id: str | None = None
+        self.request_id: str | None = None
         self._state: dict[str, Any] = {}
         self._dirty = asyncio.Event()
         self._written: int | None = None
 
     @contextlib.asynccontextmanager
     async def running(self, request_id: str) -> AsyncIterator[None]:
-        self._request_id, self._state, self._written = request_id, {"node": None}, None
+        self.request_id, self._state, self._written = request_id, {"node": None}, None
         self._dirty.set()
         writer = asyncio.create_task(self._write_loop(request_id))
         try:
@@ -104,13 +112,13 @@ class TaskProgress:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            self._request_id = None
+            self.request_id = None
             if self._written is not None:
                 await self._drop([self._written])
 
     def event(self, item: dict[str, Any]) -> None:
         kind, data = item.get("type"), item.get("data")
-        if self._request_id is None or not isinstance(data, dict):
+        if self.request_id is None or not isinstance(data, dict):
             return
         if kind == "executing" and data.get("node") is not None:
             self._state = {"node": str(data["node"])}

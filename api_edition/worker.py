@@ -56,6 +56,7 @@ from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
 from .cancel import MESSAGE as CANCEL_MESSAGE
 from .cancel import CancelWatch, cancel_of
+from .events import EventPublisher, events_of, result_event
 from .graph import GraphError, parse_graph
 from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
@@ -97,7 +98,8 @@ class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
                  webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
                  attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None,
-                 progress: Records | None = None, cancels: Records | None = None) -> None:
+                 progress: Records | None = None, cancels: Records | None = None,
+                 events: Records | None = None) -> None:
         self.settings = settings
         # A spawned instance (``standard.supervised``): is its own child the one answering on the URL?
         self.ours = ours
@@ -126,7 +128,9 @@ class Worker:
         self.progress = TaskProgress(progress or HttpRecords(QueueClient(
             settings.queue_url, progress_of(settings.service), token=token, uid=self.name)),
             self.name, settings.instance_url)
-        self.runner.on_event = self.progress.event
+        self.events = EventPublisher(events or HttpRecords(QueueClient(
+            settings.queue_url, events_of(settings.service), token=token, uid=self.name)))
+        self.runner.on_event = self._on_instance_event
         self.cancels = CancelWatch(cancels or HttpRecords(QueueClient(
             settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
         self.current_prompt_id: str | None = None
@@ -191,6 +195,7 @@ class Worker:
         await self.fetcher.aclose()
         await self.progress.aclose()
         await self.cancels.aclose()
+        await self.events.aclose()
         if self._own_webhooks:
             await self.webhooks.aclose()
 
@@ -269,6 +274,7 @@ class Worker:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._report(results.encode(events), tags, frame.index)
+        self.events.publish(request_id, result_event(status))  # GET /api_events: the result is on the sink
         if status == "error" and events and events[0].get("data", {}).get("exception_type") == CANCELLED:
             self._in_background(self.cancels.forget(request_id))
         self._in_background(self.fetcher.release(frame.data))
@@ -305,6 +311,12 @@ class Worker:
         if cancel.requested and status != "success":  # a run that finished first keeps its result
             status, events = results.from_failure(CANCELLED, CANCEL_MESSAGE)
         return status, events, prompt_id
+
+    def _on_instance_event(self, item: dict[str, Any]) -> None:
+        """An event of the running prompt: the task's progress record and its event stream (``events``)."""
+        self.progress.event(item)
+        if self.progress.request_id is not None:
+            self.events.publish(self.progress.request_id, item)
 
     async def _interrupt_current(self) -> None:
         if self.current_prompt_id is not None:

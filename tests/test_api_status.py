@@ -8,41 +8,8 @@ from typing import Any
 import httpx
 
 from support.api import TOKEN, ApiFactory, read_results
-from support.server import open_gate, tiny_graph
+from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
 from support.wait import until
-
-HALFWAY_PLUGIN = '''
-import os
-import time
-
-import comfy.utils
-import folder_paths
-
-
-class TestHalfway:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-    def run(self, image, gate):
-        comfy.utils.ProgressBar(4).update_absolute(1, 4)
-        path = os.path.join(folder_paths.get_input_directory(), gate)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return (image,)
-
-NODE_CLASS_MAPPINGS = {"TestHalfway": TestHalfway}
-'''
-
-
-def halfway_graph(gate: str, prefix: str) -> dict[str, Any]:
-    graph = tiny_graph(prefix)
-    graph["3"] = {"class_type": "TestHalfway", "inputs": {"image": ["1", 0], "gate": gate}}
-    graph["2"]["inputs"]["images"] = ["3", 0]
-    return graph
 
 
 async def task(live, **query: str) -> httpx.Response:
