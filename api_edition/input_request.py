@@ -11,7 +11,6 @@ policy (``WebhookPolicy`` with ``--input-url-allow``) and left for the worker to
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import re
 from dataclasses import dataclass, field
@@ -128,7 +127,11 @@ class Stager:
             if "url" in entry:
                 self.url(name, entry["url"])
             else:
-                data = self._decode(name, entry["data"])
+                text = entry["data"]
+                if isinstance(text, str) and len(text) > THREAD_PARSE_BYTES:  # off the event loop
+                    data = await asyncio.to_thread(self._decode, name, text)
+                else:
+                    data = self._decode(name, text)
                 self.total += len(data)
                 decoded.append((name, data))
         for name, data in decoded:
@@ -138,13 +141,15 @@ class Stager:
         if not isinstance(text, str):
             raise InputRefused(400, "bad_input", f"input {name!r}: 'data' must be a base64 string")
         match = _DATA_URL.match(text)
-        if match:
-            text = text[match.end():]
-        text = "".join(text.split())
-        self.count(name, len(text) * 3 // 4 - text[-2:].count("="))
+        raw = text[match.end():] if match else text
+        self.count(name, len(raw) * 3 // 4 - raw[-2:].count("="))
         try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
+            encoded = raw.encode("ascii")
+            try:
+                return binascii.a2b_base64(encoded, strict_mode=True)
+            except binascii.Error:  # line breaks (MIME-style base64): without them it must be strict
+                return binascii.a2b_base64(b"".join(encoded.split()), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
             raise InputRefused(400, "bad_input", f"input {name!r}: 'data' is not valid base64") from None
 
 
