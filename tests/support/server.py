@@ -137,11 +137,12 @@ def open_gate(data_dir: Path, gate: str) -> None:
     (data_dir / "input" / gate).write_text("open")
 
 
-# Reports progress 1/4, then waits for its gate file (input/<gate>): a task caught mid-run.
+# Reports progress 1/4, then waits for its gate file (input/<gate>), stopping on an interrupt: a task caught mid-run.
 HALFWAY_PLUGIN = '''
 import os
 import time
 
+import comfy.model_management
 import comfy.utils
 import folder_paths
 
@@ -158,6 +159,7 @@ class TestHalfway:
         path = os.path.join(folder_paths.get_input_directory(), gate)
         deadline = time.monotonic() + 30
         while not os.path.exists(path) and time.monotonic() < deadline:
+            comfy.model_management.throw_exception_if_processing_interrupted()
             time.sleep(0.005)
         return (image,)
 
