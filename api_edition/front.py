@@ -166,6 +166,9 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
     data = await _task_data(request, settings, submission)
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
+    ours = None
+    if submission.folder is not None and idempotency_key is not None:
+        tags[REQUEST_ID_TAG] = ours = str(uuid.uuid4())  # another id back: a retry, whose files are not needed
     try:
         index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
     except QueueFull as exc:
@@ -174,6 +177,9 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
     except InboxUnavailable as exc:
         raise _refused(request, 503, "queue_unavailable", str(exc),
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    if ours is not None and request_id != ours:
+        await submission.discard()  # the first put's task has its own folder
+        return index, request_id
     status = request.app.get(STATUS_KEY)
     if status is not None:
         await status.remember(tags[TASK_ID_TAG], request_id)

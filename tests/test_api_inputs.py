@@ -106,8 +106,9 @@ def task_folders(data_dir: Path) -> list[Path]:
 
 async def post(live, **kwargs: Any) -> httpx.Response:
     params = kwargs.pop("params", {})
+    headers = {"Authorization": TOKEN, **kwargs.pop("headers", {})}
     async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
-        return await http.post("/api_prompt", params=params, headers={"Authorization": TOKEN}, **kwargs)
+        return await http.post("/api_prompt", params=params, headers=headers, **kwargs)
 
 
 async def saved_size(data_dir: Path, frame) -> tuple[int, int]:
@@ -278,3 +279,16 @@ async def test_a_front_without_a_data_dir_refuses_input_files(api: ApiFactory) -
                                   "inputs": [{"name": "a.png", "data": base64.b64encode(b"x").decode()}]})
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "inputs_unavailable"
     assert await queue_length(live) == 0
+
+
+async def test_an_idempotent_retry_with_inputs_keeps_one_folder(api: ApiFactory, data_dir: Path) -> None:
+    live = await api(data_dir=data_dir)
+    body = {"prompt": load_graph("a.png"), "inputs": [{"name": "a.png", "data": base64.b64encode(png(1, 1)).decode()}]}
+    answers = [await post(live, json=body, headers={"Idempotency-Key": "once"}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].headers["X-Eas-Queueservice-Request-Id"] == answers[1].headers["X-Eas-Queueservice-Request-Id"]
+    assert await queue_length(live) == 1
+    [folder] = task_folders(data_dir)
+    async with live.input() as queue:
+        [frame] = await queue.get(0, 1, timeout_s=1.0)
+    assert json.loads(frame.data)["comfyserve"]["inputs_dir"] == f"api/{folder.name}"
