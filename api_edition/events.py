@@ -2,7 +2,8 @@
 
 Workers put each event of a running prompt (``execution_start``, ``executing``, ``progress``,
 ``executed``, ...) on ``{service}/events`` as it comes off the instance's socket, tagged with the
-task's ``requestId``, and a ``comfyserve_result`` record once the result is on the sink (the front's
+task's ``requestId`` (``progress`` at most every ``PROGRESS_EVERY_S`` and its last step), and a
+``comfyserve_result`` record once the result is on the sink (the front's
 cancel of a queued task puts one too). Every front holding the store tails that queue (one reader per
 process, woken by the store's change notices: across processes on Redis too) and hands each record to
 the streams that asked for its task. So the stream reads the same on any front on one Redis.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +43,7 @@ BATCH = 256
 IDLE_WAIT_S = 1.0
 PING_S = 15.0
 MAX_TASKS = 100
+PROGRESS_EVERY_S = 0.05
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -59,11 +62,23 @@ class EventPublisher:
         self.records = records
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
+        self._last_progress = 0.0
 
     def publish(self, request_id: str, event: dict[str, Any]) -> None:
+        if event.get("type") == "progress" and not self._progress_due(event):
+            return
         self._outbox.put_nowait((request_id, json.dumps(event, separators=(",", ":")).encode()))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send(), name="comfyserve-events")
+
+    def _progress_due(self, event: dict[str, Any]) -> bool:
+        """A sampler's progress comes per step: at most one per ``PROGRESS_EVERY_S``, and always the last."""
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        now = time.monotonic()
+        if data.get("value") != data.get("max") and now - self._last_progress < PROGRESS_EVERY_S:
+            return False
+        self._last_progress = now
+        return True
 
     async def _send(self) -> None:
         while True:

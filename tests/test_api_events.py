@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from support.api import TOKEN, ApiFactory
+from support.processes import TESTS_DIR
 from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
 
 
@@ -81,3 +83,19 @@ async def test_finished_cancelled_and_unknown_tasks(api: ApiFactory) -> None:
                                headers={"Authorization": TOKEN})).status_code == 404
         assert (await http.get("/api_events", headers={"Authorization": TOKEN})).status_code == 400
         assert (await http.get("/api_events", params={"task_id": "waiting"})).status_code == 401
+
+
+async def test_progress_events_are_sampled_but_the_last_step_always_arrives(api: ApiFactory, instance_url: Any,
+                                                                            data_dir: Path, redis_url: str) -> None:
+    shutil.copy(TESTS_DIR / "custom_nodes" / "progress_node.py", data_dir / "custom_nodes")
+    watching = await api(redis_url=redis_url)
+    graph = tiny_graph("steps")
+    graph["3"] = {"class_type": "TestProgress", "inputs": {"image": ["1", 0], "steps": 100}}
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    await watching.submit(graph, task_id="steps")
+    events = sse(watching, task_id="steps")
+    await anext(events)  # subscribed: now a worker may start
+    await api(redis_url=redis_url, instance_urls=(await instance_url(),))
+    progress = [data["data"] async for kind, data in events if kind == "progress"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 100
+    assert len(progress) <= 100
