@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from aiohttp import web
 from PIL import Image
 
@@ -292,3 +293,29 @@ async def test_an_idempotent_retry_with_inputs_keeps_one_folder(api: ApiFactory,
     async with live.input() as queue:
         [frame] = await queue.get(0, 1, timeout_s=1.0)
     assert json.loads(frame.data)["comfyserve"]["inputs_dir"] == f"api/{folder.name}"
+
+
+def test_input_flags_and_their_environment_reach_the_settings(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from api_edition.command import settings_from_args
+    from api_edition.worker_command import settings_from_args as worker_settings_from_args
+    from standard.cli import build_parser
+    from standard.errors import ConfigError
+
+    monkeypatch.setenv("COMFYSERVE_INPUT_URL_ALLOW", "https://files.example.com/in/,http://10.0.0.5:8080/")
+    args = build_parser().parse_args(["api", "--data-dir", str(tmp_path), "--max-input-file", "1000",
+                                      "--max-input-total", "3000", "--input-retention", "60",
+                                      "--max-inline-output", "5"])
+    settings = settings_from_args(args)
+    assert settings.input_limits == InputLimits(max_file_bytes=1000, max_total_bytes=3000)
+    assert settings.input_url_allow == ("https://files.example.com/in/", "http://10.0.0.5:8080/")
+    assert (settings.input_retention_s, settings.max_inline_output_bytes) == (60.0, 5)
+    worker = worker_settings_from_args(build_parser().parse_args([
+        "worker", "--queue-url", "http://q:9000", "--instance-url", "http://i:8000", "--data-dir", str(tmp_path),
+        "--input-fetch-timeout", "5"]))
+    assert worker.data_dir == tmp_path.resolve() and worker.input_fetch_timeout_s == 5.0
+    assert worker.input_url_allow == ("https://files.example.com/in/", "http://10.0.0.5:8080/")
+    for bad in (["--input-url-allow", "ftp://x/"], ["--max-input-file", "0"], ["--input-retention", "-1"]):
+        monkeypatch.delenv("COMFYSERVE_INPUT_URL_ALLOW", raising=False)
+        with pytest.raises(ConfigError):
+            settings_from_args(build_parser().parse_args(["api", "--data-dir", str(tmp_path), *bad]))
