@@ -34,7 +34,7 @@ from .metrics import ApiMetrics
 from .progress import StoreRecords
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
-from .status import STATUS_KEY, TaskStatus, progress_of
+from .status import INDEX_KEY, STATUS_KEY, RemoteTaskIndex, TaskStatus, progress_of
 from .webhook import WebhookPolicy, WebhookSender, webhook_secret
 from .worker import Worker, default_worker_id
 
@@ -60,8 +60,11 @@ def create_api_app(settings: ApiSettings) -> web.Application:
         async def healthz(request: web.Request) -> web.StreamResponse:
             return web.json_response({"status": "ok", "queue": settings.queue_url})
 
+        app[INDEX_KEY] = task_index = RemoteTaskIndex(settings.queue_url, settings.service, settings.token)
+
         async def close_inbox(app: web.Application) -> None:
             await inbox.aclose()
+            await task_index.aclose()
 
         app.router.add_get("/healthz", healthz)
         app.on_cleanup.append(close_inbox)

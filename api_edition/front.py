@@ -47,7 +47,7 @@ from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
 from .outputs import OUTPUT_PATH, output_handler
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
-from .status import STATUS_KEY, api_task
+from .status import INDEX_KEY, STATUS_KEY, api_task
 from .webhook import WebhookPolicy, WebhookRefused
 from .workflows import WorkflowRefused, Workflows
 
@@ -180,9 +180,9 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
     if ours is not None and request_id != ours:
         await submission.discard()  # the first put's task has its own folder
         return index, request_id
-    status = request.app.get(STATUS_KEY)
-    if status is not None:
-        await status.remember(tags[TASK_ID_TAG], request_id)
+    index_writer = request.app.get(STATUS_KEY) or request.app.get(INDEX_KEY)
+    if index_writer is not None:
+        await index_writer.remember(tags[TASK_ID_TAG], request_id)
     return index, request_id
 
 

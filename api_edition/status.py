@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
 from standard.http_util import json_error
@@ -144,6 +145,26 @@ def final_state(tags: dict[str, str], result: Any) -> str:
 
 
 STATUS_KEY = web.AppKey("api_task_status", TaskStatus)
+
+
+class RemoteTaskIndex:
+    """A stateless front writes the same ``{service}/tasks`` records over HTTP, so ``task_id`` lookups on
+    the fronts that hold the store find the tasks it queued."""
+
+    def __init__(self, queue_url: str, service: str, token: str | None) -> None:
+        self.client = QueueClient(queue_url, tasks_of(service), token=token)
+
+    async def remember(self, task_id: str, request_id: str) -> None:
+        try:
+            await self.client.put(request_id.encode(), {REQUEST_ID_TAG: TASK_KEY_PREFIX + task_id})
+        except QueueClientError as exc:
+            log.warning("task %r not indexed for /api_task: %s", task_id, exc)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+INDEX_KEY = web.AppKey("api_task_index", RemoteTaskIndex)
 
 
 async def api_task(request: web.Request) -> web.StreamResponse:

@@ -94,3 +94,13 @@ async def test_two_fronts_on_one_redis_answer_alike(api: ApiFactory, instance_ur
         await read_results(sink, 2)
     for front in (working, other):
         assert (await task(front, task_id="first")).status_code == 404
+
+
+async def test_tasks_queued_by_a_stateless_front_are_found_by_task_id(api: ApiFactory) -> None:
+    queue_side = await api()
+    front = await api(queue_url=queue_side.url, sqlite_path=None)
+    resp = await front.submit(tiny_graph(), task_id="via-front")
+    assert resp.status_code == 200, resp.text
+    answer = await state(queue_side, "via-front")
+    assert answer["state"] == "queued" and answer["request_id"] == resp.headers["X-Eas-Queueservice-Request-Id"]
+    assert (await task(front, task_id="via-front")).status_code == 501  # the stateless front has no store
