@@ -26,11 +26,15 @@ from standard.serving import drain_of
 from standard.supervised import StandardChild
 
 from .attempts import StoreAttemptRecords
+from .cancel import CANCELLER_KEY, Canceller, cancel_of
+from .events import HUB_KEY, EventHub, events_of
 from .front import INBOX_KEY, METRICS_KEY, SETTINGS_KEY, add_front_routes
 from .inbox import RemoteInbox, StoreInbox
 from .metrics import ApiMetrics
+from .progress import StoreRecords
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
+from .status import INDEX_KEY, STATUS_KEY, RemoteTaskIndex, TaskStatus, progress_of
 from .webhook import WebhookPolicy, WebhookSender, webhook_secret
 from .worker import Worker, slot_worker_id
 
@@ -56,8 +60,11 @@ def create_api_app(settings: ApiSettings) -> web.Application:
         async def healthz(request: web.Request) -> web.StreamResponse:
             return web.json_response({"status": "ok", "queue": settings.queue_url})
 
+        app[INDEX_KEY] = task_index = RemoteTaskIndex(settings.queue_url, settings.service, settings.token)
+
         async def close_inbox(app: web.Application) -> None:
             await inbox.aclose()
+            await task_index.aclose()
 
         app.router.add_get("/healthz", healthz)
         app.on_cleanup.append(close_inbox)
@@ -65,6 +72,15 @@ def create_api_app(settings: ApiSettings) -> web.Application:
     else:
         app = create_queue_app(queue_settings(settings))
         app[INBOX_KEY] = StoreInbox(app[STORE_KEY], settings.service, settings.max_length)
+        app[STATUS_KEY] = status = TaskStatus(app[STORE_KEY], settings.service)
+        app[CANCELLER_KEY] = Canceller(app[STORE_KEY], settings.service, settings.max_length, status)
+        app[HUB_KEY] = hub = EventHub(app[STORE_KEY], settings.service)
+
+        async def close_status(app: web.Application) -> None:
+            await hub.aclose()
+            await status.aclose()
+
+        app.on_shutdown.append(close_status)
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = ApiMetrics()
     add_front_routes(app, settings)
@@ -123,9 +139,14 @@ class Pool:
                 instance_token=instance_token if instance_token is not None else self.settings.token,
                 instance_down_s=self.settings.instance_down_s, run_timeout_s=self.settings.run_timeout_s,
                 max_attempts=self.settings.max_attempts, webhook_allow=self.settings.webhook_allow,
-                webhook_retry=self.settings.webhook_retry,
+                webhook_retry=self.settings.webhook_retry, data_dir=self.settings.data_dir,
+                input_limits=self.settings.input_limits, input_url_allow=self.settings.input_url_allow,
+                input_fetch_timeout_s=self.settings.input_fetch_timeout_s,
+                max_inline_output_bytes=self.settings.max_inline_output_bytes,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
-                ours=ours)
+                ours=ours, progress=self._store_records(progress_of(self.settings.service)),
+                cancels=self._store_records(cancel_of(self.settings.service)),
+                events=self._store_records(events_of(self.settings.service)))
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
 
     def deployment(self) -> str:
@@ -139,6 +160,9 @@ class Pool:
             return None
         return StoreQueueOps(self.store, self.settings.service, max_length=self.settings.max_length,
                              max_payload_bytes=self.settings.max_payload_bytes)
+
+    def _store_records(self, queue: str) -> StoreRecords | None:
+        return StoreRecords(self.store, queue) if self.store is not None else None
 
     def _store_attempts(self) -> StoreAttemptRecords | None:
         if self.store is None:

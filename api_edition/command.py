@@ -26,6 +26,7 @@ from standard.private import add_secret_option
 from standard.serving import Role, stop_event
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
+from .input_options import add_input_arguments, input_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
 
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="HMAC-SHA256 key for webhook signatures "
                            "(default: one kept in DIR/.comfyserve/webhook_secret)")
     add_limit_arguments(parser)
+    add_input_arguments(parser, front=True)
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
         max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=listen.shutdown_timeout_s,
-        access=listen.access,
+        access=listen.access, **input_settings(args),
     )
 
 

@@ -21,10 +21,15 @@ may have landed) with the same task_id gets the first task back, not a second.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -32,14 +37,21 @@ from queue_service import params
 from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
-from standard.http_util import JSONError, json_error, read_body_within
+from standard.http_util import JSONError, json_error
 from standard.serving import draining_headers, is_draining
 
-from .graph import GraphError, parse_graph
+from .cancel import api_task_cancel
+from .events import api_events
+from .graph import GraphError, graph_of
 from .inbox import Inbox, InboxUnavailable
+from .input_request import Submission, read_submission
+from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
+from .outputs import OUTPUT_PATH, output_handler
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
+from .status import INDEX_KEY, STATUS_KEY, api_task
 from .webhook import WebhookPolicy, WebhookRefused
+from .workflows import WorkflowRefused, Workflows
 
 log = logging.getLogger("comfyserve.api.front")
 
@@ -47,6 +59,8 @@ SETTINGS_KEY = web.AppKey("api_settings", ApiSettings)
 INBOX_KEY = web.AppKey("api_inbox", Inbox)
 METRICS_KEY = web.AppKey("api_metrics", ApiMetrics)
 POLICY_KEY = web.AppKey("api_webhook_policy", WebhookPolicy)
+INPUT_POLICY_KEY = web.AppKey("api_input_policy", WebhookPolicy)
+WORKFLOWS_KEY = web.AppKey("api_workflows", Workflows)
 RETRY_AFTER_S = 1
 MAX_TAG_CHARS = 1024
 # Query parameters that are not tags: the auth fallback must not travel with the task.
@@ -96,30 +110,17 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
             request.app[POLICY_KEY].check(tags[WEBHOOK_TAG])
         except WebhookRefused as exc:
             raise _refused(request, 400, "webhook_not_allowed", str(exc)) from None
-    body = await read_body_within(request, settings.max_payload_bytes)
-    if body is None:
-        raise _refused(request, 413, "payload_too_large",
-                        f"the workflow exceeds {settings.max_payload_bytes} bytes")
     try:
-        graph = parse_graph(body)
-    except GraphError as exc:
-        raise _refused(request, 400, exc.kind, exc.message) from None
-    data = json.dumps(graph, separators=(",", ":")).encode()
-    if len(data) > settings.max_payload_bytes:
-        raise _refused(request, 413, "payload_too_large",
-                        f"the workflow exceeds {settings.max_payload_bytes} bytes")
-    if idempotency_key is None and settings.dedupe_task_id and TASK_ID_TAG in tags:
-        idempotency_key = tags[TASK_ID_TAG]  # checked above: it travels in a header
-    tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
-    tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
+        submission = await read_submission(request, max_json_bytes=settings.max_payload_bytes,
+                                           limits=settings.input_limits, data_dir=settings.data_dir,
+                                           policy=request.app[INPUT_POLICY_KEY])
+    except InputRefused as exc:
+        raise _refused(request, exc.status, exc.kind, exc.message) from None
     try:
-        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
-    except QueueFull as exc:
-        raise _refused(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
-                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except InboxUnavailable as exc:
-        raise _refused(request, 503, "queue_unavailable", str(exc),
-                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        index, request_id = await _queue(request, settings, submission, tags, priority, idempotency_key)
+    except BaseException:
+        await submission.discard()  # not queued: its files go with it
+        raise
     request.app[METRICS_KEY].accepted.inc()
     headers = {REQUEST_ID_HEADER: request_id, "X-Task-Id": tags[TASK_ID_TAG]}
     if "application/json" in request.headers.get("Accept", ""):
@@ -128,15 +129,102 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     return web.Response(text=str(index), headers=headers)
 
 
+async def _graph(request: web.Request, submission: Submission) -> dict[str, Any]:
+    """The task's graph: the one sent, or with ``?workflow=NAME`` that saved workflow with the ``params`` set."""
+    document = submission.document
+    name = request.query.get("workflow")
+    if name is not None:
+        if document is not None and (not isinstance(document, dict) or set(document) - {"params", "inputs"}):
+            raise _refused(request, 400, "bad_request", "with ?workflow= the body is {\"params\": {...}, "
+                                                        "\"inputs\": [...]} (both optional)")
+        try:
+            workflow = await request.app[WORKFLOWS_KEY].get(name)
+            return workflow.build(document.get("params") if document else None)
+        except WorkflowRefused as exc:
+            raise _refused(request, exc.status, exc.kind, exc.message) from None
+    if document is None:
+        raise _refused(request, 400, "empty_body", "the body is empty: send the workflow graph (API format) as JSON")
+    try:
+        return graph_of(document)
+    except GraphError as exc:
+        raise _refused(request, 400, exc.kind, exc.message) from None
+
+
+async def _task_data(request: web.Request, settings: ApiSettings, submission: Submission) -> bytes:
+    """The queued item: the bare graph, or the inputs envelope when the task brought files."""
+    graph = await _graph(request, submission)
+    value: dict[str, Any] = graph
+    if submission.folder is not None:
+        rewrite(graph, submission.names, submission.folder)
+        value = envelope(graph, submission.folder, submission.fetch)
+    data = json.dumps(value, separators=(",", ":")).encode()
+    if len(data) > settings.max_payload_bytes:
+        raise _refused(request, 413, "payload_too_large", f"the workflow exceeds {settings.max_payload_bytes} bytes")
+    return data
+
+
+async def _queue(request: web.Request, settings: ApiSettings, submission: Submission, tags: dict[str, str],
+                 priority: int, idempotency_key: str | None) -> tuple[int, str]:
+    data = await _task_data(request, settings, submission)
+    if idempotency_key is None and settings.dedupe_task_id and TASK_ID_TAG in tags:
+        idempotency_key = tags[TASK_ID_TAG]  # checked in api_prompt: it travels in a header
+    tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
+    tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
+    ours = None
+    if submission.folder is not None and idempotency_key is not None:
+        tags[REQUEST_ID_TAG] = ours = str(uuid.uuid4())  # another id back: a retry, whose files are not needed
+    try:
+        index, request_id = await request.app[INBOX_KEY].put(data, tags, priority, idempotency_key)
+    except QueueFull as exc:
+        raise _refused(request, 429, "queue_full", f"the input queue is full, retry later ({exc})",
+                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except InboxUnavailable as exc:
+        raise _refused(request, 503, "queue_unavailable", str(exc),
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    if ours is not None and request_id != ours:
+        await submission.discard()  # the first put's task has its own folder
+        return index, request_id
+    index_writer = request.app.get(STATUS_KEY) or request.app.get(INDEX_KEY)
+    if index_writer is not None:
+        await index_writer.remember(tags[TASK_ID_TAG], request_id)
+    return index, request_id
+
+
+async def workflows(request: web.Request) -> web.StreamResponse:
+    """``GET /workflows``: each saved workflow with its parameters (type, default, bounds), or its error."""
+    return web.json_response({"workflows": await request.app[WORKFLOWS_KEY].describe_all()})
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS_KEY]
     metrics.set_depths(await request.app[INBOX_KEY].depths())
     return metrics.response()
 
 
+def _input_janitor(data_dir: Path, retention_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def janitor(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweep_forever(data_dir, retention_s), name="comfyserve-input-janitor")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return janitor
+
+
 def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     """Register the front's routes; the service's own path is a plain route so it wins over the queue's."""
     app[POLICY_KEY] = WebhookPolicy(settings.webhook_allow)
+    app[INPUT_POLICY_KEY] = WebhookPolicy(settings.input_url_allow, what="input URL", flag="--input-url-allow")
+    if settings.data_dir is not None and settings.input_retention_s > 0:
+        app.cleanup_ctx.append(_input_janitor(settings.data_dir, settings.input_retention_s))
     app.router.add_post("/api_prompt", api_prompt)
     app.router.add_post(f"/api/predict/{settings.service}/api_prompt", api_prompt)
     app.router.add_get("/metrics", metrics)
+    app[WORKFLOWS_KEY] = Workflows(settings.data_dir)
+    app.router.add_get("/workflows", workflows)
+    app.router.add_get("/api_task", api_task)
+    app.router.add_get("/api_events", api_events)
+    app.router.add_post("/api_task/cancel", api_task_cancel)
+    app.router.add_post("/api/predict/{service}/api_task/cancel", api_task_cancel)
+    app.router.add_get(OUTPUT_PATH, output_handler(settings.data_dir))

@@ -31,6 +31,11 @@ def parse_graph(body: bytes) -> dict[str, Any]:
         value = parse_json(body)
     except ValueError as exc:
         raise GraphError("invalid_json", f"the body is not JSON: {exc}") from None
+    return graph_of(value)
+
+
+def graph_of(value: Any) -> dict[str, Any]:
+    """The checked graph of a parsed body: the bare graph or ``{"prompt": graph, ...}``."""
     if isinstance(value, dict) and isinstance(value.get("prompt"), dict) and _looks_wrapped(value):
         value = value["prompt"]
     check_graph(value)
@@ -59,11 +64,11 @@ def check_graph(graph: Any) -> None:
         if not isinstance(inputs, dict):
             raise GraphError("invalid_prompt", f"node {node_id!r}: inputs must be an object")
         for name, value in inputs.items():
-            if _is_link(value) and str(value[0]) not in graph:
+            if is_link(value) and str(value[0]) not in graph:
                 raise GraphError("invalid_prompt",
                                  f"node {node_id!r} input {name!r} links to missing node {value[0]!r}")
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
             and isinstance(value[1], int) and not isinstance(value[1], bool))

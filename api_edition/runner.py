@@ -39,6 +39,8 @@ class InstanceRunner:
         self.socket_up = asyncio.Event()
         self._waiters: dict[str, asyncio.Queue[dict[str, Any] | Disconnected]] = {}
         self._pump: asyncio.Task[None] | None = None
+        # Sees each event of a prompt being run (the worker's progress records, ``progress``).
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
 
     def start(self) -> None:
         if self._pump is None or self._pump.done():
@@ -74,6 +76,8 @@ class InstanceRunner:
                             waiter = self._waiters.get(str(data.get("prompt_id")))
                             if waiter is not None:
                                 waiter.put_nowait(item)
+                                if self.on_event is not None:
+                                    self.on_event(item)
             except Exception as exc:  # the socket gave up; try again shortly
                 self.socket_up.clear()
                 log.info("event socket to %s: %r; reopening", self.client.base_url, exc)

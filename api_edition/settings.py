@@ -15,6 +15,9 @@ from standard.guard import AccessPolicy
 from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 
+from .inputs import DEFAULT_INPUT_FETCH_TIMEOUT_S, DEFAULT_INPUT_RETENTION_S, InputLimits
+from .outputs import DEFAULT_MAX_INLINE_OUTPUT_BYTES
+
 DEFAULT_PORT = 8000
 DEFAULT_SERVICE = "comfyui"
 DEFAULT_INSTANCE_DOWN_S = 5.0
@@ -46,6 +49,11 @@ class WorkerSettings:
     webhook_allow: tuple[str, ...] = ()  # webhook URL prefixes; empty: any public address
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the running task's time to finish
     webhook_retry: RetryPolicy = WEBHOOK  # tries and waits of a delivery (tests record the waits instead)
+    data_dir: Path | None = None  # where URL inputs are fetched to (the instance's data dir, shared)
+    input_limits: InputLimits = field(default_factory=InputLimits)
+    input_url_allow: tuple[str, ...] = ()  # URL input prefixes; empty: any public address
+    input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
+    max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES  # ?return=base64: sum of a result's bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,11 @@ class ApiSettings:
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances
     # --allowed-host, --trusted-proxy (standard.guard)
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    input_limits: InputLimits = field(default_factory=InputLimits)  # --max-input-file, --max-input-total
+    input_retention_s: float = DEFAULT_INPUT_RETENTION_S  # task input folders left behind go after this
+    input_url_allow: tuple[str, ...] = ()
+    input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
+    max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES
 
     @property
     def stateless(self) -> bool:

@@ -121,8 +121,8 @@ class Target:
         return other.path.startswith(self.path if self.path.endswith("/") else self.path + "/")
 
 
-def parse_target(url: str) -> Target:
-    """Normalise an http(s) URL; ``WebhookRefused`` when it cannot be a webhook."""
+def parse_target(url: str, what: str = "webhook") -> Target:
+    """Normalise an http(s) URL; ``WebhookRefused`` when it cannot be a webhook (``what``: the noun in messages)."""
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -130,12 +130,12 @@ def parse_target(url: str) -> Target:
         raise WebhookRefused(f"not a valid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise WebhookRefused(f"webhook must be an http(s) URL with a host, got {url!r}")
+        raise WebhookRefused(f"{what} must be an http(s) URL with a host, got {url!r}")
     if parts.username is not None or parts.password is not None:
-        raise WebhookRefused("webhook URL must not carry user info (user@host)")
+        raise WebhookRefused(f"{what} URL must not carry user info (user@host)")
     path = parts.path or "/"
     if any(segment in (".", "..") for segment in unquote(path).split("/")):
-        raise WebhookRefused("webhook URL path must not contain '.' or '..' segments")
+        raise WebhookRefused(f"{what} URL path must not contain '.' or '..' segments")
     host = parts.hostname.rstrip(".")  # urlsplit lowercases it
     return Target(scheme, host, port or DEFAULT_PORTS[scheme], path)
 
@@ -152,25 +152,32 @@ def _literal_ip(host: str) -> IPAddress | None:
 
 
 class WebhookPolicy:
-    """Where webhooks may go: the operator's prefixes, else anywhere public (see the module docstring)."""
+    """Where webhooks may go: the operator's prefixes, else anywhere public (see the module docstring).
 
-    def __init__(self, allow: tuple[str, ...] | list[str] = ()) -> None:
-        self.allow = tuple(parse_target(prefix) for prefix in allow)
+    ``what`` and ``flag`` name the URL and its allow flag in messages: the same policy guards the
+    task inputs a worker fetches by URL (``input_fetch``, ``--input-url-allow``).
+    """
+
+    def __init__(self, allow: tuple[str, ...] | list[str] = (), *, what: str = "webhook",
+                 flag: str = "--webhook-allow") -> None:
+        self.what = what
+        self.flag = flag
+        self.allow = tuple(parse_target(prefix, what) for prefix in allow)
 
     def check(self, url: str) -> None:
         """Raises ``WebhookRefused`` unless ``url`` may receive a webhook."""
-        target = parse_target(url)
+        target = parse_target(url, self.what)
         if self.allow:
             if not any(prefix.covers(target) for prefix in self.allow):
                 allowed = ", ".join(str(prefix) for prefix in self.allow)
-                raise WebhookRefused(f"webhook {target} is not under an allowed prefix ({allowed})")
+                raise WebhookRefused(f"{self.what} {target} is not under an allowed prefix ({allowed})")
             return
         if target.host == "localhost" or target.host.endswith(".localhost"):
-            raise WebhookRefused(f"webhook host {target.host!r} is local; allow it with --webhook-allow")
+            raise WebhookRefused(f"{self.what} host {target.host!r} is local; allow it with {self.flag}")
         ip = _literal_ip(target.host)
         if ip is not None and not is_public(ip):
-            raise WebhookRefused(f"webhook host {target.host} is not a public address (loopback, private, "
-                                 "link-local or reserved); allow it with --webhook-allow")
+            raise WebhookRefused(f"{self.what} host {target.host} is not a public address (loopback, private, "
+                                 f"link-local or reserved); allow it with {self.flag}")
 
     def check_resolved(self, host: str, addresses: list[str]) -> None:
         """At connect time: raises ``AddressRefused`` unless every address ``host`` resolved to may be called."""
@@ -178,8 +185,8 @@ class WebhookPolicy:
             return  # the operator listed this receiver; it may live on an internal address
         refused = [a for a in addresses if (ip := _literal_ip(a)) is None or not is_public(ip)]
         if refused or not addresses:
-            raise AddressRefused(f"webhook host {host!r} resolves to {', '.join(refused) or 'nothing'}, "
-                                 "not a public address; allow it with --webhook-allow")
+            raise AddressRefused(f"{self.what} host {host!r} resolves to {', '.join(refused) or 'nothing'}, "
+                                 f"not a public address; allow it with {self.flag}")
 
 
 class CheckingResolver(AbstractResolver):

@@ -59,11 +59,18 @@ from standard.retry import QUEUE
 
 from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
+from .cancel import MESSAGE as CANCEL_MESSAGE
+from .cancel import CancelWatch, cancel_of
+from .events import EventPublisher, events_of, result_event
 from .graph import GraphError, parse_graph
+from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
+from .outputs import OutputLinks
+from .progress import HttpRecords, Records, TaskProgress
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
 from .runner import InstanceRunner
 from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
+from .status import CANCELLED, progress_of
 from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
 
 log = logging.getLogger("comfyserve.api.worker")
@@ -111,7 +118,9 @@ class GiveBack(WorkerError):
 class Worker:
     def __init__(self, settings: WorkerSettings, *, metrics: ApiMetrics | None = None,
                  webhooks: WebhookSender | None = None, ops: QueueOps | None = None,
-                 attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None) -> None:
+                 attempts: AttemptRecords | None = None, ours: Callable[[], bool] | None = None,
+                 progress: Records | None = None, cancels: Records | None = None,
+                 events: Records | None = None) -> None:
         self.settings = settings
         # A spawned instance (``standard.supervised``): is its own child the one answering on the URL?
         self.ours = ours
@@ -134,6 +143,18 @@ class Worker:
         self._own_webhooks = webhooks is None
         self.webhooks = webhooks or WebhookSender(settings.webhook_secret, policy=self.webhook_policy,
                                                   retry=settings.webhook_retry, on_give_up=self._webhook_failed)
+        self.fetcher = InputFetcher(settings.data_dir, allow=settings.input_url_allow, limits=settings.input_limits,
+                                    timeout_s=settings.input_fetch_timeout_s)
+        self.outputs = OutputLinks(self.probe, settings.max_inline_output_bytes)
+        self.progress = TaskProgress(progress or HttpRecords(QueueClient(
+            settings.queue_url, progress_of(settings.service), token=token, uid=self.name)),
+            self.name, settings.instance_url)
+        self.events = EventPublisher(events or HttpRecords(QueueClient(
+            settings.queue_url, events_of(settings.service), token=token, uid=self.name)))
+        self.runner.on_event = self._on_instance_event
+        self.cancels = CancelWatch(cancels or HttpRecords(QueueClient(
+            settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
+        self.current_prompt_id: str | None = None
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -194,6 +215,10 @@ class Worker:
         await self.runner.aclose()
         await self.instance.aclose()
         await self.probe.aclose()
+        await self.fetcher.aclose()
+        await self.progress.aclose()
+        await self.cancels.aclose()
+        await self.events.aclose()
         if self._own_webhooks:
             await self.webhooks.aclose()
 
@@ -244,8 +269,10 @@ class Worker:
         try:
             try:
                 graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
-            except GraphError as exc:
-                status, events = results.from_failure(exc.kind, exc.message)
+                await self.fetcher.prepare(frame.data)  # the task's URL inputs (input_fetch)
+            except (GraphError, FetchFailed) as exc:
+                graph = None  # not run: the failure is its result
+                status, events = results.from_failure(exc.kind, str(exc))
             else:
                 ticket = await self.ledger.check(request_id)
             already = await reported
@@ -260,7 +287,9 @@ class Worker:
             if ticket.exhausted is not None:
                 status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
             else:
-                status, events, prompt_id = await self._attempt(graph, ticket)
+                status, events, prompt_id = await self._watched_attempt(graph, ticket, request_id)
+                if status == "success":
+                    await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
         if ticket.exhausted is not None:
             log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
             self.stats.abandoned.inc()
@@ -271,6 +300,10 @@ class Worker:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
         sink_index = await self._report(results.encode(events), tags, frame.index)
+        self.events.publish(request_id, result_event(status))  # GET /api_events: the result is on the sink
+        if status == "error" and events and events[0].get("data", {}).get("exception_type") == CANCELLED:
+            self._in_background(self.cancels.forget(request_id))
+        self._in_background(self.fetcher.release(frame.data))
         self._remember(request_id)
         self._in_background(self.ledger.finish(ticket))  # the next task need not wait for it
         self.stats.finished(status, time.monotonic() - started)
@@ -290,6 +323,30 @@ class Worker:
         log.info("%s: task %s was already reported; committing it", self.name, frame.tags.get(TASK_ID_TAG))
         self._remember(request_id)
         await self._commit(frame.index)
+        self._in_background(self.fetcher.release(frame.data))
+
+    async def _watched_attempt(self, graph: dict[str, Any], ticket: Ticket,
+                               request_id: str) -> tuple[str, list[Any], str | None]:
+        """``_attempt`` with its progress recorded (``GET /api_task``) and its cancel records watched
+        (``POST /api_task/cancel``): a cancelled task is not run, or is interrupted, and reported cancelled."""
+        async with self.progress.running(request_id), \
+                self.cancels.watching(request_id, self._interrupt_current) as cancel:
+            if cancel.requested:
+                return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
+            status, events, prompt_id = await self._attempt(graph, ticket)
+        if cancel.requested and status != "success":  # a run that finished first keeps its result
+            status, events = results.from_failure(CANCELLED, CANCEL_MESSAGE)
+        return status, events, prompt_id
+
+    def _on_instance_event(self, item: dict[str, Any]) -> None:
+        """An event of the running prompt: the task's progress record and its event stream (``events``)."""
+        self.progress.event(item)
+        if self.progress.request_id is not None:
+            self.events.publish(self.progress.request_id, item)
+
+    async def _interrupt_current(self) -> None:
+        if self.current_prompt_id is not None:
+            await self.probe.interrupt(self.current_prompt_id)
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
         """One run, counted once the instance has accepted the prompt (a submit that never reached it is
@@ -305,7 +362,7 @@ class Worker:
                    on_accepted: Callable[[str], None]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
-        prompt_id = str(uuid.uuid4())
+        prompt_id = self.current_prompt_id = str(uuid.uuid4())
         run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
                                                   on_accepted=on_accepted))
         watchdog = asyncio.create_task(self._instance_down())

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from standard.private import add_secret_option
 from standard.serving import Role, add_shutdown_timeout_option, shutdown_timeout_of, stop_event
 
 from .command import add_limit_arguments, limit_settings
+from .input_options import add_input_arguments, input_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
 from .worker import Worker
 
@@ -47,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="serve GET /metrics (Prometheus text) and /healthz on 127.0.0.1:PORT (needs --token if set)")
     add_limit_arguments(parser)
     add_shutdown_timeout_option(parser)
+    add_option(parser, "--data-dir", default=None,
+               help="the instance's data dir (shared): where tasks' URL inputs are fetched to and removed from")
+    add_input_arguments(parser, front=False)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -63,6 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
         run_timeout_s=args.run_timeout, max_attempts=max_attempts, webhook_allow=webhook_allow,
         shutdown_timeout_s=shutdown_timeout_of(args),
+        data_dir=Path(args.data_dir).expanduser().resolve() if args.data_dir else None, **input_settings(args),
     )
 
 

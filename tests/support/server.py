@@ -141,3 +141,40 @@ def gated_graph(gate: str, prefix: str) -> dict[str, Any]:
 
 def open_gate(data_dir: Path, gate: str) -> None:
     (data_dir / "input" / gate).write_text("open")
+
+
+# Reports progress 1/4, then waits for its gate file (input/<gate>), stopping on an interrupt: a task caught mid-run.
+HALFWAY_PLUGIN = '''
+import os
+import time
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+
+class TestHalfway:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+    def run(self, image, gate):
+        comfy.utils.ProgressBar(4).update_absolute(1, 4)
+        path = os.path.join(folder_paths.get_input_directory(), gate)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(0.005)
+        return (image,)
+
+NODE_CLASS_MAPPINGS = {"TestHalfway": TestHalfway}
+'''
+
+
+def halfway_graph(gate: str, prefix: str) -> dict[str, Any]:
+    graph = tiny_graph(prefix)
+    graph["3"] = {"class_type": "TestHalfway", "inputs": {"image": ["1", 0], "gate": gate}}
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    return graph

@@ -1,0 +1,153 @@
+"""A worker's live view of its running task, for ``GET /api_task``: ``{service}/progress`` records.
+
+While a task runs, its worker keeps one record on ``{service}/progress`` (``requestId`` = the task's):
+``{"worker", "instance", "node", "progress": {"value", "max"}}``, from the instance's ``executing`` and
+``progress`` events. Writes are throttled (at most one per ``MIN_INTERVAL_S``; the last state always
+lands) and each replaces the previous record (put, then delete the old one: a reader sees one or the
+other). The record goes when the run ends; one left by a killed worker is replaced by the next run of
+the task and never read once the task is off the input queue.
+
+All-in-one workers write the store directly; a split-deployment worker over the queue service's HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from queue_service.client import QueueClient, QueueClientError
+from queue_service.protocol import encode_body
+from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
+
+log = logging.getLogger("comfyserve.api.progress")
+
+MIN_INTERVAL_S = 0.2
+LOOKUP_LENGTH = 16
+
+
+class Records(Protocol):
+    """put / find-by-requestId / drop on one queue of records."""
+
+    async def put(self, request_id: str, data: bytes) -> int: ...
+
+    async def find(self, request_id: str) -> list[int]: ...
+
+    async def truncate(self, below: int) -> None: ...
+
+    async def drop(self, indexes: list[int]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class StoreRecords:
+    def __init__(self, store: QueueStore, queue: str) -> None:
+        self.store = store
+        self.queue = queue
+
+    async def put(self, request_id: str, data: bytes) -> int:
+        return await self.store.put(self.queue, encode_body({REQUEST_ID_TAG: request_id}, data), request_id, 0, 0)
+
+    async def find(self, request_id: str) -> list[int]:
+        return [item.index for item in await self.store.get(self.queue, 0, LOOKUP_LENGTH, request_id)]
+
+    async def truncate(self, below: int) -> None:
+        await self.store.truncate(self.queue, below)
+
+    async def drop(self, indexes: list[int]) -> None:
+        await self.store.remove(self.queue, indexes)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class HttpRecords:
+    def __init__(self, client: QueueClient) -> None:
+        self.client = client
+
+    async def put(self, request_id: str, data: bytes) -> int:
+        index, _ = await self.client.put(data, {REQUEST_ID_TAG: request_id})
+        return index
+
+    async def find(self, request_id: str) -> list[int]:
+        try:
+            return [frame.index for frame in await self.client.get(0, LOOKUP_LENGTH, request_id=request_id)]
+        except QueueClientError as exc:
+            if exc.status == 404:  # the queue does not exist yet: nothing recorded
+                return []
+            raise
+
+    async def truncate(self, below: int) -> None:
+        await self.client.truncate(below)
+
+    async def drop(self, indexes: list[int]) -> None:
+        await self.client.delete(indexes)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class TaskProgress:
+    """One per worker; ``event`` is fed the instance's events of the running prompt (``InstanceRunner``)."""
+
+    def __init__(self, records: Records, worker: str, instance: str) -> None:
+        self.records = records
+        self.base = {"worker": worker, "instance": instance}
+        self.request_id: str | None = None
+        self._state: dict[str, Any] = {}
+        self._dirty = asyncio.Event()
+        self._written: int | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self, request_id: str) -> AsyncIterator[None]:
+        self.request_id, self._state, self._written = request_id, {"node": None}, None
+        self._dirty.set()
+        writer = asyncio.create_task(self._write_loop(request_id))
+        try:
+            yield
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            self.request_id = None
+            if self._written is not None:
+                await self._drop([self._written])
+
+    def event(self, item: dict[str, Any]) -> None:
+        kind, data = item.get("type"), item.get("data")
+        if self.request_id is None or not isinstance(data, dict):
+            return
+        if kind == "executing" and data.get("node") is not None:
+            self._state = {"node": str(data["node"])}
+        elif kind == "progress":
+            self._state = {**self._state, "progress": {"value": data.get("value"), "max": data.get("max")}}
+            if data.get("node") is not None:
+                self._state["node"] = str(data["node"])
+        else:
+            return
+        self._dirty.set()
+
+    async def _write_loop(self, request_id: str) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            data = json.dumps({**self.base, **self._state}, separators=(",", ":")).encode()
+            try:
+                index = await self.records.put(request_id, data)
+            except (QueueError, QueueClientError) as exc:
+                log.info("progress of %s not recorded: %s", request_id, exc)
+            else:
+                if self._written is not None:
+                    await self._drop([self._written])
+                self._written = index
+            await asyncio.sleep(MIN_INTERVAL_S)
+
+    async def _drop(self, indexes: list[int]) -> None:
+        with contextlib.suppress(QueueError, QueueClientError):
+            await self.records.drop(indexes)
+
+    async def aclose(self) -> None:
+        await self.records.aclose()

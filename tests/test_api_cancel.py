@@ -1,0 +1,125 @@
+"""``POST /api_task/cancel``: a queued task is removed, a running one interrupted; one ``cancelled`` result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.server import tiny_graph
+from support.wait import until
+
+# Runs until its gate file exists, checking for an interrupt like a sampler does.
+STOPPABLE_PLUGIN = '''
+import os
+import time
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+
+class TestStoppable:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+    def run(self, image, gate):
+        comfy.utils.ProgressBar(2).update_absolute(1, 2)
+        path = os.path.join(folder_paths.get_input_directory(), gate)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(0.005)
+        return (image,)
+
+NODE_CLASS_MAPPINGS = {"TestStoppable": TestStoppable}
+'''
+
+
+def stoppable_graph(prefix: str) -> dict[str, Any]:
+    graph = tiny_graph(prefix)
+    graph["3"] = {"class_type": "TestStoppable", "inputs": {"image": ["1", 0], "gate": "never"}}
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    return graph
+
+
+async def cancel(live, path: str = "/api_task/cancel", **query: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
+        return await http.post(path, params=query, headers={"Authorization": TOKEN})
+
+
+async def status(live, task_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
+        resp = await http.get("/api_task", params={"task_id": task_id}, headers={"Authorization": TOKEN})
+    return resp.json() if resp.status_code == 200 else {"status_code": resp.status_code}
+
+
+def is_cancelled(frame) -> bool:
+    [event] = json.loads(frame.data)
+    return (frame.tags["status"] == "error" and event["type"] == "execution_error"
+            and event["data"]["exception_type"] == "cancelled")
+
+
+async def test_a_queued_task_is_removed_and_gets_a_cancelled_result(api: ApiFactory) -> None:
+    live = await api()
+    await live.submit(tiny_graph(), task_id="a", user="u1")
+    await live.submit(tiny_graph(), task_id="b")
+    resp = await cancel(live, task_id="a")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "cancelled" and resp.json()["cancel_requested"] is True
+    again = await cancel(live, task_id="a")  # idempotent
+    assert again.status_code == 200 and again.json()["state"] == "cancelled"
+    assert again.json()["cancel_requested"] is False
+    assert (await status(live, "a"))["state"] == "cancelled"
+    queued = await status(live, "b")
+    assert (queued["state"], queued["position"]) == ("queued", 0)
+    async with live.input() as queue:
+        assert (await queue.attributes())["stream.length"] == "1"
+    async with live.sink() as sink:
+        [frame] = await read_results(sink, 1)
+        assert await no_more(sink) == []
+    assert is_cancelled(frame) and frame.tags["task_id"] == "a" and frame.tags["user"] == "u1"
+
+
+async def test_bad_cancels_are_4xx_and_change_nothing(api: ApiFactory) -> None:
+    live = await api()
+    await live.submit(tiny_graph(), task_id="mine")
+    assert (await cancel(live, task_id="nope")).status_code == 404
+    assert (await cancel(live, requestId="nope")).status_code == 404
+    assert (await cancel(live)).status_code == 400
+    # Task ids are per service: the same id under another service's path is not this one.
+    other = await cancel(live, "/api/predict/other/api_task/cancel", task_id="mine")
+    assert other.status_code == 404 and "per service" in other.json()["error"]["message"]
+    async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
+        assert (await http.post("/api_task/cancel", params={"task_id": "mine"})).status_code == 401
+    assert (await status(live, "mine"))["state"] == "queued"
+    ours = await cancel(live, "/api/predict/svc/api_task/cancel", task_id="mine")
+    assert ours.status_code == 200 and ours.json()["state"] == "cancelled"
+
+
+async def test_a_running_task_is_interrupted_on_its_instance_and_reported_once(api: ApiFactory, instance_url: Any,
+                                                                                data_dir: Path) -> None:
+    (data_dir / "custom_nodes" / "test_stoppable.py").write_text(STOPPABLE_PLUGIN)
+    live = await api(instance_urls=(await instance_url(),))
+    await live.submit(stoppable_graph("stuck"), task_id="stuck")
+
+    async def running() -> bool:
+        return (await status(live, "stuck")).get("node") == "3"
+
+    await until(running, what="the task running its slow node")
+    resp = await cancel(live, task_id="stuck")
+    assert resp.status_code == 200 and resp.json()["cancel_requested"] is True
+    async with live.sink() as sink:
+        [frame] = await read_results(sink, 1)
+        assert is_cancelled(frame) and frame.tags["task_id"] == "stuck"
+        # The instance is free again: the next task runs.
+        await live.submit(tiny_graph("next"), task_id="next")
+        [after] = await read_results(sink, 1)
+        assert after.tags["task_id"] == "next" and after.tags["status"] == "success"
+        assert await no_more(sink) == []
