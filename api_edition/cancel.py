@@ -37,6 +37,7 @@ from .events import events_of, result_event
 from .progress import Records, StoreRecords
 from .settings import TASK_ID_TAG, sink_of
 from .status import CANCELLED, STATUS_KEY, TaskStatus
+from .task_ref import check_task_refs
 
 log = logging.getLogger("comfyserve.api.cancel")
 
@@ -108,6 +109,7 @@ CANCELLER_KEY = web.AppKey("api_canceller", Canceller)
 
 async def api_task_cancel(request: web.Request) -> web.StreamResponse:
     """``POST /api_task/cancel?task_id=T`` or ``?requestId=R``: 200 with the task's state, 404 unknown."""
+    check_task_refs(request)
     canceller = request.app.get(CANCELLER_KEY)
     status = request.app.get(STATUS_KEY)
     if canceller is None or status is None:

@@ -32,6 +32,7 @@ from standard.http_util import json_error
 from .progress import Records
 from .settings import TASK_ID_TAG
 from .status import STATUS_KEY, TaskStatus
+from .task_ref import check_task_refs
 
 log = logging.getLogger("comfyserve.api.events")
 
@@ -176,6 +177,7 @@ def _sse(kind: str, data: dict[str, Any]) -> bytes:
 
 async def api_events(request: web.Request) -> web.StreamResponse:
     """``GET /api_events?task_id=A&task_id=B`` (or ``requestId=``): Server-Sent Events until every result."""
+    check_task_refs(request)
     hub, status = request.app.get(HUB_KEY), request.app.get(STATUS_KEY)
     if hub is None or status is None:
         raise json_error(501, "not_implemented", "events are streamed by the fronts that hold the queue store")

@@ -225,6 +225,10 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     app.router.add_get("/workflows", workflows)
     app.router.add_get("/api_task", api_task)
     app.router.add_get("/api_events", api_events)
+    # Under the service root too, as plain routes: they win over the queue's /api/predict/{name}, which
+    # took GET /api/predict/svc/api_task for a read of a queue "svc/api_task" (200, empty body).
+    app.router.add_get(f"/api/predict/{settings.service}/api_task", api_task)
+    app.router.add_get(f"/api/predict/{settings.service}/api_events", api_events)
     app.router.add_post("/api_task/cancel", api_task_cancel)
     app.router.add_post("/api/predict/{service}/api_task/cancel", api_task_cancel)
     app.router.add_get(OUTPUT_PATH, output_handler(settings.data_dir))

@@ -36,6 +36,7 @@ from standard.http_util import json_error
 
 from .results import STATUS_TAG
 from .settings import sink_of
+from .task_ref import check_task_refs
 
 log = logging.getLogger("comfyserve.api.status")
 
@@ -169,6 +170,7 @@ INDEX_KEY = web.AppKey("api_task_index", RemoteTaskIndex)
 
 async def api_task(request: web.Request) -> web.StreamResponse:
     """``GET /api_task?task_id=T`` or ``?requestId=R``."""
+    check_task_refs(request)
     status = request.app.get(STATUS_KEY)
     if status is None:
         raise json_error(501, "not_implemented", "task status is answered by the fronts that hold the queue "
