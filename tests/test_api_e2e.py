@@ -15,6 +15,7 @@ from support.api import SERVICE, TOKEN, Procs, no_more, read_results, requires_s
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
+from support.wait import until
 
 
 @requires_sdk
@@ -110,8 +111,13 @@ async def test_split_deployment_queue_front_worker_on_redis(procs: Procs, tmp_pa
         frames = await read_results(sink, 3)
     assert sorted(f.tags["task_id"] for f in frames) == [f"split_{i}" for i in range(3)], procs.log("worker")
     assert all((tmp_path / "data" / "output" / f"split_{i}_00001_.png").is_file() for i in range(3))
-    metrics = await scrape(f"http://127.0.0.1:{metrics_port}/metrics", TOKEN)
-    assert value(metrics, "comfyserve_api_worker_tasks_total", status="success") == 3
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    async def counted() -> bool:  # a result is readable once put; the worker counts it after its input's commit
+        return value(await scrape(metrics_url, TOKEN), "comfyserve_api_worker_tasks_total", status="success") == 3
+
+    await until(counted, what="the worker counting its three tasks")
+    metrics = await scrape(metrics_url, TOKEN)
     assert value(metrics, "comfyserve_api_worker_task_seconds_count") == 3
     assert value(metrics, "comfyserve_api_worker_tasks_in_flight") == 0
     assert metrics["comfyserve_api_worker_task_seconds"].type == "histogram"
