@@ -14,6 +14,7 @@ from aiohttp import web
 
 from standard.guard import client_address
 from standard.http_util import json_error, parse_json, read_form
+from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
 
 from .accounts import AccountError, User
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
@@ -45,7 +46,18 @@ async def _change_own_password(request: web.Request, current: str, new: str) -> 
     return 200, "Password changed. Your other sessions were signed out.", 0
 
 
+def _links(user: User) -> dict[str, str]:
+    links = {"dashboard": "/dashboard", "account": "/account", "logout": "/logout"}
+    return {**links, "admin": "/admin"} if user.is_admin else links
+
+
 def page_routes() -> list[web.RouteDef]:
+    async def me(request: web.Request) -> web.StreamResponse:
+        refuse_foreign_origin(request)
+        user = request[USER]
+        return web.json_response(identity(user.name, admin=user.is_admin, login=True, links=_links(user)),
+                                 headers={"Cache-Control": "no-store"})
+
     async def dashboard(request: web.Request) -> web.StreamResponse:
         user = request[USER]
         provider = request.app[DASHBOARD]
@@ -155,6 +167,7 @@ def page_routes() -> list[web.RouteDef]:
         return await admin_page(request, f"Instance {url} added.")
 
     return [
+        web.get(ME_PATH, me), web.get("/api" + ME_PATH, me),
         web.get("/dashboard", dashboard), web.get("/account", account), web.post("/account", account_submit),
         web.post("/account/password", account_password), web.get("/admin", admin),
         web.post("/admin/users", admin_users), web.post("/admin/instances", admin_instances),
