@@ -158,3 +158,23 @@ def test_cluster_messages_are_known_to_the_frontend(proxy: Proxy, browser: objec
     unknown = [line for line in bob.console if "Unknown message type" in line]
     assert unknown == []
     assert bob.bad == []
+
+
+def test_a_fresh_users_first_reload_shows_a_graph_that_runs(proxy: Proxy, browser: object) -> None:
+    bob = login(browser, proxy, "bob")  # the template browser was closed: nothing chosen
+    page = bob.page
+    page.reload()
+    page.wait_for_function("() => !!(window.app && window.app.graph && app.graph.nodes.length)",
+                           timeout=LOAD_TIMEOUT_MS)
+    types = page.evaluate("app.graph.nodes.map(n => n.type)")
+    assert sorted(types) == ["EmptyImage", "SaveImage"], "the default graph must be the runtime's, not KSampler's"
+    assert page.evaluate("app.graph.nodes.every(n => !!LiteGraph.registered_node_types[n.type])")
+    assert page.evaluate("window.comfyserveDefaultWorkflow") == types
+    assert not page.get_by_text("Missing Node Types").is_visible()
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/prompt"),
+                              timeout=LOAD_TIMEOUT_MS) as queued:
+        page.click("[data-testid=queue-button]")
+    assert queued.value.status == 200
+    page.wait_for_function("() => Object.values(app.nodeOutputs || {}).some(o => (o.images || []).length)",
+                           timeout=LOAD_TIMEOUT_MS)
+    assert bob.bad == []
