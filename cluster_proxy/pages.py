@@ -12,6 +12,7 @@ from __future__ import annotations
 import aiohttp_jinja2
 from aiohttp import web
 
+from standard.auth import wants_html
 from standard.guard import client_address
 from standard.http_util import json_error, parse_json, read_form
 from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
@@ -21,8 +22,14 @@ from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, 
 
 
 def _require_admin(request: web.Request) -> User:
+    """The admin asking; anyone else gets 403: an HTML page with a way back for a browser, JSON for scripts."""
     user = request[USER]
     if not user.is_admin:
+        message = f"The admin pages are for admins; {user.name} is not one. Ask an admin if you need something here."
+        if wants_html(request):
+            response = aiohttp_jinja2.render_template("forbidden.html", request, page_context(request, message=message))
+            response.set_status(403)
+            raise web.HTTPForbidden(body=response.body, headers={"Content-Type": "text/html; charset=utf-8"})
         raise json_error(403, "forbidden", "admins only")
     return user
 

@@ -120,8 +120,14 @@ def test_user_menu_names_the_user_and_links_their_pages(proxy: Proxy, browser: o
     alice.page.wait_for_url("**/login")
     alice.page.goto(proxy.url + "/")
     assert "/login" in alice.page.url, "after logging out the UI asks who you are again"
-    for user in (alice, bob):
-        assert user.bad == [], f"{user.name}'s page got error responses: {user.bad}"
+    assert alice.bad == [], f"alice's page got error responses: {alice.bad}"
+
+    # A user who opens the admin page gets a page that says why, with a way back.
+    assert bob.page.goto(proxy.url + "/admin").status == 403
+    bob.page.get_by_text("Admins only").wait_for(timeout=LOAD_TIMEOUT_MS)
+    bob.page.click("#back")
+    bob.page.wait_for_function("() => !!(window.app && window.app.graph)", timeout=LOAD_TIMEOUT_MS)
+    assert bob.bad == [(403, "GET", proxy.url + "/admin")], bob.bad
 
 
 def test_a_revoked_session_takes_the_page_to_login(proxy: Proxy, browser: object) -> None:
