@@ -16,6 +16,7 @@ from typing import Any
 from standard.datadir import DataDir, WorkDirs
 
 from .accounts import User
+from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
 from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
@@ -43,6 +44,7 @@ class ClusterCore:
         self.store = store
         self.pool = pool
         self.hub = UserHub()
+        self.changes = Changes()  # wakes the dashboards' live streams
         self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
         self.runs: dict[str, TaskRun] = {}
         self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
@@ -214,6 +216,7 @@ class ClusterCore:
         One snapshot of the store for everyone: with hundreds of users connected
         this must not cost a query per user (it would delay the event relay).
         """
+        self.changes.bump()
         if not self.hub.sockets:
             return
         per_user, positions = await self._snapshot()
@@ -348,11 +351,36 @@ class ClusterCore:
     # -- DashboardProvider ------------------------------------------------------------
 
     async def user_view(self, user: User) -> dict[str, Any]:
-        history = [{"prompt_id": t.prompt_id, "status": (t.history or {}).get("status", {}).get("status_str"),
-                    "outputs": (t.history or {}).get("outputs", {})}
-                   for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
-        return {"queue": await self.user_queue(user.name), "history": history,
-                "instances": self.pool.status(with_urls=user.is_admin)}
+        """The dashboard: the user's queue (place in line, node running), history (times, outputs), the pool."""
+        per_user, positions = await self._snapshot()
+        queue = []
+        for task in per_user.get(user.name, []):
+            run = self.runs.get(task.id)
+            instance = self.pool.instances.get(task.instance or "")
+            name = (instance.url if user.is_admin else self.pool.display_name(instance)) if instance else ""
+            queue.append(queue_row(task, positions.get(task.id), run.last_node if run else None, name))
+        done = await self.store.user_tasks(user.name, DONE)
+        history = [history_row(task) for task in reversed(done)][:HISTORY_ROWS]
+        return {"queue": queue, "history": history, "instances": self.pool_view(user)}
+
+    def pool_view(self, user: User) -> list[dict[str, str]]:
+        """Each instance, its state and what runs there: whose task and which node for admins, "yours" or
+        "busy" for users (who never see other users' names or the instances' URLs)."""
+        rows = []
+        for number, instance in enumerate(self.pool.instances.values(), start=1):
+            running = ""
+            if instance.task_id is not None:
+                run = self.runs.get(instance.task_id)
+                if run is None:
+                    running = "busy (followed by another proxy)" if user.is_admin else "busy"
+                elif user.is_admin:
+                    node = node_label(run.task, run.last_node)
+                    running = f"{run.task.user}: {run.task.prompt_id}" + (f" at node {node}" if node else "")
+                else:
+                    running = "your task" if run.task.user == user.name else "busy"
+            rows.append({"name": instance.url if user.is_admin else f"instance {number}", "state": instance.state,
+                         "running": running, "tasks_run": str(instance.tasks_run)})
+        return rows
 
     async def remove_user(self, name: str, account_id: str) -> None:
         """An account was removed here: stop its work, put its tasks and files away, close its sockets.

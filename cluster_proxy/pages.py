@@ -9,6 +9,9 @@ disables and enables them, and adds instances; every form carries a CSRF value.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import aiohttp_jinja2
 from aiohttp import web
 
@@ -18,7 +21,10 @@ from standard.http_util import json_error, parse_json, read_form
 from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
 
 from .accounts import AccountError, User
+from .dashboard import LIVE_CHECK_S
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+
+KEEPALIVE_S = 15.0
 
 
 def _require_admin(request: web.Request) -> User:
@@ -65,13 +71,38 @@ def page_routes() -> list[web.RouteDef]:
         return web.json_response(identity(user.name, admin=user.is_admin, login=True, links=_links(user)),
                                  headers={"Cache-Control": "no-store"})
 
-    async def dashboard(request: web.Request) -> web.StreamResponse:
-        user = request[USER]
+    async def dashboard_view(request: web.Request) -> dict[str, Any]:
         provider = request.app[DASHBOARD]
-        view = await provider.user_view(user) if provider is not None else {}
-        return aiohttp_jinja2.render_template("dashboard.html", request, page_context(
-            request, queue=view.get("queue", []), history=view.get("history", []),
-            instances=view.get("instances", [])))
+        view = await provider.user_view(request[USER]) if provider is not None else {}
+        return page_context(request, queue=view.get("queue", []), history=view.get("history", []),
+                            instances=view.get("instances", []))
+
+    async def dashboard(request: web.Request) -> web.StreamResponse:
+        return aiohttp_jinja2.render_template("dashboard.html", request, await dashboard_view(request))
+
+    async def dashboard_events(request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: the dashboard's task tables (HTML), sent again whenever they change."""
+        refuse_foreign_origin(request)
+        changes = getattr(request.app[DASHBOARD], "changes", None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        template = aiohttp_jinja2.get_env(request.app).get_template("_dashboard_tasks.html")
+        sent, quiet_s = None, 0.0
+        while True:
+            html = template.render(await dashboard_view(request))
+            if html != sent:
+                data = "".join(f"data: {line}\n" for line in html.splitlines())
+                await response.write(f"event: tasks\n{data}\n".encode())
+                sent, quiet_s = html, 0.0
+            elif quiet_s >= KEEPALIVE_S:  # a comment, so proxies keep an idle stream open
+                await response.write(b": keep-alive\n\n")
+                quiet_s = 0.0
+            if changes is None:
+                return response
+            started = time.monotonic()
+            await changes.wait(LIVE_CHECK_S)
+            quiet_s += time.monotonic() - started
 
     async def account_page(request: web.Request, message: str | None = None, status: int = 200) -> web.StreamResponse:
         response = aiohttp_jinja2.render_template("account.html", request, page_context(request, message=message))
@@ -175,7 +206,8 @@ def page_routes() -> list[web.RouteDef]:
 
     return [
         web.get(ME_PATH, me), web.get("/api" + ME_PATH, me),
-        web.get("/dashboard", dashboard), web.get("/account", account), web.post("/account", account_submit),
+        web.get("/dashboard", dashboard), web.get("/dashboard/events", dashboard_events),
+        web.get("/account", account), web.post("/account", account_submit),
         web.post("/account/password", account_password), web.get("/admin", admin),
         web.post("/admin/users", admin_users), web.post("/admin/instances", admin_instances),
     ]

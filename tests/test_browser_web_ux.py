@@ -9,6 +9,7 @@ cluster's own WebSocket messages being known to the frontend.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from support.browser import CHROMIUM, CHROMIUM_ARGS, LOAD_TIMEOUT_MS
-from support.cluster import PASSWORD, make_users
+from support.cluster import PASSWORD, graph, make_users, write_sleep_plugin
 from support.processes import comfyserve_process
 
 pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
@@ -44,6 +45,7 @@ def proxy(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Proxy]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     asyncio.run(make_users(data_dir, ("alice", "bob"), admin="alice"))
+    write_sleep_plugin(data_dir)
     with comfyserve_process(["cluster", "--data-dir", str(data_dir), "--instances", "1"], cli_env,
                             tmp_path / "proxy.log", port_timeout_s=30, ready_timeout_s=30) as (proc, port):
         yield Proxy(f"http://127.0.0.1:{port}", data_dir, proc)
@@ -183,4 +185,25 @@ def test_a_fresh_users_first_reload_shows_a_graph_that_runs(proxy: Proxy, browse
     assert queued.value.status == 200
     page.wait_for_function("() => Object.values(app.nodeOutputs || {}).some(o => (o.images || []).length)",
                            timeout=LOAD_TIMEOUT_MS)
+    assert bob.bad == []
+
+
+def test_the_dashboard_follows_a_task_live(proxy: Proxy, browser: object) -> None:
+    bob = login(browser, proxy, "bob")
+    page = bob.page
+    page.goto(proxy.url + "/dashboard")
+    page.get_by_text("Live").wait_for(timeout=LOAD_TIMEOUT_MS)
+    queued = page.evaluate("""async (prompt) => (await (await fetch('/api/prompt', {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt})})).json())""",
+                           json.loads(json.dumps(graph("live", color=7, seconds=1.5, size=64))))
+    prompt_id = queued["prompt_id"]
+    row = page.locator("#queue tr[data-state=running]", has_text=prompt_id[:8])
+    row.wait_for(timeout=LOAD_TIMEOUT_MS)  # no reload: the page follows the stream
+    page.locator("#queue tr", has_text="TestSleep").wait_for(timeout=LOAD_TIMEOUT_MS)
+    thumb = page.locator("#history img.thumb").first
+    thumb.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 64", arg=thumb.element_handle(),
+                           timeout=LOAD_TIMEOUT_MS)
+    text = page.locator("#tasks").inner_text()
+    assert "success" in text and "UTC" in text and "None" not in text and "True" not in text
     assert bob.bad == []

@@ -1,0 +1,92 @@
+"""Our pages of the cluster edition: the dashboard (times, place in line, node running, thumbnails,
+live over Server-Sent Events) and the admin pages (non-admins get a 403 they can read)."""
+
+from __future__ import annotations
+
+import re
+
+from test_access_guard_editions import browser, cluster_login
+
+from support.access import EVIL_ORIGINS
+from support.cluster import PASSWORD, graph
+
+
+async def login_as(session, url: str, name: str) -> None:  # type: ignore[no-untyped-def]
+    resp = await session.post(url + "/login", data={"name": name, "password": PASSWORD, "next": "/"},
+                              headers={"Origin": url}, allow_redirects=False)
+    assert resp.status == 302
+
+
+async def test_non_admin_browser_gets_an_html_403_with_a_way_back(start_cluster) -> None:
+    cluster = await start_cluster(instances=0, users=("alice", "bob"), admin="alice")
+    async with browser() as bob:
+        await login_as(bob, cluster.url, "bob")
+        resp = await bob.get(cluster.url + "/admin", headers={"Accept": "text/html,application/xhtml+xml"})
+        assert resp.status == 403 and resp.content_type == "text/html"
+        page = await resp.text()
+        assert "Admins only" in page and 'id="back" href="/"' in page and "bob is not one" in page
+        resp = await bob.get(cluster.url + "/admin", headers={"Accept": "application/json"})
+        assert resp.status == 403 and (await resp.json())["error"]["type"] == "forbidden"
+    async with cluster.http("bob") as script:
+        assert (await script.get("/admin")).status == 403
+        assert (await script.get("/admin")).content_type == "application/json"
+    async with browser() as alice:
+        assert (await cluster_login(alice, cluster.url)).status == 302
+        assert (await alice.get(cluster.url + "/admin", headers={"Accept": "text/html"})).status == 200
+
+
+async def next_tasks_event(stream) -> str:  # type: ignore[no-untyped-def]
+    """The HTML of the next ``tasks`` event of the dashboard's stream."""
+    lines: list[str] = []
+    async for raw in stream.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("data: "):
+            lines.append(line[len("data: "):])
+        elif line == "" and lines:
+            return "\n".join(lines)
+    raise AssertionError("the stream ended")
+
+
+async def test_dashboard_shows_place_node_times_and_thumbnails_live(start_cluster) -> None:
+    cluster = await start_cluster(instances=1, users=("alice", "bob"))
+    alice_api = cluster.user("alice")
+    async with browser() as alice, browser() as bob:
+        await login_as(alice, cluster.url, "alice")
+        await login_as(bob, cluster.url, "bob")
+        stream = await alice.get(cluster.url + "/dashboard/events")
+        assert stream.status == 200 and stream.content_type == "text/event-stream"
+        assert "Nothing queued." in await next_tasks_event(stream)
+        first = await alice_api.submit(graph("slow", color=1, seconds=2.0))
+        second = await alice_api.submit(graph("next", color=2))
+        seen = ""
+        while "2 · TestSleep" not in seen or "#1 in line" not in seen:  # live: no reload
+            seen = await next_tasks_event(stream)
+        assert first[:8] in seen and second[:8] in seen
+        assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", seen)
+        while "No finished prompts yet." in seen or 'id="queue">Nothing queued.' not in seen:
+            seen = await next_tasks_event(stream)
+        assert 'src="/view?filename=slow_00001_.png&amp;subfolder=&amp;type=output"' in seen
+        assert "success" in seen and "took " in seen
+        for leak in ("None", "True", "False"):
+            assert leak not in seen
+        stream.close()
+        page = await (await alice.get(cluster.url + "/dashboard", headers={"Accept": "text/html"})).text()
+        thumbnail = re.search(r'<img src="([^"]+)"', page)
+        assert thumbnail is not None
+        image = await alice.get(cluster.url + thumbnail.group(1).replace("&amp;", "&"))
+        assert image.status == 200 and image.content_type == "image/png"
+        others = await (await bob.get(cluster.url + "/dashboard", headers={"Accept": "text/html"})).text()
+        assert first[:8] not in others and "slow_00001_" not in others
+        assert "your task" not in others
+
+
+async def test_dashboard_stream_refuses_strangers(start_cluster) -> None:
+    cluster = await start_cluster(instances=0, users=("alice",))
+    async with cluster.http(None) as anonymous:
+        assert (await anonymous.get("/dashboard/events")).status == 401
+        assert (await anonymous.get("/dashboard/events", headers={"Authorization": "Bearer x"})).status == 401
+    async with browser() as session:
+        assert (await cluster_login(session, cluster.url)).status == 302
+        for origin in EVIL_ORIGINS:
+            resp = await session.get(cluster.url + "/dashboard/events", headers={"Origin": origin})
+            assert resp.status == 403, origin
