@@ -13,7 +13,9 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from standard.client import ClientTimeouts, InstanceClient
 from standard.datadir import DataDir, WorkDirs
+from standard.errors import InstanceError
 
 from .accounts import User
 from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
@@ -30,6 +32,7 @@ log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
 HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
 HANDED_BACK = "handed back"  # note of a task requeued by a drain: not a lost attempt
+ADD_CHECK_TIMEOUTS = ClientTimeouts(connect_s=3.0, request_s=10.0, get_retries=0)  # an admin waits on it
 REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted tasks to stop
 
 
@@ -93,12 +96,13 @@ class ClusterCore:
             await asyncio.wait(jobs, timeout=timeout_s)
         cut = [run for task_id, run in list(self.runs.items())
                if not run.released and task_id in self._run_jobs and not self._run_jobs[task_id].done()]
-        await asyncio.gather(*(self._hand_back(run) for run in cut), return_exceptions=True)
+        await asyncio.gather(*(self._hand_back(run, "the proxy shut down before it finished") for run in cut),
+                             return_exceptions=True)
         rest = [job for job in self._run_jobs.values() if not job.done()]
         if rest:  # done on the instance: only the proxy's bookkeeping is left
             await asyncio.wait(rest)
 
-    async def _hand_back(self, run: TaskRun) -> None:
+    async def _hand_back(self, run: TaskRun, reason: str) -> None:
         task = run.task
         job = self._run_jobs.get(task.id)
         if job is not None:
@@ -108,12 +112,14 @@ class ClusterCore:
         await run.interrupt()
         await run.cleanup()
         await self._instance_free(run)
-        if await self.store.requeue(task.id, f"{HANDED_BACK}: the proxy shut down before it finished") is None:
+        if await self.store.requeue(task.id, f"{HANDED_BACK}: {reason}") is None:
             return  # it finished (or was deleted) meanwhile
-        log.warning("task %s of %s handed back: the proxy's --shutdown-timeout passed", task.prompt_id, task.user)
+        log.warning("task %s of %s handed back: %s", task.prompt_id, task.user, reason)
         await self.hub.send_json(task.user, "cluster_task_retry", {
             "prompt_id": task.prompt_id, "attempt": task.attempts + 1,
-            "reason": "the proxy shut down before it finished; it runs again"}, task.client_id)
+            "reason": f"{reason}; it runs again"}, task.client_id)
+        self.scheduler.wake()
+        await self.broadcast_queues()
 
     async def _watch_proxies(self) -> None:
         """Say we are alive; take over the running tasks of proxies that are not."""
@@ -410,9 +416,52 @@ class ClusterCore:
                 await ws.close(code=4001, message=b"signed out")
 
     async def add_instance(self, url: str) -> None:
+        """Put ``url`` in the pool (and the store) once it answers as a ready instance that takes our token.
+
+        An address nothing answers at, or something that is not a comfyserve instance, is refused
+        (``ValueError``) rather than listed as "starting" forever.
+        """
         if not url.startswith(("http://", "https://")):
             raise ValueError("an instance URL is http(s)://host:port")
-        await self.store.add_instance_url(url.rstrip("/"))
+        url = url.rstrip("/")
+        if url not in self.pool.instances:
+            async with InstanceClient(url, self.instance_token, timeouts=ADD_CHECK_TIMEOUTS) as client:
+                if not await client.ready():
+                    raise ValueError(f"{url} is not a ready instance: its /readyz did not answer 200")
+                try:
+                    await client.get_json("/system_stats")
+                except InstanceError as exc:
+                    raise ValueError(f"{url} answers but refuses the instance token ({exc})") from None
+        await self.store.add_instance_url(url)
         self.pool.add(url, self.instance_token)
         await self.pool.check_all()
         self.scheduler.wake()
+
+    async def remove_instance(self, url: str, *, drain: bool) -> bool:
+        """An admin takes ``url`` out of the pool; False if it is not in it.
+
+        ``drain``: it takes no new task and leaves once its running task ends (in the background).
+        Otherwise it leaves now: a task running there is interrupted and queued again (a hand-back,
+        not a lost attempt), so it runs from the start on another instance. Either way the URL is
+        forgotten by the store; one given by ``--instance-url`` comes back at the next start.
+        """
+        instance = self.pool.instances.get(url.rstrip("/"))
+        if instance is None:
+            return False
+        instance.retiring = True
+        await self.store.remove_instance_url(instance.url)
+        if drain and instance.task_id is not None:
+            self._spawn(self._remove_when_idle(instance))
+            return True
+        run = self.runs.get(instance.task_id or "")
+        if run is not None:
+            await self._hand_back(run, f"{self.pool.display_name(instance)} was removed by an admin")
+        await self.pool.remove(instance.url)
+        await self.broadcast_queues()
+        return True
+
+    async def _remove_when_idle(self, instance: Instance) -> None:
+        while instance.task_id is not None and instance.url in self.pool.instances:
+            await self.changes.wait(1.0)  # a task's end bumps the pulse (broadcast_queues)
+        await self.pool.remove(instance.url)
+        await self.broadcast_queues()

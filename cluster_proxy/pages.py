@@ -194,10 +194,18 @@ def page_routes() -> list[web.RouteDef]:
         _require_admin(request)
         form = await read_form(request)
         check_csrf(request, form)
-        url = str(form.get("url") or "").strip()
+        action, url = str(form.get("action") or "add"), str(form.get("url") or "").strip()
         provider = request.app[DASHBOARD]
         if provider is None or not url.startswith(("http://", "https://")):
             return await admin_page(request, "Give an instance URL (http://host:port).", status=400)
+        if action in ("remove", "drain"):
+            if not await provider.remove_instance(url, drain=action == "drain"):
+                return await admin_page(request, f"No instance {url} in the pool.", status=400)
+            if action == "drain":
+                return await admin_page(request, f"Instance {url} takes no new task; it leaves when its task ends.")
+            return await admin_page(request, f"Instance {url} removed; a task it was running runs again elsewhere.")
+        if action != "add":
+            return await admin_page(request, f"unknown action {action!r}", status=400)
         try:
             await provider.add_instance(url)
         except ValueError as exc:

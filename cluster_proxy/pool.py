@@ -83,10 +83,12 @@ class Instance:
     tasks_run: int = 0
     busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
     ours: Callable[[], bool] | None = None  # a spawned instance: is its own child the one answering?
+    retiring: bool = False  # an admin drains or removes it: it takes no new task
 
     @property
     def free(self) -> bool:
-        return self.state == UP and self.task_id is None and time.monotonic() >= self.busy_elsewhere_until_s
+        return (self.state == UP and self.task_id is None and not self.retiring
+                and time.monotonic() >= self.busy_elsewhere_until_s)
 
 
 class Pool:
@@ -116,6 +118,18 @@ class Pool:
         instance.events.start()
         log.info("instance %s joined the pool", url)
         return instance
+
+    async def remove(self, url: str) -> bool:
+        """Take ``url`` out of the pool and close its connections; False if it was not in it."""
+        instance = self.instances.pop(url.rstrip("/"), None)
+        if instance is None:
+            return False
+        if instance.events is not None:
+            await instance.events.aclose()
+        await instance.client.aclose()
+        self._cache.clear()
+        log.info("instance %s left the pool: removed by an admin", instance.url)
+        return True
 
     def free(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.free]

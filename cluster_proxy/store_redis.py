@@ -220,6 +220,9 @@ class RedisStateStore:
     async def add_instance_url(self, url: str) -> None:
         await self._redis.sadd(f"{self._p}instances", url)
 
+    async def remove_instance_url(self, url: str) -> None:
+        await self._redis.srem(f"{self._p}instances", url)
+
     async def instance_urls(self) -> list[str]:
         return sorted(await self._redis.smembers(f"{self._p}instances"))
 

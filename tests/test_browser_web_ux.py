@@ -207,3 +207,19 @@ def test_the_dashboard_follows_a_task_live(proxy: Proxy, browser: object) -> Non
     text = page.locator("#tasks").inner_text()
     assert "success" in text and "UTC" in text and "None" not in text and "True" not in text
     assert bob.bad == []
+
+
+def test_the_admin_confirms_before_removing_a_user(proxy: Proxy, browser: object) -> None:
+    alice = login(browser, proxy, "alice")
+    page = alice.page
+    page.goto(proxy.url + "/admin")
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.locator("#users tr", has_text="bob").get_by_role("button", name="Remove").click()
+    assert asked and "Remove bob?" in asked[0]
+    assert page.locator("#users tr", has_text="bob").count() == 1, "dismissed: nothing happens"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#users tr", has_text="bob").get_by_role("button", name="Remove").click()
+    page.get_by_text("User bob removed").wait_for(timeout=LOAD_TIMEOUT_MS)
+    assert page.locator("#users tr", has_text="bob").count() == 0
+    assert alice.bad == []

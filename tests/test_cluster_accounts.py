@@ -69,6 +69,9 @@ class Provider:
     async def add_instance(self, url: str) -> None:
         self.added.append(url)
 
+    async def remove_instance(self, url: str, *, drain: bool) -> bool:
+        return False
+
     async def remove_user(self, name: str, account_id: str) -> None:
         self.removed.append(name)
 

@@ -90,3 +90,59 @@ async def test_dashboard_stream_refuses_strangers(start_cluster) -> None:
         for origin in EVIL_ORIGINS:
             resp = await session.get(cluster.url + "/dashboard/events", headers={"Origin": origin})
             assert resp.status == 403, origin
+
+
+async def admin_form(session, url: str, action: str, form: dict[str, str]) -> tuple[int, str]:  # type: ignore
+    page = await (await session.get(url + "/admin", headers={"Accept": "text/html"})).text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    resp = await session.post(url + action, data={**form, "csrf": csrf}, headers={"Origin": url})
+    return resp.status, await resp.text()
+
+
+async def test_an_unreachable_instance_url_is_refused(start_cluster) -> None:
+    from standard.ports import free_port
+
+    cluster = await start_cluster(instances=0, users=("root",), admin="root")
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+        status, page = await admin_form(root, cluster.url, "/admin/instances", {"url": dead})
+        assert status == 400 and "is not a ready instance" in page
+    assert dead not in cluster.pool.instances and await cluster.core.store.instance_urls() == []
+
+
+async def test_removing_an_instance_hands_its_task_to_another(start_cluster) -> None:
+    from support.wait import until
+
+    cluster = await start_cluster(instances=2, users=("root", "alice"), admin="root")
+    alice = cluster.user("alice")
+    prompt_id = await alice.submit(graph("moved", color=5, seconds=3.0))
+    await until(lambda: any(i.task_id for i in cluster.pool.instances.values()), timeout_s=20)
+    busy = next(i.url for i in cluster.pool.instances.values() if i.task_id)
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+        page = await (await root.get(cluster.url + "/admin", headers={"Accept": "text/html"})).text()
+        assert "alice: " + prompt_id in page and "TestSleep" in page  # whose task runs where
+        status, page = await admin_form(root, cluster.url, "/admin/instances", {"url": busy, "action": "remove"})
+        assert status == 200 and "runs again elsewhere" in page
+    assert busy not in cluster.pool.instances
+    await until(lambda: alice.history_entry(prompt_id), timeout_s=30, what="the handed-back task finished")
+    entry = await alice.history_entry(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    assert any("removed by an admin" in note for note in entry["cluster"]["notes"])
+    assert (cluster.user_dir("alice") / "output" / "moved_00001_.png").is_file()
+
+
+async def test_draining_an_instance_lets_its_task_finish_there(start_cluster) -> None:
+    from support.wait import until
+
+    cluster = await start_cluster(instances=1, users=("root",), admin="root")
+    root_api = cluster.user("root")
+    prompt_id = await root_api.submit(graph("drained", color=6, seconds=1.0))
+    await until(lambda: any(i.task_id for i in cluster.pool.instances.values()), timeout_s=20)
+    url = next(iter(cluster.pool.instances))
+    assert await cluster.core.remove_instance(url, drain=True)
+    assert url in cluster.pool.instances and not cluster.pool.free()
+    await until(lambda: url not in cluster.pool.instances, timeout_s=30)
+    entry = await root_api.history_entry(prompt_id)
+    assert entry is not None and entry["status"]["status_str"] == "success" and "cluster" not in entry
