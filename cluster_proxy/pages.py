@@ -163,7 +163,7 @@ def page_routes() -> list[web.RouteDef]:
             if action == "add":
                 token = await accounts.add(name, str(form.get("password") or ""), admin=form.get("admin") == "on")
                 return await admin_page(request, f"User {name} added.", token)
-            if action in ("remove", "disable") and name == request[USER].name:
+            if action in ("remove", "disable", "make-admin", "drop-admin") and name == request[USER].name:
                 raise AccountError(f"you cannot {action} yourself")
             if action == "remove":
                 account_id = await accounts.remove(name)
@@ -179,6 +179,9 @@ def page_routes() -> list[web.RouteDef]:
                 mine = request.get(SESSION_ID) if name == request[USER].name else None
                 await accounts.set_password(name, str(form.get("password") or ""), keep_session=mine)
                 message, shown = f"New password for {name}; their sessions were signed out.", None
+            elif action in ("make-admin", "drop-admin"):
+                await accounts.set_admin(name, action == "make-admin")
+                message, shown = f"User {name} is {'now' if action == 'make-admin' else 'no longer'} an admin.", None
             elif action in ("disable", "enable"):
                 await accounts.set_disabled(name, action == "disable")
                 message, shown = f"User {name} {action}d.", None

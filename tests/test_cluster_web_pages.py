@@ -146,3 +146,22 @@ async def test_draining_an_instance_lets_its_task_finish_there(start_cluster) ->
     await until(lambda: url not in cluster.pool.instances, timeout_s=30)
     entry = await root_api.history_entry(prompt_id)
     assert entry is not None and entry["status"]["status_str"] == "success" and "cluster" not in entry
+
+
+async def test_the_admin_grants_and_takes_back_the_admin_role(start_cluster) -> None:
+    cluster = await start_cluster(instances=0, users=("root", "alice"), admin="root")
+    async with browser() as root, browser() as alice:
+        await login_as(root, cluster.url, "root")
+        await login_as(alice, cluster.url, "alice")
+        assert (await alice.get(cluster.url + "/admin")).status == 403
+        status, page = await admin_form(root, cluster.url, "/admin/users", {"name": "alice", "action": "make-admin"})
+        assert status == 200 and "alice is now an admin" in page
+        assert (await alice.get(cluster.url + "/admin")).status == 401  # signed out: the role changed
+        await login_as(alice, cluster.url, "alice")
+        assert (await alice.get(cluster.url + "/admin")).status == 200
+        status, page = await admin_form(root, cluster.url, "/admin/users", {"name": "alice", "action": "drop-admin"})
+        assert status == 200 and "no longer an admin" in page
+        status, page = await admin_form(root, cluster.url, "/admin/users", {"name": "root", "action": "drop-admin"})
+        assert status == 400 and "you cannot drop-admin yourself" in page
+    async with cluster.http("alice") as script:
+        assert (await script.get("/admin")).status == 403
