@@ -26,6 +26,7 @@ from .retire import retire_user
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
+from .usage import UsageMeter
 from .validation import LocalValidator
 
 log = logging.getLogger("comfyserve.cluster")
@@ -48,6 +49,7 @@ class ClusterCore:
         self.pool = pool
         self.hub = UserHub()
         self.changes = Changes()  # wakes the dashboards' live streams
+        self.usage = UsageMeter(store)
         self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
         self.runs: dict[str, TaskRun] = {}
         self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
@@ -320,7 +322,9 @@ class ClusterCore:
     async def _finish(self, task: Task, instance: Instance, history: dict[str, Any], run: TaskRun) -> None:
         if task.notes:  # the user sees that (and why) the task was retried
             history["cluster"] = {"attempts": task.attempts, "notes": task.notes}
-        await self.store.finish(task.id, history)
+        done = await self.store.finish(task.id, history)
+        if done is not None:
+            await self.usage.record(done)
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()
@@ -348,7 +352,9 @@ class ClusterCore:
                 "prompt_id": task.prompt_id, "attempt": task.attempts + 1, "reason": reason}, task.client_id)
         else:
             history = error_history(task.prompt_id, f"the task was lost twice; last: {reason}", "InstanceLost")
-            await self.store.finish(task.id, history)
+            done = await self.store.finish(task.id, history)
+            if done is not None:
+                await self.usage.record(done)
             await self.hub.send_json(task.user, "execution_error", history["status"]["messages"][0][1],
                                      task.client_id)
         self.scheduler.wake()

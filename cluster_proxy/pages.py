@@ -23,6 +23,7 @@ from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
 from .accounts import AccountError, User
 from .dashboard import LIVE_CHECK_S
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+from .usage import PeriodError, parse_period
 
 KEEPALIVE_S = 15.0
 
@@ -144,9 +145,15 @@ def page_routes() -> list[web.RouteDef]:
         user = _require_admin(request)
         provider = request.app[DASHBOARD]
         view = await provider.user_view(user) if provider is not None else {}
+        try:
+            period = parse_period(request.query)
+        except PeriodError as exc:
+            period, message, status = parse_period({}), str(exc), 400
+        meter = getattr(provider, "usage", None)
+        usage = await meter.report(period) if meter is not None else None
         response = aiohttp_jinja2.render_template("admin.html", request, page_context(
             request, users=await request.app[ACCOUNTS].list(), instances=view.get("instances", []),
-            message=message, new_token=new_token))
+            message=message, new_token=new_token, usage=usage, query=request.query))
         response.set_status(status)
         return response
 

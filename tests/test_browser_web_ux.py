@@ -135,6 +135,7 @@ def test_user_menu_names_the_user_and_links_their_pages(proxy: Proxy, browser: o
 def test_a_revoked_session_takes_the_page_to_login(proxy: Proxy, browser: object) -> None:
     alice, bob = login(browser, proxy, "alice"), login(browser, proxy, "bob")
     alice.page.goto(proxy.url + "/admin")
+    alice.page.once("dialog", lambda dialog: dialog.accept())  # "Disable bob? ..."
     alice.page.locator("#users tr", has_text="bob").get_by_role("button", name="Disable").click()
     alice.page.get_by_text("User bob disabled.").wait_for(timeout=LOAD_TIMEOUT_MS)
     # bob's socket was closed by the server; the page asks who it is, gets 401 and goes to /login.

@@ -3,10 +3,13 @@ live over Server-Sent Events) and the admin pages (non-admins get a 403 they can
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import pytest
 from test_access_guard_editions import browser, cluster_login
 
+from standard.guard import AccessPolicy
 from support.access import EVIL_ORIGINS
 from support.cluster import PASSWORD, graph
 
@@ -165,3 +168,62 @@ async def test_the_admin_grants_and_takes_back_the_admin_role(start_cluster) -> 
         assert status == 400 and "you cannot drop-admin yourself" in page
     async with cluster.http("alice") as script:
         assert (await script.get("/admin")).status == 403
+
+
+async def test_usage_per_user_matches_the_tasks_run(start_cluster) -> None:
+    from support.metrics import parse, value
+
+    cluster = await start_cluster(instances=2, users=("root", "alice", "bob"), admin="root")
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    await asyncio.gather(alice.run(graph("a1", color=11, seconds=0.3), timeout_s=30),
+                         alice.run(graph("a2", color=12, seconds=0.3), timeout_s=30),
+                         bob.run(graph("b1", color=13), timeout_s=30))
+    done = {name: await cluster.core.store.user_tasks(name, "done") for name in ("alice", "bob")}
+    expected = {name: round(sum(t.ended_ms - t.started_ms for t in tasks) / 1000, 1) for name, tasks in done.items()}
+    async with cluster.http("alice") as alice_http:  # usage outlives the history its owner clears
+        assert (await alice_http.post("/history", json={"clear": True})).status == 200
+    async with cluster.http("root") as root:
+        report = await (await root.get("/cluster/usage?days=1")).json()
+        rows = {row["user"]: row for row in report["users"]}
+        assert rows["alice"]["tasks"] == 2 and rows["bob"]["tasks"] == 1 and "root" not in rows
+        assert rows["alice"]["failed"] == 0
+        assert rows["alice"]["instance_seconds"] == expected["alice"] >= 0.6
+        assert rows["bob"]["instance_seconds"] == expected["bob"]
+        old = await (await root.get("/cluster/usage?since=2020-01-01&until=2020-01-31")).json()
+        assert old["users"] == []
+        scrape = parse(await (await root.get("/metrics")).text())
+        assert value(scrape, "comfyserve_cluster_user_tasks_total", user="alice", status="success") == 2
+        assert abs(value(scrape, "comfyserve_cluster_user_instance_seconds_total", user="alice")
+                   - expected["alice"]) < 0.1
+    async with browser() as session:
+        await login_as(session, cluster.url, "root")
+        page = await (await session.get(cluster.url + "/admin?days=30", headers={"Accept": "text/html"})).text()
+        assert re.search(r"<td>alice</td><td>2</td><td>0</td><td>[0-9.]+</td>", page)
+        assert '<option value="30" selected>' in page and "<title>Admin — comfyserve</title>" in page
+
+
+@pytest.mark.parametrize("query", ["days=0", "days=-1", "days=abc", "days=99999", "since=2026-13-45",
+                                   "since=" + "9" * 400, "since=2026-02-01&until=2026-01-01", "days=1e3"])
+async def test_usage_refuses_unreadable_periods(start_cluster, query: str) -> None:
+    cluster = await start_cluster(instances=0, users=("root",), admin="root")
+    async with cluster.http("root") as root:
+        resp = await root.get("/cluster/usage?" + query)
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request"
+
+
+async def test_usage_and_metrics_are_for_admins_only(start_cluster) -> None:
+    cluster = await start_cluster(instances=0, users=("root", "alice"), admin="root",
+                                  access=AccessPolicy.build(allowed_hosts=["127.0.0.1"]))
+    for path in ("/cluster/usage", "/metrics", "/api/cluster/usage"):
+        async with cluster.http(None) as anonymous:
+            assert (await anonymous.get(path)).status == 401
+            assert (await anonymous.get(path, headers={"Authorization": "Bearer nope"})).status == 401
+        async with cluster.http("alice") as alice:
+            assert (await alice.get(path)).status == 403
+        async with cluster.http("root") as root:
+            assert (await root.get(path)).status == 200
+            assert (await root.get(path, headers={"Host": "evil.example"})).status == 421
+        async with browser() as session:
+            await login_as(session, cluster.url, "root")
+            for origin in EVIL_ORIGINS:
+                assert (await session.get(cluster.url + path, headers={"Origin": origin})).status == 403
