@@ -32,7 +32,7 @@ from .metrics import ApiMetrics
 from .queue_ops import StoreQueueOps
 from .settings import ApiSettings, WorkerSettings
 from .webhook import WebhookPolicy, WebhookSender, webhook_secret
-from .worker import Worker, default_worker_id
+from .worker import Worker, slot_worker_id
 
 log = logging.getLogger("comfyserve.api")
 
@@ -40,9 +40,9 @@ log = logging.getLogger("comfyserve.api")
 def queue_settings(settings: ApiSettings) -> QueueSettings:
     return QueueSettings(
         host=settings.host, port=settings.port, token=settings.token, sqlite_path=settings.sqlite_path,
-        redis_url=settings.redis_url, max_length=settings.max_length,
-        max_payload_bytes=settings.max_payload_bytes, pending_timeout_s=settings.pending_timeout_s,
-        access=settings.access,
+        redis_url=settings.redis_url, redis_call_timeout_s=settings.redis_call_timeout_s,
+        max_length=settings.max_length, max_payload_bytes=settings.max_payload_bytes,
+        pending_timeout_s=settings.pending_timeout_s, access=settings.access,
     )
 
 
@@ -110,14 +110,13 @@ class Pool:
                 self.instances.append(instance)
             urls = [instance.url for instance in self.instances]
             instance_token = self.settings.token
+            # Let the supervisors fork the children now, not after the workers are built below (a second
+            # or so: each worker's HTTP clients load TLS contexts): a restart's in-flight tasks wait for them.
+            await asyncio.sleep(0)
         # A spawned instance's worker waits for that very child, not whatever answers on its port.
         gates: list[Callable[[], bool] | None] = [i.answering for i in self.instances] or [None] * len(urls)
-        seen: dict[str, int] = {}
-        for url, ours in zip(urls, gates, strict=True):
-            # Two workers must never share a consumer uid: the queue would take the second for the
-            # first reconnecting and hand it the first one's uncommitted item (a task run twice).
-            seen[url] = seen.get(url, 0) + 1
-            worker_id = default_worker_id(url) + (f"-{seen[url]}" if seen[url] > 1 else "")
+        for slot, (url, ours) in enumerate(zip(urls, gates, strict=True)):
+            worker_id = slot_worker_id(self.deployment(), slot)
             worker = Worker(WorkerSettings(
                 queue_url=self.queue_url, service=self.settings.service, instance_url=url, worker_id=worker_id,
                 token=self.settings.token,
@@ -128,6 +127,11 @@ class Pool:
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
                 ours=ours)
             self.workers.append((worker, asyncio.create_task(worker.run(), name=worker.name)))
+
+    def deployment(self) -> str:
+        """What tells this all-in-one from others on the host (and on a shared Redis) and stays the same
+        across its restarts: its data dir and its port (two at once on one data dir need two ports)."""
+        return f"{self.settings.data_dir}|{self.settings.port}"
 
     def _store_ops(self) -> StoreQueueOps | None:
         """In the queue's own process the worker's put/commit/lookup skip HTTP."""

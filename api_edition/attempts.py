@@ -2,9 +2,11 @@
 
 A graph that kills its instance (out of memory, a segfault in a node) would
 otherwise circulate for ever: the worker gives it back, the next instance dies
-too, and so on. So each run is recorded as it starts (the record is written
-while the prompt is submitted, so it adds nothing to the gap between two
-tasks), and a worker that receives a task whose count has reached
+too, and so on. So each run is recorded as it starts — once the instance has
+accepted the prompt (answered ``/prompt`` with its ``prompt_id``): a submit
+that never reached the instance (already dead) ran nothing and costs no try.
+The record is written while the prompt runs, so it adds nothing to the gap
+between two tasks. A worker that receives a task whose count has reached
 ``max_attempts`` reports it as failed (``too_many_attempts``) instead of
 running it.
 
@@ -19,8 +21,9 @@ all-in-one the workers write the store directly, as they do for the sink.
 The cycle of one delivery (records hold ``{"count": n, "reason": ...}``):
 
 - ``check``: read the task's record(s); ``count`` = their highest count. At
-  ``max_attempts`` the task is not run. Otherwise ``record`` puts a record
-  with ``count + 1`` beside the submission, whose reason says the worker never
+  ``max_attempts`` the task is not run. Otherwise, once the instance has
+  accepted the prompt, ``record`` puts a record with ``count + 1``, whose
+  reason says the worker never
   finished — true if it is killed (kill -9), stopped or cut off from the
   queue, which leaves the record behind; nothing else needs to run for such a
   run to count (only a worker killed in the millisecond before the record
@@ -225,8 +228,9 @@ class AttemptLedger:
         return ticket
 
     def record(self, ticket: Ticket) -> None:
-        """Count this run. The record is written while the run is submitted, off the path between two
-        tasks; a worker killed in the millisecond before the write lands leaves that run uncounted."""
+        """Count this run (its prompt was accepted by the instance). The record is written while the run
+        goes on, off the path between two tasks; a worker killed in the millisecond before the write
+        lands leaves that run uncounted."""
         if ticket.previous is not None and ticket.exhausted is None:
             ticket.recording = asyncio.create_task(self._record(ticket, ticket.previous + 1))
 

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from queue_service.command import add_redis_call_timeout_option, redis_call_timeout_of
 from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
 from standard.datadir import usable_data_dir
 from standard.errors import ConfigError
@@ -46,10 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="run workers for this instance instead of spawning (repeatable)")
     add_secret_option(parser, "--instance-token", help="token of the --instance-url instances")
     add_option(parser, "--redis-url", default=None, help="keep the queues in Redis (redis://host:port/db)")
+    add_redis_call_timeout_option(parser)
     add_option(parser, "--queue-url", default=None,
                help="be a stateless front for the queue service at this URL (no queue, no workers here)")
     add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                help="items a queue may hold; /api_prompt answers 429 when the input queue is full")
+    add_option(parser, "--dedupe-task-id", action="store_true", default=False,
+               help="make task_id a key: /api_prompt with a task_id seen in the last 24 h answers that task "
+                    "(index, requestId) and queues nothing, as an Idempotency-Key header does (default: a "
+                    "task_id is a label, two puts with one task_id are two tasks, as on the platform)")
     add_option(parser, "--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_BYTES,
                help="largest workflow / result in bytes (bigger workflows get 413)")
     add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
@@ -109,6 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
     return ApiSettings(
         host=listen.host, port=listen.port, token=listen.token, service=args.service,
         data_dir=data_dir, queue_url=args.queue_url, redis_url=args.redis_url or None, sqlite_path=sqlite_path,
+        redis_call_timeout_s=redis_call_timeout_of(args), dedupe_task_id=args.dedupe_task_id,
         instances=args.instances, instance_urls=tuple(args.instance_url or ()),
         instance_token=args.instance_token, max_length=args.max_length, max_payload_bytes=args.max_payload,
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,

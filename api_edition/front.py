@@ -14,7 +14,9 @@ are two tasks with two results (as on the EAS queue). To make a retry safe,
 send ``Idempotency-Key: K`` (e.g. the task_id itself): a key the queue saw
 within ``IDEMPOTENCY_TTL_S`` (24 h) answers that first put's index and
 requestId and queues nothing; without a task_id, one is derived from K (so the
-retry gets the same one back).
+retry gets the same one back). With ``--dedupe-task-id`` the task_id is the key
+when no ``Idempotency-Key`` is sent, so a client that retries a 503 (whose put
+may have landed) with the same task_id gets the first task back, not a second.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ async def api_prompt(request: web.Request) -> web.StreamResponse:
     if len(data) > settings.max_payload_bytes:
         raise _refused(request, 413, "payload_too_large",
                         f"the workflow exceeds {settings.max_payload_bytes} bytes")
+    if idempotency_key is None and settings.dedupe_task_id and TASK_ID_TAG in tags:
+        idempotency_key = tags[TASK_ID_TAG]  # checked above: it travels in a header
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
     tags.pop(REQUEST_ID_TAG, None)  # the queue names each task; a client cannot reuse another's id
     try:

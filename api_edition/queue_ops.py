@@ -7,14 +7,17 @@ The watch stays a WebSocket either way: that is where the queue tracks
 consumers, leases and redelivery.
 
 ``put_result_and_commit`` is the step that makes "exactly one result per
-task" hold: on the store it is ONE atomic operation (``put_and_remove``), so a
+task" hold. On the store it is ONE atomic operation (``put_and_remove``), so a
 worker that dies can leave the result and the commit both done or both
-undone. Over HTTP it is two calls, put then commit: a worker that dies in
-between (about a millisecond) leaves its result on the sink and the input
-uncommitted; the redelivered task finds its result by ``requestId`` and is
-only committed — unless a client has already taken that result off the sink,
-when it is run and reported a second time. That window remains in the split
-deployment.
+undone. Over HTTP it is two calls, put then commit, each safe to repeat:
+
+- the put carries ``Idempotency-Key: <the input's requestId>``, so a put
+  retried after an unsure answer (a 503 "may have been stored" while Redis
+  stalls) answers the first put's index instead of storing a second result;
+- a worker that dies between the put and the commit leaves its result on the
+  sink and the input uncommitted; the redelivered input is looked up on the
+  sink (``in_sink``: the queue's ``_lookup_``, which also knows results a
+  client has committed since) before it runs, and is only committed.
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ class HttpQueueOps:
         self.sink = sink_client
 
     async def put_result(self, data: bytes, tags: dict[str, str]) -> int:
+        """Put the result under the input's requestId as its idempotency key: a retry stores nothing twice."""
         try:
-            index, _ = await self.sink.put(data, tags)
+            index, _ = await self.sink.put(data, tags, idempotency_key=tags[REQUEST_ID_TAG])
             return index
         except QueueFullError as exc:
             raise SinkFull(str(exc)) from exc
@@ -79,7 +83,7 @@ class HttpQueueOps:
             raise
 
     async def put_result_and_commit(self, data: bytes, tags: dict[str, str], index: int) -> int:
-        """Two calls: the window between them is the split deployment's remaining hole (see above)."""
+        """Two calls; a death between them is caught by ``in_sink`` when the input comes back."""
         sink_index = await self.put_result(data, tags)
         try:
             await self.commit(index)
@@ -96,11 +100,10 @@ class HttpQueueOps:
             raise Transient(str(exc)) from exc
 
     async def in_sink(self, request_id: str) -> bool:
+        """A result with this requestId is on the sink or was committed from it recently."""
         try:
-            return bool(await self.sink.get(0, 1, request_id=request_id))
+            return await self.sink.lookup(request_id) is not None
         except QueueClientError as exc:
-            if exc.status == 404:
-                return False
             raise Transient(str(exc)) from exc
 
 
@@ -123,8 +126,8 @@ class StoreQueueOps:
                 if not await self._still_queued(index):
                     # The last try landed but its reply was lost (Redis): both happened, do not put again.
                     self._unsure = None
-                    found = await self.store.get(self.sink, 0, 1, request_id)
-                    return found[0].index if found else 0
+                    seen = await self.store.lookup(self.sink, request_id)
+                    return seen.index if seen else 0
                 self._unsure = None
             sink_index = await self.store.put_and_remove(self.sink, encode_body(tags, data), request_id, 0,
                                                          self.max_length, self.input, [index])
@@ -148,6 +151,6 @@ class StoreQueueOps:
 
     async def in_sink(self, request_id: str) -> bool:
         try:
-            return bool(await self.store.get(self.sink, 0, 1, request_id))
+            return await self.store.lookup(self.sink, request_id) is not None
         except StoreUnavailable as exc:
             raise Transient(str(exc)) from exc

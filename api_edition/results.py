@@ -1,7 +1,10 @@
 """The sink item of a task: what a client reads with ``watch`` on ``svc/sink``.
 
-Success: a JSON list of the ``executed`` event objects followed by the final
-``outputs`` map (the platform's documented shape). Failure: a one-element
+Success: a JSON list of the ``executed`` event objects of the nodes that
+produced output, followed by the final ``outputs`` map (the platform's
+documented shape). A cached node without UI output reports ``executed`` with
+``output: null`` on the WebSocket, as ComfyUI does; such events stay out of
+the sink item, where a client indexes ``ev["data"]["output"]["images"]``. Failure: a one-element
 list holding the ``execution_error`` event (``execution_interrupted`` when the
 run was stopped). Tags: the input's ``task_id`` and ``requestId`` (plus the
 input's other tags), ``status`` and the instance's ``prompt_id``.
@@ -26,7 +29,7 @@ def encode(events: list[Any]) -> bytes:
 def from_run(result: RunResult) -> tuple[str, list[Any]]:
     """(status, events) of a finished run."""
     if result.status == "success":
-        return "success", [*result.executed, result.outputs]
+        return "success", [*(event for event in result.executed if _has_output(event)), result.outputs]
     if result.status == "interrupted":
         data = {"prompt_id": result.prompt_id, "node_id": None, "executed": []}
         return "error", [{"type": "execution_interrupted", "data": data}]
@@ -34,6 +37,11 @@ def from_run(result: RunResult) -> tuple[str, list[Any]]:
     error.setdefault("prompt_id", result.prompt_id)
     error.setdefault("exception_message", "the prompt failed")
     return "error", [{"type": "execution_error", "data": error}]
+
+
+def _has_output(event: Any) -> bool:
+    data = event.get("data") if isinstance(event, dict) else None
+    return isinstance(data, dict) and bool(data.get("output"))
 
 
 def from_rejection(exc: PromptRejected) -> tuple[str, list[Any]]:

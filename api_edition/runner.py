@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from standard.client import Connected, Disconnected, InstanceClient, RunResult
@@ -77,18 +78,18 @@ class InstanceRunner:
                 log.info("event socket to %s: %r; reopening", self.client.base_url, exc)
                 await asyncio.sleep(1.0)
 
-    async def run(self, graph: dict[str, Any], timeout_s: float | None = None,
-                  prompt_id: str | None = None) -> RunResult:
+    async def run(self, graph: dict[str, Any], timeout_s: float | None = None, prompt_id: str | None = None,
+                  on_accepted: Callable[[str], None] | None = None) -> RunResult:
         """Run ``graph`` (as ``prompt_id``, so the caller can interrupt it); past ``timeout_s`` it is
-        interrupted and ``InstanceError`` raised."""
+        interrupted and ``InstanceError`` raised. ``on_accepted(prompt_id)``: the instance queued it."""
         self.start()
         prompt_id = prompt_id or str(uuid.uuid4())
         try:
             if not self.socket_up.is_set():
-                return await self.client.run(graph, timeout_s=timeout_s, prompt_id=prompt_id)
+                return await self.client.run(graph, timeout_s=timeout_s, prompt_id=prompt_id, on_accepted=on_accepted)
             try:
                 async with asyncio.timeout(timeout_s):
-                    return await self._run_on_socket(graph, prompt_id)
+                    return await self._run_on_socket(graph, prompt_id, on_accepted)
             except TimeoutError:
                 raise InstanceError(f"the task did not finish within {timeout_s}s") from None
         except InstanceError as exc:
@@ -97,11 +98,14 @@ class InstanceRunner:
                     await self.client.interrupt(prompt_id)
             raise
 
-    async def _run_on_socket(self, graph: dict[str, Any], prompt_id: str) -> RunResult:
+    async def _run_on_socket(self, graph: dict[str, Any], prompt_id: str,
+                             on_accepted: Callable[[str], None] | None) -> RunResult:
         waiter: asyncio.Queue[dict[str, Any] | Disconnected] = asyncio.Queue()
         self._waiters[prompt_id] = waiter
         try:
             await self.client.submit(graph, client_id=self.client_id, prompt_id=prompt_id)
+            if on_accepted is not None:
+                on_accepted(prompt_id)
             events: list[dict[str, Any]] = []
             while True:
                 try:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from queue_service.settings import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PENDING_TIMEOUT_S
+from queue_service.settings import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_PENDING_TIMEOUT_S,
+    DEFAULT_REDIS_CALL_TIMEOUT_S,
+)
 from standard.guard import AccessPolicy
 from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -54,6 +59,7 @@ class ApiSettings:
     data_dir: Path | None = None
     queue_url: str | None = None  # a stateless front for a queue service running elsewhere
     redis_url: str | None = None
+    redis_call_timeout_s: float = DEFAULT_REDIS_CALL_TIMEOUT_S
     sqlite_path: Path | None = None
     instances: int = 1
     instance_urls: tuple[str, ...] = ()
@@ -66,6 +72,8 @@ class ApiSettings:
     run_timeout_s: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_allow: tuple[str, ...] = ()
+    # /api_prompt: a task_id seen within IDEMPOTENCY_TTL_S answers the first put (as an Idempotency-Key would)
+    dedupe_task_id: bool = False
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: the workers' running tasks' time to finish
     webhook_retry: RetryPolicy = WEBHOOK  # tries and waits of a delivery (tests record the waits instead)
     instance_args: tuple[str, ...] = field(default=())  # extra flags for spawned instances

@@ -1,20 +1,23 @@
 """A worker: input queue -> its instance -> sink queue, one task at a time.
 
-It watches the input queue with window 1 under a stable consumer id, runs each
-graph on its instance with ``InstanceClient.run`` (POST /prompt + WS), then
-puts the result on the sink with the input's tags and commits the input. So a
-worker that dies before its commit loses nothing: the queue hands the item to
-another worker once the dead one's lease runs out.
+It watches the input queue with window 1 under a consumer id that survives
+restarts (``slot_worker_id``, ``default_worker_id``), so a restarted worker
+gets back the item it held at once instead of after ``--pending-timeout``. It
+runs each graph on its instance with ``InstanceClient.run`` (POST /prompt +
+WS), then puts the result on the sink with the input's tags and commits the
+input. So a worker that dies before its commit loses nothing: the queue hands
+the item to another worker once the dead one's lease runs out (or to the
+worker itself, restarted, at once).
 
-Exactly one result per task: the sink put carries the input's ``requestId``;
-before running, a worker looks that id up on the sink (and in its own memory
-of recent tasks) and, when a result is already there, just commits the input.
-In the all-in-one the put and the commit are one atomic store operation
-(``QueueOps.put_result_and_commit``), so a result never sits beside an input
-that comes back. Over HTTP (split deployment) they are two calls; a worker
-that dies between them, whose result a client takes off the sink before the
-input is redelivered, gets its task run and reported twice: the window that
-remains there.
+Exactly one result per task: the sink put carries the input's ``requestId``
+(over HTTP also as its idempotency key, so a retried put stores nothing
+twice); before running, a worker looks that id up on the sink, where the
+queue also remembers results committed recently (and in its own memory of
+recent tasks) and, when a result was put, just commits the input. In the
+all-in-one the put and the commit are one atomic store operation
+(``QueueOps.put_result_and_commit``); over HTTP (split deployment) they are
+two calls, and a worker that dies between them leaves a result that the
+redelivered input finds, whether or not a client has committed it since.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its one uncommitted item, so it takes no more input. An instance that
@@ -23,7 +26,9 @@ stops answering for ``instance_down_s`` makes the worker give its item back
 is ready again.
 
 A task cut off mid-run (instance gone: ``GiveBack``; worker killed) is run
-again by the next worker, at most ``max_attempts`` times in all: the count
+again by the next worker, at most ``max_attempts`` times in all (a run counts
+once the instance has accepted its prompt: a submit to an instance that is
+already dead is no run, so it takes none of the task's tries): the count
 lives on the ``{service}/attempts`` queue (see ``attempts``), and a worker
 that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
@@ -75,12 +80,28 @@ HAND_BACK_S = 10.0  # after a drain's timeout: how long handing the task back (o
 
 
 def default_worker_id(instance_url: str) -> str:
-    """Stable per host and instance, so a restarted worker takes over the item its predecessor held.
+    """A standalone worker's id (no ``--worker-id``): stable per host and instance URL, which the operator
+    chose, so a restarted worker takes over the item its predecessor held.
 
     The host name is part of it: every GPU host may call its own instance http://127.0.0.1:8000.
     """
-    key = f"{socket.gethostname()}|{instance_url}"
-    return "worker-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "worker-" + _digest(f"{socket.gethostname()}|{instance_url}")
+
+
+def slot_worker_id(deployment: str, slot: int) -> str:
+    """The id of worker ``slot`` (0, 1, ...) of one all-in-one ``deployment`` (data dir, port) on this host.
+
+    Not derived from the instance URL: each start gives the local instances new ports, and a worker with
+    a new id is a new consumer, whose predecessor's in-flight item waits out ``--pending-timeout``. With
+    the same id the restarted worker's watch is that consumer's new session, which the queue hands the
+    consumer's pending items at once (``QueueStore.open_session``). Slots are distinct, so two workers of
+    one deployment never share an id (the queue would take one for the other reconnecting).
+    """
+    return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class GiveBack(WorkerError):
@@ -210,12 +231,14 @@ class Worker:
         if request_id in self._reported:
             await self._skip_reported(frame, request_id)
             return
-        # Looked up while the task runs: a hit (a split-deployment worker died between put and commit,
-        # or an item put by hand beside its result) is rare; then the run's result is dropped.
+        # The sink lookup overlaps the graph check and the attempts read, and is answered before the run:
+        # a task whose result is on the sink, or was committed from it (its worker died between the put
+        # and the input's commit), is committed here, never run again.
         reported = asyncio.create_task(self._in_sink(request_id))
         started = time.monotonic()
         prompt_id: str | None = None
         ticket = Ticket(request_id)
+        graph: dict[str, Any] | None = None
         try:
             try:
                 graph = parse_graph(frame.data)  # items put on the queue directly skip the front's checks
@@ -223,11 +246,6 @@ class Worker:
                 status, events = results.from_failure(exc.kind, exc.message)
             else:
                 ticket = await self.ledger.check(request_id)
-                if ticket.exhausted is not None:
-                    status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
-                else:
-                    self.ledger.record(ticket)
-                    status, events, prompt_id = await self._attempt(graph, ticket)
             already = await reported
         finally:
             if not reported.done():
@@ -236,6 +254,11 @@ class Worker:
             await self._skip_reported(frame, request_id)
             await self.ledger.finish(ticket)
             return
+        if graph is not None:
+            if ticket.exhausted is not None:
+                status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
+            else:
+                status, events, prompt_id = await self._attempt(graph, ticket)
         if ticket.exhausted is not None:
             log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
             self.stats.abandoned.inc()
@@ -267,19 +290,22 @@ class Worker:
         await self._commit(frame.index)
 
     async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
-        """One counted run; a run cut off keeps its count, with the reason, for the next worker."""
+        """One run, counted once the instance has accepted the prompt (a submit that never reached it is
+        no run); a run cut off keeps its count, with the reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
             try:
-                return await self._run(graph)
+                return await self._run(graph, on_accepted=lambda _: self.ledger.record(ticket))
             except GiveBack as exc:
                 await self.ledger.give_back(ticket, str(exc))
                 raise
 
-    async def _run(self, graph: dict[str, Any]) -> tuple[str, list[Any], str | None]:
+    async def _run(self, graph: dict[str, Any], *,
+                   on_accepted: Callable[[str], None]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
         prompt_id = str(uuid.uuid4())
-        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id))
+        run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
+                                                  on_accepted=on_accepted))
         watchdog = asyncio.create_task(self._instance_down())
         cut = asyncio.create_task(self._cut.wait())
         try:
@@ -334,7 +360,8 @@ class Worker:
         """Put the result and commit input ``index`` until it succeeds; returns the sink index.
 
         A full sink blocks here with the input uncommitted, so no further input is taken. A put whose
-        outcome is unknown is looked up before it is tried again (``StoreQueueOps``).
+        outcome is unknown is looked up before it is tried again (``StoreQueueOps``) or is tried again
+        under the same idempotency key (``HttpQueueOps``): either way the sink gets one result.
         """
         async def once() -> int:
             nonlocal data, tags

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_secret_option(parser, "--token", help="the queue service's token")
     add_secret_option(parser, "--instance-token", help="the instance's token (default: --token)")
     add_option(parser, "--worker-id", default=None,
-               help="consumer id on the queue (default: derived from --instance-url, stable across restarts)")
+               help="consumer id on the queue; a restarted worker with the same id takes its unfinished task "
+                    "back at once (default: derived from the host name and --instance-url; set it where "
+                    "either changes across restarts, e.g. to a StatefulSet pod name)")
     add_option(parser, "--instance-down-timeout", type=float, default=DEFAULT_INSTANCE_DOWN_S,
                help="seconds the instance may be unreachable mid-task before the task is given back")
     add_option(parser, "--run-timeout", type=float, default=None,

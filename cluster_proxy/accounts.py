@@ -89,10 +89,15 @@ class Accounts:
         self._sessions: dict[str, tuple[float, User | None]] = {}  # digest -> (checked at, user)
 
     @classmethod
-    async def open(cls, data_dir: DataDir, redis_url: str | None = None, *, cache_s: float = SESSION_CACHE_S,
-                   clock: Callable[[], float] = time.monotonic) -> Accounts:
-        backend: Backend = (RedisBackend(redis_url) if redis_url
-                            else SqliteBackend(data_dir.root / ".comfyserve" / "cluster.sqlite"))
+    async def open(cls, data_dir: DataDir | None, redis_url: str | None = None, *,
+                   cache_s: float = SESSION_CACHE_S, clock: Callable[[], float] = time.monotonic) -> Accounts:
+        """Redis when ``redis_url`` is given (``data_dir`` may then be None), else the data dir's SQLite."""
+        if redis_url:
+            backend: Backend = RedisBackend(redis_url)
+        elif data_dir is not None:
+            backend = SqliteBackend(data_dir.root / ".comfyserve" / "cluster.sqlite")
+        else:
+            raise ValueError("accounts need a data dir or a Redis URL")
         return cls(backend, cache_s=cache_s, clock=clock)
 
     async def aclose(self) -> None:

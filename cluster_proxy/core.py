@@ -149,6 +149,8 @@ class ClusterCore:
             if task is None:
                 continue  # another proxy took it
             instance = self.pool.instances.get(task.instance or "")
+            if instance is not None and await self._finish_from_instance_history(task, instance):
+                continue
             if instance is None or instance.state != "up" or instance.task_id is not None:
                 await self._requeue_or_fail(task, "the proxy that ran it went away")
                 continue
@@ -160,6 +162,32 @@ class ClusterCore:
                      orphan.proxy)
             self._track(task.id, self._spawn(self._recover_one(task, instance)))
 
+    async def _finish_from_instance_history(self, task: Task, instance: Instance) -> bool:
+        """Finish an orphan its instance has already run, from the instance's history; False if it has not.
+
+        A proxy frees the instance at the end-of-prompt marker and records the finish after
+        fetching the history, so one that dies in between leaves a task marked running whose
+        outputs may already be in the user's folder, on an instance that may be running the next
+        task by now: running it again would do the work twice. Nothing here touches the instance
+        but its history, so it does not matter what it runs now.
+        """
+        run = self._make_run(task, instance)
+        try:
+            entry = await instance.client.history_entry(run.key)
+        except InstanceError as exc:
+            log.info("cannot ask %s whether task %s finished: %s", instance.url, task.prompt_id, exc)
+            return False
+        if entry is None:
+            return False
+        run.released = True  # whatever the instance runs now is not this task's to free
+        await self.store.release_instance(instance.url, task.id)  # if the dead proxy still held it
+        log.info("task %s of %s had finished on %s: recorded from its history, not run again",
+                 task.prompt_id, task.user, instance.url)
+        history = await run.result(entry)
+        await run.cleanup()
+        await self._finish(task, instance, history, run)
+        return True
+
     async def _recover_one(self, task: Task, instance: Instance) -> None:
         run = self._make_run(task, instance)
         self.runs[task.id] = run
@@ -167,11 +195,9 @@ class ClusterCore:
             # A remote instance is polled: there is no local event to wait on.
             while not await run._finished():  # noqa: SLF001, ASYNC110
                 await asyncio.sleep(0.25)
-            entry = await run._history()  # noqa: SLF001
-            outputs = await asyncio.to_thread(run.collector.collect, entry.get("outputs") or {})
+            history = await run.result(await run._history())  # noqa: SLF001
             await run.cleanup()
-            await self._finish(task, instance, {"outputs": outputs, "status": entry.get("status") or {},
-                                                "meta": entry.get("meta") or {}}, run)
+            await self._finish(task, instance, history, run)
         except InstanceLost as exc:
             await run.cleanup()
             await self._lost(task, instance, str(exc), run)
@@ -196,7 +222,7 @@ class ClusterCore:
         return True
 
     def new_task_id(self) -> str:
-        return uuid.uuid4().hex
+        return str(uuid.uuid4())
 
     async def remaining(self, user: str) -> int:
         return len(await self.store.user_tasks(user, PENDING)) + len(await self.store.user_tasks(user, RUNNING))
@@ -275,8 +301,7 @@ class ClusterCore:
         return task
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
-        key = f"{task.id}-{task.attempts}"
-        collector = OutputCollector(key, self.data_dir, self.workdirs(task.user), self.storage)
+        collector = OutputCollector(task.attempt_key(), self.data_dir, self.workdirs(task.user), self.storage)
         return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
 
     async def _instance_free(self, run: TaskRun) -> None:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from standard.paths import resolve_inside
 
 from .graph import STAGE
 
-_NAME_LOCK = threading.Lock()
+_NAME_LOCK = threading.Lock()  # also guards _LAST_COUNTER
+MAX_REMEMBERED_COUNTERS = 4096
+_LAST_COUNTER: OrderedDict[tuple[str, str, str, int], int] = OrderedDict()  # (folder, stem, rest, width) -> n
 _COUNTER = re.compile(r"^(?P<stem>.*_)(?P<n>\d{5,})(?P<rest>_?\..*)$")
 
 
@@ -120,19 +123,37 @@ def _is_file_item(value: Any) -> bool:
 
 
 def _free_name(folder: Path, filename: str) -> str:
-    """``filename``, or the next free counter (``x_00002_.png``) / suffix (``x (1).bin``)."""
+    """``filename``, or the next free counter (``x_00002_.png``) / suffix (``x (1).bin``).
+
+    The last counter given out per (folder, name pattern) is remembered: a folder that
+    already holds 20,000 ``x_NNNNN_.png`` is listed once per process, not walked name by
+    name for every task (each candidate is still checked on disk: other proxies share it).
+    """
     if not (folder / filename).exists():
         return filename
     match = _COUNTER.match(filename)
     if match:
-        number, width = int(match["n"]), len(match["n"])
+        width = len(match["n"])
+        key = (str(folder), match["stem"], match["rest"], width)
+        known = _LAST_COUNTER.get(key)
+        number = max(int(match["n"]), known if known is not None else _highest(folder, match["stem"], match["rest"]))
         while True:
             number += 1
             candidate = f"{match['stem']}{number:0{width}}{match['rest']}"
             if not (folder / candidate).exists():
+                _LAST_COUNTER[key] = number
+                _LAST_COUNTER.move_to_end(key)
+                while len(_LAST_COUNTER) > MAX_REMEMBERED_COUNTERS:
+                    _LAST_COUNTER.popitem(last=False)
                 return candidate
     stem, ext = os.path.splitext(filename)
     counter = 1
     while (folder / f"{stem} ({counter}){ext}").exists():
         counter += 1
     return f"{stem} ({counter}){ext}"
+
+
+def _highest(folder: Path, stem: str, rest: str) -> int:
+    """The highest counter of ``{stem}NNNNN{rest}`` names in ``folder`` (0: none)."""
+    numbered = re.compile(re.escape(stem) + r"(\d+)" + re.escape(rest) + "$")
+    return max((int(m.group(1)) for name in os.listdir(folder) if (m := numbered.match(name))), default=0)

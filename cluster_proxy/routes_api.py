@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
 from standard.auth import same_origin
-from standard.http_util import json_error, parse_json, read_json_object
+from standard.http_util import event_socket, json_error, parse_json, read_json_object
 from standard.server.context import instance_context
 from standard.server.identity import refuse_foreign_origin
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
+from standard.server.routes_jobs import cancel_ids
 from standard.serving import is_draining
 
 from .graph import GraphRefused, check_graph
@@ -46,7 +48,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     body = parse_prompt_request(await read_json_object(request, kind="invalid_prompt"))
     prompt, targets = body.prompt, body.targets
     task_id = core.new_task_id()
-    prompt_id = body.prompt_id or task_id
+    prompt_id = body.prompt_id or str(uuid.uuid4())  # ComfyUI's: a canonical UUID
     object_info = await request.app[POOL].cached_json("/object_info")
     try:
         outputs, models = await asyncio.to_thread(check_graph, prompt, object_info, core.workdirs(user), targets,
@@ -68,7 +70,7 @@ async def post_prompt(request: web.Request) -> web.Response:
                 return web.json_response({"error": error, "node_errors": node_errors}, status=400)
     seq = await core.store.next_seq()
     extra_data, sensitive = body.queued_extra_data()
-    number = body.number if body.number is not None else float(-seq if body.front else seq)
+    number = body.number if body.number is not None else (-seq if body.front else seq)  # an int, as ComfyUI's
     task = Task(id=task_id, user=user, prompt_id=prompt_id, number=number, seq=seq, prompt=prompt,
                 extra_data=extra_data, outputs_to_execute=outputs, client_id=body.client_id, sensitive=sensitive,
                 models=models)
@@ -131,21 +133,15 @@ async def _cancel(request: web.Request, job_ids: list[str]) -> list[str]:
 
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    cancelled = await _cancel(request, [job_id])
-    if not cancelled:
-        raise json_error(404, "not_found", "Job is not pending or running", job_id)
-    return web.json_response({"cancelled": cancelled})
+    """Idempotent, as ComfyUI's: ``{"cancelled": false}`` for a job that is not the user's pending or running one."""
+    cancelled = await _cancel(request, [request.match_info["job_id"]])
+    return web.json_response({"cancelled": bool(cancelled)})
 
 
 @routes.post("/jobs/cancel")
 async def cancel_jobs(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    job_ids = body.get("job_ids")
-    if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > 100
-            or not all(isinstance(i, str) for i in job_ids)):
-        raise json_error(400, "invalid_request", "job_ids must be a list of 1-100 job ids")
-    return web.json_response({"cancelled": await _cancel(request, job_ids)})
+    job_ids = cancel_ids(await read_json_object(request))
+    return web.json_response({"cancelled": bool(await _cancel(request, job_ids))})
 
 
 @routes.get("/cluster/queue")
@@ -159,8 +155,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     core, user = request.app[CORE], request[USER].name
     if not same_origin(request):  # another site's page must not open the user's socket with their cookie
         raise json_error(403, "forbidden", "cross-origin WebSocket refused")
-    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or core.new_task_id()
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or uuid.uuid4().hex  # ComfyUI's form
+    ws = event_socket()
     await ws.prepare(request)
     core.hub.add(user, sid, ws)
     core.forget_sent(user)

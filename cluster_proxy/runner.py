@@ -1,6 +1,6 @@
 """Running one task on one instance and relaying its events to the owning user.
 
-The instance sees the task under an internal id (``<task id>-<attempt>``), its
+The instance sees the task under an internal id (``Task.attempt_key``, a UUID per attempt), its
 events arriving on the instance's long-lived socket (``pool.InstanceEvents``);
 every event is rewritten to the user's ``prompt_id`` and sent to the user's
 socket of the task's ``client_id``. File
@@ -59,7 +59,7 @@ class TaskRun:
         self.hub = hub
         self.collector = collector
         self.data_dir = data_dir
-        self.key = f"{task.id}-{task.attempts}"
+        self.key = task.attempt_key()
         # The instance's long-lived event socket (pool.InstanceEvents) is the task's client on the instance.
         self.client_id = instance.events.client_id if instance.events is not None else f"cluster-{self.key}"
         self.last_node: str | None = None
@@ -73,8 +73,12 @@ class TaskRun:
     # -- helpers ------------------------------------------------------------------
 
     def _translate(self, data: Any) -> Any:
+        """The instance's ids of the task -> the user's (``progress_state`` repeats it for each node)."""
         if isinstance(data, dict) and data.get("prompt_id") == self.key:
-            return {**data, "prompt_id": self.task.prompt_id}
+            data = {**data, "prompt_id": self.task.prompt_id}
+            nodes = data.get("nodes")
+            if isinstance(nodes, dict):
+                data["nodes"] = {node: self._translate(state) for node, state in nodes.items()}
         return data
 
     async def send(self, event: str, data: Any) -> None:
@@ -120,7 +124,9 @@ class TaskRun:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
             try:
-                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key)
+                # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
+                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
+                                    partial_execution_targets=list(self.task.outputs_to_execute))
             except PromptRejected as exc:
                 return await self._rejected(exc)
             except InstanceUnavailable as exc:
@@ -129,7 +135,10 @@ class TaskRun:
         finally:
             if events.sink is items:
                 events.sink = None
-        entry = await self._history()
+        return await self.result(await self._history())
+
+    async def result(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The task's history from the instance's entry: files in the user's folders, the user's prompt_id."""
         outputs = await asyncio.to_thread(self.collector.collect, entry.get("outputs") or {})
         status = dict(entry.get("status") or {})
         status["messages"] = [[m[0], self._translate(m[1])] if isinstance(m, list) and len(m) == 2 else m

@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from standard.errors import ClusterError
 from standard.private import private_dir, private_file
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
+ATTEMPT_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4b8e-9a57-0d2c5e8f4b31")  # of Task.attempt_key
 
 
 def now_ms() -> int:
@@ -42,7 +44,7 @@ class Task:
     id: str  # internal, unguessable; the instance sees it (plus the attempt) as its prompt_id
     user: str
     prompt_id: str  # the user's own id
-    number: float
+    number: float  # ComfyUI's queue number: an int unless the client sent its own
     seq: int
     prompt: dict[str, Any]
     extra_data: dict[str, Any]
@@ -59,6 +61,11 @@ class Task:
     history: dict[str, Any] | None = None  # {"outputs", "status", "meta"} once done
     notes: list[str] = field(default_factory=list)  # what happened (retries), shown to the user
     proxy: str | None = None  # the proxy following it while it runs
+
+    def attempt_key(self) -> str:
+        """The instance's ``prompt_id`` for this attempt: a UUID (as ComfyUI requires of a client's own id)
+        derived from the task and the attempt, so a proxy that restarts finds the same run again."""
+        return str(uuid.uuid5(ATTEMPT_NAMESPACE, f"{self.id}-{self.attempts}"))
 
     def public(self) -> list[Any]:
         """ComfyUI's queue tuple ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""

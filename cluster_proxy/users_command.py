@@ -1,4 +1,9 @@
-"""``comfyserve users add|remove|list|reset-token|passwd|disable|enable [NAME] --data-dir DIR``.
+"""``comfyserve users add|remove|list|reset-token|passwd|disable|enable [NAME] --data-dir DIR | --redis-url URL``.
+
+Accounts live in the data dir's SQLite, or in Redis with ``--redis-url`` (then
+``--data-dir`` is optional: ``add`` leaves the user's folders to the proxy,
+which makes them on first use; only ``remove`` needs the data dir, to move the
+user's files aside).
 
 ``add`` and ``reset-token`` print the user's new API token alone on their last
 line, so scripts can take it with ``tail -n 1``. The password of ``add`` and
@@ -30,7 +35,8 @@ from .accounts import AccountError, Accounts
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None, help="the cluster's data dir (accounts live in DIR/.comfyserve)")
-    add_option(parser, "--redis-url", default=None, help="keep accounts in Redis instead (shared by several proxies)")
+    add_option(parser, "--redis-url", default=None,
+               help="keep accounts in Redis instead (shared by several proxies; then only remove needs --data-dir)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,17 +77,19 @@ def _password(args: argparse.Namespace) -> str:
     return generated
 
 
-async def _run(args: argparse.Namespace, data_dir: DataDir, password: str | None) -> int:
+async def _run(args: argparse.Namespace, data_dir: DataDir | None, password: str | None) -> int:
     accounts = await Accounts.open(data_dir, args.redis_url)
     try:
         if args.action == "add":
             assert password is not None
             token = await accounts.add(args.name, password, admin=args.admin)
-            (data_dir.users / args.name).mkdir(parents=True, exist_ok=True)
-            data_dir.user_workdirs(args.name).create()
+            if data_dir is not None:
+                (data_dir.users / args.name).mkdir(parents=True, exist_ok=True)
+                data_dir.user_workdirs(args.name).create()
             print(f"user {args.name} added{' (admin)' if args.admin else ''}; API token:")
             print(token)
         elif args.action == "remove":
+            assert data_dir is not None
             account_id = await accounts.remove(args.name)
             if account_id is None:
                 print(f"no user {args.name!r}", file=sys.stderr)
@@ -127,9 +135,10 @@ async def _retire(data_dir: DataDir, redis_url: str | None, name: str, account_i
 
 
 def start(args: argparse.Namespace) -> Coroutine[Any, Any, int] | int:
-    if not args.data_dir:
-        raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)")
-    data_dir = usable_data_dir(args.data_dir)
+    if not args.data_dir and (not args.redis_url or args.action == "remove"):
+        raise ConfigError("--data-dir is required (or COMFYSERVE_DATA_DIR)" if args.action == "remove"
+                          else "--data-dir or --redis-url is required (or COMFYSERVE_DATA_DIR / COMFYSERVE_REDIS_URL)")
+    data_dir = usable_data_dir(args.data_dir) if args.data_dir else None
     try:
         password = _password(args) if args.action in ("add", "passwd") else None
     except AccountError as exc:

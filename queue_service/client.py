@@ -29,7 +29,7 @@ from standard.retry import RECONNECT, RetryPolicy
 
 from .protocol import decode_frame, decode_frame_list
 from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
-from .store import QueueError
+from .store import QueueError, Seen
 
 log = logging.getLogger("comfyserve.queue.client")
 PROTOBUF = "application/vnd.google.protobuf"
@@ -150,6 +150,24 @@ class QueueClient:
             if exc.status == 404:
                 return None
             raise
+
+    async def lookup(self, request_id: str) -> Seen | None:
+        """The item put with ``request_id``: on the queue, or committed recently; None when neither.
+
+        A queue service without ``_lookup_`` (the platform's) answers it as a get by requestId: then only
+        an item still on the queue is found.
+        """
+        try:
+            response = await self._request("GET", {"_lookup_": "true", "requestId": request_id})
+        except QueueClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            frames = decode_frame_list(response.content)
+            return Seen(frames[0][0], committed=False) if frames else None
+        found = response.json()
+        return Seen(int(found["index"]), committed=bool(found["committed"]))
 
     async def commit(self, indexes: int | Iterable[int]) -> None:
         await self._request("PUT", {"_indexes_": _indexes(indexes)})

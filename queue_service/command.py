@@ -26,6 +26,7 @@ from .settings import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_PENDING_TIMEOUT_S,
     DEFAULT_PORT,
+    DEFAULT_REDIS_CALL_TIMEOUT_S,
     QueueSettings,
 )
 
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data-dir", default=None, help="data dir; the SQLite store is DIR/queue/queue.sqlite3")
     add_option(parser, "--store", default=None, metavar="sqlite:PATH", help="SQLite store file (instead of --data-dir)")
     add_option(parser, "--redis-url", default=None, help="use Redis (redis://host:port/db) as the store")
+    add_redis_call_timeout_option(parser)
     add_listen_arguments(parser, default_port=DEFAULT_PORT, aliases=("--host",),
                          token_help="require 'Authorization: <token>' on every call")
     add_option(parser, "--max-length", type=int, default=DEFAULT_MAX_LENGTH,
@@ -44,6 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="largest item body in bytes (bigger ones get 413)")
     add_option(parser, "--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
                help="seconds an item stays with a watcher that vanished before others get it")
+
+
+def add_redis_call_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """``--redis-call-timeout``: shared by ``comfyserve queue`` and the all-in-one ``comfyserve api``."""
+    add_option(parser, "--redis-call-timeout", type=float, default=DEFAULT_REDIS_CALL_TIMEOUT_S,
+               help="seconds a Redis call may take before the call is answered 503 (a put answered so may "
+                    "still land: retry it with the same Idempotency-Key)")
+
+
+def redis_call_timeout_of(args: argparse.Namespace) -> float:
+    if args.redis_call_timeout <= 0:
+        raise ConfigError("--redis-call-timeout must be positive (seconds)")
+    return float(args.redis_call_timeout)
 
 
 def settings_from_args(args: argparse.Namespace) -> QueueSettings:
@@ -69,6 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> QueueSettings:
     return QueueSettings(
         host=listen.host, port=listen.port, token=listen.token, shutdown_timeout_s=listen.shutdown_timeout_s,
         sqlite_path=None if args.redis_url else sqlite_path, redis_url=args.redis_url or None,
+        redis_call_timeout_s=redis_call_timeout_of(args),
         max_length=args.max_length, max_payload_bytes=args.max_payload,
         pending_timeout_s=args.pending_timeout, access=listen.access,
     )

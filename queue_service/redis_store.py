@@ -13,6 +13,8 @@ Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
     sess   HASH      consumer -> live session id
     rid    HASH      index -> requestId;  byrid HASH requestId -> index
     dk:<key>         "<index> LF <requestId>" of a ``put_once`` key, expiring after its TTL
+    done   ZSET      requestIds of removed items, score = when they are forgotten (ms; ``lookup``)
+    doneidx HASH     requestId -> the removed item's index
 
 A claim that finds nothing sets ``waiting``; the next change (put, removal,
 release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
@@ -36,7 +38,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from .settings import DEFAULT_REDIS_CALL_TIMEOUT_S
 from .store import (
+    COMMITTED_MAX,
+    COMMITTED_TTL_S,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
     Item,
@@ -47,6 +52,7 @@ from .store import (
     PutRequest,
     QueueFull,
     QueueStats,
+    Seen,
     StoreUnavailable,
     Superseded,
 )
@@ -54,7 +60,7 @@ from .store import (
 log = logging.getLogger("comfyserve.queue.redis")
 T = TypeVar("T")
 CHANNEL = "cqs:changes"
-CALL_TIMEOUT_S = 5.0  # the longest a Redis call may take before the service answers 503
+CALL_TIMEOUT_S = DEFAULT_REDIS_CALL_TIMEOUT_S
 LISTENER_STOP_S = 2.0  # how long close() waits for the change listener to stop
 _UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError,
                 OSError)
@@ -134,12 +140,35 @@ local function has_tags(body, wanted)
   end
   return true
 end
+-- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first).
+local NOW_MS = nil  -- the server's clock, read once per script
+local function remember(P, rid, i)
+  if DONE_TTL_MS <= 0 or DONE_MAX <= 0 then return end
+  if NOW_MS == nil then
+    local t = redis.call('TIME')
+    NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local now = NOW_MS
+  local D = P..'done'
+  redis.call('ZADD', D, now + DONE_TTL_MS, rid)
+  redis.call('HSET', P..'doneidx', rid, i)
+  local gone = redis.call('ZRANGEBYSCORE', D, '-inf', now, 'LIMIT', 0, 64)
+  local over = redis.call('ZCARD', D) - #gone - DONE_MAX
+  if over > 0 then
+    for _, r in ipairs(redis.call('ZRANGE', D, #gone, #gone + over - 1)) do gone[#gone + 1] = r end
+  end
+  if #gone > 0 then
+    redis.call('ZREM', D, unpack(gone))
+    redis.call('HDEL', P..'doneidx', unpack(gone))
+  end
+end
 local function drop(P, i)
   if redis.call('HDEL', P..'body', i) == 0 then return 0 end
   local rid = redis.call('HGET', P..'rid', i)
   if rid then
     redis.call('HDEL', P..'rid', i)
     if redis.call('HGET', P..'byrid', rid) == i then redis.call('HDEL', P..'byrid', rid) end
+    remember(P, rid, i)
   end
   redis.call('ZREM', P..'all', i)
   redis.call('ZREM', P..'ready', i)
@@ -342,9 +371,12 @@ def _items(flat: list[Any]) -> list[Item]:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, url: str, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, url: str, *, call_timeout_s: float = CALL_TIMEOUT_S, committed_ttl_s: float = COMMITTED_TTL_S,
+                 committed_max: int = COMMITTED_MAX) -> None:
         self.url = url
         self.call_timeout_s = call_timeout_s
+        self.committed_ttl_s = committed_ttl_s
+        self.committed_max = committed_max
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
         self._subscriber: aioredis.Redis | None = None
@@ -383,9 +415,16 @@ class RedisStore:
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
                              ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
-            self._scripts[name] = self._redis.register_script(source)
+            self._scripts[name] = self._redis.register_script(self._header() + source)
         await self._call(self._redis.ping)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
+
+    def _header(self) -> str:
+        """The settings every script sees. Scripts that read TIME and then write need effects replication
+        (always on from Redis 7; asked for explicitly on 5 and 6)."""
+        return (f"local DONE_TTL_MS, DONE_MAX = {max(0, int(self.committed_ttl_s * 1000))}, "
+                f"{max(0, self.committed_max)}\n"
+                "if redis.replicate_commands then redis.replicate_commands() end\n")
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -467,6 +506,18 @@ class RedisStore:
             return [Item(int(i), b) for i, b in zip(ids, bodies, strict=True) if b is not None]
 
         return await self._call(run)
+
+    async def lookup(self, queue: str, request_id: str) -> Seen | None:
+        assert self._redis is not None
+        p = self._redis.pipeline(transaction=True)
+        p.hget(_prefix(queue) + "byrid", request_id)
+        p.zscore(_prefix(queue) + "done", request_id).hget(_prefix(queue) + "doneidx", request_id)
+        live, forget_at_ms, done = await self._call(p.execute)
+        if live is not None:
+            return Seen(int(live), committed=False)
+        if done is not None and forget_at_ms is not None and forget_at_ms > time.time() * 1000:
+            return Seen(int(done), committed=True)
+        return None
 
     async def stats(self, queue: str) -> QueueStats:
         assert self._redis is not None

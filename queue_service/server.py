@@ -1,7 +1,8 @@
 """The queue service's HTTP front: ``/api/predict/{queue}`` as the platform's SDK calls it.
 
 One route, dispatched on method and reserved query parameters, as the platform's queue service does:
-``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_count_`` / ``_watch_`` (WebSocket);
+``POST`` put; ``GET`` get / ``_attrs_`` / ``_search_`` / ``_count_`` / ``_watch_`` (WebSocket) / ``_lookup_``
+(ours: where the item with a requestId is, or whether it was committed recently);
 ``PUT ?_indexes_`` commit; ``DELETE ?_indexes_`` delete / ``?_trunc_&_index_`` truncate.
 Refusals are small JSON bodies: the SDK retries every non-2xx six times at once.
 """
@@ -186,6 +187,20 @@ async def search(request: web.Request, queue: str) -> web.StreamResponse:
     return web.json_response({"IsPending": position.pending, "WaitCount": position.waiting})
 
 
+async def lookup(request: web.Request, queue: str) -> web.StreamResponse:
+    """``GET ?_lookup_=true&requestId=R``: ``{"index", "committed"}`` for the item put with R, still on the
+    queue or removed within the store's memory of removals; 404 when neither. A producer that got an unsure
+    answer (a 503 whose put may have landed) asks this before it puts again."""
+    store = request.app[STORE_KEY]
+    request_id = params.header_safe(REQUEST_ID_TAG, request.query.get(REQUEST_ID_TAG, ""))
+    await _require_queue(store, queue)
+    seen = await store.lookup(queue, request_id)
+    if seen is None:
+        raise json_error(404, "not_found", f"requestId {request_id} is neither on queue {queue!r} "
+                                           "nor among its recent removals")
+    return web.json_response({"requestId": request_id, "index": seen.index, "committed": seen.committed})
+
+
 # -- commit, delete, truncate ---------------------------------------------------------
 
 
@@ -226,6 +241,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return await attributes(request, queue)
             if params.flag(query, "_search_"):
                 return await search(request, queue)
+            if params.flag(query, "_lookup_"):
+                return await lookup(request, queue)
             if params.flag(query, "_count_"):
                 return web.Response(text=str((await request.app[STORE_KEY].stats(queue)).length))
             return await get(request, queue)
@@ -250,7 +267,7 @@ def make_store(settings: QueueSettings) -> QueueStore:
     if settings.redis_url:
         from .redis_store import RedisStore
 
-        return RedisStore(settings.redis_url)
+        return RedisStore(settings.redis_url, call_timeout_s=settings.redis_call_timeout_s)
     from .sqlite_store import SQLiteStore
 
     if settings.sqlite_path is None:

@@ -11,6 +11,7 @@ DEFAULT_PORT = 9000
 DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_LENGTH = 100_000
 DEFAULT_PENDING_TIMEOUT_S = 30.0
+DEFAULT_REDIS_CALL_TIMEOUT_S = 5.0  # the longest a Redis call may take before the service answers 503
 MAX_GET_LENGTH = 1000
 MAX_WINDOW = 1000
 MAX_GET_TIMEOUT_S = 60.0
@@ -32,6 +33,7 @@ class QueueSettings:
     token: str | None = None
     sqlite_path: Path | None = None
     redis_url: str | None = None
+    redis_call_timeout_s: float = DEFAULT_REDIS_CALL_TIMEOUT_S
     max_length: int = DEFAULT_MAX_LENGTH
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S

@@ -26,6 +26,8 @@ from typing import BinaryIO, TypeVar
 from standard.private import private_file
 
 from .store import (
+    COMMITTED_MAX,
+    COMMITTED_TTL_S,
     FULL,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
@@ -38,6 +40,7 @@ from .store import (
     QueueError,
     QueueFull,
     QueueStats,
+    Seen,
     Superseded,
 )
 
@@ -75,14 +78,26 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expires ON dedup (expires);
+CREATE TABLE IF NOT EXISTS committed (
+    queue TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (queue, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS committed_expires ON committed (queue, expires);
 """
 
 
 class SQLiteStore:
     backend = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, committed_ttl_s: float = COMMITTED_TTL_S,
+                 committed_max: int = COMMITTED_MAX) -> None:
         self.path = path
+        self.committed_ttl_s = committed_ttl_s
+        self.committed_max = committed_max
+        self._committed_counts: dict[str, int] = {}  # rows of ``committed`` per queue, counted once then kept
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
@@ -280,6 +295,19 @@ class SQLiteStore:
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         return await self._run(self._get, queue, start_index, length, request_id)
 
+    def _lookup(self, queue: str, request_id: str) -> Seen | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT idx FROM items WHERE queue = ? AND request_id = ? ORDER BY idx DESC LIMIT 1",
+                               (queue, request_id)).fetchone()
+        if row is not None:
+            return Seen(row[0], committed=False)
+        row = self._db.execute("SELECT idx FROM committed WHERE queue = ? AND request_id = ? AND expires > ?",
+                               (queue, request_id, time.time())).fetchone()
+        return None if row is None else Seen(row[0], committed=True)
+
+    async def lookup(self, queue: str, request_id: str) -> Seen | None:
+        return await self._run(self._lookup, queue, request_id)
+
     def _stats(self, queue: str) -> QueueStats:
         assert self._db is not None
         row = self._db.execute("SELECT last_index, length FROM queues WHERE name = ?", (queue,)).fetchone()
@@ -317,11 +345,34 @@ class SQLiteStore:
 
     # -- removal --------------------------------------------------------------
 
+    def _remember(self, db: sqlite3.Connection, queue: str, condition: str, args: tuple[object, ...]) -> None:
+        """Inside the removal's transaction: remember the requestIds of the items about to go (``lookup``),
+        forget the expired ones and the oldest beyond ``committed_max``."""
+        if self.committed_ttl_s <= 0 or self.committed_max <= 0:
+            return
+        now = time.time()
+        added = db.execute("INSERT OR REPLACE INTO committed (queue, request_id, idx, expires) "
+                           f"SELECT queue, request_id, idx, ? FROM items WHERE queue = ? AND {condition}",
+                           (now + self.committed_ttl_s, queue, *args)).rowcount
+        expired = db.execute("DELETE FROM committed WHERE queue = ? AND expires <= ?", (queue, now)).rowcount
+        count = self._committed_counts.get(queue)
+        if count is None:
+            count = db.execute("SELECT COUNT(*) FROM committed WHERE queue = ?", (queue,)).fetchone()[0]
+        else:
+            count += added - expired  # a replaced row counts as added: the count errs high, trims a little early
+        if count > self.committed_max:
+            db.execute("DELETE FROM committed WHERE queue = ? AND request_id IN "
+                       "(SELECT request_id FROM committed WHERE queue = ? ORDER BY expires LIMIT ?)",
+                       (queue, queue, count - self.committed_max))
+            count = self.committed_max
+        self._committed_counts[queue] = count
+
     def _delete_where(self, db: sqlite3.Connection, queue: str, indexes: list[int]) -> int:
         removed = 0
         for start in range(0, len(indexes), _CHUNK):
             chunk = indexes[start:start + _CHUNK]
             marks = ",".join("?" * len(chunk))
+            self._remember(db, queue, f"idx IN ({marks})", tuple(chunk))
             removed += db.execute(f"DELETE FROM items WHERE queue = ? AND idx IN ({marks})",
                                   (queue, *chunk)).rowcount
         if removed:
@@ -339,6 +390,7 @@ class SQLiteStore:
 
     def _truncate(self, queue: str, below: int) -> int:
         with self._transaction() as db:
+            self._remember(db, queue, "idx < ?", (below,))
             removed = db.execute("DELETE FROM items WHERE queue = ? AND idx < ?", (queue, below)).rowcount
             if removed:
                 db.execute("UPDATE queues SET length = length - ? WHERE name = ?", (removed, queue))

@@ -31,6 +31,11 @@ REQUEST_ID_TAG = "requestId"
 # How long a put's dedup key is remembered (``put_once``): a client retrying within this time gets the
 # first put's answer, whether or not that item was consumed since.
 IDEMPOTENCY_TTL_S = 24 * 3600.0
+# How long, and how many per queue, the requestIds of removed (committed, deleted) items are remembered
+# (``lookup``): a worker handed an input again after its result was put and taken off the sink (it died
+# between the put and the input's commit) finds the result was reported and commits, instead of re-running.
+COMMITTED_TTL_S = 24 * 3600.0
+COMMITTED_MAX = 100_000
 
 
 class QueueError(ComfyServeError):
@@ -81,6 +86,15 @@ class PutOnce:
 
 
 @dataclass(frozen=True, slots=True)
+class Seen:
+    """Where the item put with a requestId is: on the queue (``committed=False``), or removed within
+    ``COMMITTED_TTL_S`` (``committed=True``, among the queue's last ``COMMITTED_MAX`` removals)."""
+
+    index: int
+    committed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     length: int
     first_index: int  # 0 when empty
@@ -118,8 +132,12 @@ class QueueStore(Protocol):
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         """Up to ``length`` items with index >= start_index, in index order (claimed or not)."""
 
+    async def lookup(self, queue: str, request_id: str) -> Seen | None:
+        """The newest item with this requestId on the queue, else its removal if still remembered, else None."""
+
     async def remove(self, queue: str, indexes: list[int]) -> int:
-        """Commit/delete: drop these items for good; returns how many existed."""
+        """Commit/delete: drop these items for good; returns how many existed. Every removal (here, in
+        ``put_and_remove``, ``truncate`` and auto-commit claims) remembers the item's requestId (``lookup``)."""
 
     async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
                              remove_queue: str, indexes: list[int]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -51,6 +52,41 @@ def build_parser(roles: dict[str, Role] | None = None) -> argparse.ArgumentParse
     return parser
 
 
+def with_passthrough(argv: Sequence[str], roles: dict[str, Role]) -> list[str]:
+    """Another program's flags as users type them, for a role with a ``passthrough`` flag.
+
+    argparse refuses ``--comfyui-args --cpu`` (a value that looks like a flag) and
+    has no place for ``comfyserve standard ... -- --cpu --preview-method auto``. Here every
+    value of the flag (``FLAG VALUE`` or ``FLAG=VALUE``) and the words after a bare
+    ``--`` (shell-quoted again) become one ``FLAG=...``, in the order typed.
+    """
+    argv = list(argv)
+    at = next((i for i, word in enumerate(argv) if word in roles), None)
+    flag = roles[argv[at]].passthrough if at is not None else None
+    if at is None or flag is None:
+        return argv
+    head, tail = argv, []
+    if "--" in argv[at:]:
+        cut = argv.index("--", at)
+        head, tail = argv[:cut], argv[cut + 1:]
+    kept, values = head[:at + 1], []
+    words = iter(head[at + 1:])
+    for word in words:
+        if word == flag:
+            value = next(words, None)
+            if value is None:
+                kept.append(word)  # argparse says what is missing
+            else:
+                values.append(value)
+        elif word.startswith(flag + "="):
+            values.append(word[len(flag) + 1:])
+        else:
+            kept.append(word)
+    if tail:
+        values.append(shlex.join(tail))
+    return kept + ([f"{flag}={' '.join(values)}"] if values else [])
+
+
 def use_event_loop(choice: str) -> str:
     """Make ``asyncio.run`` (which every role calls) build the chosen loop; returns the one in use."""
     if choice == "asyncio":
@@ -66,7 +102,8 @@ def use_event_loop(choice: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    roles = registered_roles()
+    args = build_parser(roles).parse_args(with_passthrough(sys.argv[1:] if argv is None else argv, roles))
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -23,7 +23,7 @@ import json
 import logging
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -139,9 +139,14 @@ class InstanceClient:
 
     async def submit(self, graph: dict[str, Any], client_id: str | None = None,
                      extra_data: dict[str, Any] | None = None, front: bool = False,
-                     prompt_id: str | None = None, number: float | None = None) -> str:
-        """Queue ``graph`` (API format); returns its prompt_id. 400 -> ``PromptRejected``."""
+                     prompt_id: str | None = None, number: float | None = None,
+                     partial_execution_targets: list[str] | None = None) -> str:
+        """Queue ``graph`` (API format); returns its prompt_id. 400 -> ``PromptRejected``.
+
+        ``partial_execution_targets``: run only these output nodes (and what they need)."""
         body: dict[str, Any] = {"prompt": graph}
+        if partial_execution_targets is not None:
+            body["partial_execution_targets"] = partial_execution_targets
         if client_id is not None:
             body["client_id"] = client_id
         if extra_data is not None:
@@ -344,11 +349,13 @@ class InstanceClient:
 
     async def run(self, graph: dict[str, Any], *, client_id: str | None = None,
                   extra_data: dict[str, Any] | None = None, front: bool = False,
-                  prompt_id: str | None = None, timeout_s: float | None = None) -> RunResult:
+                  prompt_id: str | None = None, timeout_s: float | None = None,
+                  on_accepted: Callable[[str], None] | None = None) -> RunResult:
         """Submit ``graph`` and follow it to its end; ``InstanceError`` on timeout.
 
         Returns even when the prompt failed or was interrupted (see ``status``);
-        raises ``PromptRejected`` when validation refuses it.
+        raises ``PromptRejected`` when validation refuses it. ``on_accepted(prompt_id)`` is called once
+        the instance has queued the prompt (a caller counting runs counts only those that reached it).
         """
         timeout_s = timeout_s if timeout_s is not None else self.timeouts.run_s
         client_id = client_id or uuid.uuid4().hex
@@ -356,7 +363,7 @@ class InstanceClient:
         pump = asyncio.create_task(self._pump(client_id, items), name="comfyserve-client-events")
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._follow(graph, client_id, extra_data, front, prompt_id, items)
+                return await self._follow(graph, client_id, extra_data, front, prompt_id, items, on_accepted)
         except TimeoutError:
             raise InstanceError(f"prompt did not finish within {timeout_s}s") from None
         finally:
@@ -372,11 +379,13 @@ class InstanceClient:
             items.put_nowait(exc)
 
     async def _follow(self, graph: dict[str, Any], client_id: str, extra_data: dict[str, Any] | None,
-                      front: bool, prompt_id: str | None,
-                      items: asyncio.Queue[WsItem | BaseException]) -> RunResult:
+                      front: bool, prompt_id: str | None, items: asyncio.Queue[WsItem | BaseException],
+                      on_accepted: Callable[[str], None] | None = None) -> RunResult:
         socket_up = await self._wait_connected(items)
         prompt_id = await self.submit(graph, client_id=client_id, extra_data=extra_data,
                                       front=front, prompt_id=prompt_id)
+        if on_accepted is not None:
+            on_accepted(prompt_id)
         events: list[dict[str, Any]] = []
         executed: list[dict[str, Any]] = []
         status: str | None = None

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--comfyui-python", default=sys.executable,
                help="python interpreter for --comfyui-dir")
     add_option(parser, "--comfyui-args", default="",
-               help="extra arguments for ComfyUI's main.py (one shell-quoted string)")
+               help="extra arguments for ComfyUI's main.py: one shell-quoted string ('--comfyui-args --cpu', "
+                    "'--comfyui-args \"--cpu --preview-method auto\"'); the words after a bare '--' are added too")
     add_option(parser, "--backend-url", default=None,
                help="front a ComfyUI (or comfyserve) instance running at this URL instead of the embedded engine")
     add_storage_arguments(parser.add_argument_group("object storage (OSS)"))
@@ -69,7 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
         max_upload_size_mb=args.max_upload_size,
         comfyui_dir=Path(args.comfyui_dir).expanduser().resolve() if args.comfyui_dir else None,
         comfyui_python=args.comfyui_python,
-        comfyui_args=tuple(shlex.split(args.comfyui_args or "")),
+        comfyui_args=comfyui_args(args),
         backend_url=args.backend_url,
         history_max_items=args.history_max_items,
         shutdown_timeout_s=listen.shutdown_timeout_s,
@@ -78,6 +79,18 @@ def settings_from_args(args: argparse.Namespace) -> StandardSettings:
     )
     settings.check()
     return settings
+
+
+def comfyui_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--comfyui-args`` split as a shell would; refused without ``--comfyui-dir`` (nothing would take them)."""
+    try:
+        words = tuple(shlex.split(args.comfyui_args or ""))
+    except ValueError as exc:
+        raise ConfigError(f"--comfyui-args {args.comfyui_args!r}: {exc}") from None
+    if words and not args.comfyui_dir:
+        raise ConfigError(f"ComfyUI arguments ({shlex.join(words)}) need --comfyui-dir: "
+                          "the embedded engine and --backend-url take none")
+    return words
 
 
 def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
@@ -118,4 +131,5 @@ async def serve(settings: StandardSettings) -> int:
                                      shutdown_timeout_s=settings.shutdown_timeout_s)
 
 
-ROLE = Role("standard", "one ComfyUI-protocol instance on a data dir", add_arguments, start)
+ROLE = Role("standard", "one ComfyUI-protocol instance on a data dir", add_arguments, start,
+            passthrough="--comfyui-args")

@@ -114,13 +114,17 @@ class Role:
 
     ``start`` checks the parsed arguments (raising ConfigError) and returns
     what runs the role: a coroutine for :func:`run_role` to run, or, for a
-    role with nothing to wait on, its exit code.
+    role with nothing to wait on, its exit code. ``passthrough`` names the flag
+    (one shell-quoted string) that carries another program's arguments: it
+    also takes a value that starts with ``-`` and everything after a bare ``--``
+    (see :func:`standard.cli.with_passthrough`).
     """
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     start: Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int]
+    passthrough: str | None = None
 
 
 def refuse(role: str, message: str) -> int:

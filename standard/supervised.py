@@ -24,6 +24,11 @@ loopback port). What they share:
   ``standard.serving`` run first, the children stop in cleanup).
 - **Output**: relayed line by line to a logger (with a tail kept for
   errors and status), appended to a file, or inherited.
+- **Said plainly**: the exact command line of each start is logged
+  (shell-quoted: it can be pasted to try it by hand), and a child that exits
+  before it ever answered is reported as an exit *at start*, with its code
+  and its last lines of output (``start_failure``, for status pages and
+  errors), not only as a probe that found nobody.
 
 A port picked for a child may be taken by someone else before the child binds
 it; :class:`StandardChild` therefore never picks the parent's own port, and a
@@ -41,6 +46,7 @@ import ctypes
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -57,6 +63,7 @@ log = logging.getLogger("comfyserve.supervised")
 
 INSTANCE_ID_ENV = "COMFYSERVE_INSTANCE_ID"  # set for a child by its supervisor; echoed by its /healthz
 PR_SET_PDEATHSIG = 1
+RELAY_FLUSH_S = 1.0  # after an exit, how long the last lines of output may take to arrive
 Probe = Callable[[], Awaitable[tuple[bool, str]]]  # (ready, what it saw), asked while the child lives
 
 
@@ -131,6 +138,8 @@ class SupervisedProcess:
         self.crashes = 0
         self.last_exit: int | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        # Why the last start failed before the child answered (code and last output line); None once it answers.
+        self.start_failure: str | None = None
         self.ready = False
         self._ready_changed = asyncio.Condition()
         self._restart_requested = False
@@ -200,6 +209,7 @@ class SupervisedProcess:
                 became_ready = await self._wait_until_ready(proc)
                 ready_at = loop.time()
                 if became_ready:
+                    self.start_failure = None
                     await self._set_ready(True)
                     self.log.info("%s ready (pid %d)", self.name, proc.pid)
                 await proc.wait()
@@ -214,8 +224,8 @@ class SupervisedProcess:
                 self.crashes += 1
                 if became_ready and loop.time() - ready_at >= self.stable_after_s:
                     failures = 0
-                last = f"; last output:\n{chr(10).join(self.tail)}" if self.tail else ""
-                self.log.error("%s (pid %d) exited with %s%s", self.name, proc.pid, proc.returncode, last)
+                await self._output_flushed()
+                self._report_exit(proc, became_ready)
             failures += 1
             delay = self.restart_policy.delay_s(failures)
             self.log.info("starting %s again in %.1f s", self.name, delay)
@@ -223,9 +233,30 @@ class SupervisedProcess:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()  # a restart() or stop() cuts the backoff short
 
+    def _report_exit(self, proc: asyncio.subprocess.Process, became_ready: bool) -> None:
+        """Log an unplanned exit; one before the child ever answered is a failure *at start*."""
+        last = f"; its last output:\n{chr(10).join(self.tail)}" if self.tail else "; it printed nothing"
+        if became_ready:
+            self.log.error("%s (pid %d) exited with code %s%s", self.name, proc.pid, proc.returncode, last)
+            return
+        last_line = next((line for line in reversed(self.tail) if line.strip()), "")
+        self.start_failure = (f"{self.name} exited at start with code {proc.returncode}"
+                              + (f": {last_line.strip()}" if last_line else " and printed nothing"))
+        self.log.error("%s (pid %d) exited at start with code %s, before it answered%s",
+                       self.name, proc.pid, proc.returncode, last)
+
+    async def _output_flushed(self) -> None:
+        """Let the relay read the dead child's last lines (a grandchild holding the pipe open does not hold us)."""
+        relay = self._relay_task
+        if relay is not None and not relay.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELAY_FLUSH_S):
+                    await asyncio.shield(relay)
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         argv = list(self.argv())
-        self.log.info("starting %s: %s", self.name, " ".join(argv))
+        self.tail.clear()  # the tail tells of this start only
+        self.log.info("starting %s: %s", self.name, shlex.join(argv))
         env = child_environment(self.secret_env, third_party=self.third_party)
         env.update(self.env)
         sink: IO[bytes] | None = None

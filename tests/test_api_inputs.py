@@ -70,3 +70,16 @@ async def test_an_idempotency_key_makes_a_retry_answer_the_first_put(api: ApiFac
     too_long = await idempotent_submit(queue_side, "k" * 257)
     assert too_long.status_code == 400
     assert await queue_length(queue_side) == 4
+
+
+async def test_with_dedupe_task_id_a_repeated_task_id_answers_the_first_task(api: ApiFactory) -> None:
+    queue_side = await api(dedupe_task_id=True)
+    remote_front = await api(queue_url=queue_side.url, sqlite_path=None, dedupe_task_id=True)
+    for live in (queue_side, remote_front):
+        first, again = [await live.submit(tiny_graph(), task_id=f"same-{live.port}") for _ in range(2)]
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert again.text == first.text
+        assert again.headers["X-Eas-Queueservice-Request-Id"] == first.headers["X-Eas-Queueservice-Request-Id"]
+    assert await queue_length(queue_side) == 2
+    keyed = await idempotent_submit(queue_side, "same-" + str(queue_side.port), task_id="other")
+    assert keyed.text == "1"  # the header wins, and it names the same key as the first task_id

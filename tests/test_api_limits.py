@@ -18,6 +18,8 @@ from api_edition.webhook import WebhookPolicy, WebhookRefused
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from standard.server.app import create_embedded_app
+from standard.settings import StandardSettings
 from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, submit, wait_running
 from support.metrics import scrape, value
 from support.processes import wait_for_port
@@ -291,3 +293,30 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
                  "--webhook-allow", "ftp://x/"]) == 2
     err = capsys.readouterr().err
     assert "--max-attempts must be >= 0" in err and "--webhook-allow" in err
+
+
+async def test_a_submit_that_never_reached_its_instance_is_not_an_attempt(api: ApiFactory, aiohttp_server: Any,
+                                                                          data_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """--max-attempts 1: the instance died while its worker waited for input, so the worker's submit of the
+    next task never reached it. That is not a run: once the instance is back the task runs and succeeds
+    (it used to count, and the task came back as too_many_attempts without a single real run)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
+    live = await api(instance_urls=(url,), max_attempts=1)
+    async with live.input() as queue:
+        async def watching() -> bool:
+            return (await queue.attributes())["consumers.status.total"] == "1"
+
+        await until(watching, what="the worker watching the input queue")
+    await first.close()  # dead before the task arrives; the idle worker does not notice
+    assert (await live.submit(tiny_graph("late"), task_id="late")).status_code == 200
+    await until(lambda: any("giving task late back" in r.getMessage() for r in caplog.records),
+                what="the worker failing to submit to its dead instance")
+    await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
+    async with live.sink() as sink:
+        [frame] = await read_results(sink, 1)
+        assert await no_more(sink) == []
+    assert frame.tags["task_id"] == "late" and frame.tags["status"] == "success", frame.data
+    assert await queue_length(live.endpoint, f"{SERVICE}/attempts") == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -115,3 +117,61 @@ def test_bad_runtime_flags_exit_2(tmp_path: Path, cli_env: dict[str, str]) -> No
         result = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, (expected, result.stderr)
         assert expected in result.stderr
+
+
+def test_comfyuis_flags_as_users_type_them_and_the_exact_command_line_in_the_log(tmp_path: Path,
+                                                                                 cli_env: dict[str, str]) -> None:
+    """``--comfyui-args --cpu`` (a value that looks like a flag), a quoted string, and the words after ``--``."""
+    port, record = free_port(), tmp_path / "starts.jsonl"
+    proc = start([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+                  "--token", "Secret-T0ken", "--comfyui-dir", str(SHIM_DIR), "--comfyui-args", "--cpu",
+                  "--comfyui-args", "--preview-method auto", "--", "--front-end-version", "Comfy Org/x@latest"],
+                 {**cli_env, "COMFYUI_SHIM_RECORD": str(record)}, tmp_path / "server.log")
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        wait_ready(f"http://127.0.0.1:{port}", {"Authorization": "Secret-T0ken"})
+    finally:
+        assert stop(proc) == 0
+    extra = ["--cpu", "--preview-method", "auto", "--front-end-version", "Comfy Org/x@latest"]
+    [started] = [json.loads(line) for line in record.read_text().splitlines()]
+    assert started["argv"][-len(extra):] == extra
+    log = (tmp_path / "server.log").read_text()
+    [line] = [line for line in log.splitlines() if "starting ComfyUI: " in line]
+    python, main, *argv = shlex.split(line.split("starting ComfyUI: ", 1)[1])  # exact, pasteable
+    assert main == str(SHIM_DIR / "main.py") and argv == started["argv"]
+    assert "Secret-T0ken" not in log
+
+
+def test_comfyui_exiting_at_start_is_said_with_its_last_output(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    proc = start([str(VENV_BIN / "comfyserve"), "standard", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+                  "--comfyui-dir", str(SHIM_DIR), "--", "--shim-fail", "Torch not compiled with CUDA enabled"],
+                 cli_env, tmp_path / "server.log")
+    try:
+        wait_for_port(port, START_TIMEOUT_S, proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "exited at start" not in (ready := httpx.get(f"{base}/readyz")).text:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.05)
+        assert ready.status_code == 503
+        error = ready.json()["error"]
+        assert "ComfyUI exited at start with code 3: shim: Torch not compiled with CUDA enabled" in error
+        answer = httpx.get(f"{base}/object_info", timeout=60)
+        assert answer.status_code == 503
+        assert "exited at start with code 3: shim: Torch not compiled" in answer.json()["error"]["details"]
+    finally:
+        assert stop(proc) == 0
+    log = (tmp_path / "server.log").read_text()
+    said = log.split("exited at start with code 3, before it answered; its last output:", 1)
+    assert len(said) == 2, log
+    assert "shim: loading" in said[1] and "shim: Torch not compiled with CUDA enabled" in said[1]
+
+
+def test_comfyui_arguments_without_comfyui_dir_are_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    base = [str(VENV_BIN / "comfyserve"), "standard", "--data-dir", str(tmp_path / "d"), "--port", str(free_port())]
+    for args in ([*base, "--", "--cpu"], [*base, "--comfyui-args", "--cpu"], [*base, "--comfyui-args", "'--cpu"]):
+        result = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("comfyserve standard: "), result.stderr  # ours, not argparse's usage
+        assert "need --comfyui-dir" in result.stderr or "No closing quotation" in result.stderr, result.stderr

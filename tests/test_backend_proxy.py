@@ -118,6 +118,16 @@ async def test_readyz_follows_the_backend_and_dead_backends_get_502(backend, fro
             assert resp.status == 200
 
 
+async def test_websocket_declines_permessage_deflate(front) -> None:
+    """Offered deflate (as browsers do), the front's /ws answers plain frames: no zlib state per socket."""
+    server = await front(token=TOKEN)
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url(server, "/ws?clientId=plain"), headers={"Authorization": TOKEN},
+                                   compress=15) as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "status"
+            assert ws.compress == 0
+
+
 async def test_websocket_relays_text_and_binary_both_ways(backend, front) -> None:
     server = await front(token=TOKEN)
     prompt_server = backend.app[keys.PROMPT_SERVER]

@@ -70,7 +70,7 @@ async def test_child_gets_the_data_dir_as_comfyuis_flags(child_front, record: Pa
     client, child = await child_front(data_dir=root, extra_args=("--cpu", "--preview-method", "auto"))
     early = await client.get("/readyz")
     assert early.status == 503
-    assert (await early.json())["error"] == "starting"
+    assert (await early.json())["error"] == "ComfyUI is starting"
     proxied = await client.get("/queue")  # waits for the child instead of failing
     assert proxied.status == 200
     status = await wait_ready(client)

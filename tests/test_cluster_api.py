@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from support.cluster import Cluster, files_under, graph, png_bytes
-from support.server import events_until, is_done, next_json
+from support.server import events_until, is_done, next_json, prompt_uuid
 from support.wait import until
 
 
@@ -29,6 +30,15 @@ async def test_two_users_run_prompts_and_see_only_their_own(start_cluster) -> No
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+async def test_event_socket_declines_permessage_deflate(start_cluster) -> None:
+    """Offered deflate (as browsers do), /ws answers plain frames: closed sockets keep no zlib state alive."""
+    cluster: Cluster = await start_cluster(instances=1)
+    ws = await cluster.http("alice").ws_connect("/ws?clientId=tab", compress=15)
+    assert (await next_json(ws))["type"] == "status"
+    assert ws.compress == 0
+    await ws.close()
+
+
 async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
@@ -36,39 +46,69 @@ async def test_events_reach_only_the_owner_with_the_users_own_ids(start_cluster)
     ws_b = await http_b.ws_connect("/ws?clientId=tab-b")
     assert (await next_json(ws_a))["data"]["sid"] == "tab-a"
     assert (await next_json(ws_b))["data"]["sid"] == "tab-b"
+    own_id = prompt_uuid("my-own-id")
     response = await http_a.post("/prompt", json={"prompt": graph("e", color=3), "client_id": "tab-a",
-                                                  "prompt_id": "my-own-id"})
+                                                  "prompt_id": own_id})
     assert response.status == 200
-    assert (await response.json())["prompt_id"] == "my-own-id"
-    events = await events_until(ws_a, is_done("my-own-id"))
+    assert (await response.json())["prompt_id"] == own_id
+    events = await events_until(ws_a, is_done(own_id))
     kinds = [e["type"] for e in events]
     assert {"execution_start", "executing", "executed", "execution_success"} <= set(kinds)
     executed = next(e for e in events if e["type"] == "executed")
     assert executed["data"]["output"]["images"][0]["subfolder"] == ""
+    assert "progress_state" in kinds
     for event in events:
         assert "cluster-" not in str(event) and ".cluster/" not in str(event)
         if isinstance(event["data"], dict) and "prompt_id" in event["data"]:
-            assert event["data"]["prompt_id"] == "my-own-id"
+            assert event["data"]["prompt_id"] == own_id
+        if event["type"] == "progress_state":  # each node's state names the prompt too
+            assert {n["prompt_id"] for n in event["data"]["nodes"].values()} == {own_id}
     # Bob saw nothing of it but his own status.
     # Bob's socket is ordered: anything of alice's sent to him would come before his own prompt's events.
+    bobs_marker = prompt_uuid("bobs-marker")
     response = await http_b.post("/prompt", json={"prompt": graph("b", color=4), "client_id": "tab-b",
-                                                  "prompt_id": "bobs-marker"})
+                                                  "prompt_id": bobs_marker})
     assert response.status == 200
-    for event in await events_until(ws_b, is_done("bobs-marker")):
-        assert "my-own-id" not in str(event)
+    for event in await events_until(ws_b, is_done(bobs_marker)):
+        assert own_id not in str(event)
         if isinstance(event["data"], dict) and "prompt_id" in event["data"]:
-            assert event["data"]["prompt_id"] == "bobs-marker"
+            assert event["data"]["prompt_id"] == bobs_marker
+
+
+async def test_prompt_answers_a_canonical_uuid_and_an_integer_number_as_comfyui(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    first = await (await http.post("/prompt", json={"prompt": graph("n1", color=1)})).json()
+    second = await (await http.post("/prompt", json={"prompt": graph("n2", color=2), "front": True})).json()
+    for body in (first, second):
+        assert str(uuid.UUID(body["prompt_id"])) == body["prompt_id"]  # hyphenated, lowercase
+        assert type(body["number"]) is int
+    assert second["number"] == -(first["number"] + 1)
+    refused = await http.post("/prompt", json={"prompt": graph("n3", color=3), "prompt_id": "my-own-id"})
+    assert refused.status == 400 and (await refused.json())["error"]["type"] == "invalid_prompt_id"
+
+
+async def test_partial_execution_targets_run_only_those_outputs(start_cluster) -> None:
+    cluster: Cluster = await start_cluster(instances=1)
+    two_outputs = {**graph("wanted", color=5),
+                   "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "skipped"}}}
+    response = await cluster.http("alice").post("/prompt", json={"prompt": two_outputs,
+                                                                 "partial_execution_targets": ["3"]})
+    assert response.status == 200
+    prompt_id = (await response.json())["prompt_id"]
+    await until(lambda: _has_history(cluster.user("alice"), prompt_id))
+    assert files_under(cluster.user_dir("alice") / "output") == ["wanted_00001_.png"]
 
 
 async def test_the_same_prompt_id_for_two_users_is_two_tasks(start_cluster) -> None:
     cluster: Cluster = await start_cluster(instances=1)
     for name, color in (("alice", 10), ("bob", 20)):
         response = await cluster.http(name).post("/prompt", json={"prompt": graph("s", color=color),
-                                                                  "prompt_id": "same"})
+                                                                  "prompt_id": prompt_uuid("same")})
         assert response.status == 200
     alice, bob = cluster.user("alice"), cluster.user("bob")
-    await until(lambda: _has_history(alice, "same"))
-    await until(lambda: _has_history(bob, "same"))
+    await until(lambda: _has_history(alice, prompt_uuid("same")))
+    await until(lambda: _has_history(bob, prompt_uuid("same")))
     assert files_under(cluster.user_dir("alice") / "output") == ["s_00001_.png"]
     assert files_under(cluster.user_dir("bob") / "output") == ["s_00001_.png"]
 

@@ -144,3 +144,28 @@ def _state(pid: int) -> bytes:
     except OSError:
         return b"zombie"
     return b"zombie" if b"State:\tZ" in status else b"alive"
+
+
+async def test_users_live_in_redis_without_a_data_dir(start_cluster, cli_env, redis_url, tmp_path) -> None:
+    """``users add NAME --redis-url URL`` alone: a proxy on that Redis takes the token and makes the folders."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    async def users(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec("comfyserve", "users", *args, "--redis-url", redis_url,
+                                                    env=cli_env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = await users("add", "cleo", "--password", "long enough pw")
+    assert code == 0, err
+    token = out.strip().splitlines()[-1]
+    assert list(cwd.iterdir()) == []  # no data dir made in the working directory
+    assert (await users("list"))[1].split() == ["cleo"]
+    code, _, err = await users("remove", "cleo")  # it moves the user's files: that needs the data dir
+    assert code == 2 and "--data-dir" in err
+    cluster = await start_cluster(instances=1, users=(), redis_url=redis_url)
+    async with InstanceClient(cluster.url, token) as client:
+        assert (await client.run(graph("cleo"), timeout_s=30)).ok
+    assert [p.name for p in (cluster.user_dir("cleo") / "output").iterdir()] == ["cleo_00001_.png"]

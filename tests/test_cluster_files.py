@@ -270,3 +270,25 @@ async def test_instances_are_not_reachable_through_the_proxy(start_cluster) -> N
     async with aiohttp.ClientSession() as direct:
         response = await direct.get(instance_url, headers={"Authorization": f"Bearer {cluster.tokens['alice']}"})
         assert response.status == 401
+
+
+async def test_outputs_continue_after_the_highest_counter_in_a_full_folder(start_cluster) -> None:
+    """The user's folder already holds many ``x_NNNNN_.png``: each task's image lands past the highest
+    (remembered, not walked name by name per task), and a name another proxy took is left alone."""
+    cluster: Cluster = await start_cluster(instances=1, users=("alice",))
+    output = cluster.user_dir("alice") / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    for number in (1, *range(3, 501)):  # a gap at 2: the counter goes on after the highest, as ComfyUI's does
+        (output / f"full_{number:05}_.png").write_bytes(b"older")
+    alice = cluster.user("alice")
+
+    async def one(color: int) -> str:
+        result = await alice.run(graph("full", color=color), timeout_s=30)
+        assert result.ok
+        return (await alice.history_entry(result.prompt_id))["outputs"]["3"]["images"][0]["filename"]
+
+    assert [await one(1), await one(2)] == ["full_00501_.png", "full_00502_.png"]
+    (output / "full_00503_.png").write_bytes(b"another proxy's")
+    assert await one(3) == "full_00504_.png"
+    assert (output / "full_00503_.png").read_bytes() == b"another proxy's"
+    assert not (output / "full_00002_.png").exists()

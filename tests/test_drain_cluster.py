@@ -18,6 +18,7 @@ from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import VENV_BIN, wait_for_port
+from support.server import prompt_uuid
 from support.wait import until
 
 PASSWORD = "long enough pw"
@@ -110,9 +111,10 @@ async def test_running_task_finishes_queued_task_waits_in_the_store(proxies: Pro
     token = proxies.add_user("ann")
     proxy = proxies.start("proxy1", "--shutdown-timeout", "45")
     async with InstanceClient(proxies.url, token) as ann:
-        await ann.submit(drain_gate_graph("g1", "first"), prompt_id="first")
+        await ann.submit(drain_gate_graph("g1", "first"), prompt_id=prompt_uuid("first"))
         await until(lambda: runs_of(proxies.data_dir, "g1") == 1, what="the first task starting")
-        await ann.submit(drain_gate_graph("g2", "second"), prompt_id="second")  # one instance: it waits
+        # one instance: the second waits
+        await ann.submit(drain_gate_graph("g2", "second"), prompt_id=prompt_uuid("second"))
 
         proxy.send_signal(signal.SIGTERM)
         async with httpx.AsyncClient(base_url=proxies.url, headers={"Authorization": token},
@@ -133,9 +135,9 @@ async def test_running_task_finishes_queued_task_waits_in_the_store(proxies: Pro
     open_gate(proxies.data_dir, "g2")
     proxies.start("proxy2")
     async with InstanceClient(proxies.url, token) as ann:
-        assert (await finished(ann, "second"))["status"]["status_str"] == "success"
-        assert (await ann.history_entry("first"))["status"]["status_str"] == "success"
-        assert await ann.history_entry("late") is None
+        assert (await finished(ann, prompt_uuid("second")))["status"]["status_str"] == "success"
+        assert (await ann.history_entry(prompt_uuid("first")))["status"]["status_str"] == "success"
+        assert await ann.history_entry(prompt_uuid("late")) is None
     assert runs_of(proxies.data_dir, "g1") == 1 and runs_of(proxies.data_dir, "g2") == 1
 
 
@@ -143,7 +145,7 @@ async def test_past_the_timeout_the_running_task_is_handed_back_and_runs_once_mo
     token = proxies.add_user("ann")
     proxy = proxies.start("proxy1", "--shutdown-timeout", "1")
     async with InstanceClient(proxies.url, token) as ann:
-        await ann.submit(drain_gate_graph("g", "cut"), prompt_id="cut")
+        await ann.submit(drain_gate_graph("g", "cut"), prompt_id=prompt_uuid("cut"))
         await until(lambda: runs_of(proxies.data_dir, "g") == 1, what="the task starting")
         started = time.monotonic()
         proxy.send_signal(signal.SIGTERM)
@@ -155,9 +157,9 @@ async def test_past_the_timeout_the_running_task_is_handed_back_and_runs_once_mo
     open_gate(proxies.data_dir, "g")
     proxies.start("proxy2")
     async with InstanceClient(proxies.url, token) as ann:
-        entry = await finished(ann, "cut")
+        entry = await finished(ann, prompt_uuid("cut"))
         assert entry["status"]["status_str"] == "success"
-        assert list(await ann.history()) == ["cut"]
+        assert list(await ann.history()) == [prompt_uuid("cut")]
     assert runs_of(proxies.data_dir, "g") == 2
     assert outputs(proxies, "ann", "cut") == ["cut_00001_.png"]
 
@@ -170,7 +172,7 @@ async def test_a_handed_back_task_is_not_a_lost_attempt(proxies: Proxies) -> Non
     fast_loss = ("--health-interval", "0.2", "--instance-lost-after", "1")
     proxy = proxies.start("proxy1", *urls, *fast_loss, "--shutdown-timeout", "0")
     async with InstanceClient(proxies.url, token) as ann:
-        await ann.submit(drain_gate_graph("g", "tough"), prompt_id="tough")
+        await ann.submit(drain_gate_graph("g", "tough"), prompt_id=prompt_uuid("tough"))
         await until(lambda: runs_of(proxies.data_dir, "g") == 1, what="the task starting")
     proxy.send_signal(signal.SIGTERM)
     assert await exited(proxy) == 0, proxies.log("proxy1")
@@ -192,7 +194,7 @@ async def test_a_handed_back_task_is_not_a_lost_attempt(proxies: Proxies) -> Non
     await until(lambda: runs_of(proxies.data_dir, "g") == 3, what="the task retried on the other instance")
     open_gate(proxies.data_dir, "g")
     async with InstanceClient(proxies.url, token) as ann:
-        entry = await finished(ann, "tough")
+        entry = await finished(ann, prompt_uuid("tough"))
     assert entry["status"]["status_str"] == "success", entry
     assert entry["cluster"]["attempts"] == 3
     assert outputs(proxies, "ann", "tough") == ["tough_00001_.png"]

@@ -18,7 +18,7 @@ from support.cluster import graph as sleep_graph
 from support.cluster import write_sleep_plugin
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import SHIM_DIR, VENV_BIN, wait_for_port
-from support.server import gated_graph, install_gate_plugin, open_gate
+from support.server import gated_graph, install_gate_plugin, open_gate, prompt_uuid
 from support.wait import until
 
 START_TIMEOUT_S = 30.0
@@ -63,9 +63,9 @@ async def test_sigterm_refuses_new_prompts_and_finishes_the_accepted_ones(tmp_pa
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
             for prompt_id, gate in (("running", "g1"), ("queued", "g2")):
                 resp = await http.post("/prompt", json={"prompt": gated_graph(gate, prompt_id), "client_id": "c",
-                                                        "prompt_id": prompt_id})
+                                                        "prompt_id": prompt_uuid(prompt_id)})
                 assert resp.status_code == 200, resp.text
-            await next_event(ws, "executing", "running", node="2")
+            await next_event(ws, "executing", prompt_uuid("running"), node="2")
 
             proc.send_signal(signal.SIGTERM)
             ready = await wait_status(http, "/readyz", 503)
@@ -75,14 +75,14 @@ async def test_sigterm_refuses_new_prompts_and_finishes_the_accepted_ones(tmp_pa
             assert refused.json()["error"]["type"] == "server_draining"
 
             open_gate(data, "g1")
-            await next_event(ws, "execution_success", "running")
-            entry = (await http.get("/history/running")).json()["running"]
+            await next_event(ws, "execution_success", prompt_uuid("running"))
+            entry = (await http.get(f"/history/{prompt_uuid('running')}")).json()[prompt_uuid("running")]
             assert entry["status"]["status_str"] == "success"
             assert (data / "output" / "running_00001_.png").is_file()
             assert proc.poll() is None  # the queued prompt was accepted: it runs too
 
             open_gate(data, "g2")
-            await next_event(ws, "execution_success", "queued")
+            await next_event(ws, "execution_success", prompt_uuid("queued"))
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         if proc.poll() is None:
@@ -105,12 +105,12 @@ async def test_past_the_timeout_the_running_prompt_is_interrupted_and_exit_is_0(
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
             for prompt_id in ("long", "never-started"):
                 resp = await http.post("/prompt", json={"prompt": sleep_graph(prompt_id, seconds=600),
-                                                        "client_id": "c", "prompt_id": prompt_id})
+                                                        "client_id": "c", "prompt_id": prompt_uuid(prompt_id)})
                 assert resp.status_code == 200, resp.text
-            await next_event(ws, "executing", "long", node="2")
+            await next_event(ws, "executing", prompt_uuid("long"), node="2")
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await next_event(ws, "execution_interrupted", "long")
+            await next_event(ws, "execution_interrupted", prompt_uuid("long"))
         assert await asyncio.to_thread(proc.wait, 20) == 0
         assert time.monotonic() - started < 15
     finally:
@@ -118,7 +118,7 @@ async def test_past_the_timeout_the_running_prompt_is_interrupted_and_exit_is_0(
             proc.kill()
             proc.wait()
     text = log.read_text()
-    assert "not run: never-started" in text, text
+    assert f"not run: {prompt_uuid('never-started')}" in text, text
     assert not list((data / "output").glob("*.png"))
 
 
@@ -147,7 +147,8 @@ async def test_real_comfyui_front_drains_its_child(tmp_path: Path, cli_env) -> N
         await asyncio.to_thread(wait_for_port, port, START_TIMEOUT_S, proc)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth, trust_env=False) as http:
             await wait_status(http, "/readyz", 200)
-            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g", "kept"), "prompt_id": "kept"})
+            resp = await http.post("/prompt", json={"prompt": drain_gate_graph("g", "kept"),
+                                                    "prompt_id": prompt_uuid("kept")})
             assert resp.status_code == 200, resp.text
             await until(lambda: runs_of(data, "g") == 1, what="the prompt starting in the child")
 
@@ -182,7 +183,7 @@ async def test_real_comfyui_child_is_interrupted_past_the_timeout(tmp_path: Path
             await wait_status(http, "/readyz", 200)
             for prompt_id, gate in (("cut", "g"), ("dropped", "g2")):
                 resp = await http.post("/prompt", json={"prompt": drain_gate_graph(gate, prompt_id),
-                                                        "prompt_id": prompt_id})
+                                                        "prompt_id": prompt_uuid(prompt_id)})
                 assert resp.status_code == 200, resp.text
             await until(lambda: runs_of(data, "g") == 1, what="the prompt starting in the child")
         started = time.monotonic()
@@ -193,6 +194,6 @@ async def test_real_comfyui_child_is_interrupted_past_the_timeout(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "not run: dropped" in log.read_text()
+    assert f"not run: {prompt_uuid('dropped')}" in log.read_text()
     assert not list((data / "output").glob("*.png"))
     assert runs_of(data, "g2") == 0

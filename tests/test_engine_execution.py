@@ -46,7 +46,7 @@ async def test_progress_events_and_binary_previews_reach_only_the_client(instanc
     graph = {"1": empty(), "2": {"class_type": "TestProgress", "inputs": {"image": ["1", 0], "steps": 3}},
              "9": save("2")}
     prompt_id = await submit(client, graph, client_id="me")
-    progress, previews = [], []
+    progress, previews, states = [], [], []
     while True:
         msg = await mine.receive(timeout=20)
         if msg.type == WSMsgType.BINARY:
@@ -56,9 +56,17 @@ async def test_progress_events_and_binary_previews_reach_only_the_client(instanc
         event = msg.json()
         if event["type"] == "progress":
             progress.append(event["data"])
+        if event["type"] == "progress_state" and "2" in event["data"]["nodes"]:
+            node = event["data"]["nodes"]["2"]
+            states.append((node["state"], node["value"], node["max"]))
         if is_done(prompt_id)(event):
             break
     assert [p["value"] for p in progress] == [1, 2, 3]
+    # the per-node bar of the new frontend: started, each step (sent before its ``progress``), finished
+    # (node 2 stays in the later events, finished, while node 9 runs)
+    assert states[:5] == [("running", 0, 1), ("running", 1, 3), ("running", 2, 3), ("running", 3, 3),
+                          ("finished", 3, 3)]
+    assert set(states[5:]) == {("finished", 3, 3)}
     assert all(p["max"] == 3 and p["node"] == "2" and p["prompt_id"] == prompt_id for p in progress)
     assert previews and all(p == (1, 2, b"\x89PNG") for p in previews)  # preview image, PNG
     # the other socket got status broadcasts only

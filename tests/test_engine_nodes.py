@@ -53,6 +53,40 @@ async def test_empty_image_color_batch_and_save_names(instance, data_dir: Path) 
         assert '"EmptyImage"' in png.text["prompt"]
 
 
+async def test_save_counter_is_remembered_and_never_takes_another_writers_name(instance, data_dir: Path) -> None:
+    """The next counter is kept per (folder, prefix): listed once, again only when a name turns out taken."""
+    import sys
+
+    folder = data_dir / "output" / "keep"
+    listings: list[str] = []
+    watching = True
+
+    def audit(event: str, args: tuple[Any, ...]) -> None:
+        if watching and event == "os.listdir" and Path(str(args[0] or ".")).resolve() == folder.resolve():
+            listings.append(event)
+
+    sys.addaudithook(audit)  # cannot be removed: it goes quiet when the test ends
+    try:
+        client = await instance()
+
+        async def save_one(color: int) -> str:
+            entry = await run(client, {"1": empty(color=color), "9": save("1", "keep/pic")})
+            return entry["outputs"]["9"]["images"][0]["filename"]
+
+        assert [await save_one(1), await save_one(2)] == ["pic_00001_.png", "pic_00002_.png"]
+        (folder / "pic_00002_.png").unlink()  # a name once handed out is not reused for another image
+        assert await save_one(3) == "pic_00003_.png"
+        (folder / "pic_00004_.png").write_bytes(b"another instance's image")  # the next name, taken behind us
+        (folder / "pic_00007_.png").write_bytes(b"another instance's later image")
+        assert await save_one(4) == "pic_00008_.png"  # listed again: past everything on disk
+        assert await save_one(5) == "pic_00009_.png"
+        assert (folder / "pic_00004_.png").read_bytes() == b"another instance's image"
+        assert (folder / "pic_00007_.png").read_bytes() == b"another instance's later image"
+        assert len(listings) == 2  # the first save and the one that met a taken name; not one per save
+    finally:
+        watching = False
+
+
 async def test_save_prefix_outside_output_fails_the_node(instance, data_dir: Path) -> None:
     client = await instance()
     resp = await client.post("/prompt", json={"prompt": {"1": empty(), "9": save("1", "../escape")}})

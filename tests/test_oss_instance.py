@@ -108,6 +108,22 @@ async def test_outputs_go_to_the_bucket_with_signed_urls(oss_instance, oss) -> N
     assert view.status == 200 and await view.read() == stored
 
 
+async def test_a_save_never_reuses_a_name_already_uploaded(oss_instance, oss, tmp_path: Path) -> None:
+    """The local copy of an output may go (disk trimmed); its name is not handed out again to overwrite the key."""
+    client = await oss_instance()
+    names = []
+    for color in (1, 2):
+        resp = await client.post("/prompt", json={"prompt": tiny_graph(prefix="keep/pic", color=color)})
+        entry = await wait_history(client, (await resp.json())["prompt_id"])
+        image = entry["outputs"]["2"]["images"][0]
+        names.append(image["filename"])
+        local = storage_settings(oss, tmp_path).local_root / "output" / "keep" / image["filename"]
+        local.unlink()
+    assert names == ["pic_00001_.png", "pic_00002_.png"]
+    first, second = (oss.server.get(BUCKET, f"data/output/keep/{name}") for name in names)
+    assert first is not None and second is not None and first != second
+
+
 async def test_view_redirects_to_the_bucket_when_not_on_local_disk(oss_instance, oss) -> None:
     oss.server.put(BUCKET, "data/output/old/elsewhere.png", png_bytes())
     client = await oss_instance()

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from queue_service.client import DataFrame, QueueFullError
+from queue_service.redis_store import RedisStore
 from queue_service.server import STORE_KEY, WATCHERS_KEY
+from queue_service.sqlite_store import SQLiteStore
+from queue_service.store import QueueStore, Seen
 from support.queue import PENDING_TIMEOUT_S, TOKEN, LiveQueue, record_long_polls, requires_sdk, start_sdk
 from support.wait import until
 
@@ -461,3 +466,61 @@ async def test_a_request_id_that_cannot_be_a_header_is_refused_before_the_put(li
                                    headers={"Authorization": TOKEN, "Idempotency-Key": "k" * 257})
         assert response.status_code == 400
     assert await live_queue.client().get(length=5) == []
+
+
+# -- remembered removals (QueueStore.lookup) ------------------------------------------------------
+
+
+async def test_lookup_finds_an_item_on_the_queue_and_after_it_was_committed(live_queue: LiveQueue) -> None:
+    queue = live_queue.client()
+    assert await queue.lookup("r1") is None  # no queue yet
+    for n in range(1, 6):
+        await queue.put(f"item {n}", {"requestId": f"r{n}"})
+    assert await queue.lookup("r1") == Seen(1, committed=False)
+    await queue.commit([1])
+    await queue.delete([2])
+    await queue.get(3, 1, auto_delete=True)
+    await queue.truncate(5)  # drops 4
+    for n in range(1, 5):
+        assert await queue.lookup(f"r{n}") == Seen(n, committed=True)
+    assert await queue.lookup("r5") == Seen(5, committed=False)
+    async with queue.watch(window=1, auto_commit=True) as frames:
+        [frame] = await next_frames(frames, 1)
+    assert frame.index == 5 and await queue.lookup("r5") == Seen(5, committed=True)
+    assert await queue.lookup("never") is None
+    async with httpx.AsyncClient(base_url=f"http://{live_queue.endpoint}") as http:
+        response = await http.get("/api/predict/svc/sink", params={"_lookup_": "true"},
+                                  headers={"Authorization": TOKEN})
+        assert response.status_code == 400 and "requestId" in response.json()["error"]["message"]
+
+
+async def test_remembered_removals_are_bounded_in_number_and_time(store_kind: str, request: pytest.FixtureRequest,
+                                                                  tmp_path: Path) -> None:
+    def open_store(**bounds: Any) -> QueueStore:
+        if store_kind == "redis":
+            return RedisStore(request.getfixturevalue("redis_url"), **bounds)
+        return SQLiteStore(tmp_path / "queue.sqlite3", **bounds)
+
+    store = open_store(committed_max=3)
+    await store.open()
+    try:
+        indexes = [await store.put("q", b"x", f"r{n}", 0, 0) for n in range(5)]
+        for index in indexes:
+            await store.remove("q", [index])
+        assert [await store.lookup("q", f"r{n}") for n in range(5)] == [
+            None, None, Seen(3, True), Seen(4, True), Seen(5, True)]  # the oldest two are forgotten
+    finally:
+        await store.close()
+    store = open_store(committed_ttl_s=0.2, committed_max=100)
+    await store.open()
+    try:
+        index = await store.put("t", b"x", "soon-gone", 0, 0)
+        await store.remove("t", [index])
+        assert await store.lookup("t", "soon-gone") == Seen(index, True)
+        await until(lambda: _forgotten(store, "t", "soon-gone"), timeout_s=10, what="the TTL forgets it")
+    finally:
+        await store.close()
+
+
+async def _forgotten(store: QueueStore, queue: str, request_id: str) -> bool:
+    return await store.lookup(queue, request_id) is None

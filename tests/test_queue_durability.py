@@ -138,7 +138,7 @@ def test_cli_help_lists_every_flag_with_its_environment_variable(cli_env: dict[s
                          timeout=30)
     assert out.returncode == 0
     for flag in ("--data-dir", "--store", "--redis-url", "--listen", "--no-auth", "--port", "--token",
-                 "--max-length", "--max-payload", "--pending-timeout"):
+                 "--max-length", "--max-payload", "--pending-timeout", "--redis-call-timeout"):
         assert flag in out.stdout
         assert "COMFYSERVE_" + flag[2:].replace("-", "_").upper() in out.stdout
 
@@ -158,6 +158,9 @@ def test_cli_refuses_a_missing_or_bad_store(cli_env: dict[str, str]) -> None:
     out = subprocess.run(service_command("--store", "mysql:x"), capture_output=True, text=True, env=cli_env,
                          timeout=30)
     assert out.returncode == 2 and "sqlite:PATH" in out.stderr
+    out = subprocess.run(service_command("--redis-url", "redis://127.0.0.1:1/0", "--redis-call-timeout", "0"),
+                         capture_output=True, text=True, env=cli_env, timeout=30)
+    assert out.returncode == 2 and "--redis-call-timeout must be positive" in out.stderr
 
 
 def test_a_second_process_on_the_same_sqlite_store_is_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -8,10 +8,13 @@ import signal
 import httpx
 import pytest
 import websockets
+from aiohttp import web
 
 from queue_service.client import QueueClient, QueueClientError
+from queue_service.protocol import encode_body, encode_frame, encode_frame_list
 from queue_service.redis_store import RedisStore
 from queue_service.server import create_app
+from queue_service.store import Seen
 from support.processes import RedisServer
 from support.queue import (
     PENDING_TIMEOUT_S,
@@ -259,3 +262,19 @@ async def test_a_hung_redis_gets_503_within_the_call_timeout_and_the_service_rec
             await server.close()  # shutting down does not hang either
     finally:
         redis.stop()
+
+
+async def test_lookup_against_a_queue_service_without_it_falls_back_to_a_get(aiohttp_server) -> None:
+    """The platform's queue service answers the unknown ``_lookup_`` as a get by requestId (a frame list)."""
+    async def platform(request: web.Request) -> web.Response:
+        frames = []
+        if request.query.get("requestId") == "there":
+            frames = [encode_frame(7, encode_body({"requestId": "there"}, b"result"))]
+        return web.Response(body=encode_frame_list(frames), content_type="application/vnd.google.protobuf")
+
+    app = web.Application()
+    app.router.add_get("/api/predict/{name:.+}", platform)
+    server = await aiohttp_server(app)
+    async with QueueClient(f"127.0.0.1:{server.port}", "svc/sink") as sink:
+        assert await sink.lookup("there") == Seen(7, committed=False)
+        assert await sink.lookup("elsewhere") is None

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
+from support.server import (
+    events_until,
+    gated_graph,
+    install_gate_plugin,
+    is_done,
+    next_json,
+    open_gate,
+    prompt_uuid,
+    tiny_graph,
+)
 
 
 async def test_empty_job_list_shape(instance) -> None:
@@ -25,11 +34,18 @@ async def test_bad_job_query_is_400(instance, query: str) -> None:
     assert "error" in await resp.json()
 
 
-async def test_cancel_needs_a_list_of_ids(instance) -> None:
+async def test_cancel_is_idempotent_and_needs_a_list_of_uuids(instance) -> None:
+    """As current ComfyUI: an unknown or finished job is ``cancelled: false`` (the frontend shows any
+    non-2xx as an error); a batch with an id that is not a canonical UUID is refused whole."""
     client = await instance()
-    assert (await client.post("/jobs/cancel", json={"job_ids": []})).status == 400
+    assert await (await client.post("/jobs/cancel", json={"job_ids": []})).json() == {"cancelled": False}
     assert (await client.post("/jobs/cancel", json={"job_ids": "x"})).status == 400
-    assert (await client.post("/jobs/nothing/cancel")).status == 404
+    refused = await client.post("/jobs/cancel", json={"job_ids": [prompt_uuid("a"), "nothing", 5]})
+    assert refused.status == 400 and (await refused.json())["invalid_ids"] == ["nothing", "5"]
+    unknown = await client.post("/jobs/nothing/cancel")
+    assert unknown.status == 200 and await unknown.json() == {"cancelled": False}
+    assert await (await client.post("/jobs/cancel", json={"job_ids": [prompt_uuid("a")]})).json() == {
+        "cancelled": False}
 
 
 async def test_jobs_follow_a_prompt_from_pending_to_completed_and_cancel(instance, data_dir: Path) -> None:
@@ -49,9 +65,11 @@ async def test_jobs_follow_a_prompt_from_pending_to_completed_and_cancel(instanc
     assert page["pagination"]["total"] == 3
     detail = await (await client.get(f"/jobs/{waiting['prompt_id']}")).json()
     assert detail["status"] == "pending" and isinstance(detail["create_time"], int)
+    assert detail["workflow"]["prompt"] == tiny_graph("jw")
 
     cancelled = await client.post(f"/jobs/{dropped['prompt_id']}/cancel")
-    assert await cancelled.json() == {"cancelled": [dropped["prompt_id"]]}
+    assert await cancelled.json() == {"cancelled": True}
+    assert await (await client.post(f"/jobs/{dropped['prompt_id']}/cancel")).json() == {"cancelled": False}
     open_gate(data_dir, "g-j")
     await events_until(ws, is_done(waiting["prompt_id"]))
 
@@ -70,7 +88,7 @@ async def test_jobs_follow_a_prompt_from_pending_to_completed_and_cancel(instanc
     again = await (await client.post("/prompt", json={"prompt": gated_graph("g-j2", "j2"), "client_id": "j"})).json()
     await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
     resp = await client.post("/jobs/cancel", json={"job_ids": [again["prompt_id"]]})
-    assert await resp.json() == {"cancelled": [again["prompt_id"]]}
+    assert await resp.json() == {"cancelled": True}
     open_gate(data_dir, "g-j2")
     await events_until(ws, is_done(again["prompt_id"]))
     cancelled_page = await (await client.get("/jobs?status=cancelled")).json()

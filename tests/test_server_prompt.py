@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,25 @@ async def test_prompt_runs_end_to_end_with_events_history_and_file(instance, dat
 async def test_prompt_id_and_number_from_the_request_are_kept(instance) -> None:
     client = await instance()
     ws = await _connect(client, "c2")
-    body = await _submit(client, tiny_graph("mine"), client_id="c2", prompt_id="my-id-1", number=7)
-    assert body["prompt_id"] == "my-id-1" and body["number"] == 7.0
-    await events_until(ws, is_done("my-id-1"))
+    own_id = str(uuid.uuid4())
+    body = await _submit(client, tiny_graph("mine"), client_id="c2", prompt_id=own_id, number=7)
+    assert body["prompt_id"] == own_id and body["number"] == 7.0
+    await events_until(ws, is_done(own_id))
     await ws.close()
+
+
+@pytest.mark.parametrize("prompt_id", [
+    "my-id-1", "", 5, ["x"], "B1D4F1E2-4C2B-4E8A-9F1C-2D3E4F5A6B7C", "b1d4f1e24c2b4e8a9f1c2d3e4f5a6b7c",
+    "{b1d4f1e2-4c2b-4e8a-9f1c-2d3e4f5a6b7c}", "urn:uuid:b1d4f1e2-4c2b-4e8a-9f1c-2d3e4f5a6b7c",
+])
+async def test_a_clients_prompt_id_must_be_a_canonical_uuid(instance, prompt_id: object) -> None:
+    """As ComfyUI's ``validate_job_id``: any other spelling is refused, not rewritten."""
+    client = await instance()
+    resp = await client.post("/prompt", json={"prompt": tiny_graph(), "prompt_id": prompt_id})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["type"] == "invalid_prompt_id" and body["node_errors"] == {}
+    assert await (await client.get("/queue")).json() == {"queue_running": [], "queue_pending": []}
 
 
 @pytest.mark.parametrize(
@@ -78,7 +94,7 @@ async def test_prompt_id_and_number_from_the_request_are_kept(instance) -> None:
         (b'{"prompt": "text"}', "invalid_prompt"),
         (b'{"prompt": {}, "extra_data": 5}', "invalid_prompt"),
         (b'{"prompt": {}, "number": "first"}', "invalid_prompt"),
-        (b'{"prompt": {}, "prompt_id": ""}', "invalid_prompt"),
+        (b'{"prompt": {}, "prompt_id": ""}', "invalid_prompt_id"),
     ],
 )
 async def test_malformed_requests_get_comfyui_error_shape(instance, payload: bytes, kind: str) -> None:
@@ -246,11 +262,12 @@ async def test_duplicate_prompt_id_while_queued_is_refused(instance, data_dir: P
     install_gate_plugin(data_dir)
     client = await instance()
     ws = await _connect(client, "d")
-    await _submit(client, gated_graph("g-d", "d"), client_id="d", prompt_id="same")
-    resp = await client.post("/prompt", json={"prompt": tiny_graph(), "prompt_id": "same"})
+    same = str(uuid.uuid4())
+    await _submit(client, gated_graph("g-d", "d"), client_id="d", prompt_id=same)
+    resp = await client.post("/prompt", json={"prompt": tiny_graph(), "prompt_id": same})
     assert resp.status == 400
     queue = await (await client.get("/queue")).json()
-    assert [i[1] for i in queue["queue_running"] + queue["queue_pending"]] == ["same"]
+    assert [i[1] for i in queue["queue_running"] + queue["queue_pending"]] == [same]
     open_gate(data_dir, "g-d")
-    await events_until(ws, is_done("same"))
+    await events_until(ws, is_done(same))
     await ws.close()

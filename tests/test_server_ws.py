@@ -8,7 +8,9 @@ from pathlib import Path
 
 import websockets
 
+from standard.server import keys
 from support.server import events_until, gated_graph, install_gate_plugin, is_done, next_json, open_gate, tiny_graph
+from support.wait import until
 
 
 async def test_status_with_sid_on_connect_and_generated_sid(instance) -> None:
@@ -30,6 +32,22 @@ async def test_feature_flags_handshake(instance) -> None:
     assert reply["type"] == "feature_flags"
     assert reply["data"]["max_upload_size"] == 1024 * 1024
     await ws.close()
+
+
+async def test_event_socket_declines_permessage_deflate_under_churn(instance) -> None:
+    """Browsers and ``websockets`` offer deflate; /ws answers plain frames, so closed sockets hold no zlib state."""
+    client = await instance()
+
+    async def connect_read_close(n: int) -> str | None:
+        async with websockets.connect(f"ws://127.0.0.1:{client.port}/ws?clientId=churn{n}",
+                                      compression="deflate") as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "status"
+            assert ws.response is not None
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    assert await asyncio.gather(*(connect_read_close(n) for n in range(20))) == [None] * 20
+    server = client.server.app[keys.PROMPT_SERVER]
+    await until(lambda: not server.sockets)  # and every closed socket left the registry
 
 
 async def test_real_websockets_client(instance) -> None:
@@ -90,3 +108,59 @@ async def test_reconnect_during_execution_gets_the_current_node(instance, data_d
     events = await events_until(again, is_done(prompt_id))
     assert "execution_success" in [e["type"] for e in events]
     await again.close()
+
+
+def _shape(event: dict) -> str:
+    """An event as the order test compares it: its type and the detail that tells the steps apart."""
+    kind, data = event["type"], event["data"]
+    if kind == "status":
+        return f"status {data['status']['exec_info']['queue_remaining']}"
+    if kind == "progress_state":
+        return "progress_state " + ",".join(f"{node}:{state['state']}" for node, state in sorted(data["nodes"].items()))
+    if kind == "executing":
+        return f"executing {data['node']}"
+    if kind == "executed":
+        return f"executed {data['node']} {'null' if data['output'] is None else 'output'}"
+    if kind == "execution_cached":
+        return f"execution_cached {','.join(data['nodes'])}"
+    return kind
+
+
+# What ComfyUI 0.3.64 (run behind `comfyserve standard --comfyui-dir`) sent its client for this graph,
+# run fresh and then again with everything cached.
+INVERT_GRAPH = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "order"}},
+}
+COMFYUI_FRESH_RUN = [
+    "status 1", "status 1", "execution_start", "execution_cached ",
+    "progress_state 1:running", "executing 1", "progress_state 1:finished",
+    "progress_state 1:finished,2:running", "executing 2", "progress_state 1:finished,2:finished",
+    "progress_state 1:finished,2:finished,3:running", "executing 3", "executed 3 output",
+    "progress_state 1:finished,2:finished,3:finished", "execution_success", "status 0", "executing None",
+]
+COMFYUI_CACHED_RUN = [
+    "status 1", "status 1", "execution_start", "execution_cached 1,2,3", "executed 3 output",
+    "progress_state 3:finished", "execution_success", "status 0", "executing None",
+]
+
+
+async def test_event_order_and_progress_state_are_comfyuis(instance) -> None:
+    client = await instance()
+    ws = await client.ws_connect("/ws?clientId=order")
+    await next_json(ws)
+    runs = []
+    for _ in range(2):
+        resp = await client.post("/prompt", json={"prompt": INVERT_GRAPH, "client_id": "order"})
+        prompt_id = (await resp.json())["prompt_id"]
+        events = await events_until(ws, is_done(prompt_id))
+        runs.append([_shape(e) for e in events])
+        states = [e["data"] for e in events if e["type"] == "progress_state"]
+        assert all(s["prompt_id"] == prompt_id for s in states)
+        assert {n["prompt_id"] for s in states for n in s["nodes"].values()} == {prompt_id}
+        assert all(n["node_id"] == n["display_node_id"] == n["real_node_id"] == node and n["parent_node_id"] is None
+                   for s in states for node, n in s["nodes"].items())
+        assert all(n["value"] == n["max"] for n in states[-1]["nodes"].values())
+    assert runs == [COMFYUI_FRESH_RUN, COMFYUI_CACHED_RUN]
+    await ws.close()

@@ -220,7 +220,7 @@ async def _backend_json(request: web.Request, path: str) -> Any:
     relay as it is when ComfyUI answers anything but 200 (raises 503/502 while it starts or is gone)."""
     base_url = await _backend_url(request.app[BACKEND])
     if base_url is None:
-        raise backend_unavailable("ComfyUI is starting", 503)
+        raise backend_unavailable(_not_ready(request.app[BACKEND]), 503)
     try:
         async with request.app[SESSION].get(base_url + path, timeout=aiohttp.ClientTimeout(total=30.0)) as response:
             if response.status != 200:
@@ -269,7 +269,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     backend = app[BACKEND]
     base_url = await _backend_url(backend)
     if base_url is None:
-        raise backend_unavailable("ComfyUI is starting", 503)
+        raise backend_unavailable(_not_ready(backend), 503)
     settings = app[SETTINGS]
     strip_auth = settings.token is not None
     if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -292,6 +292,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             app[METRICS].errors.inc()
             raise backend_unavailable(str(exc), exc.status) from None
     raise AssertionError("unreachable")
+
+
+def _not_ready(backend: Backend) -> str:
+    """The detail of a 503 while there is no ComfyUI to ask (a child that failed at start says how)."""
+    return backend.not_ready_reason() if isinstance(backend, ComfyUIChild) else "ComfyUI is starting"
 
 
 async def _backend_url(backend: Backend, failed_url: str | None = None) -> str | None:

@@ -23,7 +23,7 @@ from yarl import URL
 
 from ..auth import SESSION_COOKIE
 from ..errors import BackendError
-from ..http_util import JSONError, json_error
+from ..http_util import JSONError, event_socket, json_error
 from ..server.file_headers import apply_file_headers
 
 log = logging.getLogger("comfyserve.backend")
@@ -200,8 +200,8 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
                          "The ComfyUI backend refused the WebSocket", exc.message) from None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise backend_unavailable(repr(exc)) from exc
-    downstream = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
-                                       max_msg_size=max_msg_bytes, autoping=True, heartbeat=30.0)
+    downstream = event_socket(protocols=[upstream.protocol] if upstream.protocol else (),
+                              max_msg_size=max_msg_bytes, autoping=True)
     if sockets is not None:
         sockets.add(downstream)  # closed on shutdown, so a graceful stop does not wait for clients
     try:

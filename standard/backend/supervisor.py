@@ -119,14 +119,21 @@ class ComfyUIChild:
 
     async def status(self) -> dict[str, Any]:
         child = self.child
-        running = child.pid is not None
         return {
             "ready": child.ready, "runtime": self.kind, "comfyui_dir": str(self.comfyui_dir),
             "pid": child.pid, "port": self.port, "starts": child.starts,
             "crashes": child.crashes, "last_exit": child.last_exit,
-            "error": None if child.ready else ("starting" if running else "not running"),
+            "error": None if child.ready else self.not_ready_reason(),
             "log_tail": list(child.tail)[-10:],
         }
+
+    def not_ready_reason(self) -> str:
+        """Why requests cannot reach ComfyUI now: how its last start failed, else that it is starting."""
+        child = self.child
+        if child.start_failure:
+            state = "starting it again" if child.pid is not None else "it will be started again"
+            return f"{child.start_failure} ({state}; see the log for its output)"
+        return "ComfyUI is starting" if child.pid is not None else "ComfyUI is not running"
 
     async def restart(self, wait_s: float | None = None) -> dict[str, Any]:
         """Replace the child (plugins and models load anew); wait for it up to ``wait_s``."""

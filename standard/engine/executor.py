@@ -4,8 +4,9 @@ It executes only what the requested outputs need, in dependency order; reuses
 a node's outputs from the previous prompts when its inputs' signature did not
 change (ComfyUI's classic cache, ``IS_CHANGED`` included); maps nodes over list
 inputs (``INPUT_IS_LIST`` / ``OUTPUT_IS_LIST``); reports ComfyUI's events through
-``send_sync``; and stops between nodes, or inside a node that checks, when
-interrupted. ``execute`` blocks: the server calls it on a worker thread.
+``send_sync`` in ComfyUI's order (``progress_state`` included, see ``progress``);
+and stops between nodes, or inside a node that checks, when interrupted.
+``execute`` blocks: the server calls it on a worker thread.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from ..errors import EngineError
 from . import compat, context
 from .context import InterruptProcessingException
+from .progress import ProgressState
 from .registry import NodeRegistry
 
 log = logging.getLogger("comfyserve.engine")
@@ -60,6 +62,7 @@ class PromptExecutor:
         self.status_messages: list[tuple[str, dict[str, Any]]] = []
         self.history_result: dict[str, Any] = {}
         self.client_id: str | None = None
+        self._node_progress: ProgressState | None = None
         compat.PROMPT_SERVER.send_sync_hook = send_sync
 
     # -- control from other threads ---------------------------------------------
@@ -83,6 +86,8 @@ class PromptExecutor:
 
     def _progress(self, prompt_id: str) -> Callable[[float, float, str | None, Any], None]:
         def hook(value: float, total: float, node_id: str | None, preview: Any) -> None:
+            if self._node_progress is not None and node_id is not None:
+                self._node_progress.update(node_id, value, total)
             self._send("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
                        self.client_id)
             if preview is not None:
@@ -104,29 +109,31 @@ class PromptExecutor:
         meta: dict[str, dict[str, Any]] = {}
         executed: list[str] = []
         self.add_message("execution_start", {"prompt_id": prompt_id}, broadcast=False)
+        progress = self._node_progress = ProgressState(
+            prompt_id, lambda data: self._send("progress_state", data, self.client_id))
         with context.use(ctx):
             ctx.progress_hook = self._progress(prompt_id)
             try:
                 outputs = execute_outputs if execute_outputs is not None else []
-                plan = execution_order(prompt, outputs)
                 declared = InputTypes()
                 signatures = self._signatures(prompt, declared)
                 cached = [node for node in prompt if signatures[node] in self.cache]
                 self.add_message("execution_cached", {"nodes": cached, "prompt_id": prompt_id}, broadcast=False)
-                values: dict[str, list[list[Any]]] = {}
-                for node_id in plan:
+                # As ComfyUI: a cached node is visited only if it is a requested output; the
+                # nodes downstream read its cached values.
+                values = {node: self.cache[signatures[node]].outputs for node in cached}
+                for node_id in execution_order(prompt, outputs, set(cached)):
                     context.throw_if_interrupted()
                     entry = self.cache.get(signatures[node_id])
                     if entry is None:
+                        progress.start(node_id)
                         entry = self._run_node(prompt, prompt_id, node_id, values, extra_data, declared)
                         self.cache[signatures[node_id]] = entry
                         executed.append(node_id)
-                        if entry.ui:
-                            self._send("executed", {"node": node_id, "display_node": node_id, "output": entry.ui,
-                                                    "prompt_id": prompt_id}, self.client_id)
-                    elif self.client_id is not None:
+                    if self.client_id is not None and (entry.ui or node_id in cached):
                         self._send("executed", {"node": node_id, "display_node": node_id, "output": entry.ui,
                                                 "prompt_id": prompt_id}, self.client_id)
+                    progress.finish(node_id)
                     values[node_id] = entry.outputs
                     if entry.ui:
                         ui_outputs[node_id] = entry.ui
@@ -154,6 +161,7 @@ class PromptExecutor:
                 }, broadcast=False)
             finally:
                 ctx.progress_hook = None
+                self._node_progress = None
                 ctx.executing_node = None
                 keep = set(signatures.values()) if "signatures" in locals() else set()
                 self.cache = {k: v for k, v in self.cache.items() if k in keep}
@@ -165,7 +173,9 @@ class PromptExecutor:
                   declared: InputTypes) -> CachedNode:
         ctx = self.registry.context
         ctx.executing_node = node_id
-        self._send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}, self.client_id)
+        if self.client_id is not None:  # ComfyUI tells only the prompt's own client
+            self._send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id},
+                       self.client_id)
         class_type = prompt[node_id]["class_type"]
         node_class = self.registry.node_classes[class_type]
         inputs = input_data(declared.of(node_class), prompt, node_id, values, extra_data)
@@ -221,8 +231,10 @@ class InputTypes:
         return self._seen[node_class]
 
 
-def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
-    """The nodes the outputs need, each after its inputs (validation refused cycles)."""
+def execution_order(prompt: dict[str, Any], outputs: list[str], cached: set[str] | frozenset[str] = frozenset(),
+                    ) -> list[str]:
+    """The nodes the outputs need, each after its inputs (validation refused cycles); the outputs are
+    always listed, a ``cached`` node that is only an input is not (nor what it needs)."""
     order: list[str] = []
     seen: set[str] = set()
 
@@ -231,7 +243,7 @@ def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
             return
         seen.add(node_id)
         for value in prompt[node_id]["inputs"].values():
-            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt and str(value[0]) not in cached:
                 visit(str(value[0]))
         order.append(node_id)
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from . import save_names
 from .compat import MAX_RESOLUTION, folder_paths
 from .images import from_pil, to_pil
 
@@ -159,8 +160,9 @@ class SaveImage:
     def save_images(self, images: np.ndarray, filename_prefix: str = "ComfyUI", prompt: Any = None,
                     extra_pnginfo: dict[str, Any] | None = None) -> dict[str, Any]:
         filename_prefix += self.prefix_append
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        folder, filename, subfolder, _ = folder_paths.save_location(
             filename_prefix, self.directory(), images.shape[2], images.shape[1])
+        counter = save_names.next_counter(folder, filename)
         results = []
         for batch_number, image in enumerate(images):
             metadata = PngInfo()
@@ -168,26 +170,12 @@ class SaveImage:
                 metadata.add_text("prompt", json.dumps(prompt))
             for key, value in (extra_pnginfo or {}).items():
                 metadata.add_text(key, json.dumps(value))
-            name, counter = _claim_name(folder, filename.replace("%batch_num%", str(batch_number)), counter)
+            name, counter = save_names.claim(folder, filename.replace("%batch_num%", str(batch_number)), counter,
+                                             counted_as=filename)
             to_pil(image).save(os.path.join(folder, name), pnginfo=metadata, compress_level=self.compress_level)
             results.append({"filename": name, "subfolder": subfolder, "type": self.type})
             counter += 1
         return {"ui": {"images": results}}
-
-
-def _claim_name(folder: str, stem: str, counter: int) -> tuple[str, int]:
-    """Create ``{stem}_{counter:05}_.png`` exclusively, moving past names taken since the scan.
-
-    Several instances may save into one shared output dir at once (API and cluster editions);
-    without this two of them can pick the same counter and one image overwrites the other.
-    """
-    while True:
-        name = f"{stem}_{counter:05}_.png"
-        try:
-            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return name, counter
-        except FileExistsError:
-            counter += 1
 
 
 class PreviewImage(SaveImage):

@@ -62,14 +62,17 @@ def outputs_summary(outputs: dict[str, Any]) -> tuple[int, int, dict[str, Any] |
     return count, previewable, preview or fallback
 
 
-def queue_job(item: list[Any], status: str) -> dict[str, Any]:
-    """A pending or running queue tuple as a job."""
-    number, prompt_id, _prompt, extra_data, _outputs = item
+def queue_job(item: list[Any], status: str, *, include_workflow: bool = False) -> dict[str, Any]:
+    """A pending or running queue tuple as a job (with its ``workflow`` for the detail route)."""
+    number, prompt_id, prompt, extra_data, _outputs = item
     create_time, workflow_id = _metadata(extra_data)
-    return _prune({
+    job = _prune({
         "id": prompt_id, "status": status, "priority": number, "create_time": create_time,
         "outputs_count": 0, "previewable_outputs_count": 0, "workflow_id": workflow_id,
     })
+    if include_workflow:
+        job["workflow"] = {"prompt": prompt, "extra_data": extra_data}
+    return job
 
 
 def history_job(prompt_id: str, entry: dict[str, Any], *, times: tuple[int, int] | None = None,

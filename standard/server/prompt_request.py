@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from ..http_util import JSONError, json_error
 from ..serving import draining_headers
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
-
-MAX_PROMPT_ID_CHARS = 256
 
 
 def invalid_prompt(message: str, details: str = "") -> JSONError:
@@ -31,7 +30,7 @@ class PromptRequest:
     extra_data: dict[str, Any]
     client_id: str | None
     targets: list[str] | None  # partial_execution_targets
-    prompt_id: str | None  # the request's own, or None (the server picks one)
+    prompt_id: str | None  # the request's own (a canonical UUID), or None (the server picks one)
     number: float | None  # the request's own, or None (the server numbers it)
     front: bool
 
@@ -74,15 +73,28 @@ def parse_prompt_request(body: dict[str, Any]) -> PromptRequest:
 
 
 def _prompt_id(body: dict[str, Any]) -> str | None:
+    """ComfyUI's ``validate_job_id``: a client's own id is a canonical UUID (lowercase, hyphenated).
+
+    The id is compared verbatim everywhere (history keys, events, /interrupt), so
+    another spelling is refused rather than silently rewritten."""
     raw = body.get("prompt_id")
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        raise invalid_prompt("prompt_id must be a string", f"got {type(raw).__name__}")
-    prompt_id = str(raw)
-    if not prompt_id or len(prompt_id) > MAX_PROMPT_ID_CHARS or "/" in prompt_id:
-        raise invalid_prompt("prompt_id must be 1-256 characters without '/'", repr(prompt_id)[:80])
-    return prompt_id
+    if not is_canonical_uuid(raw):
+        raise json_error(400, "invalid_prompt_id", "prompt_id must be a valid UUID",
+                         "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                         "omit it to let the server generate one", extra={"node_errors": {}})
+    return str(raw)
+
+
+def is_canonical_uuid(value: Any) -> bool:
+    """``str(uuid.UUID(value)) == value``, as ComfyUI checks job ids."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def _number(body: dict[str, Any]) -> float | None:

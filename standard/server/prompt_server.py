@@ -249,6 +249,7 @@ class PromptServer:
             if got is None:
                 continue  # woken for flags only
             task_id, item = got
+            self.queue_updated()  # ComfyUI's queue tells on taking an item too: a second ``status``
             async with self._run_lock:
                 await self._run_one(task_id, item)
                 if self.queue.flags:

@@ -1,4 +1,10 @@
-"""/jobs: ComfyUI's job list, job detail and cancel, over the same queue and history."""
+"""/jobs: ComfyUI's job list, job detail and cancel, over the same queue and history.
+
+Cancel is idempotent as in current ComfyUI: 200 ``{"cancelled": bool}`` whether
+or not the job was still pending or running (the frontend reports any other
+answer as an error, e.g. for a job that finished a moment before); a batch
+refuses ids that are not canonical UUIDs up front (400, ``invalid_ids``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from aiohttp import web
 from ..http_util import json_error, read_json_object
 from . import jobs
 from .context import ServerView, instance_context, prompt_server
+from .prompt_request import is_canonical_uuid
 from .prompt_server import PromptServer
 
 routes = web.RouteTableDef()
@@ -87,7 +94,7 @@ async def get_job(request: web.Request) -> web.Response:
     for items, status in ((running, jobs.IN_PROGRESS), (pending, jobs.PENDING)):
         for item in items:
             if item[1] == job_id:
-                return web.json_response(jobs.queue_job(item, status))
+                return web.json_response(jobs.queue_job(item, status, include_workflow=True))
     raise json_error(404, "not_found", "Job not found", job_id)
 
 
@@ -102,18 +109,23 @@ def _cancel(server: PromptServer, job_ids: list[str]) -> list[str]:
 
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    cancelled = _cancel(prompt_server(request), [job_id])
-    if not cancelled:
-        raise json_error(404, "not_found", "Job is not pending or running", job_id)
-    return web.json_response({"cancelled": cancelled})
+    cancelled = _cancel(prompt_server(request), [request.match_info["job_id"]])
+    return web.json_response({"cancelled": bool(cancelled)})
+
+
+def cancel_ids(body: dict[str, Any]) -> list[str]:
+    """The ``job_ids`` of ``POST /jobs/cancel`` (the cluster's too): a list of canonical UUIDs, at most 100."""
+    job_ids = body.get("job_ids")
+    if not isinstance(job_ids, list) or len(job_ids) > MAX_CANCEL_IDS:
+        raise json_error(400, "invalid_request", f"job_ids must be a list of at most {MAX_CANCEL_IDS} job ids")
+    invalid = [i if isinstance(i, str) else repr(i) for i in job_ids if not is_canonical_uuid(i)]
+    if invalid:
+        raise json_error(400, "invalid_request", "job_ids contains invalid id(s)", ", ".join(invalid)[:200],
+                         extra={"invalid_ids": invalid[:MAX_CANCEL_IDS]})
+    return job_ids
 
 
 @routes.post("/jobs/cancel")
 async def cancel_jobs(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    job_ids = body.get("job_ids")
-    if (not isinstance(job_ids, list) or not job_ids or len(job_ids) > MAX_CANCEL_IDS
-            or not all(isinstance(i, str) for i in job_ids)):
-        raise json_error(400, "invalid_request", f"job_ids must be a list of 1-{MAX_CANCEL_IDS} job ids")
-    return web.json_response({"cancelled": _cancel(prompt_server(request), job_ids)})
+    job_ids = cancel_ids(await read_json_object(request))
+    return web.json_response({"cancelled": bool(_cancel(prompt_server(request), job_ids))})

@@ -13,7 +13,7 @@ import uuid
 
 from aiohttp import WSMsgType, web
 
-from ..http_util import parse_json
+from ..http_util import event_socket, parse_json
 from .context import instance_context, prompt_server
 from .routes_info import server_features
 
@@ -26,7 +26,7 @@ MAX_CLIENT_ID_CHARS = 256
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     server = prompt_server(request)
     sid = request.query.get("clientId", "")[:MAX_CLIENT_ID_CHARS] or uuid.uuid4().hex
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    ws = event_socket()
     await ws.prepare(request)
     server.sockets[sid] = ws  # a reconnect with the same id replaces the old socket
     server.socket_flags[sid] = {}

@@ -2,9 +2,11 @@
 
 It accepts ComfyUI's flags (names as in comfy/cli_args.py), records what it
 was started with (``COMFYUI_SHIM_RECORD``: one JSON line per start), can
-wait before serving (``COMFYUI_SHIM_DELAY_S``, for slow model loads), and
-then becomes a comfyserve instance on the data dir it was given, which speaks
-the same protocol.
+wait before serving (``COMFYUI_SHIM_DELAY_S``, for slow model loads), can
+fail at start as ComfyUI does on a bad flag or a missing GPU (``--shim-fail
+MESSAGE``: the message on stderr, exit code 3), and then becomes a
+comfyserve instance on the data dir it was given, which speaks the same
+protocol.
 """
 
 import argparse
@@ -25,6 +27,7 @@ parser.add_argument("--user-directory")
 parser.add_argument("--extra-model-paths-config", nargs="+", action="append")
 parser.add_argument("--max-upload-size", type=float, default=100)
 parser.add_argument("--disable-auto-launch", action="store_true")
+parser.add_argument("--shim-fail")
 args, unknown = parser.parse_known_args()
 
 base = Path(args.base_directory or Path(__file__).parent)
@@ -37,6 +40,10 @@ if record:
             "custom_nodes_existed": (base / "custom_nodes").is_dir(),
             "model_paths": [Path(c).read_text() for c in configs],
         }) + "\n")
+if args.shim_fail:
+    print("shim: loading", flush=True)
+    print(f"shim: {args.shim_fail}", file=sys.stderr, flush=True)
+    sys.exit(3)
 delay_s = float(os.environ.get("COMFYUI_SHIM_DELAY_S", "0"))
 if delay_s:
     print(f"shim: loading for {delay_s} s", flush=True)

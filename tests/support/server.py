@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,11 @@ def png_bytes(size: tuple[int, int] = (8, 6), color: tuple[int, ...] = (200, 10,
     buffer = io.BytesIO()
     Image.new(mode, size, color[: len(mode)]).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def prompt_uuid(name: str) -> str:
+    """A readable test's own ``prompt_id`` for ``name``: a canonical UUID, as ComfyUI requires, always the same."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyserve-test/{name}"))
 
 
 def tiny_graph(prefix: str = "test", width: int = 16, height: int = 16, color: int = 0) -> dict[str, Any]:

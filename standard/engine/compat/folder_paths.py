@@ -8,7 +8,6 @@ folders of the instance whose prompt is running (see ``..context``).
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from ...datadir import MODEL_FOLDERS
 from ...paths import resolve_inside
 from ...storage import hooks as storage_hooks
 from ...storage.errors import DownloadCancelled
-from .. import context
+from .. import context, save_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...storage.storage import ObjectStorage
@@ -196,13 +195,11 @@ def _expand_variables(prefix: str, width: int, height: int) -> str:
     return prefix
 
 
-def get_save_image_path(
-    filename_prefix: str, output_dir: str, image_width: int = 0, image_height: int = 0
-) -> tuple[str, str, int, str, str]:
-    """(folder, file stem, next counter, subfolder, prefix) for ``{stem}_{counter:05}_.png`` names.
+def save_location(filename_prefix: str, output_dir: str, image_width: int = 0,
+                  image_height: int = 0) -> tuple[str, str, str, str]:
+    """(folder, file stem, subfolder, prefix) of a save; the folder is made if missing.
 
-    The prefix's folder part becomes the subfolder; it must stay inside
-    ``output_dir``. The counter continues after the highest one on disk.
+    The prefix's folder part becomes the subfolder; it must stay inside ``output_dir``.
     """
     if "%" in filename_prefix:
         filename_prefix = _expand_variables(filename_prefix, image_width, image_height)
@@ -216,7 +213,17 @@ def get_save_image_path(
     if not filename or filename in (".", ".."):
         raise ValueError(f"filename_prefix {filename_prefix!r} names no file")
     folder.mkdir(parents=True, exist_ok=True)
-    numbered = re.compile(re.escape(filename) + r"_(\d+)_", re.IGNORECASE)
-    counters = [int(m.group(1)) for name in os.listdir(folder) if (m := numbered.match(name))]
-    counter = max(counters, default=0) + 1
-    return str(folder), filename, counter, Path(subfolder).as_posix() if subfolder else "", filename_prefix
+    return str(folder), filename, Path(subfolder).as_posix() if subfolder else "", filename_prefix
+
+
+def get_save_image_path(
+    filename_prefix: str, output_dir: str, image_width: int = 0, image_height: int = 0
+) -> tuple[str, str, int, str, str]:
+    """(folder, file stem, next counter, subfolder, prefix) for ``{stem}_{counter:05}_.png`` names.
+
+    For plugins, which write the file themselves: the counter continues after
+    the highest one on disk, listed on every call as ComfyUI does (the built-in
+    SaveImage remembers its counters instead, see ``..save_names``).
+    """
+    folder, filename, subfolder, prefix = save_location(filename_prefix, output_dir, image_width, image_height)
+    return folder, filename, save_names.listed_next(folder, filename), subfolder, prefix
