@@ -195,6 +195,15 @@ class InstanceClient:
     async def system_stats(self) -> dict[str, Any]:
         return await self.get_json("/system_stats")
 
+    async def get_file(self, path: str) -> tuple[bytes, str] | None:
+        """A static file of the instance (``/templates/...``): its bytes and content type; None if absent."""
+        response = await self._request("GET", path, retries=self.timeouts.get_retries)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise InstanceError(f"GET {path}: HTTP {response.status_code}")
+        return response.content, response.headers.get("Content-Type", "application/octet-stream")
+
     async def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         """The bytes of an output/input/temp file (``/view``)."""
         response = await self._request(
@@ -235,6 +244,13 @@ class InstanceClient:
         except InstanceUnavailable:
             return False
         return response.status_code == 200
+
+    async def restart(self, timeout_s: float = 180.0) -> dict[str, Any]:
+        """``POST /restart``: the instance reloads its plugins (or restarts its ComfyUI child, which is
+        slow: hence its own ``timeout_s``); its JSON answer."""
+        timeout = httpx.Timeout(timeout_s, connect=self.timeouts.connect_s)
+        response = await self._request("POST", "/restart", json={}, timeout=timeout)
+        return _json_or_raise(response, "POST /restart")
 
     async def _post_ok(self, path: str, body: dict[str, Any]) -> None:
         response = await self._request("POST", path, json=body)
