@@ -219,6 +219,13 @@ class Accounts:
         await self._backend.update(record, record.token_hash)
         await self._revoke_sessions(record)
 
+    async def set_admin(self, name: str, admin: bool) -> None:
+        """Grant or take back the admin role; the user's sessions end, so no page keeps the old role."""
+        record = await self._record(name)
+        record.is_admin = admin
+        await self._backend.update(record, record.token_hash)
+        await self._revoke_sessions(record)
+
 
 def _check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:

@@ -13,10 +13,12 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from standard.client import ClientTimeouts, InstanceClient
 from standard.datadir import DataDir, WorkDirs
 from standard.errors import InstanceError
 
 from .accounts import User
+from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
 from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool
@@ -24,12 +26,14 @@ from .retire import retire_user
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
+from .usage import UsageMeter
 from .validation import LocalValidator
 
 log = logging.getLogger("comfyserve.cluster")
 MAX_ATTEMPTS = 2  # a task whose instance dies is retried once elsewhere
 HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its running tasks
 HANDED_BACK = "handed back"  # note of a task requeued by a drain: not a lost attempt
+ADD_CHECK_TIMEOUTS = ClientTimeouts(connect_s=3.0, request_s=10.0, get_retries=0)  # an admin waits on it
 REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted tasks to stop
 
 
@@ -44,6 +48,8 @@ class ClusterCore:
         self.store = store
         self.pool = pool
         self.hub = UserHub()
+        self.changes = Changes()  # wakes the dashboards' live streams
+        self.usage = UsageMeter(store)
         self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
         self.runs: dict[str, TaskRun] = {}
         self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
@@ -92,12 +98,13 @@ class ClusterCore:
             await asyncio.wait(jobs, timeout=timeout_s)
         cut = [run for task_id, run in list(self.runs.items())
                if not run.released and task_id in self._run_jobs and not self._run_jobs[task_id].done()]
-        await asyncio.gather(*(self._hand_back(run) for run in cut), return_exceptions=True)
+        await asyncio.gather(*(self._hand_back(run, "the proxy shut down before it finished") for run in cut),
+                             return_exceptions=True)
         rest = [job for job in self._run_jobs.values() if not job.done()]
         if rest:  # done on the instance: only the proxy's bookkeeping is left
             await asyncio.wait(rest)
 
-    async def _hand_back(self, run: TaskRun) -> None:
+    async def _hand_back(self, run: TaskRun, reason: str) -> None:
         task = run.task
         job = self._run_jobs.get(task.id)
         if job is not None:
@@ -107,12 +114,14 @@ class ClusterCore:
         await run.interrupt()
         await run.cleanup()
         await self._instance_free(run)
-        if await self.store.requeue(task.id, f"{HANDED_BACK}: the proxy shut down before it finished") is None:
+        if await self.store.requeue(task.id, f"{HANDED_BACK}: {reason}") is None:
             return  # it finished (or was deleted) meanwhile
-        log.warning("task %s of %s handed back: the proxy's --shutdown-timeout passed", task.prompt_id, task.user)
+        log.warning("task %s of %s handed back: %s", task.prompt_id, task.user, reason)
         await self.hub.send_json(task.user, "cluster_task_retry", {
             "prompt_id": task.prompt_id, "attempt": task.attempts + 1,
-            "reason": "the proxy shut down before it finished; it runs again"}, task.client_id)
+            "reason": f"{reason}; it runs again"}, task.client_id)
+        self.scheduler.wake()
+        await self.broadcast_queues()
 
     async def _watch_proxies(self) -> None:
         """Say we are alive; take over the running tasks of proxies that are not."""
@@ -241,6 +250,7 @@ class ClusterCore:
         One snapshot of the store for everyone: with hundreds of users connected
         this must not cost a query per user (it would delay the event relay).
         """
+        self.changes.bump()
         if not self.hub.sockets:
             return
         per_user, positions = await self._snapshot()
@@ -337,7 +347,9 @@ class ClusterCore:
     async def _finish(self, task: Task, instance: Instance, history: dict[str, Any], run: TaskRun) -> None:
         if task.notes:  # the user sees that (and why) the task was retried
             history["cluster"] = {"attempts": task.attempts, "notes": task.notes}
-        await self.store.finish(task.id, history)
+        done = await self.store.finish(task.id, history)
+        if done is not None:
+            await self.usage.record(done)
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()
@@ -365,7 +377,9 @@ class ClusterCore:
                 "prompt_id": task.prompt_id, "attempt": task.attempts + 1, "reason": reason}, task.client_id)
         else:
             history = error_history(task.prompt_id, f"the task was lost twice; last: {reason}", "InstanceLost")
-            await self.store.finish(task.id, history)
+            done = await self.store.finish(task.id, history)
+            if done is not None:
+                await self.usage.record(done)
             await self.hub.send_json(task.user, "execution_error", history["status"]["messages"][0][1],
                                      task.client_id)
         self.scheduler.wake()
@@ -374,11 +388,36 @@ class ClusterCore:
     # -- DashboardProvider ------------------------------------------------------------
 
     async def user_view(self, user: User) -> dict[str, Any]:
-        history = [{"prompt_id": t.prompt_id, "status": (t.history or {}).get("status", {}).get("status_str"),
-                    "outputs": (t.history or {}).get("outputs", {})}
-                   for t in reversed(await self.store.user_tasks(user.name, DONE))][:50]
-        return {"queue": await self.user_queue(user.name), "history": history,
-                "instances": self.pool.status(with_urls=user.is_admin)}
+        """The dashboard: the user's queue (place in line, node running), history (times, outputs), the pool."""
+        per_user, positions = await self._snapshot()
+        queue = []
+        for task in per_user.get(user.name, []):
+            run = self.runs.get(task.id)
+            instance = self.pool.instances.get(task.instance or "")
+            name = (instance.url if user.is_admin else self.pool.display_name(instance)) if instance else ""
+            queue.append(queue_row(task, positions.get(task.id), run.last_node if run else None, name))
+        done = await self.store.user_tasks(user.name, DONE)
+        history = [history_row(task) for task in reversed(done)][:HISTORY_ROWS]
+        return {"queue": queue, "history": history, "instances": self.pool_view(user)}
+
+    def pool_view(self, user: User) -> list[dict[str, str]]:
+        """Each instance, its state and what runs there: whose task and which node for admins, "yours" or
+        "busy" for users (who never see other users' names or the instances' URLs)."""
+        rows = []
+        for number, instance in enumerate(self.pool.instances.values(), start=1):
+            running = ""
+            if instance.task_id is not None:
+                run = self.runs.get(instance.task_id)
+                if run is None:
+                    running = "busy (followed by another proxy)" if user.is_admin else "busy"
+                elif user.is_admin:
+                    node = node_label(run.task, run.last_node)
+                    running = f"{run.task.user}: {run.task.prompt_id}" + (f" at node {node}" if node else "")
+                else:
+                    running = "your task" if run.task.user == user.name else "busy"
+            rows.append({"name": instance.url if user.is_admin else f"instance {number}", "state": instance.state,
+                         "running": running, "tasks_run": str(instance.tasks_run)})
+        return rows
 
     async def remove_user(self, name: str, account_id: str) -> None:
         """An account was removed here: stop its work, put its tasks and files away, close its sockets.
@@ -408,9 +447,52 @@ class ClusterCore:
                 await ws.close(code=4001, message=b"signed out")
 
     async def add_instance(self, url: str) -> None:
+        """Put ``url`` in the pool (and the store) once it answers as a ready instance that takes our token.
+
+        An address nothing answers at, or something that is not a comfyserve instance, is refused
+        (``ValueError``) rather than listed as "starting" forever.
+        """
         if not url.startswith(("http://", "https://")):
             raise ValueError("an instance URL is http(s)://host:port")
-        await self.store.add_instance_url(url.rstrip("/"))
+        url = url.rstrip("/")
+        if url not in self.pool.instances:
+            async with InstanceClient(url, self.instance_token, timeouts=ADD_CHECK_TIMEOUTS) as client:
+                if not await client.ready():
+                    raise ValueError(f"{url} is not a ready instance: its /readyz did not answer 200")
+                try:
+                    await client.get_json("/system_stats")
+                except InstanceError as exc:
+                    raise ValueError(f"{url} answers but refuses the instance token ({exc})") from None
+        await self.store.add_instance_url(url)
         self.pool.add(url, self.instance_token)
         await self.pool.check_all()
         self.scheduler.wake()
+
+    async def remove_instance(self, url: str, *, drain: bool) -> bool:
+        """An admin takes ``url`` out of the pool; False if it is not in it.
+
+        ``drain``: it takes no new task and leaves once its running task ends (in the background).
+        Otherwise it leaves now: a task running there is interrupted and queued again (a hand-back,
+        not a lost attempt), so it runs from the start on another instance. Either way the URL is
+        forgotten by the store; one given by ``--instance-url`` comes back at the next start.
+        """
+        instance = self.pool.instances.get(url.rstrip("/"))
+        if instance is None:
+            return False
+        instance.retiring = True
+        await self.store.remove_instance_url(instance.url)
+        if drain and instance.task_id is not None:
+            self._spawn(self._remove_when_idle(instance))
+            return True
+        run = self.runs.get(instance.task_id or "")
+        if run is not None:
+            await self._hand_back(run, f"{self.pool.display_name(instance)} was removed by an admin")
+        await self.pool.remove(instance.url)
+        await self.broadcast_queues()
+        return True
+
+    async def _remove_when_idle(self, instance: Instance) -> None:
+        while instance.task_id is not None and instance.url in self.pool.instances:
+            await self.changes.wait(1.0)  # a task's end bumps the pulse (broadcast_queues)
+        await self.pool.remove(instance.url)
+        await self.broadcast_queues()

@@ -9,19 +9,34 @@ disables and enables them, and adds instances; every form carries a CSRF value.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import aiohttp_jinja2
 from aiohttp import web
 
+from standard.auth import wants_html
 from standard.guard import client_address
 from standard.http_util import json_error, parse_json, read_form
+from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
 
 from .accounts import AccountError, User
+from .dashboard import LIVE_CHECK_S
 from .login import ACCOUNTS, DASHBOARD, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+from .usage import PeriodError, parse_period
+
+KEEPALIVE_S = 15.0
 
 
 def _require_admin(request: web.Request) -> User:
+    """The admin asking; anyone else gets 403: an HTML page with a way back for a browser, JSON for scripts."""
     user = request[USER]
     if not user.is_admin:
+        message = f"The admin pages are for admins; {user.name} is not one. Ask an admin if you need something here."
+        if wants_html(request):
+            response = aiohttp_jinja2.render_template("forbidden.html", request, page_context(request, message=message))
+            response.set_status(403)
+            raise web.HTTPForbidden(body=response.body, headers={"Content-Type": "text/html; charset=utf-8"})
         raise json_error(403, "forbidden", "admins only")
     return user
 
@@ -45,14 +60,50 @@ async def _change_own_password(request: web.Request, current: str, new: str) -> 
     return 200, "Password changed. Your other sessions were signed out.", 0
 
 
+def _links(user: User) -> dict[str, str]:
+    links = {"dashboard": "/dashboard", "account": "/account", "logout": "/logout"}
+    return {**links, "admin": "/admin"} if user.is_admin else links
+
+
 def page_routes() -> list[web.RouteDef]:
-    async def dashboard(request: web.Request) -> web.StreamResponse:
+    async def me(request: web.Request) -> web.StreamResponse:
+        refuse_foreign_origin(request)
         user = request[USER]
+        return web.json_response(identity(user.name, admin=user.is_admin, login=True, links=_links(user)),
+                                 headers={"Cache-Control": "no-store"})
+
+    async def dashboard_view(request: web.Request) -> dict[str, Any]:
         provider = request.app[DASHBOARD]
-        view = await provider.user_view(user) if provider is not None else {}
-        return aiohttp_jinja2.render_template("dashboard.html", request, page_context(
-            request, queue=view.get("queue", []), history=view.get("history", []),
-            instances=view.get("instances", [])))
+        view = await provider.user_view(request[USER]) if provider is not None else {}
+        return page_context(request, queue=view.get("queue", []), history=view.get("history", []),
+                            instances=view.get("instances", []))
+
+    async def dashboard(request: web.Request) -> web.StreamResponse:
+        return aiohttp_jinja2.render_template("dashboard.html", request, await dashboard_view(request))
+
+    async def dashboard_events(request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: the dashboard's task tables (HTML), sent again whenever they change."""
+        refuse_foreign_origin(request)
+        changes = getattr(request.app[DASHBOARD], "changes", None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        template = aiohttp_jinja2.get_env(request.app).get_template("_dashboard_tasks.html")
+        sent, quiet_s = None, 0.0
+        while True:
+            html = template.render(await dashboard_view(request))
+            if html != sent:
+                data = "".join(f"data: {line}\n" for line in html.splitlines())
+                await response.write(f"event: tasks\n{data}\n".encode())
+                sent, quiet_s = html, 0.0
+            elif quiet_s >= KEEPALIVE_S:  # a comment, so proxies keep an idle stream open
+                await response.write(b": keep-alive\n\n")
+                quiet_s = 0.0
+            if changes is None:
+                return response
+            started = time.monotonic()
+            await changes.wait(LIVE_CHECK_S)
+            quiet_s += time.monotonic() - started
 
     async def account_page(request: web.Request, message: str | None = None, status: int = 200) -> web.StreamResponse:
         response = aiohttp_jinja2.render_template("account.html", request, page_context(request, message=message))
@@ -94,9 +145,15 @@ def page_routes() -> list[web.RouteDef]:
         user = _require_admin(request)
         provider = request.app[DASHBOARD]
         view = await provider.user_view(user) if provider is not None else {}
+        try:
+            period = parse_period(request.query)
+        except PeriodError as exc:
+            period, message, status = parse_period({}), str(exc), 400
+        meter = getattr(provider, "usage", None)
+        usage = await meter.report(period) if meter is not None else None
         response = aiohttp_jinja2.render_template("admin.html", request, page_context(
             request, users=await request.app[ACCOUNTS].list(), instances=view.get("instances", []),
-            message=message, new_token=new_token))
+            message=message, new_token=new_token, usage=usage, query=request.query))
         response.set_status(status)
         return response
 
@@ -113,7 +170,7 @@ def page_routes() -> list[web.RouteDef]:
             if action == "add":
                 token = await accounts.add(name, str(form.get("password") or ""), admin=form.get("admin") == "on")
                 return await admin_page(request, f"User {name} added.", token)
-            if action in ("remove", "disable") and name == request[USER].name:
+            if action in ("remove", "disable", "make-admin", "drop-admin") and name == request[USER].name:
                 raise AccountError(f"you cannot {action} yourself")
             if action == "remove":
                 account_id = await accounts.remove(name)
@@ -129,6 +186,9 @@ def page_routes() -> list[web.RouteDef]:
                 mine = request.get(SESSION_ID) if name == request[USER].name else None
                 await accounts.set_password(name, str(form.get("password") or ""), keep_session=mine)
                 message, shown = f"New password for {name}; their sessions were signed out.", None
+            elif action in ("make-admin", "drop-admin"):
+                await accounts.set_admin(name, action == "make-admin")
+                message, shown = f"User {name} is {'now' if action == 'make-admin' else 'no longer'} an admin.", None
             elif action in ("disable", "enable"):
                 await accounts.set_disabled(name, action == "disable")
                 message, shown = f"User {name} {action}d.", None
@@ -144,10 +204,18 @@ def page_routes() -> list[web.RouteDef]:
         _require_admin(request)
         form = await read_form(request)
         check_csrf(request, form)
-        url = str(form.get("url") or "").strip()
+        action, url = str(form.get("action") or "add"), str(form.get("url") or "").strip()
         provider = request.app[DASHBOARD]
         if provider is None or not url.startswith(("http://", "https://")):
             return await admin_page(request, "Give an instance URL (http://host:port).", status=400)
+        if action in ("remove", "drain"):
+            if not await provider.remove_instance(url, drain=action == "drain"):
+                return await admin_page(request, f"No instance {url} in the pool.", status=400)
+            if action == "drain":
+                return await admin_page(request, f"Instance {url} takes no new task; it leaves when its task ends.")
+            return await admin_page(request, f"Instance {url} removed; a task it was running runs again elsewhere.")
+        if action != "add":
+            return await admin_page(request, f"unknown action {action!r}", status=400)
         try:
             await provider.add_instance(url)
         except ValueError as exc:
@@ -155,7 +223,9 @@ def page_routes() -> list[web.RouteDef]:
         return await admin_page(request, f"Instance {url} added.")
 
     return [
-        web.get("/dashboard", dashboard), web.get("/account", account), web.post("/account", account_submit),
+        web.get(ME_PATH, me), web.get("/api" + ME_PATH, me),
+        web.get("/dashboard", dashboard), web.get("/dashboard/events", dashboard_events),
+        web.get("/account", account), web.post("/account", account_submit),
         web.post("/account/password", account_password), web.get("/admin", admin),
         web.post("/admin/users", admin_users), web.post("/admin/instances", admin_instances),
     ]

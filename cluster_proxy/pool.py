@@ -24,6 +24,7 @@ from standard.supervised import StandardChild
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
+MAX_CACHED_FILES = 256  # templates and their thumbnails kept from the pool (a few MB at most)
 
 
 class InstanceEvents:
@@ -82,10 +83,12 @@ class Instance:
     tasks_run: int = 0
     busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
     ours: Callable[[], bool] | None = None  # a spawned instance: is its own child the one answering?
+    retiring: bool = False  # an admin drains or removes it: it takes no new task
 
     @property
     def free(self) -> bool:
-        return self.state == UP and self.task_id is None and time.monotonic() >= self.busy_elsewhere_until_s
+        return (self.state == UP and self.task_id is None and not self.retiring
+                and time.monotonic() >= self.busy_elsewhere_until_s)
 
 
 class Pool:
@@ -115,6 +118,18 @@ class Pool:
         instance.events.start()
         log.info("instance %s joined the pool", url)
         return instance
+
+    async def remove(self, url: str) -> bool:
+        """Take ``url`` out of the pool and close its connections; False if it was not in it."""
+        instance = self.instances.pop(url.rstrip("/"), None)
+        if instance is None:
+            return False
+        if instance.events is not None:
+            await instance.events.aclose()
+        await instance.client.aclose()
+        self._cache.clear()
+        log.info("instance %s left the pool: removed by an admin", instance.url)
+        return True
 
     def free(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.free]
@@ -214,6 +229,29 @@ class Pool:
             self._cache[path] = (now, data)
             return data
         return hit[1] if hit is not None else None
+
+    async def cached_file(self, path: str) -> tuple[bytes, str] | None:
+        """A static file (a workflow template, its thumbnail) from any up instance, cached like ``cached_json``.
+
+        The pool's runtime decides what exists: None when the instance asked says 404 (or none is up).
+        """
+        key = "file:" + path
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self._info_cache_s:
+            return hit[1]
+        for instance in sorted(self.up(), key=lambda i: i.task_id is not None):
+            try:
+                found = await instance.client.get_file(path)
+            except InstanceError as exc:
+                log.info("GET %s from %s failed: %s", path, instance.url, exc)
+                continue
+            if sum(k.startswith("file:") for k in self._cache) >= MAX_CACHED_FILES:
+                for stale in [k for k in self._cache if k.startswith("file:")]:
+                    del self._cache[stale]
+            self._cache[key] = (now, found)
+            return found
+        return None
 
 
 class LocalInstances:

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from standard.auth import same_origin
 from standard.http_util import event_socket, json_error, parse_json, read_json_object
 from standard.server.context import instance_context
+from standard.server.identity import refuse_foreign_origin
 from standard.server.prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 from standard.server.routes_info import server_features
 from standard.server.routes_jobs import cancel_ids
@@ -27,6 +28,7 @@ from .graph import GraphRefused, check_graph
 from .keys import CORE, POOL
 from .login import USER
 from .store import Task
+from .usage import PeriodError, parse_period
 
 log = logging.getLogger("comfyserve.cluster.api")
 routes = web.RouteTableDef()
@@ -199,3 +201,25 @@ async def add_instance(request: web.Request) -> web.Response:
         raise json_error(400, "invalid_request", "url must be http(s)://host:port")
     await request.app[CORE].add_instance(url)
     return web.json_response({"instances": request.app[POOL].status()})
+
+
+@routes.get("/cluster/usage")
+async def usage(request: web.Request) -> web.Response:
+    """Admins: tasks and instance-seconds per user over ``?days=N`` or ``?since=&until=`` (YYYY-MM-DD, UTC)."""
+    refuse_foreign_origin(request)
+    if not request[USER].is_admin:
+        raise json_error(403, "forbidden", "only admins see the usage")
+    try:
+        period = parse_period(request.query)
+    except PeriodError as exc:
+        raise json_error(400, "invalid_request", str(exc)) from None
+    return web.json_response(await request.app[CORE].usage.report(period))
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Admins (a scraper uses an admin's API token): per-user usage counters. They name users: not public."""
+    refuse_foreign_origin(request)
+    if not request[USER].is_admin:
+        raise json_error(403, "forbidden", "only admins read the metrics")
+    return request.app[CORE].usage.metrics.response()

@@ -8,6 +8,7 @@
     /internal/* /i18n /extensions ...           standard.server.internal       (logs: empty — shared)
     /system_stats /features /view_metadata      standard.server.routes_info
     /object_info /embeddings /models            from the pool, cached
+    /templates/*                                from the pool, cached: the runtime's own templates
     /  (the ComfyUI frontend)                   standard.server.frontend
 """
 
@@ -17,6 +18,7 @@ import asyncio
 import copy
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -83,6 +85,30 @@ async def _pooled(request: web.Request) -> web.StreamResponse:
         workdirs = request.app[CORE].workdirs(request[USER].name)
         data = await asyncio.to_thread(with_user_inputs, data, workdirs.input)
     return web.json_response(data)
+
+
+MAX_TEMPLATE_PATH_CHARS = 512
+TEMPLATE_TYPES = ("application/json", "image/", "video/", "audio/")
+
+
+async def _pooled_template(request: web.Request) -> web.StreamResponse:
+    """A workflow template file as the pool's runtime serves it (ComfyUI's set, or the embedded engine's)."""
+    relative = request.match_info["path"]
+    parts = relative.split("/")
+    if (len(relative) > MAX_TEMPLATE_PATH_CHARS or "\\" in relative or "\x00" in relative
+            or any(part in ("", ".", "..") for part in parts)):
+        raise web.HTTPNotFound()
+    found = await request.app[POOL].cached_file("/templates/" + quote(relative))
+    if found is None:
+        if not request.app[POOL].up():
+            raise json_error(503, "no_instance", "no instance of the pool is up yet")
+        raise web.HTTPNotFound()
+    body, content_type = found
+    kind = content_type.split(";")[0].strip().lower()
+    if not kind.startswith(TEMPLATE_TYPES) or "svg" in kind or "xml" in kind:
+        content_type = "application/octet-stream"  # never HTML or script on our origin
+    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-cache",
+                                            "X-Content-Type-Options": "nosniff"})
 
 
 def with_user_inputs(object_info: dict[str, Any], user_input: Path) -> dict[str, Any]:
@@ -159,6 +185,7 @@ def setup_shared_routes(app: web.Application, scopes: Scopes) -> None:
         pooled.get(path)(_pooled)
     pooled.get("/object_info/{node_class}")(_pooled)
     pooled.get("/models/{folder}")(_pooled)
+    app.router.add_get("/templates/{path:.+}", _pooled_template)  # before the web UI's own /templates
     pooled.get("/internal/logs")(_empty_logs)
     pooled.get("/internal/logs/raw")(_empty_logs)
     pooled.patch("/internal/logs/subscribe")(_empty_logs)

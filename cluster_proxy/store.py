@@ -84,6 +84,23 @@ class Task:
         return cls(**json.loads(raw))
 
 
+@dataclass(frozen=True)
+class Usage:
+    """One finished task's use of the pool, kept apart from the history (which users may delete)."""
+
+    task_id: str
+    user: str
+    ended_ms: int
+    instance_ms: int  # from its (last) start on an instance to its end
+    status: str
+
+    @classmethod
+    def of(cls, task: Task) -> Usage:
+        ended = task.ended_ms or now_ms()
+        status = ((task.history or {}).get("status") or {}).get("status_str") or "done"
+        return cls(task.id, task.user, ended, max(0, ended - (task.started_ms or ended)), str(status))
+
+
 class StateStore(Protocol):
     """The interface both stores implement (tests run the same suite on each)."""
 
@@ -102,6 +119,9 @@ class StateStore(Protocol):
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None: ...
     async def delete(self, user: str, prompt_ids: list[str] | None, state: str) -> list[str]: ...
     async def add_instance_url(self, url: str) -> None: ...
+    async def remove_instance_url(self, url: str) -> None: ...
+    async def record_usage(self, usage: Usage) -> None: ...
+    async def usage(self, since_ms: int, until_ms: int) -> list[Usage]: ...
     async def instance_urls(self) -> list[str]: ...
     # An instance runs one task at a time, whichever proxy dispatched it: a lease per instance.
     async def lease_instance(self, url: str, holder: str, ttl_s: float) -> bool: ...
@@ -198,6 +218,9 @@ class SqliteStateStore:
             CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS instances (url TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS usage (task_id TEXT PRIMARY KEY, user TEXT NOT NULL,
+                ended_ms INTEGER NOT NULL, instance_ms INTEGER NOT NULL, status TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS usage_ended ON usage (ended_ms);
             """
         )
         self._lock = threading.Lock()
@@ -345,6 +368,19 @@ class SqliteStateStore:
 
     async def add_instance_url(self, url: str) -> None:
         await self._run(lambda: self._db.execute("INSERT OR IGNORE INTO instances (url) VALUES (?)", (url,)))
+
+    async def remove_instance_url(self, url: str) -> None:
+        await self._run(lambda: self._db.execute("DELETE FROM instances WHERE url = ?", (url,)))
+
+    async def record_usage(self, usage: Usage) -> None:
+        await self._run(lambda: self._db.execute(
+            "INSERT OR IGNORE INTO usage (task_id, user, ended_ms, instance_ms, status) VALUES (?,?,?,?,?)",
+            (usage.task_id, usage.user, usage.ended_ms, usage.instance_ms, usage.status)))
+
+    async def usage(self, since_ms: int, until_ms: int) -> list[Usage]:
+        return await self._run(lambda: [Usage(*row) for row in self._db.execute(
+            "SELECT task_id, user, ended_ms, instance_ms, status FROM usage WHERE ended_ms >= ? AND ended_ms < ?"
+            " ORDER BY ended_ms", (since_ms, until_ms))])
 
     async def instance_urls(self) -> list[str]:
         return await self._run(lambda: [row[0] for row in self._db.execute("SELECT url FROM instances ORDER BY url")])

@@ -29,6 +29,7 @@ from .store import (
     RUNNING,
     Task,
     TransitionRefused,
+    Usage,
     _order,
     adopt_change,
     claim_change,
@@ -219,6 +220,21 @@ class RedisStateStore:
 
     async def add_instance_url(self, url: str) -> None:
         await self._redis.sadd(f"{self._p}instances", url)
+
+    async def remove_instance_url(self, url: str) -> None:
+        await self._redis.srem(f"{self._p}instances", url)
+
+    async def record_usage(self, usage: Usage) -> None:
+        member = json.dumps([usage.task_id, usage.user, usage.instance_ms, usage.status], separators=(",", ":"))
+        await self._redis.zadd(f"{self._p}usage", {member: usage.ended_ms}, nx=True)
+
+    async def usage(self, since_ms: int, until_ms: int) -> list[Usage]:
+        rows = await self._redis.zrangebyscore(f"{self._p}usage", since_ms, f"({until_ms}", withscores=True)
+        found = []
+        for member, score in rows:
+            task_id, user, instance_ms, status = json.loads(member)
+            found.append(Usage(task_id, user, int(score), int(instance_ms), status))
+        return found
 
     async def instance_urls(self) -> list[str]:
         return sorted(await self._redis.smembers(f"{self._p}instances"))

@@ -195,6 +195,15 @@ class InstanceClient:
     async def system_stats(self) -> dict[str, Any]:
         return await self.get_json("/system_stats")
 
+    async def get_file(self, path: str) -> tuple[bytes, str] | None:
+        """A static file of the instance (``/templates/...``): its bytes and content type; None if absent."""
+        response = await self._request("GET", path, retries=self.timeouts.get_retries)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise InstanceError(f"GET {path}: HTTP {response.status_code}")
+        return response.content, response.headers.get("Content-Type", "application/octet-stream")
+
     async def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         """The bytes of an output/input/temp file (``/view``)."""
         response = await self._request(

@@ -58,13 +58,19 @@ class Provider:
         self.disconnected: list[str] = []
 
     async def user_view(self, user: User) -> dict[str, Any]:
-        return {"queue": [{"prompt_id": f"{user.name}-q1", "position": 1, "state": "pending"}],
-                "history": [{"prompt_id": f"{user.name}-h1", "status": "success",
-                             "outputs": [{"filename": "a_00001_.png", "subfolder": "", "type": "output"}]}],
-                "instances": [{"url": u, "state": "ready", "running": None} for u in self.added]}
+        return {"queue": [{"prompt_id": f"{user.name}-q1", "what": "SaveImage · 2 nodes", "submitted": "",
+                           "state": "waiting", "detail": "#2 in line", "notes": ""}],
+                "history": [{"prompt_id": f"{user.name}-h1", "what": "", "submitted": "", "ended": "", "took": "",
+                             "status": "success", "notes": "",
+                             "outputs": [{"name": "a_00001_.png", "url": "/view?filename=a_00001_.png",
+                                          "thumbnail": "yes"}]}],
+                "instances": [{"name": u, "state": "up", "running": "", "tasks_run": "0"} for u in self.added]}
 
     async def add_instance(self, url: str) -> None:
         self.added.append(url)
+
+    async def remove_instance(self, url: str, *, drain: bool) -> bool:
+        return False
 
     async def remove_user(self, name: str, account_id: str) -> None:
         self.removed.append(name)

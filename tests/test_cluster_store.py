@@ -81,6 +81,21 @@ async def test_instance_urls_are_kept(store: Any) -> None:
     assert await store.instance_urls() == ["http://a", "http://b"]
 
 
+async def test_instance_urls_can_be_forgotten_and_usage_is_kept_once(store: Any) -> None:
+    from cluster_proxy.store import Usage
+
+    await store.add_instance_url("http://a:1")
+    await store.add_instance_url("http://b:2")
+    await store.remove_instance_url("http://a:1")
+    assert await store.instance_urls() == ["http://b:2"]
+    first, second = Usage("t1", "alice", 1000, 250, "success"), Usage("t2", "bob", 5000, 10, "error")
+    for usage in (first, second, first):  # a repeated record counts once
+        await store.record_usage(usage)
+    assert await store.usage(0, 10_000) == [first, second]
+    assert await store.usage(1001, 5000) == []
+    assert await store.usage(1000, 5001) == [first, second]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_a_proxy_restart_loses_nothing(start_cluster, aiohttp_server, request, backend: str) -> None:
     from cluster_proxy.app import create_cluster_app

@@ -228,7 +228,9 @@ async def test_own_extension_routes_for_a_proxying_front(aiohttp_client) -> None
     from standard.server.extensions import own_extension_urls
     from standard.server.frontend import own_extension_routes
 
-    assert own_extension_urls() == ["/extensions/comfyserve/restart.js"]
+    assert own_extension_urls() == ["/extensions/comfyserve/cluster.js", "/extensions/comfyserve/default_workflow.js",
+                                    "/extensions/comfyserve/identity.js",
+                                    "/extensions/comfyserve/restart.js"]
     app = web.Application()
     app.router.add_routes(own_extension_routes())
     client = await aiohttp_client(app)

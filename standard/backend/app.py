@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..http_util import json_error
 from ..server.extensions import OWN_EXTENSION_NAME, own_extension_urls
 from ..server.frontend import own_extension_routes
+from ..server.identity import ME_PATH, token_identity_routes
 from ..server.middlewares import json_errors_middleware
 from ..server.prompt_request import refused_while_draining
 from ..server.routes_info import without_secrets
@@ -96,6 +97,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         app.router.add_get(prefix + "/extensions", extensions)
         app.router.add_get(prefix + "/system_stats", system_stats)
     app.router.add_routes(own_extension_routes())  # the restart button, added to ComfyUI's web UI
+    app.router.add_routes(token_identity_routes(login=settings.token is not None))  # our user menu
     app.router.add_route("*", "/{tail:.*}", proxy)
     local = ("/healthz", "/readyz", "/metrics", "/restart", "/extensions", "/system_stats")
     app[FAST_PATH] = FastPathConfig(
@@ -103,7 +105,7 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         token=settings.token, base_url=lambda: None if is_draining(app) else backend.base_url,
         # /view takes the slow path too: its headers are rewritten there (file_headers policy)
         local_paths=frozenset({prefix + path for prefix in ("", "/api") for path in local}
-                              | {"/login", "/logout"} | FILE_ROUTES),
+                              | {"/login", "/logout", ME_PATH, "/api" + ME_PATH} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
     )

@@ -26,6 +26,7 @@ from ..serving import drain_of
 from ..settings import StandardSettings
 from . import keys, routes_files, routes_info, routes_jobs, routes_ops, routes_prompt, routes_ws
 from .frontend import setup_frontend
+from .identity import token_identity_routes
 from .internal import setup_internal_routes
 from .middlewares import json_errors_middleware
 from .prompt_server import PromptServer
@@ -57,6 +58,7 @@ def create_embedded_app(settings: StandardSettings) -> web.Application:
         app.router.add_routes(guard.login_routes())
     for module in (routes_prompt, routes_jobs, routes_ws, routes_info, routes_files, routes_ops):
         add_routes_with_api_prefix(app, module.routes)
+    app.router.add_routes(token_identity_routes(login=settings.token is not None))
     setup_userdata(app)
     setup_internal_routes(app)
     setup_frontend(app)  # last: it serves the frontend's files under /
