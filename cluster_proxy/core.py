@@ -21,7 +21,7 @@ from .accounts import User
 from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
 from .hub import UserHub
 from .outputs import OutputCollector
-from .pool import Instance, Pool
+from .pool import Instance, Pool, instance_url, shown
 from .retire import retire_user
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
@@ -452,17 +452,15 @@ class ClusterCore:
         An address nothing answers at, or something that is not a comfyserve instance, is refused
         (``ValueError``) rather than listed as "starting" forever.
         """
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("an instance URL is http(s)://host:port")
-        url = url.rstrip("/")
+        url = instance_url(url)
         if url not in self.pool.instances:
             async with InstanceClient(url, self.instance_token, timeouts=ADD_CHECK_TIMEOUTS) as client:
                 if not await client.ready():
-                    raise ValueError(f"{url} is not a ready instance: its /readyz did not answer 200")
+                    raise ValueError(f"{shown(url)} is not a ready instance: its /readyz did not answer 200")
                 try:
                     await client.get_json("/system_stats")
                 except InstanceError as exc:
-                    raise ValueError(f"{url} answers but refuses the instance token ({exc})") from None
+                    raise ValueError(f"{shown(url)} answers but refuses the instance token ({exc})") from None
         await self.store.add_instance_url(url)
         self.pool.add(url, self.instance_token)
         await self.pool.check_all()

@@ -1,0 +1,115 @@
+"""The admin page's form routes (``POST /admin/users``, ``POST /admin/instances``): who may call them,
+and hostile input (bad or huge instance URLs, control characters, long names) answered with a clear 4xx."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aiohttp
+import pytest
+from test_access_guard_editions import browser
+
+from cluster_proxy.app import ACCOUNTS_KEY
+from standard.guard import AccessPolicy
+from support.access import EVIL_ORIGINS
+from support.cluster import PASSWORD
+
+FORMS = (("/admin/users", {"action": "make-admin", "name": "alice"}),
+         ("/admin/users", {"action": "remove", "name": "alice"}),
+         ("/admin/instances", {"action": "add", "url": "http://127.0.0.1:9"}),
+         ("/admin/instances", {"action": "drain", "url": "http://127.0.0.1:9"}))
+
+
+async def login_as(session: aiohttp.ClientSession, url: str, name: str) -> None:
+    resp = await session.post(url + "/login", data={"name": name, "password": PASSWORD, "next": "/"},
+                              headers={"Origin": url}, allow_redirects=False)
+    assert resp.status == 302
+
+
+async def csrf_of(session: aiohttp.ClientSession, url: str) -> str:
+    page = await (await session.get(url + "/admin", headers={"Accept": "text/html"})).text()
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found, page[:300]
+    return found.group(1)
+
+
+async def unchanged(cluster: Any) -> None:
+    """Nothing the refused forms named happened: alice is a plain user and no instance came or went."""
+    alice = await cluster.app[ACCOUNTS_KEY].get("alice")
+    assert alice is not None and not alice.is_admin
+    assert list(cluster.pool.instances) == [str(s.make_url("")).rstrip("/") for s in cluster.instances]
+    assert await cluster.core.store.instance_urls() == []
+
+
+@pytest.mark.parametrize(("path", "form"), FORMS)
+async def test_admin_forms_refuse_everyone_but_an_admins_own_page(start_cluster, path: str,
+                                                                  form: dict[str, str]) -> None:
+    cluster = await start_cluster(instances=1, users=("root", "alice"), admin="root",
+                                  access=AccessPolicy.build(allowed_hosts=["127.0.0.1"]))
+    async with cluster.http(None) as anonymous:
+        assert (await anonymous.post(path, data=form)).status == 401
+        assert (await anonymous.post(path, data=form, headers={"Authorization": "Bearer nope"})).status == 401
+    async with cluster.http("alice") as alice:  # a user, with the right form
+        resp = await alice.post(path, data=form)
+        assert resp.status == 403 and (await resp.json())["error"]["type"] == "forbidden"
+    async with cluster.http("root") as script:  # an admin's token: no page, so no CSRF value to send
+        resp = await script.post(path, data={**form, "csrf": "x"})
+        assert resp.status == 403 and "CSRF" in (await resp.json())["error"]["message"]
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+        csrf = await csrf_of(root, cluster.url)
+        for origin in EVIL_ORIGINS:  # a page elsewhere posting with the admin's cookie
+            resp = await root.post(cluster.url + path, data={**form, "csrf": csrf}, headers={"Origin": origin})
+            assert resp.status == 403, origin
+        resp = await root.post(cluster.url + path, data={**form, "csrf": csrf[:-2] + "00"},
+                               headers={"Origin": cluster.url})
+        assert resp.status == 403  # a forged CSRF value
+        resp = await root.post(cluster.url + path, data={**form, "csrf": csrf},
+                               headers={"Origin": "http://evil.example", "Host": "evil.example"})
+        assert resp.status == 421  # a rebound DNS name
+    await unchanged(cluster)
+
+
+HOSTILE_URLS = ("", "http://", "https://", "http://:80", "http:///x", "http://[::1", "http://host:99999",
+                "http://host:-1", "http://a b.example", "http://\x00host", "http://host\r\nX-Evil: 1",
+                "http://user:pw@127.0.0.1:9", "file:///etc/passwd", "javascript:alert(1)", "ftp://host",
+                "http://" + "a" * 5000 + ".example", "http://127.0.0.1:9/" + "p" * 20000, "\x1b[31mhttp://x")
+
+
+@pytest.mark.parametrize("url", HOSTILE_URLS, ids=lambda u: repr(u[:30]))
+async def test_hostile_instance_urls_get_a_clear_400(start_cluster, url: str) -> None:
+    cluster = await start_cluster(instances=1, users=("root", "alice"), admin="root")
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+        csrf = await csrf_of(root, cluster.url)
+        for action in ("add", "remove", "drain"):
+            resp = await root.post(cluster.url + "/admin/instances", data={"action": action, "url": url, "csrf": csrf},
+                                   headers={"Origin": cluster.url, "Accept": "text/html"})
+            page = await resp.text()
+            assert resp.status == 400, (action, resp.status, page[-400:])
+            notice = re.search(r'<p class="notice" role="status">([^<]*)</p>', page)
+            assert notice and len(notice.group(1)) < 400, action  # said, and short: never the whole input back
+            assert "\x00" not in page and "\x1b" not in page and "X-Evil" not in resp.headers
+    await unchanged(cluster)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 5000, "alice\x00", "alice\r\nX-Evil: 1", "../root", "<b>bob</b>",
+                                  "\u202ealice"], ids=lambda n: repr(n[:20]))
+async def test_hostile_user_names_get_a_clear_400(start_cluster, name: str) -> None:
+    cluster = await start_cluster(instances=1, users=("root", "alice"), admin="root")
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+        csrf = await csrf_of(root, cluster.url)
+        for action in ("make-admin", "drop-admin", "disable", "enable", "reset-token", "remove", "passwd", "add"):
+            resp = await root.post(cluster.url + "/admin/users",
+                                   data={"action": action, "name": name, "password": "long enough pw", "csrf": csrf},
+                                   headers={"Origin": cluster.url, "Accept": "text/html"})
+            page = await resp.text()
+            assert resp.status == 400, (action, resp.status, page[-400:])
+            assert "<b>bob</b>" not in page and "\x00" not in page and "X-Evil" not in resp.headers
+        resp = await root.post(cluster.url + "/admin/users", data={"action": "x" * 5000, "name": "alice",
+                                                                   "csrf": csrf}, headers={"Origin": cluster.url})
+        assert resp.status == 400
+    await unchanged(cluster)
+    assert {u.name for u in await cluster.app[ACCOUNTS_KEY].list()} == {"alice", "root"}
