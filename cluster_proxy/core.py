@@ -23,6 +23,7 @@ from .hub import UserHub
 from .outputs import OutputCollector
 from .pool import Instance, Pool, instance_url, shown
 from .retire import retire_user
+from .rolling import RollingRestart
 from .runner import InstanceLost, TaskRun, error_history
 from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
@@ -50,6 +51,7 @@ class ClusterCore:
         self.hub = UserHub()
         self.changes = Changes()  # wakes the dashboards' live streams
         self.usage = UsageMeter(store)
+        self.restart = RollingRestart(self)
         self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
         self.runs: dict[str, TaskRun] = {}
         self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
@@ -74,6 +76,8 @@ class ClusterCore:
             self._spawn(self._watch_proxies())
 
     async def aclose(self) -> None:
+        if self.restart.job is not None:
+            self.restart.job.cancel()
         await self.scheduler.aclose()
         for task in list(self._tasks):
             task.cancel()
@@ -415,7 +419,8 @@ class ClusterCore:
                     running = f"{run.task.user}: {run.task.prompt_id}" + (f" at node {node}" if node else "")
                 else:
                     running = "your task" if run.task.user == user.name else "busy"
-            rows.append({"name": instance.url if user.is_admin else f"instance {number}", "state": instance.state,
+            state = "restarting" if self.restart.current == instance.url else instance.state
+            rows.append({"name": instance.url if user.is_admin else f"instance {number}", "state": state,
                          "running": running, "tasks_run": str(instance.tasks_run)})
         return rows
 

@@ -149,6 +149,10 @@ class Pool:
         log.info("instance %s joined the pool", url)
         return instance
 
+    def forget_cached(self) -> None:
+        """Drop the cached answers (node list, templates): an instance reloaded its plugins."""
+        self._cache.clear()
+
     async def remove(self, url: str) -> bool:
         """Take ``url`` out of the pool and close its connections; False if it was not in it."""
         instance = self.instances.pop(url.rstrip("/"), None)

@@ -223,3 +223,30 @@ async def metrics(request: web.Request) -> web.Response:
     if not request[USER].is_admin:
         raise json_error(403, "forbidden", "only admins read the metrics")
     return request.app[CORE].usage.metrics.response()
+
+
+@routes.post("/restart")
+async def restart(request: web.Request) -> web.Response:
+    """Admins: a rolling restart of the pool (see rolling.py), answered 202 at once; 409 while one runs."""
+    if not request[USER].is_admin:
+        raise json_error(403, "forbidden", "Only an admin can restart the pool: it reloads every instance's plugins. "
+                         "Ask an admin of this cluster.")
+    rolling = request.app[CORE].restart
+    try:
+        urls = rolling.start()
+    except RuntimeError as exc:
+        raise json_error(409, "restart_running", str(exc)) from None
+    count = len(urls)
+    return web.json_response({"restarting": True, "instances": count,
+                              "message": f"Rolling restart of {count} instance{'s' if count != 1 else ''} started: "
+                                         "each is drained, restarted and rejoins; queued work waits, none is lost."},
+                             status=202)
+
+
+@routes.get("/restart")
+async def restart_status(request: web.Request) -> web.Response:
+    """Admins: where the rolling restart is (the admin page and scripts follow it)."""
+    refuse_foreign_origin(request)
+    if not request[USER].is_admin:
+        raise json_error(403, "forbidden", "only admins see the pool's restarts")
+    return web.json_response(request.app[CORE].restart.status())

@@ -245,6 +245,13 @@ class InstanceClient:
             return False
         return response.status_code == 200
 
+    async def restart(self, timeout_s: float = 180.0) -> dict[str, Any]:
+        """``POST /restart``: the instance reloads its plugins (or restarts its ComfyUI child, which is
+        slow: hence its own ``timeout_s``); its JSON answer."""
+        timeout = httpx.Timeout(timeout_s, connect=self.timeouts.connect_s)
+        response = await self._request("POST", "/restart", json={}, timeout=timeout)
+        return _json_or_raise(response, "POST /restart")
+
     async def _post_ok(self, path: str, body: dict[str, Any]) -> None:
         response = await self._request("POST", path, json=body)
         if response.status_code != 200:

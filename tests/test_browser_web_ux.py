@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,15 @@ def close_templates(page: object) -> None:
     page.get_by_text("Empty image").first.wait_for(timeout=LOAD_TIMEOUT_MS)  # type: ignore[attr-defined]
     page.keyboard.press("Escape")  # type: ignore[attr-defined]
     page.locator("[data-testid=dialog-overlay]").wait_for(state="detached", timeout=LOAD_TIMEOUT_MS)  # type: ignore
+
+
+def poll(user: UserPage, script: str, timeout_s: float = 120.0) -> object:
+    """The first truthy result of the page running ``script`` (an async function), checked every 0.2 s."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := user.page.evaluate(script)):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"never true: {script}"
+        time.sleep(0.2)
+    return result
 
 
 def open_user_menu(user: UserPage) -> list[str]:
@@ -223,4 +233,25 @@ def test_the_admin_confirms_before_removing_a_user(proxy: Proxy, browser: object
     page.locator("#users tr", has_text="bob").get_by_role("button", name="Remove").click()
     page.get_by_text("User bob removed").wait_for(timeout=LOAD_TIMEOUT_MS)
     assert page.locator("#users tr", has_text="bob").count() == 0
+    assert alice.bad == []
+
+
+def test_restart_button_rolls_the_pool_for_admins_and_explains_itself_to_users(proxy: Proxy,
+                                                                              browser: object) -> None:
+    alice, bob = login(browser, proxy, "alice"), login(browser, proxy, "bob")
+    queued = [bob.page.evaluate("""async (prompt) => (await (await fetch('/api/prompt', {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt})})).json()).prompt_id""",
+                                graph(f"roll{n}", color=40 + n, seconds=0.5)) for n in range(3)]
+    bob.page.locator("button[aria-label='Restart server']").click()
+    bob.page.get_by_text("Restart refused").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    bob.page.get_by_text("Only an admin can restart the pool").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    alice.page.locator("button[aria-label='Restart server']").click()
+    alice.page.get_by_text("Rolling restart started").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    status = poll(alice, "async () => { const s = await (await fetch('/api/restart')).json();"
+                         " return s.running ? null : s; }")
+    assert len(status["done"]) == 1 and status["failed"] == {}
+    for prompt_id in queued:  # nothing lost: every queued task finished
+        entry = poll(bob, f"async () => (await (await fetch('/api/history/{prompt_id}')).json())['{prompt_id}']")
+        assert entry["status"]["status_str"] == "success"
+    assert bob.bad == [(403, "POST", proxy.url + "/api/restart")]
     assert alice.bad == []

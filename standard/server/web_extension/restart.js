@@ -1,7 +1,8 @@
 // comfyserve: a "Restart server" button and command for the ComfyUI frontend.
 // POST /api/restart re-scans the data dir and re-imports the plugins (embedded
 // engine) or restarts the ComfyUI child (real-ComfyUI runtime); the result is
-// reported as a toast and the node definitions are refreshed afterwards.
+// reported as a toast and the node definitions are refreshed afterwards. In the cluster
+// edition it starts a rolling restart of the pool (202, admins only; 403 for other users).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -41,10 +42,12 @@ async function requestRestart() {
 export async function restartServer() {
   const result = await requestRestart();
   window.comfyserveLastRestart = result;
-  if (result.ok) {
+  if (result.ok && result.status === 202) {
+    report("info", "Rolling restart started", result.body?.message ?? "The pool restarts one instance at a time.");
+  } else if (result.ok) {
     report("success", "Server restarted", "Models and plugins were reloaded.");
     await app.extensionManager?.command?.execute?.("Comfy.RefreshNodeDefinitions");
-  } else if (result.status === 409) {
+  } else if (result.status === 409 || result.status === 403) {
     report("warn", "Restart refused", result.message);
   } else {
     report("error", "Restart failed", result.message);
