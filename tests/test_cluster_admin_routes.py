@@ -11,9 +11,11 @@ import pytest
 from test_access_guard_editions import browser
 
 from cluster_proxy.app import ACCOUNTS_KEY
+from cluster_proxy.store import now_ms
 from standard.guard import AccessPolicy
 from support.access import EVIL_ORIGINS
-from support.cluster import PASSWORD
+from support.cluster import PASSWORD, graph
+from support.wait import until
 
 FORMS = (("/admin/users", {"action": "make-admin", "name": "alice"}),
          ("/admin/users", {"action": "remove", "name": "alice"}),
@@ -113,3 +115,30 @@ async def test_hostile_user_names_get_a_clear_400(start_cluster, name: str) -> N
         assert resp.status == 400
     await unchanged(cluster)
     assert {u.name for u in await cluster.app[ACCOUNTS_KEY].list()} == {"alice", "root"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_usage_counts_the_instance_time_of_a_handed_back_attempt(start_cluster, request, backend: str) -> None:
+    settings = {"redis_url": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    cluster = await start_cluster(instances=2, users=("root", "alice"), admin="root", **settings)
+    alice = cluster.user("alice")
+    prompt_id = await alice.submit(graph("billed", color=31, seconds=30.0))
+    await until(lambda: any(i.task_id for i in cluster.pool.instances.values()), timeout_s=20)
+    busy = next(i for i in cluster.pool.instances.values() if i.task_id)
+    first = await cluster.core.store.get("alice", prompt_id)
+    assert first is not None and first.started_ms is not None
+    # The condition measured: the first attempt has held its instance for at least a second.
+    await until(lambda: now_ms() - first.started_ms >= 1000, timeout_s=10)
+    removed_at_ms = now_ms()
+    assert await cluster.core.remove_instance(busy.url, drain=False)
+    await until(lambda: any(run.task.prompt_id == prompt_id and run.last_node == "2"  # sleeping elsewhere now
+                            for run in cluster.core.runs.values()), timeout_s=20)
+    await alice.interrupt(prompt_id)  # the second attempt need not sleep 30 s
+    await until(lambda: alice.history_entry(prompt_id), timeout_s=30)
+    done = await cluster.core.store.get("alice", prompt_id)
+    assert done is not None and done.ended_ms is not None and done.started_ms is not None
+    at_least_ms = (removed_at_ms - first.started_ms) + (done.ended_ms - done.started_ms)
+    async with cluster.http("root") as root:
+        report = await (await root.get("/cluster/usage?days=1")).json()
+    row = next(r for r in report["users"] if r["user"] == "alice")
+    assert row["tasks"] == 1 and row["instance_seconds"] >= round(at_least_ms / 1000, 1)
