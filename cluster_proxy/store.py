@@ -342,7 +342,24 @@ class SqliteStateStore:
         return await self._transition(task_id, RUNNING, requeue_change(note))
 
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
-        task = await self._transition(task_id, RUNNING, finish_change(history))
+        """Done, and its usage recorded in the same transaction: no crash can keep one without the other."""
+        def finish() -> Task | None:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                task = self._one(task_id)
+                if task is None or task.state != RUNNING:
+                    self._db.execute("ROLLBACK")
+                    return None
+                finish_change(history)(task)
+                self._write(task)
+                self._insert_usage(Usage.of(task))
+                self._db.execute("COMMIT")
+                return task
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+        task = await self._run(finish)
         if task is not None:
             await self._run(self._prune, task.user)
         return task
@@ -376,10 +393,13 @@ class SqliteStateStore:
     async def remove_instance_url(self, url: str) -> None:
         await self._run(lambda: self._db.execute("DELETE FROM instances WHERE url = ?", (url,)))
 
-    async def record_usage(self, usage: Usage) -> None:
-        await self._run(lambda: self._db.execute(
+    def _insert_usage(self, usage: Usage) -> None:
+        self._db.execute(
             "INSERT OR IGNORE INTO usage (task_id, user, ended_ms, instance_ms, status) VALUES (?,?,?,?,?)",
-            (usage.task_id, usage.user, usage.ended_ms, usage.instance_ms, usage.status)))
+            (usage.task_id, usage.user, usage.ended_ms, usage.instance_ms, usage.status))
+
+    async def record_usage(self, usage: Usage) -> None:
+        await self._run(self._insert_usage, usage)
 
     async def usage(self, since_ms: int, until_ms: int) -> list[Usage]:
         return await self._run(lambda: [Usage(*row) for row in self._db.execute(

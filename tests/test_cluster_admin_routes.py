@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 from test_access_guard_editions import browser
+from test_cluster_store import _task, store  # noqa: F401 (the store fixture: SQLite and Redis)
 
 from cluster_proxy.app import ACCOUNTS_KEY
 from cluster_proxy.store import now_ms
@@ -142,3 +143,19 @@ async def test_usage_counts_the_instance_time_of_a_handed_back_attempt(start_clu
         report = await (await root.get("/cluster/usage?days=1")).json()
     row = next(r for r in report["users"] if r["user"] == "alice")
     assert row["tasks"] == 1 and row["instance_seconds"] >= round(at_least_ms / 1000, 1)
+
+
+async def test_a_finish_and_its_usage_are_one_write(store) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Nothing but ``finish``: a proxy dying right after it must not lose the task's usage."""
+    task = _task("alice", "p1", 1)
+    assert await store.add(task)
+    assert await store.claim(task.id, "http://a:1", "proxy") is not None
+    assert await store.requeue(task.id, "handed back: test") is not None
+    claimed = await store.claim(task.id, "http://b:2", "proxy")
+    assert claimed is not None and claimed.earlier_attempts_ms >= 0
+    done = await store.finish(task.id, {"outputs": {}, "status": {"status_str": "success"}, "meta": {}})
+    assert done is not None
+    [usage] = await store.usage(0, now_ms() + 1)
+    assert (usage.task_id, usage.user, usage.status) == (task.id, "alice", "success")
+    assert usage.instance_ms == done.earlier_attempts_ms + done.ended_ms - done.started_ms
+    assert await store.finish(task.id, {}) is None and len(await store.usage(0, now_ms() + 1)) == 1
