@@ -60,6 +60,7 @@ class ClusterCore:
         self._workdirs: dict[str, WorkDirs] = {}
         self._last_sent: dict[str, list[dict[str, Any]]] = {}
         self.proxy_id = uuid.uuid4().hex  # who follows a running task (see _adopt_orphans)
+        self.fixed_urls: set[str] = set()  # --instances and --instance-url: not the store's list to take away
         self.scheduler.proxy_id = self.proxy_id
 
     # -- lifecycle --------------------------------------------------------------------
@@ -134,8 +135,25 @@ class ClusterCore:
             try:
                 await self.store.heartbeat(self.proxy_id, HEARTBEAT_TTL_S)
                 await self._adopt_orphans()
+                await self._follow_instance_list()
             except Exception:  # a store hiccup: try again next round
                 log.exception("proxy heartbeat failed")
+
+    async def _follow_instance_list(self) -> None:
+        """Instances a sibling proxy added or removed (shared store): the same here, within a heartbeat.
+
+        One removed there leaves this pool once the task this proxy runs on it ends (a drain), so
+        no task is cut; without this a sibling kept dispatching to an instance an admin had removed.
+        """
+        listed = set(await self.store.instance_urls())
+        for url in sorted(listed - set(self.pool.instances)):
+            self.pool.add(url, self.instance_token)
+            self.scheduler.wake()
+        for url, instance in list(self.pool.instances.items()):
+            if url not in listed and url not in self.fixed_urls and not instance.retiring:
+                log.info("instance %s was removed by another proxy: it leaves here too", url)
+                instance.retiring = True
+                self._spawn(self._remove_when_idle(instance))
 
     async def _adopt_orphans(self) -> None:
         """Running tasks no live proxy follows (a restart, a crash): follow them to the end, or queue them again."""

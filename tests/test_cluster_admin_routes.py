@@ -159,3 +159,29 @@ async def test_a_finish_and_its_usage_are_one_write(store) -> None:  # type: ign
     assert (usage.task_id, usage.user, usage.status) == (task.id, "alice", "success")
     assert usage.instance_ms == done.earlier_attempts_ms + done.ended_ms - done.started_ms
     assert await store.finish(task.id, {}) is None and len(await store.usage(0, now_ms() + 1)) == 1
+
+
+async def test_sibling_proxies_follow_the_admins_instance_list(start_cluster, aiohttp_server, redis_url: str) -> None:
+    """Two proxies on one Redis: an instance an admin adds or removes on one joins or leaves the other too."""
+    from cluster_proxy.app import create_cluster_app
+    from cluster_proxy.keys import CORE, POOL
+    from cluster_proxy.settings import ClusterSettings
+    from standard.server.app import create_embedded_app
+    from standard.settings import StandardSettings
+    from support.cluster import INSTANCE_TOKEN
+
+    first = await start_cluster(instances=1, users=("root", "alice"), admin="root", redis_url=redis_url)
+    fixed = next(iter(first.pool.instances))
+    sibling = await aiohttp_server(await create_cluster_app(ClusterSettings(
+        data_dir=first.data_dir, instance_urls=(fixed,), instance_token=INSTANCE_TOKEN, health_interval_s=0.2,
+        instance_lost_s=1.0, redis_url=redis_url)))
+    other_pool = sibling.app[POOL]
+    extra = await aiohttp_server(create_embedded_app(StandardSettings(data_dir=first.data_dir, token=INSTANCE_TOKEN)))
+    url = str(extra.make_url("")).rstrip("/")
+    await first.core.add_instance(url)
+    await until(lambda: url in other_pool.instances and other_pool.instances[url].state == "up", timeout_s=15,
+                what="the sibling took the added instance")
+    assert await first.core.remove_instance(url, drain=False)
+    await until(lambda: url not in other_pool.instances, timeout_s=15, what="the sibling let the instance go")
+    assert fixed in other_pool.instances and fixed in first.pool.instances  # --instance-url ones stay
+    assert sibling.app[CORE].fixed_urls == {fixed}
