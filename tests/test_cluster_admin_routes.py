@@ -185,3 +185,26 @@ async def test_sibling_proxies_follow_the_admins_instance_list(start_cluster, ai
     await until(lambda: url not in other_pool.instances, timeout_s=15, what="the sibling let the instance go")
     assert fixed in other_pool.instances and fixed in first.pool.instances  # --instance-url ones stay
     assert sibling.app[CORE].fixed_urls == {fixed}
+
+
+async def test_the_admin_page_shows_usage_for_chosen_dates(start_cluster) -> None:
+    import time
+
+    cluster = await start_cluster(instances=1, users=("root", "alice"), admin="root")
+    await cluster.user("alice").run(graph("dated", color=41), timeout_s=30)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    async with browser() as root:
+        await login_as(root, cluster.url, "root")
+
+        async def page(query: str) -> tuple[int, str]:
+            resp = await root.get(f"{cluster.url}/admin?{query}", headers={"Accept": "text/html"})
+            return resp.status, await resp.text()
+
+        status, html = await page("days=7&since=2020-01-01&until=2020-01-31")
+        assert status == 200 and "2020-01-01 to 2020-01-31 (UTC)" in html and "No task finished" in html
+        assert 'name="since" type="date" value="2020-01-01"' in html
+        assert 'href="/cluster/usage?since=2020-01-01&amp;until=2020-01-31"' in html
+        status, html = await page(f"days=7&since={today}&until=")
+        assert status == 200 and re.search(r"<td>alice</td><td>1</td><td>0</td>", html)
+        status, html = await page("since=%3Cscript%3Ealert(1)%3C/script%3E")
+        assert status == 400 and "<script>alert" not in html and "a date is YYYY-MM-DD" in html
