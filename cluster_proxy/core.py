@@ -502,18 +502,24 @@ class ClusterCore:
             return False
         instance.retiring = True
         await self.store.remove_instance_url(instance.url)
-        if drain and instance.task_id is not None:
+        run = self.runs.get(instance.task_id or "")
+        if drain and self.busy(instance) or run is None and self.busy(instance):
+            # A run that freed the instance still reads the task's history from it: let it finish.
             self._spawn(self._remove_when_idle(instance))
             return True
-        run = self.runs.get(instance.task_id or "")
         if run is not None:
             await self._hand_back(run, f"{self.pool.display_name(instance)} was removed by an admin")
         await self.pool.remove(instance.url)
         await self.broadcast_queues()
         return True
 
+    def busy(self, instance: Instance) -> bool:
+        """A task holds ``instance``, or a run of ours still reads its result there (after the end-of-prompt
+        marker frees the instance for the next task, the proxy fetches the history from it)."""
+        return instance.task_id is not None or any(run.instance is instance for run in self.runs.values())
+
     async def _remove_when_idle(self, instance: Instance) -> None:
-        while instance.task_id is not None and instance.url in self.pool.instances:
+        while self.busy(instance) and instance.url in self.pool.instances:
             await self.changes.wait(1.0)  # a task's end bumps the pulse (broadcast_queues)
         await self.pool.remove(instance.url)
         await self.broadcast_queues()

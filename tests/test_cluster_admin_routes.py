@@ -208,3 +208,48 @@ async def test_the_admin_page_shows_usage_for_chosen_dates(start_cluster) -> Non
         assert status == 200 and re.search(r"<td>alice</td><td>1</td><td>0</td>", html)
         status, html = await page("since=%3Cscript%3Ealert(1)%3C/script%3E")
         assert status == 400 and "<script>alert" not in html and "a date is YYYY-MM-DD" in html
+
+
+async def test_removing_an_instance_waits_for_the_result_its_last_task_left_there(start_cluster, aiohttp_server,
+                                                                                   data_dir) -> None:
+    """The end-of-prompt marker frees an instance before the proxy reads the task's history from it: an
+    admin's removal in that moment must wait for the read (it closed the connection: the task failed)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from standard.server.app import create_embedded_app
+    from standard.settings import StandardSettings
+    from support.cluster import INSTANCE_TOKEN, write_sleep_plugin
+
+    write_sleep_plugin(data_dir)
+    cluster_box: list[Any] = []
+    window, gate = asyncio.Event(), asyncio.Event()
+
+    @web.middleware
+    async def hold_history_reads(request: web.Request, handler: Any) -> Any:
+        """Hold the proxy's history read once the task freed the instance (the window an admin may hit)."""
+        if request.path.startswith("/history/") and cluster_box:
+            instance = next(iter(cluster_box[0].pool.instances.values()))
+            if instance.task_id is None and cluster_box[0].core.runs:
+                window.set()
+                await gate.wait()
+        return await handler(request)
+
+    app = create_embedded_app(StandardSettings(data_dir=data_dir, token=INSTANCE_TOKEN))
+    app.middlewares.append(hold_history_reads)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    cluster = await start_cluster(instances=0, users=("root", "alice"), admin="root", instance_urls=(url,))
+    cluster_box.append(cluster)
+    alice = cluster.user("alice")
+    prompt_id = await alice.submit(graph("last", color=51, seconds=0.2))
+    async with asyncio.timeout(30):
+        await window.wait()
+    assert await cluster.core.remove_instance(url, drain=False)
+    assert url in cluster.pool.instances  # not yet: the result is still being read
+    gate.set()
+    await until(lambda: url not in cluster.pool.instances, timeout_s=30, what="the instance left")
+    entry = await alice.history_entry(prompt_id)
+    assert entry is not None and entry["status"]["status_str"] == "success", entry
+    assert (cluster.user_dir("alice") / "output" / "last_00001_.png").is_file()
