@@ -19,6 +19,7 @@ from standard.auth import wants_html
 from standard.guard import client_address
 from standard.http_util import json_error, parse_json, read_form
 from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
+from standard.serving import is_draining
 
 from .accounts import NAME_PATTERN, AccountError, User
 from .dashboard import LIVE_CHECK_S
@@ -92,20 +93,25 @@ def page_routes() -> list[web.RouteDef]:
         await response.prepare(request)
         template = aiohttp_jinja2.get_env(request.app).get_template("_dashboard_tasks.html")
         sent, quiet_s = None, 0.0
-        while True:
+        # Ends when the page goes away or the proxy drains (an open stream must not hold a shutdown).
+        while not is_draining(request.app):
             html = template.render(await dashboard_view(request))
-            if html != sent:
-                data = "".join(f"data: {line}\n" for line in html.splitlines())
-                await response.write(f"event: tasks\n{data}\n".encode())
-                sent, quiet_s = html, 0.0
-            elif quiet_s >= KEEPALIVE_S:  # a comment, so proxies keep an idle stream open
-                await response.write(b": keep-alive\n\n")
-                quiet_s = 0.0
+            try:
+                if html != sent:
+                    data = "".join(f"data: {line}\n" for line in html.splitlines())
+                    await response.write(f"event: tasks\n{data}\n".encode())
+                    sent, quiet_s = html, 0.0
+                elif quiet_s >= KEEPALIVE_S:  # a comment, so proxies keep an idle stream open
+                    await response.write(b": keep-alive\n\n")
+                    quiet_s = 0.0
+            except (ConnectionError, RuntimeError):  # the page was closed
+                return response
             if changes is None:
                 return response
             started = time.monotonic()
             await changes.wait(LIVE_CHECK_S)
             quiet_s += time.monotonic() - started
+        return response
 
     async def account_page(request: web.Request, message: str | None = None, status: int = 200) -> web.StreamResponse:
         response = aiohttp_jinja2.render_template("account.html", request, page_context(request, message=message))

@@ -125,3 +125,18 @@ def test_web_ui_without_token_on_loopback(browser_instance: Instance, browser_se
     assert "/login" not in page.url
     run_template_from_ui(page, "nologin")
     assert (browser_instance.data_dir / "output" / "nologin_00001_.png").is_file()
+
+
+def test_user_menu_logs_the_token_session_out(browser_instance: Instance, browser_session: Session) -> None:
+    page = browser_session.page
+    page.get_by_text("Empty image").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    page.keyboard.press("Escape")
+    page.locator("[data-testid=dialog-overlay]").wait_for(state="detached", timeout=LOAD_TIMEOUT_MS)
+    assert not page.locator("[data-testid=login-button]").is_visible()  # no Comfy.org sign-in
+    page.locator("button[aria-label='Signed in with the token']").click()
+    menu = page.locator("#comfyserve-user-menu")
+    assert menu.locator("[role=menuitem]").all_inner_texts() == ["Log out"]
+    menu.get_by_text("Log out").click()
+    page.wait_for_url("**/login**", timeout=LOAD_TIMEOUT_MS)
+    page.goto(browser_instance.url + "/")
+    assert "/login" in page.url

@@ -227,3 +227,16 @@ async def test_usage_and_metrics_are_for_admins_only(start_cluster) -> None:
             await login_as(session, cluster.url, "root")
             for origin in EVIL_ORIGINS:
                 assert (await session.get(cluster.url + path, headers={"Origin": origin})).status == 403
+
+
+async def test_the_dashboard_stream_ends_when_the_proxy_drains(start_cluster) -> None:
+    from standard.serving import drain_of
+
+    cluster = await start_cluster(instances=0, users=("alice",))
+    async with browser() as alice:
+        await login_as(alice, cluster.url, "alice")
+        stream = await alice.get(cluster.url + "/dashboard/events")
+        assert "Nothing queued." in await next_tasks_event(stream)
+        await drain_of(cluster.app).run(timeout_s=1.0)  # SIGTERM: an open stream must not hold the shutdown
+        async with asyncio.timeout(10):
+            assert await stream.content.read() == b""  # the server ended it
