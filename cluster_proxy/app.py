@@ -118,8 +118,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         if local is not None:
             await local.start(pool)
+            core.fixed_urls.update(local.urls)
         for url in settings.instance_urls:
-            pool.add(url, settings.instance_token)
+            core.fixed_urls.add(pool.add(url, settings.instance_token).url)
         for url in await core.store.instance_urls():
             pool.add(url, settings.instance_token)
         await core.start(settings.redis_url)

@@ -21,7 +21,7 @@ from .accounts import User
 from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
 from .hub import UserHub
 from .outputs import OutputCollector
-from .pool import Instance, Pool
+from .pool import Instance, Pool, instance_url, shown
 from .retire import retire_user
 from .rolling import RollingRestart
 from .runner import InstanceLost, TaskRun, error_history
@@ -60,6 +60,7 @@ class ClusterCore:
         self._workdirs: dict[str, WorkDirs] = {}
         self._last_sent: dict[str, list[dict[str, Any]]] = {}
         self.proxy_id = uuid.uuid4().hex  # who follows a running task (see _adopt_orphans)
+        self.fixed_urls: set[str] = set()  # --instances and --instance-url: not the store's list to take away
         self.scheduler.proxy_id = self.proxy_id
 
     # -- lifecycle --------------------------------------------------------------------
@@ -134,8 +135,25 @@ class ClusterCore:
             try:
                 await self.store.heartbeat(self.proxy_id, HEARTBEAT_TTL_S)
                 await self._adopt_orphans()
+                await self._follow_instance_list()
             except Exception:  # a store hiccup: try again next round
                 log.exception("proxy heartbeat failed")
+
+    async def _follow_instance_list(self) -> None:
+        """Instances a sibling proxy added or removed (shared store): the same here, within a heartbeat.
+
+        One removed there leaves this pool once the task this proxy runs on it ends (a drain), so
+        no task is cut; without this a sibling kept dispatching to an instance an admin had removed.
+        """
+        listed = set(await self.store.instance_urls())
+        for url in sorted(listed - set(self.pool.instances)):
+            self.pool.add(url, self.instance_token)
+            self.scheduler.wake()
+        for url, instance in list(self.pool.instances.items()):
+            if url not in listed and url not in self.fixed_urls and not instance.retiring:
+                log.info("instance %s was removed by another proxy: it leaves here too", url)
+                instance.retiring = True
+                self._spawn(self._remove_when_idle(instance))
 
     async def _adopt_orphans(self) -> None:
         """Running tasks no live proxy follows (a restart, a crash): follow them to the end, or queue them again."""
@@ -457,17 +475,15 @@ class ClusterCore:
         An address nothing answers at, or something that is not a comfyserve instance, is refused
         (``ValueError``) rather than listed as "starting" forever.
         """
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("an instance URL is http(s)://host:port")
-        url = url.rstrip("/")
+        url = instance_url(url)
         if url not in self.pool.instances:
             async with InstanceClient(url, self.instance_token, timeouts=ADD_CHECK_TIMEOUTS) as client:
                 if not await client.ready():
-                    raise ValueError(f"{url} is not a ready instance: its /readyz did not answer 200")
+                    raise ValueError(f"{shown(url)} is not a ready instance: its /readyz did not answer 200")
                 try:
                     await client.get_json("/system_stats")
                 except InstanceError as exc:
-                    raise ValueError(f"{url} answers but refuses the instance token ({exc})") from None
+                    raise ValueError(f"{shown(url)} answers but refuses the instance token ({exc})") from None
         await self.store.add_instance_url(url)
         self.pool.add(url, self.instance_token)
         await self.pool.check_all()
@@ -486,18 +502,24 @@ class ClusterCore:
             return False
         instance.retiring = True
         await self.store.remove_instance_url(instance.url)
-        if drain and instance.task_id is not None:
+        run = self.runs.get(instance.task_id or "")
+        if drain and self.busy(instance) or run is None and self.busy(instance):
+            # A run that freed the instance still reads the task's history from it: let it finish.
             self._spawn(self._remove_when_idle(instance))
             return True
-        run = self.runs.get(instance.task_id or "")
         if run is not None:
             await self._hand_back(run, f"{self.pool.display_name(instance)} was removed by an admin")
         await self.pool.remove(instance.url)
         await self.broadcast_queues()
         return True
 
+    def busy(self, instance: Instance) -> bool:
+        """A task holds ``instance``, or a run of ours still reads its result there (after the end-of-prompt
+        marker frees the instance for the next task, the proxy fetches the history from it)."""
+        return instance.task_id is not None or any(run.instance is instance for run in self.runs.values())
+
     async def _remove_when_idle(self, instance: Instance) -> None:
-        while instance.task_id is not None and instance.url in self.pool.instances:
+        while self.busy(instance) and instance.url in self.pool.instances:
             await self.changes.wait(1.0)  # a task's end bumps the pulse (broadcast_queues)
         await self.pool.remove(instance.url)
         await self.broadcast_queues()

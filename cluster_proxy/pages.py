@@ -23,12 +23,14 @@ from standard.http_util import json_error, parse_json, read_form
 from standard.server.identity import ME_PATH, identity, refuse_foreign_origin
 from standard.serving import is_draining
 
-from .accounts import AccountError, User
+from .accounts import NAME_PATTERN, AccountError, User
 from .dashboard import LIVE_CHECK_S
 from .login import ACCOUNTS, SESSION_ID, THROTTLE, USER, check_csrf, page_context
+from .pool import instance_url, shown
 from .usage import PeriodError, parse_period
 
 KEEPALIVE_S = 15.0
+NAME_HINT = "A user name is letters, digits, '_', '.' and '-', at most 64, starting with a letter or digit."
 
 
 class DashboardProvider(Protocol):
@@ -193,6 +195,8 @@ def page_routes() -> list[web.RouteDef]:
         check_csrf(request, form)
         action, name = str(form.get("action") or "add"), str(form.get("name") or "")
         accounts, provider = request.app[ACCOUNTS], request.app[DASHBOARD]
+        if not NAME_PATTERN.match(name):  # never echo a huge or odd name back; no account has one
+            return await admin_page(request, NAME_HINT, status=400)
         try:
             if action == "add":
                 token = await accounts.add(name, str(form.get("password") or ""), admin=form.get("admin") == "on")
@@ -202,7 +206,7 @@ def page_routes() -> list[web.RouteDef]:
             if action == "remove":
                 account_id = await accounts.remove(name)
                 if account_id is None:
-                    return await admin_page(request, f"No user {name}.")
+                    return await admin_page(request, f"No user {name}.", status=400)
                 if provider is not None:
                     await provider.remove_user(name, account_id)
                 return await admin_page(request, f"User {name} removed; their files were moved aside.")
@@ -220,7 +224,7 @@ def page_routes() -> list[web.RouteDef]:
                 await accounts.set_disabled(name, action == "disable")
                 message, shown = f"User {name} {action}d.", None
             else:
-                return await admin_page(request, f"unknown action {action!r}", status=400)
+                return await admin_page(request, f"unknown action {action[:40]!r}", status=400)
             if provider is not None and name != request[USER].name:
                 await provider.disconnect_user(name)
             return await admin_page(request, message, shown)
@@ -231,18 +235,21 @@ def page_routes() -> list[web.RouteDef]:
         _require_admin(request)
         form = await read_form(request)
         check_csrf(request, form)
-        action, url = str(form.get("action") or "add"), str(form.get("url") or "").strip()
-        provider = request.app[DASHBOARD]
-        if provider is None or not url.startswith(("http://", "https://")):
-            return await admin_page(request, "Give an instance URL (http://host:port).", status=400)
+        action, provider = str(form.get("action") or "add"), request.app[DASHBOARD]
+        try:
+            url = instance_url(str(form.get("url") or "").strip())
+        except ValueError as exc:
+            return await admin_page(request, str(exc), status=400)
+        if provider is None:
+            return await admin_page(request, "This proxy has no pool.", status=400)
         if action in ("remove", "drain"):
             if not await provider.remove_instance(url, drain=action == "drain"):
-                return await admin_page(request, f"No instance {url} in the pool.", status=400)
+                return await admin_page(request, f"No instance {shown(url)} in the pool.", status=400)
             if action == "drain":
                 return await admin_page(request, f"Instance {url} takes no new task; it leaves when its task ends.")
             return await admin_page(request, f"Instance {url} removed; a task it was running runs again elsewhere.")
         if action != "add":
-            return await admin_page(request, f"unknown action {action!r}", status=400)
+            return await admin_page(request, f"unknown action {action[:40]!r}", status=400)
         try:
             await provider.add_instance(url)
         except ValueError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -18,12 +19,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
 from standard.supervised import StandardChild
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
+MAX_URL_LENGTH = 2048
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")  # no spaces, no control characters, no non-ASCII look-alikes
+_HOST = re.compile(r"^[A-Za-z0-9.:-]+$")  # a name, IPv4, or IPv6 (yarl drops the brackets)
+URL_HINT = "An instance URL is http(s)://host:port, nothing else (no user, path or query)."
+
+
+def instance_url(text: str) -> str:
+    """``text`` as an instance URL (``http(s)://host[:port]``, no trailing slash); ``ValueError`` with a short
+    message otherwise. Admin forms pass what anyone typed: nothing odd may reach the HTTP client (it raised
+    on a bad IPv6 bracket or a NUL, a 500) or come back whole in a message."""
+    if len(text) > MAX_URL_LENGTH or not _PRINTABLE.match(text):
+        raise ValueError(URL_HINT)
+    try:
+        url = URL(text)
+        port = url.port
+    except ValueError:
+        raise ValueError(URL_HINT) from None
+    if (url.scheme not in ("http", "https") or not url.host or not _HOST.match(url.host) or url.user is not None
+            or url.password is not None or url.path not in ("", "/") or url.query_string or url.fragment
+            or not port or "#" in text or "?" in text):
+        raise ValueError(URL_HINT)
+    return text.rstrip("/")
+
+
+def shown(url: str, limit: int = 120) -> str:
+    """A URL for a message: cut short, so a page or log line never repeats a huge input."""
+    return url if len(url) <= limit else url[:limit] + "…"
 MAX_CACHED_FILES = 256  # templates and their thumbnails kept from the pool (a few MB at most)
 
 

@@ -34,6 +34,7 @@ class RollingHost(Protocol):
     changes: Changes
 
     async def broadcast_queues(self) -> None: ...
+    def busy(self, instance: Instance) -> bool: ...
 
 
 class RollingRestart:
@@ -85,7 +86,7 @@ class RollingRestart:
     async def _restart_one(self, instance: Instance) -> None:
         instance.retiring = True
         await self.core.broadcast_queues()
-        while instance.task_id is not None and instance.url in self.core.pool.instances:
+        while self.core.busy(instance) and instance.url in self.core.pool.instances:
             await self.core.changes.wait(CHECK_S)  # a task's end bumps the pulse
         log.info("rolling restart: restarting %s", instance.url)
         client = instance.client  # holds the instance's own token (spawned instances have theirs)

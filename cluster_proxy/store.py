@@ -61,6 +61,7 @@ class Task:
     history: dict[str, Any] | None = None  # {"outputs", "status", "meta"} once done
     notes: list[str] = field(default_factory=list)  # what happened (retries), shown to the user
     proxy: str | None = None  # the proxy following it while it runs
+    earlier_attempts_ms: int = 0  # instance time of attempts that ended in a retry or a hand-back (usage)
 
     def attempt_key(self) -> str:
         """The instance's ``prompt_id`` for this attempt: a UUID (as ComfyUI requires of a client's own id)
@@ -91,14 +92,15 @@ class Usage:
     task_id: str
     user: str
     ended_ms: int
-    instance_ms: int  # from its (last) start on an instance to its end
+    instance_ms: int  # its time on instances: every attempt, the ones handed back or lost too
     status: str
 
     @classmethod
     def of(cls, task: Task) -> Usage:
         ended = task.ended_ms or now_ms()
         status = ((task.history or {}).get("status") or {}).get("status_str") or "done"
-        return cls(task.id, task.user, ended, max(0, ended - (task.started_ms or ended)), str(status))
+        last = max(0, ended - (task.started_ms or ended))
+        return cls(task.id, task.user, ended, task.earlier_attempts_ms + last, str(status))
 
 
 class StateStore(Protocol):
@@ -181,6 +183,8 @@ def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
 
 def requeue_change(note: str) -> Any:
     def change(task: Task) -> None:
+        if task.started_ms is not None:  # the attempt used its instance until now, though it runs again
+            task.earlier_attempts_ms += max(0, now_ms() - task.started_ms)
         task.state, task.instance = PENDING, None
         task.notes.append(note)
 
@@ -338,7 +342,24 @@ class SqliteStateStore:
         return await self._transition(task_id, RUNNING, requeue_change(note))
 
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
-        task = await self._transition(task_id, RUNNING, finish_change(history))
+        """Done, and its usage recorded in the same transaction: no crash can keep one without the other."""
+        def finish() -> Task | None:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                task = self._one(task_id)
+                if task is None or task.state != RUNNING:
+                    self._db.execute("ROLLBACK")
+                    return None
+                finish_change(history)(task)
+                self._write(task)
+                self._insert_usage(Usage.of(task))
+                self._db.execute("COMMIT")
+                return task
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+        task = await self._run(finish)
         if task is not None:
             await self._run(self._prune, task.user)
         return task
@@ -372,10 +393,13 @@ class SqliteStateStore:
     async def remove_instance_url(self, url: str) -> None:
         await self._run(lambda: self._db.execute("DELETE FROM instances WHERE url = ?", (url,)))
 
-    async def record_usage(self, usage: Usage) -> None:
-        await self._run(lambda: self._db.execute(
+    def _insert_usage(self, usage: Usage) -> None:
+        self._db.execute(
             "INSERT OR IGNORE INTO usage (task_id, user, ended_ms, instance_ms, status) VALUES (?,?,?,?,?)",
-            (usage.task_id, usage.user, usage.ended_ms, usage.instance_ms, usage.status)))
+            (usage.task_id, usage.user, usage.ended_ms, usage.instance_ms, usage.status))
+
+    async def record_usage(self, usage: Usage) -> None:
+        await self._run(self._insert_usage, usage)
 
     async def usage(self, since_ms: int, until_ms: int) -> list[Usage]:
         return await self._run(lambda: [Usage(*row) for row in self._db.execute(

@@ -133,7 +133,9 @@ class RedisStateStore:
         ids = list(cast("set[str]", await self._redis.smembers(self._state_key(RUNNING))))
         return _order([t for t in await self._load(ids) if t.state == RUNNING], RUNNING)
 
-    async def _transition(self, task_id: str, from_state: str, change: Callable[[Task], None]) -> Task | None:
+    async def _transition(self, task_id: str, from_state: str, change: Callable[[Task], None],
+                          also: Callable[[Any, Task], None] | None = None) -> Task | None:
+        """``change`` the task if it is in ``from_state``; ``also`` stages more writes in the same MULTI."""
         key = self._task_key(task_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
@@ -151,6 +153,8 @@ class RedisStateStore:
                         return None
                     pipe.multi()
                     self._stage(pipe, task, from_state)
+                    if also is not None:
+                        also(pipe, task)
                     await pipe.execute()
                     return task
                 except WatchError:
@@ -177,7 +181,9 @@ class RedisStateStore:
         return await self._transition(task_id, RUNNING, requeue_change(note))
 
     async def finish(self, task_id: str, history: dict[str, Any]) -> Task | None:
-        task = await self._transition(task_id, RUNNING, finish_change(history))
+        # Its usage is written in the same transaction: no crash can keep one without the other.
+        task = await self._transition(task_id, RUNNING, finish_change(history),
+                                      lambda pipe, done: self._stage_usage(pipe, Usage.of(done)))
         if task is not None:
             await self._prune(task.user)
         return task
@@ -225,9 +231,14 @@ class RedisStateStore:
     async def remove_instance_url(self, url: str) -> None:
         await self._redis.srem(f"{self._p}instances", url)
 
-    async def record_usage(self, usage: Usage) -> None:
+    def _stage_usage(self, pipe: Any, usage: Usage) -> None:
         member = json.dumps([usage.task_id, usage.user, usage.instance_ms, usage.status], separators=(",", ":"))
-        await self._redis.zadd(f"{self._p}usage", {member: usage.ended_ms}, nx=True)
+        pipe.zadd(f"{self._p}usage", {member: usage.ended_ms}, nx=True)
+
+    async def record_usage(self, usage: Usage) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._stage_usage(pipe, usage)
+            await pipe.execute()
 
     async def usage(self, since_ms: int, until_ms: int) -> list[Usage]:
         rows = await self._redis.zrangebyscore(f"{self._p}usage", since_ms, f"({until_ms}", withscores=True)

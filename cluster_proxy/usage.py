@@ -86,8 +86,8 @@ class UsageMeter:
                                              "Instance time used by finished tasks, per user", ("user",))
 
     async def record(self, task: Task) -> None:
+        """Count a task ``store.finish`` returned on ``/metrics`` (the finish wrote its usage record too)."""
         usage = Usage.of(task)
-        await self.store.record_usage(usage)
         self._tasks.labels(usage.user, usage.status).inc()
         self._seconds.labels(usage.user).inc(usage.instance_ms / 1000)
 
