@@ -12,13 +12,16 @@ Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
     pc:<consumer> ZSET  that consumer's pending indexes
     sess   HASH      consumer -> live session id
     rid    HASH      index -> requestId;  byrid HASH requestId -> index
+    waitby SET       tokens of the processes whose watchers wait for a change
     dk:<key>         "<index> LF <requestId>" of a ``put_once`` key, expiring after its TTL
     done   ZSET      requestIds of removed items, score = when they are forgotten (ms; ``lookup``)
     doneidx HASH     requestId -> the removed item's index
 
-A claim that finds nothing sets ``waiting``; the next change (put, removal,
-release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
-watchers in every process wake at once while a busy queue costs no pub/sub
+A claim that drains the queue adds this process's token to ``waitby``; the
+next change (put, removal, release) clears it and PUBLISHes the queue name on
+``cqs:changes`` once if a process other than the writer waits (the writer wakes
+its own waiters without Redis), so watchers in every process wake at once
+while a busy queue, or a queue served by one process, costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
 claim script. ``put_and_remove`` (a worker's result put + input commit) is the
 one script that spans two queues, i.e. two hash tags: atomic on the single
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -84,10 +88,20 @@ local function requeue(P, i)
   unown(P, i)
   redis.call('ZADD', P..'ready', score_of(P, i), i)
 end
--- A claim that found nothing leaves a 'waiting' mark; the next change publishes once and clears it,
--- so a busy queue costs no pub/sub traffic and an idle watcher still wakes at once.
+-- A claim that drained the queue leaves a 'waitby' mark (the waiting processes' tokens); the next
+-- change clears it and publishes once if a process other than the writer (ORIGIN) waits: the writer
+-- wakes its own watchers without Redis, so a busy queue costs no pub/sub traffic and an idle watcher
+-- in any process still wakes at once.
 local function wake(P, channel, queue)
-  if redis.call('DEL', P..'waiting') == 1 then redis.call('PUBLISH', channel, queue) end
+  local waiting = redis.call('SMEMBERS', P..'waitby')
+  if #waiting == 0 then return end
+  redis.call('DEL', P..'waitby')
+  for _, w in ipairs(waiting) do
+    if w ~= ORIGIN then
+      redis.call('PUBLISH', channel, queue)
+      return
+    end
+  end
 end
 -- Protobuf reading for watch tags: an item body is DataFrameProto fields 2-4, tags = field 2 entries.
 local function varint(s, pos)
@@ -193,7 +207,7 @@ PUT = _LIB + """
 local P = ARGV[1]
 local length = redis.call('HLEN', P..'body')
 local out = {}
-for k = 4, #ARGV, 4 do
+for k = 4, NARGV, 4 do
   local maxlen = tonumber(ARGV[k + 3])
   if maxlen > 0 and length >= maxlen then
     out[#out + 1] = -1
@@ -232,7 +246,7 @@ if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
 local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
 wake(P, ARGV[2], ARGV[3])
 local n = 0
-for k = 10, #ARGV do n = n + drop(R, ARGV[k]) end
+for k = 10, NARGV do n = n + drop(R, ARGV[k]) end
 if n > 0 then wake(R, ARGV[2], ARGV[9]) end
 return idx
 """
@@ -240,7 +254,7 @@ return idx
 REMOVE = _LIB + """
 local P = ARGV[1]
 local n = 0
-for k = 4, #ARGV do n = n + drop(P, ARGV[k]) end
+for k = 4, NARGV do n = n + drop(P, ARGV[k]) end
 if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
 """
@@ -286,11 +300,11 @@ end
 local need = window
 if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
 if need <= 0 then
-  redis.call('SET', P..'waiting', '1')
+  redis.call('SADD', P..'waitby', ORIGIN)
   return {0}
 end
 local wanted = {}
-for k = 10, #ARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
+for k = 10, NARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
 local ids = {}
 -- priority items first (scores below 0), then the others; with tags, only items that carry them
 for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
@@ -307,8 +321,9 @@ for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
     offset, scan = offset + chunk, scan - chunk
   end
 end
-if #ids == 0 then redis.call('SET', P..'waiting', '1') end
-local out = {1}
+-- Fewer than it could take: nothing more is ready for this consumer, so the next change must wake it.
+if #ids < need then redis.call('SADD', P..'waitby', ORIGIN) end
+local out = {#ids < need and 2 or 1}
 for _, i in ipairs(ids) do
   out[#out + 1] = i
   out[#out + 1] = redis.call('HGET', P..'body', i)
@@ -384,6 +399,12 @@ class RedisStore:
         self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
+        # This process's token in 'waitby': a change written here wakes this process's waiters directly,
+        # so Redis publishes a notice only when another process waits.
+        self._origin = uuid.uuid4().hex
+        # (queue, consumer, session) -> the change event current when that consumer's last claim drained
+        # the queue: until it fires, the watch's next claim would find nothing, so it costs no round trip.
+        self._drained: dict[tuple[str, str, str], asyncio.Event] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -391,13 +412,15 @@ class RedisStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
-    def _script(self, name: str) -> Any:
-        return self._scripts[name]
+    def _script(self, name: str, args: list[Any]) -> Awaitable[Any]:
+        """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read
+        as ORIGIN."""
+        return self._scripts[name](args=[*args, self._origin])
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
         """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
         put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
-        return self._scripts[name](args=args, client=self._once)
+        return self._scripts[name](args=[*args, self._origin], client=self._once)
 
     async def open(self) -> None:
         # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
@@ -424,7 +447,8 @@ class RedisStore:
         (always on from Redis 7; asked for explicitly on 5 and 6)."""
         return (f"local DONE_TTL_MS, DONE_MAX = {max(0, int(self.committed_ttl_s * 1000))}, "
                 f"{max(0, self.committed_max)}\n"
-                "if redis.replicate_commands then redis.replicate_commands() end\n")
+                "if redis.replicate_commands then redis.replicate_commands() end\n"
+                "local ORIGIN, NARGV = ARGV[#ARGV], #ARGV - 1  -- every call ends with this store's token\n")
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -462,7 +486,7 @@ class RedisStore:
         return self._notifier.event(queue)
 
     async def arm(self, queue: str) -> None:
-        await self._call(lambda: self._redis.set(_prefix(queue) + "waiting", "1"))  # type: ignore[union-attr]
+        await self._call(lambda: self._redis.sadd(_prefix(queue) + "waitby", self._origin))  # type: ignore[union-attr]
 
     # -- producers and readers -------------------------------------------------
 
@@ -529,8 +553,8 @@ class RedisStore:
                           last_index=int(last or 0), consumers=int(consumers))
 
     async def position(self, queue: str, index: int) -> Position | None:
-        result = await self._call(lambda: self._script("position")(
-            args=[_prefix(queue), index, int(time.time() * 1000)]))
+        result = await self._call(lambda: self._script("position", [
+            _prefix(queue), index, int(time.time() * 1000)]))
         if result == -1:
             return None
         if result == -2:
@@ -544,8 +568,8 @@ class RedisStore:
     # -- removal ------------------------------------------------------------------
 
     async def remove(self, queue: str, indexes: list[int]) -> int:
-        removed = await self._call(lambda: self._script("remove")(
-            args=[_prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
+        removed = await self._call(lambda: self._script("remove", [
+            _prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
         self._notifier.notify(queue)
         return int(removed)
 
@@ -561,8 +585,8 @@ class RedisStore:
         return index
 
     async def truncate(self, queue: str, below_index: int) -> int:
-        removed = await self._call(lambda: self._script("truncate")(
-            args=[_prefix(queue), CHANNEL, queue, below_index]))
+        removed = await self._call(lambda: self._script("truncate", [
+            _prefix(queue), CHANNEL, queue, below_index]))
         self._notifier.notify(queue)
         return int(removed)
 
@@ -570,12 +594,20 @@ class RedisStore:
 
     async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
         deadline = int((time.time() + lease_s) * 1000)
-        flat = await self._call(lambda: self._script("open_session")(
-            args=[_prefix(queue), consumer, session, deadline]))
+        flat = await self._call(lambda: self._script("open_session", [
+            _prefix(queue), consumer, session, deadline]))
         return _items(flat)
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+        key = (queue, consumer, session)
+        drained = self._drained.pop(key, None)
+        if drained is not None and not drained.is_set():
+            # The last claim took everything there was and marked this process waiting in the same
+            # script; nothing changed since, so the watcher can go straight to waiting for a change.
+            # Only once: the claim after the wait (or its poll timeout) asks Redis again.
+            return []
+        changed = self._notifier.event(queue)
         wanted = [part for pair in (tags or {}).items() for part in pair]
         flat = await self._call(lambda: self._script_once("claim", [
             _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
@@ -583,28 +615,34 @@ class RedisStore:
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])
+        quiet = flat[0] == 2 and not changed.is_set()  # drained, and no local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
+            changed = self._notifier.event(queue)
+        if items and quiet:
+            self._drained[key] = changed
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
-        flat = await self._call(lambda: self._script("pending")(args=[_prefix(queue), consumer, session]))
+        flat = await self._call(lambda: self._script("pending", [_prefix(queue), consumer, session]))
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         return _items(flat[1:])
 
     async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
         deadline = int((time.time() + lease_s) * 1000)
-        result = await self._call(lambda: self._script("renew")(
-            args=[_prefix(queue), consumer, session, deadline]))
+        result = await self._call(lambda: self._script("renew", [
+            _prefix(queue), consumer, session, deadline]))
         if result == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
 
     async def forget(self, queue: str, consumer: str, session: str) -> None:
-        await self._call(lambda: self._script("forget")(args=[_prefix(queue), consumer, session]))
+        self._drained.pop((queue, consumer, session), None)
+        await self._call(lambda: self._script("forget", [_prefix(queue), consumer, session]))
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
-        released = await self._call(lambda: self._script("release")(
-            args=[_prefix(queue), consumer, session, CHANNEL, queue]))
+        self._drained.pop((queue, consumer, session), None)
+        released = await self._call(lambda: self._script("release", [
+            _prefix(queue), consumer, session, CHANNEL, queue]))
         if released:
             self._notifier.notify(queue)
