@@ -31,6 +31,7 @@ Redis this store runs on, not meant for Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -398,7 +399,7 @@ class RedisStore:
         self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
-        self._scripts: dict[str, Any] = {}
+        self._scripts: dict[str, tuple[str, str]] = {}  # name -> (SHA1, source)
         # This process's token in 'waitby': a change written here wakes this process's waiters directly,
         # so Redis publishes a notice only when another process waits.
         self._origin = uuid.uuid4().hex
@@ -407,30 +408,46 @@ class RedisStore:
         self._drained: dict[tuple[str, str, str], asyncio.Event] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One store call, retries included, bounded by call_timeout_s. The bound is ours rather than the
+        client's socket_timeout, which costs redis-py an extra task (asyncio.wait_for) per command sent;
+        a call cut off mid-way drops its connection (redis-py closes it on cancellation)."""
         try:
-            return await fn()
+            async with asyncio.timeout(self.call_timeout_s):
+                return await fn()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+            raise StoreUnavailable(f"redis: {exc or f'no answer within {self.call_timeout_s:g} s'}") from exc
 
     def _script(self, name: str, args: list[Any]) -> Awaitable[Any]:
         """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read
         as ORIGIN."""
-        return self._scripts[name](args=[*args, self._origin])
+        assert self._redis is not None
+        return self._evalsha(self._redis, name, [*args, self._origin])
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
         """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
         put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
-        return self._scripts[name](args=[*args, self._origin], client=self._once)
+        assert self._once is not None
+        return self._evalsha(self._once, name, [*args, self._origin])
+
+    async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
+        """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
+        call); a Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT
+        means the script did not run, so running it after loading is no second run."""
+        sha, source = self._scripts[name]
+        try:
+            return await client.execute_command("EVALSHA", sha, 0, *args)
+        except redis_errors.NoScriptError:
+            await client.script_load(source)
+            return await client.execute_command("EVALSHA", sha, 0, *args)
 
     async def open(self) -> None:
         # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
-        # without dropping the connection costs a call call_timeout_s, not forever, and is not retried.
+        # without dropping the connection costs a call call_timeout_s (see _call), not forever.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6,
                       supported_errors=(redis_errors.ConnectionError,))
         self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                              socket_timeout=self.call_timeout_s, retry=retry)
+                                              retry=retry)
         self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                             socket_timeout=self.call_timeout_s,
                                              retry=Retry(NoBackoff(), retries=0))
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
@@ -438,7 +455,8 @@ class RedisStore:
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
                              ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
-            self._scripts[name] = self._redis.register_script(self._header() + source)
+            script = self._header() + source
+            self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
         await self._call(self._redis.ping)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
 

@@ -103,3 +103,15 @@ async def test_a_watcher_that_drained_the_queue_waits_without_asking_again(
     assert await claim(one, "q") == [third]
     fourth = await put(one, "q", b"d")
     assert await claim(one, "q") == [fourth]
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    """The scripts run by SHA; a restarted or flushed script cache costs one load, not a failure."""
+    one, _ = stores
+    await one.open_session("q", "g/c", "s", LEASE_S)
+    first = await put(one, "q", b"a")
+    await admin.script_flush()
+    second = await put(one, "q", b"b")
+    assert second == first + 1
+    assert await claim(one, "q") == [first, second]
