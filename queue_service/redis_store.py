@@ -12,13 +12,16 @@ Keys of queue ``q`` (prefix ``cqs:{q}:``, one hash slot per queue):
     pc:<consumer> ZSET  that consumer's pending indexes
     sess   HASH      consumer -> live session id
     rid    HASH      index -> requestId;  byrid HASH requestId -> index
+    waitby SET       tokens of the processes whose watchers wait for a change
     dk:<key>         "<index> LF <requestId>" of a ``put_once`` key, expiring after its TTL
     done   ZSET      requestIds of removed items, score = when they are forgotten (ms; ``lookup``)
     doneidx HASH     requestId -> the removed item's index
 
-A claim that finds nothing sets ``waiting``; the next change (put, removal,
-release) PUBLISHes the queue name on ``cqs:changes`` once and clears it, so
-watchers in every process wake at once while a busy queue costs no pub/sub
+A claim that drains the queue adds this process's token to ``waitby``; the
+next change (put, removal, release) clears it and PUBLISHes the queue name on
+``cqs:changes`` once if a process other than the writer waits (the writer wakes
+its own waiters without Redis), so watchers in every process wake at once
+while a busy queue, or a queue served by one process, costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
 claim script. ``put_and_remove`` (a worker's result put + input commit) is the
 one script that spans two queues, i.e. two hash tags: atomic on the single
@@ -28,8 +31,10 @@ Redis this store runs on, not meant for Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -84,10 +89,20 @@ local function requeue(P, i)
   unown(P, i)
   redis.call('ZADD', P..'ready', score_of(P, i), i)
 end
--- A claim that found nothing leaves a 'waiting' mark; the next change publishes once and clears it,
--- so a busy queue costs no pub/sub traffic and an idle watcher still wakes at once.
+-- A claim that drained the queue leaves a 'waitby' mark (the waiting processes' tokens); the next
+-- change clears it and publishes once if a process other than the writer (ORIGIN) waits: the writer
+-- wakes its own watchers without Redis, so a busy queue costs no pub/sub traffic and an idle watcher
+-- in any process still wakes at once.
 local function wake(P, channel, queue)
-  if redis.call('DEL', P..'waiting') == 1 then redis.call('PUBLISH', channel, queue) end
+  local waiting = redis.call('SMEMBERS', P..'waitby')
+  if #waiting == 0 then return end
+  redis.call('DEL', P..'waitby')
+  for _, w in ipairs(waiting) do
+    if w ~= ORIGIN then
+      redis.call('PUBLISH', channel, queue)
+      return
+    end
+  end
 end
 -- Protobuf reading for watch tags: an item body is DataFrameProto fields 2-4, tags = field 2 entries.
 local function varint(s, pos)
@@ -193,7 +208,7 @@ PUT = _LIB + """
 local P = ARGV[1]
 local length = redis.call('HLEN', P..'body')
 local out = {}
-for k = 4, #ARGV, 4 do
+for k = 4, NARGV, 4 do
   local maxlen = tonumber(ARGV[k + 3])
   if maxlen > 0 and length >= maxlen then
     out[#out + 1] = -1
@@ -232,7 +247,7 @@ if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
 local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
 wake(P, ARGV[2], ARGV[3])
 local n = 0
-for k = 10, #ARGV do n = n + drop(R, ARGV[k]) end
+for k = 10, NARGV do n = n + drop(R, ARGV[k]) end
 if n > 0 then wake(R, ARGV[2], ARGV[9]) end
 return idx
 """
@@ -240,7 +255,7 @@ return idx
 REMOVE = _LIB + """
 local P = ARGV[1]
 local n = 0
-for k = 4, #ARGV do n = n + drop(P, ARGV[k]) end
+for k = 4, NARGV do n = n + drop(P, ARGV[k]) end
 if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
 """
@@ -286,11 +301,11 @@ end
 local need = window
 if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
 if need <= 0 then
-  redis.call('SET', P..'waiting', '1')
+  redis.call('SADD', P..'waitby', ORIGIN)
   return {0}
 end
 local wanted = {}
-for k = 10, #ARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
+for k = 10, NARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
 local ids = {}
 -- priority items first (scores below 0), then the others; with tags, only items that carry them
 for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
@@ -307,8 +322,9 @@ for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
     offset, scan = offset + chunk, scan - chunk
   end
 end
-if #ids == 0 then redis.call('SET', P..'waiting', '1') end
-local out = {1}
+-- Fewer than it could take: nothing more is ready for this consumer, so the next change must wake it.
+if #ids < need then redis.call('SADD', P..'waitby', ORIGIN) end
+local out = {#ids < need and 2 or 1}
 for _, i in ipairs(ids) do
   out[#out + 1] = i
   out[#out + 1] = redis.call('HGET', P..'body', i)
@@ -383,31 +399,55 @@ class RedisStore:
         self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
-        self._scripts: dict[str, Any] = {}
+        self._scripts: dict[str, tuple[str, str]] = {}  # name -> (SHA1, source)
+        # This process's token in 'waitby': a change written here wakes this process's waiters directly,
+        # so Redis publishes a notice only when another process waits.
+        self._origin = uuid.uuid4().hex
+        # (queue, consumer, session) -> the change event current when that consumer's last claim drained
+        # the queue: until it fires, the watch's next claim would find nothing, so it costs no round trip.
+        self._drained: dict[tuple[str, str, str], asyncio.Event] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One store call, retries included, bounded by call_timeout_s. The bound is ours rather than the
+        client's socket_timeout, which costs redis-py an extra task (asyncio.wait_for) per command sent;
+        a call cut off mid-way drops its connection (redis-py closes it on cancellation)."""
         try:
-            return await fn()
+            async with asyncio.timeout(self.call_timeout_s):
+                return await fn()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+            raise StoreUnavailable(f"redis: {exc or f'no answer within {self.call_timeout_s:g} s'}") from exc
 
-    def _script(self, name: str) -> Any:
-        return self._scripts[name]
+    def _script(self, name: str, args: list[Any]) -> Awaitable[Any]:
+        """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read
+        as ORIGIN."""
+        assert self._redis is not None
+        return self._evalsha(self._redis, name, [*args, self._origin])
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
         """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
         put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
-        return self._scripts[name](args=args, client=self._once)
+        assert self._once is not None
+        return self._evalsha(self._once, name, [*args, self._origin])
+
+    async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
+        """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
+        call); a Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT
+        means the script did not run, so running it after loading is no second run."""
+        sha, source = self._scripts[name]
+        try:
+            return await client.execute_command("EVALSHA", sha, 0, *args)
+        except redis_errors.NoScriptError:
+            await client.script_load(source)
+            return await client.execute_command("EVALSHA", sha, 0, *args)
 
     async def open(self) -> None:
         # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
-        # without dropping the connection costs a call call_timeout_s, not forever, and is not retried.
+        # without dropping the connection costs a call call_timeout_s (see _call), not forever.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6,
                       supported_errors=(redis_errors.ConnectionError,))
         self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                              socket_timeout=self.call_timeout_s, retry=retry)
+                                              retry=retry)
         self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                             socket_timeout=self.call_timeout_s,
                                              retry=Retry(NoBackoff(), retries=0))
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
@@ -415,7 +455,8 @@ class RedisStore:
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
                              ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
-            self._scripts[name] = self._redis.register_script(self._header() + source)
+            script = self._header() + source
+            self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
         await self._call(self._redis.ping)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
 
@@ -424,7 +465,8 @@ class RedisStore:
         (always on from Redis 7; asked for explicitly on 5 and 6)."""
         return (f"local DONE_TTL_MS, DONE_MAX = {max(0, int(self.committed_ttl_s * 1000))}, "
                 f"{max(0, self.committed_max)}\n"
-                "if redis.replicate_commands then redis.replicate_commands() end\n")
+                "if redis.replicate_commands then redis.replicate_commands() end\n"
+                "local ORIGIN, NARGV = ARGV[#ARGV], #ARGV - 1  -- every call ends with this store's token\n")
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -464,7 +506,7 @@ class RedisStore:
     async def arm(self, queue: str) -> None:
         r = self._redis
         assert r is not None
-        await self._call(lambda: r.set(_prefix(queue) + "waiting", "1"))
+        await self._call(lambda: r.sadd(_prefix(queue) + "waitby", self._origin))
 
     # -- producers and readers -------------------------------------------------
 
@@ -536,8 +578,8 @@ class RedisStore:
                           last_index=int(last or 0), consumers=int(consumers))
 
     async def position(self, queue: str, index: int) -> Position | None:
-        result = await self._call(lambda: self._script("position")(
-            args=[_prefix(queue), index, int(time.time() * 1000)]))
+        result = await self._call(lambda: self._script("position", [
+            _prefix(queue), index, int(time.time() * 1000)]))
         if result == -1:
             return None
         if result == -2:
@@ -552,8 +594,8 @@ class RedisStore:
     # -- removal ------------------------------------------------------------------
 
     async def remove(self, queue: str, indexes: list[int]) -> int:
-        removed = await self._call(lambda: self._script("remove")(
-            args=[_prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
+        removed = await self._call(lambda: self._script("remove", [
+            _prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
         self._notifier.notify(queue)
         return int(removed)
 
@@ -569,8 +611,8 @@ class RedisStore:
         return index
 
     async def truncate(self, queue: str, below_index: int) -> int:
-        removed = await self._call(lambda: self._script("truncate")(
-            args=[_prefix(queue), CHANNEL, queue, below_index]))
+        removed = await self._call(lambda: self._script("truncate", [
+            _prefix(queue), CHANNEL, queue, below_index]))
         self._notifier.notify(queue)
         return int(removed)
 
@@ -578,12 +620,20 @@ class RedisStore:
 
     async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
         deadline = int((time.time() + lease_s) * 1000)
-        flat = await self._call(lambda: self._script("open_session")(
-            args=[_prefix(queue), consumer, session, deadline]))
+        flat = await self._call(lambda: self._script("open_session", [
+            _prefix(queue), consumer, session, deadline]))
         return _items(flat)
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+        key = (queue, consumer, session)
+        drained = self._drained.pop(key, None)
+        if drained is not None and not drained.is_set():
+            # The last claim took everything there was and marked this process waiting in the same
+            # script; nothing changed since, so the watcher can go straight to waiting for a change.
+            # Only once: the claim after the wait (or its poll timeout) asks Redis again.
+            return []
+        changed = self._notifier.event(queue)
         wanted = [part for pair in (tags or {}).items() for part in pair]
         flat = await self._call(lambda: self._script_once("claim", [
             _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
@@ -591,28 +641,34 @@ class RedisStore:
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])
+        quiet = flat[0] == 2 and not changed.is_set()  # drained, and no local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
+            changed = self._notifier.event(queue)
+        if items and quiet:
+            self._drained[key] = changed
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
-        flat = await self._call(lambda: self._script("pending")(args=[_prefix(queue), consumer, session]))
+        flat = await self._call(lambda: self._script("pending", [_prefix(queue), consumer, session]))
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         return _items(flat[1:])
 
     async def renew(self, queue: str, consumer: str, session: str, lease_s: float) -> None:
         deadline = int((time.time() + lease_s) * 1000)
-        result = await self._call(lambda: self._script("renew")(
-            args=[_prefix(queue), consumer, session, deadline]))
+        result = await self._call(lambda: self._script("renew", [
+            _prefix(queue), consumer, session, deadline]))
         if result == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
 
     async def forget(self, queue: str, consumer: str, session: str) -> None:
-        await self._call(lambda: self._script("forget")(args=[_prefix(queue), consumer, session]))
+        self._drained.pop((queue, consumer, session), None)
+        await self._call(lambda: self._script("forget", [_prefix(queue), consumer, session]))
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
-        released = await self._call(lambda: self._script("release")(
-            args=[_prefix(queue), consumer, session, CHANNEL, queue]))
+        self._drained.pop((queue, consumer, session), None)
+        released = await self._call(lambda: self._script("release", [
+            _prefix(queue), consumer, session, CHANNEL, queue]))
         if released:
             self._notifier.notify(queue)

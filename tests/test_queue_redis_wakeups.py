@@ -1,0 +1,117 @@
+"""The Redis store's wake-ups cost no more Redis work than they must (the queue service's hot path).
+
+A change written by the process whose watchers wait wakes them without pub/sub; a watcher that
+drained the queue goes back to waiting without asking Redis again; watchers of other processes
+still wake at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+
+from queue_service.protocol import encode_body
+from queue_service.redis_store import CHANNEL, RedisStore
+from queue_service.store import wait_event
+
+LEASE_S = 30.0
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one Redis: two service processes as far as Redis can tell."""
+    pair = (RedisStore(redis_url), RedisStore(redis_url))
+    for store in pair:
+        await store.open()
+    yield pair
+    for store in pair:
+        await store.close()
+
+
+async def put(store: RedisStore, queue: str, data: bytes) -> int:
+    return await store.put(queue, encode_body({"requestId": data.decode()}, data), data.decode(), 0, 0)
+
+
+async def claim(store: RedisStore, queue: str, consumer: str = "g/c", session: str = "s") -> list[int]:
+    items = await store.claim(queue, consumer, session, window=8, min_index=0, auto_commit=False, lease_s=LEASE_S)
+    return [item.index for item in items]
+
+
+async def first_notice(pubsub: PubSub) -> bytes:
+    async for message in pubsub.listen():
+        if message["type"] == "message":
+            return message["data"]
+    raise AssertionError("the subscription ended")
+
+
+async def script_calls(admin: aioredis.Redis) -> int:
+    return int((await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_only_a_change_another_process_waits_for_is_published(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    one, two = stores
+    pubsub = admin.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(CHANNEL)
+    try:
+        # A watcher of process one drains "alone"; process one's own put wakes it without a notice.
+        await one.open_session("alone", "g/c", "s", LEASE_S)
+        assert await claim(one, "alone") == []
+        changed = one.changes("alone")
+        await put(one, "alone", b"a")
+        assert changed.is_set()
+        # Process two waits on "shared": process one's put there is published, and reaches two.
+        await two.arm("shared")
+        woken = two.changes("shared")
+        await put(one, "shared", b"b")
+        assert await wait_event(woken, 5.0)
+        # Pub/sub keeps order: the first notice is the one for "shared" (none was sent for "alone").
+        assert await asyncio.wait_for(first_notice(pubsub), 5.0) == b"shared"
+    finally:
+        await pubsub.aclose()
+
+
+async def test_a_watcher_that_drained_the_queue_waits_without_asking_again(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    one, two = stores
+    await one.open_session("q", "g/c", "s", LEASE_S)
+    first, second = await put(one, "q", b"a"), await put(one, "q", b"b")
+    assert await claim(one, "q") == [first, second]  # fewer than the window: drained
+
+    before = await script_calls(admin)
+    assert await claim(one, "q") == []  # nothing changed since: answered without Redis
+    assert await script_calls(admin) == before
+    assert await claim(one, "q") == []  # only once: after a (timed-out) wait it asks Redis again
+    assert await script_calls(admin) == before + 1
+
+    # A put in this process or another one makes the next claim ask Redis and find it.
+    assert await claim(one, "q") == [] and await script_calls(admin) == before + 2  # drained, nothing taken
+    woken = one.changes("q")
+    third = await put(two, "q", b"c")
+    assert await wait_event(woken, 5.0)  # the notice from the other process
+    assert await claim(one, "q") == [third]
+    fourth = await put(one, "q", b"d")
+    assert await claim(one, "q") == [fourth]
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    """The scripts run by SHA; a restarted or flushed script cache costs one load, not a failure."""
+    one, _ = stores
+    await one.open_session("q", "g/c", "s", LEASE_S)
+    first = await put(one, "q", b"a")
+    await admin.script_flush()
+    second = await put(one, "q", b"b")
+    assert second == first + 1
+    assert await claim(one, "q") == [first, second]
