@@ -123,6 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         pending_timeout_s=args.pending_timeout, webhook_secret=args.webhook_secret,
         instance_down_s=args.instance_down_timeout, run_timeout_s=args.run_timeout,
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
+        storage=storage if storage is not None and storage.location is not None else None,
         max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=listen.shutdown_timeout_s,
         access=listen.access, **input_settings(args),
     )

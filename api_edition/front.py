@@ -39,11 +39,13 @@ from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
 from standard.http_util import JSONError, json_error
 from standard.serving import draining_headers, is_draining
+from standard.storage.errors import StorageError
 
 from .cancel import api_task_cancel
 from .events import api_events
 from .graph import GraphError, graph_of
 from .inbox import Inbox, InboxUnavailable
+from .input_bucket import InputBucket, input_bucket
 from .input_request import Submission, read_submission
 from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
@@ -61,6 +63,7 @@ METRICS_KEY = web.AppKey("api_metrics", ApiMetrics)
 POLICY_KEY = web.AppKey("api_webhook_policy", WebhookPolicy)
 INPUT_POLICY_KEY = web.AppKey("api_input_policy", WebhookPolicy)
 WORKFLOWS_KEY = web.AppKey("api_workflows", Workflows)
+INPUT_BUCKET_KEY = web.AppKey("api_input_bucket", InputBucket)  # only for an oss:// data dir
 RETRY_AFTER_S = 1
 MAX_TAG_CHARS = 1024
 # Query parameters that are not tags: the auth fallback must not travel with the task.
@@ -166,6 +169,12 @@ async def _task_data(request: web.Request, settings: ApiSettings, submission: Su
 async def _queue(request: web.Request, settings: ApiSettings, submission: Submission, tags: dict[str, str],
                  priority: int, idempotency_key: str | None) -> tuple[int, str]:
     data = await _task_data(request, settings, submission)
+    try:
+        await submission.publish(request.app.get(INPUT_BUCKET_KEY))
+    except StorageError as exc:
+        message = f"the task's inputs could not be put in the bucket: {exc}"
+        raise _refused(request, 503, "storage_unavailable", message,
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if idempotency_key is None and settings.dedupe_task_id and TASK_ID_TAG in tags:
         idempotency_key = tags[TASK_ID_TAG]  # checked in api_prompt: it travels in a header
     tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or _generated_task_id(idempotency_key)
@@ -203,7 +212,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 def _input_janitor(data_dir: Path, retention_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def janitor(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sweep_forever(data_dir, retention_s), name="comfyserve-input-janitor")
+        task = asyncio.create_task(sweep_forever(data_dir, retention_s, app.get(INPUT_BUCKET_KEY)),
+                                   name="comfyserve-input-janitor")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -216,6 +226,9 @@ def add_front_routes(app: web.Application, settings: ApiSettings) -> None:
     """Register the front's routes; the service's own path is a plain route so it wins over the queue's."""
     app[POLICY_KEY] = WebhookPolicy(settings.webhook_allow)
     app[INPUT_POLICY_KEY] = WebhookPolicy(settings.input_url_allow, what="input URL", flag="--input-url-allow")
+    bucket = input_bucket(settings.storage)
+    if bucket is not None:
+        app[INPUT_BUCKET_KEY] = bucket
     if settings.data_dir is not None and settings.input_retention_s > 0:
         app.cleanup_ctx.append(_input_janitor(settings.data_dir, settings.input_retention_s))
     app.router.add_post("/api_prompt", api_prompt)

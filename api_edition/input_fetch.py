@@ -14,16 +14,20 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from standard.errors import WorkerError
+from standard.storage.errors import StorageError
 
 from .inputs import InputLimits, InputRefused, check_name, envelope_of, folder_of, write_new
 from .webhook import AddressRefused, CheckingResolver, WebhookPolicy, WebhookRefused
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .input_bucket import InputBucket
 
 log = logging.getLogger("comfyserve.api.inputs")
 
@@ -42,8 +46,10 @@ class InputFetcher:
     """One per worker: one HTTP session whose resolver enforces the input policy."""
 
     def __init__(self, data_dir: Path | None, *, allow: tuple[str, ...] = (), limits: InputLimits | None = None,
-                 timeout_s: float = 60.0, resolver: AbstractResolver | None = None) -> None:
+                 timeout_s: float = 60.0, resolver: AbstractResolver | None = None,
+                 bucket: InputBucket | None = None) -> None:
         self.data_dir = data_dir
+        self.bucket = bucket  # oss:// data dir: fetched files go up to it; a reported task's objects go
         self.policy = WebhookPolicy(allow, what="input URL", flag="--input-url-allow")
         self.limits = limits or InputLimits()
         self.timeout_s = timeout_s
@@ -68,6 +74,7 @@ class InputFetcher:
                               else "the task's inputs_dir is not a task input folder")
         if not isinstance(fetch, list):
             raise FetchFailed("the task's fetch list is not a list")
+        names: list[str] = []
         for entry in fetch:
             if not isinstance(entry, dict):
                 raise FetchFailed("the task's fetch list holds a non-object")
@@ -77,6 +84,12 @@ class InputFetcher:
                 raise FetchFailed(exc.message) from None
             body = await self._get(name, entry.get("url"))
             await asyncio.to_thread(write_new, folder, name, body)
+            names.append(name)
+        if self.bucket is not None:  # the instance may be on another machine: it reads the bucket
+            try:
+                await self.bucket.upload(folder, extra["inputs_dir"], names)
+            except (StorageError, OSError) as exc:
+                raise FetchFailed(f"the fetched inputs could not be put in the bucket: {exc}") from None
 
     async def _get(self, name: str, url: Any) -> bytes:
         try:
@@ -120,12 +133,18 @@ class InputFetcher:
 
     async def release(self, data: bytes) -> None:
         """The task is reported: its input folder goes (no-op for a task without inputs)."""
-        if self.data_dir is None:
-            return
         extra = envelope_of(data)
-        folder = folder_of(self.data_dir, extra.get("inputs_dir")) if extra else None
-        if folder is not None:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+        if not extra:
+            return
+        if self.data_dir is not None:
+            folder = folder_of(self.data_dir, extra.get("inputs_dir"))
+            if folder is not None:
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+        if self.bucket is not None and folder_of(Path(), extra.get("inputs_dir")) is not None:
+            try:
+                await self.bucket.remove(extra["inputs_dir"])
+            except StorageError as exc:  # the front's --input-retention sweep gets them
+                log.warning("removing task inputs %s from the bucket: %s", extra["inputs_dir"], exc)
 
     async def aclose(self) -> None:
         if self._http is not None:

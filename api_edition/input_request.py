@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
 from standard.http_util import parse_json, read_body_within
+from standard.storage.errors import StorageError
 
 from .inputs import InputLimits, InputRefused, TaskFolder, check_name
 from .webhook import WebhookPolicy, WebhookRefused
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .input_bucket import InputBucket
+
+log = logging.getLogger("comfyserve.api.inputs")
 
 THREAD_PARSE_BYTES = 256 * 1024  # bigger JSON bodies are parsed off the event loop
 CHUNK_BYTES = 256 * 1024
@@ -37,11 +44,24 @@ class Submission:
     folder: TaskFolder | None = None
     names: list[str] = field(default_factory=list)
     fetch: list[dict[str, str]] = field(default_factory=list)
+    uploaded_to: InputBucket | None = None
+
+    async def publish(self, bucket: InputBucket | None) -> None:
+        """oss:// data dir: the inline files go to the bucket, where any instance finds them."""
+        if bucket is None or self.folder is None or not self.folder.written:
+            return
+        self.uploaded_to = bucket
+        await bucket.upload(self.folder.path, self.folder.relative, self.folder.written)
 
     async def discard(self) -> None:
-        """The task is not queued after all: its files go."""
+        """The task is not queued after all: its files go (from the bucket too)."""
         if self.folder is not None and self.folder.written:
             await self.folder.remove()
+        if self.folder is not None and self.uploaded_to is not None:
+            try:
+                await self.uploaded_to.remove(self.folder.relative)
+            except StorageError as exc:  # the janitor's --input-retention sweep gets them
+                log.warning("removing the inputs of an unqueued task from the bucket: %s", exc)
 
 
 def body_limit(max_json_bytes: int, limits: InputLimits) -> int:

@@ -26,10 +26,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from standard.errors import RequestError
 from standard.http_util import parse_json
+from standard.storage.errors import StorageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .input_bucket import InputBucket
 
 log = logging.getLogger("comfyserve.api.inputs")
 
@@ -76,6 +80,11 @@ def check_name(name: Any) -> str:
     if len(name.encode()) > MAX_NAME_BYTES:
         raise InputRefused(400, "bad_input", f"input name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
     return name
+
+
+def folder_id_of(text: str) -> str | None:
+    """``text`` if it is a task folder's id (32 lowercase hex digits), else None."""
+    return text if _FOLDER_ID.fullmatch(text) else None
 
 
 def inputs_root(data_dir: Path) -> Path:
@@ -181,8 +190,9 @@ def sweep(data_dir: Path, older_than_s: float, now: float | None = None) -> int:
     return removed
 
 
-async def sweep_forever(data_dir: Path, retention_s: float) -> None:
-    """The front's janitor: every so often, the folders older than the retention go."""
+async def sweep_forever(data_dir: Path, retention_s: float, bucket: InputBucket | None = None) -> None:
+    """The front's janitor: every so often, the folders older than the retention go (from the bucket too,
+    for an oss:// data dir)."""
     interval_s = min(max(retention_s / 4, 0.05), 600.0)
     while True:
         try:
@@ -191,4 +201,12 @@ async def sweep_forever(data_dir: Path, retention_s: float) -> None:
                 log.info("removed %d task input folder(s) older than %.0fs", removed, retention_s)
         except OSError as exc:
             log.warning("sweeping %s: %s", inputs_root(data_dir), exc)
+        if bucket is not None:
+            try:
+                removed = await asyncio.to_thread(bucket.sweep, retention_s)
+                if removed:
+                    log.info("removed %d task input folder(s) older than %.0fs from the bucket", removed,
+                             retention_s)
+            except StorageError as exc:
+                log.warning("sweeping oss://%s/%s: %s", bucket.location.bucket, bucket.root, exc)
         await asyncio.sleep(interval_s)

@@ -14,6 +14,7 @@ from queue_service.settings import (
 from standard.guard import AccessPolicy
 from standard.retry import WEBHOOK, RetryPolicy
 from standard.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
+from standard.storage.settings import StorageSettings
 
 from .inputs import DEFAULT_INPUT_FETCH_TIMEOUT_S, DEFAULT_INPUT_RETENTION_S, InputLimits
 from .outputs import DEFAULT_MAX_INLINE_OUTPUT_BYTES
@@ -54,6 +55,7 @@ class WorkerSettings:
     input_url_allow: tuple[str, ...] = ()  # URL input prefixes; empty: any public address
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
     max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES  # ?return=base64: sum of a result's bytes
+    storage: StorageSettings | None = None  # oss:// data dir: task inputs go to (and from) its bucket
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class ApiSettings:
     input_url_allow: tuple[str, ...] = ()
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
     max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES
+    storage: StorageSettings | None = None  # oss:// data dir: task inputs are uploaded to its bucket
 
     @property
     def stateless(self) -> bool:

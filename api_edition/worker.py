@@ -63,6 +63,7 @@ from .cancel import MESSAGE as CANCEL_MESSAGE
 from .cancel import CancelWatch, cancel_of
 from .events import EventPublisher, events_of, result_event
 from .graph import GraphError, parse_graph
+from .input_bucket import input_bucket
 from .input_fetch import FetchFailed, InputFetcher
 from .metrics import ApiMetrics
 from .outputs import OutputLinks
@@ -144,7 +145,7 @@ class Worker:
         self.webhooks = webhooks or WebhookSender(settings.webhook_secret, policy=self.webhook_policy,
                                                   retry=settings.webhook_retry, on_give_up=self._webhook_failed)
         self.fetcher = InputFetcher(settings.data_dir, allow=settings.input_url_allow, limits=settings.input_limits,
-                                    timeout_s=settings.input_fetch_timeout_s)
+                                    timeout_s=settings.input_fetch_timeout_s, bucket=input_bucket(settings.storage))
         self.outputs = OutputLinks(self.probe, settings.max_inline_output_bytes)
         self.progress = TaskProgress(progress or HttpRecords(QueueClient(
             settings.queue_url, progress_of(settings.service), token=token, uid=self.name)),

@@ -20,6 +20,8 @@ from standard.errors import ConfigError
 from standard.options import add_option, port_number
 from standard.private import add_secret_option
 from standard.serving import Role, add_shutdown_timeout_option, shutdown_timeout_of, stop_event
+from standard.storage.location import is_oss_url
+from standard.storage.settings import add_storage_arguments, storage_settings_from_args
 
 from .command import add_limit_arguments, limit_settings
 from .input_options import add_input_arguments, input_settings
@@ -50,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_limit_arguments(parser)
     add_shutdown_timeout_option(parser)
     add_option(parser, "--data-dir", default=None,
-               help="the instance's data dir (shared): where tasks' URL inputs are fetched to and removed from")
+               help="the instance's data dir (shared): where tasks' URL inputs are fetched to and removed from; "
+                    "oss://BUCKET/PREFIX: they go through a local mirror to the bucket (and are removed from it)")
     add_input_arguments(parser, front=False)
+    add_storage_arguments(parser.add_argument_group("object storage (OSS), for an oss:// --data-dir"))
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -62,13 +66,18 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     if args.instance_down_timeout <= 0:
         raise ConfigError("--instance-down-timeout must be positive")
     max_attempts, webhook_allow = limit_settings(args)
+    storage = storage_settings_from_args(args, args.data_dir) if is_oss_url(args.data_dir) else None
+    if storage is not None:
+        data_dir: Path | None = storage.local_root  # the local mirror; the instances read the bucket
+    else:
+        data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
     return WorkerSettings(
         queue_url=args.queue_url, service=args.service, instance_url=args.instance_url,
         token=args.token or None, instance_token=args.instance_token, worker_id=args.worker_id,
         webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
         run_timeout_s=args.run_timeout, max_attempts=max_attempts, webhook_allow=webhook_allow,
         shutdown_timeout_s=shutdown_timeout_of(args),
-        data_dir=Path(args.data_dir).expanduser().resolve() if args.data_dir else None, **input_settings(args),
+        data_dir=data_dir, storage=storage, **input_settings(args),
     )
 
 

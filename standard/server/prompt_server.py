@@ -76,6 +76,8 @@ class PromptServer:
         # recorded (may edit the result), and before /restart reloads the engine.
         self.result_hooks: list[Callable[[str, dict[str, Any]], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Awaited before a prompt is validated (may look up the files it names; must not edit it).
+        self.prompt_hooks: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
         # Called by send_sync before an event is queued (on the caller's thread; may edit data).
         self.event_hooks: list[Callable[[str | int, Any], None]] = []
         self._execution_thread = ExecutionThread()
@@ -240,6 +242,8 @@ class PromptServer:
     async def validate(
         self, prompt_id: str, prompt: dict[str, Any], partial_execution_targets: list[str] | None
     ) -> tuple[bool, dict[str, Any] | None, list[str], dict[str, Any]]:
+        for hook in self.prompt_hooks:
+            await hook(prompt)
         result = self._validate(self.registry, prompt_id, prompt, partial_execution_targets)
         if inspect.isawaitable(result):
             result = await result

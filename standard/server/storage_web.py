@@ -5,6 +5,8 @@
 - ``executed`` events (engine thread) and, after each prompt, its history: output
   files uploaded, a signed ``url`` added to each entry; the models the prompt
   used are then released for eviction;
+- before a prompt is validated: the input names it refers to that the listing lacks are looked up
+  (one HEAD each, bounded), so a file put in the bucket a moment ago (an API task's inputs) is found;
 - ``/upload/image``: the file also goes to ``PREFIX/input/``;
 - ``/view`` of a file not on local disk: an input is fetched into the local
   ``input/`` and served; anything else gets a 302 to a signed URL when the bucket has it.
@@ -73,6 +75,11 @@ def setup_storage(app: web.Application) -> None:
     async def resync() -> None:
         await asyncio.to_thread(storage.prepare)
 
+    async def probe(prompt: dict[str, Any]) -> None:
+        await asyncio.to_thread(storage.probe_inputs, prompt)
+
+    if storage.remote_inputs:  # names put in the bucket since the last listing pass validation
+        server.prompt_hooks.append(probe)
     server.event_hooks.append(on_event)
     server.result_hooks.append(publish)
     server.reload_hooks.append(resync)

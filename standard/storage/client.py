@@ -152,6 +152,10 @@ class OssClient:
                 log.warning("could not abort upload %s: %s", upload_id, _short(exc))
             raise
 
+    def delete(self, key: str) -> None:
+        """DeleteObject: gone afterwards; deleting a missing key is no error (OSS answers 204 either way)."""
+        self.retry(f"DELETE oss://{self.location.bucket}/{key}", lambda: self.bucket.delete_object(key))
+
     # -- URLs ------------------------------------------------------------------
 
     def sign_url(self, key: str, expires_s: int) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..paths import resolve_inside
 from .client import ObjectInfo, OssClient
-from .errors import StorageError
+from .errors import ObjectNotFound, StorageError
 
 log = logging.getLogger("comfyserve.storage")
 
@@ -68,6 +68,21 @@ class BucketListing:
             self._entries = entries
             self.refreshes += 1
         return len(entries)
+
+    def probe(self, rel: str) -> ObjectInfo | None:
+        """One HEAD for a name the last listing lacks (put in the bucket since): known from now on if the
+        bucket has it, None if not (or if the name would leave the local folder: no request then).
+        Blocking; raises StorageError when the bucket cannot answer."""
+        try:
+            resolve_inside(self.local_dir, rel)
+        except ValueError:
+            return None
+        try:
+            info = self.client.head(self.prefix + rel)
+        except ObjectNotFound:
+            return None
+        with self._lock:
+            return self._entries.setdefault(rel, info)
 
     def get(self, rel: str) -> ObjectInfo | None:
         with self._lock:

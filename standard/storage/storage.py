@@ -14,6 +14,7 @@ Blocking methods (all but the small getters) run in threads.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,9 @@ from .sync import sync_down
 log = logging.getLogger("comfyserve.storage")
 OUTPUT_LIST_KEYS_SKIP = frozenset({"text", "animated"})
 INPUT_LOCKS_DIR = ".oss-locks"  # hidden: LoadImage and /internal/files skip dot names
+MAX_INPUT_PROBES = 64  # HEADs of names a prompt refers to that the last listing lacks (one task's inputs)
+_INPUT_ANNOTATION = " [input]"
+_FILE_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,1024}\.[A-Za-z0-9]{1,8}")  # "name.ext": text values do not look up
 
 
 class ObjectStorage:
@@ -163,6 +167,34 @@ class ObjectStorage:
         rel = self.input_rel(local_path)
         return rel is not None and self.inputs is not None and self.inputs.get(rel) is not None
 
+    def probe_inputs(self, prompt: dict[str, Any]) -> int:
+        """Before a prompt is validated: look up in the bucket the input names it refers to that neither
+        the disk nor the last listing of ``input/`` has (put there since, e.g. an API task's inputs), so
+        they pass validation now rather than after ``--input-list-ttl``. One HEAD per name, at most
+        ``MAX_INPUT_PROBES`` per prompt; names that leave ``input/`` are never asked for. Blocking; how
+        many were found."""
+        if not self.remote_inputs:
+            return 0
+        assert self.inputs is not None
+        found = probes = 0
+        for rel in _input_names(prompt):
+            if self.inputs.get(rel) is not None:
+                continue
+            try:
+                if resolve_inside(self.input_root, rel).is_file():
+                    continue
+            except ValueError:
+                continue
+            if probes >= MAX_INPUT_PROBES:
+                log.warning("not looking up more than %d unlisted input names of one prompt", MAX_INPUT_PROBES)
+                break
+            probes += 1
+            try:
+                found += self.inputs.probe(rel) is not None
+            except StorageError as exc:  # validation refuses the name, as with no bucket at all
+                log.warning("looking up input %s in the bucket failed: %s", rel, exc)
+        return found
+
     def input_path(self, local_path: Path) -> Path | None:
         """Make an input present under its local path, fetched from the bucket when missing or outdated.
 
@@ -256,6 +288,23 @@ class ObjectStorage:
         except (ObjectNotFound, ValueError):
             return None
         return self.url_for(local_path)
+
+
+def _input_names(prompt: dict[str, Any]) -> list[str]:
+    """The node input values of a prompt that look like an input file's name (``x.png``, ``sub/x.png``,
+    optionally ``[input]``-annotated), without repeats, in graph order."""
+    names: dict[str, None] = {}
+    for node in prompt.values():
+        values = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(values, dict):
+            continue
+        for value in values.values():
+            if not isinstance(value, str):
+                continue
+            value = value.removesuffix(_INPUT_ANNOTATION)
+            if _FILE_NAME.fullmatch(value):
+                names[value] = None
+    return list(names)
 
 
 def _file_entries(outputs: dict[str, Any]) -> Iterator[dict[str, Any]]:

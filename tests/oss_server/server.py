@@ -159,8 +159,10 @@ class OssTestServer:
             self._store(bucket, key, obj)
             headers.update({"ETag": f'"{obj.etag}"', "x-oss-hash-crc64ecma": str(obj.crc)})
             return web.Response(status=200, headers=headers)
-        if request.method == "DELETE":
-            self.buckets[bucket].pop(key, None)
+        if request.method == "DELETE":  # DeleteObject: 204 whether or not the key existed
+            gone = self.buckets[bucket].pop(key, None)
+            if gone is not None and gone.path is not None:
+                gone.path.unlink(missing_ok=True)
             return web.Response(status=204, headers=headers)
         obj = self.buckets[bucket].get(key)
         if obj is None:
