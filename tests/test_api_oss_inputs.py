@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from aiohttp import web
 from oss_server.fixtures import BUCKET, storage_settings
 from PIL import Image
@@ -135,3 +136,41 @@ async def test_objects_of_a_task_never_run_go_after_the_retention(api: ApiFactor
             "inputs": [{"name": "a.png", "data": base64.b64encode(png(1, 1)).decode()}]}
     assert (await post(live.url, body, "never_run")).status_code == 200
     await until(lambda: input_keys(oss) == ["data/input/api/keep.png"], what="the bucket retention sweep")
+
+
+def test_front_and_worker_flags_for_an_oss_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api_edition.command import settings_from_args
+    from api_edition.worker_command import settings_from_args as worker_settings_from_args
+    from standard.cli import build_parser
+
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "secret")
+    monkeypatch.setenv("COMFYSERVE_OSS_ENDPOINT", "http://127.0.0.1:9")
+    bucket = ["--data-dir", f"oss://{BUCKET}/data", "--cache-dir", str(tmp_path / "cache")]
+    front = settings_from_args(build_parser().parse_args(["api", *bucket]))
+    worker = worker_settings_from_args(build_parser().parse_args([
+        "worker", "--queue-url", "http://q:9000", "--instance-url", "http://i:8000", *bucket]))
+    for settings in (front, worker):
+        assert settings.storage is not None and str(settings.storage.location).rstrip("/") == f"oss://{BUCKET}/data"
+        assert settings.data_dir == tmp_path / "cache" / "data"  # the local mirror
+        assert settings.storage.endpoint == "http://127.0.0.1:9"
+    plain = worker_settings_from_args(build_parser().parse_args([
+        "worker", "--queue-url", "http://q:9000", "--instance-url", "http://i:8000", "--data-dir", str(tmp_path)]))
+    assert plain.storage is None and plain.data_dir == tmp_path.resolve()
+
+
+def test_the_storage_client_deletes_like_oss(oss, tmp_path: Path) -> None:
+    from standard.storage import StorageError
+    from standard.storage.client import OssClient
+
+    settings = storage_settings(oss, tmp_path)
+    client = OssClient(settings, settings.location)
+    oss.server.put(BUCKET, "data/input/api/x.png", b"x")
+    client.delete("data/input/api/x.png")
+    assert oss.server.get(BUCKET, "data/input/api/x.png") is None
+    client.delete("data/input/api/x.png")  # DeleteObject of a missing key: no error
+    oss.server.put(BUCKET, "data/input/api/y.png", b"y")
+    oss.server.faults.fail("DELETE", "y.png", times=1000)
+    with pytest.raises(StorageError):
+        client.delete("data/input/api/y.png")
+    assert oss.server.get(BUCKET, "data/input/api/y.png") == b"y"
