@@ -94,6 +94,9 @@ async def test_inline_inputs_reach_an_instance_elsewhere_through_the_bucket_and_
             with Image.open(io.BytesIO(oss.server.get(BUCKET, f"data/output/{saved['filename']}"))) as output:
                 assert output.size == size
         await until(lambda: input_keys(oss) == [], what="the task's objects deleted after the result")
+        # The instance's copies went after the run too (its input/ does not fill up with every task's files).
+        assert not local_copy.exists() and not local_copy.parent.exists()
+        assert (instance_side.local_root / "input" / "gate-1").is_file()  # its own files stay
         assert ("HEAD", BUCKET, key) in oss.server.requests  # found by one look-up, not a new listing
         fetched_to = worker_side.local_root / "input" / "api"
         await until(lambda: not any(fetched_to.iterdir()), what="the worker's local copy removed")

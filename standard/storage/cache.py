@@ -192,6 +192,27 @@ class ModelCache:
                  time.monotonic() - started)
         return path
 
+    def drop(self, rel: str) -> bool:
+        """Remove a file we fetched (not one in use or being fetched) and the folders it leaves empty;
+        whether it went. The bucket still has it: a later use fetches it again."""
+        with self._lock:
+            if rel not in self._etags or self._in_use.get(rel) or rel in self._fetching:
+                return False
+            self._sizes.pop(rel, None)
+            self._etags.pop(rel, None)
+            path = self.root / rel
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            for folder in path.parents:
+                if folder == self.root or not folder.is_relative_to(self.root):
+                    break
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): the folders above are not empty either
+                    break
+            self._save_index()
+            return True
+
     def _make_room(self, rel: str, need: int) -> None:
         if self.max_bytes is None:
             return

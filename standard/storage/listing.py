@@ -84,6 +84,11 @@ class BucketListing:
         with self._lock:
             return self._entries.setdefault(rel, info)
 
+    def forget(self, rel: str) -> None:
+        """Drop one entry until the next listing (a probed name whose object is expected to go)."""
+        with self._lock:
+            self._entries.pop(rel, None)
+
     def get(self, rel: str) -> ObjectInfo | None:
         with self._lock:
             return self._entries.get(rel)

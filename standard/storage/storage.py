@@ -70,6 +70,9 @@ class ObjectStorage:
             self.inputs = BucketListing(self.client, self.location.key("input") + "/", self.input_root,
                                         ttl_s=settings.input_list_ttl_s)
         self._task_holds: list[str] = []
+        # Inputs found by ``probe_inputs`` (put in the bucket for one task, e.g. API task inputs): their
+        # local copies go after the task that fetched them, not kept for ever on every instance.
+        self._probed: set[str] = set()
         self._holds_lock = threading.Lock()
         self.uploaded: list[str] = []  # keys uploaded (tests, logs)
         # path -> (size, mtime_ns) as uploaded: a file reported twice (executed event, then
@@ -146,6 +149,18 @@ class ObjectStorage:
         if self.cache is not None:
             for rel in holds:
                 self.cache.release(rel)
+        self._drop_probed_inputs()
+
+    def _drop_probed_inputs(self) -> None:
+        """The local copies of probed inputs the finished task fetched go (and their listing entries)."""
+        if self.input_cache is None or self.inputs is None:
+            return
+        with self._holds_lock:
+            fetched = {rel for rel in self._probed if self.input_cache.is_cached(rel)}
+            self._probed -= fetched
+        for rel in fetched:
+            if self.input_cache.drop(rel):
+                self.inputs.forget(rel)
 
     # -- inputs ----------------------------------------------------------------
 
@@ -190,7 +205,10 @@ class ObjectStorage:
                 break
             probes += 1
             try:
-                found += self.inputs.probe(rel) is not None
+                if self.inputs.probe(rel) is not None:
+                    found += 1
+                    with self._holds_lock:
+                        self._probed.add(rel)
             except StorageError as exc:  # validation refuses the name, as with no bucket at all
                 log.warning("looking up input %s in the bucket failed: %s", rel, exc)
         return found
