@@ -170,7 +170,9 @@ async def _queue(request: web.Request, settings: ApiSettings, submission: Submis
                  priority: int, idempotency_key: str | None) -> tuple[int, str]:
     data = await _task_data(request, settings, submission)
     try:
-        await submission.publish(request.app.get(INPUT_BUCKET_KEY))
+        # Spawned instances read this machine's mirror: they find the files there without a download.
+        spawned = settings.instances > 0 and not settings.instance_urls and not settings.stateless
+        await submission.publish(request.app.get(INPUT_BUCKET_KEY), keep_local=spawned)
     except StorageError as exc:
         message = f"the task's inputs could not be put in the bucket: {exc}"
         raise _refused(request, 503, "storage_unavailable", message,

@@ -46,12 +46,16 @@ class Submission:
     fetch: list[dict[str, str]] = field(default_factory=list)
     uploaded_to: InputBucket | None = None
 
-    async def publish(self, bucket: InputBucket | None) -> None:
-        """oss:// data dir: the inline files go to the bucket, where any instance finds them."""
+    async def publish(self, bucket: InputBucket | None, *, keep_local: bool) -> None:
+        """oss:// data dir: the inline files go to the bucket, where any instance finds them. The local
+        copy stays only for instances sharing this machine's mirror (``keep_local``): elsewhere it is
+        just staging."""
         if bucket is None or self.folder is None or not self.folder.written:
             return
         self.uploaded_to = bucket
         await bucket.upload(self.folder.path, self.folder.relative, self.folder.written)
+        if not keep_local:
+            await self.folder.remove()
 
     async def discard(self) -> None:
         """The task is not queued after all: its files go (from the bucket too)."""

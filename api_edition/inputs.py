@@ -6,7 +6,9 @@ the front picks, never the client's task id), so a graph refers to them as
 folder. The front writes the inline files (``input_request``); the worker
 fetches the URL ones there before the run and removes the folder once the
 result is on the sink (``input_fetch``); what is left behind (a task never
-run, a worker that died) goes after ``--input-retention`` (``sweep``).
+run, a worker that died) goes after ``--input-retention`` (``sweep``). With ``--data-dir oss://`` the folder is
+mirrored at ``PREFIX/input/api/<id>/`` in the bucket, where an instance on any
+machine finds it (``input_bucket``), and removed from there at the same moments.
 
 The queued item of such a task is the envelope
 ``{"prompt": GRAPH, "comfyserve": {"inputs_dir": "api/<id>", "fetch": [{"name", "url"}]}}``:

@@ -75,6 +75,7 @@ async def test_inline_inputs_reach_an_instance_elsewhere_through_the_bucket_and_
     [key] = input_keys(oss)  # the inline file is in the bucket before any worker took the task
     assert key.startswith(INPUTS) and key.endswith("/face.png") and oss.server.get(BUCKET, key) == image
     mask_key = key.removesuffix("face.png") + "mask.png"
+    assert not any((front.local_root / "input" / "api").iterdir())  # the front's copy was only staging
 
     worker = Worker(WorkerSettings(queue_url=live.url, service=SERVICE, instance_url=f"http://127.0.0.1:{instance.port}",
                                    token=TOKEN, data_dir=worker_side.local_root, storage=worker_side,
