@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from queue_service.client import QueueClient
+from standard.errors import ComfyServeError
 
 from .outputs import file_items
 from .settings import DEFAULT_SERVICE, sink_of
@@ -34,7 +35,7 @@ from .settings import DEFAULT_SERVICE, sink_of
 InputValue = bytes | Path | str
 
 
-class ApiClientError(Exception):
+class ApiClientError(ComfyServeError):
     """The front refused a call: ``status`` and the JSON error's ``kind`` and ``message``."""
 
     def __init__(self, status: int, kind: str, message: str) -> None:

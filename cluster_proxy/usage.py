@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from standard.errors import RequestError
 from standard.metrics import Metrics
 
 from .store import StateStore, Task, Usage
@@ -22,7 +23,7 @@ DEFAULT_DAYS = 7
 MAX_DAYS = 3660
 
 
-class PeriodError(ValueError):
+class PeriodError(RequestError):
     """A period the admin gave that cannot be read."""
 
 
