@@ -96,6 +96,38 @@ async def test_two_fronts_on_one_redis_answer_alike(api: ApiFactory, instance_ur
         assert (await task(front, task_id="first")).status_code == 404
 
 
+def redis_calls(url: str) -> dict[str, int]:
+    """Calls per command the Redis server ran so far (a script's commands counted under their own names)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return {name: int(entry["calls"]) for name, entry in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
+async def test_status_is_one_store_round_trip_on_redis(api: ApiFactory, redis_url: str) -> None:
+    """/api_task p99 goal (< 5 ms with 10k tasks queued): each answer, by task_id or requestId, is one command
+    (one script) on Redis, not an index lookup, an input lookup, a position and a sink lookup in turn."""
+    live = await api(redis_url=redis_url)
+    request_ids = [(await live.submit(tiny_graph(), task_id=name)).headers["X-Eas-Queueservice-Request-Id"]
+                   for name in ("a", "b")]
+    calls = 30
+    before = redis_calls(redis_url)
+    for _ in range(calls // 2):
+        assert (await state(live, "b"))["position"] == 1
+        assert (await task(live, requestId=request_ids[0])).json()["position"] == 0
+    after = redis_calls(redis_url)
+
+    def delta(name: str) -> int:
+        return after.get(f"cmdstat_{name}", 0) - before.get(f"cmdstat_{name}", 0)
+
+    # One script per answer; no item reads (HMGET) beside it. Slack: the submissions' background index tidying.
+    assert delta("evalsha") <= calls + 2
+    assert delta("hmget") <= 2
+
+
 async def test_tasks_queued_by_a_stateless_front_are_found_by_task_id(api: ApiFactory) -> None:
     queue_side = await api()
     front = await api(queue_url=queue_side.url, sqlite_path=None)
