@@ -5,8 +5,9 @@ Workers put each event of a running prompt (``execution_start``, ``executing``, 
 task's ``requestId`` (``progress`` at most every ``PROGRESS_EVERY_S`` and its last step), and a
 ``comfyserve_result`` record once the result is on the sink (the front's
 cancel of a queued task puts one too). Every front holding the store tails that queue (one reader per
-process, woken by the store's change notices: across processes on Redis too) and hands each record to
-the streams that asked for its task. So the stream reads the same on any front on one Redis.
+process, woken by the store's change notices: across processes on Redis too; each wake-up costs one store
+round trip, which reads the new records and asks for the next wake-up) and hands each record to the
+streams that asked for its task. So the stream reads the same on any front on one Redis.
 
 A stream sends, per task: ``event: status`` (the ``GET /api_task`` answer) first, then each instance
 event under its own type (``data``: the instance's event object plus ``task_id`` and ``request_id``),
@@ -136,8 +137,7 @@ class EventHub:
                     next_index = (await self.store.stats(self.queue)).last_index + 1
                     self._started.set()
                 changed = self.store.changes(self.queue)
-                await self.store.arm(self.queue)
-                items = await self.store.get(self.queue, next_index, BATCH, None)
+                items = await self.store.tail(self.queue, next_index, BATCH)  # read + re-arm: one round trip
             except QueueError as exc:
                 log.warning("events tail: %s; retrying", exc)
                 await asyncio.sleep(IDLE_WAIT_S)
@@ -156,7 +156,7 @@ class EventHub:
                 if isinstance(event, dict):
                     for stream in list(streams):
                         stream.put_nowait((request_id, event))
-            if not items:
+            if len(items) < BATCH:  # drained and armed: the next change wakes us
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_WAIT_S):
                         await changed.wait()

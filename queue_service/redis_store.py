@@ -310,6 +310,22 @@ if sb then return {rid, 3, s, sb} end
 return {rid, 0}
 """
 
+# ARGV: prefix, start index, length. Items with index >= start (index, body, ...); fewer than length: armed too.
+TAIL = """
+local P, length = ARGV[1], tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P..'all', ARGV[2], '+inf', 'LIMIT', 0, length)
+local out = {}
+for _, i in ipairs(ids) do
+  local body = redis.call('HGET', P..'body', i)
+  if body then
+    out[#out + 1] = i
+    out[#out + 1] = body
+  end
+end
+if #ids < length then redis.call('SADD', P..'waitby', ORIGIN) end
+return out
+"""
+
 OPEN_SESSION = _LIB + """
 local P, c = ARGV[1], ARGV[2]
 redis.call('HSET', P..'sess', c, ARGV[3])
@@ -486,8 +502,9 @@ class RedisStore:
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("whereabouts", WHEREABOUTS), ("open_session", OPEN_SESSION), ("pending", PENDING),
-                             ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
+                             ("whereabouts", WHEREABOUTS), ("tail", TAIL), ("open_session", OPEN_SESSION),
+                             ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
+                             ("release", RELEASE)):
             script = self._header() + source
             self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
         await self._call(self._redis.ping)
@@ -585,6 +602,9 @@ class RedisStore:
             return [Item(int(i), b) for i, b in zip(ids, bodies, strict=True) if b is not None]
 
         return await self._call(run)
+
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        return _items(await self._call(lambda: self._script("tail", [_prefix(queue), start_index, length])))
 
     async def lookup(self, queue: str, request_id: str) -> Seen | None:
         assert self._redis is not None

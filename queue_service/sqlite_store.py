@@ -297,6 +297,9 @@ class SQLiteStore:
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         return await self._run(self._get, queue, start_index, length, request_id)
 
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        return await self.get(queue, start_index, length, None)  # arming is nothing here (see ``arm``)
+
     def _lookup(self, queue: str, request_id: str) -> Seen | None:
         assert self._db is not None
         row = self._db.execute("SELECT idx FROM items WHERE queue = ? AND request_id = ? ORDER BY idx DESC LIMIT 1",

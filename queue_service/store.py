@@ -148,6 +148,11 @@ class QueueStore(Protocol):
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         """Up to ``length`` items with index >= start_index, in index order (claimed or not)."""
 
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        """``get`` for a reader that follows a queue: with fewer than ``length`` items back, it is also armed
+        (``arm``) in the same round trip, so a wake-up costs the follower one store call, not three. Take
+        ``changes`` before calling; wait on it only after a short answer."""
+
     async def lookup(self, queue: str, request_id: str) -> Seen | None:
         """The newest item with this requestId on the queue, else its removal if still remembered, else None."""
 
