@@ -42,6 +42,7 @@ RESULT_EVENT = "comfyserve_result"
 EVENTS_KEEP = 20_000
 TRIM_EVERY = 1000
 BATCH = 256
+SEND_BATCH = 64
 IDLE_WAIT_S = 1.0
 PING_S = 15.0
 MAX_TASKS = 100
@@ -83,16 +84,21 @@ class EventPublisher:
         return True
 
     async def _send(self) -> None:
+        """Everything waiting goes in one ``put_many`` (one store round trip on the store): an event that
+        arrives while the previous ones are written does not queue behind one round trip each."""
         while True:
-            request_id, data = await self._outbox.get()
+            batch = [await self._outbox.get()]
+            while len(batch) < SEND_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
             try:
-                index = await self.records.put(request_id, data)
-                if index % TRIM_EVERY == 0 and index > EVENTS_KEEP:
-                    await self.records.truncate(index - EVENTS_KEEP)
+                indexes = await self.records.put_many(batch)
+                if indexes and max(indexes) > EVENTS_KEEP and any(i % TRIM_EVERY == 0 for i in indexes):
+                    await self.records.truncate(max(indexes) - EVENTS_KEEP)
             except Exception as exc:  # events are best effort: the sink result is the truth
-                log.info("event of %s not published: %r", request_id, exc)
+                log.info("%d event(s) of %s not published: %r", len(batch), batch[0][0], exc)
             finally:
-                self._outbox.task_done()
+                for _ in batch:
+                    self._outbox.task_done()
 
     async def aclose(self, timeout_s: float = 2.0) -> None:
         if self._sender is not None:
