@@ -5,8 +5,9 @@ Workers put each event of a running prompt (``execution_start``, ``executing``, 
 task's ``requestId`` (``progress`` at most every ``PROGRESS_EVERY_S`` and its last step), and a
 ``comfyserve_result`` record once the result is on the sink (the front's
 cancel of a queued task puts one too). Every front holding the store tails that queue (one reader per
-process, woken by the store's change notices: across processes on Redis too) and hands each record to
-the streams that asked for its task. So the stream reads the same on any front on one Redis.
+process, woken by the store's change notices: across processes on Redis too; each wake-up costs one store
+round trip, which reads the new records and asks for the next wake-up) and hands each record to the
+streams that asked for its task. So the stream reads the same on any front on one Redis.
 
 A stream sends, per task: ``event: status`` (the ``GET /api_task`` answer) first, then each instance
 event under its own type (``data``: the instance's event object plus ``task_id`` and ``request_id``),
@@ -41,6 +42,7 @@ RESULT_EVENT = "comfyserve_result"
 EVENTS_KEEP = 20_000
 TRIM_EVERY = 1000
 BATCH = 256
+SEND_BATCH = 64
 IDLE_WAIT_S = 1.0
 PING_S = 15.0
 MAX_TASKS = 100
@@ -82,16 +84,21 @@ class EventPublisher:
         return True
 
     async def _send(self) -> None:
+        """Everything waiting goes in one ``put_many`` (one store round trip on the store): an event that
+        arrives while the previous ones are written does not queue behind one round trip each."""
         while True:
-            request_id, data = await self._outbox.get()
+            batch = [await self._outbox.get()]
+            while len(batch) < SEND_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
             try:
-                index = await self.records.put(request_id, data)
-                if index % TRIM_EVERY == 0 and index > EVENTS_KEEP:
-                    await self.records.truncate(index - EVENTS_KEEP)
+                indexes = await self.records.put_many(batch)
+                if indexes and max(indexes) > EVENTS_KEEP and any(i % TRIM_EVERY == 0 for i in indexes):
+                    await self.records.truncate(max(indexes) - EVENTS_KEEP)
             except Exception as exc:  # events are best effort: the sink result is the truth
-                log.info("event of %s not published: %r", request_id, exc)
+                log.info("%d event(s) of %s not published: %r", len(batch), batch[0][0], exc)
             finally:
-                self._outbox.task_done()
+                for _ in batch:
+                    self._outbox.task_done()
 
     async def aclose(self, timeout_s: float = 2.0) -> None:
         if self._sender is not None:
@@ -136,8 +143,7 @@ class EventHub:
                     next_index = (await self.store.stats(self.queue)).last_index + 1
                     self._started.set()
                 changed = self.store.changes(self.queue)
-                await self.store.arm(self.queue)
-                items = await self.store.get(self.queue, next_index, BATCH, None)
+                items = await self.store.tail(self.queue, next_index, BATCH)  # read + re-arm: one round trip
             except QueueError as exc:
                 log.warning("events tail: %s; retrying", exc)
                 await asyncio.sleep(IDLE_WAIT_S)
@@ -156,7 +162,7 @@ class EventHub:
                 if isinstance(event, dict):
                     for stream in list(streams):
                         stream.put_nowait((request_id, event))
-            if not items:
+            if len(items) < BATCH:  # drained and armed: the next change wakes us
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_WAIT_S):
                         await changed.wait()

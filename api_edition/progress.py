@@ -34,6 +34,9 @@ class Records(Protocol):
 
     async def put(self, request_id: str, data: bytes) -> int: ...
 
+    async def put_many(self, records: list[tuple[str, bytes]]) -> list[int]:
+        """``put`` each (request_id, data) in order; their indexes."""
+
     async def find(self, request_id: str) -> list[int]: ...
 
     async def truncate(self, below: int) -> None: ...
@@ -50,6 +53,10 @@ class StoreRecords:
 
     async def put(self, request_id: str, data: bytes) -> int:
         return await self.store.put(self.queue, encode_body({REQUEST_ID_TAG: request_id}, data), request_id, 0, 0)
+
+    async def put_many(self, records: list[tuple[str, bytes]]) -> list[int]:
+        # Started together, in order: the store's put batcher writes them in one round trip, in that order.
+        return list(await asyncio.gather(*(self.put(request_id, data) for request_id, data in records)))
 
     async def find(self, request_id: str) -> list[int]:
         return [item.index for item in await self.store.get(self.queue, 0, LOOKUP_LENGTH, request_id)]
@@ -71,6 +78,9 @@ class HttpRecords:
     async def put(self, request_id: str, data: bytes) -> int:
         index, _ = await self.client.put(data, {REQUEST_ID_TAG: request_id})
         return index
+
+    async def put_many(self, records: list[tuple[str, bytes]]) -> list[int]:
+        return [await self.put(request_id, data) for request_id, data in records]  # HTTP puts may race: one by one
 
     async def find(self, request_id: str) -> list[int]:
         try:

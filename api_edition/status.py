@@ -9,8 +9,9 @@ Answers, from the shared queue store (so every front on one Redis answers alike)
   ``tags``: its tags), until a client commits it;
 - 404 otherwise (never submitted, or the result was already taken from the sink).
 
-The input queue is read before the sink: a worker's "result put + input commit" is one atomic step in the
-store, so a task moving between the two lookups is found on the sink, never missed.
+One store round trip answers (``QueueStore.whereabouts``: one Lua script on Redis, one executor hop on
+SQLite), ``task_id`` lookup included; it reads the input queue before the sink in one atomic step, and a
+worker's "result put + input commit" is one atomic step too, so a moving task is found, never missed.
 
 A ``task_id`` is the client's label and may repeat (task ids are per service, not per client: any client
 with the service token can look up any id). The front keeps ``{service}/tasks``: one record per
@@ -31,7 +32,7 @@ from aiohttp import web
 
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body
-from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
+from queue_service.store import REQUEST_ID_TAG, Item, QueueError, QueueStore, Whereabouts
 from standard.http_util import json_error
 
 from .results import STATUS_TAG
@@ -99,40 +100,46 @@ class TaskStatus:
     # -- status --------------------------------------------------------------------------
 
     async def status(self, request_id: str) -> dict[str, Any] | None:
-        found = await self.store.get(self.service, 0, 1, request_id)
-        if found:
-            item = found[0]
-            tags = item.decoded()[0]
-            position = await self.store.position(self.service, item.index)
-            if position is not None:
-                base = {"request_id": request_id, "task_id": tags.get("task_id")}
-                if position.pending:
-                    return {**base, "state": "running", **await self._progress(request_id)}
-                return {**base, "state": "queued", "position": position.waiting}
-        done = await self.store.get(self.sink, 0, 1, request_id)
-        if not done:
+        return self._answer(await self.store.whereabouts(self.service, self.sink, self.progress,
+                                                         request_id=request_id))
+
+    async def status_of_task(self, task_id: str) -> dict[str, Any] | None:
+        """``status`` of the newest task with this ``task_id``, index lookup included: one store round trip."""
+        return self._answer(await self.store.whereabouts(self.service, self.sink, self.progress, index_queue=self.tasks,
+                                                         index_key=TASK_KEY_PREFIX + task_id))
+
+    @staticmethod
+    def _answer(where: Whereabouts | None) -> dict[str, Any] | None:
+        if where is None or not where.request_id:
             return None
-        tags, data, _ = done[0].decoded()
+        if where.item is not None and where.position is not None:
+            base = {"request_id": where.request_id, "task_id": where.item.decoded()[0].get("task_id")}
+            if where.position.pending:
+                return {**base, "state": "running", **_progress(where.progress)}
+            return {**base, "state": "queued", "position": where.position.waiting}
+        if where.result is None:
+            return None
+        tags, data, _ = where.result.decoded()
         try:
             result: Any = json.loads(data)
         except ValueError:
             result = None
-        return {"request_id": request_id, "task_id": tags.get("task_id"), "state": final_state(tags, result),
+        return {"request_id": where.request_id, "task_id": tags.get("task_id"), "state": final_state(tags, result),
                 "result": result, "tags": tags}
-
-    async def _progress(self, request_id: str) -> dict[str, Any]:
-        items = await self.store.get(self.progress, 0, LOOKUP_LENGTH, request_id)
-        if not items:
-            return {}
-        try:
-            record = json.loads(max(items, key=lambda item: item.index).decoded()[1])
-        except ValueError:
-            return {}
-        return record if isinstance(record, dict) else {}
 
     async def aclose(self) -> None:
         if self._background:
             await asyncio.wait(set(self._background), timeout=2.0)
+
+
+def _progress(record: Item | None) -> dict[str, Any]:
+    if record is None:
+        return {}
+    try:
+        data = json.loads(record.decoded()[1])
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def final_state(tags: dict[str, str], result: Any) -> str:
@@ -180,8 +187,9 @@ async def api_task(request: web.Request) -> web.StreamResponse:
         raise json_error(400, "bad_request", "give task_id or requestId")
     try:
         if request_id is None:
-            request_id = await status.request_id_of(str(task_id))
-        answer = await status.status(request_id) if request_id else None
+            answer = await status.status_of_task(str(task_id))
+        else:
+            answer = await status.status(request_id)
     except QueueError as exc:
         raise json_error(503, "queue_unavailable", str(exc), headers={"Retry-After": "1"}) from None
     if answer is None:

@@ -1,19 +1,32 @@
-"""API edition figures for clients (issue 15): inline inputs, /api_task status, SSE latency — in one run.
+"""API edition figures for clients (issue 15): inline inputs, ``/api_task``, ``/api_events``, each beside its
+baseline measured in the same run.
 
-Child processes as deployed: one instance (``python -m standard.cli standard``) and ``comfyserve api
---instance-url`` sharing one data dir; this process is only the client.
+Child processes as deployed: a redis-server, one instance (``standard``), front A (``comfyserve api
+--redis-url --instance-url``: the worker) and front B (same Redis, ``--instances 0``: no worker),
+plus front C (another service on the same Redis, no worker) holding ``--queued`` tasks. This
+process is only the client, on loopback.
 
-* inline input overhead: one task at a time, ``/api_prompt`` -> sink result latency minus the
-  instance's execution time (its history's ``execution_start`` -> ``execution_success``), for the same
-  LoadImage -> SaveImage graph whose 1 MB image is (a) already in the data dir, (b) sent inline as JSON
-  base64, (c) sent as a multipart part; runs interleaved a, b, c, a, b, c...; extra p50 of b and c over a
-  (goal < 15 ms);
-* ``GET /api_task`` latency with 10k tasks queued (a second front without workers), p50 / p99 (goal p99
-  < 5 ms), client-side on loopback;
-* SSE: the instance's ``execution_start`` timestamp (ms) to the client's receipt of that event on
-  ``/api_events``, and to the receipt of the first ``executing`` (goal p99 < 20 ms).
+* Inline input overhead on front A: one task at a time, ``/api_prompt`` -> sink result latency minus
+  the instance's execution time (its history's ``execution_start`` -> ``execution_success``), for the
+  same LoadImage -> SaveImage graph whose 1 MB image is (baseline) already in the data dir, sent
+  inline as JSON base64, or sent as a multipart part; runs interleaved; extra p50 over the baseline.
+  Goal: < 15 ms p50 extra.
 
-    .venv/bin/python -m bench.api_clients [--tasks 40] [--queued 10000] [--status-calls 1000]
+* ``GET /api_task`` on front C with ``--queued`` tasks waiting (random task ids, sequential calls),
+  p50 / p99, beside two baselines called interleaved with it on the same front: ``GET /healthz``
+  (no auth, no store) and ``GET /api/predict/{svc}?_count_=true`` (token + one store call). Goal:
+  p99 < 5 ms.
+* ``GET /api_events`` on front B for tasks that front A's worker runs: the instance stamps its
+  ``execution_start`` event (``timestamp``, ms, wall clock); the client takes the wall clock when
+  the relayed event arrives, and again at the first ``executing`` (sent by the instance right after
+  ``execution_start``, so its figure is an upper bound). Goal: first ``executing`` p99 < 20 ms.
+  Tasks are held behind a gated one until the stream follows them, then run back to back. The same
+  again with the stream on front A (the worker's own front); the baseline, in the same run: the
+  same stamps read by this client straight off the instance's own ``/ws`` (one hop instead of
+  instance -> worker -> Redis -> front -> client).
+
+    .venv/bin/python -m bench.api_clients [--inline-tasks 40] [--queued 10000] [--status-calls 2000]
+        [--event-tasks 100] [--skip inline,status,events]
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import logging
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +54,90 @@ sys.path.insert(0, str(REPO_ROOT))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.api import SERVICE, TOKEN, Children  # noqa: E402
 from bench.support import pct  # noqa: E402
 from queue_service.client import QueueClient  # noqa: E402
+from standard.datadir import init_data_dir  # noqa: E402
 from standard.ports import free_port  # noqa: E402
+
+TOKEN = "bench-token-0123456789"
+SERVICE = "bench"
+STATUS_SERVICE = "bench-status"
+AUTH = {"Authorization": TOKEN}
+MAX_FOLLOWED = 100  # tasks per event stream (the route's cap)
+
+GATE_PLUGIN = '''
+import os
+import time
+
+import folder_paths
+
+
+class BenchGate:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+    def run(self, image, gate):
+        path = os.path.join(folder_paths.get_input_directory(), gate)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return (image,)
+
+NODE_CLASS_MAPPINGS = {"BenchGate": BenchGate}
+'''
+
+
+def tiny(i: int, prefix: str) -> dict[str, Any]:
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+
+
+def gated(gate: str) -> dict[str, Any]:
+    graph = tiny(0, "gated")
+    graph["3"] = {"class_type": "BenchGate", "inputs": {"image": ["1", 0], "gate": gate}}
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    return graph
+
+
+class Children:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def comfyserve(self, name: str, args: list[str], port: int) -> subprocess.Popen:
+        return self.start(name, [sys.executable, "-m", "standard.cli", *args, "--port", str(port)])
+
+    async def ready(self, url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{url} exited with {proc.returncode}; see {self.workdir}")
+                try:
+                    if (await http.get(url + "/healthz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{url} never answered")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def noise_png(side: int = 590) -> bytes:
@@ -59,144 +153,239 @@ def load_graph(image: str, prefix: str) -> dict[str, Any]:
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
 
 
-def big_graph(prefix: str) -> dict[str, Any]:
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1,
-                                                         "color": random.randrange(1 << 24)}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
-
-
 async def history_stamps(http: httpx.AsyncClient, instance: str, prompt_id: str) -> dict[str, int]:
     for _ in range(200):
-        entry = (await http.get(f"{instance}/history/{prompt_id}")).json().get(prompt_id)
+        entry = (await http.get(f"{instance}/history/{prompt_id}", headers=AUTH)).json().get(prompt_id)
         if entry:
             return {kind: data["timestamp"] for kind, data in entry["status"]["messages"] if "timestamp" in data}
         await asyncio.sleep(0.01)
     raise RuntimeError(f"prompt {prompt_id} never reached the history")
 
 
-async def inline_overhead(base: str, endpoint: str, instance: str, image: bytes, tasks: int) -> dict[str, list[float]]:
+async def inline_figures(base: str, endpoint: str, instance: str, image: bytes, tasks: int) -> dict[str, list[float]]:
+    """Per kind, api_prompt -> sink result minus the instance's execution time, in ms (the first round warms up)."""
     out: dict[str, list[float]] = {"in data dir": [], "inline JSON": [], "multipart": []}
     encoded = base64.b64encode(image).decode()
-    async with httpx.AsyncClient(base_url=base, trust_env=False, headers={"Authorization": TOKEN},
-                                 timeout=60) as http, QueueClient(endpoint, f"{SERVICE}/sink", token=TOKEN) as sink:
-        async with sink.watch(window=1) as frames:
-            iterator = frames.__aiter__()
-            for i in range(tasks):
-                for kind in out:
-                    prefix = f"bench/{kind[:2]}{i}"
-                    start = time.perf_counter()
-                    if kind == "in data dir":
-                        resp = await http.post("/api_prompt", json=load_graph("bench_ref.png", prefix))
-                    elif kind == "inline JSON":
-                        resp = await http.post("/api_prompt", json={"prompt": load_graph("face.png", prefix),
-                                                                    "inputs": [{"name": "face.png", "data": encoded}]})
-                    else:
-                        resp = await http.post("/api_prompt", files={
-                            "prompt": (None, json.dumps(load_graph("face.png", prefix))),
-                            "f": ("face.png", image, "image/png")})
-                    resp.raise_for_status()
-                    frame = await iterator.__anext__()
-                    latency_ms = (time.perf_counter() - start) * 1000
-                    await sink.commit(frame.index)
-                    assert frame.tags["status"] == "success", frame.data[:500]
-                    stamps = await history_stamps(http, instance, frame.tags["prompt_id"])
-                    if i > 0:  # the first round warms caches
-                        out[kind].append(latency_ms - (stamps["execution_success"] - stamps["execution_start"]))
+    async with httpx.AsyncClient(base_url=base, trust_env=False, headers=AUTH, timeout=60) as http, \
+            QueueClient(endpoint, f"{SERVICE}/sink", token=TOKEN) as sink, sink.watch(window=1) as frames:
+        iterator = frames.__aiter__()
+        for i in range(tasks + 1):
+            for kind in out:
+                prefix = f"bench/{kind[:2]}{i}"
+                start = time.perf_counter()
+                if kind == "in data dir":
+                    resp = await http.post("/api_prompt", json=load_graph("bench_ref.png", prefix))
+                elif kind == "inline JSON":
+                    resp = await http.post("/api_prompt", json={"prompt": load_graph("face.png", prefix),
+                                                                "inputs": [{"name": "face.png", "data": encoded}]})
+                else:
+                    resp = await http.post("/api_prompt", files={
+                        "prompt": (None, json.dumps(load_graph("face.png", prefix))),
+                        "f": ("face.png", image, "image/png")})
+                resp.raise_for_status()
+                frame = await iterator.__anext__()
+                latency_ms = (time.perf_counter() - start) * 1000
+                await sink.commit(frame.index)
+                assert frame.tags["status"] == "success", frame.data[:500]
+                stamps = await history_stamps(http, instance, frame.tags["prompt_id"])
+                if i > 0:
+                    out[kind].append(latency_ms - (stamps["execution_success"] - stamps["execution_start"]))
     return out
 
 
-async def sse_latency(base: str, tasks: int) -> tuple[list[float], list[float]]:
-    """(execution_start stamp -> its receipt, execution_start stamp -> first executing receipt), in ms."""
-    starts, executing = [], []
-    async with httpx.AsyncClient(base_url=base, trust_env=False, headers={"Authorization": TOKEN},
-                                 timeout=60) as http:
-        for i in range(tasks):
-            # A slower task first, so the stream is open before ours starts.
-            (await http.post("/api_prompt", params={"task_id": f"slow{i}"}, json=big_graph(f"bench/s{i}"))
-             ).raise_for_status()
-            (await http.post("/api_prompt", params={"task_id": f"sse{i}"}, json=big_graph(f"bench/e{i}"))
-             ).raise_for_status()
-            start_stamp: int | None = None
-            async with http.stream("GET", "/api_events", params={"task_id": f"sse{i}"}) as resp:
+async def submit(http: httpx.AsyncClient, graph: dict[str, Any], task_id: str) -> None:
+    resp = await http.post("/api_prompt", params={"task_id": task_id}, json=graph, headers=AUTH)
+    resp.raise_for_status()
+
+
+async def timed_get(http: httpx.AsyncClient, path: str, params: dict[str, str], headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    resp = await http.get(path, params=params, headers=headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    resp.raise_for_status()
+    return elapsed
+
+
+async def status_figures(base: str, queued: int, calls: int) -> dict[str, list[float]]:
+    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=60) as http:
+        semaphore = asyncio.Semaphore(32)
+
+        async def put(i: int) -> None:
+            async with semaphore:
+                await submit(http, tiny(i, "q"), f"queued-{i}")
+
+        await asyncio.gather(*(put(i) for i in range(queued)))
+        count = (await http.get(f"/api/predict/{STATUS_SERVICE}", params={"_count_": "true"}, headers=AUTH)).text
+        assert int(count) == queued, count
+        last = (await http.get("/api_task", params={"task_id": f"queued-{queued - 1}"}, headers=AUTH)).json()
+        assert last["state"] == "queued" and 0 <= last["position"] < queued, last
+        out: dict[str, list[float]] = {"api_task": [], "healthz": [], "queue_count": []}
+        for _ in range(50):  # warm-up
+            await timed_get(http, "/api_task", {"task_id": "queued-0"}, AUTH)
+        for _ in range(calls):
+            task = f"queued-{random.randrange(queued)}"
+            out["api_task"].append(await timed_get(http, "/api_task", {"task_id": task}, AUTH))
+            out["healthz"].append(await timed_get(http, "/healthz", {}, {}))
+            out["queue_count"].append(await timed_get(http, f"/api/predict/{STATUS_SERVICE}", {"_count_": "true"},
+                                                      AUTH))
+        return out
+
+
+async def event_figures(a: str, b: str, data_dir: Path, tasks: int) -> tuple[list[float], list[float]]:
+    """(execution_start latencies, first executing latencies) in ms; tasks put and streamed on ``b``."""
+    starts: list[float] = []
+    executing: list[float] = []
+    batch_no = 0
+    async with httpx.AsyncClient(base_url=b, trust_env=False, timeout=120) as http_b, \
+            httpx.AsyncClient(base_url=a, trust_env=False, timeout=120) as http_a:
+        while len(starts) < tasks:
+            batch_no += 1
+            gate = f"gate-{batch_no}-{time.monotonic_ns()}"
+            await submit(http_a, gated(gate), f"blocker-{gate}")
+            size = min(MAX_FOLLOWED, tasks - len(starts))
+            ids = [f"ev-{gate}-{i}" for i in range(size)]
+            for i, task_id in enumerate(ids):
+                await submit(http_b, tiny(random.randrange(2**24), "ev"), task_id)
+            pending = set(ids)
+            seen_start: dict[str, float] = {}
+            async with http_b.stream("GET", "/api_events", params={"task_id": ids}, headers=AUTH) as resp:
+                resp.raise_for_status()
                 kind = ""
+                statuses = 0
                 async for line in resp.aiter_lines():
-                    now_ms = time.time() * 1000
                     if line.startswith("event: "):
                         kind = line[7:]
-                    elif line.startswith("data: ") and kind == "status" and json.loads(line[6:])["state"] != "queued":
-                        break  # our task started before the stream was open: not counted
-                    elif line.startswith("data: ") and kind == "execution_start":
-                        start_stamp = json.loads(line[6:])["data"]["timestamp"]
-                        starts.append(now_ms - start_stamp)
-                    elif line.startswith("data: ") and kind == "executing" and start_stamp is not None:
-                        executing.append(now_ms - start_stamp)
+                        continue
+                    if not line.startswith("data: "):
+                        continue
+                    now_ms = time.time() * 1000
+                    data = json.loads(line[6:])
+                    task_id = data.get("task_id")
+                    if kind == "status":
+                        statuses += 1
+                        if statuses == len(ids):  # following all of them: let the blocker finish
+                            (data_dir / "input" / gate).write_text("open")
+                    elif kind == "execution_start":
+                        stamp = data["data"]["timestamp"]
+                        seen_start[task_id] = stamp
+                        starts.append(now_ms - stamp)
+                    elif kind == "executing" and task_id in seen_start and task_id in pending:
+                        executing.append(now_ms - seen_start[task_id])
+                        pending.discard(task_id)
+                    elif kind == "result":
+                        pending.discard(task_id)
+    return starts, executing
+
+
+async def direct_figures(instance: str, tasks: int) -> tuple[list[float], list[float]]:
+    """The baseline: the same stamps read straight off the instance's own ``/ws`` (no worker, store, front)."""
+    import aiohttp
+
+    starts: list[float] = []
+    executing: list[float] = []
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.ws_connect(f"{instance}/ws?clientId=bench-direct") as ws:
+            for _ in range(tasks):
+                resp = await session.post(f"{instance}/prompt", json={"prompt": tiny(random.randrange(2**24), "d"),
+                                                                       "client_id": "bench-direct"})
+                prompt_id = (await resp.json())["prompt_id"]
+                stamp = None
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    now_ms = time.time() * 1000
+                    event = json.loads(msg.data)
+                    data = event.get("data") or {}
+                    if data.get("prompt_id") != prompt_id:
+                        continue
+                    if event["type"] == "execution_start":
+                        stamp = data["timestamp"]
+                        starts.append(now_ms - stamp)
+                    elif event["type"] == "executing" and stamp is not None:
+                        executing.append(now_ms - stamp)
+                        break
+                async for msg in ws:  # to the end of this prompt
+                    if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] in (
+                            "execution_success", "execution_error"):
                         break
     return starts, executing
 
 
-async def status_latency(base: str, queued: int, calls: int) -> list[float]:
-    async with httpx.AsyncClient(base_url=base, trust_env=False, headers={"Authorization": TOKEN},
-                                 limits=httpx.Limits(max_connections=16), timeout=60) as http:
-        sem = asyncio.Semaphore(16)
-        body = json.dumps(big_graph("bench/q")).encode()
-
-        async def put(i: int) -> None:
-            async with sem:
-                (await http.post("/api_prompt", params={"task_id": f"q{i}"}, content=body)).raise_for_status()
-
-        await asyncio.gather(*(put(i) for i in range(queued)))
-        out = []
-        for _ in range(calls):
-            i = random.randrange(queued)
-            start = time.perf_counter()
-            resp = await http.get("/api_task", params={"task_id": f"q{i}"})
-            out.append((time.perf_counter() - start) * 1000)
-            assert resp.json()["state"] == "queued"
-    return out
+def line(name: str, values: list[float]) -> str:
+    return f"{name}: p50 {statistics.median(values):.2f} ms, p99 {pct(values, 0.99):.2f} ms (n={len(values)})"
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=40)
+    parser.add_argument("--inline-tasks", type=int, default=40)
     parser.add_argument("--queued", type=int, default=10_000)
-    parser.add_argument("--status-calls", type=int, default=1000)
+    parser.add_argument("--status-calls", type=int, default=2000)
+    parser.add_argument("--event-tasks", type=int, default=100)
+    parser.add_argument("--skip", default="", help="comma-separated figures not to measure: inline,status,events")
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     logging.basicConfig(level=logging.WARNING)
     print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.1f}", flush=True)
-    image = noise_png()
-    with tempfile.TemporaryDirectory(prefix="comfyserve-bench-clients-") as tmp:
-        workdir = Path(tmp)
-        data = workdir / "data"
-        children = Children(workdir)
+    with tempfile.TemporaryDirectory(prefix="comfyserve-bench-tasks-") as tmp:
+        work = Path(tmp)
+        children = Children(work)
         try:
-            iport, aport, qport = free_port(), free_port(), free_port()
-            instance = children.start("instance", ["standard", "--data-dir", str(data), "--token", TOKEN], iport)
-            instance_url = f"http://127.0.0.1:{iport}"
-            await children.ready(instance_url, "/readyz", instance)
-            (data / "input" / "bench_ref.png").write_bytes(image)
-            api = children.start("api", ["api", "--data-dir", str(data), "--token", TOKEN, "--service", SERVICE,
-                                         "--instance-url", instance_url, "--instance-token", TOKEN], aport)
-            base = f"http://127.0.0.1:{aport}"
-            await children.ready(base, "/healthz", api)
-            overhead = await inline_overhead(base, f"127.0.0.1:{aport}", instance_url, image, args.tasks)
-            reference = statistics.median(overhead["in data dir"])
-            print(f"1 MB image ({len(image)} bytes), api_prompt -> sink result minus execution, sequential:")
-            for kind, values in overhead.items():
-                extra = "" if kind == "in data dir" else f", extra p50 {statistics.median(values) - reference:+.1f} ms"
-                print(f"  {kind:12}: p50 {statistics.median(values):.1f} ms, p99 {pct(values, 0.99):.1f} ms{extra}")
-            starts, executing = await sse_latency(base, args.tasks)
-            if starts:
-                print(f"SSE ({len(starts)} tasks): instance execution_start -> client: p50 "
-                      f"{statistics.median(starts):.1f} ms, p99 {pct(starts, 0.99):.1f} ms; -> first executing: p50 "
-                      f"{statistics.median(executing):.1f} ms, p99 {pct(executing, 0.99):.1f} ms (goal p99 < 20 ms)")
-            queue_only = children.start("front", ["api", "--data-dir", str(workdir / "q"), "--token", TOKEN,
-                                                  "--service", SERVICE, "--instances", "0",
-                                                  "--max-length", str(args.queued * 2)], qport)
-            qbase = f"http://127.0.0.1:{qport}"
-            await children.ready(qbase, "/healthz", queue_only)
-            status = await status_latency(qbase, args.queued, args.status_calls)
-            print(f"GET /api_task with {args.queued} tasks queued ({args.status_calls} calls): p50 "
-                  f"{statistics.median(status):.2f} ms, p99 {pct(status, 0.99):.2f} ms (goal p99 < 5 ms)")
+            redis_port = free_port()
+            children.start("redis", ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no",
+                                     "--dir", str(work)])
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            data_dir = work / "data"
+            init_data_dir(data_dir)
+            image = noise_png()
+            (data_dir / "input" / "bench_ref.png").write_bytes(image)
+            (data_dir / "custom_nodes" / "bench_gate.py").write_text(GATE_PLUGIN)
+            ports = {name: free_port() for name in ("instance", "a", "b", "c")}
+            instance = children.comfyserve("instance", ["standard", "--data-dir", str(data_dir), "--token", TOKEN],
+                                           ports["instance"])
+            common = ["--token", TOKEN, "--redis-url", redis_url, "--data-dir", str(data_dir), "--max-length",
+                      str(args.queued + 1000)]
+            url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+            await children.ready(url["instance"], instance)
+            procs = {
+                "a": children.comfyserve("front-a", ["api", *common, "--service", SERVICE, "--instance-url",
+                                                     url["instance"]], ports["a"]),
+                "b": children.comfyserve("front-b", ["api", *common, "--service", SERVICE, "--instances", "0"],
+                                         ports["b"]),
+                "c": children.comfyserve("front-c", ["api", *common, "--service", STATUS_SERVICE, "--instances",
+                                                     "0"], ports["c"]),
+            }
+            for name, proc in procs.items():
+                await children.ready(url[name], proc)
+            if "inline" not in skip:
+                inline = await inline_figures(url["a"], f"127.0.0.1:{ports['a']}", url["instance"], image,
+                                              args.inline_tasks)
+                reference = statistics.median(inline["in data dir"])
+                print(f"1 MB image ({len(image)} bytes) on front A, api_prompt -> sink result minus execution:")
+                for kind, values in inline.items():
+                    extra = "" if kind == "in data dir" else (
+                        f"; extra p50 over it: {statistics.median(values) - reference:+.1f} ms (goal < 15 ms)")
+                    print("  " + line(kind, values) + extra, flush=True)
+            if "status" not in skip:
+                status = await status_figures(url["c"], args.queued, args.status_calls)
+                print(f"GET /api_task with {args.queued} tasks queued (Redis, front without workers):", flush=True)
+                for name in ("api_task", "healthz", "queue_count"):
+                    print("  " + line(name, status[name]))
+                p99 = pct(status["api_task"], 0.99)
+                print(f"  ratio p99 api_task / healthz: {p99 / pct(status['healthz'], 0.99):.2f}x, "
+                      f"/ queue _count_: {p99 / pct(status['queue_count'], 0.99):.2f}x (goal p99 < 5 ms)", flush=True)
+            if "events" in skip:
+                return
+            starts, executing = await direct_figures(url["instance"], args.event_tasks)
+            print("baseline: the instance's own /ws, straight to this client (instance stamp -> client receipt):")
+            print("  " + line("execution_start", starts))
+            print("  " + line("first executing (upper bound)", executing), flush=True)
+            base_p99 = pct(executing, 0.99)
+            for name, where in (("b", "front B, tasks run by front A's worker"), ("a", "front A, its own worker")):
+                starts, executing = await event_figures(url["a"], url[name], data_dir, args.event_tasks)
+                print(f"GET /api_events on {where} (instance stamp -> client receipt):")
+                print("  " + line("execution_start", starts))
+                print("  " + line("first executing (upper bound)", executing) + " (goal p99 < 20 ms); "
+                      f"p99 ratio to the baseline: {pct(executing, 0.99) / max(base_p99, 0.5):.1f}x", flush=True)
         finally:
             children.stop()
 

@@ -60,6 +60,7 @@ from .store import (
     Seen,
     StoreUnavailable,
     Superseded,
+    Whereabouts,
 )
 
 log = logging.getLogger("comfyserve.queue.redis")
@@ -277,6 +278,54 @@ if deadline and tonumber(deadline) >= tonumber(ARGV[3]) then return -2 end
 return redis.call('ZCOUNT', P..'ready', '-inf', '(' .. int(score_of(P, i)))
 """
 
+# ARGV: input prefix, sink prefix, progress prefix, now (ms), requestId, index prefix, index key (the last two
+# '' unless the requestId is looked up by the index's key). Returns {} (no such index key), or {requestId, state,
+# ...}: state 0 = nowhere; 1 = pending (index, body, progress index or false, its body or false); 2 = ready (index,
+# body, ready items ahead); 3 = on the sink (index, body).
+WHEREABOUTS = _LIB + """
+local Q, S, G, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rid = ARGV[5]
+if ARGV[6] ~= '' then
+  local k = redis.call('HGET', ARGV[6]..'byrid', ARGV[7])
+  local kb = k and redis.call('HGET', ARGV[6]..'body', k)
+  if not kb then return {} end
+  rid = ''
+  for _, f in ipairs(fields(kb)) do if f[1] == 3 then rid = f[2] end end
+end
+local i = redis.call('HGET', Q..'byrid', rid)
+local body = i and redis.call('HGET', Q..'body', i)
+if body then
+  local deadline = redis.call('ZSCORE', Q..'pend', i)
+  if deadline and tonumber(deadline) >= now then
+    local g = redis.call('HGET', G..'byrid', rid)
+    local gb = g and redis.call('HGET', G..'body', g)
+    if not gb then g = false end
+    return {rid, 1, i, body, g or false, gb or false}
+  end
+  return {rid, 2, i, body, redis.call('ZCOUNT', Q..'ready', '-inf', '(' .. int(score_of(Q, i)))}
+end
+local s = redis.call('HGET', S..'byrid', rid)
+local sb = s and redis.call('HGET', S..'body', s)
+if sb then return {rid, 3, s, sb} end
+return {rid, 0}
+"""
+
+# ARGV: prefix, start index, length. Items with index >= start (index, body, ...); fewer than length: armed too.
+TAIL = """
+local P, length = ARGV[1], tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P..'all', ARGV[2], '+inf', 'LIMIT', 0, length)
+local out = {}
+for _, i in ipairs(ids) do
+  local body = redis.call('HGET', P..'body', i)
+  if body then
+    out[#out + 1] = i
+    out[#out + 1] = body
+  end
+end
+if #ids < length then redis.call('SADD', P..'waitby', ORIGIN) end
+return out
+"""
+
 OPEN_SESSION = _LIB + """
 local P, c = ARGV[1], ARGV[2]
 redis.call('HSET', P..'sess', c, ARGV[3])
@@ -453,8 +502,9 @@ class RedisStore:
         self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
-                             ("open_session", OPEN_SESSION), ("pending", PENDING), ("claim", CLAIM),
-                             ("renew", RENEW), ("forget", FORGET), ("release", RELEASE)):
+                             ("whereabouts", WHEREABOUTS), ("tail", TAIL), ("open_session", OPEN_SESSION),
+                             ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
+                             ("release", RELEASE)):
             script = self._header() + source
             self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
         await self._call(self._redis.ping)
@@ -553,6 +603,9 @@ class RedisStore:
 
         return await self._call(run)
 
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        return _items(await self._call(lambda: self._script("tail", [_prefix(queue), start_index, length])))
+
     async def lookup(self, queue: str, request_id: str) -> Seen | None:
         assert self._redis is not None
         p = self._redis.pipeline(transaction=True)
@@ -585,6 +638,25 @@ class RedisStore:
         if result == -2:
             return Position(pending=True, waiting=0)
         return Position(pending=False, waiting=int(result))
+
+    async def whereabouts(self, queue: str, sink: str, progress: str, *, request_id: str | None = None,
+                          index_queue: str | None = None, index_key: str | None = None) -> Whereabouts | None:
+        flat = await self._call(lambda: self._script("whereabouts", [
+            _prefix(queue), _prefix(sink), _prefix(progress), int(time.time() * 1000), request_id or "",
+            _prefix(index_queue) if index_queue and index_key else "", index_key or ""]))
+        if not flat:
+            return None
+        found, state = bytes(flat[0]).decode(), int(flat[1])
+        if state == 1:
+            record = Item(int(flat[4]), flat[5]) if flat[4] else None
+            return Whereabouts(found, item=Item(int(flat[2]), flat[3]), position=Position(pending=True, waiting=0),
+                               progress=record)
+        if state == 2:
+            return Whereabouts(found, item=Item(int(flat[2]), flat[3]),
+                               position=Position(pending=False, waiting=int(flat[4])))
+        if state == 3:
+            return Whereabouts(found, result=Item(int(flat[2]), flat[3]))
+        return Whereabouts(found)
 
     async def exists(self, queue: str) -> bool:
         r = self._redis

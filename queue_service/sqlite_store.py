@@ -25,6 +25,7 @@ from typing import BinaryIO, TypeVar
 
 from standard.private import private_file
 
+from .protocol import decode_frame
 from .store import (
     COMMITTED_MAX,
     COMMITTED_TTL_S,
@@ -42,6 +43,7 @@ from .store import (
     QueueStats,
     Seen,
     Superseded,
+    Whereabouts,
 )
 
 T = TypeVar("T")
@@ -295,6 +297,9 @@ class SQLiteStore:
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         return await self._run(self._get, queue, start_index, length, request_id)
 
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        return await self.get(queue, start_index, length, None)  # arming is nothing here (see ``arm``)
+
     def _lookup(self, queue: str, request_id: str) -> Seen | None:
         assert self._db is not None
         row = self._db.execute("SELECT idx FROM items WHERE queue = ? AND request_id = ? ORDER BY idx DESC LIMIT 1",
@@ -335,6 +340,38 @@ class SQLiteStore:
 
     async def position(self, queue: str, index: int) -> Position | None:
         return await self._run(self._position, queue, index)
+
+    def _whereabouts(self, queue: str, sink: str, progress: str, request_id: str | None, index_queue: str | None,
+                     index_key: str | None) -> Whereabouts | None:
+        """One executor hop; its reads see one state, the writer being this same thread."""
+        assert self._db is not None
+        db = self._db
+        if index_queue and index_key:
+            row = db.execute("SELECT body FROM items WHERE queue = ? AND request_id = ? ORDER BY idx DESC LIMIT 1",
+                             (index_queue, index_key)).fetchone()
+            if row is None:
+                return None
+            request_id = decode_frame(row[0])[2].decode()
+        request_id = request_id or ""
+        row = db.execute("SELECT idx, body FROM items WHERE queue = ? AND request_id = ? ORDER BY idx LIMIT 1",
+                         (queue, request_id)).fetchone()
+        if row is not None:
+            item = Item(*row)
+            position = self._position(queue, item.index)
+            if position is not None:
+                record = None
+                if position.pending:
+                    found = db.execute("SELECT idx, body FROM items WHERE queue = ? AND request_id = ? "
+                                       "ORDER BY idx DESC LIMIT 1", (progress, request_id)).fetchone()
+                    record = None if found is None else Item(*found)
+                return Whereabouts(request_id, item=item, position=position, progress=record)
+        row = db.execute("SELECT idx, body FROM items WHERE queue = ? AND request_id = ? ORDER BY idx LIMIT 1",
+                         (sink, request_id)).fetchone()
+        return Whereabouts(request_id, result=None if row is None else Item(*row))
+
+    async def whereabouts(self, queue: str, sink: str, progress: str, *, request_id: str | None = None,
+                          index_queue: str | None = None, index_key: str | None = None) -> Whereabouts | None:
+        return await self._run(self._whereabouts, queue, sink, progress, request_id, index_queue, index_key)
 
     def _exists(self, queue: str) -> bool:
         assert self._db is not None

@@ -110,6 +110,22 @@ class Position:
     waiting: int
 
 
+@dataclass(frozen=True, slots=True)
+class Whereabouts:
+    """Where a request is, read in one store round trip (``QueueStore.whereabouts``).
+
+    ``item``/``position``: its newest item on the input queue and where it stands (None when not
+    there); ``progress``: the newest record with its requestId on the progress queue, read only when
+    the item is pending; ``result``: its item on the sink, read only when it is not on the input queue.
+    """
+
+    request_id: str
+    item: Item | None = None
+    position: Position | None = None
+    progress: Item | None = None
+    result: Item | None = None
+
+
 class QueueStore(Protocol):
     """What the server needs from a store. All methods are coroutines and never block the loop."""
 
@@ -131,6 +147,11 @@ class QueueStore(Protocol):
 
     async def get(self, queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
         """Up to ``length`` items with index >= start_index, in index order (claimed or not)."""
+
+    async def tail(self, queue: str, start_index: int, length: int) -> list[Item]:
+        """``get`` for a reader that follows a queue: with fewer than ``length`` items back, it is also armed
+        (``arm``) in the same round trip, so a wake-up costs the follower one store call, not three. Take
+        ``changes`` before calling; wait on it only after a short answer."""
 
     async def lookup(self, queue: str, request_id: str) -> Seen | None:
         """The newest item with this requestId on the queue, else its removal if still remembered, else None."""
@@ -157,6 +178,15 @@ class QueueStore(Protocol):
     async def position(self, queue: str, index: int) -> Position | None: ...
 
     async def exists(self, queue: str) -> bool: ...
+
+    async def whereabouts(self, queue: str, sink: str, progress: str, *, request_id: str | None = None,
+                          index_queue: str | None = None, index_key: str | None = None) -> Whereabouts | None:
+        """A request's input item + position, progress record and sink result, as ONE store round trip.
+
+        Give ``request_id``, or ``index_queue`` + ``index_key``: the newest item put there with requestId
+        ``index_key`` holds the request's requestId as its data (None when there is none). The input
+        queue is read before the sink in the same atomic step, so a request moving between them (a
+        worker's ``put_and_remove``) is found on one or the other."""
 
     async def open_session(self, queue: str, consumer: str, session: str, lease_s: float) -> list[Item]:
         """Make ``session`` the consumer's live one; returns its pending items (to send again)."""

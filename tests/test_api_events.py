@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 
-from support.api import TOKEN, ApiFactory
-from support.processes import TESTS_DIR
+from queue_service.client import QueueClient
+from support.api import SERVICE, TOKEN, ApiFactory
+from support.processes import TESTS_DIR, redis_command_calls
 from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
 
 
@@ -61,6 +62,30 @@ async def test_a_tasks_events_stream_from_another_front_on_one_redis(api: ApiFac
     # The sink item is unchanged: one per task.
     async with working.sink() as sink:
         assert (await sink.attributes())["stream.length"] == "2"
+
+
+async def test_each_event_from_another_process_costs_the_following_front_one_store_call(
+        api: ApiFactory, redis_url: str) -> None:
+    """SSE latency goal (first event p99 < 20 ms): woken by another process's put, the front's tail reads the
+    new records and asks for the next wake-up in one script, not an arm, a range read and a body read in turn."""
+    watching = await api(redis_url=redis_url)
+    writing = await api(redis_url=redis_url)  # another store client (its own origin): wake-ups go through Redis
+    request_id = (await watching.submit(tiny_graph(), task_id="followed")).headers["X-Eas-Queueservice-Request-Id"]
+    events = sse(watching, task_id="followed")
+    assert (await anext(events))[0] == "status"
+    count = 10
+    before = redis_command_calls(redis_url)
+    async with QueueClient(writing.endpoint, f"{SERVICE}/events", token=TOKEN) as queue:
+        for i in range(count):
+            event = {"type": "executing", "data": {"node": str(i)}}
+            await queue.put(json.dumps(event).encode(), {"requestId": request_id})
+            async with asyncio.timeout(10):
+                kind, data = await anext(events)
+            assert (kind, data["data"], data["task_id"]) == ("executing", {"node": str(i)}, "followed")
+    after = redis_command_calls(redis_url)
+    await events.aclose()
+    assert after.get("cmdstat_hmget", 0) == before.get("cmdstat_hmget", 0)  # no body read beside the script
+    assert after["cmdstat_evalsha"] - before["cmdstat_evalsha"] <= 2 * count  # the puts' and the tail's
 
 
 async def test_finished_cancelled_and_unknown_tasks(api: ApiFactory) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from support.api import TOKEN, ApiFactory, read_results
+from support.processes import redis_command_calls
 from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
 from support.wait import until
 
@@ -94,6 +95,27 @@ async def test_two_fronts_on_one_redis_answer_alike(api: ApiFactory, instance_ur
         await read_results(sink, 2)
     for front in (working, other):
         assert (await task(front, task_id="first")).status_code == 404
+
+
+async def test_status_is_one_store_round_trip_on_redis(api: ApiFactory, redis_url: str) -> None:
+    """/api_task p99 goal (< 5 ms with 10k tasks queued): each answer, by task_id or requestId, is one command
+    (one script) on Redis, not an index lookup, an input lookup, a position and a sink lookup in turn."""
+    live = await api(redis_url=redis_url)
+    request_ids = [(await live.submit(tiny_graph(), task_id=name)).headers["X-Eas-Queueservice-Request-Id"]
+                   for name in ("a", "b")]
+    calls = 30
+    before = redis_command_calls(redis_url)
+    for _ in range(calls // 2):
+        assert (await state(live, "b"))["position"] == 1
+        assert (await task(live, requestId=request_ids[0])).json()["position"] == 0
+    after = redis_command_calls(redis_url)
+
+    def delta(name: str) -> int:
+        return after.get(f"cmdstat_{name}", 0) - before.get(f"cmdstat_{name}", 0)
+
+    # One script per answer; no item reads (HMGET) beside it. Slack: the submissions' background index tidying.
+    assert delta("evalsha") <= calls + 2
+    assert delta("hmget") <= 2
 
 
 async def test_tasks_queued_by_a_stateless_front_are_found_by_task_id(api: ApiFactory) -> None:

@@ -125,6 +125,18 @@ class RedisServer:
         self.start()
 
 
+def redis_command_calls(url: str) -> dict[str, int]:
+    """Calls per command a Redis server ran so far (``cmdstat_<name>``; a script's commands count under
+    their own names): how many store round trips a request costs, seen from the server."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return {name: int(entry["calls"]) for name, entry in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie counts as dead)."""
     try:
