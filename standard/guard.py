@@ -47,6 +47,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SHORT_TOKEN_CHARS = 16
 ANY_HOST = "*"
+HOST_ANSWERS_MAX = 256  # Host headers remembered per policy (a client writes them: bounded)
 
 
 def _host_key(name: str) -> str:
@@ -81,6 +82,8 @@ class AccessPolicy:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     secure_cookies: bool = False
     machine_names: frozenset[str] = field(default_factory=_machine_names)
+    # Host header -> host_allowed's answer: every request asks, mostly with the same one or two values.
+    _host_answers: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, allowed_hosts: Iterable[str] = (), trusted_proxies: Iterable[str] = (),
@@ -112,6 +115,14 @@ class AccessPolicy:
         """Whether a ``Host`` header names this server (see the module docstring)."""
         if host_header is None or ANY_HOST in self.allowed_hosts:
             return True  # no Host: not a browser (they always send one)
+        answer = self._host_answers.get(host_header)
+        if answer is None:
+            answer = self._parse_host_allowed(host_header)
+            if len(self._host_answers) < HOST_ANSWERS_MAX:
+                self._host_answers[host_header] = answer
+        return answer
+
+    def _parse_host_allowed(self, host_header: str) -> bool:
         try:
             parsed = urlsplit("//" + host_header.strip())
             parsed.port  # noqa: B018  (a bad port raises)

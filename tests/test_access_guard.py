@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from standard.auth import SESSION_COOKIE
-from standard.guard import AccessPolicy
+from standard.guard import HOST_ANSWERS_MAX, AccessPolicy
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from support.access import BAD_NEXTS, EVIL_ORIGINS
@@ -78,6 +78,31 @@ async def test_allowed_host_adds_names_and_star_allows_any(instance) -> None:
     assert (await client.get("/queue", headers={"Host": "other.lan"})).status == 421
     anything = await instance(access=AccessPolicy.build(allowed_hosts=["*"]))
     assert (await anything.get("/queue", headers={"Host": "whatever.example"})).status == 200
+
+
+def test_host_answers_are_remembered_and_stay_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request asks about its Host: the header is parsed once per value, within a bound."""
+    import standard.guard as guard
+
+    policy = AccessPolicy.build(allowed_hosts=["comfy.lan"])
+    parses = 0
+    real_urlsplit = guard.urlsplit
+
+    def counting_urlsplit(*args: Any, **kwargs: Any) -> Any:
+        nonlocal parses
+        parses += 1
+        return real_urlsplit(*args, **kwargs)
+
+    monkeypatch.setattr(guard, "urlsplit", counting_urlsplit)
+    for _ in range(50):
+        assert policy.host_allowed("127.0.0.1:8188") and policy.host_allowed("Comfy.LAN:8188")
+        assert not policy.host_allowed("attacker.example:8188")
+    assert parses == 3
+    for index in range(2 * HOST_ANSWERS_MAX):  # a client writing a new Host each time
+        assert not policy.host_allowed(f"a{index}.example")
+        assert policy.host_allowed(f"10.0.{index // 256}.{index % 256}")
+    assert policy.host_allowed("comfy.lan") and not policy.host_allowed("attacker.example:8188")
+    assert not policy.host_allowed("user@comfy.lan") and not policy.host_allowed("comfy.lan:99999")
 
 
 # -- a token: the credential is the protection -------------------------------------------------------------

@@ -271,3 +271,43 @@ async def test_duplicate_prompt_id_while_queued_is_refused(instance, data_dir: P
     open_gate(data_dir, "g-d")
     await events_until(ws, is_done(same))
     await ws.close()
+
+
+async def test_a_prompt_id_is_free_again_once_deleted_cleared_or_done(instance, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    client = await instance()
+    ws = await _connect(client, "f")
+    gate, pending, cleared = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    await _submit(client, gated_graph("g-f", "f"), client_id="f", prompt_id=gate)
+    await _submit(client, tiny_graph("p"), client_id="f", prompt_id=pending)
+    await _submit(client, tiny_graph("c"), client_id="f", prompt_id=cleared)
+    for refused in (gate, pending):  # running, pending
+        resp = await client.post("/prompt", json={"prompt": tiny_graph(), "prompt_id": refused})
+        assert resp.status == 400
+    assert (await client.post("/queue", json={"delete": [pending]})).status == 200
+    await _submit(client, tiny_graph("p2"), client_id="f", prompt_id=pending)
+    assert (await client.post("/queue", json={"clear": True})).status == 200
+    await _submit(client, tiny_graph("c2"), client_id="f", prompt_id=cleared)
+    open_gate(data_dir, "g-f")
+    await events_until(ws, is_done(cleared))
+    await _submit(client, tiny_graph("again"), client_id="f", prompt_id=gate)  # done: may be queued again
+    await events_until(ws, is_done(gate))
+    await ws.close()
+
+
+async def test_a_duplicate_check_does_not_walk_the_queue() -> None:
+    from standard.server.prompt_queue import PromptQueue, QueueItem
+
+    class Probe(str):
+        compared = 0
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            Probe.compared += 1
+            return str.__eq__(self, other)
+
+    queue = PromptQueue(history_max_items=10)
+    for index in range(500):
+        queue.put(QueueItem(index, str(uuid.uuid4()), tiny_graph(), {}, ["2"], {}))
+    assert not queue.contains(Probe(uuid.uuid4()))
+    assert Probe.compared <= 1  # POST /prompt asks for every prompt: a walk made a deep queue quadratic

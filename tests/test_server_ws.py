@@ -164,3 +164,35 @@ async def test_event_order_and_progress_state_are_comfyuis(instance) -> None:
         assert all(n["value"] == n["max"] for n in states[-1]["nodes"].values())
     assert runs == [COMFYUI_FRESH_RUN, COMFYUI_CACHED_RUN]
     await ws.close()
+
+
+async def test_engine_thread_events_arrive_in_order_with_one_wakeup_per_burst(instance, monkeypatch) -> None:
+    """A prompt's events come from the engine's thread in a burst: the loop is woken once for it, not per event."""
+    import threading
+
+    client = await instance()
+    ws = await client.ws_connect("/ws?clientId=burst")
+    await next_json(ws)
+    server = client.app[keys.PROMPT_SERVER]
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    real_call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        nonlocal wakeups
+        wakeups += 1
+        return real_call_soon_threadsafe(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    engine = threading.Thread(target=lambda: [server.send_sync("progress", {"value": i, "max": 40}, "burst")
+                                              for i in range(40)])
+    engine.start()
+    engine.join()  # the loop is held on purpose: the whole burst is queued before it can take any
+    assert wakeups == 1
+    events = [await next_json(ws) for _ in range(40)]
+    assert [(e["type"], e["data"]["value"]) for e in events] == [("progress", i) for i in range(40)]
+    engine = threading.Thread(target=lambda: server.send_sync("progress", {"value": 40, "max": 40}, "burst"))
+    engine.start()
+    engine.join()
+    assert wakeups == 2 and (await next_json(ws))["data"]["value"] == 40  # the next burst wakes it again
+    await ws.close()

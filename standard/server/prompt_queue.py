@@ -24,7 +24,7 @@ import copy
 import heapq
 import itertools
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +87,7 @@ class PromptQueue:
         self._heap: list[tuple[float, int, QueueItem]] = []
         self._seq = itertools.count()
         self._running: dict[int, QueueItem] = {}
+        self._active: Counter[str] = Counter()  # prompt_id -> pending or running items: contains() per POST
         self._task_ids = itertools.count()
         self._history: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._history_max_items = max(1, history_max_items)
@@ -107,11 +108,13 @@ class PromptQueue:
         for pending in state.pending:
             item = QueueItem.from_payload(pending.number, pending.prompt_id, pending.payload)
             heapq.heappush(self._heap, (item.number, next(self._seq), item))
+            self._active[item.prompt_id] += 1
         failed = []
         for running in state.running:
             item = QueueItem.from_payload(running.number, running.prompt_id, running.payload)
             task_id = next(self._task_ids)
             self._running[task_id] = item
+            self._active[item.prompt_id] += 1
             self.task_done(task_id, {"outputs": {}, "meta": {}},
                            ExecutionStatus("error", False, [restart_error(item.prompt_id)]))
             failed.append(item.prompt_id)
@@ -136,6 +139,7 @@ class PromptQueue:
         if self.store is not None:
             self.store.add_prompt(item.prompt_id, item.number, item.payload())
         heapq.heappush(self._heap, (item.number, next(self._seq), item))
+        self._active[item.prompt_id] += 1
         self._available.set()
         self._on_change()
 
@@ -161,6 +165,7 @@ class PromptQueue:
 
     def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus) -> None:
         item = self._running.pop(task_id)
+        self._forget(item.prompt_id)
         started_ms = self._started_ms.pop(task_id, None)
         while len(self._history) >= self._history_max_items:
             dropped, _ = self._history.popitem(last=False)
@@ -194,12 +199,18 @@ class PromptQueue:
 
     def contains(self, prompt_id: str) -> bool:
         """True when ``prompt_id`` is pending or running."""
-        return any(e[2].prompt_id == prompt_id for e in self._heap) or any(
-            item.prompt_id == prompt_id for item in self._running.values()
-        )
+        return prompt_id in self._active
+
+    def _forget(self, prompt_id: str) -> None:
+        """One pending or running item of ``prompt_id`` left the queue."""
+        self._active[prompt_id] -= 1
+        if self._active[prompt_id] <= 0:
+            del self._active[prompt_id]
 
     def wipe_queue(self, *, on_disk: bool = True) -> None:
         """Drop every pending prompt; ``on_disk=False`` keeps them in the store for the next start."""
+        for entry in self._heap:
+            self._forget(entry[2].prompt_id)
         self._heap.clear()
         if on_disk and self.store is not None:
             self.store.drop_prompts()
@@ -211,6 +222,7 @@ class PromptQueue:
             if entry[2].prompt_id == prompt_id:
                 self._heap.pop(index)
                 heapq.heapify(self._heap)
+                self._forget(prompt_id)
                 if self.store is not None:
                     self.store.drop_prompts([prompt_id])
                 self._on_change()

@@ -69,6 +69,9 @@ class PromptServer:
         self.upload_lock = asyncio.Lock()  # name choice + write of uploads is one step
         self._loop: asyncio.AbstractEventLoop | None = None
         self._messages: asyncio.Queue[tuple[Any, Any, str | None]] = asyncio.Queue()
+        # Events sent from other threads (the engine's), handed to the loop in batches: see send_sync.
+        self._from_threads: list[tuple[Any, Any, str | None]] = []
+        self._from_threads_lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._final_executing_sent = False
         self._validate: Any = None
@@ -367,8 +370,24 @@ class PromptServer:
             running = None
         if running is loop:
             self._messages.put_nowait((event, data, sid))
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._messages.put_nowait, (event, data, sid))
+            return
+        # Another thread: a prompt sends ~10 events in a burst, and waking the loop for each one made the
+        # loop and the engine trade the GIL back and forth. One wake-up takes what is queued by then, in order
+        # (and before the engine's "done", which is scheduled after its last event).
+        if loop.is_closed():
+            return
+        with self._from_threads_lock:
+            self._from_threads.append((event, data, sid))
+            if len(self._from_threads) > 1:
+                return  # a hand-over is already scheduled and will take this one too
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: nobody listens any more
+            loop.call_soon_threadsafe(self._take_from_threads)
+
+    def _take_from_threads(self) -> None:
+        with self._from_threads_lock:
+            batch, self._from_threads = self._from_threads, []
+        for message in batch:
+            self._messages.put_nowait(message)
 
     async def _publish_loop(self) -> None:
         while True:
