@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -195,16 +195,20 @@ async def post_prompt(request: web.Request) -> web.StreamResponse:
     return answer.response()
 
 
+async def _clear_or_delete(body: dict[str, Any], forget: Callable[[list[str] | None], Awaitable[None]]) -> None:
+    """What ComfyUI just did to its queue or history on ``{"clear": true}`` / ``{"delete": [...]}``, done to ours."""
+    if body.get("clear"):
+        await forget(None)
+    ids = _ids(body, "delete")
+    if ids:
+        await forget(ids)
+
+
 async def post_queue(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     answer = await _ask(request, raw)
     if answer.status == 200:
-        body = _body(raw)
-        journal = request.app[JOURNAL]
-        if body.get("clear"):
-            await journal.forget_pending(None)
-        if _ids(body, "delete"):
-            await journal.forget_pending(_ids(body, "delete"))
+        await _clear_or_delete(_body(raw), request.app[JOURNAL].forget_pending)
     return answer.response()
 
 
@@ -221,12 +225,7 @@ async def post_history(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     answer = await _ask(request, raw)
     if answer.status == 200:
-        body = _body(raw)
-        journal = request.app[JOURNAL]
-        if body.get("clear"):
-            await journal.forget_history(None)
-        if _ids(body, "delete"):
-            await journal.forget_history(_ids(body, "delete"))
+        await _clear_or_delete(_body(raw), request.app[JOURNAL].forget_history)
     return answer.response()
 
 
