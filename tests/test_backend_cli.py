@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from standard.ports import free_port
-from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
+from support.processes import SHIM_DIR, VENV_BIN, alive, own_output, wait_for_port
 
 START_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 45.0
@@ -173,5 +173,6 @@ def test_comfyui_arguments_without_comfyui_dir_are_refused(tmp_path: Path, cli_e
     for args in ([*base, "--", "--cpu"], [*base, "--comfyui-args", "--cpu"], [*base, "--comfyui-args", "'--cpu"]):
         result = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("comfyserve standard: "), result.stderr  # ours, not argparse's usage
+        # ours, not argparse's usage
+        assert own_output(result.stderr).startswith("comfyserve standard: "), result.stderr
         assert "need --comfyui-dir" in result.stderr or "No closing quotation" in result.stderr, result.stderr

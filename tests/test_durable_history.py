@@ -23,7 +23,7 @@ import httpx
 from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.drain import drain_gate_graph, install_drain_gate, runs_of
-from support.processes import SHIM_DIR, VENV_BIN, alive, wait_for_port
+from support.processes import SHIM_DIR, VENV_BIN, alive, own_output, wait_for_port
 from support.server import open_gate, prompt_uuid
 from support.wait import until
 
@@ -247,7 +247,8 @@ async def test_a_state_file_that_is_not_ours_stops_the_start(tmp_path: Path, cli
     state_file.write_bytes(b"these are not the rows you are looking for\n" * 100)
     result = run_once(instance)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"comfyserve standard: state file {state_file} is not a comfyserve state file")
+    said = own_output(result.stderr)
+    assert said.startswith(f"comfyserve standard: state file {state_file} is not a comfyserve state file")
     assert state_file.read_bytes().startswith(b"these are not")  # left as it was
 
     state_file.unlink()
@@ -421,4 +422,4 @@ async def test_rows_that_cannot_be_read_stop_the_start(tmp_path: Path, cli_env: 
         db.execute("INSERT INTO history (prompt_id, entry) VALUES ('torn', '{\"prompt\": [1, ')")
     result = run_once(instance)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"comfyserve standard: state file {instance.state_file} is damaged")
+    assert own_output(result.stderr).startswith(f"comfyserve standard: state file {instance.state_file} is damaged")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,14 @@ REPO_ROOT = TESTS_DIR.parent
 VENV_BIN = Path(sys.executable).parent
 SHIM_DIR = TESTS_DIR / "comfyui_shim"
 START_TIMEOUT_S = 20.0
+# asyncio's debug mode (children run under -X dev) warns of any callback over 0.1 s: on a loaded machine
+# such a line can come first in a child's stderr.
+_SLOW_CALLBACK = re.compile(r"^.* WARNING asyncio: Executing .*\n?", re.MULTILINE)
+
+
+def own_output(stderr: str) -> str:
+    """A child's stderr without asyncio's slow-callback warnings, so a test can check what it said first."""
+    return _SLOW_CALLBACK.sub("", stderr)
 
 
 def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | None = None) -> None:
