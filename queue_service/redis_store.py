@@ -494,12 +494,15 @@ class RedisStore:
         # without dropping the connection costs a call call_timeout_s (see _call), not forever.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6,
                       supported_errors=(redis_errors.ConnectionError,))
-        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                              retry=retry)
-        self._once = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10,
-                                             retry=Retry(NoBackoff(), retries=0))
+        # No socket_timeout (redis-py 8 defaults it to 5 s): with one, redis-py sends each command under
+        # asyncio.wait_for, which on Python 3.11 returns normally when a cancel lands as the send completes,
+        # so a cancelled task went on as if never cancelled (a worker waited forever for its progress
+        # writer). Our calls are bounded by _call's asyncio.timeout, which never swallows a cancel.
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": None, "health_check_interval": 10}
+        self._redis = aioredis.Redis.from_url(self.url, retry=retry, **options)
+        self._once = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), retries=0), **options)
         # The change listener blocks on its socket between notices: no read timeout there.
-        self._subscriber = aioredis.Redis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
+        self._subscriber = aioredis.Redis.from_url(self.url, **options)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("whereabouts", WHEREABOUTS), ("tail", TAIL), ("open_session", OPEN_SESSION),
