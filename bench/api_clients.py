@@ -377,7 +377,8 @@ async def main() -> None:
                 print(f"1 MB image ({len(image)} bytes) on front A, api_prompt -> sink result minus execution:")
                 for kind, values in inline.items():
                     extra = "" if kind == "in data dir" else (
-                        f"; extra p50 over it: {statistics.median(values) - reference:+.1f} ms (goal < 15 ms)")
+                        f"; extra p50 over it: {statistics.median(values) - reference:+.1f} ms (goal < 15 ms), "
+                        f"p50 ratio to it: {statistics.median(values) / reference:.2f}x")
                     print("  " + line(kind, values) + extra, flush=True)
             if "status" not in skip:
                 status = await status_figures(url["c"], args.queued, args.status_calls)

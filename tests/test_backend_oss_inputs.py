@@ -113,5 +113,12 @@ async def test_names_the_bucket_lacks_or_that_leave_input_reach_comfyui_as_they_
 
             await until(finished, what="the prompt ran")
             await until(lambda: not kept.exists(), what="a looked-up copy goes after its prompt")
+
+            oss.server.put(BUCKET, "data/input/shared/refused.png", png(2, 2))
+            graph = {**gated_load_graph("shared/refused.png", "g3"), "9": {"class_type": "NoSuchNode", "inputs": {}}}
+            resp = await http.post("/prompt", json={"prompt": graph})
+            assert resp.status_code == 400, resp.text  # ComfyUI refused it: its fetched copy is gone already
+            assert not (instance_side.local_root / "input" / "shared" / "refused.png").exists()
+            assert ("HEAD", BUCKET, "data/input/shared/refused.png") in oss.server.requests
     finally:
         await instance.close()

@@ -56,23 +56,24 @@ class PromptInputs:
             return []
         return await asyncio.to_thread(self.storage.fetch_inputs, prompt)
 
-    def hold(self, response: web.StreamResponse, rels: list[str]) -> None:
+    async def hold(self, response: web.StreamResponse, rels: list[str]) -> None:
         """ComfyUI answered ``POST /prompt``: the looked-up inputs stay until the prompt it accepted
-        left its queue (at once if it refused it)."""
+        left its queue (they go at once if it refused it)."""
         if not rels:
             return
         prompt_id = accepted_prompt_id(response)
         if prompt_id is None:
-            self._release(rels)
+            await self._release(rels)
             return
         self.held[prompt_id] = rels
         self._wake.set()
 
-    def _release(self, rels: list[str]) -> None:
+    async def _release(self, rels: list[str]) -> None:
+        """Drop the copies of ``rels`` that no held prompt needs (a prompt may share another's)."""
         needed = {rel for others in self.held.values() for rel in others}
         unneeded = [rel for rel in rels if rel not in needed]
         if unneeded:
-            self.storage.drop_inputs(unneeded)  # a few unlinks: no thread needed
+            await asyncio.to_thread(self.storage.drop_inputs, unneeded)
 
     async def watch(self) -> None:
         """While inputs are held: drop those of the prompts that left ComfyUI's queue."""
@@ -106,7 +107,7 @@ class PromptInputs:
                   if isinstance(item, list) and len(item) > 1}
         for prompt_id in ids:
             if prompt_id not in queued:
-                self._release(self.held.pop(prompt_id))
+                await self._release(self.held.pop(prompt_id))
 
 
 def accepted_prompt_id(response: web.StreamResponse) -> str | None:
@@ -130,9 +131,9 @@ async def forward_prompt(request: web.Request, forward: Callable[[bytes], Awaita
     try:
         response = await forward(raw)
     except BaseException:
-        inputs.hold(web.Response(status=502), rels)
+        await inputs.hold(web.Response(status=502), rels)  # not accepted: the copies go now
         raise
-    inputs.hold(response, rels)
+    await inputs.hold(response, rels)
     return response
 
 
