@@ -4,7 +4,8 @@ With ``--data-dir oss://BUCKET/PREFIX`` the front and the workers only hold a lo
 may run on another machine: a task's files must be in the bucket before it can run. The front uploads the
 inline files before the task is queued, the worker the URL inputs it fetched before the run; both mirror the
 local ``DIR/input/api/<id>/`` layout, so the graph's ``api/<id>/<name>`` references resolve on any instance
-(which checks the bucket for a name its cached listing does not know yet: ``ObjectStorage.probe_inputs``).
+(which checks the bucket for a name its cached listing does not know yet: ``ObjectStorage.probe_inputs``; in
+front of real ComfyUI, the front fetches such names before it forwards the prompt: ``standard.backend.inputs``).
 The objects go when the result is committed (``remove``), or after ``--input-retention`` (``sweep``).
 
 Blocking calls (oss2) run in threads; a task's folder holds at most ``MAX_INPUT_FILES`` objects, so a

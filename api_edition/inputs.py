@@ -124,7 +124,11 @@ class TaskFolder:
         return f"{self.relative}/{name}"
 
     async def write(self, name: str, data: bytes) -> None:
-        await asyncio.to_thread(write_new, self.path, name, data)
+        await asyncio.to_thread(self.write_now, name, data)
+
+    def write_now(self, name: str, data: bytes) -> None:
+        """``write`` from a thread (or for a small file): blocking."""
+        write_new(self.path, name, data)
         self.written.append(name)
 
     async def remove(self) -> None:

@@ -24,6 +24,7 @@ from .errors import ComfyServeError, RequestError, error_body
 
 # ComfyUI's deepest bodies (a UI workflow with subgraphs in extra_pnginfo) nest about 20 levels.
 MAX_JSON_DEPTH = 128
+QUICK_WALK_CONTAINERS = 2048  # lists/objects walked before counting brackets is cheaper
 
 
 class BadJSON(RequestError):
@@ -41,10 +42,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """True when ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion)."""
+def _depth_exceeds(value: Any, limit: int, budget: int | None = None) -> bool | None:
+    """True when ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion); None when
+    it holds more than ``budget`` lists/objects (the walk stopped there)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
+        if budget is not None:
+            budget -= 1
+            if budget < 0:
+                return None
         item, depth = stack.pop()
         children: Iterable[Any]
         if isinstance(item, dict):
@@ -69,9 +75,13 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise BadJSON(f"not UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
         raise BadJSON(str(exc)) from None
-    # The depth is at most the number of opening brackets: most bodies skip the walk.
-    opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
-    if opened > max_depth and _depth_exceeds(value, max_depth):
+    # Few lists/objects (a graph, or an inline input's long string): the walk is quick. Many: the depth is
+    # at most the number of opening brackets, so most such bodies skip the full walk after one count.
+    exceeds = _depth_exceeds(value, max_depth, budget=QUICK_WALK_CONTAINERS)
+    if exceeds is None:
+        opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+        exceeds = opened > max_depth and _depth_exceeds(value, max_depth)
+    if exceeds:
         raise BadJSON(f"nested deeper than {max_depth} levels")
     return value
 

@@ -28,6 +28,7 @@ async def test_deep_json_and_non_finite_numbers_are_400_and_not_queued(api: ApiF
     live = await api(max_payload_bytes=1 << 20)
     graph = json.dumps(tiny_graph()).encode()
     for body in (b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                 b"[" + b"[]," * 5000 + b"[" * 200 + b"]" * 200 + b"]",  # deep behind many shallow lists
                  graph.replace(b'"width": 16', b'"width": NaN'), graph.replace(b'"width": 16', b'"width": 1e999'),
                  graph.replace(b'"width": 16', b'"width": -Infinity')):
         assert body != graph
@@ -209,7 +210,10 @@ async def test_the_queued_item_points_the_graph_at_the_tasks_folder(api: ApiFact
     graph = load_graph("face.png")
     graph["3"] = {"class_type": "LoadImage", "inputs": {"image": "face.png [input]"}}
     data_url = "data:image/png;base64," + base64.b64encode(image).decode()
-    resp = await post(live, json={"prompt": graph, "inputs": [{"name": "face.png", "data": data_url}]})
+    blob = bytes(range(256)) * 2
+    mime = base64.encodebytes(blob).decode()  # MIME-style: line breaks every 76 characters
+    resp = await post(live, json={"prompt": graph, "inputs": [{"name": "face.png", "data": data_url},
+                                                               {"name": "mime.png", "data": mime}]})
     assert resp.status_code == 200, resp.text
     async with live.input() as queue:
         [frame] = await queue.get(0, 1, timeout_s=1.0)
@@ -219,7 +223,8 @@ async def test_the_queued_item_points_the_graph_at_the_tasks_folder(api: ApiFact
     assert item["comfyserve"] == {"inputs_dir": relative, "fetch": []}
     assert item["prompt"]["1"]["inputs"]["image"] == f"{relative}/face.png"
     assert item["prompt"]["3"]["inputs"]["image"] == f"{relative}/face.png [input]"
-    assert (folder / "face.png").read_bytes() == image
+    assert (folder / "face.png").read_bytes() == image and (folder / "mime.png").read_bytes() == blob
+    assert "\n" in mime
     # A task without inputs is queued exactly as before: the bare graph.
     await live.submit(tiny_graph(), task_id="plain")
     async with live.input() as queue:
@@ -244,6 +249,9 @@ async def test_hostile_inputs_are_4xx_nothing_queued_nothing_written(api: ApiFac
     cases: list[tuple[Any, int, str]] = [
         ([{"name": "a.png", "data": "not base64 !!"}], 400, "not valid base64"),
         ([{"name": "a.png", "data": "QUJDR"}], 400, "not valid base64"),
+        ([{"name": "a.png", "data": "YQ==YQ=="}], 400, "not valid base64"),  # data after the padding
+        ([{"name": "a.png", "data": "=YQ=="}], 400, "not valid base64"),
+        ([{"name": "a.png", "data": "YWJjé==="}], 400, "not valid base64"),  # not ASCII
         ([{"name": "../a.png", "data": ok}], 400, "not a path"),
         ([{"name": "sub/a.png", "data": ok}], 400, "not a path"),
         ([{"name": "..\\a.png", "data": ok}], 400, "not a path"),

@@ -1,12 +1,15 @@
-"""Who may ask about or stop a task: ``/api_task``, ``/api_task/cancel``, ``/api_events`` behind the access guard.
+"""Who may call the API edition's client routes: ``/api_task``, ``/api_task/cancel``, ``/api_events``,
+``/workflows`` and ``/api_output`` behind the access guard.
 
 The same rules as ``/api_prompt`` (the service token; without one, loopback only with the Host and Origin
 checks), the same routes under the service root, and ids no task can have refused before the store is read.
+The front has one token per service (no users): "another user's token" is any token but the service's.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +23,11 @@ from support.server import tiny_graph
 ROUTES = (("GET", "/api_task"), ("POST", "/api_task/cancel"), ("GET", "/api_events"),
           ("GET", f"/api/predict/{SERVICE}/api_task"), ("POST", f"/api/predict/{SERVICE}/api_task/cancel"),
           ("GET", f"/api/predict/{SERVICE}/api_events"))
+# Every client route with what it is called with: the task routes with a queued task's id, the workflow
+# list, and an output file that exists (what a refused call must not give away).
+SECRET_OUTPUT = b"the bytes of an output only the token holder may read"
+GUARDED = (*((method, path, {"task_id": "mine"}) for method, path in ROUTES),
+           ("GET", "/workflows", {}), ("GET", "/api_output", {"filename": "out.png", "subfolder": "t"}))
 HOSTILE_IDS = ("a\x00b", "line\nbreak", "cr\rlf", "tab\there", "del\x7f", "esc\x1b[2J", "x" * 257, "é" * 300)
 
 
@@ -46,48 +54,77 @@ async def call(live: LiveApi, method: str, path: str, params: dict[str, Any],
             return resp
 
 
+async def guarded_front(api: ApiFactory, data_dir: Path, **settings: Any) -> LiveApi:
+    """A front with a queued task "mine", a saved workflow and an output file."""
+    (data_dir / "workflows").mkdir(exist_ok=True)
+    (data_dir / "workflows" / "square.json").write_text(json.dumps(tiny_graph()))
+    (data_dir / "output" / "t").mkdir()
+    (data_dir / "output" / "t" / "out.png").write_bytes(SECRET_OUTPUT)
+    live = await api(data_dir=data_dir, **settings)
+    await queued_task(live)
+    return live
+
+
+async def answered(live: LiveApi, method: str, path: str, params: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> None:
+    """The route itself answers a caller that is let in (so the refusals above were the guard's)."""
+    if method != "GET":
+        return  # a cancel would change what the refused calls must leave alone
+    resp = await call(live, method, path, params, headers)
+    assert resp.status_code == 200, (path, resp.text)
+
+
+def refused_quietly(resp: httpx.Response) -> None:
+    assert TOKEN not in resp.text and SECRET_OUTPUT not in resp.content and "square" not in resp.text
+
+
 async def state(live: LiveApi, task_id: str = "mine") -> str:
     resp = await call(live, "GET", "/api_task", {"task_id": task_id}, {"Authorization": TOKEN})
     assert resp.status_code == 200, resp.text
     return resp.json()["state"]
 
 
-@pytest.mark.parametrize(("method", "path"), ROUTES)
-async def test_no_token_or_a_wrong_one_is_401_and_changes_nothing(api: ApiFactory, method: str, path: str) -> None:
-    live = await api()
-    await queued_task(live)
+@pytest.mark.parametrize(("method", "path", "params"), GUARDED)
+async def test_no_token_a_wrong_or_another_token_or_a_foreign_origin_is_401_and_changes_nothing(
+        api: ApiFactory, data_dir: Path, method: str, path: str, params: dict[str, Any]) -> None:
+    live = await guarded_front(api, data_dir)
     for headers in ({}, {"Authorization": "wrong-token"}, {"Authorization": f"Bearer {TOKEN}x"},
-                    {"Origin": "http://evil.example"}):
-        resp = await call(live, method, path, {"task_id": "mine"}, headers)
+                    {"Authorization": f"Bearer other-{TOKEN}"}, {"Origin": "http://evil.example"}):
+        resp = await call(live, method, path, params, headers)
         assert resp.status_code == 401, (headers, resp.text)
         assert resp.json()["error"]["type"] == "unauthorized"
-        assert TOKEN not in resp.text
+        refused_quietly(resp)
     assert await state(live) == "queued"
+    await answered(live, method, path, params, {"Authorization": TOKEN})
 
 
-@pytest.mark.parametrize(("method", "path"), ROUTES)
-async def test_without_a_token_rebound_hosts_and_opaque_origins_are_refused(api: ApiFactory, method: str,
-                                                                            path: str) -> None:
-    live = await api(token=None)
-    await queued_task(live)
+@pytest.mark.parametrize(("method", "path", "params"), GUARDED)
+async def test_without_a_token_rebound_hosts_and_opaque_origins_are_refused(
+        api: ApiFactory, data_dir: Path, method: str, path: str, params: dict[str, Any]) -> None:
+    live = await guarded_front(api, data_dir, token=None)
     rebound = f"attacker.example:{live.port}"
-    resp = await call(live, method, path, {"task_id": "mine"}, {"Host": rebound, "Origin": f"http://{rebound}"})
+    resp = await call(live, method, path, params, {"Host": rebound, "Origin": f"http://{rebound}"})
     assert resp.status_code == 421, resp.text
+    refused_quietly(resp)
     for origin in EVIL_ORIGINS:
-        resp = await call(live, method, path, {"task_id": "mine"}, {"Origin": origin})
+        resp = await call(live, method, path, params, {"Origin": origin})
         assert resp.status_code == 403, (origin, resp.text)
+        refused_quietly(resp)
     assert await state(live) == "queued"
+    await answered(live, method, path, params)
 
 
-async def test_with_a_token_the_host_is_checked_when_the_front_is_told_its_names(api: ApiFactory) -> None:
-    live = await api(access=AccessPolicy.build(allowed_hosts=["comfy.lan"]))
-    await queued_task(live)
+async def test_with_a_token_the_host_is_checked_when_the_front_is_told_its_names(api: ApiFactory,
+                                                                                 data_dir: Path) -> None:
+    live = await guarded_front(api, data_dir, access=AccessPolicy.build(allowed_hosts=["comfy.lan"]))
     auth = {"Authorization": TOKEN}
-    for method, path in ROUTES:
-        resp = await call(live, method, path, {"task_id": "mine"}, {**auth, "Host": "attacker.example"})
+    for method, path, params in GUARDED:
+        resp = await call(live, method, path, params, {**auth, "Host": "attacker.example"})
         assert resp.status_code == 421, (path, resp.text)
-    resp = await call(live, "GET", "/api_task", {"task_id": "mine"}, {**auth, "Host": "comfy.lan"})
-    assert resp.status_code == 200 and resp.json()["state"] == "queued"
+        refused_quietly(resp)
+    assert await state(live) == "queued"
+    for method, path, params in GUARDED:
+        await answered(live, method, path, params, {**auth, "Host": "comfy.lan"})
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

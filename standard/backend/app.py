@@ -40,6 +40,7 @@ from ..settings import StandardSettings
 from ..state_store import StateStore
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
+from .inputs import PROMPT_INPUTS, PromptInputs, forward_prompt, inputs_context
 from .journal import JOURNAL, PromptJournal
 from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
@@ -88,6 +89,11 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     app[METRICS] = BackendMetrics(backend)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(_backend_ctx)
+    if settings.storage is not None and settings.storage.location is not None:  # --data-dir oss://
+        from ..storage.storage import ObjectStorage  # oss2 is loaded only for a bucket
+
+        app[PROMPT_INPUTS] = PromptInputs(ObjectStorage(settings.storage, settings.data_dir), backend)
+        app.cleanup_ctx.append(inputs_context(SESSION))
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
     if settings.token is not None:
@@ -116,7 +122,9 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
                               | {"/login", "/logout", ME_PATH, "/api" + ME_PATH} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
-        is_local=lambda method, path: is_local(app, method, path),
+        # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first.
+        is_local=lambda method, path: (is_local(app, method, path)
+                                       or PROMPT_INPUTS in app and method == "POST" and path in PROMPT_PATHS),
         tap=lambda method, path: tap(app, method, path),
     )
     return app
@@ -296,8 +304,16 @@ async def _prompt_running(request: web.Request) -> bool:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
-    if request.method == "POST" and request.path in PROMPT_PATHS and is_draining(app):
-        raise refused_while_draining()
+    if request.method == "POST" and request.path in PROMPT_PATHS:
+        if is_draining(app):
+            raise refused_while_draining()
+        if PROMPT_INPUTS in app:  # an oss:// data dir: the prompt's inputs are fetched first
+            return await forward_prompt(request, lambda body: _forward(request, body))
+    return await _forward(request)
+
+
+async def _forward(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+    app = request.app
     backend = app[BACKEND]
     base_url = await _backend_url(backend)
     if base_url is None:
@@ -312,7 +328,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     for attempt in range(2):
         try:
             return await forward_http(request, app[SESSION], base_url, strip_auth=strip_auth,
-                                      max_body_bytes=settings.max_upload_size_bytes)
+                                      max_body_bytes=settings.max_upload_size_bytes, body=body)
         except BackendDown as exc:
             # A child that died (or is being restarted) comes back: a request that changes
             # nothing waits for it and goes once more; anything else is answered 502.

@@ -27,6 +27,7 @@ from ..server import jobs
 from ..server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 from ..server.prompt_request import refused_while_draining
 from ..serving import is_draining
+from .inputs import PROMPT_INPUTS, forward_prompt
 from .journal import FORWARDED_HEADERS, JOURNAL, PromptJournal
 from .proxy import backend_unavailable, relayed_headers, upstream_headers, upstream_url
 
@@ -184,7 +185,12 @@ def _ids(body: dict[str, Any], key: str) -> list[str]:
 async def post_prompt(request: web.Request) -> web.StreamResponse:
     if is_draining(request.app):
         raise refused_while_draining()
-    raw = await request.read()
+    if PROMPT_INPUTS in request.app:  # an oss:// data dir: the prompt's inputs are fetched first
+        return await forward_prompt(request, lambda raw: _journaled_prompt(request, raw))
+    return await _journaled_prompt(request, await request.read())
+
+
+async def _journaled_prompt(request: web.Request, raw: bytes) -> web.StreamResponse:
     answer = await _ask(request, raw)
     accepted = answer.json() if answer.status == 200 else None
     if isinstance(accepted, dict) and isinstance(accepted.get("prompt_id"), str):

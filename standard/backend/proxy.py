@@ -138,14 +138,15 @@ def backend_unavailable(detail: str, status: int = 502) -> JSONError:
 
 
 async def forward_http(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
-                       strip_auth: bool, max_body_bytes: int) -> web.StreamResponse:
-    """One request to the backend and its response back, streamed; ``BackendDown`` if unreachable."""
+                       strip_auth: bool, max_body_bytes: int, body: bytes | None = None) -> web.StreamResponse:
+    """One request to the backend and its response back, streamed; ``BackendDown`` if unreachable.
+    ``body``: the request's body, already read here."""
     length = request.content_length
     if length is not None and length > max_body_bytes:
         raise json_error(413, "request_too_large", "Request body too large",
                          f"{length} bytes > {max_body_bytes}")
-    data: bytes | AsyncIterator[bytes] | None = None
-    if request.body_exists:
+    data: bytes | AsyncIterator[bytes] | None = body
+    if body is None and request.body_exists:
         if length is not None and length <= SMALL_BODY_BYTES:
             data = await request.read()
         else:

@@ -188,10 +188,24 @@ class ObjectStorage:
         they pass validation now rather than after ``--input-list-ttl``. One HEAD per name, at most
         ``MAX_INPUT_PROBES`` per prompt; names that leave ``input/`` are never asked for. Blocking; how
         many were found."""
+        found = 0
+        for rel in self._unknown_inputs(prompt):
+            try:
+                if self.inputs is not None and self.inputs.probe(rel) is not None:
+                    found += 1
+                    with self._holds_lock:
+                        self._probed.add(rel)
+            except StorageError as exc:  # validation refuses the name, as with no bucket at all
+                log.warning("looking up input %s in the bucket failed: %s", rel, exc)
+        return found
+
+    def _unknown_inputs(self, prompt: dict[str, Any]) -> Iterator[str]:
+        """The input names of a prompt that neither the disk nor the last listing has, at most
+        ``MAX_INPUT_PROBES`` of them; none leaving ``input/``."""
         if not self.remote_inputs:
-            return 0
+            return
         assert self.inputs is not None
-        found = probes = 0
+        probes = 0
         for rel in _input_names(prompt):
             if self.inputs.get(rel) is not None:
                 continue
@@ -202,16 +216,40 @@ class ObjectStorage:
                 continue
             if probes >= MAX_INPUT_PROBES:
                 log.warning("not looking up more than %d unlisted input names of one prompt", MAX_INPUT_PROBES)
-                break
+                return
             probes += 1
+            yield rel
+
+    def fetch_inputs(self, prompt: dict[str, Any]) -> list[str]:
+        """For an instance that reads only its local ``input/`` (real ComfyUI behind our front): the input
+        names of ``prompt`` that the disk lacks are looked up in the bucket as ``probe_inputs`` does and
+        downloaded now, before the prompt is validated. Returns the prompt's names that came from such a
+        look-up (now or for an earlier prompt), whose copies go with ``drop_inputs`` once no prompt needs
+        them. Blocking; a name that cannot be fetched is left to validation (logged)."""
+        self.probe_inputs(prompt)
+        assert self.input_cache is not None or not self.remote_inputs
+        looked_up = []
+        for rel in _input_names(prompt):
+            with self._holds_lock:
+                probed = rel in self._probed
+            if not probed:
+                continue
             try:
-                if self.inputs.probe(rel) is not None:
-                    found += 1
-                    with self._holds_lock:
-                        self._probed.add(rel)
-            except StorageError as exc:  # validation refuses the name, as with no bucket at all
-                log.warning("looking up input %s in the bucket failed: %s", rel, exc)
-        return found
+                if self.input_path(self.input_root / rel) is not None:
+                    looked_up.append(rel)
+            except StorageError as exc:
+                log.warning("fetching input %s from the bucket failed: %s", rel, exc)
+        return looked_up
+
+    def drop_inputs(self, rels: list[str]) -> None:
+        """The local copies of looked-up inputs (``fetch_inputs``) that no prompt needs any more go."""
+        if self.input_cache is None or self.inputs is None:
+            return
+        for rel in rels:
+            with self._holds_lock:
+                self._probed.discard(rel)
+            if self.input_cache.drop(rel):
+                self.inputs.forget(rel)
 
     def input_path(self, local_path: Path) -> Path | None:
         """Make an input present under its local path, fetched from the bucket when missing or outdated.

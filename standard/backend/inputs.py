@@ -1,0 +1,157 @@
+"""An ``oss://`` data dir in front of real ComfyUI: a prompt's input files are on local disk before ComfyUI sees it.
+
+The embedded engine asks the bucket about an input name its (cached) listing lacks while it validates a
+prompt (``ObjectStorage.probe_inputs``: an API task's files, put in the bucket a moment ago) and fetches it
+when ``LoadImage`` opens it. Real ComfyUI reads only its local ``input/`` folder, and validates the prompt
+inside ``POST /prompt``. So the front does both before it forwards ``POST /prompt``: each input name the
+prompt refers to that the local disk lacks is looked up (one HEAD, bounded) and downloaded into the local
+``input/`` (``ObjectStorage.fetch_inputs``); ComfyUI then validates and runs it as any local file. (The
+front is the one place that can: it shares ComfyUI's disk, which a worker on another machine does not.)
+
+Copies found by such a look-up go again once ComfyUI is done with every prompt that needed them, as the
+embedded engine drops them after its task: while it holds some, the front looks at ComfyUI's ``/queue``
+every ``POLL_S``, and the inputs of prompts that left it are removed (their objects stay in the bucket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..http_util import BadJSON, parse_json
+from .runtime import Backend
+
+log = logging.getLogger("comfyserve.backend")
+
+POLL_S = 0.5  # how often ComfyUI's queue is looked at while inputs fetched for its prompts are held
+REQUEST_TIMEOUT_S = 10.0
+
+
+class PromptInputs:
+    """The front's side of an oss:// data dir: inputs fetched before ``POST /prompt``, dropped after the run."""
+
+    def __init__(self, storage: Any, backend: Backend) -> None:
+        self.storage = storage  # standard.storage.ObjectStorage (oss2 is loaded only for a bucket)
+        self.backend = backend
+        self.held: dict[str, list[str]] = {}  # prompt id -> looked-up inputs it needs
+        self.session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+
+    async def fetch(self, raw: bytes) -> list[str]:
+        """The inputs ``POST /prompt`` with body ``raw`` refers to, fetched from the bucket when not on
+        local disk; the looked-up ones are returned (to ``hold``). A body that is not a prompt: nothing
+        (ComfyUI answers it)."""
+        try:
+            body = parse_json(raw) if raw.strip() else None
+        except BadJSON:
+            return []
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, dict):
+            return []
+        return await asyncio.to_thread(self.storage.fetch_inputs, prompt)
+
+    async def hold(self, response: web.StreamResponse, rels: list[str]) -> None:
+        """ComfyUI answered ``POST /prompt``: the looked-up inputs stay until the prompt it accepted
+        left its queue (they go at once if it refused it)."""
+        if not rels:
+            return
+        prompt_id = accepted_prompt_id(response)
+        if prompt_id is None:
+            await self._release(rels)
+            return
+        self.held[prompt_id] = rels
+        self._wake.set()
+
+    async def _release(self, rels: list[str]) -> None:
+        """Drop the copies of ``rels`` that no held prompt needs (a prompt may share another's)."""
+        needed = {rel for others in self.held.values() for rel in others}
+        unneeded = [rel for rel in rels if rel not in needed]
+        if unneeded:
+            await asyncio.to_thread(self.storage.drop_inputs, unneeded)
+
+    async def watch(self) -> None:
+        """While inputs are held: drop those of the prompts that left ComfyUI's queue."""
+        while True:
+            if not self.held:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            base_url = self.backend.base_url
+            if base_url is None:
+                await self.backend.wait_ready(REQUEST_TIMEOUT_S)
+                continue
+            try:
+                await self._look(base_url)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                log.debug("inputs: ComfyUI's queue did not answer: %r", exc)
+            except Exception:  # the watcher must outlive anything one answer does to it
+                log.exception("inputs: a look at ComfyUI's queue failed")
+            await asyncio.sleep(POLL_S)
+
+    async def _look(self, base_url: str) -> None:
+        assert self.session is not None
+        ids = list(self.held)  # before asking: a prompt accepted later is not judged on this answer
+        async with self.session.get(base_url + "/queue",
+                                    timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
+            resp.raise_for_status()
+            queue = await resp.json(content_type=None)
+        if not isinstance(queue, dict):
+            raise ValueError(f"/queue answered {type(queue).__name__}, not an object")
+        queued = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key) or []
+                  if isinstance(item, list) and len(item) > 1}
+        for prompt_id in ids:
+            if prompt_id not in queued:
+                await self._release(self.held.pop(prompt_id))
+
+
+def accepted_prompt_id(response: web.StreamResponse) -> str | None:
+    """The ``prompt_id`` of ComfyUI's 200 answer to ``POST /prompt`` (read whole: it is small)."""
+    if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+        return None
+    try:
+        answer = parse_json(response.body)
+    except BadJSON:
+        return None
+    prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
+    return prompt_id if isinstance(prompt_id, str) else None
+
+
+async def forward_prompt(request: web.Request, forward: Callable[[bytes], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """``POST /prompt`` on an oss:// data dir: its inputs fetched, then ``forward(body)`` to ComfyUI."""
+    inputs = request.app[PROMPT_INPUTS]
+    raw = await request.read()
+    rels = await inputs.fetch(raw)
+    try:
+        response = await forward(raw)
+    except BaseException:
+        await inputs.hold(web.Response(status=502), rels)  # not accepted: the copies go now
+        raise
+    await inputs.hold(response, rels)
+    return response
+
+
+def inputs_context(session_key: web.AppKey[aiohttp.ClientSession]
+                   ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The cleanup context that runs the watcher (after the backend context made the session)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        inputs = app[PROMPT_INPUTS]
+        inputs.session = app[session_key]
+        task = asyncio.create_task(inputs.watch(), name="comfyserve-backend-inputs")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        inputs.storage.close()
+
+    return context
+
+
+PROMPT_INPUTS: web.AppKey[PromptInputs] = web.AppKey("backend_prompt_inputs", PromptInputs)
