@@ -2,7 +2,8 @@
 
 A browser test module defines the fixture ``browser_instance`` (an ``Instance``: the server the page
 talks to, started with ``browser_token``, or without a token when a test parametrizes it to None);
-``browser_session`` opens the web UI there and fails the test on any 4xx/5xx the page gets.
+``browser_session`` opens the web UI there, in a context of its own in the module's ``chromium``, and fails
+the test on any 4xx/5xx the page gets.
 """
 
 from __future__ import annotations
