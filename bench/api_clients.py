@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,29 +67,8 @@ STATUS_SERVICE = "bench-status"
 AUTH = {"Authorization": TOKEN}
 MAX_FOLLOWED = 100  # tasks per event stream (the route's cap)
 
-GATE_PLUGIN = '''
-import os
-import time
-
-import folder_paths
-
-
-class BenchGate:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-    def run(self, image, gate):
-        path = os.path.join(folder_paths.get_input_directory(), gate)
-        deadline = time.monotonic() + 120
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return (image,)
-
-NODE_CLASS_MAPPINGS = {"BenchGate": BenchGate}
-'''
+GATE_NODE = REPO_ROOT / "tests" / "custom_nodes" / "gate_node.py"  # TestGate: the tests' own gate node
+GATE_TIMEOUT_S = 120.0
 
 
 def tiny(i: int, prefix: str) -> dict[str, Any]:
@@ -98,7 +78,7 @@ def tiny(i: int, prefix: str) -> dict[str, Any]:
 
 def gated(gate: str) -> dict[str, Any]:
     graph = tiny(0, "gated")
-    graph["3"] = {"class_type": "BenchGate", "inputs": {"image": ["1", 0], "gate": gate}}
+    graph["3"] = {"class_type": "TestGate", "inputs": {"image": ["1", 0], "gate": gate, "timeout_s": GATE_TIMEOUT_S}}
     graph["2"]["inputs"]["images"] = ["3", 0]
     return graph
 
@@ -352,7 +332,7 @@ async def main() -> None:
             init_data_dir(data_dir)
             image = noise_png()
             (data_dir / "input" / "bench_ref.png").write_bytes(image)
-            (data_dir / "custom_nodes" / "bench_gate.py").write_text(GATE_PLUGIN)
+            shutil.copyfile(GATE_NODE, data_dir / "custom_nodes" / "test_gate.py")
             ports = {name: free_port() for name in ("instance", "a", "b", "c")}
             instance = children.comfyserve("instance", ["standard", "--data-dir", str(data_dir), "--token", TOKEN],
                                            ports["instance"])

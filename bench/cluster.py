@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,28 +44,12 @@ from cluster_proxy.accounts import Accounts  # noqa: E402
 from standard.datadir import init_data_dir  # noqa: E402
 from standard.ports import free_port  # noqa: E402
 
+SLEEP_NODE = REPO / "tests" / "custom_nodes" / "sleep_node.py"  # TestSleep: the tests' own sleep node
 PLUGIN = '''
+"""Bench plugin: BenchTick (TestSleep comes from the tests' sleep_node.py, copied beside it)."""
 import time
 
-import comfy.model_management
 import comfy.utils
-
-
-class TestSleep:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 600.0})}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "sleep"
-    CATEGORY = "testing"
-
-    def sleep(self, image, seconds):
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            time.sleep(min(0.005, max(end - time.monotonic(), 0)))
-        return (image,)
 
 
 class BenchTick:
@@ -87,7 +72,7 @@ class BenchTick:
         return (image,)
 
 
-NODE_CLASS_MAPPINGS = {"TestSleep": TestSleep, "BenchTick": BenchTick}
+NODE_CLASS_MAPPINGS = {"BenchTick": BenchTick}
 '''
 PASSWORD = "bench password"
 ADMIN = "bench-admin"
@@ -352,6 +337,7 @@ async def main() -> None:
         data_dir = Path(tmp) / "data"
         init_data_dir(data_dir)
         (data_dir / "custom_nodes" / "bench_nodes.py").write_text(PLUGIN)
+        shutil.copyfile(SLEEP_NODE, data_dir / "custom_nodes" / "sleep_node.py")
         names = [f"user{i:03}" for i in range(max(args.users, args.relay_users, 1))]
         tokens = await make_users(data_dir, names)
         print(f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")

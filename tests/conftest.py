@@ -23,6 +23,7 @@ pytest_plugins = [
     "support.cluster",
     "support.queue",
     "support.server",
+    "support.ssl_context",
     "oss_server.fixtures",
 ]
 

@@ -9,44 +9,8 @@ from typing import Any
 import httpx
 
 from support.api import TOKEN, ApiFactory, no_more, read_results
-from support.server import tiny_graph
+from support.server import halfway_graph, install_gate_plugin, tiny_graph
 from support.wait import until
-
-# Runs until its gate file exists, checking for an interrupt like a sampler does.
-STOPPABLE_PLUGIN = '''
-import os
-import time
-
-import comfy.model_management
-import comfy.utils
-import folder_paths
-
-
-class TestStoppable:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-    def run(self, image, gate):
-        comfy.utils.ProgressBar(2).update_absolute(1, 2)
-        path = os.path.join(folder_paths.get_input_directory(), gate)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            time.sleep(0.005)
-        return (image,)
-
-NODE_CLASS_MAPPINGS = {"TestStoppable": TestStoppable}
-'''
-
-
-def stoppable_graph(prefix: str) -> dict[str, Any]:
-    graph = tiny_graph(prefix)
-    graph["3"] = {"class_type": "TestStoppable", "inputs": {"image": ["1", 0], "gate": "never"}}
-    graph["2"]["inputs"]["images"] = ["3", 0]
-    return graph
 
 
 async def cancel(live, path: str = "/api_task/cancel", **query: str) -> httpx.Response:
@@ -105,9 +69,9 @@ async def test_bad_cancels_are_4xx_and_change_nothing(api: ApiFactory) -> None:
 
 async def test_a_running_task_is_interrupted_on_its_instance_and_reported_once(api: ApiFactory, instance_url: Any,
                                                                                 data_dir: Path) -> None:
-    (data_dir / "custom_nodes" / "test_stoppable.py").write_text(STOPPABLE_PLUGIN)
+    install_gate_plugin(data_dir)
     live = await api(instance_urls=(await instance_url(),))
-    await live.submit(stoppable_graph("stuck"), task_id="stuck")
+    await live.submit(halfway_graph("never", "stuck"), task_id="stuck")
 
     async def running() -> bool:
         return (await status(live, "stuck")).get("node") == "3"

@@ -14,7 +14,7 @@ import httpx
 from queue_service.client import QueueClient
 from support.api import SERVICE, TOKEN, ApiFactory
 from support.processes import TESTS_DIR, redis_command_calls
-from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
+from support.server import halfway_graph, install_gate_plugin, open_gate, tiny_graph
 
 
 async def sse(live, **query: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -36,7 +36,7 @@ async def sse(live, **query: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
 
 async def test_a_tasks_events_stream_from_another_front_on_one_redis(api: ApiFactory, instance_url: Any,
                                                                       data_dir: Path, redis_url: str) -> None:
-    (data_dir / "custom_nodes" / "test_halfway.py").write_text(HALFWAY_PLUGIN)
+    install_gate_plugin(data_dir)
     watching = await api(redis_url=redis_url)
     await watching.submit(halfway_graph("g1", "streamed"), task_id="streamed")
     await watching.submit(tiny_graph("quick"), task_id="quick")

@@ -20,7 +20,7 @@ from api_edition.worker import Worker
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from support.api import SERVICE, TOKEN, ApiFactory, read_results
-from support.server import GATE_PLUGIN, open_gate
+from support.server import GATE_NODE, open_gate
 from support.wait import until
 
 INPUTS = "data/input/api/"
@@ -51,7 +51,7 @@ async def post(url: str, body: dict[str, Any], task_id: str) -> httpx.Response:
 
 async def test_inline_inputs_reach_an_instance_elsewhere_through_the_bucket_and_go_after_the_commit(
         api: ApiFactory, oss, aiohttp_server: Any, tmp_path: Path) -> None:
-    oss.server.put(BUCKET, "data/custom_nodes/test_gate.py", GATE_PLUGIN.encode())
+    oss.server.put(BUCKET, "data/custom_nodes/test_gate.py", GATE_NODE.read_bytes())
     # Three machines, three local mirrors: the front's, the worker's, the instance's (which lists the
     # bucket's input/ once an hour: the task's files are not in its listing when the task arrives).
     front = storage_settings(oss, tmp_path / "front")

@@ -26,59 +26,13 @@ from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
 from support.processes import alive, children_of, wait_for_port
-from support.server import tiny_graph
+from support.server import gated_graph, install_gate_plugin, runs_of, tiny_graph
 from support.wait import until
 
 PENDING_TIMEOUT_S = 60.0
 # Half of --pending-timeout, so the items cannot have come back through its expiry. Measured on 2 cores: 1.5-3.5 s
 # on a quiet machine, the processes' start-up (Python imports, the engine) being most of it; 7-10 s under load 14.
 BACK_WITHIN_S = PENDING_TIMEOUT_S / 2
-
-COUNTING_GATE_PLUGIN = '''
-"""Test plugin: a node that notes each start of its prompt, then holds it until a file appears."""
-import time
-from pathlib import Path
-
-INPUT_DIR = Path(__file__).resolve().parent.parent / "input"
-
-
-class TestCountedGate:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "wait"
-    CATEGORY = "testing"
-
-    def wait(self, image, gate):
-        with (INPUT_DIR / (gate + ".runs")).open("a") as runs:
-            runs.write("x")
-        deadline = time.monotonic() + 180
-        while not (INPUT_DIR / gate).exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("gate " + gate + " never opened")
-            time.sleep(0.005)
-        return (image,)
-
-
-NODE_CLASS_MAPPINGS = {"TestCountedGate": TestCountedGate}
-'''
-
-
-def counted_gate_graph(gate: str) -> dict:
-    """EmptyImage -> TestCountedGate(gate) -> SaveImage: ``input/<gate>.runs`` gets an "x" per start."""
-    return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "TestCountedGate", "inputs": {"image": ["1", 0], "gate": gate}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": gate}},
-    }
-
-
-def runs(data_dir: Path, gate: str) -> int:
-    marks = data_dir / "input" / f"{gate}.runs"
-    return len(marks.read_text()) if marks.exists() else 0
-
 
 def descendants(pid: int) -> list[int]:
     found = []
@@ -104,7 +58,7 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
         procs: Procs, tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
-    (data_dir / "custom_nodes" / "test_counted_gate.py").write_text(COUNTING_GATE_PLUGIN)
+    install_gate_plugin(data_dir)
     port = free_port()
     args = ["api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN, "--service", SERVICE,
             "--instances", "2", "--pending-timeout", str(PENDING_TIMEOUT_S)]
@@ -116,15 +70,15 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
         first = procs.start("api-first", *args)
         wait_for_port(port, timeout_s=30, proc=first)
         for gate in gates:
-            await submit(base, counted_gate_graph(gate), gate)
+            await submit(base, gated_graph(gate, gate, count_runs=True, timeout_s=180), gate)
         await submit(base, tiny_graph("queued"), "queued")  # waits behind the two in flight
-        await until(lambda: all(runs(data_dir, gate) == 1 for gate in gates), timeout_s=60,
+        await until(lambda: all(runs_of(data_dir, gate) == 1 for gate in gates), timeout_s=60,
                     what="both gated tasks running, one on each instance")
         await kill_everything(first)
 
         restarted_at = time.monotonic()
         second = procs.start("api-second", *args)
-        await until(lambda: all(runs(data_dir, gate) == 2 for gate in gates), timeout_s=BACK_WITHIN_S,
+        await until(lambda: all(runs_of(data_dir, gate) == 2 for gate in gates), timeout_s=BACK_WITHIN_S,
                     what="the in-flight tasks running again")
         back_after_s = time.monotonic() - restarted_at
         print(f"in-flight tasks running again {back_after_s:.2f}s after the restart ({store})")
@@ -136,7 +90,7 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
         assert sorted(f.tags["task_id"] for f in frames) == ["inflight0", "inflight1", "queued"], \
             procs.log("api-second")
         assert all(f.tags["status"] == "success" for f in frames), [f.data for f in frames]
-        assert all(runs(data_dir, gate) == 2 for gate in gates)  # cut once by the kill, run once more
+        assert all(runs_of(data_dir, gate) == 2 for gate in gates)  # cut once by the kill, run once more
         async with QueueClient(base, SERVICE, token=TOKEN) as queue:
             assert (await queue.attributes())["stream.length"] == "0"  # 0 lost: every input committed
         assert second.poll() is None

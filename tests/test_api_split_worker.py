@@ -14,14 +14,14 @@ from api_edition.client import ApiClient
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from support.api import SERVICE, TOKEN, ApiFactory
-from support.server import HALFWAY_PLUGIN, halfway_graph
+from support.server import halfway_graph, install_gate_plugin
 from support.wait import until
 
 
 async def test_an_http_worker_fetches_reports_progress_streams_and_cancels(api: ApiFactory, instance_url: Any,
                                                                           data_dir: Path,
                                                                           aiohttp_server: Any) -> None:
-    (data_dir / "custom_nodes" / "test_halfway.py").write_text(HALFWAY_PLUGIN)
+    install_gate_plugin(data_dir)
     picture = io.BytesIO()
     Image.new("RGB", (4, 5), "blue").save(picture, format="PNG")
     files = web.Application()

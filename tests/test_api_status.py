@@ -9,7 +9,7 @@ import httpx
 
 from support.api import TOKEN, ApiFactory, read_results
 from support.processes import redis_command_calls
-from support.server import HALFWAY_PLUGIN, halfway_graph, open_gate, tiny_graph
+from support.server import halfway_graph, install_gate_plugin, open_gate, tiny_graph
 from support.wait import until
 
 
@@ -64,7 +64,7 @@ async def test_failed_task_answers_failed_with_its_error_until_the_result_is_tak
 
 async def test_two_fronts_on_one_redis_answer_alike(api: ApiFactory, instance_url: Any, data_dir: Path,
                                                     redis_url: str) -> None:
-    (data_dir / "custom_nodes" / "test_halfway.py").write_text(HALFWAY_PLUGIN)
+    install_gate_plugin(data_dir)
     working = await api(redis_url=redis_url, instance_urls=(await instance_url(),))
     other = await api(redis_url=redis_url)
     assert (await other.submit(halfway_graph("g1", "first"), task_id="first")).status_code == 200

@@ -8,7 +8,6 @@ cluster's own WebSocket messages being known to the frontend.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support.browser import CHROMIUM, CHROMIUM_ARGS, LOAD_TIMEOUT_MS
+from support.browser import CHROMIUM, LOAD_TIMEOUT_MS, fresh_contexts, run_async
 from support.cluster import PASSWORD, graph, make_users, write_sleep_plugin
 from support.processes import comfyserve_process
 
@@ -45,7 +44,7 @@ class UserPage:
 def proxy(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Proxy]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    asyncio.run(make_users(data_dir, ("alice", "bob"), admin="alice"))
+    run_async(make_users(data_dir, ("alice", "bob"), admin="alice"))
     write_sleep_plugin(data_dir)
     with comfyserve_process(["cluster", "--data-dir", str(data_dir), "--instances", "1"], cli_env,
                             tmp_path / "proxy.log", port_timeout_s=30, ready_timeout_s=30) as (proc, port):
@@ -53,15 +52,8 @@ def proxy(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Proxy]:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+def browser(chromium: object) -> Iterator[object]:
+    yield from fresh_contexts(chromium)
 
 
 def login(browser: object, proxy: Proxy, name: str) -> UserPage:

@@ -24,9 +24,8 @@ from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from support.cluster import make_users
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import VENV_BIN, wait_for_port
-from support.server import prompt_uuid
+from support.server import drain_gate_graph, install_gate_plugin, prompt_uuid, runs_of
 from support.wait import until
 
 INSTANCE_TOKEN = "chaos-instance-token-0123456789"
@@ -113,7 +112,7 @@ class Chaos:
 async def chaos(aiohttp_server: Any, redis_url: str, tmp_path: Path, cli_env: dict[str, str]) -> AsyncIterator[Chaos]:
     """One instance (in the test, behind a ``HistoryGate``), the user ann, no proxy yet."""
     data_dir = init_data_dir(tmp_path / "data").root
-    install_drain_gate(data_dir)
+    install_gate_plugin(data_dir)
     gate = HistoryGate(redis_url)
     app = create_embedded_app(StandardSettings(data_dir=data_dir, token=INSTANCE_TOKEN))
     app.middlewares.append(gate.middleware)

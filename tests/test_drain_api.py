@@ -17,8 +17,8 @@ from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
 from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import wait_for_port
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of
 from support.wait import until
 
 AUTH = {"Authorization": TOKEN}
@@ -26,12 +26,8 @@ AUTH = {"Authorization": TOKEN}
 
 def gated_data_dir(tmp_path: Path) -> Path:
     data_dir = init_data_dir(tmp_path / "data").root
-    install_drain_gate(data_dir)
+    install_gate_plugin(data_dir)
     return data_dir
-
-
-def open_gate(data_dir: Path, gate: str) -> None:
-    (data_dir / "input" / gate).write_text("open")
 
 
 async def exited(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:

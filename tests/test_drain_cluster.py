@@ -16,9 +16,8 @@ import pytest
 from standard.client import InstanceClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import VENV_BIN, wait_for_port
-from support.server import prompt_uuid
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, prompt_uuid, runs_of
 from support.wait import until
 
 PASSWORD = "long enough pw"
@@ -76,16 +75,12 @@ class Proxies:
 @pytest.fixture
 def proxies(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[Proxies]:
     data_dir = init_data_dir(tmp_path / "data").root
-    install_drain_gate(data_dir)
+    install_gate_plugin(data_dir)
     logs = tmp_path / "logs"
     logs.mkdir()
     p = Proxies(data_dir, cli_env, logs)
     yield p
     p.stop_all()
-
-
-def open_gate(data_dir: Path, gate: str) -> None:
-    (data_dir / "input" / gate).write_text("open")
 
 
 async def exited(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:

@@ -16,9 +16,8 @@ import websockets
 from standard.ports import free_port
 from support.cluster import graph as sleep_graph
 from support.cluster import write_sleep_plugin
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import SHIM_DIR, VENV_BIN, wait_for_port
-from support.server import gated_graph, install_gate_plugin, open_gate, prompt_uuid
+from support.server import drain_gate_graph, gated_graph, install_gate_plugin, open_gate, prompt_uuid, runs_of
 from support.wait import until
 
 START_TIMEOUT_S = 30.0
@@ -138,7 +137,7 @@ async def test_real_comfyui_front_drains_its_child(tmp_path: Path, cli_env) -> N
     from standard.datadir import init_data_dir
 
     data = init_data_dir(tmp_path / "d").root
-    install_drain_gate(data)
+    install_gate_plugin(data)
     port, log = free_port(), tmp_path / "front.log"
     auth = {"Authorization": "T"}
     proc = start_standard(data, port, cli_env, log, "--token", "T", "--comfyui-dir", str(SHIM_DIR),
@@ -172,7 +171,7 @@ async def test_real_comfyui_child_is_interrupted_past_the_timeout(tmp_path: Path
     from standard.datadir import init_data_dir
 
     data = init_data_dir(tmp_path / "d").root
-    install_drain_gate(data)
+    install_gate_plugin(data)
     port, log = free_port(), tmp_path / "front.log"
     proc = start_standard(data, port, cli_env, log, "--token", "T", "--comfyui-dir", str(SHIM_DIR),
                           "--shutdown-timeout", "1")

@@ -22,9 +22,8 @@ import httpx
 
 from standard.datadir import init_data_dir
 from standard.ports import free_port
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
 from support.processes import SHIM_DIR, VENV_BIN, alive, own_output, wait_for_port
-from support.server import open_gate, prompt_uuid
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, prompt_uuid, runs_of
 from support.wait import until
 
 START_TIMEOUT_S = 30.0
@@ -37,7 +36,7 @@ class Instance:
 
     def __init__(self, tmp_path: Path, env: dict[str, str], *extra: str) -> None:
         self.data = init_data_dir(tmp_path / "d").root
-        install_drain_gate(self.data)
+        install_gate_plugin(self.data)
         self.port = free_port()
         self.env = env
         self.extra = extra

@@ -2,18 +2,22 @@
 
 A browser test module defines the fixture ``browser_instance`` (an ``Instance``: the server the page
 talks to, started with ``browser_token``, or without a token when a test parametrizes it to None);
-``browser_session`` opens the web UI there and fails the test on any 4xx/5xx the page gets.
+``browser_session`` opens the web UI there, in a context of its own in the module's ``chromium``, and fails
+the test on any 4xx/5xx the page gets.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "browser-test-token"
 LOAD_TIMEOUT_MS = 30_000
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,42 +66,74 @@ class Session:
         return [entry for entry in self.bad if (entry[0], entry[1], entry[2].split("?")[0]) not in self.allowed]
 
 
-@pytest.fixture
-def browser_session(browser_instance: Instance) -> Iterator[Session]:
-    """A page (logged in with the token, if any) that has loaded the web UI completely.
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    """One Chromium per test module; each test opens contexts of its own in it (cookies, storage, cache apart)
+    and closes them (``browser_session`` does; see ``fresh_contexts``).
 
-    Each browser test module defines ``browser_instance``: the server the page talks to.
+    Per module, not per session: between two of its calls Playwright's sync API leaves its event loop marked as
+    running in this thread, so asyncio code may not run here while it lives (``asyncio.run``, the async tests of
+    other modules); a fixture of a browser module runs its coroutines with ``run_async``. Saves the driver and
+    browser start (1-1.5 s) of every test after a module's first.
     """
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            context.route(lambda url: not url.startswith(browser_instance.url + "/"), lambda route: route.abort())
-            page = context.new_page()
-            session = Session(page)
-            page.on("response", lambda r: r.status >= 400 and session.bad.append(
-                (r.status, r.request.method, r.url)))
-            # Transport failures count too; ERR_ABORTED is the page cancelling a fetch
-            # itself (fetchApi aborts its timeout controller on bodies it never reads).
-            page.on("requestfailed", lambda r: r.url.startswith(browser_instance.url)
-                    and r.failure != "net::ERR_ABORTED"
-                    and session.bad.append((0, r.method, f"{r.url} ({r.failure})")))
-            page.goto(browser_instance.url + "/")
-            if browser_instance.token is not None:
-                assert "/login" in page.url, "the web UI must ask for the token first"
-                page.fill("input[name=token]", browser_instance.token)
-                page.click("button[type=submit]")
-            page.wait_for_function(
-                "() => !!(window.app && window.app.graph && window.LiteGraph"
-                " && window.LiteGraph.registered_node_types['EmptyImage'])",
-                timeout=LOAD_TIMEOUT_MS,
-            )
-            yield session
-            assert session.unexpected() == [], f"the page got error responses: {session.unexpected()}"
+            yield browser
         finally:
             browser.close()
+
+
+def fresh_contexts(browser: object) -> Iterator[object]:
+    """Body of a function-scoped fixture: ``browser`` for one test; closes the contexts the test opened."""
+    try:
+        yield browser
+    finally:
+        for context in list(browser.contexts):  # type: ignore[attr-defined]
+            context.close()
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coro)`` in a thread of its own: in a module with a live ``chromium`` this thread's
+    asyncio state belongs to Playwright."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture
+def browser_session(browser_instance: Instance, chromium: object) -> Iterator[Session]:
+    """A page (logged in with the token, if any) that has loaded the web UI completely.
+
+    Each browser test module defines ``browser_instance``: the server the page talks to.
+    """
+    context = chromium.new_context(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    try:
+        context.route(lambda url: not url.startswith(browser_instance.url + "/"), lambda route: route.abort())
+        page = context.new_page()
+        session = Session(page)
+        page.on("response", lambda r: r.status >= 400 and session.bad.append(
+            (r.status, r.request.method, r.url)))
+        # Transport failures count too; ERR_ABORTED is the page cancelling a fetch
+        # itself (fetchApi aborts its timeout controller on bodies it never reads).
+        page.on("requestfailed", lambda r: r.url.startswith(browser_instance.url)
+                and r.failure != "net::ERR_ABORTED"
+                and session.bad.append((0, r.method, f"{r.url} ({r.failure})")))
+        page.goto(browser_instance.url + "/")
+        if browser_instance.token is not None:
+            assert "/login" in page.url, "the web UI must ask for the token first"
+            page.fill("input[name=token]", browser_instance.token)
+            page.click("button[type=submit]")
+        page.wait_for_function(
+            "() => !!(window.app && window.app.graph && window.LiteGraph"
+            " && window.LiteGraph.registered_node_types['EmptyImage'])",
+            timeout=LOAD_TIMEOUT_MS,
+        )
+        yield session
+        assert session.unexpected() == [], f"the page got error responses: {session.unexpected()}"
+    finally:
+        context.close()
 
 
 def run_template_from_ui(page, filename_prefix: str) -> None:

@@ -9,6 +9,7 @@ is an ``InstanceClient`` that talks to the proxy with alice's API token.
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,43 +29,18 @@ from standard.client import InstanceClient
 from standard.datadir import DataDir
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.processes import TESTS_DIR
 from support.wait import until
 
 INSTANCE_TOKEN = "instance-secret-token"
 PASSWORD = "correct horse"
 
-SLEEP_PLUGIN = '''
-"""Test plugin: a node that takes a known time (interruptible)."""
-import time
-
-import comfy.model_management
-
-
-class TestSleep:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",),
-                             "seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 600.0, "step": 0.001})}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "sleep"
-    CATEGORY = "testing"
-
-    def sleep(self, image, seconds):
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            time.sleep(min(0.005, max(end - time.monotonic(), 0)))
-        return (image,)
-
-
-NODE_CLASS_MAPPINGS = {"TestSleep": TestSleep}
-'''
+SLEEP_NODE = TESTS_DIR / "custom_nodes" / "sleep_node.py"  # TestSleep, the one sleep node (bench/cluster.py copies it)
 
 
 def write_sleep_plugin(data_dir: Path) -> None:
     (data_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    (data_dir / "custom_nodes" / "cluster_sleep_node.py").write_text(SLEEP_PLUGIN)
+    shutil.copyfile(SLEEP_NODE, data_dir / "custom_nodes" / "cluster_sleep_node.py")
 
 
 def graph(prefix: str = "out", color: int = 0, seconds: float = 0.0, size: int = 8) -> dict[str, Any]:

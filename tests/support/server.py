@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
+from support.processes import TESTS_DIR
 
 InstanceFactory = Callable[..., Awaitable[TestClient]]
 
@@ -95,46 +97,30 @@ async def wait_history(client: TestClient, prompt_id: str, timeout_s: float = 20
     raise AssertionError(f"prompt {prompt_id} not in history after {timeout_s}s")
 
 
-GATE_PLUGIN = '''
-"""Test plugin (ComfyUI convention): a node that holds its prompt until a file appears."""
-import time
-from pathlib import Path
-
-INPUT_DIR = Path(__file__).resolve().parent.parent / "input"
-
-
-class TestGate:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "wait"
-    CATEGORY = "testing"
-
-    def wait(self, image, gate):
-        deadline = time.monotonic() + 30
-        while not (INPUT_DIR / gate).exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("gate " + gate + " never opened")
-            time.sleep(0.005)
-        return (image,)
-
-
-NODE_CLASS_MAPPINGS = {"TestGate": TestGate}
-NODE_DISPLAY_NAME_MAPPINGS = {"TestGate": "Test Gate"}
-'''
+GATE_NODE = TESTS_DIR / "custom_nodes" / "gate_node.py"  # TestGate, the one gate node (benches copy it too)
 
 
 def install_gate_plugin(data_dir: Path) -> None:
-    (data_dir / "custom_nodes" / "test_gate.py").write_text(GATE_PLUGIN)
+    """``TestGate`` into ``DIR/custom_nodes`` (as ``test_gate.py``)."""
+    (data_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(GATE_NODE, data_dir / "custom_nodes" / "test_gate.py")
 
 
-def gated_graph(gate: str, prefix: str) -> dict[str, Any]:
-    """EmptyImage -> TestGate(gate) -> SaveImage: runs until ``input/<gate>`` exists."""
+def gate_inputs(gate: str, image: list[Any], *, steps: int = 0, interruptible: bool = False,
+                count_runs: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+    """The inputs of a ``TestGate`` node (tests/custom_nodes/gate_node.py says what each option does); options
+    left at their defaults are left out, so a plain gate's prompt is just ``image`` and ``gate``."""
+    inputs: dict[str, Any] = {"image": image, "gate": gate}
+    options = {"steps": steps, "interruptible": interruptible, "count_runs": count_runs, "timeout_s": timeout_s}
+    inputs.update({name: value for name, value in options.items() if value})
+    return inputs
+
+
+def gated_graph(gate: str, prefix: str, **options: Any) -> dict[str, Any]:
+    """EmptyImage -> TestGate(gate, **options) -> SaveImage: runs until ``input/<gate>`` exists."""
     return {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "TestGate", "inputs": {"image": ["1", 0], "gate": gate}},
+        "2": {"class_type": "TestGate", "inputs": gate_inputs(gate, ["1", 0], **options)},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
 
@@ -143,38 +129,22 @@ def open_gate(data_dir: Path, gate: str) -> None:
     (data_dir / "input" / gate).write_text("open")
 
 
-# Reports progress 1/4, then waits for its gate file (input/<gate>), stopping on an interrupt: a task caught mid-run.
-HALFWAY_PLUGIN = '''
-import os
-import time
-
-import comfy.model_management
-import comfy.utils
-import folder_paths
-
-
-class TestHalfway:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "gate": ("STRING", {"default": "gate"})}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-    def run(self, image, gate):
-        comfy.utils.ProgressBar(4).update_absolute(1, 4)
-        path = os.path.join(folder_paths.get_input_directory(), gate)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            time.sleep(0.005)
-        return (image,)
-
-NODE_CLASS_MAPPINGS = {"TestHalfway": TestHalfway}
-'''
+def runs_of(data_dir: Path, gate: str) -> int:
+    """How many times a gate with ``count_runs`` has started."""
+    path = data_dir / "input" / f"{gate}.runs"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def halfway_graph(gate: str, prefix: str) -> dict[str, Any]:
+    """EmptyImage -> TestGate (node "3": progress 1/4, then held, interruptible) -> SaveImage (node "2"):
+    a task caught mid-run."""
     graph = tiny_graph(prefix)
-    graph["3"] = {"class_type": "TestHalfway", "inputs": {"image": ["1", 0], "gate": gate}}
+    graph["3"] = {"class_type": "TestGate", "inputs": gate_inputs(gate, ["1", 0], steps=4, interruptible=True)}
     graph["2"]["inputs"]["images"] = ["3", 0]
     return graph
+
+
+def drain_gate_graph(gate: str, prefix: str) -> dict[str, Any]:
+    """A gated graph whose gate a drain's timeout can cut (interruptible) and that counts its starts
+    (``runs_of``): "ran exactly once more" is visible on disk."""
+    return gated_graph(gate, prefix, interruptible=True, count_runs=True, timeout_s=60)
