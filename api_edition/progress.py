@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
+from standard.tasks import cancel_and_wait
 
 log = logging.getLogger("comfyserve.api.progress")
 
@@ -119,9 +120,7 @@ class TaskProgress:
         try:
             yield
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await cancel_and_wait(writer)
             self.request_id = None
             if self._written is not None:
                 await self._drop([self._written])

@@ -27,6 +27,8 @@ import redis.asyncio as redis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from standard.tasks import cancel_and_wait
+
 log = logging.getLogger("comfyserve.cluster.hub")
 CHANNEL = "comfyserve:cluster:events"
 
@@ -134,8 +136,7 @@ class UserHub:
 
     async def aclose(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(self._listener)
         if self._redis is not None:
             await self._redis.aclose()
