@@ -31,6 +31,7 @@ from aiohttp import web
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueError, QueueFull, QueueStore
 from standard.http_util import json_error
+from standard.tasks import cancel_and_wait
 
 from . import results
 from .events import events_of, result_event
@@ -153,9 +154,7 @@ class CancelWatch:
         try:
             yield watch
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await cancel_and_wait(poller)
 
     async def _asked(self, request_id: str) -> bool:
         try:

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
 from standard.http_util import json_error
+from standard.tasks import cancel_and_wait
 
 from .progress import Records
 from .settings import TASK_ID_TAG
@@ -105,9 +106,7 @@ class EventPublisher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
                     await self._outbox.join()
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await cancel_and_wait(self._sender)
         await self.records.aclose()
 
 
@@ -169,9 +168,7 @@ class EventHub:
 
     async def aclose(self) -> None:
         if self._tail is not None:
-            self._tail.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tail
+            await cancel_and_wait(self._tail)
 
 
 HUB_KEY = web.AppKey("api_event_hub", EventHub)

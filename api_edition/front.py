@@ -22,7 +22,6 @@ may have landed) with the same task_id gets the first task back, not a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from queue_service.store import REQUEST_ID_TAG, QueueFull
 from standard.http_util import JSONError, json_error
 from standard.serving import draining_headers, is_draining
 from standard.storage.errors import StorageError
+from standard.tasks import cancel_and_wait
 
 from .cancel import api_task_cancel
 from .events import api_events
@@ -217,9 +217,7 @@ def _input_janitor(data_dir: Path, retention_s: float) -> Callable[[web.Applicat
         task = asyncio.create_task(sweep_forever(data_dir, retention_s, app.get(INPUT_BUCKET_KEY)),
                                    name="comfyserve-input-janitor")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     return janitor
 

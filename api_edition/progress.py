@@ -4,8 +4,8 @@ While a task runs, its worker keeps one record on ``{service}/progress`` (``requ
 ``{"worker", "instance", "node", "progress": {"value", "max"}}``, from the instance's ``executing`` and
 ``progress`` events. Writes are throttled (at most one per ``MIN_INTERVAL_S``; the last state always
 lands) and each replaces the previous record (put, then delete the old one: a reader sees one or the
-other). The record goes when the run ends; one left by a killed worker is replaced by the next run of
-the task and never read once the task is off the input queue.
+other). The record goes when the run ends, once the write under way, if any, has landed; one left by a
+killed worker is replaced by the next run of the task and never read once the task is off the input queue.
 
 All-in-one workers write the store directly; a split-deployment worker over the queue service's HTTP API.
 """
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body
 from queue_service.store import REQUEST_ID_TAG, QueueError, QueueStore
+from standard.tasks import cancel_and_wait, finish
 
 log = logging.getLogger("comfyserve.api.progress")
 
@@ -119,12 +120,12 @@ class TaskProgress:
         try:
             yield
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            self.request_id = None
-            if self._written is not None:
-                await self._drop([self._written])
+            try:
+                await cancel_and_wait(writer)  # it ends between writes: a write under way lands first
+            finally:  # even when the run's own cancel came meanwhile: the last record written goes
+                self.request_id = None
+                if self._written is not None:
+                    await self._drop([self._written])
 
     def event(self, item: dict[str, Any]) -> None:
         kind, data = item.get("type"), item.get("data")
@@ -145,15 +146,21 @@ class TaskProgress:
             await self._dirty.wait()
             self._dirty.clear()
             data = json.dumps({**self.base, **self._state}, separators=(",", ":")).encode()
-            try:
-                index = await self.records.put(request_id, data)
-            except (QueueError, QueueClientError) as exc:
-                log.info("progress of %s not recorded: %s", request_id, exc)
-            else:
-                if self._written is not None:
-                    await self._drop([self._written])
-                self._written = index
+            # Never cut in the middle: a put whose cancel came while it was under way still lands (the
+            # store owns the write), and with its index unknown nothing would ever remove that record.
+            await finish(self._write(request_id, data))
             await asyncio.sleep(MIN_INTERVAL_S)
+
+    async def _write(self, request_id: str, data: bytes) -> None:
+        """Put the record, then drop the one it replaces."""
+        try:
+            index = await self.records.put(request_id, data)
+        except (QueueError, QueueClientError) as exc:
+            log.info("progress of %s not recorded: %s", request_id, exc)
+            return
+        if self._written is not None:
+            await self._drop([self._written])
+        self._written = index
 
     async def _drop(self, indexes: list[int]) -> None:
         with contextlib.suppress(QueueError, QueueClientError):

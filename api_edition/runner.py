@@ -20,6 +20,7 @@ from typing import Any
 
 from standard.client import Connected, Disconnected, InstanceClient, RunResult
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, WorkerError
+from standard.tasks import cancel_and_wait
 
 log = logging.getLogger("comfyserve.api.runner")
 
@@ -56,9 +57,8 @@ class InstanceRunner:
 
     async def aclose(self) -> None:
         if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._pump
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(self._pump)
 
     async def _run_pump(self) -> None:
         while True:

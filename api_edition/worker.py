@@ -56,6 +56,7 @@ from queue_service.client import DataFrame, QueueClient, QueueClientError
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
+from standard.tasks import cancel_and_wait
 
 from . import results
 from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAttemptRecords, Ticket, attempts_of
@@ -193,14 +194,10 @@ class Worker:
                 async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
                     await self._idle.wait()
             self._cut.set()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            async with asyncio.timeout(HAND_BACK_S):
-                await asyncio.shield(task)  # past the limit the task goes on: it is cancelled below, with a warning
+        await asyncio.wait({task}, timeout=HAND_BACK_S)  # past the limit the task goes on: cancelled below, warned
         if not task.done():
             log.warning("%s: the task did not end %.0fs after it was handed back; cancelling", self.name, HAND_BACK_S)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -376,8 +373,8 @@ class Worker:
             if not run.done():
                 run.cancel()
         if not run.done() or run.cancelled():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await run
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(run)
             if self._cut.is_set():
                 with contextlib.suppress(InstanceError):
                     await self.probe.interrupt(prompt_id)

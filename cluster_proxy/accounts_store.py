@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 
 from standard.private import private_dir, private_file
 
-from .store import StateUnavailable, redis_errors_translated
+from .store import REDIS_CALL_TIMEOUT_S, REDIS_CLIENT_OPTIONS, StateUnavailable, redis_errors_translated
 
 
 @dataclass
@@ -182,11 +182,13 @@ class SqliteBackend:
 class RedisBackend:
     """The same records in Redis, so several proxies share users and sessions."""
 
-    def __init__(self, url: str, prefix: str = "comfyserve:cluster:") -> None:
+    def __init__(self, url: str, prefix: str = "comfyserve:cluster:", *,
+                 call_timeout_s: float = REDIS_CALL_TIMEOUT_S) -> None:
         import redis.asyncio as redis
 
         # decode_responses: every reply is str (redis-py types them bytes | str, hence the casts below).
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._redis = redis.Redis.from_url(url, decode_responses=True, **REDIS_CLIENT_OPTIONS)
+        self.call_timeout_s = call_timeout_s  # each public method's bound (redis_errors_translated)
         self._prefix = prefix
 
     def _user_key(self, name: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from standard.client import ClientTimeouts, InstanceClient
 from standard.datadir import DataDir, WorkDirs
 from standard.errors import InstanceError
+from standard.tasks import cancel_and_wait
 
 from .accounts import User
 from .dashboard import HISTORY_ROWS, Changes, history_row, node_label, queue_row
@@ -80,11 +81,8 @@ class ClusterCore:
         if self.restart.job is not None:
             self.restart.job.cancel()
         await self.scheduler.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(*self._tasks)
         await self.pool.aclose()
         await self.hub.aclose()
 
@@ -113,9 +111,8 @@ class ClusterCore:
         task = run.task
         job = self._run_jobs.get(task.id)
         if job is not None:
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await job
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(job)
         await run.interrupt()
         await run.cleanup()
         await self._instance_free(run)

@@ -25,7 +25,10 @@ from typing import Any
 
 import redis.asyncio as redis
 from aiohttp import web
-from redis.exceptions import RedisError
+
+from standard.tasks import cancel_and_wait
+
+from .store import REDIS_CALL_TIMEOUT_S, REDIS_CLIENT_OPTIONS, StateUnavailable, redis_call
 
 log = logging.getLogger("comfyserve.cluster.hub")
 CHANNEL = "comfyserve:cluster:events"
@@ -37,6 +40,7 @@ class UserHub:
         self._redis: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._publish_failing = False  # warn once per outage, not once per event
+        self.call_timeout_s = REDIS_CALL_TIMEOUT_S  # bounds each call on Redis but the listener's wait
 
     # -- sockets ----------------------------------------------------------------------
 
@@ -95,16 +99,18 @@ class UserHub:
     # -- across proxies -----------------------------------------------------------------
 
     async def start_bus(self, redis_url: str) -> None:
-        self._redis = redis.Redis.from_url(redis_url)
+        self._redis = redis.Redis.from_url(redis_url, **REDIS_CLIENT_OPTIONS)
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(CHANNEL)
+        async with redis_call(self.call_timeout_s):
+            await pubsub.subscribe(CHANNEL)
         self._listener = asyncio.create_task(self._listen(pubsub), name="comfyserve-cluster-bus")
 
     async def _publish(self, envelope: dict[str, Any]) -> bool:
         """Publish to every proxy; False when Redis refused (the caller delivers to this proxy's sockets)."""
         try:
-            await self._redis.publish(CHANNEL, json.dumps(envelope, separators=(",", ":")))
-        except (RedisError, OSError) as exc:
+            async with redis_call(self.call_timeout_s):
+                await self._redis.publish(CHANNEL, json.dumps(envelope, separators=(",", ":")))
+        except StateUnavailable as exc:
             if not self._publish_failing:
                 log.warning("cannot publish events on Redis (%r): only this proxy's sockets get them", exc)
                 self._publish_failing = True
@@ -134,8 +140,7 @@ class UserHub:
 
     async def aclose(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(self._listener)
         if self._redis is not None:
             await self._redis.aclose()

@@ -24,6 +24,7 @@ from yarl import URL
 from standard.client import ClientTimeouts, Connected, Disconnected, InstanceClient
 from standard.errors import InstanceError
 from standard.supervised import StandardChild
+from standard.tasks import cancel_and_wait
 
 log = logging.getLogger("comfyserve.cluster.pool")
 UP, DOWN, STARTING = "up", "down", "starting"
@@ -96,9 +97,8 @@ class InstanceEvents:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(self._task)
 
 
 @dataclass
@@ -208,9 +208,7 @@ class Pool:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         for instance in self.instances.values():
             if instance.events is not None:
                 await instance.events.aclose()

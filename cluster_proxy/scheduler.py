@@ -21,6 +21,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
+from standard.tasks import cancel_and_wait
+
 from .pool import Instance, Pool
 from .store import StateStore, Task
 
@@ -83,9 +85,7 @@ class Scheduler:
 
     async def aclose(self) -> None:
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await cancel_and_wait(self._loop_task)
 
     async def _loop(self) -> None:
         # A shared store changes under us (other proxies): look at it now and then, too.

@@ -12,6 +12,7 @@ and :class:`~cluster_proxy.store_redis.RedisStateStore` (``--redis-url``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -19,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -144,19 +145,37 @@ class StateUnavailable(ClusterError):
 _Cls = TypeVar("_Cls", bound=type)
 
 
+REDIS_CALL_TIMEOUT_S = 5.0  # the longest one call on Redis may take (one that hangs keeps the socket open)
+# The cluster's Redis clients have no socket_timeout (redis-py 8 defaults it to 5 s): with one, redis-py
+# sends each command under asyncio.wait_for, which on Python 3.11 returns normally when a cancel lands as
+# the send completes, so a cancelled task went on as if never cancelled. redis_call bounds calls instead.
+REDIS_CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": None}
+
+
+@contextlib.asynccontextmanager
+async def redis_call(timeout_s: float) -> AsyncIterator[None]:
+    """One call on Redis, bounded by ``timeout_s`` (asyncio.timeout: it never swallows a cancel); a Redis or
+    socket error, or no answer in time, is a :class:`StateUnavailable`. A call cut off mid-way drops its
+    connection (redis-py closes it on cancellation)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+        raise StateUnavailable(f"redis: {str(exc) or f'no answer within {timeout_s:g} s'}") from exc
+
+
 def redis_errors_translated(cls: _Cls) -> _Cls:
-    """Class decorator: a Redis or socket error out of a public coroutine method is a :class:`StateUnavailable`."""
+    """Class decorator: each public coroutine method is one :func:`redis_call`, bounded by the instance's
+    ``call_timeout_s`` and raising :class:`StateUnavailable` for a Redis or socket error."""
     for name, method in list(vars(cls).items()):
         if name.startswith("_") or not inspect.iscoroutinefunction(method):
             continue
 
         def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             @functools.wraps(method)
-            async def translated(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return await method(*args, **kwargs)
-                except (RedisError, OSError) as exc:
-                    raise StateUnavailable(f"redis: {exc}") from exc
+            async def translated(self: Any, *args: Any, **kwargs: Any) -> Any:
+                async with redis_call(self.call_timeout_s):
+                    return await method(self, *args, **kwargs)
 
             return translated
 

@@ -26,6 +26,8 @@ from redis.exceptions import WatchError
 from .store import (
     DONE,
     PENDING,
+    REDIS_CALL_TIMEOUT_S,
+    REDIS_CLIENT_OPTIONS,
     RUNNING,
     Task,
     TransitionRefused,
@@ -49,9 +51,11 @@ RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL'
 class RedisStateStore:
     shared = True
 
-    def __init__(self, url: str, *, history_max_items: int = 10000, prefix: str = PREFIX) -> None:
+    def __init__(self, url: str, *, history_max_items: int = 10000, prefix: str = PREFIX,
+                 call_timeout_s: float = REDIS_CALL_TIMEOUT_S) -> None:
         # decode_responses: every reply is str (redis-py types them bytes | str, hence the casts below).
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._redis = redis.Redis.from_url(url, decode_responses=True, **REDIS_CLIENT_OPTIONS)
+        self.call_timeout_s = call_timeout_s  # each public method's bound (redis_errors_translated)
         self._p = prefix
         self._history_max_items = history_max_items
 

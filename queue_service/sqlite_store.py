@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from standard.private import private_file
+from standard.tasks import cancel_and_wait
 
 from .protocol import decode_frame
 from .store import (
@@ -183,8 +184,8 @@ class SQLiteStore:
         if self._executor is None:
             return
         if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            await asyncio.gather(self._checkpointer, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(self._checkpointer)
             self._checkpointer = None
         if self._db is not None:
             await self._run(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")

@@ -45,6 +45,7 @@ from .client_types import (
 )
 from .errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 from .retry import INSTANCE as RETRY_INSTANCE
+from .tasks import cancel_and_wait
 
 __all__ = [
     "BinaryFrame", "ClientTimeouts", "Connected", "Disconnected", "InstanceClient", "RunResult",
@@ -367,9 +368,8 @@ class InstanceClient:
         except TimeoutError:
             raise InstanceError(f"prompt did not finish within {timeout_s}s") from None
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(pump)
 
     async def _pump(self, client_id: str, items: asyncio.Queue[WsItem | BaseException]) -> None:
         try:

@@ -58,6 +58,7 @@ import aiohttp
 from .ports import free_port
 from .private import TOKEN_ENV, child_environment
 from .retry import RESTART, RetryPolicy
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("comfyserve.supervised")
 
@@ -165,9 +166,7 @@ class SupervisedProcess:
         self._wake.set()
         await self._terminate()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._terminate()  # one the supervisor had just started while we stopped it
 
     async def restart(self, wait_s: float | None = None) -> bool:

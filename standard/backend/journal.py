@@ -37,6 +37,7 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 from ..state_store import StateStore, restart_error
+from ..tasks import cancel_and_wait
 from .runtime import Backend
 
 log = logging.getLogger("comfyserve.backend")
@@ -94,9 +95,7 @@ class PromptJournal:
     async def stop(self) -> None:
         """One last look at ComfyUI (what finished while draining is kept), then close the store."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self.sync()
         await asyncio.to_thread(self.store.close)
 

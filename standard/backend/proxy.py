@@ -25,6 +25,7 @@ from ..auth import SESSION_COOKIE
 from ..errors import BackendError
 from ..http_util import JSONError, event_socket, json_error
 from ..server.file_headers import apply_file_headers
+from ..tasks import cancel_and_wait
 
 log = logging.getLogger("comfyserve.backend")
 
@@ -211,12 +212,9 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
             asyncio.create_task(_relay(upstream, downstream), name="ws-backend-to-client"),
             asyncio.create_task(_relay(downstream, upstream), name="ws-client-to-backend"),
         ]
-        done, pending = await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        for task in relays:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(*relays)
     finally:
         if sockets is not None:
             sockets.discard(downstream)

@@ -27,6 +27,7 @@ from ..datadir import DataDir, WorkDirs
 from ..errors import ConfigError, EngineError
 from ..settings import StandardSettings
 from ..state_store import StateStore
+from ..tasks import cancel_and_wait
 from .metrics import ExecutionMetrics
 from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
 
@@ -176,11 +177,8 @@ class PromptServer:
                     async with self._run_lock:
                         pass
         self._execution_thread.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(*self._tasks)
         for ws in list(self.sockets.values()):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"server shutdown")
