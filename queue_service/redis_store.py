@@ -49,6 +49,8 @@ from .store import (
     COMMITTED_TTL_S,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
+    ClaimSpec,
+    Handoff,
     Item,
     Notifier,
     Position,
@@ -60,6 +62,7 @@ from .store import (
     Seen,
     StoreUnavailable,
     Superseded,
+    Taker,
     Whereabouts,
 )
 
@@ -452,9 +455,8 @@ class RedisStore:
         # This process's token in 'waitby': a change written here wakes this process's waiters directly,
         # so Redis publishes a notice only when another process waits.
         self._origin = uuid.uuid4().hex
-        # (queue, consumer, session) -> the change event current when that consumer's last claim drained
-        # the queue: until it fires, the watch's next claim would find nothing, so it costs no round trip.
-        self._drained: dict[tuple[str, str, str], asyncio.Event] = {}
+        # This process's watchers: a batch of puts claims for them in its own round trip (a pipeline).
+        self._handoff = Handoff(self._notifier)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One store call, retries included, bounded by call_timeout_s. The bound is ours rather than the
@@ -477,6 +479,20 @@ class RedisStore:
         put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
         assert self._once is not None
         return self._evalsha(self._once, name, [*args, self._origin])
+
+    async def _script_many_once(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """Several scripts in one round trip (a pipeline, no retries), in order; each reply is the script's
+        result or its error. A script that met NOSCRIPT did not run: it runs again after loading (after the
+        others, which is harmless: a claim that ran before its puts only finds less)."""
+        assert self._once is not None
+        pipe = self._once.pipeline(transaction=False)
+        for name, args in calls:
+            pipe.execute_command("EVALSHA", self._scripts[name][0], 0, *args, self._origin)
+        replies = await pipe.execute(raise_on_error=False)
+        for k, reply in enumerate(replies):
+            if isinstance(reply, redis_errors.NoScriptError):
+                replies[k] = await self._evalsha(self._once, calls[k][0], [*calls[k][1], self._origin])
+        return list(replies)
 
     async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
         """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
@@ -507,7 +523,11 @@ class RedisStore:
                              ("release", RELEASE)):
             script = self._header() + source
             self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
-        await self._call(self._redis.ping)
+        # Loaded up front: a pipeline of scripts (puts + claims) would otherwise meet NOSCRIPT on first use.
+        loading = self._redis.pipeline(transaction=False)
+        for _, source in self._scripts.values():
+            loading.script_load(source)
+        await self._call(loading.execute)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
 
     def _header(self) -> str:
@@ -564,9 +584,46 @@ class RedisStore:
         args: list[Any] = [_prefix(queue), CHANNEL, queue]
         for request in requests:
             args += ["1" if request.priority else "0", request.request_id, request.body, request.max_length]
-        results = await self._call(lambda: self._script_once("put", args))
+        takers = self._handoff.takers(queue)
+        if not takers:
+            results = await self._call(lambda: self._script_once("put", args))
+            self._notifier.notify(queue)
+            return [int(index) for index in results]
+        # The puts, then a claim for each watcher of this process, in one round trip.
+        changed = self._notifier.event(queue)
+        now_ms = int(time.time() * 1000)
+        calls = [("put", args), *(("claim", self._claim_args(taker, now_ms)) for taker in takers)]
+        try:
+            replies = await self._call(lambda: self._script_many_once(calls))
+        except BaseException:
+            for taker in takers:  # their claims may have run without the reply reaching us
+                self._handoff.failed(taker, StoreUnavailable("redis: a claim sent with puts got no answer"))
+            raise
+        changed_meanwhile = changed.is_set()
         self._notifier.notify(queue)
-        return [int(index) for index in results]
+        for taker, reply in zip(takers, replies[1:], strict=True):
+            self._hand(taker, reply, changed_meanwhile)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return [int(index) for index in replies[0]]
+
+    def _claim_args(self, taker: Taker, now_ms: int) -> list[Any]:
+        spec = taker.spec
+        return [_prefix(taker.queue), taker.consumer, taker.session, spec.window, spec.min_index,
+                "1" if spec.auto_commit else "0", now_ms, int(spec.lease_s * 1000), TAG_SCAN_LIMIT,
+                *(part for pair in spec.tags for part in pair)]
+
+    def _hand(self, taker: Taker, reply: Any, changed_meanwhile: bool) -> None:
+        """Keep a put's claim for ``taker`` (called after the puts' change was notified)."""
+        if isinstance(reply, Exception):
+            self._handoff.failed(taker, StoreUnavailable(f"redis: a claim sent with puts failed: {reply}"))
+        elif reply[0] == -1:
+            self._handoff.failed(taker, Superseded(f"consumer {taker.consumer!r} reconnected"))
+        else:
+            items = _items(reply[1:])
+            if items and taker.spec.auto_commit:
+                self._notifier.notify(taker.queue)  # removals: a long-poll get may wait for them
+            self._handoff.handed(taker, items, reply[0] == 2, changed_meanwhile)
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
@@ -698,27 +755,20 @@ class RedisStore:
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
-        key = (queue, consumer, session)
-        drained = self._drained.pop(key, None)
-        if drained is not None and not drained.is_set():
-            # The last claim took everything there was and marked this process waiting in the same
-            # script; nothing changed since, so the watcher can go straight to waiting for a change.
-            # Only once: the claim after the wait (or its poll timeout) asks Redis again.
-            return []
+        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
+        taken = self._handoff.taken(queue, consumer, session, spec)
+        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
+            return taken
         changed = self._notifier.event(queue)
-        wanted = [part for pair in (tags or {}).items() for part in pair]
-        flat = await self._call(lambda: self._script_once("claim", [
-            _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
-            int(time.time() * 1000), int(lease_s * 1000), TAG_SCAN_LIMIT, *wanted]))
+        taker = Taker(queue, consumer, session, spec)
+        flat = await self._call(lambda: self._script_once("claim", self._claim_args(taker, int(time.time() * 1000))))
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])
-        quiet = flat[0] == 2 and not changed.is_set()  # drained, and no local change during the call
+        quiet = bool(items) and flat[0] == 2 and not changed.is_set()  # drained, no local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
-            changed = self._notifier.event(queue)
-        if items and quiet:
-            self._drained[key] = changed
+        self._handoff.claimed(queue, consumer, session, spec, quiet)
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
@@ -735,11 +785,11 @@ class RedisStore:
             raise Superseded(f"consumer {consumer!r} reconnected")
 
     async def forget(self, queue: str, consumer: str, session: str) -> None:
-        self._drained.pop((queue, consumer, session), None)
+        self._handoff.leave(queue, consumer, session)
         await self._call(lambda: self._script("forget", [_prefix(queue), consumer, session]))
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
-        self._drained.pop((queue, consumer, session), None)
+        self._handoff.leave(queue, consumer, session)
         released = await self._call(lambda: self._script("release", [
             _prefix(queue), consumer, session, CHANNEL, queue]))
         if released:

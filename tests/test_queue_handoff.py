@@ -1,0 +1,135 @@
+"""Puts claim for this process's watchers in their own store round trip (``Handoff``), on both stores.
+
+An item put while a watcher waits is pending on that watcher as soon as the put returns, and the
+watcher's next claim gets it without another store call; the claim is the store's ordinary one,
+so a reconnected consumer, the window, tags and a watcher that left all behave as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from queue_service.protocol import encode_body
+from queue_service.redis_store import RedisStore
+from queue_service.sqlite_store import SQLiteStore
+from queue_service.store import Position, QueueStore, Superseded
+
+LEASE_S = 30.0
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueStore]:
+    opened: QueueStore
+    if request.param == "redis":
+        opened = RedisStore(request.getfixturevalue("redis_url"))
+    else:
+        opened = SQLiteStore(tmp_path / "queue.sqlite3")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def put(store: QueueStore, queue: str, data: str, tags: dict[str, str] | None = None) -> int:
+    return await store.put(queue, encode_body({"requestId": data, **(tags or {})}, data.encode()), data, 0, 0)
+
+
+async def claim(store: QueueStore, queue: str, session: str = "s", *, window: int = 8, auto_commit: bool = False,
+                tags: dict[str, str] | None = None) -> list[int]:
+    items = await store.claim(queue, "g/c", session, window=window, min_index=0, auto_commit=auto_commit,
+                              lease_s=LEASE_S, tags=tags)
+    return [item.index for item in items]
+
+
+class StoreCalls:
+    """Counts the store calls a claim makes: EVALSHA on Redis, hops to the writer thread on SQLite."""
+
+    def __init__(self, store: QueueStore, admin: aioredis.Redis | None) -> None:
+        self.store, self.admin, self.hops = store, admin, 0
+        if isinstance(store, SQLiteStore):
+            run = store._run
+
+            async def counted(fn, *args):  # type: ignore[no-untyped-def]
+                self.hops += 1
+                return await run(fn, *args)
+
+            store._run = counted  # type: ignore[method-assign]
+
+    async def count(self) -> int:
+        if self.admin is None:
+            return self.hops
+        return int((await self.admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.fixture
+async def calls(store: QueueStore, request: pytest.FixtureRequest) -> AsyncIterator[StoreCalls]:
+    admin = aioredis.Redis.from_url(request.getfixturevalue("redis_url")) if isinstance(store, RedisStore) else None
+    yield StoreCalls(store, admin)
+    if admin is not None:
+        await admin.aclose()
+
+
+async def test_a_put_claims_for_a_waiting_watcher_in_its_own_round_trip(store: QueueStore,
+                                                                        calls: StoreCalls) -> None:
+    await store.open_session("q", "g/c", "s", LEASE_S)
+    assert await claim(store, "q") == []  # the watcher waits
+    index = await put(store, "q", "a")
+    # Claimed for the watcher by the put itself: pending before the watcher asks.
+    assert await store.position("q", index) == Position(pending=True, waiting=0)
+    before = await calls.count()
+    assert await claim(store, "q") == [index]
+    assert await claim(store, "q") == []  # drained, nothing changed since
+    assert await calls.count() == before  # neither claim asked the store
+    # Several puts in a row: each hands its item over; nothing is handed twice.
+    more = [await put(store, "q", data) for data in ("b", "c", "d")]
+    assert await claim(store, "q") == more
+    assert [item.index for item in await store.pending("q", "g/c", "s")] == [index, *more]
+
+
+async def test_the_hand_off_keeps_the_window_and_the_tags(store: QueueStore) -> None:
+    await store.open_session("q", "g/c", "s", LEASE_S)
+    assert await claim(store, "q", window=2, tags={"model": "m1"}) == []
+    first = await put(store, "q", "a", {"model": "m1"})
+    other = await put(store, "q", "b", {"model": "m2"})  # not this watcher's: stays ready
+    second = await put(store, "q", "c", {"model": "m1"})
+    third = await put(store, "q", "d", {"model": "m1"})  # over the window of 2: stays ready
+    assert await claim(store, "q", window=2, tags={"model": "m1"}) == [first, second]
+    assert await store.position("q", other) == Position(pending=False, waiting=0)
+    assert await store.position("q", third) == Position(pending=False, waiting=1)
+    await store.remove("q", [first, second])
+    assert await claim(store, "q", window=2, tags={"model": "m1"}) == [third]
+
+
+async def test_a_reconnected_consumer_gets_what_was_handed_to_its_old_session(store: QueueStore) -> None:
+    await store.open_session("q", "g/c", "old", LEASE_S)
+    assert await claim(store, "q", "old") == []
+    first = await put(store, "q", "a")  # handed to the old session
+    # The consumer reconnects: the new session gets the old one's pending items sent again.
+    assert [item.index for item in await store.open_session("q", "g/c", "new", LEASE_S)] == [first]
+    second = await put(store, "q", "b")  # its hand-off claim for the old session is refused
+    with pytest.raises(Superseded):
+        await claim(store, "q", "old")
+    await store.forget("q", "g/c", "old")
+    assert await claim(store, "q", "new") == [second]  # nothing lost to the stale session
+
+
+async def test_what_was_handed_to_a_watcher_that_left_goes_back(store: QueueStore) -> None:
+    await store.open_session("q", "g/c", "s", LEASE_S)
+    assert await claim(store, "q") == []
+    index = await put(store, "q", "a")
+    await store.release("q", "g/c", "s")  # it left cleanly before taking the item
+    await store.open_session("q", "g/other", "t", LEASE_S)
+    items = await store.claim("q", "g/other", "t", window=8, min_index=0, auto_commit=False, lease_s=LEASE_S)
+    assert [item.index for item in items] == [index]
+
+
+async def test_an_auto_commit_watcher_gets_handed_items_removed(store: QueueStore) -> None:
+    await store.open_session("q", "g/c", "s", LEASE_S)
+    assert await claim(store, "q", auto_commit=True) == []
+    index = await put(store, "q", "a")
+    assert await store.position("q", index) is None  # claimed and committed by the put's round trip
+    assert await claim(store, "q", auto_commit=True) == [index]
+    assert (await store.stats("q")).length == 0
