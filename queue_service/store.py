@@ -322,9 +322,17 @@ class Handoff:
         taker.quiet = self._notifier.event(queue) if quiet else None
 
     def takers(self, queue: str) -> list[Taker]:
-        """The takers a batch of puts on ``queue`` claims for (not those holding a window's worth)."""
-        return [taker for taker in self._takers.get(queue, {}).values()
-                if taker.error is None and len(taker.items) < taker.spec.window]
+        """The takers a batch of puts on ``queue`` claims for (not those holding a window's worth), in turn:
+        the first one claims first and the next batch starts with the next one, so items spread over the
+        watchers instead of all going to the first."""
+        takers = self._takers.get(queue)
+        if not takers:
+            return []
+        chosen = [taker for taker in takers.values() if taker.error is None and len(taker.items) < taker.spec.window]
+        if len(takers) > 1:
+            first = next(iter(takers))
+            takers[first] = takers.pop(first)
+        return chosen
 
     def handed(self, taker: Taker, items: list[Item], drained: bool, changed_meanwhile: bool) -> None:
         """A put's claim for ``taker`` got ``items``; call after notifying the queue's change."""

@@ -133,3 +133,18 @@ async def test_an_auto_commit_watcher_gets_handed_items_removed(store: QueueStor
     assert await store.position("q", index) is None  # claimed and committed by the put's round trip
     assert await claim(store, "q", auto_commit=True) == [index]
     assert (await store.stats("q")).length == 0
+
+
+async def test_puts_hand_items_to_waiting_watchers_in_turn(store: QueueStore) -> None:
+    for session in ("a", "b"):
+        await store.open_session("q", f"g/{session}", session, LEASE_S)
+        assert await store.claim("q", f"g/{session}", session, window=8, min_index=0, auto_commit=False,
+                                 lease_s=LEASE_S) == []
+    indexes = [await put(store, "q", str(n)) for n in range(4)]
+    got = {}
+    for session in ("a", "b"):
+        items = await store.claim("q", f"g/{session}", session, window=8, min_index=0, auto_commit=False,
+                                  lease_s=LEASE_S)
+        got[session] = [item.index for item in items]
+    assert sorted(got["a"] + got["b"]) == indexes
+    assert len(got["a"]) == len(got["b"]) == 2  # one put at a time: each watcher's turn comes
