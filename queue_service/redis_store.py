@@ -159,19 +159,26 @@ local function has_tags(body, wanted)
   end
   return true
 end
--- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first).
+-- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first):
+-- remember() per removed item, then forget_old() once per queue at the end of the script.
 local NOW_MS = nil  -- the server's clock, read once per script
+local REMEMBERED = {}  -- prefix -> requestIds remembered by this script
 local function remember(P, rid, i)
   if DONE_TTL_MS <= 0 or DONE_MAX <= 0 then return end
   if NOW_MS == nil then
     local t = redis.call('TIME')
     NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local now = NOW_MS
-  local D = P..'done'
-  redis.call('ZADD', D, now + DONE_TTL_MS, rid)
+  redis.call('ZADD', P..'done', NOW_MS + DONE_TTL_MS, rid)
   redis.call('HSET', P..'doneidx', rid, i)
-  local gone = redis.call('ZRANGEBYSCORE', D, '-inf', now, 'LIMIT', 0, 64)
+  REMEMBERED[P] = (REMEMBERED[P] or 0) + 1
+end
+local function forget_old(P)
+  local n = REMEMBERED[P]
+  if not n then return end
+  REMEMBERED[P] = nil
+  local D = P..'done'
+  local gone = redis.call('ZRANGEBYSCORE', D, '-inf', NOW_MS, 'LIMIT', 0, 64 * n)
   local over = redis.call('ZCARD', D) - #gone - DONE_MAX
   if over > 0 then
     for _, r in ipairs(redis.call('ZRANGE', D, #gone, #gone + over - 1)) do gone[#gone + 1] = r end
@@ -202,8 +209,12 @@ local function insert(P, prio, rid, body)
   redis.call('HSET', P..'rid', i, rid)
   redis.call('HSET', P..'byrid', rid, i)
   redis.call('ZADD', P..'all', idx, i)
-  if prio == '1' then redis.call('SADD', P..'prio', i) end
-  redis.call('ZADD', P..'ready', score_of(P, i), i)
+  if prio == '1' then
+    redis.call('SADD', P..'prio', i)
+    redis.call('ZADD', P..'ready', idx - BIG, i)
+  else
+    redis.call('ZADD', P..'ready', idx, i)
+  end
   return idx
 end
 """
@@ -252,6 +263,7 @@ local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
 wake(P, ARGV[2], ARGV[3])
 local n = 0
 for k = 10, NARGV do n = n + drop(R, ARGV[k]) end
+forget_old(R)
 if n > 0 then wake(R, ARGV[2], ARGV[9]) end
 return idx
 """
@@ -260,6 +272,7 @@ REMOVE = _LIB + """
 local P = ARGV[1]
 local n = 0
 for k = 4, NARGV do n = n + drop(P, ARGV[k]) end
+forget_old(P)
 if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
 """
@@ -268,6 +281,7 @@ TRUNCATE = _LIB + """
 local P = ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', P..'all', '-inf', '(' .. ARGV[4])
 for _, i in ipairs(ids) do drop(P, i) end
+forget_old(P)
 if #ids > 0 then wake(P, ARGV[2], ARGV[3]) end
 return #ids
 """
@@ -389,6 +403,7 @@ for _, i in ipairs(ids) do
     redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
   end
 end
+forget_old(P)
 return out
 """
 

@@ -136,3 +136,16 @@ async def test_a_commit_is_one_redis_call(redis_url: str, tmp_path: Path, aiohtt
         assert stats["cmdstat_evalsha"]["calls"] == 1 and "cmdstat_exists" not in stats
         assert (await http.put(f"{base}/q", params={"_indexes_": str(index)})).text == "OK"  # already gone
         assert (await http.put(f"{base}/nobody", params={"_indexes_": "1"})).status_code == 404
+
+
+async def test_one_removal_of_many_items_keeps_the_remembered_bound(redis_url: str, admin: aioredis.Redis) -> None:
+    """Old removals are forgotten once per script, not once per removed item: the bound still holds."""
+    store = RedisStore(redis_url, committed_max=3)
+    await store.open()
+    try:
+        indexes = [await put(store, "q", f"r{n}".encode()) for n in range(5)]
+        assert await store.remove("q", indexes) == 5
+        assert await admin.zcard("cqs:{q}:done") == 3 and await admin.hlen("cqs:{q}:doneidx") == 3
+        assert sum([await store.lookup("q", f"r{n}") is not None for n in range(5)]) == 3
+    finally:
+        await store.close()
