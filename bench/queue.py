@@ -10,14 +10,17 @@ the queue service as real processes (``python -m queue_service``) on loopback:
       (the least Redis work a streams-based queue does for the same story);
    b. our Redis store called in-process (put; claim(window); remove(batch) = our Lua scripts);
    c. the service over the wire on Redis (HTTP put, WebSocket watch, HTTP commit per batch;
-      the load comes from aiohttp's client, cheaper per call than httpx);
+      the load comes from aiohttp's client, cheaper per call than httpx, or with
+      ``--http-client lean`` from a minimal keep-alive HTTP/1.1 client that costs about what
+      redis-py costs per XADD: aiohttp's costs 2.5x, and on 2 shared cores the load generator's
+      CPU is taken from the service);
    d. the same service on SQLite (absolute figure);
    prints items/s and the ratios b/a and c/a;
 2. latency put -> watcher receives (HTTP put, frame over the WebSocket) for
    both stores: p50 / p99 over ``--latency-samples`` sequential puts.
 
     .venv/bin/python -m bench.queue [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
-                                     [--rounds 3] [--producer-processes 1]
+                                     [--rounds 3] [--producer-processes 1] [--http-client aiohttp|lean]
 
 On a shared, noisy machine the rounds alternate raw and ours so both see the
 same conditions; the best round of each is printed.
