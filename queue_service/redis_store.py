@@ -23,7 +23,9 @@ next change (put, removal, release) clears it and PUBLISHes the queue name on
 its own waiters without Redis), so watchers in every process wake at once
 while a busy queue, or a queue served by one process, costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
-claim script. ``put_and_remove`` (a worker's result put + input commit) is the
+claim script. A batch of puts also runs, in the same pipeline, a claim for each
+watcher of this process (``store.Handoff``), so a waiting watcher gets a new item
+after one round trip. ``put_and_remove`` (a worker's result put + input commit) is the
 one script that spans two queues, i.e. two hash tags: atomic on the single
 Redis this store runs on, not meant for Redis Cluster.
 """

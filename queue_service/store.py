@@ -201,6 +201,8 @@ class QueueStore(Protocol):
         ones); the others stay ready for other watchers.
         With ``auto_commit`` the items are removed instead of becoming pending.
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
+        From its first claim until ``release``/``forget`` the consumer is a taker (``Handoff``): puts in
+        this process claim for it too, and its next claim returns what they got.
         """
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
