@@ -782,10 +782,10 @@ class RedisStore:
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])
-        quiet = bool(items) and flat[0] == 2 and not changed.is_set()  # drained, no local change during the call
+        changed_meanwhile = changed.is_set()  # a local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
-        self._handoff.claimed(queue, consumer, session, spec, quiet)
+        self._handoff.claimed(queue, consumer, session, spec, bool(items), flat[0] == 2, changed_meanwhile)
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:

@@ -544,8 +544,7 @@ class SQLiteStore:
         changed = self._notifier.event(queue)
         items, drained = await self._run(self._claim_drained, queue, consumer, session, window, min_index,
                                          auto_commit, lease_s, tags)
-        quiet = bool(items) and drained and not changed.is_set()
-        self._handoff.claimed(queue, consumer, session, spec, quiet)
+        self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed.is_set())
         return items
 
     def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:

@@ -274,14 +274,18 @@ class Taker:
     error: QueueError | None = None  # a claim made for it failed (Superseded, StoreUnavailable)
     # Set at the first change after its last claim drained the queue; until then a claim finds nothing.
     quiet: asyncio.Event | None = None
+    # Its last claim found nothing: it waits for a change. Puts claim only for waiting takers; a busy
+    # watcher claims for itself when it comes back, and a claim for it meanwhile would cost Redis work.
+    waiting: bool = False
 
 
 class Handoff:
     """Puts that claim for this process's watchers in the same store round trip (the hand-off).
 
     A watcher that claimed on a queue is a *taker* there until it leaves. A batch of puts on
-    that queue also runs each taker's claim right after the puts, in the same round trip (one
-    Redis pipeline, one SQLite thread hop), and keeps what it got for the taker; the watcher's
+    that queue also runs the claim of each taker that waits (its last claim found nothing) right
+    after the puts, in the same round trip (one Redis pipeline, one SQLite thread hop), and keeps
+    what it got for the taker; the watcher's
     next ``claim`` returns that without asking the store. So an item put while a watcher waits
     reaches it after one store round trip instead of two, and a busy watcher's claims ride on
     the producers' round trips. The claims are the store's ordinary ones (session check, window,
@@ -307,30 +311,41 @@ class Handoff:
             raise error
         if taker.items:
             items, taker.items = taker.items, []
+            taker.waiting = False
             return items
         if taker.quiet is not None:
             quiet, taker.quiet = taker.quiet, None
             if not quiet.is_set():
+                taker.waiting = True
                 return []
         return None
 
-    def claimed(self, queue: str, consumer: str, session: str, spec: ClaimSpec, quiet: bool) -> None:
-        """After the watcher's own claim: it is a taker. ``quiet``: the claim got items, drained the queue,
-        and nothing changed during the call (call after notifying any change the claim made)."""
+    def claimed(self, queue: str, consumer: str, session: str, spec: ClaimSpec, got: bool, drained: bool,
+                changed_meanwhile: bool) -> None:
+        """After the watcher's own claim, which ``got`` items or not and ``drained`` what was ready for it
+        (took fewer than its window allowed), with or without a change of the queue during the call: it is a
+        taker. Call after notifying any change the claim made."""
         takers = self._takers.setdefault(queue, {})
         taker = takers.get((consumer, session))
         if taker is None or taker.spec != spec:
             taker = takers[(consumer, session)] = Taker(queue, consumer, session, spec)
-        taker.quiet = self._notifier.event(queue) if quiet else None
+        self._settle(taker, got, drained, changed_meanwhile)
+
+    def _settle(self, taker: Taker, got: bool, drained: bool, changed_meanwhile: bool) -> None:
+        quiet = got and drained and not changed_meanwhile
+        taker.quiet = self._notifier.event(taker.queue) if quiet else None
+        # Nothing got and nothing left for it: it waits. A full window waits for a commit, whose change
+        # wakes it; claims for it before that would find nothing.
+        taker.waiting = not got and drained
 
     def takers(self, queue: str) -> list[Taker]:
-        """The takers a batch of puts on ``queue`` claims for (not those holding a window's worth), in turn:
-        the first one claims first and the next batch starts with the next one, so items spread over the
-        watchers instead of all going to the first."""
+        """The waiting takers a batch of puts on ``queue`` claims for, in turn: the first one claims first
+        and the next batch starts with the next one, so items spread over the watchers instead of all going
+        to the first."""
         takers = self._takers.get(queue)
         if not takers:
             return []
-        chosen = [taker for taker in takers.values() if taker.error is None and len(taker.items) < taker.spec.window]
+        chosen = [taker for taker in takers.values() if taker.waiting and taker.error is None]
         if len(takers) > 1:
             first = next(iter(takers))
             takers[first] = takers.pop(first)
@@ -341,13 +356,13 @@ class Handoff:
         if taker is not self._takers.get(taker.queue, {}).get((taker.consumer, taker.session)):
             return  # the watcher left meanwhile; a pending item goes back through release or its lease
         taker.items += items
-        quiet = items and drained and not changed_meanwhile
-        taker.quiet = self._notifier.event(taker.queue) if quiet else None
+        self._settle(taker, bool(items), drained, changed_meanwhile)
 
     def failed(self, taker: Taker, error: QueueError) -> None:
         """A put's claim for ``taker`` failed or may not have run: the watcher's next claim raises ``error``."""
         taker.error = error
         taker.quiet = None
+        taker.waiting = False
 
     def leave(self, queue: str, consumer: str, session: str) -> None:
         """The watcher is gone (release, forget). Auto-commit items claimed for it and not yet taken are

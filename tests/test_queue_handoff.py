@@ -70,40 +70,43 @@ async def test_a_put_claims_for_a_waiting_watcher_in_its_own_round_trip(store: Q
     assert await store.position("q", index) == Position(pending=True, waiting=0)
     before = await script_calls(admin)
     assert await claim(store, "q") == [index]
-    assert await claim(store, "q") == []  # drained, nothing changed since
+    assert await claim(store, "q") == []  # drained, nothing changed since: it waits again
     assert await script_calls(admin) == before  # neither claim asked Redis
-    # Several puts in a row: each hands its item over; nothing is handed twice.
-    more = [await put(store, "q", data) for data in ("b", "c", "d")]
-    assert await claim(store, "q") == more
-    assert [item.index for item in await store.pending("q", "g/c", "s")] == [index, *more]
-
+    more = await put(store, "q", "b")
+    assert await store.position("q", more) == Position(pending=True, waiting=0)
+    assert await claim(store, "q") == [more]
+    # Busy (it has not come back since it got b): puts leave the item to its own next claim.
+    busy = await put(store, "q", "c")
+    assert await store.position("q", busy) == Position(pending=False, waiting=0)
+    assert await claim(store, "q") == [busy]
+    assert [item.index for item in await store.pending("q", "g/c", "s")] == [index, more, busy]
 
 async def test_the_hand_off_keeps_the_window_and_the_tags(store: QueueStore) -> None:
+    m1 = {"model": "m1"}
     await store.open_session("q", "g/c", "s", LEASE_S)
-    assert await claim(store, "q", window=2, tags={"model": "m1"}) == []
-    first = await put(store, "q", "a", {"model": "m1"})
-    other = await put(store, "q", "b", {"model": "m2"})  # not this watcher's: stays ready
-    second = await put(store, "q", "c", {"model": "m1"})
-    third = await put(store, "q", "d", {"model": "m1"})  # over the window of 2: stays ready
-    assert await claim(store, "q", window=2, tags={"model": "m1"}) == [first, second]
+    assert await claim(store, "q", window=2, tags=m1) == []
+    other = await put(store, "q", "a", {"model": "m2"})  # not this watcher's: stays ready, the watcher waits on
     assert await store.position("q", other) == Position(pending=False, waiting=0)
+    first = await put(store, "q", "b", m1)
+    assert await claim(store, "q", window=2, tags=m1) == [first]
+    assert await claim(store, "q", window=2, tags=m1) == []
+    second = await put(store, "q", "c", m1)
+    assert await claim(store, "q", window=2, tags=m1) == [second]
+    assert await claim(store, "q", window=2, tags=m1) == []  # its window of 2 is full
+    third = await put(store, "q", "d", m1)  # so the put leaves it ready
     assert await store.position("q", third) == Position(pending=False, waiting=1)
     await store.remove("q", [first, second])
-    assert await claim(store, "q", window=2, tags={"model": "m1"}) == [third]
+    assert await claim(store, "q", window=2, tags=m1) == [third]
 
-
-async def test_a_reconnected_consumer_gets_what_was_handed_to_its_old_session(store: QueueStore) -> None:
+async def test_a_put_does_not_claim_for_a_superseded_session(store: QueueStore) -> None:
     await store.open_session("q", "g/c", "old", LEASE_S)
-    assert await claim(store, "q", "old") == []
-    first = await put(store, "q", "a")  # handed to the old session
-    # The consumer reconnects: the new session gets the old one's pending items sent again.
-    assert [item.index for item in await store.open_session("q", "g/c", "new", LEASE_S)] == [first]
-    second = await put(store, "q", "b")  # its hand-off claim for the old session is refused
+    assert await claim(store, "q", "old") == []  # the old connection waits
+    await store.open_session("q", "g/c", "new", LEASE_S)  # the consumer reconnects
+    index = await put(store, "q", "a")  # the put's claim for the old session is refused
     with pytest.raises(Superseded):
         await claim(store, "q", "old")
     await store.forget("q", "g/c", "old")
-    assert await claim(store, "q", "new") == [second]  # nothing lost to the stale session
-
+    assert await claim(store, "q", "new") == [index]  # nothing lost to the stale session
 
 async def test_what_was_handed_to_a_watcher_that_left_goes_back(store: QueueStore) -> None:
     await store.open_session("q", "g/c", "s", LEASE_S)
@@ -129,11 +132,10 @@ async def test_puts_hand_items_to_waiting_watchers_in_turn(store: QueueStore) ->
         await store.open_session("q", f"g/{session}", session, LEASE_S)
         assert await store.claim("q", f"g/{session}", session, window=8, min_index=0, auto_commit=False,
                                  lease_s=LEASE_S) == []
-    indexes = [await put(store, "q", str(n)) for n in range(4)]
+    first, second = await put(store, "q", "1"), await put(store, "q", "2")
     got = {}
     for session in ("a", "b"):
         items = await store.claim("q", f"g/{session}", session, window=8, min_index=0, auto_commit=False,
                                   lease_s=LEASE_S)
         got[session] = [item.index for item in items]
-    assert sorted(got["a"] + got["b"]) == indexes
-    assert len(got["a"]) == len(got["b"]) == 2  # one put at a time: each watcher's turn comes
+    assert got == {"a": [first], "b": [second]}  # one put at a time: each waiting watcher's turn comes
