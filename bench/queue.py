@@ -23,7 +23,9 @@ the queue service as real processes (``python -m queue_service``) on loopback:
                                      [--rounds 3] [--producer-processes 1] [--http-client aiohttp|lean]
 
 On a shared, noisy machine the rounds alternate raw and ours so both see the
-same conditions; the best round of each is printed.
+same conditions; the best round of each is printed, and, as steadier figures on
+such a machine, the median of the per-round ratios and the ratio of CPU spent
+per item by all processes (what throughput comes to when the cores are saturated).
 """
 
 from __future__ import annotations
@@ -421,6 +423,7 @@ async def main(args: argparse.Namespace) -> int:
               f"best of {args.rounds} alternating rounds")
         await service_level(redis_svc, "warmup", replace(load, messages=300))
         best: dict[str, Figure] = {}
+        round_ratios: list[float] = []  # service on Redis / raw within one round: both saw the same load
         for round_no in range(args.rounds):
             figures = {
                 "raw": await raw_redis(url, load),
@@ -429,6 +432,7 @@ async def main(args: argparse.Namespace) -> int:
                 "sqlite": await service_level(sqlite_svc, f"bench{round_no}", sqlite_load),
             }
             print("  round", round_no + 1, "  ".join(f"{k} {v.per_s:.0f}/s" for k, v in figures.items()))
+            round_ratios.append(figures["redis"].per_s / figures["raw"].per_s)
             for name, figure in figures.items():
                 if name not in best or figure.per_s > best[name].per_s:
                     best[name] = figure
@@ -439,6 +443,9 @@ async def main(args: argparse.Namespace) -> int:
         ratio = best["redis"].per_s / raw
         print(f"  service on Redis (HTTP put, WS, commit)    : {best['redis'].per_s:8.0f} items/s   "
               f"ratio {ratio:.0%} (goal >= 50%: {'ok' if ratio >= 0.5 else 'not met'})")
+        print(f"    the same ratio within each round (raw and ours back to back): median "
+              f"{statistics.median(round_ratios):.0%} of {', '.join(f'{r:.0%}' for r in round_ratios)}; "
+              f"CPU per item, raw / ours: {sum(best['raw'].cpu_us.values()) / sum(best['redis'].cpu_us.values()):.0%}")
         print(f"  service on SQLite (HTTP put, WS, commit)   : {best['sqlite'].per_s:8.0f} items/s")
         print("  where the CPU goes in those best rounds (2 cores in all):")
         for name, figure in best.items():
