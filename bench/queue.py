@@ -10,17 +10,22 @@ the queue service as real processes (``python -m queue_service``) on loopback:
       (the least Redis work a streams-based queue does for the same story);
    b. our Redis store called in-process (put; claim(window); remove(batch) = our Lua scripts);
    c. the service over the wire on Redis (HTTP put, WebSocket watch, HTTP commit per batch;
-      the load comes from aiohttp's client, cheaper per call than httpx);
+      the load comes from aiohttp's client, cheaper per call than httpx, or with
+      ``--http-client lean`` from a minimal keep-alive HTTP/1.1 client that costs about what
+      redis-py costs per XADD: aiohttp's costs 2.5x, and on 2 shared cores the load generator's
+      CPU is taken from the service);
    d. the same service on SQLite (absolute figure);
    prints items/s and the ratios b/a and c/a;
 2. latency put -> watcher receives (HTTP put, frame over the WebSocket) for
    both stores: p50 / p99 over ``--latency-samples`` sequential puts.
 
     .venv/bin/python -m bench.queue [--messages 4000] [--producers 8] [--window 64] [--latency-samples 500]
-                                     [--rounds 3] [--producer-processes 1]
+                                     [--rounds 3] [--producer-processes 1] [--http-client aiohttp|lean]
 
 On a shared, noisy machine the rounds alternate raw and ours so both see the
-same conditions; the best round of each is printed.
+same conditions; the best round of each is printed, and, as steadier figures on
+such a machine, the median of the per-round ratios and the ratio of CPU spent
+per item by all processes (what throughput comes to when the cores are saturated).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 
 REPO = _HERE.parent
@@ -95,6 +101,44 @@ def split(total: int, parts: int) -> list[int]:
 # -- load generation in separate processes (one Python process cannot saturate the service) -----
 
 
+class LeanHttp(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client for ``--http-client lean``: one POST of PAYLOAD at a time on
+    one connection, answer read by Content-Length. It costs the producer process about what redis-py
+    costs per XADD, so the load generator is not most of what is measured."""
+
+    def __init__(self, host: str, path: str) -> None:
+        self._request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+                         f"Content-Length: {len(PAYLOAD)}\r\n\r\n").encode() + PAYLOAD
+        self._buffer = b""
+        self._answer: asyncio.Future[int] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        head, sep, rest = self._buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            return
+        self._buffer = rest[length:]
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(int(head[9:12]))
+
+    async def post(self) -> int:
+        assert self.transport is not None
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(self._request)
+        return await self._answer
+
+
 def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, go, loop: str, cpu) -> None:
     """Child process: ``coroutines`` producers putting ``count`` items in all, after ``go`` is set;
     the CPU seconds the puts took go into ``cpu``."""
@@ -107,6 +151,20 @@ def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, g
             async def one(n: int) -> None:
                 for _ in range(n):
                     await r.xadd("bench:raw", {"d": PAYLOAD, "t": b"requestId\x00x"})
+        elif kind == "lean":
+            url = urllib.parse.urlsplit(target)
+            clients = []
+            for _ in range(coroutines):
+                _, client = await asyncio.get_running_loop().create_connection(
+                    lambda: LeanHttp(url.netloc, url.path), url.hostname, url.port)
+                clients.append(client)
+            lean = iter(clients)
+
+            async def one(n: int) -> None:
+                client = next(lean)
+                for _ in range(n):
+                    status = await client.post()
+                    assert status == 200, status
         else:
             session = aiohttp.ClientSession()
 
@@ -115,13 +173,23 @@ def _producer_main(kind: str, target: str, count: int, coroutines: int, ready, g
                     async with session.post(target, data=PAYLOAD) as response:
                         await response.read()
                         assert response.status == 200, response.status
-        await (r.ping() if kind == "raw" else session.get(target, params={"_attrs_": "true"}))
+        if kind == "raw":
+            await r.ping()
+        elif kind == "http":
+            await session.get(target, params={"_attrs_": "true"})
         ready.set()
         await asyncio.to_thread(go.wait)
         started = time.process_time()
         await asyncio.gather(*(one(n) for n in split(count, coroutines)))
         cpu.value = time.process_time() - started
-        await (r.aclose() if kind == "raw" else session.close())
+        if kind == "raw":
+            await r.aclose()
+        elif kind == "http":
+            await session.close()
+        else:
+            for client in clients:
+                assert client.transport is not None
+                client.transport.close()
 
     asyncio.run(run())
 
@@ -167,6 +235,7 @@ class Load:
     processes: int
     loop: str
     servers: dict[str, int]
+    http_client: str = "aiohttp"
 
 
 @dataclass
@@ -244,7 +313,8 @@ async def service_level(port: int, queue: str, load: Load) -> Figure:
     url = f"http://127.0.0.1:{port}/api/predict/{queue}"
     session = aiohttp.ClientSession()
     consumer = QueueClient(f"127.0.0.1:{port}", queue)
-    producers = Producers("http", url, load.messages, load.producers, load.processes, load.loop)
+    producers = Producers("lean" if load.http_client == "lean" else "http", url, load.messages, load.producers,
+                          load.processes, load.loop)
     window = load.window
 
     async def commit(indexes: list[int]) -> None:
@@ -311,6 +381,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--producer-processes", type=int, default=1,
                         help="processes the producers of a. and c./d. run in (the same for both)")
+    parser.add_argument("--http-client", choices=("aiohttp", "lean"), default="aiohttp",
+                        help="the service producers' HTTP client: aiohttp's (about 2.5x redis-py's CPU per call), "
+                             "or a minimal keep-alive HTTP/1.1 one costing about what redis-py does per XADD")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop of every process here: the services (comfyserve --loop), "
                              "the producers and the consumers, raw and ours alike")
@@ -341,13 +414,16 @@ async def main(args: argparse.Namespace) -> int:
         procs.append(start([*queue_cmd, "--store", f"sqlite:{work / 'q.sqlite3'}", "--port", str(sqlite_svc)],
                            sqlite_svc))
         servers = {"redis": procs[0].pid, "service": procs[1].pid}
-        load = Load(args.messages, args.producers, args.window, args.producer_processes, args.loop, servers)
+        load = Load(args.messages, args.producers, args.window, args.producer_processes, args.loop, servers,
+                    args.http_client)
         sqlite_load = replace(load, servers={"service": procs[2].pid})
         print(f"throughput: {load.messages} items, {load.producers} producers in {load.processes} process(es) "
-              f"(one item per put), consumer window {load.window}, event loop {load.loop}, "
+              f"(one item per put, {load.http_client} HTTP client), consumer window {load.window}, "
+              f"event loop {load.loop}, "
               f"best of {args.rounds} alternating rounds")
         await service_level(redis_svc, "warmup", replace(load, messages=300))
         best: dict[str, Figure] = {}
+        round_ratios: list[float] = []  # service on Redis / raw within one round: both saw the same load
         for round_no in range(args.rounds):
             figures = {
                 "raw": await raw_redis(url, load),
@@ -356,6 +432,7 @@ async def main(args: argparse.Namespace) -> int:
                 "sqlite": await service_level(sqlite_svc, f"bench{round_no}", sqlite_load),
             }
             print("  round", round_no + 1, "  ".join(f"{k} {v.per_s:.0f}/s" for k, v in figures.items()))
+            round_ratios.append(figures["redis"].per_s / figures["raw"].per_s)
             for name, figure in figures.items():
                 if name not in best or figure.per_s > best[name].per_s:
                     best[name] = figure
@@ -366,6 +443,9 @@ async def main(args: argparse.Namespace) -> int:
         ratio = best["redis"].per_s / raw
         print(f"  service on Redis (HTTP put, WS, commit)    : {best['redis'].per_s:8.0f} items/s   "
               f"ratio {ratio:.0%} (goal >= 50%: {'ok' if ratio >= 0.5 else 'not met'})")
+        print(f"    the same ratio within each round (raw and ours back to back): median "
+              f"{statistics.median(round_ratios):.0%} of {', '.join(f'{r:.0%}' for r in round_ratios)}; "
+              f"CPU per item, raw / ours: {sum(best['raw'].cpu_us.values()) / sum(best['redis'].cpu_us.values()):.0%}")
         print(f"  service on SQLite (HTTP put, WS, commit)   : {best['sqlite'].per_s:8.0f} items/s")
         print("  where the CPU goes in those best rounds (2 cores in all):")
         for name, figure in best.items():

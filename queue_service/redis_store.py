@@ -23,7 +23,9 @@ next change (put, removal, release) clears it and PUBLISHes the queue name on
 its own waiters without Redis), so watchers in every process wake at once
 while a busy queue, or a queue served by one process, costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
-claim script. ``put_and_remove`` (a worker's result put + input commit) is the
+claim script. A batch of puts also runs, in the same pipeline, a claim for each
+watcher of this process (``store.Handoff``), so a waiting watcher gets a new item
+after one round trip. ``put_and_remove`` (a worker's result put + input commit) is the
 one script that spans two queues, i.e. two hash tags: atomic on the single
 Redis this store runs on, not meant for Redis Cluster.
 """
@@ -49,6 +51,8 @@ from .store import (
     COMMITTED_TTL_S,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
+    ClaimSpec,
+    Handoff,
     Item,
     Notifier,
     Position,
@@ -60,6 +64,7 @@ from .store import (
     Seen,
     StoreUnavailable,
     Superseded,
+    Taker,
     Whereabouts,
 )
 
@@ -156,19 +161,26 @@ local function has_tags(body, wanted)
   end
   return true
 end
--- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first).
+-- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first):
+-- remember() per removed item, then forget_old() once per queue at the end of the script.
 local NOW_MS = nil  -- the server's clock, read once per script
+local REMEMBERED = {}  -- prefix -> requestIds remembered by this script
 local function remember(P, rid, i)
   if DONE_TTL_MS <= 0 or DONE_MAX <= 0 then return end
   if NOW_MS == nil then
     local t = redis.call('TIME')
     NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local now = NOW_MS
-  local D = P..'done'
-  redis.call('ZADD', D, now + DONE_TTL_MS, rid)
+  redis.call('ZADD', P..'done', NOW_MS + DONE_TTL_MS, rid)
   redis.call('HSET', P..'doneidx', rid, i)
-  local gone = redis.call('ZRANGEBYSCORE', D, '-inf', now, 'LIMIT', 0, 64)
+  REMEMBERED[P] = (REMEMBERED[P] or 0) + 1
+end
+local function forget_old(P)
+  local n = REMEMBERED[P]
+  if not n then return end
+  REMEMBERED[P] = nil
+  local D = P..'done'
+  local gone = redis.call('ZRANGEBYSCORE', D, '-inf', NOW_MS, 'LIMIT', 0, 64 * n)
   local over = redis.call('ZCARD', D) - #gone - DONE_MAX
   if over > 0 then
     for _, r in ipairs(redis.call('ZRANGE', D, #gone, #gone + over - 1)) do gone[#gone + 1] = r end
@@ -199,8 +211,12 @@ local function insert(P, prio, rid, body)
   redis.call('HSET', P..'rid', i, rid)
   redis.call('HSET', P..'byrid', rid, i)
   redis.call('ZADD', P..'all', idx, i)
-  if prio == '1' then redis.call('SADD', P..'prio', i) end
-  redis.call('ZADD', P..'ready', score_of(P, i), i)
+  if prio == '1' then
+    redis.call('SADD', P..'prio', i)
+    redis.call('ZADD', P..'ready', idx - BIG, i)
+  else
+    redis.call('ZADD', P..'ready', idx, i)
+  end
   return idx
 end
 """
@@ -249,6 +265,7 @@ local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
 wake(P, ARGV[2], ARGV[3])
 local n = 0
 for k = 10, NARGV do n = n + drop(R, ARGV[k]) end
+forget_old(R)
 if n > 0 then wake(R, ARGV[2], ARGV[9]) end
 return idx
 """
@@ -257,6 +274,7 @@ REMOVE = _LIB + """
 local P = ARGV[1]
 local n = 0
 for k = 4, NARGV do n = n + drop(P, ARGV[k]) end
+forget_old(P)
 if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
 """
@@ -265,6 +283,7 @@ TRUNCATE = _LIB + """
 local P = ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', P..'all', '-inf', '(' .. ARGV[4])
 for _, i in ipairs(ids) do drop(P, i) end
+forget_old(P)
 if #ids > 0 then wake(P, ARGV[2], ARGV[3]) end
 return #ids
 """
@@ -386,6 +405,7 @@ for _, i in ipairs(ids) do
     redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
   end
 end
+forget_old(P)
 return out
 """
 
@@ -452,9 +472,8 @@ class RedisStore:
         # This process's token in 'waitby': a change written here wakes this process's waiters directly,
         # so Redis publishes a notice only when another process waits.
         self._origin = uuid.uuid4().hex
-        # (queue, consumer, session) -> the change event current when that consumer's last claim drained
-        # the queue: until it fires, the watch's next claim would find nothing, so it costs no round trip.
-        self._drained: dict[tuple[str, str, str], asyncio.Event] = {}
+        # This process's watchers: a batch of puts claims for them in its own round trip (a pipeline).
+        self._handoff = Handoff(self._notifier)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One store call, retries included, bounded by call_timeout_s. The bound is ours rather than the
@@ -477,6 +496,20 @@ class RedisStore:
         put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
         assert self._once is not None
         return self._evalsha(self._once, name, [*args, self._origin])
+
+    async def _script_many_once(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """Several scripts in one round trip (a pipeline, no retries), in order; each reply is the script's
+        result or its error. A script that met NOSCRIPT did not run: it runs again after loading (after the
+        others, which is harmless: a claim that ran before its puts only finds less)."""
+        assert self._once is not None
+        pipe = self._once.pipeline(transaction=False)
+        for name, args in calls:
+            pipe.execute_command("EVALSHA", self._scripts[name][0], 0, *args, self._origin)
+        replies = await pipe.execute(raise_on_error=False)
+        for k, reply in enumerate(replies):
+            if isinstance(reply, redis_errors.NoScriptError):
+                replies[k] = await self._evalsha(self._once, calls[k][0], [*calls[k][1], self._origin])
+        return list(replies)
 
     async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
         """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
@@ -510,7 +543,11 @@ class RedisStore:
                              ("release", RELEASE)):
             script = self._header() + source
             self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
-        await self._call(self._redis.ping)
+        # Loaded up front: a pipeline of scripts (puts + claims) would otherwise meet NOSCRIPT on first use.
+        loading = self._redis.pipeline(transaction=False)
+        for _, source in self._scripts.values():
+            loading.script_load(source)
+        await self._call(loading.execute)
         self._listener = asyncio.create_task(self._listen(), name="queue-redis-listener")
 
     def _header(self) -> str:
@@ -567,9 +604,46 @@ class RedisStore:
         args: list[Any] = [_prefix(queue), CHANNEL, queue]
         for request in requests:
             args += ["1" if request.priority else "0", request.request_id, request.body, request.max_length]
-        results = await self._call(lambda: self._script_once("put", args))
+        takers = self._handoff.takers(queue)
+        if not takers:
+            results = await self._call(lambda: self._script_once("put", args))
+            self._notifier.notify(queue)
+            return [int(index) for index in results]
+        # The puts, then a claim for each watcher of this process, in one round trip.
+        changed = self._notifier.event(queue)
+        now_ms = int(time.time() * 1000)
+        calls = [("put", args), *(("claim", self._claim_args(taker, now_ms)) for taker in takers)]
+        try:
+            replies = await self._call(lambda: self._script_many_once(calls))
+        except BaseException:
+            for taker in takers:  # their claims may have run without the reply reaching us
+                self._handoff.failed(taker, StoreUnavailable("redis: a claim sent with puts got no answer"))
+            raise
+        changed_meanwhile = changed.is_set()
         self._notifier.notify(queue)
-        return [int(index) for index in results]
+        for taker, reply in zip(takers, replies[1:], strict=True):
+            self._hand(taker, reply, changed_meanwhile)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return [int(index) for index in replies[0]]
+
+    def _claim_args(self, taker: Taker, now_ms: int) -> list[Any]:
+        spec = taker.spec
+        return [_prefix(taker.queue), taker.consumer, taker.session, spec.window, spec.min_index,
+                "1" if spec.auto_commit else "0", now_ms, int(spec.lease_s * 1000), TAG_SCAN_LIMIT,
+                *(part for pair in spec.tags for part in pair)]
+
+    def _hand(self, taker: Taker, reply: Any, changed_meanwhile: bool) -> None:
+        """Keep a put's claim for ``taker`` (called after the puts' change was notified)."""
+        if isinstance(reply, Exception):
+            self._handoff.failed(taker, StoreUnavailable(f"redis: a claim sent with puts failed: {reply}"))
+        elif reply[0] == -1:
+            self._handoff.failed(taker, Superseded(f"consumer {taker.consumer!r} reconnected"))
+        else:
+            items = _items(reply[1:])
+            if items and taker.spec.auto_commit:
+                self._notifier.notify(taker.queue)  # removals: a long-poll get may wait for them
+            self._handoff.handed(taker, items, reply[0] == 2, changed_meanwhile)
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
@@ -701,27 +775,20 @@ class RedisStore:
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
-        key = (queue, consumer, session)
-        drained = self._drained.pop(key, None)
-        if drained is not None and not drained.is_set():
-            # The last claim took everything there was and marked this process waiting in the same
-            # script; nothing changed since, so the watcher can go straight to waiting for a change.
-            # Only once: the claim after the wait (or its poll timeout) asks Redis again.
-            return []
+        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
+        taken = self._handoff.taken(queue, consumer, session, spec)
+        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
+            return taken
         changed = self._notifier.event(queue)
-        wanted = [part for pair in (tags or {}).items() for part in pair]
-        flat = await self._call(lambda: self._script_once("claim", [
-            _prefix(queue), consumer, session, window, min_index, "1" if auto_commit else "0",
-            int(time.time() * 1000), int(lease_s * 1000), TAG_SCAN_LIMIT, *wanted]))
+        taker = Taker(queue, consumer, session, spec)
+        flat = await self._call(lambda: self._script_once("claim", self._claim_args(taker, int(time.time() * 1000))))
         if flat[0] == -1:
             raise Superseded(f"consumer {consumer!r} reconnected")
         items = _items(flat[1:])
-        quiet = flat[0] == 2 and not changed.is_set()  # drained, and no local change during the call
+        changed_meanwhile = changed.is_set()  # a local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
-            changed = self._notifier.event(queue)
-        if items and quiet:
-            self._drained[key] = changed
+        self._handoff.claimed(queue, consumer, session, spec, bool(items), flat[0] == 2, changed_meanwhile)
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
@@ -738,11 +805,11 @@ class RedisStore:
             raise Superseded(f"consumer {consumer!r} reconnected")
 
     async def forget(self, queue: str, consumer: str, session: str) -> None:
-        self._drained.pop((queue, consumer, session), None)
+        self._handoff.leave(queue, consumer, session)
         await self._call(lambda: self._script("forget", [_prefix(queue), consumer, session]))
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
-        self._drained.pop((queue, consumer, session), None)
+        self._handoff.leave(queue, consumer, session)
         released = await self._call(lambda: self._script("release", [
             _prefix(queue), consumer, session, CHANNEL, queue]))
         if released:

@@ -207,8 +207,8 @@ async def lookup(request: web.Request, queue: str) -> web.StreamResponse:
 async def remove(request: web.Request, queue: str) -> web.StreamResponse:
     store = request.app[STORE_KEY]
     indexes = params.indexes(request.query)
-    await _require_queue(store, queue)
-    await store.remove(queue, indexes)
+    if not await store.remove(queue, indexes):  # one store call for a commit; the 404 check only when idle
+        await _require_queue(store, queue)
     return web.Response(text="OK")
 
 

@@ -33,6 +33,8 @@ from .store import (
     FULL,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
+    ClaimSpec,
+    Handoff,
     Item,
     Notifier,
     Position,
@@ -43,7 +45,9 @@ from .store import (
     QueueFull,
     QueueStats,
     Seen,
+    StoreUnavailable,
     Superseded,
+    Taker,
     Whereabouts,
 )
 
@@ -108,6 +112,8 @@ class SQLiteStore:
         self._sessions: dict[tuple[str, str], str] = {}
         self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
+        # This process's watchers: a batch of puts claims for them in its own thread hop.
+        self._handoff = Handoff(self._notifier)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -258,9 +264,43 @@ class SQLiteStore:
                            (queue, key, index, request.request_id, now + ttl_s))
             return PutOnce(index, request.request_id, duplicate=False)
 
+    def _put_many_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
+                            ) -> tuple[list[int], list[tuple[list[Item], bool] | Exception]]:
+        """The puts (one transaction), then each taker's claim (its own): one thread hop for all. A claim's
+        failure is the taker's, never the puts' (they are committed by then)."""
+        results = self._put_many(queue, requests)
+        claims: list[tuple[list[Item], bool] | Exception] = []
+        for taker in takers:
+            spec = taker.spec
+            try:
+                claims.append(self._claim_drained(queue, taker.consumer, taker.session, spec.window, spec.min_index,
+                                                  spec.auto_commit, spec.lease_s, spec.tag_dict()))
+            except Exception as exc:  # noqa: BLE001 - handed to that watcher
+                claims.append(exc)
+        return results, claims
+
     async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
-        results = await self._run(self._put_many, queue, requests)
+        takers = self._handoff.takers(queue)
+        if not takers:
+            results = await self._run(self._put_many, queue, requests)
+            self._notifier.notify(queue)
+            return results
+        changed = self._notifier.event(queue)
+        try:
+            results, claims = await self._run(self._put_many_and_claim, queue, requests, takers)
+        except BaseException as exc:
+            for taker in takers:  # a cancelled hop may still have claimed: the watchers look again
+                self._handoff.failed(taker, StoreUnavailable(f"sqlite: a claim sent with puts failed: {exc!r}"))
+            raise
+        changed_meanwhile = changed.is_set()
         self._notifier.notify(queue)
+        for taker, claim in zip(takers, claims, strict=True):
+            if isinstance(claim, Superseded):
+                self._handoff.failed(taker, claim)
+            elif isinstance(claim, Exception):
+                self._handoff.failed(taker, StoreUnavailable(f"sqlite: a claim sent with puts failed: {claim!r}"))
+            else:
+                self._handoff.handed(taker, claim[0], claim[1], changed_meanwhile)
         return results
 
     async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
@@ -473,8 +513,9 @@ class SQLiteStore:
                 break
         return found[:need]
 
-    def _claim(self, queue: str, consumer: str, session: str, window: int, min_index: int,
-               auto_commit: bool, lease_s: float, tags: dict[str, str] | None) -> list[Item]:
+    def _claim_drained(self, queue: str, consumer: str, session: str, window: int, min_index: int,
+                       auto_commit: bool, lease_s: float, tags: dict[str, str] | None) -> tuple[list[Item], bool]:
+        """The claim, and whether it drained what was ready for this consumer (took fewer than it could)."""
         self._check(queue, consumer, session)
         now = time.time()
         with self._transaction() as db:
@@ -493,12 +534,19 @@ class SQLiteStore:
                     marks = ",".join("?" * len(items))
                     db.execute(f"UPDATE items SET owner = ?, deadline = ? WHERE queue = ? AND idx IN ({marks})",
                                (consumer, now + lease_s, queue, *(item.index for item in items)))
-            return items
+            return items, need > 0 and len(items) < need
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
-        return await self._run(self._claim, queue, consumer, session, window, min_index, auto_commit, lease_s,
-                               tags)
+        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
+        taken = self._handoff.taken(queue, consumer, session, spec)
+        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
+            return taken
+        changed = self._notifier.event(queue)
+        items, drained = await self._run(self._claim_drained, queue, consumer, session, window, min_index,
+                                         auto_commit, lease_s, tags)
+        self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed.is_set())
+        return items
 
     def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:
         assert self._db is not None
@@ -532,8 +580,10 @@ class SQLiteStore:
             del self._sessions[(queue, consumer)]
 
     async def forget(self, queue: str, consumer: str, session: str) -> None:
+        self._handoff.leave(queue, consumer, session)
         await self._run(self._forget, queue, consumer, session)  # on the store thread: no race with open
 
     async def release(self, queue: str, consumer: str, session: str) -> None:
+        self._handoff.leave(queue, consumer, session)
         if await self._run(self._release, queue, consumer, session):
             self._notifier.notify(queue)

@@ -15,15 +15,17 @@ watcher opens a new session, which takes over the old one's pending items
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from standard.errors import ComfyServeError
 
 from .protocol import decode_frame, encode_frame
 
+log = logging.getLogger("comfyserve.queue")
 # A watcher with tags looks at most this many ready items per claim for ones that match.
 TAG_SCAN_LIMIT = 10_000
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
@@ -199,6 +201,8 @@ class QueueStore(Protocol):
         ones); the others stay ready for other watchers.
         With ``auto_commit`` the items are removed instead of becoming pending.
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
+        From its first claim until ``release``/``forget`` the consumer is a taker (``Handoff``): puts in
+        this process claim for it too, and its next claim returns what they got.
         """
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
@@ -242,6 +246,136 @@ class Notifier:
         if event is None:
             event = self._events[queue] = asyncio.Event()
         return event
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSpec:
+    """What a watcher asks of each claim; fixed for the life of one watch."""
+
+    window: int
+    min_index: int
+    auto_commit: bool
+    lease_s: float
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def tag_dict(self) -> dict[str, str] | None:
+        return dict(self.tags) or None
+
+
+@dataclass(slots=True, eq=False)
+class Taker:
+    """A watcher of this process that puts claim for (see ``Handoff``)."""
+
+    queue: str
+    consumer: str
+    session: str
+    spec: ClaimSpec
+    items: list[Item] = field(default_factory=list)  # claimed for it by puts, not yet handed to it
+    error: QueueError | None = None  # a claim made for it failed (Superseded, StoreUnavailable)
+    # Set at the first change after its last claim drained the queue; until then a claim finds nothing.
+    quiet: asyncio.Event | None = None
+    # Its last claim found nothing: it waits for a change. Puts claim only for waiting takers; a busy
+    # watcher claims for itself when it comes back, and a claim for it meanwhile would cost Redis work.
+    waiting: bool = False
+
+
+class Handoff:
+    """Puts that claim for this process's watchers in the same store round trip (the hand-off).
+
+    A watcher that claimed on a queue is a *taker* there until it leaves. A batch of puts on
+    that queue also runs the claim of each taker that waits (its last claim found nothing) right
+    after the puts, in the same round trip (one Redis pipeline, one SQLite thread hop), and keeps
+    what it got for the taker; the watcher's
+    next ``claim`` returns that without asking the store. So an item put while a watcher waits
+    reaches it after one store round trip instead of two, and a busy watcher's claims ride on
+    the producers' round trips. The claims are the store's ordinary ones (session check, window,
+    priority, tags): pending items claimed for a watcher that then leaves go back like any
+    pending item (``release`` or the lease), as after a claim whose frame could not be sent.
+
+    The same record remembers when a watcher's last claim drained the queue: until the next
+    change its next claim is answered empty without a round trip (once; then it asks again,
+    because expired leases elsewhere make items ready without a change notice).
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._takers: dict[str, dict[tuple[str, str], Taker]] = {}
+
+    def taken(self, queue: str, consumer: str, session: str, spec: ClaimSpec) -> list[Item] | None:
+        """The claim's answer without the store, or None: ask the store. Raises a hand-off claim's error."""
+        taker = self._takers.get(queue, {}).get((consumer, session))
+        if taker is None or taker.spec != spec:
+            return None
+        if taker.error is not None:
+            error, taker.error = taker.error, None
+            raise error
+        if taker.items:
+            items, taker.items = taker.items, []
+            taker.waiting = False
+            return items
+        if taker.quiet is not None:
+            quiet, taker.quiet = taker.quiet, None
+            if not quiet.is_set():
+                taker.waiting = True
+                return []
+        return None
+
+    def claimed(self, queue: str, consumer: str, session: str, spec: ClaimSpec, got: bool, drained: bool,
+                changed_meanwhile: bool) -> None:
+        """After the watcher's own claim, which ``got`` items or not and ``drained`` what was ready for it
+        (took fewer than its window allowed), with or without a change of the queue during the call: it is a
+        taker. Call after notifying any change the claim made."""
+        takers = self._takers.setdefault(queue, {})
+        taker = takers.get((consumer, session))
+        if taker is None or taker.spec != spec:
+            taker = takers[(consumer, session)] = Taker(queue, consumer, session, spec)
+        self._settle(taker, got, drained, changed_meanwhile)
+
+    def _settle(self, taker: Taker, got: bool, drained: bool, changed_meanwhile: bool) -> None:
+        quiet = got and drained and not changed_meanwhile
+        taker.quiet = self._notifier.event(taker.queue) if quiet else None
+        # Nothing got and nothing left for it: it waits. A full window waits for a commit, whose change
+        # wakes it; claims for it before that would find nothing.
+        taker.waiting = not got and drained
+
+    def takers(self, queue: str) -> list[Taker]:
+        """The waiting takers a batch of puts on ``queue`` claims for, in turn: the first one claims first
+        and the next batch starts with the next one, so items spread over the watchers instead of all going
+        to the first."""
+        takers = self._takers.get(queue)
+        if not takers:
+            return []
+        chosen = [taker for taker in takers.values() if taker.waiting and taker.error is None]
+        if len(takers) > 1:
+            first = next(iter(takers))
+            takers[first] = takers.pop(first)
+        return chosen
+
+    def handed(self, taker: Taker, items: list[Item], drained: bool, changed_meanwhile: bool) -> None:
+        """A put's claim for ``taker`` got ``items``; call after notifying the queue's change."""
+        if taker is not self._takers.get(taker.queue, {}).get((taker.consumer, taker.session)):
+            return  # the watcher left meanwhile; a pending item goes back through release or its lease
+        taker.items += items
+        self._settle(taker, bool(items), drained, changed_meanwhile)
+
+    def failed(self, taker: Taker, error: QueueError) -> None:
+        """A put's claim for ``taker`` failed or may not have run: the watcher's next claim raises ``error``."""
+        taker.error = error
+        taker.quiet = None
+        taker.waiting = False
+
+    def leave(self, queue: str, consumer: str, session: str) -> None:
+        """The watcher is gone (release, forget). Auto-commit items claimed for it and not yet taken are
+        lost with it, as with a claim whose frames could not be sent."""
+        takers = self._takers.get(queue)
+        if takers is None:
+            return
+        taker = takers.pop((consumer, session), None)
+        if not takers:
+            del self._takers[queue]
+        if taker is not None and taker.items and taker.spec.auto_commit:
+            log.warning("queue %s: %d auto-committed item(s) claimed for watcher %s, which left before they "
+                        "were sent", queue, len(taker.items), consumer)
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:

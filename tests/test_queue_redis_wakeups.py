@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from queue_service.protocol import encode_body
 from queue_service.redis_store import CHANNEL, RedisStore
+from queue_service.server import create_app
 from queue_service.store import wait_event
+from support.queue import TOKEN, settings_for
 
 LEASE_S = 30.0
 
@@ -115,3 +120,32 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(
     second = await put(one, "q", b"b")
     assert second == first + 1
     assert await claim(one, "q") == [first, second]
+
+
+async def test_a_commit_is_one_redis_call(redis_url: str, tmp_path: Path, aiohttp_server: Any,
+                                          admin: aioredis.Redis) -> None:
+    """The hot path: a commit runs the removal script and nothing else; only a commit that removed
+    nothing asks whether the queue exists (404 for a queue never put to)."""
+    server = await aiohttp_server(create_app(settings_for("redis", tmp_path, redis_url)))
+    base = f"http://127.0.0.1:{server.port}/api/predict"
+    async with httpx.AsyncClient(headers={"Authorization": TOKEN}) as http:
+        index = int((await http.post(f"{base}/q", content=b"a")).text)
+        await admin.config_resetstat()
+        assert (await http.put(f"{base}/q", params={"_indexes_": str(index)})).text == "OK"
+        stats = await admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1 and "cmdstat_exists" not in stats
+        assert (await http.put(f"{base}/q", params={"_indexes_": str(index)})).text == "OK"  # already gone
+        assert (await http.put(f"{base}/nobody", params={"_indexes_": "1"})).status_code == 404
+
+
+async def test_one_removal_of_many_items_keeps_the_remembered_bound(redis_url: str, admin: aioredis.Redis) -> None:
+    """Old removals are forgotten once per script, not once per removed item: the bound still holds."""
+    store = RedisStore(redis_url, committed_max=3)
+    await store.open()
+    try:
+        indexes = [await put(store, "q", f"r{n}".encode()) for n in range(5)]
+        assert await store.remove("q", indexes) == 5
+        assert await admin.zcard("cqs:{q}:done") == 3 and await admin.hlen("cqs:{q}:doneidx") == 3
+        assert sum([await store.lookup("q", f"r{n}") is not None for n in range(5)]) == 3
+    finally:
+        await store.close()
