@@ -14,6 +14,7 @@ import pytest
 from oss_server.fixtures import BUCKET, storage_settings
 from test_api_oss_inputs import gated_load_graph, input_keys, png, post
 
+from api_edition.results import PROMPT_ID_TAG
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from standard.backend.app import create_backend_app
@@ -73,8 +74,25 @@ async def test_a_task_input_reaches_real_comfyui_through_the_bucket_and_its_copy
             async with live.sink() as sink:
                 [frame] = await read_results(sink, 1)
             assert frame.tags["status"] == "success", frame.data
-            [saved] = json.loads(frame.data)[-1]["3"]["images"]
-            assert (instance_side.local_root / "output" / saved["filename"]).is_file()
+            events = json.loads(frame.data)
+            [saved] = events[-1]["3"]["images"]
+            written = instance_side.local_root / "output" / saved["filename"]
+            assert written.is_file()
+            # The front uploaded what ComfyUI wrote, under the embedded engine's key, and the result's url
+            # (signed, as the embedded engine's) fetches it without the instance.
+            assert oss.server.get(BUCKET, f"data/output/{saved['filename']}") == written.read_bytes()
+            assert saved["url"].startswith(f"{oss.endpoint}/{BUCKET}/data/output/{saved['filename']}?")
+            async with httpx.AsyncClient(trust_env=False) as anyone:
+                fetched = await anyone.get(saved["url"])
+            assert fetched.status_code == 200 and fetched.content == written.read_bytes()
+            [executed] = [item for event in events[:-1] for item in event["data"]["output"].get("images", [])]
+            assert executed["url"] == saved["url"]  # the executed event's item: the same signed url
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                prompt_id = frame.tags[PROMPT_ID_TAG]
+                history = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
+            [listed] = history["outputs"]["3"]["images"]  # the instance's history: the same object, signed
+            assert listed["url"].partition("?")[0] == saved["url"].partition("?")[0]
             await until(lambda: not local_copy.exists() and not local_copy.parent.exists(),
                         what="the front dropped its copy once ComfyUI was done with the prompt")
             assert (instance_side.local_root / "input" / "gate-1").is_file()  # its own files stay

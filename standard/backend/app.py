@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
 from ..auth import INSTANCE_PUBLIC_PATHS, AccessGuard
-from ..datadir import init_data_dir
+from ..datadir import DataDir, init_data_dir
 from ..errors import ConfigError
 from ..http_util import json_error
 from ..server.extensions import OWN_EXTENSION_NAME, own_extension_urls
@@ -44,6 +46,7 @@ from .inputs import PROMPT_INPUTS, PromptInputs, forward_prompt, inputs_context
 from .journal import JOURNAL, PromptJournal
 from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
+from .outputs import OUTPUTS, OutputPublisher, history_prompt_id, history_with_urls
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
@@ -92,7 +95,10 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     if settings.storage is not None and settings.storage.location is not None:  # --data-dir oss://
         from ..storage.storage import ObjectStorage  # oss2 is loaded only for a bucket
 
-        app[PROMPT_INPUTS] = PromptInputs(ObjectStorage(settings.storage, settings.data_dir), backend)
+        storage = ObjectStorage(settings.storage, settings.data_dir)
+        app[PROMPT_INPUTS] = PromptInputs(storage, backend)
+        output = DataDir(Path(settings.data_dir).expanduser().resolve()).workdirs().output
+        app[OUTPUTS] = OutputPublisher(storage, {"output": output})
         app.cleanup_ctx.append(inputs_context(SESSION))
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
@@ -122,9 +128,10 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
                               | {"/login", "/logout", ME_PATH, "/api" + ME_PATH} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
-        # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first.
-        is_local=lambda method, path: (is_local(app, method, path)
-                                       or PROMPT_INPUTS in app and method == "POST" and path in PROMPT_PATHS),
+        # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first, and
+        # GET /history/<id>, where a finished prompt's outputs are uploaded first.
+        is_local=lambda method, path: (is_local(app, method, path) or PROMPT_INPUTS in app and (
+            method == "POST" and path in PROMPT_PATHS or history_prompt_id(method, path) is not None)),
         tap=lambda method, path: tap(app, method, path),
     )
     return app
@@ -148,6 +155,8 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
             store = await asyncio.to_thread(StateStore.open, settings.state_file,
                                             history_max_items=settings.history_max_items)
             journal = app[JOURNAL] = PromptJournal(store, backend, strip_auth=settings.token is not None)
+            if OUTPUTS in app:  # an oss:// data dir: stored entries carry their outputs' bucket urls
+                journal.finishing = app[OUTPUTS].published
             await journal.start(session)
         await backend.start(session)
     except BaseException:
@@ -309,6 +318,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             raise refused_while_draining()
         if PROMPT_INPUTS in app:  # an oss:// data dir: the prompt's inputs are fetched first
             return await forward_prompt(request, lambda body: _forward(request, body))
+    if OUTPUTS in app and (prompt_id := history_prompt_id(request.method, request.path)) is not None:
+        answer = await _backend_json(request, "/history/" + quote(prompt_id, safe=""))
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return await history_with_urls(app[OUTPUTS], prompt_id, answer)  # a finished prompt's files uploaded
     return await _forward(request)
 
 
@@ -322,8 +336,11 @@ async def _forward(request: web.Request, body: bytes | None = None) -> web.Strea
     strip_auth = settings.token is not None
     if request.headers.get("Upgrade", "").lower() == "websocket":
         app[METRICS].websockets.inc()
+        # An oss:// data dir: an executed event's files are uploaded and given urls before it is relayed.
+        rewrite = app[OUTPUTS].executed if OUTPUTS in app else None
         return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
-                                       max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS])
+                                       max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS],
+                                       rewrite=rewrite)
     app[METRICS].requests.inc()
     for attempt in range(2):
         try:

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from ..http_util import BadJSON, parse_json
+from .outputs import OUTPUTS
 from .runtime import Backend
 
 log = logging.getLogger("comfyserve.backend")
@@ -149,6 +150,8 @@ def inputs_context(session_key: web.AppKey[aiohttp.ClientSession]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if OUTPUTS in app:
+            await app[OUTPUTS].stop()  # uploads under way finish: the files would go with the machine
         inputs.storage.close()
 
     return context

@@ -142,14 +142,18 @@ class ObjectStorage:
 
     def task_finished(self) -> None:
         """Let the cache evict what the finished task used."""
-        with self._published_lock:
-            self._published.clear()
+        self.forget_published()
         with self._holds_lock:
             holds, self._task_holds = self._task_holds, []
         if self.cache is not None:
             for rel in holds:
                 self.cache.release(rel)
         self._drop_probed_inputs()
+
+    def forget_published(self) -> None:
+        """The files of the finished task are not looked for again (``publish_outputs`` sends each once)."""
+        with self._published_lock:
+            self._published.clear()
 
     def _drop_probed_inputs(self) -> None:
         """The local copies of probed inputs the finished task fetched go (and their listing entries)."""
