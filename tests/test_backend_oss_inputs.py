@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from oss_server.fixtures import BUCKET, storage_settings
+from oss_server.fixtures import BUCKET, random_bytes, storage_settings
 from test_api_oss_inputs import gated_load_graph, input_keys, png, post
 
 from api_edition.results import PROMPT_ID_TAG
@@ -26,6 +27,8 @@ from support.backend import FastFront
 from support.processes import SHIM_DIR
 from support.server import install_gate_plugin, open_gate
 from support.wait import until
+
+READ_MODEL_PLUGIN = Path(__file__).parent / "oss_server" / "plugins" / "read_model.py"
 
 
 async def comfyui_front(storage: Any, state_file: Path | None) -> FastFront:
@@ -138,5 +141,36 @@ async def test_names_the_bucket_lacks_or_that_leave_input_reach_comfyui_as_they_
             assert resp.status_code == 400, resp.text  # ComfyUI refused it: its fetched copy is gone already
             assert not (instance_side.local_root / "input" / "shared" / "refused.png").exists()
             assert ("HEAD", BUCKET, "data/input/shared/refused.png") in oss.server.requests
+    finally:
+        await instance.close()
+
+
+async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_before_comfyui_validates(
+        oss, tmp_path: Path) -> None:
+    """What the embedded engine does with the bucket's ``custom_nodes/`` and ``models/``, for real ComfyUI: the
+    plugins synced before it starts, a model the prompt names downloaded before it validates the prompt."""
+    model = random_bytes(300 * 1024 + 5, 3)
+    oss.server.put(BUCKET, "data/custom_nodes/read_model.py", READ_MODEL_PLUGIN.read_bytes())
+    oss.server.put(BUCKET, "data/models/checkpoints/sd15.safetensors", model)
+    instance_side = storage_settings(oss, tmp_path / "instance")
+    instance = await comfyui_front(instance_side, tmp_path / "state.sqlite3")
+    try:
+        local_model = instance_side.local_root / "models" / "checkpoints" / "sd15.safetensors"
+        assert not local_model.exists()  # listed at start, not fetched
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            assert "ReadModel" in (await http.get("/object_info")).json()  # the bucket's plugin, loaded by ComfyUI
+            graph = {"1": {"class_type": "ReadModel", "inputs": {"ckpt_name": "sd15.safetensors"}}}
+            resp = await http.post("/prompt", json={"prompt": graph})
+            assert resp.status_code == 200, resp.text  # the model was on disk when ComfyUI validated the name
+            prompt_id = resp.json()["prompt_id"]
+
+            async def finished() -> bool:
+                return prompt_id in (await http.get(f"/history/{prompt_id}")).json()
+
+            await until(finished, what="the prompt ran")
+            entry = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
+            assert entry["outputs"]["1"]["text"] == [hashlib.sha256(model).hexdigest()]
+            assert local_model.read_bytes() == model
     finally:
         await instance.close()

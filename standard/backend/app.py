@@ -158,6 +158,8 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
             if OUTPUTS in app:  # an oss:// data dir: stored entries carry their outputs' bucket urls
                 journal.finishing = app[OUTPUTS].published
             await journal.start(session)
+        if PROMPT_INPUTS in app:  # an oss:// data dir: what ComfyUI loads at start comes from the bucket first
+            await app[PROMPT_INPUTS].prepare()
         await backend.start(session)
     except BaseException:
         if journal is not None:
@@ -260,6 +262,11 @@ async def restart(request: web.Request) -> web.StreamResponse:
                          "interrupt it or wait for it to finish")
     if JOURNAL in request.app:
         await request.app[JOURNAL].sync()  # what ComfyUI finished is kept before it forgets
+    if PROMPT_INPUTS in request.app:  # the plugins it imports again: the bucket's, as at start
+        try:
+            await request.app[PROMPT_INPUTS].prepare()
+        except ConfigError as exc:
+            raise json_error(502, "storage_error", "the bucket's custom nodes were not synced", str(exc)) from None
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 

@@ -29,6 +29,7 @@ from .client import OssClient
 from .download import ProgressCallback
 from .errors import ObjectNotFound, StorageError
 from .listing import BucketListing
+from .names import model_names
 from .settings import StorageSettings
 from .sync import sync_down
 
@@ -139,6 +140,33 @@ class ObjectStorage:
         with self._holds_lock:
             self._task_holds.append(rel)
         return str(self.cache.ensure(rel, info, progress=progress))
+
+    def fetch_models(self, prompt: dict[str, Any]) -> list[str]:
+        """For an instance that reads only its local ``models/`` (real ComfyUI behind our front): the listed
+        model files ``prompt`` names (``names.model_names``; in every folder that has the name) fetched into the
+        cache before the prompt is validated, each kept out of eviction until ``release_models``. Returns the
+        ``folder/name`` of each. Blocking; a file that cannot be fetched is left to validation (logged)."""
+        names = set(model_names(prompt)) if self.remote_models else set()
+        if not names:
+            return []
+        assert self.cache is not None and self.models is not None
+        held = []
+        for rel, info in self.models.entries().items():
+            if rel.partition("/")[2] not in names:
+                continue
+            self.cache.acquire(rel)
+            held.append(rel)
+            try:
+                self.cache.ensure(rel, info)
+            except StorageError as exc:
+                log.warning("fetching model %s from the bucket failed: %s", rel, exc)
+        return held
+
+    def release_models(self, rels: list[str]) -> None:
+        """The prompt that needed these models (``fetch_models``) is done: the cache may evict them."""
+        if self.cache is not None:
+            for rel in rels:
+                self.cache.release(rel)
 
     def task_finished(self) -> None:
         """Let the cache evict what the finished task used."""
