@@ -174,3 +174,29 @@ async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_be
             assert local_model.read_bytes() == model
     finally:
         await instance.close()
+
+
+async def test_view_of_a_bucket_file_not_on_comfyuis_disk(oss, tmp_path: Path) -> None:
+    """``/view`` as with the embedded engine: a bucket input is fetched and served, a bucket output (written
+    on another machine, or before this one was replaced) is a redirect to its signed url."""
+    oss.server.put(BUCKET, "data/input/sub/in.png", png(3, 4))
+    oss.server.put(BUCKET, "data/output/old_00001_.png", png(6, 2))
+    instance_side = storage_settings(oss, tmp_path / "instance")
+    instance = await comfyui_front(instance_side, None)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            resp = await http.get("/view", params={"filename": "in.png", "subfolder": "sub", "type": "input"})
+            assert resp.status_code == 200 and resp.content == png(3, 4)  # ComfyUI served the fetched copy
+            resp = await http.get("/api/view", params={"filename": "old_00001_.png", "type": "output"})
+            assert resp.status_code == 302
+            assert resp.headers["Location"].startswith(f"{oss.endpoint}/{BUCKET}/data/output/old_00001_.png?")
+            async with httpx.AsyncClient(trust_env=False) as anyone:
+                assert (await anyone.get(resp.headers["Location"])).content == png(6, 2)
+            resp = await http.get("/view", params={"filename": "nowhere.png", "type": "output"})
+            assert resp.status_code == 404  # neither has it: ComfyUI's answer
+            resp = await http.get("/view", params={"filename": "../state.sqlite3", "type": "output"})
+            assert resp.status_code in (400, 403, 404)  # refused, never looked up
+    finally:
+        await instance.close()
+    assert not any("state.sqlite3" in key for _, _, key in oss.server.requests)

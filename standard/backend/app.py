@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from ..auth import INSTANCE_PUBLIC_PATHS, AccessGuard
-from ..datadir import DataDir, init_data_dir
+from ..datadir import DataDir, WorkDirs, init_data_dir
 from ..errors import ConfigError
 from ..http_util import json_error
 from ..server.extensions import OWN_EXTENSION_NAME, own_extension_urls
@@ -36,7 +36,9 @@ from ..server.frontend import own_extension_routes
 from ..server.identity import ME_PATH, token_identity_routes
 from ..server.middlewares import json_errors_middleware
 from ..server.prompt_request import refused_while_draining
+from ..server.routes_files import view_path
 from ..server.routes_info import without_secrets
+from ..server.storage_web import bucket_fallback
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
 from ..state_store import StateStore
@@ -58,6 +60,7 @@ SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
 SETTINGS = web.AppKey("backend_settings", StandardSettings)
 METRICS = web.AppKey("backend_metrics", BackendMetrics)
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("backend_sockets", set)
+WORKDIRS = web.AppKey("backend_workdirs", WorkDirs)  # ComfyUI's input/output/temp (an oss:// data dir's)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
 REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
@@ -97,8 +100,8 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
 
         storage = ObjectStorage(settings.storage, settings.data_dir)
         app[PROMPT_INPUTS] = PromptInputs(storage, backend)
-        output = DataDir(Path(settings.data_dir).expanduser().resolve()).workdirs().output
-        app[OUTPUTS] = OutputPublisher(storage, {"output": output})
+        app[WORKDIRS] = DataDir(Path(settings.data_dir).expanduser().resolve()).workdirs()
+        app[OUTPUTS] = OutputPublisher(storage, {"output": app[WORKDIRS].output})
         app.cleanup_ctx.append(inputs_context(SESSION))
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
@@ -325,12 +328,30 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             raise refused_while_draining()
         if PROMPT_INPUTS in app:  # an oss:// data dir: the prompt's inputs are fetched first
             return await forward_prompt(request, lambda body: _forward(request, body))
+    if PROMPT_INPUTS in app and request.method in IDEMPOTENT and request.path in FILE_ROUTES:
+        url = await _bucket_view(request)
+        if url is not None:
+            raise web.HTTPFound(url)
     if OUTPUTS in app and (prompt_id := history_prompt_id(request.method, request.path)) is not None:
         answer = await _backend_json(request, "/history/" + quote(prompt_id, safe=""))
         if isinstance(answer, web.StreamResponse):
             return answer
         return await history_with_urls(app[OUTPUTS], prompt_id, answer)  # a finished prompt's files uploaded
     return await _forward(request)
+
+
+async def _bucket_view(request: web.Request) -> str | None:
+    """``/view`` of a file ComfyUI's disk lacks (an oss:// data dir), as the embedded engine answers it: an
+    input is fetched into ``input/`` (then ComfyUI serves it: None), anything else the bucket has gets a
+    signed URL to redirect to. A request ComfyUI would refuse is left to it (None)."""
+    storage = request.app[PROMPT_INPUTS].storage
+    try:
+        path, _ = view_path(request.app[WORKDIRS], request.query)
+    except web.HTTPException:
+        return None
+    if path.is_file():
+        return None
+    return await bucket_fallback(storage, path)
 
 
 async def _forward(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
