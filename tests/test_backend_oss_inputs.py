@@ -176,9 +176,10 @@ async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_be
         await instance.close()
 
 
-async def test_view_of_a_bucket_file_not_on_comfyuis_disk(oss, tmp_path: Path) -> None:
-    """``/view`` as with the embedded engine: a bucket input is fetched and served, a bucket output (written
-    on another machine, or before this one was replaced) is a redirect to its signed url."""
+async def test_bucket_files_not_on_comfyuis_disk_are_listed_and_viewed(oss, tmp_path: Path) -> None:
+    """As with the embedded engine: the bucket's input images are in LoadImage's list; ``/view`` of a bucket
+    input fetches and serves it, of a bucket output (written on another machine, or before this one was
+    replaced) redirects to its signed url."""
     oss.server.put(BUCKET, "data/input/sub/in.png", png(3, 4))
     oss.server.put(BUCKET, "data/output/old_00001_.png", png(6, 2))
     instance_side = storage_settings(oss, tmp_path / "instance")
@@ -186,6 +187,10 @@ async def test_view_of_a_bucket_file_not_on_comfyuis_disk(oss, tmp_path: Path) -
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for path in ("/object_info", "/api/object_info/LoadImage"):  # the bucket's image, listed to pick
+                [names, options] = (await http.get(path)).json()["LoadImage"]["input"]["required"]["image"]
+                assert "sub/in.png" in names and options["image_upload"] is True
+            assert not (instance_side.local_root / "input" / "sub" / "in.png").exists()  # listed, not fetched
             resp = await http.get("/view", params={"filename": "in.png", "subfolder": "sub", "type": "input"})
             assert resp.status_code == 200 and resp.content == png(3, 4)  # ComfyUI served the fetched copy
             resp = await http.get("/api/view", params={"filename": "old_00001_.png", "type": "output"})

@@ -42,9 +42,17 @@ from ..server.storage_web import bucket_fallback
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
 from ..state_store import StateStore
+from ..storage.names import is_image_name
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
-from .inputs import PROMPT_INPUTS, PromptInputs, forward_prompt, inputs_context
+from .inputs import (
+    PROMPT_INPUTS,
+    PromptInputs,
+    forward_prompt,
+    inputs_context,
+    object_info_node,
+    with_bucket_images,
+)
 from .journal import JOURNAL, PromptJournal
 from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
@@ -132,9 +140,11 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
         # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first, and
-        # GET /history/<id>, where a finished prompt's outputs are uploaded first.
+        # GET /history/<id>, where a finished prompt's outputs are uploaded first, and GET /object_info, where
+        # the bucket's input images join LoadImage's list.
         is_local=lambda method, path: (is_local(app, method, path) or PROMPT_INPUTS in app and (
-            method == "POST" and path in PROMPT_PATHS or history_prompt_id(method, path) is not None)),
+            method == "POST" and path in PROMPT_PATHS or history_prompt_id(method, path) is not None
+            or object_info_node(method, path) is not None)),
         tap=lambda method, path: tap(app, method, path),
     )
     return app
@@ -332,6 +342,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         url = await _bucket_view(request)
         if url is not None:
             raise web.HTTPFound(url)
+    if PROMPT_INPUTS in app and (node := object_info_node(request.method, request.path)) is not None:
+        info = await _backend_json(request, "/object_info" + (f"/{quote(node, safe='')}" if node else ""))
+        if isinstance(info, web.StreamResponse):
+            return info
+        images = [name for name in app[PROMPT_INPUTS].storage.input_names() if is_image_name(name)]
+        return web.json_response(with_bucket_images(info, images))  # the bucket's inputs in LoadImage's list
     if OUTPUTS in app and (prompt_id := history_prompt_id(request.method, request.path)) is not None:
         answer = await _backend_json(request, "/history/" + quote(prompt_id, safe=""))
         if isinstance(answer, web.StreamResponse):

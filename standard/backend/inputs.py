@@ -141,6 +141,37 @@ class PromptInputs:
                 await self._release(self.held.pop(prompt_id))
 
 
+def object_info_node(method: str, path: str) -> str | None:
+    """``GET /object_info`` (``""``) or ``/object_info/<node>`` (``<node>``), with or without ``/api``; else None."""
+    if method != "GET":
+        return None
+    path = path.removeprefix("/api")
+    if path == "/object_info":
+        return ""
+    node = path.removeprefix("/object_info/")
+    return node if node != path and node and "/" not in node else None
+
+
+def with_bucket_images(info: Any, names: list[str]) -> Any:
+    """ComfyUI's ``/object_info`` with the bucket's input images in every image-upload list (``LoadImage``'s),
+    as the embedded engine lists them: a browser user picks one, and ``POST /prompt`` fetches it. Changed in
+    place; both forms of a list (``[names, {"image_upload": true}]``, ``["COMBO", {"options": names, ...}]``)."""
+    if not names or not isinstance(info, dict):
+        return info
+    for node in info.values():
+        inputs = node.get("input") if isinstance(node, dict) else None
+        for group in (inputs.get(key) for key in ("required", "optional")) if isinstance(inputs, dict) else ():
+            for spec in group.values() if isinstance(group, dict) else ():
+                if not (isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict)
+                        and spec[1].get("image_upload")):
+                    continue
+                if isinstance(spec[0], list):
+                    spec[0] = sorted(set(spec[0]).union(names))
+                elif isinstance(spec[1].get("options"), list):
+                    spec[1]["options"] = sorted(set(spec[1]["options"]).union(names))
+    return info
+
+
 def accepted_prompt_id(response: web.StreamResponse) -> str | None:
     """The ``prompt_id`` of ComfyUI's 200 answer to ``POST /prompt`` (read whole: it is small)."""
     if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):

@@ -1,14 +1,22 @@
 """Which values of a prompt name a model file: one rule for the cluster proxy (a task's models, for the
-instance choice) and a front of real ComfyUI on an oss:// data dir (the models fetched before it validates).
+instance choice) and a front of real ComfyUI on an oss:// data dir (the models fetched before it validates);
+which input files are images (``LoadImage``'s list: the engine's, and the bucket's names the front adds).
 
 Kept free of oss2 imports: the cluster proxy imports it without a bucket.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def is_image_name(name: str) -> bool:
+    """An input file ``LoadImage`` lists."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def is_model_name(value: str) -> bool:
