@@ -145,13 +145,15 @@ async def test_names_the_bucket_lacks_or_that_leave_input_reach_comfyui_as_they_
         await instance.close()
 
 
-async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_before_comfyui_validates(
+async def test_custom_nodes_come_from_the_bucket_and_named_models_and_inputs_are_fetched_before_comfyui_validates(
         oss, tmp_path: Path) -> None:
     """What the embedded engine does with the bucket's ``custom_nodes/`` and ``models/``, for real ComfyUI: the
-    plugins synced before it starts, a model the prompt names downloaded before it validates the prompt."""
+    plugins synced before it starts, a model and a listed input the prompt names downloaded before it validates
+    the prompt."""
     model = random_bytes(300 * 1024 + 5, 3)
     oss.server.put(BUCKET, "data/custom_nodes/read_model.py", READ_MODEL_PLUGIN.read_bytes())
     oss.server.put(BUCKET, "data/models/checkpoints/sd15.safetensors", model)
+    oss.server.put(BUCKET, "data/input/listed.png", png(4, 4))  # in the listing made at start
     instance_side = storage_settings(oss, tmp_path / "instance")
     instance = await comfyui_front(instance_side, tmp_path / "state.sqlite3")
     try:
@@ -160,7 +162,9 @@ async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_be
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             assert "ReadModel" in (await http.get("/object_info")).json()  # the bucket's plugin, loaded by ComfyUI
-            graph = {"1": {"class_type": "ReadModel", "inputs": {"ckpt_name": "sd15.safetensors"}}}
+            graph = {"1": {"class_type": "ReadModel", "inputs": {"ckpt_name": "sd15.safetensors"}},
+                     "2": {"class_type": "LoadImage", "inputs": {"image": "listed.png"}},
+                     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "listed"}}}
             resp = await http.post("/prompt", json={"prompt": graph})
             assert resp.status_code == 200, resp.text  # the model was on disk when ComfyUI validated the name
             prompt_id = resp.json()["prompt_id"]
@@ -172,6 +176,9 @@ async def test_custom_nodes_come_from_the_bucket_and_a_named_model_is_fetched_be
             entry = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
             assert entry["outputs"]["1"]["text"] == [hashlib.sha256(model).hexdigest()]
             assert local_model.read_bytes() == model
+            [saved] = entry["outputs"]["3"]["images"]
+            assert oss.server.get(BUCKET, f"data/output/{saved['filename']}") is not None and saved["url"]
+        assert (instance_side.local_root / "input" / "listed.png").read_bytes() == png(4, 4)  # a listed one stays
     finally:
         await instance.close()
 

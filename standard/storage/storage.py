@@ -254,20 +254,23 @@ class ObjectStorage:
 
     def fetch_inputs(self, prompt: dict[str, Any]) -> list[str]:
         """For an instance that reads only its local ``input/`` (real ComfyUI behind our front): the input
-        names of ``prompt`` that the disk lacks are looked up in the bucket as ``probe_inputs`` does and
-        downloaded now, before the prompt is validated. Returns the prompt's names that came from such a
-        look-up (now or for an earlier prompt), whose copies go with ``drop_inputs`` once no prompt needs
-        them. Blocking; a name that cannot be fetched is left to validation (logged)."""
+        names of ``prompt`` that the disk lacks are downloaded now, before the prompt is validated, whether
+        the listing has them or a look-up finds them (as ``probe_inputs`` does). Returns the prompt's names
+        that came from such a look-up (now or for an earlier prompt), whose copies go with ``drop_inputs``
+        once no prompt needs them; a listed input's copy stays, as the embedded engine keeps it. Blocking;
+        a name that cannot be fetched is left to validation (logged)."""
         self.probe_inputs(prompt)
-        assert self.input_cache is not None or not self.remote_inputs
+        if not self.remote_inputs:
+            return []
+        assert self.inputs is not None
         looked_up = []
         for rel in _input_names(prompt):
             with self._holds_lock:
                 probed = rel in self._probed
-            if not probed:
+            if not probed and self.inputs.get(rel) is None:
                 continue
             try:
-                if self.input_path(self.input_root / rel) is not None:
+                if self.input_path(self.input_root / rel) is not None and probed:
                     looked_up.append(rel)
             except StorageError as exc:
                 log.warning("fetching input %s from the bucket failed: %s", rel, exc)
