@@ -49,6 +49,10 @@ def file_items(node_outputs: Any) -> Iterator[dict[str, Any]]:
                     yield item
 
 
+def _identity(item: dict[str, Any]) -> tuple[str, str, str]:
+    return item["filename"], str(item.get("subfolder") or ""), str(item.get("type") or "output")
+
+
 def output_url(item: dict[str, Any]) -> str:
     query = {"filename": item["filename"], "subfolder": str(item.get("subfolder") or ""),
              "type": str(item.get("type") or "output")}
@@ -65,11 +69,14 @@ class OutputLinks:
     async def annotate(self, events: list[Any], tags: dict[str, str]) -> None:
         if not events or not isinstance(events[-1], dict):
             return
+        # A file the instance gave a url in its history (real ComfyUI behind a front on an oss:// data dir
+        # signs it there, not in its executed events) has that url in the events too.
+        known = {_identity(item): item["url"] for item in file_items(events[-1]) if isinstance(item.get("url"), str)}
         for event in events[:-1]:
             if isinstance(event, dict) and isinstance(event.get("data"), dict):
                 output = event["data"].get("output")
                 for item in file_items({"_": output}):
-                    item.setdefault("url", output_url(item))
+                    item.setdefault("url", known.get(_identity(item)) or output_url(item))
         # The final map gets its own copies: inline bytes go there once, not also into the executed events.
         events[-1] = outputs = copy.deepcopy(events[-1])
         for item in file_items(outputs):

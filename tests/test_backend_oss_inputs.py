@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from oss_server.fixtures import BUCKET, storage_settings
+from oss_server.fixtures import BUCKET, random_bytes, storage_settings
 from test_api_oss_inputs import gated_load_graph, input_keys, png, post
 
+from api_edition.results import PROMPT_ID_TAG
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from standard.backend.app import create_backend_app
@@ -25,6 +27,8 @@ from support.backend import FastFront
 from support.processes import SHIM_DIR
 from support.server import install_gate_plugin, open_gate
 from support.wait import until
+
+READ_MODEL_PLUGIN = Path(__file__).parent / "oss_server" / "plugins" / "read_model.py"
 
 
 async def comfyui_front(storage: Any, state_file: Path | None) -> FastFront:
@@ -73,8 +77,25 @@ async def test_a_task_input_reaches_real_comfyui_through_the_bucket_and_its_copy
             async with live.sink() as sink:
                 [frame] = await read_results(sink, 1)
             assert frame.tags["status"] == "success", frame.data
-            [saved] = json.loads(frame.data)[-1]["3"]["images"]
-            assert (instance_side.local_root / "output" / saved["filename"]).is_file()
+            events = json.loads(frame.data)
+            [saved] = events[-1]["3"]["images"]
+            written = instance_side.local_root / "output" / saved["filename"]
+            assert written.is_file()
+            # The front uploaded what ComfyUI wrote, under the embedded engine's key, and the result's url
+            # (signed, as the embedded engine's) fetches it without the instance.
+            assert oss.server.get(BUCKET, f"data/output/{saved['filename']}") == written.read_bytes()
+            assert saved["url"].startswith(f"{oss.endpoint}/{BUCKET}/data/output/{saved['filename']}?")
+            async with httpx.AsyncClient(trust_env=False) as anyone:
+                fetched = await anyone.get(saved["url"])
+            assert fetched.status_code == 200 and fetched.content == written.read_bytes()
+            [executed] = [item for event in events[:-1] for item in event["data"]["output"].get("images", [])]
+            assert executed["url"] == saved["url"]  # the executed event's item: the same signed url
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                prompt_id = frame.tags[PROMPT_ID_TAG]
+                history = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
+            [listed] = history["outputs"]["3"]["images"]  # the instance's history: the same object, signed
+            assert listed["url"].partition("?")[0] == saved["url"].partition("?")[0]
             await until(lambda: not local_copy.exists() and not local_copy.parent.exists(),
                         what="the front dropped its copy once ComfyUI was done with the prompt")
             assert (instance_side.local_root / "input" / "gate-1").is_file()  # its own files stay
@@ -122,3 +143,72 @@ async def test_names_the_bucket_lacks_or_that_leave_input_reach_comfyui_as_they_
             assert ("HEAD", BUCKET, "data/input/shared/refused.png") in oss.server.requests
     finally:
         await instance.close()
+
+
+async def test_custom_nodes_come_from_the_bucket_and_named_models_and_inputs_are_fetched_before_comfyui_validates(
+        oss, tmp_path: Path) -> None:
+    """What the embedded engine does with the bucket's ``custom_nodes/`` and ``models/``, for real ComfyUI: the
+    plugins synced before it starts, a model and a listed input the prompt names downloaded before it validates
+    the prompt."""
+    model = random_bytes(300 * 1024 + 5, 3)
+    oss.server.put(BUCKET, "data/custom_nodes/read_model.py", READ_MODEL_PLUGIN.read_bytes())
+    oss.server.put(BUCKET, "data/models/checkpoints/sd15.safetensors", model)
+    oss.server.put(BUCKET, "data/input/listed.png", png(4, 4))  # in the listing made at start
+    instance_side = storage_settings(oss, tmp_path / "instance")
+    instance = await comfyui_front(instance_side, tmp_path / "state.sqlite3")
+    try:
+        local_model = instance_side.local_root / "models" / "checkpoints" / "sd15.safetensors"
+        assert not local_model.exists()  # listed at start, not fetched
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            assert "ReadModel" in (await http.get("/object_info")).json()  # the bucket's plugin, loaded by ComfyUI
+            graph = {"1": {"class_type": "ReadModel", "inputs": {"ckpt_name": "sd15.safetensors"}},
+                     "2": {"class_type": "LoadImage", "inputs": {"image": "listed.png"}},
+                     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "listed"}}}
+            resp = await http.post("/prompt", json={"prompt": graph})
+            assert resp.status_code == 200, resp.text  # the model was on disk when ComfyUI validated the name
+            prompt_id = resp.json()["prompt_id"]
+
+            async def finished() -> bool:
+                return prompt_id in (await http.get(f"/history/{prompt_id}")).json()
+
+            await until(finished, what="the prompt ran")
+            entry = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
+            assert entry["outputs"]["1"]["text"] == [hashlib.sha256(model).hexdigest()]
+            assert local_model.read_bytes() == model
+            [saved] = entry["outputs"]["3"]["images"]
+            assert oss.server.get(BUCKET, f"data/output/{saved['filename']}") is not None and saved["url"]
+        assert (instance_side.local_root / "input" / "listed.png").read_bytes() == png(4, 4)  # a listed one stays
+    finally:
+        await instance.close()
+
+
+async def test_bucket_files_not_on_comfyuis_disk_are_listed_and_viewed(oss, tmp_path: Path) -> None:
+    """As with the embedded engine: the bucket's input images are in LoadImage's list; ``/view`` of a bucket
+    input fetches and serves it, of a bucket output (written on another machine, or before this one was
+    replaced) redirects to its signed url."""
+    oss.server.put(BUCKET, "data/input/sub/in.png", png(3, 4))
+    oss.server.put(BUCKET, "data/output/old_00001_.png", png(6, 2))
+    instance_side = storage_settings(oss, tmp_path / "instance")
+    instance = await comfyui_front(instance_side, None)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{instance.port}", trust_env=False,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for path in ("/object_info", "/api/object_info/LoadImage"):  # the bucket's image, listed to pick
+                [names, options] = (await http.get(path)).json()["LoadImage"]["input"]["required"]["image"]
+                assert "sub/in.png" in names and options["image_upload"] is True
+            assert not (instance_side.local_root / "input" / "sub" / "in.png").exists()  # listed, not fetched
+            resp = await http.get("/view", params={"filename": "in.png", "subfolder": "sub", "type": "input"})
+            assert resp.status_code == 200 and resp.content == png(3, 4)  # ComfyUI served the fetched copy
+            resp = await http.get("/api/view", params={"filename": "old_00001_.png", "type": "output"})
+            assert resp.status_code == 302
+            assert resp.headers["Location"].startswith(f"{oss.endpoint}/{BUCKET}/data/output/old_00001_.png?")
+            async with httpx.AsyncClient(trust_env=False) as anyone:
+                assert (await anyone.get(resp.headers["Location"])).content == png(6, 2)
+            resp = await http.get("/view", params={"filename": "nowhere.png", "type": "output"})
+            assert resp.status_code == 404  # neither has it: ComfyUI's answer
+            resp = await http.get("/view", params={"filename": "../state.sqlite3", "type": "output"})
+            assert resp.status_code in (400, 403, 404)  # refused, never looked up
+    finally:
+        await instance.close()
+    assert not any("state.sqlite3" in key for _, _, key in oss.server.requests)

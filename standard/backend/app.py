@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
 from ..auth import INSTANCE_PUBLIC_PATHS, AccessGuard
-from ..datadir import init_data_dir
+from ..datadir import DataDir, WorkDirs, init_data_dir
 from ..errors import ConfigError
 from ..http_util import json_error
 from ..server.extensions import OWN_EXTENSION_NAME, own_extension_urls
@@ -34,16 +36,27 @@ from ..server.frontend import own_extension_routes
 from ..server.identity import ME_PATH, token_identity_routes
 from ..server.middlewares import json_errors_middleware
 from ..server.prompt_request import refused_while_draining
+from ..server.routes_files import view_path
 from ..server.routes_info import without_secrets
+from ..server.storage_web import bucket_fallback
 from ..serving import drain_of, draining_headers, is_draining
 from ..settings import StandardSettings
 from ..state_store import StateStore
+from ..storage.names import is_image_name
 from ..supervised import instance_identity
 from .fastpath import FAST_PATH, FastPathConfig
-from .inputs import PROMPT_INPUTS, PromptInputs, forward_prompt, inputs_context
+from .inputs import (
+    PROMPT_INPUTS,
+    PromptInputs,
+    forward_prompt,
+    inputs_context,
+    object_info_node,
+    with_bucket_images,
+)
 from .journal import JOURNAL, PromptJournal
 from .journal_routes import add_journal_routes, is_local, tap
 from .metrics import BackendMetrics
+from .outputs import OUTPUTS, OutputPublisher, history_prompt_id, history_with_urls
 from .proxy import FILE_ROUTES, BackendDown, backend_unavailable, forward_http, forward_websocket
 from .runtime import Backend, RemoteBackend
 from .supervisor import ComfyUIChild
@@ -55,6 +68,7 @@ SESSION = web.AppKey("backend_session", aiohttp.ClientSession)
 SETTINGS = web.AppKey("backend_settings", StandardSettings)
 METRICS = web.AppKey("backend_metrics", BackendMetrics)
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("backend_sockets", set)
+WORKDIRS = web.AppKey("backend_workdirs", WorkDirs)  # ComfyUI's input/output/temp (an oss:// data dir's)
 CONNECT_TIMEOUT_S = 10.0
 RESTART_WAIT_S = 120.0
 REQUEST_WAIT_S = 30.0  # a request arriving while the ComfyUI child (re)starts waits this long
@@ -92,7 +106,10 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
     if settings.storage is not None and settings.storage.location is not None:  # --data-dir oss://
         from ..storage.storage import ObjectStorage  # oss2 is loaded only for a bucket
 
-        app[PROMPT_INPUTS] = PromptInputs(ObjectStorage(settings.storage, settings.data_dir), backend)
+        storage = ObjectStorage(settings.storage, settings.data_dir)
+        app[PROMPT_INPUTS] = PromptInputs(storage, backend)
+        app[WORKDIRS] = DataDir(Path(settings.data_dir).expanduser().resolve()).workdirs()
+        app[OUTPUTS] = OutputPublisher(storage, {"output": app[WORKDIRS].output})
         app.cleanup_ctx.append(inputs_context(SESSION))
     app.on_shutdown.append(_close_sockets)
     drain_of(app).hooks.append(lambda timeout_s: _drain(app, timeout_s))
@@ -122,9 +139,12 @@ def create_backend_app(settings: StandardSettings, backend: Backend | None = Non
                               | {"/login", "/logout", ME_PATH, "/api" + ME_PATH} | FILE_ROUTES),
         local_prefixes=(f"/extensions/{OWN_EXTENSION_NAME}/",),
         max_body_bytes=settings.max_upload_size_bytes, metrics=app[METRICS], relay_allowed=guard.relay_allowed,
-        # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first.
-        is_local=lambda method, path: (is_local(app, method, path)
-                                       or PROMPT_INPUTS in app and method == "POST" and path in PROMPT_PATHS),
+        # An oss:// data dir: POST /prompt takes the slow path, where its inputs are fetched first, and
+        # GET /history/<id>, where a finished prompt's outputs are uploaded first, and GET /object_info, where
+        # the bucket's input images join LoadImage's list.
+        is_local=lambda method, path: (is_local(app, method, path) or PROMPT_INPUTS in app and (
+            method == "POST" and path in PROMPT_PATHS or history_prompt_id(method, path) is not None
+            or object_info_node(method, path) is not None)),
         tap=lambda method, path: tap(app, method, path),
     )
     return app
@@ -148,7 +168,11 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
             store = await asyncio.to_thread(StateStore.open, settings.state_file,
                                             history_max_items=settings.history_max_items)
             journal = app[JOURNAL] = PromptJournal(store, backend, strip_auth=settings.token is not None)
+            if OUTPUTS in app:  # an oss:// data dir: stored entries carry their outputs' bucket urls
+                journal.finishing = app[OUTPUTS].published
             await journal.start(session)
+        if PROMPT_INPUTS in app:  # an oss:// data dir: what ComfyUI loads at start comes from the bucket first
+            await app[PROMPT_INPUTS].prepare()
         await backend.start(session)
     except BaseException:
         if journal is not None:
@@ -251,6 +275,11 @@ async def restart(request: web.Request) -> web.StreamResponse:
                          "interrupt it or wait for it to finish")
     if JOURNAL in request.app:
         await request.app[JOURNAL].sync()  # what ComfyUI finished is kept before it forgets
+    if PROMPT_INPUTS in request.app:  # the plugins it imports again: the bucket's, as at start
+        try:
+            await request.app[PROMPT_INPUTS].prepare()
+        except ConfigError as exc:
+            raise json_error(502, "storage_error", "the bucket's custom nodes were not synced", str(exc)) from None
     status = await backend.restart(wait_s=RESTART_WAIT_S)
     return web.json_response({"restarted": True, **status}, status=200 if status["ready"] else 503)
 
@@ -309,7 +338,36 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             raise refused_while_draining()
         if PROMPT_INPUTS in app:  # an oss:// data dir: the prompt's inputs are fetched first
             return await forward_prompt(request, lambda body: _forward(request, body))
+    if PROMPT_INPUTS in app and request.method in IDEMPOTENT and request.path in FILE_ROUTES:
+        url = await _bucket_view(request)
+        if url is not None:
+            raise web.HTTPFound(url)
+    if PROMPT_INPUTS in app and (node := object_info_node(request.method, request.path)) is not None:
+        info = await _backend_json(request, "/object_info" + (f"/{quote(node, safe='')}" if node else ""))
+        if isinstance(info, web.StreamResponse):
+            return info
+        images = [name for name in app[PROMPT_INPUTS].storage.input_names() if is_image_name(name)]
+        return web.json_response(with_bucket_images(info, images))  # the bucket's inputs in LoadImage's list
+    if OUTPUTS in app and (prompt_id := history_prompt_id(request.method, request.path)) is not None:
+        answer = await _backend_json(request, "/history/" + quote(prompt_id, safe=""))
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return await history_with_urls(app[OUTPUTS], prompt_id, answer)  # a finished prompt's files uploaded
     return await _forward(request)
+
+
+async def _bucket_view(request: web.Request) -> str | None:
+    """``/view`` of a file ComfyUI's disk lacks (an oss:// data dir), as the embedded engine answers it: an
+    input is fetched into ``input/`` (then ComfyUI serves it: None), anything else the bucket has gets a
+    signed URL to redirect to. A request ComfyUI would refuse is left to it (None)."""
+    storage = request.app[PROMPT_INPUTS].storage
+    try:
+        path, _ = view_path(request.app[WORKDIRS], request.query)
+    except web.HTTPException:
+        return None
+    if path.is_file():
+        return None
+    return await bucket_fallback(storage, path)
 
 
 async def _forward(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
@@ -322,8 +380,11 @@ async def _forward(request: web.Request, body: bytes | None = None) -> web.Strea
     strip_auth = settings.token is not None
     if request.headers.get("Upgrade", "").lower() == "websocket":
         app[METRICS].websockets.inc()
+        # An oss:// data dir: an executed event's files are uploaded and given urls before it is relayed.
+        rewrite = app[OUTPUTS].executed if OUTPUTS in app else None
         return await forward_websocket(request, app[SESSION], base_url, strip_auth=strip_auth,
-                                       max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS])
+                                       max_msg_bytes=settings.max_upload_size_bytes, sockets=app[SOCKETS],
+                                       rewrite=rewrite)
     app[METRICS].requests.inc()
     for attempt in range(2):
         try:

@@ -11,6 +11,11 @@ front is the one place that can: it shares ComfyUI's disk, which a worker on ano
 Copies found by such a look-up go again once ComfyUI is done with every prompt that needed them, as the
 embedded engine drops them after its task: while it holds some, the front looks at ComfyUI's ``/queue``
 every ``POLL_S``, and the inputs of prompts that left it are removed (their objects stay in the bucket).
+
+Models likewise: the embedded engine fetches a model from the bucket when a loader opens it; real ComfyUI
+validates a loader's file name against its local ``models/`` folders, so the model files a prompt names
+(``ObjectStorage.fetch_models``) are downloaded into the model cache (``DIR/models/<folder>``, which ComfyUI
+reads) before it is forwarded, and kept out of the cache's eviction until the prompt left ComfyUI's queue.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from ..errors import ConfigError
 from ..http_util import BadJSON, parse_json
+from ..storage.errors import StorageError
+from .outputs import OUTPUTS
 from .runtime import Backend
 
 log = logging.getLogger("comfyserve.backend")
@@ -33,47 +42,69 @@ POLL_S = 0.5  # how often ComfyUI's queue is looked at while inputs fetched for 
 REQUEST_TIMEOUT_S = 10.0
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What the front fetched for one prompt: looked-up input names, and model files (``folder/name``)."""
+
+    inputs: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+
+
 class PromptInputs:
     """The front's side of an oss:// data dir: inputs fetched before ``POST /prompt``, dropped after the run."""
 
     def __init__(self, storage: Any, backend: Backend) -> None:
         self.storage = storage  # standard.storage.ObjectStorage (oss2 is loaded only for a bucket)
         self.backend = backend
-        self.held: dict[str, list[str]] = {}  # prompt id -> looked-up inputs it needs
+        self.held: dict[str, Fetched] = {}  # prompt id -> looked-up inputs and models it needs
         self.session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
 
-    async def fetch(self, raw: bytes) -> list[str]:
-        """The inputs ``POST /prompt`` with body ``raw`` refers to, fetched from the bucket when not on
-        local disk; the looked-up ones are returned (to ``hold``). A body that is not a prompt: nothing
-        (ComfyUI answers it)."""
+    async def prepare(self) -> None:
+        """Before ComfyUI starts, and before ``/restart`` starts it again (as the embedded engine does before
+        it imports plugins): the bucket's ``custom_nodes/`` synced into ``DIR/custom_nodes`` (ComfyUI's), its
+        models and inputs listed (``--prefetch-models``: the models fetched too)."""
+        try:
+            await asyncio.to_thread(self.storage.prepare)
+        except StorageError as exc:
+            raise ConfigError(f"cannot use the bucket {self.storage.location}: {exc}") from exc
+
+    async def fetch(self, raw: bytes) -> Fetched:
+        """The inputs and models ``POST /prompt`` with body ``raw`` refers to, fetched from the bucket when
+        not on local disk (to ``hold``). A body that is not a prompt: nothing (ComfyUI answers it)."""
         try:
             body = parse_json(raw) if raw.strip() else None
         except BadJSON:
-            return []
+            return Fetched()
         prompt = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(prompt, dict):
-            return []
-        return await asyncio.to_thread(self.storage.fetch_inputs, prompt)
+            return Fetched()
+        return await asyncio.to_thread(self._fetch, prompt)
 
-    async def hold(self, response: web.StreamResponse, rels: list[str]) -> None:
-        """ComfyUI answered ``POST /prompt``: the looked-up inputs stay until the prompt it accepted
-        left its queue (they go at once if it refused it)."""
-        if not rels:
+    def _fetch(self, prompt: dict[str, Any]) -> Fetched:
+        return Fetched(self.storage.fetch_inputs(prompt), self.storage.fetch_models(prompt))
+
+    async def hold(self, response: web.StreamResponse, fetched: Fetched) -> None:
+        """ComfyUI answered ``POST /prompt``: the looked-up inputs and the models stay until the prompt it
+        accepted left its queue (they go at once if it refused it)."""
+        if not fetched.inputs and not fetched.models:
             return
         prompt_id = accepted_prompt_id(response)
         if prompt_id is None:
-            await self._release(rels)
+            await self._release(fetched)
             return
-        self.held[prompt_id] = rels
+        self.held[prompt_id] = fetched
         self._wake.set()
 
-    async def _release(self, rels: list[str]) -> None:
-        """Drop the copies of ``rels`` that no held prompt needs (a prompt may share another's)."""
-        needed = {rel for others in self.held.values() for rel in others}
-        unneeded = [rel for rel in rels if rel not in needed]
+    async def _release(self, fetched: Fetched) -> None:
+        """Drop the input copies that no held prompt needs (a prompt may share another's); the models
+        may be evicted again."""
+        needed = {rel for others in self.held.values() for rel in others.inputs}
+        unneeded = [rel for rel in fetched.inputs if rel not in needed]
         if unneeded:
             await asyncio.to_thread(self.storage.drop_inputs, unneeded)
+        if fetched.models:
+            self.storage.release_models(fetched.models)
 
     async def watch(self) -> None:
         """While inputs are held: drop those of the prompts that left ComfyUI's queue."""
@@ -110,6 +141,37 @@ class PromptInputs:
                 await self._release(self.held.pop(prompt_id))
 
 
+def object_info_node(method: str, path: str) -> str | None:
+    """``GET /object_info`` (``""``) or ``/object_info/<node>`` (``<node>``), with or without ``/api``; else None."""
+    if method != "GET":
+        return None
+    path = path.removeprefix("/api")
+    if path == "/object_info":
+        return ""
+    node = path.removeprefix("/object_info/")
+    return node if node != path and node and "/" not in node else None
+
+
+def with_bucket_images(info: Any, names: list[str]) -> Any:
+    """ComfyUI's ``/object_info`` with the bucket's input images in every image-upload list (``LoadImage``'s),
+    as the embedded engine lists them: a browser user picks one, and ``POST /prompt`` fetches it. Changed in
+    place; both forms of a list (``[names, {"image_upload": true}]``, ``["COMBO", {"options": names, ...}]``)."""
+    if not names or not isinstance(info, dict):
+        return info
+    for node in info.values():
+        inputs = node.get("input") if isinstance(node, dict) else None
+        for group in (inputs.get(key) for key in ("required", "optional")) if isinstance(inputs, dict) else ():
+            for spec in group.values() if isinstance(group, dict) else ():
+                if not (isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict)
+                        and spec[1].get("image_upload")):
+                    continue
+                if isinstance(spec[0], list):
+                    spec[0] = sorted(set(spec[0]).union(names))
+                elif isinstance(spec[1].get("options"), list):
+                    spec[1]["options"] = sorted(set(spec[1]["options"]).union(names))
+    return info
+
+
 def accepted_prompt_id(response: web.StreamResponse) -> str | None:
     """The ``prompt_id`` of ComfyUI's 200 answer to ``POST /prompt`` (read whole: it is small)."""
     if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
@@ -127,13 +189,13 @@ async def forward_prompt(request: web.Request, forward: Callable[[bytes], Awaita
     """``POST /prompt`` on an oss:// data dir: its inputs fetched, then ``forward(body)`` to ComfyUI."""
     inputs = request.app[PROMPT_INPUTS]
     raw = await request.read()
-    rels = await inputs.fetch(raw)
+    fetched = await inputs.fetch(raw)
     try:
         response = await forward(raw)
     except BaseException:
-        await inputs.hold(web.Response(status=502), rels)  # not accepted: the copies go now
+        await inputs.hold(web.Response(status=502), fetched)  # not accepted: the copies go now
         raise
-    await inputs.hold(response, rels)
+    await inputs.hold(response, fetched)
     return response
 
 
@@ -149,6 +211,8 @@ def inputs_context(session_key: web.AppKey[aiohttp.ClientSession]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if OUTPUTS in app:
+            await app[OUTPUTS].stop()  # uploads under way finish: the files would go with the machine
         inputs.storage.close()
 
     return context

@@ -20,6 +20,10 @@ supervised ComfyUI) restarted. Then
 The history the front serves (``/history``, ``/history/<id>``, ``/jobs``) is
 ComfyUI's merged with the stored one, so it answers after a restart as before.
 Deleting from ComfyUI's queue or history through the front deletes here too.
+
+With ``finishing`` (an oss:// data dir: ``standard.backend.outputs``) an entry is stored once that
+coroutine has handled it (its outputs uploaded, their ``url``s added), in a task of its own: the
+watcher goes on meanwhile, and leaves the prompt alone until it is stored.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +77,9 @@ class PromptJournal:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._round = asyncio.Lock()
+        # An entry on its way to being stored (``finishing``): what ComfyUI answered, handled first.
+        self.finishing: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+        self._finishing: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -97,6 +105,8 @@ class PromptJournal:
         if self._task is not None:
             await cancel_and_wait(self._task)
         await self.sync()
+        if self._finishing:  # entries being handled are stored before the store closes
+            await asyncio.gather(*list(self._finishing.values()), return_exceptions=True)
         await asyncio.to_thread(self.store.close)
 
     async def sync(self) -> None:
@@ -163,7 +173,8 @@ class PromptJournal:
             base_url = self.backend.base_url
             if base_url is None:
                 return
-            ids = list(self.outstanding)  # before asking: a prompt recorded later is not judged on this answer
+            # before asking: a prompt recorded later is not judged on this answer
+            ids = [prompt_id for prompt_id in self.outstanding if prompt_id not in self._finishing]
             queue = await self._get(base_url, "/queue")
             if not isinstance(queue, dict):
                 raise ValueError(f"/queue answered {type(queue).__name__}, not an object")
@@ -188,11 +199,31 @@ class PromptJournal:
                 found = newest if isinstance(newest, dict) and prompt_id in newest else await self._get(
                     base_url, f"/history/{prompt_id}")
                 if isinstance(found, dict) and isinstance(found.get(prompt_id), dict):
-                    self._finish(prompt_id, found[prompt_id])
+                    self._take(prompt_id, found[prompt_id])
                 elif prompt_id in self.outstanding:
                     forgotten.append(prompt_id)
             if forgotten and resubmit:
                 await self._recover(base_url, forgotten)
+            await self.store.flush()
+
+    def _take(self, prompt_id: str, entry: dict[str, Any]) -> None:
+        """ComfyUI's history entry of a prompt of ours: stored now, or once ``finishing`` handled it."""
+        if self.finishing is None:
+            self._finish(prompt_id, entry)
+            return
+        task = asyncio.create_task(self._finish_later(self.finishing, prompt_id, entry),
+                                   name="comfyserve-journal-finish")
+        self._finishing[prompt_id] = task
+        task.add_done_callback(lambda _: self._finishing.pop(prompt_id, None))
+
+    async def _finish_later(self, finishing: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+                            prompt_id: str, entry: dict[str, Any]) -> None:
+        try:
+            entry = await finishing(prompt_id, entry)
+        except Exception:  # stored as ComfyUI made it rather than not at all
+            log.exception("journal: prompt %s: its entry was not handled", prompt_id)
+        if prompt_id in self.outstanding:  # not deleted through us meanwhile
+            self._finish(prompt_id, entry)
             await self.store.flush()
 
     def _finish(self, prompt_id: str, entry: dict[str, Any]) -> None:

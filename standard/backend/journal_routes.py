@@ -29,6 +29,7 @@ from ..server.prompt_request import refused_while_draining
 from ..serving import is_draining
 from .inputs import PROMPT_INPUTS, forward_prompt
 from .journal import FORWARDED_HEADERS, JOURNAL, PromptJournal
+from .outputs import OUTPUTS, history_with_urls
 from .proxy import backend_unavailable, relayed_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("comfyserve.backend")
@@ -240,7 +241,10 @@ async def get_history_item(request: web.Request) -> web.StreamResponse:
     stored = request.app[JOURNAL].history.get(prompt_id)
     if stored is not None:  # a copy of what ComfyUI answered, and what it forgets in a restart
         return web.json_response({prompt_id: stored})
-    return (await _ask(request)).response()
+    answer = await _ask(request)
+    if OUTPUTS in request.app and answer.status == 200:  # an oss:// data dir: finished means uploaded
+        return await history_with_urls(request.app[OUTPUTS], prompt_id, answer.json())
+    return answer.response()
 
 
 def _merged_history(journal: PromptJournal, theirs: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -187,8 +187,10 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession, bas
 
 async def forward_websocket(request: web.Request, session: aiohttp.ClientSession, base_url: str, *,
                             strip_auth: bool, max_msg_bytes: int,
-                            sockets: set[web.WebSocketResponse] | None = None) -> web.StreamResponse:
-    """Open the backend socket first (a dead backend gets a 502, not a socket), then relay both ways."""
+                            sockets: set[web.WebSocketResponse] | None = None,
+                            rewrite: Callable[[str], Awaitable[str]] | None = None) -> web.StreamResponse:
+    """Open the backend socket first (a dead backend gets a 502, not a socket), then relay both ways
+    (``rewrite`` changes the backend's text messages, in order, before the client gets them)."""
     url = upstream_url(base_url, request, strip_token=strip_auth)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
@@ -209,7 +211,7 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
     try:
         await downstream.prepare(request)
         relays = [
-            asyncio.create_task(_relay(upstream, downstream), name="ws-backend-to-client"),
+            asyncio.create_task(_relay(upstream, downstream, rewrite), name="ws-backend-to-client"),
             asyncio.create_task(_relay(downstream, upstream), name="ws-client-to-backend"),
         ]
         await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
@@ -226,12 +228,13 @@ async def forward_websocket(request: web.Request, session: aiohttp.ClientSession
 
 
 async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+                 target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                 rewrite: Callable[[str], Awaitable[str]] | None = None) -> None:
     async for msg in source:
         if target.closed:
             return
         if msg.type == WSMsgType.TEXT:
-            await target.send_str(msg.data)
+            await target.send_str(msg.data if rewrite is None else await rewrite(msg.data))
         elif msg.type == WSMsgType.BINARY:
             await target.send_bytes(msg.data)
         elif msg.type == WSMsgType.ERROR:

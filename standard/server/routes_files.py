@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -84,12 +85,17 @@ def _subfolder_dir(root: Path, subfolder: str, status: int) -> Path:
 
 
 def _view_file(request: web.Request) -> tuple[Path, str]:
-    query = request.query
+    return view_path(instance_context(request).workdirs, request.query)
+
+
+def view_path(workdirs: WorkDirs, query: Mapping[str, str]) -> tuple[Path, str]:
+    """(local path, file name) of what ``/view?filename=&subfolder=&type=`` asks for; HTTP errors for a
+    name that is missing, unknown or leaves its folder. Also the front of real ComfyUI's (``standard.backend``)."""
     if "filename" not in query:
         raise _bad(404, "filename is required")
     filename, kind = annotated_filepath(query["filename"])
     _check_filename(filename)
-    root, _ = _type_dir(instance_context(request).workdirs, kind or query.get("type"), "output")
+    root, _ = _type_dir(workdirs, kind or query.get("type"), "output")
     folder = _subfolder_dir(root, query.get("subfolder", ""), 403)
     filename = os.path.basename(filename.replace("\\", "/"))
     try:

@@ -116,8 +116,11 @@ async def fetch_or_remote_url(app: web.Application, path: Path) -> str | None:
     None returned (the route serves it, or answers 404 when the bucket lacks it too); anything
     else - or an input whose download failed - gets a signed URL when the bucket has the file."""
     storage = app.get(STORAGE)
-    if storage is None:
-        return None
+    return None if storage is None else await bucket_fallback(storage, path)
+
+
+async def bucket_fallback(storage: Any, path: Path) -> str | None:
+    """``fetch_or_remote_url`` with the ``ObjectStorage`` given (the front of real ComfyUI has its own)."""
     if storage.input_rel(path) is not None:
         try:
             await asyncio.to_thread(storage.input_path, path)

@@ -29,6 +29,7 @@ from .client import OssClient
 from .download import ProgressCallback
 from .errors import ObjectNotFound, StorageError
 from .listing import BucketListing
+from .names import model_names
 from .settings import StorageSettings
 from .sync import sync_down
 
@@ -140,16 +141,47 @@ class ObjectStorage:
             self._task_holds.append(rel)
         return str(self.cache.ensure(rel, info, progress=progress))
 
+    def fetch_models(self, prompt: dict[str, Any]) -> list[str]:
+        """For an instance that reads only its local ``models/`` (real ComfyUI behind our front): the listed
+        model files ``prompt`` names (``names.model_names``; in every folder that has the name) fetched into the
+        cache before the prompt is validated, each kept out of eviction until ``release_models``. Returns the
+        ``folder/name`` of each. Blocking; a file that cannot be fetched is left to validation (logged)."""
+        names = set(model_names(prompt)) if self.remote_models else set()
+        if not names:
+            return []
+        assert self.cache is not None and self.models is not None
+        held = []
+        for rel, info in self.models.entries().items():
+            if rel.partition("/")[2] not in names:
+                continue
+            self.cache.acquire(rel)
+            held.append(rel)
+            try:
+                self.cache.ensure(rel, info)
+            except StorageError as exc:
+                log.warning("fetching model %s from the bucket failed: %s", rel, exc)
+        return held
+
+    def release_models(self, rels: list[str]) -> None:
+        """The prompt that needed these models (``fetch_models``) is done: the cache may evict them."""
+        if self.cache is not None:
+            for rel in rels:
+                self.cache.release(rel)
+
     def task_finished(self) -> None:
         """Let the cache evict what the finished task used."""
-        with self._published_lock:
-            self._published.clear()
+        self.forget_published()
         with self._holds_lock:
             holds, self._task_holds = self._task_holds, []
         if self.cache is not None:
             for rel in holds:
                 self.cache.release(rel)
         self._drop_probed_inputs()
+
+    def forget_published(self) -> None:
+        """The files of the finished task are not looked for again (``publish_outputs`` sends each once)."""
+        with self._published_lock:
+            self._published.clear()
 
     def _drop_probed_inputs(self) -> None:
         """The local copies of probed inputs the finished task fetched go (and their listing entries)."""
@@ -222,20 +254,23 @@ class ObjectStorage:
 
     def fetch_inputs(self, prompt: dict[str, Any]) -> list[str]:
         """For an instance that reads only its local ``input/`` (real ComfyUI behind our front): the input
-        names of ``prompt`` that the disk lacks are looked up in the bucket as ``probe_inputs`` does and
-        downloaded now, before the prompt is validated. Returns the prompt's names that came from such a
-        look-up (now or for an earlier prompt), whose copies go with ``drop_inputs`` once no prompt needs
-        them. Blocking; a name that cannot be fetched is left to validation (logged)."""
+        names of ``prompt`` that the disk lacks are downloaded now, before the prompt is validated, whether
+        the listing has them or a look-up finds them (as ``probe_inputs`` does). Returns the prompt's names
+        that came from such a look-up (now or for an earlier prompt), whose copies go with ``drop_inputs``
+        once no prompt needs them; a listed input's copy stays, as the embedded engine keeps it. Blocking;
+        a name that cannot be fetched is left to validation (logged)."""
         self.probe_inputs(prompt)
-        assert self.input_cache is not None or not self.remote_inputs
+        if not self.remote_inputs:
+            return []
+        assert self.inputs is not None
         looked_up = []
         for rel in _input_names(prompt):
             with self._holds_lock:
                 probed = rel in self._probed
-            if not probed:
+            if not probed and self.inputs.get(rel) is None:
                 continue
             try:
-                if self.input_path(self.input_root / rel) is not None:
+                if self.input_path(self.input_root / rel) is not None and probed:
                     looked_up.append(rel)
             except StorageError as exc:
                 log.warning("fetching input %s from the bucket failed: %s", rel, exc)

@@ -17,13 +17,13 @@ from ...datadir import MODEL_FOLDERS
 from ...paths import resolve_inside
 from ...storage import hooks as storage_hooks
 from ...storage.errors import DownloadCancelled
+from ...storage.names import IMAGE_EXTENSIONS, is_image_name
 from .. import context, save_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...storage.storage import ObjectStorage
 
 supported_pt_extensions: set[str] = set(model_folders.SUPPORTED_PT_EXTENSIONS)
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TYPES = ("input", "output", "temp")
 
 
@@ -179,7 +179,7 @@ def list_input_images() -> list[str]:
     storage = storage_hooks.bucket_inputs(context.current().data_dir, root)
     if storage is not None:  # oss:// data dir: the bucket's input/ too (fetched on use)
         found = list(set(found).union(
-            name for name in storage.input_names() if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS))
+            name for name in storage.input_names() if is_image_name(name)))
     return sorted(found)
 
 
