@@ -1,15 +1,36 @@
-"""Which waiting task goes to which free instance.
+"""Which waiting task goes to which instance.
 
-* one task per instance (the pool's ``task_id``);
-* a user's tasks start in their queue order (``number``, then submission);
-* fair share: the next task is the head of the queue of the user with the
-  fewest tasks running, ties going to the user served longest ago — so a
-  user with 100 queued tasks cannot starve one with 1;
-* a free instance that already ran the task's models is preferred, then the
-  one idle longest (work spreads over the pool).
+* one task runs per instance (the pool's ``task_id``); with ``--prefetch N``
+  (default 1) up to N more wait in the instance's own queue behind it
+  (``ahead``), so ComfyUI starts the next the moment the current one ends,
+  with no round trip through the proxy in between. Idle instances are always
+  served first: a task is queued ahead only when no instance is idle;
+* fair share: each task handed out (to an idle instance or queued ahead)
+  belongs to the user with the fewest tasks running or queued ahead, ties
+  going to the user served longest ago — so a user with 100 queued tasks
+  cannot starve one with 1, and a user's task is queued ahead only on that
+  user's turn;
+* a user's tasks are handed out in their queue order (``number``, then
+  submission), except as model affinity allows (below);
+* model affinity (``--affinity-wait S``, default 3 s; 0 turns it off): the
+  users whose turn it is are those tied for the fewest tasks running ("equal
+  standing"); among their waiting tasks and the instances taking one, the
+  scheduler picks the pair where the instance already holds (or, queued ahead,
+  will hold) the task's models, preferring the user served longest ago, then
+  the earliest task. With no such pair, the user whose turn it is gets the
+  task whose models the fewest instances hold (its head on a tie): checkpoints
+  spread over the pool instead of every instance loading the same one. A
+  user's first waiting task that is passed over this way (another task chosen
+  in its stead) is never passed over for longer than S seconds: once it has
+  waited that long since it was first passed over, it is taken at its user's
+  next turn, affinity or not. So affinity never moves a task ahead of another
+  user whose turn it is, and reorders a user's own tasks by at most S seconds.
+  A task whose models are unknown (``Task.models`` empty) matches no instance:
+  it goes in order, as without affinity.
 
 :func:`dispatch_order` is also how each task's wait position is computed:
-the order the scheduler would start the pending tasks in if no new work came.
+the order the scheduler would start the pending tasks in if no new work came
+(affinity left out).
 """
 
 from __future__ import annotations
@@ -58,14 +79,55 @@ def pick_instance(free: list[Instance], task: Task) -> Instance:
     return max(free, key=lambda i: (len(wanted & i.models), -i.last_used_s))
 
 
+def _holds(instance: Instance, task: Task) -> bool:
+    return bool(task.models) and set(task.models) <= instance.models
+
+
+def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],
+           slots: list[Instance], *, affinity: bool, overdue: Callable[[Task], bool],
+           pool: list[Instance]) -> tuple[Task, Instance, str]:
+    """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
+    share alone; ``pending`` and ``slots`` not empty."""
+    queues: dict[str, list[Task]] = {}
+    for task in pending:
+        queues.setdefault(task.user, []).append(task)
+
+    def standing(user: str) -> tuple[int, int, int]:
+        return running_per_user.get(user, 0), last_served.get(user, -1), queues[user][0].seq
+
+    users = sorted(queues, key=standing)
+    first = users[0]
+    if not affinity:
+        return queues[first][0], pick_instance(slots, queues[first][0]), first
+    turn = [u for u in users if running_per_user.get(u, 0) == running_per_user.get(first, 0)]
+    for user in turn:  # a first task passed over too long goes now
+        if overdue(queues[user][0]):
+            return queues[user][0], pick_instance(slots, queues[user][0]), first
+    for user in turn:
+        for task in queues[user]:
+            matching = [i for i in slots if _holds(i, task)]
+            if matching:
+                return task, max(matching, key=lambda i: -i.last_used_s), first
+    holders = Counter(model for i in pool for model in i.models)
+    mine = queues[first]
+    task = min(mine, key=lambda t: (max((holders[m] for m in t.models), default=0) if t.models else 0,
+                                    mine.index(t)))
+    return task, pick_instance(slots, task), first
+
+
 class Scheduler:
     """One loop that dispatches whenever a task or an instance may have become available."""
 
     def __init__(self, store: StateStore, pool: Pool,
                  start_task: Callable[[Task, Instance], None],
-                 on_dispatch: Callable[[], Awaitable[None]]) -> None:
+                 on_dispatch: Callable[[], Awaitable[None]], *, prefetch: int = 1,
+                 affinity_wait_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.pool = pool
+        self.prefetch = prefetch
+        self.affinity_wait_s = affinity_wait_s
+        self._clock = clock  # of the affinity bound
+        self._passed_over: dict[str, float] = {}  # task id -> when affinity first passed it over
         self._start_task = start_task
         self._on_dispatch = on_dispatch
         self._wake = asyncio.Event()
@@ -112,23 +174,54 @@ class Scheduler:
         pending = await self.store.pending()
         return dispatch_order(pending, await self.running_per_user(), self.last_served)
 
+    def slots(self) -> list[Instance]:
+        """The idle instances; only when there is none, those that take a task queued ahead."""
+        return self.pool.free() or [i for i in self.pool.instances.values() if i.takes_ahead(self.prefetch)]
+
+    def _overdue(self, task: Task) -> bool:
+        since = self._passed_over.get(task.id)
+        return since is not None and self._clock() - since >= self.affinity_wait_s
+
+    def _note_passed_over(self, chosen: Task, turn_user: str, pending: list[Task]) -> None:
+        """The task that would have gone without affinity (the first of the user whose turn it was by fair
+        share, and the first of ``chosen``'s user) starts its clock if ``chosen`` went in its stead."""
+        heads: dict[str, Task] = {}
+        for task in pending:
+            heads.setdefault(task.user, task)
+        waiting = {task.id for task in pending}
+        self._passed_over = {k: v for k, v in self._passed_over.items() if k in waiting}
+        now = self._clock()
+        for user in {turn_user, chosen.user}:
+            if heads[user].id != chosen.id:
+                self._passed_over.setdefault(heads[user].id, now)
+
     async def dispatch(self) -> int:
-        """Start as many tasks as there are free instances; returns how many started."""
+        """Hand out as many tasks as there are instances to take them; returns how many."""
         started = 0
-        while self.pool.free():
-            order = await self.order()
-            if not order:
+        while True:
+            slots = self.slots()
+            if not slots:
                 break
-            task = order[0]
-            instance = pick_instance(self.pool.free(), task)
-            if not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
+            pending = await self.store.pending()
+            if not pending:
+                break
+            running = await self.running_per_user()
+            affinity = self.affinity_wait_s > 0
+            task, instance, turn_user = choose(pending, running, self.last_served, slots, affinity=affinity,
+                                               overdue=self._overdue, pool=list(self.pool.instances.values()))
+            ahead = instance.task_id is not None
+            if not ahead and not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
                 instance.busy_elsewhere_until_s = time.monotonic() + BUSY_ELSEWHERE_S  # another proxy's
                 continue
-            claimed = await self.store.claim(task.id, instance.url, self.proxy_id)
+            claimed = await self.store.claim(task.id, instance.url, self.proxy_id, ahead=ahead)
             if claimed is None:
-                await self.store.release_instance(instance.url, task.id)
+                if not ahead:
+                    await self.store.release_instance(instance.url, task.id)
                 continue  # deleted meanwhile, or taken by another proxy
-            self.pool.reserve(instance, claimed.id)
+            if affinity:
+                self._note_passed_over(task, turn_user, pending)
+            self._passed_over.pop(task.id, None)
+            self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
             self._tick += 1
             self.last_served[claimed.user] = self._tick
             self._start_task(claimed, instance)
