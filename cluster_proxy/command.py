@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--prefetch", type=int, default=1, metavar="N",
                help="tasks queued on a busy instance behind the one it runs, so ComfyUI starts the next the "
                     "moment the current one ends (0: hand out a task only when an instance is idle)")
-    add_option(parser, "--affinity-wait", type=float, default=3.0, metavar="SECONDS",
+    add_option(parser, "--affinity-wait", type=float, default=10.0, metavar="SECONDS",
                help="model affinity: an instance prefers a waiting task whose models it holds; a task is "
                     "passed over for that at most this long, never past another user's fair share (0: off)")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")

@@ -41,7 +41,7 @@ REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted ta
 class ClusterCore:
     def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool, *,
                  instance_token: str | None = None, local_validation: bool = True,
-                 storage: Any = None, prefetch: int = 1, affinity_wait_s: float = 3.0) -> None:
+                 storage: Any = None, prefetch: int = 1, affinity_wait_s: float = 10.0) -> None:
         self.data_dir = data_dir
         self.storage = storage  # ObjectStorage of an oss:// data dir: users' outputs go to the bucket
         self.validator = LocalValidator(data_dir) if local_validation else None

@@ -12,21 +12,30 @@
   user's turn;
 * a user's tasks are handed out in their queue order (``number``, then
   submission), except as model affinity allows (below);
-* model affinity (``--affinity-wait S``, default 3 s; 0 turns it off): the
+* model affinity (``--affinity-wait S``, default 10 s; 0 turns it off): the
   users whose turn it is are those tied for the fewest tasks running ("equal
-  standing"); among their waiting tasks and the instances taking one, the
-  scheduler picks the pair where the instance already holds (or, queued ahead,
-  will hold) the task's models, preferring the user served longest ago, then
-  the earliest task. With no such pair, the user whose turn it is gets the
-  task whose models the fewest instances hold (its head on a tie): checkpoints
-  spread over the pool instead of every instance loading the same one. A
-  user's first waiting task that is passed over this way (another task chosen
-  in its stead) is never passed over for longer than S seconds: once it has
-  waited that long since it was first passed over, it is taken at its user's
-  next turn, affinity or not. So affinity never moves a task ahead of another
-  user whose turn it is, and reorders a user's own tasks by at most S seconds.
-  A task whose models are unknown (``Task.models`` empty) matches no instance:
-  it goes in order, as without affinity.
+  standing"). Among their waiting tasks and the instances taking one, the
+  scheduler picks the pair where the instance already holds (or, once its
+  queue gets there, will hold) all the task's models, preferring the user
+  served longest ago, then the user's earliest task. With no such pair a model
+  must be loaded: the user whose turn it is by fair share gets the task whose
+  model is scarcest (most waiting tasks per instance holding it, its earliest
+  on a tie), on the instance whose own models are wanted least, so models
+  spread over the pool as the waiting work needs them. A busy instance is
+  queued ahead only a task whose models no instance holds (it needs a load
+  anyway); otherwise its slot stays empty until a task matches it or it falls
+  idle. The bound: the task that would have gone without affinity (the first
+  waiting task of the user whose turn it was, or of the user served instead)
+  starts a clock when another is chosen in its stead; once it has waited S
+  seconds that way it goes at its user's next turn, affinity or not. So
+  affinity never moves a task ahead of a user whose turn it is, and reorders
+  a user's own tasks by at most S seconds. A task whose models are unknown
+  (``Task.models`` empty: the graph names no model file) fits any instance: it
+  goes in its user's order, as without affinity. Why 10 s: the bound itself
+  forces loads (a task that waited S takes an instance holding other models),
+  so it must be worth several loads; on the simulated GPU (issue 16: loads of
+  2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
+  10 s 8, and real checkpoints load slower still.
 
 :func:`dispatch_order` is also how each task's wait position is computed:
 the order the scheduler would start the pending tasks in if no new work came
@@ -41,6 +50,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .pool import Instance, Pool
 from .store import StateStore, Task
@@ -80,14 +90,15 @@ def pick_instance(free: list[Instance], task: Task) -> Instance:
 
 
 def _holds(instance: Instance, task: Task) -> bool:
-    return bool(task.models) and set(task.models) <= instance.models
+    """The instance holds the task's models; a task whose models are unknown fits any instance."""
+    return set(task.models) <= instance.models
 
 
 def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],
            slots: list[Instance], *, affinity: bool, overdue: Callable[[Task], bool],
-           pool: list[Instance]) -> tuple[Task, Instance, str]:
+           pool: list[Instance]) -> tuple[Task, Instance, str] | None:
     """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
-    share alone; ``pending`` and ``slots`` not empty."""
+    share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances."""
     queues: dict[str, list[Task]] = {}
     for task in pending:
         queues.setdefault(task.user, []).append(task)
@@ -108,11 +119,21 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
             matching = [i for i in slots if _holds(i, task)]
             if matching:
                 return task, max(matching, key=lambda i: -i.last_used_s), first
+    # No instance taking a task holds what the turn's tasks need: a load. Load the model whose waiting
+    # tasks have the fewest instances per task, on the instance whose models are wanted least.
     holders = Counter(model for i in pool for model in i.models)
+    demand = Counter(model for task in pending for model in task.models)
+
+    def need(models: Any) -> float:
+        return min((demand[m] / (holders[m] + 1) for m in models), default=0.0)
+
     mine = queues[first]
-    task = min(mine, key=lambda t: (max((holders[m] for m in t.models), default=0) if t.models else 0,
-                                    mine.index(t)))
-    return task, pick_instance(slots, task), first
+    if slots[0].task_id is not None:  # busy instances: queue ahead only what no instance holds (a load anyway)
+        mine = [t for t in mine if not any(holders[m] for m in t.models)]
+        if not mine:
+            return None
+    task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
+    return task, min(slots, key=lambda i: (need(i.models), i.last_used_s)), first
 
 
 class Scheduler:
@@ -121,7 +142,7 @@ class Scheduler:
     def __init__(self, store: StateStore, pool: Pool,
                  start_task: Callable[[Task, Instance], None],
                  on_dispatch: Callable[[], Awaitable[None]], *, prefetch: int = 1,
-                 affinity_wait_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 affinity_wait_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.pool = pool
         self.prefetch = prefetch
@@ -207,8 +228,11 @@ class Scheduler:
                 break
             running = await self.running_per_user()
             affinity = self.affinity_wait_s > 0
-            task, instance, turn_user = choose(pending, running, self.last_served, slots, affinity=affinity,
-                                               overdue=self._overdue, pool=list(self.pool.instances.values()))
+            chosen = choose(pending, running, self.last_served, slots, affinity=affinity,
+                            overdue=self._overdue, pool=list(self.pool.instances.values()))
+            if chosen is None:
+                break
+            task, instance, turn_user = chosen
             ahead = instance.task_id is not None
             if not ahead and not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
                 instance.busy_elsewhere_until_s = time.monotonic() + BUSY_ELSEWHERE_S  # another proxy's

@@ -43,8 +43,9 @@ class ClusterSettings:
     storage: Any = None
     # Tasks queued on a busy instance behind the one it runs, so it starts the next with no idle gap (0: none).
     prefetch: int = 1
-    # Model affinity: a task may be passed over for one whose models an instance holds for this long (0: off).
-    affinity_wait_s: float = 3.0
+    # Model affinity: a task may be passed over for one whose models an instance holds for this long (0: off);
+    # worth several checkpoint loads, or the bound itself forces loads (scheduler.py).
+    affinity_wait_s: float = 10.0
     # SIGTERM: how long running tasks may take to finish before they are handed back to the store.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     # --allowed-host, --trusted-proxy, --secure-cookies (standard.guard)

@@ -184,7 +184,7 @@ def test_prefetch_and_affinity_flags_read_the_environment(monkeypatch: pytest.Mo
         command.add_arguments(parser)
         return command.settings_from_args(parser.parse_args(["--data-dir", str(tmp_path), *flags]))
 
-    assert (settings().prefetch, settings().affinity_wait_s) == (1, 3.0)
+    assert (settings().prefetch, settings().affinity_wait_s) == (1, 10.0)
     monkeypatch.setenv("COMFYSERVE_PREFETCH", "0")
     monkeypatch.setenv("COMFYSERVE_AFFINITY_WAIT", "0")
     assert (settings().prefetch, settings().affinity_wait_s) == (0, 0.0)  # today's FIFO dispatch

@@ -97,10 +97,13 @@ async def test_affinity_never_passes_over_the_user_whose_turn_it_is(tmp_path) ->
 
 
 async def test_without_affinity_or_known_models_tasks_go_in_order(tmp_path) -> None:
-    for wait_s, models in ((0.0, ["x.ckpt"]), (5.0, [])):
+    # Off: the first task goes first, whatever the instance holds. A task whose models are unknown fits
+    # any instance: never passed over for one that matches.
+    for wait_s, first in ((0.0, ["y.ckpt"]), (5.0, [])):
+        (tmp_path / f"w{wait_s}").mkdir()
         sched = _Started(tmp_path / f"w{wait_s}", [_up("http://x", {"x.ckpt"})], prefetch=0,
                          affinity_wait_s=wait_s)
-        await sched.add(_task("a", 1, ["y.ckpt"]), _task("a", 2, models), _task("a", 3, models))
+        await sched.add(_task("a", 1, first), _task("a", 2, ["x.ckpt"]), _task("a", 3, []))
         assert [await sched.next() for _ in range(3)] == [[("a1", "http://x")], [("a2", "http://x")],
                                                           [("a3", "http://x")]]
 
@@ -114,6 +117,17 @@ async def test_equal_users_go_where_their_models_are_and_checkpoints_spread(tmp_
     # Each user one task (fair share); each to the instance holding its model; c's needs a load
     # anyway: the one no instance holds, on the instance holding none of the waiting ones.
     assert started == {"a1": "http://y", "b2": "http://x", "c4": "http://z"}
+
+
+async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for_or_a_needed_load(tmp_path) -> None:
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
+    x.task_id, y.task_id, y.ahead = "r1", "r2", ["r3"]  # both run a task; y has one queued behind it
+    sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
+    await sched.add(_task("a", 1, ["y.ckpt"]))
+    assert await sched.scheduler.dispatch() == 0  # it waits for y rather than making x load y.ckpt
+    await sched.add(_task("a", 2, ["z.ckpt"]), _task("a", 3, ["x.ckpt"]))
+    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a3", "http://x")]
+    assert x.ahead == ["a3"]
 
 
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
