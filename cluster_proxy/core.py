@@ -347,10 +347,10 @@ class ClusterCore:
         matched = False
         for task in await self.store.user_tasks(user, RUNNING):
             if prompt_id is None or task.prompt_id == prompt_id:
-                if task.queued_ahead:  # waiting in its instance's queue: as in ComfyUI, nothing to interrupt
-                    matched = True
-                    continue
                 run = self.runs.get(task.id)
+                if (not run.started) if run is not None else task.queued_ahead:
+                    matched = True  # waiting in its instance's queue: as in ComfyUI, nothing to interrupt
+                    continue
                 if run is not None:
                     await run.interrupt()
                     matched = True

@@ -21,10 +21,12 @@
   must be loaded: the user whose turn it is by fair share gets the task whose
   model is scarcest (most waiting tasks per instance holding it, its earliest
   on a tie), on the instance whose own models are wanted least, so models
-  spread over the pool as the waiting work needs them. A busy instance is
-  queued ahead only a task whose models no instance holds (it needs a load
-  anyway); otherwise its slot stays empty until a task matches it or it falls
-  idle. The bound: the task that would have gone without affinity (the first
+  spread over the pool as the waiting work needs them. A busy instance whose
+  models some waiting task still needs is queued ahead only a task whose
+  models no instance holds (it needs a load anyway); otherwise its slot stays
+  empty until a task matches it or it falls idle. One whose models no waiting
+  task needs is queued its next load at once (no idle gap before it).
+  The bound: the task that would have gone without affinity (the first
   waiting task of the user whose turn it was, or of the user served instead)
   starts a clock when another is chosen in its stead; once it has waited S
   seconds that way it goes at its user's next turn, affinity or not. So
@@ -128,12 +130,14 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
         return min((demand[m] / (holders[m] + 1) for m in models), default=0.0)
 
     mine = queues[first]
-    if slots[0].task_id is not None:  # busy instances: queue ahead only what no instance holds (a load anyway)
+    instance = min(slots, key=lambda i: (need(i.models), i.last_used_s))
+    if instance.task_id is not None and need(instance.models) > 0:
+        # A busy instance whose models are still wanted: queue ahead only what no instance holds (a load anyway).
         mine = [t for t in mine if not any(holders[m] for m in t.models)]
         if not mine:
             return None
     task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
-    return task, min(slots, key=lambda i: (need(i.models), i.last_used_s)), first
+    return task, instance, first
 
 
 class Scheduler:

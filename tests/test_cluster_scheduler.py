@@ -121,13 +121,22 @@ async def test_equal_users_go_where_their_models_are_and_checkpoints_spread(tmp_
 
 async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for_or_a_needed_load(tmp_path) -> None:
     x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
-    x.task_id, y.task_id, y.ahead = "r1", "r2", ["r3"]  # both run a task; y has one queued behind it
+    x.task_id, y.task_id, y.ahead = "b0", "r2", ["r3"]  # both run a task; y has one queued behind it
+    sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
+    await sched.add(_task("b", 0))
+    await sched.store.claim("b0", "http://x")  # bob runs one: alice's turn
+    await sched.add(_task("a", 1, ["y.ckpt"]), _task("b", 2, ["x.ckpt"]))
+    assert await sched.scheduler.dispatch() == 0  # x's model is still wanted: no load of y.ckpt queued there
+    await sched.add(_task("a", 3, ["z.ckpt"]))  # no instance holds it: a load anyway, queued on x now
+    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a3", "http://x")] and x.ahead == ["a3"]
+
+
+async def test_a_busy_instance_whose_models_nobody_wants_is_queued_its_next_load(tmp_path) -> None:
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
+    x.task_id, y.task_id, y.ahead = "r1", "r2", ["r3"]
     sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
     await sched.add(_task("a", 1, ["y.ckpt"]))
-    assert await sched.scheduler.dispatch() == 0  # it waits for y rather than making x load y.ckpt
-    await sched.add(_task("a", 2, ["z.ckpt"]), _task("a", 3, ["x.ckpt"]))
-    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a3", "http://x")]
-    assert x.ahead == ["a3"]
+    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a1"]  # not idle first, then loading
 
 
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
