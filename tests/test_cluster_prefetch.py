@@ -7,6 +7,7 @@ waits on the instance, and how many times each ever started.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,42 @@ async def test_an_instance_dying_under_a_running_and_a_waiting_task_sends_both_e
     finally:
         for process in processes:
             process.kill()
+
+
+async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance_restarts(
+        start_cluster, data_dir: Path) -> None:
+    install_drain_gate(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    running, waiting = await _submit(http, "s1"), await _submit(http, "s2")
+    await until(lambda: _waiting_on_instance(cluster, waiting))
+    cluster.core.restart.start()
+    await until(lambda: _handed_back(cluster, waiting))  # out of the instance's queue: the restart would drop it
+    open_gate(data_dir, "s1")
+    open_gate(data_dir, "s2")
+    await until(lambda: _finished(http, 2), timeout_s=60)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert runs_of(data_dir, "s1") == runs_of(data_dir, "s2") == 1
+    assert history[waiting]["cluster"]["notes"] == ["handed back: its instance restarts"]
+    assert "cluster" not in history[running]
+    await until(lambda: not cluster.core.restart.running, timeout_s=60)
+    assert cluster.core.restart.status()["failed"] == {}
+
+
+async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
+        start_cluster, data_dir: Path) -> None:
+    install_drain_gate(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    running, waiting = await _submit(http, "t1"), await _submit(http, "t2")
+    await until(lambda: _waiting_on_instance(cluster, waiting))
+    drain = asyncio.create_task(cluster.core.drain(30.0))  # what SIGTERM does
+    await until(lambda: _handed_back(cluster, waiting))
+    queue = await _run_of(cluster, running).instance.client.queue()
+    assert queue["queue_pending"] == []  # nothing left to start there once the proxy is gone
+    open_gate(data_dir, "t1")
+    await drain
+    task = await cluster.core.store.get("alice", waiting)
+    assert task is not None and task.state == "pending" and runs_of(data_dir, "t2") == 0  # for the next start
+    assert (await cluster.core.store.get("alice", running)).state == "done"
