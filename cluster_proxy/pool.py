@@ -220,18 +220,17 @@ class Pool:
 
     def release(self, instance: Instance, task_id: str, models: list[str] | None = None) -> str | None:
         """``task_id`` is done with ``instance``: the task queued behind it holds it now (returned), if any."""
-        if task_id in instance.ahead:  # ended before the run ahead of it was through with its bookkeeping
-            instance.ahead.remove(task_id)
-            return None
-        if instance.task_id not in (task_id, None):
-            return None  # taken out and given to another task meanwhile
-        instance.task_id = instance.ahead.pop(0) if instance.ahead else None
         instance.last_used_s = time.monotonic()
         instance.tasks_run += 1
-        if models and instance.task_id is None:
-            instance.models = set(models)  # what it has loaded now
+        following = None
+        if task_id in instance.ahead:  # ended before the run ahead of it was through with its bookkeeping
+            instance.ahead.remove(task_id)
+        elif instance.task_id in (task_id, None):  # else taken out and given to another task meanwhile
+            instance.task_id = following = instance.ahead.pop(0) if instance.ahead else None
+            if models and instance.task_id is None:
+                instance.models = set(models)  # what it has loaded now
         self.on_change()
-        return instance.task_id
+        return following
 
     def withdraw(self, instance: Instance, task_id: str) -> None:
         """A task queued ahead on ``instance`` was taken back from its queue."""
