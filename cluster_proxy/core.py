@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -444,6 +445,8 @@ class ClusterCore:
         done = await self.store.finish(task.id, history)
         if done is not None:
             await self.usage.record(done)
+        if run.started_s is not None and (history.get("status") or {}).get("status_str") == "success":
+            self.scheduler.ran(task.id, time.monotonic() - run.started_s)  # what a run (and a load) takes
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()

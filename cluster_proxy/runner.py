@@ -77,6 +77,7 @@ class TaskRun:
         self.released = False
         self.on_started = on_started
         self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
+        self.started_s = time.monotonic() if self.started else None  # when it started on the instance
 
     # -- helpers ------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class TaskRun:
             if isinstance(data, dict) and data.get("prompt_id") not in (None, self.key):
                 continue
             if not self.started and isinstance(data, dict) and data.get("prompt_id") == self.key:
-                self.started = True
+                self.started, self.started_s = True, time.monotonic()
                 if self.on_started is not None:
                     await self.on_started(self)
             if kind == "executed" and isinstance(data, dict) and "output" in data:

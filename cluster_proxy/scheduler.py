@@ -33,7 +33,10 @@
   affinity never moves a task ahead of a user whose turn it is, and reorders
   a user's own tasks by at most S seconds. A task whose models are unknown
   (``Task.models`` empty: the graph names no model file) fits any instance: it
-  goes in its user's order, as without affinity. Why 10 s: the bound itself
+  goes in its user's order, as without affinity. At the end of a model's
+  work, an instance loads it only if that pays off: its holders would take
+  longer over the waiting tasks (observed run time per task) than a load
+  takes (observed extra time of runs that needed one); else it waits. Why 10 s: the bound itself
   forces loads (a task that waited S takes an instance holding other models),
   so it must be worth several loads; on the simulated GPU (issue 16: loads of
   2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
@@ -62,6 +65,7 @@ LEASE_TTL_S = 15.0  # renewed while the task runs (core.py)
 BUSY_ELSEWHERE_S = 0.5
 SHARED_POLL_S = 0.5
 LOCAL_POLL_S = 5.0
+MAX_FOLLOWED = 10000  # tasks whose run time is awaited (Costs)
 
 
 def dispatch_order(pending: list[Task], running_per_user: dict[str, int],
@@ -96,9 +100,37 @@ def _holds(instance: Instance, task: Task) -> bool:
     return set(task.models) <= instance.models
 
 
+class Costs:
+    """What a task and a model load take, as observed (moving averages): whether a load pays off.
+
+    A task that ran where its models already were is a plain run; one that needed a load took
+    the load longer. Until both kinds have been seen, every load counts as worth it.
+    """
+
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.run_s: float | None = None
+        self.loaded_run_s: float | None = None
+
+    def observe(self, seconds: float, loaded: bool) -> None:
+        old = self.loaded_run_s if loaded else self.run_s
+        new = seconds if old is None else old + self.ALPHA * (seconds - old)
+        if loaded:
+            self.loaded_run_s = new
+        else:
+            self.run_s = new
+
+    def worth_loading(self, waiting_per_holder: float) -> bool:
+        """Another instance loading a model pays off: its holders would take longer over the waiting tasks."""
+        if self.run_s is None or self.loaded_run_s is None:
+            return True
+        return waiting_per_holder * self.run_s >= max(0.0, self.loaded_run_s - self.run_s)
+
+
 def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],
            slots: list[Instance], *, affinity: bool, overdue: Callable[[Task], bool],
-           pool: list[Instance]) -> tuple[Task, Instance, str] | None:
+           pool: list[Instance], costs: Costs | None = None) -> tuple[Task, Instance, str] | None:
     """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
     share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances."""
     queues: dict[str, list[Task]] = {}
@@ -137,6 +169,10 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
         if not mine:
             return None
     task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
+    if costs is not None and task.models and all(holders[m] for m in task.models):
+        # At the end of a model's work its holders may finish it sooner than another instance could load it.
+        if not costs.worth_loading(min(demand[m] / holders[m] for m in task.models)):
+            return None
     return task, instance, first
 
 
@@ -153,6 +189,8 @@ class Scheduler:
         self.affinity_wait_s = affinity_wait_s
         self._clock = clock  # of the affinity bound
         self._passed_over: dict[str, float] = {}  # task id -> when affinity first passed it over
+        self.costs = Costs()
+        self._loading: dict[str, bool] = {}  # task id -> whether it was handed to an instance without its models
         self._start_task = start_task
         self._on_dispatch = on_dispatch
         self._wake = asyncio.Event()
@@ -199,6 +237,12 @@ class Scheduler:
         pending = await self.store.pending()
         return dispatch_order(pending, await self.running_per_user(), self.last_served)
 
+    def ran(self, task_id: str, seconds: float) -> None:
+        """A task dispatched here ran for ``seconds`` on its instance (from its start to its end-of-prompt)."""
+        loading = self._loading.pop(task_id, None)
+        if loading is not None:
+            self.costs.observe(seconds, loading)
+
     def slots(self) -> list[Instance]:
         """The idle instances; only when there is none, those that take a task queued ahead."""
         return self.pool.free() or [i for i in self.pool.instances.values() if i.takes_ahead(self.prefetch)]
@@ -233,7 +277,7 @@ class Scheduler:
             running = await self.running_per_user()
             affinity = self.affinity_wait_s > 0
             chosen = choose(pending, running, self.last_served, slots, affinity=affinity,
-                            overdue=self._overdue, pool=list(self.pool.instances.values()))
+                            overdue=self._overdue, pool=list(self.pool.instances.values()), costs=self.costs)
             if chosen is None:
                 break
             task, instance, turn_user = chosen
@@ -249,6 +293,10 @@ class Scheduler:
             if affinity:
                 self._note_passed_over(task, turn_user, pending)
             self._passed_over.pop(task.id, None)
+            if claimed.models:
+                self._loading[claimed.id] = not _holds(instance, claimed)
+                if len(self._loading) > MAX_FOLLOWED:  # tasks lost or taken back never report: drop the oldest
+                    del self._loading[next(iter(self._loading))]
             self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
             self._tick += 1
             self.last_served[claimed.user] = self._tick
