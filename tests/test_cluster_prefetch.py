@@ -171,7 +171,7 @@ async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance
     cluster: Cluster = await start_cluster(instances=1)
     http = cluster.http("alice")
     running, waiting = await _submit(http, "s1"), await _submit(http, "s2")
-    await until(lambda: _waiting_on_instance(cluster, waiting))
+    await until(lambda: _waiting_on_instance(cluster, waiting), what="the second task queued on the instance")
     cluster.core.restart.start()
     await until(lambda: _handed_back(cluster, waiting))  # out of the instance's queue: the restart would drop it
     open_gate(data_dir, "s1")
