@@ -11,7 +11,10 @@
   cannot starve one with 1, and a user's task is queued ahead only on that
   user's turn;
 * a user's tasks are handed out in their queue order (``number``, then
-  submission), except as model affinity allows (below);
+  submission), except as model affinity allows (below). On one instance they
+  start in that order; a task queued ahead starts when its instance's current
+  task ends, so on several instances a later task sent to an instance that fell
+  idle can start before an earlier one still queued elsewhere;
 * model affinity (``--affinity-wait S``, default 10 s; 0 turns it off): the
   users whose turn it is are those tied for the fewest tasks running ("equal
   standing"). Among their waiting tasks and the instances taking one, the
@@ -36,8 +39,8 @@
   goes in its user's order, as without affinity. At the end of a model's
   work, an instance loads it only if that pays off: its holders would take
   longer over the waiting tasks (observed run time per task) than a load
-  takes (observed extra time of runs that needed one); else it waits. Why 10 s: the bound itself
-  forces loads (a task that waited S takes an instance holding other models),
+  takes (observed extra time of runs that needed one); else it waits.
+  Why 10 s by default: the bound itself forces loads (a task that waited S takes an instance holding other models),
   so it must be worth several loads; on the simulated GPU (issue 16: loads of
   2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
   10 s 8, and real checkpoints load slower still.
