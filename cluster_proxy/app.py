@@ -85,7 +85,8 @@ async def create_cluster_app(settings: ClusterSettings) -> web.Application:
 
         object_storage = ObjectStorage(settings.storage, data_dir.root)
     core = ClusterCore(data_dir, store, pool, instance_token=settings.instance_token,
-                       local_validation=settings.local_validation, storage=object_storage)
+                       local_validation=settings.local_validation, storage=object_storage,
+                       prefetch=settings.prefetch, affinity_wait_s=settings.affinity_wait_s)
     pool.on_change = core.scheduler.wake
     app[POOL] = pool
     app[CORE] = core

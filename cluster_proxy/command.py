@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--health-interval", type=float, default=1.0, help="seconds between instance health checks")
     add_option(parser, "--instance-lost-after", type=float, default=3.0,
                help="seconds an instance may stay unreachable under a task before the task is retried elsewhere")
+    add_option(parser, "--prefetch", type=int, default=1, metavar="N",
+               help="tasks queued on a busy instance behind the one it runs, so ComfyUI starts the next the "
+                    "moment the current one ends (0: hand out a task only when an instance is idle)")
+    add_option(parser, "--affinity-wait", type=float, default=10.0, metavar="SECONDS",
+               help="model affinity: an instance prefers a waiting task whose models it holds; a task is "
+                    "passed over for that at most this long, never past another user's fair share (0: off)")
     add_option(parser, "--max-upload-size", type=float, default=100.0, help="largest request body in MB")
     add_storage_arguments(parser.add_argument_group("object storage (OSS), passed on to spawned instances"))
 
@@ -69,6 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         secret_key=args.secret_key,
         health_interval_s=args.health_interval,
         instance_lost_s=args.instance_lost_after,
+        prefetch=args.prefetch,
+        affinity_wait_s=args.affinity_wait,
         max_upload_size_mb=args.max_upload_size,
         shutdown_timeout_s=listen.shutdown_timeout_s,
         access=listen.access,

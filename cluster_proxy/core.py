@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -42,7 +43,7 @@ REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted ta
 class ClusterCore:
     def __init__(self, data_dir: DataDir, store: StateStore, pool: Pool, *,
                  instance_token: str | None = None, local_validation: bool = True,
-                 storage: Any = None) -> None:
+                 storage: Any = None, prefetch: int = 1, affinity_wait_s: float = 10.0) -> None:
         self.data_dir = data_dir
         self.storage = storage  # ObjectStorage of an oss:// data dir: users' outputs go to the bucket
         self.validator = LocalValidator(data_dir) if local_validation else None
@@ -53,7 +54,8 @@ class ClusterCore:
         self.changes = Changes()  # wakes the dashboards' live streams
         self.usage = UsageMeter(store)
         self.restart = RollingRestart(self)
-        self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues)
+        self.scheduler = Scheduler(store, pool, self._start_task, self.broadcast_queues, prefetch=prefetch,
+                                   affinity_wait_s=affinity_wait_s)
         self.runs: dict[str, TaskRun] = {}
         self._run_jobs: dict[str, asyncio.Task[Any]] = {}  # task id -> the job running or following it
         self.draining = False
@@ -95,6 +97,7 @@ class ClusterCore:
         """
         self.draining = True
         await self.scheduler.aclose()
+        await self.withdraw_ahead(None, "the proxy shut down before it started")
         jobs = [job for job in self._run_jobs.values() if not job.done()]
         if jobs:
             log.info("draining: %d running task(s), up to %.0fs", len(jobs), timeout_s)
@@ -124,6 +127,42 @@ class ClusterCore:
             "reason": f"{reason}; it runs again"}, task.client_id)
         self.scheduler.wake()
         await self.broadcast_queues()
+
+    async def _withdraw(self, run: TaskRun) -> bool:
+        """Take a task queued ahead back from its instance's queue before it starts; False if it started.
+
+        One that got away (started as the request went out) is followed to its end like any running task.
+        """
+        task = run.task
+        if run.started or run.released:
+            return False
+        job = self._run_jobs.get(task.id)
+        if job is not None:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job
+        if not await run.withdraw():
+            await self.store.mark_started(task.id)
+            task.queued_ahead = False
+            self._track(task.id, self._spawn(self._recover_one(task, run.instance)))
+            return False
+        run.released = True
+        self.pool.withdraw(run.instance, task.id)
+        await run.cleanup()
+        return True
+
+    async def withdraw_ahead(self, instance: Instance | None, reason: str) -> None:
+        """Hand the tasks queued ahead on ``instance`` (on every instance: None) back to the store."""
+        runs = [run for run in list(self.runs.values())
+                if not run.started and (instance is None or run.instance is instance)]
+        for run in runs:
+            if await self._withdraw(run):
+                await self.store.requeue(run.task.id, f"{HANDED_BACK}: {reason}")
+                log.info("task %s of %s taken back from %s: %s", run.task.prompt_id, run.task.user,
+                         run.instance.url, reason)
+        if runs:
+            self.scheduler.wake()
+            await self.broadcast_queues()
 
     async def _watch_proxies(self) -> None:
         """Say we are alive; take over the running tasks of proxies that are not."""
@@ -166,7 +205,17 @@ class ClusterCore:
             instance = self.pool.instances.get(task.instance or "")
             if instance is not None and await self._finish_from_instance_history(task, instance):
                 continue
-            if instance is None or instance.state != "up" or instance.task_id is not None:
+            if instance is not None and task.queued_ahead and instance.state == "up":
+                run = self._make_run(task, instance)
+                if await run.withdraw():  # still in the instance's queue: back to the store's
+                    await run.cleanup()
+                    await self.store.requeue(task.id, f"{HANDED_BACK}: the proxy that queued it went away")
+                    continue
+                if await self._finish_from_instance_history(task, instance):
+                    continue
+                await self.store.mark_started(task.id)
+                task.queued_ahead = False
+            elif instance is None or instance.state != "up" or instance.task_id is not None:
                 await self._requeue_or_fail(task, "the proxy that ran it went away")
                 continue
             if not (await self.store.renew_instance(instance.url, task.id, LEASE_TTL_S)
@@ -246,18 +295,22 @@ class ClusterCore:
         return {"exec_info": {"queue_remaining": await self.remaining(user)}}
 
     async def _snapshot(self) -> tuple[dict[str, list[Task]], dict[str, int]]:
-        """Every user's running + pending tasks (in order) and the wait position of each pending one."""
+        """Every user's running + pending tasks (in order) and the wait position of each pending one.
+
+        Tasks queued ahead on an instance are pending to users, and first in line.
+        """
         running, pending = await self.store.running(), await self.store.pending()
-        order = dispatch_order(pending, dict(Counter(t.user for t in running)), self.scheduler.last_served)
+        ahead = sorted((t for t in running if t.queued_ahead), key=lambda t: (t.started_ms or 0, t.seq))
+        order = ahead + dispatch_order(pending, dict(Counter(t.user for t in running)), self.scheduler.last_served)
         per_user: dict[str, list[Task]] = {}
-        for task in [*running, *pending]:
+        for task in [*(t for t in running if not t.queued_ahead), *ahead, *pending]:
             per_user.setdefault(task.user, []).append(task)
         return per_user, {task.id: index for index, task in enumerate(order)}
 
     @staticmethod
     def _queue_view(tasks: list[Task], positions: dict[str, int]) -> list[dict[str, Any]]:
-        return [{"prompt_id": t.prompt_id, "position": positions.get(t.id) if t.state == PENDING else None,
-                 "state": t.state, "notes": t.notes} for t in tasks]
+        return [{"prompt_id": t.prompt_id, "position": positions.get(t.id) if t.shown_state == PENDING else None,
+                 "state": t.shown_state, "notes": t.notes} for t in tasks]
 
     async def user_queue(self, user: str) -> list[dict[str, Any]]:
         per_user, positions = await self._snapshot()
@@ -293,13 +346,22 @@ class ClusterCore:
         for task in await self.store.user_tasks(user, RUNNING):
             if prompt_id is None or task.prompt_id == prompt_id:
                 run = self.runs.get(task.id)
+                if (not run.started) if run is not None else task.queued_ahead:
+                    matched = True  # waiting in its instance's queue: as in ComfyUI, nothing to interrupt
+                    continue
                 if run is not None:
                     await run.interrupt()
                     matched = True
         return matched
 
     async def delete_pending(self, user: str, prompt_ids: list[str] | None) -> list[str]:
+        """Delete the user's waiting tasks: from the store, and those queued ahead from their instance's queue."""
         deleted = await self.store.delete(user, prompt_ids, PENDING)
+        for run in list(self.runs.values()):
+            task = run.task
+            if (task.user == user and not run.started and (prompt_ids is None or task.prompt_id in prompt_ids)
+                    and await self._withdraw(run)):
+                deleted += await self.store.delete(user, [task.prompt_id], RUNNING)
         if deleted:
             await self.broadcast_queues()
         return deleted
@@ -317,13 +379,24 @@ class ClusterCore:
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
         collector = OutputCollector(task.attempt_key(), self.data_dir, self.workdirs(task.user), self.storage)
-        return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free)
+        return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free, self._started)
+
+    async def _started(self, run: TaskRun) -> None:
+        """A task queued ahead started on its instance: users see it running from now."""
+        await self.store.mark_started(run.task.id)
+        await self.broadcast_queues()
 
     async def _instance_free(self, run: TaskRun) -> None:
+        """The instance is done with the run's task: the task queued behind it holds the instance (and its
+        lease) now; with none, it is free for the scheduler."""
         if not run.released:
             run.released = True
             await self.store.release_instance(run.instance.url, run.task.id)
-            self.pool.release(run.instance, run.task.models)
+            following = self.pool.release(run.instance, run.task.id, run.task.models)
+            if following is not None and not await self.store.lease_instance(run.instance.url, following,
+                                                                            LEASE_TTL_S):
+                log.warning("instance %s is leased by another proxy; its queued task %s runs anyway",
+                            run.instance.url, following)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -369,6 +442,8 @@ class ClusterCore:
         done = await self.store.finish(task.id, history)
         if done is not None:
             await self.usage.record(done)
+        if run.started_s is not None and (history.get("status") or {}).get("status_str") == "success":
+            self.scheduler.ran(task.id, time.monotonic() - run.started_s)  # what a run (and a load) takes
         if not any(event == "executing" for event, _ in run.final_events):
             run.final_events.append(("executing", {"node": None, "prompt_id": task.prompt_id}))
         await run.flush_final()
@@ -383,7 +458,9 @@ class ClusterCore:
             self.pool.mark_down(instance, reason)
         # Users are told which numbered instance, never its URL (the log keeps the detail).
         log.warning("instance %s lost while running task %s: %s", instance.url, task.prompt_id, reason)
-        await self._requeue_or_fail(task, f"{self.pool.display_name(instance)} was lost")
+        lost = f"{self.pool.display_name(instance)} was lost"
+        # One still waiting in the lost instance's queue never ran: not a lost attempt.
+        await self._requeue_or_fail(task, lost if run.started else f"{HANDED_BACK}: {lost} before it started")
 
     async def _requeue_or_fail(self, task: Task, reason: str) -> None:
         if task.instance:  # its lease must not keep the instance from the next task
@@ -446,7 +523,7 @@ class ClusterCore:
         running ones are interrupted and, for up to ``REMOVAL_WAIT_S``, followed to their end,
         so whatever they still write lands in the folder that is moved aside.
         """
-        await self.store.delete(name, None, PENDING)
+        await self.delete_pending(name, None)
         await self.interrupt(name, None)
         deadline = asyncio.get_running_loop().time() + REMOVAL_WAIT_S
         while any(run.task.user == name for run in self.runs.values()):
@@ -499,6 +576,7 @@ class ClusterCore:
             return False
         instance.retiring = True
         await self.store.remove_instance_url(instance.url)
+        await self.withdraw_ahead(instance, f"{self.pool.display_name(instance)} was removed by an admin")
         run = self.runs.get(instance.task_id or "")
         if drain and self.busy(instance) or run is None and self.busy(instance):
             # A run that freed the instance still reads the task's history from it: let it finish.

@@ -104,8 +104,9 @@ def status_of(task: Task) -> str:
 
 def queue_row(task: Task, position: int | None, node: str | None, instance_name: str) -> dict[str, str]:
     row = {"prompt_id": task.prompt_id, "what": describe(task), "submitted": when(task.created_ms),
-           "state": "running" if task.state == RUNNING else "waiting", "detail": "", "notes": "; ".join(task.notes)}
-    if task.state == PENDING:
+           "state": "running" if task.shown_state == RUNNING else "waiting", "detail": "",
+           "notes": "; ".join(task.notes)}
+    if task.shown_state == PENDING:  # queued ahead on an instance too: not started yet
         row["detail"] = f"#{position + 1} in line" if position is not None else "waiting"
     elif task.state == RUNNING:
         where = f"on {instance_name}" if instance_name else "running"

@@ -2,8 +2,11 @@
 
 An instance is ``up`` while ``/readyz`` answers 200; the health loop moves it
 between ``up`` and ``down`` (an instance that comes back rejoins by itself).
-A task holds an instance from dispatch to its end (``task_id``); the runner
-takes an instance out (``mark_down``) when it dies under a task.
+A task holds an instance from dispatch to its end (``task_id``); with
+``--prefetch`` the next ones wait in the instance's own queue behind it
+(``ahead``), and the first of them holds the instance when the running one
+ends (``release``). The runner takes an instance out (``mark_down``) when it
+dies under a task.
 """
 
 from __future__ import annotations
@@ -59,23 +62,52 @@ MAX_CACHED_FILES = 256  # templates and their thumbnails kept from the pool (a f
 
 
 class InstanceEvents:
-    """One long-lived event socket per instance; its events go to the task running there (``sink``).
+    """One long-lived event socket per instance; each event goes to the run of its prompt (``attach``).
 
     Opening a socket per task would put a WebSocket handshake between every
     two tasks on an instance; this one stays open (and reopens) while the
-    instance is in the pool. An exception in the sink means the socket gave up.
+    instance is in the pool. Several runs share it when tasks are queued ahead
+    on the instance: an event naming a prompt goes to that prompt's run, one
+    naming none (a preview frame) to the run of the prompt that started last;
+    connection changes go to every run. An exception in a sink means the
+    socket gave up.
     """
 
     def __init__(self, client: InstanceClient) -> None:
         self.client = client
         self.client_id = f"cluster-pool-{secrets.token_hex(8)}"
         self.connected = asyncio.Event()
-        self.sink: asyncio.Queue[Any] | None = None
+        self.sinks: dict[str, asyncio.Queue[Any]] = {}
+        self.current: str | None = None  # the prompt the instance runs now (its last execution_start)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._pump(), name=f"comfyserve-events-{self.client.base_url}")
+
+    def attach(self, prompt_id: str) -> asyncio.Queue[Any]:
+        """The queue the events of ``prompt_id`` arrive on, from now until ``detach``."""
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        self.sinks[prompt_id] = sink
+        return sink
+
+    def detach(self, prompt_id: str, sink: asyncio.Queue[Any]) -> None:
+        if self.sinks.get(prompt_id) is sink:
+            del self.sinks[prompt_id]
+
+    def _route(self, item: Any) -> None:
+        if isinstance(item, (Connected, Disconnected, BaseException)):
+            for sink in self.sinks.values():
+                sink.put_nowait(item)
+            return
+        prompt_id = None
+        if isinstance(item, dict) and isinstance(item.get("data"), dict):
+            prompt_id = item["data"].get("prompt_id")
+            if item.get("type") == "execution_start" and isinstance(prompt_id, str):
+                self.current = prompt_id
+        target = self.sinks.get(prompt_id if isinstance(prompt_id, str) else self.current or "")
+        if target is not None:
+            target.put_nowait(item)
 
     async def _pump(self) -> None:
         while True:
@@ -85,14 +117,12 @@ class InstanceEvents:
                         self.connected.set()
                     elif isinstance(item, Disconnected):
                         self.connected.clear()
-                    if self.sink is not None:
-                        self.sink.put_nowait(item)
+                    self._route(item)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # down for too long: tell the running task, keep trying
+            except Exception as exc:  # down for too long: tell the runs, keep trying
                 self.connected.clear()
-                if self.sink is not None:
-                    self.sink.put_nowait(exc)
+                self._route(exc)
                 await asyncio.sleep(0.5)
 
     async def aclose(self) -> None:
@@ -108,7 +138,8 @@ class Instance:
     events: InstanceEvents | None = None
     state: str = STARTING
     task_id: str | None = None
-    models: set[str] = field(default_factory=set)
+    ahead: list[str] = field(default_factory=list)  # tasks queued on it behind ``task_id`` (--prefetch)
+    models: set[str] = field(default_factory=set)  # of the last task it ran, or will have run once its queue ends
     last_used_s: float = 0.0
     tasks_run: int = 0
     busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
@@ -119,6 +150,11 @@ class Instance:
     def free(self) -> bool:
         return (self.state == UP and self.task_id is None and not self.retiring
                 and time.monotonic() >= self.busy_elsewhere_until_s)
+
+    def takes_ahead(self, prefetch: int) -> bool:
+        """Busy with a task of ours, room in its queue for one more behind it."""
+        return (self.state == UP and self.task_id is not None and not self.retiring
+                and len(self.ahead) < prefetch)
 
 
 class Pool:
@@ -172,22 +208,42 @@ class Pool:
     def up(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state == UP]
 
-    def reserve(self, instance: Instance, task_id: str) -> None:
-        instance.task_id = task_id
+    def reserve(self, instance: Instance, task_id: str, models: list[str] | None = None,
+                ahead: bool = False) -> None:
+        """``task_id`` runs on ``instance`` now, or (``ahead``) next, from the instance's own queue."""
+        if ahead:
+            instance.ahead.append(task_id)
+        else:
+            instance.task_id = task_id
+        if models:
+            instance.models = set(models)  # what it will hold once its queue gets there
 
-    def release(self, instance: Instance, models: list[str] | None = None) -> None:
-        instance.task_id = None
+    def release(self, instance: Instance, task_id: str, models: list[str] | None = None) -> str | None:
+        """``task_id`` is done with ``instance``: the task queued behind it holds it now (returned), if any."""
         instance.last_used_s = time.monotonic()
         instance.tasks_run += 1
-        if models:
-            instance.models = set(models)  # what it has loaded now
+        following = None
+        if task_id in instance.ahead:  # ended before the run ahead of it was through with its bookkeeping
+            instance.ahead.remove(task_id)
+        elif instance.task_id in (task_id, None):  # else taken out and given to another task meanwhile
+            instance.task_id = following = instance.ahead.pop(0) if instance.ahead else None
+            if models and instance.task_id is None:
+                instance.models = set(models)  # what it has loaded now
         self.on_change()
+        return following
+
+    def withdraw(self, instance: Instance, task_id: str) -> None:
+        """A task queued ahead on ``instance`` was taken back from its queue."""
+        if task_id in instance.ahead:
+            instance.ahead.remove(task_id)
+            self.on_change()
 
     def mark_down(self, instance: Instance, reason: str) -> None:
         if instance.state != DOWN:
             log.warning("instance %s left the pool: %s", instance.url, reason)
         instance.state = DOWN
         instance.task_id = None
+        instance.ahead.clear()
 
     def display_name(self, instance: Instance) -> str:
         """``instance N``, as non-admins see it on the dashboard."""

@@ -1,6 +1,7 @@
 """A rolling restart of the pool (admins, ``POST /restart`` in the cluster edition).
 
-One instance at a time: it takes no new task (``retiring``), its running task ends there,
+One instance at a time: it takes no new task (``retiring``), the tasks queued ahead on it go
+back to the store (they run elsewhere), its running task ends there,
 it restarts (``POST /restart`` on the instance: the embedded engine re-imports ``DIR/custom_nodes``,
 a real-ComfyUI instance restarts its ComfyUI), and it rejoins once ``/readyz`` answers; then
 the next. The other instances keep running the queue, and queued work only waits: nothing is
@@ -34,6 +35,7 @@ class RollingHost(Protocol):
     changes: Changes
 
     async def broadcast_queues(self) -> None: ...
+    async def withdraw_ahead(self, instance: Instance | None, reason: str) -> None: ...
     def busy(self, instance: Instance) -> bool: ...
 
 
@@ -85,6 +87,7 @@ class RollingRestart:
 
     async def _restart_one(self, instance: Instance) -> None:
         instance.retiring = True
+        await self.core.withdraw_ahead(instance, "its instance restarts")  # they run elsewhere meanwhile
         await self.core.broadcast_queues()
         while self.core.busy(instance) and instance.url in self.core.pool.instances:
             await self.core.changes.wait(CHECK_S)  # a task's end bumps the pulse

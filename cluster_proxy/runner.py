@@ -8,6 +8,11 @@ items in ``executed`` events are moved into the user's folders first.
 If the instance goes away (its socket stays down for ``lost_after_s``, a
 request cannot reach it, or it forgot the prompt) the run ends with
 :class:`InstanceLost` and the core retries the task elsewhere.
+
+A run ``ahead`` (``--prefetch``) is submitted while another task runs on the
+instance: ComfyUI's own queue starts it the moment that one ends. It counts as
+started at its ``execution_start`` (``on_started``); until then it can be taken
+back from the instance's queue (``withdraw``).
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class TaskRun:
     """One attempt of one task on one instance."""
 
     def __init__(self, task: Task, instance: Instance, hub: UserHub, collector: OutputCollector,
-                 data_dir: Any, on_instance_free: Callable[[TaskRun], Awaitable[None]] | None = None) -> None:
+                 data_dir: Any, on_instance_free: Callable[[TaskRun], Awaitable[None]] | None = None,
+                 on_started: Callable[[TaskRun], Awaitable[None]] | None = None) -> None:
         self.task = task
         self.instance = instance
         self.hub = hub
@@ -69,6 +75,9 @@ class TaskRun:
         # so the scheduler can hand it the next one meanwhile.
         self.on_instance_free = on_instance_free
         self.released = False
+        self.on_started = on_started
+        self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
+        self.started_s = time.monotonic() if self.started else None  # when it started on the instance
 
     # -- helpers ------------------------------------------------------------------
 
@@ -92,6 +101,25 @@ class TaskRun:
     async def interrupt(self) -> None:
         with contextlib.suppress(InstanceError):
             await self.instance.client.interrupt(self.key)
+
+    async def withdraw(self) -> bool:
+        """Take the task out of the instance's queue; False if it started (or ran) there all the same.
+
+        ComfyUI deletes only a prompt still waiting; asking afterwards tells whether it got
+        away first. An instance that cannot be reached counts as withdrawn: its queue is lost
+        with it (a socket that gave up fails the runs there anyway).
+        """
+        client = self.instance.client
+        try:
+            await client.delete_queued([self.key])
+            queue = await client.queue()
+            if self.key in {item[1] for item in queue.get("queue_running", [])
+                            if isinstance(item, list) and len(item) > 1}:
+                return False
+            return await client.history_entry(self.key) is None
+        except InstanceError as exc:
+            log.info("cannot take task %s back from %s: %s", self.task.prompt_id, self.instance.url, exc)
+            return True
 
     # -- the run --------------------------------------------------------------------
 
@@ -118,8 +146,7 @@ class TaskRun:
     async def _follow(self, graph: dict[str, Any]) -> dict[str, Any]:
         client, events = self.instance.client, self.instance.events
         assert events is not None
-        items: asyncio.Queue[Any] = asyncio.Queue()
-        events.sink = items
+        items = events.attach(self.key)
         try:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
@@ -133,8 +160,7 @@ class TaskRun:
                 raise InstanceLost(f"cannot submit: {exc}") from exc
             await self._relay_until_done(items)
         finally:
-            if events.sink is items:
-                events.sink = None
+            events.detach(self.key, items)
         return await self.result(await self._history())
 
     async def result(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +216,10 @@ class TaskRun:
             kind, data = str(item.get("type")), item.get("data")
             if isinstance(data, dict) and data.get("prompt_id") not in (None, self.key):
                 continue
+            if not self.started and isinstance(data, dict) and data.get("prompt_id") == self.key:
+                self.started, self.started_s = True, time.monotonic()
+                if self.on_started is not None:
+                    await self.on_started(self)
             if kind == "executed" and isinstance(data, dict) and "output" in data:
                 data = {**data, "output": await asyncio.to_thread(self.collector.collect, data["output"])}
             if kind == "executing" and isinstance(data, dict):

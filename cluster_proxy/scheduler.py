@@ -1,15 +1,53 @@
-"""Which waiting task goes to which free instance.
+"""Which waiting task goes to which instance.
 
-* one task per instance (the pool's ``task_id``);
-* a user's tasks start in their queue order (``number``, then submission);
-* fair share: the next task is the head of the queue of the user with the
-  fewest tasks running, ties going to the user served longest ago — so a
-  user with 100 queued tasks cannot starve one with 1;
-* a free instance that already ran the task's models is preferred, then the
-  one idle longest (work spreads over the pool).
+* one task runs per instance (the pool's ``task_id``); with ``--prefetch N``
+  (default 1) up to N more wait in the instance's own queue behind it
+  (``ahead``), so ComfyUI starts the next the moment the current one ends,
+  with no round trip through the proxy in between. Idle instances are always
+  served first: a task is queued ahead only when no instance is idle;
+* fair share: each task handed out (to an idle instance or queued ahead)
+  belongs to the user with the fewest tasks running or queued ahead, ties
+  going to the user served longest ago — so a user with 100 queued tasks
+  cannot starve one with 1, and a user's task is queued ahead only on that
+  user's turn;
+* a user's tasks are handed out in their queue order (``number``, then
+  submission), except as model affinity allows (below). On one instance they
+  start in that order; a task queued ahead starts when its instance's current
+  task ends, so on several instances a later task sent to an instance that fell
+  idle can start before an earlier one still queued elsewhere;
+* model affinity (``--affinity-wait S``, default 10 s; 0 turns it off): the
+  users whose turn it is are those tied for the fewest tasks running ("equal
+  standing"). Among their waiting tasks and the instances taking one, the
+  scheduler picks the pair where the instance already holds (or, once its
+  queue gets there, will hold) all the task's models, preferring the user
+  served longest ago, then the user's earliest task. With no such pair a model
+  must be loaded: the user whose turn it is by fair share gets the task whose
+  model is scarcest (most waiting tasks per instance holding it, its earliest
+  on a tie), on the instance whose own models are wanted least, so models
+  spread over the pool as the waiting work needs them. A busy instance whose
+  models some waiting task still needs is queued ahead only a task whose
+  models no instance holds (it needs a load anyway); otherwise its slot stays
+  empty until a task matches it or it falls idle. One whose models no waiting
+  task needs is queued its next load at once (no idle gap before it).
+  The bound: the task that would have gone without affinity (the first
+  waiting task of the user whose turn it was, or of the user served instead)
+  starts a clock when another is chosen in its stead; once it has waited S
+  seconds that way it goes at its user's next turn, affinity or not. So
+  affinity never moves a task ahead of a user whose turn it is, and reorders
+  a user's own tasks by at most S seconds. A task whose models are unknown
+  (``Task.models`` empty: the graph names no model file) fits any instance: it
+  goes in its user's order, as without affinity. At the end of a model's
+  work, an instance loads it only if that pays off: its holders would take
+  longer over the waiting tasks (observed run time per task) than a load
+  takes (observed extra time of runs that needed one); else it waits.
+  Why 10 s by default: the bound itself forces loads (a task that waited S takes an instance holding other models),
+  so it must be worth several loads; on the simulated GPU (issue 16: loads of
+  2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
+  10 s 8, and real checkpoints load slower still.
 
 :func:`dispatch_order` is also how each task's wait position is computed:
-the order the scheduler would start the pending tasks in if no new work came.
+the order the scheduler would start the pending tasks in if no new work came
+(affinity left out).
 """
 
 from __future__ import annotations
@@ -20,6 +58,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from standard.tasks import cancel_and_wait
 
@@ -31,6 +70,7 @@ LEASE_TTL_S = 15.0  # renewed while the task runs (core.py)
 BUSY_ELSEWHERE_S = 0.5
 SHARED_POLL_S = 0.5
 LOCAL_POLL_S = 5.0
+MAX_FOLLOWED = 10000  # tasks whose run time is awaited (Costs)
 
 
 def dispatch_order(pending: list[Task], running_per_user: dict[str, int],
@@ -60,14 +100,102 @@ def pick_instance(free: list[Instance], task: Task) -> Instance:
     return max(free, key=lambda i: (len(wanted & i.models), -i.last_used_s))
 
 
+def _holds(instance: Instance, task: Task) -> bool:
+    """The instance holds the task's models; a task whose models are unknown fits any instance."""
+    return set(task.models) <= instance.models
+
+
+class Costs:
+    """What a task and a model load take, as observed (moving averages): whether a load pays off.
+
+    A task that ran where its models already were is a plain run; one that needed a load took
+    the load longer. Until both kinds have been seen, every load counts as worth it.
+    """
+
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.run_s: float | None = None
+        self.loaded_run_s: float | None = None
+
+    def observe(self, seconds: float, loaded: bool) -> None:
+        old = self.loaded_run_s if loaded else self.run_s
+        new = seconds if old is None else old + self.ALPHA * (seconds - old)
+        if loaded:
+            self.loaded_run_s = new
+        else:
+            self.run_s = new
+
+    def worth_loading(self, waiting_per_holder: float) -> bool:
+        """Another instance loading a model pays off: its holders would take longer over the waiting tasks."""
+        if self.run_s is None or self.loaded_run_s is None:
+            return True
+        return waiting_per_holder * self.run_s >= max(0.0, self.loaded_run_s - self.run_s)
+
+
+def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],
+           slots: list[Instance], *, affinity: bool, overdue: Callable[[Task], bool],
+           pool: list[Instance], costs: Costs | None = None) -> tuple[Task, Instance, str] | None:
+    """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
+    share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances."""
+    queues: dict[str, list[Task]] = {}
+    for task in pending:
+        queues.setdefault(task.user, []).append(task)
+
+    def standing(user: str) -> tuple[int, int, int]:
+        return running_per_user.get(user, 0), last_served.get(user, -1), queues[user][0].seq
+
+    users = sorted(queues, key=standing)
+    first = users[0]
+    if not affinity:
+        return queues[first][0], pick_instance(slots, queues[first][0]), first
+    turn = [u for u in users if running_per_user.get(u, 0) == running_per_user.get(first, 0)]
+    for user in turn:  # a first task passed over too long goes now
+        if overdue(queues[user][0]):
+            return queues[user][0], pick_instance(slots, queues[user][0]), first
+    for user in turn:
+        for task in queues[user]:
+            matching = [i for i in slots if _holds(i, task)]
+            if matching:
+                return task, max(matching, key=lambda i: -i.last_used_s), first
+    # No instance taking a task holds what the turn's tasks need: a load. Load the model whose waiting
+    # tasks have the fewest instances per task, on the instance whose models are wanted least.
+    holders = Counter(model for i in pool for model in i.models)
+    demand = Counter(model for task in pending for model in task.models)
+
+    def need(models: Any) -> float:
+        return min((demand[m] / (holders[m] + 1) for m in models), default=0.0)
+
+    mine = queues[first]
+    instance = min(slots, key=lambda i: (need(i.models), i.last_used_s))
+    if instance.task_id is not None and need(instance.models) > 0:
+        # A busy instance whose models are still wanted: queue ahead only what no instance holds (a load anyway).
+        mine = [t for t in mine if not any(holders[m] for m in t.models)]
+        if not mine:
+            return None
+    task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
+    if costs is not None and task.models and all(holders[m] for m in task.models):
+        # At the end of a model's work its holders may finish it sooner than another instance could load it.
+        if not costs.worth_loading(min(demand[m] / holders[m] for m in task.models)):
+            return None
+    return task, instance, first
+
+
 class Scheduler:
     """One loop that dispatches whenever a task or an instance may have become available."""
 
     def __init__(self, store: StateStore, pool: Pool,
                  start_task: Callable[[Task, Instance], None],
-                 on_dispatch: Callable[[], Awaitable[None]]) -> None:
+                 on_dispatch: Callable[[], Awaitable[None]], *, prefetch: int = 1,
+                 affinity_wait_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.pool = pool
+        self.prefetch = prefetch
+        self.affinity_wait_s = affinity_wait_s
+        self._clock = clock  # of the affinity bound
+        self._passed_over: dict[str, float] = {}  # task id -> when affinity first passed it over
+        self.costs = Costs()
+        self._loading: dict[str, bool] = {}  # task id -> whether it was handed to an instance without its models
         self._start_task = start_task
         self._on_dispatch = on_dispatch
         self._wake = asyncio.Event()
@@ -112,23 +240,67 @@ class Scheduler:
         pending = await self.store.pending()
         return dispatch_order(pending, await self.running_per_user(), self.last_served)
 
+    def ran(self, task_id: str, seconds: float) -> None:
+        """A task dispatched here ran for ``seconds`` on its instance (from its start to its end-of-prompt)."""
+        loading = self._loading.pop(task_id, None)
+        if loading is not None:
+            self.costs.observe(seconds, loading)
+
+    def slots(self) -> list[Instance]:
+        """The idle instances; only when there is none, those that take a task queued ahead."""
+        return self.pool.free() or [i for i in self.pool.instances.values() if i.takes_ahead(self.prefetch)]
+
+    def _overdue(self, task: Task) -> bool:
+        since = self._passed_over.get(task.id)
+        return since is not None and self._clock() - since >= self.affinity_wait_s
+
+    def _note_passed_over(self, chosen: Task, turn_user: str, pending: list[Task]) -> None:
+        """The task that would have gone without affinity (the first of the user whose turn it was by fair
+        share, and the first of ``chosen``'s user) starts its clock if ``chosen`` went in its stead."""
+        heads: dict[str, Task] = {}
+        for task in pending:
+            heads.setdefault(task.user, task)
+        waiting = {task.id for task in pending}
+        self._passed_over = {k: v for k, v in self._passed_over.items() if k in waiting}
+        now = self._clock()
+        for user in {turn_user, chosen.user}:
+            if heads[user].id != chosen.id:
+                self._passed_over.setdefault(heads[user].id, now)
+
     async def dispatch(self) -> int:
-        """Start as many tasks as there are free instances; returns how many started."""
+        """Hand out as many tasks as there are instances to take them; returns how many."""
         started = 0
-        while self.pool.free():
-            order = await self.order()
-            if not order:
+        while True:
+            slots = self.slots()
+            if not slots:
                 break
-            task = order[0]
-            instance = pick_instance(self.pool.free(), task)
-            if not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
+            pending = await self.store.pending()
+            if not pending:
+                break
+            running = await self.running_per_user()
+            affinity = self.affinity_wait_s > 0
+            chosen = choose(pending, running, self.last_served, slots, affinity=affinity,
+                            overdue=self._overdue, pool=list(self.pool.instances.values()), costs=self.costs)
+            if chosen is None:
+                break
+            task, instance, turn_user = chosen
+            ahead = instance.task_id is not None
+            if not ahead and not await self.store.lease_instance(instance.url, task.id, LEASE_TTL_S):
                 instance.busy_elsewhere_until_s = time.monotonic() + BUSY_ELSEWHERE_S  # another proxy's
                 continue
-            claimed = await self.store.claim(task.id, instance.url, self.proxy_id)
+            claimed = await self.store.claim(task.id, instance.url, self.proxy_id, ahead=ahead)
             if claimed is None:
-                await self.store.release_instance(instance.url, task.id)
+                if not ahead:
+                    await self.store.release_instance(instance.url, task.id)
                 continue  # deleted meanwhile, or taken by another proxy
-            self.pool.reserve(instance, claimed.id)
+            if affinity:
+                self._note_passed_over(task, turn_user, pending)
+            self._passed_over.pop(task.id, None)
+            if claimed.models:
+                self._loading[claimed.id] = not _holds(instance, claimed)
+                if len(self._loading) > MAX_FOLLOWED:  # tasks lost or taken back never report: drop the oldest
+                    del self._loading[next(iter(self._loading))]
+            self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
             self._tick += 1
             self.last_served[claimed.user] = self._tick
             self._start_task(claimed, instance)

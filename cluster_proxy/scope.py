@@ -39,7 +39,9 @@ class UserQueueView:
     """A user's tasks with the read methods of ``standard.server.prompt_queue.PromptQueue``."""
 
     def __init__(self, running: list[Task], pending: list[Task], done: list[Task]) -> None:
-        self._running, self._pending = running, pending
+        # A task queued ahead on an instance (--prefetch) waits: first of the pending ones.
+        self._running = [t for t in running if not t.queued_ahead]
+        self._pending = [t for t in running if t.queued_ahead] + pending
         self._history = {t.prompt_id: t for t in done}
 
     @classmethod

@@ -41,6 +41,11 @@ class ClusterSettings:
     # An oss:// data dir (or a mounted one with --oss-bucket): users' outputs go to the bucket
     # under PREFIX/users/<name>/output with signed URLs. Typed loosely: no oss2 import without it.
     storage: Any = None
+    # Tasks queued on a busy instance behind the one it runs, so it starts the next with no idle gap (0: none).
+    prefetch: int = 1
+    # Model affinity: a task may be passed over for one whose models an instance holds for this long (0: off);
+    # worth several checkpoint loads, or the bound itself forces loads (scheduler.py).
+    affinity_wait_s: float = 10.0
     # SIGTERM: how long running tasks may take to finish before they are handed back to the store.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     # --allowed-host, --trusted-proxy, --secure-cookies (standard.guard)
@@ -60,6 +65,10 @@ class ClusterSettings:
         self.listen.check()
         if self.instances < 0:
             raise ConfigError("--instances must not be negative")
+        if self.prefetch < 0:
+            raise ConfigError("--prefetch must not be negative")
+        if self.affinity_wait_s < 0:
+            raise ConfigError("--affinity-wait must not be negative")
         for url in self.instance_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"--instance-url must be http(s)://host:port, got {url!r}")

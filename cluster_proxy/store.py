@@ -63,11 +63,19 @@ class Task:
     notes: list[str] = field(default_factory=list)  # what happened (retries), shown to the user
     proxy: str | None = None  # the proxy following it while it runs
     earlier_attempts_ms: int = 0  # instance time of attempts that ended in a retry or a hand-back (usage)
+    # Claimed and queued on its instance behind the task running there (``--prefetch``), not started yet:
+    # users see it as pending; ``mark_started`` clears it when the instance starts it.
+    queued_ahead: bool = False
 
     def attempt_key(self) -> str:
         """The instance's ``prompt_id`` for this attempt: a UUID (as ComfyUI requires of a client's own id)
         derived from the task and the attempt, so a proxy that restarts finds the same run again."""
         return str(uuid.uuid5(ATTEMPT_NAMESPACE, f"{self.id}-{self.attempts}"))
+
+    @property
+    def shown_state(self) -> str:
+        """The state users see: a task queued ahead on an instance is still waiting (pending)."""
+        return PENDING if self.state == RUNNING and self.queued_ahead else self.state
 
     def public(self) -> list[Any]:
         """ComfyUI's queue tuple ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
@@ -114,7 +122,8 @@ class StateStore(Protocol):
     async def user_tasks(self, user: str, state: str) -> list[Task]: ...
     async def pending(self) -> list[Task]: ...
     async def running(self) -> list[Task]: ...
-    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None: ...
+    async def claim(self, task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None: ...
+    async def mark_started(self, task_id: str) -> Task | None: ...
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None: ...
     async def heartbeat(self, proxy: str, ttl_s: float) -> None: ...
     async def alive_proxies(self) -> set[str]: ...
@@ -183,12 +192,20 @@ def redis_errors_translated(cls: _Cls) -> _Cls:
     return cls
 
 
-def claim_change(instance: str, proxy: str) -> Any:
+def claim_change(instance: str, proxy: str, ahead: bool = False) -> Any:
     def change(task: Task) -> None:
         task.state, task.instance, task.started_ms, task.proxy = RUNNING, instance, now_ms(), proxy
+        task.queued_ahead = ahead
         task.attempts += 1
 
     return change
+
+
+def started_change(task: Task) -> None:
+    """A task queued ahead has started on its instance: it runs from now (what usage counts)."""
+    if not task.queued_ahead:
+        raise TransitionRefused
+    task.queued_ahead, task.started_ms = False, now_ms()
 
 
 def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
@@ -202,9 +219,9 @@ def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
 
 def requeue_change(note: str) -> Any:
     def change(task: Task) -> None:
-        if task.started_ms is not None:  # the attempt used its instance until now, though it runs again
+        if task.started_ms is not None and not task.queued_ahead:  # it used its instance until now
             task.earlier_attempts_ms += max(0, now_ms() - task.started_ms)
-        task.state, task.instance = PENDING, None
+        task.state, task.instance, task.queued_ahead = PENDING, None, False
         task.notes.append(note)
 
     return change
@@ -343,8 +360,11 @@ class SqliteStateStore:
 
         return await self._run(transition)
 
-    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None:
-        return await self._transition(task_id, PENDING, claim_change(instance, proxy))
+    async def claim(self, task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None:
+        return await self._transition(task_id, PENDING, claim_change(instance, proxy, ahead))
+
+    async def mark_started(self, task_id: str) -> Task | None:
+        return await self._transition(task_id, RUNNING, started_change)
 
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
         """A running task whose proxy is gone: ``new_proxy`` follows it now (one taker only)."""

@@ -38,6 +38,7 @@ from .store import (
     finish_change,
     redis_errors_translated,
     requeue_change,
+    started_change,
 )
 
 PREFIX = "comfyserve:cluster:state:"
@@ -164,8 +165,11 @@ class RedisStateStore:
                 except WatchError:
                     continue
 
-    async def claim(self, task_id: str, instance: str, proxy: str = "") -> Task | None:
-        return await self._transition(task_id, PENDING, claim_change(instance, proxy))
+    async def claim(self, task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None:
+        return await self._transition(task_id, PENDING, claim_change(instance, proxy, ahead))
+
+    async def mark_started(self, task_id: str) -> Task | None:
+        return await self._transition(task_id, RUNNING, started_change)
 
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
         return await self._transition(task_id, RUNNING, adopt_change(old_proxy, new_proxy))

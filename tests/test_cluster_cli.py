@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,7 +51,8 @@ def cluster_process(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[s
 def test_help_names_every_flag(cli_env: dict[str, str]) -> None:
     for command in (["comfyserve", "cluster", "--help"], [sys.executable, "-m", "cluster_proxy", "--help"]):
         out = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=30, check=True).stdout
-        for flag in ("--data-dir", "--port", "--instances", "--instance-url", "--redis-url", "--secret-key"):
+        for flag in ("--data-dir", "--port", "--instances", "--instance-url", "--redis-url", "--secret-key",
+                     "--prefetch", "--affinity-wait"):
             assert flag in out
         assert "COMFYSERVE_INSTANCES" in out
 
@@ -169,3 +172,22 @@ async def test_users_live_in_redis_without_a_data_dir(start_cluster, cli_env, re
     async with InstanceClient(cluster.url, token) as client:
         assert (await client.run(graph("cleo"), timeout_s=30)).ok
     assert [p.name for p in (cluster.user_dir("cleo") / "output").iterdir()] == ["cleo_00001_.png"]
+
+
+def test_prefetch_and_affinity_flags_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster_proxy import command
+    from standard.cli import main
+
+    def settings(*flags: str) -> Any:
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        return command.settings_from_args(parser.parse_args(["--data-dir", str(tmp_path), *flags]))
+
+    assert (settings().prefetch, settings().affinity_wait_s) == (1, 10.0)
+    monkeypatch.setenv("COMFYSERVE_PREFETCH", "0")
+    monkeypatch.setenv("COMFYSERVE_AFFINITY_WAIT", "0")
+    assert (settings().prefetch, settings().affinity_wait_s) == (0, 0.0)  # today's FIFO dispatch
+    assert settings("--prefetch", "2", "--affinity-wait", "1.5").prefetch == 2
+    assert main(["cluster", "--data-dir", str(tmp_path), "--prefetch", "-1"]) == 2
+    assert "--prefetch must not be negative" in capsys.readouterr().err

@@ -3,56 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from standard.ports import free_port
-from support.cluster import INSTANCE_TOKEN, Cluster, files_under, graph, write_sleep_plugin
-from support.processes import wait_for_port
+from support.cluster import Cluster, InstanceProcess, files_under, graph
 from support.server import events_until, is_done, next_json
 from support.wait import until
-
-
-class InstanceProcess:
-    """``python -m standard`` on a fixed loopback port, killable and restartable."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "COMFYSERVE_TOKEN": INSTANCE_TOKEN}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "standard", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, proc=self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
-@pytest.fixture
-def instance_processes(data_dir: Path) -> Iterator[list[InstanceProcess]]:
-    write_sleep_plugin(data_dir)
-    processes = [InstanceProcess(data_dir) for _ in range(2)]
-    for process in processes:
-        process.start()
-    yield processes
-    for process in processes:
-        process.kill()
 
 
 async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_told(

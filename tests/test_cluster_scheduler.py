@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster_proxy.pool import Instance
-from cluster_proxy.scheduler import dispatch_order, pick_instance
-from cluster_proxy.store import Task
+import pytest
+
+from cluster_proxy.pool import Instance, Pool
+from cluster_proxy.scheduler import Scheduler, dispatch_order, pick_instance
+from cluster_proxy.store import SqliteStateStore, Task
 from standard.client import InstanceClient
+from support.clock import FakeClock
 from support.cluster import INSTANCE_TOKEN, Cluster, graph
 from support.server import events_until, is_done, next_json
 from support.wait import until
@@ -34,6 +37,108 @@ def test_an_instance_that_ran_the_models_is_preferred() -> None:
     assert pick_instance([one, two], _task("a", 1, ["y.safetensors"])) is two  # idle longest
 
 
+class _Started:
+    """A scheduler over a real store and hand-made instances; records what it starts where."""
+
+    def __init__(self, tmp_path: Any, instances: list[Instance], **options: Any) -> None:
+        self.store = SqliteStateStore(tmp_path / "state.sqlite")
+        self.pool = Pool(health_interval_s=1, lost_after_s=1, info_cache_s=1)
+        for instance in instances:
+            self.pool.instances[instance.url] = instance
+        self.clock = FakeClock()
+        self.started: list[tuple[str, str]] = []
+        self.scheduler = Scheduler(self.store, self.pool, lambda t, i: self.started.append((t.id, i.url)),
+                                   self._nothing, clock=self.clock, **options)
+
+    @staticmethod
+    async def _nothing() -> None:
+        return None
+
+    async def add(self, *tasks: Task) -> None:
+        for task in tasks:
+            assert await self.store.add(task)
+
+    async def next(self) -> list[tuple[str, str]]:
+        """Dispatch; what started, and the instances free again (as if those tasks ended at once)."""
+        before = len(self.started)
+        await self.scheduler.dispatch()
+        new = self.started[before:]
+        for task_id, url in new:
+            done = await self.store.finish(task_id, {})
+            assert done is not None
+            await self.store.release_instance(url, task_id)
+            self.pool.release(self.pool.instances[url], task_id, done.models)
+        return new
+
+
+def _up(url: str, models: set[str] | None = None) -> Instance:
+    return Instance(url, client=None, state="up", models=models or set())  # type: ignore[arg-type]
+
+
+async def test_affinity_picks_a_users_task_whose_model_an_instance_holds_but_never_past_the_bound(tmp_path) -> None:
+    sched = _Started(tmp_path, [_up("http://x", {"x.ckpt"})], prefetch=0, affinity_wait_s=5.0)
+    await sched.add(_task("a", 1, ["y.ckpt"]), *[_task("a", n, ["x.ckpt"]) for n in (2, 3, 4)])
+    assert await sched.next() == [("a2", "http://x")]  # a1 is passed over: its clock starts
+    sched.clock.advance(4.9)
+    assert await sched.next() == [("a3", "http://x")]
+    sched.clock.advance(0.1)  # a1 has waited the bound: it goes, though a4 matches
+    assert await sched.next() == [("a1", "http://x")]
+    assert await sched.next() == [("a4", "http://x")]
+
+
+async def test_affinity_never_passes_over_the_user_whose_turn_it_is(tmp_path) -> None:
+    busy = _up("http://busy")
+    busy.task_id = "a0"
+    sched = _Started(tmp_path, [_up("http://x", {"x.ckpt"}), busy], prefetch=0, affinity_wait_s=5.0)
+    await sched.store.add(_task("a", 0))
+    await sched.store.claim("a0", "http://busy")  # alice runs one: bob's turn
+    await sched.add(_task("a", 1, ["x.ckpt"]), _task("b", 2, ["y.ckpt"]))
+    assert await sched.next() == [("b2", "http://x")]
+
+
+async def test_without_affinity_or_known_models_tasks_go_in_order(tmp_path) -> None:
+    # Off: the first task goes first, whatever the instance holds. A task whose models are unknown fits
+    # any instance: never passed over for one that matches.
+    for wait_s, first in ((0.0, ["y.ckpt"]), (5.0, [])):
+        (tmp_path / f"w{wait_s}").mkdir()
+        sched = _Started(tmp_path / f"w{wait_s}", [_up("http://x", {"x.ckpt"})], prefetch=0,
+                         affinity_wait_s=wait_s)
+        await sched.add(_task("a", 1, first), _task("a", 2, ["x.ckpt"]), _task("a", 3, []))
+        assert [await sched.next() for _ in range(3)] == [[("a1", "http://x")], [("a2", "http://x")],
+                                                          [("a3", "http://x")]]
+
+
+async def test_equal_users_go_where_their_models_are_and_checkpoints_spread(tmp_path) -> None:
+    sched = _Started(tmp_path, [_up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"}), _up("http://z")],
+                     prefetch=0, affinity_wait_s=5.0)
+    await sched.add(_task("a", 1, ["y.ckpt"]), _task("b", 2, ["x.ckpt"]), _task("c", 3, ["x.ckpt"]),
+                    _task("c", 4, ["w.ckpt"]))
+    started = dict(await sched.next())
+    # Each user one task (fair share); each to the instance holding its model; c's needs a load
+    # anyway: the one no instance holds, on the instance holding none of the waiting ones.
+    assert started == {"a1": "http://y", "b2": "http://x", "c4": "http://z"}
+
+
+async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for_or_a_needed_load(tmp_path) -> None:
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
+    x.task_id, y.task_id, y.ahead = "b0", "r2", ["r3"]  # both run a task; y has one queued behind it
+    sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
+    await sched.add(_task("b", 0))
+    await sched.store.claim("b0", "http://x")  # bob runs one: alice's turn
+    await sched.add(_task("a", 1, ["y.ckpt"]), _task("b", 2, ["x.ckpt"]))
+    assert await sched.scheduler.dispatch() == 0  # x's model is still wanted: no load of y.ckpt queued there
+    await sched.add(_task("a", 3, ["z.ckpt"]))  # no instance holds it: a load anyway, queued on x now
+    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a3", "http://x")] and x.ahead == ["a3"]
+
+
+async def test_a_busy_instance_whose_models_nobody_wants_is_queued_its_next_load(tmp_path) -> None:
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
+    x.task_id, y.task_id, y.ahead = "r1", "r2", ["r3"]
+    sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
+    await sched.add(_task("a", 1, ["y.ckpt"]))
+    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a1"]  # not idle first, then loading
+
+
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
     response = await http.post("/prompt", json={"prompt": prompt, **extra})
     assert response.status == 200, await response.text()
@@ -44,22 +149,25 @@ async def _history(http: Any) -> dict:
     return await (await http.get("/history")).json()
 
 
-async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster) -> None:
-    cluster: Cluster = await start_cluster(instances=1)
+@pytest.mark.parametrize("prefetch", [0, 1])
+async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster, prefetch: int) -> None:
+    # With --prefetch 1 alice's second task was queued on the instance (her turn: bob had none) before
+    # bob came: it stays first in line, shown pending; bob's goes next, ahead of alice's others.
+    cluster: Cluster = await start_cluster(instances=1, prefetch=prefetch)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
     alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.8)) for i in range(4)]
-    await until(lambda: cluster.core.runs)
+    await until(lambda: len(cluster.core.runs) == 1 + prefetch)
     bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
     queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
-    assert queue == [{"prompt_id": bob_id, "position": 0, "state": "pending", "notes": []}]
+    assert queue == [{"prompt_id": bob_id, "position": prefetch, "state": "pending", "notes": []}]
     alice_queue = (await (await http_a.get("/cluster/queue")).json())["queue"]
     assert [q["state"] for q in alice_queue] == ["running", "pending", "pending", "pending"]
-    assert [q["position"] for q in alice_queue[1:]] == [1, 2, 3]
+    assert [q["position"] for q in alice_queue[1:]] == ([1, 2, 3] if prefetch == 0 else [0, 2, 3])
     assert bob_id not in str(alice_queue)
     await until(lambda: _all_done(cluster, 5), timeout_s=30)
     tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
     started = [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)]
-    assert started[:2] == [alice_ids[0], bob_id]
+    assert started[:2 + prefetch] == [*alice_ids[:1 + prefetch], bob_id]
     assert [p for p in started if p != bob_id] == alice_ids  # alice's in her order
 
 

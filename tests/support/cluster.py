@@ -9,8 +9,12 @@ is an ``InstanceClient`` that talks to the proxy with alice's API token.
 from __future__ import annotations
 
 import io
+import os
 import shutil
-from collections.abc import Awaitable, Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,10 @@ from cluster_proxy.keys import CORE, POOL
 from cluster_proxy.settings import ClusterSettings
 from standard.client import InstanceClient
 from standard.datadir import DataDir
+from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from support.processes import TESTS_DIR
+from support.processes import TESTS_DIR, wait_for_port
 from support.wait import until
 
 INSTANCE_TOKEN = "instance-secret-token"
@@ -148,3 +153,40 @@ async def start_cluster(aiohttp_server: Any, data_dir: Path) -> Any:
 
 def files_under(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != ".keep")
+
+
+class InstanceProcess:
+    """``python -m standard`` on a fixed loopback port, killable and restartable."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "COMFYSERVE_TOKEN": INSTANCE_TOKEN}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "standard", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def instance_processes(data_dir: Path) -> Iterator[list[InstanceProcess]]:
+    """Two instance processes on ``data_dir`` (the sleep plugin installed; install others before)."""
+    write_sleep_plugin(data_dir)
+    processes = [InstanceProcess(data_dir) for _ in range(2)]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.kill()

@@ -1,0 +1,203 @@
+"""Cluster edition, ``--prefetch``: the next task waits in the busy instance's own queue, and nothing else changes.
+
+Gated tasks (``support.server``: a node that holds its prompt until the test opens its gate, and
+counts its runs on disk) make every step visible without sleeping: which task runs, which one
+waits on the instance, and how many times each ever started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from support.cluster import Cluster, InstanceProcess
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of
+from support.wait import until
+
+
+async def _submit(http: Any, gate: str) -> str:
+    response = await http.post("/prompt", json={"prompt": drain_gate_graph(gate, gate)})
+    assert response.status == 200, await response.text()
+    return (await response.json())["prompt_id"]
+
+
+def _run_of(cluster: Cluster, prompt_id: str) -> Any:
+    return next((run for run in cluster.core.runs.values() if run.task.prompt_id == prompt_id), None)
+
+
+async def _waiting_on_instance(cluster: Cluster, prompt_id: str) -> bool:
+    """The task is in its instance's own queue, behind the one running there."""
+    run = _run_of(cluster, prompt_id)
+    if run is None:
+        return False
+    queue = await run.instance.client.queue()
+    return run.key in {item[1] for item in queue["queue_pending"]}
+
+
+async def _states(http: Any) -> list[tuple[str, Any]]:
+    return [(q["state"], q["position"]) for q in (await (await http.get("/cluster/queue")).json())["queue"]]
+
+
+async def _history(http: Any) -> dict[str, Any]:
+    return await (await http.get("/history")).json()
+
+
+async def _finished(http: Any, count: int) -> bool:
+    return len(await _history(http)) == count
+
+
+async def _states_are(http: Any, expected: list[tuple[str, Any]]) -> bool:
+    return await _states(http) == expected
+
+
+async def _handed_back(cluster: Cluster, prompt_id: str) -> bool:
+    task = await cluster.core.store.get("alice", prompt_id)
+    return task is not None and bool(task.notes)
+
+
+async def test_the_next_task_waits_on_the_instance_and_shows_as_pending_until_it_starts(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    first, second = await _submit(http, "p1"), await _submit(http, "p2")
+    await until(lambda: _waiting_on_instance(cluster, second))
+    await until(lambda: runs_of(data_dir, "p1") == 1)
+    queue = await (await http.get("/queue")).json()
+    assert [item[1] for item in queue["queue_running"]] == [first]
+    assert [item[1] for item in queue["queue_pending"]] == [second]  # ComfyUI's own view: waiting
+    assert await _states(http) == [("running", None), ("pending", 0)]
+    page = await (await http.get("/dashboard")).text()
+    assert "#1 in line" in page
+    open_gate(data_dir, "p1")  # the instance's queue starts the second at once, no proxy in between
+    await until(lambda: runs_of(data_dir, "p2") == 1)
+    await until(lambda: _states_are(http, [("running", None)]))
+    open_gate(data_dir, "p2")
+    await until(lambda: _finished(http, 2), timeout_s=30)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert runs_of(data_dir, "p1") == runs_of(data_dir, "p2") == 1
+    assert "cluster" not in history[second]  # no retry, no hand-back
+
+
+async def test_deleting_the_waiting_task_and_interrupting_the_running_one_touch_only_their_own(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    running, waiting = await _submit(http, "c1"), await _submit(http, "c2")
+    later = await _submit(http, "c3")
+    await until(lambda: _waiting_on_instance(cluster, waiting))
+    await until(lambda: runs_of(data_dir, "c1") == 1)
+    # Deleting the queued-ahead task takes it out of the instance's queue; the next one takes its place.
+    assert (await http.post("/queue", json={"delete": [waiting]})).status == 200
+    await until(lambda: _waiting_on_instance(cluster, later))
+    assert await cluster.core.store.get("alice", waiting) is None
+    # Interrupting the running one stops it, not the one queued behind it.
+    assert (await http.post("/interrupt", json={"prompt_id": running})).status == 200
+    await until(lambda: runs_of(data_dir, "c3") == 1)
+    open_gate(data_dir, "c3")
+    await until(lambda: _finished(http, 2), timeout_s=30)
+    history = await _history(http)
+    assert history[running]["status"]["status_str"] != "success"
+    assert history[later]["status"]["status_str"] == "success"
+    assert waiting not in history and runs_of(data_dir, "c2") == 0
+
+
+async def test_removing_an_instance_hands_its_waiting_task_back_and_the_running_one_finishes(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=2)
+    http = cluster.http("alice")
+    ids = [await _submit(http, f"r{n}") for n in range(4)]  # two run, two wait behind them
+    await until(lambda: _waiting_on_instance(cluster, ids[2]))
+    await until(lambda: _waiting_on_instance(cluster, ids[3]))
+    busy = _run_of(cluster, ids[0]).instance
+    waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance is busy)
+    assert await cluster.core.remove_instance(busy.url, drain=True)
+    # Back to the store at once, not left behind a task that may run for hours.
+    await until(lambda: _handed_back(cluster, waiting))
+    for n in range(4):
+        open_gate(data_dir, f"r{n}")
+    await until(lambda: _finished(http, 4), timeout_s=30)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert [runs_of(data_dir, f"r{n}") for n in range(4)] == [1, 1, 1, 1]
+    assert history[waiting]["cluster"]["notes"] == ["handed back: instance 1 was removed by an admin"]
+    await until(lambda: busy.url not in cluster.pool.instances)
+
+
+async def test_an_instance_dying_under_a_running_and_a_waiting_task_sends_both_elsewhere_once(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    processes = [InstanceProcess(data_dir) for _ in range(2)]
+    try:
+        for process in processes:
+            process.start()
+        cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in processes))
+        http = cluster.http("alice")
+        ids = [await _submit(http, f"d{n}") for n in range(4)]
+        await until(lambda: _waiting_on_instance(cluster, ids[2]))
+        await until(lambda: _waiting_on_instance(cluster, ids[3]))
+        await until(lambda: runs_of(data_dir, "d0") == 1)
+        url = _run_of(cluster, ids[0]).instance.url
+        waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance.url == url)
+        victim = next(p for p in processes if p.url == url)
+        victim.kill()
+        await until(lambda: _handed_back(cluster, ids[0]), timeout_s=30)
+        await until(lambda: _handed_back(cluster, waiting))
+        for n in range(4):
+            open_gate(data_dir, f"d{n}")
+        await until(lambda: _finished(http, 4), timeout_s=60)
+        history = await _history(http)
+        assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+        gate = {ids[n]: f"d{n}" for n in range(4)}
+        assert runs_of(data_dir, "d0") == 2  # cut off there, run once more elsewhere
+        assert runs_of(data_dir, gate[waiting]) == 1  # it never started on the dead instance
+        assert [runs_of(data_dir, gate[p]) for p in ids[1:] if p != waiting] == [1, 1]
+        lost = f"instance {processes.index(victim) + 1} was lost"
+        assert history[ids[0]]["cluster"] == {"attempts": 2, "notes": [lost]}
+        assert history[waiting]["cluster"]["notes"] == [f"handed back: {lost} before it started"]
+    finally:
+        for process in processes:
+            process.kill()
+
+
+async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance_restarts(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    running, waiting = await _submit(http, "s1"), await _submit(http, "s2")
+    await until(lambda: _waiting_on_instance(cluster, waiting), what="the second task queued on the instance")
+    cluster.core.restart.start()
+    await until(lambda: _handed_back(cluster, waiting))  # out of the instance's queue: the restart would drop it
+    open_gate(data_dir, "s1")
+    open_gate(data_dir, "s2")
+    await until(lambda: _finished(http, 2), timeout_s=60)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert runs_of(data_dir, "s1") == runs_of(data_dir, "s2") == 1
+    assert history[waiting]["cluster"]["notes"] == ["handed back: its instance restarts"]
+    assert "cluster" not in history[running]
+    await until(lambda: not cluster.core.restart.running, timeout_s=60)
+    assert cluster.core.restart.status()["failed"] == {}
+
+
+async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
+        start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    running, waiting = await _submit(http, "t1"), await _submit(http, "t2")
+    await until(lambda: _waiting_on_instance(cluster, waiting))
+    drain = asyncio.create_task(cluster.core.drain(30.0))  # what SIGTERM does
+    await until(lambda: _handed_back(cluster, waiting))
+    queue = await _run_of(cluster, running).instance.client.queue()
+    assert queue["queue_pending"] == []  # nothing left to start there once the proxy is gone
+    open_gate(data_dir, "t1")
+    await drain
+    task = await cluster.core.store.get("alice", waiting)
+    assert task is not None and task.state == "pending" and runs_of(data_dir, "t2") == 0  # for the next start
+    assert (await cluster.core.store.get("alice", running)).state == "done"
