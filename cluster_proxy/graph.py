@@ -25,13 +25,13 @@ from typing import Any
 
 from standard.datadir import DataDir, WorkDirs
 from standard.errors import PathOutsideRoot, RequestError, error_body
+from standard.model_files import is_model_file
 from standard.paths import resolve_inside
 
 STAGE = ".cluster"  # hidden: input listings (LoadImage choices) skip it
 FILE_TYPES = ("input", "output", "temp")
 # Inputs whose string value is always a file name (other strings count when they name a user's file).
 FILE_INPUTS = frozenset({"image", "mask", "video", "audio", "file", "upload", "model_file", "mesh"})
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
 
 
 class GraphRefused(RequestError):
@@ -102,7 +102,7 @@ def check_graph(prompt: dict[str, Any], object_info: dict[str, Any] | None, work
         for key, value in inputs.items():
             if isinstance(value, str):
                 _check_value(str(node_id), key, value, workdirs, public_input)
-                if value.lower().endswith(MODEL_SUFFIXES):
+                if is_model_file(value):
                     models.add(value)
     if not outputs:
         raise GraphRefused("prompt_no_outputs", "Prompt has no outputs", "")
