@@ -133,11 +133,11 @@ class Affinity:
             out = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                     auto_commit=False, lease_s=lease_s, tags=tags) if holding < window else []
         while self.tag is not None and holding + len(out) < window:
-            item = await self._one(store, passed, queue, consumer, session, window=holding + len(out) + 1,
-                                   min_index=min_index, lease_s=lease_s, tags=tags, free=holding + len(out) == 0)
-            if item is None:
+            items = await self._one(store, passed, queue, consumer, session, window=holding + len(out) + 1,
+                                    min_index=min_index, lease_s=lease_s, tags=tags, free=holding + len(out) == 0)
+            if not items:
                 break
-            out.append(item)
+            out.extend(items)  # more than one when an item was committed since ``pending``: all are sent
         if self.prefetch:
             passed.set_idle(key, id(self), holding + len(out) == 0)
         return out
@@ -146,7 +146,7 @@ class Affinity:
         passed.set_idle((queue, frozenset(tags.items())), id(self), False)
 
     async def _one(self, store: QueueStore, passed: PassedOver, queue: str, consumer: str, session: str, *,
-                   window: int, min_index: int, lease_s: float, tags: dict[str, str], free: bool) -> Item | None:
+                   window: int, min_index: int, lease_s: float, tags: dict[str, str], free: bool) -> list[Item]:
         """One item: a preferred one; else the oldest ready one, but into a slot behind another item (``free``
         false) only when it is overdue or untagged: a model switch there would come too early."""
         assert self.tag is not None
@@ -160,15 +160,13 @@ class Affinity:
             elif not free:
                 head = passed.head_of(queue, await store.get(queue, min_index, PEEK, None), tags)
                 if head is None or head.decoded()[0].get(self.tag):
-                    return None  # wait for this consumer's slot to be free (or for the head to be overdue)
+                    return []  # wait for this consumer's slot to be free (or for the head to be overdue)
         if not items:
             items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                       auto_commit=False, lease_s=lease_s, tags=tags)
         if overdue:  # the oldest ready item went first: its account starts again
             passed.heads.pop(queue, None)
-        if not items:
-            return None
         passed.taken(queue, items)
-        # An item without the tag (models unknown) leaves the preference as it was.
-        self.value = items[-1].decoded()[0].get(self.tag) or self.value
-        return items[-1]
+        for item in items:  # an item without the tag (models unknown) leaves the preference as it was
+            self.value = item.decoded()[0].get(self.tag) or self.value
+        return items
