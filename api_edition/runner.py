@@ -147,8 +147,15 @@ class InstanceRunner:
                     async with asyncio.timeout(IDLE_CHECK_S):  # not wait_for: on 3.11 it can swallow a cancel
                         item = await waiter.get()
                 except TimeoutError:
-                    # Quiet for a while: make sure no terminal event was lost on a half-open socket.
+                    # Quiet for a while: make sure no terminal event was lost on a half-open socket, and
+                    # that the instance still knows the prompt (else ``PromptLost``: it is run again).
                     entry = await self._history_or_none(prompt_id)
+                    if entry is None and not await self._known(prompt_id):
+                        entry = await self._history_or_none(prompt_id)  # it may have ended in between
+                        if entry is None:
+                            lost = f"prompt {prompt_id} is no longer known to {self.client.base_url}"
+                            log.warning("%s", lost)
+                            raise PromptLost(lost) from None
                     if entry is not None:
                         return _from_history(prompt_id, entry)
                     continue
@@ -177,6 +184,14 @@ class InstanceRunner:
             return await self.client.history_entry(prompt_id)
         except InstanceUnavailable:
             return None
+
+    async def _known(self, prompt_id: str) -> bool:
+        """The prompt is on the instance's queue (running or pending); True when that cannot be told."""
+        try:
+            queue = await self.client.queue()
+        except InstanceUnavailable:
+            return True
+        return any(_names(i, prompt_id) for i in [*queue.get("queue_running", []), *queue.get("queue_pending", [])])
 
     async def _finish_from_history(self, prompt_id: str) -> RunResult:
         """The socket dropped mid-task: poll until the prompt is in the history (or is lost)."""
