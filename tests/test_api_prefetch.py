@@ -13,6 +13,7 @@ import httpx
 import pytest
 from test_api_limits import crashes, install_crash_plugin, queue_length
 
+from api_edition import runner
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service.client import QueueClient
@@ -224,3 +225,32 @@ def test_prefetch_and_affinity_flags_and_environment(monkeypatch: pytest.MonkeyP
     assert main(["worker", *worker_args, "--affinity-wait", "-2"]) == 2
     err = capsys.readouterr().err
     assert "--prefetch must be between 0 and" in err and "--affinity-wait must be >= 0" in err
+
+
+async def test_a_prompt_the_instance_lost_is_given_back_and_run_again_once(api: ApiFactory, instance_url: Any,
+                                                                           data_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """b, queued on the instance behind a, disappears from the instance's queue (deleted there): the worker
+    does not wait for it for ever; b goes back to the input queue and runs again, once."""
+    monkeypatch.setattr(runner, "IDLE_CHECK_S", 0.2)  # how long a quiet prompt waits before it is looked up
+    live, url = await start(api, instance_url, data_dir)
+    open_gate(data_dir, "b")
+    await live.submit(drain_gate_graph("a", "a"), task_id="a")
+    await live.submit(drain_gate_graph("b", "b"), task_id="b")
+    await until(lambda: queued_behind(url), what="b queued on the instance behind a")
+    _, [b_prompt] = await instance_queue(url)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        resp = await http.post(f"{url}/queue", json={"delete": [b_prompt]}, headers={"Authorization": TOKEN})
+        assert resp.status_code == 200
+    await until(lambda: _logged(caplog, "is no longer known"), what="the worker finding b lost")
+    open_gate(data_dir, "a")
+    async with live.sink() as sink:
+        frames = await read_results(sink, 2)
+        assert await no_more(sink) == []
+    assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("a", "success"), ("b", "success")]
+    assert (runs_of(data_dir, "a"), runs_of(data_dir, "b")) == (1, 1)
+
+
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from queue_service.client import QueueClient, QueueClientError
-from queue_service.server import WATCHERS_KEY
+from queue_service.protocol import encode_body
+from queue_service.server import STORE_KEY, WATCHERS_KEY
 from support.clock import FakeClock
 from support.queue import LiveQueue
 from support.wait import until
@@ -112,3 +113,29 @@ async def test_a_prefetch_slot_is_left_to_a_watch_that_holds_nothing(live_queue:
             for other in pending:
                 other.cancel()
             assert [frame.result().data for frame in done] == [b"i3"]
+
+
+async def test_every_item_a_claim_takes_is_sent_even_when_one_was_committed_meanwhile(live_queue: LiveQueue) -> None:
+    """A watch counts what it holds, then claims: an item committed in between makes the claim take one more;
+    both must be sent (else one stays pending on the consumer, never delivered)."""
+    store = live_queue.app[STORE_KEY]
+    real_pending = store.pending
+    tricked = asyncio.Event()
+
+    async def pending_then_commit(queue: str, consumer: str, session: str) -> list:
+        held = await real_pending(queue, consumer, session)
+        waiting = [item.decoded()[1] for item in await store.get(queue, 0, 10, None)]
+        if held and b"i2" in waiting and not tricked.is_set():
+            tricked.set()  # the held item is committed, and another put, between the count and the claim
+            await store.remove(queue, [held[0].index])
+            await store.put(queue, encode_body({}, b"i3"), "i3", 0, 0)
+        return held
+
+    store.pending = pending_then_commit
+    queue = live_queue.client("svc", uid="w1")
+    async with queue.watch(window=2, options={**AFFINITY, "_prefetch_": "true"}) as frames:
+        await put_all(queue, [("i1", None)])
+        assert (await anext(frames)).data == b"i1"
+        await put_all(queue, [("i2", None)])
+        assert sorted([(await anext(frames)).data, (await anext(frames)).data]) == [b"i2", b"i3"]
+    assert tricked.is_set()
