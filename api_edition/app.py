@@ -143,6 +143,7 @@ class Pool:
                 input_limits=self.settings.input_limits, input_url_allow=self.settings.input_url_allow,
                 input_fetch_timeout_s=self.settings.input_fetch_timeout_s,
                 max_inline_output_bytes=self.settings.max_inline_output_bytes, storage=self.settings.storage,
+                prefetch=self.settings.prefetch, affinity_wait_s=self.settings.affinity_wait_s,
             ), metrics=self.metrics, webhooks=self.webhooks, ops=self._store_ops(), attempts=self._store_attempts(),
                 ours=ours, progress=self._store_records(progress_of(self.settings.service)),
                 cancels=self._store_records(cancel_of(self.settings.service)),

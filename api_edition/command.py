@@ -26,6 +26,7 @@ from standard.private import add_secret_option
 from standard.serving import Role, stop_event
 from standard.storage.settings import add_storage_arguments, instance_flags, storage_settings_from_args
 
+from .dispatch_options import add_dispatch_arguments, dispatch_settings
 from .input_options import add_input_arguments, input_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_PORT, DEFAULT_SERVICE, ApiSettings
 from .webhook import WebhookPolicy, WebhookRefused
@@ -70,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default: one kept in DIR/.comfyserve/webhook_secret)")
     add_limit_arguments(parser)
     add_input_arguments(parser, front=True)
+    add_dispatch_arguments(parser)
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         instance_args=tuple(instance_flags(storage)) if storage is not None else (),
         storage=storage if storage is not None and storage.location is not None else None,
         max_attempts=max_attempts, webhook_allow=webhook_allow, shutdown_timeout_s=listen.shutdown_timeout_s,
-        access=listen.access, **input_settings(args),
+        access=listen.access, **input_settings(args), **dispatch_settings(args),
     )
 
 

@@ -37,6 +37,7 @@ from queue_service.params import BadParam
 from queue_service.settings import REQUEST_ID_HEADER
 from queue_service.store import REQUEST_ID_TAG, QueueFull
 from standard.http_util import JSONError, json_error
+from standard.model_files import model_key, models_of
 from standard.serving import draining_headers, is_draining
 from standard.storage.errors import StorageError
 from standard.tasks import cancel_and_wait
@@ -50,7 +51,7 @@ from .input_request import Submission, read_submission
 from .inputs import InputRefused, envelope, rewrite, sweep_forever
 from .metrics import ApiMetrics
 from .outputs import OUTPUT_PATH, output_handler
-from .settings import TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
+from .settings import MODELS_TAG, TASK_ID_TAG, WEBHOOK_TAG, ApiSettings
 from .status import INDEX_KEY, STATUS_KEY, api_task
 from .webhook import WebhookPolicy, WebhookRefused
 from .workflows import WorkflowRefused, Workflows
@@ -153,9 +154,16 @@ async def _graph(request: web.Request, submission: Submission) -> dict[str, Any]
         raise _refused(request, 400, exc.kind, exc.message) from None
 
 
-async def _task_data(request: web.Request, settings: ApiSettings, submission: Submission) -> bytes:
-    """The queued item: the bare graph, or the inputs envelope when the task brought files."""
+async def _task_data(request: web.Request, settings: ApiSettings, submission: Submission,
+                     tags: dict[str, str]) -> bytes:
+    """The queued item: the bare graph, or the inputs envelope when the task brought files. ``tags`` get
+    the graph's models (``MODELS_TAG``: the workers' watches prefer tasks whose models their instance holds)."""
     graph = await _graph(request, submission)
+    key = model_key(models_of(graph))
+    if key:
+        tags[MODELS_TAG] = key
+    else:
+        tags.pop(MODELS_TAG, None)  # the tag is ours: a client's would mislead the workers
     value: dict[str, Any] = graph
     if submission.folder is not None:
         rewrite(graph, submission.names, submission.folder)
@@ -168,7 +176,7 @@ async def _task_data(request: web.Request, settings: ApiSettings, submission: Su
 
 async def _queue(request: web.Request, settings: ApiSettings, submission: Submission, tags: dict[str, str],
                  priority: int, idempotency_key: str | None) -> tuple[int, str]:
-    data = await _task_data(request, settings, submission)
+    data = await _task_data(request, settings, submission, tags)
     try:
         # Spawned instances read this machine's mirror: they find the files there without a download.
         spawned = settings.instances > 0 and not settings.instance_urls and not settings.stateless

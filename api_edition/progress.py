@@ -2,10 +2,12 @@
 
 While a task runs, its worker keeps one record on ``{service}/progress`` (``requestId`` = the task's):
 ``{"worker", "instance", "node", "progress": {"value", "max"}}``, from the instance's ``executing`` and
-``progress`` events. Writes are throttled (at most one per ``MIN_INTERVAL_S``; the last state always
-lands) and each replaces the previous record (put, then delete the old one: a reader sees one or the
-other). The record goes when the run ends, once the write under way, if any, has landed; one left by a
-killed worker is replaced by the next run of the task and never read once the task is off the input queue.
+``progress`` events. A task the worker queued on its instance behind the running one (``--prefetch``)
+has ``{"worker", "instance", "state": "queued"}`` until its ``execution_start``. Writes are throttled
+(at most one per ``MIN_INTERVAL_S``; the last state always lands) and each replaces the previous
+record (put, then delete the old one: a reader sees one or the other). The record goes when the run
+ends, once the write under way, if any, has landed; one left by a killed worker is replaced by the next
+run of the task and never read once the task is off the input queue.
 
 All-in-one workers write the store directly; a split-deployment worker over the queue service's HTTP API.
 """
@@ -101,66 +103,90 @@ class HttpRecords:
         await self.client.aclose()
 
 
+class _Run:
+    """One task's record while its worker holds it."""
+
+    def __init__(self, request_id: str, queued: bool) -> None:
+        self.request_id = request_id
+        # Queued behind another task on the instance: ``GET /api_task`` says queued until its execution_start.
+        self.state: dict[str, Any] = {"state": "queued"} if queued else {"node": None}
+        self.dirty = asyncio.Event()
+        self.dirty.set()
+        self.written: int | None = None
+
+
 class TaskProgress:
-    """One per worker; ``event`` is fed the instance's events of the running prompt (``InstanceRunner``)."""
+    """One per worker; ``event`` is fed the instance's events of the prompts it runs (``InstanceRunner``),
+    each with the request it belongs to."""
 
     def __init__(self, records: Records, worker: str, instance: str) -> None:
         self.records = records
         self.base = {"worker": worker, "instance": instance}
-        self.request_id: str | None = None
-        self._state: dict[str, Any] = {}
-        self._dirty = asyncio.Event()
-        self._written: int | None = None
+        self._runs: dict[str, _Run] = {}
 
     @contextlib.asynccontextmanager
-    async def running(self, request_id: str) -> AsyncIterator[None]:
-        self.request_id, self._state, self._written = request_id, {"node": None}, None
-        self._dirty.set()
-        writer = asyncio.create_task(self._write_loop(request_id))
+    async def running(self, request_id: str, *, queued: bool = False) -> AsyncIterator[None]:
+        run = self._runs[request_id] = _Run(request_id, queued)
+        writer = asyncio.create_task(self._write_loop(run))
         try:
             yield
         finally:
             try:
                 await cancel_and_wait(writer)  # it ends between writes: a write under way lands first
             finally:  # even when the run's own cancel came meanwhile: the last record written goes
-                self.request_id = None
-                if self._written is not None:
-                    await self._drop([self._written])
+                if self._runs.get(request_id) is run:
+                    del self._runs[request_id]
+                if run.written is not None:
+                    await self._drop([run.written])
 
-    def event(self, item: dict[str, Any]) -> None:
-        kind, data = item.get("type"), item.get("data")
-        if self.request_id is None or not isinstance(data, dict):
+    def queued(self, request_id: str, queued: bool) -> None:
+        """Whether the task waits behind another on the instance, as its prompt goes there."""
+        run = self._runs.get(request_id)
+        if run is None or queued == (run.state.get("state") == "queued"):
             return
-        if kind == "executing" and data.get("node") is not None:
-            self._state = {"node": str(data["node"])}
+        run.state = {"state": "queued"} if queued else {"node": None}
+        run.dirty.set()
+
+    def event(self, request_id: str, item: dict[str, Any]) -> None:
+        run = self._runs.get(request_id)
+        kind, data = item.get("type"), item.get("data")
+        if run is None or not isinstance(data, dict):
+            return
+        if kind == "execution_start":
+            if run.state.get("state") != "queued":
+                return
+            run.state = {"node": None}
+        elif kind == "executing" and data.get("node") is not None:
+            run.state = {"node": str(data["node"])}
         elif kind == "progress":
-            self._state = {**self._state, "progress": {"value": data.get("value"), "max": data.get("max")}}
+            run.state = {**run.state, "progress": {"value": data.get("value"), "max": data.get("max")}}
+            run.state.pop("state", None)
             if data.get("node") is not None:
-                self._state["node"] = str(data["node"])
+                run.state["node"] = str(data["node"])
         else:
             return
-        self._dirty.set()
+        run.dirty.set()
 
-    async def _write_loop(self, request_id: str) -> None:
+    async def _write_loop(self, run: _Run) -> None:
         while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            data = json.dumps({**self.base, **self._state}, separators=(",", ":")).encode()
+            await run.dirty.wait()
+            run.dirty.clear()
+            data = json.dumps({**self.base, **run.state}, separators=(",", ":")).encode()
             # Never cut in the middle: a put whose cancel came while it was under way still lands (the
             # store owns the write), and with its index unknown nothing would ever remove that record.
-            await finish(self._write(request_id, data))
+            await finish(self._write(run, data))
             await asyncio.sleep(MIN_INTERVAL_S)
 
-    async def _write(self, request_id: str, data: bytes) -> None:
+    async def _write(self, run: _Run, data: bytes) -> None:
         """Put the record, then drop the one it replaces."""
         try:
-            index = await self.records.put(request_id, data)
+            index = await self.records.put(run.request_id, data)
         except (QueueError, QueueClientError) as exc:
-            log.info("progress of %s not recorded: %s", request_id, exc)
+            log.info("progress of %s not recorded: %s", run.request_id, exc)
             return
-        if self._written is not None:
-            await self._drop([self._written])
-        self._written = index
+        if run.written is not None:
+            await self._drop([run.written])
+        run.written = index
 
     async def _drop(self, indexes: list[int]) -> None:
         with contextlib.suppress(QueueError, QueueClientError):

@@ -1,4 +1,4 @@
-"""Runs one graph at a time on an instance over a long-lived event socket.
+"""Runs graphs on an instance over a long-lived event socket (several may be queued there at once).
 
 ``InstanceClient.run`` opens a socket per prompt and reads ``/history`` at the
 end: robust, but three extra round trips per task. A worker runs thousands
@@ -33,12 +33,23 @@ class _SocketDropped(WorkerError):
     pass
 
 
+class Dropped(WorkerError):
+    """The prompt was taken off the instance's queue before it started (``InstanceRunner.drop``)."""
+
+
+class _DroppedMarker:
+    pass
+
+
+DROPPED = _DroppedMarker()
+
+
 class InstanceRunner:
     def __init__(self, client: InstanceClient) -> None:
         self.client = client
         self.client_id = f"comfyserve-worker-{uuid.uuid4().hex}"
         self.socket_up = asyncio.Event()
-        self._waiters: dict[str, asyncio.Queue[dict[str, Any] | Disconnected]] = {}
+        self._waiters: dict[str, asyncio.Queue[dict[str, Any] | Disconnected | _DroppedMarker]] = {}
         self._pump: asyncio.Task[None] | None = None
         # Sees each event of a prompt being run (the worker's progress records, ``progress``).
         self.on_event: Callable[[dict[str, Any]], None] | None = None
@@ -84,17 +95,21 @@ class InstanceRunner:
                 await asyncio.sleep(1.0)
 
     async def run(self, graph: dict[str, Any], timeout_s: float | None = None, prompt_id: str | None = None,
-                  on_accepted: Callable[[str], None] | None = None) -> RunResult:
+                  on_accepted: Callable[[str], None] | None = None, queued: bool = False) -> RunResult:
         """Run ``graph`` (as ``prompt_id``, so the caller can interrupt it); past ``timeout_s`` it is
-        interrupted and ``InstanceError`` raised. ``on_accepted(prompt_id)``: the instance queued it."""
+        interrupted and ``InstanceError`` raised. ``on_accepted(prompt_id)``: the instance queued it.
+        ``queued``: it waits behind another prompt there, so its ``timeout_s`` counts from its
+        ``execution_start``. ``Dropped`` when ``drop`` took it off the queue before it started."""
         self.start()
         prompt_id = prompt_id or str(uuid.uuid4())
         try:
             if not self.socket_up.is_set():
                 return await self.client.run(graph, timeout_s=timeout_s, prompt_id=prompt_id, on_accepted=on_accepted)
             try:
-                async with asyncio.timeout(timeout_s):
-                    return await self._run_on_socket(graph, prompt_id, on_accepted)
+                async with asyncio.timeout(None if queued else timeout_s) as deadline:
+                    return await self._run_on_socket(graph, prompt_id, on_accepted,
+                                                     deadline if queued and timeout_s is not None else None,
+                                                     timeout_s)
             except TimeoutError:
                 raise InstanceError(f"the task did not finish within {timeout_s}s") from None
         except InstanceError as exc:
@@ -103,9 +118,24 @@ class InstanceRunner:
                     await self.client.interrupt(prompt_id)
             raise
 
+    async def drop(self, prompt_id: str) -> bool:
+        """Take ``prompt_id`` off the instance's queue if it has not started: True when it was (its ``run``
+        then raises ``Dropped``), False when it runs or ran already (interrupt it instead)."""
+        await self.client.delete_queued([prompt_id])
+        queue = await self.client.queue()
+        if any(_names(item, prompt_id) for item in [*queue.get("queue_running", []), *queue.get("queue_pending", [])]):
+            return False
+        if await self._history_or_none(prompt_id) is not None:
+            return False
+        waiter = self._waiters.get(prompt_id)
+        if waiter is not None:
+            waiter.put_nowait(DROPPED)
+        return True
+
     async def _run_on_socket(self, graph: dict[str, Any], prompt_id: str,
-                             on_accepted: Callable[[str], None] | None) -> RunResult:
-        waiter: asyncio.Queue[dict[str, Any] | Disconnected] = asyncio.Queue()
+                             on_accepted: Callable[[str], None] | None, deadline: asyncio.Timeout | None = None,
+                             timeout_s: float | None = None) -> RunResult:
+        waiter: asyncio.Queue[dict[str, Any] | Disconnected | _DroppedMarker] = asyncio.Queue()
         self._waiters[prompt_id] = waiter
         try:
             await self.client.submit(graph, client_id=self.client_id, prompt_id=prompt_id)
@@ -117,13 +147,24 @@ class InstanceRunner:
                     async with asyncio.timeout(IDLE_CHECK_S):  # not wait_for: on 3.11 it can swallow a cancel
                         item = await waiter.get()
                 except TimeoutError:
-                    # Quiet for a while: make sure no terminal event was lost on a half-open socket.
+                    # Quiet for a while: make sure no terminal event was lost on a half-open socket, and
+                    # that the instance still knows the prompt (else ``PromptLost``: it is run again).
                     entry = await self._history_or_none(prompt_id)
+                    if entry is None and not await self._known(prompt_id):
+                        entry = await self._history_or_none(prompt_id)  # it may have ended in between
+                        if entry is None:
+                            lost = f"prompt {prompt_id} is no longer known to {self.client.base_url}"
+                            log.warning("%s", lost)
+                            raise PromptLost(lost) from None
                     if entry is not None:
                         return _from_history(prompt_id, entry)
                     continue
+                if isinstance(item, _DroppedMarker):
+                    raise Dropped(f"prompt {prompt_id} was taken off the instance's queue before it started")
                 if isinstance(item, Disconnected):
                     return await self._finish_from_history(prompt_id)
+                if deadline is not None and timeout_s is not None and item.get("type") == "execution_start":
+                    deadline.reschedule(asyncio.get_running_loop().time() + timeout_s)  # its run starts now
                 events.append(item)
                 status = TERMINAL.get(str(item.get("type")))
                 if status is not None:
@@ -144,6 +185,14 @@ class InstanceRunner:
         except InstanceUnavailable:
             return None
 
+    async def _known(self, prompt_id: str) -> bool:
+        """The prompt is on the instance's queue (running or pending); True when that cannot be told."""
+        try:
+            queue = await self.client.queue()
+        except InstanceUnavailable:
+            return True
+        return any(_names(i, prompt_id) for i in [*queue.get("queue_running", []), *queue.get("queue_pending", [])])
+
     async def _finish_from_history(self, prompt_id: str) -> RunResult:
         """The socket dropped mid-task: poll until the prompt is in the history (or is lost)."""
         while True:
@@ -151,7 +200,7 @@ class InstanceRunner:
                 entry = await self.client.history_entry(prompt_id)
                 if entry is None:
                     queue = await self.client.queue()
-                    known = any(isinstance(i, list) and len(i) > 1 and i[1] == prompt_id
+                    known = any(_names(i, prompt_id)
                                 for i in [*queue.get("queue_running", []), *queue.get("queue_pending", [])])
                     if not known:
                         entry = await self.client.history_entry(prompt_id)
@@ -162,6 +211,11 @@ class InstanceRunner:
             if entry is not None:
                 return _from_history(prompt_id, entry)
             await asyncio.sleep(HISTORY_POLL_S)
+
+
+def _names(queue_item: Any, prompt_id: str) -> bool:
+    """An entry of ``/queue``'s lists is ``[number, prompt_id, ...]``."""
+    return isinstance(queue_item, list) and len(queue_item) > 1 and queue_item[1] == prompt_id
 
 
 def _from_history(prompt_id: str, entry: dict[str, Any]) -> RunResult:

@@ -26,6 +26,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 SINK_SUFFIX = "/sink"
 TASK_ID_TAG = "task_id"
 WEBHOOK_TAG = "webhook"
+MODELS_TAG = "models"  # the task's model files (``standard.model_files.model_key``), put by the front
+DEFAULT_PREFETCH = 1
+DEFAULT_AFFINITY_WAIT_S = 3.0
 
 
 def sink_of(service: str) -> str:
@@ -56,6 +59,8 @@ class WorkerSettings:
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
     max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES  # ?return=base64: sum of a result's bytes
     storage: StorageSettings | None = None  # oss:// data dir: task inputs go to (and from) its bucket
+    prefetch: int = DEFAULT_PREFETCH  # tasks queued on the instance behind the running one (0: one at a time)
+    affinity_wait_s: float = DEFAULT_AFFINITY_WAIT_S  # how long a task may be passed over for another's models
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class ApiSettings:
     input_fetch_timeout_s: float = DEFAULT_INPUT_FETCH_TIMEOUT_S
     max_inline_output_bytes: int = DEFAULT_MAX_INLINE_OUTPUT_BYTES
     storage: StorageSettings | None = None  # oss:// data dir: task inputs are uploaded to its bucket
+    prefetch: int = DEFAULT_PREFETCH  # the workers' --prefetch
+    affinity_wait_s: float = DEFAULT_AFFINITY_WAIT_S  # the workers' --affinity-wait
 
     @property
     def stateless(self) -> bool:

@@ -4,7 +4,9 @@ Answers, from the shared queue store (so every front on one Redis answers alike)
 
 - ``queued``: the input item is ready; ``position`` = ready items ahead of it (0: next);
 - ``running``: a worker holds the input item; with ``worker``, ``instance``, ``node`` and ``progress``
-  (``value``/``max``) when the worker has reported them (``progress`` records, below);
+  (``value``/``max``) when the worker has reported them (``progress`` records, below); a task its worker
+  queued on its instance behind the running one (``--prefetch``) is ``queued`` (position 0, with
+  ``worker`` and ``instance``) until it starts there;
 - ``succeeded`` / ``failed`` / ``cancelled``: the result is on the sink (``result``: the sink item's data,
   ``tags``: its tags), until a client commits it;
 - 404 otherwise (never submitted, or the result was already taken from the sink).
@@ -115,7 +117,10 @@ class TaskStatus:
         if where.item is not None and where.position is not None:
             base = {"request_id": where.request_id, "task_id": where.item.decoded()[0].get("task_id")}
             if where.position.pending:
-                return {**base, "state": "running", **_progress(where.progress)}
+                progress = _progress(where.progress)
+                if progress.get("state") == "queued":  # its worker queued it on the instance (--prefetch)
+                    return {**base, **progress, "position": 0}
+                return {**base, "state": "running", **progress}
             return {**base, "state": "queued", "position": where.position.waiting}
         if where.result is None:
             return None

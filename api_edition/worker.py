@@ -1,6 +1,6 @@
-"""A worker: input queue -> its instance -> sink queue, one task at a time.
+"""A worker: input queue -> its instance -> sink queue.
 
-It watches the input queue with window 1 under a consumer id that survives
+It watches the input queue with window ``1 + --prefetch`` under a consumer id that survives
 restarts (``slot_worker_id``, ``default_worker_id``), so a restarted worker
 gets back the item it held at once instead of after ``--pending-timeout``. It
 runs each graph on its instance with ``InstanceClient.run`` (POST /prompt +
@@ -19,8 +19,16 @@ all-in-one the put and the commit are one atomic store operation
 two calls, and a worker that dies between them leaves a result that the
 redelivered input finds, whether or not a client has committed it since.
 
+Prefetch (``flights``): the tasks beyond the running one are checked and queued on the instance at
+once, behind it, so the instance never waits for a round trip between two tasks. Each is its own
+``Flight``: its own prompt, progress record, cancel watch and attempt count (a task queued behind
+another counts as a run from its ``execution_start``, not from its submit: an instance that dies under
+the running task did not run it). A cancel of a queued-ahead task takes it off the instance's queue;
+an interrupt targets its own prompt only. With ``--affinity-wait`` the watch prefers tasks tagged with
+the models of the last task it handed this worker (``queue_service.affinity``).
+
 Backpressure: a full sink makes the put wait (with backoff) while the worker
-holds its one uncommitted item, so it takes no more input. An instance that
+holds its uncommitted items, so it takes no more input. An instance that
 stops answering for ``instance_down_s`` makes the worker give its item back
 (closing its watch cleanly releases it at once) and wait until the instance
 is ready again.
@@ -34,9 +42,11 @@ that receives a task at the cap puts a ``too_many_attempts`` error result
 instead of running it. Webhook URLs are checked again here (``WebhookPolicy``):
 items put on the input queue directly never passed the front.
 
-SIGTERM drains (``shutdown``): no more input; the running task finishes and
-is reported, or, past ``--shutdown-timeout``, is interrupted on the instance
-and given back like a ``GiveBack`` (a cut-off run: it counts as an attempt).
+SIGTERM drains (``shutdown``): no more input; the tasks queued ahead on the
+instance are taken off it and handed back (not run, not counted); the running
+task finishes and is reported, or, past ``--shutdown-timeout``, is interrupted
+on the instance and given back like a ``GiveBack`` (a cut-off run: it counts as
+an attempt).
 """
 
 from __future__ import annotations
@@ -47,7 +57,6 @@ import hashlib
 import logging
 import socket
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -63,6 +72,7 @@ from .attempts import TOO_MANY_ATTEMPTS, AttemptLedger, AttemptRecords, HttpAtte
 from .cancel import MESSAGE as CANCEL_MESSAGE
 from .cancel import CancelWatch, cancel_of
 from .events import EventPublisher, events_of, result_event
+from .flights import Flight, Flights
 from .graph import GraphError, parse_graph
 from .input_bucket import input_bucket
 from .input_fetch import FetchFailed, InputFetcher
@@ -70,8 +80,8 @@ from .metrics import ApiMetrics
 from .outputs import OutputLinks
 from .progress import HttpRecords, Records, TaskProgress
 from .queue_ops import HttpQueueOps, QueueOps, ResultTooLarge, SinkFull, Transient, Uncommitted
-from .runner import InstanceRunner
-from .settings import TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
+from .runner import Dropped, InstanceRunner
+from .settings import MODELS_TAG, TASK_ID_TAG, WEBHOOK_TAG, WorkerSettings, sink_of
 from .status import CANCELLED, progress_of
 from .webhook import WebhookPolicy, WebhookRefused, WebhookSender
 
@@ -156,7 +166,9 @@ class Worker:
         self.runner.on_event = self._on_instance_event
         self.cancels = CancelWatch(cancels or HttpRecords(QueueClient(
             settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
-        self.current_prompt_id: str | None = None
+        self.flights = Flights()
+        self.loaded_models: str | None = None  # the models tag of the last task sent to the instance
+        self._giving_back = False  # a task went back: take no more, leave the watch once the others end
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
         self._cut = asyncio.Event()  # drain timeout: the running task goes back to the queue
@@ -190,6 +202,7 @@ class Worker:
         if self._idle.is_set():
             task.cancel()  # waiting for input: leaving the watch is all there is to do
         else:
+            await self._hand_back_queued()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
                     await self._idle.wait()
@@ -233,26 +246,118 @@ class Worker:
             log.info("%s: instance %s is back", self.name, self.settings.instance_url)
         self.stats.instance_up.set(1)
 
+    def _watch_options(self) -> dict[str, str]:
+        """The watch's extensions (``queue_service.affinity``): the slots beyond the first are queued ahead
+        (filled while no other worker is idle); tasks with the models the instance holds come first."""
+        options = {"_prefetch_": "true"} if self.settings.prefetch else {}
+        if self.settings.affinity_wait_s > 0:
+            options.update({"_affinity_": MODELS_TAG, "_affinity_wait_": f"{self.settings.affinity_wait_s:g}s"})
+            if self.loaded_models:
+                options["_affinity_prefer_"] = self.loaded_models
+        return options
+
     async def _consume(self) -> None:
-        """One watch session; returns when the item must go back (instance down) or on stop."""
+        """One watch session: each task handed over runs as its own flight; returns once every flight has
+        ended after a task had to go back (instance down) or on stop, so leaving the watch releases only
+        the items no flight reported."""
         await self.runner.ready(timeout_s=2.0)
-        async with self.input.watch(window=1) as frames:
-            async for frame in frames:
-                self._idle.clear()
-                try:
-                    await self.handle(frame)
-                except GiveBack as exc:
-                    log.warning("%s: giving task %s back: %s", self.name, frame.tags.get(TASK_ID_TAG), exc)
-                    return  # leaving the watch cleanly releases the item to the other workers
-                finally:
-                    self._idle.set()
-                if self._stopping:
-                    return
+        self._giving_back = False
+        failure: BaseException | None = None
+        async with self.input.watch(window=1 + self.settings.prefetch, options=self._watch_options()) as frames:
+            reader: asyncio.Future[DataFrame] | None = None
+            try:
+                while True:
+                    leaving = self._stopping or self._giving_back
+                    if reader is None and not leaving:
+                        reader = asyncio.ensure_future(anext(frames))
+                    waits: set[asyncio.Future[Any]] = {f.task for f in self.flights.by_index.values() if f.task}
+                    if reader is not None:
+                        waits.add(reader)
+                    if not waits or (leaving and len(waits) == (reader is not None)):
+                        return
+                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if reader is not None and reader in done:
+                        got, reader = reader, None
+                        if got.exception() is not None:  # the watch ended or was refused: let the flights land
+                            self._giving_back = True
+                            if not isinstance(got.exception(), StopAsyncIteration):
+                                failure = failure or got.exception()
+                            continue
+                        frame = got.result()
+                        if not (self._stopping or self._giving_back) and frame.index not in self.flights:
+                            self._take_off(frame)  # else: a frame sent again after a reconnect, or one to leave
+                    for flight in list(self.flights.by_index.values()):
+                        if flight.task is not None and flight.task in done:
+                            failure = self._landed(flight) or failure
+            finally:
+                if reader is not None:
+                    reader.cancel()  # safe: the watch stays usable (``Watcher.__anext__``)
+                await self._ground_all()
+        if failure is not None:
+            raise failure
+
+    def _take_off(self, frame: DataFrame) -> None:
+        flight = self.flights.add(frame, frame.request_id or f"index-{frame.index}")
+        self._idle.clear()
+        flight.task = asyncio.create_task(self.handle(flight), name=f"{self.name}-{frame.index}")
+
+    def _landed(self, flight: Flight) -> BaseException | None:
+        """A flight ended: drop it; a task given back (or an unexpected error) ends the watch once the
+        others have ended. Returns the unexpected error, if any."""
+        self.flights.remove(flight)
+        if not self.flights.by_index:
+            self._idle.set()
+        assert flight.task is not None
+        if flight.task.cancelled():
+            return None
+        exc = flight.task.exception()
+        if exc is None:
+            return None
+        self._giving_back = True  # leaving the watch cleanly releases the item to the other workers
+        if isinstance(exc, GiveBack):
+            log.warning("%s: giving task %s back: %s", self.name, flight.frame.tags.get(TASK_ID_TAG), exc)
+            return None
+        log.error("%s: unexpected error in task %s", self.name, flight.frame.tags.get(TASK_ID_TAG), exc_info=exc)
+        return exc
+
+    async def _ground_all(self) -> None:
+        """Leaving the watch with flights still going (the worker is cancelled): end them first."""
+        for flight in list(self.flights.by_index.values()):
+            if flight.task is not None and not flight.task.done():
+                flight.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await flight.task
+            self.flights.remove(flight)
+        self._idle.set()
+
+    async def _hand_back_queued(self) -> None:
+        """Drain: the tasks queued ahead on the instance come off it (not run); they go back to the input
+        queue when the watch closes, after the running task is reported."""
+        for flight in self.flights.not_started():
+            if self.flights.ahead_on_instance(flight):
+                await self._take_back(flight)
+
+    async def _take_back(self, flight: Flight) -> bool:
+        """Keep ``flight`` from running: not sent yet, it never will be; queued on the instance, it comes
+        off. False when it has started there already."""
+        if not flight.submitting:
+            flight.held = True
+            flight.sent.set()
+            return True
+        await flight.sent.wait()
+        if flight.started or flight.ran:
+            return False
+        try:
+            flight.dropped = await self.runner.drop(flight.prompt_id)
+        except InstanceError as exc:
+            log.info("%s: could not take prompt %s off the instance's queue: %s", self.name, flight.prompt_id, exc)
+            return False
+        return flight.dropped
 
     # -- one task ---------------------------------------------------------------------
 
-    async def handle(self, frame: DataFrame) -> None:
-        request_id = frame.request_id or f"index-{frame.index}"
+    async def handle(self, flight: Flight) -> None:
+        frame, request_id = flight.frame, flight.request_id
         if request_id in self._reported:
             await self._skip_reported(frame, request_id)
             return
@@ -285,7 +390,7 @@ class Worker:
             if ticket.exhausted is not None:
                 status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
             else:
-                status, events, prompt_id = await self._watched_attempt(graph, ticket, request_id)
+                status, events, prompt_id = await self._watched_attempt(graph, ticket, flight)
                 if status == "success":
                     await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
         if ticket.exhausted is not None:
@@ -297,6 +402,7 @@ class Worker:
         if prompt_id:
             tags[results.PROMPT_ID_TAG] = prompt_id
         tags.pop(WEBHOOK_TAG, None)
+        tags.pop(MODELS_TAG, None)
         sink_index = await self._report(results.encode(events), tags, frame.index)
         self.events.publish(request_id, result_event(status))  # GET /api_events: the result is on the sink
         if status == "error" and events and events[0].get("data", {}).get("exception_type") == CANCELLED:
@@ -324,45 +430,80 @@ class Worker:
         self._in_background(self.fetcher.release(frame.data))
 
     async def _watched_attempt(self, graph: dict[str, Any], ticket: Ticket,
-                               request_id: str) -> tuple[str, list[Any], str | None]:
+                               flight: Flight) -> tuple[str, list[Any], str | None]:
         """``_attempt`` with its progress recorded (``GET /api_task``) and its cancel records watched
-        (``POST /api_task/cancel``): a cancelled task is not run, or is interrupted, and reported cancelled."""
-        async with self.progress.running(request_id), \
-                self.cancels.watching(request_id, self._interrupt_current) as cancel:
+        (``POST /api_task/cancel``): a cancelled task is not run, or is interrupted (queued on the instance:
+        taken off its queue), and reported cancelled."""
+        request_id = flight.request_id
+        async with self.progress.running(request_id, queued=self.flights.ahead_on_instance(flight)), \
+                self.cancels.watching(request_id, lambda: self._stop(flight)) as cancel:
             if cancel.requested:
                 return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
-            status, events, prompt_id = await self._attempt(graph, ticket)
+            status, events, prompt_id = await self._attempt(graph, ticket, flight)
         if cancel.requested and status != "success":  # a run that finished first keeps its result
             status, events = results.from_failure(CANCELLED, CANCEL_MESSAGE)
         return status, events, prompt_id
 
     def _on_instance_event(self, item: dict[str, Any]) -> None:
-        """An event of the running prompt: the task's progress record and its event stream (``events``)."""
-        self.progress.event(item)
-        if self.progress.request_id is not None:
-            self.events.publish(self.progress.request_id, item)
+        """An event of one of the worker's prompts: its task's progress record and event stream (``events``);
+        a queued-ahead task's ``execution_start`` makes it the running one, and counts its run."""
+        flight = self.flights.by_prompt.get(str(item["data"].get("prompt_id")))
+        if flight is None:
+            return
+        if item.get("type") == "execution_start" and not flight.started:
+            flight.started = True
+            if flight.on_start is not None:
+                flight.on_start()
+        self.progress.event(flight.request_id, item)
+        self.events.publish(flight.request_id, item)
 
-    async def _interrupt_current(self) -> None:
-        if self.current_prompt_id is not None:
-            await self.probe.interrupt(self.current_prompt_id)
+    async def _stop(self, flight: Flight) -> None:
+        """A cancel: a task not started on the instance comes off its queue; a running one is interrupted
+        (its own prompt only: the instance ignores an interrupt of a prompt it is not running)."""
+        if not await self._take_back(flight) and flight.submitting and not flight.held:
+            await self.probe.interrupt(flight.prompt_id)
 
-    async def _attempt(self, graph: dict[str, Any], ticket: Ticket) -> tuple[str, list[Any], str | None]:
+    async def _attempt(self, graph: dict[str, Any], ticket: Ticket,
+                       flight: Flight) -> tuple[str, list[Any], str | None]:
         """One run, counted once the instance has accepted the prompt (a submit that never reached it is
-        no run); a run cut off keeps its count, with the reason, for the next worker."""
+        no run) or, queued behind another, once it starts; a run cut off keeps its count, with the
+        reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
             try:
-                return await self._run(graph, on_accepted=lambda _: self.ledger.record(ticket))
+                return await self._run(graph, flight, count=lambda: self.ledger.record(ticket))
             except GiveBack as exc:
                 await self.ledger.give_back(ticket, str(exc))
                 raise
 
-    async def _run(self, graph: dict[str, Any], *,
-                   on_accepted: Callable[[str], None]) -> tuple[str, list[Any], str | None]:
+    async def _run(self, graph: dict[str, Any], flight: Flight, *,
+                   count: Callable[[], None]) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
-        a drain's timeout cuts the run (then the prompt is interrupted on the instance first)."""
-        prompt_id = self.current_prompt_id = str(uuid.uuid4())
+        a drain's timeout cuts the run (then the prompt is interrupted on the instance first), or if a
+        drain took it off the instance's queue before it started (then it counts as no run)."""
+        await flight.turn()
+        if self._stopping and self.flights.ahead_on_instance(flight):
+            flight.held = True
+        if flight.held:  # taken back before it went to the instance: by a drain, or by a cancel
+            flight.sent.set()
+            if self._stopping:
+                raise GiveBack(f"worker {self.name} is shutting down: the task had not started")
+            return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
+        prompt_id = flight.prompt_id
+        flight.behind = self.flights.ahead_on_instance(flight)
+        self.progress.queued(flight.request_id, flight.behind)
+        flight.started = not flight.behind
+        flight.submitting = True
+        flight.on_start = count if flight.behind else None
+        if flight.frame.tags.get(MODELS_TAG):
+            self.loaded_models = flight.frame.tags[MODELS_TAG]
+
+        def accepted(_: str) -> None:
+            flight.sent.set()
+            if not flight.behind:
+                count()
+
         run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
-                                                  on_accepted=on_accepted))
+                                                  on_accepted=accepted, queued=flight.behind))
         watchdog = asyncio.create_task(self._instance_down())
         cut = asyncio.create_task(self._cut.wait())
         try:
@@ -372,19 +513,28 @@ class Worker:
             cut.cancel()
             if not run.done():
                 run.cancel()
+            flight.ran = True
+            flight.sent.set()
         if not run.done() or run.cancelled():
             with contextlib.suppress(Exception):
                 await cancel_and_wait(run)
             if self._cut.is_set():
                 with contextlib.suppress(InstanceError):
-                    await self.probe.interrupt(prompt_id)
+                    if not await self.runner.drop(prompt_id):  # still queued there: it comes off
+                        await self.probe.interrupt(prompt_id)
                 raise GiveBack(f"worker {self.name} is shutting down and its --shutdown-timeout has passed")
             raise GiveBack(f"instance {self.settings.instance_url} unreachable for {self.settings.instance_down_s}s")
         try:
             result = run.result()
         except PromptRejected as exc:
             return (*results.from_rejection(exc), None)
-        except (InstanceUnavailable, PromptLost) as exc:
+        except (Dropped, PromptLost) as exc:
+            if not (flight.dropped or isinstance(exc, Dropped)):
+                raise GiveBack(str(exc)) from exc
+            if self._stopping:
+                raise GiveBack(f"worker {self.name} is shutting down: the task had not started") from exc
+            return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)  # a cancel took it off the queue
+        except InstanceUnavailable as exc:
             raise GiveBack(str(exc)) from exc
         except InstanceError as exc:
             return (*results.from_failure("instance_error", str(exc)), None)

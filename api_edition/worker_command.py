@@ -24,6 +24,7 @@ from standard.storage.location import is_oss_url
 from standard.storage.settings import add_storage_arguments, storage_settings_from_args
 
 from .command import add_limit_arguments, limit_settings
+from .dispatch_options import add_dispatch_arguments, dispatch_settings
 from .input_options import add_input_arguments, input_settings
 from .settings import DEFAULT_INSTANCE_DOWN_S, DEFAULT_SERVICE, WorkerSettings
 from .worker import Worker
@@ -34,7 +35,7 @@ log = logging.getLogger("comfyserve.api.worker")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--queue-url", default=None, help="the queue service (http://host:port)")
     add_option(parser, "--service", default=DEFAULT_SERVICE, help="service name: input queue NAME, results NAME/sink")
-    add_option(parser, "--instance-url", default=None, help="the instance this worker feeds (one task at a time)")
+    add_option(parser, "--instance-url", default=None, help="the instance this worker feeds")
     add_secret_option(parser, "--token", help="the queue service's token")
     add_secret_option(parser, "--instance-token", help="the instance's token (default: --token)")
     add_option(parser, "--worker-id", default=None,
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="the instance's data dir (shared): where tasks' URL inputs are fetched to and removed from; "
                     "oss://BUCKET/PREFIX: they go through a local mirror to the bucket (and are removed from it)")
     add_input_arguments(parser, front=False)
+    add_dispatch_arguments(parser)
     add_storage_arguments(parser.add_argument_group("object storage (OSS), for an oss:// --data-dir"))
 
 
@@ -77,7 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         webhook_secret=args.webhook_secret, instance_down_s=args.instance_down_timeout,
         run_timeout_s=args.run_timeout, max_attempts=max_attempts, webhook_allow=webhook_allow,
         shutdown_timeout_s=shutdown_timeout_of(args),
-        data_dir=data_dir, storage=storage, **input_settings(args),
+        data_dir=data_dir, storage=storage, **input_settings(args), **dispatch_settings(args),
     )
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from standard.datadir import DataDir, WorkDirs
 from standard.errors import PathOutsideRoot, RequestError, error_body
+from standard.model_files import is_model_file
 from standard.paths import resolve_inside
-from standard.storage.names import is_model_name
 
 STAGE = ".cluster"  # hidden: input listings (LoadImage choices) skip it
 FILE_TYPES = ("input", "output", "temp")
@@ -102,7 +102,7 @@ def check_graph(prompt: dict[str, Any], object_info: dict[str, Any] | None, work
         for key, value in inputs.items():
             if isinstance(value, str):
                 _check_value(str(node_id), key, value, workdirs, public_input)
-                if is_model_name(value):
+                if is_model_file(value):
                     models.add(value)
     if not outputs:
         raise GraphRefused("prompt_no_outputs", "Prompt has no outputs", "")

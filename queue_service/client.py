@@ -180,10 +180,12 @@ class QueueClient:
         await self._request("DELETE", {"_index_": index, "_trunc_": "true"})
 
     def watch(self, index: int = 0, window: int = 1, *, index_only: bool = False, auto_commit: bool = False,
-              tags: dict[str, str] | None = None) -> Watcher:
+              tags: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Watcher:
+        """``options``: reserved ``_name_`` parameters of extensions (``queue_service.affinity``); a
+        service without them ignores them."""
         params = {"_watch_": "true", "_index_": str(index), "_window_": str(window),
                   "_index_only_": str(index_only).lower(), "_auto_commit_": str(auto_commit).lower(),
-                  **(tags or {})}
+                  **(tags or {}), **(options or {})}
         url = httpx.URL(self.url.replace("http", "ws", 1), params=params)
         return Watcher(str(url), {**self.headers, "Accept": PROTOBUF})
 

@@ -22,6 +22,7 @@ import uuid
 from aiohttp import WSMsgType, web
 
 from . import params
+from .affinity import Affinity, PassedOver
 from .protocol import encode_body, encode_frame
 from .settings import MAX_WINDOW, QueueSettings
 from .store import Item, QueueStore, StoreUnavailable, Superseded
@@ -84,6 +85,7 @@ class WatchRegistry:
     def __init__(self) -> None:
         self.sockets: set[web.WebSocketResponse] = set()
         self.released: set[web.WebSocketResponse] = set()
+        self.passed = PassedOver()  # the preferring watches' account (``affinity``)
 
     async def close_all(self, *, code: int, message: bytes, release: bool) -> None:
         """Close every watch; with ``release`` their pending items are ready for others at once."""
@@ -101,6 +103,8 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
     index_only = params.flag(query, "_index_only_")
     auto_commit = params.flag(query, "_auto_commit_")
     tags = params.tags_of(query)  # only items carrying all of them come to this watcher
+    affinity = None if auto_commit else Affinity.of(query)  # prefetch slots, preference (``affinity``)
+    sent: set[int] = set()
     consumer = params.consumer_of(request) or f"anonymous/{uuid.uuid4()}"
     session = uuid.uuid4().hex
     lease_s, poll_s = settings.pending_timeout_s, settings.poll_interval_s
@@ -124,6 +128,10 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
                     # so send everything pending on this consumer again (duplicates are uncommitted).
                     items = await store.pending(queue, consumer, session)
                     resync = False
+                elif affinity is not None:
+                    items = await affinity.claim(store, registry.passed, queue, consumer, session, window=window,
+                                                 min_index=min_index, lease_s=lease_s, tags=tags)
+                    sent.update(item.index for item in items)
                 else:
                     items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                               auto_commit=auto_commit, lease_s=lease_s, tags=tags)
@@ -151,6 +159,9 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
             raise
     finally:
         registry.sockets.discard(ws)
+        registry.passed.let_go(queue, sent)
+        if affinity is not None:
+            affinity.close(registry.passed, queue, tags)
         clean_close = reader.done() and not reader.cancelled() and reader.exception() is None and reader.result()
         if ws in registry.released:
             registry.released.discard(ws)

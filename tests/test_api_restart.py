@@ -60,8 +60,10 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
     init_data_dir(data_dir)
     install_gate_plugin(data_dir)
     port = free_port()
+    # --prefetch 0: the two gated tasks must run at once, one per instance; with a task queued ahead, the
+    # worker whose instance is up first could take both (the other's watch opens once its instance is up).
     args = ["api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN, "--service", SERVICE,
-            "--instances", "2", "--pending-timeout", str(PENDING_TIMEOUT_S)]
+            "--instances", "2", "--pending-timeout", str(PENDING_TIMEOUT_S), "--prefetch", "0"]
     if store == "redis":
         args += ["--redis-url", request.getfixturevalue("redis_url")]
     base = f"http://127.0.0.1:{port}"

@@ -146,7 +146,8 @@ def _logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
 
 async def test_full_sink_stops_the_worker_taking_input(api: ApiFactory, instance_url: Any,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    live = await api(instance_urls=(await instance_url(),), max_length=2)
+    # One task at a time (--prefetch 0): the queues hold 2 items, too few for one more taken ahead.
+    live = await api(instance_urls=(await instance_url(),), max_length=2, prefetch=0)
     for i in range(2):
         await live.submit(tiny_graph(f"s{i}"), task_id=f"s{i}")
     async with live.sink() as sink, live.input() as queue:

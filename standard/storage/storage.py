@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..model_files import models_of
 from ..paths import resolve_inside
 from .cache import ModelCache
 from .client import OssClient
 from .download import ProgressCallback
 from .errors import ObjectNotFound, StorageError
 from .listing import BucketListing
-from .names import model_names
 from .settings import StorageSettings
 from .sync import sync_down
 
@@ -143,10 +143,10 @@ class ObjectStorage:
 
     def fetch_models(self, prompt: dict[str, Any]) -> list[str]:
         """For an instance that reads only its local ``models/`` (real ComfyUI behind our front): the listed
-        model files ``prompt`` names (``names.model_names``; in every folder that has the name) fetched into the
+        model files ``prompt`` names (``model_files.models_of``; in every folder that has the name) fetched into the
         cache before the prompt is validated, each kept out of eviction until ``release_models``. Returns the
         ``folder/name`` of each. Blocking; a file that cannot be fetched is left to validation (logged)."""
-        names = set(model_names(prompt)) if self.remote_models else set()
+        names = set(models_of(prompt)) if self.remote_models else set()
         if not names:
             return []
         assert self.cache is not None and self.models is not None
