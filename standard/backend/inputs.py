@@ -21,7 +21,6 @@ reads) before it is forwarded, and kept out of the cache's eviction until the pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..http_util import BadJSON, parse_json
 from ..storage.errors import StorageError
+from ..tasks import cancel_and_wait
 from .outputs import OUTPUTS
 from .runtime import Backend
 
@@ -208,9 +208,7 @@ def inputs_context(session_key: web.AppKey[aiohttp.ClientSession]
         inputs.session = app[session_key]
         task = asyncio.create_task(inputs.watch(), name="comfyserve-backend-inputs")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         if OUTPUTS in app:
             await app[OUTPUTS].stop()  # uploads under way finish: the files would go with the machine
         inputs.storage.close()
