@@ -12,8 +12,9 @@ streams that asked for its task. So the stream reads the same on any front on on
 A stream sends, per task: ``event: status`` (the ``GET /api_task`` answer) first, then each instance
 event under its own type (``data``: the instance's event object plus ``task_id`` and ``request_id``),
 and ``event: result`` (the ``GET /api_task`` answer with the result) at the end; it closes once every
-task has its result. Comments (``: ping``) keep idle connections open. The sink item is unchanged:
-one per task. The queue is trimmed to the newest ``EVENTS_KEEP`` records by the workers.
+task has its result. Comments (``: ping``) keep idle connections open. On shutdown the hub ends every
+open stream with a ``: server shutting down`` comment (an open stream must not hold the front's exit).
+The sink item is unchanged: one per task. The queue is trimmed to the newest ``EVENTS_KEEP`` records by the workers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ PING_S = 15.0
 MAX_TASKS = 100
 PROGRESS_EVERY_S = 0.05
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+CLOSED: tuple[str, dict[str, Any]] = ("", {})  # put on every stream by ``EventHub.aclose``: the stream ends
 
 
 def events_of(service: str) -> str:
@@ -119,8 +121,12 @@ class EventHub:
         self._streams: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
         self._tail: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        self._closed = False
 
     async def subscribe(self, request_id: str, stream: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+        if self._closed:
+            stream.put_nowait(CLOSED)
+            return
         self._streams.setdefault(request_id, set()).add(stream)
         if self._tail is None or self._tail.done():
             self._started.clear()
@@ -167,8 +173,13 @@ class EventHub:
                         await changed.wait()
 
     async def aclose(self) -> None:
+        """Stop the tail and end every open stream (the app's ``on_shutdown``: before handlers are awaited)."""
+        self._closed = True
         if self._tail is not None:
             await cancel_and_wait(self._tail)
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.put_nowait(CLOSED)
 
 
 HUB_KEY = web.AppKey("api_event_hub", EventHub)
@@ -238,10 +249,14 @@ async def _stream(request: web.Request, status: TaskStatus, stream: asyncio.Queu
     while open_tasks:
         try:
             async with asyncio.timeout(PING_S):
-                request_id, event = await stream.get()
+                item = await stream.get()
         except TimeoutError:
             await response.write(b": ping\n\n")
             continue
+        if item is CLOSED:  # the front shuts down: the client reconnects elsewhere or later
+            await response.write(b": server shutting down\n\n")
+            break
+        request_id, event = item
         if request_id not in open_tasks:
             continue
         if event.get("type") == RESULT_EVENT:

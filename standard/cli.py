@@ -2,7 +2,9 @@
 
 Each role is a :class:`standard.serving.Role` that its package declares in the
 ``comfyserve.roles`` entry-point group (see pyproject.toml); this file finds
-them there, so the ground (``standard``) never imports the editions built on it.
+them there, so the ground (``standard``) never imports the editions built on it. Only the
+chosen role's entry point is loaded (a start pays for its own imports, not every edition's);
+without a role (``comfyserve --help``) all are, to list them with their help.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from .options import add_option
 from .serving import Role, run_role
@@ -24,18 +26,33 @@ DESCRIPTION = ("Serve ComfyUI workflows: one instance (standard), asynchronous c
                "(api, worker, queue) or many users sharing a pool (cluster, users).")
 
 
-def registered_roles() -> dict[str, Role]:
-    """The roles of the installed packages, by name (the first one installed under a name wins)."""
-    roles: dict[str, Role] = {}
+def role_entries() -> dict[str, EntryPoint]:
+    """The installed packages' role entry points by name, not loaded (the first one installed under a name wins)."""
+    entries: dict[str, EntryPoint] = {}
     for entry in entry_points(group=ROLE_GROUP):
-        if entry.name not in roles:
-            role = entry.load()
-            if not isinstance(role, Role) or role.name != entry.name:
-                raise TypeError(f"entry point {entry.value} of {ROLE_GROUP} is not the Role {entry.name!r}")
-            roles[entry.name] = role
-    if not roles:
+        entries.setdefault(entry.name, entry)
+    if not entries:
         raise SystemExit(f"comfyserve: no roles registered in {ROLE_GROUP}: reinstall the package (pip install -e .)")
+    return entries
+
+
+def registered_roles(only: str | None = None) -> dict[str, Role]:
+    """The roles of the installed packages, by name; with ``only``, just that one is imported."""
+    roles: dict[str, Role] = {}
+    for name, entry in role_entries().items():
+        if only is not None and name != only:
+            continue
+        role = entry.load()
+        if not isinstance(role, Role) or role.name != name:
+            raise TypeError(f"entry point {entry.value} of {ROLE_GROUP} is not the Role {name!r}")
+        roles[name] = role
     return roles
+
+
+def chosen_role(argv: Sequence[str]) -> str | None:
+    """The role named on the command line (its first word that names one), without importing any role."""
+    names = role_entries()
+    return next((word for word in argv if word in names), None)
 
 
 def build_parser(roles: dict[str, Role] | None = None) -> argparse.ArgumentParser:
@@ -102,8 +119,9 @@ def use_event_loop(choice: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    roles = registered_roles()
-    args = build_parser(roles).parse_args(with_passthrough(sys.argv[1:] if argv is None else argv, roles))
+    words = sys.argv[1:] if argv is None else list(argv)
+    roles = registered_roles(only=chosen_role(words))  # no role named (--help, a typo): all, to list them
+    args = build_parser(roles).parse_args(with_passthrough(words, roles))
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

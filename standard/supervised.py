@@ -141,6 +141,8 @@ class SupervisedProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         # Why the last start failed before the child answered (code and last output line); None once it answers.
         self.start_failure: str | None = None
+        # The last start failed and no new one runs yet (a backoff wait): requests need not wait for it.
+        self.failed = False
         self.ready = False
         self._ready_changed = asyncio.Condition()
         self._restart_requested = False
@@ -172,18 +174,22 @@ class SupervisedProcess:
     async def restart(self, wait_s: float | None = None) -> bool:
         """Replace the child on purpose; wait up to ``wait_s`` for the new one to be ready."""
         starts = self.starts
+        self.failed = False  # a new start is under way: waiting for it is worth it
         self._restart_requested = True
         self._wake.set()
         await self._set_ready(False)  # new requests wait for the new child instead of reaching the old one
         await self._terminate()
         return await self.wait_ready(wait_s, after_starts=starts)
 
-    async def wait_ready(self, timeout_s: float | None = None, *, after_starts: int = 0) -> bool:
-        """Until a child started after ``after_starts`` is ready (or the timeout passes)."""
+    async def wait_ready(self, timeout_s: float | None = None, *, after_starts: int = 0,
+                         until_failed: bool = False) -> bool:
+        """Until a child started after ``after_starts`` is ready (or the timeout passes); with
+        ``until_failed`` also until a start fails (``failed``), so a caller can say so at once."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 async with self._ready_changed:
-                    await self._ready_changed.wait_for(lambda: self.ready and self.starts > after_starts)
+                    await self._ready_changed.wait_for(
+                        lambda: self.ready and self.starts > after_starts or until_failed and self.failed)
         return self.ready
 
     # -- supervision ---------------------------------------------------------
@@ -193,16 +199,24 @@ class SupervisedProcess:
             self.ready = ready
             self._ready_changed.notify_all()
 
+    async def _set_failed(self) -> None:
+        async with self._ready_changed:
+            self.failed = True
+            self._ready_changed.notify_all()
+
     async def _supervise(self) -> None:
         failures = 0
         loop = asyncio.get_running_loop()
         while not self._stopping:
             self._restart_requested = False
+            self.failed = False
             self._wake.clear()
             try:
                 proc = await self._spawn()
             except OSError as exc:
                 self.log.error("cannot start %s: %s", self.name, exc)
+                self.start_failure = f"cannot start {self.name}: {exc}"
+                await self._set_failed()
                 proc = None
             if proc is not None:
                 became_ready = await self._wait_until_ready(proc)
@@ -225,6 +239,8 @@ class SupervisedProcess:
                     failures = 0
                 await self._output_flushed()
                 self._report_exit(proc, became_ready)
+                if not became_ready:
+                    await self._set_failed()
             failures += 1
             delay = self.restart_policy.delay_s(failures)
             self.log.info("starting %s again in %.1f s", self.name, delay)

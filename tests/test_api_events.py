@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -11,7 +12,10 @@ from typing import Any
 
 import httpx
 
+from api_edition.app import running
+from api_edition.settings import ApiSettings
 from queue_service.client import QueueClient
+from standard.ports import free_port
 from support.api import SERVICE, TOKEN, ApiFactory
 from support.processes import TESTS_DIR, redis_command_calls
 from support.server import halfway_graph, install_gate_plugin, open_gate, tiny_graph
@@ -124,3 +128,25 @@ async def test_progress_events_are_sampled_but_the_last_step_always_arrives(api:
     progress = [data["data"] async for kind, data in events if kind == "progress"]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 100
     assert len(progress) <= 100
+
+
+async def test_an_open_stream_ends_with_a_comment_when_the_front_stops(tmp_path: Path) -> None:
+    """An open stream must not hold the front's exit until the runner's shutdown timeout cancels it."""
+    settings = ApiSettings(port=free_port(), token=TOKEN, service=SERVICE, instances=0,
+                           sqlite_path=tmp_path / "queue.sqlite3")
+    lines: list[str] = []
+    async with contextlib.AsyncExitStack() as front:
+        await front.enter_async_context(running(settings))
+        live = f"http://127.0.0.1:{settings.port}"
+        async with httpx.AsyncClient(base_url=live, trust_env=False, timeout=30.0) as http:
+            await http.post("/api_prompt", params={"task_id": "waiting"}, content=json.dumps(tiny_graph()).encode(),
+                            headers={"Authorization": TOKEN})  # no instance: it stays queued
+            async with http.stream("GET", "/api_events", params={"task_id": "waiting"},
+                                   headers={"Authorization": TOKEN}) as resp:
+                stream = aiter(resp.aiter_lines())
+                while (line := await anext(stream)) != "":  # the status event: the stream is subscribed
+                    lines.append(line)
+                stopping = asyncio.create_task(front.aclose())
+                lines += [line async for line in stream]  # ends cleanly (no cut-off chunked body)
+                await stopping
+    assert lines[0] == "event: status" and ": server shutting down" in lines

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from standard.backend.app import REQUEST_WAIT_S
 from standard.ports import free_port
 from support.processes import SHIM_DIR, VENV_BIN, alive, own_output, wait_for_port
 
@@ -157,7 +158,8 @@ def test_comfyui_exiting_at_start_is_said_with_its_last_output(tmp_path: Path, c
         assert ready.status_code == 503
         error = ready.json()["error"]
         assert "ComfyUI exited at start with code 3: shim: Torch not compiled with CUDA enabled" in error
-        answer = httpx.get(f"{base}/object_info", timeout=60)
+        # Said at once: a child known to have failed is not waited for (REQUEST_WAIT_S) before the 503.
+        answer = httpx.get(f"{base}/object_info", timeout=REQUEST_WAIT_S / 3)
         assert answer.status_code == 503
         assert "exited at start with code 3: shim: Torch not compiled" in answer.json()["error"]["details"]
     finally:

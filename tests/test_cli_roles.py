@@ -166,3 +166,16 @@ def test_ctrl_c_at_the_password_prompt_ends_users_add_cleanly(tmp_path: Path, cl
     assert b"Traceback" not in shown and b"KeyboardInterrupt" not in shown, shown
     result = comfyserve(["users", "list", "--data-dir", str(tmp_path / "d")], cli_env)
     assert result.returncode == 0 and "bob" not in result.stdout
+
+
+def test_a_role_start_imports_only_that_roles_package(cli_env: dict[str, str]) -> None:
+    """Each start pays for its own role's imports, not every edition's (``api_edition.app`` alone is ~0.2 s)."""
+    result = comfyserve(["users", "--help"], {**cli_env, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0 and "manage cluster-edition accounts" in result.stdout, result.stderr
+    # (an entry point's own module is imported by importlib.import_module, which -X importtime does not list)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not {name for name in imported if name.split(".")[0] in ("api_edition", "queue_service")}, imported
+    listed = comfyserve(["--help"], cli_env)  # no role named: all are listed, each with its help
+    assert listed.returncode == 0 and "manage cluster-edition accounts" in listed.stdout, listed.stderr
+    assert all(role in listed.stdout for role in (*SERVER_ROLES, "init", "worker", "users")), listed.stdout

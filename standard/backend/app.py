@@ -411,6 +411,9 @@ def _not_ready(backend: Backend) -> str:
 async def _backend_url(backend: Backend, failed_url: str | None = None) -> str | None:
     """The backend's address; while a child (re)starts, wait up to REQUEST_WAIT_S for the new one.
 
+    None at once when the child's last start failed and no new one runs (a backoff wait): the
+    503 says how it failed rather than after REQUEST_WAIT_S. A start under way is waited for.
+
     With ``failed_url`` (a request to it just failed) an address other than that
     one is awaited, unless the same child is still there a second later.
     """
@@ -422,7 +425,12 @@ async def _backend_url(backend: Backend, failed_url: str | None = None) -> str |
     deadline = started + REQUEST_WAIT_S
     while loop.time() < deadline:
         if base_url is None:
-            await backend.wait_ready(deadline - loop.time())
+            if isinstance(backend, ComfyUIChild):
+                if backend.failed:
+                    return None
+                await backend.wait_ready(deadline - loop.time(), until_failed=True)
+            else:
+                await backend.wait_ready(deadline - loop.time())
         elif loop.time() - started > 1.0:
             return base_url  # it did not go away: worth one more try
         else:

@@ -140,9 +140,16 @@ class ComfyUIChild:
         await self.child.restart(wait_s)
         return await self.status()
 
-    async def wait_ready(self, timeout_s: float | None = None, *, after_starts: int = 0) -> bool:
-        """Until a child started after ``after_starts`` is ready (or the timeout passes)."""
-        return await self.child.wait_ready(timeout_s, after_starts=after_starts)
+    @property
+    def failed(self) -> bool:
+        """Its last start failed and the next one has not begun (``not_ready_reason`` says how)."""
+        return self.child.failed
+
+    async def wait_ready(self, timeout_s: float | None = None, *, after_starts: int = 0,
+                         until_failed: bool = False) -> bool:
+        """Until a child started after ``after_starts`` is ready, or one fails at start with
+        ``until_failed`` (or the timeout passes)."""
+        return await self.child.wait_ready(timeout_s, after_starts=after_starts, until_failed=until_failed)
 
     # -- the child -------------------------------------------------------------
 
