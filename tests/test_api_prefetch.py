@@ -18,8 +18,7 @@ from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service.client import QueueClient
 from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
-from support.drain import drain_gate_graph, install_drain_gate, runs_of
-from support.server import open_gate, tiny_graph
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of, tiny_graph
 from support.wait import until
 
 
@@ -59,7 +58,7 @@ def state_of(frame: Any) -> str:
 
 
 async def start(api: ApiFactory, instance_url: Any, data_dir: Path, **settings: Any) -> tuple[LiveApi, str]:
-    install_drain_gate(data_dir)
+    install_gate_plugin(data_dir)
     url = await instance_url()
     return await api(instance_urls=(url,), data_dir=data_dir, **settings), url
 
@@ -166,7 +165,7 @@ async def test_an_instance_dying_under_a_running_and_a_queued_task_gives_both_ba
     the instance is restarted. a's cut-off run counts (--max-attempts 1: reported at the cap, not run again);
     b never started, so it was not counted: it runs, once."""
     install_crash_plugin(data_dir)
-    install_drain_gate(data_dir)
+    install_gate_plugin(data_dir)
     live = await api(instances=1, data_dir=data_dir, max_attempts=1)
     url = live.live.pool.workers[0][0].settings.instance_url
     doomed = drain_gate_graph("a", "doomed")
