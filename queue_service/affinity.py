@@ -125,13 +125,17 @@ class Affinity:
         """Up to the free part of ``window`` (only the first slot while a peer holds nothing), one item at
         a time (each preferring the one before)."""
         key = (queue, frozenset(tags.items()))
-        holding = len(await store.pending(queue, consumer, session)) if window > 1 else 0
+        # Asked also for a window of one when preferring: a preferred claim that finds the slot still taken
+        # (its item not yet committed) must not be followed by a plain claim that finds it free.
+        holding = len(await store.pending(queue, consumer, session)) if window > 1 or self.tag else 0
+        if holding >= window:
+            return []
         if self.prefetch and holding and passed.idle_peer(key, id(self)):
             window = 1  # a slot queued ahead would make that item wait while a peer's instance idles
         out: list[Item] = []
-        if self.tag is None:
+        if self.tag is None and holding < window:
             out = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                    auto_commit=False, lease_s=lease_s, tags=tags) if holding < window else []
+                                    auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
         while self.tag is not None and holding + len(out) < window:
             items = await self._one(store, passed, queue, consumer, session, window=holding + len(out) + 1,
                                     min_index=min_index, lease_s=lease_s, tags=tags, free=holding + len(out) == 0)
@@ -154,7 +158,8 @@ class Affinity:
         overdue = passed.overdue(queue, self.wait_s)
         if self.value is not None and not overdue:
             items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                      auto_commit=False, lease_s=lease_s, tags={**tags, self.tag: self.value})
+                                      auto_commit=False, lease_s=lease_s, tags={**tags, self.tag: self.value},
+                                      handoff=False)
             if items:
                 passed.seen(queue, await store.get(queue, min_index, PEEK, None), items[0], tags)
             elif not free:
@@ -163,7 +168,7 @@ class Affinity:
                     return []  # wait for this consumer's slot to be free (or for the head to be overdue)
         if not items:
             items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                      auto_commit=False, lease_s=lease_s, tags=tags)
+                                      auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
         if overdue:  # the oldest ready item went first: its account starts again
             passed.heads.pop(queue, None)
         passed.taken(queue, items)

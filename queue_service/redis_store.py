@@ -774,9 +774,10 @@ class RedisStore:
         return _items(flat)
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
+                    handoff: bool = True) -> list[Item]:
         spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
-        taken = self._handoff.taken(queue, consumer, session, spec)
+        taken = self._handoff.taken(queue, consumer, session, spec) if handoff else None
         if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
             return taken
         changed = self._notifier.event(queue)
@@ -788,7 +789,8 @@ class RedisStore:
         changed_meanwhile = changed.is_set()  # a local change during the call
         if items and auto_commit:
             self._notifier.notify(queue)
-        self._handoff.claimed(queue, consumer, session, spec, bool(items), flat[0] == 2, changed_meanwhile)
+        if handoff:
+            self._handoff.claimed(queue, consumer, session, spec, bool(items), flat[0] == 2, changed_meanwhile)
         return items
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:

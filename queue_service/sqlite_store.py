@@ -537,15 +537,17 @@ class SQLiteStore:
             return items, need > 0 and len(items) < need
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
+                    handoff: bool = True) -> list[Item]:
         spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
-        taken = self._handoff.taken(queue, consumer, session, spec)
+        taken = self._handoff.taken(queue, consumer, session, spec) if handoff else None
         if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
             return taken
         changed = self._notifier.event(queue)
         items, drained = await self._run(self._claim_drained, queue, consumer, session, window, min_index,
                                          auto_commit, lease_s, tags)
-        self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed.is_set())
+        if handoff:
+            self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed.is_set())
         return items
 
     def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:

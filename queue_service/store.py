@@ -194,7 +194,8 @@ class QueueStore(Protocol):
         """Make ``session`` the consumer's live one; returns its pending items (to send again)."""
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None) -> list[Item]:
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
+                    handoff: bool = True) -> list[Item]:
         """Hand the consumer up to ``window`` minus its pending count ready items (priority first).
 
         With ``tags`` only items carrying all of them (among the first ``TAG_SCAN_LIMIT`` ready
@@ -202,7 +203,9 @@ class QueueStore(Protocol):
         With ``auto_commit`` the items are removed instead of becoming pending.
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
         From its first claim until ``release``/``forget`` the consumer is a taker (``Handoff``): puts in
-        this process claim for it too, and its next claim returns what they got.
+        this process claim for it too, and its next claim returns what they got. ``handoff=False``: not a
+        taker, for a watcher whose claims differ from one call to the next (``affinity``): what a put
+        claimed with its last claim's terms would never be sent.
         """
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
