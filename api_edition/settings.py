@@ -27,7 +27,9 @@ SINK_SUFFIX = "/sink"
 TASK_ID_TAG = "task_id"
 WEBHOOK_TAG = "webhook"
 MODELS_TAG = "models"  # the task's model files (``standard.model_files.model_key``), put by the front
-DEFAULT_PREFETCH = 1
+# Off by default: a task queued ahead waits behind the running one even when another worker falls idle
+# later (or opens its watch late), since the protocol cannot take one item back from a watch.
+DEFAULT_PREFETCH = 0
 DEFAULT_AFFINITY_WAIT_S = 3.0
 
 

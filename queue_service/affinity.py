@@ -146,6 +146,12 @@ class Affinity:
             passed.set_idle(key, id(self), holding + len(out) == 0)
         return out
 
+    def open(self, passed: PassedOver, queue: str, tags: dict[str, str], holding: int) -> None:
+        """A prefetching watch holding nothing is an idle peer from the moment it opens, not only after its
+        first claim: a peer's claim meanwhile must not queue work ahead behind a running task."""
+        if self.prefetch:
+            passed.set_idle((queue, frozenset(tags.items())), id(self), holding == 0)
+
     def close(self, passed: PassedOver, queue: str, tags: dict[str, str]) -> None:
         passed.set_idle((queue, frozenset(tags.items())), id(self), False)
 

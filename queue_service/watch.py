@@ -116,6 +116,8 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
     reader = asyncio.create_task(_read_until_closed(ws, queue))
     try:
         backlog = await store.open_session(queue, consumer, session, lease_s)
+        if affinity is not None:
+            affinity.open(registry.passed, queue, tags, len(backlog))
         if backlog:
             await _send(request, ws, [_frame(item, index_only) for item in backlog])
         renewed_at = time.monotonic()

@@ -60,7 +60,7 @@ def state_of(frame: Any) -> str:
 async def start(api: ApiFactory, instance_url: Any, data_dir: Path, **settings: Any) -> tuple[LiveApi, str]:
     install_gate_plugin(data_dir)
     url = await instance_url()
-    return await api(instance_urls=(url,), data_dir=data_dir, **settings), url
+    return await api(instance_urls=(url,), data_dir=data_dir, **{"prefetch": 1, **settings}), url
 
 
 async def test_the_next_task_waits_on_the_instance_and_answers_queued_until_it_starts(
@@ -166,7 +166,7 @@ async def test_an_instance_dying_under_a_running_and_a_queued_task_gives_both_ba
     b never started, so it was not counted: it runs, once."""
     install_crash_plugin(data_dir)
     install_gate_plugin(data_dir)
-    live = await api(instances=1, data_dir=data_dir, max_attempts=1)
+    live = await api(instances=1, data_dir=data_dir, max_attempts=1, prefetch=1)
     url = live.live.pool.workers[0][0].settings.instance_url
     doomed = drain_gate_graph("a", "doomed")
     doomed["4"] = {"class_type": "TestCrash", "inputs": {"image": ["2", 0], "key": "a", "times": 1}}
@@ -208,13 +208,13 @@ def test_prefetch_and_affinity_flags_and_environment(monkeypatch: pytest.MonkeyP
     parser = argparse.ArgumentParser()
     worker_command.add_arguments(parser)
     defaults = worker_command.settings_from_args(parser.parse_args(worker_args))
-    assert (defaults.prefetch, defaults.affinity_wait_s) == (1, 3.0)
-    monkeypatch.setenv("COMFYSERVE_PREFETCH", "0")
+    assert (defaults.prefetch, defaults.affinity_wait_s) == (0, 3.0)
+    monkeypatch.setenv("COMFYSERVE_PREFETCH", "1")
     monkeypatch.setenv("COMFYSERVE_AFFINITY_WAIT", "0.5")
     parser = argparse.ArgumentParser()
     worker_command.add_arguments(parser)
     settings = worker_command.settings_from_args(parser.parse_args(worker_args))
-    assert (settings.prefetch, settings.affinity_wait_s) == (0, 0.5)
+    assert (settings.prefetch, settings.affinity_wait_s) == (1, 0.5)
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     settings_api = command.settings_from_args(parser.parse_args(

@@ -93,7 +93,7 @@ async def test_a_task_progress_writer_ends_with_its_run_whenever_the_run_ends(
     async def one_run(turns: int) -> None:
         async with progress.running(f"task-{turns}"):
             await records.putting.wait()  # its first record is being written
-            progress.event({"type": "executing", "data": {"node": "1"}})  # the next one replaces it
+            progress.event(f"task-{turns}", {"type": "executing", "data": {"node": "1"}})  # the next one replaces it
             await records.dropping.wait()
             await next_turns(turns)  # the run ends this many turns into the removal of the first
 
