@@ -10,8 +10,9 @@ back when it starts.
   which commits whatever has queued up meanwhile in one transaction (WAL,
   ``synchronous=NORMAL``: a commit survives ``kill -9`` of the process; only a
   power cut may lose the last ones). A caller that must not go on before its
-  write is on disk awaits :meth:`StateStore.flush`: the worker before it runs
-  a prompt (so a restart never runs it twice), deletes from the queue or the
+  write is on disk awaits :meth:`StateStore.flush` (or waits on
+  :meth:`StateStore.flush_future`): the worker before it runs a prompt (so a
+  restart never runs it twice), deletes from the queue or the
   history before their 200. ``POST /prompt`` does not wait: its write is queued
   before the answer and committed with the writer's next batch, typically well
   under a millisecond later. Waiting for it would cost the answer a thread
@@ -233,9 +234,14 @@ class StateStore:
 
     async def flush(self) -> None:
         """Until every write submitted before this call is committed (raises if the commit failed)."""
+        await asyncio.wrap_future(self.flush_future())
+
+    def flush_future(self) -> concurrent.futures.Future[None]:
+        """Done once every write submitted before this call is committed: the execution thread waits on it
+        itself (``result()``) before it runs the next prompt, without a hop through the event loop."""
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._ops.put((None, future))
-        await asyncio.wrap_future(future)
+        return future
 
     def close(self) -> None:
         """Commit what is queued, then close the file and release the lock (blocking: a short wait)."""

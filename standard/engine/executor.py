@@ -64,6 +64,9 @@ class PromptExecutor:
         self.history_result: dict[str, Any] = {}
         self.client_id: str | None = None
         self._node_progress: ProgressState | None = None
+        # Called with True right before a node's function runs and False right after (the server holds the
+        # hand-over of events to its loop in between nodes: see PromptServer.node_running).
+        self.on_node: Callable[[bool], None] | None = None
         compat.PROMPT_SERVER.send_sync_hook = send_sync
 
     # -- control from other threads ---------------------------------------------
@@ -185,7 +188,14 @@ class PromptExecutor:
             key = (node_id, class_type)
             if key not in self._objects:
                 self._objects[key] = node_class()
-            results, uis = map_node_over_list(node_class, self._objects[key], inputs)
+            on_node = self.on_node
+            if on_node is not None:
+                on_node(True)
+            try:
+                results, uis = map_node_over_list(node_class, self._objects[key], inputs)
+            finally:
+                if on_node is not None:
+                    on_node(False)
         except InterruptProcessingException:
             raise
         except Exception as exc:
