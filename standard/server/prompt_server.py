@@ -10,7 +10,6 @@ order by one publisher task, as ComfyUI's ``publish_loop`` does.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -39,7 +38,6 @@ log = logging.getLogger("comfyserve.server")
 PREVIEW_IMAGE = 1  # binary event: >I event type, >I format, image bytes
 UNENCODED_PREVIEW_IMAGE = 2  # (format, PIL image, max_size) from plugins; encoded here
 INTERRUPT_GRACE_S = 2.0  # after the shutdown timeout: how long an interrupted prompt may take to stop
-WRITE_HOLD_S = 0.005  # how long events stay held while the execution thread waits for the state file
 
 
 class EngineUnavailable(EngineError, RuntimeError):
@@ -370,8 +368,8 @@ class PromptServer:
         thread switches (up to Python's 5 ms switch interval each while the
         other thread runs) and a flush awaited on the loop. Here the thread
         queues the finished prompt's history entry to the store, marks the next
-        prompt running, waits for both to be on disk (a restart never runs a
-        prompt twice, nor loses one that finished), and runs it; the loop
+        prompt running, commits both to the state file itself (a restart never
+        runs a prompt twice, nor loses one that finished), and runs it; the loop
         records the finished one (history, ``status``, ``executing None``)
         meanwhile, through the same ordered hand-over as the engine's events,
         so every client sees ComfyUI's order. It stops going on by itself (and
@@ -390,30 +388,26 @@ class PromptServer:
                 self._release()  # nothing ran (all cached): no node start lets go of the hold
             if self.result_hooks:
                 return task_id, item, result  # awaited on the loop before the history is recorded
-            got = None if self.queue.flags or self._stopping or executor is not self.executor else self.queue.take()
-            if got is None:
-                return task_id, item, result  # the loop records the last one (its run lock still held)
-            self.queue.store_finished(task_id, result.history_result, result.status, result.end_ms)
-            self._call_in_order(functools.partial(self._finish, task_id, item, result, stored=True,
-                                                  send_executing=not self._final_executing_sent))
-            task_id, item = got
-            self._call_in_order(self.queue_updated)  # ComfyUI's queue tells on taking an item: a second status
-            self._begin(task_id, item)
-            self._wait_written(item)
+            store = self.queue.store
+            with store.committing_here() if store is not None else contextlib.nullcontext():
+                got = None if self.queue.flags or self._stopping or executor is not self.executor else self.queue.take()
+                if got is None:
+                    return task_id, item, result  # the loop records the last one (its run lock still held)
+                self.queue.store_finished(task_id, result.history_result, result.status, result.end_ms)
+                self._call_in_order(functools.partial(self._finish, task_id, item, result, stored=True,
+                                                      send_executing=not self._final_executing_sent))
+                task_id, item = got
+                self._call_in_order(self.queue_updated)  # ComfyUI's queue tells on taking an item: a 2nd status
+                self._begin(task_id, item)
+                if store is not None:
+                    self._commit_here(store, item)
 
-    def _wait_written(self, item: QueueItem) -> None:
-        """On the execution thread: until the queued state writes are on disk ("running" before it runs)."""
-        store = self.queue.store
-        if store is None:
-            return
-        future = store.flush_future()
+    def _commit_here(self, store: StateStore, item: QueueItem) -> None:
+        """On the execution thread: the finished prompt's history and the next one's "running" mark are put
+        on disk before it runs (a restart never runs it twice, nor loses the finished one)."""
         try:
-            try:
-                future.result(timeout=WRITE_HOLD_S)
-            except concurrent.futures.TimeoutError:
-                self._release()  # a slow disk: the finished prompt's events and history go out meanwhile
-                future.result()
-        except Exception as exc:  # the disk failing must not stop the queue (the writer logged it)
+            store.commit_here()
+        except Exception as exc:  # the disk failing must not stop the queue (the commit logged it)
             log.error("prompt %s runs although its state could not be written: %r", item.prompt_id, exc)
 
     def _execute(self, executor: Any, item: QueueItem) -> RunResult:
@@ -501,7 +495,7 @@ class PromptServer:
         finished prompt's history). Between a node's end and the next node's
         start, which is where the instance's GPU is idle, those are held and
         handed over, in order, when the next node starts (or the execution
-        thread stops going on, or waits for the disk): the loop then works while
+        thread stops going on): the loop then works while
         the node does.
         """
         if running:
