@@ -18,6 +18,7 @@ import math
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -342,8 +343,8 @@ def _is_changed(node_class: type[NodeClass], inputs: dict[str, Any]) -> Any:
         return None
     constants = {k: v for k, v in inputs.items() if not isinstance(v, list)}
     try:
-        params = inspect.signature(function).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        params = _is_changed_params(node_class, function)
+        if params is not None:
             constants = {k: v for k, v in constants.items() if k in params}
         value = function(**constants)
     except Exception as exc:
@@ -352,6 +353,22 @@ def _is_changed(node_class: type[NodeClass], inputs: dict[str, Any]) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return str(uuid.uuid4())  # NaN never equals itself: always run
     return value
+
+
+# node class -> the parameter names of its IS_CHANGED (None: it takes **kwargs). inspect.signature per node and
+# prompt was a tenth of the time between two prompts; a /restart's re-imported classes are new keys.
+_IS_CHANGED_PARAMS: weakref.WeakKeyDictionary[type, frozenset[str] | None] = weakref.WeakKeyDictionary()
+
+
+def _is_changed_params(node_class: type[NodeClass], function: Callable[..., Any]) -> frozenset[str] | None:
+    try:
+        return _IS_CHANGED_PARAMS[node_class]
+    except KeyError:
+        pass
+    params = inspect.signature(function).parameters
+    names = None if any(p.kind == p.VAR_KEYWORD for p in params.values()) else frozenset(params)
+    _IS_CHANGED_PARAMS[node_class] = names
+    return names
 
 
 def _class_type(prompt: dict[str, Any], node_id: str | None) -> str | None:
