@@ -10,8 +10,9 @@ back when it starts.
   which commits whatever has queued up meanwhile in one transaction (WAL,
   ``synchronous=NORMAL``: a commit survives ``kill -9`` of the process; only a
   power cut may lose the last ones). A caller that must not go on before its
-  write is on disk awaits :meth:`StateStore.flush`: the worker before it runs
-  a prompt (so a restart never runs it twice), deletes from the queue or the
+  write is on disk awaits :meth:`StateStore.flush` (or waits on
+  :meth:`StateStore.flush_future`): the worker before it runs a prompt (so a
+  restart never runs it twice), deletes from the queue or the
   history before their 200. ``POST /prompt`` does not wait: its write is queued
   before the answer and committed with the writer's next batch, typically well
   under a millisecond later. Waiting for it would cost the answer a thread
@@ -44,11 +45,10 @@ import fcntl
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,11 @@ class StateStore:
         self._lock_fd = lock_fd
         self._read_lock = threading.Lock()  # load() reads on the caller's thread; the writer waits for it
         self._history_rows: int | None = None  # the writer thread's count of history rows (None: count again)
-        self._ops: queue.SimpleQueue[tuple[Op | None, concurrent.futures.Future[None] | None]] = queue.SimpleQueue()
+        # Queued writes (an op, or a flush's future; (None, None) stops the writer), taken in order under
+        # _read_lock by whichever thread commits them: the writer, or a caller of commit_here.
+        self._cv = threading.Condition()
+        self._queued: list[tuple[Op | None, concurrent.futures.Future[None] | None]] = []
+        self._quiet = False  # see committing_here: the writer is not woken meanwhile
         self._thread = threading.Thread(target=self._write_loop, name="comfyserve-state", daemon=True)
         self._thread.start()
         self._closed = False
@@ -233,16 +237,47 @@ class StateStore:
 
     async def flush(self) -> None:
         """Until every write submitted before this call is committed (raises if the commit failed)."""
+        await asyncio.wrap_future(self.flush_future())
+
+    def flush_future(self) -> concurrent.futures.Future[None]:
+        """Done once every write submitted before this call is committed: the execution thread waits on it
+        itself (``result()``) before it runs the next prompt, without a hop through the event loop."""
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._ops.put((None, future))
-        await asyncio.wrap_future(future)
+        self._put((None, future))
+        return future
+
+    @contextlib.contextmanager
+    def committing_here(self) -> Iterator[None]:
+        """Within: writes are queued without waking the writer thread, for :meth:`commit_here` to commit.
+
+        The execution thread, between two prompts, queues the finished one's
+        history and the next one's "running" mark, then commits both itself:
+        waking the writer and waiting for it cost two thread switches, each a
+        wait for the GIL while the idle GPU waits too. What is still queued when
+        the block ends goes to the writer as usual.
+        """
+        with self._cv:
+            self._quiet = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._quiet = False
+                if self._queued:
+                    self._cv.notify()
+
+    def commit_here(self) -> None:
+        """Commit every write queued so far on the calling thread (blocking; raises if the commit failed)."""
+        _stopping, error = self._commit_queued(by_writer=False)
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Commit what is queued, then close the file and release the lock (blocking: a short wait)."""
         if self._closed:
             return
         self._closed = True
-        self._ops.put((None, None))
+        self._put((None, None))
         self._thread.join()
         self._conn.close()
         os.close(self._lock_fd)
@@ -253,7 +288,13 @@ class StateStore:
         if self._closed:
             log.warning("state store %s is closed: a write was not recorded", self.path)
             return
-        self._ops.put((op, None))
+        self._put((op, None))
+
+    def _put(self, entry: tuple[Op | None, concurrent.futures.Future[None] | None]) -> None:
+        with self._cv:
+            self._queued.append(entry)
+            if not self._quiet or entry == (None, None):
+                self._cv.notify()
 
     def _count_history(self, conn: sqlite3.Connection) -> int:
         if self._history_rows is None:
@@ -272,12 +313,23 @@ class StateStore:
     def _write_loop(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._ops.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < 1000:
-                    batch.append(self._ops.get_nowait())
-            error: BaseException | None = None
-            with self._read_lock:
+            with self._cv:
+                while not self._queued:
+                    self._cv.wait()
+            stopping, _error = self._commit_queued(by_writer=True)
+
+    def _commit_queued(self, *, by_writer: bool) -> tuple[bool, BaseException | None]:
+        """Commit what is queued in one transaction; (the stop sentinel was taken, the commit's error)."""
+        stopping = False
+        error: BaseException | None = None
+        with self._read_lock:  # taking and committing under one lock: batches commit in the order queued
+            with self._cv:
+                batch, self._queued = self._queued, []
+                if not by_writer and (None, None) in batch:  # the stop is the writer's to take
+                    batch.remove((None, None))
+                    self._queued.append((None, None))
+                    self._cv.notify()
+            if any(op is not None for op, _ in batch):
                 try:
                     with self._conn:  # one transaction for the batch
                         for op, _ in batch:
@@ -287,11 +339,12 @@ class StateStore:
                     error = exc
                     self._history_rows = None  # rolled back: count again
                     log.error("state store %s: %d write(s) not recorded: %r", self.path, len(batch), exc)
-            for op, future in batch:
-                if op is None and future is None:
-                    stopping = True
-                elif future is not None and future.set_running_or_notify_cancel():  # not if its waiter left
-                    future.set_exception(error) if error is not None else future.set_result(None)
+        for op, future in batch:
+            if op is None and future is None:
+                stopping = True
+            elif future is not None and future.set_running_or_notify_cancel():  # not if its waiter left
+                future.set_exception(error) if error is not None else future.set_result(None)
+        return stopping, error
 
 
 def _lock(path: Path) -> int:

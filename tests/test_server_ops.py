@@ -30,6 +30,42 @@ async def test_models_and_embeddings_list_the_data_dir(instance, data_dir: Path)
     assert await (await client.get("/embeddings")).json() == ["easyneg"]
 
 
+async def test_a_settled_model_folder_is_not_walked_again_and_changes_show_at_once(
+        instance, data_dir: Path, monkeypatch) -> None:
+    """A node lists its folder each time it runs (INPUT_TYPES), between two prompts while the GPU waits: an
+    unchanged folder is answered from the last walk (one stat per directory), a change anywhere in it at once."""
+    import os
+    import time
+
+    checkpoints = data_dir / "models" / "checkpoints"
+    (checkpoints / "sub").mkdir()
+    (checkpoints / "a.safetensors").write_bytes(b"x")
+    (checkpoints / "sub" / "b.safetensors").write_bytes(b"x")
+    settled = time.time() - 60
+    for folder in (checkpoints, checkpoints / "sub"):
+        os.utime(folder, (settled, settled))
+    walks: list[str] = []
+    real_walk = os.walk
+
+    def counting_walk(top, *args, **kwargs):
+        walks.append(str(top))
+        return real_walk(top, *args, **kwargs)
+
+    monkeypatch.setattr(os, "walk", counting_walk)
+    client = await instance()
+
+    async def listed() -> list[str]:
+        return await (await client.get("/models/checkpoints")).json()
+
+    assert await listed() == ["a.safetensors", "sub/b.safetensors"]
+    walked = len(walks)
+    assert await listed() == ["a.safetensors", "sub/b.safetensors"] and len(walks) == walked
+    (checkpoints / "sub" / "c.safetensors").write_bytes(b"x")  # a change in a subfolder
+    assert await listed() == ["a.safetensors", "sub/b.safetensors", "sub/c.safetensors"]
+    (checkpoints / "a.safetensors").unlink()
+    assert await listed() == ["sub/b.safetensors", "sub/c.safetensors"]
+
+
 async def test_system_stats_and_features_shapes(instance) -> None:
     client = await instance()
     stats = await (await client.get("/system_stats")).json()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,7 @@ from typing import Any
 import pytest
 
 from support.metrics import parse, value
-from support.server import events_until, gated_graph, install_gate_plugin, is_done, open_gate, tiny_graph
+from support.server import events_until, gated_graph, install_gate_plugin, is_done, open_gate, runs_of, tiny_graph
 
 
 async def _submit(client, graph: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -311,3 +314,39 @@ async def test_a_duplicate_check_does_not_walk_the_queue() -> None:
         queue.put(QueueItem(index, str(uuid.uuid4()), tiny_graph(), {}, ["2"], {}))
     assert not queue.contains(Probe(uuid.uuid4()))
     assert Probe.compared <= 1  # POST /prompt asks for every prompt: a walk made a deep queue quadratic
+
+
+async def test_the_next_prompt_starts_without_the_event_loop(instance, data_dir: Path, tmp_path: Path) -> None:
+    """Between two queued prompts the execution thread goes on by itself: the instance (its GPU) is not left
+    idle until the event loop gets round to it. Here the loop is held (this test runs on it) from the moment
+    the first prompt's gate opens: the second prompt still starts, with its "running" mark on disk first."""
+    install_gate_plugin(data_dir)
+    state_file = tmp_path / "state.sqlite3"
+    client = await instance(state_file=state_file)
+    ws = await _connect(client, "gap")
+    first = await _submit(client, gated_graph("gap-a", "gap-a"), client_id="gap")
+    second = await _submit(client, gated_graph("gap-b", "gap-b", count_runs=True), client_id="gap")
+    await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
+
+    open_gate(data_dir, "gap-a")
+    deadline = time.monotonic() + 20
+    while runs_of(data_dir, "gap-b") == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # blocks the event loop on purpose
+    assert runs_of(data_dir, "gap-b") == 1, "the second prompt waited for the event loop"
+    with contextlib.closing(sqlite3.connect(f"file:{state_file}?mode=ro", uri=True)) as db:
+        assert db.execute("SELECT prompt_id, running FROM prompts").fetchall() == [(second["prompt_id"], 1)]
+        assert [row[0] for row in db.execute("SELECT prompt_id FROM history")] == [first["prompt_id"]]
+
+    # the loop catches up: the first prompt's history and events, in ComfyUI's order, then the second's
+    events = await events_until(ws, is_done(first["prompt_id"]))
+    assert [e["type"] for e in events][-3:] == ["execution_success", "status", "executing"]
+    history = await (await client.get(f"/history/{first['prompt_id']}")).json()
+    assert history[first["prompt_id"]]["status"]["status_str"] == "success"
+    queue = await (await client.get("/queue")).json()
+    assert [item[1] for item in queue["queue_running"]] == [second["prompt_id"]] and queue["queue_pending"] == []
+    open_gate(data_dir, "gap-b")
+    events = await events_until(ws, is_done(second["prompt_id"]))
+    types = [e["type"] for e in events]
+    assert types[0] == "status" and types.index("execution_start") < types.index("execution_success")
+    assert events[0]["data"]["status"]["exec_info"]["queue_remaining"] == 1
+    await ws.close()

@@ -18,6 +18,7 @@ import math
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,9 @@ class PromptExecutor:
         self.history_result: dict[str, Any] = {}
         self.client_id: str | None = None
         self._node_progress: ProgressState | None = None
+        # Called with True right before a node's function runs and False right after (the server holds the
+        # hand-over of events to its loop in between nodes: see PromptServer.node_running).
+        self.on_node: Callable[[bool], None] | None = None
         compat.PROMPT_SERVER.send_sync_hook = send_sync
 
     # -- control from other threads ---------------------------------------------
@@ -185,7 +189,14 @@ class PromptExecutor:
             key = (node_id, class_type)
             if key not in self._objects:
                 self._objects[key] = node_class()
-            results, uis = map_node_over_list(node_class, self._objects[key], inputs)
+            on_node = self.on_node
+            if on_node is not None:
+                on_node(True)
+            try:
+                results, uis = map_node_over_list(node_class, self._objects[key], inputs)
+            finally:
+                if on_node is not None:
+                    on_node(False)
         except InterruptProcessingException:
             raise
         except Exception as exc:
@@ -332,8 +343,8 @@ def _is_changed(node_class: type[NodeClass], inputs: dict[str, Any]) -> Any:
         return None
     constants = {k: v for k, v in inputs.items() if not isinstance(v, list)}
     try:
-        params = inspect.signature(function).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        params = _is_changed_params(node_class, function)
+        if params is not None:
             constants = {k: v for k, v in constants.items() if k in params}
         value = function(**constants)
     except Exception as exc:
@@ -342,6 +353,22 @@ def _is_changed(node_class: type[NodeClass], inputs: dict[str, Any]) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return str(uuid.uuid4())  # NaN never equals itself: always run
     return value
+
+
+# node class -> the parameter names of its IS_CHANGED (None: it takes **kwargs). inspect.signature per node and
+# prompt was a tenth of the time between two prompts; a /restart's re-imported classes are new keys.
+_IS_CHANGED_PARAMS: weakref.WeakKeyDictionary[type, frozenset[str] | None] = weakref.WeakKeyDictionary()
+
+
+def _is_changed_params(node_class: type[NodeClass], function: Callable[..., Any]) -> frozenset[str] | None:
+    try:
+        return _IS_CHANGED_PARAMS[node_class]
+    except KeyError:
+        pass
+    params = inspect.signature(function).parameters
+    names = None if any(p.kind == p.VAR_KEYWORD for p in params.values()) else frozenset(params)
+    _IS_CHANGED_PARAMS[node_class] = names
+    return names
 
 
 def _class_type(prompt: dict[str, Any], node_id: str | None) -> str | None:

@@ -4,8 +4,11 @@ Pending prompts are ordered by ``number`` (``front`` submissions get a negative
 number, so they run first), ties in submission order. Queue entries are shown
 as ComfyUI's tuple ``[number, prompt_id, prompt, extra_data,
 outputs_to_execute]``; sensitive extra_data keys are kept apart and never
-shown. All methods run on the event loop thread; the worker awaits
-:meth:`PromptQueue.get`.
+shown. All methods run on the event loop thread (the worker awaits
+:meth:`PromptQueue.get`) except :meth:`PromptQueue.take` and
+:meth:`PromptQueue.store_finished`, which the execution thread calls to go on
+to the next prompt without a round trip through the loop: the pending heap and
+the running items are guarded by a lock for them.
 
 With a :class:`~standard.state_store.StateStore` every change is also
 recorded there (off the loop) and :meth:`PromptQueue.restore` reads it back
@@ -23,6 +26,7 @@ import asyncio
 import copy
 import heapq
 import itertools
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -84,6 +88,7 @@ class PromptQueue:
     def __init__(self, *, history_max_items: int, on_change: Callable[[], None] = lambda: None,
                  store: StateStore | None = None) -> None:
         self.store = store
+        self._lock = threading.Lock()  # the heap, the running items and their start times: see take()
         self._heap: list[tuple[float, int, QueueItem]] = []
         self._seq = itertools.count()
         self._running: dict[int, QueueItem] = {}
@@ -136,10 +141,11 @@ class PromptQueue:
             await self.store.flush()
 
     def put(self, item: QueueItem) -> None:
-        if self.store is not None:
-            self.store.add_prompt(item.prompt_id, item.number, item.payload())
-        heapq.heappush(self._heap, (item.number, next(self._seq), item))
-        self._active[item.prompt_id] += 1
+        with self._lock:
+            if self.store is not None:
+                self.store.add_prompt(item.prompt_id, item.number, item.payload())
+            heapq.heappush(self._heap, (item.number, next(self._seq), item))
+            self._active[item.prompt_id] += 1
         self._available.set()
         self._on_change()
 
@@ -149,57 +155,80 @@ class PromptQueue:
             self._available.clear()
             await self._available.wait()
             self._available.clear()
+        return self.take()
+
+    def take(self) -> tuple[int, QueueItem] | None:
+        """Mark the first pending item running, or None when there is none (any thread; no events)."""
+        with self._lock:
             if not self._heap:
                 return None
-        _, _, item = heapq.heappop(self._heap)
-        task_id = next(self._task_ids)
-        self._running[task_id] = item
-        self._started_ms[task_id] = int(time.time() * 1000)
-        if self.store is not None:
-            self.store.mark_running(item.prompt_id)
-        return task_id, item
+            _, _, item = heapq.heappop(self._heap)
+            task_id = next(self._task_ids)
+            self._running[task_id] = item
+            self._started_ms[task_id] = int(time.time() * 1000)
+            if self.store is not None:
+                self.store.mark_running(item.prompt_id)
+            return task_id, item
 
     def wake(self) -> None:
         """Let a waiting :meth:`get` re-check (e.g. a flag was set while idle)."""
         self._available.set()
 
-    def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus) -> None:
-        item = self._running.pop(task_id)
-        self._forget(item.prompt_id)
-        started_ms = self._started_ms.pop(task_id, None)
+    def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus, *,
+                  end_ms: int | None = None, stored: bool = False) -> None:
+        """Move a running item to the history; ``stored``: :meth:`store_finished` already wrote the same
+        entry (with this ``end_ms``) to the store."""
+        with self._lock:
+            item = self._running.pop(task_id)
+            self._forget(item.prompt_id)
+            started_ms = self._started_ms.pop(task_id, None)
         while len(self._history) >= self._history_max_items:
             dropped, _ = self._history.popitem(last=False)
             self._times_ms.pop(dropped, None)
         self._history.pop(item.prompt_id, None)
-        now_ms = int(time.time() * 1000)
-        self._times_ms[item.prompt_id] = (started_ms or now_ms, now_ms)
-        entry: dict[str, Any] = {"prompt": item.public(), "outputs": {}, "status": status.as_dict()}
-        entry.update(history_result)
+        entry, times = _finished(item, history_result, status, started_ms, end_ms)
+        self._times_ms[item.prompt_id] = times
         self._history[item.prompt_id] = entry
-        if self.store is not None:
-            self.store.finish(item.prompt_id, entry, self._times_ms[item.prompt_id])
+        if self.store is not None and not stored:
+            self.store.finish(item.prompt_id, entry, times)
         self._on_change()
 
+    def store_finished(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus,
+                       end_ms: int) -> None:
+        """Write the history entry :meth:`task_done` will record (any thread): the execution thread queues it
+        before it marks the next prompt running, so one flush puts both on disk."""
+        if self.store is None:
+            return
+        with self._lock:
+            item = self._running[task_id]
+            started_ms = self._started_ms.get(task_id)
+        entry, times = _finished(item, history_result, status, started_ms, end_ms)
+        self.store.finish(item.prompt_id, entry, times)
+
     def running(self) -> list[QueueItem]:
-        return list(self._running.values())
+        with self._lock:
+            return list(self._running.values())
 
     def pending(self) -> list[QueueItem]:
         """Pending items in the order they will run."""
-        return [entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1]))]
+        with self._lock:
+            return [entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1]))]
 
     def current_queue(self) -> tuple[list[list[Any]], list[list[Any]]]:
         """(queue_running, queue_pending) as ComfyUI's /queue shows them."""
         return (
-            [copy.deepcopy(item.public()) for item in self._running.values()],
+            [copy.deepcopy(item.public()) for item in self.running()],
             [copy.deepcopy(item.public()) for item in self.pending()],
         )
 
     def tasks_remaining(self) -> int:
-        return len(self._heap) + len(self._running)
+        with self._lock:
+            return len(self._heap) + len(self._running)
 
     def contains(self, prompt_id: str) -> bool:
         """True when ``prompt_id`` is pending or running."""
-        return prompt_id in self._active
+        with self._lock:
+            return prompt_id in self._active
 
     def _forget(self, prompt_id: str) -> None:
         """One pending or running item of ``prompt_id`` left the queue."""
@@ -209,25 +238,29 @@ class PromptQueue:
 
     def wipe_queue(self, *, on_disk: bool = True) -> None:
         """Drop every pending prompt; ``on_disk=False`` keeps them in the store for the next start."""
-        for entry in self._heap:
-            self._forget(entry[2].prompt_id)
-        self._heap.clear()
-        if on_disk and self.store is not None:
-            self.store.drop_prompts()
+        with self._lock:
+            for entry in self._heap:
+                self._forget(entry[2].prompt_id)
+            self._heap.clear()
+            if on_disk and self.store is not None:
+                self.store.drop_prompts()
         self._on_change()
 
     def delete_queue_item(self, prompt_id: str) -> bool:
         """Drop one pending item (never the running one); True if found."""
-        for index, entry in enumerate(self._heap):
-            if entry[2].prompt_id == prompt_id:
-                self._heap.pop(index)
-                heapq.heapify(self._heap)
-                self._forget(prompt_id)
-                if self.store is not None:
-                    self.store.drop_prompts([prompt_id])
-                self._on_change()
-                return True
-        return False
+        with self._lock:
+            for index, entry in enumerate(self._heap):
+                if entry[2].prompt_id == prompt_id:
+                    self._heap.pop(index)
+                    heapq.heapify(self._heap)
+                    self._forget(prompt_id)
+                    if self.store is not None:
+                        self.store.drop_prompts([prompt_id])
+                    break
+            else:
+                return False
+        self._on_change()
+        return True
 
     # -- history ---------------------------------------------------------------
 
@@ -268,3 +301,12 @@ class PromptQueue:
         self._times_ms.pop(prompt_id, None)
         if self.store is not None:
             self.store.delete_history([prompt_id])
+
+
+def _finished(item: QueueItem, history_result: dict[str, Any], status: ExecutionStatus, started_ms: int | None,
+              end_ms: int | None) -> tuple[dict[str, Any], tuple[int, int]]:
+    """A finished item's history entry and (start, end) in ms."""
+    end_ms = int(time.time() * 1000) if end_ms is None else end_ms
+    entry: dict[str, Any] = {"prompt": item.public(), "outputs": {}, "status": status.as_dict()}
+    entry.update(history_result)
+    return entry, (started_ms or end_ms, end_ms)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -19,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +48,25 @@ class RestartRefused(EngineError, RuntimeError):
     """/restart while a prompt runs: the caller gets a 409."""
 
 
+@dataclass
+class RunResult:
+    """What one prompt's run left for its history."""
+
+    success: bool
+    messages: list[Any]
+    history_result: dict[str, Any]
+    elapsed_s: float
+    end_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @property
+    def status(self) -> ExecutionStatus:
+        return ExecutionStatus("success" if self.success else "error", self.success, self.messages)
+
+    @property
+    def interrupted(self) -> bool:
+        return any(m and m[0] == "execution_interrupted" for m in self.messages)
+
+
 class PromptServer:
     """State shared by the routes: registry, executor, queue, sockets, metrics."""
 
@@ -66,13 +87,22 @@ class PromptServer:
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.running_prompt_id: str | None = None
+        self.running_task_id: int | None = None
+        # running_* are set by the execution thread when it goes on to the next prompt, and cleared by the
+        # loop when it records the previous one: this lock keeps the clearing from undoing the setting.
+        self._running_lock = threading.Lock()
+        self._stopping = False  # the execution thread must not go on to the next prompt by itself
         self._run_lock = asyncio.Lock()
         self.upload_lock = asyncio.Lock()  # name choice + write of uploads is one step
         self._loop: asyncio.AbstractEventLoop | None = None
         self._messages: asyncio.Queue[tuple[Any, Any, str | None]] = asyncio.Queue()
-        # Events sent from other threads (the engine's), handed to the loop in batches: see send_sync.
-        self._from_threads: list[tuple[Any, Any, str | None]] = []
+        # Events sent from other threads (the engine's), handed to the loop in batches: see send_sync; and calls
+        # to make on the loop in their order among those events (see _call_in_order).
+        self._from_threads: list[tuple[Any, Any, str | None] | Callable[[], None]] = []
         self._from_threads_lock = threading.Lock()
+        # Between two nodes (and two prompts) the execution thread holds the hand-over: see node_running.
+        self._hold = False
+        self._node_started = False  # a node of the running prompt started (the hold was let go)
         self._tasks: list[asyncio.Task[None]] = []
         self._final_executing_sent = False
         self._validate: Any = None
@@ -168,6 +198,7 @@ class PromptServer:
         After a drain the waiting is done; without one (an app stopped in tests) the
         running prompt gets ``shutdown_timeout_s`` to end after its interrupt.
         """
+        self._stopping = True
         worker_busy = self.running_prompt_id is not None
         if worker_busy and self.executor is not None:
             self.executor.interrupt()
@@ -203,6 +234,7 @@ class PromptServer:
             return
         self.registry = registry
         self.executor = PromptExecutor(registry, self.send_sync)
+        self.executor.on_node = self.node_running
         self._validate = validate_prompt
         self.engine_error = None
         self.ready = True
@@ -299,44 +331,118 @@ class PromptServer:
             self._settled.set()
 
     async def _run_one(self, task_id: int, item: QueueItem) -> None:
-        self.running_prompt_id = item.prompt_id
-        self.client_id = item.extra_data.get("client_id")
-        self.last_node_id = None
-        self._final_executing_sent = False
-        self.metrics.queue_wait.observe(time.monotonic() - item.queued_at)
-        started = time.perf_counter()
+        """Run ``item`` and, while the execution thread can go on by itself, the prompts queued behind it."""
+        self._begin(task_id, item)
         executor = self.executor
+        if executor is None:
+            outcome = task_id, item, self._crashed(item, EngineUnavailable(self.engine_error or "engine not loaded"))
+        else:
+            try:
+                outcome = await self._execution_thread.run(self._run_chain, executor, task_id, item)
+            except Exception as exc:  # _run_chain catches the executor's own exceptions; this is a bug
+                outcome = task_id, item, self._crashed(item, exc)
+        task_id, item, result = outcome  # the chain recorded those before it through _call_in_order
+        for hook in self.result_hooks:
+            try:
+                await hook(item.prompt_id, result.history_result)
+            except Exception:  # an upload failing must not lose the prompt's history
+                log.exception("result hook failed for prompt %s", item.prompt_id)
+        self._finish(task_id, item, result, stored=False, send_executing=not self._final_executing_sent)
+
+    def _begin(self, task_id: int, item: QueueItem) -> None:
+        """``item`` runs now (on the loop, or on the execution thread when it goes on by itself)."""
+        with self._running_lock:
+            self.running_task_id = task_id
+            self.running_prompt_id = item.prompt_id
+            self.client_id = item.extra_data.get("client_id")
+            self.last_node_id = None
+            self._final_executing_sent = False
+            self._node_started = False
+        self.metrics.queue_wait.observe(time.monotonic() - item.queued_at)
+
+    def _run_chain(self, executor: Any, task_id: int, item: QueueItem) -> tuple[int, QueueItem, RunResult]:
+        """The execution thread: run ``item``, then take the next pending prompt itself, and so on.
+
+        Between two prompts the instance (its GPU) is idle: handing each result
+        to the loop and waiting for it to hand over the next prompt cost two
+        thread switches (up to Python's 5 ms switch interval each while the
+        other thread runs) and a flush awaited on the loop. Here the thread
+        queues the finished prompt's history entry to the store, marks the next
+        prompt running, commits both to the state file itself (a restart never
+        runs a prompt twice, nor loses one that finished), and runs it; the loop
+        records the finished one (history, ``status``, ``executing None``)
+        meanwhile, through the same ordered hand-over as the engine's events,
+        so every client sees ComfyUI's order. It stops going on by itself (and
+        returns the last prompt to the loop) when result hooks must be awaited,
+        flags are to be applied (/free), the server stops, or nothing is queued.
+        """
         try:
-            if executor is None:
-                raise EngineUnavailable(self.engine_error or "engine not loaded")
-            await self._execution_thread.run(
-                executor.execute, item.prompt, item.prompt_id, item.execution_extra_data(),
-                item.outputs_to_execute,
-            )
+            return self._go_on(executor, task_id, item)
+        finally:
+            self._release()  # before the caller's future is settled: what was held goes first
+
+    def _go_on(self, executor: Any, task_id: int, item: QueueItem) -> tuple[int, QueueItem, RunResult]:
+        while True:
+            result = self._execute(executor, item)
+            if not self._node_started:
+                self._release()  # nothing ran (all cached): no node start lets go of the hold
+            if self.result_hooks:
+                return task_id, item, result  # awaited on the loop before the history is recorded
+            store = self.queue.store
+            with store.committing_here() if store is not None else contextlib.nullcontext():
+                got = None if self.queue.flags or self._stopping or executor is not self.executor else self.queue.take()
+                if got is None:
+                    return task_id, item, result  # the loop records the last one (its run lock still held)
+                self.queue.store_finished(task_id, result.history_result, result.status, result.end_ms)
+                self._call_in_order(functools.partial(self._finish, task_id, item, result, stored=True,
+                                                      send_executing=not self._final_executing_sent))
+                task_id, item = got
+                self._call_in_order(self.queue_updated)  # ComfyUI's queue tells on taking an item: a 2nd status
+                self._begin(task_id, item)
+                if store is not None:
+                    self._commit_here(store, item)
+
+    def _commit_here(self, store: StateStore, item: QueueItem) -> None:
+        """On the execution thread: the finished prompt's history and the next one's "running" mark are put
+        on disk before it runs (a restart never runs it twice, nor loses the finished one)."""
+        try:
+            store.commit_here()
+        except Exception as exc:  # the disk failing must not stop the queue (the commit logged it)
+            log.error("prompt %s runs although its state could not be written: %r", item.prompt_id, exc)
+
+    def _execute(self, executor: Any, item: QueueItem) -> RunResult:
+        """On the execution thread: run one prompt; a crash of the executor is a failed prompt."""
+        started = time.perf_counter()
+        try:
+            executor.execute(item.prompt, item.prompt_id, item.execution_extra_data(), item.outputs_to_execute)
             success = bool(executor.success)
             messages = list(executor.status_messages)
             history_result = dict(executor.history_result or {})
         except Exception as exc:  # the executor reports node errors itself; this is a crash
             log.exception("prompt %s crashed the executor", item.prompt_id)
-            success = False
-            messages = [["execution_error", {"prompt_id": item.prompt_id, "exception_message": str(exc)}]]
-            history_result = {"outputs": {}, "meta": {}}
-        for hook in self.result_hooks:
-            try:
-                await hook(item.prompt_id, history_result)
-            except Exception:  # an upload failing must not lose the prompt's history
-                log.exception("result hook failed for prompt %s", item.prompt_id)
-        elapsed_s = time.perf_counter() - started
-        interrupted = any(m and m[0] == "execution_interrupted" for m in messages)
-        self.metrics.observe(elapsed_s, success=success, interrupted=interrupted)
-        status = ExecutionStatus("success" if success else "error", success, messages)
-        self.queue.task_done(task_id, history_result, status)
-        if self.client_id is not None and not self._final_executing_sent:
-            self.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, self.client_id)
-        self.running_prompt_id = None
-        self.client_id = None
-        self.last_node_id = None
-        log.info("prompt %s executed in %.2f seconds", item.prompt_id, elapsed_s)
+            return self._crashed(item, exc, started)
+        return RunResult(success, messages, history_result, time.perf_counter() - started)
+
+    def _crashed(self, item: QueueItem, exc: BaseException, started: float | None = None) -> RunResult:
+        messages = [["execution_error", {"prompt_id": item.prompt_id, "exception_message": str(exc)}]]
+        elapsed_s = 0.0 if started is None else time.perf_counter() - started
+        return RunResult(False, messages, {"outputs": {}, "meta": {}}, elapsed_s)
+
+    def _finish(self, task_id: int, item: QueueItem, result: RunResult, *, stored: bool,
+                send_executing: bool) -> None:
+        """On the loop: record a finished prompt (its history, metrics, ``status``, ``executing None``)."""
+        self.metrics.observe(result.elapsed_s, success=result.success, interrupted=result.interrupted)
+        self.queue.task_done(task_id, result.history_result, result.status, end_ms=result.end_ms, stored=stored)
+        client_id = item.extra_data.get("client_id")
+        if client_id is not None and send_executing:
+            self.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, client_id)
+        with self._running_lock:
+            if self.running_task_id == task_id:  # not when the execution thread went on to the next one
+                self.running_task_id = None
+                self.running_prompt_id = None
+                self.client_id = None
+                self.last_node_id = None
+        log.info("prompt %s executed in %.2f seconds", item.prompt_id, result.elapsed_s)
 
     # -- events ----------------------------------------------------------------
 
@@ -349,7 +455,8 @@ class PromptServer:
 
     def send_sync(self, event: str | int, data: Any, sid: str | None = None) -> None:
         """Thread-safe: queue an event for the publisher (``sid=None`` broadcasts)."""
-        if event == "executing" and isinstance(data, dict):
+        if event == "executing" and isinstance(data, dict) and data.get("prompt_id") in (None, self.running_prompt_id):
+            # (not a finished prompt's "executing None" sent once the execution thread went on to the next)
             self.last_node_id = data.get("node")
             self._final_executing_sent = data.get("node") is None
         if event == UNENCODED_PREVIEW_IMAGE:
@@ -372,20 +479,70 @@ class PromptServer:
         # Another thread: a prompt sends ~10 events in a burst, and waking the loop for each one made the
         # loop and the engine trade the GIL back and forth. One wake-up takes what is queued by then, in order
         # (and before the engine's "done", which is scheduled after its last event).
-        if loop.is_closed():
+        self._hand_over((event, data, sid))
+
+    def _call_in_order(self, call: Callable[[], None]) -> None:
+        """From another thread: make ``call`` on the loop after the events sent so far, before later ones."""
+        self._hand_over(call)
+
+    def node_running(self, running: bool) -> None:
+        """The executor's hook around each node's function: hold the hand-over in between.
+
+        Waking the loop costs the execution thread more than the write that
+        wakes it: the loop then wants the GIL, and takes it at the next
+        blocking call of the execution thread (a file listed, the state file's
+        commit awaited) for all the work queued for it (events to send, the
+        finished prompt's history). Between a node's end and the next node's
+        start, which is where the instance's GPU is idle, those are held and
+        handed over, in order, when the next node starts (or the execution
+        thread stops going on): the loop then works while
+        the node does.
+        """
+        if running:
+            self._node_started = True
+            self._release()
+        else:
+            with self._from_threads_lock:
+                self._hold = True
+
+    def _release(self) -> None:
+        """Let go of the hold; hand over what it kept."""
+        with self._from_threads_lock:
+            if not self._hold:
+                return
+            self._hold = False
+            if not self._from_threads:
+                return
+        self._wake_loop()
+
+    def _hand_over(self, entry: tuple[Any, Any, str | None] | Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
         with self._from_threads_lock:
-            self._from_threads.append((event, data, sid))
-            if len(self._from_threads) > 1:
-                return  # a hand-over is already scheduled and will take this one too
+            self._from_threads.append(entry)
+            if len(self._from_threads) > 1 or self._hold:
+                return  # a hand-over is already scheduled (or will be on release) and will take this one too
+        self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
         with contextlib.suppress(RuntimeError):  # closed meanwhile: nobody listens any more
             loop.call_soon_threadsafe(self._take_from_threads)
 
     def _take_from_threads(self) -> None:
         with self._from_threads_lock:
             batch, self._from_threads = self._from_threads, []
-        for message in batch:
-            self._messages.put_nowait(message)
+        for entry in batch:
+            if callable(entry):
+                try:
+                    entry()
+                except Exception:
+                    log.exception("handing over to the loop failed")
+            else:
+                self._messages.put_nowait(entry)
 
     async def _publish_loop(self) -> None:
         while True:
