@@ -40,6 +40,19 @@ _vram_lock = threading.Lock()
 _vram = {"ckpt": None}  # the checkpoint this process holds, or None
 
 
+_records_file = None
+
+
+def _record(record):
+    """Append one task's record: the file stays open (line-buffered), so the instrumentation adds about
+    20 us after the task's end timestamp instead of a mkdir + open + close (~350 us, counted in the gap)."""
+    global _records_file
+    if _records_file is None:
+        RECORDS.mkdir(exist_ok=True)
+        _records_file = open(RECORDS / f"{os.getpid()}.jsonl", "a", buffering=1)  # open for the process
+    _records_file.write(json.dumps(record) + "\n")
+
+
 def now_us():
     return time.time_ns() // 1000
 
@@ -110,9 +123,7 @@ class SimSampler:
         record = {"pid": os.getpid(), "label": label, "ckpt": model["ckpt"], "loaded": model["loaded"],
                   "load_s": model["load_s"], "steps": steps, "step_s": step_s, "start_us": model["start_us"],
                   "load_end_us": model["load_end_us"], "sample_start_us": sample_start_us, "end_us": end_us}
-        RECORDS.mkdir(exist_ok=True)
-        with open(RECORDS / f"{os.getpid()}.jsonl", "a") as records:
-            records.write(json.dumps(record) + "\n")
+        _record(record)
         return {"ui": {"gpu_sim": [record]}, "result": ()}
 
 
