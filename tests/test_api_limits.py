@@ -147,6 +147,10 @@ async def test_a_task_that_kills_every_instance_ends_in_one_error_result(procs: 
     assert value(metrics, "comfyserve_api_worker_tasks_abandoned_total") == 1
 
 
+async def _attempts_recorded(base: str) -> bool:
+    return await queue_length(base, f"{SERVICE}/attempts") == 1
+
+
 async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_path: Path,
                                                              aiohttp_server: Any) -> None:
     """Split deployment (workers over HTTP): a kill -9 of the worker mid-task counts, across its restart."""
@@ -165,6 +169,9 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     worker = procs.worker("worker_a", base, instance, *limits)
     await submit_hooked(base, gated_graph("never", "killed"), "killed", f"http://127.0.0.1:{hook_port}/hook")
     await wait_running(instance)
+    # The attempt is written just after the instance accepts the prompt: a kill before that write lands
+    # is a run the next worker does not know of (a known window, milliseconds wide; see README).
+    await until(lambda: _attempts_recorded(base), what="the attempt recorded")
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
     procs.worker("worker_b", base, instance, *limits)  # same consumer id: it takes the item over at once
