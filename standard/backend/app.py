@@ -213,6 +213,8 @@ async def _drain(app: web.Application, timeout_s: float) -> None:
                     ", ".join(map(str, pending)))
     elif pending:
         log.warning("shutdown timeout: %d queued prompt(s) not run: %s", len(pending), ", ".join(map(str, pending)))
+    if JOURNAL in app:
+        await app[JOURNAL].hold()  # or it would queue the cleared prompts again as ones ComfyUI forgot
     await _backend_post(app, "/queue", {"clear": True})
     await _backend_post(app, "/interrupt", {})
 

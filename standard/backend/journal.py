@@ -109,6 +109,13 @@ class PromptJournal:
             await asyncio.gather(*list(self._finishing.values()), return_exceptions=True)
         await asyncio.to_thread(self.store.close)
 
+    async def hold(self) -> None:
+        """Stop watching before a drain past its timeout clears ComfyUI's queue: the prompts cleared are
+        kept for the next start, not re-submitted meanwhile as forgotten ones."""
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
     async def sync(self) -> None:
         """Take in what ComfyUI finished by now (before it is restarted on purpose); quiet if it does not answer."""
         if self.outstanding and self.backend.base_url is not None:
