@@ -8,7 +8,6 @@ run. The run's end is swept over every loop turn of a put (stepping the loop, no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,23 +15,13 @@ from api_edition import progress as progress_module
 from api_edition.progress import StoreRecords, TaskProgress
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
+from support.wait import next_turns
 
 QUEUE = "svc/progress"
 PUT_TURNS = 16  # more loop turns than one put takes on an idle local Redis
 ENDS_WITHIN_S = 5.0  # a bound for a failing test, never reached by a passing one
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_url)
-    await store.open()
-    yield store
-    await store.close()
-
-
-async def next_turns(count: int) -> None:
-    for _ in range(count):
-        await asyncio.sleep(0)
 
 
 class Seen(StoreRecords):
@@ -48,9 +37,9 @@ class Seen(StoreRecords):
 
 
 async def test_a_run_that_ends_while_a_progress_record_is_put_leaves_no_record(
-        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_module, "MIN_INTERVAL_S", 0.0)  # no throttle between the writes
-    records = Seen(store, QUEUE)
+    records = Seen(redis_store, QUEUE)
     progress = TaskProgress(records, "w", "http://instance")
 
     async def one_run(request_id: str, turns: int) -> None:
@@ -66,6 +55,6 @@ async def test_a_run_that_ends_while_a_progress_record_is_put_leaves_no_record(
         run.result()
     # One more put through the same batcher: it is written after any put still under way, so what is
     # read next is all that the runs left.
-    marker = await store.put(QUEUE, encode_body({"requestId": "marker"}, b"{}"), "marker", 0, 0)
-    left = [item.index for item in await store.get(QUEUE, 0, 4 * PUT_TURNS, None) if item.index != marker]
+    marker = await redis_store.put(QUEUE, encode_body({"requestId": "marker"}, b"{}"), "marker", 0, 0)
+    left = [item.index for item in await redis_store.get(QUEUE, 0, 4 * PUT_TURNS, None) if item.index != marker]
     assert left == [], "these runs left their progress record behind"

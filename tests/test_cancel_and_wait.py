@@ -14,13 +14,10 @@ import pytest
 
 from api_edition.progress import TaskProgress
 from standard.tasks import cancel_and_wait, finish
+from support.wait import next_turns
 
 SETTLE_TURNS = 8  # loop turns for a caller to reach its wait (a few are enough; more cost nothing)
 
-
-async def next_turns(count: int) -> None:
-    for _ in range(count):
-        await asyncio.sleep(0)
 
 
 class SlowToEnd:

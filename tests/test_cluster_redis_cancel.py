@@ -20,29 +20,12 @@ from cluster_proxy.accounts_store import RedisBackend
 from cluster_proxy.hub import UserHub
 from cluster_proxy.store import StateUnavailable
 from cluster_proxy.store_redis import RedisStateStore
+from support.wait import cancelled_after
 
 TURNS = 24  # more loop turns than one store call takes on an idle local Redis
 SILENT_BOUND_S = 0.2  # the call bound against a Redis that never answers
 
 
-async def next_turns(count: int) -> None:
-    """Let the event loop run ``count`` times (no clock involved)."""
-    for _ in range(count):
-        await asyncio.sleep(0)
-
-
-async def cancelled_after(call: Callable[[], Awaitable[object]], turns: int) -> bool:
-    """Start ``call`` in a task, cancel it ``turns`` loop turns later: True if it ended cancelled (or had
-    already ended), False if it returned normally after the cancel."""
-    task = asyncio.ensure_future(call())
-    await next_turns(turns)
-    if not task.cancel():
-        return True
-    try:
-        await task
-    except asyncio.CancelledError:
-        return True
-    return False
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ the event loop of one call (stepping the loop, not waiting on the clock), so eac
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -19,46 +19,22 @@ from api_edition import progress as progress_module
 from api_edition.progress import StoreRecords, TaskProgress
 from queue_service.protocol import encode_body
 from queue_service.redis_store import RedisStore
+from support.wait import cancelled_after, next_turns
 
 TURNS = 24  # more loop turns than one store call takes on an idle local Redis
 DROP_TURNS = 8  # the turns of one removal's send, which is what swallowed the cancel
 ENDS_WITHIN_S = 5.0  # a bound for a failing test, never reached by a passing one
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_url)
-    await store.open()
-    yield store
-    await store.close()
 
 
-async def next_turns(count: int) -> None:
-    """Let the event loop run ``count`` times (no clock involved)."""
-    for _ in range(count):
-        await asyncio.sleep(0)
 
-
-async def cancelled_after(call: Callable[[], Awaitable[object]], turns: int) -> bool:
-    """Start ``call`` in a task, cancel it ``turns`` loop turns later: True if it ended cancelled (or had
-    already ended, so there was nothing to cancel), False if it returned normally after the cancel."""
-    task = asyncio.ensure_future(call())
-    await next_turns(turns)
-    if not task.cancel():
-        return True
-    try:
-        await task
-    except asyncio.CancelledError:
-        return True
-    return False
-
-
-async def test_a_store_call_cancelled_at_any_turn_ends_cancelled(store: RedisStore) -> None:
+async def test_a_store_call_cancelled_at_any_turn_ends_cancelled(redis_store: RedisStore) -> None:
     body = encode_body({"requestId": "r"}, b"x")
     calls: dict[str, Callable[[], Awaitable[object]]] = {
-        "get": lambda: store.get("q", 0, 16, "r"),
-        "put": lambda: store.put("q", body, "r", 0, 0),
-        "remove": lambda: store.remove("q", [1]),
+        "get": lambda: redis_store.get("q", 0, 16, "r"),
+        "put": lambda: redis_store.put("q", body, "r", 0, 0),
+        "remove": lambda: redis_store.remove("q", [1]),
     }
     swallowed = [(name, turns) for name, call in calls.items() for turns in range(TURNS)
                  if not await cancelled_after(call, turns)]
@@ -83,11 +59,11 @@ class Seen(StoreRecords):
 
 
 async def test_a_task_progress_writer_ends_with_its_run_whenever_the_run_ends(
-        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hang as the worker saw it: leaving ``TaskProgress.running`` (the run is over) cancels the
     record writer and waits for it; a writer whose cancel was swallowed mid-drop never ended."""
     monkeypatch.setattr(progress_module, "MIN_INTERVAL_S", 0.0)  # no throttle between the writes
-    records = Seen(store, "svc/progress")
+    records = Seen(redis_store, "svc/progress")
     progress = TaskProgress(records, "w", "http://instance")
 
     async def one_run(turns: int) -> None:

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from queue_service.client import QueueClient
+from queue_service.redis_store import RedisStore
 from queue_service.server import STORE_KEY, create_app
 from queue_service.settings import QueueSettings
 from support.processes import TESTS_DIR
@@ -135,3 +136,12 @@ async def live_queue(make_live_queue: Callable[..., Awaitable[LiveQueue]]) -> Li
 
 def service_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "queue_service", *args]
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
+    """The queue service's Redis store, opened on the test's redis-server."""
+    store = RedisStore(redis_url)
+    await store.open()
+    yield store
+    await store.close()

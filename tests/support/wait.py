@@ -27,3 +27,23 @@ async def until(condition: Callable[[], Any | Awaitable[Any]], timeout_s: float 
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"{what} did not happen within {timeout_s}s") from None
+
+
+async def next_turns(count: int) -> None:
+    """Let the event loop run ``count`` times (no clock involved): a test steps an interleaving turn by turn."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def cancelled_after(call: Callable[[], Awaitable[object]], turns: int) -> bool:
+    """Start ``call`` in a task, cancel it ``turns`` loop turns later: True if it ended cancelled (or had
+    already ended, so there was nothing to cancel), False if it returned normally after the cancel."""
+    task = asyncio.ensure_future(call())
+    await next_turns(turns)
+    if not task.cancel():
+        return True
+    try:
+        await task
+    except asyncio.CancelledError:
+        return True
+    return False
