@@ -379,7 +379,8 @@ class ClusterCore:
 
     def _make_run(self, task: Task, instance: Instance) -> TaskRun:
         collector = OutputCollector(task.attempt_key(), self.data_dir, self.workdirs(task.user), self.storage)
-        return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free, self._started)
+        return TaskRun(task, instance, self.hub, collector, self.data_dir, self._instance_free, self._started,
+                       lambda run: self.scheduler.last_step(run.instance, run.task.id))
 
     async def _started(self, run: TaskRun) -> None:
         """A task queued ahead started on its instance: users see it running from now."""

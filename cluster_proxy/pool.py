@@ -139,6 +139,7 @@ class Instance:
     state: str = STARTING
     task_id: str | None = None
     ahead: list[str] = field(default_factory=list)  # tasks queued on it behind ``task_id`` (--prefetch)
+    last_step_of: str | None = None  # the last task of ours that reported its last sampler step here
     models: set[str] = field(default_factory=set)  # of the last task it ran, or will have run once its queue ends
     last_used_s: float = 0.0
     tasks_run: int = 0
@@ -150,6 +151,12 @@ class Instance:
     def free(self) -> bool:
         return (self.state == UP and self.task_id is None and not self.retiring
                 and time.monotonic() >= self.busy_elsewhere_until_s)
+
+    @property
+    def finishing(self) -> bool:
+        """Its running task reported its last sampler step: it is about to be free (one reported by a task
+        that ran here before, or by one still queued, says nothing about the running one)."""
+        return self.task_id is not None and self.last_step_of == self.task_id
 
     def takes_ahead(self, prefetch: int) -> bool:
         """Busy with a task of ours, room in its queue for one more behind it."""

@@ -54,12 +54,27 @@ def error_history(prompt_id: str, message: str, exception_type: str = "ClusterEr
             "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
 
 
+def is_last_step(data: Any, prompt_id: str) -> bool:
+    """A ``progress`` event's data says ``prompt_id``'s sampler did its last step (``value`` reached ``max``).
+
+    Only an event naming the prompt counts: one naming none, or another prompt (a task run before it, another
+    client's), says nothing about this one.
+    """
+    if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+        return False
+    value, total = data.get("value"), data.get("max")
+    numbers = (int, float)
+    return (isinstance(value, numbers) and isinstance(total, numbers) and not isinstance(value, bool)
+            and not isinstance(total, bool) and total > 0 and value >= total)
+
+
 class TaskRun:
     """One attempt of one task on one instance."""
 
     def __init__(self, task: Task, instance: Instance, hub: UserHub, collector: OutputCollector,
                  data_dir: Any, on_instance_free: Callable[[TaskRun], Awaitable[None]] | None = None,
-                 on_started: Callable[[TaskRun], Awaitable[None]] | None = None) -> None:
+                 on_started: Callable[[TaskRun], Awaitable[None]] | None = None,
+                 on_last_step: Callable[[TaskRun], None] | None = None) -> None:
         self.task = task
         self.instance = instance
         self.hub = hub
@@ -76,6 +91,9 @@ class TaskRun:
         self.on_instance_free = on_instance_free
         self.released = False
         self.on_started = on_started
+        # Called when the task reports its last sampler step (see ``is_last_step``): the instance is about
+        # to be free, so the scheduler may queue its next task now rather than at the end-of-prompt.
+        self.on_last_step = on_last_step
         self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
         self.started_s = time.monotonic() if self.started else None  # when it started on the instance
 
@@ -224,6 +242,8 @@ class TaskRun:
                 data = {**data, "output": await asyncio.to_thread(self.collector.collect, data["output"])}
             if kind == "executing" and isinstance(data, dict):
                 self.last_node = data.get("node")
+            if kind == "progress" and self.started and self.on_last_step is not None and is_last_step(data, self.key):
+                self.on_last_step(self)
             if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):
                 self.final_events.append((kind, self._translate(data)))
                 if kind == "executing" and self.on_instance_free is not None:

@@ -4,7 +4,21 @@
   (default 1) up to N more wait in the instance's own queue behind it
   (``ahead``), so ComfyUI starts the next the moment the current one ends,
   with no round trip through the proxy in between. Idle instances are always
-  served first: a task is queued ahead only when no instance is idle;
+  served first, with those about to be free: a task is queued ahead on other
+  busy instances only when no instance is idle. An instance is about to be
+  free when its running task reported its last sampler step (a ComfyUI
+  ``progress`` event of that prompt with ``value == max``, seen on the
+  instance's event socket by the task's run): it is chosen for as if it were
+  idle already, by the load rules of an idle instance (below), with its
+  running task no longer counted for its user's fair share, so a slot that
+  affinity left empty is filled before the task ends rather than a round trip
+  through the proxy after it. Only the running task's own report counts: one of an
+  earlier task on the instance, of another prompt, or naming none, does not. A
+  graph with several samplers reports ``value == max`` once per sampler, so
+  the first one makes the instance "about to be free" early: harmless, it
+  only fills sooner the slot its queue has anyway (chosen as if the running
+  task were done: its user may be given that one task a little before their
+  turn, behind their own running task). ``--prefetch 0`` turns all of this off;
 * fair share: each task handed out (to an idle instance or queued ahead)
   belongs to the user with the fewest tasks running or queued ahead, ties
   going to the user served longest ago — so a user with 100 queued tasks
@@ -27,7 +41,8 @@
   spread over the pool as the waiting work needs them. A busy instance whose
   models some waiting task still needs is queued ahead only a task whose
   models no instance holds (it needs a load anyway); otherwise its slot stays
-  empty until a task matches it or it falls idle. One whose models no waiting
+  empty until a task matches it, its running task reports its last step (it
+  is about to be free, above) or it falls idle. One whose models no waiting
   task needs is queued its next load at once (no idle gap before it).
   The bound: the task that would have gone without affinity (the first
   waiting task of the user whose turn it was, or of the user served instead)
@@ -135,9 +150,12 @@ class Costs:
 
 def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],
            slots: list[Instance], *, affinity: bool, overdue: Callable[[Task], bool],
-           pool: list[Instance], costs: Costs | None = None) -> tuple[Task, Instance, str] | None:
+           pool: list[Instance], costs: Costs | None = None,
+           about_free: bool = False) -> tuple[Task, Instance, str] | None:
     """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
-    share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances."""
+    share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances.
+    ``about_free``: the slots are idle or about to be free (``Instance.finishing``), those chosen for as if
+    they were idle (``running_per_user`` no longer counts their running tasks)."""
     queues: dict[str, list[Task]] = {}
     for task in pending:
         queues.setdefault(task.user, []).append(task)
@@ -156,8 +174,8 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
     for user in turn:
         for task in queues[user]:
             matching = [i for i in slots if _holds(i, task)]
-            if matching:
-                return task, max(matching, key=lambda i: -i.last_used_s), first
+            if matching:  # idle now before about to be free, then idle longest
+                return task, max(matching, key=lambda i: (i.task_id is None, -i.last_used_s)), first
     # No instance taking a task holds what the turn's tasks need: a load. Load the model whose waiting
     # tasks have the fewest instances per task, on the instance whose models are wanted least.
     holders = Counter(model for i in pool for model in i.models)
@@ -167,8 +185,8 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
         return min((demand[m] / (holders[m] + 1) for m in models), default=0.0)
 
     mine = queues[first]
-    instance = min(slots, key=lambda i: (need(i.models), i.last_used_s))
-    if instance.task_id is not None and need(instance.models) > 0:
+    instance = min(slots, key=lambda i: (need(i.models), i.task_id is not None, i.last_used_s))
+    if instance.task_id is not None and not about_free and need(instance.models) > 0:
         # A busy instance whose models are still wanted: queue ahead only what no instance holds (a load anyway).
         mine = [t for t in mine if not any(holders[m] for m in t.models)]
         if not mine:
@@ -246,9 +264,28 @@ class Scheduler:
         if loading is not None:
             self.costs.observe(seconds, loading)
 
-    def slots(self) -> list[Instance]:
-        """The idle instances; only when there is none, those that take a task queued ahead."""
-        return self.pool.free() or [i for i in self.pool.instances.values() if i.takes_ahead(self.prefetch)]
+    def slots(self) -> list[tuple[list[Instance], bool]]:
+        """The instances a task may go to now, in turn, each group with whether it is chosen for as if idle:
+        the idle ones and those about to be free (``Instance.finishing``) first; only when none is idle,
+        all that take a task queued ahead."""
+        free = self.pool.free()
+        ahead = [i for i in self.pool.instances.values() if i.takes_ahead(self.prefetch)]
+        tiers = []
+        if free or any(i.finishing for i in ahead):
+            tiers.append((free + [i for i in ahead if i.finishing], True))
+        if not free and ahead:
+            tiers.append((ahead, False))
+        return tiers
+
+    def last_step(self, instance: Instance, task_id: str) -> None:
+        """``task_id``, run on ``instance`` by this proxy, reported its last sampler step: if it is the task
+        running there, the instance is about to be free and may be given its next task now (not with
+        ``--prefetch 0``: nothing is queued ahead then)."""
+        if self.prefetch <= 0:
+            return
+        instance.last_step_of = task_id
+        if instance.finishing and instance.takes_ahead(self.prefetch):
+            self.wake()
 
     def _overdue(self, task: Task) -> bool:
         since = self._passed_over.get(task.id)
@@ -271,16 +308,23 @@ class Scheduler:
         """Hand out as many tasks as there are instances to take them; returns how many."""
         started = 0
         while True:
-            slots = self.slots()
-            if not slots:
+            tiers = self.slots()
+            if not tiers:
                 break
             pending = await self.store.pending()
             if not pending:
                 break
-            running = await self.running_per_user()
+            running_tasks = await self.store.running()
             affinity = self.affinity_wait_s > 0
-            chosen = choose(pending, running, self.last_served, slots, affinity=affinity,
-                            overdue=self._overdue, pool=list(self.pool.instances.values()), costs=self.costs)
+            chosen = None
+            for slots, about_free in tiers:
+                ending = {i.task_id for i in slots if i.finishing} if about_free else set()
+                running = dict(Counter(t.user for t in running_tasks if t.id not in ending))
+                chosen = choose(pending, running, self.last_served, slots, affinity=affinity,
+                                overdue=self._overdue, pool=list(self.pool.instances.values()), costs=self.costs,
+                                about_free=about_free)
+                if chosen is not None:
+                    break
             if chosen is None:
                 break
             task, instance, turn_user = chosen

@@ -139,6 +139,40 @@ async def test_a_busy_instance_whose_models_nobody_wants_is_queued_its_next_load
     assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a1"]  # not idle first, then loading
 
 
+async def test_an_instance_about_to_be_free_is_chosen_for_as_if_idle(tmp_path) -> None:
+    # x runs alice's a0. Busy, it is queued ahead on bob's turn (alice runs one): bob's load (b2), at once. Once
+    # a0 reported its last step, x is chosen for as at a0's end: alice's turn again, and her task x holds
+    # the model for, no load.
+    for last_step, expected in ((False, "b2"), (True, "a1")):
+        (tmp_path / str(last_step)).mkdir()
+        x = _up("http://x", {"x.ckpt"})
+        x.task_id = "a0"
+        sched = _Started(tmp_path / str(last_step), [x], prefetch=1, affinity_wait_s=5.0)
+        await sched.add(_task("a", 0, ["x.ckpt"]))
+        await sched.store.claim("a0", "http://x")
+        await sched.add(_task("a", 1, ["x.ckpt"]), _task("b", 2, ["z.ckpt"]))
+        if last_step:
+            sched.scheduler.last_step(x, "a0")
+        assert await sched.scheduler.dispatch() == 1 and x.ahead == [expected]
+
+
+async def test_a_last_step_counts_only_for_the_task_running_and_not_without_prefetch(tmp_path) -> None:
+    x = _up("http://x", {"x.ckpt"})
+    x.task_id = "a0"
+    sched = _Started(tmp_path, [x], prefetch=1, affinity_wait_s=5.0)
+    sched.scheduler.last_step(x, "a9")  # a task that ran there before, or one still queued
+    assert not x.finishing
+    sched.scheduler.last_step(x, "a0")
+    assert x.finishing
+    x.task_id = "a1"  # the next one runs now
+    assert not x.finishing
+    off = _Started(tmp_path, [_up("http://y")], prefetch=0)
+    y = off.pool.instances["http://y"]
+    y.task_id = "a0"
+    off.scheduler.last_step(y, "a0")
+    assert not y.finishing and off.scheduler.slots() == []
+
+
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
     response = await http.post("/prompt", json={"prompt": prompt, **extra})
     assert response.status == 200, await response.text()
