@@ -110,9 +110,10 @@ def dispatch_order(pending: list[Task], running_per_user: dict[str, int],
 
 
 def pick_instance(free: list[Instance], task: Task) -> Instance:
-    """Most of the task's models already loaded, then idle longest."""
+    """An idle instance before one about to be free (the task would wait for the one running there), then
+    most of the task's models already loaded, then idle longest."""
     wanted = set(task.models)
-    return max(free, key=lambda i: (len(wanted & i.models), -i.last_used_s))
+    return max(free, key=lambda i: (i.task_id is None, len(wanted & i.models), -i.last_used_s))
 
 
 def _holds(instance: Instance, task: Task) -> bool:

@@ -156,6 +156,15 @@ async def test_an_instance_about_to_be_free_is_chosen_for_as_if_idle(tmp_path) -
         assert await sched.scheduler.dispatch() == 1 and x.ahead == [expected]
 
 
+async def test_without_affinity_an_idle_instance_goes_before_one_about_to_be_free(tmp_path) -> None:
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y")
+    x.task_id = "a0"
+    sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=0.0)
+    sched.scheduler.last_step(x, "a0")  # x holds the model, but its task still runs: y takes it now
+    await sched.add(_task("a", 1, ["x.ckpt"]))
+    assert await sched.next() == [("a1", "http://y")] and x.ahead == []
+
+
 async def test_a_last_step_counts_only_for_the_task_running_and_not_without_prefetch(tmp_path) -> None:
     x = _up("http://x", {"x.ckpt"})
     x.task_id = "a0"
