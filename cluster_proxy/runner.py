@@ -12,7 +12,9 @@ request cannot reach it, or it forgot the prompt) the run ends with
 A run ``ahead`` (``--prefetch``) is submitted while another task runs on the
 instance: ComfyUI's own queue starts it the moment that one ends. It counts as
 started at its ``execution_start`` (``on_started``); until then it can be taken
-back from the instance's queue (``withdraw``).
+back from the instance's queue (``withdraw``). When the running task reports its
+last sampler step (``is_last_step``) the run says so (``on_last_step``): the
+instance is about to be free, and the scheduler may queue its next task then.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def is_last_step(data: Any, prompt_id: str) -> bool:
     if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
         return False
     value, total = data.get("value"), data.get("max")
-    numbers = (int, float)
-    return (isinstance(value, numbers) and isinstance(total, numbers) and not isinstance(value, bool)
-            and not isinstance(total, bool) and total > 0 and value >= total)
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value
 
 
 class TaskRun:
