@@ -13,7 +13,7 @@ A run ``ahead`` (``--prefetch``) is submitted while another task runs on the
 instance: ComfyUI's own queue starts it the moment that one ends. It counts as
 started at its ``execution_start`` (``on_started``); until then it can be taken
 back from the instance's queue (``withdraw``). When the running task reports its
-last sampler step (``is_last_step``) the run says so (``on_last_step``): the
+last sampler step (``is_last_step``: the one before it ended) the run says so (``on_last_step``): the
 instance is about to be free, and the scheduler may queue its next task then.
 """
 
@@ -57,7 +57,10 @@ def error_history(prompt_id: str, message: str, exception_type: str = "ClusterEr
 
 
 def is_last_step(data: Any, prompt_id: str) -> bool:
-    """A ``progress`` event's data says ``prompt_id``'s sampler did its last step (``value`` reached ``max``).
+    """A ``progress`` event's data says ``prompt_id``'s sampler is in its last step: ``value`` (steps done)
+    reached ``max - 1``. ComfyUI's samplers report each step as it ends, so waiting for ``value == max``
+    would leave no time to queue the next task before this one ends (on the simulated GPU, none at all);
+    one step ahead leaves a step's time, plus the decode and save after sampling on a real graph.
 
     Only an event naming the prompt counts: one naming none, or another prompt (a task run before it, another
     client's), says nothing about this one.
@@ -67,7 +70,7 @@ def is_last_step(data: Any, prompt_id: str) -> bool:
     value, total = data.get("value"), data.get("max")
     if isinstance(value, bool) or isinstance(total, bool):
         return False
-    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
 
 
 class TaskRun:

@@ -6,15 +6,15 @@
   with no round trip through the proxy in between. Idle instances are always
   served first, with those about to be free: a task is queued ahead on other
   busy instances only when no instance is idle. An instance is about to be
-  free when its running task reported its last sampler step (a ComfyUI
-  ``progress`` event of that prompt with ``value == max``, seen on the
+  free when its running task began its last sampler step (a ComfyUI
+  ``progress`` event of that prompt with ``value == max - 1``, seen on the
   instance's event socket by the task's run): it is chosen for as if it were
   idle already, by the load rules of an idle instance (below), with its
   running task no longer counted for its user's fair share, so a slot that
   affinity left empty is filled before the task ends rather than a round trip
   through the proxy after it. Only the running task's own report counts: one of an
   earlier task on the instance, of another prompt, or naming none, does not. A
-  graph with several samplers reports ``value == max`` once per sampler, so
+  graph with several samplers reports a last step once per sampler, so
   the first one makes the instance "about to be free" early: harmless, it
   only fills sooner the slot its queue has anyway (chosen as if the running
   task were done: its user may be given that one task a little before their

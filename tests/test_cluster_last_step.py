@@ -3,7 +3,8 @@
 Model affinity may leave a busy instance's slot empty (its models are still wanted, the waiting task would
 load others): the next task then went out only once the running one had ended, a round trip through the proxy
 while the GPU sat idle. The last step (a ComfyUI ``progress`` event of the running prompt with value == max)
-makes the slot fillable as if the instance were free. Gated tasks (``support.server``: ``TestGate`` holds its
+makes the slot fillable as if the instance were free; so does value == max - 1 (steps are reported as they
+end, so that is when the last step begins). Gated tasks (``support.server``: ``TestGate`` holds its
 prompt until the test opens its gate; with ``steps=1`` it first reports progress 1/1, a last step) make each
 moment visible without sleeping. A task's models are the model-file names among its inputs: here the
 SaveImage prefix, and the gate's name where it ends in ``.safetensors``.
@@ -37,9 +38,10 @@ def _graph(*gates: tuple[str, int]) -> dict[str, Any]:
     return graph
 
 
-def _holding_then_last_step(name: str) -> dict[str, Any]:
-    """Held at ``<name>-hold``; once that opens, reports its last step and is held again at ``<name>-end``."""
-    return _graph((f"{name}-hold", 0), (f"{name}-end", 1))
+def _holding_then_last_step(name: str, steps: int = 1) -> dict[str, Any]:
+    """Held at ``<name>-hold``; once that opens, reports step 1 of ``steps`` (1: its last step) and is held
+    again at ``<name>-end``."""
+    return _graph((f"{name}-hold", 0), (f"{name}-end", steps))
 
 
 async def _submit(http: Any, graph: dict[str, Any]) -> str:
@@ -71,8 +73,13 @@ async def _nothing_more_goes_out(cluster: Cluster, prompt_id: str) -> None:
 
 async def _last_step_seen(ws: ClientWebSocketResponse, prompt_id: str) -> None:
     """The user got the task's last-step progress: the proxy has handled it (it relays after acting on it)."""
+    await _progress_seen(ws, prompt_id)
+
+
+async def _progress_seen(ws: ClientWebSocketResponse, prompt_id: str) -> None:
+    """The user got the task's step-1 progress: the proxy has handled it (it relays after acting on it)."""
     await events_until(ws, lambda e: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
-                       and e["data"]["value"] == e["data"]["max"])
+                       and e["data"]["value"] == 1)
 
 
 async def _all_succeed(http: Any, prompt_ids: list[str]) -> None:
@@ -103,6 +110,31 @@ async def test_the_next_task_is_queued_ahead_once_the_running_one_reports_its_la
     open_gate(data_dir, "b.safetensors")
     await _all_succeed(http, [first, second])
     assert runs_of(data_dir, "b.safetensors") == 1
+    await ws.close()
+
+
+async def test_the_step_before_the_last_counts_and_an_earlier_one_does_not(start_cluster, data_dir: Path) -> None:
+    """Progress 1 of 2 (the last step has begun) fills the slot; progress 1 of 3 does not."""
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    ws = await http.ws_connect("/ws?clientId=tab")
+    first = await _submit(http, _holding_then_last_step("a", steps=3))
+    second = await _submit(http, _graph(("b.safetensors", 0)))
+    open_gate(data_dir, "a-hold")
+    await _progress_seen(ws, first)
+    await _nothing_more_goes_out(cluster, second)
+    open_gate(data_dir, "a-end")
+    open_gate(data_dir, "b.safetensors")
+    await _all_succeed(http, [first, second])
+    third = await _submit(http, _holding_then_last_step("c", steps=2))
+    fourth = await _submit(http, _graph(("d.safetensors", 0)))
+    open_gate(data_dir, "c-hold")
+    await _progress_seen(ws, third)
+    await until(lambda: _waiting_on_instance(cluster, fourth))
+    open_gate(data_dir, "c-end")
+    open_gate(data_dir, "d.safetensors")
+    await _all_succeed(http, [third, fourth])
     await ws.close()
 
 
