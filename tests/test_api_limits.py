@@ -159,13 +159,7 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     init_data_dir(data_dir)
     install_gate_plugin(data_dir)
     hook_port, calls, called = await webhook_receiver(aiohttp_server)
-    port = free_port()
-    api_proc = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
-                           "--service", SERVICE, "--instances", "0", "--pending-timeout", "1",
-                           "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
-    [(_, instance)] = procs.instances(1, data_dir)
-    wait_for_port(port, timeout_s=30, proc=api_proc)
-    base = f"http://127.0.0.1:{port}"
+    base, [(_, instance)] = procs.split(data_dir, 1, "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
     limits = ("--max-attempts", "1", "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
     worker = procs.worker("worker_a", base, instance, *limits)
     await submit_hooked(base, gated_graph("never", "killed"), "killed", f"http://127.0.0.1:{hook_port}/hook")
@@ -241,12 +235,7 @@ async def test_a_worker_killed_the_moment_its_instance_accepts_the_prompt_leaves
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
     install_gate_plugin(data_dir)
-    port = free_port()
-    api_proc = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
-                           "--service", SERVICE, "--instances", "0", "--pending-timeout", "1")
-    [(_, instance)] = procs.instances(1, data_dir)
-    wait_for_port(port, timeout_s=30, proc=api_proc)
-    base = f"http://127.0.0.1:{port}"
+    base, [(_, instance)] = procs.split(data_dir, 1)
     cutter = AcceptCutter(instance)
     try:
         cutter.worker = procs.worker("worker_a", base, await cutter.start(), "--max-attempts", "1")
