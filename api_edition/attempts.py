@@ -2,13 +2,16 @@
 
 A graph that kills its instance (out of memory, a segfault in a node) would
 otherwise circulate for ever: the worker gives it back, the next instance dies
-too, and so on. So each run is recorded as it starts — once the instance has
-accepted the prompt (answered ``/prompt`` with its ``prompt_id``): a submit
-that never reached the instance (already dead) ran nothing and costs no try.
-The record is written while the prompt runs, so it adds nothing to the gap
-between two tasks. A worker that receives a task whose count has reached
-``max_attempts`` reports it as failed (``too_many_attempts``) instead of
-running it.
+too, and so on. So each run counts once the instance has accepted the prompt
+(answered ``/prompt`` with its ``prompt_id``): a submit that never reached the
+instance (already dead) ran nothing and costs no try. The count is written
+before the prompt is submitted and taken back if the instance never accepted
+it, so no moment exists in which the instance runs the prompt and the count is
+not written yet (a worker killed there would leave the run uncounted). A task
+queued on the instance behind another (``--prefetch``) counts at its
+``execution_start`` instead, written while it runs. A worker that receives a
+task whose count has reached ``max_attempts`` reports it as failed
+(``too_many_attempts``) instead of running it.
 
 Where the count lives: a third queue of the service, ``{service}/attempts``,
 holding at most one live record per task, addressed by the input item's
@@ -21,15 +24,17 @@ all-in-one the workers write the store directly, as they do for the sink.
 The cycle of one delivery (records hold ``{"count": n, "reason": ...}``):
 
 - ``check``: read the task's record(s); ``count`` = their highest count. At
-  ``max_attempts`` the task is not run. Otherwise, once the instance has
-  accepted the prompt, ``record`` puts a record with ``count + 1``, whose
-  reason says the worker never
-  finished — true if it is killed (kill -9), stopped or cut off from the
-  queue, which leaves the record behind; nothing else needs to run for such a
-  run to count (only a worker killed in the millisecond before the record
-  lands leaves that one run uncounted).
+  ``max_attempts`` the task is not run. Otherwise ``count_before_submit`` puts
+  a record with ``count + 1`` before the prompt goes to the instance (for a
+  task queued behind another, ``record`` puts it at its ``execution_start``),
+  whose reason says the worker never finished — true if it is killed
+  (kill -9), stopped or cut off from the queue, which leaves the record
+  behind; nothing else needs to run for such a run to count. (A worker killed
+  between that put and its submit leaves a count for a run that never
+  happened: one try too many, never one too few.)
 - the instance went away (``GiveBack``): put a record with the same count and
-  the reason, then delete the older ones.
+  the reason, then delete the older ones; if the instance never accepted the
+  prompt (``accepted`` was not called), delete the record of this run instead.
 - a result went to the sink (success, failure, or already reported): delete
   the task's records (after the input's commit, in the background, so the
   next task need not wait for it).
@@ -42,7 +47,8 @@ a crash between the result's commit and its delete is never read again; such
 leftovers are rare and only take room on the queue (when it is full, tasks run
 uncounted, with a warning). With ``max_attempts`` 0 nothing is recorded.
 
-Cost per task: one lookup and one put before the run, one delete alongside the
+Cost per task: one lookup and one put before the run (on the path between two
+tasks, unless the task was queued ahead), one delete alongside the
 input's commit — on the store in the all-in-one (``bench.api``: overhead p50
 about +0.6 ms), three HTTP calls for a split-deployment worker.
 """
@@ -194,7 +200,8 @@ class Ticket:
     records: list[int] = field(default_factory=list)
     exhausted: Record | None = None  # set when the cap is reached: report, do not run
     previous: int | None = None  # the count read by ``check``; None when it could not be read
-    recording: asyncio.Task[None] | None = None  # this run's record being written
+    recording: asyncio.Task[None] | None = None  # this run's record being written (counted at its start)
+    unconfirmed: int | None = None  # the record put before the submit, until the instance accepted the prompt
 
     def message(self) -> str:
         """The error result's message once ``exhausted``."""
@@ -227,10 +234,22 @@ class AttemptLedger:
             ticket.previous = last.count if last else 0
         return ticket
 
+    async def count_before_submit(self, ticket: Ticket) -> None:
+        """Count this run before its prompt goes to the instance: a worker killed at any moment after the
+        instance accepted it leaves it counted. ``accepted`` confirms the count; a run given back
+        without it takes the count back (a submit the instance never took is no run)."""
+        if ticket.previous is not None and ticket.exhausted is None:
+            await self._record(ticket, ticket.previous + 1)
+            if ticket.count:
+                ticket.unconfirmed = ticket.records[-1]
+
+    def accepted(self, ticket: Ticket) -> None:
+        """The instance accepted the prompt counted by ``count_before_submit``: the count stands."""
+        ticket.unconfirmed = None
+
     def record(self, ticket: Ticket) -> None:
-        """Count this run (its prompt was accepted by the instance). The record is written while the run
-        goes on, off the path between two tasks; a worker killed in the millisecond before the write
-        lands leaves that run uncounted."""
+        """Count this run at its start (queued behind another prompt on the instance, it started there).
+        The record is written while the run goes on, off the path between two tasks."""
         if ticket.previous is not None and ticket.exhausted is None:
             ticket.recording = asyncio.create_task(self._record(ticket, ticket.previous + 1))
 
@@ -247,8 +266,15 @@ class AttemptLedger:
             await asyncio.shield(ticket.recording)
 
     async def give_back(self, ticket: Ticket, reason: str) -> None:
-        """The run was cut off: keep its count, with the reason the next worker will report."""
+        """The run was cut off: keep its count, with the reason the next worker will report. A submit
+        the instance never accepted was no run: its count goes."""
         await self._recorded(ticket)
+        index = ticket.unconfirmed
+        if index is not None:
+            ticket.unconfirmed, ticket.count = None, 0
+            ticket.records.remove(index)
+            await self._try("take back", self.records.drop, [index])
+            return
         if not ticket.count:
             return
         index = await self._try("record", self.records.put, ticket.request_id, ticket.count, reason)

@@ -470,13 +470,13 @@ class Worker:
         reason, for the next worker."""
         with self.stats.in_flight.track_inprogress():
             try:
-                return await self._run(graph, flight, count=lambda: self.ledger.record(ticket))
+                return await self._run(graph, flight, ticket)
             except GiveBack as exc:
                 await self.ledger.give_back(ticket, str(exc))
                 raise
 
-    async def _run(self, graph: dict[str, Any], flight: Flight, *,
-                   count: Callable[[], None]) -> tuple[str, list[Any], str | None]:
+    async def _run(self, graph: dict[str, Any], flight: Flight,
+                   ticket: Ticket) -> tuple[str, list[Any], str | None]:
         """Run on the instance while a watchdog checks it stays reachable; ``GiveBack`` if not, or if
         a drain's timeout cuts the run (then the prompt is interrupted on the instance first), or if a
         drain took it off the instance's queue before it started (then it counts as no run)."""
@@ -493,15 +493,17 @@ class Worker:
         self.progress.queued(flight.request_id, flight.behind)
         flight.started = not flight.behind
         flight.submitting = True
-        flight.on_start = count if flight.behind else None
+        flight.on_start = (lambda: self.ledger.record(ticket)) if flight.behind else None
         if flight.frame.tags.get(MODELS_TAG):
             self.loaded_models = flight.frame.tags[MODELS_TAG]
 
         def accepted(_: str) -> None:
             flight.sent.set()
             if not flight.behind:
-                count()
+                self.ledger.accepted(ticket)
 
+        if not flight.behind:
+            await self.ledger.count_before_submit(ticket)
         run = asyncio.create_task(self.runner.run(graph, timeout_s=self.settings.run_timeout_s, prompt_id=prompt_id,
                                                   on_accepted=accepted, queued=flight.behind))
         watchdog = asyncio.create_task(self._instance_down())

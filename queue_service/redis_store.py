@@ -483,7 +483,7 @@ class RedisStore:
             async with asyncio.timeout(self.call_timeout_s):
                 return await fn()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc or f'no answer within {self.call_timeout_s:g} s'}") from exc
+            raise StoreUnavailable(f"redis: {str(exc) or f'no answer within {self.call_timeout_s:g} s'}") from exc
 
     def _script(self, name: str, args: list[Any]) -> Awaitable[Any]:
         """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read

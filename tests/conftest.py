@@ -7,9 +7,10 @@ conftest sits in a directory without ``__init__.py``); their plain helpers are i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,25 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushdb()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[str]:
+    """A "Redis" that takes connections and reads what is sent, but never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.fixture

@@ -52,12 +52,8 @@ async def _gated_setup(procs: Procs, tmp_path: Path) -> tuple[Path, str, list[tu
 
     init_data_dir(data_dir)
     install_gate_plugin(data_dir)
-    port = free_port()
-    api = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
-                      "--service", SERVICE, "--instances", "0", "--pending-timeout", "1")
-    instances = procs.instances(2, data_dir)
-    wait_for_port(port, timeout_s=30, proc=api)
-    return data_dir, f"http://127.0.0.1:{port}", instances
+    queue_url, instances = procs.split(data_dir, 2)
+    return data_dir, queue_url, instances
 
 
 async def _exactly_one(queue_url: str, task_id: str) -> None:

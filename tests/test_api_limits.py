@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -158,20 +159,12 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     init_data_dir(data_dir)
     install_gate_plugin(data_dir)
     hook_port, calls, called = await webhook_receiver(aiohttp_server)
-    port = free_port()
-    api_proc = procs.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
-                           "--service", SERVICE, "--instances", "0", "--pending-timeout", "1",
-                           "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
-    [(_, instance)] = procs.instances(1, data_dir)
-    wait_for_port(port, timeout_s=30, proc=api_proc)
-    base = f"http://127.0.0.1:{port}"
+    base, [(_, instance)] = procs.split(data_dir, 1, "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
     limits = ("--max-attempts", "1", "--webhook-allow", f"http://127.0.0.1:{hook_port}/hook")
     worker = procs.worker("worker_a", base, instance, *limits)
     await submit_hooked(base, gated_graph("never", "killed"), "killed", f"http://127.0.0.1:{hook_port}/hook")
     await wait_running(instance)
-    # The attempt is written just after the instance accepts the prompt: a kill before that write lands
-    # is a run the next worker does not know of (a known window, milliseconds wide; see README).
-    await until(lambda: _attempts_recorded(base), what="the attempt recorded")
+    assert await _attempts_recorded(base)  # written before the prompt went to the instance
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
     procs.worker("worker_b", base, instance, *limits)  # same consumer id: it takes the item over at once
@@ -188,6 +181,78 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     [payload] = calls
     assert payload["task_id"] == "killed" and payload["status"] == "error"
     assert payload["result"] == json.loads(frame.data)
+    open_gate(data_dir, "never")  # let the orphaned prompt end, so the instance stops at once
+
+
+class AcceptCutter:
+    """A TCP relay in front of an instance that kills the worker behind it (kill -9) the moment the instance
+    tells it anything of a prompt (``"prompt_id"``: the answer to ``POST /prompt``, or an event of the
+    prompt), and passes that on never: the instance has accepted the prompt, and the worker dies before
+    it learns so."""
+
+    MARK = b'"prompt_id"'
+
+    def __init__(self, instance_url: str) -> None:
+        self.instance_port = int(instance_url.rsplit(":", 1)[1])
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.cut = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.instance_port)
+        await asyncio.gather(self._copy(reader, up_writer, watch=False), self._copy(up_reader, writer, watch=True),
+                             return_exceptions=True)
+        for end in (writer, up_writer):
+            end.close()
+
+    async def _copy(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, watch: bool) -> None:
+        tail = b""
+        while (data := await source.read(65536)) and not self.cut.is_set():
+            if watch and self.MARK in tail + data:
+                assert self.worker is not None
+                self.worker.kill()
+                self.cut.set()
+                break
+            tail = data[-len(self.MARK):]
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+
+async def test_a_worker_killed_the_moment_its_instance_accepts_the_prompt_leaves_the_run_counted(
+        procs: Procs, tmp_path: Path) -> None:
+    """Split deployment, --max-attempts 1: the worker is killed (kill -9) once the instance accepted the prompt
+    and before the worker heard of it. The run counts: the count is written before the submit (it used to be
+    written just after the accept, and a worker killed in between left its run uncounted)."""
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir)
+    install_gate_plugin(data_dir)
+    base, [(_, instance)] = procs.split(data_dir, 1)
+    cutter = AcceptCutter(instance)
+    try:
+        cutter.worker = procs.worker("worker_a", base, await cutter.start(), "--max-attempts", "1")
+        await submit(base, gated_graph("never", "killed"), "killed")
+        await asyncio.wait_for(cutter.cut.wait(), 30)
+        assert cutter.worker.wait(10) == -signal.SIGKILL
+    finally:
+        await cutter.aclose()
+    await wait_running(instance)  # the prompt runs on...
+    assert await _attempts_recorded(base)  # ...and it counts
+    procs.worker("worker_b", base, instance, "--max-attempts", "1")  # same consumer id: it takes the item at once
+    async with QueueClient(base, f"{SERVICE}/sink", token=TOKEN) as sink:
+        [frame] = await read_results(sink, 1, timeout_s=30)
+    error = error_of(frame)
+    assert frame.tags["task_id"] == "killed" and error["exception_type"] == "too_many_attempts"
+    assert "cut off mid-run 1 times" in error["exception_message"], procs.log("worker_b")
+    assert await queue_length(base, f"{SERVICE}/attempts") == 0
     open_gate(data_dir, "never")  # let the orphaned prompt end, so the instance stops at once
 
 

@@ -19,13 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from support.browser import CHROMIUM, CHROMIUM_ARGS, LOAD_TIMEOUT_MS, web_ui_starting
 from support.cluster import PASSWORD, make_users
 from support.processes import comfyserve_process
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LOAD_TIMEOUT_MS = 30_000
 
 pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
               pytest.mark.timeout(150)]
@@ -67,10 +63,8 @@ def _open(browser: object, proxy: Proxy, name: str) -> UserPage:
     assert "/login" in page.url, "the cluster must ask who you are first"
     page.fill("input[name=name]", name)
     page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_function(
-        "() => !!(window.app && window.app.graph && window.LiteGraph"
-        " && window.LiteGraph.registered_node_types['EmptyImage'])", timeout=LOAD_TIMEOUT_MS)
+    with web_ui_starting(page):
+        page.click("button[type=submit]")
     return user
 
 

@@ -22,6 +22,7 @@ from support.server import gated_graph, install_gate_plugin, open_gate
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed"),
+    pytest.mark.timeout(180),  # on a loaded machine the server's start and the web UI's take long (READY_TIMEOUT_S)
 ]
 
 
@@ -33,8 +34,8 @@ def browser_instance(tmp_path: Path, cli_env: dict[str, str], browser_token: str
     install_gate_plugin(data_dir)
     args = ["standard", "--data-dir", str(data_dir)] + (["--token", browser_token] if browser_token else [])
     headers = {"Authorization": f"Bearer {browser_token}"} if browser_token else None
-    with comfyserve_process(args, cli_env, tmp_path / "server.log", ready_headers=headers,
-                            stop_timeout_s=15) as (proc, port):
+    with comfyserve_process(args, cli_env, tmp_path / "server.log", ready_headers=headers, port_timeout_s=60,
+                            ready_timeout_s=60, stop_timeout_s=15) as (proc, port):
         yield Instance(f"http://127.0.0.1:{port}", data_dir, proc, browser_token)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support.browser import CHROMIUM, LOAD_TIMEOUT_MS, fresh_contexts, run_async
+from support.browser import CHROMIUM, LOAD_TIMEOUT_MS, fresh_contexts, run_async, web_ui_starting
 from support.cluster import PASSWORD, graph, make_users, write_sleep_plugin
 from support.processes import comfyserve_process
 
@@ -68,9 +68,8 @@ def login(browser: object, proxy: Proxy, name: str) -> UserPage:
     assert "/login" in page.url
     page.fill("input[name=name]", name)
     page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_function("() => !!(window.app && window.app.graph && window.LiteGraph"
-                           " && window.LiteGraph.registered_node_types['EmptyImage'])", timeout=LOAD_TIMEOUT_MS)
+    with web_ui_starting(page):
+        page.click("button[type=submit]")
     close_templates(page)
     return user
 

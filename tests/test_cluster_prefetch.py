@@ -8,10 +8,13 @@ waits on the instance, and how many times each ever started.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from support.cluster import Cluster, InstanceProcess
+import pytest
+
+from support.cluster import Cluster, ClusterFactory, InstanceProcess
 from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of
 from support.wait import until
 
@@ -56,13 +59,36 @@ async def _handed_back(cluster: Cluster, prompt_id: str) -> bool:
     return task is not None and bool(task.notes)
 
 
-async def test_the_next_task_waits_on_the_instance_and_shows_as_pending_until_it_starts(
-        start_cluster, data_dir: Path) -> None:
+class Queued(NamedTuple):
+    cluster: Cluster
+    http: Any  # alice's session
+    ids: list[str]  # in submit order: one running per instance, then one waiting behind each
+
+
+QueueAhead = Callable[..., Awaitable[Queued]]
+
+
+@pytest.fixture
+def queue_ahead(start_cluster: ClusterFactory, data_dir: Path) -> QueueAhead:
+    """Start a cluster (``start_cluster`` options) and submit a gated task per gate name as alice, one
+    running on each instance and the rest queued ahead on them: returns once each of those waits in its
+    instance's own queue."""
     install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    first, second = await _submit(http, "p1"), await _submit(http, "p2")
-    await until(lambda: _waiting_on_instance(cluster, second))
+
+    async def start(gates: list[str], instances: int = 1, **options: Any) -> Queued:
+        cluster = await start_cluster(instances=instances, **options)
+        http = cluster.http("alice")
+        ids = [await _submit(http, gate) for gate in gates]
+        for waiting in ids[len(cluster.pool.instances):]:
+            await until(lambda: _waiting_on_instance(cluster, waiting), what="a task queued on its instance")
+        return Queued(cluster, http, ids)
+
+    return start
+
+
+async def test_the_next_task_waits_on_the_instance_and_shows_as_pending_until_it_starts(
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    _, http, (first, second) = await queue_ahead(["p1", "p2"])
     await until(lambda: runs_of(data_dir, "p1") == 1)
     queue = await (await http.get("/queue")).json()
     assert [item[1] for item in queue["queue_running"]] == [first]
@@ -82,13 +108,9 @@ async def test_the_next_task_waits_on_the_instance_and_shows_as_pending_until_it
 
 
 async def test_deleting_the_waiting_task_and_interrupting_the_running_one_touch_only_their_own(
-        start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    running, waiting = await _submit(http, "c1"), await _submit(http, "c2")
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    cluster, http, (running, waiting) = await queue_ahead(["c1", "c2"])
     later = await _submit(http, "c3")
-    await until(lambda: _waiting_on_instance(cluster, waiting))
     await until(lambda: runs_of(data_dir, "c1") == 1)
     # Deleting the queued-ahead task takes it out of the instance's queue; the next one takes its place.
     assert (await http.post("/queue", json={"delete": [waiting]})).status == 200
@@ -106,13 +128,8 @@ async def test_deleting_the_waiting_task_and_interrupting_the_running_one_touch_
 
 
 async def test_removing_an_instance_hands_its_waiting_task_back_and_the_running_one_finishes(
-        start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=2)
-    http = cluster.http("alice")
-    ids = [await _submit(http, f"r{n}") for n in range(4)]  # two run, two wait behind them
-    await until(lambda: _waiting_on_instance(cluster, ids[2]))
-    await until(lambda: _waiting_on_instance(cluster, ids[3]))
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    cluster, http, ids = await queue_ahead([f"r{n}" for n in range(4)], instances=2)  # two run, two wait
     busy = _run_of(cluster, ids[0]).instance
     waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance is busy)
     assert await cluster.core.remove_instance(busy.url, drain=True)
@@ -129,17 +146,13 @@ async def test_removing_an_instance_hands_its_waiting_task_back_and_the_running_
 
 
 async def test_an_instance_dying_under_a_running_and_a_waiting_task_sends_both_elsewhere_once(
-        start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
     processes = [InstanceProcess(data_dir) for _ in range(2)]
     try:
         for process in processes:
             process.start()
-        cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in processes))
-        http = cluster.http("alice")
-        ids = [await _submit(http, f"d{n}") for n in range(4)]
-        await until(lambda: _waiting_on_instance(cluster, ids[2]))
-        await until(lambda: _waiting_on_instance(cluster, ids[3]))
+        cluster, http, ids = await queue_ahead([f"d{n}" for n in range(4)], instances=0,
+                                               instance_urls=tuple(p.url for p in processes))
         await until(lambda: runs_of(data_dir, "d0") == 1)
         url = _run_of(cluster, ids[0]).instance.url
         waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance.url == url)
@@ -165,12 +178,8 @@ async def test_an_instance_dying_under_a_running_and_a_waiting_task_sends_both_e
 
 
 async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance_restarts(
-        start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    running, waiting = await _submit(http, "s1"), await _submit(http, "s2")
-    await until(lambda: _waiting_on_instance(cluster, waiting), what="the second task queued on the instance")
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    cluster, http, (running, waiting) = await queue_ahead(["s1", "s2"])
     cluster.core.restart.start()
     await until(lambda: _handed_back(cluster, waiting))  # out of the instance's queue: the restart would drop it
     open_gate(data_dir, "s1")
@@ -186,12 +195,8 @@ async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance
 
 
 async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
-        start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    running, waiting = await _submit(http, "t1"), await _submit(http, "t2")
-    await until(lambda: _waiting_on_instance(cluster, waiting))
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    cluster, http, (running, waiting) = await queue_ahead(["t1", "t2"])
     drain = asyncio.create_task(cluster.core.drain(30.0))  # what SIGTERM does
     await until(lambda: _handed_back(cluster, waiting))
     queue = await _run_of(cluster, running).instance.client.queue()

@@ -10,7 +10,6 @@ The cancel is swept over every turn of the event loop of one call (stepping the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -24,8 +23,6 @@ from support.wait import cancelled_after
 
 TURNS = 24  # more loop turns than one store call takes on an idle local Redis
 SILENT_BOUND_S = 0.2  # the call bound against a Redis that never answers
-
-
 
 
 @pytest.fixture
@@ -52,25 +49,6 @@ async def test_a_cluster_redis_call_cancelled_at_any_turn_ends_cancelled(redis_u
     finally:
         await state.aclose()
         await accounts.aclose()
-
-
-@pytest.fixture
-async def silent_redis() -> AsyncIterator[str]:
-    """A "Redis" that takes connections and reads what is sent, but never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        while await reader.read(65536):
-            pass
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    yield f"redis://127.0.0.1:{port}/0"
-    for writer in held:
-        writer.close()
-    server.close()
-    await server.wait_closed()
 
 
 async def test_a_redis_that_never_answers_costs_a_call_its_bound(silent_redis: str,

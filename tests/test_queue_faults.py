@@ -14,7 +14,7 @@ from queue_service.client import QueueClient, QueueClientError
 from queue_service.protocol import encode_body, encode_frame, encode_frame_list
 from queue_service.redis_store import RedisStore
 from queue_service.server import create_app
-from queue_service.store import Seen, wait_event
+from queue_service.store import Seen, StoreUnavailable, wait_event
 from support.processes import RedisServer
 from support.queue import (
     PENDING_TIMEOUT_S,
@@ -262,6 +262,16 @@ async def test_a_hung_redis_gets_503_within_the_call_timeout_and_the_service_rec
             await server.close()  # shutting down does not hang either
     finally:
         redis.stop()
+
+
+async def test_a_redis_that_never_answers_says_so_in_the_error(silent_redis: str) -> None:
+    """A call cut off by the store's own bound names the bound (asyncio's TimeoutError has no text)."""
+    store = RedisStore(silent_redis, call_timeout_s=0.2)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"^redis: no answer within 0.2 s$"):
+            await store.open()
+    finally:
+        await store.close()
 
 
 async def test_lookup_against_a_queue_service_without_it_falls_back_to_a_get(aiohttp_server) -> None:

@@ -35,6 +35,7 @@ from ..storage.errors import StorageError
 from ..tasks import cancel_and_wait
 from .outputs import OUTPUTS
 from .runtime import Backend
+from .watcher import watch_comfyui
 
 log = logging.getLogger("comfyserve.backend")
 
@@ -108,24 +109,13 @@ class PromptInputs:
 
     async def watch(self) -> None:
         """While inputs are held: drop those of the prompts that left ComfyUI's queue."""
-        while True:
-            if not self.held:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            base_url = self.backend.base_url
-            if base_url is None:
-                await self.backend.wait_ready(REQUEST_TIMEOUT_S)
-                continue
-            try:
-                await self._look(base_url)
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-                log.debug("inputs: ComfyUI's queue did not answer: %r", exc)
-            except Exception:  # the watcher must outlive anything one answer does to it
-                log.exception("inputs: a look at ComfyUI's queue failed")
-            await asyncio.sleep(POLL_S)
+        await watch_comfyui(self.backend, self._wake, name="inputs", busy=lambda: bool(self.held), look=self._look,
+                            interval_s=lambda: POLL_S)
 
-    async def _look(self, base_url: str) -> None:
+    async def _look(self) -> None:
+        base_url = self.backend.base_url
+        if base_url is None:
+            return
         assert self.session is not None
         ids = list(self.held)  # before asking: a prompt accepted later is not judged on this answer
         async with self.session.get(base_url + "/queue",

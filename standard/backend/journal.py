@@ -44,6 +44,7 @@ from ..server.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS
 from ..state_store import StateStore, restart_error
 from ..tasks import cancel_and_wait
 from .runtime import Backend
+from .watcher import watch_comfyui
 
 log = logging.getLogger("comfyserve.backend")
 
@@ -152,21 +153,9 @@ class PromptJournal:
     # -- the watcher -------------------------------------------------------------
 
     async def _watch(self) -> None:
-        while True:
-            if not self.outstanding:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self.backend.base_url is None:
-                await self.backend.wait_ready(REQUEST_TIMEOUT_S)
-                continue
-            try:
-                await self._look(resubmit=True)
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-                log.debug("journal: ComfyUI did not answer: %r", exc)
-            except Exception:  # the watcher must outlive anything one answer does to it
-                log.exception("journal: a look at ComfyUI failed")
-            await asyncio.sleep(min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * len(self.outstanding)))
+        await watch_comfyui(self.backend, self._wake, name="journal", busy=lambda: bool(self.outstanding),
+                            look=lambda: self._look(resubmit=True),
+                            interval_s=lambda: min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * len(self.outstanding)))
 
     async def _get(self, base_url: str, path: str) -> Any:
         assert self.session is not None

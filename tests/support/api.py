@@ -165,6 +165,18 @@ class Procs:
             wait_for_port(port, timeout_s=30, proc=proc)
         return [(proc, f"http://127.0.0.1:{port}") for proc, port in started]
 
+    def split(self, data_dir: Path, instances: int,
+              *extra: str) -> tuple[str, list[tuple[subprocess.Popen[bytes], str]]]:
+        """The API edition split up: ``comfyserve api`` as front and queue only (no workers of its own,
+        ``--pending-timeout 1``; ``extra`` flags added) and ``instances`` instances on ``data_dir``, started
+        together. Returns the queue's URL and the instances; the test starts the workers (``worker``)."""
+        port = free_port()
+        api = self.start("api", "api", "--data-dir", str(data_dir), "--port", str(port), "--token", TOKEN,
+                         "--service", SERVICE, "--instances", "0", "--pending-timeout", "1", *extra)
+        started = self.instances(instances, data_dir)
+        wait_for_port(port, timeout_s=30, proc=api)
+        return f"http://127.0.0.1:{port}", started
+
     def worker(self, name: str, queue_url: str, instance_url: str, *extra: str) -> subprocess.Popen[bytes]:
         return self.start(name, "worker", "--queue-url", queue_url, "--service", SERVICE, "--instance-url",
                           instance_url, "--token", TOKEN, "--instance-down-timeout", "1", *extra)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator
@@ -26,6 +28,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "browser-test-token"
 LOAD_TIMEOUT_MS = 30_000
+# The web UI's start: its ~23 MB of JavaScript fetched and compiled, its settings and extensions loaded,
+# /api/object_info answered. Some 5 s on an idle 2-core machine, 15 s at a load average of 10; only a page
+# that never starts should reach this bound.
+READY_TIMEOUT_S = 90.0
+WEB_UI_READY = ("() => !!(window.app && window.app.graph && window.LiteGraph"
+                " && window.LiteGraph.registered_node_types['EmptyImage'])")
 T = TypeVar("T")
 
 
@@ -102,6 +110,20 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
+@contextlib.contextmanager
+def web_ui_starting(page: Any) -> Iterator[None]:
+    """Around what opens the web UI (a ``goto`` with ``wait_until="commit"``, a login's submit): returns once
+    the page has started it, that is its ``GET /api/object_info`` (the last request of its start) answered
+    and the engine's nodes registered from it. One bound for the whole start, however long each part of it
+    takes on a loaded machine."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with page.expect_response(lambda r: r.request.method == "GET" and r.url.split("?")[0].endswith("/object_info"),
+                              timeout=READY_TIMEOUT_S * 1000) as object_info:
+        yield
+    assert object_info.value.status == 200, f"the web UI's GET {object_info.value.url}: {object_info.value.status}"
+    page.wait_for_function(WEB_UI_READY, timeout=max(1.0, deadline - time.monotonic()) * 1000)
+
+
 @pytest.fixture
 def browser_session(browser_instance: Instance, chromium: object) -> Iterator[Session]:
     """A page (logged in with the token, if any) that has loaded the web UI completely.
@@ -120,16 +142,12 @@ def browser_session(browser_instance: Instance, chromium: object) -> Iterator[Se
         page.on("requestfailed", lambda r: r.url.startswith(browser_instance.url)
                 and r.failure != "net::ERR_ABORTED"
                 and session.bad.append((0, r.method, f"{r.url} ({r.failure})")))
-        page.goto(browser_instance.url + "/")
-        if browser_instance.token is not None:
-            assert "/login" in page.url, "the web UI must ask for the token first"
-            page.fill("input[name=token]", browser_instance.token)
-            page.click("button[type=submit]")
-        page.wait_for_function(
-            "() => !!(window.app && window.app.graph && window.LiteGraph"
-            " && window.LiteGraph.registered_node_types['EmptyImage'])",
-            timeout=LOAD_TIMEOUT_MS,
-        )
+        with web_ui_starting(page):
+            page.goto(browser_instance.url + "/", wait_until="commit")  # not "load": that waits for the bundle
+            if browser_instance.token is not None:
+                assert "/login" in page.url, "the web UI must ask for the token first"
+                page.fill("input[name=token]", browser_instance.token)
+                page.click("button[type=submit]")
         yield session
         assert session.unexpected() == [], f"the page got error responses: {session.unexpected()}"
     finally:

@@ -34,7 +34,7 @@ from standard.datadir import DataDir
 from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from support.processes import TESTS_DIR, wait_for_port
+from support.processes import TESTS_DIR, start_listening
 from support.wait import until
 
 INSTANCE_TOKEN = "instance-secret-token"
@@ -168,11 +168,9 @@ class InstanceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "COMFYSERVE_TOKEN": INSTANCE_TOKEN}
-        self.proc = subprocess.Popen(
+        self.proc = start_listening(
             [sys.executable, "-m", "standard", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, proc=self.proc)
+            self.port, env={**os.environ, "COMFYSERVE_TOKEN": INSTANCE_TOKEN})
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -47,6 +48,20 @@ def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | N
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
+def start_listening(command: list[str], port: int, *, env: dict[str, str] | None = None,
+                    output: IO[bytes] | int = subprocess.DEVNULL, timeout_s: float = 15.0) -> subprocess.Popen:
+    """``command`` as a child process (stdout and stderr to ``output``), returned once it accepts on
+    ``127.0.0.1:port``; a child that exits first fails at once, and one that never listens is killed."""
+    proc = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, timeout_s=timeout_s, proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def http_status(url: str, headers: dict[str, str] | None = None) -> int:
     """The status of a GET from the test itself (0 when nothing answers)."""
     import urllib.error
@@ -69,10 +84,9 @@ def comfyserve_process(args: list[str], env: dict[str, str], log_path: Path, *,
     """``comfyserve ARGS --port P`` as a real process, yielded once its ``/readyz`` answers 200; then stopped."""
     port = free_port()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(["comfyserve", *args, "--port", str(port)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = start_listening(["comfyserve", *args, "--port", str(port)], port, env=env, output=log,
+                               timeout_s=port_timeout_s)
         try:
-            wait_for_port(port, timeout_s=port_timeout_s, proc=proc)
             deadline = time.monotonic() + ready_timeout_s
             while http_status(f"http://127.0.0.1:{port}/readyz", ready_headers) != 200:
                 assert time.monotonic() < deadline, f"comfyserve {args[0]} never became ready"
@@ -117,12 +131,9 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (scripts/setup.sh --test installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
+        self.proc = start_listening(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.proc)
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)], self.port)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
