@@ -25,7 +25,11 @@ once, behind it, so the instance never waits for a round trip between two tasks.
 another counts as a run from its ``execution_start``, not from its submit: an instance that dies under
 the running task did not run it). A cancel of a queued-ahead task takes it off the instance's queue;
 an interrupt targets its own prompt only. With ``--affinity-wait`` the watch prefers tasks tagged with
-the models of the last task it handed this worker (``queue_service.affinity``).
+the models of the last task it handed this worker (``queue_service.affinity``). A queued-ahead task
+that a worker which became idle could run now is given back when the queue asks for it
+(``queue_service.handback``): taken back if it has not started (never sent, or taken off the
+instance's queue; not counted as a run, nothing reported), then released on the queue for that
+worker; one that has started already runs here as usual.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its uncommitted items, so it takes no more input. An instance that
@@ -61,7 +65,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from queue_service.client import DataFrame, QueueClient, QueueClientError
+from queue_service.client import Control, DataFrame, QueueClient, QueueClientError, Watcher
+from queue_service.handback import GIVE_BACK, RELEASE
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
@@ -125,6 +130,10 @@ def _digest(key: str) -> str:
 
 class GiveBack(WorkerError):
     """The instance went away mid-task: release the item for another worker."""
+
+
+class HandedBack(WorkerError):
+    """The queue asked for this queued-ahead task back and it had not started: its flight ends unreported."""
 
 
 class Worker:
@@ -263,7 +272,8 @@ class Worker:
         await self.runner.ready(timeout_s=2.0)
         self._giving_back = False
         failure: BaseException | None = None
-        async with self.input.watch(window=1 + self.settings.prefetch, options=self._watch_options()) as frames:
+        async with self.input.watch(window=1 + self.settings.prefetch, options=self._watch_options(),
+                                    on_control=self._on_control) as frames:
             reader: asyncio.Future[DataFrame] | None = None
             try:
                 while True:
@@ -284,11 +294,13 @@ class Worker:
                                 failure = failure or got.exception()
                             continue
                         frame = got.result()
-                        if not (self._stopping or self._giving_back) and frame.index not in self.flights:
-                            self._take_off(frame)  # else: a frame sent again after a reconnect, or one to leave
+                        if frame.index in self.flights:  # sent again after a reconnect: an ask for it is void
+                            self.flights.by_index[frame.index].redelivered = True
+                        elif not (self._stopping or self._giving_back):
+                            self._take_off(frame)  # else: a frame to leave
                     for flight in list(self.flights.by_index.values()):
                         if flight.task is not None and flight.task in done:
-                            failure = self._landed(flight) or failure
+                            failure = self._landed(flight, frames) or failure
             finally:
                 if reader is not None:
                     reader.cancel()  # safe: the watch stays usable (``Watcher.__anext__``)
@@ -301,9 +313,10 @@ class Worker:
         self._idle.clear()
         flight.task = asyncio.create_task(self.handle(flight), name=f"{self.name}-{frame.index}")
 
-    def _landed(self, flight: Flight) -> BaseException | None:
+    def _landed(self, flight: Flight, frames: Watcher) -> BaseException | None:
         """A flight ended: drop it; a task given back (or an unexpected error) ends the watch once the
-        others have ended. Returns the unexpected error, if any."""
+        others have ended; one handed back at the queue's ask is released for the idle worker. Returns the
+        unexpected error, if any."""
         self.flights.remove(flight)
         if not self.flights.by_index:
             self._idle.set()
@@ -312,6 +325,9 @@ class Worker:
             return None
         exc = flight.task.exception()
         if exc is None:
+            return None
+        if isinstance(exc, HandedBack):
+            self._release(flight, frames)
             return None
         self._giving_back = True  # leaving the watch cleanly releases the item to the other workers
         if isinstance(exc, GiveBack):
@@ -336,6 +352,47 @@ class Worker:
         for flight in self.flights.not_started():
             if self.flights.ahead_on_instance(flight):
                 await self._take_back(flight)
+
+    def _on_control(self, control: Control) -> None:
+        """The queue asks for a queued-ahead task back: a worker that became idle could run it now. Never the
+        oldest flight (running, or next to run), and only once per flight."""
+        index = control.message.get(GIVE_BACK)
+        flight = self.flights.by_index.get(index) if type(index) is int else None
+        if flight is None or flight is self.flights.first() or flight.asked_on is not None or self._stopping:
+            return
+        flight.asked_on = control.connection
+        self._in_background(self._hand_back(flight))
+
+    async def _hand_back(self, flight: Flight) -> None:
+        """Take the flight back (``_take_back``) if it has not started: it then ends with ``HandedBack``."""
+        if flight.ran or flight.redelivered or (flight.task is not None and flight.task.done()):
+            return
+        flight.handing_back = True
+        if not await self._take_back(flight):
+            flight.handing_back = False
+            log.info("%s: task %s has started: it runs here, not handed back", self.name,
+                     flight.frame.tags.get(TASK_ID_TAG))
+            return
+        log.info("%s: handing task %s back to the queue for an idle worker", self.name,
+                 flight.frame.tags.get(TASK_ID_TAG))
+
+    def _release(self, flight: Flight, frames: Watcher) -> None:
+        """A flight handed back has ended: release its item on the queue, on the connection that asked for it.
+        Sent again since (the watch reconnected, or resent what it holds), the item is this worker's again:
+        it runs here after all."""
+        assert flight.asked_on is not None
+        if self._stopping or self._giving_back:
+            return  # leaving the watch releases it with the rest
+        if flight.redelivered or frames.connection != flight.asked_on:
+            self._take_off(flight.frame)
+            return
+        # Not sent (the connection went meanwhile): the new session sends the item again, and it runs here.
+        self._in_background(self._send_release(frames, flight))
+
+    @staticmethod
+    async def _send_release(frames: Watcher, flight: Flight) -> None:
+        assert flight.asked_on is not None
+        await frames.send({RELEASE: flight.frame.index}, connection=flight.asked_on)
 
     async def _take_back(self, flight: Flight) -> bool:
         """Keep ``flight`` from running: not sent yet, it never will be; queued on the instance, it comes
@@ -483,8 +540,10 @@ class Worker:
         await flight.turn()
         if self._stopping and self.flights.ahead_on_instance(flight):
             flight.held = True
-        if flight.held:  # taken back before it went to the instance: by a drain, or by a cancel
+        if flight.held:  # taken back before it went to the instance: by a drain, the queue, or a cancel
             flight.sent.set()
+            if flight.handing_back:
+                raise HandedBack(f"the queue asked for task {flight.request_id} back before it went to the instance")
             if self._stopping:
                 raise GiveBack(f"worker {self.name} is shutting down: the task had not started")
             return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
@@ -531,6 +590,8 @@ class Worker:
         except (Dropped, PromptLost) as exc:
             if not (flight.dropped or isinstance(exc, Dropped)):
                 raise GiveBack(str(exc)) from exc
+            if flight.handing_back:
+                raise HandedBack(f"the queue asked for task {flight.request_id} back before it started") from exc
             if self._stopping:
                 raise GiveBack(f"worker {self.name} is shutting down: the task had not started") from exc
             return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)  # a cancel took it off the queue
