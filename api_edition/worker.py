@@ -19,17 +19,17 @@ all-in-one the put and the commit are one atomic store operation
 two calls, and a worker that dies between them leaves a result that the
 redelivered input finds, whether or not a client has committed it since.
 
-Prefetch (``flights``): the tasks beyond the running one are checked and queued on the instance at
-once, behind it, so the instance never waits for a round trip between two tasks. Each is its own
-``Flight``: its own prompt, progress record, cancel watch and attempt count (a task queued behind
-another counts as a run from its ``execution_start``, not from its submit: an instance that dies under
-the running task did not run it). A cancel of a queued-ahead task takes it off the instance's queue;
-an interrupt targets its own prompt only. With ``--affinity-wait`` the watch prefers tasks tagged with
-the models of the last task it handed this worker (``queue_service.affinity``). A queued-ahead task
-that a worker which became idle could run now is given back when the queue asks for it
-(``queue_service.handback``): taken back if it has not started (never sent, or taken off the
-instance's queue; not counted as a run, nothing reported), then released on the queue for that
-worker; one that has started already runs here as usual.
+Prefetch (``flights``, ``--prefetch``, 1 by default): the tasks beyond the running one are checked and
+queued on the instance at once, behind it, so the instance never waits for a round trip between two
+tasks. Each is its own ``Flight``: its own prompt, progress record, cancel watch and attempt count (a
+task queued behind another counts as a run from its ``execution_start``, not from its submit: an
+instance that dies under the running task did not run it). A cancel of a queued-ahead task takes it off
+the instance's queue; an interrupt targets its own prompt only. With ``--affinity-wait`` the watch
+prefers tasks tagged with the models of the last task it handed this worker
+(``queue_service.affinity``). A queued-ahead task that a worker which became idle could run now is given
+back when the queue asks for it (``queue_service.handback``): taken back if it has not started (never
+sent, or taken off the instance's queue; not counted as a run, nothing reported), then released on the
+queue for that worker; one that has started already runs here as usual.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its uncommitted items, so it takes no more input. An instance that

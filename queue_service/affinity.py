@@ -9,7 +9,8 @@ Both are ignored by a queue service that lacks them (the watch is then plain FIF
 consumer; they are filled only while no other watch of the queue (same tags, this process) holds
 nothing, so a task never waits behind another on one instance while a second instance is idle. A
 watch that becomes idle after the slots were filled (it opened later, or found nothing to take) asks
-a peer to give its queued-ahead item back (``handback``).
+a peer to give its queued-ahead item back (``handback``). The API edition's workers ask for one slot
+ahead by default (``--prefetch 1``).
 
 The watch remembers the value of tag ``TAG`` on the last item it handed out (``_affinity_prefer_``
 before the first): with the API edition's front tagging each task with its models, that is what the

@@ -12,10 +12,10 @@ pending items for ``pending_timeout_s``; then they go to other consumers.
 A watcher that closes the socket properly gives its pending items back at once.
 
 The watch extensions of ``affinity`` (prefetch slots, a model preference) are for the API edition's
-workers. A prefetching watch (``_prefetch_``) also takes part in the hand-back (``handback``): the
-service may send it a TEXT message asking for a queued-ahead item back, and reads its ``release``
-answers. Every other watch, the SDK's included, only ever gets binary frames, and any message its
-client sends is ignored.
+workers (``--prefetch``, 1 by default, and ``--affinity-wait``). A prefetching watch (``_prefetch_``)
+also takes part in the hand-back (``handback``): the service may send it a TEXT message asking for a
+queued-ahead item back, and reads its ``release`` answers. Every other watch, the SDK's included,
+only ever gets binary frames, and any message its client sends is ignored.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from queue_service.client import Control
 from queue_service.protocol import decode_frame, encode_body
 from queue_service.server import STORE_KEY, WATCHERS_KEY
 from queue_service.settings import GROUP_HEADER, USER_HEADER
@@ -151,3 +152,24 @@ async def test_a_watch_without_prefetch_is_never_asked(live_queue: LiveQueue, ht
         await commit(http, live_queue, one)
         three = await put(http, live_queue, "three")
         assert await next_item(plain) == (three, b"three")  # no text frame came before it
+
+
+async def test_the_python_client_hands_its_control_messages_aside_and_answers_on_the_same_connection(
+        live_queue: LiveQueue) -> None:
+    busy, idle = live_queue.client(QUEUE, uid="busy"), live_queue.client(QUEUE, uid="idle")
+    one, _ = await busy.put(b"one")
+    two, _ = await busy.put(b"two")
+    controls: list[Control] = []
+    async with busy.watch(window=2, options={"_prefetch_": "true"}, on_control=controls.append) as frames:
+        assert [(await anext(frames)).index, (await anext(frames)).index] == [one, two]
+        async with idle.watch(window=2, options={"_prefetch_": "true"}) as other:
+            given = asyncio.ensure_future(anext(other))  # connects: the idle watch
+            reading = asyncio.ensure_future(anext(frames))  # text messages are read along with the frames
+            await until(lambda: controls, what="the ask")
+            [control] = controls
+            assert control.message == {"give_back": two} and control.connection == frames.connection == 1
+            assert not await frames.send({"release": two}, connection=control.connection + 1)  # another session's
+            assert await frames.send({"release": two}, connection=control.connection)
+            assert (await given).index == two
+            assert not reading.done()
+            reading.cancel()
