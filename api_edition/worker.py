@@ -177,6 +177,9 @@ class Worker:
             settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
         self.flights = Flights()
         self.loaded_models: str | None = None  # the models tag of the last task sent to the instance
+        # Whether the queue service keeps prefetch slots for idle workers (None: not known yet). One that does
+        # not (the platform's) would hand this worker tasks ahead while another is idle: one at a time then.
+        self.prefetch_served: bool | None = None
         self._giving_back = False  # a task went back: take no more, leave the watch once the others end
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
@@ -258,12 +261,15 @@ class Worker:
     def _watch_options(self) -> dict[str, str]:
         """The watch's extensions (``queue_service.affinity``): the slots beyond the first are queued ahead
         (filled while no other worker is idle); tasks with the models the instance holds come first."""
-        options = {"_prefetch_": "true"} if self.settings.prefetch else {}
+        options = {"_prefetch_": "true"} if self._window() > 1 else {}
         if self.settings.affinity_wait_s > 0:
             options.update({"_affinity_": MODELS_TAG, "_affinity_wait_": f"{self.settings.affinity_wait_s:g}s"})
             if self.loaded_models:
                 options["_affinity_prefer_"] = self.loaded_models
         return options
+
+    def _window(self) -> int:
+        return 1 + self.settings.prefetch if self.prefetch_served is not False else 1
 
     async def _consume(self) -> None:
         """One watch session: each task handed over runs as its own flight; returns once every flight has
@@ -272,8 +278,15 @@ class Worker:
         await self.runner.ready(timeout_s=2.0)
         self._giving_back = False
         failure: BaseException | None = None
-        async with self.input.watch(window=1 + self.settings.prefetch, options=self._watch_options(),
+        async with self.input.watch(window=self._window(), options=self._watch_options(),
                                     on_control=self._on_control) as frames:
+            if self._window() > 1 and self.prefetch_served is None:
+                await frames.open()
+                self.prefetch_served = "prefetch" in frames.extensions
+                if not self.prefetch_served:  # leaving now gives back whatever this watch was handed
+                    log.warning("%s: the queue service keeps no slots ahead for idle workers (it ignores "
+                                "_prefetch_): taking one task at a time (--prefetch ignored)", self.name)
+                    return
             reader: asyncio.Future[DataFrame] | None = None
             try:
                 while True:

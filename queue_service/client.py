@@ -30,7 +30,14 @@ from standard.http_util import BadJSON, parse_json
 from standard.retry import RECONNECT, RetryPolicy
 
 from .protocol import decode_frame, decode_frame_list
-from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
+from .settings import (
+    GROUP_HEADER,
+    IDEMPOTENCY_HEADER,
+    PRIORITY_HEADER,
+    REQUEST_ID_HEADER,
+    USER_HEADER,
+    WATCH_EXTENSIONS_HEADER,
+)
 from .store import QueueError, Seen
 
 log = logging.getLogger("comfyserve.queue.client")
@@ -217,6 +224,7 @@ class Watcher:
         self.retry = retry.but(retry_on=(OSError, InvalidHandshake, TimeoutError))
         self.reconnects = 0
         self.connection = 0  # counts the connections opened: a message belongs to one session of the watch
+        self.extensions: frozenset[str] = frozenset()  # what the service said it gives this watch
         self.on_control = on_control
         self._ws: ClientConnection | None = None
         self._closed = False
@@ -245,12 +253,22 @@ class Watcher:
 
         return await self.retry.call(once, what=f"watch {self.url}", log=log)
 
+    async def open(self) -> None:
+        """Connect now rather than at the first read (then ``extensions`` is known)."""
+        if self._ws is None and not self._closed:
+            self._ws = await self._connect()
+            self.connection += 1
+            assert self._ws.response is not None
+            told = self._ws.response.headers.get(WATCH_EXTENSIONS_HEADER, "")
+            self.extensions = frozenset(part.strip() for part in told.split(",") if part.strip())
+
     async def __anext__(self) -> DataFrame:
         """The next frame. Cancelling a wait is safe: the watch stays usable."""
         while not self._closed:
             if self._ws is None:
-                self._ws = await self._connect()
-                self.connection += 1
+                await self.open()
+                if self._ws is None:  # closed meanwhile
+                    break
             try:
                 message = await self._ws.recv()
             except ConnectionClosed as exc:

@@ -32,11 +32,12 @@ from . import params
 from .affinity import Affinity, PassedOver
 from .handback import Holder
 from .protocol import encode_body, encode_frame
-from .settings import MAX_WINDOW, QueueSettings
+from .settings import MAX_WINDOW, WATCH_EXTENSIONS_HEADER, QueueSettings
 from .store import Item, QueueStore, StoreUnavailable, Superseded
 
 log = logging.getLogger("comfyserve.queue.watch")
 CLOSE_SUPERSEDED = 4001  # the consumer connected again; this socket is stale
+PREFETCH_EXTENSIONS = "prefetch,handback"  # told to a prefetching watch (``WATCH_EXTENSIONS_HEADER``)
 
 
 def _frame(item: Item, index_only: bool) -> bytes:
@@ -135,6 +136,8 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
 
     # No permessage-deflate: frames are small or already compressed, and latency matters more.
     ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024, compress=False)
+    if affinity is not None and affinity.prefetch and PREFETCH_EXTENSIONS:
+        ws.headers[WATCH_EXTENSIONS_HEADER] = PREFETCH_EXTENSIONS
     await ws.prepare(request)
     registry.sockets.add(ws)
     holder = affinity.holder if affinity is not None and affinity.prefetch else None

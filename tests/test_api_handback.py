@@ -16,6 +16,7 @@ from test_api_prefetch import queued_behind, state_of, status
 
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
+from queue_service import watch as watch_module
 from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
 from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of
 from support.wait import until
@@ -110,3 +111,26 @@ async def test_a_queued_ahead_task_that_started_when_asked_is_kept_and_runs_once
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("one", "success"), ("two", "success")]
     assert (runs_of(data_dir, "one"), runs_of(data_dir, "two")) == (1, 1)
     assert await history(url_b) == {}
+
+
+async def test_against_a_queue_service_without_prefetch_slots_a_worker_takes_one_task_at_a_time(
+        api: ApiFactory, instance_url: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A queue service that ignores ``_prefetch_`` (the platform's) would fill the slot ahead even while
+    another worker idles, and could never ask for it back: the worker watches with a window of one."""
+    monkeypatch.setattr(watch_module, "PREFETCH_EXTENSIONS", "")  # the service does not say it keeps slots
+    install_gate_plugin(data_dir)
+    url = await instance_url()
+    live = await api(instance_urls=(url,), data_dir=data_dir, prefetch=1)
+    await live.submit(drain_gate_graph("one", "one"), task_id="one")
+    await live.submit(drain_gate_graph("two", "two"), task_id="two")
+    await until(lambda: runs_of(data_dir, "one") == 1, what="one running")
+    assert any("taking one task at a time" in r.getMessage() for r in caplog.records)
+    assert await queued_behind(url, 0)
+    async with live.input() as queue:
+        [_, two] = await queue.get(0, 5)
+        assert (await queue.search(two.index))["IsPending"] is False  # not taken ahead
+    open_gate(data_dir, "one")
+    open_gate(data_dir, "two")
+    async with live.sink() as sink:
+        assert len(await read_results(sink, 2)) == 2

@@ -173,3 +173,13 @@ async def test_the_python_client_hands_its_control_messages_aside_and_answers_on
             assert (await given).index == two
             assert not reading.done()
             reading.cancel()
+
+
+async def test_only_a_prefetching_watch_is_told_its_extensions(live_queue: LiveQueue) -> None:
+    client = live_queue.client(QUEUE, uid="w")
+    async with client.watch(window=2, options={"_prefetch_": "true"}) as frames:
+        await frames.open()
+        assert frames.extensions == {"prefetch", "handback"}
+    async with live_queue.client(QUEUE, uid="plain").watch(window=2) as frames:
+        await frames.open()
+        assert frames.extensions == frozenset()
