@@ -8,9 +8,13 @@ another one. These nodes model just that, with sleeps instead of a GPU:
   ``CheckpointLoaderSimple``) costs ``load_s`` unless that checkpoint is the
   one in "VRAM": one checkpoint at a time per instance process, kept between
   tasks, lost when the process ends;
-* ``SimSampler`` costs ``steps * step_s`` and is the task's output node. When
-  it ends it appends the task's record, one JSON line with microsecond
-  ``time.time()`` timestamps, to ``DIR/gpu_sim/<pid>.jsonl`` (``DIR`` is the
+* ``SimSampler`` costs ``steps * step_s`` and is the task's output node. It
+  reports each step through ``comfy.utils.ProgressBar`` as ComfyUI's KSampler
+  does (one update at the end of each step, so ``value == max`` comes as the
+  last step ends); the steps are timed from the sampler's start, so the total
+  stays ``steps * step_s`` whatever the updates cost. When it ends it
+  appends the task's record, one JSON line with microsecond ``time.time()``
+  timestamps, to ``DIR/gpu_sim/<pid>.jsonl`` (``DIR`` is the
   folder holding ``custom_nodes``; one file per instance process) and shows
   the same record as its UI output.
 
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 import comfy.model_management
+import comfy.utils
 import folder_paths
 
 RECORDS = Path(__file__).resolve().parent.parent / "gpu_sim"
@@ -59,7 +64,11 @@ def now_us():
 
 def busy(seconds):
     """Occupy the "GPU" for ``seconds``, stopping at an interrupt."""
-    end = time.monotonic() + seconds
+    busy_until(time.monotonic() + seconds)
+
+
+def busy_until(end):
+    """Occupy the "GPU" until the monotonic time ``end``, stopping at an interrupt."""
     while True:
         comfy.model_management.throw_exception_if_processing_interrupted()
         left = end - time.monotonic()
@@ -118,7 +127,11 @@ class SimSampler:
 
     def sample(self, model, steps, step_s, label):
         sample_start_us = now_us()
-        busy(steps * step_s)
+        start = time.monotonic()
+        progress = comfy.utils.ProgressBar(steps)
+        for step in range(1, steps + 1):
+            busy_until(start + step * step_s)
+            progress.update_absolute(step, steps)
         end_us = now_us()
         record = {"pid": os.getpid(), "label": label, "ckpt": model["ckpt"], "loaded": model["loaded"],
                   "load_s": model["load_s"], "steps": steps, "step_s": step_s, "start_us": model["start_us"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.gpu_sim_figures import Costs, Task, figures, install, read_records, task_graph
-from support.server import wait_history
+from support.server import events_until, is_done, wait_history
 
 FREE = Costs(load_s=0.0, steps=2, step_s=0.0)  # no time spent: the test checks what is recorded, not how long
 
@@ -44,6 +44,22 @@ async def test_sim_nodes_load_keep_one_checkpoint_and_record_each_task(instance,
     assert (result.loads, result.min_loads, result.instances_used) == (2, 2, 1)
     assert len(result.gaps_ms) == 2 and min(result.gaps_ms) >= 0
     assert result.missing == [] and result.repeated == []
+
+
+async def test_the_sampler_reports_each_step_as_progress(instance, data_dir: Path) -> None:
+    install(data_dir, ["sim_a.safetensors"])
+    client = await instance()
+    ws = await client.ws_connect("/ws?clientId=tab")
+    steps = Costs(load_s=0.0, steps=3, step_s=0.0)
+    resp = await client.post("/prompt", json={"prompt": task_graph("sim_a.safetensors", "one", steps),
+                                              "client_id": "tab"})
+    assert resp.status == 200, await resp.text()
+    prompt_id = (await resp.json())["prompt_id"]
+    events = await events_until(ws, is_done(prompt_id))
+    progress = [(e["data"]["value"], e["data"]["max"]) for e in events
+                if e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id]
+    assert progress == [(1, 3), (2, 3), (3, 3)]  # one per step, as KSampler's; the last one's value is max
+    await ws.close()
 
 
 def record(pid: int, label: str, start_ms: int, end_ms: int, loaded: bool) -> dict:
