@@ -36,6 +36,7 @@ class Flight:
     asked_on: int | None = None
     handing_back: bool = False  # being taken back for the queue: not run here if that works
     redelivered: bool = False  # the queue sent it again since it asked for it back: the ask is void
+    finishing: bool = False  # the queue was told it is in its last sampler step (at most once)
 
     async def turn(self) -> None:
         """Wait until the flight before this one is on the instance (or will never be)."""

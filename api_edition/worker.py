@@ -29,7 +29,10 @@ prefers tasks tagged with the models of the last task it handed this worker
 (``queue_service.affinity``). A queued-ahead task that a worker which became idle could run now is given
 back when the queue asks for it (``queue_service.handback``): taken back if it has not started (never
 sent, or taken off the instance's queue; not counted as a run, nothing reported), then released on the
-queue for that worker; one that has started already runs here as usual.
+queue for that worker; one that has started already runs here as usual. When the running task's last
+sampler step begins the worker says so to the queue, which then fills a slot that waited for a task with
+the same models with any task: at a model switch, too, the next task is on the instance before the
+current one ends.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its uncommitted items, so it takes no more input. An instance that
@@ -66,7 +69,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from queue_service.client import Control, DataFrame, QueueClient, QueueClientError, Watcher
-from queue_service.handback import GIVE_BACK, RELEASE
+from queue_service.handback import FINISHING, GIVE_BACK, RELEASE
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
@@ -122,6 +125,16 @@ def slot_worker_id(deployment: str, slot: int) -> str:
     one deployment never share an id (the queue would take one for the other reconnecting).
     """
     return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
+
+
+def _last_step(data: Any) -> bool:
+    """A ``progress`` event saying the last step has begun: a sampler reports each step as it ends, so
+    ``value == max - 1`` is the start of the last one (``value == max`` comes as the sampler ends, too late
+    to queue the next task before it on a fast graph)."""
+    value, total = data.get("value"), data.get("max")
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
 
 
 def _digest(key: str) -> str:
@@ -187,6 +200,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
+        self._watch: Watcher | None = None  # the input watch while one is open
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -280,6 +294,7 @@ class Worker:
         failure: BaseException | None = None
         async with self.input.watch(window=self._window(), options=self._watch_options(),
                                     on_control=self._on_control) as frames:
+            self._watch = frames
             if self._window() > 1 and self.prefetch_served is None:
                 await frames.open()
                 self.prefetch_served = "prefetch" in frames.extensions
@@ -315,6 +330,7 @@ class Worker:
                         if flight.task is not None and flight.task in done:
                             failure = self._landed(flight, frames) or failure
             finally:
+                self._watch = None
                 if reader is not None:
                     reader.cancel()  # safe: the watch stays usable (``Watcher.__anext__``)
                 await self._ground_all()
@@ -400,12 +416,7 @@ class Worker:
             self._take_off(flight.frame)
             return
         # Not sent (the connection went meanwhile): the new session sends the item again, and it runs here.
-        self._in_background(self._send_release(frames, flight))
-
-    @staticmethod
-    async def _send_release(frames: Watcher, flight: Flight) -> None:
-        assert flight.asked_on is not None
-        await frames.send({RELEASE: flight.frame.index}, connection=flight.asked_on)
+        self._in_background(self._tell(frames, {RELEASE: flight.frame.index}, flight.asked_on))
 
     async def _take_back(self, flight: Flight) -> bool:
         """Keep ``flight`` from running: not sent yet, it never will be; queued on the instance, it comes
@@ -524,8 +535,27 @@ class Worker:
             flight.started = True
             if flight.on_start is not None:
                 flight.on_start()
+        elif item.get("type") == "progress" and flight.started and _last_step(item["data"]):
+            self._finishing(flight)
         self.progress.event(flight.request_id, item)
         self.events.publish(flight.request_id, item)
+
+    def _finishing(self, flight: Flight) -> None:
+        """The running task is in its last sampler step (``_last_step``): tell the queue, so a slot ahead that
+        waits for a task with the same models takes any (``queue_service.handback``); at a model switch the
+        next task is then on the instance before this one ends. Only with a slot ahead and a model
+        preference."""
+        watch = self._watch
+        if (flight.finishing or watch is None or self._window() < 2 or self.settings.affinity_wait_s <= 0
+                or flight is not self.flights.first()):
+            return
+        flight.finishing = True
+        self._in_background(self._tell(watch, {FINISHING: flight.frame.index}, watch.connection))
+
+    @staticmethod
+    async def _tell(watch: Watcher, message: dict[str, Any], connection: int) -> None:
+        """A text message to the queue on one connection of the watch (not sent if it has gone)."""
+        await watch.send(message, connection=connection)
 
     async def _stop(self, flight: Flight) -> None:
         """A cancel: a task not started on the instance comes off its queue; a running one is interrupted

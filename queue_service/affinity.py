@@ -17,7 +17,8 @@ before the first): with the API edition's front tagging each task with its model
 consumer's instance holds. Each claim takes one item at a time: a ready item carrying that value if
 there is one, else the oldest ready item, as a plain watch would, but that only when the consumer
 holds nothing (its instance is free): a slot behind a held item (``_window_`` > 1, the API edition's
-``--prefetch``) waits for a preferred item rather than switch models early. An item without the tag is
+``--prefetch``) waits for a preferred item rather than switch models early, until the consumer says that
+item is in its last step (``handback``: ``finishing``). An item without the tag is
 never preferred (nor waited out), so work whose models are unknown is served in plain order.
 
 The bound: the oldest ready item is *passed over* when a claim takes another in its place. Once the
@@ -163,8 +164,10 @@ class Affinity:
             out = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                     auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
         while self.tag is not None and holding + len(out) < window:
+            # The slot right behind an item about to end (``handback``: its last step) is as good as free.
+            free = holding + len(out) == 0 or (holding + len(out) == 1 and not out and self.holder.ending())
             items = await self._one(store, passed, queue, consumer, session, window=holding + len(out) + 1,
-                                    min_index=min_index, lease_s=lease_s, tags=tags, free=holding + len(out) == 0)
+                                    min_index=min_index, lease_s=lease_s, tags=tags, free=free)
             if not items:
                 break
             out.extend(items)  # more than one when an item was committed since ``pending``: all are sent

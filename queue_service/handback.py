@@ -20,6 +20,15 @@ started already is kept, runs and is reported as usual: no answer. Only watches 
 ``_prefetch_`` get such messages (the platform's SDK never asks for it, so its watches never see a
 text frame), and only their ``release`` messages are read; anything else a client sends is ignored.
 
+A consumer may also say that the oldest item it holds is about to end (the API edition's worker: its
+task's last sampler step has begun)::
+
+    {"finishing": INDEX}
+
+after which a slot behind it that waits for an item with the same models (``affinity``) is filled with
+any item, as if the consumer held nothing: at a model switch the next task is then queued on the instance
+before the running one ends, instead of one round trip after.
+
 The service honours a ``release`` only for an item it asked for on that watch, and an ask ends when the
 item is sent again on it (the pending items are sent again after a store hiccup): the consumer then
 has it again and runs it, and a ``release`` still on its way changes nothing. One ask per item at a
@@ -39,6 +48,7 @@ log = logging.getLogger("comfyserve.queue.handback")
 
 GIVE_BACK = "give_back"
 RELEASE = "release"
+FINISHING = "finishing"
 MAX_MESSAGE_CHARS = 128  # a release is ~30 characters: anything longer is not one
 MAX_INDEX = 2**63 - 1
 
@@ -51,33 +61,40 @@ def release_message(index: int) -> str:
     return json.dumps({RELEASE: index}, separators=(",", ":"))
 
 
-def release_of(text: str) -> int | None:
-    """The index of a well-formed ``{"release": INDEX}``, else None (ignored: never echoed, never an error)."""
+def finishing_message(index: int) -> str:
+    return json.dumps({FINISHING: index}, separators=(",", ":"))
+
+
+def control_of(text: str) -> tuple[str, int] | None:
+    """(kind, index) of a well-formed ``{"release": INDEX}`` or ``{"finishing": INDEX}``, else None (ignored:
+    never echoed, never an error)."""
     if len(text) > MAX_MESSAGE_CHARS:
         return None
     try:
         message = parse_json(text)
     except BadJSON:
         return None
-    if not isinstance(message, dict) or set(message) != {RELEASE}:
+    if not isinstance(message, dict) or len(message) != 1:
         return None
-    index = message[RELEASE]
-    if type(index) is not int or not 0 < index <= MAX_INDEX:  # bool is an int: not an index
-        return None
-    return index
+    [(kind, index)] = message.items()
+    if kind not in (RELEASE, FINISHING) or type(index) is not int or not 0 < index <= MAX_INDEX:
+        return None  # bool is an int: not an index
+    return kind, index
 
 
 @dataclass(eq=False)
 class Holder:
     """One prefetching watch as its peers see it. ``held``: the items it holds, in the order it was handed
     them; ``asked``: the items the service asked it to give back (ask sent or about to be); ``outbox``: asks
-    to send; ``releases``: releases its client sent, not handled yet. Its own handler, the socket's one
+    to send; ``releases``: releases its client sent, not handled yet; ``finishing``: the item its client said
+    is about to end. Its own handler, the socket's one
     writer and the one caller of the store for it, sends the asks and handles the releases (``wake``)."""
 
     held: list[int] = field(default_factory=list)
     asked: set[int] = field(default_factory=set)
     outbox: list[int] = field(default_factory=list)
     releases: list[int] = field(default_factory=list)
+    finishing: int | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def holding(self, indexes: list[int]) -> None:
@@ -85,6 +102,8 @@ class Holder:
         now = set(indexes)
         self.held = [i for i in self.held if i in now] + [i for i in indexes if i not in self.held]
         self.asked &= now
+        if self.finishing not in now:
+            self.finishing = None
 
     def handed(self, indexes: list[int]) -> None:
         self.held += [i for i in indexes if i not in self.held]
@@ -99,6 +118,10 @@ class Holder:
         if len(self.held) < 2 or self.held[-1] in self.asked:
             return None
         return self.held[-1]
+
+    def ending(self) -> bool:
+        """The oldest item it holds is about to end: the slot behind it may take any item."""
+        return self.finishing is not None and bool(self.held) and self.held[0] == self.finishing
 
     def outstanding(self) -> int:
         """Asks out for items that are still queued ahead (not the oldest item it holds)."""
@@ -115,12 +138,16 @@ class Holder:
 
     def received(self, text: str) -> None:
         """A text message from the client (read by the watch's reader)."""
-        index = release_of(text)
-        if index is None:
+        control = control_of(text)
+        if control is None:
             log.debug("ignoring a text message that is not a release (%d characters)", len(text))
             return
-        self.releases.append(index)
-        self.wake.set()
+        kind, index = control
+        if kind == RELEASE:
+            self.releases.append(index)
+        elif index in self.held:
+            self.finishing = index
+        self.wake.set()  # its watch claims again: a slot may be free now
 
     def take_releases(self) -> list[int]:
         """The releases to carry out: those of items asked for (and not sent again since)."""

@@ -4,6 +4,7 @@ idle (``queue_service.handback``), unless it has started; either way it runs onc
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 from test_api_limits import queue_length
-from test_api_prefetch import queued_behind, state_of, status
+from test_api_prefetch import instance_queue, queued_behind, state_of, status
 
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service import watch as watch_module
 from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
-from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of
+from support.server import drain_gate_graph, gated_graph, install_gate_plugin, open_gate, runs_of, tiny_graph
 from support.wait import until
 
 
@@ -134,3 +135,28 @@ async def test_against_a_queue_service_without_prefetch_slots_a_worker_takes_one
     open_gate(data_dir, "two")
     async with live.sink() as sink:
         assert len(await read_results(sink, 2)) == 2
+
+
+
+async def test_a_slot_waiting_for_the_same_models_takes_any_task_once_the_running_one_is_in_its_last_step(
+        api: ApiFactory, instance_url: Any, data_dir: Path) -> None:
+    """At a model switch the next task is queued on the instance before the running one ends (no round trip
+    between them): the worker tells the queue when its task reports its last step (here at once: 1 of 1)."""
+    install_gate_plugin(data_dir)
+    url = await instance_url()
+    live = await api(instance_urls=(url,), data_dir=data_dir, prefetch=1, affinity_wait_s=60.0)
+    async with live.input() as queue:
+        await queue.put(json.dumps(gated_graph("m", "m", steps=1)), {"task_id": "m", "models": "m.safetensors"})
+        await until(lambda: runs_on(url, 1), what="m running")
+        await queue.put(json.dumps(tiny_graph("k")), {"task_id": "k", "models": "k.safetensors"})
+        await until(lambda: queued_behind(url), what="k (other models) queued behind m, still running")
+    open_gate(data_dir, "m")
+    async with live.sink() as sink:
+        frames = await read_results(sink, 2)
+        assert await no_more(sink) == []
+    assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("k", "success"), ("m", "success")]
+
+
+async def runs_on(url: str, count: int) -> bool:
+    running, _ = await instance_queue(url)
+    return len(running) == count

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from queue_service.client import Control
+from queue_service.handback import control_of
 from queue_service.protocol import decode_frame, encode_body
 from queue_service.server import STORE_KEY, WATCHERS_KEY
 from queue_service.settings import GROUP_HEADER, USER_HEADER
@@ -52,9 +53,10 @@ def idle_watches(live: LiveQueue) -> int:
     return sum(map(len, live.app[WATCHERS_KEY].passed.idle.values()))
 
 
-def watch(http: aiohttp.ClientSession, live: LiveQueue, uid: str, *, window: int = 2,
-          prefetch: bool = True) -> aiohttp.client._WSRequestContextManager:
-    params = {"_watch_": "true", "_window_": str(window), **({"_prefetch_": "true"} if prefetch else {})}
+def watch(http: aiohttp.ClientSession, live: LiveQueue, uid: str, *, window: int = 2, prefetch: bool = True,
+          options: dict[str, str] | None = None) -> aiohttp.client._WSRequestContextManager:
+    params = {"_watch_": "true", "_window_": str(window), **({"_prefetch_": "true"} if prefetch else {}),
+              **(options or {})}
     return http.ws_connect(f"http://{live.endpoint}/api/predict/{QUEUE}", params=params,
                            headers={USER_HEADER: uid, GROUP_HEADER: "eas"})
 
@@ -183,3 +185,34 @@ async def test_only_a_prefetching_watch_is_told_its_extensions(live_queue: LiveQ
     async with live_queue.client(QUEUE, uid="plain").watch(window=2) as frames:
         await frames.open()
         assert frames.extensions == frozenset()
+
+
+async def test_a_slot_behind_an_item_said_to_be_finishing_takes_an_item_of_other_models(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    client = live_queue.client(QUEUE, uid="p")
+    y1, _ = await client.put(b"y1", {"models": "y"})
+    x1, _ = await client.put(b"x1", {"models": "x"})
+    options = {"_affinity_": "models", "_affinity_wait_": "60s"}
+    async with watch(http, live_queue, "a", options=options) as a:
+        assert await next_item(a) == (y1, b"y1")
+        holder = next(iter(live_queue.app[WATCHERS_KEY].passed.holders[(QUEUE, frozenset())]))
+        await until(lambda: holder.held == [y1], what="a holding y1")
+        assert not await pending(live_queue, x1)  # the slot waits for y
+        for wrong in (x1, 10**6):  # not what a holds: nothing changes
+            await a.send_str(json.dumps({"finishing": wrong}))
+        await a.send_str(json.dumps({"finishing": y1}))
+        assert await next_item(a) == (x1, b"x1")
+
+
+@pytest.mark.parametrize("text", [
+    "", "null", "[]", "{}", '{"release": 1, "finishing": 1}', '{"give_back": 1}', '{"release": "1"}',
+    '{"release": true}', '{"release": 1.0}', '{"release": 0}', '{"release": -1}', '{"release": 9223372036854775808}',
+    '{"finishing": null}', '{"release": 1e999}', '{"release": NaN}', '{"release": ' + "[" * 40 + "]" * 40 + "}",
+    "[" * 64 + "]" * 64, '{"release": 1' + " " * 200 + "}", "\ud800", "{" * 100_000])
+def test_malformed_controls_are_not_read(text: str) -> None:
+    assert control_of(text) is None
+
+
+def test_well_formed_controls_are_read() -> None:
+    assert control_of('{"release": 7}') == ("release", 7)
+    assert control_of('{"finishing":9223372036854775807}') == ("finishing", 2**63 - 1)
