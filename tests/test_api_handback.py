@@ -78,6 +78,11 @@ async def test_a_worker_that_opens_later_runs_the_task_queued_ahead_on_a_busy_on
     assert not ran_there(await history(url_a), "two") and ran_there(await history(url_b), "two")
     assert await queue_length(live.endpoint, f"{SERVICE}/attempts") == 0
     assert await queue_length(live.endpoint, SERVICE) == 0
+    await until(lambda: no_progress_records(live), what="no progress record left (A's for two went with it)")
+
+
+async def no_progress_records(live: LiveApi) -> bool:
+    return await queue_length(live.endpoint, f"{SERVICE}/progress") == 0
 
 
 async def test_a_queued_ahead_task_that_started_when_asked_is_kept_and_runs_once(
