@@ -16,7 +16,8 @@ MAX_PREFETCH = 8
 def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--prefetch", type=int, default=DEFAULT_PREFETCH, metavar="N",
                help="tasks a worker keeps queued on its instance behind the running one, so the instance "
-                    "starts the next the moment the current one ends (0: one task at a time)")
+                    "starts the next the moment the current one ends; a worker that falls idle meanwhile "
+                    "gets such a task back unless it has started (0: one task at a time)")
     add_option(parser, "--affinity-wait", type=float, default=DEFAULT_AFFINITY_WAIT_S, metavar="SECONDS",
                help="a worker prefers waiting tasks whose models its instance already holds; a task is "
                     "passed over for other models at most this long (0: first in, first out)")

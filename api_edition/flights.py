@@ -32,6 +32,11 @@ class Flight:
     sent: asyncio.Event = field(default_factory=asyncio.Event)  # on the instance (or never will be)
     task: asyncio.Task[None] | None = None
     on_start: Callable[[], None] | None = None  # counts its run at its execution_start (queued behind)
+    # The queue asked for it back (``queue_service.handback``), on this connection of the watch.
+    asked_on: int | None = None
+    handing_back: bool = False  # being taken back for the queue: not run here if that works
+    redelivered: bool = False  # the queue sent it again since it asked for it back: the ask is void
+    finishing: bool = False  # the queue was told it is in its last sampler step (at most once)
 
     async def turn(self) -> None:
         """Wait until the flight before this one is on the instance (or will never be)."""
@@ -72,6 +77,10 @@ class Flights:
         """Another of the worker's prompts is on the instance, not finished: this one waits behind it."""
         return any(other is not flight and other.submitting and not other.held and not other.ran
                    for other in self.by_index.values())
+
+    def first(self) -> Flight | None:
+        """The oldest flight (running, or next to run)."""
+        return next(iter(self.by_index.values()), None)
 
     def not_started(self) -> list[Flight]:
         return [f for f in self.by_index.values() if not f.started]

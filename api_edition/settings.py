@@ -27,9 +27,9 @@ SINK_SUFFIX = "/sink"
 TASK_ID_TAG = "task_id"
 WEBHOOK_TAG = "webhook"
 MODELS_TAG = "models"  # the task's model files (``standard.model_files.model_key``), put by the front
-# Off by default: a task queued ahead waits behind the running one even when another worker falls idle
-# later (or opens its watch late), since the protocol cannot take one item back from a watch.
-DEFAULT_PREFETCH = 0
+# One task queued ahead: the instance never waits a round trip between two tasks. A worker that falls idle
+# later (or opens its watch late) gets such a task back from a busy one (``queue_service.handback``).
+DEFAULT_PREFETCH = 1
 DEFAULT_AFFINITY_WAIT_S = 3.0
 
 

@@ -19,13 +19,20 @@ all-in-one the put and the commit are one atomic store operation
 two calls, and a worker that dies between them leaves a result that the
 redelivered input finds, whether or not a client has committed it since.
 
-Prefetch (``flights``): the tasks beyond the running one are checked and queued on the instance at
-once, behind it, so the instance never waits for a round trip between two tasks. Each is its own
-``Flight``: its own prompt, progress record, cancel watch and attempt count (a task queued behind
-another counts as a run from its ``execution_start``, not from its submit: an instance that dies under
-the running task did not run it). A cancel of a queued-ahead task takes it off the instance's queue;
-an interrupt targets its own prompt only. With ``--affinity-wait`` the watch prefers tasks tagged with
-the models of the last task it handed this worker (``queue_service.affinity``).
+Prefetch (``flights``, ``--prefetch``, 1 by default): the tasks beyond the running one are checked and
+queued on the instance at once, behind it, so the instance never waits for a round trip between two
+tasks. Each is its own ``Flight``: its own prompt, progress record, cancel watch and attempt count (a
+task queued behind another counts as a run from its ``execution_start``, not from its submit: an
+instance that dies under the running task did not run it). A cancel of a queued-ahead task takes it off
+the instance's queue; an interrupt targets its own prompt only. With ``--affinity-wait`` the watch
+prefers tasks tagged with the models of the last task it handed this worker
+(``queue_service.affinity``). A queued-ahead task that a worker which became idle could run now is given
+back when the queue asks for it (``queue_service.handback``): taken back if it has not started (never
+sent, or taken off the instance's queue; not counted as a run, nothing reported), then released on the
+queue for that worker; one that has started already runs here as usual. When the running task's last
+sampler step begins the worker says so to the queue, which then fills a slot that waited for a task with
+the same models with any task: at a model switch, too, the next task is on the instance before the
+current one ends.
 
 Backpressure: a full sink makes the put wait (with backoff) while the worker
 holds its uncommitted items, so it takes no more input. An instance that
@@ -61,7 +68,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from queue_service.client import DataFrame, QueueClient, QueueClientError
+from queue_service.client import Control, DataFrame, QueueClient, QueueClientError, Watcher
+from queue_service.handback import FINISHING, GIVE_BACK, RELEASE
 from standard.client import ClientTimeouts, InstanceClient
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
@@ -119,12 +127,26 @@ def slot_worker_id(deployment: str, slot: int) -> str:
     return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
 
 
+def _last_step(data: Any) -> bool:
+    """A ``progress`` event saying the last step has begun: a sampler reports each step as it ends, so
+    ``value == max - 1`` is the start of the last one (``value == max`` comes as the sampler ends, too late
+    to queue the next task before it on a fast graph)."""
+    value, total = data.get("value"), data.get("max")
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class GiveBack(WorkerError):
     """The instance went away mid-task: release the item for another worker."""
+
+
+class HandedBack(WorkerError):
+    """The queue asked for this queued-ahead task back and it had not started: its flight ends unreported."""
 
 
 class Worker:
@@ -168,6 +190,9 @@ class Worker:
             settings.queue_url, cancel_of(settings.service), token=token, uid=self.name)))
         self.flights = Flights()
         self.loaded_models: str | None = None  # the models tag of the last task sent to the instance
+        # Whether the queue service keeps prefetch slots for idle workers (None: not known yet). One that does
+        # not (the platform's) would hand this worker tasks ahead while another is idle: one at a time then.
+        self.prefetch_served: bool | None = None
         self._giving_back = False  # a task went back: take no more, leave the watch once the others end
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
@@ -175,6 +200,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
+        self._watch: Watcher | None = None  # the input watch while one is open
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -249,12 +275,15 @@ class Worker:
     def _watch_options(self) -> dict[str, str]:
         """The watch's extensions (``queue_service.affinity``): the slots beyond the first are queued ahead
         (filled while no other worker is idle); tasks with the models the instance holds come first."""
-        options = {"_prefetch_": "true"} if self.settings.prefetch else {}
+        options = {"_prefetch_": "true"} if self._window() > 1 else {}
         if self.settings.affinity_wait_s > 0:
             options.update({"_affinity_": MODELS_TAG, "_affinity_wait_": f"{self.settings.affinity_wait_s:g}s"})
             if self.loaded_models:
                 options["_affinity_prefer_"] = self.loaded_models
         return options
+
+    def _window(self) -> int:
+        return 1 + self.settings.prefetch if self.prefetch_served is not False else 1
 
     async def _consume(self) -> None:
         """One watch session: each task handed over runs as its own flight; returns once every flight has
@@ -263,7 +292,16 @@ class Worker:
         await self.runner.ready(timeout_s=2.0)
         self._giving_back = False
         failure: BaseException | None = None
-        async with self.input.watch(window=1 + self.settings.prefetch, options=self._watch_options()) as frames:
+        async with self.input.watch(window=self._window(), options=self._watch_options(),
+                                    on_control=self._on_control) as frames:
+            self._watch = frames
+            if self._window() > 1 and self.prefetch_served is None:
+                await frames.open()
+                self.prefetch_served = "prefetch" in frames.extensions
+                if not self.prefetch_served:  # leaving now gives back whatever this watch was handed
+                    log.warning("%s: the queue service keeps no slots ahead for idle workers (it ignores "
+                                "_prefetch_): taking one task at a time (--prefetch ignored)", self.name)
+                    return
             reader: asyncio.Future[DataFrame] | None = None
             try:
                 while True:
@@ -284,12 +322,15 @@ class Worker:
                                 failure = failure or got.exception()
                             continue
                         frame = got.result()
-                        if not (self._stopping or self._giving_back) and frame.index not in self.flights:
-                            self._take_off(frame)  # else: a frame sent again after a reconnect, or one to leave
+                        if frame.index in self.flights:  # sent again after a reconnect: an ask for it is void
+                            self.flights.by_index[frame.index].redelivered = True
+                        elif not (self._stopping or self._giving_back):
+                            self._take_off(frame)  # else: a frame to leave
                     for flight in list(self.flights.by_index.values()):
                         if flight.task is not None and flight.task in done:
-                            failure = self._landed(flight) or failure
+                            failure = self._landed(flight, frames) or failure
             finally:
+                self._watch = None
                 if reader is not None:
                     reader.cancel()  # safe: the watch stays usable (``Watcher.__anext__``)
                 await self._ground_all()
@@ -301,9 +342,10 @@ class Worker:
         self._idle.clear()
         flight.task = asyncio.create_task(self.handle(flight), name=f"{self.name}-{frame.index}")
 
-    def _landed(self, flight: Flight) -> BaseException | None:
+    def _landed(self, flight: Flight, frames: Watcher) -> BaseException | None:
         """A flight ended: drop it; a task given back (or an unexpected error) ends the watch once the
-        others have ended. Returns the unexpected error, if any."""
+        others have ended; one handed back at the queue's ask is released for the idle worker. Returns the
+        unexpected error, if any."""
         self.flights.remove(flight)
         if not self.flights.by_index:
             self._idle.set()
@@ -312,6 +354,9 @@ class Worker:
             return None
         exc = flight.task.exception()
         if exc is None:
+            return None
+        if isinstance(exc, HandedBack):
+            self._release(flight, frames)
             return None
         self._giving_back = True  # leaving the watch cleanly releases the item to the other workers
         if isinstance(exc, GiveBack):
@@ -336,6 +381,42 @@ class Worker:
         for flight in self.flights.not_started():
             if self.flights.ahead_on_instance(flight):
                 await self._take_back(flight)
+
+    def _on_control(self, control: Control) -> None:
+        """The queue asks for a queued-ahead task back: a worker that became idle could run it now. Never the
+        oldest flight (running, or next to run), and only once per flight."""
+        index = control.message.get(GIVE_BACK)
+        flight = self.flights.by_index.get(index) if type(index) is int else None
+        if flight is None or flight is self.flights.first() or flight.asked_on is not None or self._stopping:
+            return
+        flight.asked_on = control.connection
+        self._in_background(self._hand_back(flight))
+
+    async def _hand_back(self, flight: Flight) -> None:
+        """Take the flight back (``_take_back``) if it has not started: it then ends with ``HandedBack``."""
+        if flight.ran or flight.redelivered or (flight.task is not None and flight.task.done()):
+            return
+        flight.handing_back = True
+        if not await self._take_back(flight):
+            flight.handing_back = False
+            log.info("%s: task %s has started: it runs here, not handed back", self.name,
+                     flight.frame.tags.get(TASK_ID_TAG))
+            return
+        log.info("%s: handing task %s back to the queue for an idle worker", self.name,
+                 flight.frame.tags.get(TASK_ID_TAG))
+
+    def _release(self, flight: Flight, frames: Watcher) -> None:
+        """A flight handed back has ended: release its item on the queue, on the connection that asked for it.
+        Sent again since (the watch reconnected, or resent what it holds), the item is this worker's again:
+        it runs here after all."""
+        assert flight.asked_on is not None
+        if self._stopping or self._giving_back:
+            return  # leaving the watch releases it with the rest
+        if flight.redelivered or frames.connection != flight.asked_on:
+            self._take_off(flight.frame)
+            return
+        # Not sent (the connection went meanwhile): the new session sends the item again, and it runs here.
+        self._in_background(self._tell(frames, {RELEASE: flight.frame.index}, flight.asked_on))
 
     async def _take_back(self, flight: Flight) -> bool:
         """Keep ``flight`` from running: not sent yet, it never will be; queued on the instance, it comes
@@ -454,8 +535,27 @@ class Worker:
             flight.started = True
             if flight.on_start is not None:
                 flight.on_start()
+        elif item.get("type") == "progress" and flight.started and _last_step(item["data"]):
+            self._finishing(flight)
         self.progress.event(flight.request_id, item)
         self.events.publish(flight.request_id, item)
+
+    def _finishing(self, flight: Flight) -> None:
+        """The running task is in its last sampler step (``_last_step``): tell the queue, so a slot ahead that
+        waits for a task with the same models takes any (``queue_service.handback``); at a model switch the
+        next task is then on the instance before this one ends. Only with a slot ahead and a model
+        preference."""
+        watch = self._watch
+        if (flight.finishing or watch is None or self._window() < 2 or self.settings.affinity_wait_s <= 0
+                or flight is not self.flights.first()):
+            return
+        flight.finishing = True
+        self._in_background(self._tell(watch, {FINISHING: flight.frame.index}, watch.connection))
+
+    @staticmethod
+    async def _tell(watch: Watcher, message: dict[str, Any], connection: int) -> None:
+        """A text message to the queue on one connection of the watch (not sent if it has gone)."""
+        await watch.send(message, connection=connection)
 
     async def _stop(self, flight: Flight) -> None:
         """A cancel: a task not started on the instance comes off its queue; a running one is interrupted
@@ -483,8 +583,10 @@ class Worker:
         await flight.turn()
         if self._stopping and self.flights.ahead_on_instance(flight):
             flight.held = True
-        if flight.held:  # taken back before it went to the instance: by a drain, or by a cancel
+        if flight.held:  # taken back before it went to the instance: by a drain, the queue, or a cancel
             flight.sent.set()
+            if flight.handing_back:
+                raise HandedBack(f"the queue asked for task {flight.request_id} back before it went to the instance")
             if self._stopping:
                 raise GiveBack(f"worker {self.name} is shutting down: the task had not started")
             return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
@@ -533,6 +635,8 @@ class Worker:
         except (Dropped, PromptLost) as exc:
             if not (flight.dropped or isinstance(exc, Dropped)):
                 raise GiveBack(str(exc)) from exc
+            if flight.handing_back:
+                raise HandedBack(f"the queue asked for task {flight.request_id} back before it started") from exc
             if self._stopping:
                 raise GiveBack(f"worker {self.name} is shutting down: the task had not started") from exc
             return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)  # a cancel took it off the queue

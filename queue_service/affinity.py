@@ -7,14 +7,18 @@ Both are ignored by a queue service that lacks them (the watch is then plain FIF
 
 ``_prefetch_=true``: the slots of the window beyond the first hold work queued ahead on a busy
 consumer; they are filled only while no other watch of the queue (same tags, this process) holds
-nothing, so a task never waits behind another on one instance while a second instance is idle.
+nothing, so a task never waits behind another on one instance while a second instance is idle. A
+watch that becomes idle after the slots were filled (it opened later, or found nothing to take) asks
+a peer to give its queued-ahead item back (``handback``). The API edition's workers ask for one slot
+ahead by default (``--prefetch 1``).
 
 The watch remembers the value of tag ``TAG`` on the last item it handed out (``_affinity_prefer_``
 before the first): with the API edition's front tagging each task with its models, that is what the
 consumer's instance holds. Each claim takes one item at a time: a ready item carrying that value if
 there is one, else the oldest ready item, as a plain watch would, but that only when the consumer
 holds nothing (its instance is free): a slot behind a held item (``_window_`` > 1, the API edition's
-``--prefetch``) waits for a preferred item rather than switch models early. An item without the tag is
+``--prefetch``) waits for a preferred item rather than switch models early, until the consumer says that
+item is in its last step (``handback``: ``finishing``). An item without the tag is
 never preferred (nor waited out), so work whose models are unknown is served in plain order.
 
 The bound: the oldest ready item is *passed over* when a claim takes another in its place. Once the
@@ -33,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import params
+from .handback import Holder
 from .store import Item, QueueStore
 
 PEEK = 64
@@ -48,12 +53,13 @@ class _Head:
 @dataclass
 class PassedOver:
     """Per queue, in this process: the head item passed over (and since when), the items watches hold,
-    the prefetching watches that hold nothing (by queue and tags)."""
+    the prefetching watches that hold nothing and every prefetching watch's ``Holder`` (by queue and tags)."""
 
     clock: Callable[[], float] = time.monotonic
     heads: dict[str, _Head] = field(default_factory=dict)
     held: dict[str, set[int]] = field(default_factory=dict)
     idle: dict[tuple[str, frozenset[tuple[str, str]]], set[int]] = field(default_factory=dict)
+    holders: dict[tuple[str, frozenset[tuple[str, str]]], set[Holder]] = field(default_factory=dict)
 
     def idle_peer(self, key: tuple[str, frozenset[tuple[str, str]]], me: int) -> bool:
         return bool(self.idle.get(key, set()) - {me})
@@ -64,6 +70,19 @@ class PassedOver:
             watches.add(me)
         else:
             watches.discard(me)
+
+    def ask_back(self, key: tuple[str, frozenset[tuple[str, str]]], me: Holder) -> None:
+        """``me`` is idle and found nothing to take: ask the peer holding the most for its newest item back
+        (``handback``), unless as many asks as there are idle watches are out already."""
+        peers = self.holders.get(key, set()) - {me}
+        if sum(peer.outstanding() for peer in peers) >= len(self.idle.get(key, ())):
+            return
+        asked = [peer for peer in peers if peer.queued_ahead() is not None]
+        if asked:
+            peer = max(asked, key=lambda h: len(h.held))
+            index = peer.queued_ahead()
+            assert index is not None
+            peer.ask(index)
 
     def overdue(self, queue: str, wait_s: float) -> bool:
         head = self.heads.get(queue)
@@ -107,6 +126,7 @@ class Affinity:
     wait_s: float
     value: str | None = None
     prefetch: bool = False
+    holder: Holder = field(default_factory=Holder)  # its account for the hand-back (prefetch only)
 
     @classmethod
     def of(cls, query: Mapping[str, str]) -> Affinity | None:
@@ -126,9 +146,16 @@ class Affinity:
         a time (each preferring the one before)."""
         key = (queue, frozenset(tags.items()))
         # Asked also for a window of one when preferring: a preferred claim that finds the slot still taken
-        # (its item not yet committed) must not be followed by a plain claim that finds it free.
-        holding = len(await store.pending(queue, consumer, session)) if window > 1 or self.tag else 0
+        # (its item not yet committed) must not be followed by a plain claim that finds it free; and by a
+        # prefetching watch, which must know what it holds to be counted idle (or asked to give back).
+        holding = 0
+        if window > 1 or self.tag or self.prefetch:
+            held = await store.pending(queue, consumer, session)
+            self.holder.holding([item.index for item in held])
+            holding = len(held)
         if holding >= window:
+            if self.prefetch:
+                passed.set_idle(key, id(self), False)
             return []
         if self.prefetch and holding and passed.idle_peer(key, id(self)):
             window = 1  # a slot queued ahead would make that item wait while a peer's instance idles
@@ -137,23 +164,39 @@ class Affinity:
             out = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                     auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
         while self.tag is not None and holding + len(out) < window:
+            # The slot right behind an item about to end (``handback``: its last step) is as good as free.
+            free = holding + len(out) == 0 or (holding + len(out) == 1 and not out and self.holder.ending())
             items = await self._one(store, passed, queue, consumer, session, window=holding + len(out) + 1,
-                                    min_index=min_index, lease_s=lease_s, tags=tags, free=holding + len(out) == 0)
+                                    min_index=min_index, lease_s=lease_s, tags=tags, free=free)
             if not items:
                 break
             out.extend(items)  # more than one when an item was committed since ``pending``: all are sent
         if self.prefetch:
-            passed.set_idle(key, id(self), holding + len(out) == 0)
+            self.holder.handed([item.index for item in out])
+            idle = holding + len(out) == 0
+            passed.set_idle(key, id(self), idle)
+            if idle:  # nothing it could take is ready: a peer's queued-ahead item is better run here
+                passed.ask_back(key, self.holder)
         return out
 
-    def open(self, passed: PassedOver, queue: str, tags: dict[str, str], holding: int) -> None:
+    def open(self, passed: PassedOver, queue: str, tags: dict[str, str], holding: list[int]) -> None:
         """A prefetching watch holding nothing is an idle peer from the moment it opens, not only after its
-        first claim: a peer's claim meanwhile must not queue work ahead behind a running task."""
+        first claim: a peer's claim meanwhile must not queue work ahead behind a running task. Its peers
+        may ask it to give back what it holds (``handback``)."""
         if self.prefetch:
-            passed.set_idle((queue, frozenset(tags.items())), id(self), holding == 0)
+            key = (queue, frozenset(tags.items()))
+            passed.set_idle(key, id(self), not holding)
+            self.holder.holding(holding)
+            passed.holders.setdefault(key, set()).add(self.holder)
 
     def close(self, passed: PassedOver, queue: str, tags: dict[str, str]) -> None:
-        passed.set_idle((queue, frozenset(tags.items())), id(self), False)
+        key = (queue, frozenset(tags.items()))
+        passed.set_idle(key, id(self), False)
+        holders = passed.holders.get(key)
+        if holders is not None:
+            holders.discard(self.holder)
+            if not holders:
+                del passed.holders[key]
 
     async def _one(self, store: QueueStore, passed: PassedOver, queue: str, consumer: str, session: str, *,
                    window: int, min_index: int, lease_s: float, tags: dict[str, str], free: bool) -> list[Item]:

@@ -14,9 +14,10 @@ consumer's uncommitted items again, so commit what you have finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -25,10 +26,18 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from standard.http_util import BadJSON, parse_json
 from standard.retry import RECONNECT, RetryPolicy
 
 from .protocol import decode_frame, decode_frame_list
-from .settings import GROUP_HEADER, IDEMPOTENCY_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, USER_HEADER
+from .settings import (
+    GROUP_HEADER,
+    IDEMPOTENCY_HEADER,
+    PRIORITY_HEADER,
+    REQUEST_ID_HEADER,
+    USER_HEADER,
+    WATCH_EXTENSIONS_HEADER,
+)
 from .store import QueueError, Seen
 
 log = logging.getLogger("comfyserve.queue.client")
@@ -59,6 +68,18 @@ class DataFrame:
     @property
     def request_id(self) -> str | None:
         return self.tags.get("requestId")
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A text message the service sent on a watch (``queue_service.handback``: only to a watch that asked for
+    ``_prefetch_``), and which of the watch's connections it came on (``Watcher.connection``)."""
+
+    message: dict[str, Any]
+    connection: int
+
+
+MAX_CONTROL_CHARS = 4096
 
 
 def _base_url(endpoint: str, queue: str) -> str:
@@ -180,24 +201,31 @@ class QueueClient:
         await self._request("DELETE", {"_index_": index, "_trunc_": "true"})
 
     def watch(self, index: int = 0, window: int = 1, *, index_only: bool = False, auto_commit: bool = False,
-              tags: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Watcher:
+              tags: dict[str, str] | None = None, options: dict[str, str] | None = None,
+              on_control: Callable[[Control], None] | None = None) -> Watcher:
         """``options``: reserved ``_name_`` parameters of extensions (``queue_service.affinity``); a
-        service without them ignores them."""
+        service without them ignores them. ``on_control``: called with each text message the service sends
+        (``Control``), as frames are read; answer with ``Watcher.send``."""
         params = {"_watch_": "true", "_index_": str(index), "_window_": str(window),
                   "_index_only_": str(index_only).lower(), "_auto_commit_": str(auto_commit).lower(),
                   **(tags or {}), **(options or {})}
         url = httpx.URL(self.url.replace("http", "ws", 1), params=params)
-        return Watcher(str(url), {**self.headers, "Accept": PROTOBUF})
+        return Watcher(str(url), {**self.headers, "Accept": PROTOBUF}, on_control=on_control)
 
 
 class Watcher:
-    """Async iterator of ``DataFrame``s; reconnects on drops until ``aclose()``."""
+    """Async iterator of ``DataFrame``s; reconnects on drops until ``aclose()``. Text messages from the
+    service go to ``on_control`` (read while iterating), never into the iteration."""
 
-    def __init__(self, url: str, headers: dict[str, str], *, retry: RetryPolicy = RECONNECT) -> None:
+    def __init__(self, url: str, headers: dict[str, str], *, retry: RetryPolicy = RECONNECT,
+                 on_control: Callable[[Control], None] | None = None) -> None:
         self.url = url
         self.headers = headers
         self.retry = retry.but(retry_on=(OSError, InvalidHandshake, TimeoutError))
         self.reconnects = 0
+        self.connection = 0  # counts the connections opened: a message belongs to one session of the watch
+        self.extensions: frozenset[str] = frozenset()  # what the service said it gives this watch
+        self.on_control = on_control
         self._ws: ClientConnection | None = None
         self._closed = False
 
@@ -225,11 +253,22 @@ class Watcher:
 
         return await self.retry.call(once, what=f"watch {self.url}", log=log)
 
+    async def open(self) -> None:
+        """Connect now rather than at the first read (then ``extensions`` is known)."""
+        if self._ws is None and not self._closed:
+            self._ws = await self._connect()
+            self.connection += 1
+            assert self._ws.response is not None
+            told = self._ws.response.headers.get(WATCH_EXTENSIONS_HEADER, "")
+            self.extensions = frozenset(part.strip() for part in told.split(",") if part.strip())
+
     async def __anext__(self) -> DataFrame:
         """The next frame. Cancelling a wait is safe: the watch stays usable."""
         while not self._closed:
             if self._ws is None:
-                self._ws = await self._connect()
+                await self.open()
+                if self._ws is None:  # closed meanwhile
+                    break
             try:
                 message = await self._ws.recv()
             except ConnectionClosed as exc:
@@ -242,11 +281,35 @@ class Watcher:
                 log.info("watch %s: connection lost (%s); reconnecting", self.url, exc)
                 continue
             if isinstance(message, str):
-                log.warning("watch %s: ignoring a text frame", self.url)
+                self._control(message)
                 continue
             index, tags, data, text = decode_frame(message)
             return DataFrame(index, tags, data, text)
         raise StopAsyncIteration
+
+    def _control(self, text: str) -> None:
+        message = None
+        if len(text) <= MAX_CONTROL_CHARS:
+            try:
+                message = parse_json(text)
+            except BadJSON:
+                pass
+        if self.on_control is None or not isinstance(message, dict):
+            log.debug("watch %s: ignoring a text frame (%d characters)", self.url, len(text))
+            return
+        self.on_control(Control(message, self.connection))
+
+    async def send(self, message: dict[str, Any], *, connection: int) -> bool:
+        """Send a text message to the service on connection ``connection`` of the watch; False (not sent)
+        when that connection is gone: what it said no longer applies to the watch's new session."""
+        ws = self._ws
+        if ws is None or self._closed or connection != self.connection:
+            return False
+        try:
+            await ws.send(json.dumps(message, separators=(",", ":")))
+        except ConnectionClosed:
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Close properly: the service gives this consumer's uncommitted items to others at once."""

@@ -444,6 +444,17 @@ if #ids > 0 then wake(P, ARGV[4], ARGV[5]) end
 return #ids
 """
 
+# ARGV: prefix, consumer, session, index, channel, queue. 1 if the item was pending on the consumer's live
+# session and is ready again, else 0 (nothing changed).
+RELEASE_ONE = _LIB + """
+local P, c, i = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return 0 end
+if redis.call('HGET', P..'owner', i) ~= c then return 0 end
+requeue(P, i)
+wake(P, ARGV[5], ARGV[6])
+return 1
+"""
+
 
 def _prefix(queue: str) -> str:
     return f"cqs:{{{queue}}}:"
@@ -540,7 +551,7 @@ class RedisStore:
                              ("remove", REMOVE), ("truncate", TRUNCATE), ("position", POSITION),
                              ("whereabouts", WHEREABOUTS), ("tail", TAIL), ("open_session", OPEN_SESSION),
                              ("pending", PENDING), ("claim", CLAIM), ("renew", RENEW), ("forget", FORGET),
-                             ("release", RELEASE)):
+                             ("release", RELEASE), ("release_one", RELEASE_ONE)):
             script = self._header() + source
             self._scripts[name] = (hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest(), script)
         # Loaded up front: a pipeline of scripts (puts + claims) would otherwise meet NOSCRIPT on first use.
@@ -816,3 +827,10 @@ class RedisStore:
             _prefix(queue), consumer, session, CHANNEL, queue]))
         if released:
             self._notifier.notify(queue)
+
+    async def release_one(self, queue: str, consumer: str, session: str, index: int) -> bool:
+        released = await self._call(lambda: self._script_once("release_one", [
+            _prefix(queue), consumer, session, str(index), CHANNEL, queue]))
+        if released:
+            self._notifier.notify(queue)
+        return bool(released)

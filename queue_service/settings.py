@@ -22,6 +22,9 @@ PRIORITY_HEADER = "X-EAS-QueueService-Priority"
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"  # a put with a key seen recently returns that put's answer
 REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on such an answer: nothing was put
+# On the upgrade of a watch that asked for ``_prefetch_``: the extensions this service gives it, so a worker
+# knows its slots ahead are kept for idle peers and handed back (a service without them serves plain FIFO).
+WATCH_EXTENSIONS_HEADER = "X-Comfyserve-Watch"
 
 
 @dataclass(frozen=True)

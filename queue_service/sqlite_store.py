@@ -577,6 +577,13 @@ class SQLiteStore:
         return self._db.execute("UPDATE items SET owner = NULL, deadline = NULL WHERE queue = ? AND owner = ?",
                                 (queue, consumer)).rowcount > 0
 
+    def _release_one(self, queue: str, consumer: str, session: str, index: int) -> bool:
+        assert self._db is not None
+        if self._sessions.get((queue, consumer)) != session:
+            return False
+        return self._db.execute("UPDATE items SET owner = NULL, deadline = NULL WHERE queue = ? AND idx = ? "
+                                "AND owner = ?", (queue, index, consumer)).rowcount > 0
+
     def _forget(self, queue: str, consumer: str, session: str) -> None:
         if self._sessions.get((queue, consumer)) == session:
             del self._sessions[(queue, consumer)]
@@ -589,3 +596,9 @@ class SQLiteStore:
         self._handoff.leave(queue, consumer, session)
         if await self._run(self._release, queue, consumer, session):
             self._notifier.notify(queue)
+
+    async def release_one(self, queue: str, consumer: str, session: str, index: int) -> bool:
+        released = await self._run(self._release_one, queue, consumer, session, index)
+        if released:
+            self._notifier.notify(queue)
+        return released

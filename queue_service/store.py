@@ -217,6 +217,11 @@ class QueueStore(Protocol):
     async def release(self, queue: str, consumer: str, session: str) -> None:
         """The watcher left on purpose: its pending items are ready again now."""
 
+    async def release_one(self, queue: str, consumer: str, session: str, index: int) -> bool:
+        """A watcher hands one item back (``handback``): ready again now, atomically, if it is pending on
+        ``consumer`` and ``session`` is the consumer's live one; else nothing changes (False). Like
+        ``release``, for one item: its next claim hands it out as it would any released item."""
+
     async def forget(self, queue: str, consumer: str, session: str) -> None:
         """The watcher's connection ended without a goodbye: drop the session record if it is still
         the live one; its pending items stay with the consumer until their lease runs out."""

@@ -10,6 +10,12 @@ pending items sent again, and the old connection's next store call fails
 with ``Superseded`` and it closes. A watcher that disappears keeps its
 pending items for ``pending_timeout_s``; then they go to other consumers.
 A watcher that closes the socket properly gives its pending items back at once.
+
+The watch extensions of ``affinity`` (prefetch slots, a model preference) are for the API edition's
+workers (``--prefetch``, 1 by default, and ``--affinity-wait``). A prefetching watch (``_prefetch_``)
+also takes part in the hand-back (``handback``): the service may send it a TEXT message asking for a
+queued-ahead item back, and reads its ``release`` answers. Every other watch, the SDK's included,
+only ever gets binary frames, and any message its client sends is ignored.
 """
 
 from __future__ import annotations
@@ -18,17 +24,20 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from . import params
 from .affinity import Affinity, PassedOver
+from .handback import Holder
 from .protocol import encode_body, encode_frame
-from .settings import MAX_WINDOW, QueueSettings
+from .settings import MAX_WINDOW, WATCH_EXTENSIONS_HEADER, QueueSettings
 from .store import Item, QueueStore, StoreUnavailable, Superseded
 
 log = logging.getLogger("comfyserve.queue.watch")
 CLOSE_SUPERSEDED = 4001  # the consumer connected again; this socket is stale
+PREFETCH_EXTENSIONS = "prefetch,handback"  # told to a prefetching watch (``WATCH_EXTENSIONS_HEADER``)
 
 
 def _frame(item: Item, index_only: bool) -> bytes:
@@ -67,16 +76,32 @@ async def _send(request: web.Request, ws: web.WebSocketResponse, frames: list[by
     await request.writer.drain()  # back-pressure from a slow reader, as send_bytes does
 
 
-async def _read_until_closed(ws: web.WebSocketResponse, queue: str) -> bool:
-    """Drain client messages (pings are answered by aiohttp). True if the client said goodbye."""
+async def _read_until_closed(ws: web.WebSocketResponse, queue: str, holder: Holder | None) -> bool:
+    """Drain client messages (pings are answered by aiohttp); a prefetching watch's text messages go to its
+    ``holder`` (hand-back releases). True if the client said goodbye."""
     while True:
         msg = await ws.receive()
-        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+        if msg.type == WSMsgType.TEXT and holder is not None:
+            holder.received(msg.data)
+        elif msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             log.debug("ignoring a %s message from a watcher of %s", msg.type.name, queue)
         elif msg.type == WSMsgType.CLOSE:
             return msg.data in (1000, 1001)
         elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             return False
+
+
+async def _hand_back(ws: web.WebSocketResponse, store: QueueStore, passed: PassedOver,
+                     holder: Holder, queue: str, consumer: str, session: str) -> None:
+    """A prefetching watch's part of the hand-back (``handback``): carry out its client's releases of items
+    it was asked for, then send the asks its idle peers made of it."""
+    holder.wake.clear()
+    for index in holder.take_releases():
+        if await store.release_one(queue, consumer, session, index):  # wakes the idle peer's watch
+            holder.released(index)
+            passed.let_go(queue, {index})
+    for message in holder.take_asks():
+        await ws.send_str(message)
 
 
 class WatchRegistry:
@@ -111,13 +136,16 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
 
     # No permessage-deflate: frames are small or already compressed, and latency matters more.
     ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024, compress=False)
+    if affinity is not None and affinity.prefetch and PREFETCH_EXTENSIONS:
+        ws.headers[WATCH_EXTENSIONS_HEADER] = PREFETCH_EXTENSIONS
     await ws.prepare(request)
     registry.sockets.add(ws)
-    reader = asyncio.create_task(_read_until_closed(ws, queue))
+    holder = affinity.holder if affinity is not None and affinity.prefetch else None
+    reader = asyncio.create_task(_read_until_closed(ws, queue, holder))
     try:
         backlog = await store.open_session(queue, consumer, session, lease_s)
         if affinity is not None:
-            affinity.open(registry.passed, queue, tags, len(backlog))
+            affinity.open(registry.passed, queue, tags, [item.index for item in backlog])
         if backlog:
             await _send(request, ws, [_frame(item, index_only) for item in backlog])
         renewed_at = time.monotonic()
@@ -125,10 +153,16 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
         while not ws.closed and not reader.done():
             changed = store.changes(queue)
             try:
+                if holder is not None:
+                    await _hand_back(ws, store, registry.passed, holder, queue, consumer, session)
                 if resync:
                     # A store call failed mid-way: a claim may have happened without its reply,
                     # so send everything pending on this consumer again (duplicates are uncommitted).
+                    if holder is not None:
+                        holder.sent_again(holder.held)  # before the read: a release meanwhile is void
                     items = await store.pending(queue, consumer, session)
+                    if holder is not None:
+                        holder.sent_again([item.index for item in items])
                     resync = False
                 elif affinity is not None:
                     items = await affinity.claim(store, registry.passed, queue, consumer, session, window=window,
@@ -148,10 +182,14 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
                 await _send(request, ws, [_frame(item, index_only) for item in items])
                 continue
             waiter = asyncio.ensure_future(changed.wait())
+            waits: set[asyncio.Future[Any]] = {waiter, reader}
+            if holder is not None:
+                waits.add(asyncio.ensure_future(holder.wake.wait()))
             try:
-                await asyncio.wait({waiter, reader}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                waiter.cancel()
+                for waiting in waits - {reader}:
+                    waiting.cancel()
     except Superseded:
         log.debug("watch %s: consumer %s reconnected; closing the old socket", queue, consumer)
         await ws.close(code=CLOSE_SUPERSEDED, message=b"superseded by a newer connection")

@@ -112,15 +112,24 @@ async def test_a_task_run_behind_one_front_is_followed_and_cancelled_from_anothe
     stuck = await status(b, "stuck")
     assert stuck["node"] == "3" and stuck["instance"] in (url_one, url_two) and stuck["worker"]
     await submit(b, tiny_graph("waiting"), "waiting")
-    assert (await status(a, "waiting"))["state"] == "queued"
-    assert (await status(a, "waiting"))["position"] == 0
+
+    async def waiting_next() -> bool:  # queued ahead on an instance (--prefetch) once its worker recorded it
+        view = await status(a, "waiting")
+        return (view["state"], view.get("position")) == ("queued", 0)
+
+    await until(waiting_next, what="the third task answered queued, next")
 
     # A stream on B follows the running task; a cancel on A of the queued one, on B of the running one.
     events = sse(b, "stuck")
     first = await anext(events)
     assert first[0] == "status" and first[1]["state"] == "running"
     resp = await cancel(a, "waiting")
-    assert resp.status_code == 200 and resp.json()["state"] == "cancelled", resp.text
+    assert resp.status_code == 200 and resp.json()["cancel_requested"] is True, resp.text
+
+    async def waiting_cancelled() -> bool:  # queued ahead: its worker takes it off the instance's queue
+        return (await status(a, "waiting"))["state"] == "cancelled"
+
+    await until(waiting_cancelled, what="the queued task cancelled")
     resp = await cancel(b, "stuck")
     assert resp.status_code == 200, resp.text
     seen = []
