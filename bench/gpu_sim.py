@@ -296,6 +296,14 @@ async def run_direct(workdir: Path, args: argparse.Namespace, server_args: list[
 MODES = {"direct": run_direct, "api": run_api, "cluster": run_cluster}
 
 
+def run_dir(root: str, name: str) -> Path:
+    """``root/name`` for one run, made new (``root``, a ``--keep`` folder, too if it is missing): a run never
+    mixes its records into an earlier run's."""
+    path = Path(root) / name
+    path.mkdir(parents=True)
+    return path
+
+
 def compare(base: Figures, new: Figures) -> list[str]:
     """The figures against the baseline run's."""
     return [
@@ -319,7 +327,7 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=16, help="seed of the tasks' model order")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take")
     parser.add_argument("--keep", default=None, metavar="DIR",
-                        help="work in DIR (data dirs, logs) and keep it, instead of a temporary folder")
+                        help="work in DIR (data dirs, logs; made if missing) and keep it, not a temporary folder")
     parser.add_argument("--server-arg", action="append", default=[], help="flag for the server under test")
     parser.add_argument("--baseline-arg", action="append", default=None,
                         help="run a baseline first, with this flag (repeatable)")
@@ -336,12 +344,10 @@ async def main() -> None:
             baseline = None
             if args.baseline_arg is not None:
                 print(f"{mode}, baseline ({' '.join(args.baseline_arg)}):", flush=True)
-                (Path(tmp) / f"{mode}-baseline").mkdir()
-                baseline = await MODES[mode](Path(tmp) / f"{mode}-baseline", args, args.baseline_arg)
+                baseline = await MODES[mode](run_dir(tmp, f"{mode}-baseline"), args, args.baseline_arg)
                 print("\n".join(f"  {line}" for line in baseline.lines(goals=False)), flush=True)
             print(f"{mode}{' (' + ' '.join(args.server_arg) + ')' if args.server_arg else ''}:", flush=True)
-            (Path(tmp) / mode).mkdir()
-            result = await MODES[mode](Path(tmp) / mode, args, args.server_arg)
+            result = await MODES[mode](run_dir(tmp, mode), args, args.server_arg)
             print("\n".join(f"  {line}" for line in result.lines(goals=mode != "direct")), flush=True)
             if baseline is not None:
                 print("\n".join(f"  {line}" for line in compare(baseline, result)), flush=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from bench.gpu_sim import run_dir
 from bench.gpu_sim_figures import Costs, Task, figures, install, read_records, task_graph
 from support.server import events_until, is_done, wait_history
 
@@ -83,3 +86,11 @@ def test_figures_count_only_gaps_where_the_next_task_was_waiting() -> None:
     assert result.makespan_s == 1.2 and result.client_done_s == {"u": 0.71, "v": 1.2}
     assert result.repeated == ["b3"] and result.missing == []
     assert result.ideal_s == (6 * 0.1 + 3 * 0.5) / 3
+
+
+def test_keep_folder_is_made_if_missing_and_a_run_never_reuses_one(tmp_path: Path) -> None:
+    keep = tmp_path / "not" / "there"  # --keep DIR: a new folder used to fail the run at its first mode
+    assert run_dir(str(keep), "direct").is_dir()
+    assert run_dir(str(keep), "direct-baseline").is_dir()
+    with pytest.raises(FileExistsError):  # an earlier run's records would count in this run's figures
+        run_dir(str(keep), "direct")
