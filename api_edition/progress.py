@@ -3,11 +3,14 @@
 While a task runs, its worker keeps one record on ``{service}/progress`` (``requestId`` = the task's):
 ``{"worker", "instance", "node", "progress": {"value", "max"}}``, from the instance's ``executing`` and
 ``progress`` events. A task the worker queued on its instance behind the running one (``--prefetch``)
-has ``{"worker", "instance", "state": "queued"}`` until its ``execution_start``. Writes are throttled
+has ``{"worker", "instance", "state": "queued"}`` until its ``execution_start``. Nothing is written before
+the worker knows which of the two a task is (its prompt goes to the instance), and a record never goes back
+from running to queued: a client polling ``GET /api_task`` sees a task's states in order. Writes are throttled
 (at most one per ``MIN_INTERVAL_S``; the last state always lands) and each replaces the previous
-record (put, then delete the old one: a reader sees one or the other). The record goes when the run
-ends, once the write under way, if any, has landed; one left by a killed worker is replaced by the next
-run of the task and never read once the task is off the input queue.
+record (put, then delete the old one: a reader sees one or the other). The worker removes the record
+once the task's result is on the sink (a task held with no record reads queued, so it must not lose its
+record between its run and its report), after the write under way, if any, has landed; one left by a
+killed worker is replaced by the next run of the task and never read once the task is off the input queue.
 
 All-in-one workers write the store directly; a split-deployment worker over the queue service's HTTP API.
 """
@@ -103,16 +106,25 @@ class HttpRecords:
         await self.client.aclose()
 
 
+def _initial(queued: bool) -> dict[str, Any]:
+    return {"state": "queued"} if queued else {"node": None}
+
+
 class _Run:
     """One task's record while its worker holds it."""
 
-    def __init__(self, request_id: str, queued: bool) -> None:
+    def __init__(self, request_id: str, queued: bool | None) -> None:
         self.request_id = request_id
         # Queued behind another task on the instance: ``GET /api_task`` says queued until its execution_start.
-        self.state: dict[str, Any] = {"state": "queued"} if queued else {"node": None}
+        # None: not known yet, nothing to write (``GET /api_task`` says queued while there is no record).
+        self.state: dict[str, Any] | None = None if queued is None else _initial(queued)
         self.dirty = asyncio.Event()
-        self.dirty.set()
+        if self.state is not None:
+            self.dirty.set()
         self.written: int | None = None
+
+    def is_queued(self) -> bool:
+        return self.state is None or self.state.get("state") == "queued"
 
 
 class TaskProgress:
@@ -125,7 +137,10 @@ class TaskProgress:
         self._runs: dict[str, _Run] = {}
 
     @contextlib.asynccontextmanager
-    async def running(self, request_id: str, *, queued: bool = False) -> AsyncIterator[None]:
+    async def running(self, request_id: str, *, queued: bool | None = False) -> AsyncIterator[None]:
+        """The task's record while the block runs: from the start (running, or ``queued`` behind another),
+        or, with ``queued=None``, from the ``queued`` call that says which (the worker: once its prompt goes
+        to the instance). Removed at the end."""
         run = self._runs[request_id] = _Run(request_id, queued)
         writer = asyncio.create_task(self._write_loop(run))
         try:
@@ -140,11 +155,12 @@ class TaskProgress:
                     await self._drop([run.written])
 
     def queued(self, request_id: str, queued: bool) -> None:
-        """Whether the task waits behind another on the instance, as its prompt goes there."""
+        """Whether the task waits behind another on the instance, as its prompt goes there. Never back from
+        running to queued."""
         run = self._runs.get(request_id)
-        if run is None or queued == (run.state.get("state") == "queued"):
+        if run is None or (run.state is not None and (queued or not run.is_queued())):
             return
-        run.state = {"state": "queued"} if queued else {"node": None}
+        run.state = _initial(queued)
         run.dirty.set()
 
     def event(self, request_id: str, item: dict[str, Any]) -> None:
@@ -153,13 +169,13 @@ class TaskProgress:
         if run is None or not isinstance(data, dict):
             return
         if kind == "execution_start":
-            if run.state.get("state") != "queued":
+            if not run.is_queued():
                 return
             run.state = {"node": None}
         elif kind == "executing" and data.get("node") is not None:
             run.state = {"node": str(data["node"])}
         elif kind == "progress":
-            run.state = {**run.state, "progress": {"value": data.get("value"), "max": data.get("max")}}
+            run.state = {**(run.state or {}), "progress": {"value": data.get("value"), "max": data.get("max")}}
             run.state.pop("state", None)
             if data.get("node") is not None:
                 run.state["node"] = str(data["node"])
@@ -171,7 +187,7 @@ class TaskProgress:
         while True:
             await run.dirty.wait()
             run.dirty.clear()
-            data = json.dumps({**self.base, **run.state}, separators=(",", ":")).encode()
+            data = json.dumps({**self.base, **(run.state or {})}, separators=(",", ":")).encode()
             # Never cut in the middle: a put whose cancel came while it was under way still lands (the
             # store owns the write), and with its index unknown nothing would ever remove that record.
             await finish(self._write(run, data))

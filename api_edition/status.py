@@ -3,10 +3,12 @@
 Answers, from the shared queue store (so every front on one Redis answers alike):
 
 - ``queued``: the input item is ready; ``position`` = ready items ahead of it (0: next);
-- ``running``: a worker holds the input item; with ``worker``, ``instance``, ``node`` and ``progress``
-  (``value``/``max``) when the worker has reported them (``progress`` records, below); a task its worker
-  queued on its instance behind the running one (``--prefetch``) is ``queued`` (position 0, with
-  ``worker`` and ``instance``) until it starts there;
+- ``running``: a worker holds the input item and has recorded it running (``progress`` records, below:
+  from its ``execution_start`` on the instance, or as its prompt goes to an idle instance); with ``worker``,
+  ``instance``, ``node`` and ``progress`` (``value``/``max``) as the worker reports them. Until then a held
+  task is ``queued`` (position 0; with ``worker`` and ``instance`` once its worker queued it on its instance
+  behind the running one, ``--prefetch``), so the states a client polls only go forward (the record stays
+  until the result is on the sink);
 - ``succeeded`` / ``failed`` / ``cancelled``: the result is on the sink (``result``: the sink item's data,
   ``tags``: its tags), until a client commits it;
 - 404 otherwise (never submitted, or the result was already taken from the sink).
@@ -118,8 +120,8 @@ class TaskStatus:
             base = {"request_id": where.request_id, "task_id": where.item.decoded()[0].get("task_id")}
             if where.position.pending:
                 progress = _progress(where.progress)
-                if progress.get("state") == "queued":  # its worker queued it on the instance (--prefetch)
-                    return {**base, **progress, "position": 0}
+                if not progress or progress.get("state") == "queued":  # not started (held ahead: --prefetch)
+                    return {**base, **progress, "state": "queued", "position": 0}
                 return {**base, "state": "running", **progress}
             return {**base, "state": "queued", "position": where.position.waiting}
         if where.result is None:

@@ -467,24 +467,29 @@ class Worker:
             await self._skip_reported(frame, request_id)
             await self.ledger.finish(ticket)
             return
-        if graph is not None:
+        async with contextlib.AsyncExitStack() as record:
+            if graph is not None:
+                if ticket.exhausted is not None:
+                    status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
+                else:
+                    # Its progress record stays until the result is on the sink: held by the worker with no
+                    # record, a task answers queued (``status``), which it must not once it has run.
+                    await record.enter_async_context(self.progress.running(request_id, queued=None))
+                    status, events, prompt_id = await self._watched_attempt(graph, ticket, flight)
+                    if status == "success":
+                        await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
             if ticket.exhausted is not None:
-                status, events = results.from_failure(TOO_MANY_ATTEMPTS, ticket.message())
-            else:
-                status, events, prompt_id = await self._watched_attempt(graph, ticket, flight)
-                if status == "success":
-                    await self.outputs.annotate(events, frame.tags)  # urls, inline bytes (outputs)
-        if ticket.exhausted is not None:
-            log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG), ticket.message())
-            self.stats.abandoned.inc()
-        tags = {**frame.tags, results.STATUS_TAG: status}
-        tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
-        tags["requestId"] = request_id
-        if prompt_id:
-            tags[results.PROMPT_ID_TAG] = prompt_id
-        tags.pop(WEBHOOK_TAG, None)
-        tags.pop(MODELS_TAG, None)
-        sink_index = await self._report(results.encode(events), tags, frame.index)
+                log.warning("%s: task %s is not run again: %s", self.name, frame.tags.get(TASK_ID_TAG),
+                            ticket.message())
+                self.stats.abandoned.inc()
+            tags = {**frame.tags, results.STATUS_TAG: status}
+            tags[TASK_ID_TAG] = tags.get(TASK_ID_TAG) or request_id
+            tags["requestId"] = request_id
+            if prompt_id:
+                tags[results.PROMPT_ID_TAG] = prompt_id
+            tags.pop(WEBHOOK_TAG, None)
+            tags.pop(MODELS_TAG, None)
+            sink_index = await self._report(results.encode(events), tags, frame.index)
         self.events.publish(request_id, result_event(status))  # GET /api_events: the result is on the sink
         if status == "error" and events and events[0].get("data", {}).get("exception_type") == CANCELLED:
             self._in_background(self.cancels.forget(request_id))
@@ -512,12 +517,10 @@ class Worker:
 
     async def _watched_attempt(self, graph: dict[str, Any], ticket: Ticket,
                                flight: Flight) -> tuple[str, list[Any], str | None]:
-        """``_attempt`` with its progress recorded (``GET /api_task``) and its cancel records watched
-        (``POST /api_task/cancel``): a cancelled task is not run, or is interrupted (queued on the instance:
-        taken off its queue), and reported cancelled."""
+        """``_attempt`` with its cancel records watched (``POST /api_task/cancel``): a cancelled task is not
+        run, or is interrupted (queued on the instance: taken off its queue), and reported cancelled."""
         request_id = flight.request_id
-        async with self.progress.running(request_id, queued=self.flights.ahead_on_instance(flight)), \
-                self.cancels.watching(request_id, lambda: self._stop(flight)) as cancel:
+        async with self.cancels.watching(request_id, lambda: self._stop(flight)) as cancel:
             if cancel.requested:
                 return (*results.from_failure(CANCELLED, CANCEL_MESSAGE), None)
             status, events, prompt_id = await self._attempt(graph, ticket, flight)

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from test_api_limits import crashes, install_crash_plugin, queue_length
 
 from api_edition import runner
@@ -18,7 +19,7 @@ from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service.client import QueueClient
 from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
-from support.server import drain_gate_graph, install_gate_plugin, open_gate, runs_of, tiny_graph
+from support.server import drain_gate_graph, install_gate_plugin, open_gate, png_bytes, runs_of, tiny_graph
 from support.wait import until
 
 
@@ -83,6 +84,49 @@ async def test_the_next_task_waits_on_the_instance_and_answers_queued_until_it_s
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("a", "success"), ("b", "success")]
     assert all("models" not in f.tags for f in frames)
     assert (runs_of(data_dir, "a"), runs_of(data_dir, "b")) == (1, 1)
+
+
+STATE_ORDER = {"queued": 0, "running": 1, "succeeded": 2}
+
+
+async def test_a_task_held_ahead_answers_queued_until_its_execution_start_never_running_before(
+        api: ApiFactory, instance_url: Any, data_dir: Path, aiohttp_server: Any) -> None:
+    """The queue hands b to the worker while a runs; b's worker holds it (here: fetching its URL input) before
+    it queues it on the instance and records it queued. Its status reads queued all along, running only from
+    its execution_start: a client polling it sees its states go forward only."""
+    fetching, fetched = asyncio.Event(), asyncio.Event()
+
+    async def held_input(request: web.Request) -> web.Response:
+        fetching.set()
+        await fetched.wait()
+        return web.Response(body=png_bytes(), content_type="image/png")
+
+    files = web.Application()
+    files.router.add_get("/in.png", held_input)
+    origin = f"http://127.0.0.1:{(await aiohttp_server(files)).port}"
+    live, url = await start(api, instance_url, data_dir, input_url_allow=(origin + "/",))
+    await live.submit(drain_gate_graph("a", "a"), task_id="a")
+    await until(lambda: runs_of(data_dir, "a") == 1, what="a running on the instance")
+    await live.submit({"prompt": drain_gate_graph("b", "b"), "inputs": [{"name": "in.png", "url": origin + "/in.png"}]},
+                      task_id="b")
+    await until(fetching.is_set, what="b's worker fetching its input")
+    answer = await status(live, "b")
+    assert (answer["state"], answer.get("position")) == ("queued", 0), answer  # held by its worker, not started
+
+    seen: list[str] = []
+
+    async def b_is(state: str) -> bool:
+        seen.append((await status(live, "b"))["state"])
+        return seen[-1] == state
+
+    fetched.set()
+    await until(lambda: queued_behind(url), what="b queued on the instance behind a")
+    assert await b_is("queued") and runs_of(data_dir, "b") == 0
+    open_gate(data_dir, "a")
+    await until(lambda: b_is("running"), what="b running once it started")
+    open_gate(data_dir, "b")
+    await until(lambda: b_is("succeeded"), what="b succeeded")
+    assert seen == sorted(seen, key=STATE_ORDER.__getitem__), seen  # never back from running to queued
 
 
 async def _state_is(live: LiveApi, task_id: str, state: str) -> bool:
