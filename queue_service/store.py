@@ -205,8 +205,9 @@ class QueueStore(Protocol):
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
         From its first claim until ``release``/``forget`` the consumer is a taker (``Handoff``): puts in
         this process claim for it too, and its next claim returns what they got. ``handoff=False``: not a
-        taker, for a watcher whose claims differ from one call to the next (``affinity``): what a put
-        claimed with its last claim's terms would never be sent.
+        taker, for a watcher whose terms are decided afresh at each claim from what the store does not see
+        (``affinity``: an idle peer, an overdue head, a finishing item): a put claiming with its last claim's
+        terms would take items those decisions leave to other watches or for later.
         """
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
