@@ -51,10 +51,8 @@ from .store import (
     COMMITTED_TTL_S,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
-    ClaimSpec,
-    Handoff,
+    HandoffStore,
     Item,
-    Notifier,
     Position,
     PutBatcher,
     PutOnce,
@@ -464,8 +462,10 @@ def _items(flat: list[Any]) -> list[Item]:
     return [Item(int(flat[k]), flat[k + 1] or b"") for k in range(0, len(flat), 2)]
 
 
-class RedisStore:
+class RedisStore(HandoffStore):
     backend = "redis"
+    # An auto-commit claim's removals wake this process's waiters on the queue (a long-poll get may wait for them).
+    notify_claimed_removals = True
 
     def __init__(self, url: str, *, call_timeout_s: float = CALL_TIMEOUT_S, committed_ttl_s: float = COMMITTED_TTL_S,
                  committed_max: int = COMMITTED_MAX) -> None:
@@ -473,18 +473,16 @@ class RedisStore:
         self.call_timeout_s = call_timeout_s
         self.committed_ttl_s = committed_ttl_s
         self.committed_max = committed_max
+        super().__init__()
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
         self._subscriber: aioredis.Redis | None = None
-        self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, tuple[str, str]] = {}  # name -> (SHA1, source)
         # This process's token in 'waitby': a change written here wakes this process's waiters directly,
         # so Redis publishes a notice only when another process waits.
         self._origin = uuid.uuid4().hex
-        # This process's watchers: a batch of puts claims for them in its own round trip (a pipeline).
-        self._handoff = Handoff(self._notifier)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One store call, retries included, bounded by call_timeout_s. The bound is ours rather than the
@@ -784,25 +782,11 @@ class RedisStore:
             _prefix(queue), consumer, session, deadline]))
         return _items(flat)
 
-    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
-                    handoff: bool = True) -> list[Item]:
-        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
-        taken = self._handoff.taken(queue, consumer, session, spec) if handoff else None
-        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
-            return taken
-        changed = self._notifier.event(queue)
-        taker = Taker(queue, consumer, session, spec)
+    async def _claim(self, taker: Taker) -> tuple[list[Item], bool]:
         flat = await self._call(lambda: self._script_once("claim", self._claim_args(taker, int(time.time() * 1000))))
         if flat[0] == -1:
-            raise Superseded(f"consumer {consumer!r} reconnected")
-        items = _items(flat[1:])
-        changed_meanwhile = changed.is_set()  # a local change during the call
-        if items and auto_commit:
-            self._notifier.notify(queue)
-        if handoff:
-            self._handoff.claimed(queue, consumer, session, spec, bool(items), flat[0] == 2, changed_meanwhile)
-        return items
+            raise Superseded(f"consumer {taker.consumer!r} reconnected")
+        return _items(flat[1:]), flat[0] == 2
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
         flat = await self._call(lambda: self._script("pending", [_prefix(queue), consumer, session]))

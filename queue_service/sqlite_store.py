@@ -33,10 +33,8 @@ from .store import (
     FULL,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
-    ClaimSpec,
-    Handoff,
+    HandoffStore,
     Item,
-    Notifier,
     Position,
     PutBatcher,
     PutOnce,
@@ -96,7 +94,7 @@ CREATE INDEX IF NOT EXISTS committed_expires ON committed (queue, expires);
 """
 
 
-class SQLiteStore:
+class SQLiteStore(HandoffStore):
     backend = "sqlite"
 
     def __init__(self, path: Path, *, committed_ttl_s: float = COMMITTED_TTL_S,
@@ -104,16 +102,14 @@ class SQLiteStore:
         self.path = path
         self.committed_ttl_s = committed_ttl_s
         self.committed_max = committed_max
+        super().__init__()
         self._committed_counts: dict[str, int] = {}  # rows of ``committed`` per queue, counted once then kept
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._sessions: dict[tuple[str, str], str] = {}
-        self._notifier = Notifier()
         self._batcher = PutBatcher(self._flush_puts)
-        # This process's watchers: a batch of puts claims for them in its own thread hop.
-        self._handoff = Handoff(self._notifier)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -271,10 +267,8 @@ class SQLiteStore:
         results = self._put_many(queue, requests)
         claims: list[tuple[list[Item], bool] | Exception] = []
         for taker in takers:
-            spec = taker.spec
             try:
-                claims.append(self._claim_drained(queue, taker.consumer, taker.session, spec.window, spec.min_index,
-                                                  spec.auto_commit, spec.lease_s, spec.tag_dict()))
+                claims.append(self._claim_drained(taker))
             except Exception as exc:  # noqa: BLE001 - handed to that watcher
                 claims.append(exc)
         return results, claims
@@ -513,10 +507,11 @@ class SQLiteStore:
                 break
         return found[:need]
 
-    def _claim_drained(self, queue: str, consumer: str, session: str, window: int, min_index: int,
-                       auto_commit: bool, lease_s: float, tags: dict[str, str] | None) -> tuple[list[Item], bool]:
+    def _claim_drained(self, taker: Taker) -> tuple[list[Item], bool]:
         """The claim, and whether it drained what was ready for this consumer (took fewer than it could)."""
-        self._check(queue, consumer, session)
+        queue, consumer, spec = taker.queue, taker.consumer, taker.spec
+        self._check(queue, consumer, taker.session)
+        window, auto_commit = spec.window, spec.auto_commit
         now = time.time()
         with self._transaction() as db:
             db.execute("UPDATE items SET owner = NULL, deadline = NULL "
@@ -527,28 +522,17 @@ class SQLiteStore:
                                    (queue, consumer)).fetchone()[0]
             items: list[Item] = []
             if need > 0:
-                items = self._ready(db, queue, min_index, need, tags)
+                items = self._ready(db, queue, spec.min_index, need, spec.tag_dict())
                 if items and auto_commit:
                     self._delete_where(db, queue, [item.index for item in items])
                 elif items:
                     marks = ",".join("?" * len(items))
                     db.execute(f"UPDATE items SET owner = ?, deadline = ? WHERE queue = ? AND idx IN ({marks})",
-                               (consumer, now + lease_s, queue, *(item.index for item in items)))
+                               (consumer, now + spec.lease_s, queue, *(item.index for item in items)))
             return items, need > 0 and len(items) < need
 
-    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
-                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
-                    handoff: bool = True) -> list[Item]:
-        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
-        taken = self._handoff.taken(queue, consumer, session, spec) if handoff else None
-        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
-            return taken
-        changed = self._notifier.event(queue)
-        items, drained = await self._run(self._claim_drained, queue, consumer, session, window, min_index,
-                                         auto_commit, lease_s, tags)
-        if handoff:
-            self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed.is_set())
-        return items
+    async def _claim(self, taker: Taker) -> tuple[list[Item], bool]:
+        return await self._run(self._claim_drained, taker)
 
     def _pending(self, queue: str, consumer: str, session: str) -> list[Item]:
         assert self._db is not None

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from standard.errors import ComfyServeError
 
@@ -204,8 +205,9 @@ class QueueStore(Protocol):
         Raises ``Superseded`` when ``session`` is no longer the consumer's live one.
         From its first claim until ``release``/``forget`` the consumer is a taker (``Handoff``): puts in
         this process claim for it too, and its next claim returns what they got. ``handoff=False``: not a
-        taker, for a watcher whose claims differ from one call to the next (``affinity``): what a put
-        claimed with its last claim's terms would never be sent.
+        taker, for a watcher whose terms are decided afresh at each claim from what the store does not see
+        (``affinity``: an idle peer, an overdue head, a finishing item): a put claiming with its last claim's
+        terms would take items those decisions leave to other watches or for later.
         """
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
@@ -384,6 +386,42 @@ class Handoff:
         if taker is not None and taker.items and taker.spec.auto_commit:
             log.warning("queue %s: %d auto-committed item(s) claimed for watcher %s, which left before they "
                         "were sent", queue, len(taker.items), consumer)
+
+
+class HandoffStore(ABC):
+    """What both stores' ``claim`` shares: the hand-off (``Handoff``) around the store's own claim. A store
+    says only how it claims from its storage (``_claim``); the answer without a round trip, the watcher's
+    record as a taker and the change notices around the claim are kept here, in one order for both."""
+
+    # Whether an auto-commit claim that took items wakes this process's waiters on the queue.
+    notify_claimed_removals: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._notifier = Notifier()
+        # This process's watchers: a batch of puts claims for them in its own store round trip.
+        self._handoff = Handoff(self._notifier)
+
+    @abstractmethod
+    async def _claim(self, taker: Taker) -> tuple[list[Item], bool]:
+        """The store's claim for ``taker`` (its queue, consumer, session and terms): the items, and whether
+        it drained what was ready for the consumer (took fewer than its window allowed). Raises ``Superseded``."""
+
+    async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
+                    auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,
+                    handoff: bool = True) -> list[Item]:
+        """``QueueStore.claim``."""
+        spec = ClaimSpec(window, min_index, auto_commit, lease_s, tuple((tags or {}).items()))
+        taken = self._handoff.taken(queue, consumer, session, spec) if handoff else None
+        if taken is not None:  # claimed for it by a put, or nothing changed since it drained the queue
+            return taken
+        changed = self._notifier.event(queue)
+        items, drained = await self._claim(Taker(queue, consumer, session, spec))
+        changed_meanwhile = changed.is_set()  # a local change during the call (read before our own notice)
+        if items and auto_commit and self.notify_claimed_removals:
+            self._notifier.notify(queue)
+        if handoff:
+            self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed_meanwhile)
+        return items
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
