@@ -38,12 +38,22 @@
   must be loaded: the user whose turn it is by fair share gets the task whose
   model is scarcest (most waiting tasks per instance holding it, its earliest
   on a tie), on the instance whose own models are wanted least, so models
-  spread over the pool as the waiting work needs them. A busy instance whose
-  models some waiting task still needs is queued ahead only a task whose
-  models no instance holds (it needs a load anyway); otherwise its slot stays
-  empty until a task matches it, its running task reports its last step (it
-  is about to be free, above) or it falls idle. One whose models no waiting
-  task needs is queued its next load at once (no idle gap before it).
+  spread over the pool as the waiting work needs them. Before any of that, a
+  turn's task whose models no instance holds goes to a spare instance (each
+  of its models held by another instance too, or wanted by no waiting task;
+  of those, the one whose models are wanted least per holder): else such a
+  model waited for the bound while its tasks piled up, and the bound then
+  moved several instances onto it at once. A busy instance is queued ahead
+  only a task it holds the models for: a load on it waits for its running
+  task's last step (it is about to be free, above) or for it to fall idle,
+  and is decided then, on all the work waiting then; so does the slot of each
+  spare instance that would take a model no instance holds (one per such set
+  of models). Deciding earlier, on the tasks of a burst that had arrived in
+  its first milliseconds, made loads vary from 6 to 12 between identical runs
+  of the issue 16 bench: an instance left a checkpoint whose tasks had not
+  arrived yet, and another loaded it back. Without a last-step report (a
+  graph with no sampler progress) such a load waits for a round trip through
+  the proxy, small beside the load itself.
   The bound: the task that would have gone without affinity (the first
   waiting task of the user whose turn it was, or of the user served instead)
   starts a clock when another is chosen in its stead; once it has waited S
@@ -58,7 +68,7 @@
   Why 10 s by default: the bound itself forces loads (a task that waited S takes an instance holding other models),
   so it must be worth several loads; on the simulated GPU (issue 16: loads of
   2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
-  10 s 8, and real checkpoints load slower still.
+  10 s 8 (before loads waited for the last step), and real checkpoints load slower still.
 
 :func:`dispatch_order` is also how each task's wait position is computed:
 the order the scheduler would start the pending tasks in if no new work came
@@ -156,7 +166,8 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
     """The next (task, instance) of the module docstring's rules, and the user whose turn it was by fair
     share alone; ``pending`` and ``slots`` not empty. None: nothing to queue ahead on these (busy) instances.
     ``about_free``: the slots are idle or about to be free (``Instance.finishing``), those chosen for as if
-    they were idle (``running_per_user`` no longer counts their running tasks)."""
+    they were idle (``running_per_user`` no longer counts their running tasks); else they are busy and are
+    queued ahead only tasks whose models they hold."""
     queues: dict[str, list[Task]] = {}
     for task in pending:
         queues.setdefault(task.user, []).append(task)
@@ -172,6 +183,32 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
     for user in turn:  # a first task passed over too long goes now
         if overdue(queues[user][0]):
             return queues[user][0], pick_instance(slots, queues[user][0]), first
+    holders = Counter(model for i in pool for model in i.models)
+    demand = Counter(model for task in pending for model in task.models)
+
+    def surplus(instance: Instance) -> tuple[float, bool, float]:
+        """Spare instances (each model held elsewhere too, or wanted by no waiting task) by how little their
+        models are wanted per holder, idle first, then idle longest."""
+        return (max((demand[m] / holders[m] for m in instance.models), default=0.0), instance.task_id is not None,
+                instance.last_used_s)
+
+    spare = sorted((i for i in slots if all(holders[m] > 1 or not demand[m] for m in i.models)), key=surplus)
+    if not about_free:
+        # Busy: queued ahead only a task it holds the models for; a load waits for its last step (or for it
+        # to fall idle), decided then on all the work waiting. So do the spare ones that would load the models
+        # of waiting tasks no instance holds (one per such set of models).
+        unheld = {frozenset(t.models) for t in pending if t.models and not any(holders[m] for m in t.models)}
+        slots = [i for i in slots if i not in spare[:len(unheld)]]
+        for user in turn:
+            for task in queues[user]:
+                matching = [i for i in slots if _holds(i, task)]
+                if matching:
+                    return task, min(matching, key=lambda i: i.last_used_s), first
+        return None
+    for user in turn:  # models no instance holds go first, to a spare instance: the one whose models are wanted least
+        needless = [t for t in queues[user] if t.models and not any(holders[m] for m in t.models)]
+        if needless and spare:
+            return needless[0], spare[0], first
     for user in turn:
         for task in queues[user]:
             matching = [i for i in slots if _holds(i, task)]
@@ -179,19 +216,12 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
                 return task, max(matching, key=lambda i: (i.task_id is None, -i.last_used_s)), first
     # No instance taking a task holds what the turn's tasks need: a load. Load the model whose waiting
     # tasks have the fewest instances per task, on the instance whose models are wanted least.
-    holders = Counter(model for i in pool for model in i.models)
-    demand = Counter(model for task in pending for model in task.models)
 
     def need(models: Any) -> float:
         return min((demand[m] / (holders[m] + 1) for m in models), default=0.0)
 
     mine = queues[first]
     instance = min(slots, key=lambda i: (need(i.models), i.task_id is not None, i.last_used_s))
-    if instance.task_id is not None and not about_free and need(instance.models) > 0:
-        # A busy instance whose models are still wanted: queue ahead only what no instance holds (a load anyway).
-        mine = [t for t in mine if not any(holders[m] for m in t.models)]
-        if not mine:
-            return None
     task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
     if costs is not None and task.models and all(holders[m] for m in task.models):
         # At the end of a model's work its holders may finish it sooner than another instance could load it.

@@ -119,7 +119,7 @@ async def test_equal_users_go_where_their_models_are_and_checkpoints_spread(tmp_
     assert started == {"a1": "http://y", "b2": "http://x", "c4": "http://z"}
 
 
-async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for_or_a_needed_load(tmp_path) -> None:
+async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for(tmp_path) -> None:
     x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
     x.task_id, y.task_id, y.ahead = "b0", "r2", ["r3"]  # both run a task; y has one queued behind it
     sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
@@ -127,23 +127,54 @@ async def test_a_busy_instance_is_queued_ahead_only_work_it_holds_the_models_for
     await sched.store.claim("b0", "http://x")  # bob runs one: alice's turn
     await sched.add(_task("a", 1, ["y.ckpt"]), _task("b", 2, ["x.ckpt"]))
     assert await sched.scheduler.dispatch() == 0  # x's model is still wanted: no load of y.ckpt queued there
-    await sched.add(_task("a", 3, ["z.ckpt"]))  # no instance holds it: a load anyway, queued on x now
-    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a3", "http://x")] and x.ahead == ["a3"]
+    await sched.add(_task("a", 3, ["z.ckpt"]))  # no instance holds it: a load, but not on a busy instance
+    assert await sched.scheduler.dispatch() == 0 and x.ahead == []
+    await sched.add(_task("a", 4, ["x.ckpt"]))  # one x holds the model for: queued ahead at once
+    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a4"]
 
 
-async def test_a_busy_instance_whose_models_nobody_wants_is_queued_its_next_load(tmp_path) -> None:
-    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"y.ckpt"})
-    x.task_id, y.task_id, y.ahead = "r1", "r2", ["r3"]
+async def test_a_load_on_a_busy_instance_waits_for_its_last_step_and_the_work_waiting_then(tmp_path) -> None:
+    # A burst: bob's y.ckpt task arrives before alice's next x.ckpt one. Queued on x at once, the load would
+    # take x.ckpt away from the task that arrives a moment later; decided at a0's last step, x keeps it.
+    x = _up("http://x", {"x.ckpt"})
+    x.task_id = "a0"
+    sched = _Started(tmp_path, [x], prefetch=1, affinity_wait_s=5.0)
+    await sched.add(_task("a", 0, ["x.ckpt"]))
+    await sched.store.claim("a0", "http://x")
+    await sched.add(_task("b", 1, ["y.ckpt"]))
+    assert await sched.scheduler.dispatch() == 0 and x.ahead == []  # nobody waits for x.ckpt now: still no load
+    await sched.add(_task("a", 2, ["x.ckpt"]))
+    sched.scheduler.last_step(x, "a0")
+    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a2"]
+
+
+async def test_a_model_no_instance_holds_goes_first_to_a_spare_instance(tmp_path) -> None:
+    # x and y both hold x.ckpt; alice's w.ckpt task would wait for the bound behind her x.ckpt ones. The spare
+    # instance that would load it (idle longest: x) keeps its slot empty while busy and takes it at its last
+    # step; y goes on with x.ckpt.
+    x, y = _up("http://x", {"x.ckpt"}), _up("http://y", {"x.ckpt"})
+    x.task_id, y.task_id, x.last_used_s, y.last_used_s = "b0", "b9", 1.0, 2.0
     sched = _Started(tmp_path, [x, y], prefetch=1, affinity_wait_s=5.0)
-    await sched.add(_task("a", 1, ["y.ckpt"]))
-    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a1"]  # not idle first, then loading
+    await sched.add(_task("b", 0), _task("b", 9))
+    await sched.store.claim("b0", "http://x")
+    await sched.store.claim("b9", "http://y")
+    await sched.add(_task("a", 1, ["x.ckpt"]), _task("a", 2, ["w.ckpt"]), _task("a", 3, ["x.ckpt"]))
+    assert await sched.scheduler.dispatch() == 1 and y.ahead == ["a1"] and x.ahead == []
+    sched.scheduler.last_step(x, "b0")
+    assert await sched.scheduler.dispatch() == 1 and x.ahead == ["a2"] and x.models == {"w.ckpt"}
+    # Idle: the same, at once.
+    (tmp_path / "idle").mkdir()
+    idle = _Started(tmp_path / "idle", [_up("http://x", {"x.ckpt"}), _up("http://y", {"x.ckpt"})], prefetch=0,
+                    affinity_wait_s=5.0)
+    await idle.add(_task("a", 1, ["x.ckpt"]), _task("a", 2, ["w.ckpt"]), _task("a", 3, ["x.ckpt"]))
+    assert dict(await idle.next()) == {"a2": "http://x", "a1": "http://y"}
 
 
 async def test_an_instance_about_to_be_free_is_chosen_for_as_if_idle(tmp_path) -> None:
-    # x runs alice's a0. Busy, it is queued ahead on bob's turn (alice runs one): bob's load (b2), at once. Once
-    # a0 reported its last step, x is chosen for as at a0's end: alice's turn again, and her task x holds
-    # the model for, no load.
-    for last_step, expected in ((False, "b2"), (True, "a1")):
+    # x runs alice's a0. Busy, it is queued ahead on bob's turn (alice runs one): bob's task needs a load, which
+    # waits. Once a0 reported its last step, x is chosen for as at a0's end: alice's turn again, and her task x
+    # holds the model for, no load.
+    for last_step, expected in ((False, None), (True, "a1")):
         (tmp_path / str(last_step)).mkdir()
         x = _up("http://x", {"x.ckpt"})
         x.task_id = "a0"
@@ -153,7 +184,8 @@ async def test_an_instance_about_to_be_free_is_chosen_for_as_if_idle(tmp_path) -
         await sched.add(_task("a", 1, ["x.ckpt"]), _task("b", 2, ["z.ckpt"]))
         if last_step:
             sched.scheduler.last_step(x, "a0")
-        assert await sched.scheduler.dispatch() == 1 and x.ahead == [expected]
+        started = await sched.scheduler.dispatch()
+        assert (started, x.ahead) == ((0, []) if expected is None else (1, [expected]))
 
 
 async def test_without_affinity_an_idle_instance_goes_before_one_about_to_be_free(tmp_path) -> None:
