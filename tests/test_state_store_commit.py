@@ -7,7 +7,10 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from standard.state_store import StateStore
+from support.wait import until
 
 
 async def test_commit_here_runs_on_the_caller_in_the_order_queued(tmp_path: Path) -> None:
@@ -42,3 +45,48 @@ async def test_commit_here_runs_on_the_caller_in_the_order_queued(tmp_path: Path
         assert not closing.is_alive()
     finally:
         store.close()
+
+
+async def test_commits_between_prompts_never_checkpoint_the_wal(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's automatic checkpoint (copying the WAL into the file, two fsyncs) ran inside whichever commit
+    crossed 1000 WAL pages, often the execution thread's between two prompts: the writer thread does it."""
+    checkpointing = threading.Event()
+    go_on = threading.Event()
+    checkpoint = getattr(StateStore, "_checkpoint", None)
+
+    def held_checkpoint(store: StateStore) -> None:
+        checkpointing.set()
+        go_on.wait()
+        if checkpoint is not None:
+            checkpoint(store)
+
+    monkeypatch.setattr(StateStore, "_checkpoint", held_checkpoint, raising=False)
+    path = tmp_path / "state.sqlite3"
+    store = StateStore.open(path, history_max_items=10_000)
+    try:
+        store.load()
+        await store.flush()
+        size = path.stat().st_size
+        payload = {"prompt": {str(n): {"class_type": "X", "inputs": {"n": n}} for n in range(20)}, "extra_data": {}}
+        entry = {"outputs": {}, "status": {"status_str": "success"}, "prompt": payload}
+        for n in range(500):  # ~6 WAL pages each: well over SQLite's automatic checkpoint at 1000
+            with store.committing_here():
+                store.add_prompt(f"p{n}", n, payload)
+                if n:
+                    store.finish(f"p{n - 1}", entry, (1, 2))
+                store.mark_running(f"p{n}")
+                store.commit_here()
+        assert path.stat().st_size == size  # nothing was copied into the file by the commits themselves
+        await until(checkpointing.is_set)  # due, and held on the writer thread
+        go_on.set()
+        await until(lambda: path.stat().st_size > size)
+    finally:
+        go_on.set()
+        store.close()
+    reopened = StateStore.open(path, history_max_items=10_000)
+    try:
+        state = reopened.load()
+        assert [p.prompt_id for p in state.prompts] == ["p499"] and len(state.history) == 499
+    finally:
+        reopened.close()
