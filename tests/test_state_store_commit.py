@@ -90,3 +90,26 @@ async def test_commits_between_prompts_never_checkpoint_the_wal(tmp_path: Path,
         assert [p.prompt_id for p in state.prompts] == ["p499"] and len(state.history) == 499
     finally:
         reopened.close()
+
+
+async def test_an_entry_that_is_not_json_fails_its_commit_not_the_writer(tmp_path: Path) -> None:
+    """Entries are encoded without json's cycle check (a third of its time between two prompts): a cycle
+    fails that batch (flush raises; nothing of it recorded), and the store goes on writing."""
+    store = StateStore.open(tmp_path / "state.sqlite3", history_max_items=10)
+    try:
+        store.load()
+        cyclic: dict[str, object] = {"outputs": {}}
+        cyclic["self"] = cyclic
+        store.finish("a", cyclic, (1, 2))
+        with pytest.raises(RecursionError):
+            await asyncio.wait_for(store.flush(), 10)
+        with store.committing_here():
+            store.finish("b", {"outputs": {}}, (1, 2))
+            with pytest.raises(RecursionError):
+                store.finish("c", cyclic, (1, 2))
+                store.commit_here()
+        store.finish("d", {"outputs": {}}, (1, 2))
+        await asyncio.wait_for(store.flush(), 10)
+        assert [h.prompt_id for h in store.load().history] == ["d"]
+    finally:
+        store.close()
