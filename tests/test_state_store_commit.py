@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from standard import state_store
 from standard.state_store import StateStore
 from support.wait import until
 
@@ -100,16 +101,50 @@ async def test_an_entry_that_is_not_json_fails_its_commit_not_the_writer(tmp_pat
         store.load()
         cyclic: dict[str, object] = {"outputs": {}}
         cyclic["self"] = cyclic
-        store.finish("a", cyclic, (1, 2))
-        with pytest.raises(RecursionError):
-            await asyncio.wait_for(store.flush(), 10)
+        await store.flush()
         with store.committing_here():
             store.finish("b", {"outputs": {}}, (1, 2))
+            store.finish("c", cyclic, (1, 2))
+            flushed = store.flush_future()  # a flush waiting on that batch (POST /history delete) hears of it
             with pytest.raises(RecursionError):
-                store.finish("c", cyclic, (1, 2))
                 store.commit_here()
+        assert isinstance(flushed.exception(0), RecursionError)
         store.finish("d", {"outputs": {}}, (1, 2))
         await asyncio.wait_for(store.flush(), 10)
         assert [h.prompt_id for h in store.load().history] == ["d"]
+    finally:
+        store.close()
+
+
+async def test_commits_that_never_pause_still_start_the_wal_over(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite starts the WAL over only at a commit that finds it all copied: a checkpoint on another thread
+    while trivial prompts commit back to back never gets there alone, and the WAL file would grow for as long
+    as they come. Past WAL_RESTART_FRAMES the writer copies the last frames with commits held."""
+    monkeypatch.setattr(state_store, "CHECKPOINT_EVERY_COMMITS", 5)
+    monkeypatch.setattr(state_store, "WAL_RESTART_FRAMES", 60)
+    path = tmp_path / "state.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+
+    def restarts() -> int:  # the WAL header's checkpoint sequence number: one more at each start over
+        with wal.open("rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    store = StateStore.open(path, history_max_items=10_000)
+    try:
+        store.load()
+        await store.flush()
+        first = restarts()
+        payload = {"prompt": {}, "extra_data": {}}
+        n = 0
+        while restarts() == first:  # back to back, as trivial prompts do
+            assert n < 20_000, f"the WAL never started over: {wal.stat().st_size} bytes"
+            with store.committing_here():
+                store.add_prompt(f"p{n}", n, payload)
+                if n:
+                    store.finish(f"p{n - 1}", {"outputs": {}}, (1, 2))
+                store.mark_running(f"p{n}")
+                store.commit_here()
+            n += 1
     finally:
         store.close()
