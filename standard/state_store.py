@@ -19,6 +19,11 @@ back when it starts.
   switch, up to Python's 5 ms GIL switch interval while the engine runs a node,
   so a ``kill -9`` in that instant can lose the prompt just accepted; a graceful
   stop and the Restart button never lose one (closing commits what is queued).
+* Checkpoints (copying the WAL into the database file, with its two
+  ``fsync``) run on the writer thread through a connection of its own, never
+  within a commit: SQLite's automatic checkpoint would run them in whichever
+  commit crosses 1000 WAL pages, often the execution thread's between two
+  prompts (a few ms, up to ~15 ms on a busy disk, while the GPU waits).
 * One instance per file: the file's ``.lock`` is held (``flock``) while the
   store is open, so a second instance pointed at it refuses to start, saying
   which process holds it. The kernel drops the lock when the holder dies,
@@ -77,6 +82,16 @@ CREATE TABLE IF NOT EXISTS history (
 );
 """
 Op = Callable[[sqlite3.Connection], object]  # what an op returns (a cursor) is ignored
+# Prompts and history entries are JSON already (they came as JSON or go out as JSON): no check for cycles, a
+# third of json.dumps' time, on the execution thread between two prompts (a cycle raises RecursionError instead).
+_encode = json.JSONEncoder(check_circular=False).encode
+INSERT_HISTORY = "INTO history (prompt_id, entry, start_ms, end_ms) VALUES (?, ?, ?, ?)"
+# Commits between two checkpoints. A prompt's gap writes ~5 pages, so about the WAL size (1000 pages) at which
+# SQLite's automatic checkpoint, turned off here, would have run; a checkpoint's cost grows with the pages it copies.
+CHECKPOINT_EVERY_COMMITS = 200
+# SQLite starts the WAL over at the first commit that finds it all copied; a checkpoint that leaves it this long
+# (commits never paused long enough) catches up with commits held, once, so the WAL file stays ~16 MB at most.
+WAL_RESTART_FRAMES = 4000
 
 
 def restart_error(prompt_id: str) -> list[Any]:
@@ -141,6 +156,9 @@ class StateStore:
         self._cv = threading.Condition()
         self._queued: list[tuple[Op | None, concurrent.futures.Future[None] | None]] = []
         self._quiet = False  # see committing_here: the writer is not woken meanwhile
+        self._commits = 0  # since the last checkpoint (counted under _read_lock)
+        self._checkpoint_due = False  # under _cv: the writer checkpoints when it next wakes
+        self._checkpointer: sqlite3.Connection | None = None  # the writer thread's own connection (opened lazily)
         self._thread = threading.Thread(target=self._write_loop, name="comfyserve-state", daemon=True)
         self._thread.start()
         self._closed = False
@@ -194,7 +212,7 @@ class StateStore:
     def add_prompt(self, prompt_id: str, number: float, payload: dict[str, Any]) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO prompts (prompt_id, number, payload) VALUES (?, ?, ?)",
-                         (prompt_id, number, json.dumps(payload)))
+                         (prompt_id, number, _encode(payload)))
 
         self._submit(op)
 
@@ -216,9 +234,13 @@ class StateStore:
         def op(conn: sqlite3.Connection) -> None:
             rows = self._count_history(conn)
             conn.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,))
-            rows -= conn.execute("DELETE FROM history WHERE prompt_id = ?", (prompt_id,)).rowcount
-            conn.execute("INSERT INTO history (prompt_id, entry, start_ms, end_ms) VALUES (?, ?, ?, ?)",
-                         (prompt_id, json.dumps(entry), start_ms, end_ms))
+            row = (prompt_id, _encode(entry), start_ms, end_ms)
+            # One statement for a prompt's first entry (nearly always: it runs between two prompts); finished
+            # again (the same prompt_id queued again), its entry moves to the newest place.
+            if not conn.execute(f"INSERT OR IGNORE {INSERT_HISTORY}", row).rowcount:
+                conn.execute("DELETE FROM history WHERE prompt_id = ?", (prompt_id,))
+                conn.execute(f"INSERT {INSERT_HISTORY}", row)
+                rows -= 1
             self._history_rows = rows + 1
             self._trim(conn)
 
@@ -279,7 +301,9 @@ class StateStore:
         self._closed = True
         self._put((None, None))
         self._thread.join()
-        self._conn.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        self._conn.close()  # the last connection: SQLite checkpoints the WAL into the file and removes it
         os.close(self._lock_fd)
 
     # -- the writer thread --------------------------------------------------------
@@ -314,9 +338,28 @@ class StateStore:
         stopping = False
         while not stopping:
             with self._cv:
-                while not self._queued:
+                while not self._queued and not self._checkpoint_due:
                     self._cv.wait()
-            stopping, _error = self._commit_queued(by_writer=True)
+                checkpoint, self._checkpoint_due = self._checkpoint_due, False
+            if checkpoint:
+                self._checkpoint()
+            if self._queued:
+                stopping, _error = self._commit_queued(by_writer=True)
+
+    def _checkpoint(self) -> None:
+        """On the writer thread, outside ``_read_lock``: copy the WAL into the file while commits go on
+        (``PASSIVE``: never waits for them; a later one copies what this one could not)."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            _busy, frames, _copied = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames >= WAL_RESTART_FRAMES:
+                # Commits went on all along (a run of trivial prompts), so the WAL never was all copied when one
+                # began and never started over: copy the few frames committed meanwhile with commits held.
+                with self._read_lock:
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # the WAL grows until one succeeds; commits are not affected
+            log.warning("state store %s: checkpoint failed: %r", self.path, exc)
 
     def _commit_queued(self, *, by_writer: bool) -> tuple[bool, BaseException | None]:
         """Commit what is queued in one transaction; (the stop sentinel was taken, the commit's error)."""
@@ -335,10 +378,17 @@ class StateStore:
                         for op, _ in batch:
                             if op is not None:
                                 op(self._conn)
-                except (sqlite3.Error, ValueError, TypeError) as exc:
+                except (sqlite3.Error, ValueError, TypeError, RecursionError) as exc:
                     error = exc
                     self._history_rows = None  # rolled back: count again
                     log.error("state store %s: %d write(s) not recorded: %r", self.path, len(batch), exc)
+                else:
+                    self._commits += 1
+                    if self._commits >= CHECKPOINT_EVERY_COMMITS:
+                        self._commits = 0
+                        with self._cv:
+                            self._checkpoint_due = True
+                            self._cv.notify()
         for op, future in batch:
             if op is None and future is None:
                 stopping = True
@@ -389,6 +439,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see StateStore)
             conn.executescript(SCHEMA)
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as exc:
