@@ -44,29 +44,24 @@ def _holding_then_last_step(name: str, steps: int = 1) -> dict[str, Any]:
     return _graph((f"{name}-hold", 0), (f"{name}-end", steps))
 
 
+async def _alice_on_one_instance(start_cluster: Any, data_dir: Path, **options: Any) -> tuple[Cluster, Any, Any]:
+    """A one-instance cluster with the gate plugin, alice's session and her page's event socket."""
+    install_gate_plugin(data_dir)
+    cluster: Cluster = await start_cluster(instances=1, **options)
+    http = cluster.http("alice")
+    return cluster, http, await http.ws_connect("/ws?clientId=tab")
+
+
 async def _submit(http: Any, graph: dict[str, Any]) -> str:
     response = await http.post("/prompt", json={"prompt": graph, "client_id": "tab"})
     assert response.status == 200, await response.text()
     return (await response.json())["prompt_id"]
 
 
-def _run_of(cluster: Cluster, prompt_id: str) -> Any:
-    return next((run for run in cluster.core.runs.values() if run.task.prompt_id == prompt_id), None)
-
-
-async def _waiting_on_instance(cluster: Cluster, prompt_id: str) -> bool:
-    """The task is in its instance's own queue, behind the one running there."""
-    run = _run_of(cluster, prompt_id)
-    if run is None:
-        return False
-    queue = await run.instance.client.queue()
-    return run.key in {item[1] for item in queue["queue_pending"]}
-
-
 async def _nothing_more_goes_out(cluster: Cluster, prompt_id: str) -> None:
     """The scheduler, asked now, hands out nothing: the task still waits in the proxy."""
     assert await cluster.core.scheduler.dispatch() == 0
-    assert _run_of(cluster, prompt_id) is None
+    assert cluster.run_of(prompt_id) is None
     task = await cluster.core.store.get("alice", prompt_id)
     assert task is not None and task.state == "pending"
 
@@ -93,10 +88,7 @@ async def _all_succeed(http: Any, prompt_ids: list[str]) -> None:
 
 async def test_the_next_task_is_queued_ahead_once_the_running_one_reports_its_last_step(
         start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    ws = await http.ws_connect("/ws?clientId=tab")
+    cluster, http, ws = await _alice_on_one_instance(start_cluster, data_dir)
     first = await _submit(http, _holding_then_last_step("a"))
     # Needs X (the instance holds it: still wanted) and a model no instance holds: not queued ahead for now.
     second = await _submit(http, _graph(("b.safetensors", 0)))
@@ -104,7 +96,7 @@ async def test_the_next_task_is_queued_ahead_once_the_running_one_reports_its_la
     await _nothing_more_goes_out(cluster, second)
     open_gate(data_dir, "a-hold")  # the first task reports its last step, and is held again
     await _last_step_seen(ws, first)
-    await until(lambda: _waiting_on_instance(cluster, second))
+    await until(lambda: cluster.waiting_on_instance(second))
     assert runs_of(data_dir, "a-end") == 1 and first not in await (await http.get("/history")).json()
     open_gate(data_dir, "a-end")
     open_gate(data_dir, "b.safetensors")
@@ -115,10 +107,7 @@ async def test_the_next_task_is_queued_ahead_once_the_running_one_reports_its_la
 
 async def test_the_step_before_the_last_counts_and_an_earlier_one_does_not(start_cluster, data_dir: Path) -> None:
     """Progress 1 of 2 (the last step has begun) fills the slot; progress 1 of 3 does not."""
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    ws = await http.ws_connect("/ws?clientId=tab")
+    cluster, http, ws = await _alice_on_one_instance(start_cluster, data_dir)
     first = await _submit(http, _holding_then_last_step("a", steps=3))
     second = await _submit(http, _graph(("b.safetensors", 0)))
     open_gate(data_dir, "a-hold")
@@ -131,7 +120,7 @@ async def test_the_step_before_the_last_counts_and_an_earlier_one_does_not(start
     fourth = await _submit(http, _graph(("d.safetensors", 0)))
     open_gate(data_dir, "c-hold")
     await _progress_seen(ws, third)
-    await until(lambda: _waiting_on_instance(cluster, fourth))
+    await until(lambda: cluster.waiting_on_instance(fourth))
     open_gate(data_dir, "c-end")
     open_gate(data_dir, "d.safetensors")
     await _all_succeed(http, [third, fourth])
@@ -139,10 +128,7 @@ async def test_the_step_before_the_last_counts_and_an_earlier_one_does_not(start
 
 
 async def test_with_prefetch_0_the_last_step_queues_nothing_ahead(start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1, prefetch=0)
-    http = cluster.http("alice")
-    ws = await http.ws_connect("/ws?clientId=tab")
+    cluster, http, ws = await _alice_on_one_instance(start_cluster, data_dir, prefetch=0)
     first = await _submit(http, _holding_then_last_step("a"))
     second = await _submit(http, _graph(("b.safetensors", 0)))
     open_gate(data_dir, "a-hold")
@@ -156,16 +142,13 @@ async def test_with_prefetch_0_the_last_step_queues_nothing_ahead(start_cluster,
 
 async def test_the_last_step_of_the_task_before_does_not_count_for_the_one_running_now(
         start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    ws = await http.ws_connect("/ws?clientId=tab")
+    cluster, http, ws = await _alice_on_one_instance(start_cluster, data_dir)
     first = await _submit(http, _holding_then_last_step("a"))
     second = await _submit(http, _graph(("b.safetensors", 0)))  # reports no step
     third = await _submit(http, _graph(("b.safetensors", 0), ("c.safetensors", 0)))
     open_gate(data_dir, "a-hold")
     await _last_step_seen(ws, first)
-    await until(lambda: _waiting_on_instance(cluster, second))
+    await until(lambda: cluster.waiting_on_instance(second))
     open_gate(data_dir, "a-end")  # the second runs now; the first's last step says nothing about it
     await until(lambda: runs_of(data_dir, "b.safetensors") == 1)
     await _nothing_more_goes_out(cluster, third)
@@ -177,10 +160,7 @@ async def test_the_last_step_of_the_task_before_does_not_count_for_the_one_runni
 
 async def test_another_clients_prompt_reporting_its_last_step_on_the_instance_does_not_count(
         start_cluster, data_dir: Path) -> None:
-    install_gate_plugin(data_dir)
-    cluster: Cluster = await start_cluster(instances=1)
-    http = cluster.http("alice")
-    ws = await http.ws_connect("/ws?clientId=tab")
+    cluster, http, ws = await _alice_on_one_instance(start_cluster, data_dir)
     (url,) = cluster.pool.instances
     async with InstanceClient(url, INSTANCE_TOKEN) as direct:
         # Someone else's prompt on the instance, without a client id: its events reach every socket there,
@@ -188,7 +168,7 @@ async def test_another_clients_prompt_reporting_its_last_step_on_the_instance_do
         other = await direct.submit(_holding_then_last_step("p"))
         await until(lambda: runs_of(data_dir, "p-hold") == 1)
         first = await _submit(http, _graph(("a", 0)))
-        await until(lambda: _run_of(cluster, first) is not None)
+        await until(lambda: cluster.run_of(first) is not None)
         second = await _submit(http, _graph(("b.safetensors", 0)))
         open_gate(data_dir, "p-hold")  # the other prompt reports its last step (value == max)
         await until(lambda: runs_of(data_dir, "p-end") == 1)

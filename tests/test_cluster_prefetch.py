@@ -25,19 +25,6 @@ async def _submit(http: Any, gate: str) -> str:
     return (await response.json())["prompt_id"]
 
 
-def _run_of(cluster: Cluster, prompt_id: str) -> Any:
-    return next((run for run in cluster.core.runs.values() if run.task.prompt_id == prompt_id), None)
-
-
-async def _waiting_on_instance(cluster: Cluster, prompt_id: str) -> bool:
-    """The task is in its instance's own queue, behind the one running there."""
-    run = _run_of(cluster, prompt_id)
-    if run is None:
-        return False
-    queue = await run.instance.client.queue()
-    return run.key in {item[1] for item in queue["queue_pending"]}
-
-
 async def _states(http: Any) -> list[tuple[str, Any]]:
     return [(q["state"], q["position"]) for q in (await (await http.get("/cluster/queue")).json())["queue"]]
 
@@ -80,7 +67,7 @@ def queue_ahead(start_cluster: ClusterFactory, data_dir: Path) -> QueueAhead:
         http = cluster.http("alice")
         ids = [await _submit(http, gate) for gate in gates]
         for waiting in ids[len(cluster.pool.instances):]:
-            await until(lambda: _waiting_on_instance(cluster, waiting), what="a task queued on its instance")
+            await until(lambda: cluster.waiting_on_instance(waiting), what="a task queued on its instance")
         return Queued(cluster, http, ids)
 
     return start
@@ -114,7 +101,7 @@ async def test_deleting_the_waiting_task_and_interrupting_the_running_one_touch_
     await until(lambda: runs_of(data_dir, "c1") == 1)
     # Deleting the queued-ahead task takes it out of the instance's queue; the next one takes its place.
     assert (await http.post("/queue", json={"delete": [waiting]})).status == 200
-    await until(lambda: _waiting_on_instance(cluster, later))
+    await until(lambda: cluster.waiting_on_instance(later))
     assert await cluster.core.store.get("alice", waiting) is None
     # Interrupting the running one stops it, not the one queued behind it.
     assert (await http.post("/interrupt", json={"prompt_id": running})).status == 200
@@ -130,8 +117,8 @@ async def test_deleting_the_waiting_task_and_interrupting_the_running_one_touch_
 async def test_removing_an_instance_hands_its_waiting_task_back_and_the_running_one_finishes(
         queue_ahead: QueueAhead, data_dir: Path) -> None:
     cluster, http, ids = await queue_ahead([f"r{n}" for n in range(4)], instances=2)  # two run, two wait
-    busy = _run_of(cluster, ids[0]).instance
-    waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance is busy)
+    busy = cluster.run_of(ids[0]).instance
+    waiting = next(p for p in ids[2:] if cluster.run_of(p).instance is busy)
     assert await cluster.core.remove_instance(busy.url, drain=True)
     # Back to the store at once, not left behind a task that may run for hours.
     await until(lambda: _handed_back(cluster, waiting))
@@ -154,8 +141,8 @@ async def test_an_instance_dying_under_a_running_and_a_waiting_task_sends_both_e
         cluster, http, ids = await queue_ahead([f"d{n}" for n in range(4)], instances=0,
                                                instance_urls=tuple(p.url for p in processes))
         await until(lambda: runs_of(data_dir, "d0") == 1)
-        url = _run_of(cluster, ids[0]).instance.url
-        waiting = next(p for p in ids[2:] if _run_of(cluster, p).instance.url == url)
+        url = cluster.run_of(ids[0]).instance.url
+        waiting = next(p for p in ids[2:] if cluster.run_of(p).instance.url == url)
         victim = next(p for p in processes if p.url == url)
         victim.kill()
         await until(lambda: _handed_back(cluster, ids[0]), timeout_s=30)
@@ -199,7 +186,7 @@ async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_run
     cluster, http, (running, waiting) = await queue_ahead(["t1", "t2"])
     drain = asyncio.create_task(cluster.core.drain(30.0))  # what SIGTERM does
     await until(lambda: _handed_back(cluster, waiting))
-    queue = await _run_of(cluster, running).instance.client.queue()
+    queue = await cluster.run_of(running).instance.client.queue()
     assert queue["queue_pending"] == []  # nothing left to start there once the proxy is gone
     open_gate(data_dir, "t1")
     await drain

@@ -114,6 +114,18 @@ class Cluster:
     def user_dir(self, name: str) -> Path:
         return self.data_dir / "users" / name
 
+    def run_of(self, prompt_id: str) -> Any:
+        """The proxy's run of the task ``prompt_id`` (on an instance or queued ahead there), or None."""
+        return next((run for run in self.core.runs.values() if run.task.prompt_id == prompt_id), None)
+
+    async def waiting_on_instance(self, prompt_id: str) -> bool:
+        """The task is in its instance's own queue, behind the one running there."""
+        run = self.run_of(prompt_id)
+        if run is None:
+            return False
+        queue = await run.instance.client.queue()
+        return run.key in {item[1] for item in queue["queue_pending"]}
+
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
