@@ -70,7 +70,7 @@ from typing import Any
 
 from queue_service.client import Control, DataFrame, QueueClient, QueueClientError, Watcher
 from queue_service.handback import FINISHING, GIVE_BACK, RELEASE
-from standard.client import ClientTimeouts, InstanceClient
+from standard.client import ClientTimeouts, InstanceClient, in_last_step
 from standard.errors import InstanceError, InstanceUnavailable, PromptLost, PromptRejected, WorkerError
 from standard.retry import QUEUE
 from standard.tasks import cancel_and_wait
@@ -125,16 +125,6 @@ def slot_worker_id(deployment: str, slot: int) -> str:
     one deployment never share an id (the queue would take one for the other reconnecting).
     """
     return f"worker-{_digest(f'{socket.gethostname()}|{deployment}')}-{slot}"
-
-
-def _last_step(data: Any) -> bool:
-    """A ``progress`` event saying the last step has begun: a sampler reports each step as it ends, so
-    ``value == max - 1`` is the start of the last one (``value == max`` comes as the sampler ends, too late
-    to queue the next task before it on a fast graph)."""
-    value, total = data.get("value"), data.get("max")
-    if isinstance(value, bool) or isinstance(total, bool):
-        return False
-    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
 
 
 def _digest(key: str) -> str:
@@ -538,13 +528,13 @@ class Worker:
             flight.started = True
             if flight.on_start is not None:
                 flight.on_start()
-        elif item.get("type") == "progress" and flight.started and _last_step(item["data"]):
+        elif item.get("type") == "progress" and flight.started and in_last_step(item["data"], flight.prompt_id):
             self._finishing(flight)
         self.progress.event(flight.request_id, item)
         self.events.publish(flight.request_id, item)
 
     def _finishing(self, flight: Flight) -> None:
-        """The running task is in its last sampler step (``_last_step``): tell the queue, so a slot ahead that
+        """The running task is in its last sampler step (``in_last_step``): tell the queue, so a slot ahead that
         waits for a task with the same models takes any (``queue_service.handback``); at a model switch the
         next task is then on the instance before this one ends. Only with a slot ahead and a model
         preference."""

@@ -13,7 +13,7 @@ A run ``ahead`` (``--prefetch``) is submitted while another task runs on the
 instance: ComfyUI's own queue starts it the moment that one ends. It counts as
 started at its ``execution_start`` (``on_started``); until then it can be taken
 back from the instance's queue (``withdraw``). When the running task reports its
-last sampler step (``is_last_step``: the one before it ended) the run says so (``on_last_step``): the
+last sampler step (``standard.client_types.in_last_step``) the run says so (``on_last_step``): the
 instance is about to be free, and the scheduler may queue its next task then.
 """
 
@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from standard.client import BinaryFrame, Connected, Disconnected
+from standard.client import BinaryFrame, Connected, Disconnected, in_last_step
 from standard.errors import ClusterError, InstanceError, InstanceUnavailable, PromptLost, PromptRejected
 
 from .graph import remove_stage, stage_graph
@@ -56,23 +56,6 @@ def error_history(prompt_id: str, message: str, exception_type: str = "ClusterEr
             "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
 
 
-def is_last_step(data: Any, prompt_id: str) -> bool:
-    """A ``progress`` event's data says ``prompt_id``'s sampler is in its last step: ``value`` (steps done)
-    reached ``max - 1``. ComfyUI's samplers report each step as it ends, so waiting for ``value == max``
-    would leave no time to queue the next task before this one ends (on the simulated GPU, none at all);
-    one step ahead leaves a step's time, plus the decode and save after sampling on a real graph.
-
-    Only an event naming the prompt counts: one naming none, or another prompt (a task run before it, another
-    client's), says nothing about this one.
-    """
-    if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-        return False
-    value, total = data.get("value"), data.get("max")
-    if isinstance(value, bool) or isinstance(total, bool):
-        return False
-    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
-
-
 class TaskRun:
     """One attempt of one task on one instance."""
 
@@ -96,7 +79,7 @@ class TaskRun:
         self.on_instance_free = on_instance_free
         self.released = False
         self.on_started = on_started
-        # Called when the task reports its last sampler step (see ``is_last_step``): the instance is about
+        # Called when the task reports its last sampler step (see ``in_last_step``): the instance is about
         # to be free, so the scheduler may queue its next task now rather than at the end-of-prompt.
         self.on_last_step = on_last_step
         self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
@@ -247,7 +230,7 @@ class TaskRun:
                 data = {**data, "output": await asyncio.to_thread(self.collector.collect, data["output"])}
             if kind == "executing" and isinstance(data, dict):
                 self.last_node = data.get("node")
-            if kind == "progress" and self.started and self.on_last_step is not None and is_last_step(data, self.key):
+            if kind == "progress" and self.started and self.on_last_step is not None and in_last_step(data, self.key):
                 self.on_last_step(self)
             if kind in FINAL or (kind == "executing" and isinstance(data, dict) and data.get("node") is None):
                 self.final_events.append((kind, self._translate(data)))

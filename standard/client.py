@@ -40,6 +40,7 @@ from .client_types import (
     Disconnected,
     RunResult,
     WsItem,
+    in_last_step,
     queued_id,
     status_from_history,
 )
@@ -48,7 +49,7 @@ from .retry import INSTANCE as RETRY_INSTANCE
 from .tasks import cancel_and_wait
 
 __all__ = [
-    "BinaryFrame", "ClientTimeouts", "Connected", "Disconnected", "InstanceClient", "RunResult",
+    "BinaryFrame", "ClientTimeouts", "Connected", "Disconnected", "InstanceClient", "RunResult", "in_last_step",
     "InstanceError", "InstanceUnavailable", "PromptLost", "PromptRejected",
 ]
 

@@ -15,6 +15,24 @@ IMAGE_FORMATS = {1: "JPEG", 2: "PNG"}
 TERMINAL_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
+def in_last_step(data: Any, prompt_id: str) -> bool:
+    """A ``progress`` event's data says ``prompt_id``'s sampler is in its last step: ``value`` (steps done)
+    reached ``max - 1``. ComfyUI's samplers report each step as it ends, so waiting for ``value == max``
+    would leave no time to queue the next task before this one ends (on the simulated GPU, none at all);
+    one step ahead leaves a step's time, plus the decode and save after sampling on a real graph. The
+    cluster and the API worker both fill an instance's next slot then.
+
+    Only an event naming the prompt counts: one naming none, or another prompt (a task run before it, another
+    client's), says nothing about this one.
+    """
+    if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+        return False
+    value, total = data.get("value"), data.get("max")
+    if isinstance(value, bool) or isinstance(total, bool):
+        return False
+    return isinstance(value, (int, float)) and isinstance(total, (int, float)) and 0 < total <= value + 1
+
+
 @dataclass(frozen=True)
 class ClientTimeouts:
     """Timeouts and retry pacing, in seconds.
