@@ -49,7 +49,7 @@ from .watcher import watch_comfyui
 log = logging.getLogger("comfyserve.backend")
 
 POLL_S = 0.2  # how often ComfyUI's queue is looked at while prompts of ours are in it...
-POLL_PER_PROMPT_S = 0.002  # ...less often the longer it is (ComfyUI answers /queue with every prompt in it)
+POLL_PER_PROMPT_S = 0.002  # ...less often the longer ComfyUI's queue is (it answers /queue with every prompt in it)
 MAX_POLL_S = 3.0
 REQUEST_TIMEOUT_S = 10.0
 FORWARDED_HEADERS = ("Comfy-User",)  # request headers ComfyUI reads that a re-submission must carry too
@@ -81,6 +81,7 @@ class PromptJournal:
         # An entry on its way to being stored (``finishing``): what ComfyUI answered, handled first.
         self.finishing: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
         self._finishing: dict[str, asyncio.Task[None]] = {}
+        self._queue_length = 0  # ComfyUI's queue (running and pending) at the last look
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -155,7 +156,13 @@ class PromptJournal:
     async def _watch(self) -> None:
         await watch_comfyui(self.backend, self._wake, name="journal", busy=lambda: bool(self.outstanding),
                             look=lambda: self._look(resubmit=True),
-                            interval_s=lambda: min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * len(self.outstanding)))
+                            interval_s=self._interval_s)
+
+    def _interval_s(self) -> float:
+        """Longer while ComfyUI's queue is long (what a look costs), never with what awaits a look: the
+        prompts that finished since the last one must still be in ComfyUI's history (it keeps a bounded
+        number) when the next looks for them, or they would be taken for forgotten and run again."""
+        return min(MAX_POLL_S, POLL_S + POLL_PER_PROMPT_S * self._queue_length)
 
     async def _get(self, base_url: str, path: str) -> Any:
         assert self.session is not None
@@ -176,6 +183,7 @@ class PromptJournal:
                 raise ValueError(f"/queue answered {type(queue).__name__}, not an object")
             running = {item[1] for item in queue.get("queue_running") or [] if _is_item(item)}
             pending = {item[1] for item in queue.get("queue_pending") or [] if _is_item(item)}
+            self._queue_length = len(running) + len(pending)
             gone = []
             for prompt_id in ids:
                 outstanding = self.outstanding.get(prompt_id)
