@@ -267,17 +267,22 @@ class PromptQueue:
     def get_history(
         self, prompt_id: str | None = None, *, max_items: int | None = None, offset: int = -1
     ) -> dict[str, Any]:
-        """ComfyUI's paging: without an offset, ``max_items`` means the newest ones."""
+        """ComfyUI's paging: without an offset, ``max_items`` means the newest ones.
+
+        The entries themselves, not copies: the routes serialise them at once on
+        the loop, the one thread that changes the history (a deep copy of each
+        cost more than its JSON, and a front's journal reads hundreds per look).
+        """
         if prompt_id is not None:
             entry = self._history.get(prompt_id)
-            return {} if entry is None else {prompt_id: copy.deepcopy(entry)}
+            return {} if entry is None else {prompt_id: entry}
         if offset < 0 and max_items is not None:
             offset = len(self._history) - max_items
         offset = max(offset, 0)
         keys = list(self._history)[offset:]
         if max_items is not None:
             keys = keys[:max_items]
-        return {key: copy.deepcopy(self._history[key]) for key in keys}
+        return {key: self._history[key] for key in keys}
 
     def history_size(self) -> int:
         return len(self._history)
