@@ -53,11 +53,13 @@ class Continuity:
         return self._socket is not None and not self._socket.closed
 
     def current(self) -> int:
-        """The epoch now (a start of ComfyUI by the runtime since the last call ends the one before)."""
-        starts = self.backend.starts
-        if starts != self._starts:
+        """The epoch now (a restart of ComfyUI by the runtime since the last call ends the one before; its
+        first start does not: nothing can be anchored before ComfyUI answers)."""
+        starts, before = self.backend.starts, self._starts
+        if starts != before:
             self._starts = starts
-            self._advance("ComfyUI was started again")
+            if before:
+                self._advance("ComfyUI was started again")
         return self.epoch
 
     def anchor(self) -> int | None:
