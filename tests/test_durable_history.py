@@ -22,6 +22,7 @@ import httpx
 
 from standard.datadir import init_data_dir
 from standard.ports import free_port
+from support.metrics import parse, value
 from support.processes import SHIM_DIR, VENV_BIN, alive, own_output, wait_for_port
 from support.server import drain_gate_graph, install_gate_plugin, open_gate, prompt_uuid, runs_of
 from support.wait import until
@@ -311,6 +312,13 @@ async def _equals(value: Any, expected: Any) -> bool:
     return await value == expected
 
 
+async def journal_counts(http: httpx.AsyncClient) -> dict[str, float]:
+    """The front's journal counters: epochs (times it lost sight of ComfyUI), requeued, trimmed."""
+    metrics = parse((await http.get("/metrics")).text)
+    return {name: value(metrics, f"comfyserve_backend_journal_{name}_total") for name in ("epochs", "requeued",
+                                                                                          "trimmed")}
+
+
 async def test_front_of_comfyui_keeps_queue_and_history_across_kill_9(tmp_path: Path, cli_env: dict[str, str]
                                                                       ) -> None:
     instance = Gateway(tmp_path, cli_env)
@@ -338,10 +346,13 @@ async def test_front_keeps_what_a_crashed_comfyui_forgot(tmp_path: Path, cli_env
     try:
         async with instance.http() as http:
             before = await fill(instance, http)
+            assert await journal_counts(http) == {"epochs": 0, "requeued": 0, "trimmed": 0}  # (its first start)
             child = (await http.get("/readyz")).json()["pid"]
             os.kill(child, signal.SIGKILL)  # the supervisor starts a new ComfyUI, which knows nothing
             await until(lambda: not alive(child), what="ComfyUI gone")
             await check_after_restart(instance, http, before)
+            counts = await journal_counts(http)
+            assert counts["epochs"] >= 1 and (counts["requeued"], counts["trimmed"]) == (2, 0)
         assert await instance.stop() == 0
     finally:
         if instance.proc is not None and instance.proc.poll() is None:

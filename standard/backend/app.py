@@ -170,6 +170,7 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
             journal = app[JOURNAL] = PromptJournal(store, backend, strip_auth=settings.token is not None)
             if OUTPUTS in app:  # an oss:// data dir: stored entries carry their outputs' bucket urls
                 journal.finishing = app[OUTPUTS].published
+            app[METRICS].follow(journal)
             await journal.start(session)
         if PROMPT_INPUTS in app:  # an oss:// data dir: what ComfyUI loads at start comes from the bucket first
             await app[PROMPT_INPUTS].prepare()

@@ -24,6 +24,11 @@ class Backend(Protocol):
     def base_url(self) -> str | None:
         """Where to send requests now; None while there is nowhere (child starting)."""
 
+    @property
+    def starts(self) -> int:
+        """How many times this runtime started ComfyUI (each restart, on purpose or after a crash, counts):
+        a change means ComfyUI forgot its queue and history. 0 for one it does not start."""
+
     async def start(self, session: aiohttp.ClientSession) -> None: ...
 
     async def stop(self) -> None: ...
@@ -55,6 +60,7 @@ class RemoteBackend:
     """``--backend-url``: a ComfyUI (or comfyserve) instance that runs elsewhere."""
 
     kind = "comfyui-url"
+    starts = 0  # it restarts without us: the journal's socket to it tells (``continuity``)
 
     def __init__(self, url: str) -> None:
         self._url = url.rstrip("/")

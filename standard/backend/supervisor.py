@@ -97,6 +97,10 @@ class ComfyUIChild:
     def crashes(self) -> int:
         return self.child.crashes
 
+    @property
+    def starts(self) -> int:
+        return self.child.starts
+
     # -- Backend -------------------------------------------------------------
 
     @property

@@ -8,6 +8,7 @@ looks (``look``) and how often (``interval_s``), and this loop does the rest the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -21,10 +22,12 @@ READY_WAIT_S = 10.0  # how long one wait for a (re)starting ComfyUI lasts before
 
 
 async def watch_comfyui(backend: Backend, wake: asyncio.Event, *, name: str, busy: Callable[[], bool],
-                        look: Callable[[], Awaitable[None]], interval_s: Callable[[], float]) -> None:
+                        look: Callable[[], Awaitable[None]], interval_s: Callable[[], float],
+                        soon: asyncio.Event | None = None) -> None:
     """Forever (until cancelled): while ``busy()``, ``look()`` at ComfyUI every ``interval_s()`` once it is
-    addressable; while not, asleep until ``wake`` is set. A look that fails is logged and the next one
-    comes as planned: the watcher must outlive anything one answer does to it."""
+    addressable (at once when ``soon`` is set meanwhile); while not, asleep until ``wake`` is set. A look
+    that fails is logged and the next one comes as planned: the watcher must outlive anything one answer
+    does to it."""
     while True:
         if not busy():
             wake.clear()
@@ -39,4 +42,10 @@ async def watch_comfyui(backend: Backend, wake: asyncio.Event, *, name: str, bus
             log.debug("%s: ComfyUI did not answer: %r", name, exc)
         except Exception:
             log.exception("%s: a look at ComfyUI failed", name)
-        await asyncio.sleep(interval_s())
+        if soon is None:
+            await asyncio.sleep(interval_s())
+            continue
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s()):
+                await soon.wait()
+        soon.clear()

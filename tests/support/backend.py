@@ -8,7 +8,7 @@ our token never reaches it and that paths arrive still encoded.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,14 @@ def recording_middleware(seen: list[Seen]) -> Any:
     return record
 
 
-async def start_backend(data_dir: Path, port: int | None = None, **settings: Any) -> Backend:
-    """A comfyserve embedded instance on a loopback port, recording its requests."""
+async def start_backend(data_dir: Path, port: int | None = None, *, middlewares: Sequence[Any] = (),
+                        **settings: Any) -> Backend:
+    """A comfyserve embedded instance on a loopback port, recording its requests (then ``middlewares``)."""
     seen: list[Seen] = []
     # It stands in for ComfyUI, which takes any Host: the front keeps the browser's one.
     settings.setdefault("access", AccessPolicy.build(allowed_hosts=["*"]))
     app = create_embedded_app(StandardSettings(data_dir=data_dir, **settings))
-    app.middlewares.insert(0, recording_middleware(seen))
+    app.middlewares[0:0] = [recording_middleware(seen), *middlewares]
     server = TestServer(app, host="127.0.0.1", port=port)
     await server.start_server()
     return Backend(server, data_dir, seen)
