@@ -121,3 +121,17 @@ async def test_a_free_watch_takes_first_an_item_whose_models_no_watch_holds(
         async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "warm-up"}) as free:
             assert await next_item(free) == (b1, b"b1")  # a has a consumer already, b none
             assert not await pending(live_queue, a1)
+
+
+async def test_a_free_watch_that_leaves_an_item_to_its_holder_does_not_keep_the_holders_slot_ahead_shut(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = clock
+    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+    b0 = await put(live_queue, "b0", "b")
+    async with watch(http, live_queue, "holder", options={**AFFINITY, "_affinity_prefer_": "b"}) as holder:
+        assert await next_item(holder) == (b0, b"b0")
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}):
+            await until(lambda: idle_watches(live_queue) == 1, what="the free watch idle (nothing to take)")
+            b1 = await put(live_queue, "b1", "b")  # one item for one holder: not worth a load on the free one
+            assert await next_item(holder) == (b1, b"b1")  # queued ahead there, though a watch was idle
