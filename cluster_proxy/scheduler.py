@@ -85,6 +85,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from standard.load_costs import Costs
 from standard.tasks import cancel_and_wait
 
 from .pool import Instance, Pool
@@ -129,34 +130,6 @@ def pick_instance(free: list[Instance], task: Task) -> Instance:
 def _holds(instance: Instance, task: Task) -> bool:
     """The instance holds the task's models; a task whose models are unknown fits any instance."""
     return set(task.models) <= instance.models
-
-
-class Costs:
-    """What a task and a model load take, as observed (moving averages): whether a load pays off.
-
-    A task that ran where its models already were is a plain run; one that needed a load took
-    the load longer. Until both kinds have been seen, every load counts as worth it.
-    """
-
-    ALPHA = 0.2
-
-    def __init__(self) -> None:
-        self.run_s: float | None = None
-        self.loaded_run_s: float | None = None
-
-    def observe(self, seconds: float, loaded: bool) -> None:
-        old = self.loaded_run_s if loaded else self.run_s
-        new = seconds if old is None else old + self.ALPHA * (seconds - old)
-        if loaded:
-            self.loaded_run_s = new
-        else:
-            self.run_s = new
-
-    def worth_loading(self, waiting_per_holder: float) -> bool:
-        """Another instance loading a model pays off: its holders would take longer over the waiting tasks."""
-        if self.run_s is None or self.loaded_run_s is None:
-            return True
-        return waiting_per_holder * self.run_s >= max(0.0, self.loaded_run_s - self.run_s)
 
 
 def choose(pending: list[Task], running_per_user: dict[str, int], last_served: dict[str, int],

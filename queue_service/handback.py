@@ -5,7 +5,8 @@ holds nothing (``affinity``). A watch that opens later (a worker starting, or re
 work already spread: without more, a task would wait behind a long one on a busy instance while the
 new one idles. So when a prefetching watch is idle (it holds nothing and its claim found nothing it
 could take), the service asks a peer that holds a queued-ahead item (two or more items) for its newest
-one, with a TEXT message on the peer's watch::
+one whose models the idle watch's consumer would load (``affinity``), with a TEXT message on the peer's
+watch::
 
     {"give_back": INDEX}
 
@@ -27,7 +28,10 @@ task's last sampler step has begun)::
 
 after which a slot behind it that waits for an item with the same models (``affinity``) is filled with
 any item, as if the consumer held nothing: at a model switch the next task is then queued on the instance
-before the running one ends, instead of one round trip after.
+before the running one ends, instead of one round trip after. If there is none to take, the watch counts as
+about to be idle: at once, not when its item ends, the service asks a peer whose own item is not ending for
+a queued-ahead item (one with the watch's models first), and keeps the other watches' slots ahead shut
+meanwhile, so that the item released comes to this watch rather than back into its peer's slot.
 
 The service honours a ``release`` only for an item it asked for on that watch, and an ask ends when the
 item is sent again on it (the pending items are sent again after a store hiccup): the consumer then
@@ -40,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from standard.http_util import BadJSON, parse_json
@@ -87,10 +92,12 @@ class Holder:
     """One prefetching watch as its peers see it. ``held``: the items it holds, in the order it was handed
     them; ``asked``: the items the service asked it to give back (ask sent or about to be); ``outbox``: asks
     to send; ``releases``: releases its client sent, not handled yet; ``finishing``: the item its client said
-    is about to end. Its own handler, the socket's one
-    writer and the one caller of the store for it, sends the asks and handles the releases (``wake``)."""
+    is about to end; ``models``: the value of the preference's tag on each held item (``affinity``). Its own
+    handler, the socket's one writer and the one caller of the store for it, sends the asks and handles the
+    releases (``wake``)."""
 
     held: list[int] = field(default_factory=list)
+    models: dict[int, str | None] = field(default_factory=dict)  # each held item's models (``affinity``'s tag)
     asked: set[int] = field(default_factory=set)
     outbox: list[int] = field(default_factory=list)
     releases: list[int] = field(default_factory=list)
@@ -102,6 +109,7 @@ class Holder:
         now = set(indexes)
         self.held = [i for i in self.held if i in now] + [i for i in indexes if i not in self.held]
         self.asked &= now
+        self.models = {i: models for i, models in self.models.items() if i in now}
         if self.finishing not in now:
             self.finishing = None
 
@@ -113,11 +121,10 @@ class Holder:
         self.asked.difference_update(indexes)
         self.outbox = [i for i in self.outbox if i not in indexes]
 
-    def queued_ahead(self) -> int | None:
-        """Its newest item when it holds more than one and that one is not asked for already."""
-        if len(self.held) < 2 or self.held[-1] in self.asked:
-            return None
-        return self.held[-1]
+    def queued_ahead(self, fits: Callable[[str | None], bool] = lambda _: True) -> int | None:
+        """Its newest item queued ahead (not the oldest it holds) that is not asked for already and whose models
+        ``fits`` (``affinity``: a load there would pay off)."""
+        return next((i for i in reversed(self.held[1:]) if i not in self.asked and fits(self.models.get(i))), None)
 
     def ending(self) -> bool:
         """The oldest item it holds is about to end: the slot behind it may take any item."""

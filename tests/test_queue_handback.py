@@ -216,3 +216,26 @@ def test_malformed_controls_are_not_read(text: str) -> None:
 def test_well_formed_controls_are_read() -> None:
     assert control_of('{"release": 7}') == ("release", 7)
     assert control_of('{"finishing":9223372036854775807}') == ("finishing", 2**63 - 1)
+
+
+async def test_a_watch_at_its_last_step_with_an_empty_slot_gets_back_an_item_of_its_models_queued_on_a_peer(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    client = live_queue.client(QUEUE, uid="p")
+    options = {"_affinity_": "models", "_affinity_wait_": "60s", "_affinity_prefer_": "b"}
+    w0, _ = await client.put(b"w0", {"models": "b"})
+    w1, _ = await client.put(b"w1", {"models": "b"})
+    async with watch(http, live_queue, "w", options=options) as w:
+        assert [await next_item(w), await next_item(w)] == [(w0, b"w0"), (w1, b"w1")]
+        async with watch(http, live_queue, "p", options=options) as p:
+            assert await next_text(w) == {"give_back": w1}  # p opened idle; w keeps w1 (it does not answer)
+            a, _ = await client.put(b"a", {"models": "b"})
+            assert await next_item(p) == (a, b"a")
+            b1, _ = await client.put(b"b1", {"models": "b"})
+            assert await next_item(p) == (b1, b"b1")  # queued ahead on p: w's slots are full
+            await commit(http, live_queue, w0)  # w runs w1 now, its slot ahead is empty
+            await w.send_str(json.dumps({"finishing": w1}))
+            # At once, not once w1 has ended: p is asked for the item with w's models it holds ahead.
+            assert await next_text(p) == {"give_back": b1}
+            await p.send_str(json.dumps({"release": b1}))
+            assert await next_item(w) == (b1, b"b1")  # w's, not p's again
+            assert await pending(live_queue, b1) and await pending(live_queue, a)

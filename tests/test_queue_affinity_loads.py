@@ -1,0 +1,137 @@
+"""A free watch and the cost of a model load (``queue_service.affinity``, ``standard.load_costs``): at the end
+of a model's work the items are left to the watches whose consumers hold it, unless another load pays off,
+and never longer than ``_affinity_wait_``. On both stores."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from test_queue_handback import QUEUE, commit, idle_watches, next_item, pending, watch
+
+from queue_service.server import WATCHERS_KEY
+from support.clock import FakeClock
+from support.queue import TOKEN, LiveQueue
+from support.wait import until
+
+AFFINITY = {"_affinity_": "models", "_affinity_wait_": "60s"}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as session:
+        yield session
+
+
+async def put(live: LiveQueue, name: str, models: str) -> int:
+    index, _ = await live.client(QUEUE, uid="producer").put(name.encode(), {"models": models})
+    return index
+
+
+async def learn_costs(live: LiveQueue, http: aiohttp.ClientSession, clock: FakeClock, *, run_s: float,
+                      loaded_run_s: float) -> None:
+    """One consumer runs an item with its own models for ``run_s``, then one it loads for ``loaded_run_s``."""
+    costs = live.app[WATCHERS_KEY].passed.costs
+    async with watch(http, live, "teacher", window=1, prefetch=False,
+                     options={**AFFINITY, "_affinity_prefer_": "x"}) as teacher:
+        for name, seconds in (("x1", run_s), ("y1", loaded_run_s)):
+            index = await put(live, name, name[0])
+            assert await next_item(teacher) == (index, name.encode())
+            clock.advance(seconds)
+            await commit(http, live, index)
+        await until(lambda: [(c.run_s, c.loaded_run_s) for c in costs.values()] == [(run_s, loaded_run_s)],
+                    what="both runs observed")
+    await until(lambda: not live.app[WATCHERS_KEY].sockets, what="the teacher's watch gone")
+
+
+async def declined(live: LiveQueue) -> None:
+    """The free watch just opened (the second preferring watch) has made its first claim, and it took nothing:
+    it is no longer counted idle, as it was from its opening on."""
+    watches = live.app[WATCHERS_KEY].passed.models
+    await until(lambda: sum(map(len, watches.values())) == 2 and idle_watches(live) == 0,
+                what="the free watch's first claim")
+
+
+async def holder_of_b(live: LiveQueue,
+                      http: aiohttp.ClientSession) -> tuple[list[int], aiohttp.ClientWebSocketResponse]:
+    """Four ``b`` items; a watch preferring ``b`` holds the first two (one running, one queued ahead)."""
+    items = [await put(live, f"b{i}", "b") for i in range(4)]
+    ws = await watch(http, live, "holder", options={**AFFINITY, "_affinity_prefer_": "b"}).__aenter__()
+    assert [await next_item(ws), await next_item(ws)] == [(items[0], b"b0"), (items[1], b"b1")]
+    return items, ws
+
+
+async def test_a_free_watch_leaves_the_last_items_of_a_model_to_its_holder_until_a_load_pays_off(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = clock
+    # A run takes 1 s, a load 4 s more: another consumer loading b pays off from 4 waiting items per holder.
+    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+    items, holder = await holder_of_b(live_queue, http)
+    try:
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}) as free:
+            await declined(live_queue)
+            assert not await pending(live_queue, items[2])  # 2 waiting for 1 holder: b stays with it
+            more = [await put(live_queue, "b4", "b"), await put(live_queue, "b5", "b")]
+            assert await next_item(free) == (items[2], b"b2")  # 4 waiting: now the load pays off
+            assert not await pending(live_queue, more[1])
+    finally:
+        await holder.close()
+
+
+async def test_an_item_left_to_its_models_holder_waits_at_most_the_affinity_wait(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = clock
+    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+    items, holder = await holder_of_b(live_queue, http)
+    try:
+        sockets = live_queue.app[WATCHERS_KEY].sockets
+        for advance in (0.0, 59.9):  # b2 is left to the holder from the first free watch's claim on
+            clock.advance(advance)
+            async with watch(http, live_queue, f"free{advance}", options={**AFFINITY, "_affinity_prefer_": "c"}):
+                await declined(live_queue)
+                assert not await pending(live_queue, items[2])
+            await until(lambda: len(sockets) == 1, what="the free watch gone")
+        clock.advance(0.2)
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}) as free:
+            assert await next_item(free) == (items[2], b"b2")  # passed over for 60 s: it goes
+    finally:
+        await holder.close()
+
+
+async def test_before_any_load_was_seen_a_free_watch_takes_the_oldest_item(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    items, holder = await holder_of_b(live_queue, http)
+    try:
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}) as free:
+            assert await next_item(free) == (items[2], b"b2")
+    finally:
+        await holder.close()
+
+
+async def test_a_free_watch_takes_first_an_item_whose_models_no_watch_holds(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    a0 = await put(live_queue, "a0", "a")
+    async with watch(http, live_queue, "holder", window=1, prefetch=False,
+                     options={**AFFINITY, "_affinity_prefer_": "a"}) as holder:
+        assert await next_item(holder) == (a0, b"a0")
+        a1, b1 = await put(live_queue, "a1", "a"), await put(live_queue, "b1", "b")
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "warm-up"}) as free:
+            assert await next_item(free) == (b1, b"b1")  # a has a consumer already, b none
+            assert not await pending(live_queue, a1)
+
+
+async def test_a_free_watch_that_leaves_an_item_to_its_holder_does_not_keep_the_holders_slot_ahead_shut(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = clock
+    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+    b0 = await put(live_queue, "b0", "b")
+    async with watch(http, live_queue, "holder", options={**AFFINITY, "_affinity_prefer_": "b"}) as holder:
+        assert await next_item(holder) == (b0, b"b0")
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}):
+            await until(lambda: idle_watches(live_queue) == 1, what="the free watch idle (nothing to take)")
+            b1 = await put(live_queue, "b1", "b")  # one item for one holder: not worth a load on the free one
+            assert await next_item(holder) == (b1, b"b1")  # queued ahead there, though a watch was idle
