@@ -284,8 +284,10 @@ class Taker:
     error: QueueError | None = None  # a claim made for it failed (Superseded, StoreUnavailable)
     # Set at the first change after its last claim drained the queue; until then a claim finds nothing.
     quiet: asyncio.Event | None = None
-    # Its last claim found nothing: it waits for a change. Puts claim only for waiting takers; a busy
-    # watcher claims for itself when it comes back, and a claim for it meanwhile would cost Redis work.
+    # Its last claim (its own or a put's for it) drained what was ready for it, with room left in its window:
+    # puts claim for it until it takes what they got. Puts claim only for waiting takers; a busy watcher
+    # (it took items and has not come back) claims for itself when it comes back, and a claim for it
+    # meanwhile would cost Redis work.
     waiting: bool = False
 
 
@@ -293,9 +295,10 @@ class Handoff:
     """Puts that claim for this process's watchers in the same store round trip (the hand-off).
 
     A watcher that claimed on a queue is a *taker* there until it leaves. A batch of puts on
-    that queue also runs the claim of each taker that waits (its last claim found nothing) right
-    after the puts, in the same round trip (one Redis script, one SQLite thread hop), and keeps
-    what it got for the taker; the watcher's
+    that queue also runs the claim of each taker that waits (its last claim, its own or a put's for
+    it, drained what was ready for it with room left in its window) right after the puts, in the
+    same round trip (one Redis script, one SQLite thread hop), and keeps what it got for the taker,
+    adding to what earlier puts got that the watcher has not taken yet; the watcher's
     next ``claim`` returns that without asking the store. So an item put while a watcher waits
     reaches it after one store round trip instead of two, and a busy watcher's claims ride on
     the producers' round trips. The claims are the store's ordinary ones (session check, window,
@@ -344,9 +347,10 @@ class Handoff:
     def _settle(self, taker: Taker, got: bool, drained: bool, changed_meanwhile: bool) -> None:
         quiet = got and drained and not changed_meanwhile
         taker.quiet = self._notifier.event(taker.queue) if quiet else None
-        # Nothing got and nothing left for it: it waits. A full window waits for a commit, whose change
-        # wakes it; claims for it before that would find nothing.
-        taker.waiting = not got and drained
+        # Nothing left for it and room in its window: the next puts claim for it, also while what a put got
+        # for it waits to be taken (puts come in batches back to back, faster than the watcher comes back).
+        # A full window waits for a commit, whose change wakes it; claims for it before that would find nothing.
+        taker.waiting = drained
 
     def takers(self, queue: str) -> list[Taker]:
         """The waiting takers a batch of puts on ``queue`` claims for, in turn: the first one claims first
