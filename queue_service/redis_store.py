@@ -482,6 +482,43 @@ def _items(flat: list[Any]) -> list[Item]:
     return [Item(int(flat[k]), flat[k + 1] or b"") for k in range(0, len(flat), 2)]
 
 
+class _LeanPacking:
+    """redis-py's ``pack_command`` with one join per command instead of joins and an encoder call per argument:
+    a batch of puts is a command of a hundred arguments or more, which redis-py packed in about three times the
+    CPU. The bytes sent are the same (RESP, the command's words split as redis-py does)."""
+
+    encoder: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0].encode() if isinstance(args[0], str) else args[0]
+        if b" " in head:  # "SCRIPT LOAD": the words go as separate arguments
+            args = (*head.split(), *args[1:])
+        encoder = self.encoder
+        encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is bytes:
+                raw = arg
+            elif kind is str:
+                raw = arg.encode(encoding, errors)
+            elif kind is int:
+                raw = b"%d" % arg
+            else:  # memoryview, float, and what redis-py refuses (bool, None) with its own error
+                raw = encode(arg)
+            parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+        return [b"".join(parts)]
+
+
+def _lean_client(url: str, **options: Any) -> aioredis.Redis:
+    """A redis-py client whose connections pack commands with ``_LeanPacking`` (for any scheme: the pool's
+    connection class, TCP, TLS or Unix socket, gets the packing mixed in)."""
+    client = aioredis.Redis.from_url(url, **options)
+    pool = client.connection_pool
+    pool.connection_class = type(f"Lean{pool.connection_class.__name__}", (_LeanPacking, pool.connection_class), {})
+    return client
+
+
 class RedisStore(HandoffStore):
     backend = "redis"
     # An auto-commit claim's removals wake this process's waiters on the queue (a long-poll get may wait for them).
@@ -546,8 +583,8 @@ class RedisStore(HandoffStore):
         # so a cancelled task went on as if never cancelled (a worker waited forever for its progress
         # writer). Our calls are bounded by _call's asyncio.timeout, which never swallows a cancel.
         options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": None, "health_check_interval": 10}
-        self._redis = aioredis.Redis.from_url(self.url, retry=retry, **options)
-        self._once = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), retries=0), **options)
+        self._redis = _lean_client(self.url, retry=retry, **options)
+        self._once = _lean_client(self.url, retry=Retry(NoBackoff(), retries=0), **options)
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, **options)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
