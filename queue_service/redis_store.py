@@ -519,6 +519,50 @@ def _lean_client(url: str, **options: Any) -> aioredis.Redis:
     return client
 
 
+class _DirectCalls:
+    """Commands one at a time per connection, on connections of our own made from a client's pool settings: for
+    the hot scripts (puts, claims), where redis-py's pool (a lock, usage counters, a readiness probe and events
+    around each command) cost about as much CPU as packing, sending and reading the command itself. No retries,
+    as on the client they replace. A connection that failed mid-call (lost, cancelled, timed out) is dropped, as
+    redis-py drops it; one that got an error reply is in step and is used again."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._idle: list[Any] = []
+        self._open: set[Any] = set()
+
+    async def call(self, *args: Any) -> Any:
+        if self._idle:
+            connection = self._idle.pop()
+        else:
+            connection = self._pool.make_connection()
+            self._open.add(connection)
+        sent = False
+        try:
+            await connection.connect()  # nothing to do when connected
+            await connection.send_command(*args)
+            sent = True
+            reply = await connection.read_response()
+        except redis_errors.ResponseError:
+            if not sent:
+                self._open.discard(connection)
+                await connection.disconnect(nowait=True)
+                raise
+            self._idle.append(connection)  # an error reply (NOSCRIPT, a script error): the connection is in step
+            raise
+        except BaseException:
+            self._open.discard(connection)
+            await connection.disconnect(nowait=True)
+            raise
+        self._idle.append(connection)
+        return reply
+
+    async def close(self) -> None:
+        connections, self._open, self._idle = self._open, set(), []
+        for connection in connections:
+            await connection.disconnect(nowait=True)
+
+
 class RedisStore(HandoffStore):
     backend = "redis"
     # An auto-commit claim's removals wake this process's waiters on the queue (a long-poll get may wait for them).
@@ -533,6 +577,7 @@ class RedisStore(HandoffStore):
         super().__init__()
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
+        self._direct: _DirectCalls | None = None  # on _once's settings, for the scripts that must not run twice
         self._subscriber: aioredis.Redis | None = None
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, tuple[str, str]] = {}  # name -> (SHA1, source)
@@ -554,24 +599,24 @@ class RedisStore(HandoffStore):
         """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read
         as ORIGIN."""
         assert self._redis is not None
-        return self._evalsha(self._redis, name, [*args, self._origin])
+        return self._evalsha(self._redis.execute_command, name, [*args, self._origin])
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
-        """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
-        put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
-        assert self._once is not None
-        return self._evalsha(self._once, name, [*args, self._origin])
+        """Run put/put_and_remove/claim without retries: a retry after a lost reply would put twice, or claim
+        items whose frames nobody sends (the watch resyncs after an error instead)."""
+        assert self._direct is not None
+        return self._evalsha(self._direct.call, name, [*args, self._origin])
 
-    async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
-        """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
-        call); a Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT
-        means the script did not run, so running it after loading is no second run."""
+    async def _evalsha(self, run: Callable[..., Awaitable[Any]], name: str, args: list[Any]) -> Any:
+        """EVALSHA straight through ``run`` (redis-py's Script object adds a layer of wrappers per call); a
+        Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT means the
+        script did not run, so running it after loading is no second run."""
         sha, source = self._scripts[name]
         try:
-            return await client.execute_command("EVALSHA", sha, 0, *args)
+            return await run("EVALSHA", sha, 0, *args)
         except redis_errors.NoScriptError:
-            await client.script_load(source)
-            return await client.execute_command("EVALSHA", sha, 0, *args)
+            await run("SCRIPT LOAD", source)
+            return await run("EVALSHA", sha, 0, *args)
 
     async def open(self) -> None:
         # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
@@ -585,6 +630,7 @@ class RedisStore(HandoffStore):
         options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": None, "health_check_interval": 10}
         self._redis = _lean_client(self.url, retry=retry, **options)
         self._once = _lean_client(self.url, retry=Retry(NoBackoff(), retries=0), **options)
+        self._direct = _DirectCalls(self._once)
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, **options)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
@@ -616,6 +662,9 @@ class RedisStore(HandoffStore):
             self._listener.cancel()
             await asyncio.wait({self._listener}, timeout=LISTENER_STOP_S)
             self._listener = None
+        if self._direct is not None:
+            await self._direct.close()
+            self._direct = None
         for client in (self._redis, self._once, self._subscriber):
             if client is not None:
                 await client.aclose()
