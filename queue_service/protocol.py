@@ -46,7 +46,12 @@ def _message_classes() -> tuple[type, type]:
 DataFrameProto, DataFrameListProto = _message_classes()
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]  # the varints below 128, built once (the usual lengths)
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -56,17 +61,18 @@ def _varint(value: int) -> bytes:
 
 
 def _len_field(tag: int, payload: bytes) -> bytes:
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    return _ONE_BYTE[tag] + _varint(len(payload)) + payload
 
 
 def encode_body(tags: dict[str, str], data: bytes, message: str = "") -> bytes:
     """A ``DataFrameProto`` without its index (fields 2-4), stored once per item."""
     parts = []
     for key, value in tags.items():
-        entry = _len_field(0x0A, key.encode()) + _len_field(0x12, value.encode())
-        parts.append(_len_field(0x12, entry))
+        raw_key, raw_value = key.encode(), value.encode()
+        entry = b"\x0a" + _varint(len(raw_key)) + raw_key + b"\x12" + _varint(len(raw_value)) + raw_value
+        parts.append(b"\x12" + _varint(len(entry)) + entry)
     if data:
-        parts.append(_len_field(0x1A, data))
+        parts.append(b"\x1a" + _varint(len(data)) + data)
     if message:
         parts.append(_len_field(0x22, message.encode()))
     return b"".join(parts)
@@ -74,7 +80,7 @@ def encode_body(tags: dict[str, str], data: bytes, message: str = "") -> bytes:
 
 def encode_frame(index: int, body: bytes) -> bytes:
     """A full ``DataFrameProto``: the index field followed by a stored body."""
-    return (b"\x08" + _varint(index) if index else b"") + body
+    return b"\x08" + _varint(index) + body if index else body
 
 
 def encode_frame_list(frames: list[bytes]) -> bytes:

@@ -23,8 +23,8 @@ next change (put, removal, release) clears it and PUBLISHes the queue name on
 its own waiters without Redis), so watchers in every process wake at once
 while a busy queue, or a queue served by one process, costs no pub/sub
 traffic. Pending items whose deadline passed are made ready again inside the
-claim script. A batch of puts also runs, in the same pipeline, a claim for each
-watcher of this process (``store.Handoff``), so a waiting watcher gets a new item
+claim script. A batch of puts also runs, in the same script, a claim for each
+waiting watcher of this process (``store.Handoff``), so a waiting watcher gets a new item
 after one round trip. ``put_and_remove`` (a worker's result put + input commit) is the
 one script that spans two queues, i.e. two hash tags: atomic on the single
 Redis this store runs on, not meant for Redis Cluster.
@@ -51,10 +51,10 @@ from .store import (
     COMMITTED_TTL_S,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
+    HandedClaim,
     HandoffStore,
     Item,
     Position,
-    PutBatcher,
     PutOnce,
     PutRequest,
     QueueFull,
@@ -217,22 +217,88 @@ local function insert(P, prio, rid, body)
   end
   return idx
 end
+-- A consumer's claim: {-1} its session is not the live one; {0} its window is full; else {1 or 2, index, body,
+-- ...} (2: fewer than it could take, it drained what was ready for it). wanted: {{key, value}, ...} tags.
+local function claim(P, c, session, window, min_index, auto, now, lease, scan_limit, wanted)
+  if redis.call('HGET', P..'sess', c) ~= session then return {-1} end
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'pend', '-inf', '(' .. int(now), 'LIMIT', 0, 1000)) do
+    requeue(P, i)
+  end
+  local need = window
+  if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
+  if need <= 0 then
+    redis.call('SADD', P..'waitby', ORIGIN)
+    return {0}
+  end
+  local ids = {}
+  -- priority items first (scores below 0), then the others; with tags, only items that carry them
+  for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
+    local offset, scan = 0, scan_limit
+    while #ids < need and scan > 0 do
+      local chunk = (#wanted == 0) and (need - #ids) or math.min(scan, 500)
+      local found = redis.call('ZRANGEBYSCORE', P..'ready', range[1], range[2], 'LIMIT', offset, chunk)
+      for _, i in ipairs(found) do
+        if #ids < need and (#wanted == 0 or has_tags(redis.call('HGET', P..'body', i), wanted)) then
+          ids[#ids + 1] = i
+        end
+      end
+      if #found < chunk then break end
+      offset, scan = offset + chunk, scan - chunk
+    end
+  end
+  -- Fewer than it could take: nothing more is ready for this consumer, so the next change must wake it.
+  if #ids < need then redis.call('SADD', P..'waitby', ORIGIN) end
+  local out = {#ids < need and 2 or 1}
+  for _, i in ipairs(ids) do
+    out[#out + 1] = i
+    out[#out + 1] = redis.call('HGET', P..'body', i)
+    if auto then
+      drop(P, i)
+    else
+      redis.call('ZREM', P..'ready', i)
+      redis.call('ZADD', P..'pend', now + lease, i)
+      redis.call('HSET', P..'owner', i, c)
+      redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
+    end
+  end
+  forget_old(P)
+  return out
+end
+-- A claim's terms from ARGV[k]: consumer, session, window, min index, auto ('1'/'0'), now (ms), lease (ms),
+-- tag scan limit, then the tags as key, value, ... up to ARGV[last]; returns the claim's reply.
+local function claim_from(P, k, last)
+  local wanted = {}
+  for t = k + 8, last, 2 do wanted[#wanted + 1] = {ARGV[t], ARGV[t + 1]} end
+  return claim(P, ARGV[k], ARGV[k + 1], tonumber(ARGV[k + 2]), tonumber(ARGV[k + 3]), ARGV[k + 4] == '1',
+               tonumber(ARGV[k + 5]), tonumber(ARGV[k + 6]), tonumber(ARGV[k + 7]), wanted)
+end
 """
 
+# ARGV: prefix, channel, queue, number of puts n, n times (priority, requestId, body, max length), then for each
+# claim made for a waiting watcher of this process (``store.Handoff``): the count of its terms, its terms
+# (claim_from). Returns {{index or -1 (full), ...}, claim reply, ...}: the puts, then each claim's reply.
 PUT = _LIB + """
 local P = ARGV[1]
 local length = redis.call('HLEN', P..'body')
-local out = {}
-for k = 4, NARGV, 4 do
+local puts = {}
+local last = 4 + 4 * tonumber(ARGV[4])
+for k = 5, last, 4 do
   local maxlen = tonumber(ARGV[k + 3])
   if maxlen > 0 and length >= maxlen then
-    out[#out + 1] = -1
+    puts[#puts + 1] = -1
   else
-    out[#out + 1] = insert(P, ARGV[k], ARGV[k + 1], ARGV[k + 2])
+    puts[#puts + 1] = insert(P, ARGV[k], ARGV[k + 1], ARGV[k + 2])
     length = length + 1
   end
 end
 wake(P, ARGV[2], ARGV[3])
+local out = {puts}
+local k = last + 1
+while k <= NARGV do
+  local n = tonumber(ARGV[k])
+  out[#out + 1] = claim_from(P, k + 1, k + n)
+  k = k + n + 1
+end
 return out
 """
 
@@ -356,55 +422,9 @@ end
 return out
 """
 
+# ARGV: prefix, then a claim's terms (claim_from).
 CLAIM = _LIB + """
-local P, c = ARGV[1], ARGV[2]
-if redis.call('HGET', P..'sess', c) ~= ARGV[3] then return {-1} end
-local window, min_index, auto = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local now, lease = tonumber(ARGV[7]), tonumber(ARGV[8])
-for _, i in ipairs(redis.call('ZRANGEBYSCORE', P..'pend', '-inf', '(' .. int(now), 'LIMIT', 0, 1000)) do
-  requeue(P, i)
-end
-local need = window
-if not auto then need = window - redis.call('ZCARD', P..'pc:'..c) end
-if need <= 0 then
-  redis.call('SADD', P..'waitby', ORIGIN)
-  return {0}
-end
-local wanted = {}
-for k = 10, NARGV, 2 do wanted[#wanted + 1] = {ARGV[k], ARGV[k + 1]} end
-local ids = {}
--- priority items first (scores below 0), then the others; with tags, only items that carry them
-for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
-  local offset, scan = 0, tonumber(ARGV[9])
-  while #ids < need and scan > 0 do
-    local chunk = (#wanted == 0) and (need - #ids) or math.min(scan, 500)
-    local found = redis.call('ZRANGEBYSCORE', P..'ready', range[1], range[2], 'LIMIT', offset, chunk)
-    for _, i in ipairs(found) do
-      if #ids < need and (#wanted == 0 or has_tags(redis.call('HGET', P..'body', i), wanted)) then
-        ids[#ids + 1] = i
-      end
-    end
-    if #found < chunk then break end
-    offset, scan = offset + chunk, scan - chunk
-  end
-end
--- Fewer than it could take: nothing more is ready for this consumer, so the next change must wake it.
-if #ids < need then redis.call('SADD', P..'waitby', ORIGIN) end
-local out = {#ids < need and 2 or 1}
-for _, i in ipairs(ids) do
-  out[#out + 1] = i
-  out[#out + 1] = redis.call('HGET', P..'body', i)
-  if auto then
-    drop(P, i)
-  else
-    redis.call('ZREM', P..'ready', i)
-    redis.call('ZADD', P..'pend', now + lease, i)
-    redis.call('HSET', P..'owner', i, c)
-    redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
-  end
-end
-forget_old(P)
-return out
+return claim_from(ARGV[1], 2, NARGV)
 """
 
 PENDING = _LIB + """
@@ -462,6 +482,87 @@ def _items(flat: list[Any]) -> list[Item]:
     return [Item(int(flat[k]), flat[k + 1] or b"") for k in range(0, len(flat), 2)]
 
 
+class _LeanPacking:
+    """redis-py's ``pack_command`` with one join per command instead of joins and an encoder call per argument:
+    a batch of puts is a command of a hundred arguments or more, which redis-py packed in about three times the
+    CPU. The bytes sent are the same (RESP, the command's words split as redis-py does)."""
+
+    encoder: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0].encode() if isinstance(args[0], str) else args[0]
+        if b" " in head:  # "SCRIPT LOAD": the words go as separate arguments
+            args = (*head.split(), *args[1:])
+        encoder = self.encoder
+        encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is bytes:
+                raw = arg
+            elif kind is str:
+                raw = arg.encode(encoding, errors)
+            elif kind is int:
+                raw = b"%d" % arg
+            else:  # memoryview, float, and what redis-py refuses (bool, None) with its own error
+                raw = encode(arg)
+            parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+        return [b"".join(parts)]
+
+
+def _lean_client(url: str, **options: Any) -> aioredis.Redis:
+    """A redis-py client whose connections pack commands with ``_LeanPacking`` (for any scheme: the pool's
+    connection class, TCP, TLS or Unix socket, gets the packing mixed in)."""
+    client = aioredis.Redis.from_url(url, **options)
+    pool = client.connection_pool
+    pool.connection_class = type(f"Lean{pool.connection_class.__name__}", (_LeanPacking, pool.connection_class), {})
+    return client
+
+
+class _DirectCalls:
+    """Commands one at a time per connection, on connections of our own made from a client's pool settings: for
+    the hot scripts (puts, claims), where redis-py's pool (a lock, usage counters, a readiness probe and events
+    around each command) cost about as much CPU as packing, sending and reading the command itself. No retries,
+    as on the client they replace. A connection that failed mid-call (lost, cancelled, timed out) is dropped, as
+    redis-py drops it; one that got an error reply is in step and is used again."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._idle: list[Any] = []
+        self._open: set[Any] = set()
+
+    async def call(self, *args: Any) -> Any:
+        if self._idle:
+            connection = self._idle.pop()
+        else:
+            connection = self._pool.make_connection()
+            self._open.add(connection)
+        sent = False
+        try:
+            await connection.connect()  # nothing to do when connected
+            await connection.send_command(*args)
+            sent = True
+            reply = await connection.read_response()
+        except redis_errors.ResponseError:
+            if not sent:
+                self._open.discard(connection)
+                await connection.disconnect(nowait=True)
+                raise
+            self._idle.append(connection)  # an error reply (NOSCRIPT, a script error): the connection is in step
+            raise
+        except BaseException:
+            self._open.discard(connection)
+            await connection.disconnect(nowait=True)
+            raise
+        self._idle.append(connection)
+        return reply
+
+    async def close(self) -> None:
+        connections, self._open, self._idle = self._open, set(), []
+        for connection in connections:
+            await connection.disconnect(nowait=True)
+
+
 class RedisStore(HandoffStore):
     backend = "redis"
     # An auto-commit claim's removals wake this process's waiters on the queue (a long-poll get may wait for them).
@@ -476,8 +577,8 @@ class RedisStore(HandoffStore):
         super().__init__()
         self._redis: aioredis.Redis | None = None
         self._once: aioredis.Redis | None = None  # no retries: for the scripts that must not run twice
+        self._direct: _DirectCalls | None = None  # on _once's settings, for the scripts that must not run twice
         self._subscriber: aioredis.Redis | None = None
-        self._batcher = PutBatcher(self._flush_puts)
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, tuple[str, str]] = {}  # name -> (SHA1, source)
         # This process's token in 'waitby': a change written here wakes this process's waiters directly,
@@ -498,38 +599,24 @@ class RedisStore(HandoffStore):
         """Run a script (one EVALSHA); every call ends with this store's token, which the scripts read
         as ORIGIN."""
         assert self._redis is not None
-        return self._evalsha(self._redis, name, [*args, self._origin])
+        return self._evalsha(self._redis.execute_command, name, [*args, self._origin])
 
     def _script_once(self, name: str, args: list[Any]) -> Awaitable[Any]:
-        """Run put/put_and_remove/claim without the client's retries: a retry after a lost reply would
-        put twice, or claim items whose frames nobody sends (the watch resyncs after an error instead)."""
-        assert self._once is not None
-        return self._evalsha(self._once, name, [*args, self._origin])
+        """Run put/put_and_remove/claim without retries: a retry after a lost reply would put twice, or claim
+        items whose frames nobody sends (the watch resyncs after an error instead)."""
+        assert self._direct is not None
+        return self._evalsha(self._direct.call, name, [*args, self._origin])
 
-    async def _script_many_once(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
-        """Several scripts in one round trip (a pipeline, no retries), in order; each reply is the script's
-        result or its error. A script that met NOSCRIPT did not run: it runs again after loading (after the
-        others, which is harmless: a claim that ran before its puts only finds less)."""
-        assert self._once is not None
-        pipe = self._once.pipeline(transaction=False)
-        for name, args in calls:
-            pipe.execute_command("EVALSHA", self._scripts[name][0], 0, *args, self._origin)
-        replies = await pipe.execute(raise_on_error=False)
-        for k, reply in enumerate(replies):
-            if isinstance(reply, redis_errors.NoScriptError):
-                replies[k] = await self._evalsha(self._once, calls[k][0], [*calls[k][1], self._origin])
-        return list(replies)
-
-    async def _evalsha(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
-        """EVALSHA straight through execute_command (redis-py's Script object adds a layer of wrappers per
-        call); a Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT
-        means the script did not run, so running it after loading is no second run."""
+    async def _evalsha(self, run: Callable[..., Awaitable[Any]], name: str, args: list[Any]) -> Any:
+        """EVALSHA straight through ``run`` (redis-py's Script object adds a layer of wrappers per call); a
+        Redis that lost its script cache (restart, SCRIPT FLUSH) gets the script again. NOSCRIPT means the
+        script did not run, so running it after loading is no second run."""
         sha, source = self._scripts[name]
         try:
-            return await client.execute_command("EVALSHA", sha, 0, *args)
+            return await run("EVALSHA", sha, 0, *args)
         except redis_errors.NoScriptError:
-            await client.script_load(source)
-            return await client.execute_command("EVALSHA", sha, 0, *args)
+            await run("SCRIPT LOAD", source)
+            return await run("EVALSHA", sha, 0, *args)
 
     async def open(self) -> None:
         # Ride out a short Redis restart (about 2 s) before answering 503. A Redis that hangs
@@ -541,8 +628,9 @@ class RedisStore(HandoffStore):
         # so a cancelled task went on as if never cancelled (a worker waited forever for its progress
         # writer). Our calls are bounded by _call's asyncio.timeout, which never swallows a cancel.
         options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": None, "health_check_interval": 10}
-        self._redis = aioredis.Redis.from_url(self.url, retry=retry, **options)
-        self._once = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), retries=0), **options)
+        self._redis = _lean_client(self.url, retry=retry, **options)
+        self._once = _lean_client(self.url, retry=Retry(NoBackoff(), retries=0), **options)
+        self._direct = _DirectCalls(self._once)
         # The change listener blocks on its socket between notices: no read timeout there.
         self._subscriber = aioredis.Redis.from_url(self.url, **options)
         for name, source in (("put", PUT), ("put_once", PUT_ONCE), ("put_and_remove", PUT_AND_REMOVE),
@@ -574,6 +662,9 @@ class RedisStore(HandoffStore):
             self._listener.cancel()
             await asyncio.wait({self._listener}, timeout=LISTENER_STOP_S)
             self._listener = None
+        if self._direct is not None:
+            await self._direct.close()
+            self._direct = None
         for client in (self._redis, self._once, self._subscriber):
             if client is not None:
                 await client.aclose()
@@ -609,53 +700,42 @@ class RedisStore(HandoffStore):
 
     # -- producers and readers -------------------------------------------------
 
-    async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
-        args: list[Any] = [_prefix(queue), CHANNEL, queue]
+    def _put_args(self, queue: str, requests: list[PutRequest]) -> list[Any]:
+        args: list[Any] = [_prefix(queue), CHANNEL, queue, len(requests)]
         for request in requests:
             args += ["1" if request.priority else "0", request.request_id, request.body, request.max_length]
-        takers = self._handoff.takers(queue)
-        if not takers:
-            results = await self._call(lambda: self._script_once("put", args))
-            self._notifier.notify(queue)
-            return [int(index) for index in results]
-        # The puts, then a claim for each watcher of this process, in one round trip.
-        changed = self._notifier.event(queue)
-        now_ms = int(time.time() * 1000)
-        calls = [("put", args), *(("claim", self._claim_args(taker, now_ms)) for taker in takers)]
-        try:
-            replies = await self._call(lambda: self._script_many_once(calls))
-        except BaseException:
-            for taker in takers:  # their claims may have run without the reply reaching us
-                self._handoff.failed(taker, StoreUnavailable("redis: a claim sent with puts got no answer"))
-            raise
-        changed_meanwhile = changed.is_set()
-        self._notifier.notify(queue)
-        for taker, reply in zip(takers, replies[1:], strict=True):
-            self._hand(taker, reply, changed_meanwhile)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
+        return args
+
+    async def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        args = self._put_args(queue, requests)
+        replies = await self._call(lambda: self._script_once("put", args))
         return [int(index) for index in replies[0]]
 
-    def _claim_args(self, taker: Taker, now_ms: int) -> list[Any]:
+    async def _put_many_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
+                                  ) -> tuple[list[int], list[HandedClaim]]:
+        args = self._put_args(queue, requests)
+        now_ms = int(time.time() * 1000)
+        for taker in takers:
+            terms = self._claim_terms(taker, now_ms)
+            args.append(len(terms))
+            args += terms
+        replies = await self._call(lambda: self._script_once("put", args))
+        return [int(index) for index in replies[0]], [self._handed(taker, reply)
+                                                        for taker, reply in zip(takers, replies[1:], strict=True)]
+
+    @staticmethod
+    def _claim_terms(taker: Taker, now_ms: int) -> list[Any]:
+        """A claim's terms as the scripts read them (``claim_from``)."""
         spec = taker.spec
-        return [_prefix(taker.queue), taker.consumer, taker.session, spec.window, spec.min_index,
-                "1" if spec.auto_commit else "0", now_ms, int(spec.lease_s * 1000), TAG_SCAN_LIMIT,
-                *(part for pair in spec.tags for part in pair)]
+        return [taker.consumer, taker.session, spec.window, spec.min_index, "1" if spec.auto_commit else "0", now_ms,
+                int(spec.lease_s * 1000), TAG_SCAN_LIMIT, *(part for pair in spec.tags for part in pair)]
 
-    def _hand(self, taker: Taker, reply: Any, changed_meanwhile: bool) -> None:
-        """Keep a put's claim for ``taker`` (called after the puts' change was notified)."""
-        if isinstance(reply, Exception):
-            self._handoff.failed(taker, StoreUnavailable(f"redis: a claim sent with puts failed: {reply}"))
-        elif reply[0] == -1:
-            self._handoff.failed(taker, Superseded(f"consumer {taker.consumer!r} reconnected"))
-        else:
-            items = _items(reply[1:])
-            if items and taker.spec.auto_commit:
-                self._notifier.notify(taker.queue)  # removals: a long-poll get may wait for them
-            self._handoff.handed(taker, items, reply[0] == 2, changed_meanwhile)
-
-    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
-        return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+    @staticmethod
+    def _handed(taker: Taker, reply: list[Any]) -> HandedClaim:
+        """A claim's reply (``claim`` in the scripts) as ``HandoffStore`` takes it."""
+        if reply[0] == -1:
+            return Superseded(f"consumer {taker.consumer!r} reconnected")
+        return _items(reply[1:]), reply[0] == 2
 
     async def put_once(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int, *,
                        key: str, ttl_s: float = IDEMPOTENCY_TTL_S) -> PutOnce:
@@ -783,10 +863,11 @@ class RedisStore(HandoffStore):
         return _items(flat)
 
     async def _claim(self, taker: Taker) -> tuple[list[Item], bool]:
-        flat = await self._call(lambda: self._script_once("claim", self._claim_args(taker, int(time.time() * 1000))))
-        if flat[0] == -1:
-            raise Superseded(f"consumer {taker.consumer!r} reconnected")
-        return _items(flat[1:]), flat[0] == 2
+        args = [_prefix(taker.queue), *self._claim_terms(taker, int(time.time() * 1000))]
+        handed = self._handed(taker, await self._call(lambda: self._script_once("claim", args)))
+        if isinstance(handed, Exception):
+            raise handed
+        return handed
 
     async def pending(self, queue: str, consumer: str, session: str) -> list[Item]:
         flat = await self._call(lambda: self._script("pending", [_prefix(queue), consumer, session]))

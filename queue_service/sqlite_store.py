@@ -33,17 +33,16 @@ from .store import (
     FULL,
     IDEMPOTENCY_TTL_S,
     TAG_SCAN_LIMIT,
+    HandedClaim,
     HandoffStore,
     Item,
     Position,
-    PutBatcher,
     PutOnce,
     PutRequest,
     QueueError,
     QueueFull,
     QueueStats,
     Seen,
-    StoreUnavailable,
     Superseded,
     Taker,
     Whereabouts,
@@ -109,7 +108,6 @@ class SQLiteStore(HandoffStore):
         self._lock: BinaryIO | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._sessions: dict[tuple[str, str], str] = {}
-        self._batcher = PutBatcher(self._flush_puts)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -230,7 +228,7 @@ class SQLiteStore(HandoffStore):
             db.execute("UPDATE queues SET last_index = ?, length = ? WHERE name = ?", (last, length, queue))
         return results
 
-    def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
+    def _put_batch(self, queue: str, requests: list[PutRequest]) -> list[int]:
         """One transaction for a batch of puts."""
         with self._transaction() as db:
             return self._insert(db, queue, requests)
@@ -260,12 +258,12 @@ class SQLiteStore(HandoffStore):
                            (queue, key, index, request.request_id, now + ttl_s))
             return PutOnce(index, request.request_id, duplicate=False)
 
-    def _put_many_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
-                            ) -> tuple[list[int], list[tuple[list[Item], bool] | Exception]]:
+    def _put_batch_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
+                             ) -> tuple[list[int], list[HandedClaim]]:
         """The puts (one transaction), then each taker's claim (its own): one thread hop for all. A claim's
         failure is the taker's, never the puts' (they are committed by then)."""
-        results = self._put_many(queue, requests)
-        claims: list[tuple[list[Item], bool] | Exception] = []
+        results = self._put_batch(queue, requests)
+        claims: list[HandedClaim] = []
         for taker in takers:
             try:
                 claims.append(self._claim_drained(taker))
@@ -273,32 +271,12 @@ class SQLiteStore(HandoffStore):
                 claims.append(exc)
         return results, claims
 
-    async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
-        takers = self._handoff.takers(queue)
-        if not takers:
-            results = await self._run(self._put_many, queue, requests)
-            self._notifier.notify(queue)
-            return results
-        changed = self._notifier.event(queue)
-        try:
-            results, claims = await self._run(self._put_many_and_claim, queue, requests, takers)
-        except BaseException as exc:
-            for taker in takers:  # a cancelled hop may still have claimed: the watchers look again
-                self._handoff.failed(taker, StoreUnavailable(f"sqlite: a claim sent with puts failed: {exc!r}"))
-            raise
-        changed_meanwhile = changed.is_set()
-        self._notifier.notify(queue)
-        for taker, claim in zip(takers, claims, strict=True):
-            if isinstance(claim, Superseded):
-                self._handoff.failed(taker, claim)
-            elif isinstance(claim, Exception):
-                self._handoff.failed(taker, StoreUnavailable(f"sqlite: a claim sent with puts failed: {claim!r}"))
-            else:
-                self._handoff.handed(taker, claim[0], claim[1], changed_meanwhile)
-        return results
+    async def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        return await self._run(self._put_batch, queue, requests)
 
-    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
-        return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+    async def _put_many_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
+                                  ) -> tuple[list[int], list[HandedClaim]]:
+        return await self._run(self._put_batch_and_claim, queue, requests, takers)
 
     async def put_once(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int, *,
                        key: str, ttl_s: float = IDEMPOTENCY_TTL_S) -> PutOnce:

@@ -284,8 +284,10 @@ class Taker:
     error: QueueError | None = None  # a claim made for it failed (Superseded, StoreUnavailable)
     # Set at the first change after its last claim drained the queue; until then a claim finds nothing.
     quiet: asyncio.Event | None = None
-    # Its last claim found nothing: it waits for a change. Puts claim only for waiting takers; a busy
-    # watcher claims for itself when it comes back, and a claim for it meanwhile would cost Redis work.
+    # Its last claim (its own or a put's for it) drained what was ready for it, with room left in its window:
+    # puts claim for it until it takes what they got. Puts claim only for waiting takers; a busy watcher
+    # (it took items and has not come back) claims for itself when it comes back, and a claim for it
+    # meanwhile would cost Redis work.
     waiting: bool = False
 
 
@@ -293,9 +295,10 @@ class Handoff:
     """Puts that claim for this process's watchers in the same store round trip (the hand-off).
 
     A watcher that claimed on a queue is a *taker* there until it leaves. A batch of puts on
-    that queue also runs the claim of each taker that waits (its last claim found nothing) right
-    after the puts, in the same round trip (one Redis pipeline, one SQLite thread hop), and keeps
-    what it got for the taker; the watcher's
+    that queue also runs the claim of each taker that waits (its last claim, its own or a put's for
+    it, drained what was ready for it with room left in its window) right after the puts, in the
+    same round trip (one Redis script, one SQLite thread hop), and keeps what it got for the taker,
+    adding to what earlier puts got that the watcher has not taken yet; the watcher's
     next ``claim`` returns that without asking the store. So an item put while a watcher waits
     reaches it after one store round trip instead of two, and a busy watcher's claims ride on
     the producers' round trips. The claims are the store's ordinary ones (session check, window,
@@ -344,9 +347,10 @@ class Handoff:
     def _settle(self, taker: Taker, got: bool, drained: bool, changed_meanwhile: bool) -> None:
         quiet = got and drained and not changed_meanwhile
         taker.quiet = self._notifier.event(taker.queue) if quiet else None
-        # Nothing got and nothing left for it: it waits. A full window waits for a commit, whose change
-        # wakes it; claims for it before that would find nothing.
-        taker.waiting = not got and drained
+        # Nothing left for it and room in its window: the next puts claim for it, also while what a put got
+        # for it waits to be taken (puts come in batches back to back, faster than the watcher comes back).
+        # A full window waits for a commit, whose change wakes it; claims for it before that would find nothing.
+        taker.waiting = drained
 
     def takers(self, queue: str) -> list[Taker]:
         """The waiting takers a batch of puts on ``queue`` claims for, in turn: the first one claims first
@@ -388,11 +392,19 @@ class Handoff:
                         "were sent", queue, len(taker.items), consumer)
 
 
-class HandoffStore(ABC):
-    """What both stores' ``claim`` shares: the hand-off (``Handoff``) around the store's own claim. A store
-    says only how it claims from its storage (``_claim``); the answer without a round trip, the watcher's
-    record as a taker and the change notices around the claim are kept here, in one order for both."""
+# A claim made for a watcher with a batch of puts: its items and whether it drained what was ready for it
+# (``HandoffStore._claim``), or why it failed.
+HandedClaim = tuple[list[Item], bool] | Exception
 
+
+class HandoffStore(ABC):
+    """What both stores share around their storage: the hand-off (``Handoff``) in ``claim`` and in the put
+    path. A store says only how it claims (``_claim``) and how it writes a batch of puts, alone
+    (``_put_many``) or with claims for waiting watchers in the same round trip (``_put_many_and_claim``);
+    the batching, the answer without a round trip, the watcher's record as a taker and the change notices
+    around both are kept here, in one order for both stores."""
+
+    backend: str
     # Whether an auto-commit claim that took items wakes this process's waiters on the queue.
     notify_claimed_removals: ClassVar[bool] = False
 
@@ -400,11 +412,56 @@ class HandoffStore(ABC):
         self._notifier = Notifier()
         # This process's watchers: a batch of puts claims for them in its own store round trip.
         self._handoff = Handoff(self._notifier)
+        self._batcher = PutBatcher(self._flush_puts)
 
     @abstractmethod
     async def _claim(self, taker: Taker) -> tuple[list[Item], bool]:
         """The store's claim for ``taker`` (its queue, consumer, session and terms): the items, and whether
         it drained what was ready for the consumer (took fewer than its window allowed). Raises ``Superseded``."""
+
+    @abstractmethod
+    async def _put_many(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        """Write a batch of puts in one store round trip: each one's index, or ``FULL``."""
+
+    @abstractmethod
+    async def _put_many_and_claim(self, queue: str, requests: list[PutRequest], takers: list[Taker]
+                                  ) -> tuple[list[int], list[HandedClaim]]:
+        """``_put_many``, then each taker's ``_claim`` in turn, in the same round trip. A claim's failure is
+        that taker's (``Superseded``, or any other error), never the puts'."""
+
+    async def put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int) -> int:
+        """``QueueStore.put``: batched with the puts that come in meanwhile (``PutBatcher``)."""
+        return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
+
+    async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
+        takers = self._handoff.takers(queue)
+        if not takers:
+            results = await self._put_many(queue, requests)
+            self._notifier.notify(queue)
+            return results
+        # The puts, then a claim for each waiting watcher of this process, in one round trip.
+        changed = self._notifier.event(queue)
+        try:
+            results, claims = await self._put_many_and_claim(queue, requests, takers)
+        except BaseException as exc:
+            for taker in takers:  # their claims may have run without the answer reaching us: the watchers resync
+                self._handoff.failed(taker, StoreUnavailable(
+                    f"{self.backend}: a claim sent with puts got no answer ({exc!r})"))
+            raise
+        changed_meanwhile = changed.is_set()  # a local change during the call (read before our own notice)
+        self._notifier.notify(queue)
+        for taker, claim in zip(takers, claims, strict=True):
+            if isinstance(claim, QueueError):
+                self._handoff.failed(taker, claim)
+            elif isinstance(claim, Exception):
+                self._handoff.failed(taker, StoreUnavailable(
+                    f"{self.backend}: a claim sent with puts failed: {claim!r}"))
+            else:
+                items, drained = claim
+                if items and taker.spec.auto_commit and self.notify_claimed_removals:
+                    self._notifier.notify(queue)  # removals: a long-poll get may wait for them
+                self._handoff.handed(taker, items, drained, changed_meanwhile)
+        return results
 
     async def claim(self, queue: str, consumer: str, session: str, *, window: int, min_index: int,
                     auto_commit: bool, lease_s: float, tags: dict[str, str] | None = None,

@@ -168,6 +168,10 @@ async def read_body_within(request: web.Request, limit: int) -> bytes | None:
     """The body, or None when it is longer than ``limit`` (refused before reading when the length is known)."""
     if request.content_length is not None and request.content_length > limit:
         return None
+    content = request.content
+    if content.is_eof() and content.exception() is None:  # all of it came in already (a small body): no awaits
+        data = content.read_nowait()
+        return data if len(data) <= limit else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():

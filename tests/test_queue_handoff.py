@@ -81,6 +81,21 @@ async def test_a_put_claims_for_a_waiting_watcher_in_its_own_round_trip(store: Q
     assert await claim(store, "q") == [busy]
     assert [item.index for item in await store.pending("q", "g/c", "s")] == [index, more, busy]
 
+async def test_puts_back_to_back_keep_claiming_for_a_watcher_that_has_not_taken_its_items(
+        store: QueueStore, admin: aioredis.Redis | None) -> None:
+    await store.open_session("q", "g/c", "s", LEASE_S)
+    assert await claim(store, "q") == []  # the watcher waits
+    first = await put(store, "q", "a")
+    # The next batch of puts comes before the watcher took the first one's item (busy producers): it claims
+    # for the watcher too, so the watcher finds both without a claim of its own.
+    second = await put(store, "q", "b")
+    assert await store.position("q", second) == Position(pending=True, waiting=0)
+    before = await script_calls(admin)
+    assert await claim(store, "q") == [first, second]
+    assert await claim(store, "q") == []
+    assert await script_calls(admin) == before
+
+
 async def test_the_hand_off_keeps_the_window_and_the_tags(store: QueueStore) -> None:
     m1 = {"model": "m1"}
     await store.open_session("q", "g/c", "s", LEASE_S)

@@ -41,6 +41,21 @@ async def test_a_store_call_cancelled_at_any_turn_ends_cancelled(redis_store: Re
     assert swallowed == [], "these calls returned normally after their task was cancelled"
 
 
+async def test_after_a_call_cut_off_at_any_turn_the_next_calls_get_their_own_answers(redis_store: RedisStore) -> None:
+    """Puts and claims run on connections of the store's own (``_DirectCalls``): one cut off mid-call must not
+    leave its late reply to be read as the answer of the next call on that connection."""
+    await redis_store.open_session("other", "g/c", "s", 30.0)
+    for turns in range(TURNS):
+        body = encode_body({"requestId": f"cut{turns}"}, b"x")
+        await cancelled_after(lambda: redis_store.put("q", body, f"cut{turns}", 0, 0), turns)
+        await cancelled_after(lambda: redis_store.claim("other", "g/c", "s", window=1000, min_index=0,
+                                                        auto_commit=True, lease_s=30.0), turns)
+        index = await redis_store.put("q", encode_body({"requestId": f"ok{turns}"}, b"y"), f"ok{turns}", 0, 0)
+        assert index == (await redis_store.stats("q")).last_index  # this put's answer, not a stale one
+        [item] = await redis_store.get("q", index, 1, None)
+        assert item.decoded()[0]["requestId"] == f"ok{turns}"
+
+
 class Seen(StoreRecords):
     """Store records that say when a put, and a drop (an old record's removal), start."""
 
