@@ -45,6 +45,16 @@ async def learn_costs(live: LiveQueue, http: aiohttp.ClientSession, clock: FakeC
     await until(lambda: not live.app[WATCHERS_KEY].sockets, what="the teacher's watch gone")
 
 
+@pytest.fixture
+async def clock(live_queue: LiveQueue, http: aiohttp.ClientSession) -> FakeClock:
+    """The queue on a fake clock, having seen a run with its consumer's own models take 1 s and one that
+    needed a load 5 s: another consumer loading pays off from 4 waiting items per holder."""
+    fake = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = fake
+    await learn_costs(live_queue, http, fake, run_s=1.0, loaded_run_s=5.0)
+    return fake
+
+
 async def declined(live: LiveQueue) -> None:
     """The free watch just opened (the second preferring watch) has made its first claim, and it took nothing:
     it is no longer counted idle, as it was from its opening on."""
@@ -63,11 +73,7 @@ async def holder_of_b(live: LiveQueue,
 
 
 async def test_a_free_watch_leaves_the_last_items_of_a_model_to_its_holder_until_a_load_pays_off(
-        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
-    clock = FakeClock()
-    live_queue.app[WATCHERS_KEY].passed.clock = clock
-    # A run takes 1 s, a load 4 s more: another consumer loading b pays off from 4 waiting items per holder.
-    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+        live_queue: LiveQueue, http: aiohttp.ClientSession, clock: FakeClock) -> None:
     items, holder = await holder_of_b(live_queue, http)
     try:
         async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}) as free:
@@ -81,10 +87,7 @@ async def test_a_free_watch_leaves_the_last_items_of_a_model_to_its_holder_until
 
 
 async def test_an_item_left_to_its_models_holder_waits_at_most_the_affinity_wait(
-        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
-    clock = FakeClock()
-    live_queue.app[WATCHERS_KEY].passed.clock = clock
-    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+        live_queue: LiveQueue, http: aiohttp.ClientSession, clock: FakeClock) -> None:
     items, holder = await holder_of_b(live_queue, http)
     try:
         sockets = live_queue.app[WATCHERS_KEY].sockets
@@ -124,10 +127,7 @@ async def test_a_free_watch_takes_first_an_item_whose_models_no_watch_holds(
 
 
 async def test_a_free_watch_that_leaves_an_item_to_its_holder_does_not_keep_the_holders_slot_ahead_shut(
-        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
-    clock = FakeClock()
-    live_queue.app[WATCHERS_KEY].passed.clock = clock
-    await learn_costs(live_queue, http, clock, run_s=1.0, loaded_run_s=5.0)
+        live_queue: LiveQueue, http: aiohttp.ClientSession, clock: FakeClock) -> None:
     b0 = await put(live_queue, "b0", "b")
     async with watch(http, live_queue, "holder", options={**AFFINITY, "_affinity_prefer_": "b"}) as holder:
         assert await next_item(holder) == (b0, b"b0")
