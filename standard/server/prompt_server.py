@@ -82,6 +82,7 @@ class PromptServer:
         self.metrics = ExecutionMetrics(self.queue, ready=lambda: self.ready)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.socket_flags: dict[str, dict[str, Any]] = {}
+        self.quiet_sids: set[str] = set()  # sockets that get no broadcasts (/ws?quiet=1: a front's journal)
         self.number = 0
         # The client and node currently executing (ComfyUI re-sends it on reconnect).
         self.client_id: str | None = None
@@ -557,7 +558,10 @@ class PromptServer:
 
     def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
         if sid is None:
-            return list(self.sockets.values())
+            quiet = self.quiet_sids
+            if not quiet:
+                return list(self.sockets.values())
+            return [ws for key, ws in self.sockets.items() if key not in quiet]
         ws = self.sockets.get(sid)
         return [ws] if ws is not None else []
 
