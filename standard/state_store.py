@@ -85,6 +85,7 @@ Op = Callable[[sqlite3.Connection], object]  # what an op returns (a cursor) is 
 # Prompts and history entries are JSON already (they came as JSON or go out as JSON): no check for cycles, a
 # third of json.dumps' time, on the execution thread between two prompts (a cycle raises RecursionError instead).
 _encode = json.JSONEncoder(check_circular=False).encode
+encode_json = _encode  # the same text json.dumps writes with its defaults (what /history answers)
 INSERT_HISTORY = "INTO history (prompt_id, entry, start_ms, end_ms) VALUES (?, ?, ?, ?)"
 # Commits between two checkpoints. A prompt's gap writes ~5 pages, so about the WAL size (1000 pages) at which
 # SQLite's automatic checkpoint, turned off here, would have run; a checkpoint's cost grows with the pages it copies.
@@ -227,14 +228,16 @@ class StateStore:
             ids = [(prompt_id,) for prompt_id in prompt_ids]
             self._submit(lambda conn: conn.executemany("DELETE FROM prompts WHERE prompt_id = ?", ids))
 
-    def finish(self, prompt_id: str, entry: dict[str, Any], times_ms: tuple[int, int] | None) -> None:
-        """The prompt's history entry replaces its prompt row, in one transaction."""
+    def finish(self, prompt_id: str, entry: dict[str, Any], times_ms: tuple[int, int] | None,
+               encoded: str | None = None) -> None:
+        """The prompt's history entry replaces its prompt row, in one transaction (``encoded``: the entry's
+        JSON, when the caller has it already)."""
         start_ms, end_ms = times_ms or (None, None)
 
         def op(conn: sqlite3.Connection) -> None:
             rows = self._count_history(conn)
             conn.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,))
-            row = (prompt_id, _encode(entry), start_ms, end_ms)
+            row = (prompt_id, encoded if encoded is not None else _encode(entry), start_ms, end_ms)
             # One statement for a prompt's first entry (nearly always: it runs between two prompts); finished
             # again (the same prompt_id queued again), its entry moves to the newest place.
             if not conn.execute(f"INSERT OR IGNORE {INSERT_HISTORY}", row).rowcount:

@@ -20,6 +20,7 @@ import httpx
 from aiohttp import web
 
 from standard.datadir import init_data_dir
+from standard.server import keys
 from support.backend import TOKEN, Backend, start_backend, start_front
 from support.metrics import scrape, value
 from support.server import drain_gate_graph, install_gate_plugin, open_gate, prompt_uuid, runs_of
@@ -154,6 +155,23 @@ async def test_a_backend_url_restarted_between_two_looks_gets_its_forgotten_prom
             assert (runs_of(root, "ga"), runs_of(root, "gb")) == (1, 1)
             assert await journal(http, "requeued_total") == 1
             assert await journal(http, "trimmed_total") == 0
+    finally:
+        await front.close()
+        await backend.server.close()
+
+
+async def test_the_journals_socket_asks_the_backend_for_no_broadcasts(tmp_path: Path) -> None:
+    """It only watches the socket stay open: the instance sends it none of its ``status`` messages."""
+    backend = await start_backend(init_data_dir(tmp_path / "backend").root)
+    front = await start_front(backend.url, init_data_dir(tmp_path / "front").root, token=TOKEN,
+                              state_file=tmp_path / "front.sqlite3")
+    try:
+        async with front_client(front.port) as http:
+            await until(lambda: _equals(journal(http, "socket_up"), 1), what="the journal's socket to ComfyUI open")
+            server = backend.app[keys.PROMPT_SERVER]
+            assert len(server.sockets) == 1
+            assert set(server.sockets) == server.quiet_sids
+            assert [s.raw_path for s in backend.seen if s.raw_path.startswith("/ws")] == ["/ws?quiet=1"]
     finally:
         await front.close()
         await backend.server.close()

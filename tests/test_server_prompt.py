@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 import uuid
@@ -11,8 +12,18 @@ from typing import Any
 
 import pytest
 
+from standard.server import prompt_queue
 from support.metrics import parse, value
-from support.server import events_until, gated_graph, install_gate_plugin, is_done, open_gate, runs_of, tiny_graph
+from support.server import (
+    events_until,
+    gated_graph,
+    install_gate_plugin,
+    is_done,
+    open_gate,
+    runs_of,
+    tiny_graph,
+    wait_history,
+)
 
 
 async def _submit(client, graph: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -350,3 +361,30 @@ async def test_the_next_prompt_starts_without_the_event_loop(instance, data_dir:
     assert types[0] == "status" and types.index("execution_start") < types.index("execution_success")
     assert events[0]["data"]["status"]["exec_info"]["queue_remaining"] == 1
     await ws.close()
+
+
+async def test_history_answers_with_the_json_written_for_the_store(instance, data_dir: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Prompts the execution thread went on from were encoded once, for the state file: /history (a front's
+    journal reads every entry once more) sends that text, encoding only the last one, recorded on the loop."""
+    install_gate_plugin(data_dir)
+    client = await instance(state_file=tmp_path / "state.sqlite3")
+    ids = []
+    for index, prefix in enumerate(("first", "second", "third")):
+        graph = gated_graph("held", prefix) if index == 0 else tiny_graph(prefix)
+        ids.append((await (await client.post("/prompt", json={"prompt": graph})).json())["prompt_id"])
+    open_gate(data_dir, "held")  # the other two were queued behind it: run back to back
+    await wait_history(client, ids[-1])
+    encoded: list[object] = []
+
+    def counting(value: object) -> str:
+        encoded.append(value)
+        return json.JSONEncoder().encode(value)
+
+    monkeypatch.setattr(prompt_queue, "encode_json", counting)
+    resp = await client.get("/history")
+    text = await resp.text()
+    assert resp.content_type == "application/json"
+    assert list(json.loads(text)) == ids
+    assert text == json.dumps(json.loads(text))  # json.dumps' own text, as before
+    assert [value["prompt"][1] for value in encoded if isinstance(value, dict)] == [ids[-1]]

@@ -90,6 +90,26 @@ async def test_events_go_to_the_prompts_client_and_status_to_everyone(instance) 
     await theirs.close()
 
 
+async def test_a_quiet_socket_gets_what_is_addressed_to_it_and_no_broadcasts(instance) -> None:
+    """``/ws?quiet=1`` (a front's journal: it only watches the socket stay open) is sent no ``status``."""
+    client = await instance()
+    quiet = await client.ws_connect("/ws?clientId=journal&quiet=1")
+    listening = await client.ws_connect("/ws?clientId=ui")
+    assert (await next_json(quiet))["data"]["sid"] == "journal"  # its own greeting still comes
+    await next_json(listening)
+    resp = await client.post("/prompt", json={"prompt": tiny_graph("quiet"), "client_id": "journal"})
+    prompt_id = (await resp.json())["prompt_id"]
+    seen = await events_until(quiet, is_done(prompt_id))  # its prompt's events, sent after each status
+    await events_until(listening, lambda e: e["type"] == "status"
+                       and e["data"]["status"]["exec_info"]["queue_remaining"] == 0)
+    await quiet.send_str(json.dumps({"type": "feature_flags", "data": {}}))
+    seen += await events_until(quiet, lambda e: e["type"] == "feature_flags")
+    assert {"execution_start", "executed"} <= {e["type"] for e in seen}
+    assert "status" not in {e["type"] for e in seen}
+    await quiet.close()
+    await listening.close()
+
+
 async def test_reconnect_during_execution_gets_the_current_node(instance, data_dir: Path) -> None:
     install_gate_plugin(data_dir)
     client = await instance()

@@ -85,7 +85,8 @@ class Continuity:
 
     async def follow(self, session: aiohttp.ClientSession) -> None:
         """Forever (until cancelled): hold the socket to ComfyUI, opened again whenever it closes. It sends
-        no credential of ours, as the journal's requests do not; its messages are read and let go."""
+        no credential of ours, as the journal's requests do not; its messages are read and let go. It asks for
+        none of the broadcasts (``quiet=1``: our engine then sends it none, ComfyUI ignores the parameter)."""
         failures = 0
         while True:
             base_url = self.backend.base_url
@@ -93,7 +94,7 @@ class Continuity:
                 await self.backend.wait_ready(READY_WAIT_S)
                 continue
             try:
-                async with session.ws_connect(base_url + "/ws", heartbeat=HEARTBEAT_S, max_msg_size=0,
+                async with session.ws_connect(base_url + "/ws?quiet=1", heartbeat=HEARTBEAT_S, max_msg_size=0,
                                               timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0)
                                               ) as socket:
                     self._socket, failures = socket, 0

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..state_store import StateStore, StoredState, restart_error
+from ..state_store import StateStore, StoredState, encode_json, restart_error
 
 # ComfyUI keeps these out of /queue and /history (execution.SENSITIVE_EXTRA_DATA_KEYS).
 SENSITIVE_EXTRA_DATA_KEYS: tuple[str, ...] = ("auth_token_comfy_org", "api_key_comfy_org")
@@ -71,6 +71,15 @@ class QueueItem:
 
 
 @dataclass(frozen=True)
+class StoredEntry:
+    """A finished prompt's history entry as the execution thread wrote it to the store, and its JSON."""
+
+    entry: dict[str, Any]
+    times_ms: tuple[int, int]
+    encoded: str | None
+
+
+@dataclass(frozen=True)
 class ExecutionStatus:
     """ComfyUI's history ``status``."""
 
@@ -95,6 +104,9 @@ class PromptQueue:
         self._active: Counter[str] = Counter()  # prompt_id -> pending or running items: contains() per POST
         self._task_ids = itertools.count()
         self._history: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # prompt_id -> its entry's JSON, when the execution thread encoded it for the store: /history answers
+        # with it instead of encoding the entry again (a front's journal reads each entry once more).
+        self._encoded: dict[str, str] = {}
         self._history_max_items = max(1, history_max_items)
         self._on_change = on_change
         self._available = asyncio.Event()
@@ -175,9 +187,9 @@ class PromptQueue:
         self._available.set()
 
     def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus, *,
-                  end_ms: int | None = None, stored: bool = False) -> None:
-        """Move a running item to the history; ``stored``: :meth:`store_finished` already wrote the same
-        entry (with this ``end_ms``) to the store."""
+                  end_ms: int | None = None, stored: StoredEntry | None = None) -> None:
+        """Move a running item to the history; ``stored``: what :meth:`store_finished` already wrote to the
+        store for it (the same entry, with this ``end_ms``)."""
         with self._lock:
             item = self._running.pop(task_id)
             self._forget(item.prompt_id)
@@ -185,25 +197,39 @@ class PromptQueue:
         while len(self._history) >= self._history_max_items:
             dropped, _ = self._history.popitem(last=False)
             self._times_ms.pop(dropped, None)
+            self._encoded.pop(dropped, None)
         self._history.pop(item.prompt_id, None)
-        entry, times = _finished(item, history_result, status, started_ms, end_ms)
+        if stored is not None:
+            entry, times = stored.entry, stored.times_ms
+        else:
+            entry, times = _finished(item, history_result, status, started_ms, end_ms)
+        if stored is not None and stored.encoded is not None:
+            self._encoded[item.prompt_id] = stored.encoded
+        else:
+            self._encoded.pop(item.prompt_id, None)
         self._times_ms[item.prompt_id] = times
         self._history[item.prompt_id] = entry
-        if self.store is not None and not stored:
+        if self.store is not None and stored is None:
             self.store.finish(item.prompt_id, entry, times)
         self._on_change()
 
     def store_finished(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus,
-                       end_ms: int) -> None:
+                       end_ms: int) -> StoredEntry | None:
         """Write the history entry :meth:`task_done` will record (any thread): the execution thread queues it
-        before it marks the next prompt running, so one flush puts both on disk."""
+        before it marks the next prompt running, so one flush puts both on disk. Returns it for task_done
+        (None without a store)."""
         if self.store is None:
-            return
+            return None
         with self._lock:
             item = self._running[task_id]
             started_ms = self._started_ms.get(task_id)
         entry, times = _finished(item, history_result, status, started_ms, end_ms)
-        self.store.finish(item.prompt_id, entry, times)
+        try:
+            encoded: str | None = encode_json(entry)
+        except (ValueError, TypeError, RecursionError):  # the store's commit fails it and says so
+            encoded = None
+        self.store.finish(item.prompt_id, entry, times, encoded)
+        return StoredEntry(entry, times, encoded)
 
     def running(self) -> list[QueueItem]:
         with self._lock:
@@ -284,6 +310,13 @@ class PromptQueue:
             keys = keys[:max_items]
         return {key: self._history[key] for key in keys}
 
+    def history_json(self, history: dict[str, dict[str, Any]]) -> str:
+        """``history`` (from :meth:`get_history`) as JSON: the text of the entries encoded for the store, the
+        others encoded now (the same text json.dumps writes)."""
+        encoded = self._encoded
+        return "{" + ", ".join(f"{encode_json(prompt_id)}: {encoded.get(prompt_id) or encode_json(entry)}"
+                               for prompt_id, entry in history.items()) + "}"
+
     def history_size(self) -> int:
         return len(self._history)
 
@@ -298,12 +331,14 @@ class PromptQueue:
     def wipe_history(self) -> None:
         self._history.clear()
         self._times_ms.clear()
+        self._encoded.clear()
         if self.store is not None:
             self.store.delete_history()
 
     def delete_history_item(self, prompt_id: str) -> None:
         self._history.pop(prompt_id, None)
         self._times_ms.pop(prompt_id, None)
+        self._encoded.pop(prompt_id, None)
         if self.store is not None:
             self.store.delete_history([prompt_id])
 

@@ -31,7 +31,7 @@ from ..settings import StandardSettings
 from ..state_store import StateStore
 from ..tasks import cancel_and_wait
 from .metrics import ExecutionMetrics
-from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem
+from .prompt_queue import ExecutionStatus, PromptQueue, QueueItem, StoredEntry
 
 log = logging.getLogger("comfyserve.server")
 
@@ -82,6 +82,7 @@ class PromptServer:
         self.metrics = ExecutionMetrics(self.queue, ready=lambda: self.ready)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.socket_flags: dict[str, dict[str, Any]] = {}
+        self.quiet_sids: set[str] = set()  # sockets that get no broadcasts (/ws?quiet=1: a front's journal)
         self.number = 0
         # The client and node currently executing (ComfyUI re-sends it on reconnect).
         self.client_id: str | None = None
@@ -347,7 +348,7 @@ class PromptServer:
                 await hook(item.prompt_id, result.history_result)
             except Exception:  # an upload failing must not lose the prompt's history
                 log.exception("result hook failed for prompt %s", item.prompt_id)
-        self._finish(task_id, item, result, stored=False, send_executing=not self._final_executing_sent)
+        self._finish(task_id, item, result, stored=None, send_executing=not self._final_executing_sent)
 
     def _begin(self, task_id: int, item: QueueItem) -> None:
         """``item`` runs now (on the loop, or on the execution thread when it goes on by itself)."""
@@ -393,8 +394,8 @@ class PromptServer:
                 got = None if self.queue.flags or self._stopping or executor is not self.executor else self.queue.take()
                 if got is None:
                     return task_id, item, result  # the loop records the last one (its run lock still held)
-                self.queue.store_finished(task_id, result.history_result, result.status, result.end_ms)
-                self._call_in_order(functools.partial(self._finish, task_id, item, result, stored=True,
+                stored = self.queue.store_finished(task_id, result.history_result, result.status, result.end_ms)
+                self._call_in_order(functools.partial(self._finish, task_id, item, result, stored=stored,
                                                       send_executing=not self._final_executing_sent))
                 task_id, item = got
                 self._call_in_order(self.queue_updated)  # ComfyUI's queue tells on taking an item: a 2nd status
@@ -428,7 +429,7 @@ class PromptServer:
         elapsed_s = 0.0 if started is None else time.perf_counter() - started
         return RunResult(False, messages, {"outputs": {}, "meta": {}}, elapsed_s)
 
-    def _finish(self, task_id: int, item: QueueItem, result: RunResult, *, stored: bool,
+    def _finish(self, task_id: int, item: QueueItem, result: RunResult, *, stored: StoredEntry | None,
                 send_executing: bool) -> None:
         """On the loop: record a finished prompt (its history, metrics, ``status``, ``executing None``)."""
         self.metrics.observe(result.elapsed_s, success=result.success, interrupted=result.interrupted)
@@ -557,7 +558,10 @@ class PromptServer:
 
     def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
         if sid is None:
-            return list(self.sockets.values())
+            quiet = self.quiet_sids
+            if not quiet:
+                return list(self.sockets.values())
+            return [ws for key, ws in self.sockets.items() if key not in quiet]
         ws = self.sockets.get(sid)
         return [ws] if ws is not None else []
 
