@@ -935,7 +935,7 @@ class RedisStore(HandoffStore):
     async def remove(self, queue: str, indexes: list[int]) -> int:
         removed = await self._call(lambda: self._script("remove", [
             _prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return int(removed)
 
     async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
@@ -946,13 +946,13 @@ class RedisStore(HandoffStore):
         if index == -1:
             raise QueueFull(f"queue {put_queue!r} is full ({max_length} items)")
         self._notifier.notify(put_queue)
-        self._notifier.notify(remove_queue)
+        self._handoff.removed(remove_queue)
         return index
 
     async def truncate(self, queue: str, below_index: int) -> int:
         removed = await self._call(lambda: self._script("truncate", [
             _prefix(queue), CHANNEL, queue, below_index]))
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return int(removed)
 
     # -- consumers ------------------------------------------------------------------

@@ -110,6 +110,38 @@ async def test_a_watcher_that_drained_the_queue_waits_without_asking_again(
     assert await claim(one, "q") == [fourth]
 
 
+async def test_a_commit_does_not_make_a_drained_watcher_ask_again(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    """A removal makes nothing ready: a watcher that drained the queue and is woken by a commit alone goes
+    back to waiting without a claim (once per claim Redis answered: leases that ran out tell no one)."""
+    one, two = stores
+    await one.open_session("q", "g/c", "s", LEASE_S)
+    first, second = await put(one, "q", b"a"), await put(one, "q", b"b")
+    assert await claim(one, "q") == [first, second]  # fewer than the window: drained
+    assert await claim(one, "q") == []  # nothing changed: answered without Redis
+
+    before = await script_calls(admin)
+    woken = one.changes("q")
+    await one.remove("q", [first])  # the watcher's commit wakes it
+    assert woken.is_set()
+    assert await claim(one, "q") == []
+    assert await script_calls(admin) == before + 1  # the commit alone
+    await one.remove("q", [second])
+    assert await claim(one, "q") == []  # the second wake-up since Redis answered asks again
+    assert await script_calls(admin) == before + 3
+
+    # A change after a removal is not missed: the removal's wake-up does not hide the next one.
+    await one.remove("q", [second])
+    woken = one.changes("q")
+    third = await put(two, "q", b"c")
+    assert await wait_event(woken, 5.0)
+    assert await claim(one, "q") == [third]
+    # Nor is one in this process.
+    await one.remove("q", [third])
+    fourth = await put(one, "q", b"d")
+    assert await claim(one, "q") == [fourth]
+
+
 async def test_a_redis_that_lost_its_scripts_gets_them_again(
         stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
     """The scripts run by SHA; a restarted or flushed script cache costs one load, not a failure."""
