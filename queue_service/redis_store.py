@@ -176,9 +176,9 @@ local function remember_many(P, rids, ids)
     local t = redis.call('TIME')
     NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local scored, indexed = {}, {}
+  local scored, indexed, forget_at = {}, {}, int(NOW_MS + DONE_TTL_MS)
   for k, rid in ipairs(rids) do
-    scored[#scored + 1] = NOW_MS + DONE_TTL_MS
+    scored[#scored + 1] = forget_at
     scored[#scored + 1] = rid
     indexed[#indexed + 1] = rid
     indexed[#indexed + 1] = ids[k]
@@ -283,13 +283,13 @@ local function insert_many(P, puts)
     rids[#rids + 1] = put[2]
     byrid[#byrid + 1] = put[2]
     byrid[#byrid + 1] = i
-    all[#all + 1] = idx
+    all[#all + 1] = i  -- scores as integer strings: Redis formats a Lua number with %.17g and parses it back
     all[#all + 1] = i
     if put[1] == '1' then
       prio[#prio + 1] = i
-      ready[#ready + 1] = idx - BIG
+      ready[#ready + 1] = int(idx - BIG)
     else
-      ready[#ready + 1] = idx
+      ready[#ready + 1] = i
     end
     ready[#ready + 1] = i
   end
@@ -345,13 +345,13 @@ local function claim(P, c, session, window, min_index, auto, now, lease, scan_li
   if auto then
     drop_unique(P, ids)
   else
-    local deadlines, owners, mine = {}, {}, {}
+    local deadlines, owners, mine, deadline = {}, {}, {}, int(now + lease)
     for _, i in ipairs(ids) do
-      deadlines[#deadlines + 1] = now + lease
+      deadlines[#deadlines + 1] = deadline
       deadlines[#deadlines + 1] = i
       owners[#owners + 1] = i
       owners[#owners + 1] = c
-      mine[#mine + 1] = tonumber(i)
+      mine[#mine + 1] = i
       mine[#mine + 1] = i
     end
     redis.call('ZREM', P..'ready', unpack(ids))
