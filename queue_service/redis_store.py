@@ -159,19 +159,33 @@ local function has_tags(body, wanted)
   end
   return true
 end
+-- A command over a list of arguments, in chunks (Lua's unpack has a limit); step: arguments per member.
+local function chunked(cmd, key, args, step)
+  local size = 1000 * step
+  for k = 1, #args, size do
+    redis.call(cmd, key, unpack(args, k, math.min(#args, k + size - 1)))
+  end
+end
 -- A removed item's requestId is remembered for DONE_TTL_MS, at most DONE_MAX per queue (the oldest go first):
--- remember() per removed item, then forget_old() once per queue at the end of the script.
+-- remember_many() per list of removed items, then forget_old() once per queue at the end of the script.
 local NOW_MS = nil  -- the server's clock, read once per script
 local REMEMBERED = {}  -- prefix -> requestIds remembered by this script
-local function remember(P, rid, i)
-  if DONE_TTL_MS <= 0 or DONE_MAX <= 0 then return end
+local function remember_many(P, rids, ids)
+  if DONE_TTL_MS <= 0 or DONE_MAX <= 0 or #rids == 0 then return end
   if NOW_MS == nil then
     local t = redis.call('TIME')
     NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  redis.call('ZADD', P..'done', NOW_MS + DONE_TTL_MS, rid)
-  redis.call('HSET', P..'doneidx', rid, i)
-  REMEMBERED[P] = (REMEMBERED[P] or 0) + 1
+  local scored, indexed, forget_at = {}, {}, int(NOW_MS + DONE_TTL_MS)
+  for k, rid in ipairs(rids) do
+    scored[#scored + 1] = forget_at
+    scored[#scored + 1] = rid
+    indexed[#indexed + 1] = rid
+    indexed[#indexed + 1] = ids[k]
+  end
+  chunked('ZADD', P..'done', scored, 2)
+  chunked('HSET', P..'doneidx', indexed, 2)
+  REMEMBERED[P] = (REMEMBERED[P] or 0) + #rids
 end
 local function forget_old(P)
   local n = REMEMBERED[P]
@@ -188,19 +202,55 @@ local function forget_old(P)
     redis.call('HDEL', P..'doneidx', unpack(gone))
   end
 end
-local function drop(P, i)
-  if redis.call('HDEL', P..'body', i) == 0 then return 0 end
-  local rid = redis.call('HGET', P..'rid', i)
-  if rid then
-    redis.call('HDEL', P..'rid', i)
-    if redis.call('HGET', P..'byrid', rid) == i then redis.call('HDEL', P..'byrid', rid) end
-    remember(P, rid, i)
+-- Drop items for good, a few Redis calls per list of items rather than a dozen per item; returns how many
+-- existed. ids: index strings, each once.
+local function drop_unique(P, ids)
+  if #ids == 0 then return 0 end
+  local live, rids = {}, {}
+  for k = 1, #ids, 1000 do
+    local chunk = {unpack(ids, k, math.min(#ids, k + 999))}
+    local found = redis.call('HMGET', P..'rid', unpack(chunk))  -- every live item has one (insert)
+    for n, i in ipairs(chunk) do
+      if found[n] then live[#live + 1] = i; rids[#rids + 1] = found[n] end
+    end
   end
-  redis.call('ZREM', P..'all', i)
-  redis.call('ZREM', P..'ready', i)
-  redis.call('SREM', P..'prio', i)
-  unown(P, i)
-  return 1
+  if #live == 0 then return 0 end
+  local gone, owned = {}, {}
+  for k = 1, #live, 1000 do
+    local last = math.min(#live, k + 999)
+    local chunk = {unpack(live, k, last)}
+    local newest = redis.call('HMGET', P..'byrid', unpack(rids, k, last))
+    local owners = redis.call('HMGET', P..'owner', unpack(chunk))
+    for n, i in ipairs(chunk) do
+      if newest[n] == i then gone[#gone + 1] = rids[k + n - 1] end
+      local o = owners[n]
+      if o then
+        if not owned[o] then owned[o] = {} end
+        owned[o][#owned[o] + 1] = i
+      end
+    end
+  end
+  chunked('HDEL', P..'body', live, 1)
+  chunked('HDEL', P..'rid', live, 1)
+  if #gone > 0 then chunked('HDEL', P..'byrid', gone, 1) end
+  remember_many(P, rids, live)
+  chunked('ZREM', P..'all', live, 1)
+  chunked('ZREM', P..'ready', live, 1)
+  chunked('SREM', P..'prio', live, 1)
+  chunked('ZREM', P..'pend', live, 1)
+  for o, mine in pairs(owned) do
+    chunked('HDEL', P..'owner', mine, 1)
+    chunked('ZREM', P..'pc:'..o, mine, 1)
+  end
+  return #live
+end
+-- drop_unique for a list that may name an item more than once.
+local function drop_many(P, ids)
+  local seen, unique = {}, {}
+  for _, i in ipairs(ids) do
+    if not seen[i] then seen[i] = true; unique[#unique + 1] = i end
+  end
+  return drop_unique(P, unique)
 end
 local function insert(P, prio, rid, body)
   local idx = redis.call('INCR', P..'seq')
@@ -217,6 +267,40 @@ local function insert(P, prio, rid, body)
   end
   return idx
 end
+-- insert for a list of puts {prio, rid, body}, in order, with a few Redis calls in all; returns their indexes.
+local function insert_many(P, puts)
+  local idxs = {}
+  if #puts == 0 then return idxs end
+  local first = redis.call('INCRBY', P..'seq', #puts) - #puts + 1
+  local bodies, rids, byrid, all, ready, prio = {}, {}, {}, {}, {}, {}
+  for k, put in ipairs(puts) do
+    local idx = first + k - 1
+    local i = int(idx)
+    idxs[k] = idx
+    bodies[#bodies + 1] = i
+    bodies[#bodies + 1] = put[3]
+    rids[#rids + 1] = i
+    rids[#rids + 1] = put[2]
+    byrid[#byrid + 1] = put[2]
+    byrid[#byrid + 1] = i
+    all[#all + 1] = i  -- scores as integer strings: Redis formats a Lua number with %.17g and parses it back
+    all[#all + 1] = i
+    if put[1] == '1' then
+      prio[#prio + 1] = i
+      ready[#ready + 1] = int(idx - BIG)
+    else
+      ready[#ready + 1] = i
+    end
+    ready[#ready + 1] = i
+  end
+  chunked('HSET', P..'body', bodies, 2)
+  chunked('HSET', P..'rid', rids, 2)
+  chunked('HSET', P..'byrid', byrid, 2)
+  chunked('ZADD', P..'all', all, 2)
+  chunked('ZADD', P..'ready', ready, 2)
+  if #prio > 0 then chunked('SADD', P..'prio', prio, 1) end
+  return idxs
+end
 -- A consumer's claim: {-1} its session is not the live one; {0} its window is full; else {1 or 2, index, body,
 -- ...} (2: fewer than it could take, it drained what was ready for it). wanted: {{key, value}, ...} tags.
 local function claim(P, c, session, window, min_index, auto, now, lease, scan_limit, wanted)
@@ -232,7 +316,10 @@ local function claim(P, c, session, window, min_index, auto, now, lease, scan_li
   end
   local ids = {}
   -- priority items first (scores below 0), then the others; with tags, only items that carry them
-  for _, range in ipairs({{min_index - BIG, '(0'}, {min_index, '+inf'}}) do
+  local ranges = {{min_index - BIG, '(0'}, {min_index, '+inf'}}
+  -- from the first index on, one range holds both in that order (a call less)
+  if #wanted == 0 and min_index <= 1 then ranges = {{'-inf', '+inf'}} end
+  for _, range in ipairs(ranges) do
     local offset, scan = 0, scan_limit
     while #ids < need and scan > 0 do
       local chunk = (#wanted == 0) and (need - #ids) or math.min(scan, 500)
@@ -249,17 +336,28 @@ local function claim(P, c, session, window, min_index, auto, now, lease, scan_li
   -- Fewer than it could take: nothing more is ready for this consumer, so the next change must wake it.
   if #ids < need then redis.call('SADD', P..'waitby', ORIGIN) end
   local out = {#ids < need and 2 or 1}
-  for _, i in ipairs(ids) do
+  if #ids == 0 then return out end
+  local bodies = redis.call('HMGET', P..'body', unpack(ids))
+  for k, i in ipairs(ids) do
     out[#out + 1] = i
-    out[#out + 1] = redis.call('HGET', P..'body', i)
-    if auto then
-      drop(P, i)
-    else
-      redis.call('ZREM', P..'ready', i)
-      redis.call('ZADD', P..'pend', now + lease, i)
-      redis.call('HSET', P..'owner', i, c)
-      redis.call('ZADD', P..'pc:'..c, tonumber(i), i)
+    out[#out + 1] = bodies[k]
+  end
+  if auto then
+    drop_unique(P, ids)
+  else
+    local deadlines, owners, mine, deadline = {}, {}, {}, int(now + lease)
+    for _, i in ipairs(ids) do
+      deadlines[#deadlines + 1] = deadline
+      deadlines[#deadlines + 1] = i
+      owners[#owners + 1] = i
+      owners[#owners + 1] = c
+      mine[#mine + 1] = i
+      mine[#mine + 1] = i
     end
+    redis.call('ZREM', P..'ready', unpack(ids))
+    redis.call('ZADD', P..'pend', unpack(deadlines))
+    redis.call('HSET', P..'owner', unpack(owners))
+    redis.call('ZADD', P..'pc:'..c, unpack(mine))
   end
   forget_old(P)
   return out
@@ -280,16 +378,21 @@ end
 PUT = _LIB + """
 local P = ARGV[1]
 local length = redis.call('HLEN', P..'body')
-local puts = {}
+local puts, accepted = {}, {}
 local last = 4 + 4 * tonumber(ARGV[4])
 for k = 5, last, 4 do
   local maxlen = tonumber(ARGV[k + 3])
   if maxlen > 0 and length >= maxlen then
     puts[#puts + 1] = -1
   else
-    puts[#puts + 1] = insert(P, ARGV[k], ARGV[k + 1], ARGV[k + 2])
+    puts[#puts + 1] = 0
+    accepted[#accepted + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2]}
     length = length + 1
   end
+end
+local idxs, n = insert_many(P, accepted), 0
+for k, v in ipairs(puts) do
+  if v == 0 then n = n + 1; puts[k] = idxs[n] end
 end
 wake(P, ARGV[2], ARGV[3])
 local out = {puts}
@@ -327,8 +430,7 @@ local maxlen = tonumber(ARGV[7])
 if maxlen > 0 and redis.call('HLEN', P..'body') >= maxlen then return -1 end
 local idx = insert(P, ARGV[4], ARGV[5], ARGV[6])
 wake(P, ARGV[2], ARGV[3])
-local n = 0
-for k = 10, NARGV do n = n + drop(R, ARGV[k]) end
+local n = drop_many(R, {unpack(ARGV, 10, NARGV)})
 forget_old(R)
 if n > 0 then wake(R, ARGV[2], ARGV[9]) end
 return idx
@@ -336,8 +438,7 @@ return idx
 
 REMOVE = _LIB + """
 local P = ARGV[1]
-local n = 0
-for k = 4, NARGV do n = n + drop(P, ARGV[k]) end
+local n = drop_many(P, {unpack(ARGV, 4, NARGV)})
 forget_old(P)
 if n > 0 then wake(P, ARGV[2], ARGV[3]) end
 return n
@@ -346,7 +447,7 @@ return n
 TRUNCATE = _LIB + """
 local P = ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', P..'all', '-inf', '(' .. ARGV[4])
-for _, i in ipairs(ids) do drop(P, i) end
+drop_unique(P, ids)
 forget_old(P)
 if #ids > 0 then wake(P, ARGV[2], ARGV[3]) end
 return #ids
@@ -834,7 +935,7 @@ class RedisStore(HandoffStore):
     async def remove(self, queue: str, indexes: list[int]) -> int:
         removed = await self._call(lambda: self._script("remove", [
             _prefix(queue), CHANNEL, queue, *(str(i) for i in indexes)]))
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return int(removed)
 
     async def put_and_remove(self, put_queue: str, body: bytes, request_id: str, priority: int, max_length: int,
@@ -845,13 +946,13 @@ class RedisStore(HandoffStore):
         if index == -1:
             raise QueueFull(f"queue {put_queue!r} is full ({max_length} items)")
         self._notifier.notify(put_queue)
-        self._notifier.notify(remove_queue)
+        self._handoff.removed(remove_queue)
         return index
 
     async def truncate(self, queue: str, below_index: int) -> int:
         removed = await self._call(lambda: self._script("truncate", [
             _prefix(queue), CHANNEL, queue, below_index]))
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return int(removed)
 
     # -- consumers ------------------------------------------------------------------

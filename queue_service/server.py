@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -20,6 +19,7 @@ from standard.auth import AccessGuard
 from standard.http_util import json_error, read_body_within
 
 from . import params
+from .ids import uuid4_str
 from .params import BadParam
 from .protocol import encode_body, encode_frame_list
 from .settings import (
@@ -71,7 +71,7 @@ async def put(request: web.Request, queue: str) -> web.StreamResponse:
     if data is None:
         raise json_error(413, "payload_too_large", f"the body exceeds {settings.max_payload_bytes} bytes")
     tags = params.tags_of(query)
-    request_id = params.header_safe(REQUEST_ID_TAG, tags.get(REQUEST_ID_TAG) or str(uuid.uuid4()))
+    request_id = params.header_safe(REQUEST_ID_TAG, tags.get(REQUEST_ID_TAG) or uuid4_str())
     tags[REQUEST_ID_TAG] = request_id
     key = params.idempotency_key(request)
     replayed = False

@@ -290,7 +290,7 @@ class SQLiteStore(HandoffStore):
         index = await self._run(self._put_and_remove, put_queue,
                                 PutRequest(body, request_id, priority, max_length), remove_queue, indexes)
         self._notifier.notify(put_queue)
-        self._notifier.notify(remove_queue)
+        self._handoff.removed(remove_queue)
         return index
 
     # -- readers --------------------------------------------------------------
@@ -435,7 +435,7 @@ class SQLiteStore(HandoffStore):
 
     async def remove(self, queue: str, indexes: list[int]) -> int:
         removed = await self._run(self._remove, queue, indexes)
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return removed
 
     def _truncate(self, queue: str, below: int) -> int:
@@ -448,7 +448,7 @@ class SQLiteStore(HandoffStore):
 
     async def truncate(self, queue: str, below_index: int) -> int:
         removed = await self._run(self._truncate, queue, below_index)
-        self._notifier.notify(queue)
+        self._handoff.removed(queue)
         return removed
 
     # -- consumers ------------------------------------------------------------

@@ -289,6 +289,15 @@ class Taker:
     # (it took items and has not come back) claims for itself when it comes back, and a claim for it
     # meanwhile would cost Redis work.
     waiting: bool = False
+    # Its last claim drained what was ready for it with room left in its window (``waiting`` is cleared while
+    # it is busy with what it took; this stays).
+    drained: bool = False
+    # Set at the first change (removals included) after its last claim; None when one came during the claim.
+    calm: asyncio.Event | None = None
+    # Only removals changed the queue since its last claim (``Handoff.removed``): the next claim is answered
+    # empty without a round trip (once per claim the store answered).
+    removals_only: bool = False
+    may_skip: bool = False
 
 
 class Handoff:
@@ -331,6 +340,11 @@ class Handoff:
             if not quiet.is_set():
                 taker.waiting = True
                 return []
+        if taker.removals_only:
+            taker.removals_only = False
+            if taker.calm is not None and not taker.calm.is_set():
+                taker.waiting = True
+                return []
         return None
 
     def claimed(self, queue: str, consumer: str, session: str, spec: ClaimSpec, got: bool, drained: bool,
@@ -345,8 +359,12 @@ class Handoff:
         self._settle(taker, got, drained, changed_meanwhile)
 
     def _settle(self, taker: Taker, got: bool, drained: bool, changed_meanwhile: bool) -> None:
-        quiet = got and drained and not changed_meanwhile
-        taker.quiet = self._notifier.event(taker.queue) if quiet else None
+        calm = self._notifier.event(taker.queue) if not changed_meanwhile else None
+        taker.quiet = calm if got and drained else None
+        taker.calm = calm
+        taker.drained = drained
+        taker.removals_only = False
+        taker.may_skip = True
         # Nothing left for it and room in its window: the next puts claim for it, also while what a put got
         # for it waits to be taken (puts come in batches back to back, faster than the watcher comes back).
         # A full window waits for a commit, whose change wakes it; claims for it before that would find nothing.
@@ -372,11 +390,28 @@ class Handoff:
         taker.items += items
         self._settle(taker, bool(items), drained, changed_meanwhile)
 
+    def removed(self, queue: str) -> None:
+        """Notify a change of ``queue`` that only removed items (commit, delete, truncate, auto-commit claim).
+        A removal makes nothing ready: a taker whose last claim drained what was ready for it, and that saw no
+        other change since, need not ask the store again when it wakes (once per claim the store answered: then
+        it asks, for leases that ran out meanwhile, which no notice tells of). Not for a taker with tags: its
+        claims look at a bounded number of ready items, which removals can bring matching ones into."""
+        calm = [taker for taker in self._takers.get(queue, {}).values()
+                if taker.drained and taker.may_skip and not taker.spec.tags and taker.error is None
+                and taker.calm is not None and not taker.calm.is_set()]
+        self._notifier.notify(queue)
+        if calm:
+            fresh = self._notifier.event(queue)
+            for taker in calm:
+                taker.calm = fresh
+                taker.removals_only = True
+                taker.may_skip = False
+
     def failed(self, taker: Taker, error: QueueError) -> None:
         """A put's claim for ``taker`` failed or may not have run: the watcher's next claim raises ``error``."""
         taker.error = error
-        taker.quiet = None
-        taker.waiting = False
+        taker.quiet = taker.calm = None
+        taker.waiting = taker.drained = taker.removals_only = False
 
     def leave(self, queue: str, consumer: str, session: str) -> None:
         """The watcher is gone (release, forget). Auto-commit items claimed for it and not yet taken are
@@ -459,7 +494,7 @@ class HandoffStore(ABC):
             else:
                 items, drained = claim
                 if items and taker.spec.auto_commit and self.notify_claimed_removals:
-                    self._notifier.notify(queue)  # removals: a long-poll get may wait for them
+                    self._handoff.removed(queue)  # a long-poll get may wait for them
                 self._handoff.handed(taker, items, drained, changed_meanwhile)
         return results
 
@@ -475,7 +510,7 @@ class HandoffStore(ABC):
         items, drained = await self._claim(Taker(queue, consumer, session, spec))
         changed_meanwhile = changed.is_set()  # a local change during the call (read before our own notice)
         if items and auto_commit and self.notify_claimed_removals:
-            self._notifier.notify(queue)
+            self._handoff.removed(queue)
         if handoff:
             self._handoff.claimed(queue, consumer, session, spec, bool(items), drained, changed_meanwhile)
         return items

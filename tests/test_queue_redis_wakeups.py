@@ -110,6 +110,38 @@ async def test_a_watcher_that_drained_the_queue_waits_without_asking_again(
     assert await claim(one, "q") == [fourth]
 
 
+async def test_a_commit_does_not_make_a_drained_watcher_ask_again(
+        stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
+    """A removal makes nothing ready: a watcher that drained the queue and is woken by a commit alone goes
+    back to waiting without a claim (once per claim Redis answered: leases that ran out tell no one)."""
+    one, two = stores
+    await one.open_session("q", "g/c", "s", LEASE_S)
+    first, second = await put(one, "q", b"a"), await put(one, "q", b"b")
+    assert await claim(one, "q") == [first, second]  # fewer than the window: drained
+    assert await claim(one, "q") == []  # nothing changed: answered without Redis
+
+    before = await script_calls(admin)
+    woken = one.changes("q")
+    await one.remove("q", [first])  # the watcher's commit wakes it
+    assert woken.is_set()
+    assert await claim(one, "q") == []
+    assert await script_calls(admin) == before + 1  # the commit alone
+    await one.remove("q", [second])
+    assert await claim(one, "q") == []  # the second wake-up since Redis answered asks again
+    assert await script_calls(admin) == before + 3
+
+    # A change after a removal is not missed: the removal's wake-up does not hide the next one.
+    await one.remove("q", [second])
+    woken = one.changes("q")
+    third = await put(two, "q", b"c")
+    assert await wait_event(woken, 5.0)
+    assert await claim(one, "q") == [third]
+    # Nor is one in this process.
+    await one.remove("q", [third])
+    fourth = await put(one, "q", b"d")
+    assert await claim(one, "q") == [fourth]
+
+
 async def test_a_redis_that_lost_its_scripts_gets_them_again(
         stores: tuple[RedisStore, RedisStore], admin: aioredis.Redis) -> None:
     """The scripts run by SHA; a restarted or flushed script cache costs one load, not a failure."""
@@ -147,5 +179,50 @@ async def test_one_removal_of_many_items_keeps_the_remembered_bound(redis_url: s
         assert await store.remove("q", indexes) == 5
         assert await admin.zcard("cqs:{q}:done") == 3 and await admin.hlen("cqs:{q}:doneidx") == 3
         assert sum([await store.lookup("q", f"r{n}") is not None for n in range(5)]) == 3
+    finally:
+        await store.close()
+
+
+async def commands_run(admin: aioredis.Redis) -> int:
+    """The Redis commands run since the last reset, the scripts' own calls included (EVALSHA itself not)."""
+    stats = await admin.info("commandstats")
+    return sum(int(stat["calls"]) for name, stat in stats.items() if name not in ("cmdstat_evalsha", "cmdstat_info",
+                                                                                  "cmdstat_config|resetstat"))
+
+
+async def test_the_scripts_cost_redis_a_few_commands_per_batch_not_per_item(
+        redis_url: str, admin: aioredis.Redis) -> None:
+    """Puts, claims and removals of many items write them with one command per structure, not a dozen per
+    item: Redis's CPU per item is shared with the service's on a small machine."""
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        await store.open_session("q", "g/c", "s", LEASE_S)
+        await admin.config_resetstat()
+        indexes = await asyncio.gather(*(put(store, "q", f"r{n}".encode()) for n in range(64)))
+        assert sorted(indexes) == list(range(1, 65))
+        items = await store.claim("q", "g/c", "s", window=64, min_index=0, auto_commit=False, lease_s=LEASE_S)
+        assert [item.index for item in items] == list(range(1, 65))
+        assert await store.remove("q", [*indexes, indexes[0]]) == 64  # an index named twice counts once
+        assert await commands_run(admin) < 120  # a dozen calls per item before
+        assert (await store.stats("q")).length == 0
+        assert await admin.hlen("cqs:{q}:owner") == 0 and await admin.zcard("cqs:{q}:pend") == 0
+        assert await admin.zcard("cqs:{q}:pc:g/c") == 0 and await admin.hlen("cqs:{q}:byrid") == 0
+        assert await store.lookup("q", "r7") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_truncate_of_more_items_than_one_command_takes(redis_url: str, admin: aioredis.Redis) -> None:
+    """Lua passes at most a few thousand arguments to one command: a long removal goes in chunks."""
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        await asyncio.gather(*(put(store, "big", f"r{n}".encode()) for n in range(2500)))
+        assert await store.truncate("big", 2401) == 2400
+        assert (await store.stats("big")).length == 100
+        assert await admin.zcard("cqs:{big}:ready") == 100 and await admin.hlen("cqs:{big}:rid") == 100
+        found = await store.lookup("big", "r5")
+        assert found is not None and found.committed
     finally:
         await store.close()
