@@ -4,7 +4,8 @@ A put without a requestId gets a fresh one; ``uuid.uuid4()`` reads the OS's rand
 id (a system call) and builds a UUID object to format it, about 2 us of the service's CPU per put.
 Here one ``os.urandom`` read serves 256 ids, formatted straight from the integer: the same randomness
 (the OS's), the same shape (version 4, RFC 4122 variant). A forked child starts with a fresh pool,
-so parent and child never hand out the same ids.
+so parent and child never hand out the same ids. Not thread-safe: the server's event loop is its one
+caller.
 """
 
 from __future__ import annotations
