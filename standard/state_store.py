@@ -84,8 +84,8 @@ CREATE TABLE IF NOT EXISTS history (
 Op = Callable[[sqlite3.Connection], object]  # what an op returns (a cursor) is ignored
 # Prompts and history entries are JSON already (they came as JSON or go out as JSON): no check for cycles, a
 # third of json.dumps' time, on the execution thread between two prompts (a cycle raises RecursionError instead).
-_encode = json.JSONEncoder(check_circular=False).encode
-encode_json = _encode  # the same text json.dumps writes with its defaults (what /history answers)
+# Otherwise the same text json.dumps writes with its defaults (what /history answers).
+encode_json = json.JSONEncoder(check_circular=False).encode
 INSERT_HISTORY = "INTO history (prompt_id, entry, start_ms, end_ms) VALUES (?, ?, ?, ?)"
 # Commits between two checkpoints. A prompt's gap writes ~5 pages, so about the WAL size (1000 pages) at which
 # SQLite's automatic checkpoint, turned off here, would have run; a checkpoint's cost grows with the pages it copies.
@@ -213,7 +213,7 @@ class StateStore:
     def add_prompt(self, prompt_id: str, number: float, payload: dict[str, Any]) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO prompts (prompt_id, number, payload) VALUES (?, ?, ?)",
-                         (prompt_id, number, _encode(payload)))
+                         (prompt_id, number, encode_json(payload)))
 
         self._submit(op)
 
@@ -237,7 +237,7 @@ class StateStore:
         def op(conn: sqlite3.Connection) -> None:
             rows = self._count_history(conn)
             conn.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,))
-            row = (prompt_id, encoded if encoded is not None else _encode(entry), start_ms, end_ms)
+            row = (prompt_id, encoded if encoded is not None else encode_json(entry), start_ms, end_ms)
             # One statement for a prompt's first entry (nearly always: it runs between two prompts); finished
             # again (the same prompt_id queued again), its entry moves to the newest place.
             if not conn.execute(f"INSERT OR IGNORE {INSERT_HISTORY}", row).rowcount:
