@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +75,9 @@ class UserQueueView:
 
     def history_entries(self) -> dict[str, dict[str, Any]]:
         return {pid: task.history_entry() for pid, task in self._history.items()}
+
+    def history_json(self, history: dict[str, Any]) -> str:
+        return json.dumps(history)
 
     def times_ms(self, prompt_id: str) -> tuple[int, int] | None:
         task = self._history.get(prompt_id)

@@ -37,6 +37,9 @@ class QueueReads(Protocol):
 
     def history_entries(self) -> dict[str, dict[str, Any]]: ...
 
+    def history_json(self, history: dict[str, Any]) -> str:
+        """``history`` (from ``get_history``) as the JSON text /history answers."""
+
     def times_ms(self, prompt_id: str) -> tuple[int, int] | None: ...
 
 

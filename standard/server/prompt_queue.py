@@ -310,7 +310,7 @@ class PromptQueue:
             keys = keys[:max_items]
         return {key: self._history[key] for key in keys}
 
-    def history_json(self, history: dict[str, dict[str, Any]]) -> str:
+    def history_json(self, history: dict[str, Any]) -> str:
         """``history`` (from :meth:`get_history`) as JSON: the text of the entries encoded for the store, the
         others encoded now (the same text json.dumps writes)."""
         encoded = self._encoded

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 from aiohttp import web
 
 from ..http_util import json_error, query_int, read_json_object
 from ..serving import is_draining
-from .context import QueueReads, instance_context, prompt_server
-from .prompt_queue import PromptQueue, QueueItem
+from .context import instance_context, prompt_server
+from .prompt_queue import QueueItem
 from .prompt_request import delete_ids, invalid_prompt, parse_prompt_request, refused_while_draining
 
 log = logging.getLogger("comfyserve.server")
@@ -99,20 +98,14 @@ async def get_history(request: web.Request) -> web.Response:
     if max_items is not None and max_items < 0:
         raise json_error(400, "invalid_parameter", "max_items must not be negative")
     queue = instance_context(request).server.queue
-    return _history_response(queue, queue.get_history(max_items=max_items, offset=-1 if offset is None else offset))
+    return web.json_response(text=queue.history_json(
+        queue.get_history(max_items=max_items, offset=-1 if offset is None else offset)))
 
 
 @routes.get("/history/{prompt_id}")
 async def get_history_item(request: web.Request) -> web.Response:
     queue = instance_context(request).server.queue
-    return _history_response(queue, queue.get_history(request.match_info["prompt_id"]))
-
-
-def _history_response(queue: QueueReads, history: dict[str, Any]) -> web.Response:
-    """An instance's history answers with the entries' JSON its execution thread wrote for the store."""
-    if isinstance(queue, PromptQueue):
-        return web.json_response(text=queue.history_json(history))
-    return web.json_response(history)
+    return web.json_response(text=queue.history_json(queue.get_history(request.match_info["prompt_id"])))
 
 
 @routes.post("/history")
