@@ -136,7 +136,7 @@ async def watch(request: web.Request, queue: str, store: QueueStore, settings: Q
 
     # No permessage-deflate: frames are small or already compressed, and latency matters more.
     ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024, compress=False)
-    if affinity is not None and affinity.prefetch and PREFETCH_EXTENSIONS:
+    if affinity is not None and affinity.prefetch:
         ws.headers[WATCH_EXTENSIONS_HEADER] = PREFETCH_EXTENSIONS
     await ws.prepare(request)
     registry.sockets.add(ws)

@@ -28,6 +28,7 @@ async def watch_comfyui(backend: Backend, wake: asyncio.Event, *, name: str, bus
     addressable (at once when ``soon`` is set meanwhile); while not, asleep until ``wake`` is set. A look
     that fails is logged and the next one comes as planned: the watcher must outlive anything one answer
     does to it."""
+    soon = soon if soon is not None else asyncio.Event()  # never set: the looks come every interval_s()
     while True:
         if not busy():
             wake.clear()
@@ -42,9 +43,6 @@ async def watch_comfyui(backend: Backend, wake: asyncio.Event, *, name: str, bus
             log.debug("%s: ComfyUI did not answer: %r", name, exc)
         except Exception:
             log.exception("%s: a look at ComfyUI failed", name)
-        if soon is None:
-            await asyncio.sleep(interval_s())
-            continue
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval_s()):
                 await soon.wait()

@@ -203,8 +203,9 @@ class PromptQueue:
             entry, times = stored.entry, stored.times_ms
         else:
             entry, times = _finished(item, history_result, status, started_ms, end_ms)
-        if stored is not None and stored.encoded is not None:
-            self._encoded[item.prompt_id] = stored.encoded
+        encoded = stored.encoded if stored is not None else None
+        if encoded is not None:
+            self._encoded[item.prompt_id] = encoded
         else:
             self._encoded.pop(item.prompt_id, None)
         self._times_ms[item.prompt_id] = times
