@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,13 @@ async def journal(http: httpx.AsyncClient, name: str) -> float:
     return value(await scrape(f"{http.base_url}metrics", TOKEN), f"comfyserve_backend_journal_{name}")
 
 
-def front_client(port: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/", headers={"Authorization": TOKEN},
-                             trust_env=False, timeout=30)
+@contextlib.asynccontextmanager
+async def front_client(port: int) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the front, once its journal's socket to ComfyUI is open (prompts are anchored from then)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/", headers={"Authorization": TOKEN},
+                                 trust_env=False, timeout=30) as http:
+        await until(lambda: _equals(journal(http, "socket_up"), 1), what="the journal's socket to ComfyUI open")
+        yield http
 
 
 async def test_prompts_whose_entries_comfyui_trimmed_are_not_run_again(tmp_path: Path) -> None:
@@ -103,7 +108,6 @@ async def test_prompts_whose_entries_comfyui_trimmed_are_not_run_again(tmp_path:
     gates = [f"g{index}" for index in range(BURST)]
     try:
         async with front_client(front.port) as http:
-            await until(lambda: _equals(journal(http, "socket_up"), 1), what="the journal's socket to ComfyUI open")
             hold.hold_next()  # the whole burst finishes between two looks of the journal
             for prompt_id, gate in zip(ids, gates, strict=True):
                 await queue_prompt(http, prompt_id, gate)
@@ -135,7 +139,6 @@ async def test_a_backend_url_restarted_between_two_looks_gets_its_forgotten_prom
     cut, pending = prompt_uuid("cut"), prompt_uuid("pending")
     try:
         async with front_client(front.port) as http:
-            await until(lambda: _equals(journal(http, "socket_up"), 1), what="the journal's socket to ComfyUI open")
             await queue_prompt(http, cut, "ga")
             await queue_prompt(http, pending, "gb")
             await until(lambda: followed(state_file) == {cut: True, pending: False}, what="the journal saw it run")
@@ -166,8 +169,7 @@ async def test_the_journals_socket_asks_the_backend_for_no_broadcasts(tmp_path: 
     front = await start_front(backend.url, init_data_dir(tmp_path / "front").root, token=TOKEN,
                               state_file=tmp_path / "front.sqlite3")
     try:
-        async with front_client(front.port) as http:
-            await until(lambda: _equals(journal(http, "socket_up"), 1), what="the journal's socket to ComfyUI open")
+        async with front_client(front.port):
             server = backend.app[keys.PROMPT_SERVER]
             assert len(server.sockets) == 1
             assert set(server.sockets) == server.quiet_sids
