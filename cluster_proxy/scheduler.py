@@ -64,7 +64,12 @@
   goes in its user's order, as without affinity. At the end of a model's
   work, an instance loads it only if that pays off: its holders would take
   longer over the waiting tasks (observed run time per task) than a load
-  takes (observed extra time of runs that needed one); else it waits.
+  takes (observed extra time of runs that needed one); else it waits. Until
+  both kinds of runs were seen, a load counts as four runs
+  (``standard.load_costs.Costs``): the first tasks of a burst, which may all
+  want one model, do not move every instance onto it before the other models'
+  tasks arrive (instances holding nothing yet, a pool just started, take them
+  as without affinity).
   Why 10 s by default: the bound itself forces loads (a task that waited S takes an instance holding other models),
   so it must be worth several loads; on the simulated GPU (issue 16: loads of
   2 s, 0.5 s tasks, 4 instances, 3 checkpoints) S = 3 s made 15 loads, 5 s 10,
@@ -198,7 +203,7 @@ def choose(pending: list[Task], running_per_user: dict[str, int], last_served: d
     task = min(mine, key=lambda t: (-need(t.models), mine.index(t)))
     if costs is not None and task.models and all(holders[m] for m in task.models):
         # At the end of a model's work its holders may finish it sooner than another instance could load it.
-        if not costs.worth_loading(min(demand[m] / holders[m] for m in task.models)):
+        if not costs.worth_loading(min(demand[m] / holders[m] for m in task.models), holding=bool(instance.models)):
             return None
     return task, instance, first
 

@@ -27,8 +27,9 @@ A free consumer loads models only where that pays off (``standard.load_costs``, 
 rule): an item whose models no watch's consumer holds goes first (the oldest such); else the oldest item
 whose models are worth loading, that is whose holders would take longer over the waiting items with
 those models (observed run time each) than a load takes (the observed extra time of runs that needed
-one). Items not worth it are left to their holders: at the end of a model's work, a consumer that holds
-it finishes it rather than three others each loading it for one item. A run is timed here, from the end
+one; until both kinds were seen, four runs, ``Costs``). Items not worth it are left to their holders: at
+the end of a model's work, a consumer that holds it finishes it rather than three others each loading it
+for one item. A run is timed here, from the end
 of the consumer's previous item (or its hand-out) to the end of this one (its commit, seen by the next
 claim); it needed a load when its value differs from the one before (unknown before the first).
 
@@ -111,11 +112,12 @@ class PassedOver:
             for peer in self.holders.get(key, set()) - {me}:
                 peer.wake.set()
 
-    def worth_loading(self, key: Key, models: str, waiting: int, me: Holder) -> bool:
+    def worth_loading(self, key: Key, models: str, waiting: int, me: Holder, *, mine: bool = True) -> bool:
         """A consumer loading ``models`` for ``waiting`` items pays off (``Costs``, the cluster's rule): no other
-        consumer holds them, or those that do would take longer over those items than a load takes."""
+        consumer holds them, or those that do would take longer over those items than a load takes.
+        ``mine``: the consumer holds models of its own (False: none known)."""
         holding = sum(1 for watch, held in self.models.get(key, {}).items() if watch != id(me) and held == models)
-        return not holding or self.costs.setdefault(key, Costs()).worth_loading(waiting / holding)
+        return not holding or self.costs.setdefault(key, Costs()).worth_loading(waiting / holding, holding=mine)
 
     def ask_back(self, key: Key, me: Holder, fits: Callable[[str | None], bool], *, prefer: str | None = None,
                  ending: bool = False) -> None:
@@ -281,7 +283,8 @@ class Affinity:
     def _takes(self, passed: PassedOver, key: Key, models: str | None, waiting: int) -> bool:
         """Whether this watch's consumer should take an item with ``models`` (``waiting`` such items): its own
         models, models unknown, or a load that pays off (``PassedOver.worth_loading``)."""
-        return not models or models == self.value or passed.worth_loading(key, models, waiting, self.holder)
+        return not models or models == self.value or passed.worth_loading(key, models, waiting, self.holder,
+                                                                           mine=self.value is not None)
 
     def _ended(self, passed: PassedOver, key: Key, held: set[int]) -> None:
         """Items it handed out that its consumer no longer holds have ended: the oldest one ran from the end

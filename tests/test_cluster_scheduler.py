@@ -170,6 +170,27 @@ async def test_a_model_no_instance_holds_goes_first_to_a_spare_instance(tmp_path
     assert dict(await idle.next()) == {"a2": "http://x", "a1": "http://y"}
 
 
+async def test_before_any_load_was_seen_a_model_being_loaded_is_loaded_again_from_four_tasks_per_holder(
+        tmp_path) -> None:
+    # The start of a burst: its first tasks all want a.ckpt, d's b.ckpt one comes a moment later. x loads a.ckpt;
+    # y and z (holding the warm-up's model) do not load it too for two tasks: one of them is there for d's.
+    warm = {"w.ckpt"}
+    sched = _Started(tmp_path, [_up("http://x", warm), _up("http://y", warm), _up("http://z", warm)], prefetch=0,
+                     affinity_wait_s=5.0)
+    await sched.add(_task("a", 1, ["a.ckpt"]), _task("b", 2, ["a.ckpt"]), _task("c", 3, ["a.ckpt"]))
+    assert await sched.scheduler.dispatch() == 1 and sched.started == [("a1", "http://x")]
+    await sched.add(_task("d", 4, ["b.ckpt"]))
+    assert await sched.scheduler.dispatch() == 1 and sched.started[1][0] == "d4"
+    await sched.add(_task("b", 5, ["a.ckpt"]), _task("c", 6, ["a.ckpt"]))  # 4 tasks for 1 holder: a load pays
+    assert await sched.scheduler.dispatch() == 1 and sched.started[2][0] == "b2"
+    # Instances holding nothing yet (a pool just started) take the first tasks as without affinity.
+    (tmp_path / "fresh").mkdir()
+    fresh = _Started(tmp_path / "fresh", [_up("http://x"), _up("http://y"), _up("http://z")], prefetch=0,
+                     affinity_wait_s=5.0)
+    await fresh.add(_task("a", 1, ["a.ckpt"]), _task("b", 2, ["a.ckpt"]), _task("c", 3, ["a.ckpt"]))
+    assert await fresh.scheduler.dispatch() == 3
+
+
 async def test_an_instance_about_to_be_free_is_chosen_for_as_if_idle(tmp_path) -> None:
     # x runs alice's a0. Busy, it is queued ahead on bob's turn (alice runs one): bob's task needs a load, which
     # waits. Once a0 reported its last step, x is chosen for as at a0's end: alice's turn again, and her task x
