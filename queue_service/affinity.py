@@ -29,18 +29,20 @@ whose models are worth loading, that is whose holders would take longer over the
 those models (observed run time each) than a load takes (the observed extra time of runs that needed
 one; until both kinds were seen, four runs, ``Costs``). Items not worth it are left to their holders: at
 the end of a model's work, a consumer that holds it finishes it rather than three others each loading it
-for one item. A run is timed here, from the end
-of the consumer's previous item (or its hand-out) to the end of this one (its commit, seen by the next
-claim); it needed a load when its value differs from the one before (unknown before the first).
+for one item. A consumer holds the models of the item it is being handed from the watch's decision on
+(``PassedOver.loading``), not from the store's answer: two free watches that decide at the same moment
+do not both load one model. A run is timed here, from the end of the consumer's previous item (or its
+hand-out) to the end of this one (its commit, seen by the next claim); it needed a load when its value
+differs from the one before (unknown before the first).
 
 The bound: the oldest ready item is *passed over* when a claim takes another in its place, or takes
 none while it is left to its models' holders. Once the
 same item has stood at the head, passed over, for ``_affinity_wait_``, the watches of this process claim
-in plain order (it first) until the head moves. The head is found by reading the first ``PEEK`` items
-of the queue after a preferring claim, leaving out the items this process's watches hold. Several
-service processes on one Redis keep their own account: an item held by another process may be taken
-for the head, which only makes claims fall back to plain order sooner. ``_affinity_wait_=0`` (or no
-``_affinity_``): plain order.
+in plain order (it first) until the head moves.
+The head is found by reading the first ``PEEK`` items of the queue after a preferring claim, leaving out
+the items this process's watches hold. Several service processes on one Redis keep their own account: an
+item held by another process may be taken for the head, which only makes claims fall back to plain order
+sooner. ``_affinity_wait_=0`` (or no ``_affinity_``): plain order.
 """
 
 from __future__ import annotations
@@ -118,6 +120,14 @@ class PassedOver:
         ``mine``: the consumer holds models of its own (False: none known)."""
         holding = sum(1 for watch, held in self.models.get(key, {}).items() if watch != id(me) and held == models)
         return not holding or self.costs.setdefault(key, Costs()).worth_loading(waiting / holding, holding=mine)
+
+    def loading(self, key: Key, me: Holder, models: str | None) -> None:
+        """``me``'s consumer is about to be handed an item with ``models`` (None: unknown, nothing changes): they
+        count as held from the decision on, not from the claim's answer, so a peer deciding meanwhile (its
+        claim awaits the store too) loads other models rather than the same ones (``Affinity._one`` then sets
+        what was handed out, or back what it held if nothing was)."""
+        if models:
+            self.models.setdefault(key, {})[id(me)] = models
 
     def ask_back(self, key: Key, me: Holder, fits: Callable[[str | None], bool], *, prefer: str | None = None,
                  ending: bool = False) -> None:
@@ -321,20 +331,24 @@ class Affinity:
                 head = passed.head_of(queue, await store.get(queue, min_index, PEEK, None), tags)
                 if head is None or head.decoded()[0].get(self.tag):
                     return []  # wait for this consumer's slot to be free (or for the head to be overdue)
-        if not items and free and not overdue:
-            first = await store.get(queue, min_index, PEEK, None)
-            models = self._loadable(passed, key, first, tags)
-            if models is None:
-                return []  # every ready item is better left to the consumers holding its models
-            if models:  # the oldest ready item worth loading, behind others that are not: they are passed over
+        try:
+            if not items and free and not overdue:
+                first = await store.get(queue, min_index, PEEK, None)
+                models = self._loadable(passed, key, first, tags)  # counted held from here (``loading``)
+                if models is None:
+                    return []  # every ready item is better left to the consumers holding its models
+                if models:  # the oldest ready item worth loading, behind others that are not: they are passed over
+                    items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
+                                              auto_commit=False, lease_s=lease_s, tags={**tags, self.tag: models},
+                                              handoff=False)
+                    if items:
+                        passed.seen(queue, first, items[0], tags)
+            if not items:
                 items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                          auto_commit=False, lease_s=lease_s, tags={**tags, self.tag: models},
-                                          handoff=False)
-                if items:
-                    passed.seen(queue, first, items[0], tags)
-        if not items:
-            items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
-                                      auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
+                                          auto_commit=False, lease_s=lease_s, tags=tags, handoff=False)
+        except BaseException:
+            passed.models.setdefault(key, {})[id(self.holder)] = self.value  # nothing handed out: what it held
+            raise
         if overdue:  # the oldest ready item went first: its account starts again
             passed.heads.pop(queue, None)
         passed.taken(queue, items)
@@ -361,10 +375,12 @@ class Affinity:
         # oldest model at the start, and the others' items pile up until the bound moves several at once.
         unheld = next((position for position, wanted in enumerate(models) if wanted and not held[wanted]), None)
         if unheld is not None:
+            passed.loading(key, self.holder, models[unheld])
             return models[unheld] if unheld else ""
         waiting = Counter(m for m in models if m)
         for position, wanted in enumerate(models):
             if self._takes(passed, key, wanted, waiting[wanted] if wanted else 0):
+                passed.loading(key, self.holder, wanted)
                 return "" if position == 0 or not wanted else wanted
         if ready:
             self.declined = True

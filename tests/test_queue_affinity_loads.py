@@ -4,13 +4,15 @@ and never longer than ``_affinity_wait_``. On both stores."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from test_queue_handback import QUEUE, commit, idle_watches, next_item, pending, watch
 
-from queue_service.server import WATCHERS_KEY
+from queue_service.server import STORE_KEY, WATCHERS_KEY
+from queue_service.store import Item
 from support.clock import FakeClock
 from support.queue import TOKEN, LiveQueue
 from support.wait import until
@@ -142,3 +144,34 @@ async def test_at_the_start_of_a_burst_a_free_watch_leaves_a_model_being_loaded_
             b0 = await put(live_queue, "b0", "b")
             assert await next_item(second) == (b0, b"b0")
             assert not await pending(live_queue, a1)
+
+
+async def test_two_free_watches_deciding_at_once_load_different_models(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    # Both wake to the same queue and read it before either claims: the models the first one is about to load
+    # count as held from its decision, not from its claim's answer, so the second takes b0, not a1.
+    store = live_queue.app[STORE_KEY]
+    real_get, reads, both_read = store.get, [], asyncio.Event()
+
+    async def read_together(queue: str, start_index: int, length: int, request_id: str | None) -> list[Item]:
+        items = await real_get(queue, start_index, length, request_id)
+        if stash.closed and len(reads) < 2:
+            reads.append(items)
+            if len(reads) == 2:
+                both_read.set()
+            await both_read.wait()
+        return items
+
+    named = [("a0", "a"), ("a1", "a"), ("b0", "b")]
+    indexes = [await put(live_queue, name, models) for name, models in named]
+    stash = await watch(http, live_queue, "stash", window=3, prefetch=False).__aenter__()
+    assert [(await next_item(stash))[0] for _ in named] == indexes
+    store.get = read_together  # type: ignore[method-assign]
+    options = {**AFFINITY, "_affinity_prefer_": "warm-up"}
+    async with watch(http, live_queue, "one", window=1, prefetch=False, options=options) as one, \
+            watch(http, live_queue, "two", window=1, prefetch=False, options=options) as two:
+        watches = live_queue.app[WATCHERS_KEY].passed.models
+        await until(lambda: sum(map(len, watches.values())) == 2, what="both watches open")
+        await stash.close()  # its items are ready again at once, in one change
+        assert {await next_item(one), await next_item(two)} == {(indexes[0], b"a0"), (indexes[2], b"b0")}
+        assert not await pending(live_queue, indexes[1])
