@@ -38,7 +38,8 @@ differs from the one before (unknown before the first).
 The bound: the oldest ready item is *passed over* when a claim takes another in its place, or takes
 none while it is left to its models' holders. Once the
 same item has stood at the head, passed over, for ``_affinity_wait_``, the watches of this process claim
-in plain order (it first) until the head moves.
+in plain order (it first) until the head moves: the first watch to see it overdue takes it, and its
+account starts again from that decision, so peers deciding at the same moment keep their preference.
 The head is found by reading the first ``PEEK`` items of the queue after a preferring claim, leaving out
 the items this process's watches hold. Several service processes on one Redis keep their own account: an
 item held by another process may be taken for the head, which only makes claims fall back to plain order
@@ -321,6 +322,8 @@ class Affinity:
         key = (queue, frozenset(tags.items()))
         items: list[Item] = []
         overdue = passed.overdue(queue, self.wait_s)
+        if overdue:  # the oldest ready item goes first, here: its account starts again now, so that a peer
+            passed.heads.pop(queue, None)  # deciding meanwhile keeps its preference, not a plain claim beside it
         if self.value is not None and not overdue:
             items = await store.claim(queue, consumer, session, window=window, min_index=min_index,
                                       auto_commit=False, lease_s=lease_s, tags={**tags, self.tag: self.value},
@@ -349,8 +352,6 @@ class Affinity:
         except BaseException:
             passed.models.setdefault(key, {})[id(self.holder)] = self.value  # nothing handed out: what it held
             raise
-        if overdue:  # the oldest ready item went first: its account starts again
-            passed.heads.pop(queue, None)
         passed.taken(queue, items)
         now = passed.clock()
         for item in items:  # an item without the tag (models unknown) leaves the preference as it was

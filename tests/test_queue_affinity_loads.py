@@ -175,3 +175,46 @@ async def test_two_free_watches_deciding_at_once_load_different_models(
         await stash.close()  # its items are ready again at once, in one change
         assert {await next_item(one), await next_item(two)} == {(indexes[0], b"a0"), (indexes[2], b"b0")}
         assert not await pending(live_queue, indexes[1])
+
+
+async def test_an_overdue_head_moves_one_watch_to_its_models_not_every_watch_deciding_at_once(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    live_queue.app[WATCHERS_KEY].passed.clock = clock
+    named = [("y1", "y"), ("y2", "y"), ("x1", "x"), ("x2", "x"), ("x3", "x")]
+    indexes = dict(zip([name for name, _ in named], [await put(live_queue, *item) for item in named], strict=True))
+    options = {**AFFINITY, "_affinity_prefer_": "x"}
+    async with watch(http, live_queue, "one", window=1, prefetch=False, options=options) as one, \
+            watch(http, live_queue, "two", window=1, prefetch=False, options=options) as two:
+        taken = {await next_item(one), await next_item(two)}  # y1 passed over from the first claim on
+        assert taken == {(indexes["x1"], b"x1"), (indexes["x2"], b"x2")}
+        clock.advance(60.0)
+        async with http.put(f"http://{live_queue.endpoint}/api/predict/{QUEUE}",
+                            params={"_indexes_": f"{indexes['x1']},{indexes['x2']}"}) as response:
+            assert response.status == 200  # both free in one change: both find y1 overdue at once
+        # y1 goes now, on one of them; the other keeps x: y2 was not passed over for the bound.
+        assert {await next_item(one), await next_item(two)} == {(indexes["y1"], b"y1"), (indexes["x3"], b"x3")}
+        assert not await pending(live_queue, indexes["y2"])
+
+
+async def test_a_free_watch_takes_first_an_item_whose_models_no_watch_holds(
+        live_queue: LiveQueue, http: aiohttp.ClientSession) -> None:
+    a0 = await put(live_queue, "a0", "a")
+    async with watch(http, live_queue, "holder", window=1, prefetch=False,
+                     options={**AFFINITY, "_affinity_prefer_": "a"}) as holder:
+        assert await next_item(holder) == (a0, b"a0")
+        a1, b1 = await put(live_queue, "a1", "a"), await put(live_queue, "b1", "b")
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "warm-up"}) as free:
+            assert await next_item(free) == (b1, b"b1")  # a has a consumer already, b none
+            assert not await pending(live_queue, a1)
+
+
+async def test_a_free_watch_that_leaves_an_item_to_its_holder_does_not_keep_the_holders_slot_ahead_shut(
+        live_queue: LiveQueue, http: aiohttp.ClientSession, clock: FakeClock) -> None:
+    b0 = await put(live_queue, "b0", "b")
+    async with watch(http, live_queue, "holder", options={**AFFINITY, "_affinity_prefer_": "b"}) as holder:
+        assert await next_item(holder) == (b0, b"b0")
+        async with watch(http, live_queue, "free", options={**AFFINITY, "_affinity_prefer_": "c"}):
+            await until(lambda: idle_watches(live_queue) == 1, what="the free watch idle (nothing to take)")
+            b1 = await put(live_queue, "b1", "b")  # one item for one holder: not worth a load on the free one
+            assert await next_item(holder) == (b1, b"b1")  # queued ahead there, though a watch was idle
