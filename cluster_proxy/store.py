@@ -66,6 +66,10 @@ class Task:
     # Claimed and queued on its instance behind the task running there (``--prefetch``), not started yet:
     # users see it as pending; ``mark_started`` clears it when the instance starts it.
     queued_ahead: bool = False
+    # Its user deleted it through a proxy that does not follow it while it was queued ahead: the proxy that
+    # follows it takes it out of its instance's queue and drops it (``request_withdraw``). Cleared when it
+    # starts there all the same (it then runs as any running task) or goes back to the store's queue.
+    withdraw_requested: bool = False
 
     def attempt_key(self) -> str:
         """The instance's ``prompt_id`` for this attempt: a UUID (as ComfyUI requires of a client's own id)
@@ -124,6 +128,7 @@ class StateStore(Protocol):
     async def running(self) -> list[Task]: ...
     async def claim(self, task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None: ...
     async def mark_started(self, task_id: str) -> Task | None: ...
+    async def request_withdraw(self, task_id: str) -> Task | None: ...
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None: ...
     async def heartbeat(self, proxy: str, ttl_s: float) -> None: ...
     async def alive_proxies(self) -> set[str]: ...
@@ -205,7 +210,14 @@ def started_change(task: Task) -> None:
     """A task queued ahead has started on its instance: it runs from now (what usage counts)."""
     if not task.queued_ahead:
         raise TransitionRefused
-    task.queued_ahead, task.started_ms = False, now_ms()
+    task.queued_ahead, task.started_ms, task.withdraw_requested = False, now_ms(), False
+
+
+def withdraw_change(task: Task) -> None:
+    """Its user deleted a task queued ahead through another proxy: the one following it is to withdraw it."""
+    if not task.queued_ahead:
+        raise TransitionRefused  # it started: a delete leaves a running task alone
+    task.withdraw_requested = True
 
 
 def adopt_change(old_proxy: str | None, new_proxy: str) -> Any:
@@ -221,7 +233,7 @@ def requeue_change(note: str) -> Any:
     def change(task: Task) -> None:
         if task.started_ms is not None and not task.queued_ahead:  # it used its instance until now
             task.earlier_attempts_ms += max(0, now_ms() - task.started_ms)
-        task.state, task.instance, task.queued_ahead = PENDING, None, False
+        task.state, task.instance, task.queued_ahead, task.withdraw_requested = PENDING, None, False, False
         task.notes.append(note)
 
     return change
@@ -365,6 +377,10 @@ class SqliteStateStore:
 
     async def mark_started(self, task_id: str) -> Task | None:
         return await self._transition(task_id, RUNNING, started_change)
+
+    async def request_withdraw(self, task_id: str) -> Task | None:
+        """Mark a task queued ahead for withdrawal (``Task.withdraw_requested``); None if it is not queued ahead."""
+        return await self._transition(task_id, RUNNING, withdraw_change)
 
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
         """A running task whose proxy is gone: ``new_proxy`` follows it now (one taker only)."""

@@ -39,6 +39,7 @@ from .store import (
     redis_errors_translated,
     requeue_change,
     started_change,
+    withdraw_change,
 )
 
 PREFIX = "comfyserve:cluster:state:"
@@ -170,6 +171,9 @@ class RedisStateStore:
 
     async def mark_started(self, task_id: str) -> Task | None:
         return await self._transition(task_id, RUNNING, started_change)
+
+    async def request_withdraw(self, task_id: str) -> Task | None:
+        return await self._transition(task_id, RUNNING, withdraw_change)
 
     async def adopt(self, task_id: str, old_proxy: str | None, new_proxy: str) -> Task | None:
         return await self._transition(task_id, RUNNING, adopt_change(old_proxy, new_proxy))

@@ -55,6 +55,27 @@ async def test_tasks_move_pending_running_done_once(store: Any) -> None:
     assert [t.prompt_id for t in await store.user_tasks("alice", DONE)] == []
 
 
+async def test_a_withdrawal_is_asked_of_a_task_queued_ahead_only_and_ends_when_it_starts_or_goes_back(
+        store: Any) -> None:
+    ahead, running = _task("alice", "p1", 1), _task("alice", "p2", 2)
+    assert await store.add(ahead) and await store.add(running)
+    assert await store.request_withdraw(ahead.id) is None  # waiting in the store's queue: a plain delete
+    await store.claim(ahead.id, "http://i1", ahead=True)
+    await store.claim(running.id, "http://i2")
+    assert await store.request_withdraw(running.id) is None  # started: a delete leaves it alone
+    asked = await store.request_withdraw(ahead.id)
+    assert asked is not None and asked.withdraw_requested and asked.queued_ahead
+    assert (await store.get_by_id(ahead.id)).withdraw_requested
+    started = await store.mark_started(ahead.id)  # it got away: it runs as any running task
+    assert started is not None and not started.withdraw_requested
+    assert await store.request_withdraw(ahead.id) is None
+    again = _task("alice", "p3", 3)
+    assert await store.add(again)
+    await store.claim(again.id, "http://i1", ahead=True)
+    await store.request_withdraw(again.id)
+    assert not (await store.requeue(again.id, "handed back")).withdraw_requested  # a plain delete takes it now
+
+
 async def test_deletes_touch_only_the_named_users_tasks(store: Any) -> None:
     for index, user in enumerate(("alice", "alice", "bob")):
         await store.add(_task(user, f"p{index}", index))
