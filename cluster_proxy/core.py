@@ -27,7 +27,7 @@ from .pool import Instance, Pool, instance_url, shown
 from .retire import retire_user
 from .rolling import RollingRestart
 from .runner import InstanceLost, TaskRun, error_history
-from .scheduler import LEASE_TTL_S, Scheduler, dispatch_order
+from .scheduler import LEASE_TTL_S, SHARED_POLL_S, Scheduler, dispatch_order
 from .store import DONE, PENDING, RUNNING, StateStore, Task
 from .usage import UsageMeter
 from .validation import LocalValidator
@@ -38,6 +38,10 @@ HEARTBEAT_TTL_S = 6.0  # a proxy silent this long is gone; others follow its run
 HANDED_BACK = "handed back"  # note of a task requeued by a drain: not a lost attempt
 ADD_CHECK_TIMEOUTS = ClientTimeouts(connect_s=3.0, request_s=10.0, get_retries=0)  # an admin waits on it
 REMOVAL_WAIT_S = 10.0  # how long removing a user waits for their interrupted tasks to stop
+# How long a delete waits for the proxy following a task queued ahead to withdraw it: one that died is
+# noticed within a heartbeat, and its task handed back to the store's queue (where the delete takes it).
+WITHDRAW_WAIT_S = 2 * HEARTBEAT_TTL_S
+WITHDRAW_POLL_S = 0.05  # how often that delete looks at the task meanwhile
 
 
 class ClusterCore:
@@ -78,6 +82,7 @@ class ClusterCore:
         self._spawn(self._renew_leases())
         if self.store.shared:
             self._spawn(self._watch_proxies())
+            self._spawn(self._follow_withdrawals())
 
     async def aclose(self) -> None:
         if self.restart.job is not None:
@@ -355,16 +360,73 @@ class ClusterCore:
         return matched
 
     async def delete_pending(self, user: str, prompt_ids: list[str] | None) -> list[str]:
-        """Delete the user's waiting tasks: from the store, and those queued ahead from their instance's queue."""
+        """Delete the user's waiting tasks: from the store, and those queued ahead from their instance's queue
+        (with a shared store, also those another proxy queued ahead: ``_delete_elsewhere``)."""
         deleted = await self.store.delete(user, prompt_ids, PENDING)
         for run in list(self.runs.values()):
             task = run.task
             if (task.user == user and not run.started and (prompt_ids is None or task.prompt_id in prompt_ids)
                     and await self._withdraw(run)):
                 deleted += await self.store.delete(user, [task.prompt_id], RUNNING)
+        if self.store.shared:
+            elsewhere = [task for task in await self.store.user_tasks(user, RUNNING)
+                         if task.queued_ahead and task.id not in self.runs
+                         and (prompt_ids is None or task.prompt_id in prompt_ids)]
+            gone = await asyncio.gather(*(self._delete_elsewhere(task) for task in elsewhere))
+            deleted += [task.prompt_id for task, out in zip(elsewhere, gone, strict=True) if out]
         if deleted:
             await self.broadcast_queues()
         return deleted
+
+    async def _delete_elsewhere(self, task: Task) -> bool:
+        """Delete a task another proxy queued ahead on an instance; False if it started there first.
+
+        Only the proxy following the task may take it out of its instance's queue (the instance would
+        otherwise vanish from under that proxy's run, which then retries it), so the task is marked in the
+        store (``request_withdraw``) and that proxy withdraws and drops it (``_withdraw_requested``). One
+        that got away runs on, as a running task does on a delete; one handed back to the store's queue
+        meanwhile (a drain, or the proxy went away and another adopted its tasks) is deleted from there.
+        """
+        deadline = time.monotonic() + WITHDRAW_WAIT_S
+        while time.monotonic() < deadline:
+            current = await self.store.get_by_id(task.id)
+            if current is None:  # dropped by the proxy that withdrew it
+                return True
+            if current.state == PENDING:
+                if await self.store.delete(task.user, [task.prompt_id], PENDING):
+                    return True
+            elif current.state != RUNNING or not current.queued_ahead:
+                return False
+            elif not current.withdraw_requested:
+                await self.store.request_withdraw(task.id)
+            await asyncio.sleep(WITHDRAW_POLL_S)
+        log.warning("task %s of %s: its proxy did not withdraw it in %.0fs", task.prompt_id, task.user,
+                    WITHDRAW_WAIT_S)
+        return False
+
+    async def _follow_withdrawals(self) -> None:
+        """Shared store: withdraw the tasks queued ahead here that their user deleted through another proxy."""
+        while True:
+            await asyncio.sleep(SHARED_POLL_S)
+            try:
+                await self._withdraw_requested()
+            except Exception:  # a store hiccup: look again next round
+                log.exception("following deletes made through other proxies failed")
+
+    async def _withdraw_requested(self) -> None:
+        """Take each task queued ahead here whose withdrawal another proxy asked for out of its instance's
+        queue, and drop it; one that started meanwhile runs on (``_withdraw``)."""
+        if not any(not run.started and not run.released for run in self.runs.values()):
+            return  # nothing queued ahead here: no need to read the store
+        dropped = False
+        for task in await self.store.running():
+            run = self.runs.get(task.id)
+            if task.withdraw_requested and run is not None and await self._withdraw(run):
+                dropped = bool(await self.store.delete(task.user, [task.prompt_id], RUNNING)) or dropped
+                log.info("task %s of %s taken out of %s's queue: deleted through another proxy", task.prompt_id,
+                         task.user, run.instance.url)
+        if dropped:
+            await self.broadcast_queues()
 
     async def delete_history(self, user: str, prompt_ids: list[str] | None) -> list[str]:
         return await self.store.delete(user, prompt_ids, DONE)
