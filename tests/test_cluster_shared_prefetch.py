@@ -60,11 +60,15 @@ async def pair(start_cluster: ClusterFactory, aiohttp_server: Any, data_dir: Pat
         await b.aclose()
 
 
+@pytest.mark.parametrize("route", ["queue", "jobs"])
 async def test_deleting_through_another_proxy_takes_the_task_out_of_the_instance_queue(
-        pair: Pair, data_dir: Path) -> None:
+        pair: Pair, data_dir: Path, route: str) -> None:
     a, b, (running, waiting, later) = pair
     alice_on_b = b.http("alice")
-    assert (await alice_on_b.post("/queue", json={"delete": [waiting]})).status == 200
+    if route == "queue":
+        assert (await alice_on_b.post("/queue", json={"delete": [waiting]})).status == 200
+    else:
+        assert await (await alice_on_b.post(f"/jobs/{waiting}/cancel")).json() == {"cancelled": True}
     assert await b.core.store.get("alice", waiting) is None
     await until(lambda: a.waiting_on_instance(later), what="the next task queued in its place")
     assert not await a.waiting_on_instance(waiting)
