@@ -346,7 +346,11 @@ class ClusterCore:
         self._last_sent.pop(user, None)
 
     async def interrupt(self, user: str, prompt_id: str | None) -> bool:
-        """Interrupt the user's running task (all of them without an id); False if none matched."""
+        """Interrupt the user's running task (all of them without an id); False if none matched.
+
+        One another proxy follows (shared store) is interrupted on its instance by its attempt's id, which
+        ComfyUI stops only while that prompt runs there; that proxy records the interruption as its own.
+        """
         matched = False
         for task in await self.store.user_tasks(user, RUNNING):
             if prompt_id is None or task.prompt_id == prompt_id:
@@ -356,6 +360,10 @@ class ClusterCore:
                     continue
                 if run is not None:
                     await run.interrupt()
+                    matched = True
+                elif self.store.shared and (instance := self.pool.instances.get(task.instance or "")) is not None:
+                    with contextlib.suppress(InstanceError):
+                        await instance.client.interrupt(task.attempt_key())
                     matched = True
         return matched
 

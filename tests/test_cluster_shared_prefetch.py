@@ -127,3 +127,22 @@ async def test_a_delete_made_after_the_proxy_that_queued_it_went_away_still_take
     await until(lambda: _finished(b.http("alice"), 2), timeout_s=30)
     assert set(await _history(b.http("alice"))) == {running, later}
     assert runs_of(data_dir, "g2") == 0
+
+
+async def test_a_running_task_the_other_proxy_follows_is_interrupted_through_this_one(
+        pair: Pair, data_dir: Path) -> None:
+    a, b, (running, waiting, later) = pair
+    bob_on_b, alice_on_b = b.http("bob"), b.http("alice")
+    assert (await bob_on_b.post("/interrupt", json={"prompt_id": running})).status == 404
+    assert await (await bob_on_b.post(f"/jobs/{running}/cancel")).json() == {"cancelled": False}
+    assert await a.waiting_on_instance(waiting)  # nothing moved
+    assert await (await alice_on_b.post(f"/jobs/{running}/cancel")).json() == {"cancelled": True}
+    await until(lambda: runs_of(data_dir, "g2") == 1)  # the one queued behind it starts, untouched
+    open_gate(data_dir, "g2")
+    await until(lambda: runs_of(data_dir, "g3") == 1)
+    open_gate(data_dir, "g3")
+    await until(lambda: _finished(alice_on_b, 3), timeout_s=30)
+    history = await _history(alice_on_b)
+    assert history[running]["status"]["status_str"] == "error"
+    assert history[waiting]["status"]["status_str"] == history[later]["status"]["status_str"] == "success"
+    assert runs_of(data_dir, "g1") == 1
