@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's default for an idle keep-alive connect
 HANDOFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"cookie", b"origin", b"idempotency-key",
                              b"x-eas-queueservice-priority"})
 # Query strings of only these characters mean what they say (nothing %-encoded, no '+' for a space).
+_NOT_IN_HEAD = re.compile(r"[^\t\r\n\x20-\x7e]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: what a header name may be
 _PLAIN_QUERY = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~=&")
 
 
@@ -78,8 +81,8 @@ def plain_put(head: bytes, fast: FastPuts) -> PlainPut | None:
         text = head.decode("ascii")
     except UnicodeDecodeError:
         return None
-    if "\x00" in text or text.count("\n") != text.count("\r\n") or text.count("\r") != text.count("\r\n"):
-        return None  # a bare CR or LF: the strict parser decides what it means
+    if _NOT_IN_HEAD.search(text) or text.count("\n") != text.count("\r\n") or text.count("\r") != text.count("\r\n"):
+        return None  # a control character, or a bare CR or LF: the strict parser decides what it means
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1":
@@ -97,8 +100,8 @@ def plain_put(head: bytes, fast: FastPuts) -> PlainPut | None:
     close = False
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            return None  # obs-fold or whitespace before the colon: the strict parser refuses it
+        if not sep or not _TOKEN.fullmatch(name):
+            return None  # obs-fold, whitespace before the colon, a name that is no token: the strict parser refuses it
         lower = name.lower().encode()
         value = value.strip()
         if lower in HANDOFF_HEADERS:
@@ -191,6 +194,7 @@ class PutConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.closing = False  # the site stops: close once the put in flight is answered
+        self.write_paused = False  # the client does not read its answers: read no more requests until it does
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
 
@@ -207,10 +211,22 @@ class PutConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer = self.buffer + data if self.buffer else data
-        if self.busy is None:
+        if self.busy is None and not self.write_paused:
             self._next()
         elif len(self.buffer) > MAX_HEAD_BYTES + self.fast.settings.max_payload_bytes and self.transport is not None:
             self.transport.pause_reading()  # a pipelining client waits for the answer in flight
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and self.busy is None:
+            self.transport.resume_reading()
+            if self.buffer:
+                self._next()
 
     def eof_received(self) -> bool | None:
         self.eof = True  # the client sends no more: close once the answer in flight is out
@@ -278,8 +294,10 @@ class PutConnection(asyncio.Protocol):
         if close:
             self.transport.close()
             return
-        self.transport.resume_reading()
         self._arm_idle()
+        if self.write_paused:
+            return  # resume_writing goes on
+        self.transport.resume_reading()
         if self.buffer:
             self._next()
 

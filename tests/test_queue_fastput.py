@@ -96,6 +96,8 @@ async def test_what_the_fast_path_does_not_take_is_refused_or_served_as_before(
         (post("/api/predict/q", extra="Origin: http://elsewhere.example\r\n"), 200),  # a token: no Origin rule
         (post("/api/predict/q?requestId=a%20b"), 200),
         (post("/api/predict/q?_priority_=1"), 200),
+        (post("/api/predict/q", extra="Bad Name: 1\r\n"), 400),  # the strict parser refuses what we would not
+        (post("/api/predict/q", extra="X-A: \x01\r\n"), 400),
     ]
     for request, expected in cases:
         conn = await Raw.open(live)
