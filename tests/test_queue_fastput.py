@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from queue_service.server import STORE_KEY
+from queue_service.store import HandoffStore, PutRequest
 from support.queue import TOKEN, LiveQueue
 
 
@@ -158,3 +160,34 @@ async def test_concurrent_plain_puts_share_script_calls(live_queue: LiveQueue, r
         await admin.aclose()
     assert sorted(int(a.rsplit(b"\r\n\r\n", 1)[1]) for [a] in answers) == list(range(2, 42))
     assert stats["cmdstat_evalsha"]["calls"] < 40  # puts that came in together went in fewer script calls
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+async def test_a_put_in_flight_when_the_service_stops_is_answered(live_queue: LiveQueue) -> None:
+    store, runner = live_queue.app[STORE_KEY], live_queue.runner
+    assert isinstance(store, HandoffStore) and runner is not None
+    entered, release = asyncio.Event(), asyncio.Event()
+    flush = store._batcher._flush
+
+    async def held(queue: str, requests: list[PutRequest]) -> list[int]:
+        entered.set()
+        await release.wait()
+        return await flush(queue, requests)
+
+    store._batcher._flush = held
+    conn, idle = await Raw.open(live_queue), await Raw.open(live_queue)
+    try:
+        answer = asyncio.create_task(conn.exchange(post("/api/predict/s")))
+        await entered.wait()
+        stopping = asyncio.create_task(runner.cleanup())
+        assert await idle.closed_by_server()  # an idle connection closes at once; the busy one waits for its put
+        assert not answer.done()
+        release.set()
+        [response] = await answer
+        assert response.startswith(b"HTTP/1.1 200 OK") and response.endswith(b"\r\n\r\n1")
+        assert b"\r\nConnection: close\r\n" in response
+        assert await conn.closed_by_server()
+        await stopping
+    finally:
+        conn.close()
+        idle.close()

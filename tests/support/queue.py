@@ -50,6 +50,7 @@ class LiveQueue:
     port: int
     backend: str
     site: FastPutSite | None = None
+    runner: web.AppRunner | None = None
     clients: list[QueueClient] = field(default_factory=list)
 
     @property
@@ -125,7 +126,7 @@ async def make_live_queue(store_kind: str, request: pytest.FixtureRequest,
         await runner.setup()
         site = FastPutSite(runner, "127.0.0.1", 0)
         await site.start()
-        live = LiveQueue(app=app, port=site.port, backend=store_kind, site=site)
+        live = LiveQueue(app=app, port=site.port, backend=store_kind, site=site, runner=runner)
         started.append((live, runner))
         return live
 
