@@ -8,10 +8,11 @@ batch and writes the answer the handler would have written, byte for byte.
 
 Anything else — another method or route, a missing or wrong token, a Host not served or an address being slowed
 (the auth middleware answers those), an ``Origin``, cookies, reserved (``_name_``) or ``%``-encoded query
-parameters, a priority or an idempotency key, a chunked, unsized or too large body, HTTP/1.0, a malformed head, a
-WebSocket upgrade — is handed, with the bytes read so far, to aiohttp's own protocol for that connection, which
-serves it from then on exactly as the rest of the service does (as ``standard/backend/fastpath.py`` does for the
-front). The fast path never answers a request the slow path would refuse.
+parameters, a priority or an idempotency key, a chunked, unsized or large (over 64 KiB) body, HTTP/1.0, a
+malformed head, a WebSocket upgrade — is handed, with the bytes read so far, to aiohttp's own protocol for that
+connection, which serves it from then on exactly as the rest of the service does (as
+``standard/backend/fastpath.py`` does for the front). The fast path never answers a request the slow path would
+refuse.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ log = logging.getLogger("comfyserve.queue")
 ROUTE = "/api/predict/"
 PUT_START = b"POST " + ROUTE.encode()
 MAX_HEAD_BYTES = 8190  # aiohttp's own limit on a request line / header field
+MAX_FAST_BODY_BYTES = 64 * 1024  # larger bodies go to aiohttp, which streams them instead of joining chunks
 KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's default for an idle keep-alive connection
 # Headers that send the request to aiohttp: features the fast path leaves to the handler and the middleware.
 HANDOFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"cookie", b"origin", b"idempotency-key",
@@ -123,8 +125,8 @@ def plain_put(head: bytes, fast: FastPuts) -> PlainPut | None:
             if host is not None:
                 return None
             host = value
-    if length is None or length > fast.settings.max_payload_bytes:
-        return None  # an unsized body, or the handler's 413
+    if length is None or length > min(MAX_FAST_BODY_BYTES, fast.settings.max_payload_bytes):
+        return None  # an unsized or large body, or the handler's 413
     guard = fast.guard
     if guard.token is not None:
         given = token_from_header(authorization)
@@ -213,7 +215,7 @@ class PutConnection(asyncio.Protocol):
         self.buffer = self.buffer + data if self.buffer else data
         if self.busy is None and not self.write_paused:
             self._next()
-        elif len(self.buffer) > MAX_HEAD_BYTES + self.fast.settings.max_payload_bytes and self.transport is not None:
+        elif len(self.buffer) > MAX_HEAD_BYTES + MAX_FAST_BODY_BYTES and self.transport is not None:
             self.transport.pause_reading()  # a pipelining client waits for the answer in flight
 
     def pause_writing(self) -> None:

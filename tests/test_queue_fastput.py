@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -85,7 +86,7 @@ async def test_a_plain_put_gets_the_handlers_bytes_and_anything_else_goes_to_aio
 
 @pytest.mark.parametrize("store_kind", ["sqlite"])
 async def test_what_the_fast_path_does_not_take_is_refused_or_served_as_before(
-        make_live_queue: Callable[..., Awaitable[LiveQueue]]) -> None:
+        make_live_queue: Callable[..., Awaitable[LiveQueue]], tmp_path: Path) -> None:
     live = await make_live_queue(max_payload_bytes=16)
     cases = [
         (post("/api/predict/q", token=None), 401),
@@ -101,6 +102,13 @@ async def test_what_the_fast_path_does_not_take_is_refused_or_served_as_before(
         (post("/api/predict/q", extra="Bad Name: 1\r\n"), 400),  # the strict parser refuses what we would not
         (post("/api/predict/q", extra="X-A: \x01\r\n"), 400),
     ]
+    large = await make_live_queue(max_payload_bytes=100_000, sqlite_path=tmp_path / "large.sqlite3")
+    conn = await Raw.open(large)
+    try:  # a large body is aiohttp's to read (it streams it)
+        [response] = await conn.exchange(post("/api/predict/q", body=b"y" * 70_000))
+        assert status(response) == 200 and large.site is not None and not large.site.connections
+    finally:
+        conn.close()
     for request, expected in cases:
         conn = await Raw.open(live)
         try:
