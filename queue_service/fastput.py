@@ -283,6 +283,7 @@ class PutConnection(asyncio.Protocol):
     def _answer(self, done: asyncio.Future[int], put: PlainPut, request_id: str) -> None:
         """Write what the handler would have answered for this put."""
         self.busy = None
+        self.site.answered += 1
         close = put.close or self.eof or self.closing
         index = None if done.cancelled() or done.exception() is not None else done.result()
         if index is not None and index != FULL:
@@ -350,6 +351,7 @@ class FastPutSite(web.TCPSite):
         self.fast: FastPuts = app[FAST_PUTS_KEY]
         self.connections: set[PutConnection] = set()
         self.date = _Date()
+        self.answered = 0  # puts answered here (the rest of the service's requests are aiohttp's)
 
     def aiohttp_protocol(self) -> asyncio.Protocol:
         server = self._runner.server

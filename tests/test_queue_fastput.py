@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from queue_service.server import STORE_KEY
 from queue_service.store import HandoffStore, PutRequest
-from support.queue import TOKEN, LiveQueue
+from support.queue import TOKEN, LiveQueue, requires_sdk
 
 
 class Raw:
@@ -199,3 +199,13 @@ async def test_a_put_in_flight_when_the_service_stops_is_answered(live_queue: Li
     finally:
         conn.close()
         idle.close()
+
+
+@requires_sdk
+async def test_the_official_sdks_puts_are_answered_on_the_fast_path(live_queue: LiveQueue) -> None:
+    out = await live_queue.sdk("put", args={"items": ["a", "b", "c"], "tags": {"task_id": "t1"}})
+    assert [index for index, _ in out["put"]] == [1, 2, 3]
+    assert live_queue.site is not None and live_queue.site.answered == 3
+    items = await live_queue.client().get(0, length=5)
+    assert [(item.data, item.tags["task_id"], item.tags["requestId"]) for item in items] == [
+        (data.encode(), "t1", request_id) for data, (_, request_id) in zip("abc", out["put"], strict=True)]
