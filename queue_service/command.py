@@ -98,6 +98,7 @@ async def serve(settings: QueueSettings) -> int:
     """Serve until SIGTERM/SIGINT; then stop listening, close the watches (their uncommitted items go back
     at once) and give requests in flight up to ``settings.shutdown_timeout_s``."""
     shutdown_timeout_s = settings.shutdown_timeout_s
+    from .fastput import FastPutSite
     from .server import create_app
 
     app = create_app(settings)
@@ -109,7 +110,7 @@ async def serve(settings: QueueSettings) -> int:
     store = re.sub(r"//[^/@]*@", "//***@", settings.redis_url) if settings.redis_url else settings.sqlite_path
     auth = "token auth" if settings.token else "no auth"
     banner = f"comfyserve queue listening on http://{settings.host}:{settings.port} ({auth}, store {store})"
-    return await serve_until_stopped(runner, web.TCPSite(runner, settings.host, settings.port), role="queue",
+    return await serve_until_stopped(runner, FastPutSite(runner, settings.host, settings.port), role="queue",
                                      banner=banner, shutdown_timeout_s=shutdown_timeout_s)
 
 

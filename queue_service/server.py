@@ -19,6 +19,7 @@ from standard.auth import AccessGuard
 from standard.http_util import json_error, read_body_within
 
 from . import params
+from .fastput import FAST_PUTS_KEY, FastPuts
 from .ids import uuid4_str
 from .params import BadParam
 from .protocol import encode_body, encode_frame_list
@@ -32,7 +33,16 @@ from .settings import (
     USER_HEADER,
     QueueSettings,
 )
-from .store import QUEUE_NAME_RE, REQUEST_ID_TAG, Item, QueueFull, QueueStore, StoreUnavailable, wait_event
+from .store import (
+    QUEUE_NAME_RE,
+    REQUEST_ID_TAG,
+    HandoffStore,
+    Item,
+    QueueFull,
+    QueueStore,
+    StoreUnavailable,
+    wait_event,
+)
 from .watch import WatchRegistry, watch
 
 log = logging.getLogger("comfyserve.queue")
@@ -281,6 +291,9 @@ def create_app(settings: QueueSettings, store: QueueStore | None = None) -> web.
     app = web.Application(middlewares=[guard.middleware], client_max_size=settings.max_payload_bytes + 65536)
     app[SETTINGS_KEY] = settings
     app[STORE_KEY] = store if store is not None else make_store(settings)
+    # Plain puts answered at the byte level when served by ``fastput.FastPutSite`` (the same guard decides).
+    put_store = app[STORE_KEY]
+    app[FAST_PUTS_KEY] = FastPuts(guard, put_store if isinstance(put_store, HandoffStore) else None, settings)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[STORE_KEY].open()

@@ -468,6 +468,12 @@ class HandoffStore(ABC):
         """``QueueStore.put``: batched with the puts that come in meanwhile (``PutBatcher``)."""
         return await self._batcher.put(queue, PutRequest(body, request_id, priority, max_length))
 
+    def submit_put(self, queue: str, body: bytes, request_id: str, priority: int, max_length: int
+                   ) -> asyncio.Future[int]:
+        """``put`` without a coroutine, for the byte-level put path (``fastput``): a future of the index, or of
+        ``FULL`` when the queue is full."""
+        return self._batcher.submit(queue, PutRequest(body, request_id, priority, max_length))
+
     async def _flush_puts(self, queue: str, requests: list[PutRequest]) -> list[int]:
         takers = self._handoff.takers(queue)
         if not takers:
@@ -555,16 +561,21 @@ class PutBatcher:
         self._running: dict[str, asyncio.Task[None]] = {}
 
     async def put(self, queue: str, request: PutRequest) -> int:
+        # A put whose client left is still written exactly once: the drain task owns the write,
+        # and a cancelled future is only skipped when the results come back.
+        index = await self.submit(queue, request)
+        if index == FULL:
+            raise QueueFull(f"queue {queue!r} is full ({request.max_length} items)")
+        return index
+
+    def submit(self, queue: str, request: PutRequest) -> asyncio.Future[int]:
+        """``put`` for a caller that takes the answer in a callback: the future's result is the index or
+        ``FULL``. Written exactly once whatever becomes of the future."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(queue, []).append((request, future))
         if queue not in self._running:
             self._running[queue] = asyncio.create_task(self._drain(queue))
-        # A put whose client left is still written exactly once: the drain task owns the write,
-        # and a cancelled future is only skipped when the results come back.
-        index = await future
-        if index == FULL:
-            raise QueueFull(f"queue {queue!r} is full ({request.max_length} items)")
-        return index
+        return future
 
     async def _drain(self, queue: str) -> None:
         try:

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from queue_service.client import QueueClient
+from queue_service.fastput import FastPutSite
 from queue_service.redis_store import RedisStore
 from queue_service.server import STORE_KEY, create_app
 from queue_service.settings import QueueSettings
@@ -48,6 +49,8 @@ class LiveQueue:
     app: web.Application
     port: int
     backend: str
+    site: FastPutSite | None = None
+    runner: web.AppRunner | None = None
     clients: list[QueueClient] = field(default_factory=list)
 
     @property
@@ -110,23 +113,28 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_live_queue(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path,
-                          aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[LiveQueue]]]:
-    """Start services on the store under test (SQLite in tmp_path; a flushed real Redis)."""
+async def make_live_queue(store_kind: str, request: pytest.FixtureRequest,
+                          tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LiveQueue]]]:
+    """Start services on the store under test (SQLite in tmp_path; a flushed real Redis), served as
+    ``comfyserve queue`` serves them: plain puts on the byte-level path (``FastPutSite``), the rest by aiohttp."""
     redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
-    started: list[LiveQueue] = []
+    started: list[tuple[LiveQueue, web.AppRunner]] = []
 
     async def make(**overrides: Any) -> LiveQueue:
         app = create_app(settings_for(store_kind, tmp_path, redis_url, **overrides))
-        server = await aiohttp_server(app)
-        live = LiveQueue(app=app, port=server.port, backend=store_kind)
-        started.append(live)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = FastPutSite(runner, "127.0.0.1", 0)
+        await site.start()
+        live = LiveQueue(app=app, port=site.port, backend=store_kind, site=site, runner=runner)
+        started.append((live, runner))
         return live
 
     yield make
-    for live in started:
+    for live, runner in started:
         for queue_client in live.clients:
             await queue_client.aclose()
+        await runner.cleanup()
 
 
 @pytest.fixture
