@@ -140,7 +140,7 @@ def response_bytes(status: int, reason: str, headers: Iterable[tuple[str, str]],
 class PutConnection(FastConnection["FastPutSite"]):
     """A client connection: answers plain puts itself, one at a time, and hands anything else to aiohttp."""
 
-    max_body_bytes = MAX_FAST_BODY_BYTES  # aiohttp's limits on the head and the idle time: FastConnection's
+    max_body_bytes = MAX_FAST_BODY_BYTES  # the head's limit and the idle timeout: aiohttp's (FastConnection's)
 
     def __init__(self, site: FastPutSite) -> None:
         super().__init__(site)

@@ -124,10 +124,9 @@ ConnT = TypeVar("ConnT", bound="FastConnection[Any]")
 class FastConnection(asyncio.Protocol, Generic[SiteT]):
     """A client connection on a fast path until ``_handoff`` gives it to aiohttp; subclasses serve ``_next``."""
 
-    # aiohttp's own limits unless a path says otherwise
-    idle_timeout_s = 3630.0  # an idle keep-alive connection is closed after this
-    max_head_bytes = 8190  # a head longer than this (without its end) goes to aiohttp
-    max_body_bytes = 64 * 1024  # the largest body taken; read no more while a head and this much wait
+    idle_timeout_s = 3630.0  # aiohttp's default: an idle keep-alive connection is closed after this
+    max_head_bytes = 8190  # aiohttp's limit on a line: a longer head (its end not seen yet) goes to aiohttp
+    max_body_bytes = 64 * 1024  # the path's largest body: read no more while a head and this much wait
 
     def __init__(self, site: SiteT) -> None:
         self.site = site
