@@ -226,3 +226,16 @@ async def test_a_half_closed_client_gets_its_answer_and_the_connection_ends(back
     reply = await asyncio.wait_for(reader.read(), 10)  # read() returns only once the front closes
     writer.close()
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"queue_pending": []}')
+
+
+@pytest.mark.parametrize("request_bytes", [get("/queue", extra="Bad@Name: 1\r\n"), get("/queue", extra="X-A: \x01\r\n"),
+                                           get("/queue", extra="X-A: a\x7fb\r\n"), get("/queue\x01")],
+                         ids=["name-not-a-token", "control-in-value", "del-in-value", "control-in-target"])
+async def test_a_head_the_strict_parser_refuses_is_not_relayed(backend, fast_front, request_bytes: bytes) -> None:
+    # A header name that is no token, or a control character in a value or the target: two parsers may read such
+    # a head differently, so the front hands it to aiohttp's strict parser (as the queue service's put path does).
+    front = await fast_front(backend.url, token=TOKEN)
+    reply = await raw_exchange(front.port, request_bytes)
+    assert reply.split(b" ", 2)[1] == b"400"  # aiohttp's parser refuses it (the backend never saw it)
+    assert backend.seen == []
+    assert front.site is not None and not front.site.connections  # handed off

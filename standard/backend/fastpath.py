@@ -14,23 +14,25 @@ routes, ``%``-encoded paths, chunked or large request bodies, HTTP/1.0,
 malformed heads, an https backend — is handed, with the bytes read so far,
 to aiohttp's own protocol for that connection, which then serves it exactly
 as the rest of this package does. The fast path never answers a request the
-slow path would refuse.
+slow path would refuse. Reading the head, the token check, the hand-off and
+the site are ``standard/fast_http.py``'s (shared with the queue service's put
+path); what is left here is the relay's own: the upstream pools, the taps, and
+the forwarding headers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
-from ..auth import token_from_header, tokens_equal
 from ..errors import error_body
+from ..fast_http import FastConnection, FastSite, credentials_pass, parse_head
 from .metrics import BackendMetrics
 from .upstream import MAX_HEAD_BYTES, Pool, Pools, Upstream, UpstreamFailed
 
@@ -39,11 +41,10 @@ log = logging.getLogger("comfyserve.backend")
 MAX_FAST_BODY_BYTES = 1024 * 1024
 MAX_TAPPED_BYTES = 1024 * 1024
 IDLE_TIMEOUT_S = 75.0
-FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-DROP_REQUEST = frozenset({b"authorization", b"connection", b"keep-alive", b"proxy-authorization",
-                          b"proxy-connection", b"te", b"trailer", b"upgrade", b"x-forwarded-for",
-                          b"x-forwarded-proto"})
-HANDOFF_REQUEST = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"cookie"})
+FAST_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# Our credentials and the hop-by-hop headers stay here; the forwarding headers are ours to write.
+DROP_REQUEST = frozenset({"authorization", "connection", "keep-alive", "proxy-authorization", "proxy-connection",
+                          "te", "trailer", "upgrade", "x-forwarded-for", "x-forwarded-proto"})
 
 
 @dataclass
@@ -67,30 +68,20 @@ class FastPathConfig:
 
 @dataclass
 class Head:
-    method: bytes
-    target: bytes
+    method: str
+    target: str
     out: bytes  # the head to send upstream
     body_length: int
     close: bool
     tap: Callable[[bytes, bytes], None] | None = None
 
 
-def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | None:
-    """The request head if the fast path may relay it, else None (hand off)."""
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
+def relay_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | None:
+    """The request head to send upstream if the fast path may relay it, else None (hand off)."""
+    head = parse_head(raw, drop=DROP_REQUEST)
+    if head is None or head.method not in FAST_METHODS:
         return None
-    if "\x00" in text or text.count("\n") != text.count("\r\n") or text.count("\r") != text.count("\r\n"):
-        return None  # bare CR/LF could split headers differently upstream (smuggling)
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0].encode() not in FAST_METHODS:
-        return None
-    method, target = parts[0], parts[1]
-    if not target.startswith("/") or target.startswith("//"):
-        return None
-    path, _, query = target.partition("?")
+    method, path, query = head.method, head.path, head.query
     if "%" in path or "\\" in path or path in config.local_paths or "/." in path:
         return None
     if config.local_prefixes and path.startswith(config.local_prefixes):
@@ -99,59 +90,17 @@ def parse_head(raw: bytes, config: FastPathConfig, peer: str | None) -> Head | N
         return None
     if query and any(item.split("=", 1)[0] == "token" for item in query.split("&")):
         return None
-    out = [f"{method} {target} HTTP/1.1"]
-    authorization: str | None = None
-    length: int | None = None
-    close = False
-    has_origin = False
-    host: str | None = None
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            return None  # obs-fold or whitespace before the colon: let the strict parser refuse it
-        lower = name.lower().encode()
-        value = value.strip()
-        if lower in HANDOFF_REQUEST:
-            return None
-        if lower == b"authorization":
-            if authorization is not None:
-                return None
-            authorization = value
-        elif lower == b"content-length":
-            if length is not None or not value.isdigit():
-                return None
-            length = int(value)
-        elif lower == b"connection":
-            tokens = {t.strip().lower() for t in value.split(",")}
-            close = "close" in tokens
-            if tokens - {"close", "keep-alive", ""}:
-                return None  # extra hop-by-hop headers named: the slow path strips them
-        elif lower == b"origin":
-            has_origin = True
-        elif lower == b"host":
-            if host is not None:
-                return None
-            host = value
-        if lower not in DROP_REQUEST:
-            out.append(line)
-    if config.token is not None:
-        given = token_from_header(authorization)
-        if given is None or not tokens_equal(given, config.token):
-            return None  # the auth middleware answers (401, login redirect, ...)
-    elif has_origin or authorization is not None:
-        return None  # the origin check (and what to do with a stray header) stays in one place
-    if not config.relay_allowed(host):
-        return None  # the guard answers (421 for a Host not served, 429 for a guesser)
-    length = length or 0
+    if not credentials_pass(head, config.token, config.relay_allowed):
+        return None  # the auth middleware and the guard answer (401, login redirect, 403, 421, 429)
+    length = head.length or 0
     if length > MAX_FAST_BODY_BYTES or length > config.max_body_bytes:
         return None
+    out = [f"{method} {head.target} HTTP/1.1", *head.lines]
     if peer:
         out.append(f"X-Forwarded-For: {peer}")
     out.append("X-Forwarded-Proto: http")
     out.append("\r\n")
-    return Head(method.encode(), target.encode(), "\r\n".join(out).encode(), length, close, config.tap(method, path))
+    return Head(method, head.target, "\r\n".join(out).encode(), length, head.close, config.tap(method, path))
 
 
 def error_response(status: int, reason: str, message: str, details: str) -> bytes:
@@ -160,21 +109,19 @@ def error_response(status: int, reason: str, message: str, details: str) -> byte
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-class Downstream(asyncio.Protocol):
+class Downstream(FastConnection["FastProxySite"]):
     """A client connection: relays plain requests itself, hands anything else to aiohttp."""
 
+    idle_timeout_s = IDLE_TIMEOUT_S
+    max_head_bytes = MAX_HEAD_BYTES
+    max_body_bytes = MAX_FAST_BODY_BYTES
+
     def __init__(self, site: FastProxySite) -> None:
-        self.site = site
+        super().__init__(site)
         self.config = site.config
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
         self.busy = False
-        self.closed = False
-        self.eof = False
         self.upstream: Upstream | None = None
         self.paused_upstream = False
-        self.idle_handle: asyncio.TimerHandle | None = None
-        self.last_active = 0.0
         self.peer: str | None = None
         # the exchange in flight: its pool, the bytes to send, the request head
         self.pool: Pool | None = None
@@ -185,40 +132,19 @@ class Downstream(asyncio.Protocol):
         self.reused = False
         self.tapped: bytearray | None = None  # the response so far, for the exchange's tap
 
+    def in_flight(self) -> bool:
+        return self.busy
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
-        self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else None
-        self.site.connections.add(self)
-        self._arm_idle()
+        super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.site.connections.discard(self)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
+        super().connection_lost(exc)
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.reusable = False
             self.upstream.transport.close()  # mid-response: the rest has nowhere to go
-
-    def _arm_idle(self) -> None:
-        """One timer per connection, re-armed lazily from the time of the last request."""
-        loop = asyncio.get_running_loop()
-        self.last_active = loop.time()
-        if self.idle_handle is None:
-            self.idle_handle = loop.call_at(self.last_active + IDLE_TIMEOUT_S, self._idle)
-
-    def _idle(self) -> None:
-        self.idle_handle = None
-        if self.busy or self.transport is None or self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        due = self.last_active + IDLE_TIMEOUT_S
-        if loop.time() < due:
-            self.idle_handle = loop.call_at(due, self._idle)
-            return
-        self.transport.close()
 
     def pause_writing(self) -> None:
         upstream = self.upstream
@@ -241,30 +167,17 @@ class Downstream(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.busy:
-            self._next()
-        elif len(self.buffer) > MAX_HEAD_BYTES + MAX_FAST_BODY_BYTES and self.transport is not None:
-            self.transport.pause_reading()  # a pipelining client waits for the response in flight
-
-    def eof_received(self) -> bool | None:
-        self.eof = True  # the client sends no more: close once the response in flight is out
-        if not self.busy and self.transport is not None:
-            self.transport.close()
-        return True
-
     def _next(self) -> None:
         if self.closed or self.transport is None:
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
-            if len(self.buffer) > MAX_HEAD_BYTES:
+            if len(self.buffer) > self.max_head_bytes:
                 self._handoff()
             return
         base_url = self.config.base_url()
         pool = self.site.pools.get(base_url) if base_url else None
-        head = parse_head(bytes(self.buffer[:end]), self.config, self.peer) if pool is not None else None
+        head = relay_head(self.buffer[:end], self.config, self.peer) if pool is not None else None
         if head is None:
             self._handoff()
             return
@@ -272,8 +185,7 @@ class Downstream(asyncio.Protocol):
         if len(self.buffer) < total:
             return  # the body is still arriving
         body = bytes(self.buffer[end + 4:total])
-        self.raw_request = bytes(self.buffer[:total])
-        del self.buffer[:total]
+        self.raw_request, self.buffer = self.buffer[:total], self.buffer[total:]
         self.busy = True
         self.pool, self.request, self.head = pool, head.out + body, head
         self.tapped = bytearray() if head.tap is not None else None
@@ -298,7 +210,7 @@ class Downstream(asyncio.Protocol):
             # Nothing was sent anywhere: aiohttp's path takes the request as it came (it waits
             # for a restarting child, or answers the 502 itself).
             self.busy = False
-            self.buffer[:0] = self.raw_request
+            self.buffer = self.raw_request + self.buffer
             if not self.closed:
                 self._handoff()
             return
@@ -336,12 +248,12 @@ class Downstream(asyncio.Protocol):
             self._send()
             return
         head = self.head
-        if exc.nothing_received and head is not None and head.method in (b"GET", b"OPTIONS") and not self.closed:
+        if exc.nothing_received and head is not None and head.method in ("GET", "OPTIONS") and not self.closed:
             self.busy = False  # nothing came back and nothing changed: the slow path decides (and may wait)
-            self.buffer[:0] = self.raw_request
+            self.buffer = self.raw_request + self.buffer
             self._handoff()
             return
-        method, target = (head.method.decode(), head.target.decode()[:200]) if head else ("?", "?")
+        method, target = (head.method, head.target[:200]) if head else ("?", "?")
         log.warning("%s %s: %s", method, target, exc)
         if exc.nothing_received:
             self.config.metrics.errors.inc()
@@ -365,55 +277,21 @@ class Downstream(asyncio.Protocol):
         if self.buffer:
             self._next()
 
-    def _handoff(self) -> None:
-        """From here on this connection is aiohttp's, starting with the bytes read so far."""
-        assert self.transport is not None
-        self.site.connections.discard(self)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-        protocol = self.site.aiohttp_protocol()
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        data, self.buffer = bytes(self.buffer), bytearray()
-        self.transport.resume_reading()
-        if data:
-            protocol.data_received(data)
 
-
-class FastProxySite(web.TCPSite):
+class FastProxySite(FastSite[Downstream]):
     """A TCP site whose connections start on the fast path (see the module docstring)."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None = None, port: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
-        app = getattr(runner, "app", None)
-        if app is None or FAST_PATH not in app:
-            raise RuntimeError("FastProxySite needs the runner of a create_backend_app() app")
-        self.config: FastPathConfig = app[FAST_PATH]
+        self.config: FastPathConfig = self.app_value(FAST_PATH, "a create_backend_app() app")
         self.pools = Pools()
-        self.connections: set[Downstream] = set()
 
-    def aiohttp_protocol(self) -> asyncio.Protocol:
-        server = self._runner.server
-        assert server is not None
-        return server()
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Downstream(self), self._host, self._port, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-        )
-        if self._server.sockets:
-            self._bound_port = self._server.sockets[0].getsockname()[1]
+    def connection(self) -> Downstream:
+        return Downstream(self)
 
     async def stop(self) -> None:
         await super().stop()
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                with contextlib.suppress(Exception):
-                    conn.transport.close()
         self.pools.close()
 
 
