@@ -21,7 +21,7 @@ from standard.datadir import init_data_dir
 from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, results_final, submit, wait_running
+from support.api import SERVICE, TOKEN, ApiFactory, Procs, read_results, results_final, submit, wait_running
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
@@ -275,7 +275,7 @@ async def test_a_task_that_kills_its_instance_once_still_succeeds(api: ApiFactor
     assert resp.status_code == 200, resp.text
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1, timeout_s=45)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 1)
     assert frame.tags["task_id"] == "survivor" and frame.tags["status"] == "success", frame.data
     assert crashes(data_dir, "once") == 1
     assert list((data_dir / "output").glob("survivor_*.png"))
@@ -398,6 +398,6 @@ async def test_a_submit_that_never_reached_its_instance_is_not_an_attempt(api: A
     await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 1)
     assert frame.tags["task_id"] == "late" and frame.tags["status"] == "success", frame.data
     await attempts_dropped(live.endpoint)
