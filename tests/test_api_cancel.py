@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.api import TOKEN, ApiFactory, no_more, read_results, results_final
 from support.server import halfway_graph, install_gate_plugin, tiny_graph
 from support.wait import until
 
@@ -86,4 +86,4 @@ async def test_a_running_task_is_interrupted_on_its_instance_and_reported_once(a
         await live.submit(tiny_graph("next"), task_id="next")
         [after] = await read_results(sink, 1)
         assert after.tags["task_id"] == "next" and after.tags["status"] == "success"
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)

@@ -11,7 +11,7 @@ import httpx
 
 from queue_service.client import QueueClient
 from standard.ports import free_port
-from support.api import SERVICE, TOKEN, Procs, no_more, read_results, requires_sdk, run_sdk, submit, wait_running
+from support.api import SERVICE, TOKEN, Procs, read_results, requires_sdk, results_final, run_sdk, submit, wait_running
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
@@ -60,7 +60,7 @@ async def _exactly_one(queue_url: str, task_id: str) -> None:
     async with QueueClient(queue_url, f"{SERVICE}/sink", token=TOKEN) as sink:
         [frame] = await read_results(sink, 1)
         assert frame.tags["task_id"] == task_id and frame.tags["status"] == "success"
-        assert await no_more(sink, 1.5) == []
+    await results_final(queue_url, 1)
 
 
 async def test_kill_9_worker_mid_task_gives_exactly_one_result(procs: Procs, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from test_api_prefetch import instance_queue, queued_behind, state_of, status
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service import watch as watch_module
-from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
+from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, read_results, results_final
 from support.server import drain_gate_graph, gated_graph, install_gate_plugin, open_gate, runs_of, tiny_graph
 from support.wait import until
 
@@ -73,7 +73,7 @@ async def test_a_worker_that_opens_later_runs_the_task_queued_ahead_on_a_busy_on
         open_gate(data_dir, "one")
         [frame] = await read_results(sink, 1)
         assert (frame.tags["task_id"], state_of(frame)) == ("one", "success")
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert (runs_of(data_dir, "one"), runs_of(data_dir, "two")) == (1, 1)
     assert not ran_there(await history(url_a), "two") and ran_there(await history(url_b), "two")
     assert await queue_length(live.endpoint, f"{SERVICE}/attempts") == 0
@@ -113,7 +113,7 @@ async def test_a_queued_ahead_task_that_started_when_asked_is_kept_and_runs_once
     open_gate(data_dir, "two")
     async with live.sink() as sink:
         frames = await read_results(sink, 2)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("one", "success"), ("two", "success")]
     assert (runs_of(data_dir, "one"), runs_of(data_dir, "two")) == (1, 1)
     assert await history(url_b) == {}
@@ -158,7 +158,7 @@ async def test_a_slot_waiting_for_the_same_models_takes_any_task_once_the_runnin
     open_gate(data_dir, "m")
     async with live.sink() as sink:
         frames = await read_results(sink, 2)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("k", "success"), ("m", "success")]
 
 

@@ -21,7 +21,7 @@ from standard.datadir import init_data_dir
 from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from support.api import SERVICE, TOKEN, ApiFactory, Procs, no_more, read_results, submit, wait_running
+from support.api import SERVICE, TOKEN, ApiFactory, Procs, read_results, results_final, submit, wait_running
 from support.metrics import scrape, value
 from support.processes import wait_for_port
 from support.server import gated_graph, install_gate_plugin, open_gate, tiny_graph
@@ -131,7 +131,7 @@ async def test_a_task_that_kills_every_instance_ends_in_one_error_result(procs: 
     await submit_hooked(base, tiny_graph("fine"), "fine", f"http://127.0.0.1:{hook_port}/hook")
     async with QueueClient(base, f"{SERVICE}/sink", token=TOKEN) as sink:
         frames = await read_results(sink, 2, timeout_s=45)
-        assert await no_more(sink, 1.0) == []
+    await results_final(base, 2)
     by_task = {frame.tags["task_id"]: frame for frame in frames}
     assert sorted(by_task) == ["doomed", "fine"], procs.log("api")
     error = error_of(by_task["doomed"])
@@ -179,7 +179,7 @@ async def test_kill_9_of_the_worker_counts_across_its_restart(procs: Procs, tmp_
     procs.worker("worker_b", base, instance, *limits)  # same consumer id: it takes the item over at once
     async with QueueClient(base, f"{SERVICE}/sink", token=TOKEN) as sink:
         [frame] = await read_results(sink, 1, timeout_s=30)
-        assert await no_more(sink, 1.0) == []
+    await results_final(base, 1)
     error = error_of(frame)
     assert frame.tags["task_id"] == "killed" and error["exception_type"] == "too_many_attempts"
     assert "cut off mid-run 1 times" in error["exception_message"]
@@ -275,7 +275,7 @@ async def test_a_task_that_kills_its_instance_once_still_succeeds(api: ApiFactor
     assert resp.status_code == 200, resp.text
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1, timeout_s=45)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 1)
     assert frame.tags["task_id"] == "survivor" and frame.tags["status"] == "success", frame.data
     assert crashes(data_dir, "once") == 1
     assert list((data_dir / "output").glob("survivor_*.png"))
@@ -398,6 +398,6 @@ async def test_a_submit_that_never_reached_its_instance_is_not_an_attempt(api: A
     await aiohttp_server(create_embedded_app(StandardSettings(data_dir=data_dir, token=TOKEN)), port=port)
     async with live.sink() as sink:
         [frame] = await read_results(sink, 1)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 1)
     assert frame.tags["task_id"] == "late" and frame.tags["status"] == "success", frame.data
     await attempts_dropped(live.endpoint)

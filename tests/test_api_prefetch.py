@@ -18,7 +18,7 @@ from api_edition import runner
 from api_edition.settings import WorkerSettings
 from api_edition.worker import Worker
 from queue_service.client import QueueClient
-from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results
+from support.api import SERVICE, TOKEN, ApiFactory, LiveApi, no_more, read_results, results_final
 from support.server import drain_gate_graph, install_gate_plugin, open_gate, png_bytes, runs_of, tiny_graph
 from support.wait import until
 
@@ -80,7 +80,7 @@ async def test_the_next_task_waits_on_the_instance_and_answers_queued_until_it_s
     open_gate(data_dir, "b")
     async with live.sink() as sink:
         frames = await read_results(sink, 2)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("a", "success"), ("b", "success")]
     assert all("models" not in f.tags for f in frames)
     assert (runs_of(data_dir, "a"), runs_of(data_dir, "b")) == (1, 1)
@@ -163,7 +163,7 @@ async def test_a_cancel_hits_only_its_own_task_queued_ahead_or_running(api: ApiF
     assert (await cancel(live, "a"))["cancel_requested"] is True  # running: interrupted, c goes on
     async with live.sink() as sink:
         frames = await read_results(sink, 3)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 3)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [
         ("a", "cancelled"), ("b", "cancelled"), ("c", "success")]
     assert (runs_of(data_dir, "a"), runs_of(data_dir, "b")) == (1, 0)
@@ -222,7 +222,7 @@ async def test_an_instance_dying_under_a_running_and_a_queued_task_gives_both_ba
     open_gate(data_dir, "a")  # a kills the instance; b goes down with it
     async with live.sink() as sink:
         frames = await read_results(sink, 2, timeout_s=60)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("a", "too_many_attempts"),
                                                                         ("b", "success")]
     assert crashes(data_dir, "a") == 1 and runs_of(data_dir, "b") == 1
@@ -290,7 +290,7 @@ async def test_a_prompt_the_instance_lost_is_given_back_and_run_again_once(api: 
     open_gate(data_dir, "a")
     async with live.sink() as sink:
         frames = await read_results(sink, 2)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
     assert sorted((f.tags["task_id"], state_of(f)) for f in frames) == [("a", "success"), ("b", "success")]
     assert (runs_of(data_dir, "a"), runs_of(data_dir, "b")) == (1, 1)
 

@@ -24,7 +24,7 @@ from api_edition.settings import ApiSettings
 from queue_service.client import QueueClient
 from standard.datadir import init_data_dir
 from standard.ports import free_port
-from support.api import SERVICE, TOKEN, Procs, no_more, read_results, submit
+from support.api import SERVICE, TOKEN, Procs, read_results, results_final, submit
 from support.processes import alive, children_of, wait_for_port
 from support.server import gated_graph, install_gate_plugin, runs_of, tiny_graph
 from support.wait import until
@@ -88,7 +88,7 @@ async def test_in_flight_tasks_run_again_at_once_after_the_all_in_one_is_killed(
             (data_dir / "input" / gate).write_text("open")
         async with QueueClient(base, f"{SERVICE}/sink", token=TOKEN) as sink:
             frames = await read_results(sink, 3, timeout_s=60)
-            assert await no_more(sink, 1.0) == []  # exactly one result per task
+        await results_final(base, 3)  # exactly one result per task
         assert sorted(f.tags["task_id"] for f in frames) == ["inflight0", "inflight1", "queued"], \
             procs.log("api-second")
         assert all(f.tags["status"] == "success" for f in frames), [f.data for f in frames]

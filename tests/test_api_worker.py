@@ -15,7 +15,7 @@ from standard.ports import free_port
 from standard.retry import WEBHOOK
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
-from support.api import TOKEN, ApiFactory, no_more, read_results
+from support.api import TOKEN, ApiFactory, read_results, results_final
 from support.metrics import kinds, value
 from support.server import tiny_graph
 from support.wait import until
@@ -45,7 +45,7 @@ async def test_results_carry_task_id_request_id_and_outputs(api: ApiFactory, ins
         ids[f"txt2img_{i}"] = resp.headers["X-Eas-Queueservice-Request-Id"]
     async with live.sink() as sink:
         frames = await read_results(sink, 3)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 3)
     assert sorted(f.tags["task_id"] for f in frames) == sorted(ids)
     for frame in frames:
         task_id = frame.tags["task_id"]
@@ -132,7 +132,7 @@ async def test_redelivered_task_is_committed_not_run_again(api: ApiFactory, inst
         await queue.put(json.dumps(tiny_graph()), {"task_id": "done", "requestId": "rid-1"})
         await live.submit(tiny_graph("next"), task_id="next")
         frames = await read_results(sink, 2)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 2)
         assert sorted(f.tags["task_id"] for f in frames) == ["done", "next"]
         assert (await queue.attributes())["stream.length"] == "0"
     metrics = await live.metrics()
@@ -191,7 +191,7 @@ async def test_redis_store(api: ApiFactory, instance_url: Any, redis_url: str) -
         assert (await live.submit(tiny_graph(f"r{i}"), task_id=f"r{i}")).status_code == 200
     async with live.sink() as sink:
         frames = await read_results(sink, 4)
-        assert await no_more(sink) == []
+        await results_final(live.endpoint, 4)
     assert sorted(f.tags["task_id"] for f in frames) == [f"r{i}" for i in range(4)]
     assert all(f.tags["status"] == "success" for f in frames)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 from support.cluster import Cluster, files_under, graph, png_bytes
-from support.server import events_until, is_done, next_json, prompt_uuid
+from support.server import events_until, install_gate_plugin, is_done, next_json, open_gate, prompt_uuid
 from support.wait import until
 
 
@@ -232,12 +233,13 @@ async def test_three_users_two_instances_each_sees_only_their_own(start_cluster)
         assert all(entry["prompt"][2]["3"]["inputs"]["filename_prefix"] == name for entry in history.values())
 
 
-async def test_a_reconnecting_page_sees_its_running_task_again(start_cluster) -> None:
+async def test_a_reconnecting_page_sees_its_running_task_again(start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
     cluster: Cluster = await start_cluster(instances=1)
     http = cluster.http("alice")
     ws = await http.ws_connect("/ws?clientId=tab")
     await next_json(ws)
-    response = await http.post("/prompt", json={"prompt": graph("r", color=8, seconds=1.5), "client_id": "tab"})
+    response = await http.post("/prompt", json={"prompt": graph("r", color=8, gate="r"), "client_id": "tab"})
     prompt_id = (await response.json())["prompt_id"]
     await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
     await ws.close()  # the page reloads
@@ -250,5 +252,6 @@ async def test_a_reconnecting_page_sees_its_running_task_again(start_cluster) ->
     assert again == {"type": "executing", "data": {"node": "2", "prompt_id": prompt_id}}
     queue = await (await http.get("/queue")).json()
     assert [item[1] for item in queue["queue_running"]] == [prompt_id]
+    open_gate(data_dir, "r")  # it ran on all along
     events = await events_until(ws, is_done(prompt_id))
     assert "execution_success" in [e["type"] for e in events]

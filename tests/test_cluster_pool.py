@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from support.cluster import Cluster, InstanceProcess, files_under, graph
-from support.server import events_until, is_done, next_json
+from support.server import events_until, install_gate_plugin, is_done, next_json, open_gate
 from support.wait import until
 
 
+@pytest.fixture
+def gated(data_dir: Path) -> Path:
+    """The data dir with the gate plugin, installed before ``instance_processes`` start on it."""
+    install_gate_plugin(data_dir)
+    return data_dir
+
+
 async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_told(
-        start_cluster, instance_processes: list[InstanceProcess]) -> None:
+        gated: Path, start_cluster, instance_processes: list[InstanceProcess]) -> None:
     cluster: Cluster = await start_cluster(instances=0, instance_urls=tuple(p.url for p in instance_processes),
                                            admin="bob")
     http = cluster.http("alice")
     ws = await http.ws_connect("/ws?clientId=tab")
     await next_json(ws)
-    response = await http.post("/prompt", json={"prompt": graph("r", color=5, seconds=2.0), "client_id": "tab"})
+    response = await http.post("/prompt", json={"prompt": graph("r", color=5, gate="r"), "client_id": "tab"})
     prompt_id = (await response.json())["prompt_id"]
     await until(lambda: cluster.core.runs)
     await events_until(ws, lambda e: e["type"] == "executing" and e["data"].get("node") == "2")
@@ -24,6 +34,7 @@ async def test_a_task_whose_instance_dies_is_retried_elsewhere_and_the_user_is_t
     victim = next(p for p in instance_processes if p.url == run.instance.url)
     survivor = next(p for p in instance_processes if p is not victim)
     victim.kill()
+    open_gate(gated, "r")  # the victim is gone: only the retry can pass it
     events = await events_until(ws, is_done(prompt_id), timeout_s=30)
     retry = next(e for e in events if e["type"] == "cluster_task_retry")
     assert retry["data"]["prompt_id"] == prompt_id and retry["data"]["reason"].endswith("was lost")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from cluster_proxy.store import SqliteStateStore, Task
 from standard.client import InstanceClient
 from support.clock import FakeClock
 from support.cluster import INSTANCE_TOKEN, Cluster, graph
-from support.server import events_until, is_done, next_json
+from support.server import events_until, install_gate_plugin, is_done, next_json, open_gate
 from support.wait import until
 
 
@@ -308,24 +309,27 @@ async def _running_everywhere(cluster: Cluster) -> bool:
     return True
 
 
-async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
+async def test_interrupt_stops_only_the_users_own_task(start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
     cluster: Cluster = await start_cluster(instances=2)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
     ws_b = await http_b.ws_connect("/ws?clientId=b")
     await next_json(ws_b)
-    task_a = await _submit(http_a, graph("a", color=1, seconds=5.0))
-    task_b = await _submit(http_b, graph("b", color=2, seconds=1.0), client_id="b")
+    # Both held at their gates until the test opens them; both stop on an interrupt that reaches them.
+    task_a = await _submit(http_a, graph("a", color=1, gate="a", interruptible=True))
+    task_b = await _submit(http_b, graph("b", color=2, gate="b", interruptible=True), client_id="b")
     await until(lambda: len(cluster.core.runs) == 2)
     await until(lambda: _running_everywhere(cluster))  # both prompts execute on their instances
     assert (await http_b.post("/interrupt", json={"prompt_id": task_a})).status == 404
     assert (await http_a.post("/interrupt", json={})).status == 200  # global: only alice's tasks
-    events = await events_until(ws_b, is_done(task_b))
-    assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
     alice = cluster.user("alice")
     await until(lambda: _status(alice, task_a))
     assert await _status(alice, task_a) == "error"
     entry = (await alice.history(task_a))[task_a]
     assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
+    open_gate(data_dir, "b")  # only now: bob's task was still waiting at its gate when alice's was cut
+    events = await events_until(ws_b, is_done(task_b))
+    assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
 
 
 async def _status(client: Any, prompt_id: str) -> str | None:

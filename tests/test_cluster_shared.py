@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from support.cluster import INSTANCE_TOKEN, Cluster, graph
-from support.server import next_json
+from support.server import install_gate_plugin, next_json, open_gate
 from support.wait import until
 
 
@@ -66,11 +67,12 @@ async def _history_size(http: Any, size: int) -> bool:
 
 
 async def test_a_proxy_that_goes_away_leaves_its_running_task_to_another(start_cluster, aiohttp_server,
-                                                                        redis_url: str) -> None:
+                                                                        redis_url: str, data_dir: Path) -> None:
     from cluster_proxy.app import create_cluster_app
     from cluster_proxy.keys import CORE, POOL
     from cluster_proxy.settings import ClusterSettings
 
+    install_gate_plugin(data_dir)
     first: Cluster = await start_cluster(instances=1, redis_url=redis_url)
     second_app = await create_cluster_app(ClusterSettings(
         data_dir=first.data_dir, instance_urls=tuple(first.pool.instances), instance_token=INSTANCE_TOKEN,
@@ -79,10 +81,11 @@ async def test_a_proxy_that_goes_away_leaves_its_running_task_to_another(start_c
     try:
         await until(lambda: len(second_app[POOL].up()) == 1)
         http = second.http("alice")
-        response = await first.http("alice").post("/prompt", json={"prompt": graph("o", color=1, seconds=3.0)})
+        response = await first.http("alice").post("/prompt", json={"prompt": graph("o", color=1, gate="o")})
         prompt_id = (await response.json())["prompt_id"]
         await until(lambda: any(run.last_node for run in first.core.runs.values()))
         await first.server.close()  # the first proxy goes away while its task runs
+        open_gate(data_dir, "o")
         await until(lambda: _history_size(http, 1), timeout_s=30)
         entry = (await (await http.get(f"/history/{prompt_id}")).json())[prompt_id]
         assert entry["status"]["status_str"] == "success"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
 from test_access_guard_editions import browser, cluster_login
@@ -12,6 +13,7 @@ from test_access_guard_editions import browser, cluster_login
 from standard.guard import AccessPolicy
 from support.access import EVIL_ORIGINS
 from support.cluster import PASSWORD, graph
+from support.server import install_gate_plugin, open_gate
 
 
 async def login_as(session, url: str, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -50,7 +52,8 @@ async def next_tasks_event(stream) -> str:  # type: ignore[no-untyped-def]
     raise AssertionError("the stream ended")
 
 
-async def test_dashboard_shows_place_node_times_and_thumbnails_live(start_cluster) -> None:
+async def test_dashboard_shows_place_node_times_and_thumbnails_live(start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
     cluster = await start_cluster(instances=1, users=("alice", "bob"))
     alice_api = cluster.user("alice")
     async with browser() as alice, browser() as bob:
@@ -59,13 +62,14 @@ async def test_dashboard_shows_place_node_times_and_thumbnails_live(start_cluste
         stream = await alice.get(cluster.url + "/dashboard/events")
         assert stream.status == 200 and stream.content_type == "text/event-stream"
         assert "Nothing queued." in await next_tasks_event(stream)
-        first = await alice_api.submit(graph("slow", color=1, seconds=2.0))
+        first = await alice_api.submit(graph("slow", color=1, gate="slow"))  # held until the page showed it
         second = await alice_api.submit(graph("next", color=2))
         seen = ""
-        while "2 · TestSleep" not in seen or "#1 in line" not in seen:  # live: no reload
+        while "2 · TestGate" not in seen or "#1 in line" not in seen:  # live: no reload
             seen = await next_tasks_event(stream)
         assert first[:8] in seen and second[:8] in seen
         assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", seen)
+        open_gate(data_dir, "slow")
         while "No finished prompts yet." in seen or 'id="queue">Nothing queued.' not in seen:
             seen = await next_tasks_event(stream)
         assert 'src="/view?filename=slow_00001_.png&amp;subfolder=&amp;type=output"' in seen
@@ -114,21 +118,24 @@ async def test_an_unreachable_instance_url_is_refused(start_cluster) -> None:
     assert dead not in cluster.pool.instances and await cluster.core.store.instance_urls() == []
 
 
-async def test_removing_an_instance_hands_its_task_to_another(start_cluster) -> None:
+async def test_removing_an_instance_hands_its_task_to_another(start_cluster, data_dir: Path) -> None:
     from support.wait import until
 
+    install_gate_plugin(data_dir)
     cluster = await start_cluster(instances=2, users=("root", "alice"), admin="root")
     alice = cluster.user("alice")
-    prompt_id = await alice.submit(graph("moved", color=5, seconds=3.0))
+    # Held at its gate (cut by an interrupt, as a sampler is) until the instance is removed.
+    prompt_id = await alice.submit(graph("moved", color=5, gate="moved", interruptible=True))
     await until(lambda: any(i.task_id for i in cluster.pool.instances.values()), timeout_s=20)
     busy = next(i.url for i in cluster.pool.instances.values() if i.task_id)
     async with browser() as root:
         await login_as(root, cluster.url, "root")
         page = await (await root.get(cluster.url + "/admin", headers={"Accept": "text/html"})).text()
-        assert "alice: " + prompt_id in page and "TestSleep" in page  # whose task runs where
+        assert "alice: " + prompt_id in page and "TestGate" in page  # whose task runs where
         status, page = await admin_form(root, cluster.url, "/admin/instances", {"url": busy, "action": "remove"})
         assert status == 200 and "runs again elsewhere" in page
     assert busy not in cluster.pool.instances
+    open_gate(data_dir, "moved")
     await until(lambda: alice.history_entry(prompt_id), timeout_s=30, what="the handed-back task finished")
     entry = await alice.history_entry(prompt_id)
     assert entry["status"]["status_str"] == "success"
@@ -136,16 +143,18 @@ async def test_removing_an_instance_hands_its_task_to_another(start_cluster) -> 
     assert (cluster.user_dir("alice") / "output" / "moved_00001_.png").is_file()
 
 
-async def test_draining_an_instance_lets_its_task_finish_there(start_cluster) -> None:
+async def test_draining_an_instance_lets_its_task_finish_there(start_cluster, data_dir: Path) -> None:
     from support.wait import until
 
+    install_gate_plugin(data_dir)
     cluster = await start_cluster(instances=1, users=("root",), admin="root")
     root_api = cluster.user("root")
-    prompt_id = await root_api.submit(graph("drained", color=6, seconds=1.0))
+    prompt_id = await root_api.submit(graph("drained", color=6, gate="drained"))  # runs until the drain began
     await until(lambda: any(i.task_id for i in cluster.pool.instances.values()), timeout_s=20)
     url = next(iter(cluster.pool.instances))
     assert await cluster.core.remove_instance(url, drain=True)
     assert url in cluster.pool.instances and not cluster.pool.free()
+    open_gate(data_dir, "drained")
     await until(lambda: url not in cluster.pool.instances, timeout_s=30)
     entry = await root_api.history_entry(prompt_id)
     assert entry is not None and entry["status"]["status_str"] == "success" and "cluster" not in entry

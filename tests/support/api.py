@@ -27,6 +27,7 @@ from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from support.metrics import scrape
 from support.processes import TESTS_DIR, VENV_BIN, wait_for_port
+from support.wait import until
 
 SDK_PYTHON = TESTS_DIR.parent / ".venv-sdk" / "bin" / "python"
 SDK_SCRIPT = TESTS_DIR / "sdk_api_watch.py"
@@ -120,6 +121,20 @@ async def read_results(sink: QueueClient, count: int, timeout_s: float = 30.0) -
 async def no_more(sink: QueueClient, wait_s: float = 0.5) -> list[DataFrame]:
     """Whatever else lands on the sink within ``wait_s`` (expected: nothing)."""
     return await sink.get(0, 10, timeout_s=wait_s)
+
+
+async def results_final(endpoint: str, count: int, *, queued: int = 0) -> None:
+    """``count`` results were ever put on the service's sink, and none is still to come: waits until the input
+    queue holds only the ``queued`` tasks no worker will take (0: every task committed). A worker puts a task's
+    result before it commits the task, so by then every run's result is on the sink: what waiting a while for
+    nothing more would only hope, seen at once."""
+    async with QueueClient(endpoint, SERVICE, token=TOKEN) as inputs, \
+            QueueClient(endpoint, f"{SERVICE}/sink", token=TOKEN) as sink:
+        async def settled() -> bool:
+            return int((await inputs.attributes())["stream.length"]) == queued
+
+        await until(settled, what=f"the input queue down to {queued} (every other task committed)")
+        assert int((await sink.attributes())["stream.lastEntry"]) == count, "results put on the sink"
 
 
 async def run_sdk(endpoint: str, args: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
