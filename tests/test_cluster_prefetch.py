@@ -181,6 +181,33 @@ async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance
     assert cluster.core.restart.status()["failed"] == {}
 
 
+async def test_a_rolling_restart_proceeds_when_the_running_task_ends_while_the_waiting_one_is_taken_back(
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    """The running task ends between the waiting task's removal from the instance's queue and the end of its
+    withdrawal: the instance has already passed itself to the waiting task, which must not keep it busy (the
+    rolling restart waited for it forever)."""
+    cluster, http, (running, waiting) = await queue_ahead(["w1", "w2"])
+    open_gate(data_dir, "w2")  # it runs once, after the restart
+    instance = cluster.run_of(waiting).instance
+    waiting_id = cluster.run_of(waiting).task.id
+    delete_queued = instance.client.delete_queued
+
+    async def delete_then_let_the_running_task_end(keys: list[str]) -> None:
+        await delete_queued(keys)  # out of the instance's queue: it cannot start there
+        open_gate(data_dir, "w1")
+        await until(lambda: instance.task_id == waiting_id, what="the instance passed to the waiting task")
+
+    instance.client.delete_queued = delete_then_let_the_running_task_end
+    cluster.core.restart.start()
+    await until(lambda: not cluster.core.restart.running, timeout_s=30, what="the rolling restart ended")
+    assert cluster.core.restart.status()["failed"] == {}
+    await until(lambda: _finished(http, 2), timeout_s=30)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert runs_of(data_dir, "w1") == runs_of(data_dir, "w2") == 1
+    assert history[waiting]["cluster"]["notes"] == ["handed back: its instance restarts"]
+
+
 async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
         queue_ahead: QueueAhead, data_dir: Path) -> None:
     cluster, http, (running, waiting) = await queue_ahead(["t1", "t2"])
