@@ -197,10 +197,21 @@ async def test_a_rolling_restart_proceeds_when_the_running_task_ends_while_the_w
         open_gate(data_dir, "w1")
         await until(lambda: instance.task_id == waiting_id, what="the instance passed to the waiting task")
 
+    restart = instance.client.restart
+    leasable_while_restarting: list[bool] = []
+
+    async def restart_once_no_task_holds_the_lease(timeout_s: float = 180.0) -> dict[str, Any]:
+        # No task holds the instance now: a sibling proxy sharing the store must not find it leased.
+        leasable_while_restarting.append(await cluster.core.store.lease_instance(instance.url, "sibling", 0.0))
+        await cluster.core.store.release_instance(instance.url, "sibling")
+        return await restart(timeout_s)
+
     instance.client.delete_queued = delete_then_let_the_running_task_end
+    instance.client.restart = restart_once_no_task_holds_the_lease
     cluster.core.restart.start()
     await until(lambda: not cluster.core.restart.running, timeout_s=30, what="the rolling restart ended")
     assert cluster.core.restart.status()["failed"] == {}
+    assert leasable_while_restarting == [True]
     await until(lambda: _finished(http, 2), timeout_s=30)
     history = await _history(http)
     assert {h["status"]["status_str"] for h in history.values()} == {"success"}
