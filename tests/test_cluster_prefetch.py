@@ -219,6 +219,28 @@ async def test_a_rolling_restart_proceeds_when_the_running_task_ends_while_the_w
     assert history[waiting]["cluster"]["notes"] == ["handed back: its instance restarts"]
 
 
+async def test_deleting_the_waiting_task_as_the_running_one_ends_leaves_the_instance_free(
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    """The same race through a user's delete: the deleted task held the instance for good, which then showed
+    as running for ever and took tasks only queued behind that phantom."""
+    cluster, http, (running, waiting) = await queue_ahead(["d1", "d2"])
+    instance = cluster.run_of(waiting).instance
+    waiting_id = cluster.run_of(waiting).task.id
+    delete_queued = instance.client.delete_queued
+
+    async def delete_then_let_the_running_task_end(keys: list[str]) -> None:
+        await delete_queued(keys)
+        open_gate(data_dir, "d1")
+        await until(lambda: instance.task_id == waiting_id, what="the instance passed to the waiting task")
+
+    instance.client.delete_queued = delete_then_let_the_running_task_end
+    assert (await http.post("/queue", json={"delete": [waiting]})).status == 200
+    await until(lambda: _finished(http, 1), timeout_s=30)
+    await until(lambda: instance.free, what="the instance is free")
+    assert [i["running"] for i in cluster.pool.status()] == [False]
+    assert waiting not in await _history(http) and runs_of(data_dir, "d2") == 0
+
+
 async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
         queue_ahead: QueueAhead, data_dir: Path) -> None:
     cluster, http, (running, waiting) = await queue_ahead(["t1", "t2"])
