@@ -152,7 +152,9 @@ class ClusterCore:
             self._track(task.id, self._spawn(self._recover_one(task, run.instance)))
             return False
         run.released = True
-        self.pool.withdraw(run.instance, task.id)
+        if run.instance.task_id == task.id:  # the task ahead of it ended meanwhile: it holds the instance now
+            await self.store.release_instance(run.instance.url, task.id)
+        await self._lease_following(run.instance, self.pool.withdraw(run.instance, task.id))
         await run.cleanup()
         return True
 
@@ -463,11 +465,14 @@ class ClusterCore:
         if not run.released:
             run.released = True
             await self.store.release_instance(run.instance.url, run.task.id)
-            following = self.pool.release(run.instance, run.task.id, run.task.models)
-            if following is not None and not await self.store.lease_instance(run.instance.url, following,
-                                                                            LEASE_TTL_S):
-                log.warning("instance %s is leased by another proxy; its queued task %s runs anyway",
-                            run.instance.url, following)
+            await self._lease_following(run.instance,
+                                        self.pool.release(run.instance, run.task.id, run.task.models))
+
+    async def _lease_following(self, instance: Instance, following: str | None) -> None:
+        """The task queued behind the one that left ``instance`` holds it now: its lease too."""
+        if following is not None and not await self.store.lease_instance(instance.url, following, LEASE_TTL_S):
+            log.warning("instance %s is leased by another proxy; its queued task %s runs anyway",
+                        instance.url, following)
 
     async def _renew_leases(self) -> None:
         while True:

@@ -239,11 +239,22 @@ class Pool:
         self.on_change()
         return following
 
-    def withdraw(self, instance: Instance, task_id: str) -> None:
-        """A task queued ahead on ``instance`` was taken back from its queue."""
+    def withdraw(self, instance: Instance, task_id: str) -> str | None:
+        """A task queued ahead on ``instance`` was taken back from its queue; the task that holds the instance
+        now instead, if the withdrawn one held it (returned; see below).
+
+        The task running there may end while the withdrawal is under way, passing the instance to the
+        withdrawn task (``release``): it must not hold it any longer, or the instance stays busy forever.
+        """
+        following = None
         if task_id in instance.ahead:
             instance.ahead.remove(task_id)
-            self.on_change()
+        elif instance.task_id == task_id:
+            instance.task_id = following = instance.ahead.pop(0) if instance.ahead else None
+        else:
+            return None
+        self.on_change()
+        return following
 
     def mark_down(self, instance: Instance, reason: str) -> None:
         if instance.state != DOWN:

@@ -181,6 +181,66 @@ async def test_a_rolling_restart_hands_the_waiting_task_back_before_the_instance
     assert cluster.core.restart.status()["failed"] == {}
 
 
+async def test_a_rolling_restart_proceeds_when_the_running_task_ends_while_the_waiting_one_is_taken_back(
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    """The running task ends between the waiting task's removal from the instance's queue and the end of its
+    withdrawal: the instance has already passed itself to the waiting task, which must not keep it busy (the
+    rolling restart waited for it forever)."""
+    cluster, http, (running, waiting) = await queue_ahead(["w1", "w2"])
+    open_gate(data_dir, "w2")  # it runs once, after the restart
+    instance = cluster.run_of(waiting).instance
+    waiting_id = cluster.run_of(waiting).task.id
+    delete_queued = instance.client.delete_queued
+
+    async def delete_then_let_the_running_task_end(keys: list[str]) -> None:
+        await delete_queued(keys)  # out of the instance's queue: it cannot start there
+        open_gate(data_dir, "w1")
+        await until(lambda: instance.task_id == waiting_id, what="the instance passed to the waiting task")
+
+    restart = instance.client.restart
+    leasable_while_restarting: list[bool] = []
+
+    async def restart_once_no_task_holds_the_lease(timeout_s: float = 180.0) -> dict[str, Any]:
+        # No task holds the instance now: a sibling proxy sharing the store must not find it leased.
+        leasable_while_restarting.append(await cluster.core.store.lease_instance(instance.url, "sibling", 0.0))
+        await cluster.core.store.release_instance(instance.url, "sibling")
+        return await restart(timeout_s)
+
+    instance.client.delete_queued = delete_then_let_the_running_task_end
+    instance.client.restart = restart_once_no_task_holds_the_lease
+    cluster.core.restart.start()
+    await until(lambda: not cluster.core.restart.running, timeout_s=30, what="the rolling restart ended")
+    assert cluster.core.restart.status()["failed"] == {}
+    assert leasable_while_restarting == [True]
+    await until(lambda: _finished(http, 2), timeout_s=30)
+    history = await _history(http)
+    assert {h["status"]["status_str"] for h in history.values()} == {"success"}
+    assert runs_of(data_dir, "w1") == runs_of(data_dir, "w2") == 1
+    assert history[waiting]["cluster"]["notes"] == ["handed back: its instance restarts"]
+
+
+async def test_deleting_the_waiting_task_as_the_running_one_ends_leaves_the_instance_free(
+        queue_ahead: QueueAhead, data_dir: Path) -> None:
+    """The same race through a user's delete: the deleted task held the instance for good, which then showed
+    as running for ever and took tasks only queued behind that phantom."""
+    cluster, http, (running, waiting) = await queue_ahead(["d1", "d2"])
+    instance = cluster.run_of(waiting).instance
+    waiting_id = cluster.run_of(waiting).task.id
+    delete_queued = instance.client.delete_queued
+
+    async def delete_then_let_the_running_task_end(keys: list[str]) -> None:
+        await delete_queued(keys)
+        open_gate(data_dir, "d1")
+        await until(lambda: instance.task_id == waiting_id, what="the instance passed to the waiting task")
+
+    instance.client.delete_queued = delete_then_let_the_running_task_end
+    assert (await http.post("/queue", json={"delete": [waiting]})).status == 200
+    await until(lambda: _finished(http, 1), timeout_s=30)
+    await until(lambda: instance.free, what="the instance is free")
+    assert [i["running"] for i in cluster.pool.status()] == [False]
+    assert waiting not in await _history(http) and runs_of(data_dir, "d2") == 0
+
+
 async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_running_one_finish(
         queue_ahead: QueueAhead, data_dir: Path) -> None:
     cluster, http, (running, waiting) = await queue_ahead(["t1", "t2"])
