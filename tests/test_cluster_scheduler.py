@@ -235,6 +235,28 @@ async def test_a_last_step_counts_only_for_the_task_running_and_not_without_pref
     assert not y.finishing and off.scheduler.slots() == []
 
 
+async def test_a_task_queued_behind_one_that_ends_during_its_claim_holds_the_instance(tmp_path) -> None:
+    # The claim of a task queued ahead is awaited; the run it was queued behind may end meanwhile (a task held
+    # at a gate opened with the next ones). It used to stay "ahead" of nothing: the instance looked idle, and the
+    # next task was claimed as running there while it waited behind this one.
+    x = _up("http://x")
+    x.task_id = "a0"
+    sched = _Started(tmp_path, [x], prefetch=1)
+    claim = sched.store.claim
+
+    async def ends_meanwhile(task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None:
+        if x.task_id == "a0":
+            sched.pool.release(x, "a0")
+        return await claim(task_id, instance, proxy, ahead)
+
+    sched.store.claim = ends_meanwhile  # type: ignore[method-assign]
+    await sched.add(_task("b", 1), _task("a", 2))
+    await sched.scheduler.dispatch()
+    assert (x.task_id, x.ahead) == ("b1", ["a2"])  # b1 runs; a2 is queued behind it
+    assert [(t.id, t.queued_ahead) for t in await sched.store.running()] == [("b1", True), ("a2", True)]
+    assert not await sched.store.lease_instance("http://x", "a2", 15.0)  # b1 holds the lease
+
+
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
     response = await http.post("/prompt", json={"prompt": prompt, **extra})
     assert response.status == 200, await response.text()
