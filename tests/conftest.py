@@ -18,12 +18,12 @@ import pytest
 from support.processes import VENV_BIN, RedisServer
 
 pytest_plugins = [
+    "support.server",  # first: support.cluster imports its gate helpers (a plugin is registered before its importers)
     "support.api",
     "support.backend",
     "support.browser",
     "support.cluster",
     "support.queue",
-    "support.server",
     "support.ssl_context",
     "oss_server.fixtures",
 ]

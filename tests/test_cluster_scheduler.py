@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cluster_proxy import runner
+from cluster_proxy.graph import stage_graph
 from cluster_proxy.pool import Instance, Pool
 from cluster_proxy.scheduler import Scheduler, dispatch_order, pick_instance
 from cluster_proxy.store import SqliteStateStore, Task
 from standard.client import InstanceClient
 from support.clock import FakeClock
 from support.cluster import INSTANCE_TOKEN, Cluster, graph
-from support.server import events_until, is_done, next_json
+from support.server import events_until, install_gate_plugin, is_done, next_json, open_gate
 from support.wait import until
 
 
@@ -268,12 +272,14 @@ async def _history(http: Any) -> dict:
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])
-async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster, prefetch: int) -> None:
+async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster, data_dir: Path,
+                                                                       prefetch: int) -> None:
     # With --prefetch 1 alice's second task was queued on the instance (her turn: bob had none) before
     # bob came: it stays first in line, shown pending; bob's goes next, ahead of alice's others.
+    install_gate_plugin(data_dir)
     cluster: Cluster = await start_cluster(instances=1, prefetch=prefetch)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
-    alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.8)) for i in range(4)]
+    alice_ids = [await _submit(http_a, graph("a", color=i, gate="a")) for i in range(4)]  # held until seen
     await until(lambda: len(cluster.core.runs) == 1 + prefetch)
     bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
     queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
@@ -282,11 +288,42 @@ async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_clu
     assert [q["state"] for q in alice_queue] == ["running", "pending", "pending", "pending"]
     assert [q["position"] for q in alice_queue[1:]] == ([1, 2, 3] if prefetch == 0 else [0, 2, 3])
     assert bob_id not in str(alice_queue)
+    open_gate(data_dir, "a")
     await until(lambda: _all_done(cluster, 5), timeout_s=30)
     tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
     started = [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)]
     assert started[:2 + prefetch] == [*alice_ids[:1 + prefetch], bob_id]
     assert [p for p in started if p != bob_id] == alice_ids  # alice's in her order
+
+
+async def test_a_task_queued_ahead_reaches_its_instance_behind_the_one_handed_out_before_it(
+        start_cluster, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each run stages its graph in a thread before it submits: alice's a1, queued ahead first, is slow at it
+    # (held until bob's is staged); bob's, handed out behind it, must not overtake it in the instance's queue.
+    install_gate_plugin(data_dir)
+    bob_staged = threading.Event()
+
+    def stage(prompt: dict[str, Any], *args: Any) -> dict[str, Any]:
+        color = prompt["1"]["inputs"]["color"]
+        if color == 1:
+            assert bob_staged.wait(30)
+        staged = stage_graph(prompt, *args)
+        if color == 99:
+            bob_staged.set()
+        return staged
+
+    monkeypatch.setattr(runner, "stage_graph", stage)
+    cluster: Cluster = await start_cluster(instances=1, prefetch=1)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    a0 = await _submit(http_a, graph("a", color=0, gate="a0"))
+    await until(lambda: len(cluster.core.runs) == 1)
+    a1 = await _submit(http_a, graph("a", color=1))
+    await until(lambda: len(cluster.core.runs) == 2)  # queued ahead behind a0, still staging
+    b = await _submit(http_b, graph("b", color=99))
+    open_gate(data_dir, "a0")  # a1 holds the instance now; bob's goes ahead behind it
+    await until(lambda: _all_done(cluster, 3), timeout_s=30)
+    tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
+    assert [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)] == [a0, a1, b]
 
 
 async def _all_done(cluster: Cluster, count: int) -> bool:
@@ -330,24 +367,27 @@ async def _running_everywhere(cluster: Cluster) -> bool:
     return True
 
 
-async def test_interrupt_stops_only_the_users_own_task(start_cluster) -> None:
+async def test_interrupt_stops_only_the_users_own_task(start_cluster, data_dir: Path) -> None:
+    install_gate_plugin(data_dir)
     cluster: Cluster = await start_cluster(instances=2)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
     ws_b = await http_b.ws_connect("/ws?clientId=b")
     await next_json(ws_b)
-    task_a = await _submit(http_a, graph("a", color=1, seconds=5.0))
-    task_b = await _submit(http_b, graph("b", color=2, seconds=1.0), client_id="b")
+    # Both held at their gates until the test opens them; both stop on an interrupt that reaches them.
+    task_a = await _submit(http_a, graph("a", color=1, gate="a", interruptible=True))
+    task_b = await _submit(http_b, graph("b", color=2, gate="b", interruptible=True), client_id="b")
     await until(lambda: len(cluster.core.runs) == 2)
     await until(lambda: _running_everywhere(cluster))  # both prompts execute on their instances
     assert (await http_b.post("/interrupt", json={"prompt_id": task_a})).status == 404
     assert (await http_a.post("/interrupt", json={})).status == 200  # global: only alice's tasks
-    events = await events_until(ws_b, is_done(task_b))
-    assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
     alice = cluster.user("alice")
     await until(lambda: _status(alice, task_a))
     assert await _status(alice, task_a) == "error"
     entry = (await alice.history(task_a))[task_a]
     assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
+    open_gate(data_dir, "b")  # only now: bob's task was still waiting at its gate when alice's was cut
+    events = await events_until(ws_b, is_done(task_b))
+    assert "execution_success" in [e["type"] for e in events], " ".join(e["type"] for e in events)
 
 
 async def _status(client: Any, prompt_id: str) -> str | None:

@@ -35,6 +35,7 @@ from standard.ports import free_port
 from standard.server.app import create_embedded_app
 from standard.settings import StandardSettings
 from support.processes import TESTS_DIR, start_listening
+from support.server import gate_inputs
 from support.wait import until
 
 INSTANCE_TOKEN = "instance-secret-token"
@@ -48,14 +49,22 @@ def write_sleep_plugin(data_dir: Path) -> None:
     shutil.copyfile(SLEEP_NODE, data_dir / "custom_nodes" / "cluster_sleep_node.py")
 
 
-def graph(prefix: str = "out", color: int = 0, seconds: float = 0.0, size: int = 8) -> dict[str, Any]:
-    """EmptyImage -> (TestSleep) -> SaveImage; ``color`` makes it unique (no cache hits)."""
+def graph(prefix: str = "out", color: int = 0, seconds: float = 0.0, size: int = 8, *,
+          gate: str | None = None, interruptible: bool = False) -> dict[str, Any]:
+    """EmptyImage -> (TestSleep, or TestGate) -> SaveImage; ``color`` makes it unique (no cache hits).
+
+    ``gate``: node "2" holds the task until the test opens it (``support.server.open_gate``; the data dir needs
+    ``install_gate_plugin``): a task that runs until the test has seen what it needs, however slow the machine.
+    """
     nodes: dict[str, Any] = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
-    if seconds:
+    if gate is not None:
+        nodes["2"] = {"class_type": "TestGate", "inputs": gate_inputs(gate, ["1", 0], interruptible=interruptible)}
+    elif seconds:
         nodes["2"] = {"class_type": "TestSleep", "inputs": {"image": ["1", 0], "seconds": seconds}}
+    if "2" in nodes:
         nodes["3"]["inputs"]["images"] = ["2", 0]
     return nodes
 
