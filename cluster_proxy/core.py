@@ -152,7 +152,12 @@ class ClusterCore:
             self._track(task.id, self._spawn(self._recover_one(task, run.instance)))
             return False
         run.released = True
-        self.pool.withdraw(run.instance, task.id)
+        held = run.instance.task_id == task.id  # it held the instance: see Pool.withdraw
+        following = self.pool.withdraw(run.instance, task.id)
+        if held:
+            await self.store.release_instance(run.instance.url, task.id)
+        if following is not None:
+            await self.store.lease_instance(run.instance.url, following, LEASE_TTL_S)
         await run.cleanup()
         return True
 

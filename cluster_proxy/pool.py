@@ -250,11 +250,19 @@ class Pool:
         self.on_change()
         return following
 
-    def withdraw(self, instance: Instance, task_id: str) -> None:
-        """A task queued ahead on ``instance`` was taken back from its queue."""
+    def withdraw(self, instance: Instance, task_id: str) -> str | None:
+        """A task queued ahead on ``instance`` was taken back from its queue; the task that holds the instance
+        now if it was the one holding it (queued behind a run that ended before its claim did, see
+        ``Scheduler.dispatch``), else None."""
+        following = None
         if task_id in instance.ahead:
             instance.ahead.remove(task_id)
-            self.on_change()
+        elif instance.task_id == task_id:
+            instance.task_id = following = instance.ahead.pop(0) if instance.ahead else None
+        else:
+            return None
+        self.on_change()
+        return following
 
     def mark_down(self, instance: Instance, reason: str) -> None:
         if instance.state != DOWN:

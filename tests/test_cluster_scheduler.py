@@ -259,6 +259,10 @@ async def test_a_task_queued_behind_one_that_ends_during_its_claim_holds_the_ins
     assert (x.task_id, x.ahead) == ("b1", ["a2"])  # b1 runs; a2 is queued behind it
     assert [(t.id, t.queued_ahead) for t in await sched.store.running()] == [("b1", True), ("a2", True)]
     assert not await sched.store.lease_instance("http://x", "a2", 15.0)  # b1 holds the lease
+    sched.pool.withdraw(x, "b1")  # b1 deleted before it started: a2 holds the instance
+    assert (x.task_id, x.ahead) == ("a2", [])
+    sched.pool.withdraw(x, "a2")
+    assert x.free
 
 
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
