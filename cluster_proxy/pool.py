@@ -146,6 +146,8 @@ class Instance:
     busy_elsewhere_until_s: float = 0.0  # another proxy holds its lease
     ours: Callable[[], bool] | None = None  # a spawned instance: is its own child the one answering?
     retiring: bool = False  # an admin drains or removes it: it takes no new task
+    # Done once the last run handed out here has submitted its prompt (or given up): see ``submit_turn``.
+    last_submit: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
     def free(self) -> bool:
@@ -157,6 +159,15 @@ class Instance:
         """Its running task reported its last sampler step: it is about to be free (one reported by a task
         that ran here before, or by one still queued, says nothing about the running one)."""
         return self.task_id is not None and self.last_step_of == self.task_id
+
+    def submit_turn(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """The run's place in the line of submissions here: (the previous run's, done once it submitted; its
+        own, to set once it did). ComfyUI runs its queue in the order prompts arrive, and each run stages its
+        graph in a thread first: without the line a task queued ahead could overtake the one handed out before
+        it (another user's turn, or its own user's earlier task)."""
+        previous, mine = self.last_submit, asyncio.get_running_loop().create_future()
+        self.last_submit = mine
+        return previous, mine
 
     def takes_ahead(self, prefetch: int) -> bool:
         """Busy with a task of ours, room in its queue for one more behind it."""
@@ -244,7 +255,8 @@ class Pool:
         now instead, if the withdrawn one held it (returned; see below).
 
         The task running there may end while the withdrawal is under way, passing the instance to the
-        withdrawn task (``release``): it must not hold it any longer, or the instance stays busy forever.
+        withdrawn task (``release``), or it was queued behind a run that ended before its claim did
+        (``Scheduler.dispatch``): it must not hold it any longer, or the instance stays busy forever.
         """
         following = None
         if task_id in instance.ahead:

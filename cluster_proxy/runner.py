@@ -56,6 +56,12 @@ def error_history(prompt_id: str, message: str, exception_type: str = "ClusterEr
             "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
 
 
+def _submitted(turn: asyncio.Future[None]) -> None:
+    """The run's prompt reached its instance, or never will: the next run there may submit its own."""
+    if not turn.done():
+        turn.set_result(None)
+
+
 class TaskRun:
     """One attempt of one task on one instance."""
 
@@ -131,15 +137,18 @@ class TaskRun:
 
     async def run(self) -> dict[str, Any]:
         """The task's history entry (outputs in the user's folders); ``InstanceLost`` if the instance died."""
-        graph = await asyncio.to_thread(stage_graph, self.task.prompt, self.key,
-                                        self.collector.workdirs, self.data_dir)
+        previous, mine = self.instance.submit_turn()  # taken at once: runs start in the order handed out
         try:
-            result = await self._follow(graph)
+            graph = await asyncio.to_thread(stage_graph, self.task.prompt, self.key,
+                                            self.collector.workdirs, self.data_dir)
+            result = await self._follow(graph, previous, mine)
         except asyncio.CancelledError:
             raise  # the proxy stops: the task goes on on the instance; the next proxy picks it up
         except BaseException:
             await self.cleanup()
             raise
+        finally:
+            _submitted(mine)
         await self.cleanup()
         return result
 
@@ -149,13 +158,16 @@ class TaskRun:
             await asyncio.to_thread(self.collector.sweep)
         await asyncio.to_thread(remove_stage, self.key, self.data_dir)
 
-    async def _follow(self, graph: dict[str, Any]) -> dict[str, Any]:
+    async def _follow(self, graph: dict[str, Any], previous: asyncio.Future[None] | None,
+                      mine: asyncio.Future[None]) -> dict[str, Any]:
         client, events = self.instance.client, self.instance.events
         assert events is not None
         items = events.attach(self.key)
         try:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
+            if previous is not None:
+                await asyncio.wait([previous])  # not a bare await: a cancel here must not cancel the other run's
             try:
                 # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
                 await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
@@ -164,6 +176,8 @@ class TaskRun:
                 return await self._rejected(exc)
             except InstanceUnavailable as exc:
                 raise InstanceLost(f"cannot submit: {exc}") from exc
+            finally:
+                _submitted(mine)
             await self._relay_until_done(items)
         finally:
             events.detach(self.key, items)

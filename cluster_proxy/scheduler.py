@@ -353,7 +353,17 @@ class Scheduler:
                 self._loading[claimed.id] = not _holds(instance, claimed)
                 if len(self._loading) > MAX_FOLLOWED:  # tasks lost or taken back never report: drop the oldest
                     del self._loading[next(iter(self._loading))]
-            self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
+            if ahead and instance.task_id is None:
+                # The task it was queued behind ended while the claim was awaited: it runs now, so it holds the
+                # instance (and its lease). Put behind nothing, it left the instance looking idle: the next task
+                # went to it as running while it waited behind this one (its start time and lease wrong).
+                ahead = False
+                self.pool.reserve(instance, claimed.id, claimed.models)
+                if not await self.store.lease_instance(instance.url, claimed.id, LEASE_TTL_S):
+                    log.warning("instance %s is leased by another proxy; task %s queued there runs anyway",
+                                instance.url, claimed.id)
+            else:
+                self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
             self._tick += 1
             self.last_served[claimed.user] = self._tick
             self._start_task(claimed, instance)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cluster_proxy import runner
+from cluster_proxy.graph import stage_graph
 from cluster_proxy.pool import Instance, Pool
 from cluster_proxy.scheduler import Scheduler, dispatch_order, pick_instance
 from cluster_proxy.store import SqliteStateStore, Task
@@ -236,6 +239,32 @@ async def test_a_last_step_counts_only_for_the_task_running_and_not_without_pref
     assert not y.finishing and off.scheduler.slots() == []
 
 
+async def test_a_task_queued_behind_one_that_ends_during_its_claim_holds_the_instance(tmp_path) -> None:
+    # The claim of a task queued ahead is awaited; the run it was queued behind may end meanwhile (a task held
+    # at a gate opened with the next ones). It used to stay "ahead" of nothing: the instance looked idle, and the
+    # next task was claimed as running there while it waited behind this one.
+    x = _up("http://x")
+    x.task_id = "a0"
+    sched = _Started(tmp_path, [x], prefetch=1)
+    claim = sched.store.claim
+
+    async def ends_meanwhile(task_id: str, instance: str, proxy: str = "", ahead: bool = False) -> Task | None:
+        if x.task_id == "a0":
+            sched.pool.release(x, "a0")
+        return await claim(task_id, instance, proxy, ahead)
+
+    sched.store.claim = ends_meanwhile  # type: ignore[method-assign]
+    await sched.add(_task("b", 1), _task("a", 2))
+    await sched.scheduler.dispatch()
+    assert (x.task_id, x.ahead) == ("b1", ["a2"])  # b1 runs; a2 is queued behind it
+    assert [(t.id, t.queued_ahead) for t in await sched.store.running()] == [("b1", True), ("a2", True)]
+    assert not await sched.store.lease_instance("http://x", "a2", 15.0)  # b1 holds the lease
+    sched.pool.withdraw(x, "b1")  # b1 deleted before it started: a2 holds the instance
+    assert (x.task_id, x.ahead) == ("a2", [])
+    sched.pool.withdraw(x, "a2")
+    assert x.free
+
+
 async def _submit(http: Any, prompt: dict, **extra: Any) -> str:
     response = await http.post("/prompt", json={"prompt": prompt, **extra})
     assert response.status == 200, await response.text()
@@ -247,12 +276,14 @@ async def _history(http: Any) -> dict:
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])
-async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster, prefetch: int) -> None:
+async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_cluster, data_dir: Path,
+                                                                       prefetch: int) -> None:
     # With --prefetch 1 alice's second task was queued on the instance (her turn: bob had none) before
     # bob came: it stays first in line, shown pending; bob's goes next, ahead of alice's others.
+    install_gate_plugin(data_dir)
     cluster: Cluster = await start_cluster(instances=1, prefetch=prefetch)
     http_a, http_b = cluster.http("alice"), cluster.http("bob")
-    alice_ids = [await _submit(http_a, graph("a", color=i, seconds=0.8)) for i in range(4)]
+    alice_ids = [await _submit(http_a, graph("a", color=i, gate="a")) for i in range(4)]  # held until seen
     await until(lambda: len(cluster.core.runs) == 1 + prefetch)
     bob_id = await _submit(http_b, graph("b", color=99, seconds=0.05))
     queue = (await (await http_b.get("/cluster/queue")).json())["queue"]
@@ -261,11 +292,42 @@ async def test_a_late_user_is_not_starved_and_sees_their_wait_position(start_clu
     assert [q["state"] for q in alice_queue] == ["running", "pending", "pending", "pending"]
     assert [q["position"] for q in alice_queue[1:]] == ([1, 2, 3] if prefetch == 0 else [0, 2, 3])
     assert bob_id not in str(alice_queue)
+    open_gate(data_dir, "a")
     await until(lambda: _all_done(cluster, 5), timeout_s=30)
     tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
     started = [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)]
     assert started[:2 + prefetch] == [*alice_ids[:1 + prefetch], bob_id]
     assert [p for p in started if p != bob_id] == alice_ids  # alice's in her order
+
+
+async def test_a_task_queued_ahead_reaches_its_instance_behind_the_one_handed_out_before_it(
+        start_cluster, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each run stages its graph in a thread before it submits: alice's a1, queued ahead first, is slow at it
+    # (held until bob's is staged); bob's, handed out behind it, must not overtake it in the instance's queue.
+    install_gate_plugin(data_dir)
+    bob_staged = threading.Event()
+
+    def stage(prompt: dict[str, Any], *args: Any) -> dict[str, Any]:
+        color = prompt["1"]["inputs"]["color"]
+        if color == 1:
+            assert bob_staged.wait(30)
+        staged = stage_graph(prompt, *args)
+        if color == 99:
+            bob_staged.set()
+        return staged
+
+    monkeypatch.setattr(runner, "stage_graph", stage)
+    cluster: Cluster = await start_cluster(instances=1, prefetch=1)
+    http_a, http_b = cluster.http("alice"), cluster.http("bob")
+    a0 = await _submit(http_a, graph("a", color=0, gate="a0"))
+    await until(lambda: len(cluster.core.runs) == 1)
+    a1 = await _submit(http_a, graph("a", color=1))
+    await until(lambda: len(cluster.core.runs) == 2)  # queued ahead behind a0, still staging
+    b = await _submit(http_b, graph("b", color=99))
+    open_gate(data_dir, "a0")  # a1 holds the instance now; bob's goes ahead behind it
+    await until(lambda: _all_done(cluster, 3), timeout_s=30)
+    tasks = [t for u in ("alice", "bob") for t in await cluster.core.store.user_tasks(u, "done")]
+    assert [t.prompt_id for t in sorted(tasks, key=lambda t: t.started_ms)] == [a0, a1, b]
 
 
 async def _all_done(cluster: Cluster, count: int) -> bool:
