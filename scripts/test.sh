@@ -12,7 +12,10 @@ bash scripts/setup.sh --test
 set +e
 # Python dev mode (asyncio debug checks, unclosed resources, aiohttp debug): the roles the suite starts
 # run in it too (standard/private.py child_environment, the tests' cli_env).
-.venv/bin/python -X dev -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist), each taking whole test files (a file's module fixtures start once); the
+# workers are started without -X dev, so PYTHONDEVMODE puts them (and what they start) in it too.
+PYTHONDEVMODE=1 .venv/bin/python -X dev -m pytest -q -p no:cacheprovider -n "${COMFYSERVE_TEST_WORKERS:-2}" \
+    --dist loadfile "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
