@@ -56,6 +56,12 @@ def error_history(prompt_id: str, message: str, exception_type: str = "ClusterEr
             "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a submit's failure seen: its run handles it, or a take-back, or nobody (the proxy stopped)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class TaskRun:
     """One attempt of one task on one instance."""
 
@@ -84,6 +90,7 @@ class TaskRun:
         self.on_last_step = on_last_step
         self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
         self.started_s = time.monotonic() if self.started else None  # when it started on the instance
+        self.submit: asyncio.Future[str] | None = None  # the submit request, from the moment it goes out
 
     # -- helpers ------------------------------------------------------------------
 
@@ -127,6 +134,21 @@ class TaskRun:
             log.info("cannot take task %s back from %s: %s", self.task.prompt_id, self.instance.url, exc)
             return True
 
+    async def submit_answered(self) -> bool:
+        """Wait for the run's submit request, if one went out, to be answered; False if the instance holds
+        no such task for sure (none went out, or the instance refused it), True if it may.
+
+        A take-back asks this before deleting the task from the instance's queue: a delete that overtook
+        the submit would find nothing to delete, and the task would run there unseen.
+        """
+        if self.submit is None:
+            return False
+        if not self.submit.done():
+            log.info("task %s: its submit to %s is on its way; taken back once answered", self.task.prompt_id,
+                     self.instance.url)
+            await asyncio.wait([self.submit])  # a cancel of the caller leaves the request alone
+        return self.submit.cancelled() or not isinstance(self.submit.exception(), PromptRejected)
+
     # -- the run --------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -156,10 +178,15 @@ class TaskRun:
         try:
             await self._wait_connected(events)
             extra_data = {**self.task.extra_data, **self.task.sensitive}
+            # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
+            # The request is its own task: a take-back that cancels this run cannot recall it once on its way
+            # (the instance could get it after the delete, and run the task unseen); see ``submit_answered``.
+            self.submit = asyncio.ensure_future(client.submit(
+                graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
+                partial_execution_targets=list(self.task.outputs_to_execute)))
+            self.submit.add_done_callback(_retrieved)
             try:
-                # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
-                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
-                                    partial_execution_targets=list(self.task.outputs_to_execute))
+                await asyncio.shield(self.submit)
             except PromptRejected as exc:
                 return await self._rejected(exc)
             except InstanceUnavailable as exc:
