@@ -137,6 +137,7 @@ class ClusterCore:
         """Take a task queued ahead back from its instance's queue before it starts; False if it started.
 
         One that got away (started as the request went out) is followed to its end like any running task.
+        A submit still on its way is waited for (``TaskRun.submit_answered``), never overtaken by the delete.
         """
         task = run.task
         if run.started or run.released:
@@ -146,7 +147,8 @@ class ClusterCore:
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await job
-        if not await run.withdraw():
+        # A submit on its way is not recalled by the cancel: its answer first, then the delete (or none needed).
+        if await run.submit_answered() and not await run.withdraw():
             await self.store.mark_started(task.id)
             task.queued_ahead = False
             self._track(task.id, self._spawn(self._recover_one(task, run.instance)))

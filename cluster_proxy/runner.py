@@ -62,6 +62,12 @@ def _submitted(turn: asyncio.Future[None]) -> None:
         turn.set_result(None)
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a submit's failure seen: its run handles it, or a take-back, or nobody (the proxy stopped)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class TaskRun:
     """One attempt of one task on one instance."""
 
@@ -90,6 +96,7 @@ class TaskRun:
         self.on_last_step = on_last_step
         self.started = not task.queued_ahead  # a task queued ahead starts at its execution_start
         self.started_s = time.monotonic() if self.started else None  # when it started on the instance
+        self.submit: asyncio.Future[str] | None = None  # the submit request, from the moment it goes out
 
     # -- helpers ------------------------------------------------------------------
 
@@ -133,6 +140,21 @@ class TaskRun:
             log.info("cannot take task %s back from %s: %s", self.task.prompt_id, self.instance.url, exc)
             return True
 
+    async def submit_answered(self) -> bool:
+        """Wait for the run's submit request, if one went out, to be answered; False if the instance holds
+        no such task for sure (none went out, or the instance refused it), True if it may.
+
+        A take-back asks this before deleting the task from the instance's queue: a delete that overtook
+        the submit would find nothing to delete, and the task would run there unseen.
+        """
+        if self.submit is None:
+            return False
+        if not self.submit.done():
+            log.info("task %s: its submit to %s is on its way; taken back once answered", self.task.prompt_id,
+                     self.instance.url)
+            await asyncio.wait([self.submit])  # a cancel of the caller leaves the request alone
+        return self.submit.cancelled() or not isinstance(self.submit.exception(), PromptRejected)
+
     # -- the run --------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -168,10 +190,15 @@ class TaskRun:
             extra_data = {**self.task.extra_data, **self.task.sensitive}
             if previous is not None:
                 await asyncio.wait([previous])  # not a bare await: a cancel here must not cancel the other run's
+            # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
+            # The request is its own task: a take-back that cancels this run cannot recall it once on its way
+            # (the instance could get it after the delete, and run the task unseen); see ``submit_answered``.
+            self.submit = asyncio.ensure_future(client.submit(
+                graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
+                partial_execution_targets=list(self.task.outputs_to_execute)))
+            self.submit.add_done_callback(_retrieved)
             try:
-                # The outputs the proxy chose (all, or the user's partial_execution_targets) are the ones run.
-                await client.submit(graph, client_id=self.client_id, extra_data=extra_data, prompt_id=self.key,
-                                    partial_execution_targets=list(self.task.outputs_to_execute))
+                await asyncio.shield(self.submit)
             except PromptRejected as exc:
                 return await self._rejected(exc)
             except InstanceUnavailable as exc:

@@ -8,6 +8,7 @@ waits on the instance, and how many times each ever started.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -253,3 +254,90 @@ async def test_a_drain_hands_the_waiting_task_back_to_the_store_and_lets_the_run
     task = await cluster.core.store.get("alice", waiting)
     assert task is not None and task.state == "pending" and runs_of(data_dir, "t2") == 0  # for the next start
     assert (await cluster.core.store.get("alice", running)).state == "done"
+
+
+class OnItsWay(NamedTuple):
+    cluster: Cluster
+    http: Any  # alice's session
+    waiting: str  # the task whose submit was held on its way to the instance
+
+
+async def _submit_on_its_way(start_cluster: ClusterFactory, data_dir: Path, caplog: pytest.LogCaptureFixture,
+                             take_back: Callable[[Cluster, str], Awaitable[None]]) -> OnItsWay:
+    """Gated task f1 runs; f2 is queued ahead behind it, its submit leaving the proxy but held on the way until
+    ``take_back`` has begun: until the delete of a take-back that did not wait reached the instance (the submit
+    lands right after it), or the take-back says it waits for the answer. Returns once the take-back ended and
+    the submit was delivered."""
+    install_gate_plugin(data_dir)
+    caplog.set_level(logging.INFO, logger="comfyserve.cluster.runner")
+    cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    await _submit(http, "f1")
+    await until(lambda: runs_of(data_dir, "f1") == 1)
+    client = next(iter(cluster.pool.instances.values())).client
+    submit, delete_queued = client.submit, client.delete_queued
+    on_its_way, overtaken = asyncio.Event(), asyncio.Event()
+    requests: list[asyncio.Future[str]] = []
+
+    async def deliver(*args: Any, **kwargs: Any) -> str:
+        await until(lambda: overtaken.is_set() or "is on its way" in caplog.text, what="the take-back began")
+        return await submit(*args, **kwargs)
+
+    async def submit_on_its_way(*args: Any, **kwargs: Any) -> str:
+        requests.append(asyncio.ensure_future(deliver(*args, **kwargs)))  # sent: a cancel cannot recall it
+        on_its_way.set()
+        return await asyncio.shield(requests[-1])
+
+    async def delete_then_deliver(keys: list[str]) -> None:
+        await delete_queued(keys)
+        overtaken.set()
+        await asyncio.wait(requests)  # the submit lands before the take-back goes on
+
+    client.submit, client.delete_queued = submit_on_its_way, delete_then_deliver
+    waiting = await _submit(http, "f2")
+    await on_its_way.wait()
+    await take_back(cluster, waiting)
+    await asyncio.wait(requests)
+    client.submit, client.delete_queued = submit, delete_queued
+    return OnItsWay(cluster, http, waiting)
+
+
+async def _instance_idle(cluster: Cluster) -> bool:
+    queue = await next(iter(cluster.pool.instances.values())).client.queue()
+    return not queue["queue_running"] and not queue["queue_pending"]
+
+
+async def test_deleting_the_waiting_task_while_its_submit_is_on_its_way_keeps_it_off_the_instance(
+        start_cluster: ClusterFactory, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The delete waits for the submit's answer, then takes the task out of the instance's queue: cancelled
+    mid-request, the submit reached the instance after the delete, and the deleted task ran there unseen."""
+    async def delete(cluster: Cluster, prompt_id: str) -> None:
+        assert (await cluster.http("alice").post("/queue", json={"delete": [prompt_id]})).status == 200
+
+    cluster, http, waiting = await _submit_on_its_way(start_cluster, data_dir, caplog, delete)
+    assert await cluster.core.store.get("alice", waiting) is None
+    open_gate(data_dir, "f2")
+    open_gate(data_dir, "f1")
+    await until(lambda: _finished(http, 1), timeout_s=30)
+    await until(lambda: _instance_idle(cluster), what="the instance's queue is empty")
+    assert runs_of(data_dir, "f2") == 0 and waiting not in await _history(http)
+
+
+async def test_a_drain_while_the_waiting_task_is_on_its_way_hands_it_back_without_it_running_there(
+        start_cluster: ClusterFactory, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A take-back (here a drain) waits for the submit's answer too: the task it hands back to the store must
+    not also run on the instance, unseen (twice, counting its run from the store)."""
+    drains: list[asyncio.Task[None]] = []
+
+    async def drain(cluster: Cluster, prompt_id: str) -> None:
+        drains.append(asyncio.create_task(cluster.core.drain(30.0)))  # what SIGTERM does
+        await until(lambda: _handed_back(cluster, prompt_id), what="the waiting task handed back")
+
+    cluster, http, waiting = await _submit_on_its_way(start_cluster, data_dir, caplog, drain)
+    open_gate(data_dir, "f2")
+    open_gate(data_dir, "f1")
+    await drains[0]
+    await until(lambda: _instance_idle(cluster), what="the instance's queue is empty")
+    task = await cluster.core.store.get("alice", waiting)
+    assert task is not None and task.state == "pending" and runs_of(data_dir, "f2") == 0  # runs once, later
+
