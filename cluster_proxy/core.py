@@ -115,23 +115,34 @@ class ClusterCore:
         if rest:  # done on the instance: only the proxy's bookkeeping is left
             await asyncio.wait(rest)
 
-    async def _hand_back(self, run: TaskRun, reason: str) -> None:
+    async def _hand_back(self, run: TaskRun, reason: str) -> bool:
+        """Stop a running task on its instance and queue it again; False if it got away there (finished,
+        or runs on past the interrupt): then it is followed to its end like any running task, and runs once.
+
+        A submit still on its way is waited for (``TaskRun.submit_answered``): an interrupt that overtook
+        it would find nothing, and the task would run there unseen while it also runs elsewhere.
+        """
         task = run.task
         job = self._run_jobs.get(task.id)
         if job is not None:
             with contextlib.suppress(Exception):
                 await cancel_and_wait(job)
-        await run.interrupt()
+        if await run.submit_answered() and not await run.stop():
+            log.info("task %s of %s got away on %s: followed to its end", task.prompt_id, task.user,
+                     run.instance.url)
+            self._track(task.id, self._spawn(self._recover_one(task, run.instance)))
+            return False
         await run.cleanup()
         await self._instance_free(run)
         if await self.store.requeue(task.id, f"{HANDED_BACK}: {reason}") is None:
-            return  # it finished (or was deleted) meanwhile
+            return True  # it finished (or was deleted) meanwhile
         log.warning("task %s of %s handed back: %s", task.prompt_id, task.user, reason)
         await self.hub.send_json(task.user, "cluster_task_retry", {
             "prompt_id": task.prompt_id, "attempt": task.attempts + 1,
             "reason": f"{reason}; it runs again"}, task.client_id)
         self.scheduler.wake()
         await self.broadcast_queues()
+        return True
 
     async def _withdraw(self, run: TaskRun) -> bool:
         """Take a task queued ahead back from its instance's queue before it starts; False if it started.
@@ -660,8 +671,10 @@ class ClusterCore:
             # A run that freed the instance still reads the task's history from it: let it finish.
             self._spawn(self._remove_when_idle(instance))
             return True
-        if run is not None:
-            await self._hand_back(run, f"{self.pool.display_name(instance)} was removed by an admin")
+        reason = f"{self.pool.display_name(instance)} was removed by an admin"
+        if run is not None and not await self._hand_back(run, reason):
+            self._spawn(self._remove_when_idle(instance))  # it got away there: the instance leaves once it ends
+            return True
         await self.pool.remove(instance.url)
         await self.broadcast_queues()
         return True

@@ -40,6 +40,8 @@ FINAL = frozenset({"execution_success", "execution_error", "execution_interrupte
 NOT_RELAYED = frozenset({"status", "feature_flags", "logs"})
 CHECK_INTERVAL_S = 1.0
 FINAL_GRACE_S = 0.5
+STOP_WAIT_S = 10.0  # how long a hand-back waits for its interrupted task to leave the instance (``stop``)
+STOP_CHECK_S = 0.1
 
 
 class InstanceLost(ClusterError):
@@ -60,6 +62,11 @@ def _submitted(turn: asyncio.Future[None]) -> None:
     """The run's prompt reached its instance, or never will: the next run there may submit its own."""
     if not turn.done():
         turn.set_result(None)
+
+
+def _running(queue: dict[str, Any], key: str) -> bool:
+    """``key`` is on the instance's running list (/queue): executing, or taken off its queue to start."""
+    return key in {item[1] for item in queue.get("queue_running", []) if isinstance(item, list) and len(item) > 1}
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -131,14 +138,38 @@ class TaskRun:
         client = self.instance.client
         try:
             await client.delete_queued([self.key])
-            queue = await client.queue()
-            if self.key in {item[1] for item in queue.get("queue_running", [])
-                            if isinstance(item, list) and len(item) > 1}:
+            if _running(await client.queue(), self.key):
                 return False
             return await client.history_entry(self.key) is None
         except InstanceError as exc:
             log.info("cannot take task %s back from %s: %s", self.task.prompt_id, self.instance.url, exc)
             return True
+
+    async def stop(self) -> bool:
+        """Take a running task off its instance (delete it from the queue, interrupt it); False if it got
+        away: it finished there, or still runs ``STOP_WAIT_S`` later.
+
+        An interrupt reaches only the prompt executing: one the instance has taken off its queue but not
+        yet begun ignores it (ComfyUI, and our engine, clear a pending interrupt as a prompt starts), so it
+        is sent again until the prompt leaves the instance's running list. An instance that cannot be reached
+        counts as stopped (its socket's give-up fails the runs there anyway).
+        """
+        client = self.instance.client
+        deadline = time.monotonic() + STOP_WAIT_S
+        try:
+            await client.delete_queued([self.key])
+            while True:
+                await client.interrupt(self.key)
+                if not _running(await client.queue(), self.key):
+                    break
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(STOP_CHECK_S)
+            entry = await client.history_entry(self.key)
+        except InstanceError as exc:
+            log.info("cannot stop task %s on %s: %s", self.task.prompt_id, self.instance.url, exc)
+            return True
+        return entry is None or (entry.get("status") or {}).get("status_str") != "success"
 
     async def submit_answered(self) -> bool:
         """Wait for the run's submit request, if one went out, to be answered; False if the instance holds

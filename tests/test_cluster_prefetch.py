@@ -341,3 +341,109 @@ async def test_a_drain_while_the_waiting_task_is_on_its_way_hands_it_back_withou
     task = await cluster.core.store.get("alice", waiting)
     assert task is not None and task.state == "pending" and runs_of(data_dir, "f2") == 0  # runs once, later
 
+
+
+async def test_a_drain_that_cuts_a_task_whose_submit_is_on_its_way_never_lets_it_also_run_there_unseen(
+        start_cluster: ClusterFactory, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A running task handed back (here a drain's limit cuts it) waits for its submit's answer, then takes it
+    off the instance: an interrupt that overtook the submit found nothing, and the task handed back to the store
+    ran to its end on the instance all the same, unseen (twice, counting its run from the store)."""
+    install_gate_plugin(data_dir)
+    caplog.set_level(logging.INFO, logger="comfyserve.cluster.runner")
+    cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    client = next(iter(cluster.pool.instances.values())).client
+    submit, interrupt = client.submit, client.interrupt
+    on_its_way, overtaken = asyncio.Event(), asyncio.Event()
+    requests: list[asyncio.Future[str]] = []
+
+    async def deliver(*args: Any, **kwargs: Any) -> str:
+        await until(lambda: overtaken.is_set() or "is on its way" in caplog.text, what="the hand-back began")
+        return await submit(*args, **kwargs)
+
+    async def submit_on_its_way(*args: Any, **kwargs: Any) -> str:
+        requests.append(asyncio.ensure_future(deliver(*args, **kwargs)))  # sent: a cancel cannot recall it
+        on_its_way.set()
+        return await asyncio.shield(requests[-1])
+
+    async def interrupt_then_deliver(prompt_id: str | None = None) -> None:
+        await interrupt(prompt_id)
+        overtaken.set()
+        await asyncio.wait(requests)  # the submit lands right after the interrupt
+
+    client.submit, client.interrupt = submit_on_its_way, interrupt_then_deliver
+    cut = await _submit(http, "c1")
+    await on_its_way.wait()
+    key = cluster.run_of(cut).key
+    await cluster.core.drain(0.0)  # what SIGTERM does, its limit already reached
+    await asyncio.wait(requests)
+    client.submit, client.interrupt = submit, interrupt
+    open_gate(data_dir, "c1")
+    await until(lambda: _instance_idle(cluster), what="the instance's queue is empty")
+    task = await cluster.core.store.get("alice", cut)
+    entry = await client.history_entry(key)
+    assert task is not None and task.state == "pending" and runs_of(data_dir, "c1") <= 1  # runs once, later
+    assert entry is None or entry["status"]["status_str"] != "success"
+
+
+async def test_a_hand_back_interrupts_again_a_task_the_instance_took_but_had_not_yet_begun(
+        start_cluster: ClusterFactory, data_dir: Path) -> None:
+    """An interrupt that reaches the instance between its taking the prompt off its queue and starting it is
+    lost (a pending interrupt is cleared as a prompt starts; here the first one is dropped as if it came then):
+    the hand-back sends it again while the task shows as running there, so it does not run to its end unseen."""
+    install_gate_plugin(data_dir)
+    cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    client = next(iter(cluster.pool.instances.values())).client
+    interrupt, delete_queued = client.interrupt, client.delete_queued
+    lost: list[str | None] = []
+
+    async def delete_once_taken(keys: list[str]) -> None:
+        await until(lambda: runs_of(data_dir, "w1") == 1, what="the instance took the task")
+        await delete_queued(keys)
+
+    async def first_one_lost(prompt_id: str | None = None) -> None:
+        if not lost:
+            lost.append(prompt_id)
+            return
+        await interrupt(prompt_id)
+
+    cut = await _submit(http, "w1")
+    await until(lambda: cluster.run_of(cut) is not None and cluster.run_of(cut).submit is not None)
+    key = cluster.run_of(cut).key
+    client.interrupt, client.delete_queued = first_one_lost, delete_once_taken
+    await cluster.core.drain(0.0)  # what SIGTERM does, its limit already reached
+    client.interrupt, client.delete_queued = interrupt, delete_queued
+    open_gate(data_dir, "w1")
+    await until(lambda: _instance_idle(cluster), what="the instance's queue is empty")
+    task = await cluster.core.store.get("alice", cut)
+    entry = await client.history_entry(key)
+    assert lost == [key] and task is not None and task.state == "pending" and runs_of(data_dir, "w1") == 1
+    assert entry is None or entry["status"]["status_str"] != "success"
+
+
+async def test_removing_an_instance_keeps_the_result_of_a_task_that_finished_there_before_it_was_stopped(
+        start_cluster: ClusterFactory, data_dir: Path) -> None:
+    """A task the hand-back finds finished on the instance (it ended before the delete and interrupt reached it)
+    is not queued again: its result is recorded, it ran once, and the instance leaves once that is done."""
+    install_gate_plugin(data_dir)
+    cluster = await start_cluster(instances=1)
+    http = cluster.http("alice")
+    instance = next(iter(cluster.pool.instances.values()))
+    client = instance.client
+    delete_queued = client.delete_queued
+    ended = await _submit(http, "e1")
+    await until(lambda: runs_of(data_dir, "e1") == 1)
+    key = cluster.run_of(ended).key
+
+    async def delete_once_finished(keys: list[str]) -> None:
+        open_gate(data_dir, "e1")
+        await until(lambda: client.history_entry(key), what="the task finished on the instance")
+        await delete_queued(keys)
+
+    client.delete_queued = delete_once_finished
+    assert await cluster.core.remove_instance(instance.url, drain=False)
+    await until(lambda: _finished(http, 1), timeout_s=30)
+    await until(lambda: instance.url not in cluster.pool.instances, what="the instance left the pool")
+    assert (await _history(http))[ended]["status"]["status_str"] == "success"
+    assert (await cluster.core.store.get("alice", ended)).state == "done" and runs_of(data_dir, "e1") == 1
