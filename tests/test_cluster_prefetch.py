@@ -262,6 +262,41 @@ class OnItsWay(NamedTuple):
     waiting: str  # the task whose submit was held on its way to the instance
 
 
+class HeldSubmits:
+    """The instance client's submits leave the proxy (a cancel cannot recall them) but are held on their way
+    until the client's ``after`` call (a take-back's delete, a hand-back's interrupt) reached the instance, so
+    they land right after it; or until the take-back says it waits for the submit's answer (the fix)."""
+
+    def __init__(self, client: Any, after: str, caplog: pytest.LogCaptureFixture) -> None:
+        self.client, self.after = client, after
+        self.submit, self.call = client.submit, getattr(client, after)
+        self.on_its_way, self.overtaken = asyncio.Event(), asyncio.Event()
+        self.requests: list[asyncio.Future[str]] = []
+        self.caplog = caplog
+        client.submit = self._submit_on_its_way
+        setattr(client, after, self._call_then_deliver)
+
+    async def _deliver(self, *args: Any, **kwargs: Any) -> str:
+        await until(lambda: self.overtaken.is_set() or "is on its way" in self.caplog.text,
+                    what="the take-back began")
+        return await self.submit(*args, **kwargs)
+
+    async def _submit_on_its_way(self, *args: Any, **kwargs: Any) -> str:
+        self.requests.append(asyncio.ensure_future(self._deliver(*args, **kwargs)))
+        self.on_its_way.set()
+        return await asyncio.shield(self.requests[-1])
+
+    async def _call_then_deliver(self, *args: Any, **kwargs: Any) -> Any:
+        result = await self.call(*args, **kwargs)
+        self.overtaken.set()
+        await asyncio.wait(self.requests)
+        return result
+
+    def restore(self) -> None:
+        self.client.submit = self.submit
+        setattr(self.client, self.after, self.call)
+
+
 async def _submit_on_its_way(start_cluster: ClusterFactory, data_dir: Path, caplog: pytest.LogCaptureFixture,
                              take_back: Callable[[Cluster, str], Awaitable[None]]) -> OnItsWay:
     """Gated task f1 runs; f2 is queued ahead behind it, its submit leaving the proxy but held on the way until
@@ -275,30 +310,12 @@ async def _submit_on_its_way(start_cluster: ClusterFactory, data_dir: Path, capl
     await _submit(http, "f1")
     await until(lambda: runs_of(data_dir, "f1") == 1)
     client = next(iter(cluster.pool.instances.values())).client
-    submit, delete_queued = client.submit, client.delete_queued
-    on_its_way, overtaken = asyncio.Event(), asyncio.Event()
-    requests: list[asyncio.Future[str]] = []
-
-    async def deliver(*args: Any, **kwargs: Any) -> str:
-        await until(lambda: overtaken.is_set() or "is on its way" in caplog.text, what="the take-back began")
-        return await submit(*args, **kwargs)
-
-    async def submit_on_its_way(*args: Any, **kwargs: Any) -> str:
-        requests.append(asyncio.ensure_future(deliver(*args, **kwargs)))  # sent: a cancel cannot recall it
-        on_its_way.set()
-        return await asyncio.shield(requests[-1])
-
-    async def delete_then_deliver(keys: list[str]) -> None:
-        await delete_queued(keys)
-        overtaken.set()
-        await asyncio.wait(requests)  # the submit lands before the take-back goes on
-
-    client.submit, client.delete_queued = submit_on_its_way, delete_then_deliver
+    held = HeldSubmits(client, "delete_queued", caplog)  # the submit lands before the take-back goes on
     waiting = await _submit(http, "f2")
-    await on_its_way.wait()
+    await held.on_its_way.wait()
     await take_back(cluster, waiting)
-    await asyncio.wait(requests)
-    client.submit, client.delete_queued = submit, delete_queued
+    await asyncio.wait(held.requests)
+    held.restore()
     return OnItsWay(cluster, http, waiting)
 
 
@@ -353,31 +370,13 @@ async def test_a_drain_that_cuts_a_task_whose_submit_is_on_its_way_never_lets_it
     cluster = await start_cluster(instances=1)
     http = cluster.http("alice")
     client = next(iter(cluster.pool.instances.values())).client
-    submit, interrupt = client.submit, client.interrupt
-    on_its_way, overtaken = asyncio.Event(), asyncio.Event()
-    requests: list[asyncio.Future[str]] = []
-
-    async def deliver(*args: Any, **kwargs: Any) -> str:
-        await until(lambda: overtaken.is_set() or "is on its way" in caplog.text, what="the hand-back began")
-        return await submit(*args, **kwargs)
-
-    async def submit_on_its_way(*args: Any, **kwargs: Any) -> str:
-        requests.append(asyncio.ensure_future(deliver(*args, **kwargs)))  # sent: a cancel cannot recall it
-        on_its_way.set()
-        return await asyncio.shield(requests[-1])
-
-    async def interrupt_then_deliver(prompt_id: str | None = None) -> None:
-        await interrupt(prompt_id)
-        overtaken.set()
-        await asyncio.wait(requests)  # the submit lands right after the interrupt
-
-    client.submit, client.interrupt = submit_on_its_way, interrupt_then_deliver
+    held = HeldSubmits(client, "interrupt", caplog)  # the submit lands right after the interrupt
     cut = await _submit(http, "c1")
-    await on_its_way.wait()
+    await held.on_its_way.wait()
     key = cluster.run_of(cut).key
     await cluster.core.drain(0.0)  # what SIGTERM does, its limit already reached
-    await asyncio.wait(requests)
-    client.submit, client.interrupt = submit, interrupt
+    await asyncio.wait(held.requests)
+    held.restore()
     open_gate(data_dir, "c1")
     await until(lambda: _instance_idle(cluster), what="the instance's queue is empty")
     task = await cluster.core.store.get("alice", cut)
