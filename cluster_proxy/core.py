@@ -27,7 +27,7 @@ from .pool import Instance, Pool, instance_url, shown
 from .retire import retire_user
 from .rolling import RollingRestart
 from .runner import InstanceLost, TaskRun, error_history
-from .scheduler import LEASE_TTL_S, SHARED_POLL_S, Scheduler, dispatch_order
+from .scheduler import LEASE_TTL_S, SHARED_POLL_S, Scheduler, dispatch_order, lease_following
 from .store import DONE, PENDING, RUNNING, StateStore, Task
 from .usage import UsageMeter
 from .validation import LocalValidator
@@ -167,7 +167,7 @@ class ClusterCore:
         run.released = True
         if run.instance.task_id == task.id:  # the task ahead of it ended meanwhile: it holds the instance now
             await self.store.release_instance(run.instance.url, task.id)
-        await self._lease_following(run.instance, self.pool.withdraw(run.instance, task.id))
+        await lease_following(self.store, run.instance, self.pool.withdraw(run.instance, task.id))
         await run.cleanup()
         return True
 
@@ -478,14 +478,8 @@ class ClusterCore:
         if not run.released:
             run.released = True
             await self.store.release_instance(run.instance.url, run.task.id)
-            await self._lease_following(run.instance,
-                                        self.pool.release(run.instance, run.task.id, run.task.models))
-
-    async def _lease_following(self, instance: Instance, following: str | None) -> None:
-        """The task queued behind the one that left ``instance`` holds it now: its lease too."""
-        if following is not None and not await self.store.lease_instance(instance.url, following, LEASE_TTL_S):
-            log.warning("instance %s is leased by another proxy; its queued task %s runs anyway",
-                        instance.url, following)
+            await lease_following(self.store, run.instance,
+                                  self.pool.release(run.instance, run.task.id, run.task.models))
 
     async def _renew_leases(self) -> None:
         while True:

@@ -104,6 +104,13 @@ LOCAL_POLL_S = 5.0
 MAX_FOLLOWED = 10000  # tasks whose run time is awaited (Costs)
 
 
+async def lease_following(store: StateStore, instance: Instance, task_id: str | None) -> None:
+    """``task_id``, queued on ``instance`` behind a task that left it, holds the instance now: its lease too
+    (held by another proxy, it is logged; the task runs there anyway)."""
+    if task_id is not None and not await store.lease_instance(instance.url, task_id, LEASE_TTL_S):
+        log.warning("instance %s is leased by another proxy; its queued task %s runs anyway", instance.url, task_id)
+
+
 def dispatch_order(pending: list[Task], running_per_user: dict[str, int],
                    last_served: dict[str, int]) -> list[Task]:
     """All pending tasks in the order they would start (``pending`` sorted per user already)."""
@@ -359,9 +366,7 @@ class Scheduler:
                 # went to it as running while it waited behind this one (its start time and lease wrong).
                 ahead = False
                 self.pool.reserve(instance, claimed.id, claimed.models)
-                if not await self.store.lease_instance(instance.url, claimed.id, LEASE_TTL_S):
-                    log.warning("instance %s is leased by another proxy; task %s queued there runs anyway",
-                                instance.url, claimed.id)
+                await lease_following(self.store, instance, claimed.id)
             else:
                 self.pool.reserve(instance, claimed.id, claimed.models, ahead=ahead)
             self._tick += 1
