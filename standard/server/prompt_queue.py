@@ -200,10 +200,10 @@ class PromptQueue:
             self._encoded.pop(dropped, None)
         self._history.pop(item.prompt_id, None)
         if stored is not None:
-            entry, times = stored.entry, stored.times_ms
+            entry, times, encoded = stored.entry, stored.times_ms, stored.encoded
         else:
             entry, times = _finished(item, history_result, status, started_ms, end_ms)
-        encoded = stored.encoded if stored is not None else None
+            encoded = None
         if encoded is not None:
             self._encoded[item.prompt_id] = encoded
         else:
